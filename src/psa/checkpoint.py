@@ -1,0 +1,145 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, always written atomically.
+
+Nothing here unpickles: a checkpoint handed to us is parsed as safetensors + JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from .arch import ArchError, parse_arch
+from .population import ConfigError, Layout, Member, Population
+
+FORMAT = "psa-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit what it is used for."""
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
+    """Write `payload` to a temporary file beside `path`, fsync it, then rename it into place."""
+    path = Path(path)
+    data = payload.encode() if isinstance(payload, str) else payload
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from collaborators
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically write `tensors` as safetensors with `meta` as JSON in its header metadata."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, st_save(cpu, metadata={"psa": json.dumps(meta, sort_keys=True)}))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by save_tensors: (tensors on the CPU, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw_meta = (f.metadata() or {}).get("psa")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if raw_meta is None:
+        raise CheckpointError(f"{path}: safetensors file without psa metadata")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupt psa metadata") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a psa checkpoint (format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def save_population(path: str | os.PathLike, pop: Population, extra: dict[str, Any] | None = None) -> None:
+    """Everything needed to continue a population exactly: LKG weights, scores, loop, members.
+
+    The random streams are functions of (seed, loop), so no RNG state needs saving.
+    """
+    meta = {
+        "format": FORMAT,
+        "kind": "population",
+        "arch": str(pop.arch),
+        "members": [[m.mode, m.seed, m.weight_decay, m.dropout] for m in pop.members],
+        "loop": pop.loop,
+        "bounty_loop": pop.bounty_loop,
+        "n_val": pop.n_val,
+        "mode_history": pop.mode_history,
+        **(extra or {}),
+    }
+    save_tensors(path, {"lkg": pop.lkg, "lkg_correct": pop.lkg_correct}, meta)
+
+
+def load_population(path: str | os.PathLike, device: torch.device | str) -> tuple[Population, dict[str, Any]]:
+    """Rebuild a Population saved by save_population on `device`; also returns the metadata."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "population":
+        raise CheckpointError(f"{path}: not a population checkpoint")
+    try:
+        arch = parse_arch(meta["arch"])
+        members = tuple(Member(str(a), int(b), float(c), float(d)) for a, b, c, d in meta["members"])
+        layout = Layout.of(arch, len(members))
+        lkg, correct = tensors["lkg"], tensors["lkg_correct"]
+    except (KeyError, TypeError, ValueError, ArchError) as e:
+        raise CheckpointError(f"{path}: incomplete population checkpoint ({e})") from None
+    if lkg.shape != (layout.numel,) or correct.shape != (len(members),):
+        raise CheckpointError(f"{path}: tensor sizes do not match architecture {arch}")
+    dev = torch.device(device)
+    pop = Population(
+        arch=arch,
+        members=members,
+        device=dev,
+        layout=layout,
+        lkg=lkg.to(torch.float32).to(dev),
+        lkg_correct=correct.to(torch.int64).to(dev),
+        n_val=int(meta["n_val"]),
+        bounty_loop=[int(x) for x in meta["bounty_loop"]],
+        loop=int(meta["loop"]),
+        mode_history=[[(str(m), int(t)) for m, t in h] for h in meta["mode_history"]],
+    )
+    return pop, meta
+
+
+def save_member(path: str | os.PathLike, pop: Population, j: int, meta: dict[str, Any]) -> None:
+    """Member j's LKG as a SimpleMLP state_dict in safetensors, with `meta` in its header."""
+    save_tensors(path, pop.member_state_dict(j), {"format": FORMAT, "kind": "member", **meta})
+
+
+def load_member(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A member checkpoint: (SimpleMLP state_dict, metadata)."""
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "member":
+        raise CheckpointError(f"{path}: not a single-trial checkpoint")
+    return tensors, meta
+
+
+def restore_member(pop: Population, j: int, state: dict[str, torch.Tensor]) -> None:
+    """Load a SimpleMLP state_dict into population row j, as a CheckpointError if it does not fit."""
+    try:
+        pop.load_member_state_dict(j, state)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None

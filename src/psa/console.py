@@ -1,0 +1,51 @@
+"""Terminal output with rich: architecture tables and meta-loop progress."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .arch import Arch, is_parameter_matched
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def arch_table(arch: Arch, title: str | None = None) -> Table:
+    """The layer-by-layer summary of a SimpleMLP, with its parameter count (equation 1)."""
+    t = Table(title=title or f"SimpleMLP {arch}", title_justify="left")
+    t.add_column("layer")
+    t.add_column("shape", justify="right")
+    t.add_column("block")
+    t.add_column("parameters", justify="right")
+    rows = arch.layer_table()
+    shown = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]
+    for row in shown:
+        if row is None:
+            t.add_row("...", f"({len(rows) - 10} more)", "", "")
+            continue
+        name, a, b, p = row
+        block = "Linear -> ReLU -> Dropout" if name != "output" else "Linear"
+        t.add_row(name, f"{a} -> {b}", block, f"{p:,}")
+    matched = "matched" if is_parameter_matched(arch) else "asymmetric"
+    t.add_section()
+    t.add_row("total", f"{arch.depth} hidden", matched if arch.is_homogeneous and arch.blocks else "", f"{arch.params:,}")
+    return t
+
+
+def loop_progress(console: Console | None = None) -> Progress:
+    """A two-bar progress display: meta-loops (with ETA) and steps of the current epoch."""
+    return Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console or err_console,
+        transient=False,
+        disable=not (console or err_console).is_terminal and not sys.stderr.isatty(),
+    )

@@ -1,0 +1,214 @@
+"""A population: M members of one architecture, their LKG weights stacked in one flat buffer.
+
+Layout: layer-major. For every Linear layer l (o outputs, i inputs) the buffer holds a block of
+M*o*i weights, then a block of M*o biases, so that each layer's weights are one contiguous
+(M, o, i) tensor and one batched matmul serves the whole population.
+
+Members are kept sorted by seed. When every seed has the same number of members (the study's
+paired design: each seed once per mode) the members of one seed form a "group" that shares one
+data order, so a training batch is gathered once per group and the first layer runs as one
+matmul per group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import Arch
+from .model import init_weights, linear_keys
+
+MODES = ("none", "decay", "dropout", "full", "hidden", "output")
+BASELINE_MODES = ("none", "decay", "dropout")
+ABLATIVE_MODES = ("full", "hidden", "output")
+
+
+class ConfigError(ValueError):
+    """A population or training configuration that cannot run."""
+
+
+def derive_seed(seed: int, *tags: object) -> int:
+    """A 63-bit seed for one purpose (`tags`) of one trial, independent of everything else."""
+    text = ":".join(str(t) for t in (seed, *tags)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trial: its mode, seed and the regularisation rates it trains with."""
+
+    mode: str
+    seed: int
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+
+    @property
+    def ablative(self) -> bool:
+        """True for the PSA modes that ablate a neuron every loop after the first."""
+        return self.mode in ABLATIVE_MODES
+
+
+def make_member(
+    mode: str,
+    seed: int,
+    weight_decay: float | None = None,
+    dropout: float | None = None,
+    decay_rate: float = 1e-4,
+    dropout_rate: float = 0.1,
+) -> Member:
+    """A member with the paper's per-mode rates: `decay_rate` only in decay mode, `dropout_rate`
+    only in dropout mode, exactly 0 otherwise. Explicit `weight_decay`/`dropout` override that."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    wd = weight_decay if weight_decay is not None else (decay_rate if mode == "decay" else 0.0)
+    p = dropout if dropout is not None else (dropout_rate if mode == "dropout" else 0.0)
+    if not (math.isfinite(wd) and wd >= 0):
+        raise ConfigError(f"weight decay must be a finite number >= 0, got {wd}")
+    if not (0.0 <= p < 1.0):
+        raise ConfigError(f"dropout must be in [0, 1), got {p}")
+    return Member(mode, int(seed), float(wd), float(p))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each layer's (M, o, i) weights and (M, o) biases sit in the flat buffer."""
+
+    arch: Arch
+    size_m: int
+    blocks: tuple[tuple[int, int, int, int], ...]  # (weight offset, bias offset, o, i)
+    numel: int
+
+    @classmethod
+    def of(cls, arch: Arch, m: int) -> "Layout":
+        """The layout of `m` members of `arch`."""
+        blocks, off = [], 0
+        w = arch.widths
+        for i, o in zip(w[:-1], w[1:]):
+            blocks.append((off, off + m * o * i, o, i))
+            off += m * o * (i + 1)
+        return cls(arch, m, tuple(blocks), off)
+
+    def views(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight (M, o, i), bias (M, o)) views of `flat`, one pair per Linear layer."""
+        m = self.size_m
+        return [
+            (flat[w0 : w0 + m * o * i].view(m, o, i), flat[b0 : b0 + m * o].view(m, o))
+            for w0, b0, o, i in self.blocks
+        ]
+
+    def member_blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Every weight and bias block as an (M, n) view, for per-member selection."""
+        m = self.size_m
+        out = []
+        for w0, b0, o, i in self.blocks:
+            out.append(flat[w0 : w0 + m * o * i].view(m, o * i))
+            out.append(flat[b0 : b0 + m * o].view(m, o))
+        return out
+
+
+@dataclass
+class Population:
+    """The persistent state of M trials: LKG weights, LKG scores, bounty loops, loop count."""
+
+    arch: Arch
+    members: tuple[Member, ...]
+    device: torch.device
+    layout: Layout
+    lkg: torch.Tensor  # flat, float32
+    lkg_correct: torch.Tensor  # (M,) int64; -1 before the first promotion
+    n_val: int
+    bounty_loop: list[int]  # loop of the last promotion, 0 before any
+    loop: int = 0  # meta-loops completed
+    mode_history: list[list[tuple[str, int]]] = field(default_factory=list)  # (mode, first loop)
+
+    @classmethod
+    def create(
+        cls, arch: Arch, members: list[Member] | tuple[Member, ...], device: torch.device | str, n_val: int
+    ) -> "Population":
+        """Fresh members: each seed's PyTorch-default initialisation, LKG score -1."""
+        if not members:
+            raise ConfigError("a population needs at least one member")
+        for mem in members:
+            if mem.mode not in MODES:
+                raise ConfigError(f"unknown mode {mem.mode!r}")
+            if mem.mode == "hidden" and arch.depth == 0:
+                raise ConfigError("mode 'hidden' needs at least one hidden layer")
+        members = tuple(sorted(members, key=lambda mem: mem.seed))
+        dev = torch.device(device)
+        layout = Layout.of(arch, len(members))
+        lkg = torch.empty(layout.numel, dtype=torch.float32)
+        views = layout.views(lkg)
+        for seed in sorted({mem.seed for mem in members}):
+            rows = [j for j, mem in enumerate(members) if mem.seed == seed]
+            for (w, b), (w0, b0) in zip(views, init_weights(arch, seed)):
+                w[rows] = w0
+                b[rows] = b0
+        return cls(
+            arch=arch,
+            members=members,
+            device=dev,
+            layout=layout,
+            lkg=lkg.to(dev),
+            lkg_correct=torch.full((len(members),), -1, dtype=torch.int64, device=dev),
+            n_val=n_val,
+            bounty_loop=[0] * len(members),
+            mode_history=[[(mem.mode, 1)] for mem in members],
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of members M."""
+        return len(self.members)
+
+    def groups(self) -> tuple[int, int]:
+        """(G, k): G groups of k consecutive members sharing a seed, or (M, 1) if uneven."""
+        seeds = [m.seed for m in self.members]
+        counts = {s: seeds.count(s) for s in seeds}
+        k = next(iter(counts.values()))
+        if all(c == k for c in counts.values()):
+            return len(counts), k
+        return len(seeds), 1
+
+    def group_seeds(self) -> list[int]:
+        """The seed of every group, in member order."""
+        g, k = self.groups()
+        return [self.members[j * k].seed for j in range(g)]
+
+    def lkg_score(self) -> list[float]:
+        """LKG validation accuracy (%) of every member; -1 before its first promotion."""
+        return [c if c < 0 else 100.0 * c / self.n_val for c in self.lkg_correct.tolist()]
+
+    def member_state_dict(self, j: int) -> dict[str, torch.Tensor]:
+        """Member j's LKG as a SimpleMLP state_dict (CPU tensors), loadable by plain PyTorch."""
+        out = {}
+        for (wk, bk), (w, b) in zip(linear_keys(self.arch), self.layout.views(self.lkg)):
+            out[wk] = w[j].detach().cpu().clone()
+            out[bk] = b[j].detach().cpu().clone()
+        return out
+
+    def load_member_state_dict(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite member j's LKG weights from a SimpleMLP state_dict of the same architecture."""
+        keys = linear_keys(self.arch)
+        expected = {k for pair in keys for k in pair}
+        if set(state) != expected:
+            raise ConfigError("checkpoint tensors do not match the architecture's layers")
+        for (wk, bk), (w, b) in zip(keys, self.layout.views(self.lkg)):
+            if tuple(state[wk].shape) != tuple(w[j].shape) or tuple(state[bk].shape) != tuple(b[j].shape):
+                raise ConfigError(f"checkpoint tensor {wk} has shape {tuple(state[wk].shape)}, "
+                                  f"architecture needs {tuple(w[j].shape)}")
+            w[j].copy_(state[wk])
+            b[j].copy_(state[bk])
+
+    def replace_members(self, members: list[Member]) -> None:
+        """Set members' rates explicitly (same seeds, same order), recording mode changes."""
+        if [m.seed for m in members] != [m.seed for m in self.members]:
+            raise ConfigError("replacement members must keep the seeds and their order")
+        for j, (old, new) in enumerate(zip(self.members, members)):
+            if new.mode == "hidden" and self.arch.depth == 0:
+                raise ConfigError("mode 'hidden' needs at least one hidden layer")
+            if new.mode != old.mode:
+                self.mode_history[j].append((new.mode, self.loop + 1))
+        self.members = tuple(members)
