@@ -11,8 +11,10 @@ from .arch import ArchError, matched_arch, parse_arch
 from .checkpoint import CheckpointError
 from .data import DataError
 from .population import MODES, ConfigError
+from .store import StoreError
+from .study import StudyError
 
-USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, StoreError, StudyError)
 
 
 class UsageError(Exception):
@@ -135,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
     p.set_defaults(func=cmd_train)
+
+    from .study_cli import register as register_study
+
+    register_study(sub)
     return parser
 
 

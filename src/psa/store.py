@@ -9,12 +9,27 @@ Schema version 1:
 - meta_loops(trial_id, loop, mode, candidate_acc, promoted, ablated_layer, ablated_index,
   lkg_score, train_loss, diverged); candidate_acc is NULL for a diverged candidate;
   ablated_layer counts Linear layers from 0 (== depth for the output layer).
+- runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
+  work_at_start): one row per `psa study` invocation, for `psa status` (liveness, ETA). Added to
+  version 1 without a version bump: it is only ever created, never required by readers.
+
+Timestamps are UTC ISO 8601 strings. Writers (`psa study`) commit every change in short
+BEGIN IMMEDIATE transactions; readers (`psa status`, `psa export`, the report) open the file
+read-only and, thanks to WAL, see consistent snapshots while a study runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import datetime
+import os
+import socket
 import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -68,6 +83,19 @@ CREATE TABLE IF NOT EXISTS meta_loops (
     PRIMARY KEY (trial_id, loop)
 );
 CREATE INDEX IF NOT EXISTS trials_by_cell ON trials (study_id, arch, mode);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    device TEXT,
+    started_at TEXT NOT NULL,
+    heartbeat_at TEXT,
+    finished_at TEXT,
+    outcome TEXT,
+    work_at_start REAL NOT NULL DEFAULT 0
+);
 """
 
 
@@ -98,7 +126,7 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
         con.executescript(SCHEMA)  # idempotent: IF NOT EXISTS throughout
         con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     except sqlite3.OperationalError as e:
-        raise StoreError(f"{path}: cannot open the results database ({e})") from None
+        raise StoreError(f"cannot open the results database: {describe_error(path, e)}") from None
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{path}: not a results database ({e})") from None
     con.row_factory = sqlite3.Row
@@ -113,3 +141,362 @@ def check_version(con: sqlite3.Connection, path: str | Path) -> None:
     row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if row is not None and int(row[0]) > SCHEMA_VERSION:
         raise StoreError(f"{path} has schema version {row[0]}; this psa understands up to {SCHEMA_VERSION}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: short transactions, errors as one readable line
+
+
+def utc_now() -> str:
+    """The current time as the store writes it: UTC, ISO 8601, seconds."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def db_path(con: sqlite3.Connection) -> str:
+    """The file behind a connection, for messages."""
+    try:
+        row = con.execute("PRAGMA database_list").fetchone()
+        return row[2] or "the results database"
+    except sqlite3.Error:
+        return "the results database"
+
+
+def describe_error(path: str | os.PathLike, e: BaseException) -> str:
+    """One line for an SQLite failure: locked, full, read-only, or whatever SQLite said."""
+    msg = str(e)
+    low = msg.lower()
+    if "locked" in low or "busy" in low:
+        return (f"{path} is locked by another process (waited for the busy timeout); "
+                f"wait for that process to finish, or stop it")
+    if "full" in low:
+        return (f"{path}: disk full ({msg}); the last transaction was rolled back and the database is intact; "
+                f"free some space and rerun the same command to resume")
+    if "readonly" in low or "read-only" in low:
+        return f"{path} is read-only ({msg})"
+    return f"{path}: {msg}"
+
+
+@contextlib.contextmanager
+def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit (writer) connection; ROLLBACK on any error.
+
+    IMMEDIATE takes the write lock up front, so a transaction either runs whole or waits (busy
+    timeout) before doing anything. SQLite errors leave as StoreError with a readable message.
+    """
+    try:
+        con.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        raise StoreError(describe_error(db_path(con), e)) from None
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException as e:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")
+        if isinstance(e, sqlite3.OperationalError):
+            raise StoreError(describe_error(db_path(con), e)) from None
+        raise
+
+
+def get_study(con: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    """The studies row called `name`, or None."""
+    return con.execute("SELECT * FROM studies WHERE name = ?", (name,)).fetchone()
+
+
+def list_studies(con: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every study, oldest first."""
+    return con.execute("SELECT * FROM studies ORDER BY id").fetchall()
+
+
+TRIAL_INSERT_COLUMNS = ("arch", "mode", "trial", "seed", "meta_loops", "lr", "batch_size",
+                        "weight_decay", "dropout", "dataset")
+
+
+def create_study(
+    con: sqlite3.Connection,
+    name: str,
+    design_json: str,
+    design_hash: str,
+    code_version: str,
+    device: str,
+    trials: Sequence[dict[str, Any]],
+) -> int:
+    """Insert a study and all its trials (status 'pending') in one transaction; returns its id.
+
+    If another process created the same study meanwhile, returns that one's id unchanged (the
+    caller compares designs).
+    """
+    with transaction(con):
+        row = get_study(con, name)
+        if row is not None:
+            return int(row["id"])
+        cur = con.execute(
+            "INSERT INTO studies (name, design, design_hash, code_version, device, started_at) VALUES (?,?,?,?,?,?)",
+            (name, design_json, design_hash, code_version, device, utc_now()),
+        )
+        study_id = int(cur.lastrowid)
+        cols = ", ".join(TRIAL_INSERT_COLUMNS)
+        marks = ", ".join("?" * len(TRIAL_INSERT_COLUMNS))
+        con.executemany(
+            f"INSERT INTO trials (study_id, status, {cols}) VALUES (?, 'pending', {marks})",
+            [(study_id, *(t[c] for c in TRIAL_INSERT_COLUMNS)) for t in trials],
+        )
+    return study_id
+
+
+def study_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
+    """All trials of a study in insertion (design) order."""
+    return con.execute("SELECT * FROM trials WHERE study_id = ? ORDER BY id", (study_id,)).fetchall()
+
+
+def start_run(con: sqlite3.Connection, study_id: int, backend: str, device: str, work_at_start: float) -> int:
+    """Record one `psa study` invocation; returns the runs row id."""
+    now = utc_now()
+    with transaction(con):
+        cur = con.execute(
+            "INSERT INTO runs (study_id, pid, host, backend, device, started_at, heartbeat_at, work_at_start) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (study_id, os.getpid(), socket.gethostname(), backend, device, now, now, work_at_start),
+        )
+        return int(cur.lastrowid)
+
+
+def end_run(con: sqlite3.Connection, run_id: int, outcome: str, study_id: int | None = None) -> None:
+    """Close a runs row; with `study_id`, also stamp the study finished (every trial done)."""
+    now = utc_now()
+    with transaction(con):
+        con.execute("UPDATE runs SET finished_at = ?, heartbeat_at = ?, outcome = ? WHERE id = ?",
+                    (now, now, outcome, run_id))
+        if study_id is not None:
+            con.execute("UPDATE studies SET finished_at = ? WHERE id = ? AND finished_at IS NULL", (now, study_id))
+
+
+def mark_running(con: sqlite3.Connection, trial_ids: Sequence[int]) -> None:
+    """Trials whose population starts (or restarts) now."""
+    with transaction(con):
+        con.executemany("UPDATE trials SET status = 'running' WHERE id = ? AND status != 'done'",
+                        [(i,) for i in trial_ids])
+
+
+def record_loop(
+    con: sqlite3.Connection,
+    run_id: int,
+    rows: Sequence[tuple],
+    loops_done: int,
+    wall_seconds: float,
+    trial_ids: Sequence[int],
+) -> None:
+    """One meta-loop of one population: its meta_loops rows and the trials' progress, atomically.
+
+    rows: (trial_id, loop, mode, candidate_acc, promoted, ablated_layer, ablated_index,
+    lkg_score, train_loss, diverged). INSERT OR REPLACE keyed by (trial_id, loop): a loop
+    recomputed after a crash overwrites its earlier copy instead of duplicating it.
+    """
+    with transaction(con):
+        con.executemany(
+            "INSERT OR REPLACE INTO meta_loops (trial_id, loop, mode, candidate_acc, promoted, ablated_layer, "
+            "ablated_index, lkg_score, train_loss, diverged) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        con.executemany(
+            "UPDATE trials SET status = 'running', loops_done = ?, wall_seconds = ? WHERE id = ?",
+            [(loops_done, wall_seconds, i) for i in trial_ids],
+        )
+        con.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (utc_now(), run_id))
+
+
+def finish_trials(con: sqlite3.Connection, run_id: int, results: Sequence[tuple]) -> None:
+    """Final results of a population's trials: (trial_id, bounty, bounty_loop, test_acc, wall, loops_done)."""
+    with transaction(con):
+        con.executemany(
+            "UPDATE trials SET status = 'done', bounty = ?, bounty_loop = ?, test_acc = ?, wall_seconds = ?, "
+            "loops_done = ? WHERE id = ?",
+            [(b, bl, t, w, n, i) for i, b, bl, t, w, n in results],
+        )
+        con.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (utc_now(), run_id))
+
+
+def fail_trials(con: sqlite3.Connection, trial_ids: Sequence[int]) -> None:
+    """Trials whose population raised; a rerun of the study retries them."""
+    with transaction(con):
+        con.executemany("UPDATE trials SET status = 'failed' WHERE id = ? AND status != 'done'",
+                        [(i,) for i in trial_ids])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: progress for `psa status`
+
+
+def trial_counts(con: sqlite3.Connection, study_id: int) -> dict[str, int]:
+    """Number of trials per status (every status present, 0 if none)."""
+    out = {"pending": 0, "running": 0, "done": 0, "failed": 0}
+    for row in con.execute("SELECT status, COUNT(*) FROM trials WHERE study_id = ? GROUP BY status", (study_id,)):
+        out[row[0]] = int(row[1])
+    return out
+
+
+def arch_progress(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
+    """Per architecture, in design order: trials, trials per status, meta-loops done and planned."""
+    return con.execute(
+        """
+        SELECT arch, COUNT(*) AS trials,
+               SUM(status = 'done') AS done, SUM(status = 'running') AS running,
+               SUM(status = 'pending') AS pending, SUM(status = 'failed') AS failed,
+               SUM(loops_done) AS loops_done, SUM(meta_loops) AS loops_total,
+               MAX(CASE WHEN status = 'done' THEN bounty END) AS best_bounty
+        FROM trials WHERE study_id = ? GROUP BY arch ORDER BY MIN(id)
+        """,
+        (study_id,),
+    ).fetchall()
+
+
+def latest_run(con: sqlite3.Connection, study_id: int) -> sqlite3.Row | None:
+    """The most recent `psa study` invocation of a study, or None (runs table absent or empty)."""
+    has = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone()
+    if not has:
+        return None
+    return con.execute("SELECT * FROM runs WHERE study_id = ? ORDER BY id DESC LIMIT 1", (study_id,)).fetchone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: trials and meta-loops as CSV and Parquet
+
+TRIAL_EXPORT = (
+    ("study", "TEXT"), ("trial_id", "INTEGER"), ("arch", "TEXT"), ("mode", "TEXT"), ("trial", "INTEGER"),
+    ("seed", "INTEGER"), ("meta_loops", "INTEGER"), ("lr", "REAL"), ("batch_size", "INTEGER"),
+    ("weight_decay", "REAL"), ("dropout", "REAL"), ("dataset", "TEXT"), ("status", "TEXT"),
+    ("bounty", "REAL"), ("bounty_loop", "INTEGER"), ("test_acc", "REAL"), ("wall_seconds", "REAL"),
+    ("loops_done", "INTEGER"),
+)
+META_LOOP_EXPORT = (
+    ("study", "TEXT"), ("trial_id", "INTEGER"), ("arch", "TEXT"), ("mode", "TEXT"), ("trial", "INTEGER"),
+    ("seed", "INTEGER"), ("loop", "INTEGER"), ("candidate_acc", "REAL"), ("promoted", "INTEGER"),
+    ("ablated_layer", "INTEGER"), ("ablated_index", "INTEGER"), ("lkg_score", "REAL"),
+    ("train_loss", "REAL"), ("diverged", "INTEGER"),
+)
+
+
+def _export_queries(study_ids: Sequence[int]) -> tuple[str, str]:
+    marks = ", ".join("?" * len(study_ids))
+    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else f"t.{c}")
+                       for c, _ in TRIAL_EXPORT)
+    m_cols = ", ".join(
+        "s.name" if c == "study" else ("t.id" if c == "trial_id" else
+                                       (f"t.{c}" if c in ("arch", "trial", "seed") else f"m.{c}"))
+        for c, _ in META_LOOP_EXPORT
+    )
+    trials_q = (f"SELECT {t_cols} FROM trials t JOIN studies s ON s.id = t.study_id "
+                f"WHERE t.study_id IN ({marks}) ORDER BY t.id")
+    loops_q = (f"SELECT {m_cols} FROM meta_loops m JOIN trials t ON t.id = m.trial_id "
+               f"JOIN studies s ON s.id = t.study_id WHERE t.study_id IN ({marks}) ORDER BY m.trial_id, m.loop")
+    return trials_q, loops_q
+
+
+def _csv_value(v: Any) -> Any:
+    # repr of a float is the shortest string that reads back to the same double
+    return repr(v) if isinstance(v, float) else ("" if v is None else v)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in rows:
+                w.writerow([_csv_value(v) for v in r])
+                n += 1
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def _write_parquet(path: Path, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"TEXT": pa.string(), "INTEGER": pa.int64(), "REAL": pa.float64()}
+    schema = pa.schema([(c, types[t]) for c, t in columns])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    n = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            batch: list[Sequence[Any]] = []
+
+            def flush() -> None:
+                cols = list(zip(*batch)) if batch else [[] for _ in columns]
+                writer.write_table(pa.table([pa.array(list(c), type=schema.field(i).type) for i, c in enumerate(cols)],
+                                            schema=schema))
+
+            for r in rows:
+                batch.append(r)
+                n += 1
+                if len(batch) >= 65536:
+                    flush()
+                    batch = []
+            if batch or n == 0:
+                flush()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+def export(
+    con: sqlite3.Connection,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("csv",),
+    study: str | None = None,
+) -> dict[str, int]:
+    """Write trials.{csv,parquet} and meta_loops.{csv,parquet} into `out_dir`; returns rows per file.
+
+    All files come from one read snapshot (a study may be running), each written under a
+    temporary name and renamed into place. Every study unless `study` names one.
+    """
+    out = Path(out_dir)
+    if "parquet" in formats:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise StoreError('--format parquet needs pyarrow: pip install -e ".[parquet]"') from None
+    if study is not None:
+        row = get_study(con, study)
+        if row is None:
+            names = ", ".join(r["name"] for r in list_studies(con)) or "none"
+            raise StoreError(f"no study named {study!r} in {db_path(con)} (studies: {names})")
+        ids = [int(row["id"])]
+    else:
+        ids = [int(r["id"]) for r in list_studies(con)]
+    if not ids:
+        raise StoreError(f"{db_path(con)} holds no study yet")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create {out}: {e.strerror}") from None
+    trials_q, loops_q = _export_queries(ids)
+    counts: dict[str, int] = {}
+    con.execute("BEGIN")  # one snapshot for every file
+    try:
+        for name, query, columns in (("trials", trials_q, TRIAL_EXPORT), ("meta_loops", loops_q, META_LOOP_EXPORT)):
+            for fmt in formats:
+                path = out / f"{name}.{fmt}"
+                rows = (tuple(r) for r in con.execute(query, ids))
+                try:
+                    if fmt == "csv":
+                        counts[str(path)] = _write_csv(path, [c for c, _ in columns], rows)
+                    else:
+                        counts[str(path)] = _write_parquet(path, columns, rows)
+                except OSError as e:
+                    raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        con.execute("COMMIT")
+    return counts

@@ -1,0 +1,163 @@
+"""`psa study --backend ray`: populations as Ray tasks; the driver stays the only database writer.
+
+Each population runs as one Ray generator task that asks for a GPU (or a fraction of one, with
+--per-device N) where the cluster has GPUs, else --cpus-per-task CPUs. The task loads MNIST
+itself (from the installed package) and streams one event per meta-loop back to the driver:
+that loop's rows and a CPU copy of the population, which the driver commits to SQLite and
+checkpoints beside the database exactly as the local backend does.
+
+A task whose worker or node is lost is resubmitted by the driver from the population's latest
+checkpoint, up to --max-retries times (Ray's own task retry would replay a generator from its
+first meta-loop; resubmitting from the checkpoint loses at most one loop and never mixes two
+attempts' trajectories). Exceptions raised by the training itself are not retried: the
+population is marked failed and a rerun of the same command retries it.
+
+Ray is optional (`pip install -e ".[ray]"`) and imported only here, only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from .study import (
+    LoopDone,
+    PopulationFailed,
+    Started,
+    Study,
+    StudyDesign,
+    StudyError,
+    PopulationPlan,
+    _PopState,
+    design_data,
+    population_events,
+    population_to,
+)
+
+
+def import_ray() -> Any:
+    """The ray module, or a one-line StudyError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise StudyError('--backend ray needs Ray: pip install -e ".[ray]" (or pip install "ray[default]")') from None
+    return ray
+
+
+def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_seconds: float,
+                     data_dir: str | None, threads: int) -> Iterator[Any]:
+    """Runs on a Ray worker: train one population, yielding its events with CPU snapshots."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    data = design_data(design, data_dir, device)
+    if start is not None:
+        start = population_to(start, device)
+    where = f"{socket.gethostname()}:{device} (pid {os.getpid()})"
+    for ev in population_events(design, pp, data, start, prior_seconds, where):
+        if isinstance(ev, LoopDone):
+            ev.population = population_to(ev.population, "cpu")
+        yield ev
+
+
+def ray_events(study: Study, todo: list[_PopState]) -> Iterator[Any]:
+    """Submit every unfinished population (largest work first) and yield their events as they come."""
+    ray = import_ray()
+    opt = study.opt
+    started_here = not ray.is_initialized()
+    if started_here:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                  "log_to_driver": False}
+        if opt.address:
+            kwargs["address"] = opt.address
+        elif opt.num_cpus:
+            kwargs["num_cpus"] = opt.num_cpus
+        try:
+            ray.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 - connection errors come in many types
+            raise StudyError(f"cannot start or reach Ray ({opt.address or 'local instance'}): "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) > 0:
+        task_opts = {"num_gpus": 1.0 / max(1, opt.per_device), "num_cpus": 1}
+        threads = 1
+    else:
+        cpus = max(1, opt.cpus_per_task)
+        if cpus > resources.get("CPU", 0):
+            raise StudyError(f"--cpus-per-task {cpus} exceeds the cluster's {resources.get('CPU', 0):g} CPUs")
+        task_opts = {"num_cpus": cpus}
+        threads = cpus
+    remote = ray.remote(max_retries=0)(_population_task)
+    pending: dict[Any, _PopState] = {}
+    latest: dict[str, tuple[Any, float]] = {}
+
+    def submit(st: _PopState) -> None:
+        start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
+        gen = remote.options(**task_opts).remote(study.design, st.plan, start, prior, opt.data_dir, threads)
+        pending[gen] = st
+
+    def lost(st: _PopState, err: BaseException) -> Iterator[Any]:
+        st.attempts += 1
+        msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if st.attempts > opt.max_retries:
+            yield PopulationFailed(st.plan.key, f"worker lost {st.attempts} times; last: {msg}")
+        else:
+            study.console.print(f"[yellow]worker lost[/] running {st.plan.label()} ({msg}); resubmitting from its "
+                                f"checkpoint (attempt {st.attempts + 1})", soft_wrap=True, highlight=False)
+            submit(st)
+
+    try:
+        for st in todo:
+            submit(st)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for gen in ready:
+                st = pending[gen]
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    del pending[gen]
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    del pending[gen]
+                    yield PopulationFailed(st.plan.key, _task_error(e))
+                    continue
+                except ray.exceptions.RayError as e:
+                    del pending[gen]
+                    yield from lost(st, e)
+                    continue
+                try:
+                    ev = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    del pending[gen]
+                    yield PopulationFailed(st.plan.key, _task_error(e))
+                    continue
+                except ray.exceptions.RayError as e:
+                    del pending[gen]
+                    yield from lost(st, e)
+                    continue
+                if isinstance(ev, LoopDone):
+                    latest[st.plan.key] = (ev.population, ev.seconds)
+                if isinstance(ev, Started) and st.attempts:
+                    ev.loop = max(ev.loop, st.loop)
+                yield ev
+    finally:
+        for gen in list(pending):
+            try:
+                ray.cancel(gen, force=True)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        if started_here:
+            ray.shutdown()
+
+
+def _task_error(e: Any) -> str:
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

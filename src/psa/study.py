@@ -1,0 +1,1291 @@
+"""Studies: many architectures x modes x trials, planned into populations, resumable, in SQLite.
+
+A design (StudyDesign) says what to run; a plan (Plan) partitions its trials into populations;
+the runner (run_study) trains them and writes every meta-loop to the results database.
+
+Invariants that make a killed study resume to exactly the rows of an uninterrupted one:
+- Trial k of every mode has seed `seed + k - 1` (paired design).
+- The partition of trials into populations is a pure function of the design and the chunk
+  size (stored with the study), never of what is left to do: a member's floating-point results
+  may depend on which members share its population, so a resume rebuilds the same populations.
+- Per meta-loop of a population, the driver first commits that loop's rows (INSERT OR REPLACE,
+  keyed by trial and loop) with the trials' progress in one transaction, then atomically
+  replaces the population's checkpoint. A kill between the two leaves the database one loop
+  ahead of the checkpoint; the resume recomputes that loop from the checkpoint (all randomness
+  is a function of seed and loop, so it is the same loop) and overwrites its rows.
+- Final results (bounty, test accuracy, status 'done') commit in one transaction; only then is
+  the checkpoint removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .arch import ArchError, parse_arch, study_architectures
+from .checkpoint import CheckpointError, load_population, save_population
+from .data import N_TRAIN, N_VAL, Dataset
+from .engine import Engine, TrainConfig
+from .population import MODES, ConfigError, Member, Population, make_member
+from . import store
+from .store import StoreError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+DEFAULT_DB = Path("results") / "psa.sqlite"
+
+
+class DesignError(ConfigError):
+    """A study design (flags or TOML file) that cannot run."""
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or continue: locked, disk full, different design, failures."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The design
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """What a study runs. Validated on construction; architectures are stored in short form."""
+
+    architectures: tuple[str, ...]
+    modes: tuple[str, ...] = MODES
+    trials: int = 10
+    meta_loops: int = 100
+    seed: int = 0  # trial k of every mode trains with seed + k - 1
+    lr: float = 1e-4
+    batch_size: int = 256
+    weight_decay: float = 1e-4  # the rate of `decay` mode; every other mode uses exactly 0
+    dropout: float = 0.1  # the rate of `dropout` mode; every other mode uses none
+    dataset: str = "mnist"
+    # Train on only the first N of the 50,000 training images: for tests and quick checks of
+    # the machinery only; results are not comparable with the paper's (trials record it).
+    train_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.architectures:
+            raise DesignError("a study needs at least one architecture")
+        shorts = []
+        for a in self.architectures:
+            try:
+                shorts.append(parse_arch(a).short)
+            except ArchError as e:
+                raise DesignError(f"unknown architecture {a!r}: {e}") from None
+        dup = sorted({s for s in shorts if shorts.count(s) > 1})
+        if dup:
+            raise DesignError(f"architecture {dup[0]} is listed more than once")
+        object.__setattr__(self, "architectures", tuple(shorts))
+        if not self.modes:
+            raise DesignError("a study needs at least one mode")
+        for m in self.modes:
+            if m not in MODES:
+                raise DesignError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise DesignError("a mode is listed more than once")
+        # canonical order, so that "hidden,none" and "none,hidden" are one design
+        object.__setattr__(self, "modes", tuple(m for m in MODES if m in self.modes))
+        for name in ("trials", "meta_loops", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DesignError(f"{name} must be a positive integer, got {v!r}")
+        if self.train_subset is not None and (not isinstance(self.train_subset, int) or isinstance(
+                self.train_subset, bool) or not 1 <= self.train_subset <= N_TRAIN):
+            raise DesignError(f"train_subset must be an integer in 1..{N_TRAIN}, got {self.train_subset!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise DesignError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("lr", "weight_decay", "dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise DesignError(f"{name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if self.dataset != "mnist":
+            raise DesignError(f"unknown dataset {self.dataset!r} (available: mnist)")
+        try:
+            self.train_config()
+            for m in self.modes:
+                make_member(m, 0, decay_rate=self.weight_decay, dropout_rate=self.dropout)
+        except ConfigError as e:
+            raise DesignError(str(e)) from None
+        if "hidden" in self.modes:
+            flat = [a for a in self.architectures if parse_arch(a).depth == 0]
+            if flat:
+                raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
+
+    def seed_of(self, trial: int) -> int:
+        """The seed of trial k (1-based), shared by every mode: the paired design."""
+        return self.seed + trial - 1
+
+    def train_config(self) -> TrainConfig:
+        """The engine's hyperparameters."""
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay, dropout=self.dropout)
+
+    def member(self, mode: str, trial: int) -> Member:
+        """The Member that trial k of `mode` is."""
+        return make_member(mode, self.seed_of(trial), decay_rate=self.weight_decay, dropout_rate=self.dropout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The design as JSON-able data (the studies row's `design`, with the plan added)."""
+        d = dataclasses.asdict(self)
+        d["architectures"] = list(self.architectures)
+        d["modes"] = list(self.modes)
+        if self.train_subset is None:
+            del d["train_subset"]  # so that designs from before the field keep their digest
+        return d
+
+    @property
+    def n_train(self) -> int:
+        """Training images per epoch."""
+        return self.train_subset or N_TRAIN
+
+    @property
+    def dataset_label(self) -> str:
+        """What the trials table records as the data set: "mnist", or "mnist[train:2048]"."""
+        return self.dataset if self.train_subset is None else f"{self.dataset}[train:{self.train_subset}]"
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical design: two commands with equal digests are one study."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def n_trials(self) -> int:
+        """Trials in the whole study."""
+        return len(self.architectures) * len(self.modes) * self.trials
+
+
+DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)}
+
+
+def preset(name: str) -> StudyDesign:
+    """`paper`: the authors' 98 x 6 x 10 x 100. `smoke`: a tiny design that runs in about a
+    minute on a laptop CPU (real MNIST, a few meta-loops): a check that everything works."""
+    if name == "paper":
+        return StudyDesign(architectures=tuple(a.short for a in study_architectures()))
+    if name == "smoke":
+        return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, meta_loops=4)
+    raise DesignError(f"unknown preset {name!r}; choose from paper, smoke")
+
+
+PRESETS = ("paper", "smoke")
+
+
+def read_arch_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """Architectures from a text file: one per line; blank lines and `#` comments ignored."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise DesignError(f"cannot read architecture file {p}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            out.append(parse_arch(line).short)
+        except ArchError as e:
+            raise DesignError(f"{p}:{n}: {e}") from None
+    if not out:
+        raise DesignError(f"architecture file {p} lists no architecture")
+    return tuple(out)
+
+
+def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    """An architecture list as given: "paper" for the 98, else the listed architectures."""
+    if isinstance(value, str):
+        if value.strip().lower() == "paper":
+            return tuple(a.short for a in study_architectures())
+        value = [value]
+    out = []
+    for a in value:
+        if not isinstance(a, str):
+            raise DesignError(f"architectures must be strings like \"1*128\", got {a!r}")
+        if a.strip().lower() == "paper":
+            out.extend(x.short for x in study_architectures())
+        else:
+            try:
+                out.append(parse_arch(a).short)
+            except ArchError as e:
+                raise DesignError(f"unknown architecture {a!r}: {e}") from None
+    return tuple(out)
+
+
+TOML_KEYS = {"name", "preset", "architectures", "architectures_file", "modes", "trials", "meta_loops", "seed",
+             "dataset", "train_subset", "training"}
+TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout"}
+
+
+def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Parse a TOML design: (name or None, preset or None, design fields).
+
+    Example:
+        name = "widths"
+        architectures = ["1*64", "1*128", "[2*128, 4*64]"]   # or "paper", or architectures_file
+        modes = ["none", "hidden"]                            # default: all six
+        trials = 10
+        meta_loops = 100
+        seed = 0
+        [training]
+        lr = 1e-4
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DesignError(f"cannot read design file {p}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DesignError(f"design file {p} does not parse as TOML: {e}") from None
+    unknown = sorted(set(doc) - TOML_KEYS)
+    if unknown:
+        raise DesignError(f"design file {p}: unknown key {unknown[0]!r} (known: {', '.join(sorted(TOML_KEYS))})")
+    fields: dict[str, Any] = {}
+    name = doc.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DesignError(f"design file {p}: name must be a string")
+    pre = doc.get("preset")
+    if pre is not None and pre not in PRESETS:
+        raise DesignError(f"design file {p}: unknown preset {pre!r}; choose from {', '.join(PRESETS)}")
+    if "architectures" in doc and "architectures_file" in doc:
+        raise DesignError(f"design file {p}: give architectures or architectures_file, not both")
+    try:
+        if "architectures" in doc:
+            fields["architectures"] = arch_list(doc["architectures"])
+        if "architectures_file" in doc:
+            f = Path(doc["architectures_file"])
+            fields["architectures"] = read_arch_file(f if f.is_absolute() else p.parent / f)
+        if "modes" in doc:
+            modes = doc["modes"]
+            if isinstance(modes, str):
+                modes = [m.strip() for m in modes.split(",") if m.strip()]
+            if not isinstance(modes, list):
+                raise DesignError("modes must be a list of mode names")
+            fields["modes"] = tuple(modes)
+    except DesignError as e:
+        raise DesignError(f"design file {p}: {e}") from None
+    for key in ("trials", "meta_loops", "seed", "dataset", "train_subset"):
+        if key in doc:
+            fields[key] = doc[key]
+    training = doc.get("training", {})
+    if not isinstance(training, dict):
+        raise DesignError(f"design file {p}: [training] must be a table")
+    unknown = sorted(set(training) - TOML_TRAINING_KEYS)
+    if unknown:
+        raise DesignError(f"design file {p}: unknown key training.{unknown[0]} "
+                          f"(known: {', '.join(sorted(TOML_TRAINING_KEYS))})")
+    fields.update(training)
+    return name, pre, fields
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Study names become directory names: letters, digits, '.', '_', '-' (64 at most)."""
+    if not _NAME.match(name):
+        raise DesignError(f"bad study name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+def resolve_design(
+    preset_name: str | None = None,
+    design_file: str | None = None,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[str, StudyDesign]:
+    """The (name, design) a command line asks for: preset or file, then flags on top.
+
+    The default name is the preset's or the file's `name` (or file stem) when flags change
+    nothing, else that base plus 8 hex digits of the design digest, so re-running the same
+    command finds the same study and a different design never lands in an existing one.
+    """
+    if preset_name is not None and design_file is not None:
+        raise DesignError("give a design file or --preset, not both")
+    base_fields: dict[str, Any] = {}
+    base_name = "study"
+    file_name = None
+    if preset_name is not None:
+        base_fields = dataclasses.asdict(preset(preset_name))
+        base_name = preset_name
+    if design_file is not None:
+        file_name, file_preset, fields = read_design_file(design_file)
+        if file_preset:
+            base_fields = dataclasses.asdict(preset(file_preset))
+        base_fields.update(fields)
+        base_name = file_name or Path(design_file).stem
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(over) - DESIGN_FIELDS
+    if unknown:  # a programming error, not a user's
+        raise ValueError(f"unknown design fields {sorted(unknown)}")
+    fields = {**base_fields, **over}
+    if "architectures" not in fields:
+        raise DesignError("no architectures: pass --arch (repeatable), --arch-file, a design file or --preset")
+    design = StudyDesign(**fields)
+    if name is None:
+        unchanged = not over or all(base_fields.get(k) == (tuple(v) if isinstance(v, list) else v)
+                                    for k, v in over.items())
+        if (preset_name or design_file) and unchanged:
+            name = file_name or base_name
+        else:
+            name = f"{base_name}-{design.digest()[:8]}"
+    return check_name(name), design
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model, chunking and the plan
+
+N_STEPS_PER_LOOP = -(-N_TRAIN // 256)
+
+
+def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
+    """FLOPs of one trial: per loop forward+backward (3x forward) over the training set and a
+    forward over the validation set, plus the final test forward (10,000 images)."""
+    f = parse_arch(arch).flops_per_sample()
+    return meta_loops * (3 * f * n_train + f * n_val) + f * 10_000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per loop of a population ~ seconds_per_flop * FLOPs + seconds_per_layer_step *
+    (Linear layers x training steps): compute plus per-kernel overhead, fitted on this device."""
+
+    seconds_per_flop: float
+    seconds_per_layer_step: float
+    device: str
+    method: str
+
+    def loop_seconds(self, arch: str, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
+        """Estimated wall seconds of one meta-loop of a population of `members` of `arch`."""
+        a = parse_arch(arch)
+        steps = -(-n_train // batch_size)
+        flops = members * a.flops_per_sample() * (3 * n_train + N_VAL)
+        return self.seconds_per_flop * flops + self.seconds_per_layer_step * a.n_linear * steps
+
+
+# Uncalibrated weights for progress bars and ETAs: roughly a mid-range GPU (they only need
+# the right ratios between populations).
+DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
+
+
+def bytes_per_member(arch: str, batch_size: int = 256) -> int:
+    """Device memory one member needs: LKG, candidate, gradient and AdamW's two moments
+    (5 float32 copies of the parameters, plus one for slack) and a batch's activations (every
+    layer's ReLU output is kept for the backward pass, plus a few transient layer-sized buffers)."""
+    a = parse_arch(arch)
+    kept = batch_size * sum(a.widths[1:]) * 4 * 2
+    transient = batch_size * max(a.widths[1:]) * 4 * 4
+    return a.params * 4 * 6 + kept + transient + a.widths[0] * batch_size * 4
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes a study may plan to use on `device`: a fixed fraction of the device's total memory
+    (not its free memory, so that the same device always yields the same plan)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(total * 0.6)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return int(min(total * 0.25, 16 << 30))
+
+
+def auto_chunk(design: StudyDesign, budget: int) -> int:
+    """Members per population that fit `budget` for the design's largest architecture, capped at
+    a whole architecture (all modes x all trials): the default chunk size."""
+    worst = max(bytes_per_member(a, design.batch_size) for a in design.architectures)
+    fit = max(1, budget // worst)
+    cap = len(design.modes) * design.trials
+    return int(min(cap, fit))
+
+
+@dataclass(frozen=True)
+class PopulationPlan:
+    """One population: consecutive trials of one architecture, in every mode of the design."""
+
+    arch: str
+    first: int  # first trial index (1-based)
+    last: int  # last trial index, inclusive
+    modes: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """A stable name, used for the checkpoint file: e.g. 1x2048-t01-10."""
+        slug = re.sub(r"[^0-9A-Za-z]+", "_", self.arch.replace("*", "x")).strip("_") or "none"
+        return f"{slug}-t{self.first:02d}-{self.last:02d}"
+
+    @property
+    def trials(self) -> range:
+        """The trial indices of this population."""
+        return range(self.first, self.last + 1)
+
+    @property
+    def size(self) -> int:
+        """Number of members."""
+        return len(self.trials) * len(self.modes)
+
+    def members(self, design: StudyDesign) -> list[Member]:
+        """The members, in the order Population.create keeps them (by seed, then mode)."""
+        return [design.member(m, k) for k in self.trials for m in self.modes]
+
+    def label(self) -> str:
+        """For people: "1*2048 trials 1-10"."""
+        t = f"trial {self.first}" if self.first == self.last else f"trials {self.first}-{self.last}"
+        return f"{self.arch} {t}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A design's populations, largest estimated work first."""
+
+    design: StudyDesign
+    chunk: int  # most members per population
+    populations: tuple[PopulationPlan, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the studies row records about the plan."""
+        return {"chunk": self.chunk, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
+
+
+def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
+    """Partition each architecture's trials into populations of at most `chunk` members (whole
+    trials: every mode of a trial shares a population, so it shares one data order and one
+    first-layer matmul), as evenly as possible; order them largest work first.
+
+    A pure function of (design, chunk): a resume rebuilds exactly the same populations.
+    """
+    if chunk < 1:
+        raise DesignError(f"chunk must be at least 1 member, got {chunk}")
+    per = max(1, chunk // len(design.modes))
+    pops = []
+    for arch in design.architectures:
+        n = -(-design.trials // per)
+        base, extra = divmod(design.trials, n)
+        first = 1
+        for i in range(n):
+            size = base + (1 if i < extra else 0)
+            pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
+            first += size
+    work = {p: calibration.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) for p in pops}
+    order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
+    return Plan(design, chunk, tuple(pops[i] for i in order))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one population: a generator of events, the same for every backend
+
+
+@dataclass
+class Started:
+    """A population began (or resumed) on a device."""
+
+    key: str
+    where: str
+    loop: int
+
+
+@dataclass
+class LoopDone:
+    """One meta-loop of a population: a row per member, and the population after it."""
+
+    key: str
+    loop: int
+    rows: list[tuple]  # per member: (mode, seed, candidate_acc, promoted, layer, index, lkg_score, loss, diverged)
+    population: Population
+    seconds: float  # wall seconds of the population so far, over all sessions
+
+
+@dataclass
+class PopulationDone:
+    """A population's final results, per member in population order."""
+
+    key: str
+    members: list[tuple[str, int]]  # (mode, seed)
+    bounty: list[float | None]
+    bounty_loop: list[int | None]
+    test_acc: list[float]
+    seconds: float
+
+
+@dataclass
+class PopulationFailed:
+    """A population raised; its trials are marked failed and a rerun retries them."""
+
+    key: str
+    message: str
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def population_events(
+    design: StudyDesign,
+    pp: PopulationPlan,
+    data: Dataset,
+    start: Population | None,
+    prior_seconds: float = 0.0,
+    where: str = "",
+) -> Iterator[Started | LoopDone | PopulationDone]:
+    """Train one population to the design's meta-loops, from scratch or from `start`.
+
+    Yields Started, one LoopDone per meta-loop and a final PopulationDone. The LoopDone's
+    population is the live object: a consumer that checkpoints it must do so before asking
+    for the next event.
+    """
+    device = data.device
+    if start is None:
+        pop = Population.create(parse_arch(pp.arch), pp.members(design), device, n_val=data.val_y.numel())
+    else:
+        pop = start
+    engine = Engine(pop, data, design.train_config())
+    t0 = time.perf_counter()
+    yield Started(pp.key, where or str(device), pop.loop)
+    while pop.loop < design.meta_loops:
+        r = engine.meta_loop()
+        rows = []
+        for j, mem in enumerate(pop.members):
+            a = r.ablated[j]
+            rows.append((
+                mem.mode, mem.seed,
+                _finite_or_none(r.candidate_acc[j]), int(r.promoted[j]),
+                None if a is None else int(a[0]), None if a is None else int(a[1]),
+                float(r.lkg_score[j]), _finite_or_none(r.train_loss[j]), int(r.diverged[j]),
+            ))
+        yield LoopDone(pp.key, r.loop, rows, pop, prior_seconds + time.perf_counter() - t0)
+    test = engine.test_accuracy()
+    scores = pop.lkg_score()
+    yield PopulationDone(
+        key=pp.key,
+        members=[(m.mode, m.seed) for m in pop.members],
+        bounty=[s if s >= 0 else None for s in scores],
+        bounty_loop=[bl if bl > 0 else None for bl in pop.bounty_loop],
+        test_acc=list(test),
+        seconds=prior_seconds + time.perf_counter() - t0,
+    )
+
+
+def population_to(pop: Population, device: torch.device | str) -> Population:
+    """A copy of `pop` on another device (the CPU for shipping, a worker's device to train)."""
+    dev = torch.device(device)
+    return dataclasses.replace(pop, device=dev, lkg=pop.lkg.to(dev), lkg_correct=pop.lkg_correct.to(dev),
+                               bounty_loop=list(pop.bounty_loop), mode_history=[list(h) for h in pop.mode_history])
+
+
+# ---------------------------------------------------------------------------------------------
+# The study lock: one writer per study
+
+
+def checkpoint_root(db: Path) -> Path:
+    """Where a database's population checkpoints live: results/psa.sqlite -> results/psa.ckpt."""
+    return db.with_name(db.stem + ".ckpt") if db.suffix else db.with_name(db.name + ".ckpt")
+
+
+class StudyLock:
+    """An exclusive flock on `<checkpoint dir>/lock`, held while a study runs.
+
+    The kernel drops it when the process dies (even SIGKILL), so a crash never leaves a stale
+    lock. Two `psa study` processes on one study: the second refuses; different studies in one
+    database cooperate through SQLite's own locking (short IMMEDIATE transactions).
+    """
+
+    def __init__(self, directory: Path, study: str, db: Path) -> None:
+        self.path = directory / "lock"
+        self.study = study
+        self.db = db
+        self.fd: int | None = None
+
+    def acquire(self, attempts: int = 20) -> None:
+        """Take the lock or raise StudyError naming the process that holds it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StudyError(f"cannot create {self.path}: {e.strerror}") from None
+        for i in range(attempts):  # `psa status` takes a shared lock for an instant: retry briefly
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if i == attempts - 1:
+                    owner = lock_owner(self.path) or {}
+                    os.close(fd)
+                    who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
+                    since = f" since {owner['since']}" if owner.get("since") else ""
+                    raise StudyError(f"study {self.study!r} in {self.db} is already being run by {who}{since}; "
+                                     f"wait for it to finish or stop it first") from None
+                time.sleep(0.1)
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": store.utc_now()})
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError:
+            pass  # the lock itself is what matters; the note is for messages
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (also dropped when the process exits)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+            self.fd = None
+
+
+def lock_owner(path: Path) -> dict[str, Any] | None:
+    """The pid/host/since note in a lock file, if readable."""
+    try:
+        return json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def lock_held(directory: Path) -> bool | None:
+    """Whether a process holds the study lock in `directory` now (None: cannot tell)."""
+    path = directory / "lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a study (not what: that is the design)."""
+
+    db: Path = DEFAULT_DB
+    device: str = "auto"
+    chunk: int | None = None  # None: the stored chunk, else auto_chunk for the device
+    backend: str = "local"  # local | ray
+    address: str | None = None  # ray: an existing cluster; None starts a local instance
+    num_cpus: int | None = None  # ray: CPUs of a local instance
+    cpus_per_task: int = 1  # ray: CPUs per population where there is no GPU
+    per_device: int = 1  # ray: populations sharing one GPU
+    max_retries: int = 3  # ray: resubmissions of a population whose worker was lost
+    data_dir: str | None = None
+    busy_timeout: float = 60.0
+    quiet: bool = False
+
+
+def code_version() -> str:
+    """psa's version, plus the git commit when running from a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def describe_device(device: torch.device) -> str:
+    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
+    """The trials table rows of a design, in design order (architecture, mode, trial)."""
+    cfg = design.train_config()
+    out = []
+    for arch in design.architectures:
+        for mode in design.modes:
+            for k in range(1, design.trials + 1):
+                m = design.member(mode, k)
+                out.append({"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": design.meta_loops,
+                            "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": m.weight_decay,
+                            "dropout": m.dropout, "dataset": design.dataset_label})
+    return out
+
+
+def stored_design(row: Any) -> dict[str, Any]:
+    """The design JSON of a studies row."""
+    try:
+        d = json.loads(row["design"])
+        return d if isinstance(d, dict) else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
+    new = design.to_dict()
+    for k, v in new.items():
+        if stored.get(k) != v:
+            old = stored.get(k)
+            if isinstance(v, list) and isinstance(old, list) and len(v) > 6:
+                return f"{k}: {len(old)} entries there, {len(v)} here" if len(old) != len(v) else f"{k} differ"
+            return f"{k}: {old!r} there, {v!r} here"
+    return "the design"
+
+
+@dataclass
+class _PopState:
+    plan: PopulationPlan
+    trial_ids: dict[tuple[str, int], int]  # (mode, seed) -> trial id
+    done: bool
+    loops_done: int  # from the database: min over members
+    start: Population | None = None
+    prior_seconds: float = 0.0
+    loop: int = 0
+    attempts: int = 0
+
+
+class Study:
+    """A study bound to a database: plans, resumes, runs, and records."""
+
+    def __init__(self, name: str, design: StudyDesign, options: RunOptions, console: Any = None) -> None:
+        from .console import err_console
+
+        self.name = name
+        self.design = design
+        self.opt = options
+        self.db = Path(options.db)
+        self.console = console or err_console
+        self.ckpt_dir = checkpoint_root(self.db) / name
+        self.lock = StudyLock(self.ckpt_dir, name, self.db)
+        self.con: Any = None
+        self.study_id = 0
+        self.run_id = 0
+        self.plan: Plan | None = None
+        self.pops: dict[str, _PopState] = {}
+
+    # ------------------------------------------------------------------ setup
+    def open(self, device_desc: str, device: torch.device) -> None:
+        """Connect, lock the study, create or check its row and trials, and load the plan."""
+        self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
+        self.lock.acquire()
+        row = store.get_study(self.con, self.name)
+        if row is None:
+            chunk = self.opt.chunk
+            if chunk is None:
+                budget = 8 << 30 if self.opt.backend == "ray" else device_budget(device)
+                chunk = auto_chunk(self.design, budget)
+            plan = make_plan(self.design, chunk)
+            doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1", "plan": plan.to_dict()}
+            self.study_id = store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(),
+                                               code_version(), device_desc, trial_rows(self.design))
+            row = store.get_study(self.con, self.name)
+        self.study_id = int(row["id"])
+        if row["design_hash"] != self.design.digest():
+            raise StudyError(
+                f"study {self.name!r} in {self.db} was created with a different design "
+                f"({_design_difference(stored_design(row), self.design)}); pass --name to start a new study")
+        stored_plan = stored_design(row).get("plan", {})
+        chunk = int(stored_plan.get("chunk", 0)) or None
+        if chunk is None:
+            raise StudyError(f"study {self.name!r} in {self.db} has no stored plan; was it written by another tool?")
+        if self.opt.chunk is not None and self.opt.chunk != chunk:
+            raise StudyError(f"study {self.name!r} was planned with --chunk {chunk}; resume it with the same chunk "
+                             f"(or omit --chunk)")
+        self.plan = make_plan(self.design, chunk)
+        stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
+        if stored_pops and stored_pops != sorted((p.arch, p.first, p.last) for p in self.plan.populations):
+            raise StudyError(f"study {self.name!r}: the stored plan does not match this version's planner")
+        trials = store.study_trials(self.con, self.study_id)
+        by_key = {(t["arch"], t["mode"], t["trial"]): t for t in trials}
+        if len(by_key) != self.design.n_trials:
+            raise StudyError(f"study {self.name!r} in {self.db} has {len(by_key)} trials, "
+                             f"its design {self.design.n_trials}")
+        for pp in self.plan.populations:
+            rows = [by_key[(pp.arch, m, k)] for k in pp.trials for m in pp.modes]
+            ids = {(r["mode"], int(r["seed"])): int(r["id"]) for r in rows}
+            done = all(r["status"] == "done" for r in rows)
+            self.pops[pp.key] = _PopState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
+
+    def _ckpt_path(self, pp: PopulationPlan) -> Path:
+        return self.ckpt_dir / f"{pp.key}.safetensors"
+
+    def _load_checkpoints(self) -> list[str]:
+        """Attach every usable checkpoint to its population; clean up the rest. Returns notes."""
+        notes = []
+        for tmp in self.ckpt_dir.glob(".*.tmp"):  # an atomic write killed half-way
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        known = {self._ckpt_path(st.plan).name for st in self.pops.values()}
+        for f in self.ckpt_dir.glob("*.safetensors"):
+            if f.name not in known:
+                notes.append(f"ignoring unknown checkpoint {f}")
+        for st in self.pops.values():
+            path = self._ckpt_path(st.plan)
+            if not path.exists():
+                continue
+            if st.done:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # finished after its last checkpoint: nothing to resume
+                continue
+            try:
+                pop, meta = load_population(path, "cpu")
+                expected = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in st.plan.members(self.design)]
+                got = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in pop.members]
+                if meta.get("study") != self.name or meta.get("design_hash") != self.design.digest():
+                    raise CheckpointError("it belongs to another study or design")
+                if got != expected or str(pop.arch) != str(parse_arch(st.plan.arch)):
+                    raise CheckpointError("its members differ from the plan's")
+                if not 0 <= pop.loop <= self.design.meta_loops:
+                    raise CheckpointError(f"it is at meta-loop {pop.loop}")
+                if st.loops_done < pop.loop:
+                    # rows always commit before the checkpoint is written; anything else means the
+                    # database was replaced: start over rather than leave holes
+                    raise CheckpointError(f"the database has only {st.loops_done} of its {pop.loop} meta-loops")
+            except CheckpointError as e:
+                notes.append(f"restarting {st.plan.label()} from scratch: checkpoint {path.name} unusable ({e})")
+                continue
+            st.start = pop
+            st.prior_seconds = float(meta.get("seconds", 0.0))
+            st.loop = pop.loop
+        return notes
+
+    # ------------------------------------------------------------------ event handling
+    def work_units(self, pp: PopulationPlan, loops: int) -> float:
+        """Progress weight of `loops` meta-loops of a population (estimated seconds)."""
+        return DEFAULT_CALIBRATION.loop_seconds(pp.arch, pp.size, self.design.batch_size, self.design.n_train) * loops
+
+    def handle(self, ev: Started | LoopDone | PopulationDone | PopulationFailed) -> None:
+        """Record one event: rows first, then the checkpoint (see the module docstring)."""
+        st = self.pops[ev.key]
+        if isinstance(ev, Started):
+            store.mark_running(self.con, list(st.trial_ids.values()))
+        elif isinstance(ev, LoopDone):
+            if ev.loop <= st.loop:
+                return  # a replay (retried task) of a loop already recorded
+            rows = [(st.trial_ids[(mode, seed)], ev.loop, mode, *rest) for mode, seed, *rest in ev.rows]
+            store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
+            extra = {"study": self.name, "population": st.plan.key, "design_hash": self.design.digest(),
+                     "seconds": ev.seconds}
+            try:
+                save_population(self._ckpt_path(st.plan), ev.population, extra)
+            except OSError as e:
+                raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
+            st.loop = ev.loop
+        elif isinstance(ev, PopulationDone):
+            results = []
+            for (mode, seed), b, bl, t in zip(ev.members, ev.bounty, ev.bounty_loop, ev.test_acc):
+                results.append((st.trial_ids[(mode, seed)], b, bl, t, ev.seconds, self.design.meta_loops))
+            store.finish_trials(self.con, self.run_id, results)
+            st.done = True
+            with contextlib.suppress(FileNotFoundError):
+                self._ckpt_path(st.plan).unlink()
+        elif isinstance(ev, PopulationFailed):
+            store.fail_trials(self.con, list(st.trial_ids.values()))
+
+    def _disk_message(self, e: OSError, path: Path) -> str:
+        if e.errno == errno.ENOSPC:
+            return (f"no space left on device writing {path}; the database and the previous checkpoint are intact: "
+                    f"free some space and rerun the same command to resume")
+        return f"cannot write {path}: {e.strerror or e}; the database is intact: rerun the same command to resume"
+
+
+def resolve_device_name(name: str) -> torch.device:
+    """`psa train`'s device rules (auto: cuda, then mps, then cpu)."""
+    from .train import resolve_device
+
+    return resolve_device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress on the terminal
+
+
+class StudyProgress:
+    """A rich progress bar over the whole study (weighted by estimated work, so its ETA means
+    something), a line per running population, and a one-line summary per finished one."""
+
+    def __init__(self, study: Study, quiet: bool) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.study = study
+        self.quiet = quiet
+        self.console = study.console
+        total = sum(study.work_units(st.plan, study.design.meta_loops) for st in study.pops.values())
+        done = sum(study.work_units(st.plan, study.design.meta_loops if st.done else st.loop)
+                   for st in study.pops.values())
+        self.trials_total = study.design.n_trials
+        self.trials_done = sum(st.plan.size for st in study.pops.values() if st.done)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            speed_estimate_period=3600.0,
+            disable=quiet or not self.console.is_terminal,
+        )
+        self.main = self.progress.add_task(f"study {study.name}", total=max(total, 1e-9), completed=done,
+                                           info=self._trials_info())
+        self.rows: dict[str, Any] = {}
+        self.best: dict[str, dict[str, float]] = {}
+
+    def _trials_info(self) -> str:
+        return f"{self.trials_done}/{self.trials_total} trials"
+
+    def __enter__(self) -> "StudyProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        """A line above the bars (or on its own without a terminal)."""
+        if not self.quiet:
+            self.progress.console.print(text, soft_wrap=True, highlight=False)
+
+    def event(self, ev: Any) -> None:
+        """Advance the display after the study recorded `ev`."""
+        st = self.study.pops[ev.key]
+        pp = st.plan
+        loops = self.study.design.meta_loops
+        if isinstance(ev, Started):
+            if ev.key not in self.rows:
+                self.rows[ev.key] = self.progress.add_task(f"  {pp.label()}", total=loops, completed=ev.loop,
+                                                           info=f"{pp.size} members on {ev.where}")
+        elif isinstance(ev, LoopDone):
+            self.progress.advance(self.main, self.study.work_units(pp, 1))
+            if ev.key in self.rows:
+                self.progress.update(self.rows[ev.key], completed=ev.loop)
+        elif isinstance(ev, PopulationDone):
+            self.trials_done += pp.size
+            self.progress.update(self.main, info=self._trials_info())
+            if ev.key in self.rows:
+                self.progress.remove_task(self.rows.pop(ev.key))
+            best: dict[str, float] = {}
+            for (mode, _), b in zip(ev.members, ev.bounty):
+                if b is not None:
+                    best[mode] = max(best.get(mode, -1.0), b)
+            bounties = "  ".join(f"{m} {best[m]:.2f}" if m in best else f"{m} -" for m in pp.modes)
+            self.print(f"done {pp.label()}: {pp.size} members, {loops} meta-loops, {ev.seconds:.1f}s; "
+                       f"best bounty {bounties}  [{self.trials_done}/{self.trials_total} trials]")
+        elif isinstance(ev, PopulationFailed):
+            if ev.key in self.rows:
+                self.progress.remove_task(self.rows.pop(ev.key))
+            self.print(f"[red]FAILED[/] {pp.label()}: {ev.message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+_DATA_CACHE: dict[tuple[str, str | None, str], Dataset] = {}
+
+
+def cached_data(name: str, data_dir: str | None, device: torch.device) -> Dataset:
+    """The data set on `device`, loaded once per process (Ray reuses worker processes)."""
+    from .data import load
+
+    key = (name, data_dir, str(device))
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = load(name, data_dir, device)
+    return _DATA_CACHE[key]
+
+
+def design_data(design: StudyDesign, data_dir: str | None, device: torch.device) -> Dataset:
+    """The data a design trains on: the data set, cut to `train_subset` images if it says so."""
+    data = cached_data(design.dataset, data_dir, device)
+    if design.train_subset is not None:
+        n = design.train_subset
+        data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    return data
+
+
+def local_events(study: Study, todo: list[_PopState], device: torch.device) -> Iterator[Any]:
+    """Populations one after another on this process's device, largest work first."""
+    data = design_data(study.design, study.opt.data_dir, device)
+    for st in todo:
+        start = population_to(st.start, device) if st.start is not None else None
+        gen = population_events(study.design, st.plan, data, start, st.prior_seconds, describe_device(device))
+        try:
+            for ev in gen:
+                yield ev
+        except Exception as e:  # noqa: BLE001 - one population's failure must not stop the study
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+            del gen
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            yield PopulationFailed(st.plan.key, msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class StudyResult:
+    """What a `psa study` invocation did."""
+
+    name: str
+    trials: int
+    done: int
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    complete: bool = False
+
+
+def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = None) -> StudyResult:
+    """Run (or resume) a study to completion; every result lands in opt.db as it happens."""
+    t0 = time.perf_counter()
+    if opt.backend not in ("local", "ray"):
+        raise DesignError(f"unknown backend {opt.backend!r}; choose local or ray")
+    if opt.backend == "ray":
+        from .ray_backend import import_ray
+
+        import_ray()  # a missing Ray is a clear error before anything is written
+        device = torch.device("cpu")
+        device_desc = f"ray ({opt.address or 'local instance'})"
+    else:
+        device = resolve_device_name(opt.device)
+        device_desc = describe_device(device)
+    study = Study(name, design, opt, console)
+    outcome = "error"
+    try:
+        study.open(device_desc, device)
+        notes = study._load_checkpoints()
+        todo = [st for st in study.pops.values() if not st.done]
+        done_trials = sum(st.plan.size for st in study.pops.values() if st.done)
+        progress = StudyProgress(study, opt.quiet)
+        assert study.plan is not None
+        progress.print(
+            f"study [bold]{name}[/]: {len(design.architectures)} architectures x {len(design.modes)} modes x "
+            f"{design.trials} trials x {design.meta_loops} meta-loops = {design.n_trials} trials in "
+            f"{len(study.plan.populations)} populations (at most {study.plan.chunk} members); "
+            f"{device_desc}; {study.db}")
+        for n in notes:
+            progress.print(f"[yellow]note[/]: {n}")
+        if not todo:
+            store.end_run(study.con, store.start_run(study.con, study.study_id, opt.backend, device_desc, 0.0),
+                          "complete", study.study_id)
+            progress.print(f"study {name} is complete ({design.n_trials} trials); nothing to do")
+            outcome = "complete"
+            return StudyResult(name, design.n_trials, design.n_trials, complete=True)
+        resumed = [st for st in todo if st.start is not None]
+        if done_trials or resumed:
+            progress.print(f"resuming: {done_trials} trials done, {len(resumed)} populations continue from "
+                           f"their checkpoints, {len(todo) - len(resumed)} start fresh")
+        work_done = sum(study.work_units(st.plan, design.meta_loops if st.done else st.loop)
+                        for st in study.pops.values())
+        study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc, work_done)
+        failed: list[str] = []
+        if opt.backend == "ray":
+            from .ray_backend import ray_events
+
+            events = ray_events(study, todo)
+        else:
+            events = local_events(study, todo, device)
+        with progress:
+            try:
+                for ev in events:
+                    study.handle(ev)
+                    progress.event(ev)
+                    if isinstance(ev, PopulationFailed):
+                        failed.append(f"{study.pops[ev.key].plan.label()}: {ev.message}")
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()
+        done = sum(st.plan.size for st in study.pops.values() if st.done)
+        complete = done == design.n_trials
+        outcome = "complete" if complete else f"failed: {len(failed)} populations"
+        store.end_run(study.con, study.run_id, outcome, study.study_id if complete else None)
+        seconds = time.perf_counter() - t0
+        if complete:
+            progress.print(f"study [bold]{name}[/] complete: {design.n_trials} trials in {seconds:.1f}s -> {study.db} "
+                           f"(see `psa status`, `psa export`)")
+        return StudyResult(name, design.n_trials, done, failed, seconds, complete)
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    except (StoreError, StudyError) as e:
+        outcome = f"error: {e}"
+        raise
+    finally:
+        if study.con is not None and study.run_id and outcome not in ("complete",) and not outcome.startswith("failed"):
+            with contextlib.suppress(StoreError, Exception):
+                store.end_run(study.con, study.run_id, outcome[:500])
+        study.lock.release()
+        if study.con is not None:
+            with contextlib.suppress(Exception):
+                study.con.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run: the plan, its FLOPs, and a time estimate for this device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: int = 4) -> Calibration:
+    """Fit seconds/FLOP and seconds per (layer x step) on `device` from two short probes.
+
+    Probe A (compute-bound): a population of 1*512 nets (60 members on a GPU, 6 on a CPU);
+    probe B (overhead-bound): 6 members of 16*8. Each trains a warm-up epoch and then two timed
+    epochs (the faster counts) of `steps` batches of real MNIST with the design's
+    hyperparameters; the two timings solve t = a * FLOPs + b * layers * steps.
+    """
+    bs = design.batch_size
+    sub = dataclasses.replace(data, train_x=data.train_x[: steps * bs], train_y=data.train_y[: steps * bs])
+    n_img = sub.train_x.shape[0]
+    n_steps = -(-n_img // bs)
+    probes = [("1*512", 60 if device.type == "cuda" else 6), ("16*8", 6)]
+    meas = []
+    for arch, m in probes:
+        a = parse_arch(arch)
+        members = [make_member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
+        pop = Population.create(a, members, device, n_val=data.val_y.numel())
+        engine = Engine(pop, sub, design.train_config())
+        engine.train_epoch(1)
+        times = []
+        for loop in (2, 3):
+            _sync(device)
+            t = time.perf_counter()
+            engine.train_epoch(loop)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        meas.append((3.0 * m * a.flops_per_sample() * n_img, a.n_linear * n_steps, min(times)))
+    (fa, la, ta), (fb, lb, tb) = meas
+    det = fa * lb - fb * la
+    sec_flop = (ta * lb - tb * la) / det
+    sec_layer = (fa * tb - fb * ta) / det
+    if sec_flop <= 0 or sec_layer <= 0:  # noisy timings: fall back to one-parameter fits
+        sec_layer = max(tb - fb * (ta / fa), tb * 0.5) / lb
+        sec_flop = max(ta - sec_layer * la, ta * 0.5) / fa
+    method = (f"{steps} timed training steps each of 1*512 x {probes[0][1]} and 16*8 x 6 populations on this "
+              f"device; loop time = {sec_flop * 1e12:.3g} s/TFLOP x FLOPs + {sec_layer * 1e6:.3g} us x layers x "
+              f"steps (rough: ignores denormal slow-downs and memory effects)")
+    return Calibration(sec_flop, sec_layer, describe_device(device), method)
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: bool = True) -> dict[str, Any]:
+    """Print the plan (populations, FLOPs, time estimate) without writing anything; returns it."""
+    from rich.table import Table
+
+    from .console import out_console
+
+    device = resolve_device_name(opt.device) if opt.backend == "local" else resolve_device_name("auto")
+    db = Path(opt.db)
+    chunk = opt.chunk
+    status_by_key: dict[tuple[str, str, int], str] = {}
+    existing = None
+    if db.is_file():
+        con = store.connect(db, readonly=True)
+        try:
+            existing = store.get_study(con, name)
+            if existing is not None:
+                if existing["design_hash"] != design.digest():
+                    raise StudyError(f"study {name!r} in {db} was created with a different design "
+                                     f"({_design_difference(stored_design(existing), design)}); pass --name")
+                chunk = chunk or int(stored_design(existing).get("plan", {}).get("chunk", 0)) or None
+                for t in store.study_trials(con, int(existing["id"])):
+                    status_by_key[(t["arch"], t["mode"], int(t["trial"]))] = t["status"]
+        finally:
+            con.close()
+    if chunk is None:
+        chunk = auto_chunk(design, 8 << 30 if opt.backend == "ray" else device_budget(device))
+    cal = DEFAULT_CALIBRATION
+    if calibrate_device:
+        data = cached_data(design.dataset, opt.data_dir, device)
+        cal = calibrate(device, data, design)
+    plan = make_plan(design, chunk, cal)
+    table = Table(title=f"study {name}: plan", title_justify="left")
+    for col in ("arch", "params", "trials", "pops", "TFLOP/trial", "PFLOP", "time", "to do"):
+        table.add_column(col, justify="left" if col == "arch" else "right", no_wrap=True)
+    rows = []
+    total_flops = total_time = todo_time = 0.0
+    for arch in design.architectures:
+        pops = [p for p in plan.populations if p.arch == arch]
+        n_trials = len(design.modes) * design.trials
+        f_trial = arch_flops(arch, design.meta_loops, design.n_train)
+        t_arch = sum(cal.loop_seconds(arch, p.size, design.batch_size, design.n_train) * design.meta_loops
+                     for p in pops)
+        todo = sum(1 for m in design.modes for k in range(1, design.trials + 1)
+                   if status_by_key.get((arch, m, k), "pending") != "done")
+        t_todo = t_arch * todo / n_trials
+        sizes = sorted({p.size for p in pops})
+        table.add_row(arch, f"{parse_arch(arch).params:,}", str(n_trials),
+                      f"{len(pops)} x {'/'.join(map(str, sizes))}", f"{f_trial / 1e12:.3g}",
+                      f"{f_trial * n_trials / 1e15:.3g}", _fmt_seconds(t_arch), str(todo))
+        rows.append({"arch": arch, "params": parse_arch(arch).params, "trials": n_trials, "populations": len(pops),
+                     "flops_per_trial": f_trial, "flops": f_trial * n_trials, "seconds": t_arch, "todo": todo})
+        total_flops += f_trial * n_trials
+        total_time += t_arch
+        todo_time += t_todo
+    out_console.print(table)
+    n_todo = sum(r["todo"] for r in rows)
+    out_console.print(
+        f"{design.n_trials} trials ({len(design.architectures)} architectures x {len(design.modes)} modes x "
+        f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
+        f"{len(plan.populations)} populations of at most {plan.chunk} members, {design.meta_loops} meta-loops each",
+        soft_wrap=True)
+    out_console.print(f"work: {total_flops / 1e15:.3g} PFLOP (forward+backward = 3 x forward over {design.n_train:,} "
+                      f"images + forward over {N_VAL:,} per meta-loop, + the test set once)", soft_wrap=True)
+    out_console.print(f"estimate on {cal.device}: {_fmt_seconds(total_time)} for the whole study on one device"
+                      + (f", {_fmt_seconds(todo_time)} for the {n_todo} trials still to do" if existing else ""),
+                      soft_wrap=True)
+    out_console.print(f"calibration: {cal.method}", soft_wrap=True)
+    if existing is not None:
+        out_console.print(f"study {name} exists in {db}: {design.n_trials - n_todo} of {design.n_trials} trials done",
+                          soft_wrap=True)
+    out_console.print("dry run: nothing was written", soft_wrap=True)
+    return {"name": name, "chunk": plan.chunk, "populations": [dataclasses.asdict(p) | {"key": p.key}
+                                                                for p in plan.populations],
+            "architectures": rows, "flops": total_flops, "seconds": total_time, "calibration": dataclasses.asdict(cal)}

@@ -1,0 +1,334 @@
+"""`psa study`, `psa status` and `psa export`: flags onto StudyDesign/RunOptions, and the views."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import store
+from .population import MODES
+from .store import StoreError
+from .study import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_DB,
+    PRESETS,
+    DesignError,
+    RunOptions,
+    StudyDesign,
+    StudyError,
+    arch_list,
+    checkpoint_root,
+    dry_run,
+    lock_held,
+    lock_owner,
+    make_plan,
+    read_arch_file,
+    resolve_design,
+    run_study,
+    stored_design,
+)
+
+USER_ERRORS = (StoreError, StudyError)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of modes")
+    for m in modes:
+        if m not in MODES:
+            raise argparse.ArgumentTypeError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    fmts = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in fmts if f not in ("csv", "parquet")]
+    if bad or not fmts:
+        raise argparse.ArgumentTypeError(f"formats are csv and parquet, got {text!r}")
+    return fmts
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run, resume or --dry-run a study."""
+    archs: tuple[str, ...] | None = None
+    if args.arch:
+        archs = tuple(a for value in args.arch for a in arch_list(value))
+    if args.arch_file:
+        if archs:
+            raise DesignError("give --arch or --arch-file, not both")
+        archs = read_arch_file(args.arch_file)
+    overrides: dict[str, Any] = {
+        "architectures": archs, "modes": args.modes, "trials": args.trials, "meta_loops": args.meta_loops,
+        "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
+        "dropout": args.dropout, "train_subset": args.train_subset,
+    }
+    name, design = resolve_design(args.preset, args.design, args.name, overrides)
+    opt = RunOptions(
+        db=Path(args.db), device=args.device, chunk=args.chunk, backend=args.backend, address=args.address,
+        num_cpus=args.num_cpus, cpus_per_task=args.cpus_per_task, per_device=args.per_device,
+        max_retries=args.max_retries, data_dir=args.data_dir, busy_timeout=args.busy_timeout, quiet=args.quiet,
+    )
+    if args.backend == "local" and (args.address or args.num_cpus):
+        raise DesignError("--address and --num-cpus apply to --backend ray")
+    if args.dry_run:
+        dry_run(name, design, opt)
+        return 0
+    result = run_study(name, design, opt)
+    if result.failed:
+        first = result.failed[0]
+        more = f" (and {len(result.failed) - 1} more)" if len(result.failed) > 1 else ""
+        print(f"psa: error: {len(result.failed)} population(s) failed: {first}{more}; "
+              f"rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# psa status
+
+
+def _parse_time(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _trial_weights(row: Any) -> dict[str, float] | None:
+    """Estimated seconds per trial-loop of each architecture, from the stored design and plan."""
+    d = stored_design(row)
+    try:
+        design = StudyDesign(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                                if k in StudyDesign.__dataclass_fields__})
+        plan = make_plan(design, int(d["plan"]["chunk"]))
+    except (DesignError, KeyError, TypeError, ValueError):
+        return None
+    out: dict[str, float] = {}
+    for p in plan.populations:
+        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) / p.size
+    return out
+
+
+def study_status(con: Any, db: Path, row: Any) -> dict[str, Any]:
+    """Everything `psa status` shows about one study, as data."""
+    sid = int(row["id"])
+    counts = store.trial_counts(con, sid)
+    total = sum(counts.values())
+    archs = [dict(r) for r in store.arch_progress(con, sid)]
+    loops_done = sum(int(a["loops_done"] or 0) for a in archs)
+    loops_total = sum(int(a["loops_total"] or 0) for a in archs)
+    run = store.latest_run(con, sid)
+    ckpt = checkpoint_root(db) / row["name"]
+    held = lock_held(ckpt)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    state: str
+    if counts["done"] == total and total:
+        state = "finished"
+    elif held:
+        state = "running"
+    elif held is None and run is not None and run["finished_at"] is None:
+        beat = _parse_time(run["heartbeat_at"])
+        state = "running" if beat and (now - beat).total_seconds() < 600 else "interrupted"
+    elif run is None:
+        state = "not started"
+    elif run["finished_at"] is None or run["outcome"] == "interrupted":
+        state = "interrupted"
+    else:
+        state = "stopped"
+    out: dict[str, Any] = {
+        "study": row["name"], "state": state, "trials": total, **counts,
+        "loops_done": loops_done, "loops_total": loops_total,
+        "started_at": row["started_at"], "finished_at": row["finished_at"], "device": row["device"],
+        "code_version": row["code_version"], "architectures": archs, "eta_seconds": None,
+    }
+    if run is not None:
+        out["run"] = {k: run[k] for k in run.keys()}
+    if state == "running":
+        owner = lock_owner(ckpt / "lock") or {}
+        out["owner"] = owner
+        weights = _trial_weights(row)
+        started = _parse_time(run["started_at"]) if run is not None else None
+        if weights and started is not None and run is not None:
+            work_now = sum(weights.get(a["arch"], 0.0) * int(a["loops_done"] or 0) for a in archs)
+            work_total = sum(weights.get(a["arch"], 0.0) * int(a["loops_total"] or 0) for a in archs)
+            gained = work_now - float(run["work_at_start"] or 0.0)
+            elapsed = (now - started).total_seconds()
+            if gained > 0 and elapsed > 0:
+                out["eta_seconds"] = elapsed * (work_total - work_now) / gained
+    elif state == "stopped" and run is not None:
+        out["outcome"] = run["outcome"]
+    return out
+
+
+def _fmt_eta(s: float | None) -> str:
+    if s is None:
+        return "unknown yet"
+    s = max(0.0, s)
+    if s < 90:
+        return f"~{s:.0f} s"
+    if s < 5400:
+        return f"~{s / 60:.0f} min"
+    return f"~{s / 3600:.1f} h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Progress of every study in a database (or one), readable while a study runs."""
+    from rich.table import Table
+
+    from .console import out_console
+
+    db = Path(args.db)
+    con = store.connect(db, readonly=True)
+    try:
+        if args.study is not None:
+            row = store.get_study(con, args.study)
+            if row is None:
+                names = ", ".join(r["name"] for r in store.list_studies(con)) or "none"
+                raise StoreError(f"no study named {args.study!r} in {db} (studies: {names})")
+            rows = [row]
+        else:
+            rows = store.list_studies(con)
+        con.execute("BEGIN")  # one snapshot
+        try:
+            infos = [study_status(con, db, r) for r in rows]
+        finally:
+            con.execute("COMMIT")
+    finally:
+        con.close()
+    if args.json:
+        print(json.dumps({"db": str(db), "studies": infos}, indent=1))
+        return 0
+    if not infos:
+        out_console.print(f"{db}: no study yet")
+        return 0
+    for info in infos:
+        n = info["trials"] or 1
+        state = info["state"]
+        if state == "running":
+            o = info.get("owner") or {}
+            state = f"[green]running[/] (pid {o.get('pid', '?')} on {o.get('host', '?')} since {o.get('since', '?')})"
+        elif state == "interrupted":
+            state = "[yellow]interrupted[/]: no process is running it; rerun the same `psa study` command to resume"
+        elif state == "finished":
+            state = f"[bold]finished[/] at {info['finished_at']}"
+        elif state == "stopped":
+            state = f"stopped ({info.get('outcome')})"
+        out_console.print(f"[bold]study {info['study']}[/] in {db}: {state}", soft_wrap=True)
+        out_console.print(
+            f"  trials: {info['done']} done, {info['running']} running, {info['pending']} pending, "
+            f"{info['failed']} failed of {info['trials']} ({100.0 * info['done'] / n:.0f}%); meta-loops "
+            f"{info['loops_done']:,} of {info['loops_total']:,} "
+            f"({100.0 * info['loops_done'] / max(1, info['loops_total']):.0f}%)", soft_wrap=True)
+        if info["state"] == "running":
+            out_console.print(f"  eta: {_fmt_eta(info['eta_seconds'])} (from this run's pace so far)")
+        t = Table(show_edge=False, pad_edge=False, box=None)
+        for col in ("arch", "trials", "done", "running", "pending", "failed", "meta-loops", "best bounty"):
+            t.add_column(col, justify="left" if col == "arch" else "right")
+        archs = info["architectures"]
+        shown = archs
+        hidden_done = hidden_pending = 0
+        if len(archs) > 30:  # a long study: show what is in flight, count the rest
+            shown = [a for a in archs if a["running"] or a["failed"] or (a["done"] and a["done"] < a["trials"])]
+            hidden_done = sum(1 for a in archs if a["done"] == a["trials"])
+            hidden_pending = sum(1 for a in archs if a["pending"] == a["trials"])
+        for a in shown:
+            best = f"{a['best_bounty']:.2f}" if a["best_bounty"] is not None else "-"
+            t.add_row(a["arch"], str(a["trials"]), str(a["done"]), str(a["running"]), str(a["pending"]),
+                      str(a["failed"]), f"{a['loops_done']}/{a['loops_total']}", best)
+        out_console.print(t)
+        if hidden_done or hidden_pending:
+            out_console.print(f"  (+ {hidden_done} architectures finished, {hidden_pending} not started; "
+                              f"--json lists all)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write trials and meta-loops as CSV and/or Parquet."""
+    db = Path(args.db)
+    con = store.connect(db, readonly=True)
+    try:
+        counts = store.export(con, args.out, args.format, args.study)
+    finally:
+        con.close()
+    for path, n in counts.items():
+        print(f"{path}: {n:,} rows")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+def register(sub: Any) -> None:
+    """Add `study`, `status` and `export` to psa's subcommands."""
+    from .cli import _add_training_flags, _nonneg_int, _positive_int
+
+    p = sub.add_parser("study", help="run (or resume) a study: architectures x modes x trials, into SQLite",
+                       description="Run a study design into a results database. Re-running the same command "
+                                   "resumes it: finished trials are skipped, unfinished ones continue from their "
+                                   "checkpoints.")
+    p.add_argument("design", nargs="?", help="a TOML design file (see docs/study.md)")
+    p.add_argument("--preset", choices=PRESETS, help="paper: the authors' 98 x 6 x 10 x 100; smoke: a one-minute check")
+    p.add_argument("--name", help="study name (default: the preset's or file's, else derived from the design)")
+    g = p.add_argument_group("design (overrides the preset or file)")
+    g.add_argument("--arch", action="append", metavar="ARCH",
+                   help='an architecture, e.g. 1*128 or "[2*128, 4*64]"; repeatable; "paper" for the 98')
+    g.add_argument("--arch-file", help="architectures, one per line")
+    g.add_argument("--modes", type=_modes, help=f"comma-separated (default all: {','.join(MODES)})")
+    g.add_argument("--trials", type=_positive_int, help="trials per architecture and mode (default 10)")
+    g.add_argument("--meta-loops", type=_positive_int, help="meta-loops per trial (default 100)")
+    g.add_argument("--seed", type=_nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
+    _add_training_flags(g)
+    g.add_argument("--train-subset", type=_positive_int, metavar="N",
+                   help="train on the first N of the 50,000 training images: for tests and quick checks only, "
+                        "not comparable with the paper (recorded in the trials' dataset column)")
+    r = p.add_argument_group("running")
+    r.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
+    r.add_argument("--chunk", type=_positive_int,
+                   help="most members per population (default: fit the device's memory; fixed at creation)")
+    r.add_argument("--backend", choices=("local", "ray"), default="local", help="local (default) or ray")
+    r.add_argument("--address", help="ray: address of an existing cluster (default: start a local instance)")
+    r.add_argument("--num-cpus", type=_positive_int, help="ray: CPUs of the local instance (default all)")
+    r.add_argument("--cpus-per-task", type=_positive_int, default=1,
+                   help="ray: CPUs per population where there is no GPU (default 1)")
+    r.add_argument("--per-device", type=_positive_int, default=1,
+                   help="ray: populations that may share one GPU (default 1)")
+    r.add_argument("--max-retries", type=_nonneg_int, default=3,
+                   help="ray: resubmissions of a population whose worker died (default 3)")
+    r.add_argument("--busy-timeout", type=_seconds, default=60.0,
+                   help="seconds to wait for another writer's transaction (default 60)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the plan, FLOPs and a time estimate for this device; write nothing")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("status", help="progress of the studies in a results database (works while they run)")
+    p.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
+    p.add_argument("--study", help="only this study")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write trials and meta-loops to CSV and Parquet")
+    p.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", type=_formats, default=("csv", "parquet"),
+                   help="csv, parquet or csv,parquet (default both)")
+    p.add_argument("--study", help="only this study (default all)")
+    p.set_defaults(func=cmd_export)

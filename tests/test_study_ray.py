@@ -1,0 +1,88 @@
+"""`psa study --backend ray` on a local Ray instance (2 CPUs): the same rows as the local backend,
+even after a worker running a population is killed mid-study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from psa.cli import main
+
+from .study_util import TINY, env, integrity, leftover_checkpoints, progress, psa_cmd, rows
+
+pytest.importorskip("ray")
+
+RAY = list(TINY)
+RAY[RAY.index("--name") + 1] = "viaray"
+RAY[RAY.index("--meta-loops") + 1] = "30"
+RAY[RAY.index("--train-subset") + 1] = "4096"
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _population_workers(root: int) -> list[int]:
+    """Ray workers (started by our driver) that are running a population task right now."""
+    pids = []
+    for pid in _descendants(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("ray::_population_task"):
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_backend_gives_the_local_rows_and_survives_a_lost_worker(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", *RAY, "--db", "local.sqlite"]) == 0
+    db = tmp_path / "ray.sqlite"
+    proc = subprocess.Popen(psa_cmd("study", *RAY, "--db", db.name, "--backend", "ray", "--num-cpus", "2"),
+                            cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and killed is None:
+            if progress(db) > 0:  # a population has recorded a loop: its worker is mid-task
+                workers = _population_workers(proc.pid)
+                if workers:
+                    killed = workers[0]
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed is not None, "no Ray worker was caught running a population"
+    assert proc.returncode == 0, err
+    assert "worker lost" in err and "resubmitting from its checkpoint" in err
+    assert integrity(db) == "ok"
+    local, viaray = rows(tmp_path / "local.sqlite"), rows(db)
+    assert viaray["trials"] == local["trials"]
+    assert viaray["meta_loops"] == local["meta_loops"]
+    assert viaray["studies"] == local["studies"]
+    assert leftover_checkpoints(db) == []
