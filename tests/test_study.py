@@ -505,3 +505,9 @@ def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: P
     rc, out, err = run_main(["study", *TINY, "--db", str(db)], capsys, monkeypatch, tmp_path)
     assert rc == 0, err
     assert rows(db) == rows(reference)
+
+
+def test_unusable_database_path(tmp_path: Path, capsys, monkeypatch) -> None:
+    (tmp_path / "afile").write_text("x")
+    rc, out, err = run_main(["study", *TINY, "--db", "afile/psa.sqlite"], capsys, monkeypatch, tmp_path)
+    assert rc == 2 and "cannot create the results database" in one_line_error(err)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from psa.cli import main
+
 from .study_util import (
     TINY,
     env,
@@ -48,9 +50,9 @@ def _wait_for_progress(proc: subprocess.Popen, db: Path, before: int, timeout: f
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
-    ref = run_psa("study", *KILL, "--db", "ref.sqlite", cwd=tmp_path)
-    assert ref.returncode == 0, ref.stderr
+def test_sigkill_at_random_moments_then_resume(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", *KILL, "--db", "ref.sqlite"]) == 0  # uninterrupted, in this process
     reference = rows(tmp_path / "ref.sqlite")
     assert len(reference["meta_loops"]) == KILL_LOOP_ROWS
 
@@ -58,6 +60,16 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     rng = random.Random(20240611)
     kills: list[int] = []
     checked_live = checked_interrupted = False
+    # first strike: while the database and the study's rows are being created
+    proc = subprocess.Popen(psa_cmd("study", *KILL, "--db", db.name), cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not db.exists():
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.05))
+    proc.kill()
+    proc.wait()
+    early = progress(db)
+    assert early <= 0  # no loop recorded yet
     for _ in range(12):
         proc = subprocess.Popen(psa_cmd("study", *KILL, "--db", db.name), cwd=tmp_path, env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -72,6 +84,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
                 assert st.returncode == 0, st.stderr
                 (info,) = json.loads(st.stdout)["studies"]
                 assert info["state"] == "running" and info["owner"]["pid"] == proc.pid
+                assert info["eta_seconds"] is not None and info["eta_seconds"] >= 0
                 assert 0 < info["loops_done"] < KILL_LOOP_ROWS and info["trials"] == KILL_TRIALS
                 ex = run_psa("export", "--db", db.name, "--out", "partial", "--format", "csv", cwd=tmp_path)
                 assert ex.returncode == 0, ex.stderr
@@ -101,7 +114,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-        if len(kills) >= 6:
+        if len(kills) >= 5:
             break
     assert len(kills) >= 4, f"only {len(kills)} kills landed: {kills}"
     assert checked_live and checked_interrupted
@@ -113,18 +126,18 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     assert got["meta_loops"] == reference["meta_loops"]  # no duplicates, none missing, same values
     assert got["studies"] == reference["studies"]
     assert leftover_checkpoints(db) == []
-    print(f"kills landed at progress {kills}")
+    print(f"kills landed at progress {early} (startup), then {kills}")
 
 
 @pytest.mark.slow
-def test_two_studies_write_one_database_at_once(tmp_path: Path) -> None:
+def test_two_studies_write_one_database_at_once(tmp_path: Path, monkeypatch) -> None:
     a, b = _design("left", "6", "2048"), _design("right", "6", "2048")
     procs = [subprocess.Popen(psa_cmd("study", *d, "--db", "shared.sqlite"), cwd=tmp_path, env=env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for d in (a, b)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
-    solo = run_psa("study", *TINY, "--db", "solo.sqlite", cwd=tmp_path)
-    assert solo.returncode == 0, solo.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", *TINY, "--db", "solo.sqlite"]) == 0
     shared, ref = rows(tmp_path / "shared.sqlite"), rows(tmp_path / "solo.sqlite")
     assert integrity(tmp_path / "shared.sqlite") == "ok"
     for name in ("left", "right"):

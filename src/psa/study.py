@@ -797,7 +797,10 @@ class Study:
     # ------------------------------------------------------------------ setup
     def open(self, device_desc: str, device: torch.device) -> None:
         """Connect, lock the study, create or check its row and trials, and load the plan."""
-        self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
+        try:
+            self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
+        except OSError as e:
+            raise StudyError(f"cannot create the results database {self.db}: {e.strerror or e}") from None
         self.lock.acquire()
         row = store.get_study(self.con, self.name)
         if row is None:
@@ -973,6 +976,11 @@ class StudyProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
+    def finish(self) -> None:
+        """Fill the study bar (its work units are estimates; their float sum may fall short)."""
+        task = self.progress.tasks[0]
+        self.progress.update(self.main, completed=task.total)
+
     def print(self, text: str) -> None:
         """A line above the bars (or on its own without a terminal)."""
         if not self.quiet:
@@ -1130,8 +1138,10 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
                 close = getattr(events, "close", None)
                 if close is not None:
                     close()
-        done = sum(st.plan.size for st in study.pops.values() if st.done)
-        complete = done == design.n_trials
+            done = sum(st.plan.size for st in study.pops.values() if st.done)
+            complete = done == design.n_trials
+            if complete:
+                progress.finish()
         outcome = "complete" if complete else f"failed: {len(failed)} populations"
         store.end_run(study.con, study.run_id, outcome, study.study_id if complete else None)
         seconds = time.perf_counter() - t0

@@ -19,7 +19,6 @@ from .study import (
     DesignError,
     RunOptions,
     StudyDesign,
-    StudyError,
     arch_list,
     checkpoint_root,
     dry_run,
@@ -31,9 +30,6 @@ from .study import (
     run_study,
     stored_design,
 )
-
-USER_ERRORS = (StoreError, StudyError)
-
 
 def _modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
@@ -85,6 +81,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     )
     if args.backend == "local" and (args.address or args.num_cpus):
         raise DesignError("--address and --num-cpus apply to --backend ray")
+    if args.backend == "ray" and args.device != "auto":
+        raise DesignError("--device applies to the local backend; Ray tasks use the GPU they are given, else the CPU")
     if args.dry_run:
         dry_run(name, design, opt)
         return 0
@@ -262,13 +260,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write trials and meta-loops as CSV and/or Parquet."""
     db = Path(args.db)
+    formats = args.format
+    note = None
+    if formats is None:  # the default: both, or CSV alone where pyarrow is not installed
+        try:
+            import pyarrow  # noqa: F401
+
+            formats = ("csv", "parquet")
+        except ImportError:
+            formats = ("csv",)
+            note = 'parquet skipped: pyarrow is not installed (pip install -e ".[parquet]")'
     con = store.connect(db, readonly=True)
     try:
-        counts = store.export(con, args.out, args.format, args.study)
+        counts = store.export(con, args.out, formats, args.study)
     finally:
         con.close()
     for path, n in counts.items():
         print(f"{path}: {n:,} rows")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -328,7 +338,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("export", help="write trials and meta-loops to CSV and Parquet")
     p.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", type=_formats, default=("csv", "parquet"),
-                   help="csv, parquet or csv,parquet (default both)")
+    p.add_argument("--format", type=_formats,
+                   help="csv, parquet or csv,parquet (default both; CSV alone without pyarrow)")
     p.add_argument("--study", help="only this study (default all)")
     p.set_defaults(func=cmd_export)
