@@ -17,17 +17,9 @@ import pytest
 
 from psa import store, study
 from psa.cli import main
-from psa.study import (
-    DesignError,
-    StudyDesign,
-    StudyLock,
-    arch_flops,
-    auto_chunk,
-    checkpoint_root,
-    make_plan,
-    preset,
-    resolve_design,
-)
+from psa.design import StudyDesign, preset, resolve_design
+from psa.plan import DEFAULT_CALIBRATION, arch_flops, auto_chunk, bytes_per_member, make_plan
+from psa.study import StudyLock, checkpoint_root
 
 from .study_util import TINY, TINY_LOOP_ROWS, TINY_TRIALS, integrity, leftover_checkpoints, rows, run_psa
 
@@ -110,13 +102,13 @@ def test_plan_is_a_pure_even_partition(trials: int, chunk: int) -> None:
         assert all(p.modes == d.modes for p in pops)
     keys = [p.key for p in plan.populations]
     assert len(set(keys)) == len(keys)
-    work = [study.DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size) for p in plan.populations]
+    work = [DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size) for p in plan.populations]
     assert work == sorted(work, reverse=True)  # largest work first
 
 
 def test_auto_chunk_fits_the_budget() -> None:
     d = preset("paper")
-    worst = max(study.bytes_per_member(a) for a in d.architectures)
+    worst = max(bytes_per_member(a) for a in d.architectures)
     assert auto_chunk(d, 10 * worst) == 10
     assert auto_chunk(d, 1) == 1
     assert auto_chunk(d, 1 << 40) == 60

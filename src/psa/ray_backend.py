@@ -23,15 +23,15 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from .design import StudyDesign
+from .plan import PopulationPlan
 from .study import (
     LoopDone,
     PopulationFailed,
+    PopulationState,
     Started,
     Study,
-    StudyDesign,
     StudyError,
-    PopulationPlan,
-    _PopState,
     design_data,
     population_events,
     population_to,
@@ -65,7 +65,7 @@ def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_
         yield ev
 
 
-def ray_events(study: Study, todo: list[_PopState]) -> Iterator[Any]:
+def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
     """Submit every unfinished population (largest work first) and yield their events as they come."""
     ray = import_ray()
     opt = study.opt
@@ -93,15 +93,15 @@ def ray_events(study: Study, todo: list[_PopState]) -> Iterator[Any]:
         task_opts = {"num_cpus": cpus}
         threads = cpus
     remote = ray.remote(max_retries=0)(_population_task)
-    pending: dict[Any, _PopState] = {}
+    pending: dict[Any, PopulationState] = {}
     latest: dict[str, tuple[Any, float]] = {}
 
-    def submit(st: _PopState) -> None:
+    def submit(st: PopulationState) -> None:
         start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
         gen = remote.options(**task_opts).remote(study.design, st.plan, start, prior, opt.data_dir, threads)
         pending[gen] = st
 
-    def lost(st: _PopState, err: BaseException) -> Iterator[Any]:
+    def lost(st: PopulationState, err: BaseException) -> Iterator[Any]:
         st.attempts += 1
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if st.attempts > opt.max_retries:

@@ -1,7 +1,7 @@
 """Studies: many architectures x modes x trials, planned into populations, resumable, in SQLite.
 
-A design (StudyDesign) says what to run; a plan (Plan) partitions its trials into populations;
-the runner (run_study) trains them and writes every meta-loop to the results database.
+A design (design.StudyDesign) says what to run; a plan (plan.Plan) partitions its trials into
+populations; this module runs them (run_study) and writes every meta-loop to the results database.
 
 Invariants that make a killed study resume to exactly the rows of an uninterrupted one:
 - Trial k of every mode has seed `seed + k - 1` (paired design).
@@ -23,476 +23,45 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
-import re
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
-from .arch import ArchError, parse_arch, study_architectures
+from . import __version__, store
+from .arch import parse_arch
 from .checkpoint import CheckpointError, load_population, save_population
-from .data import N_TRAIN, N_VAL, Dataset
-from .engine import Engine, TrainConfig
-from .population import MODES, ConfigError, Member, Population, make_member
-from . import store
+from .data import N_VAL, Dataset
+from .design import DesignError, StudyDesign
+from .engine import Engine
+from .plan import (
+    DEFAULT_CALIBRATION,
+    PopulationPlan,
+    Plan,
+    arch_flops,
+    auto_chunk,
+    calibrate,
+    describe_device,
+    device_budget,
+    fmt_seconds,
+    make_plan,
+)
+from .population import Population
 from .store import StoreError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on 3.10
-    import tomli as tomllib
 
 DEFAULT_DB = Path("results") / "psa.sqlite"
 
 
-class DesignError(ConfigError):
-    """A study design (flags or TOML file) that cannot run."""
-
-
 class StudyError(RuntimeError):
     """A study that cannot start or continue: locked, disk full, different design, failures."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The design
-
-
-@dataclass(frozen=True)
-class StudyDesign:
-    """What a study runs. Validated on construction; architectures are stored in short form."""
-
-    architectures: tuple[str, ...]
-    modes: tuple[str, ...] = MODES
-    trials: int = 10
-    meta_loops: int = 100
-    seed: int = 0  # trial k of every mode trains with seed + k - 1
-    lr: float = 1e-4
-    batch_size: int = 256
-    weight_decay: float = 1e-4  # the rate of `decay` mode; every other mode uses exactly 0
-    dropout: float = 0.1  # the rate of `dropout` mode; every other mode uses none
-    dataset: str = "mnist"
-    # Train on only the first N of the 50,000 training images: for tests and quick checks of
-    # the machinery only; results are not comparable with the paper's (trials record it).
-    train_subset: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.architectures:
-            raise DesignError("a study needs at least one architecture")
-        shorts = []
-        for a in self.architectures:
-            try:
-                shorts.append(parse_arch(a).short)
-            except ArchError as e:
-                raise DesignError(f"unknown architecture {a!r}: {e}") from None
-        dup = sorted({s for s in shorts if shorts.count(s) > 1})
-        if dup:
-            raise DesignError(f"architecture {dup[0]} is listed more than once")
-        object.__setattr__(self, "architectures", tuple(shorts))
-        if not self.modes:
-            raise DesignError("a study needs at least one mode")
-        for m in self.modes:
-            if m not in MODES:
-                raise DesignError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-        if len(set(self.modes)) != len(self.modes):
-            raise DesignError("a mode is listed more than once")
-        # canonical order, so that "hidden,none" and "none,hidden" are one design
-        object.__setattr__(self, "modes", tuple(m for m in MODES if m in self.modes))
-        for name in ("trials", "meta_loops", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise DesignError(f"{name} must be a positive integer, got {v!r}")
-        if self.train_subset is not None and (not isinstance(self.train_subset, int) or isinstance(
-                self.train_subset, bool) or not 1 <= self.train_subset <= N_TRAIN):
-            raise DesignError(f"train_subset must be an integer in 1..{N_TRAIN}, got {self.train_subset!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise DesignError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("lr", "weight_decay", "dropout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise DesignError(f"{name} must be a number, got {v!r}")
-            object.__setattr__(self, name, float(v))
-        if self.dataset != "mnist":
-            raise DesignError(f"unknown dataset {self.dataset!r} (available: mnist)")
-        try:
-            self.train_config()
-            for m in self.modes:
-                make_member(m, 0, decay_rate=self.weight_decay, dropout_rate=self.dropout)
-        except ConfigError as e:
-            raise DesignError(str(e)) from None
-        if "hidden" in self.modes:
-            flat = [a for a in self.architectures if parse_arch(a).depth == 0]
-            if flat:
-                raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
-
-    def seed_of(self, trial: int) -> int:
-        """The seed of trial k (1-based), shared by every mode: the paired design."""
-        return self.seed + trial - 1
-
-    def train_config(self) -> TrainConfig:
-        """The engine's hyperparameters."""
-        return TrainConfig(lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay, dropout=self.dropout)
-
-    def member(self, mode: str, trial: int) -> Member:
-        """The Member that trial k of `mode` is."""
-        return make_member(mode, self.seed_of(trial), decay_rate=self.weight_decay, dropout_rate=self.dropout)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The design as JSON-able data (the studies row's `design`, with the plan added)."""
-        d = dataclasses.asdict(self)
-        d["architectures"] = list(self.architectures)
-        d["modes"] = list(self.modes)
-        if self.train_subset is None:
-            del d["train_subset"]  # so that designs from before the field keep their digest
-        return d
-
-    @property
-    def n_train(self) -> int:
-        """Training images per epoch."""
-        return self.train_subset or N_TRAIN
-
-    @property
-    def dataset_label(self) -> str:
-        """What the trials table records as the data set: "mnist", or "mnist[train:2048]"."""
-        return self.dataset if self.train_subset is None else f"{self.dataset}[train:{self.train_subset}]"
-
-    def digest(self) -> str:
-        """SHA-256 of the canonical design: two commands with equal digests are one study."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
-
-    @property
-    def n_trials(self) -> int:
-        """Trials in the whole study."""
-        return len(self.architectures) * len(self.modes) * self.trials
-
-
-DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)}
-
-
-def preset(name: str) -> StudyDesign:
-    """`paper`: the authors' 98 x 6 x 10 x 100. `smoke`: a tiny design that runs in about a
-    minute on a laptop CPU (real MNIST, a few meta-loops): a check that everything works."""
-    if name == "paper":
-        return StudyDesign(architectures=tuple(a.short for a in study_architectures()))
-    if name == "smoke":
-        return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, meta_loops=4)
-    raise DesignError(f"unknown preset {name!r}; choose from paper, smoke")
-
-
-PRESETS = ("paper", "smoke")
-
-
-def read_arch_file(path: str | os.PathLike) -> tuple[str, ...]:
-    """Architectures from a text file: one per line; blank lines and `#` comments ignored."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise DesignError(f"cannot read architecture file {p}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        try:
-            out.append(parse_arch(line).short)
-        except ArchError as e:
-            raise DesignError(f"{p}:{n}: {e}") from None
-    if not out:
-        raise DesignError(f"architecture file {p} lists no architecture")
-    return tuple(out)
-
-
-def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
-    """An architecture list as given: "paper" for the 98, else the listed architectures."""
-    if isinstance(value, str):
-        if value.strip().lower() == "paper":
-            return tuple(a.short for a in study_architectures())
-        value = [value]
-    out = []
-    for a in value:
-        if not isinstance(a, str):
-            raise DesignError(f"architectures must be strings like \"1*128\", got {a!r}")
-        if a.strip().lower() == "paper":
-            out.extend(x.short for x in study_architectures())
-        else:
-            try:
-                out.append(parse_arch(a).short)
-            except ArchError as e:
-                raise DesignError(f"unknown architecture {a!r}: {e}") from None
-    return tuple(out)
-
-
-TOML_KEYS = {"name", "preset", "architectures", "architectures_file", "modes", "trials", "meta_loops", "seed",
-             "dataset", "train_subset", "training"}
-TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout"}
-
-
-def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, dict[str, Any]]:
-    """Parse a TOML design: (name or None, preset or None, design fields).
-
-    Example:
-        name = "widths"
-        architectures = ["1*64", "1*128", "[2*128, 4*64]"]   # or "paper", or architectures_file
-        modes = ["none", "hidden"]                            # default: all six
-        trials = 10
-        meta_loops = 100
-        seed = 0
-        [training]
-        lr = 1e-4
-    """
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise DesignError(f"cannot read design file {p}: {e.strerror}") from None
-    try:
-        doc = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise DesignError(f"design file {p} does not parse as TOML: {e}") from None
-    unknown = sorted(set(doc) - TOML_KEYS)
-    if unknown:
-        raise DesignError(f"design file {p}: unknown key {unknown[0]!r} (known: {', '.join(sorted(TOML_KEYS))})")
-    fields: dict[str, Any] = {}
-    name = doc.get("name")
-    if name is not None and not isinstance(name, str):
-        raise DesignError(f"design file {p}: name must be a string")
-    pre = doc.get("preset")
-    if pre is not None and pre not in PRESETS:
-        raise DesignError(f"design file {p}: unknown preset {pre!r}; choose from {', '.join(PRESETS)}")
-    if "architectures" in doc and "architectures_file" in doc:
-        raise DesignError(f"design file {p}: give architectures or architectures_file, not both")
-    try:
-        if "architectures" in doc:
-            fields["architectures"] = arch_list(doc["architectures"])
-        if "architectures_file" in doc:
-            f = Path(doc["architectures_file"])
-            fields["architectures"] = read_arch_file(f if f.is_absolute() else p.parent / f)
-        if "modes" in doc:
-            modes = doc["modes"]
-            if isinstance(modes, str):
-                modes = [m.strip() for m in modes.split(",") if m.strip()]
-            if not isinstance(modes, list):
-                raise DesignError("modes must be a list of mode names")
-            fields["modes"] = tuple(modes)
-    except DesignError as e:
-        raise DesignError(f"design file {p}: {e}") from None
-    for key in ("trials", "meta_loops", "seed", "dataset", "train_subset"):
-        if key in doc:
-            fields[key] = doc[key]
-    training = doc.get("training", {})
-    if not isinstance(training, dict):
-        raise DesignError(f"design file {p}: [training] must be a table")
-    unknown = sorted(set(training) - TOML_TRAINING_KEYS)
-    if unknown:
-        raise DesignError(f"design file {p}: unknown key training.{unknown[0]} "
-                          f"(known: {', '.join(sorted(TOML_TRAINING_KEYS))})")
-    fields.update(training)
-    return name, pre, fields
-
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def check_name(name: str) -> str:
-    """Study names become directory names: letters, digits, '.', '_', '-' (64 at most)."""
-    if not _NAME.match(name):
-        raise DesignError(f"bad study name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-    return name
-
-
-def resolve_design(
-    preset_name: str | None = None,
-    design_file: str | None = None,
-    name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> tuple[str, StudyDesign]:
-    """The (name, design) a command line asks for: preset or file, then flags on top.
-
-    The default name is the preset's or the file's `name` (or file stem) when flags change
-    nothing, else that base plus 8 hex digits of the design digest, so re-running the same
-    command finds the same study and a different design never lands in an existing one.
-    """
-    if preset_name is not None and design_file is not None:
-        raise DesignError("give a design file or --preset, not both")
-    base_fields: dict[str, Any] = {}
-    base_name = "study"
-    file_name = None
-    if preset_name is not None:
-        base_fields = dataclasses.asdict(preset(preset_name))
-        base_name = preset_name
-    if design_file is not None:
-        file_name, file_preset, fields = read_design_file(design_file)
-        if file_preset:
-            base_fields = dataclasses.asdict(preset(file_preset))
-        base_fields.update(fields)
-        base_name = file_name or Path(design_file).stem
-    over = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = set(over) - DESIGN_FIELDS
-    if unknown:  # a programming error, not a user's
-        raise ValueError(f"unknown design fields {sorted(unknown)}")
-    fields = {**base_fields, **over}
-    if "architectures" not in fields:
-        raise DesignError("no architectures: pass --arch (repeatable), --arch-file, a design file or --preset")
-    design = StudyDesign(**fields)
-    if name is None:
-        unchanged = not over or all(base_fields.get(k) == (tuple(v) if isinstance(v, list) else v)
-                                    for k, v in over.items())
-        if (preset_name or design_file) and unchanged:
-            name = file_name or base_name
-        else:
-            name = f"{base_name}-{design.digest()[:8]}"
-    return check_name(name), design
-
-
-# ---------------------------------------------------------------------------------------------
-# Cost model, chunking and the plan
-
-N_STEPS_PER_LOOP = -(-N_TRAIN // 256)
-
-
-def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
-    """FLOPs of one trial: per loop forward+backward (3x forward) over the training set and a
-    forward over the validation set, plus the final test forward (10,000 images)."""
-    f = parse_arch(arch).flops_per_sample()
-    return meta_loops * (3 * f * n_train + f * n_val) + f * 10_000
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Seconds per loop of a population ~ seconds_per_flop * FLOPs + seconds_per_layer_step *
-    (Linear layers x training steps): compute plus per-kernel overhead, fitted on this device."""
-
-    seconds_per_flop: float
-    seconds_per_layer_step: float
-    device: str
-    method: str
-
-    def loop_seconds(self, arch: str, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
-        """Estimated wall seconds of one meta-loop of a population of `members` of `arch`."""
-        a = parse_arch(arch)
-        steps = -(-n_train // batch_size)
-        flops = members * a.flops_per_sample() * (3 * n_train + N_VAL)
-        return self.seconds_per_flop * flops + self.seconds_per_layer_step * a.n_linear * steps
-
-
-# Uncalibrated weights for progress bars and ETAs: roughly a mid-range GPU (they only need
-# the right ratios between populations).
-DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
-
-
-def bytes_per_member(arch: str, batch_size: int = 256) -> int:
-    """Device memory one member needs: LKG, candidate, gradient and AdamW's two moments
-    (5 float32 copies of the parameters, plus one for slack) and a batch's activations (every
-    layer's ReLU output is kept for the backward pass, plus a few transient layer-sized buffers)."""
-    a = parse_arch(arch)
-    kept = batch_size * sum(a.widths[1:]) * 4 * 2
-    transient = batch_size * max(a.widths[1:]) * 4 * 4
-    return a.params * 4 * 6 + kept + transient + a.widths[0] * batch_size * 4
-
-
-def device_budget(device: torch.device) -> int:
-    """Bytes a study may plan to use on `device`: a fixed fraction of the device's total memory
-    (not its free memory, so that the same device always yields the same plan)."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return int(total * 0.6)
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return int(min(total * 0.25, 16 << 30))
-
-
-def auto_chunk(design: StudyDesign, budget: int) -> int:
-    """Members per population that fit `budget` for the design's largest architecture, capped at
-    a whole architecture (all modes x all trials): the default chunk size."""
-    worst = max(bytes_per_member(a, design.batch_size) for a in design.architectures)
-    fit = max(1, budget // worst)
-    cap = len(design.modes) * design.trials
-    return int(min(cap, fit))
-
-
-@dataclass(frozen=True)
-class PopulationPlan:
-    """One population: consecutive trials of one architecture, in every mode of the design."""
-
-    arch: str
-    first: int  # first trial index (1-based)
-    last: int  # last trial index, inclusive
-    modes: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        """A stable name, used for the checkpoint file: e.g. 1x2048-t01-10."""
-        slug = re.sub(r"[^0-9A-Za-z]+", "_", self.arch.replace("*", "x")).strip("_") or "none"
-        return f"{slug}-t{self.first:02d}-{self.last:02d}"
-
-    @property
-    def trials(self) -> range:
-        """The trial indices of this population."""
-        return range(self.first, self.last + 1)
-
-    @property
-    def size(self) -> int:
-        """Number of members."""
-        return len(self.trials) * len(self.modes)
-
-    def members(self, design: StudyDesign) -> list[Member]:
-        """The members, in the order Population.create keeps them (by seed, then mode)."""
-        return [design.member(m, k) for k in self.trials for m in self.modes]
-
-    def label(self) -> str:
-        """For people: "1*2048 trials 1-10"."""
-        t = f"trial {self.first}" if self.first == self.last else f"trials {self.first}-{self.last}"
-        return f"{self.arch} {t}"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A design's populations, largest estimated work first."""
-
-    design: StudyDesign
-    chunk: int  # most members per population
-    populations: tuple[PopulationPlan, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """What the studies row records about the plan."""
-        return {"chunk": self.chunk, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
-
-
-def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
-    """Partition each architecture's trials into populations of at most `chunk` members (whole
-    trials: every mode of a trial shares a population, so it shares one data order and one
-    first-layer matmul), as evenly as possible; order them largest work first.
-
-    A pure function of (design, chunk): a resume rebuilds exactly the same populations.
-    """
-    if chunk < 1:
-        raise DesignError(f"chunk must be at least 1 member, got {chunk}")
-    per = max(1, chunk // len(design.modes))
-    pops = []
-    for arch in design.architectures:
-        n = -(-design.trials // per)
-        base, extra = divmod(design.trials, n)
-        first = 1
-        for i in range(n):
-            size = base + (1 if i < extra else 0)
-            pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
-            first += size
-    work = {p: calibration.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) for p in pops}
-    order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
-    return Plan(design, chunk, tuple(pops[i] for i in order))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,15 +289,6 @@ def code_version() -> str:
     return __version__
 
 
-def describe_device(device: torch.device) -> str:
-    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return str(device)
-
-
 def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
     """The trials table rows of a design, in design order (architecture, mode, trial)."""
     cfg = design.train_config()
@@ -754,9 +314,9 @@ def stored_design(row: Any) -> dict[str, Any]:
 
 def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
     new = design.to_dict()
-    for k, v in new.items():
-        if stored.get(k) != v:
-            old = stored.get(k)
+    for k in [*new, *(k for k in stored if k not in new and k not in ("plan", "seeds"))]:
+        v, old = new.get(k), stored.get(k)
+        if old != v:
             if isinstance(v, list) and isinstance(old, list) and len(v) > 6:
                 return f"{k}: {len(old)} entries there, {len(v)} here" if len(old) != len(v) else f"{k} differ"
             return f"{k}: {old!r} there, {v!r} here"
@@ -764,7 +324,9 @@ def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
 
 
 @dataclass
-class _PopState:
+class PopulationState:
+    """What the driver knows about one population of the plan while the study runs."""
+
     plan: PopulationPlan
     trial_ids: dict[tuple[str, int], int]  # (mode, seed) -> trial id
     done: bool
@@ -792,7 +354,7 @@ class Study:
         self.study_id = 0
         self.run_id = 0
         self.plan: Plan | None = None
-        self.pops: dict[str, _PopState] = {}
+        self.pops: dict[str, PopulationState] = {}
 
     # ------------------------------------------------------------------ setup
     def open(self, device_desc: str, device: torch.device) -> None:
@@ -838,12 +400,12 @@ class Study:
             rows = [by_key[(pp.arch, m, k)] for k in pp.trials for m in pp.modes]
             ids = {(r["mode"], int(r["seed"])): int(r["id"]) for r in rows}
             done = all(r["status"] == "done" for r in rows)
-            self.pops[pp.key] = _PopState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
+            self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
 
     def _ckpt_path(self, pp: PopulationPlan) -> Path:
         return self.ckpt_dir / f"{pp.key}.safetensors"
 
-    def _load_checkpoints(self) -> list[str]:
+    def load_checkpoints(self) -> list[str]:
         """Attach every usable checkpoint to its population; clean up the rest. Returns notes."""
         notes = []
         for tmp in self.ckpt_dir.glob(".*.tmp"):  # an atomic write killed half-way
@@ -1044,7 +606,7 @@ def design_data(design: StudyDesign, data_dir: str | None, device: torch.device)
     return data
 
 
-def local_events(study: Study, todo: list[_PopState], device: torch.device) -> Iterator[Any]:
+def local_events(study: Study, todo: list[PopulationState], device: torch.device) -> Iterator[Any]:
     """Populations one after another on this process's device, largest work first."""
     data = design_data(study.design, study.opt.data_dir, device)
     for st in todo:
@@ -1095,7 +657,7 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
     outcome = "error"
     try:
         study.open(device_desc, device)
-        notes = study._load_checkpoints()
+        notes = study.load_checkpoints()
         todo = [st for st in study.pops.values() if not st.done]
         done_trials = sum(st.plan.size for st in study.pops.values() if st.done)
         progress = StudyProgress(study, opt.quiet)
@@ -1169,62 +731,6 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
 # --dry-run: the plan, its FLOPs, and a time estimate for this device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: int = 4) -> Calibration:
-    """Fit seconds/FLOP and seconds per (layer x step) on `device` from two short probes.
-
-    Probe A (compute-bound): a population of 1*512 nets (60 members on a GPU, 6 on a CPU);
-    probe B (overhead-bound): 6 members of 16*8. Each trains a warm-up epoch and then two timed
-    epochs (the faster counts) of `steps` batches of real MNIST with the design's
-    hyperparameters; the two timings solve t = a * FLOPs + b * layers * steps.
-    """
-    bs = design.batch_size
-    sub = dataclasses.replace(data, train_x=data.train_x[: steps * bs], train_y=data.train_y[: steps * bs])
-    n_img = sub.train_x.shape[0]
-    n_steps = -(-n_img // bs)
-    probes = [("1*512", 60 if device.type == "cuda" else 6), ("16*8", 6)]
-    meas = []
-    for arch, m in probes:
-        a = parse_arch(arch)
-        members = [make_member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
-        pop = Population.create(a, members, device, n_val=data.val_y.numel())
-        engine = Engine(pop, sub, design.train_config())
-        engine.train_epoch(1)
-        times = []
-        for loop in (2, 3):
-            _sync(device)
-            t = time.perf_counter()
-            engine.train_epoch(loop)
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        meas.append((3.0 * m * a.flops_per_sample() * n_img, a.n_linear * n_steps, min(times)))
-    (fa, la, ta), (fb, lb, tb) = meas
-    det = fa * lb - fb * la
-    sec_flop = (ta * lb - tb * la) / det
-    sec_layer = (fa * tb - fb * ta) / det
-    if sec_flop <= 0 or sec_layer <= 0:  # noisy timings: fall back to one-parameter fits
-        sec_layer = max(tb - fb * (ta / fa), tb * 0.5) / lb
-        sec_flop = max(ta - sec_layer * la, ta * 0.5) / fa
-    method = (f"{steps} timed training steps each of 1*512 x {probes[0][1]} and 16*8 x 6 populations on this "
-              f"device; loop time = {sec_flop * 1e12:.3g} s/TFLOP x FLOPs + {sec_layer * 1e6:.3g} us x layers x "
-              f"steps (rough: ignores denormal slow-downs and memory effects)")
-    return Calibration(sec_flop, sec_layer, describe_device(device), method)
-
-
-def _fmt_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"
-
-
 def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: bool = True) -> dict[str, Any]:
     """Print the plan (populations, FLOPs, time estimate) without writing anything; returns it."""
     from rich.table import Table
@@ -1244,7 +750,11 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
                 if existing["design_hash"] != design.digest():
                     raise StudyError(f"study {name!r} in {db} was created with a different design "
                                      f"({_design_difference(stored_design(existing), design)}); pass --name")
-                chunk = chunk or int(stored_design(existing).get("plan", {}).get("chunk", 0)) or None
+                stored_chunk = int(stored_design(existing).get("plan", {}).get("chunk", 0)) or None
+                if chunk is not None and stored_chunk is not None and chunk != stored_chunk:
+                    raise StudyError(f"study {name!r} was planned with --chunk {stored_chunk}; resume it with the "
+                                     f"same chunk (or omit --chunk)")
+                chunk = chunk or stored_chunk
                 for t in store.study_trials(con, int(existing["id"])):
                     status_by_key[(t["arch"], t["mode"], int(t["trial"]))] = t["status"]
         finally:
@@ -1273,7 +783,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
         sizes = sorted({p.size for p in pops})
         table.add_row(arch, f"{parse_arch(arch).params:,}", str(n_trials),
                       f"{len(pops)} x {'/'.join(map(str, sizes))}", f"{f_trial / 1e12:.3g}",
-                      f"{f_trial * n_trials / 1e15:.3g}", _fmt_seconds(t_arch), str(todo))
+                      f"{f_trial * n_trials / 1e15:.3g}", fmt_seconds(t_arch), str(todo))
         rows.append({"arch": arch, "params": parse_arch(arch).params, "trials": n_trials, "populations": len(pops),
                      "flops_per_trial": f_trial, "flops": f_trial * n_trials, "seconds": t_arch, "todo": todo})
         total_flops += f_trial * n_trials
@@ -1288,8 +798,8 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
         soft_wrap=True)
     out_console.print(f"work: {total_flops / 1e15:.3g} PFLOP (forward+backward = 3 x forward over {design.n_train:,} "
                       f"images + forward over {N_VAL:,} per meta-loop, + the test set once)", soft_wrap=True)
-    out_console.print(f"estimate on {cal.device}: {_fmt_seconds(total_time)} for the whole study on one device"
-                      + (f", {_fmt_seconds(todo_time)} for the {n_todo} trials still to do" if existing else ""),
+    out_console.print(f"estimate on {cal.device}: {fmt_seconds(total_time)} for the whole study on one device"
+                      + (f", {fmt_seconds(todo_time)} for the {n_todo} trials still to do" if existing else ""),
                       soft_wrap=True)
     out_console.print(f"calibration: {cal.method}", soft_wrap=True)
     if existing is not None:

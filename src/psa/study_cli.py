@@ -12,21 +12,15 @@ from typing import Any
 from . import store
 from .population import MODES
 from .store import StoreError
+from .design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
+from .plan import DEFAULT_CALIBRATION, make_plan
 from .study import (
-    DEFAULT_CALIBRATION,
     DEFAULT_DB,
-    PRESETS,
-    DesignError,
     RunOptions,
-    StudyDesign,
-    arch_list,
     checkpoint_root,
     dry_run,
     lock_held,
     lock_owner,
-    make_plan,
-    read_arch_file,
-    resolve_design,
     run_study,
     stored_design,
 )

@@ -1,0 +1,316 @@
+"""Study designs: what a study runs (architectures x modes x trials x meta-loops, seeds and
+hyperparameters), from presets, TOML files and flags, validated before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .arch import ArchError, parse_arch, study_architectures
+from .data import N_TRAIN
+from .engine import TrainConfig
+from .population import MODES, ConfigError, Member, make_member
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+
+class DesignError(ConfigError):
+    """A study design (flags or TOML file) that cannot run."""
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """What a study runs. Validated on construction; architectures are stored in short form."""
+
+    architectures: tuple[str, ...]
+    modes: tuple[str, ...] = MODES
+    trials: int = 10
+    meta_loops: int = 100
+    seed: int = 0  # trial k of every mode trains with seed + k - 1
+    lr: float = 1e-4
+    batch_size: int = 256
+    weight_decay: float = 1e-4  # the rate of `decay` mode; every other mode uses exactly 0
+    dropout: float = 0.1  # the rate of `dropout` mode; every other mode uses none
+    dataset: str = "mnist"
+    # Train on only the first N of the 50,000 training images: for tests and quick checks of
+    # the machinery only; results are not comparable with the paper's (trials record it).
+    train_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.architectures:
+            raise DesignError("a study needs at least one architecture")
+        shorts = []
+        for a in self.architectures:
+            try:
+                shorts.append(parse_arch(a).short)
+            except ArchError as e:
+                raise DesignError(f"unknown architecture {a!r}: {e}") from None
+        dup = sorted({s for s in shorts if shorts.count(s) > 1})
+        if dup:
+            raise DesignError(f"architecture {dup[0]} is listed more than once")
+        object.__setattr__(self, "architectures", tuple(shorts))
+        if not self.modes:
+            raise DesignError("a study needs at least one mode")
+        for m in self.modes:
+            if m not in MODES:
+                raise DesignError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise DesignError("a mode is listed more than once")
+        # canonical order, so that "hidden,none" and "none,hidden" are one design
+        object.__setattr__(self, "modes", tuple(m for m in MODES if m in self.modes))
+        for name in ("trials", "meta_loops", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DesignError(f"{name} must be a positive integer, got {v!r}")
+        if self.train_subset is not None and (not isinstance(self.train_subset, int) or isinstance(
+                self.train_subset, bool) or not 1 <= self.train_subset <= N_TRAIN):
+            raise DesignError(f"train_subset must be an integer in 1..{N_TRAIN}, got {self.train_subset!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise DesignError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("lr", "weight_decay", "dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise DesignError(f"{name} must be a number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if self.dataset != "mnist":
+            raise DesignError(f"unknown dataset {self.dataset!r} (available: mnist)")
+        try:
+            self.train_config()
+            for m in self.modes:
+                make_member(m, 0, decay_rate=self.weight_decay, dropout_rate=self.dropout)
+        except ConfigError as e:
+            raise DesignError(str(e)) from None
+        if "hidden" in self.modes:
+            flat = [a for a in self.architectures if parse_arch(a).depth == 0]
+            if flat:
+                raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
+
+    def seed_of(self, trial: int) -> int:
+        """The seed of trial k (1-based), shared by every mode: the paired design."""
+        return self.seed + trial - 1
+
+    def train_config(self) -> TrainConfig:
+        """The engine's hyperparameters."""
+        return TrainConfig(lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay, dropout=self.dropout)
+
+    def member(self, mode: str, trial: int) -> Member:
+        """The Member that trial k of `mode` is."""
+        return make_member(mode, self.seed_of(trial), decay_rate=self.weight_decay, dropout_rate=self.dropout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The design as JSON-able data (the studies row's `design`, with the plan added)."""
+        d = dataclasses.asdict(self)
+        d["architectures"] = list(self.architectures)
+        d["modes"] = list(self.modes)
+        if self.train_subset is None:
+            del d["train_subset"]  # so that designs from before the field keep their digest
+        return d
+
+    @property
+    def n_train(self) -> int:
+        """Training images per epoch."""
+        return self.train_subset or N_TRAIN
+
+    @property
+    def dataset_label(self) -> str:
+        """What the trials table records as the data set: "mnist", or "mnist[train:2048]"."""
+        return self.dataset if self.train_subset is None else f"{self.dataset}[train:{self.train_subset}]"
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical design: two commands with equal digests are one study."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def n_trials(self) -> int:
+        """Trials in the whole study."""
+        return len(self.architectures) * len(self.modes) * self.trials
+
+
+DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)}
+
+
+def preset(name: str) -> StudyDesign:
+    """`paper`: the authors' 98 x 6 x 10 x 100. `smoke`: a tiny design that runs in about a
+    minute on a laptop CPU (real MNIST, a few meta-loops): a check that everything works."""
+    if name == "paper":
+        return StudyDesign(architectures=tuple(a.short for a in study_architectures()))
+    if name == "smoke":
+        return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, meta_loops=10)
+    raise DesignError(f"unknown preset {name!r}; choose from paper, smoke")
+
+
+PRESETS = ("paper", "smoke")
+
+
+def read_arch_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """Architectures from a text file: one per line; blank lines and `#` comments ignored."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise DesignError(f"cannot read architecture file {p}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            out.append(parse_arch(line).short)
+        except ArchError as e:
+            raise DesignError(f"{p}:{n}: {e}") from None
+    if not out:
+        raise DesignError(f"architecture file {p} lists no architecture")
+    return tuple(out)
+
+
+def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    """An architecture list as given: "paper" for the 98, else the listed architectures."""
+    if isinstance(value, str):
+        if value.strip().lower() == "paper":
+            return tuple(a.short for a in study_architectures())
+        value = [value]
+    out = []
+    for a in value:
+        if not isinstance(a, str):
+            raise DesignError(f"architectures must be strings like \"1*128\", got {a!r}")
+        if a.strip().lower() == "paper":
+            out.extend(x.short for x in study_architectures())
+        else:
+            try:
+                out.append(parse_arch(a).short)
+            except ArchError as e:
+                raise DesignError(f"unknown architecture {a!r}: {e}") from None
+    return tuple(out)
+
+
+TOML_KEYS = {"name", "preset", "architectures", "architectures_file", "modes", "trials", "meta_loops", "seed",
+             "dataset", "train_subset", "training"}
+TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout"}
+
+
+def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Parse a TOML design: (name or None, preset or None, design fields).
+
+    Example:
+        name = "widths"
+        architectures = ["1*64", "1*128", "[2*128, 4*64]"]   # or "paper", or architectures_file
+        modes = ["none", "hidden"]                            # default: all six
+        trials = 10
+        meta_loops = 100
+        seed = 0
+        [training]
+        lr = 1e-4
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DesignError(f"cannot read design file {p}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DesignError(f"design file {p} does not parse as TOML: {e}") from None
+    unknown = sorted(set(doc) - TOML_KEYS)
+    if unknown:
+        raise DesignError(f"design file {p}: unknown key {unknown[0]!r} (known: {', '.join(sorted(TOML_KEYS))})")
+    fields: dict[str, Any] = {}
+    name = doc.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DesignError(f"design file {p}: name must be a string")
+    pre = doc.get("preset")
+    if pre is not None and pre not in PRESETS:
+        raise DesignError(f"design file {p}: unknown preset {pre!r}; choose from {', '.join(PRESETS)}")
+    if "architectures" in doc and "architectures_file" in doc:
+        raise DesignError(f"design file {p}: give architectures or architectures_file, not both")
+    try:
+        if "architectures" in doc:
+            fields["architectures"] = arch_list(doc["architectures"])
+        if "architectures_file" in doc:
+            f = Path(doc["architectures_file"])
+            fields["architectures"] = read_arch_file(f if f.is_absolute() else p.parent / f)
+        if "modes" in doc:
+            modes = doc["modes"]
+            if isinstance(modes, str):
+                modes = [m.strip() for m in modes.split(",") if m.strip()]
+            if not isinstance(modes, list):
+                raise DesignError("modes must be a list of mode names")
+            fields["modes"] = tuple(modes)
+    except DesignError as e:
+        raise DesignError(f"design file {p}: {e}") from None
+    for key in ("trials", "meta_loops", "seed", "dataset", "train_subset"):
+        if key in doc:
+            fields[key] = doc[key]
+    training = doc.get("training", {})
+    if not isinstance(training, dict):
+        raise DesignError(f"design file {p}: [training] must be a table")
+    unknown = sorted(set(training) - TOML_TRAINING_KEYS)
+    if unknown:
+        raise DesignError(f"design file {p}: unknown key training.{unknown[0]} "
+                          f"(known: {', '.join(sorted(TOML_TRAINING_KEYS))})")
+    fields.update(training)
+    return name, pre, fields
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Study names become directory names: letters, digits, '.', '_', '-' (64 at most)."""
+    if not _NAME.match(name):
+        raise DesignError(f"bad study name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+def resolve_design(
+    preset_name: str | None = None,
+    design_file: str | None = None,
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[str, StudyDesign]:
+    """The (name, design) a command line asks for: preset or file, then flags on top.
+
+    The default name is the preset's or the file's `name` (or file stem) when flags change
+    nothing, else that base plus 8 hex digits of the design digest, so re-running the same
+    command finds the same study and a different design never lands in an existing one.
+    """
+    if preset_name is not None and design_file is not None:
+        raise DesignError("give a design file or --preset, not both")
+    base_fields: dict[str, Any] = {}
+    base_name = "study"
+    file_name = None
+    if preset_name is not None:
+        base_fields = dataclasses.asdict(preset(preset_name))
+        base_name = preset_name
+    if design_file is not None:
+        file_name, file_preset, fields = read_design_file(design_file)
+        if file_preset:
+            base_fields = dataclasses.asdict(preset(file_preset))
+        base_fields.update(fields)
+        base_name = file_name or Path(design_file).stem
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(over) - DESIGN_FIELDS
+    if unknown:  # a programming error, not a user's
+        raise ValueError(f"unknown design fields {sorted(unknown)}")
+    fields = {**base_fields, **over}
+    if "architectures" not in fields:
+        raise DesignError("no architectures: pass --arch (repeatable), --arch-file, a design file or --preset")
+    design = StudyDesign(**fields)
+    if name is None:
+        unchanged = not over or all(base_fields.get(k) == (tuple(v) if isinstance(v, list) else v)
+                                    for k, v in over.items())
+        if (preset_name or design_file) and unchanged:
+            name = file_name or base_name
+        else:
+            name = f"{base_name}-{design.digest()[:8]}"
+    return check_name(name), design

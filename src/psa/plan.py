@@ -1,0 +1,227 @@
+"""Plans: a design's trials partitioned into populations that fit the device, largest work
+first; the cost model behind the order, the progress bars and `psa study --dry-run`'s estimate."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .arch import parse_arch
+from .data import N_TRAIN, N_VAL, Dataset
+from .design import DesignError, StudyDesign
+from .engine import Engine
+from .population import MODES, Member, Population, make_member
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model, chunking and the plan
+
+
+def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
+    """FLOPs of one trial: per loop forward+backward (3x forward) over the training set and a
+    forward over the validation set, plus the final test forward (10,000 images)."""
+    f = parse_arch(arch).flops_per_sample()
+    return meta_loops * (3 * f * n_train + f * n_val) + f * 10_000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per loop of a population ~ seconds_per_flop * FLOPs + seconds_per_layer_step *
+    (Linear layers x training steps): compute plus per-kernel overhead, fitted on this device."""
+
+    seconds_per_flop: float
+    seconds_per_layer_step: float
+    device: str
+    method: str
+
+    def loop_seconds(self, arch: str, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
+        """Estimated wall seconds of one meta-loop of a population of `members` of `arch`."""
+        a = parse_arch(arch)
+        steps = -(-n_train // batch_size)
+        flops = members * a.flops_per_sample() * (3 * n_train + N_VAL)
+        return self.seconds_per_flop * flops + self.seconds_per_layer_step * a.n_linear * steps
+
+
+# Uncalibrated weights for progress bars and ETAs: roughly a mid-range GPU (they only need
+# the right ratios between populations).
+DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
+
+
+def bytes_per_member(arch: str, batch_size: int = 256) -> int:
+    """Device memory one member needs: LKG, candidate, gradient and AdamW's two moments
+    (5 float32 copies of the parameters, plus one for slack) and a batch's activations (every
+    layer's ReLU output is kept for the backward pass, plus a few transient layer-sized buffers)."""
+    a = parse_arch(arch)
+    kept = batch_size * sum(a.widths[1:]) * 4 * 2
+    transient = batch_size * max(a.widths[1:]) * 4 * 4
+    return a.params * 4 * 6 + kept + transient + a.widths[0] * batch_size * 4
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes a study may plan to use on `device`: a fixed fraction of the device's total memory
+    (not its free memory, so that the same device always yields the same plan)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(total * 0.6)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return int(min(total * 0.25, 16 << 30))
+
+
+def auto_chunk(design: StudyDesign, budget: int) -> int:
+    """Members per population that fit `budget` for the design's largest architecture, capped at
+    a whole architecture (all modes x all trials): the default chunk size."""
+    worst = max(bytes_per_member(a, design.batch_size) for a in design.architectures)
+    fit = max(1, budget // worst)
+    cap = len(design.modes) * design.trials
+    return int(min(cap, fit))
+
+
+@dataclass(frozen=True)
+class PopulationPlan:
+    """One population: consecutive trials of one architecture, in every mode of the design."""
+
+    arch: str
+    first: int  # first trial index (1-based)
+    last: int  # last trial index, inclusive
+    modes: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """A stable name, used for the checkpoint file: e.g. 1x2048-t01-10."""
+        slug = re.sub(r"[^0-9A-Za-z]+", "_", self.arch.replace("*", "x")).strip("_") or "none"
+        return f"{slug}-t{self.first:02d}-{self.last:02d}"
+
+    @property
+    def trials(self) -> range:
+        """The trial indices of this population."""
+        return range(self.first, self.last + 1)
+
+    @property
+    def size(self) -> int:
+        """Number of members."""
+        return len(self.trials) * len(self.modes)
+
+    def members(self, design: StudyDesign) -> list[Member]:
+        """The members, in the order Population.create keeps them (by seed, then mode)."""
+        return [design.member(m, k) for k in self.trials for m in self.modes]
+
+    def label(self) -> str:
+        """For people: "1*2048 trials 1-10"."""
+        t = f"trial {self.first}" if self.first == self.last else f"trials {self.first}-{self.last}"
+        return f"{self.arch} {t}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A design's populations, largest estimated work first."""
+
+    design: StudyDesign
+    chunk: int  # most members per population
+    populations: tuple[PopulationPlan, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the studies row records about the plan."""
+        return {"chunk": self.chunk, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
+
+
+def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
+    """Partition each architecture's trials into populations of at most `chunk` members (whole
+    trials: every mode of a trial shares a population, so it shares one data order and one
+    first-layer matmul), as evenly as possible; order them largest work first.
+
+    A pure function of (design, chunk): a resume rebuilds exactly the same populations.
+    """
+    if chunk < 1:
+        raise DesignError(f"chunk must be at least 1 member, got {chunk}")
+    per = max(1, chunk // len(design.modes))
+    pops = []
+    for arch in design.architectures:
+        n = -(-design.trials // per)
+        base, extra = divmod(design.trials, n)
+        first = 1
+        for i in range(n):
+            size = base + (1 if i < extra else 0)
+            pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
+            first += size
+    work = {p: calibration.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) for p in pops}
+    order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
+    return Plan(design, chunk, tuple(pops[i] for i in order))
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration on the device
+
+
+def describe_device(device: torch.device) -> str:
+    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: int = 4) -> Calibration:
+    """Fit seconds/FLOP and seconds per (layer x step) on `device` from two short probes.
+
+    Probe A (compute-bound): a population of 1*512 nets (60 members on a GPU, 6 on a CPU);
+    probe B (overhead-bound): 6 members of 16*8. Each trains a warm-up epoch and then two timed
+    epochs (the faster counts) of `steps` batches of real MNIST with the design's
+    hyperparameters; the two timings solve t = a * FLOPs + b * layers * steps.
+    """
+    bs = design.batch_size
+    sub = dataclasses.replace(data, train_x=data.train_x[: steps * bs], train_y=data.train_y[: steps * bs])
+    n_img = sub.train_x.shape[0]
+    n_steps = -(-n_img // bs)
+    probes = [("1*512", 60 if device.type == "cuda" else 6), ("16*8", 6)]
+    meas = []
+    for arch, m in probes:
+        a = parse_arch(arch)
+        members = [make_member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
+        pop = Population.create(a, members, device, n_val=data.val_y.numel())
+        engine = Engine(pop, sub, design.train_config())
+        engine.train_epoch(1)
+        times = []
+        for loop in (2, 3):
+            _sync(device)
+            t = time.perf_counter()
+            engine.train_epoch(loop)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        meas.append((3.0 * m * a.flops_per_sample() * n_img, a.n_linear * n_steps, min(times)))
+    (fa, la, ta), (fb, lb, tb) = meas
+    det = fa * lb - fb * la
+    sec_flop = (ta * lb - tb * la) / det
+    sec_layer = (fa * tb - fb * ta) / det
+    if sec_flop <= 0 or sec_layer <= 0:  # noisy timings: fall back to one-parameter fits
+        sec_layer = max(tb - fb * (ta / fa), tb * 0.5) / lb
+        sec_flop = max(ta - sec_layer * la, ta * 0.5) / fa
+    method = (f"{steps} timed training steps each of 1*512 x {probes[0][1]} and 16*8 x 6 populations on this "
+              f"device; loop time = {sec_flop * 1e12:.3g} s/TFLOP x FLOPs + {sec_layer * 1e6:.3g} us x layers x "
+              f"steps (rough: ignores denormal slow-downs and memory effects)")
+    return Calibration(sec_flop, sec_layer, describe_device(device), method)
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
