@@ -1,0 +1,99 @@
+"""The oracle: one SimpleMLP trained the plain PyTorch way (nn.Module, autograd, torch AdamW).
+
+It draws the same randomness as the engine (initial weights from the seed, the data order,
+the ablated neuron and the dropout noise, all functions of (seed, loop)) and nothing else of
+the product: the engine's batched hand-written training must reproduce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from psa.ablation import choose_neuron
+from psa.arch import Arch
+from psa.data import Dataset
+from psa.engine import TrainConfig, dropout_keys, dropout_uniform
+from psa.model import SimpleMLP
+from psa.population import derive_seed
+
+
+@dataclass
+class OracleResult:
+    lkg: dict[str, torch.Tensor]
+    lkg_correct: int
+    accs: list[int] = field(default_factory=list)  # candidate correct counts per loop
+    promoted: list[bool] = field(default_factory=list)
+
+
+def forward(model: SimpleMLP, x: torch.Tensor, drop: float, seed: int, loop: int, step: int, batch_size: int) -> torch.Tensor:
+    """SimpleMLP's forward with the engine's dropout noise (F.dropout semantics, hashed mask)."""
+    lins = model.linears()
+    h = x
+    for layer, lin in enumerate(lins[:-1]):
+        h = torch.relu(lin(h))
+        if drop > 0:
+            lo, hi = dropout_keys(seed, loop, layer)
+            b, w = h.shape
+            counter = torch.arange(b * w, dtype=torch.int64).view(b, w) + step * batch_size * w
+            u = dropout_uniform(torch.tensor(lo), torch.tensor(hi), counter)
+            scale = torch.tensor(1.0) / torch.tensor(1.0 - drop, dtype=torch.float32)
+            h = h * ((u >= drop).float() * scale)
+    return lins[-1](h)
+
+
+def run(
+    arch: Arch,
+    ds: Dataset,
+    seed: int,
+    mode: str,
+    loops: int,
+    cfg: TrainConfig,
+    persistent_optimizer: bool = False,
+    adamw_weight_decay: float | None = None,
+) -> OracleResult:
+    """`loops` meta-loops of one trial, the way a plain PyTorch harness writes them."""
+    torch.manual_seed(seed)
+    model = SimpleMLP(arch)
+    wd = cfg.weight_decay if mode == "decay" else 0.0
+    if adamw_weight_decay is not None:
+        wd = adamw_weight_decay
+    drop = cfg.dropout if mode == "dropout" else 0.0
+    lkg = {k: v.clone() for k, v in model.state_dict().items()}
+    best = -1
+    out = OracleResult(lkg, best)
+    opt = None
+    n = ds.train_x.shape[0]
+    for loop in range(1, loops + 1):
+        model.load_state_dict(lkg)
+        a = choose_neuron(arch, mode, seed, loop)
+        if a is not None:
+            layer, neuron = a
+            lins = model.linears()
+            with torch.no_grad():
+                lins[layer].weight[neuron].zero_()
+                lins[layer].bias[neuron].zero_()
+                if mode == "hidden":
+                    lins[layer + 1].weight[:, neuron].zero_()
+        if opt is None or not persistent_optimizer:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "order", loop)))
+        model.train()
+        for step, s in enumerate(range(0, n, cfg.batch_size)):
+            idx = perm[s : s + cfg.batch_size]
+            loss = F.cross_entropy(forward(model, ds.train_x[idx], drop, seed, loop, step, cfg.batch_size), ds.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            correct = int((model(ds.val_x).argmax(1) == ds.val_y).sum())
+        out.accs.append(correct)
+        out.promoted.append(correct > best)
+        if correct > best:
+            best = correct
+            lkg = {k: v.clone() for k, v in model.state_dict().items()}
+    out.lkg, out.lkg_correct = lkg, best
+    return out
