@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from psa.ablation import choose_neuron
 from psa.arch import Arch
 from psa.data import Dataset
-from psa.engine import TrainConfig, dropout_keys, dropout_uniform
+from psa.engine import TrainConfig, dropout_generators
 from psa.model import SimpleMLP
 from psa.population import derive_seed
 
@@ -28,19 +28,22 @@ class OracleResult:
     promoted: list[bool] = field(default_factory=list)
 
 
-def forward(model: SimpleMLP, x: torch.Tensor, drop: float, seed: int, loop: int, step: int, batch_size: int) -> torch.Tensor:
-    """SimpleMLP's forward with the engine's dropout noise (F.dropout semantics, hashed mask)."""
+def forward(model: SimpleMLP, x: torch.Tensor, drop: float, gen: torch.Generator | None) -> torch.Tensor:
+    """SimpleMLP's forward with dropout as F.dropout applies it, the mask drawn from `gen`:
+    one uniform per hidden unit of the whole net per step, layers taking consecutive slices."""
     lins = model.linears()
-    h = x
-    for layer, lin in enumerate(lins[:-1]):
+    noise = None
+    if drop > 0:
+        units = sum(lin.out_features for lin in lins[:-1])
+        u = torch.rand((x.shape[0], units), generator=gen)
+        scale = torch.tensor(1.0) / torch.tensor(1.0 - drop, dtype=torch.float32)
+        noise = (u >= drop).float() * scale
+    h, off = x, 0
+    for lin in lins[:-1]:
         h = torch.relu(lin(h))
-        if drop > 0:
-            lo, hi = dropout_keys(seed, loop, layer)
-            b, w = h.shape
-            counter = torch.arange(b * w, dtype=torch.int64).view(b, w) + step * batch_size * w
-            u = dropout_uniform(torch.tensor(lo), torch.tensor(hi), counter)
-            scale = torch.tensor(1.0) / torch.tensor(1.0 - drop, dtype=torch.float32)
-            h = h * ((u >= drop).float() * scale)
+        if noise is not None:
+            h = h * noise[:, off : off + lin.out_features]
+            off += lin.out_features
     return lins[-1](h)
 
 
@@ -80,10 +83,11 @@ def run(
         if opt is None or not persistent_optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "order", loop)))
+        gen = dropout_generators([seed], loop, torch.device("cpu"))[0]
         model.train()
-        for step, s in enumerate(range(0, n, cfg.batch_size)):
+        for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
-            loss = F.cross_entropy(forward(model, ds.train_x[idx], drop, seed, loop, step, cfg.batch_size), ds.train_y[idx])
+            loss = F.cross_entropy(forward(model, ds.train_x[idx], drop, gen), ds.train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -15,9 +15,11 @@ from psa.population import MODES, Population, make_member
 from . import oracle
 
 ARCH = parse_arch("[2*24, 1*16]")
-# Larger lr, decay and dropout than Table VI so that each mode's mechanism visibly moves the
+# Table VI's learning rate; larger decay and dropout so that each mechanism visibly moves the
 # weights within a few hundred steps (with lr = wd = 1e-4, AdamW's decay rounds away in fp32).
-CFG = TrainConfig(lr=1e-3, weight_decay=0.05, dropout=0.3, batch_size=32)
+# At lr = 1e-3 the fused AdamW's last-bit rounding (vs the oracle's reference AdamW) grows to
+# ~1e-5 through chaotic ablated runs; at the paper's 1e-4 it stays near 1e-7.
+CFG = TrainConfig(lr=1e-4, weight_decay=0.05, dropout=0.3, batch_size=32)
 LOOPS = 4  # 4 x 64 steps
 
 
@@ -55,6 +57,16 @@ def test_member_reproduces_oracle(paired_run, small, mode):
         assert [r.promoted[j] for r in results] == ref.promoted
         ours = [round(r.candidate_acc[j] * small.val_y.numel() / 100) for r in results]
         assert all(abs(a - b) <= 1 for a, b in zip(ours, ref.accs)), (ours, ref.accs)
+
+
+def test_wide_first_layer_gathers_per_member_and_still_matches(small):
+    arch = parse_arch("[1*400]")  # 2 * 400 > 784: no shared first-layer matmul
+    pop = population(arch, small, [(m, s) for s in (1, 2) for m in ("hidden", "dropout")])
+    eng, _ = run_loops(pop, small, 2)
+    assert pop.groups() == (2, 2) and eng.groups == (4, 1)
+    for j, mem in enumerate(pop.members):
+        ref = oracle.run(arch, small, mem.seed, mem.mode, 2, CFG)
+        assert max_diff(pop.member_state_dict(j), ref.lkg) < 1e-5
 
 
 def test_no_ablation_in_loop_1_and_every_later_loop_ablates(paired_run):
@@ -138,12 +150,15 @@ def test_dropout_only_in_dropout_mode_and_only_while_training(paired_run, small)
             assert int((model(small.val_x).argmax(1) == small.val_y).sum()) == correct[j]
     # training noise keeps about 1 - p of the units
     plan = eng._dropout_plan(7)
-    h = torch.ones(pop.size, 256, 64)
-    eng._apply_dropout(h, 0, 3, plan)
+    h = torch.ones(pop.size, 256, 24)
+    from psa.engine import dropout_noise
+
+    noise = dropout_noise(plan["gens"], 256, plan["offsets"][-1], plan["p"], plan["scale"])
+    eng._apply_dropout(h, 1, noise, plan)
     rows = plan["rows"].tolist()
     kept = (h[rows] > 0).float().mean().item()
     assert abs(kept - 0.7) < 0.01
-    assert torch.equal(h[[j for j in range(pop.size) if j not in rows]], torch.ones(pop.size - len(rows), 256, 64))
+    assert torch.equal(h[[j for j in range(pop.size) if j not in rows]], torch.ones(pop.size - len(rows), 256, 24))
     assert h[rows].max().item() == pytest.approx(1 / 0.7)
 
 

@@ -172,11 +172,6 @@ class Population:
             return len(counts), k
         return len(seeds), 1
 
-    def group_seeds(self) -> list[int]:
-        """The seed of every group, in member order."""
-        g, k = self.groups()
-        return [self.members[j * k].seed for j in range(g)]
-
     def lkg_score(self) -> list[float]:
         """LKG validation accuracy (%) of every member; -1 before its first promotion."""
         return [c if c < 0 else 100.0 * c / self.n_val for c in self.lkg_correct.tolist()]
