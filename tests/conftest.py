@@ -7,6 +7,7 @@ peak at a known loop, so the tests need neither the study runner nor any trainin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -111,10 +112,21 @@ def published_report(tmp_path_factory):
     from psa.cli import main
 
     out = tmp_path_factory.mktemp("pub") / "report"
-    import contextlib
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["report", "--reference", "published", "--out", str(out)])
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def published_compare(tmp_path_factory):
+    """`psa compare --published --reference seed` run once for the session: (out dir, stdout)."""
+    from psa.cli import main
+
+    out = tmp_path_factory.mktemp("cmp") / "compare"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["compare", "--published", "--reference", "seed", "--out", str(out)])
     assert rc == 0
     return out, buf.getvalue()
