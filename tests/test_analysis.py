@@ -372,3 +372,20 @@ def test_compare_against_seed_uses_summary_welch():
     want = sps.ttest_ind_from_stats(c.mean_ours, c.std_ours * math.sqrt(10 / 9), 10, 98.19, s0, 10,
                                     equal_var=False).pvalue
     assert c.p == pytest.approx(want)
+
+
+def test_collapsed_architectures_are_not_called_beneficial():
+    # both modes stuck on constant predictors: output ablation at the majority class (11.02),
+    # the control on another class (9.72); the test sees a real difference, but nothing learns
+    ts = _trials("C", {"none": [9.72] * 10, "full": [9.72] * 10, "output": [11.02] * 10})
+    ts += _trials("D", {"none": [9.72] * 10, "output": [11.02] * 9 + [30.0]})
+    comps = an.paired_comparisons(ts, ["C", "D"], an.StatsConfig(n_boot=200, zero_r=11.02))
+    got = {(c.arch, c.ablative, c.baseline): c for c in comps}
+    c = got[("C", "output", "none")]
+    assert c.verdict == "ablation better" and c.collapsed  # significant, and flagged
+    assert not got[("D", "output", "none")].collapsed  # one trial escapes ZeroR by more than 0.5
+    eff = an.ablation_effects(comps)
+    assert eff["C"]["effect"] == "collapsed" and eff["D"]["effect"] == "beneficial"
+    # without a ZeroR nothing is marked collapsed
+    plain = an.paired_comparisons(ts, ["C"], an.StatsConfig(n_boot=200))
+    assert an.ablation_effects(plain)["C"]["effect"] == "beneficial"

@@ -149,6 +149,14 @@ def test_paired_tests_table(published_report):
     assert r["verdict"] == "ablation worse" and float(r["p"]) == pytest.approx(2 / 1024)
     md = (out / "tables" / "paired_tests.md").read_text()
     assert "pairs by trial index only" in md  # the published trials were not seeded in pairs
+    # the tests and the threshold rules tell one story: ablation significantly helps only in
+    # chaotic architectures, harms only stable ones, and the failures never learn at all
+    eff = read_csv(out / "tables" / "ablation_effects.csv")
+    by = defaultdict(set)
+    for e in eff:
+        by[e["effect"]].add(e["regime_published"])
+    assert by["beneficial"] == {"III"} and by["harmful"] <= {"I", "II"} and by["collapsed"] == {"IV"}
+    assert sum(e["effect"] == "collapsed" for e in eff) == 45
 
 
 # ---- figure data (not pixels) -----------------------------------------------------------

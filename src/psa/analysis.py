@@ -654,6 +654,8 @@ class StatsConfig:
     seed: int = 0  # of the bootstrap and of the Monte Carlo sign flips (n > 16 pairs only)
     max_exact: int = 16  # enumerate all 2^n sign flips up to this many pairs
     n_flips: int = 65_536  # Monte Carlo sign flips beyond it
+    zero_r: float | None = None  # with it, comparisons where no trial learns are marked collapsed
+    escape_margin: float = 0.5
 
 
 def sign_flip_test(d: Sequence[float], max_exact: int = 16, n_flips: int = 65_536, seed: int = 0) -> float:
@@ -767,6 +769,7 @@ class Comparison:
     r_rb: float
     p_min: float  # smallest p these pairs could give
     verdict: str
+    collapsed: bool = False  # no trial of either mode beats ZeroR + margin: constant predictors only
 
 
 VERDICTS = ("ablation better", "ablation worse", "no detectable difference", "cannot decide")
@@ -793,12 +796,15 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
                 if not keys:
                     continue
                 d = np.array([pa[k] - pb[k] for k in keys])
+                collapsed = cfg.zero_r is not None and max(max(pa.values()), max(pb.values())) <= (
+                    cfg.zero_r + cfg.escape_margin)
                 p = sign_flip_test(d, cfg.max_exact, cfg.n_flips, cfg.seed)
                 lo, hi = bootstrap_ci(d, cfg.n_boot, cfg.seed)
                 rows.append(dict(arch=arch, ablative=a, baseline=b, n=len(keys),
                                  n_nonzero=int(np.count_nonzero(np.abs(d) > ACC_EPS)),
                                  mean_diff=float(d.mean()), ci_low=lo, ci_high=hi, p=p,
-                                 d_z=cohens_dz(d), r_rb=rank_biserial(d), p_min=min_sign_flip_p(d)))
+                                 d_z=cohens_dz(d), r_rb=rank_biserial(d), p_min=min_sign_flip_p(d),
+                                 collapsed=bool(collapsed)))
         adj = holm([r["p"] for r in rows])
         for r, ph in zip(rows, adj):
             if r["p_min"] > cfg.alpha or r["n"] < 2:
@@ -811,14 +817,19 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
     return out
 
 
-ABLATION_EFFECTS = ("beneficial", "harmful", "mixed", "no detectable effect", "undecidable")
+ABLATION_EFFECTS = ("beneficial", "harmful", "mixed", "no detectable effect", "undecidable", "collapsed")
 
 
 def ablation_effects(comparisons: Iterable[Comparison]) -> dict[str, dict]:
     """Per architecture, the effect of ablation from the significant comparisons: beneficial
     (some ablative mode significantly better than a baseline, none worse), harmful, mixed (both),
     no detectable effect (none significant though some were decidable), or undecidable (10
-    trials cannot decide any of its comparisons)."""
+    trials cannot decide any of its comparisons).
+
+    'collapsed' overrides them all when no trial of any compared mode beats ZeroR by the escape
+    margin: the tests then compare constant predictors (output ablation, for one, tends to keep
+    the majority class at 11.02 while collapsed baselines sit on other classes at 9.72-10.12),
+    a real difference that says nothing about learning."""
     by_arch: dict[str, list[Comparison]] = defaultdict(list)
     for c in comparisons:
         by_arch[c.arch].append(c)
@@ -827,7 +838,9 @@ def ablation_effects(comparisons: Iterable[Comparison]) -> dict[str, dict]:
         better = sum(c.verdict == "ablation better" for c in cs)
         worse = sum(c.verdict == "ablation worse" for c in cs)
         undecidable = sum(c.verdict == "cannot decide" for c in cs)
-        if better and worse:
+        if all(c.collapsed for c in cs):
+            effect = "collapsed"
+        elif better and worse:
             effect = "mixed"
         elif better:
             effect = "beneficial"

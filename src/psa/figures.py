@@ -63,6 +63,7 @@ EFFECT_COLORS = {
     "mixed": "#fdae61",
     "no detectable effect": "#bdbdbd",
     "undecidable": "#ffffff",
+    "collapsed": "#111111",
 }
 FORMATS = ("png", "pdf")
 DPI = 150
@@ -355,6 +356,7 @@ def ablation_significance(archs: Sequence[str], effects: Mapping[str, Mapping], 
         "mixed": "both, depending on the modes",
         "no detectable effect": "no detectable difference",
         "undecidable": "10 trials cannot decide",
+        "collapsed": "no trial learns (constant predictors)",
     }
     colors = {k: EFFECT_COLORS[k] for k in ABLATION_EFFECTS}
     files, data = _categorical_map(archs, cat, colors, labels,
@@ -362,7 +364,8 @@ def ablation_significance(archs: Sequence[str], effects: Mapping[str, Mapping], 
                                    "ablation_significance")
     return Figure("ablation_significance", "Ablation effects (significance)",
                   f"Per architecture, the 9 ablative-vs-baseline paired sign-flip tests, Holm-corrected at "
-                  f"alpha = {alpha:g}.", files, data)
+                  f"alpha = {alpha:g}. Black: no trial of any mode beats ZeroR by the escape margin, so the "
+                  f"tests would only compare constant predictors.", files, data)
 
 
 def parameter_matching(archs: Sequence[str], out_dir: Path) -> Figure:

@@ -220,13 +220,14 @@ def resolve_zero_r(data: StudyData, override: float | None) -> tuple[float, str]
 
 
 def analyse(data: StudyData, zero_r: float, zero_r_source: str, alpha: float = 0.05, n_boot: int = 10_000,
-            seed: int = 0) -> Analysis:
+            seed: int = 0, escape_margin: float = 0.5) -> Analysis:
     """Summaries, both rule sets' regimes, the paired tests and the ablation effects."""
     archs = data.archs
     summ = an.summaries(data.trials)
     cfg = an.ClassifierConfig(zero_r=zero_r)
     regimes = {r: an.classify_all(summ, archs, cfg, r, data.design.trials or None) for r in ("published", "paper")}
-    comps = an.paired_comparisons(data.trials, archs, an.StatsConfig(alpha=alpha, n_boot=n_boot, seed=seed))
+    comps = an.paired_comparisons(data.trials, archs, an.StatsConfig(alpha=alpha, n_boot=n_boot, seed=seed,
+                                                                     zero_r=zero_r, escape_margin=escape_margin))
     effects = an.ablation_effects(comps)
     return Analysis(data, zero_r, zero_r_source, archs, summ, regimes, comps, effects, an.missing_report(data))
 
@@ -347,7 +348,7 @@ def table_tests(A: Analysis, alpha: float) -> Table:
         rows.append([c.arch, c.ablative, c.baseline, str(c.n), f"{c.mean_diff:+.2f}",
                      f"[{c.ci_low:+.2f}, {c.ci_high:+.2f}]", fp(c.p), fp(c.p_holm),
                      "-" if math.isnan(c.d_z) else f"{c.d_z:+.2f}", "-" if math.isnan(c.r_rb) else f"{c.r_rb:+.2f}",
-                     c.verdict])
+                     c.verdict + (" (collapsed)" if c.collapsed else "")])
         raw.append(asdict(c))
     pairing = ("trial k of both modes shares its seed" if A.data.paired
                else "pairs by trial index only (these trials were not seeded in pairs)")
@@ -358,7 +359,9 @@ def table_tests(A: Analysis, alpha: float) -> Table:
              "could be significant (smallest possible p = 2/2^k for k differing pairs).",
              "Effect sizes: Cohen's d_z (mean / sd of the differences; '-' when they do not vary) and the "
              "matched-pairs rank-biserial r. CI: 95% percentile bootstrap of the mean difference (pairs resampled).",
-             "Difference = ablative minus baseline, in accuracy points."]
+             "Difference = ablative minus baseline, in accuracy points.",
+             "(collapsed): no trial of either mode beats ZeroR by the escape margin; the test then compares "
+             "constant predictors (e.g. output ablation keeping the majority class at ZeroR), not learning."]
     return Table("paired_tests", "Ablative vs baseline modes: paired tests",
                  ["Architecture", "Ablative", "Baseline", "Pairs", "Mean diff.", "95% CI", "p", "p (Holm)", "d_z",
                   "r_rb", "Verdict"], rows, notes, raw, html_collapsed=True)
@@ -624,8 +627,14 @@ def undecided_statement(A: Analysis) -> list[str]:
     """Where 10 trials cannot decide, in plain words."""
     n_trials = A.data.design.trials or "the"
     und = [a for a, e in A.effects.items() if e["effect"] == "undecidable"]
+    col = [a for a, e in A.effects.items() if e["effect"] == "collapsed"]
     verdicts = Counter(c.verdict for c in A.comparisons)
     lines = []
+    if col:
+        lines.append(f"{len(col)} architectures never learn in any mode (no trial beats ZeroR by the escape margin): "
+                     "their tests compare constant predictors and the ablation-effect map draws them black. "
+                     f"{sum(A.effects[a]['better'] + A.effects[a]['worse'] > 0 for a in col)} of them still show "
+                     "'significant' differences, e.g. output ablation holding the majority class at ZeroR.")
     if und:
         lines.append(f"{len(und)} architectures: {n_trials} trials cannot decide any of their ablative-vs-baseline "
                      f"comparisons (fewer than 6 pairs differ at all, mostly cells stuck at ZeroR): {an._list(und, 20)}.")
@@ -682,7 +691,7 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
         return ReportResult(out.target, summary, lines)
 
     zero_r, zsrc = resolve_zero_r(data, cfg.zero_r)
-    A = analyse(data, zero_r, zsrc, cfg.alpha, cfg.n_boot, cfg.seed)
+    A = analyse(data, zero_r, zsrc, cfg.alpha, cfg.n_boot, cfg.seed, cfg.escape_margin)
     archs = A.archs
     design_archs = an.order_archs(set(data.design.archs) | set(archs), data.design.archs)
 
