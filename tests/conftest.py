@@ -75,6 +75,7 @@ def make_db(path: Path, archs: Iterable[str], modes: Iterable[str] = MODES, tria
     sid = con.execute("SELECT id FROM studies WHERE name=?", (study,)).fetchone()[0]
     skip, running = set(skip), set(running)
     written = {"trials": [], "bounty_loops": {}}
+    con.execute("BEGIN")  # one transaction: the store's connection is in autocommit mode
     for a in archs:
         for m in modes:
             for k in range(1, trials + 1):
@@ -102,6 +103,7 @@ def make_db(path: Path, archs: Iterable[str], modes: Iterable[str] = MODES, tria
                 if status == "done":
                     written["trials"].append((a, m, k, peak))
                     written["bounty_loops"][(a, m, k)] = bl
+    con.execute("COMMIT")
     con.close()
     return written
 

@@ -417,3 +417,18 @@ def test_unusable_files_are_one_line_exit_2(tmp_path):
     assert rc == 2 and "is not a psa report" in err
     assert (other / "notes.txt").read_text() == "keep me" and len(list(other.iterdir())) == 1
     assert not list(tmp_path.glob(".mine.*"))
+
+
+def test_rules_paper_draws_the_printed_equations(full_db, tmp_path):
+    path, _ = full_db
+    out = tmp_path / "r"
+    rc, stdout, err = run(["report", "--db", str(path), "--out", str(out), "--rules", "paper", "--zero-r", "11.02",
+                           "--bootstrap", "200", "--convergence", "4*4"])
+    assert rc == 0, err
+    d = fig_data(out, "regime_map")
+    # of these five, only 4*4 is one the printed equations cannot classify
+    assert d["rules"] == "paper" and d["counts"] == {"I": 1, "II": 1, "III": 1, "IV": 1, "unclassified": 1}
+    cat = {p["arch"]: p["category"] for p in d["points"]}
+    assert cat["4*4"] == "unclassified"
+    header = (out / "tables" / "regimes.csv").read_text().splitlines()[0]
+    assert header.startswith("arch,depth,width,params,regime_paper,rule_paper,regime_published")

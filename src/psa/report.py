@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -25,15 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis as an
-from .analysis import (
-    ABLATIVE_MODES,
-    BASELINE_MODES,
-    MODES,
-    REGIME_NAMES,
-    REGIMES,
-    ReportError,
-    StudyData,
-)
+from .analysis import MODES, REGIMES, ReportError, StudyData
 
 MANIFEST = "manifest.json"
 DEFAULT_CONVERGENCE = ("1*2048", "18*18")
@@ -623,7 +616,7 @@ def regime_counts(regimes: Mapping[str, an.Regime]) -> dict[str, int]:
     return {k: c[k] for k in (*REGIMES, "unknown", "unclassified", "n/a") if c[k]}
 
 
-def undecided_statement(A: Analysis) -> list[str]:
+def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
     """Where 10 trials cannot decide, in plain words."""
     n_trials = A.data.design.trials or "the"
     und = [a for a, e in A.effects.items() if e["effect"] == "undecidable"]
@@ -646,9 +639,14 @@ def undecided_statement(A: Analysis) -> list[str]:
                      "compatible with no effect, which is not evidence of none; the bootstrap intervals in the "
                      "paired-tests table show how large an effect could hide.")
     study_wide = an.holm([c.p for c in A.comparisons])
-    n_sig = int(np.sum(study_wide < 0.05)) if len(study_wide) else 0
-    lines.append(f"Holm over all {len(A.comparisons)} comparisons of the study at once would keep {n_sig} of them "
-                 "(the per-architecture family is the report's default).")
+    n_sig = int(np.sum(study_wide < alpha)) if len(study_wide) else 0
+    line = (f"Holm over all {len(A.comparisons)} comparisons of the study at once would keep {n_sig} of them "
+            "(the report's family is the 9 comparisons of one architecture)")
+    n_max = max((c.n for c in A.comparisons), default=0)
+    if n_max and len(A.comparisons) * 2.0 / 2 ** n_max >= alpha:
+        line += (f": with {n_max} pairs the smallest possible p is 2/2^{n_max} = {2 / 2 ** n_max:.4f}, too large to "
+                 f"survive a family of {len(A.comparisons)} at alpha = {alpha:g}, whatever the data")
+    lines.append(line + ".")
     return lines
 
 
@@ -740,11 +738,13 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
         notes.append(f"no per-loop records for {', '.join(conv_missing)}: left out of the convergence plot")
     if not data.curves:
         notes.append("no per-loop records at all: convergence, LKG growth and late breakthroughs are empty")
-    und = undecided_statement(A)
+    und = undecided_statement(A, cfg.alpha)
 
     # The page
     rlabel = {"published": "published rules", "paper": "equations 6-8 as printed"}
-    fmt = lambda c: ", ".join(f"{n} {k}" for k, n in c.items())  # noqa: E731
+
+    def fmt(c: Mapping[str, int]) -> str:
+        return ", ".join(f"{n} {k}" for k, n in c.items())
     overview = [
         f"Source: {data.source}.",
         f"{len(data.trials):,} finished trials over {len(archs)} architectures and "
@@ -987,14 +987,14 @@ def _archs_arg(text: str) -> tuple[str, ...]:
     from .arch import ArchError, parse_arch
 
     out = []
-    for part in text.replace(";", " ").split():
-        for a in part.split(",") if "[" not in part else [part]:
-            if not a.strip():
-                continue
-            try:
-                out.append(parse_arch(a.strip()).short)
-            except ArchError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
+    # "1*2048,18*18" or "1*2048 18*18"; a bracketed "[2*128, 4*64]" stays one architecture
+    for a in re.findall(r"\[[^\]]*\]|[^,;\s\[\]]+", text):
+        try:
+            out.append(parse_arch(a).short)
+        except ArchError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"no architecture in {text!r}")
     return tuple(out)
 
 
