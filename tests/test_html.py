@@ -32,7 +32,10 @@ class Browser:
     """One headless Chromium with a DevTools WebSocket to its first page."""
 
     def __init__(self, profile: Path):
-        import websocket  # websocket-client
+        try:
+            import websocket  # websocket-client
+        except ImportError:
+            pytest.fail("websocket-client is missing: pip install -e '.[test]'")
 
         self.port = _free_port()
         self.log = open(profile.parent / "chromium.log", "wb")
