@@ -10,9 +10,12 @@ from collections.abc import Callable, Sequence
 from .arch import ArchError, matched_arch, parse_arch
 from .checkpoint import CheckpointError
 from .data import DataError
+from .analysis import ReportError
 from .population import MODES, ConfigError
+from .report import register as register_report
+from .store import StoreError
 
-USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError)
 
 
 class UsageError(Exception):
@@ -135,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
     p.set_defaults(func=cmd_train)
+
+    register_report(sub)  # psa report, psa compare
     return parser
 
 
