@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from report_helpers import MODES, make_db, published_peaks
+from .report_helpers import MODES, make_db, published_peaks
 from psa import store
 from psa.arch import parse_arch, study_architectures
 from psa.cli import main

@@ -22,6 +22,7 @@ from .population import ConfigError, Population, derive_seed
 
 StepCallback = Callable[[int, int], None]
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters shared by all members (Table VI); per-mode rates live on each Member."""
@@ -98,8 +99,8 @@ class Engine:
     """Runs meta-loops on a Population with a Dataset already on the population's device."""
 
     def __init__(self, population: Population, data: Dataset, config: TrainConfig) -> None:
-        if data.device != population.device:
-            raise ConfigError(f"data on {data.device} but population on {population.device}")
+        if data.train_x.device != population.lkg.device:
+            raise ConfigError(f"data on {data.train_x.device} but population on {population.lkg.device}")
         self.pop = population
         self.data = data
         self.cfg = config
