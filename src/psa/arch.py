@@ -97,6 +97,8 @@ def parse_arch(text: str, n_in: int = N_IN, n_out: int = N_OUT) -> Arch:
     if not isinstance(text, str):
         raise ArchError(f"architecture must be a string, got {type(text).__name__}")
     s = text.strip()
+    if not s:
+        raise ArchError("empty architecture; write [] for a net without hidden layers")
     opens, closes = s.startswith("["), s.endswith("]")
     if opens != closes or s.count("[") != int(opens) or s.count("]") != int(closes):
         raise ArchError(f"unbalanced brackets in architecture {text!r}")

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from .arch import ArchError, parse_arch
-from .population import ConfigError, Layout, Member, Population
+from .population import ConfigError, Layout, Member, Population, canonical_device
 
 FORMAT = "psa-checkpoint-1"
 
@@ -108,7 +108,7 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
         raise CheckpointError(f"{path}: incomplete population checkpoint ({e})") from None
     if lkg.shape != (layout.numel,) or correct.shape != (len(members),):
         raise CheckpointError(f"{path}: tensor sizes do not match architecture {arch}")
-    dev = torch.device(device)
+    dev = canonical_device(device)
     pop = Population(
         arch=arch,
         members=members,

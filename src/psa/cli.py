@@ -10,11 +10,14 @@ from collections.abc import Callable, Sequence
 from .arch import ArchError, matched_arch, parse_arch
 from .checkpoint import CheckpointError
 from .data import DataError
+from .analysis import ReportError
 from .population import MODES, ConfigError
+from .report import register as register_report
 from .store import StoreError
 from .study import StudyError
+from .study_cli import register as register_study
 
-USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, StoreError, StudyError)
+USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError, StudyError)
 
 
 class UsageError(Exception):
@@ -138,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
     p.set_defaults(func=cmd_train)
 
-    from .study_cli import register as register_study
-
-    register_study(sub)
+    register_study(sub)  # psa study, psa status, psa export
+    register_report(sub)  # psa report, psa compare
     return parser
 
 

@@ -36,6 +36,11 @@ def derive_seed(seed: int, *tags: object) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """The device tensors actually land on ("cuda" -> "cuda:0"), so devices compare equal."""
+    return torch.empty(0, device=device).device
+
+
 @dataclass(frozen=True)
 class Member:
     """One trial: its mode, seed and the regularisation rates it trains with."""
@@ -137,7 +142,7 @@ class Population:
             if mem.mode == "hidden" and arch.depth == 0:
                 raise ConfigError("mode 'hidden' needs at least one hidden layer")
         members = tuple(sorted(members, key=lambda mem: mem.seed))
-        dev = torch.device(device)
+        dev = canonical_device(device)
         layout = Layout.of(arch, len(members))
         lkg = torch.empty(layout.numel, dtype=torch.float32)
         views = layout.views(lkg)
@@ -171,11 +176,6 @@ class Population:
         if all(c == k for c in counts.values()):
             return len(counts), k
         return len(seeds), 1
-
-    def group_seeds(self) -> list[int]:
-        """The seed of every group, in member order."""
-        g, k = self.groups()
-        return [self.members[j * k].seed for j in range(g)]
 
     def lkg_score(self) -> list[float]:
         """LKG validation accuracy (%) of every member; -1 before its first promotion."""

@@ -80,11 +80,12 @@ def _prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"--out {path} exists and is not an empty directory")
-    parent = path.parent if path.parent != Path("") else Path(".")
-    probe = parent
+    probe = path
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir():
+        raise ConfigError(f"--out {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {path}: {probe} is not writable")
     return path
 
@@ -170,7 +171,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             pop.mode_history[0].append((mode, done + 1))
     else:
         run_dir = _prepare_out(cfg.out, arch.short, mode, seed)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / ".write-probe", b"")
+            (run_dir / ".write-probe").unlink()
+        except OSError as e:
+            raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror})") from None
     engine = Engine(pop, data, train_cfg)
 
     def summary(final: bool, test_acc: float | None, train_seconds: float) -> dict[str, Any]:

@@ -1,0 +1,260 @@
+"""One meta-loop of a 60-member population (6 modes x 10 seeds), three ways, on this CPU.
+
+- engine:     psa's population engine (one batched matmul per layer for all members);
+- one-by-one: the paper's harness, one model after another, DataLoader over a TensorDataset;
+- vmap:       the off-the-shelf ensemble, torch.func.stack_module_state + vmap(functional_call).
+
+Each (architecture, method) runs in its own process so that its peak memory (resident memory
+above the process's footprint once MNIST is loaded) is its own. Large nets are timed on a prefix of the
+epoch (`steps` batches) and the training part is scaled to the full 196 steps; validation over
+all 10,000 images is always timed in full. The one-by-one baseline times `sampled` of the 60
+models (every mode equally) and scales by 60 / sampled.
+
+    python bench/population_cpu.py                 # the issue's eight architectures
+    python bench/population_cpu.py --arch 1*8 4*4  # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ARCHS = ["1*8", "4*4", "8*8", "18*18", "64*1", "1*128", "2*354", "1*2048"]
+MODES = ("none", "decay", "dropout", "full", "hidden", "output")
+SEEDS = range(10)
+EPOCH_STEPS = 196
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak() -> float:
+    """Reset the kernel's high-water mark of resident memory; returns the current RSS (MB)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS")
+
+
+def peak_mb() -> float:
+    """Peak resident memory (MB) since the last reset_peak()."""
+    return _status_mb("VmHWM")
+
+
+def plan(arch) -> tuple[int, int]:
+    """(timed steps, sampled one-by-one models): whole epochs while that stays quick."""
+    if arch.params <= 30_000:
+        return EPOCH_STEPS, 12
+    if arch.params <= 200_000:
+        return 48, 6
+    return 12, 6
+
+
+def truncated(ds, steps: int):
+    from psa.data import Dataset
+
+    n = min(ds.train_x.shape[0], steps * 256)
+    return Dataset(ds.name, ds.train_x[:n], ds.train_y[:n], ds.val_x, ds.val_y, ds.test_x, ds.test_y, ds.source)
+
+
+def time_engine(arch, ds, steps):
+    from psa.engine import Engine, TrainConfig
+    from psa.population import Population, make_member
+
+    members = [make_member(m, s) for s in SEEDS for m in MODES]
+    pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
+    eng = Engine(pop, truncated(ds, 2), TrainConfig())
+    eng.meta_loop()  # warm-up (loop 1): allocations, kernels
+    eng.data = truncated(ds, steps)
+    t0 = time.perf_counter()
+    eng.meta_loop()  # loop 2: clone, ablate, train, validate, promote
+    t_loop = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eng.count_correct(eng.cand, ds.val_x, ds.val_y).tolist()
+    t_val = time.perf_counter() - t0
+    t_train = t_loop - t_val
+    return t_train, t_val
+
+
+def time_one_by_one(arch, ds, steps, sampled):
+    """The paper's harness: per trial, clone the LKG, ablate, DataLoader epoch, evaluate."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from psa.ablation import choose_neuron
+    from psa.model import SimpleMLP
+
+    sub = truncated(ds, steps)
+    train_loader = DataLoader(TensorDataset(sub.train_x, sub.train_y), batch_size=256, shuffle=True, num_workers=0)
+    val_loader = DataLoader(TensorDataset(ds.val_x, ds.val_y), batch_size=256, shuffle=False, num_workers=0)
+    picks = [(m, s) for s in SEEDS for m in MODES][:sampled]
+    t_train = t_val = 0.0
+    for i, (mode, seed) in enumerate([picks[0]] + picks):  # the first one is a warm-up
+        torch.manual_seed(seed)
+        lkg = SimpleMLP(arch, dropout=0.1 if mode == "dropout" else 0.0)
+        t0 = time.perf_counter()
+        model = copy.deepcopy(lkg)
+        a = choose_neuron(arch, mode, seed, 2)
+        if a is not None:
+            with torch.no_grad():
+                lin = model.linears()
+                lin[a[0]].weight[a[1]].zero_()
+                lin[a[0]].bias[a[1]].zero_()
+                if mode == "hidden":
+                    lin[a[0] + 1].weight[:, a[1]].zero_()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4 if mode == "decay" else 0.0)
+        model.train()
+        for x, y in train_loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        t1 = time.perf_counter()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                correct += int((model(x).argmax(1) == y).sum())
+        t2 = time.perf_counter()
+        if i > 0:
+            t_train += t1 - t0
+            t_val += t2 - t1
+    scale = len(MODES) * len(SEEDS) / sampled
+    return t_train * scale, t_val * scale
+
+
+def time_vmap(arch, ds, steps):
+    """torch.func ensemble: stacked parameters, vmap over functional_call, one AdamW.
+
+    vmap cannot give members different dropout rates or weight decays, so every member
+    trains as `none` here: a lower bound on this approach's cost for the mixed population.
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from psa.model import SimpleMLP
+
+    m = len(MODES) * len(SEEDS)
+    models = []
+    for s in SEEDS:
+        for _ in MODES:
+            torch.manual_seed(s)
+            models.append(SimpleMLP(arch))
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def loss_fn(p, b, x, y):
+        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
+
+    def logits_fn(p, b, x):
+        return functional_call(base, (p, b), (x,))
+
+    batched_loss = vmap(loss_fn, randomness="different")
+    batched_logits = vmap(logits_fn, in_dims=(0, 0, None))
+    n = min(ds.train_x.shape[0], steps * 256)
+    g = torch.Generator().manual_seed(0)
+    orders = torch.stack([torch.randperm(n, generator=g) for _ in range(m)])
+
+    def epoch(n_steps):
+        opt = torch.optim.AdamW(list(params.values()), lr=1e-4, weight_decay=0.0)
+        for s in range(n_steps):
+            idx = orders[:, s * 256 : (s + 1) * 256]
+            x = ds.train_x[idx]
+            y = ds.train_y[idx]
+            opt.zero_grad()
+            batched_loss(params, buffers, x, y).sum().backward()
+            opt.step()
+
+    epoch(2)  # warm-up
+    t0 = time.perf_counter()
+    epoch(-(-n // 256))
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        correct = torch.zeros(m, dtype=torch.int64)
+        for c in range(0, ds.val_x.shape[0], 1000):
+            correct += (batched_logits(params, buffers, ds.val_x[c : c + 1000]).argmax(2) == ds.val_y[c : c + 1000]).sum(1)
+    t_val = time.perf_counter() - t0
+    return t_train, t_val
+
+
+def measure(arch_text: str, method: str) -> dict:
+    from psa import data
+    from psa.arch import parse_arch
+
+    arch = parse_arch(arch_text)
+    ds = data.load()
+    steps, sampled = plan(arch)
+    base = reset_peak()
+    if method == "engine":
+        t_train, t_val = time_engine(arch, ds, steps)
+    elif method == "one-by-one":
+        t_train, t_val = time_one_by_one(arch, ds, steps, sampled)
+    else:
+        t_train, t_val = time_vmap(arch, ds, steps)
+    loop_s = t_train * EPOCH_STEPS / steps + t_val
+    return {"arch": arch_text, "params": arch.params, "method": method, "steps": steps,
+            "sampled": sampled if method == "one-by-one" else 60,
+            "train_s": t_train, "val_s": t_val, "meta_loop_s": loop_s, "peak_mb": peak_mb() - base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", default=ARCHS)
+    ap.add_argument("--methods", nargs="+", default=["engine", "one-by-one", "vmap"])
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--one", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(*args.one)))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = []
+    console = Console(width=160)
+    for a in args.arch:
+        for method in args.methods:
+            p = subprocess.run([sys.executable, __file__, "--one", a, method], capture_output=True, text=True)
+            if p.returncode != 0:
+                console.print(f"[red]{a} {method} failed[/]\n{p.stderr[-2000:]}")
+                continue
+            row = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            console.print(f"{a:>8} {method:<11} {row['meta_loop_s']:8.2f} s/meta-loop  peak {row['peak_mb']:7.0f} MB "
+                          f"({row['steps']} steps timed)")
+    t = Table(title=f"One meta-loop of 60 members on this CPU ({torch.get_num_threads()} threads, torch {torch.__version__})")
+    for col in ("arch", "params", "engine s", "one-by-one s", "vmap s", "x one-by-one", "x vmap",
+                "engine MB", "one-by-one MB", "vmap MB"):
+        t.add_column(col, justify="right")
+    by = {(r["arch"], r["method"]): r for r in rows}
+    for a in args.arch:
+        e, o, v = by.get((a, "engine")), by.get((a, "one-by-one")), by.get((a, "vmap"))
+        f = lambda r, k, fmt: format(r[k], fmt) if r else "-"
+        ratio = lambda r: f"{r['meta_loop_s'] / e['meta_loop_s']:.1f}" if (r and e) else "-"
+        t.add_row(a, f"{(e or o or v)['params']:,}" if (e or o or v) else "-",
+                  f(e, "meta_loop_s", ".2f"), f(o, "meta_loop_s", ".2f"), f(v, "meta_loop_s", ".2f"),
+                  ratio(o), ratio(v), f(e, "peak_mb", ".0f"), f(o, "peak_mb", ".0f"), f(v, "peak_mb", ".0f"))
+    console.print(t)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The oracle: one SimpleMLP trained the plain PyTorch way (nn.Module, autograd, torch AdamW).
+
+It draws the same randomness as the engine (initial weights from the seed, the data order,
+the ablated neuron and the dropout noise, all functions of (seed, loop)) and nothing else of
+the product: the engine's batched hand-written training must reproduce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from psa.ablation import choose_neuron
+from psa.arch import Arch
+from psa.data import Dataset
+from psa.engine import TrainConfig, dropout_generators
+from psa.model import SimpleMLP
+from psa.population import derive_seed
+
+
+@dataclass
+class OracleResult:
+    lkg: dict[str, torch.Tensor]
+    lkg_correct: int
+    accs: list[int] = field(default_factory=list)  # candidate correct counts per loop
+    promoted: list[bool] = field(default_factory=list)
+
+
+def forward(model: SimpleMLP, x: torch.Tensor, drop: float, gen: torch.Generator | None) -> torch.Tensor:
+    """SimpleMLP's forward with dropout as F.dropout applies it, the mask drawn from `gen`:
+    one uniform per hidden unit of the whole net per step, layers taking consecutive slices."""
+    lins = model.linears()
+    noise = None
+    if drop > 0:
+        units = sum(lin.out_features for lin in lins[:-1])
+        u = torch.rand((x.shape[0], units), generator=gen)
+        scale = torch.tensor(1.0) / torch.tensor(1.0 - drop, dtype=torch.float32)
+        noise = (u >= drop).float() * scale
+    h, off = x, 0
+    for lin in lins[:-1]:
+        h = torch.relu(lin(h))
+        if noise is not None:
+            h = h * noise[:, off : off + lin.out_features]
+            off += lin.out_features
+    return lins[-1](h)
+
+
+def run(
+    arch: Arch,
+    ds: Dataset,
+    seed: int,
+    mode: str,
+    loops: int,
+    cfg: TrainConfig,
+    persistent_optimizer: bool = False,
+    adamw_weight_decay: float | None = None,
+) -> OracleResult:
+    """`loops` meta-loops of one trial, the way a plain PyTorch harness writes them."""
+    torch.manual_seed(seed)
+    model = SimpleMLP(arch)
+    wd = cfg.weight_decay if mode == "decay" else 0.0
+    if adamw_weight_decay is not None:
+        wd = adamw_weight_decay
+    drop = cfg.dropout if mode == "dropout" else 0.0
+    lkg = {k: v.clone() for k, v in model.state_dict().items()}
+    best = -1
+    out = OracleResult(lkg, best)
+    opt = None
+    n = ds.train_x.shape[0]
+    for loop in range(1, loops + 1):
+        model.load_state_dict(lkg)
+        a = choose_neuron(arch, mode, seed, loop)
+        if a is not None:
+            layer, neuron = a
+            lins = model.linears()
+            with torch.no_grad():
+                lins[layer].weight[neuron].zero_()
+                lins[layer].bias[neuron].zero_()
+                if mode == "hidden":
+                    lins[layer + 1].weight[:, neuron].zero_()
+        if opt is None or not persistent_optimizer:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "order", loop)))
+        gen = dropout_generators([seed], loop, torch.device("cpu"))[0]
+        model.train()
+        for s in range(0, n, cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            loss = F.cross_entropy(forward(model, ds.train_x[idx], drop, gen), ds.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            correct = int((model(ds.val_x).argmax(1) == ds.val_y).sum())
+        out.accs.append(correct)
+        out.promoted.append(correct > best)
+        if correct > best:
+            best = correct
+            lkg = {k: v.clone() for k, v in model.state_dict().items()}
+    out.lkg, out.lkg_correct = lkg, best
+    return out

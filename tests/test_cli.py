@@ -1,0 +1,148 @@
+"""`psa train` and `psa arch` as a user meets them: results, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from psa.cli import main
+from psa.model import SimpleMLP
+from psa.arch import parse_arch
+from safetensors.torch import load_file
+
+
+def run_json(argv, capsys):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def strip(summary):
+    return {k: v for k, v in summary.items() if k not in ("run_dir", "timing")}
+
+
+@pytest.mark.slow
+def test_real_mnist_1x32_three_loops_passes_85(tmp_path, capsys, mnist):
+    s = run_json(["train", "--arch", "[1*32]", "--meta-loops", "3", "--out", str(tmp_path / "r")], capsys)
+    assert s["loop"] == 3 and len(s["records"]) == 3
+    assert s["bounty"] > 85.0
+    assert s["records"][0]["promoted"] and s["records"][0]["ablated"] is None
+    # the exported LKG is a plain SimpleMLP state_dict: load it and recompute the test accuracy
+    model = SimpleMLP(parse_arch("[1*32]"))
+    model.load_state_dict(load_file(str(tmp_path / "r" / "lkg.safetensors")))
+    model.eval()
+    with torch.no_grad():
+        acc = 100.0 * int((model(mnist.test_x).argmax(1) == mnist.test_y).sum()) / mnist.test_y.numel()
+    assert acc == pytest.approx(s["test_acc"], abs=1e-9)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["bounty"] == s["bounty"]
+
+
+def test_same_command_twice_gives_identical_json(tmp_path, capsys):
+    argv = ["train", "--arch", "[1*8]", "--mode", "full", "--meta-loops", "2", "--seed", "3", "--batch-size", "512"]
+    a = run_json([*argv, "--out", str(tmp_path / "a")], capsys)
+    b = run_json([*argv, "--out", str(tmp_path / "b")], capsys)
+    assert strip(a) == strip(b)
+    wa, wb = load_file(str(tmp_path / "a" / "lkg.safetensors")), load_file(str(tmp_path / "b" / "lkg.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_in_another_mode_continues_the_run(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    common = ["--batch-size", "512", "--seed", "1"]
+    run_json(["train", "--arch", "[1*8]", "--mode", "dropout", "--meta-loops", "2", "--out", out, *common], capsys)
+    s = run_json(["train", "--resume", out, "--mode", "hidden", "--meta-loops", "2", "--batch-size", "512"], capsys)
+    assert s["loop"] == 4 and [r["mode"] for r in s["records"]] == ["dropout", "dropout", "hidden", "hidden"]
+    assert s["mode_history"] == [["dropout", 1], ["hidden", 3]]
+    assert s["records"][2]["ablated"] is not None  # loop 3 is not loop 1: hidden mode ablates
+    # an uninterrupted four-loop run with the same switch gives the same records
+    straight = str(tmp_path / "s")
+    run_json(["train", "--arch", "[1*8]", "--mode", "dropout", "--meta-loops", "2", "--out", straight, *common], capsys)
+    s2 = run_json(["train", "--resume", straight, "--mode", "hidden", "--meta-loops", "2"], capsys)
+    assert strip(s)["records"] == strip(s2)["records"]
+    # a finished run refuses to resume without more loops
+    assert main(["train", "--resume", out]) == 2
+    assert "already completed" in capsys.readouterr().err
+
+
+BAD_ARGS = [
+    ["arch", "[0*5]"],
+    ["arch", "[2*]"],
+    ["arch", "[-1*3]"],
+    ["arch", "[1*10**9]"],
+    ["arch", "[1*128"],
+    ["arch", "[abc]"],
+    ["train", "--arch", "[0*5]"],
+    ["train", "--arch", "[1*8]", "--mode", "bogus"],
+    ["train", "--arch", "[1*8]", "--meta-loops", "0"],
+    ["train", "--arch", "[1*8]", "--meta-loops", "-3"],
+    ["train", "--arch", "[1*8]", "--batch-size", "0"],
+    ["train", "--arch", "[1*8]", "--lr", "-1"],
+    ["train", "--arch", "[1*8]", "--lr", "fast"],
+    ["train", "--arch", "[1*8]", "--dropout", "1.5"],
+    ["train", "--arch", "[]", "--mode", "hidden"],
+    ["train", "--arch", "[1*8]", "--device", "cuda:7"],
+    ["train", "--arch", "[1*8]", "--device", "warp-drive"],
+    ["train"],
+    ["train", "--bogus-flag"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGS, ids=[" ".join(a) for a in BAD_ARGS])
+def test_bad_input_is_one_line_exit_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_paths_and_files(tmp_path, capsys):
+    nonempty = tmp_path / "full"
+    nonempty.mkdir()
+    (nonempty / "x").write_text("keep me")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "lkg.safetensors").write_bytes(b"\x00" * 64)
+    cases = [
+        (["--arch", "[1*8]", "--out", str(nonempty)], "not an empty directory"),
+        (["--arch", "[1*8]", "--out", str(afile / "run")], "not a directory"),
+        (["--arch", "[1*8]", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+        (["--arch", "[1*8]", "--data-dir", str(tmp_path)], "lacks"),
+        (["--resume", str(tmp_path / "nothing-here")], "no checkpoint"),
+        (["--resume", str(corrupt)], "not a readable safetensors"),
+    ]
+    for argv, message in cases:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert [p.name for p in nonempty.iterdir()] == ["x"]
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", out], capsys)
+    before = (tmp_path / "r" / "lkg.safetensors").read_bytes()
+    assert main(["train", "--resume", out, "--arch", "[1*16]", "--meta-loops", "1"]) == 2
+    assert "architecture" in capsys.readouterr().err
+    assert (tmp_path / "r" / "lkg.safetensors").read_bytes() == before
+
+
+def test_subprocess_bad_arch_has_no_traceback():
+    p = subprocess.run([sys.executable, "-m", "psa", "train", "--arch", "[2*]"], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("psa: error:") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_arch_command(capsys):
+    assert main(["arch", "[1*2048]", "--json", "--match", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] == 1_628_170 and out["matched"][0]["arch"] == "[2*939]"
+    assert main(["arch", "[2*128, 4*64]"]) == 0
+    text = capsys.readouterr().out
+    assert "hidden 6" in text and f"{parse_arch('[2*128, 4*64]').params:,}" in text
