@@ -160,8 +160,9 @@ def population_events(
 
 def population_to(pop: Population, device: torch.device | str) -> Population:
     """A copy of `pop` on another device (the CPU for shipping, a worker's device to train)."""
-    dev = torch.device(device)
-    return dataclasses.replace(pop, device=dev, lkg=pop.lkg.to(dev), lkg_correct=pop.lkg_correct.to(dev),
+    lkg = pop.lkg.to(device)
+    dev = lkg.device  # as tensors see it ("cuda" -> "cuda:0"), which is what the engine compares
+    return dataclasses.replace(pop, device=dev, lkg=lkg, lkg_correct=pop.lkg_correct.to(dev),
                                bounty_loop=list(pop.bounty_loop), mode_history=[list(h) for h in pop.mode_history])
 
 
