@@ -364,6 +364,9 @@ class Study:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
             raise StudyError(f"cannot create the results database {self.db}: {e.strerror or e}") from None
+        # a commit must be on disk before the checkpoint that follows it (power loss); one fsync
+        # per population per meta-loop costs nothing next to a meta-loop
+        self.con.execute("PRAGMA synchronous=FULL")
         self.lock.acquire()
         row = store.get_study(self.con, self.name)
         if row is None:
