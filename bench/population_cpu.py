@@ -5,9 +5,10 @@
 - vmap:       the off-the-shelf ensemble, torch.func.stack_module_state + vmap(functional_call).
 
 Each (architecture, method) runs in its own process so that its peak memory (resident memory
-above the process's footprint once MNIST is loaded) is its own. Large nets are timed on a prefix of the
-epoch (`steps` batches) and the training part is scaled to the full 196 steps; validation over
-all 10,000 images is always timed in full. The one-by-one baseline times `sampled` of the 60
+above the process's footprint once MNIST is loaded) is its own. Large nets are timed on prefixes of the
+epoch of `steps` and 2 x `steps` batches: the difference gives the cost per step, the rest the
+fixed cost per meta-loop (cloning, a fresh optimizer, promotion), and the meta-loop is their sum
+for 196 steps; validation over all 10,000 images is always timed in full. The one-by-one baseline times `sampled` of the 60
 models (every mode equally) and scales by 60 / sampled.
 
     python bench/population_cpu.py                 # the eight architectures
@@ -200,13 +201,17 @@ def measure(arch_text: str, method: str) -> dict:
     ds = data.load()
     steps, sampled = plan(arch)
     base = reset_peak()
-    if method == "engine":
-        t_train, t_val = time_engine(arch, ds, steps)
-    elif method == "one-by-one":
-        t_train, t_val = time_one_by_one(arch, ds, steps, sampled)
-    else:
-        t_train, t_val = time_vmap(arch, ds, steps)
-    loop_s = t_train * EPOCH_STEPS / steps + t_val
+    timer = {
+        "engine": time_engine,
+        "one-by-one": lambda a, d, k: time_one_by_one(a, d, k, sampled),
+        "vmap": time_vmap,
+    }[method]
+    t_train, t_val = timer(arch, ds, steps)
+    if steps < EPOCH_STEPS:  # two prefixes: fixed cost + cost per step
+        t_double, _ = timer(arch, ds, 2 * steps)
+        per_step = (t_double - t_train) / steps
+        t_train = (t_train - per_step * steps) + per_step * EPOCH_STEPS
+    loop_s = t_train + t_val
     return {"arch": arch_text, "params": arch.params, "method": method, "steps": steps,
             "sampled": sampled if method == "one-by-one" else 60,
             "train_s": t_train, "val_s": t_val, "meta_loop_s": loop_s, "peak_mb": peak_mb() - base}

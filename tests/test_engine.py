@@ -69,6 +69,16 @@ def test_wide_first_layer_gathers_per_member_and_still_matches(small):
         assert max_diff(pop.member_state_dict(j), ref.lkg) < 1e-5
 
 
+def test_validation_blocks_do_not_change_counts(paired_run, small):
+    from dataclasses import replace
+
+    pop, eng, _ = paired_run
+    whole = eng.count_correct(pop.lkg, small.val_x, small.val_y)
+    # a tiny budget forces one member at a time and a few hundred rows per GEMM
+    tiny = Engine(pop, small, replace(CFG, eval_chunk_bytes=8 * 24 * 300))
+    assert torch.equal(tiny.count_correct(pop.lkg, small.val_x, small.val_y), whole)
+
+
 def test_no_ablation_in_loop_1_and_every_later_loop_ablates(paired_run):
     pop, _, results = paired_run
     assert all(a is None for a in results[0].ablated)

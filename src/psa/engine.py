@@ -288,24 +288,31 @@ class Engine:
 
     @torch.no_grad()
     def count_correct(self, flat: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor) -> torch.Tensor:
-        """Correct predictions (M,) of every member's weights in `flat` on (x_all, y_all)."""
+        """Correct predictions (M,) of every member's weights in `flat` on (x_all, y_all).
+
+        Every member sees the same images, so a block of members runs its first layer as one
+        GEMM against all their first-layer weights. Blocks are as many rows and members as the
+        activation budget allows, rows first: tall GEMMs run faster than wide ones.
+        """
         views = self.pop.layout.views(flat)
         m = self.pop.size
-        widest = max(self.pop.arch.widths[1:])
         n = x_all.shape[0]
-        chunk = max(1, min(n, self.cfg.eval_chunk_bytes // (8 * m * widest)))
+        budget = max(1, self.cfg.eval_chunk_bytes // 8)  # floats: two live activations of 4 bytes
+        widest = max(self.pop.arch.widths[1:])
+        rows = max(1, min(n, budget // widest))
+        block = max(1, min(m, budget // (rows * widest)))
         correct = torch.zeros(m, dtype=torch.int64, device=flat.device)
-        w0, b0 = views[0]
-        o0 = w0.shape[1]
-        for c0 in range(0, n, chunk):
-            x = x_all[c0 : c0 + chunk]
-            rows = x.shape[0]
-            # every member sees the same images: one GEMM against all first layers at once
-            z = torch.addmm(b0.reshape(1, -1), x, w0.reshape(m * o0, -1).t())
-            z = z.view(rows, m, o0).transpose(0, 1)
-            for w, bias in views[1:]:
-                z = torch.baddbmm(bias.unsqueeze(1), torch.relu(z), w.transpose(1, 2))
-            correct += (z.argmax(dim=2) == y_all[c0 : c0 + chunk]).sum(dim=1)
+        o0 = views[0][0].shape[1]
+        for m0 in range(0, m, block):
+            m1 = min(m, m0 + block)
+            w0 = views[0][0][m0:m1].reshape((m1 - m0) * o0, -1)
+            b0 = views[0][1][m0:m1].reshape(1, -1)
+            for c0 in range(0, n, rows):
+                x = x_all[c0 : c0 + rows]
+                z = torch.addmm(b0, x, w0.t()).view(x.shape[0], m1 - m0, o0).transpose(0, 1)
+                for w, bias in views[1:]:
+                    z = torch.baddbmm(bias[m0:m1].unsqueeze(1), torch.relu(z), w[m0:m1].transpose(1, 2))
+                correct[m0:m1] += (z.argmax(dim=2) == y_all[c0 : c0 + rows]).sum(dim=1)
         return correct
 
     def meta_loop(self, on_step: StepCallback | None = None) -> LoopResult:
