@@ -145,7 +145,7 @@ BAD_DESIGNS = [
     (["--arch", "1*8", "--modes", "none,sideways"], "unknown mode 'sideways'"),
     (["--arch", "[]", "--modes", "hidden"], "needs a hidden layer"),
     (["--arch", "1*8", "--arch", "[1*8]"], "listed more than once"),
-    (["--arch", "1*8", "--trials", "0"], "positive integer"),
+    (["--arch", "1*8", "--trials", "0"], "an integer >= 1"),
     (["--arch", "1*8", "--lr", "-1"], "learning rate"),
     (["--arch", "1*8", "--name", "../evil"], "bad study name"),
     (["--preset", "nope"], "invalid choice"),

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .arch import ArchError, matched_arch, parse_arch
+from .argtypes import nonneg_int, positive_int, real
 from .checkpoint import CheckpointError
 from .data import DataError
 from .analysis import ReportError
@@ -29,33 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: error: {message}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def cmd_arch(args: argparse.Namespace) -> int:
@@ -106,10 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", type=_float, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=_positive_int, help="training batch size (default 256)")
-    p.add_argument("--weight-decay", type=_float, help="weight decay of `decay` mode (default 1e-4; 0 in other modes)")
-    p.add_argument("--dropout", type=_float, help="dropout rate of `dropout` mode (default 0.1; none in other modes)")
+    p.add_argument("--lr", type=real, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=positive_int, help="training batch size (default 256)")
+    p.add_argument("--weight-decay", type=real, help="weight decay of `decay` mode (default 1e-4; 0 in other modes)")
+    p.add_argument("--dropout", type=real, help="dropout rate of `dropout` mode (default 0.1; none in other modes)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
     p.add_argument("--data-dir", help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
@@ -125,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("arch", help="show an architecture's layers and parameter count")
     p.add_argument("arch", help='e.g. "[2*128, 4*64]" or 1*2048')
-    p.add_argument("--match", type=_positive_int, nargs="+", metavar="DEPTH",
+    p.add_argument("--match", type=positive_int, nargs="+", metavar="DEPTH",
                    help="also print the parameter-matched DEPTH*W net (equation 2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_arch)
@@ -133,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one trial with the Frustration Engine")
     p.add_argument("--arch", help='hidden layers, e.g. "[1*128]" or "[2*128, 4*64]"')
     p.add_argument("--mode", "--ablation-mode", dest="mode", choices=MODES, help="training mode (default none)")
-    p.add_argument("--meta-loops", type=_positive_int, help="meta-loops to run (default 100; on resume: this many more)")
-    p.add_argument("--seed", type=_nonneg_int, help="seed of the initial weights and random streams (default 0)")
+    p.add_argument("--meta-loops", type=positive_int, help="meta-loops to run (default 100; on resume: this many more)")
+    p.add_argument("--seed", type=nonneg_int, help="seed of the initial weights and random streams (default 0)")
     _add_training_flags(p)
     p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")

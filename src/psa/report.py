@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis as an
+from .argtypes import nonneg_int, nonneg_real, number, percentage, probability
 from .analysis import MODES, REGIMES, ReportError, StudyData
 
 MANIFEST = "manifest.json"
@@ -998,54 +999,7 @@ def _archs_arg(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _prob(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {v}")
-    return v
-
-
-def _percent(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
-    if not 0 < v <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {v}")
-    return v
-
-
-def _nonneg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 100 <= v <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"expected 100 to 1,000,000 resamples, got {v}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+RESAMPLES = number(int, 100, 1_000_000, noun="a number of resamples")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1099,15 +1053,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="report", help="output directory (default report/)")
     p.add_argument("--rules", choices=["published", "paper"], default="published",
                    help="regime rules: those that drew the published map (default) or eqs. 6-8 as printed")
-    p.add_argument("--zero-r", type=_percent, help="validation ZeroR in %% (default: computed from the data set)")
-    p.add_argument("--alpha", type=_prob, default=0.05, help="level of the paired tests (default 0.05)")
-    p.add_argument("--bootstrap", type=_count, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--zero-r", type=percentage, help="validation ZeroR in %% (default: computed from the data set)")
+    p.add_argument("--alpha", type=probability, default=0.05, help="level of the paired tests (default 0.05)")
+    p.add_argument("--bootstrap", type=RESAMPLES, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--convergence", type=_archs_arg, default=DEFAULT_CONVERGENCE, metavar="ARCHS",
                    help="architectures of the convergence plot, comma-separated (default 1*2048,18*18)")
-    p.add_argument("--escape-margin", type=_nonneg, default=0.5,
+    p.add_argument("--escape-margin", type=nonneg_real, default=0.5,
                    help="a trial escapes ZeroR when its peak exceeds it by more than this (default 0.5 points)")
-    p.add_argument("--tie-tolerance", type=_nonneg, default=0.0,
+    p.add_argument("--tie-tolerance", type=nonneg_real, default=0.0,
                    help="Table V winners: rounded means within this many points tie (default 0: equal)")
     p.set_defaults(func=cmd_report)
 
@@ -1121,9 +1075,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", help="study name, when the database holds several (default: the latest)")
     p.add_argument("--out", default="compare", help="output directory (default compare/)")
     p.add_argument("--rules", choices=["published", "paper"], default="published", help="regime rules")
-    p.add_argument("--zero-r", type=_percent, help="validation ZeroR in %% (default: computed from the data set)")
-    p.add_argument("--alpha", type=_prob, default=0.01, help="level of the per-cell tests (default 0.01)")
-    p.add_argument("--escape-margin", type=_nonneg, default=0.5,
+    p.add_argument("--zero-r", type=percentage, help="validation ZeroR in %% (default: computed from the data set)")
+    p.add_argument("--alpha", type=probability, default=0.01, help="level of the per-cell tests (default 0.01)")
+    p.add_argument("--escape-margin", type=nonneg_real, default=0.5,
                    help="a trial escapes ZeroR when its peak exceeds it by more than this (default 0.5 points)")
     p.add_argument("--convergence", type=_archs_arg, default=DEFAULT_CONVERGENCE, metavar="ARCHS",
                    help="architectures of the convergence overlay (default 1*2048,18*18)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import store
+from .argtypes import nonneg_int, positive_int, seconds
 from .population import MODES
 from .store import StoreError
 from .design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
@@ -41,16 +42,6 @@ def _formats(text: str) -> tuple[str, ...]:
     if bad or not fmts:
         raise argparse.ArgumentTypeError(f"formats are csv and parquet, got {text!r}")
     return fmts
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return v
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -282,7 +273,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `study`, `status` and `export` to psa's subcommands."""
-    from .cli import _add_training_flags, _nonneg_int, _positive_int
+    from .cli import _add_training_flags
 
     p = sub.add_parser("study", help="run (or resume) a study: architectures x modes x trials, into SQLite",
                        description="Run a study design into a results database. Re-running the same command "
@@ -296,27 +287,27 @@ def register(sub: Any) -> None:
                    help='an architecture, e.g. 1*128 or "[2*128, 4*64]"; repeatable; "paper" for the 98')
     g.add_argument("--arch-file", help="architectures, one per line")
     g.add_argument("--modes", type=_modes, help=f"comma-separated (default all: {','.join(MODES)})")
-    g.add_argument("--trials", type=_positive_int, help="trials per architecture and mode (default 10)")
-    g.add_argument("--meta-loops", type=_positive_int, help="meta-loops per trial (default 100)")
-    g.add_argument("--seed", type=_nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
+    g.add_argument("--trials", type=positive_int, help="trials per architecture and mode (default 10)")
+    g.add_argument("--meta-loops", type=positive_int, help="meta-loops per trial (default 100)")
+    g.add_argument("--seed", type=nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
     _add_training_flags(g)
-    g.add_argument("--train-subset", type=_positive_int, metavar="N",
+    g.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N of the 50,000 training images: for tests and quick checks only, "
                         "not comparable with the paper (recorded in the trials' dataset column)")
     r = p.add_argument_group("running")
     r.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
-    r.add_argument("--chunk", type=_positive_int,
+    r.add_argument("--chunk", type=positive_int,
                    help="most members per population (default: fit the device's memory; fixed at creation)")
     r.add_argument("--backend", choices=("local", "ray"), default="local", help="local (default) or ray")
     r.add_argument("--address", help="ray: address of an existing cluster (default: start a local instance)")
-    r.add_argument("--num-cpus", type=_positive_int, help="ray: CPUs of the local instance (default all)")
-    r.add_argument("--cpus-per-task", type=_positive_int, default=1,
+    r.add_argument("--num-cpus", type=positive_int, help="ray: CPUs of the local instance (default all)")
+    r.add_argument("--cpus-per-task", type=positive_int, default=1,
                    help="ray: CPUs per population where there is no GPU (default 1)")
-    r.add_argument("--per-device", type=_positive_int, default=1,
+    r.add_argument("--per-device", type=positive_int, default=1,
                    help="ray: populations that may share one GPU (default 1)")
-    r.add_argument("--max-retries", type=_nonneg_int, default=3,
+    r.add_argument("--max-retries", type=nonneg_int, default=3,
                    help="ray: resubmissions of a population whose worker died (default 3)")
-    r.add_argument("--busy-timeout", type=_seconds, default=60.0,
+    r.add_argument("--busy-timeout", type=seconds, default=60.0,
                    help="seconds to wait for another writer's transaction (default 60)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan, FLOPs and a time estimate for this device; write nothing")
