@@ -432,3 +432,14 @@ def test_rules_paper_draws_the_printed_equations(full_db, tmp_path):
     assert cat["4*4"] == "unclassified"
     header = (out / "tables" / "regimes.csv").read_text().splitlines()[0]
     assert header.startswith("arch,depth,width,params,regime_paper,rule_paper,regime_published")
+
+
+def test_convergence_targets_default_and_explicit():
+    from psa.report import convergence_targets
+
+    curves = {("1*32", "none"): [], ("4*8", "none"): [], ("2*16", "hidden"): [], ("18*18", "full"): []}
+    assert convergence_targets(None, curves, ["1*32", "2*16", "4*8", "18*18"]) == (["18*18"], [])
+    assert convergence_targets(None, curves, ["1*32", "2*16", "4*8"]) == (["1*32", "4*8"], [])
+    assert convergence_targets(None, {("1*32", "none"): []}, ["1*32"]) == (["1*32"], [])
+    assert convergence_targets(None, {}, ["1*32"]) == ([], [])
+    assert convergence_targets(("4*8", "1*2048"), curves, ["1*32", "4*8"]) == (["4*8"], ["1*2048"])

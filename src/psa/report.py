@@ -30,7 +30,25 @@ from .argtypes import nonneg_int, nonneg_real, number, percentage, probability
 from .analysis import MODES, REGIMES, ReportError, StudyData
 
 MANIFEST = "manifest.json"
-DEFAULT_CONVERGENCE = ("1*2048", "18*18")
+DEFAULT_CONVERGENCE = ("1*2048", "18*18")  # the authors' `make-convergence-plots` targets
+
+
+def convergence_targets(requested: Sequence[str] | None, curves: Mapping[tuple[str, str], object],
+                        archs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(drawn, missing) architectures of a convergence plot.
+
+    Asked for explicitly: those with per-loop records, and the rest as missing. By default: the
+    authors' targets where the study has them, else the first and last of the study's own
+    architectures with records, so that a study of other nets still gets its plot.
+    """
+    recorded = [a for a in archs if any(k[0] == a for k in curves)]
+    if requested is not None:
+        drawn = [a for a in requested if any(k[0] == a for k in curves)]
+        return drawn, [a for a in requested if a not in drawn]
+    drawn = [a for a in DEFAULT_CONVERGENCE if a in recorded]
+    if not drawn and recorded:
+        drawn = list(dict.fromkeys([recorded[0], recorded[-1]]))
+    return drawn, []
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +193,7 @@ class ReportConfig:
     alpha: float = 0.05
     n_boot: int = 10_000
     seed: int = 0
-    convergence: tuple[str, ...] = DEFAULT_CONVERGENCE
+    convergence: tuple[str, ...] | None = None  # None: see convergence_targets
     escape_margin: float = 0.5
     tie_tolerance: float = 0.0
 
@@ -686,7 +704,7 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
         out.write("index.html", page("PSA report", sections, _p(data.source)))
         summary = {"psa_report": 1, "source": data.source, "trials": 0, "notes": msg}
         out.write(MANIFEST, json.dumps(summary, indent=1))
-        lines += [f"  {m}" for m in msg] + [f"wrote {cfg.out}/index.html (no finished trial: nothing else to draw)"]
+        lines += [f"  {m}" for m in msg] + [f"wrote {Path(cfg.out) / 'index.html'} (no finished trial: nothing else to draw)"]
         return ReportResult(out.target, summary, lines)
 
     zero_r, zsrc = resolve_zero_r(data, cfg.zero_r)
@@ -712,8 +730,7 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
     figdir = out.tmp / "figures"
     regimes = A.regimes[cfg.rules]
     best = {a: an.best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
-    conv_targets = [a for a in cfg.convergence if any(k[0] == a for k in data.curves)]
-    conv_missing = [a for a in cfg.convergence if a not in conv_targets]
+    conv_targets, conv_missing = convergence_targets(cfg.convergence, data.curves, archs)
     figs = [
         fg.design_space(design_archs, figdir),
         fg.regime_map(archs, regimes, figdir, cfg.rules),
@@ -799,7 +816,7 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
     out.write(MANIFEST, json.dumps(summary, indent=1, default=str))
     lines += [f"  {s}" for s in overview[1:]]
     lines += [f"  missing: {m}" for m in A.missing] + [f"  note: {n}" for n in notes]
-    lines.append(f"wrote {cfg.out}/index.html, {len(tables)} tables (md, csv, tex) and {len(figs)} figures (png, pdf)")
+    lines.append(f"wrote {Path(cfg.out) / 'index.html'}, {len(tables)} tables (md, csv, tex) and {len(figs)} figures (png, pdf)")
     return ReportResult(out.target, summary, lines, figs)
 
 
@@ -820,7 +837,7 @@ class CompareOptions:
     zero_r: float | None = None
     alpha: float = 0.01
     escape_margin: float = 0.5
-    convergence: tuple[str, ...] = DEFAULT_CONVERGENCE
+    convergence: tuple[str, ...] | None = None  # None: see convergence_targets
     worst: int = 10
 
 
@@ -923,7 +940,7 @@ def _write_compare(opt: CompareOptions, data: StudyData, out: OutputDir) -> Comp
     # Figures
     figdir = out.tmp / "figures"
     figs = [fg.compare_scatter(cells, opt.alpha, figdir, ref_label)]
-    targets = [a for a in opt.convergence if any(k[0] == a for k in data.curves)]
+    targets, _ = convergence_targets(opt.convergence, data.curves, data.archs)
     ref_curves = an._published_curves()
     if targets:
         figs.append(fg.convergence(targets, data.curves, data.trials, zero_r, figdir, "convergence_overlay",
@@ -1039,7 +1056,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     res = build_compare(opt)
     print("\n".join(res.verdict))
-    print(f"wrote {opt.out}/index.html, verdict.txt and tables/compare_cells.{{md,csv,tex}}")
+    print(f"wrote {Path(opt.out) / 'index.html'}, verdict.txt and tables/compare_cells.{{md,csv,tex}}")
     return 0
 
 
@@ -1057,8 +1074,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=probability, default=0.05, help="level of the paired tests (default 0.05)")
     p.add_argument("--bootstrap", type=RESAMPLES, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the bootstrap (default 0)")
-    p.add_argument("--convergence", type=_archs_arg, default=DEFAULT_CONVERGENCE, metavar="ARCHS",
-                   help="architectures of the convergence plot, comma-separated (default 1*2048,18*18)")
+    p.add_argument("--convergence", type=_archs_arg, default=None, metavar="ARCHS",
+                   help="architectures of the convergence plot, comma-separated "
+                        "(default 1*2048,18*18 where present, else the study's first and last)")
     p.add_argument("--escape-margin", type=nonneg_real, default=0.5,
                    help="a trial escapes ZeroR when its peak exceeds it by more than this (default 0.5 points)")
     p.add_argument("--tie-tolerance", type=nonneg_real, default=0.0,
@@ -1079,6 +1097,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=probability, default=0.01, help="level of the per-cell tests (default 0.01)")
     p.add_argument("--escape-margin", type=nonneg_real, default=0.5,
                    help="a trial escapes ZeroR when its peak exceeds it by more than this (default 0.5 points)")
-    p.add_argument("--convergence", type=_archs_arg, default=DEFAULT_CONVERGENCE, metavar="ARCHS",
-                   help="architectures of the convergence overlay (default 1*2048,18*18)")
+    p.add_argument("--convergence", type=_archs_arg, default=None, metavar="ARCHS",
+                   help="architectures of the convergence overlay "
+                        "(default 1*2048,18*18 where present, else the study's first and last)")
     p.set_defaults(func=cmd_compare)
