@@ -69,3 +69,21 @@ def test_corrupt_gzip_and_missing_files(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
     with pytest.raises(D.DataError, match="corrupt gzip"):
         D.load(data_dir=tmp_path)
+
+
+def test_download_from_mirrors_verifies_and_falls_through(monkeypatch, tmp_path):
+    """The real download code, served from file:// mirrors: a corrupt mirror is skipped."""
+    corrupt = tmp_path / "corrupt-mirror"
+    corrupt.mkdir()
+    for stem in D.FILES.values():
+        (corrupt / (stem + ".gz")).write_bytes(gzip.compress(b"not mnist"))
+    good = D.shipped_dir()
+    monkeypatch.setitem(D.MIRRORS, "mnist", [(tmp_path / "missing").as_uri() + "/", corrupt.as_uri() + "/", good.as_uri() + "/"])
+    target = tmp_path / "dataset"
+    D.download("mnist", target)
+    assert sorted(p.name for p in target.iterdir()) == sorted(s + ".gz" for s in D.FILES.values())
+    assert D.read_raw(target)["train_images"].shape == (60_000, 28, 28)
+    monkeypatch.setitem(D.MIRRORS, "mnist", [corrupt.as_uri() + "/"])
+    with pytest.raises(D.DataError, match="checksum mismatch"):
+        D.download("mnist", tmp_path / "again")
+    assert not any((tmp_path / "again").iterdir())

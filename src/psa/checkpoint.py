@@ -5,9 +5,11 @@ Nothing here unpickles: a checkpoint handed to us is parsed as safetensors + JSO
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +27,34 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not fit what it is used for."""
 
 
-def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
-    """Write `payload` to a temporary file beside `path`, fsync it, then rename it into place."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed onto `path` only if the block succeeds.
+
+    Readers see the old file or the whole new one, never a half-written one.
+    """
     path = Path(path)
-    data = payload.encode() if isinstance(payload, str) else payload
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
+        yield Path(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from collaborators
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from collaborators
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
+    """Write `payload` to `path` atomically, fsynced before the rename."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_write
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -137,10 +138,7 @@ def download(name: str, directory: Path) -> None:
                 if digest != SHA256[name][stem]:
                     errors.append(f"{mirror}: checksum mismatch")
                     continue
-                fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                os.replace(tmp, directory / (stem + ".gz"))
+                atomic_write(directory / (stem + ".gz"), payload)
                 break
             except (OSError, EOFError) as e:
                 errors.append(f"{mirror}: {e}")

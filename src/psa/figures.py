@@ -9,8 +9,6 @@ y = x line separating shallow-and-wide from deep-and-narrow nets.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from .checkpoint import atomic_path  # noqa: E402
 from .analysis import (  # noqa: E402
     ABLATION_EFFECTS,
     ABLATIVE_MODES,
@@ -67,8 +66,6 @@ EFFECT_COLORS = {
 }
 FORMATS = ("png", "pdf")
 DPI = 150
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -93,17 +90,10 @@ def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     files = []
     for ext in FORMATS:
         target = out_dir / f"{name}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}-", suffix=f".{ext}")
-        os.close(fd)
-        try:
-            # metadata without a creation date keeps the PDFs byte-stable between runs
-            meta = {"CreationDate": None} if ext == "pdf" else {}
+        # metadata without a creation date keeps the PDFs byte-stable between runs
+        meta = {"CreationDate": None} if ext == "pdf" else {}
+        with atomic_path(target) as tmp:
             fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight", metadata=meta)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a figure is for sharing
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         files.append(target)
     plt.close(fig)
     return files

@@ -119,20 +119,10 @@ def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
             for gen in ready:
                 st = pending[gen]
                 try:
-                    ref = next(gen)
+                    ev = ray.get(next(gen))
                 except StopIteration:
                     del pending[gen]
                     continue
-                except ray.exceptions.RayTaskError as e:
-                    del pending[gen]
-                    yield PopulationFailed(st.plan.key, _task_error(e))
-                    continue
-                except ray.exceptions.RayError as e:
-                    del pending[gen]
-                    yield from lost(st, e)
-                    continue
-                try:
-                    ev = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     del pending[gen]
                     yield PopulationFailed(st.plan.key, _task_error(e))

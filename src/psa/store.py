@@ -26,10 +26,11 @@ import datetime
 import os
 import socket
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import atomic_path
 
 SCHEMA_VERSION = 1
 
@@ -398,21 +399,13 @@ def _csv_value(v: Any) -> Any:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for r in rows:
-                w.writerow([_csv_value(v) for v in r])
-                n += 1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([_csv_value(v) for v in r])
+            n += 1
     return n
 
 
@@ -422,32 +415,23 @@ def _write_parquet(path: Path, columns: Sequence[tuple[str, str]], rows: Iterabl
 
     types = {"TEXT": pa.string(), "INTEGER": pa.int64(), "REAL": pa.float64()}
     schema = pa.schema([(c, types[t]) for c, t in columns])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     n = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            batch: list[Sequence[Any]] = []
+    with atomic_path(path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
+        batch: list[Sequence[Any]] = []
 
-            def flush() -> None:
-                cols = list(zip(*batch)) if batch else [[] for _ in columns]
-                writer.write_table(pa.table([pa.array(list(c), type=schema.field(i).type) for i, c in enumerate(cols)],
-                                            schema=schema))
+        def flush() -> None:
+            cols = list(zip(*batch)) if batch else [[] for _ in columns]
+            writer.write_table(pa.table([pa.array(list(c), type=schema.field(i).type) for i, c in enumerate(cols)],
+                                        schema=schema))
 
-            for r in rows:
-                batch.append(r)
-                n += 1
-                if len(batch) >= 65536:
-                    flush()
-                    batch = []
-            if batch or n == 0:
+        for r in rows:
+            batch.append(r)
+            n += 1
+            if len(batch) >= 65536:
                 flush()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+                batch = []
+        if batch or n == 0:
+            flush()
     return n
 
 
