@@ -158,9 +158,9 @@ class Engine:
 
         x: (G, b, n_in) one batch per batch group; y: (M, b) labels per member.
         """
-        g, k = self.groups
         m = self.pop.size
-        b = x.shape[1]
+        g, b = x.shape[0], x.shape[1]
+        k = m // g
         views, gviews = self.cand_views, self.grad_views
         n_lin = len(views)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -171,7 +172,7 @@ class Population:
     def groups(self) -> tuple[int, int]:
         """(G, k): G groups of k consecutive members sharing a seed, or (M, 1) if uneven."""
         seeds = [m.seed for m in self.members]
-        counts = {s: seeds.count(s) for s in seeds}
+        counts = Counter(seeds)
         k = next(iter(counts.values()))
         if all(c == k for c in counts.values()):
             return len(counts), k
@@ -201,14 +202,3 @@ class Population:
                                   f"architecture needs {tuple(w[j].shape)}")
             w[j].copy_(state[wk])
             b[j].copy_(state[bk])
-
-    def replace_members(self, members: list[Member]) -> None:
-        """Set members' rates explicitly (same seeds, same order), recording mode changes."""
-        if [m.seed for m in members] != [m.seed for m in self.members]:
-            raise ConfigError("replacement members must keep the seeds and their order")
-        for j, (old, new) in enumerate(zip(self.members, members)):
-            if new.mode == "hidden" and self.arch.depth == 0:
-                raise ConfigError("mode 'hidden' needs at least one hidden layer")
-            if new.mode != old.mode:
-                self.mode_history[j].append((new.mode, self.loop + 1))
-        self.members = tuple(members)
