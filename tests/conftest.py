@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter. It is chosen when a kernel
+# is decorated, so the variable must be set before psa.kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from psa import data as psa_data
 

@@ -1,8 +1,9 @@
 """The oracle: one SimpleMLP trained the plain PyTorch way (nn.Module, autograd, torch AdamW).
 
 It draws the same randomness as the engine (initial weights from the seed, the data order,
-the ablated neuron and the dropout noise, all functions of (seed, loop)) and nothing else of
-the product: the engine's batched hand-written training must reproduce it.
+the ablated neuron and the dropout noise, all functions of (seed, loop), from psa.rng and
+psa.ablation) and uses nothing else of the product: the engine's batched hand-written
+training must reproduce it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from psa import rng
 from psa.ablation import choose_neuron
 from psa.arch import Arch
 from psa.data import Dataset
-from psa.engine import TrainConfig, dropout_generators
+from psa.engine import TrainConfig
 from psa.model import SimpleMLP
-from psa.population import derive_seed
 
 
 @dataclass
@@ -28,16 +29,20 @@ class OracleResult:
     promoted: list[bool] = field(default_factory=list)
 
 
-def forward(model: SimpleMLP, x: torch.Tensor, drop: float, gen: torch.Generator | None) -> torch.Tensor:
-    """SimpleMLP's forward with dropout as F.dropout applies it, the mask drawn from `gen`:
-    one uniform per hidden unit of the whole net per step, layers taking consecutive slices."""
+def dropout_mask(seed: int, loop: int, step: int, rows: int, units: int, drop: float) -> torch.Tensor:
+    """(rows, units) F.dropout's multiplier for one step of one trial, from psa.rng's hash:
+    one draw per hidden unit of the whole net per step, layers taking consecutive slices."""
+    keys = torch.tensor([rng.loop_keys(seed, "dropout", loop)], dtype=torch.int64)
+    ks = rng.step_keys(keys, torch.tensor(step, dtype=torch.int64))
+    thr = torch.tensor([rng.dropout_threshold(drop)], dtype=torch.int64)
+    scale = torch.ones(1) / (1.0 - torch.tensor([drop], dtype=torch.float32))  # as the engine rounds it
+    return rng.dropout_noise(rng.position_hash(rows, units, "cpu"), ks, thr, scale)[0]
+
+
+def forward(model: SimpleMLP, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """SimpleMLP's forward with dropout applied as F.dropout does, with the multipliers `noise`
+    (rows, hidden units) instead of a generator's draw."""
     lins = model.linears()
-    noise = None
-    if drop > 0:
-        units = sum(lin.out_features for lin in lins[:-1])
-        u = torch.rand((x.shape[0], units), generator=gen)
-        scale = torch.tensor(1.0) / torch.tensor(1.0 - drop, dtype=torch.float32)
-        noise = (u >= drop).float() * scale
     h, off = x, 0
     for lin in lins[:-1]:
         h = torch.relu(lin(h))
@@ -82,12 +87,13 @@ def run(
                     lins[layer + 1].weight[:, neuron].zero_()
         if opt is None or not persistent_optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "order", loop)))
-        gen = dropout_generators([seed], loop, torch.device("cpu"))[0]
+        perm = rng.data_order([seed], loop, n, "cpu")[0]
+        units = sum(arch.hidden)
         model.train()
-        for s in range(0, n, cfg.batch_size):
+        for step, s in enumerate(range(0, n, cfg.batch_size)):
             idx = perm[s : s + cfg.batch_size]
-            loss = F.cross_entropy(forward(model, ds.train_x[idx], drop, gen), ds.train_y[idx])
+            noise = dropout_mask(seed, loop, step, len(idx), units, drop) if drop > 0 and units else None
+            loss = F.cross_entropy(forward(model, ds.train_x[idx], noise), ds.train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -46,7 +46,7 @@ def zeroed(pop):
 def test_exact_entries_zeroed(mode, layer, neuron, expected):
     pop = fresh([mode, mode])
     before = pop.lkg.clone()
-    ablate(pop.layout.views(pop.lkg), 0, mode, layer, neuron)
+    ablate(pop.lkg, pop.layout, [(0, mode, layer, neuron)])
     assert zeroed(pop) == expected
     # the other member is untouched, and every non-ablated entry kept its value
     m1 = [blk[1] for blk in pop.layout.member_blocks(pop.lkg)]

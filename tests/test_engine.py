@@ -140,7 +140,7 @@ def test_paper_decay_rate_is_below_float32_resolution(small):
     cfg = TrainConfig(batch_size=32)
     pop = population(ARCH, small, [("none", 5), ("decay", 5)], cfg)
     eng, _ = run_loops(pop, small, 1, cfg)
-    assert eng._decay_factors() is None
+    assert eng._chunk(0, pop.size).decay is None
     assert max_diff(pop.member_state_dict(0), pop.member_state_dict(1)) < 1e-6
     ref = oracle.run(ARCH, small, 5, "decay", 1, cfg)
     assert max_diff(pop.member_state_dict(1), ref.lkg) < 1e-5
@@ -158,18 +158,19 @@ def test_dropout_only_in_dropout_mode_and_only_while_training(paired_run, small)
         model.eval()
         with torch.no_grad():
             assert int((model(small.val_x).argmax(1) == small.val_y).sum()) == correct[j]
-    # training noise keeps about 1 - p of the units
-    plan = eng._dropout_plan(7)
-    h = torch.ones(pop.size, 256, 24)
-    from psa.engine import dropout_noise
+    # training noise keeps about 1 - p of the units, scaled by 1 / (1 - p), for dropout members only
+    from psa import rng
 
-    noise = dropout_noise(plan["gens"], 256, plan["offsets"][-1], plan["p"], plan["scale"])
-    eng._apply_dropout(h, 1, noise, plan)
-    rows = plan["rows"].tolist()
-    kept = (h[rows] > 0).float().mean().item()
-    assert abs(kept - 0.7) < 0.01
-    assert torch.equal(h[[j for j in range(pop.size) if j not in rows]], torch.ones(pop.size - len(rows), 256, 24))
-    assert h[rows].max().item() == pytest.approx(1 / 0.7)
+    ch = eng._chunk(0, pop.size)
+    assert ch.dropout and ch.drop_rows.tolist() == [j for j, d in enumerate(drop) if d]
+    ch.drop_keys.copy_(torch.tensor([rng.loop_keys(m.seed, "dropout", 7) for m in pop.members]))
+    noise = eng._noise(ch, rng.step_keys(ch.drop_keys, torch.tensor(3)), 32)
+    assert noise.shape == (sum(drop), 32, sum(ARCH.hidden))
+    assert abs((noise > 0).float().mean().item() - 0.7) < 0.02
+    values = noise.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7)
+    # the two dropout members of different seeds draw different masks
+    assert not torch.equal(noise[0], noise[1])
 
 
 def test_member_is_independent_of_its_population(small):

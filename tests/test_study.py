@@ -503,3 +503,79 @@ def test_unusable_database_path(tmp_path: Path, capsys, monkeypatch) -> None:
     (tmp_path / "afile").write_text("x")
     rc, out, err = run_main(["study", *TINY, "--db", "afile/psa.sqlite"], capsys, monkeypatch, tmp_path)
     assert rc == 2 and "cannot create the results database" in one_line_error(err)
+
+
+# ------------------------------------------------------------------------------------------
+# how a study runs: concurrency, checkpoint interval, precision, random-stream versions
+
+
+def test_populations_in_flight_together_write_the_same_rows(reference: Path, tmp_path: Path, capsys,
+                                                           monkeypatch) -> None:
+    """Several populations interleaved on one device (as on a GPU) compute what each would alone."""
+    db = tmp_path / "conc.sqlite"
+    rc, out, err = run_main(["study", *TINY, "--db", str(db), "--concurrency", "3"], capsys, monkeypatch, tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+    assert leftover_checkpoints(db) == []
+
+
+@pytest.mark.parametrize("every,saves", [("0", 4 * 6), ("3600", 4)])
+def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """0: a checkpoint after every meta-loop; a long interval: only after each population's first."""
+    db = tmp_path / f"every{every}.sqlite"
+    real = study.save_population
+    calls: list[int] = []
+
+    def save_population(path, pop, extra):
+        calls.append(pop.loop)
+        assert extra["rng"] == study.rng.VERSION and extra["precision"] == "fp32"
+        return real(path, pop, extra)
+
+    with monkeypatch.context() as m:
+        m.setattr(study, "save_population", save_population)
+        rc, out, err = run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", every], capsys, monkeypatch,
+                                tmp_path)
+    assert rc == 0, err
+    assert len(calls) == saves
+    assert rows(db) == rows(reference)
+
+
+def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    """A checkpoint written before the counter-based streams restarts its population from loop 1."""
+    db = tmp_path / "old.sqlite"
+    with monkeypatch.context() as m:
+        _fail_on_call(m, study, "save_population", 2, Crash())
+        with pytest.raises(Crash):
+            run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], capsys, monkeypatch, tmp_path)
+    (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
+    from psa.checkpoint import load_population, save_population
+
+    pop, meta = load_population(ckpt, "cpu")
+    del meta["rng"]
+    save_population(ckpt, pop, {k: v for k, v in meta.items() if k not in ("format", "kind", "arch", "members",
+                                                                           "loop", "bounty_loop", "n_val",
+                                                                           "mode_history")})
+    loud = [a for a in TINY if a != "--quiet"]
+    rc, out, err = run_main(["study", *loud, "--db", str(db)], capsys, monkeypatch, tmp_path)
+    assert rc == 0, err
+    assert "from scratch" in err and "older psa" in err
+    assert rows(db) == rows(reference)
+
+
+def test_precision_is_fixed_when_the_study_is_created(tmp_path: Path, capsys, monkeypatch) -> None:
+    db = tmp_path / "prec.sqlite"
+    argv = ["--arch", "1*8", "--trials", "1", "--meta-loops", "1", "--train-subset", "512", "--name", "prec",
+            "--db", str(db), "--precision", "bf16"]
+    rc, out, err = run_main(["study", *argv], capsys, monkeypatch, tmp_path)
+    assert rc == 0, err
+    con = sqlite3.connect(db)
+    (doc,) = con.execute("SELECT design FROM studies").fetchone()
+    con.close()
+    assert json.loads(doc)["plan"]["engine"] == {"precision": "bf16", "rng": study.rng.VERSION}
+    rc, out, err = run_main(["study", *[a for a in argv if a not in ("--precision", "bf16")], "--precision", "fp32"],
+                            capsys, monkeypatch, tmp_path)
+    assert rc == 2 and "--precision bf16" in one_line_error(err)
+    rc, out, err = run_main(["study", *[a for a in argv if a not in ("--precision", "bf16")]], capsys, monkeypatch,
+                            tmp_path)
+    assert rc == 0 and "nothing to do" in err + out

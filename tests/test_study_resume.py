@@ -34,8 +34,9 @@ def _design(name: str, loops: str, subset: str) -> list[str]:
     return argv
 
 
-# 4 populations x 12 meta-loops on 4,096 images: a few seconds of work between startups
-KILL = _design("killme", "12", "4096")
+# 4 populations x 12 meta-loops on 4,096 images: a few seconds of work between startups; a
+# checkpoint at most every 0.3 s, so that kills land both right after one and loops past one
+KILL = [*_design("killme", "12", "4096"), "--checkpoint-every", "0.3"]
 KILL_TRIALS, KILL_LOOP_ROWS = 24, 24 * 12
 
 

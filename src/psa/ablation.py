@@ -12,10 +12,11 @@ population, on the device, or on library versions.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .arch import Arch
-from .population import ABLATIVE_MODES, derive_seed
+from .population import ABLATIVE_MODES, Layout, derive_seed
 
 
 def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int] | None:
@@ -40,13 +41,25 @@ def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int
     raise AssertionError("unreachable: pooled index beyond the hidden neurons")
 
 
-@torch.no_grad()
-def ablate(
-    views: list[tuple[torch.Tensor, torch.Tensor]], member: int, mode: str, layer: int, neuron: int
-) -> None:
-    """Zero `neuron` of Linear `layer` for population row `member` (in place), as `mode` does."""
-    w, b = views[layer]
-    w[member, neuron, :] = 0.0
-    b[member, neuron] = 0.0
+def ablation_indices(layout: Layout, member: int, mode: str, layer: int, neuron: int) -> np.ndarray:
+    """Offsets in the flat buffer of every parameter that `mode` zeroes when it ablates `neuron`
+    of Linear `layer` in population row `member`: its incoming row and bias, and in `hidden`
+    mode its outgoing column in the next layer."""
+    m = member
+    w0, b0, o, i = layout.blocks[layer]
+    parts = [w0 + (m * o + neuron) * i + np.arange(i), np.array([b0 + m * o + neuron])]
     if mode == "hidden":
-        views[layer + 1][0][member, :, neuron] = 0.0
+        nw0, _, no, ni = layout.blocks[layer + 1]
+        parts.append(nw0 + m * no * ni + np.arange(no) * ni + neuron)
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def ablate(flat: torch.Tensor, layout: Layout, ablations: list[tuple[int, str, int, int]]) -> None:
+    """Zero, in place and in one kernel, what each (member, mode, layer, neuron) ablation names."""
+    if not ablations:
+        return
+    from .population import to_device
+
+    idx = np.concatenate([ablation_indices(layout, *a) for a in ablations]).astype(np.int64)
+    flat.index_fill_(0, to_device(torch.from_numpy(idx), flat.device), 0.0)

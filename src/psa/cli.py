@@ -72,6 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out,
         resume=args.resume,
         quiet=args.json,
+        precision=args.precision,
+        kernels=args.kernels,
+        graphs=not args.no_graphs,
     )
     summary = train(cfg)
     if args.json:
@@ -87,6 +90,21 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
     p.add_argument("--data-dir", help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
+
+
+def add_engine_flags(p: argparse.ArgumentParser, precision_default: str | None) -> None:
+    """How the engine runs its arithmetic (not what it computes): shared by train and study."""
+    from .engine import KERNEL_CHOICES
+    from .precision import CHOICES
+
+    p.add_argument("--precision", choices=CHOICES, default=precision_default,
+                   help="matmul precision: fp32, tf32 (tensor cores; emulated off a GPU), bf16, or auto: tf32 on a "
+                        "CUDA GPU, fp32 elsewhere" + ("" if precision_default else "; on resume, the run's own"))
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="auto: Triton kernels for narrow hidden stacks on a CUDA GPU when Triton is installed; "
+                        "torch: never; triton: always (needs a GPU or TRITON_INTERPRET=1)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
+    add_engine_flags(p, None)
     p.set_defaults(func=cmd_train)
 
     register_study(sub)  # psa study, psa status, psa export

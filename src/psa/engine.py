@@ -4,28 +4,61 @@ One meta-loop (NOTES.md): clone the LKG into a candidate, ablate one neuron in t
 modes (never in loop 1), train one epoch with a fresh AdamW, and promote the candidate iff its
 validation accuracy strictly beats the LKG's. All members do this at once: one batched matmul
 per layer per step, the forward and backward written out by hand (no autograd graph), AdamW
-on the one flat parameter buffer, no host synchronisation inside an epoch.
+on one flat parameter buffer.
+
+How a loop runs, and why:
+- The training step reads everything from device tensors that keep their address: the
+  epoch's data order, a step counter, the dropout keys, the AdamW state (zeroed in place every
+  loop, which is exactly a fresh optimizer). On a CUDA GPU the whole step (batch gather,
+  forward, backward, AdamW) is therefore captured once as a CUDA graph and replayed.
+- Hidden stacks of equal width up to kernels.MAX_WIDTH run as one Triton kernel per direction
+  when Triton is available (psa.kernels): a 2048-layer net is a few launches per step.
+- Data order and dropout masks are counter-based hashes (psa.rng), computed on the device.
+- Ablation, promotion and weight decay act on a handful of strided views (Layout.runs) with
+  device-side masks: nothing waits for the device until a loop's results are read.
+- `launch` queues a loop and returns; `PendingLoop.result()` waits for it. Engines on their own
+  CUDA streams can keep one GPU busy together (psa.study runs several populations that way).
+- A population larger than the free memory of its device trains in chunks of whole seed
+  groups, one chunk after another within each loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from . import rng
 from .ablation import ablate, choose_neuron
+from .arch import Arch
 from .data import Dataset
-from .population import ConfigError, Population, derive_seed
+from .population import ConfigError, Layout, Member, Population, to_device
+from .precision import CHOICES as PRECISION_CHOICES
+from .precision import Matmul
 
 StepCallback = Callable[[int, int], None]
+KERNEL_CHOICES = ("auto", "torch", "triton")
+# Share of a device's free memory a population may plan to use; the rest absorbs the
+# allocator's fragmentation and what the estimate misses.
+FREE_MEMORY_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters shared by all members (Table VI); per-mode rates live on each Member."""
+    """Hyperparameters shared by all members (Table VI); per-mode rates live on each Member.
+
+    The last four fields choose how the arithmetic runs, not what it computes: `precision` of
+    the matrix products (psa.precision; auto is tf32 on a CUDA GPU, fp32 elsewhere), `kernels`
+    (auto: the Triton kernels on a CUDA GPU when Triton is installed), `graphs` (capture the
+    training step as a CUDA graph on CUDA devices) and `max_members` (members trained at once;
+    None: as many as the device's free memory holds).
+    """
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -34,6 +67,10 @@ class TrainConfig:
     weight_decay: float = 1e-4  # the rate `decay` mode trains with
     dropout: float = 0.1  # the rate `dropout` mode trains with
     eval_chunk_bytes: int = 256 << 20  # activation memory allowed for a validation chunk
+    precision: str = "auto"
+    kernels: str = "auto"
+    graphs: bool = True
+    max_members: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -48,6 +85,12 @@ class TrainConfig:
             raise ConfigError(f"weight decay must be a number >= 0, got {self.weight_decay}")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISION_CHOICES)}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
+        if self.max_members is not None and self.max_members < 1:
+            raise ConfigError(f"max_members must be at least 1, got {self.max_members}")
 
 
 @dataclass(frozen=True)
@@ -64,35 +107,261 @@ class LoopResult:
     seconds: float
 
 
-def dropout_generators(seeds: list[int], loop: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per dropout member for one loop, seeded from (seed, loop) alone, so that a
-    member's masks never depend on which other members share its population."""
-    return [torch.Generator(device).manual_seed(derive_seed(s, "dropout", loop)) for s in seeds]
-
-
-def dropout_noise(gens: list[torch.Generator], rows: int, units: int, p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """F.dropout's multiplier (0 or 1/(1-p)) for every hidden unit of one step, (D, rows, units).
-
-    One draw per member covers all hidden layers of the step (layer l takes its slice of the
-    units), so deep nets cost one random call per member, not one per layer.
-    """
-    dev = p.device
-    u = torch.stack([torch.rand((rows, units), generator=g, device=dev) for g in gens])
-    return (u >= p).to(torch.float32) * scale
-
-
 def new_adamw(param: torch.Tensor, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the flat buffer, fused where this torch and device have it.
+    """AdamW over a flat buffer, fused where this torch and device have it (and capturable in
+    a CUDA graph on a GPU).
 
     The fused kernel makes one pass over parameters, gradients and moments instead of a dozen
     (10x faster on a 60-member 1*2048 population on the CPU); it rounds differently from the
     reference loop by about 1e-7 relative, far below what the oracle tests allow.
     """
-    kw = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
+    kw: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
+    if param.device.type == "cuda":
+        kw["capturable"] = True  # its step count lives on the device: no host sync, graph-safe
     try:
         return torch.optim.AdamW([param], fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW([param], **kw)
+
+
+def reset_adamw(opt: torch.optim.Optimizer) -> None:
+    """Zero the step count and both moments in place: the state of a freshly built AdamW,
+    at the same addresses (which a captured graph relies on)."""
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                v.zero_()
+
+
+def working_bytes(arch: Arch, batch_size: int) -> int:
+    """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
+    two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
+    transient layer-sized buffers, dropout noise, the gathered batch)."""
+    w = arch.widths
+    acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
+    return arch.params * 16 + acts
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process can still use on `device`, or None where that is unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = []
+    for name in ("OutOfMemoryError",):
+        for mod in (torch, torch.cuda):
+            e = getattr(mod, name, None)
+            if isinstance(e, type) and e not in errs:
+                errs.append(e)
+    return tuple(errs) or (MemoryError,)
+
+
+OOM_ERRORS = _out_of_memory_errors()
+
+
+def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
+    """(G, k): G batch groups of k consecutive members that train on one gathered batch.
+
+    Members of one seed share their data order, so gathering the batch once per seed and
+    running the first layer as one matmul per seed saves memory traffic, at the price of
+    reordering the first layer's output. When that output is wider than half the input the
+    reordering costs more than the gathers it saves, and every member gathers its own.
+    Members must be sorted by seed; uneven seed counts also give (M, 1).
+    """
+    seeds = [m.seed for m in members]
+    counts: dict[int, int] = {}
+    for s in seeds:
+        counts[s] = counts.get(s, 0) + 1
+    k = next(iter(counts.values()))
+    if k > 1 and all(c == k for c in counts.values()) and 2 * arch.widths[1] < arch.n_in:
+        return len(counts), k
+    return len(seeds), 1
+
+
+class Chunk:
+    """Members [m0, m1) of a population, trained together: their candidate, gradient and AdamW
+    state, data order, dropout keys, step counter and workspace, all at fixed addresses."""
+
+    def __init__(self, engine: "Engine", m0: int, m1: int, cand: torch.Tensor, grad: torch.Tensor) -> None:
+        pop, cfg = engine.pop, engine.cfg
+        dev = pop.device
+        self.engine = engine
+        self.m0, self.m1 = m0, m1
+        self.members = pop.members[m0:m1]
+        self.size = m1 - m0
+        self.whole = m0 == 0 and m1 == pop.size
+        self.layout = Layout.of(pop.arch, self.size)
+        self.cand, self.grad = cand, grad
+        self.cand.grad = grad  # read by the optimizer
+        self.views = self.layout.views(cand)
+        self.grad_views = self.layout.views(grad)
+        self.cand_runs = self.layout.runs(cand)
+        self.groups = batch_groups(pop.arch, self.members)
+        g, k = self.groups
+        self.group_seeds = [self.members[j * k].seed for j in range(g)]
+        n = engine.data.train_x.shape[0]
+        # valid indices from the start: the warm-up before a graph capture gathers with them
+        self.order = torch.arange(n, device=dev).repeat(g, 1)
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)
+        self.arange = torch.arange(cfg.batch_size, device=dev)
+        self.loss_sum = torch.zeros(self.size, dtype=torch.float32, device=dev)
+        self.bad = torch.zeros(self.size, dtype=torch.bool, device=dev)
+        # AdamW's decoupled decay, param *= 1 - lr*wd, per member, evaluated in float32 as
+        # torch.optim.AdamW does; with the paper's lr = wd = 1e-4 it is exactly 1.0: a no-op.
+        decay = torch.tensor([1.0 - cfg.lr * m.weight_decay for m in self.members], dtype=torch.float32)
+        self.decay = None if bool((decay == 1.0).all()) else decay.to(dev)
+        drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0] if pop.arch.depth else []
+        self.dropout = bool(drop_rows)
+        if self.dropout:
+            p = torch.tensor([m.dropout for m in self.members], dtype=torch.float32)
+            # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
+            self.drop_scale = (torch.ones(self.size, dtype=torch.float32) / (1.0 - p)).to(dev)
+            self.drop_thr = torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
+                                         dtype=torch.int64, device=dev)
+            self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
+            self.drop_rows = torch.tensor(drop_rows, dtype=torch.int64, device=dev)
+            self.drop_rows_all = len(drop_rows) == self.size
+        self.opt: torch.optim.AdamW | None = None
+        self.graphs: dict[int, Any] = {}
+        self.work: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
+
+    def buf(self, name: object, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reusable workspace tensor: large activations are written in place step after step
+        instead of being allocated (and page-faulted in) anew."""
+        key = (name, shape)
+        t = self.work.get(key)
+        if t is None:
+            t = self.work[key] = torch.empty(shape, dtype=torch.float32, device=self.cand.device)
+        return t
+
+    def begin(self, loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
+        """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
+        and AdamW state, all in place."""
+        eng = self.engine
+        pop = eng.pop
+        if eng.use_graphs and not self.graphs:
+            self._capture()
+        if self.whole:
+            self.cand.copy_(pop.lkg)
+        else:
+            for (cw, cb), (lw, lb) in zip(self.cand_runs, pop.layout.runs(pop.lkg)):
+                cw.copy_(lw[:, self.m0 : self.m1])
+                cb.copy_(lb[:, self.m0 : self.m1])
+        ablate(self.cand, self.layout, ablations)
+        n = eng.data.train_x.shape[0]
+        self.order.copy_(rng.data_order(self.group_seeds, loop, n, pop.device))
+        if self.dropout:
+            keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in self.members], dtype=torch.int64)
+            self.drop_keys.copy_(to_device(keys, pop.device))
+        self.step.zero_()
+        self.loss_sum.zero_()
+        self.bad.zero_()
+        if self.opt is None:
+            self.opt = new_adamw(self.cand, eng.cfg)
+        else:
+            reset_adamw(self.opt)
+
+    def batch_sizes(self) -> list[int]:
+        """The batch size of every step of an epoch (the last, partial batch kept)."""
+        n, bs = self.engine.data.train_x.shape[0], self.engine.cfg.batch_size
+        full, tail = divmod(n, bs)
+        return [bs] * full + ([tail] if tail else [])
+
+    def train_epoch(self, on_step: StepCallback | None) -> None:
+        """Every step of one epoch: graph replays on a GPU, the same step run eagerly elsewhere."""
+        sizes = self.batch_sizes()
+        for s, b in enumerate(sizes):
+            if self.graphs:
+                self.graphs[b].replay()
+            else:
+                self.engine._step(self, b)
+            if on_step is not None:
+                on_step(s + 1, len(sizes))
+
+    def _capture(self) -> None:
+        """Record the training step (one graph per batch size) after a warm-up on a side stream
+        that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
+        trains on a copy of the LKG; begin() then resets everything it touched."""
+        eng = self.engine
+        dev = eng.pop.device
+        self.cand.copy_(eng.pop.lkg)
+        if self.opt is None:
+            self.opt = new_adamw(self.cand, eng.cfg)
+        sizes = sorted(set(self.batch_sizes()), reverse=True)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for b in sizes:
+                for _ in range(2):
+                    eng._step(self, b)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        for b in sizes:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                eng._step(self, b)
+            self.graphs[b] = g
+
+
+@dataclass
+class PendingLoop:
+    """A meta-loop queued on the device; result() waits for it and reads its outcome."""
+
+    engine: "Engine"
+    loop: int
+    ablated: tuple[tuple[int, int] | None, ...]
+    host: dict[str, torch.Tensor]
+    event: Any
+    t0: float
+    _result: LoopResult | None = field(default=None, repr=False)
+
+    def ready(self) -> bool:
+        """True when the device has finished the loop (result() will not wait)."""
+        return self.event is None or bool(self.event.query())
+
+    def result(self) -> LoopResult:
+        """The loop's LoopResult (waits for the device); updates the population's bounty loops."""
+        if self._result is not None:
+            return self._result
+        if self.event is not None:
+            self.event.synchronize()
+        eng, pop = self.engine, self.engine.pop
+        correct = self.host["correct"].tolist()
+        promoted = [bool(p) for p in self.host["promoted"].tolist()]
+        diverged = [bool(d) for d in self.host["bad"].tolist()]
+        lkg = self.host["lkg_correct"].tolist()
+        for j, p in enumerate(promoted):
+            if p:
+                pop.bounty_loop[j] = self.loop
+        self._result = LoopResult(
+            loop=self.loop,
+            candidate_acc=tuple(float("nan") if d else 100.0 * c / pop.n_val for c, d in zip(correct, diverged)),
+            promoted=tuple(promoted),
+            ablated=self.ablated,
+            lkg_score=tuple(c if c < 0 else 100.0 * c / pop.n_val for c in lkg),
+            train_loss=tuple(self.host["loss"].tolist()),
+            diverged=tuple(diverged),
+            seconds=time.perf_counter() - self.t0,
+        )
+        eng._pending = None
+        return self._result
 
 
 class Engine:
@@ -104,90 +373,212 @@ class Engine:
         self.pop = population
         self.data = data
         self.cfg = config
-        self.cand = torch.empty_like(population.lkg)
-        self.grad = torch.empty_like(population.lkg)
-        self.cand_views = population.layout.views(self.cand)
-        self.grad_views = population.layout.views(self.grad)
-        self._workspace: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
+        dev = population.device
+        self.mm = Matmul(config.precision, dev)
+        self.precision = self.mm.precision
+        self.triton = self._want_triton()
+        self.fused = self.triton and self._stack_fits_kernel()
+        self.chunk_size = self._chunk_size()
+        self.use_graphs = config.graphs and dev.type == "cuda" and self.chunk_size >= population.size
+        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self._whole: Chunk | None = None
+        self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pos_hash: dict[int, torch.Tensor] = {}
+        self._pending: PendingLoop | None = None
 
-    # ---------------------------------------------------------------- members' settings
-    def _decay_factors(self) -> torch.Tensor | None:
-        """AdamW's decoupled decay factor (1 - lr*wd) per parameter, or None if all are 1.
+    # ---------------------------------------------------------------- set-up decisions
+    def _want_triton(self) -> bool:
+        from . import kernels
 
-        Computed in float32 exactly as torch.optim.AdamW's `param.mul_(1 - lr * wd)` does;
-        with the paper's lr = wd = 1e-4 it rounds to 1.0 in float32, i.e. a no-op.
-        """
-        f = torch.tensor([1.0 - self.cfg.lr * m.weight_decay for m in self.pop.members], dtype=torch.float32)
-        if bool((f == 1.0).all()):
-            return None
-        f = f.to(self.pop.device)
-        m = self.pop.size
-        parts = [f.view(m, 1).expand(m, blk.shape[1]).reshape(-1) for blk in self.pop.layout.member_blocks(self.cand)]
-        return torch.cat(parts)
+        choice = self.cfg.kernels
+        if choice == "torch":
+            return False
+        if choice == "triton":
+            if not kernels.available():
+                raise ConfigError("kernels 'triton' need Triton and a CUDA GPU (or TRITON_INTERPRET=1 to "
+                                  "run them in Triton's interpreter)")
+            return True
+        return self.pop.device.type == "cuda" and kernels.available()
 
-    def _dropout_plan(self, loop: int) -> dict | None:
-        """Rows, rates, scales and generators of the members that train with dropout."""
-        rows = [j for j, m in enumerate(self.pop.members) if m.dropout > 0]
-        if not rows or self.pop.arch.depth == 0:
-            return None
-        dev = self.pop.device
-        p = torch.tensor([self.pop.members[j].dropout for j in rows], dtype=torch.float32)
-        # F.dropout's scale: 1 / (1 - p) evaluated in float32
-        scale = torch.ones(len(rows), dtype=torch.float32) / (1.0 - p)
+    def _stack_fits_kernel(self) -> bool:
+        from . import kernels
+
         hidden = self.pop.arch.hidden
-        return {
-            "rows": torch.tensor(rows, dtype=torch.int64, device=dev),
-            "p": p.view(-1, 1, 1).to(dev),
-            "scale": scale.view(-1, 1, 1).to(dev),
-            "gens": dropout_generators([self.pop.members[j].seed for j in rows], loop, dev),
-            "offsets": [sum(hidden[:i]) for i in range(len(hidden) + 1)],
-        }
+        return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= kernels.MAX_WIDTH
+
+    def _chunk_size(self) -> int:
+        """Members trained at once: all of them if they fit the device's free memory (or the
+        config's max_members), else the most whole seed groups that do."""
+        pop, cfg = self.pop, self.cfg
+        m = pop.size
+        k = Population.groups(pop)[1]
+        limit = cfg.max_members
+        if limit is None:
+            free = free_memory(pop.device)
+            if free is None:
+                return m
+            budget = free * FREE_MEMORY_FRACTION - cfg.eval_chunk_bytes
+            per = working_bytes(pop.arch, cfg.batch_size)
+            limit = int(budget // per) if budget > 0 else 0
+            if limit < 1:
+                raise ConfigError(
+                    f"one member of {pop.arch.short} needs about {per / 2**30:.2f} GiB to train; "
+                    f"{pop.device} has {free / 2**30:.2f} GiB free")
+        if limit >= m:
+            return m
+        return max(k, limit // k * k) if limit >= k else limit
+
+    # ---------------------------------------------------------------- chunks
+    def _chunks(self) -> list[tuple[int, int]]:
+        c, m = self.chunk_size, self.pop.size
+        return [(m0, min(m, m0 + c)) for m0 in range(0, m, c)]
+
+    def _chunk(self, m0: int, m1: int) -> Chunk:
+        if (m0, m1) == (0, self.pop.size):
+            if self._whole is None:
+                self._whole = Chunk(self, 0, self.pop.size, torch.empty_like(self.pop.lkg),
+                                    torch.empty_like(self.pop.lkg))
+            return self._whole
+        # chunks share one candidate/gradient store; each gets a fresh optimizer and workspace
+        numel = Layout.of(self.pop.arch, self.chunk_size).numel
+        if self._storage is None or self._storage[0].numel() < numel:
+            self._storage = (torch.empty(numel, device=self.pop.device), torch.empty(numel, device=self.pop.device))
+        n = Layout.of(self.pop.arch, m1 - m0).numel
+        return Chunk(self, m0, m1, self._storage[0][:n], self._storage[1][:n])
+
+    def _shrink(self) -> None:
+        """After an out-of-memory error: half as many members at once (whole seed groups)."""
+        k = Population.groups(self.pop)[1]
+        if self.chunk_size <= 1:
+            raise ConfigError(f"out of memory on {self.pop.device} training a single member of {self.pop.arch.short}")
+        half = self.chunk_size // 2
+        self.chunk_size = max(k, half // k * k) if half >= k else max(1, half)
+        self.use_graphs = False
+        self._whole = None
+        self._storage = None
+        if self.pop.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- one training step
-    def _buf(self, name: object, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reusable workspace tensor: large activations are written in place step after step
-        instead of being allocated (and page-faulted in) anew."""
-        key = (name, shape)
-        t = self._workspace.get(key)
+    @property
+    def cand(self) -> torch.Tensor:
+        """The candidate buffer of a population trained in one chunk (its layout is the LKG's)."""
+        return self._chunk(0, self.pop.size).cand
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(G, k) batch groups of the whole population (see batch_groups)."""
+        return batch_groups(self.pop.arch, self.pop.members)
+
+    def _pos_hash_for(self, units: int) -> torch.Tensor:
+        t = self._pos_hash.get(units)
         if t is None:
-            t = self._workspace[key] = torch.empty(shape, dtype=torch.float32, device=self.pop.device)
+            t = self._pos_hash[units] = rng.position_hash(self.cfg.batch_size, units, self.pop.device)
         return t
 
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, plan: dict | None) -> torch.Tensor:
-        """Gradients of every member's mean cross-entropy into self.grad; returns the losses (M,).
+    def _step(self, ch: Chunk, b: int) -> None:
+        """One training step of chunk `ch` on a batch of `b` images: gather, forward, backward,
+        decay, AdamW, counter. Reads its inputs from device tensors only (graph-capturable)."""
+        data = self.data
+        g, k = ch.groups
+        pos = ch.step * self.cfg.batch_size + ch.arange[:b]
+        flat_idx = ch.order.index_select(1, pos).reshape(-1)
+        x = torch.index_select(data.train_x, 0, flat_idx, out=ch.buf("x", (g * b, data.train_x.shape[1])))
+        x = x.view(g, b, -1)
+        y = data.train_y.index_select(0, flat_idx).view(g, 1, b).expand(g, k, b).reshape(ch.size, b)
+        loss = self._forward_backward(ch, x, y)
+        ch.loss_sum += loss
+        ch.bad |= ~torch.isfinite(loss)
+        if ch.decay is not None:
+            f = ch.decay.view(1, -1, 1)
+            for w, bias in ch.cand_runs:
+                w.mul_(f)
+                bias.mul_(f)
+        assert ch.opt is not None
+        ch.opt.step()
+        ch.step += 1
 
-        x: (G, b, n_in) one batch per batch group; y: (M, b) labels per member.
+    def _stack_geometry(self, layout: Layout, m0: int = 0) -> tuple[int, int, int]:
+        """(w_off, b_off, layer_stride) of the middle stack (Linear layers 1..L-1) of members
+        m0.. in a buffer of `layout`, as psa.kernels addresses it."""
+        w = self.pop.arch.hidden[0]
+        if len(layout.blocks) < 3:
+            return 0, 0, 0  # one hidden layer: no middle stack, the kernel reads no weights
+        w0, b0, _, _ = layout.blocks[1]
+        return w0 + m0 * w * w, b0 + m0 * w, layout.size_m * w * (w + 1)
+
+    def _noise(self, ch: Chunk, keys: torch.Tensor, b: int) -> torch.Tensor:
+        """(D, b, units) dropout multipliers of the dropout members for this step."""
+        units = sum(self.pop.arch.hidden)
+        if ch.drop_rows_all:
+            ks, thr, sc = keys, ch.drop_thr, ch.drop_scale
+        else:
+            ks = keys.index_select(0, ch.drop_rows)
+            thr = ch.drop_thr.index_select(0, ch.drop_rows)
+            sc = ch.drop_scale.index_select(0, ch.drop_rows)
+        if self.triton:
+            from . import kernels
+
+            return kernels.dropout_noise(b, units, ks, thr, sc)
+        return rng.dropout_noise(self._pos_hash_for(units)[:b], ks, thr, sc)
+
+    def _forward_backward(self, ch: Chunk, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradients of every member's mean cross-entropy into ch.grad; returns the losses (C,).
+
+        x: (G, b, n_in) one batch per batch group; y: (C, b) labels per member.
         """
-        m = self.pop.size
+        mm = self.mm
+        m = ch.size
         g, b = x.shape[0], x.shape[1]
         k = m // g
-        views, gviews = self.cand_views, self.grad_views
-        n_lin = len(views)
+        views, gviews = ch.views, ch.grad_views
+        depth = len(views) - 1
+        buf = ch.buf
 
-        # forward: hs[l] holds layer l's pre-activation, then (in place) its activation
+        # first layer: one matmul per batch group (members of one seed share the batch)
         w0, b0 = views[0]
         o0 = w0.shape[1]
-        first = (m, b, o0) if n_lin > 1 else None
         if k > 1:
-            zg = torch.baddbmm(b0.view(g, 1, k * o0), x, w0.view(g, k * o0, -1).transpose(1, 2),
-                               out=self._buf("z0g", (g, b, k * o0)))
-            z = self._buf(("h", 0), (m, b, o0)) if first else torch.empty(m, b, o0, device=x.device)
+            zg = mm.baddbmm(b0.view(g, 1, k * o0), x, w0.view(g, k * o0, -1).transpose(1, 2),
+                            out=buf("z0g", (g, b, k * o0)))
+            z = buf(("z", 0), (m, b, o0))
             z.view(g, k, b, o0).copy_(zg.view(g, b, k, o0).transpose(1, 2))
         else:
-            out = self._buf(("h", 0), first) if first else None
-            z = torch.baddbmm(b0.unsqueeze(1), x, w0.transpose(1, 2), out=out)
-        hs = []
+            z = mm.baddbmm(b0.unsqueeze(1), x, w0.transpose(1, 2), out=buf(("z", 0), (m, b, o0)))
+
+        # hidden stack: z becomes the logits; hs (or acts) keeps what the backward needs
+        keys = rng.step_keys(ch.drop_keys, ch.step) if ch.dropout else None
+        hs: list[torch.Tensor] = []
+        acts = None
         noise = None
-        if plan is not None:
-            noise = dropout_noise(plan["gens"], b, plan["offsets"][-1], plan["p"], plan["scale"])
-        for layer in range(1, n_lin):
-            h = z.relu_()
-            if noise is not None:
-                self._apply_dropout(h, layer - 1, noise, plan)
-            hs.append(h)
-            w, bias = views[layer]
-            out = self._buf(("h", layer), (m, b, w.shape[1])) if layer < n_lin - 1 else None
-            z = torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2), out=out)
+        if depth and self.fused:
+            from . import kernels
+
+            width = self.pop.arch.hidden[0]
+            acts = buf("acts", (depth, m, b, width))
+            drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
+            kernels.stack_forward(z, ch.cand, *self._stack_geometry(ch.layout), depth, width, acts=acts, drop=drop,
+                                  precision=self.precision)
+            hs = [acts[depth - 1]]
+            w, bias = views[depth]
+            z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
+        elif depth:
+            if ch.dropout:
+                noise = self._noise(ch, keys, b)
+            off = 0
+            for layer in range(1, depth + 1):
+                h = z.relu_()
+                if noise is not None:
+                    width = h.shape[2]
+                    sl = noise[:, :, off : off + width]
+                    if ch.drop_rows_all:
+                        h.mul_(sl)
+                    else:
+                        h.index_copy_(0, ch.drop_rows, h.index_select(0, ch.drop_rows) * sl)
+                    off += width
+                hs.append(h)
+                w, bias = views[layer]
+                z = mm.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2), out=buf(("z", layer), (m, b, w.shape[1])))
 
         # mean cross-entropy and its gradient (softmax - onehot) / b, per member
         y3 = y.unsqueeze(2)
@@ -197,164 +588,188 @@ class Engine:
         dz.scatter_add_(2, y3, torch.full_like(y3, -1, dtype=dz.dtype))
         dz.mul_(1.0 / b)
 
-        for layer in range(n_lin - 1, 0, -1):
-            h = hs[layer - 1]
-            w, _ = views[layer]
-            gw, gb = gviews[layer]
-            torch.bmm(dz.transpose(1, 2), h, out=gw)
+        if depth and self.fused:
+            from . import kernels
+
+            w, _ = views[depth]
+            gw, gb = gviews[depth]
+            mm.bmm(dz.transpose(1, 2), hs[0], out=gw)
             torch.sum(dz, dim=1, out=gb)
-            dh = torch.bmm(dz, w, out=self._buf(("dh", layer % 2), (m, b, w.shape[2])))
-            # ReLU's backward in place: gradient 0 where the unit is off (at 0 too, as PyTorch)
-            dz = torch.ops.aten.threshold_backward.grad_input(dh, h, 0, grad_input=dh)
-            if plan is not None:
-                rows = plan["rows"]
-                dz.index_copy_(0, rows, dz.index_select(0, rows) * plan["scale"])
+            dh = mm.bmm(dz, w, out=buf(("dh", 0), (m, b, w.shape[2])))
+            width = self.pop.arch.hidden[0]
+            dz = kernels.stack_backward(dh, acts, ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth, width,
+                                        dz0=buf("dz0", (m, b, width)),
+                                        scale=ch.drop_scale if ch.dropout else None, precision=self.precision)
+        else:
+            for layer in range(depth, 0, -1):
+                h = hs[layer - 1]
+                w, _ = views[layer]
+                gw, gb = gviews[layer]
+                mm.bmm(dz.transpose(1, 2), h, out=gw)
+                torch.sum(dz, dim=1, out=gb)
+                dh = mm.bmm(dz, w, out=buf(("dh", layer % 2), (m, b, w.shape[2])))
+                # ReLU's backward in place: gradient 0 where the unit is off (at 0 too, as PyTorch)
+                dz = torch.ops.aten.threshold_backward.grad_input(dh, h, 0, grad_input=dh)
+                if noise is not None:
+                    sc = ch.drop_scale.view(-1, 1, 1)
+                    if ch.drop_rows_all:
+                        dz.mul_(sc)
+                    else:
+                        rows = ch.drop_rows
+                        dz.index_copy_(0, rows, dz.index_select(0, rows) * sc.index_select(0, rows))
         gw0, gb0 = gviews[0]
         if k > 1:
-            dzg = self._buf("dz0g", (g, b, k * o0))
+            dzg = buf("dz0g", (g, b, k * o0))
             dzg.view(g, b, k, o0).copy_(dz.view(g, k, b, o0).transpose(1, 2))
-            torch.bmm(dzg.transpose(1, 2), x, out=gw0.view(g, k * o0, -1))
+            mm.bmm(dzg.transpose(1, 2), x, out=gw0.view(g, k * o0, -1))
         else:
-            torch.bmm(dz.transpose(1, 2), x, out=gw0)
+            mm.bmm(dz.transpose(1, 2), x, out=gw0)
         torch.sum(dz, dim=1, out=gb0)
         return loss
 
-    @staticmethod
-    def _apply_dropout(h: torch.Tensor, hidden_layer: int, noise: torch.Tensor, plan: dict) -> None:
-        """Inverted dropout on the dropout members' rows of h (M, b, width), in place."""
-        rows, off = plan["rows"], plan["offsets"]
-        h.index_copy_(0, rows, h.index_select(0, rows) * noise[:, :, off[hidden_layer] : off[hidden_layer + 1]])
-
-    # ---------------------------------------------------------------- epoch, evaluation, loop
-    @property
-    def groups(self) -> tuple[int, int]:
-        """(G, k): G batch groups of k consecutive members that train on one gathered batch.
-
-        Members of one seed share their data order, so gathering the batch once per seed and
-        running the first layer as one matmul per seed saves memory traffic, at the price of
-        reordering the first layer's output. When that output is wider than half the input
-        the reordering costs more than the gathers it saves, and every member gathers its own.
-        """
-        g, k = self.pop.groups()
-        if k > 1 and 2 * self.pop.arch.widths[1] < self.pop.arch.n_in:
-            return g, k
-        return self.pop.size, 1
-
-    def _data_order(self, loop: int) -> torch.Tensor:
-        """(G, N) the permutation of the training set of each batch group, drawn on the CPU."""
-        n = self.data.train_x.shape[0]
-        g, k = self.groups
-        seeds = [self.pop.members[j * k].seed for j in range(g)]
-        perms = {
-            s: torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(s, "order", loop)))
-            for s in dict.fromkeys(seeds)
-        }
-        return torch.stack([perms[s] for s in seeds]).to(self.pop.device)
-
+    # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def train_epoch(self, loop: int, on_step: StepCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One epoch of every candidate; returns (mean loss (M,), diverged (M,)) on the device."""
-        cfg, data = self.cfg, self.data
-        g, k = self.groups
-        m = self.pop.size
-        n = data.train_x.shape[0]
-        bs = cfg.batch_size
-        n_steps = -(-n // bs)
-        order = self._data_order(loop)
-        decay = self._decay_factors()
-        plan = self._dropout_plan(loop)
-        self.cand.grad = self.grad
-        # A fresh optimizer every meta-loop (paper II.E); decay is applied separately per member.
-        opt = new_adamw(self.cand, cfg)
-        loss_sum = torch.zeros(m, dtype=torch.float32, device=self.pop.device)
-        bad = torch.zeros(m, dtype=torch.bool, device=self.pop.device)
-        for step in range(n_steps):
-            idx = order[:, step * bs : (step + 1) * bs]
-            b = idx.shape[1]
-            flat_idx = idx.reshape(-1)
-            x = torch.index_select(data.train_x, 0, flat_idx, out=self._buf("x", (g * b, data.train_x.shape[1])))
-            x = x.view(g, b, -1)
-            y = data.train_y.index_select(0, flat_idx).view(g, 1, b).expand(g, k, b).reshape(m, b)
-            loss = self._forward_backward(x, y, plan)
-            loss_sum += loss
-            bad |= ~torch.isfinite(loss)
-            if decay is not None:
-                self.cand.mul_(decay)
-            opt.step()
-            if on_step is not None:
-                on_step(step + 1, n_steps)
-        self.cand.grad = None
-        return loss_sum / n_steps, bad
-
-    @torch.no_grad()
-    def count_correct(self, flat: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor) -> torch.Tensor:
-        """Correct predictions (M,) of every member's weights in `flat` on (x_all, y_all).
+    def count_correct(self, flat: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor,
+                      layout: Layout | None = None) -> torch.Tensor:
+        """Correct predictions (M,) of every member's weights in `flat` (of `layout`, by default
+        the population's) on (x_all, y_all).
 
         Every member sees the same images, so a block of members runs its first layer as one
         GEMM against all their first-layer weights. Blocks are as many rows and members as the
         activation budget allows, rows first: tall GEMMs run faster than wide ones.
         """
-        views = self.pop.layout.views(flat)
-        m = self.pop.size
+        layout = layout or self.pop.layout
+        mm = self.mm
+        views = layout.views(flat)
+        m = layout.size_m
         n = x_all.shape[0]
+        arch = self.pop.arch
         budget = max(1, self.cfg.eval_chunk_bytes // 8)  # floats: two live activations of 4 bytes
-        widest = max(self.pop.arch.widths[1:])
+        widest = max(arch.widths[1:])
         rows = max(1, min(n, budget // widest))
         block = max(1, min(m, budget // (rows * widest)))
         correct = torch.zeros(m, dtype=torch.int64, device=flat.device)
         o0 = views[0][0].shape[1]
-        for m0 in range(0, m, block):
-            m1 = min(m, m0 + block)
-            w0 = views[0][0][m0:m1].reshape((m1 - m0) * o0, -1)
-            b0 = views[0][1][m0:m1].reshape(1, -1)
-            for c0 in range(0, n, rows):
-                x = x_all[c0 : c0 + rows]
-                z = torch.addmm(b0, x, w0.t()).view(x.shape[0], m1 - m0, o0).transpose(0, 1)
-                for w, bias in views[1:]:
-                    z = torch.baddbmm(bias[m0:m1].unsqueeze(1), torch.relu(z), w[m0:m1].transpose(1, 2))
-                correct[m0:m1] += (z.argmax(dim=2) == y_all[c0 : c0 + rows]).sum(dim=1)
-        return correct
+        depth = arch.depth
+        with self._device_context():
+            for m0 in range(0, m, block):
+                m1 = min(m, m0 + block)
+                w0 = views[0][0][m0:m1].reshape((m1 - m0) * o0, -1)
+                b0 = views[0][1][m0:m1].reshape(1, -1)
+                for c0 in range(0, n, rows):
+                    x = x_all[c0 : c0 + rows]
+                    z = mm.addmm(b0, x, w0.t()).view(x.shape[0], m1 - m0, o0).transpose(0, 1)
+                    if depth and self.fused:
+                        from . import kernels
 
-    def meta_loop(self, on_step: StepCallback | None = None) -> LoopResult:
-        """One meta-loop for every member; the population's LKG state moves forward by one loop."""
-        t0 = time.perf_counter()
-        pop = self.pop
-        loop = pop.loop + 1
-        with torch.no_grad():
-            self.cand.copy_(pop.lkg)
-            ablated = tuple(choose_neuron(pop.arch, mem.mode, mem.seed, loop) for mem in pop.members)
-            for j, (mem, a) in enumerate(zip(pop.members, ablated)):
-                if a is not None:
-                    ablate(self.cand_views, j, mem.mode, *a)
-        mean_loss, bad = self.train_epoch(loop, on_step)
-        correct = self.count_correct(self.cand, self.data.val_x, self.data.val_y)
-        promote = ~bad & (correct > pop.lkg_correct)
-        pop.lkg_correct = torch.where(promote, correct, pop.lkg_correct)
-        # the one host synchronisation of the loop
-        promoted = promote.tolist()
-        rows = [j for j, p in enumerate(promoted) if p]
-        if rows:
-            idx = torch.tensor(rows, dtype=torch.int64, device=pop.device)
-            with torch.no_grad():
-                for lkg_blk, cand_blk in zip(pop.layout.member_blocks(pop.lkg), pop.layout.member_blocks(self.cand)):
-                    lkg_blk.index_copy_(0, idx, cand_blk.index_select(0, idx))
-        for j in rows:
-            pop.bounty_loop[j] = loop
-        pop.loop = loop
-        diverged = bad.tolist()
-        acc = [float("nan") if d else 100.0 * c / pop.n_val for c, d in zip(correct.tolist(), diverged)]
-        return LoopResult(
-            loop=loop,
-            candidate_acc=tuple(acc),
-            promoted=tuple(promoted),
-            ablated=ablated,
-            lkg_score=tuple(pop.lkg_score()),
-            train_loss=tuple(mean_loss.tolist()),
-            diverged=tuple(diverged),
-            seconds=time.perf_counter() - t0,
-        )
+                        h = kernels.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0],
+                                                  precision=self.precision)
+                        w, bias = views[depth]
+                        z = mm.baddbmm(bias[m0:m1].unsqueeze(1), h, w[m0:m1].transpose(1, 2))
+                    else:
+                        for w, bias in views[1:]:
+                            z = mm.baddbmm(bias[m0:m1].unsqueeze(1), torch.relu(z), w[m0:m1].transpose(1, 2))
+                    correct[m0:m1] += (z.argmax(dim=2) == y_all[c0 : c0 + rows]).sum(dim=1)
+        return correct
 
     def test_accuracy(self) -> list[float]:
         """Test-set accuracy (%) of every member's LKG."""
-        correct = self.count_correct(self.pop.lkg, self.data.test_x, self.data.test_y)
-        return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
+        with self._stream_context():
+            correct = self.count_correct(self.pop.lkg, self.data.test_x, self.data.test_y)
+            return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
+
+    # ---------------------------------------------------------------- the meta-loop
+    def _stream_context(self) -> contextlib.AbstractContextManager:
+        if self.stream is None:
+            return contextlib.nullcontext()
+        # inputs (LKG, data) were written on the caller's stream: order our work after it
+        self.stream.wait_stream(torch.cuda.current_stream(self.pop.device))
+        return torch.cuda.stream(self.stream)
+
+    @contextlib.contextmanager
+    def _device_context(self):
+        with self.mm.context(), torch.no_grad():
+            yield
+
+    def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
+        pop = self.pop
+        return tuple(choose_neuron(pop.arch, mem.mode, mem.seed, loop) for mem in pop.members)
+
+    def _run_chunks(self, loop: int, ablated: tuple[tuple[int, int] | None, ...], on_step: StepCallback | None,
+                    validate: bool) -> dict[str, torch.Tensor]:
+        """Train every chunk for one epoch of `loop` (and, if `validate`, score and promote it);
+        per-member outcomes as device tensors."""
+        pop = self.pop
+        dev = pop.device
+        m = pop.size
+        out = {"correct": torch.zeros(m, dtype=torch.int64, device=dev),
+               "promoted": torch.zeros(m, dtype=torch.bool, device=dev),
+               "loss": torch.zeros(m, dtype=torch.float32, device=dev),
+               "bad": torch.zeros(m, dtype=torch.bool, device=dev)}
+        m0 = 0
+        while m0 < m:
+            m1 = min(m, m0 + self.chunk_size)
+            try:
+                ch = self._chunk(m0, m1)
+                ablations = [(j - m0, pop.members[j].mode, *ablated[j]) for j in range(m0, m1)
+                             if ablated[j] is not None]
+                ch.begin(loop, ablations)
+                ch.train_epoch(on_step)
+                out["loss"][m0:m1] = ch.loss_sum / len(ch.batch_sizes())
+                out["bad"][m0:m1] = ch.bad
+                if validate:
+                    correct = self.count_correct(ch.cand, self.data.val_x, self.data.val_y, ch.layout)
+            except OOM_ERRORS:
+                self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
+                continue
+            if validate:
+                lkg_correct = pop.lkg_correct[m0:m1]
+                promote = ~ch.bad & (correct > lkg_correct)
+                lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
+                p = promote.view(1, -1, 1)
+                for (cw, cb), (lw, lb) in zip(ch.cand_runs, pop.layout.runs(pop.lkg)):
+                    lw, lb = lw[:, m0:m1], lb[:, m0:m1]
+                    lw.copy_(torch.where(p, cw, lw))
+                    lb.copy_(torch.where(p, cb, lb))
+                out["correct"][m0:m1] = correct
+                out["promoted"][m0:m1] = promote
+            m0 = m1
+        return out
+
+    def launch(self, on_step: StepCallback | None = None) -> PendingLoop:
+        """Queue one meta-loop for every member and return without waiting for the device.
+
+        The population's LKG and scores move forward on the device; call .result() on the
+        returned PendingLoop (before the next launch) for the outcome and the bounty loops.
+        """
+        if self._pending is not None:
+            raise RuntimeError("the previous meta-loop's result() has not been read")
+        t0 = time.perf_counter()
+        pop = self.pop
+        loop = pop.loop + 1
+        ablated = self._ablations(loop)
+        with self._stream_context(), self._device_context():
+            out = self._run_chunks(loop, ablated, on_step, validate=True)
+            out["lkg_correct"] = pop.lkg_correct
+            if pop.device.type == "cuda":
+                host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                        for k, v in out.items()}
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = {k: v.clone() if k == "lkg_correct" else v for k, v in out.items()}
+                event = None
+        pop.loop = loop
+        self._pending = PendingLoop(self, loop, ablated, host, event, t0)
+        return self._pending
+
+    def meta_loop(self, on_step: StepCallback | None = None) -> LoopResult:
+        """One meta-loop for every member; the population's LKG state moves forward by one loop."""
+        return self.launch(on_step).result()
+
+    def train_epoch(self, loop: int, on_step: StepCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch of loop `loop` for every candidate (cloned from the LKG, not ablated, not
+        scored or promoted): for calibration and benchmarks. Returns (mean loss, diverged)."""
+        with self._stream_context(), self._device_context():
+            out = self._run_chunks(loop, (None,) * self.pop.size, on_step, validate=False)
+        return out["loss"], out["bad"]

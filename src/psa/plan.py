@@ -15,7 +15,7 @@ import torch
 from .arch import parse_arch
 from .data import N_TRAIN, N_VAL, Dataset
 from .design import DesignError, StudyDesign
-from .engine import Engine
+from .engine import Engine, TrainConfig, working_bytes
 from .population import MODES, Member, Population, make_member
 
 
@@ -54,13 +54,10 @@ DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 
 def bytes_per_member(arch: str, batch_size: int = 256) -> int:
-    """Device memory one member needs: LKG, candidate, gradient and AdamW's two moments
-    (5 float32 copies of the parameters, plus one for slack) and a batch's activations (every
-    layer's ReLU output is kept for the backward pass, plus a few transient layer-sized buffers)."""
+    """Device memory one member needs: what it trains with (engine.working_bytes: candidate,
+    gradient, AdamW's moments, a step's activations) plus its LKG and as much again as slack."""
     a = parse_arch(arch)
-    kept = batch_size * sum(a.widths[1:]) * 4 * 2
-    transient = batch_size * max(a.widths[1:]) * 4 * 4
-    return a.params * 4 * 6 + kept + transient + a.widths[0] * batch_size * 4
+    return working_bytes(a, batch_size) + a.params * 4 * 2
 
 
 def device_budget(device: torch.device) -> int:
@@ -176,14 +173,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: int = 4) -> Calibration:
+def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: int = 4,
+              config: TrainConfig | None = None) -> Calibration:
     """Fit seconds/FLOP and seconds per (layer x step) on `device` from two short probes.
 
     Probe A (compute-bound): a population of 1*512 nets (60 members on a GPU, 6 on a CPU);
     probe B (overhead-bound): 6 members of 16*8. Each trains a warm-up epoch and then two timed
     epochs (the faster counts) of `steps` batches of real MNIST with the design's
-    hyperparameters; the two timings solve t = a * FLOPs + b * layers * steps.
+    hyperparameters (and `config`'s precision and kernels); the two timings solve
+    t = a * FLOPs + b * layers * steps.
     """
+    config = config or design.train_config()
     bs = design.batch_size
     sub = dataclasses.replace(data, train_x=data.train_x[: steps * bs], train_y=data.train_y[: steps * bs])
     n_img = sub.train_x.shape[0]
@@ -194,7 +194,7 @@ def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: i
         a = parse_arch(arch)
         members = [make_member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
         pop = Population.create(a, members, device, n_val=data.val_y.numel())
-        engine = Engine(pop, sub, design.train_config())
+        engine = Engine(pop, sub, config)
         engine.train_epoch(1)
         times = []
         for loop in (2, 3):

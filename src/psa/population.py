@@ -42,6 +42,14 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return torch.empty(0, device=device).device
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor copied to `device` without stalling the host: on a GPU through pinned
+    memory and an asynchronous copy (a plain copy from pageable memory waits for the stream)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Member:
     """One trial: its mode, seed and the regularisation rates it trains with."""
@@ -104,6 +112,23 @@ class Layout:
             (flat[w0 : w0 + m * o * i].view(m, o, i), flat[b0 : b0 + m * o].view(m, o))
             for w0, b0, o, i in self.blocks
         ]
+
+    def runs(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weights (R, M, o*i), biases (R, M, o)) strided views of `flat`, one pair per run of R
+        consecutive layers of one shape: an L*W net is three runs however deep it is, so a
+        per-member operation over the whole buffer costs a handful of kernels, not one per layer."""
+        m, base = self.size_m, flat.storage_offset()
+        out, start = [], 0
+        while start < len(self.blocks):
+            w0, b0, o, i = self.blocks[start]
+            end = start + 1
+            while end < len(self.blocks) and self.blocks[end][2:] == (o, i):
+                end += 1
+            r, stride = end - start, m * o * (i + 1)  # consecutive layers of one shape are one stride apart
+            out.append((flat.as_strided((r, m, o * i), (stride, o * i, 1), base + w0),
+                        flat.as_strided((r, m, o), (stride, o, 1), base + b0)))
+            start = end
+        return out
 
     def member_blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Every weight and bias block as an (M, n) view, for per-member selection."""

@@ -48,7 +48,7 @@ def import_ray() -> Any:
 
 
 def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_seconds: float,
-                     data_dir: str | None, threads: int) -> Iterator[Any]:
+                     data_dir: str | None, threads: int, config: Any) -> Iterator[Any]:
     """Runs on a Ray worker: train one population, yielding its events with CPU snapshots."""
     import ray
     import torch
@@ -59,7 +59,7 @@ def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_
     if start is not None:
         start = population_to(start, device)
     where = f"{socket.gethostname()}:{device} (pid {os.getpid()})"
-    for ev in population_events(design, pp, data, start, prior_seconds, where):
+    for ev in population_events(design, pp, data, start, prior_seconds, where, config):
         if isinstance(ev, LoopDone):
             ev.population = population_to(ev.population, "cpu")
         yield ev
@@ -98,7 +98,8 @@ def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
 
     def submit(st: PopulationState) -> None:
         start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
-        gen = remote.options(**task_opts).remote(study.design, st.plan, start, prior, opt.data_dir, threads)
+        gen = remote.options(**task_opts).remote(study.design, st.plan, start, prior, opt.data_dir, threads,
+                                                 study.train_config())
         pending[gen] = st
 
     def lost(st: PopulationState, err: BaseException) -> Iterator[Any]:

@@ -300,7 +300,8 @@ def record_loop(
             rows,
         )
         con.executemany(
-            "UPDATE trials SET status = 'running', loops_done = ?, wall_seconds = ? WHERE id = ?",
+            # MAX: a resume that recomputes loops after its checkpoint does not move progress back
+            "UPDATE trials SET status = 'running', loops_done = MAX(loops_done, ?), wall_seconds = ? WHERE id = ?",
             [(loops_done, wall_seconds, i) for i in trial_ids],
         )
         con.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (utc_now(), run_id))

@@ -36,18 +36,19 @@ from typing import Any
 
 import torch
 
-from . import __version__, store
+from . import __version__, rng, store
 from .arch import parse_arch
 from .checkpoint import CheckpointError, load_population, save_population
 from .data import N_VAL, Dataset
 from .design import DesignError, StudyDesign
-from .engine import Engine
+from .engine import FREE_MEMORY_FRACTION, Engine, PendingLoop, TrainConfig, free_memory
 from .plan import (
     DEFAULT_CALIBRATION,
     PopulationPlan,
     Plan,
     arch_flops,
     auto_chunk,
+    bytes_per_member,
     calibrate,
     describe_device,
     device_budget,
@@ -55,6 +56,7 @@ from .plan import (
     make_plan,
 )
 from .population import Population
+from .precision import resolve as resolve_precision
 from .store import StoreError
 
 DEFAULT_DB = Path("results") / "psa.sqlite"
@@ -112,32 +114,53 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def population_events(
-    design: StudyDesign,
-    pp: PopulationPlan,
-    data: Dataset,
-    start: Population | None,
-    prior_seconds: float = 0.0,
-    where: str = "",
-) -> Iterator[Started | LoopDone | PopulationDone]:
-    """Train one population to the design's meta-loops, from scratch or from `start`.
+class PopulationRun:
+    """One population in training: its engine, and the events of its meta-loops as they finish.
 
-    Yields Started, one LoopDone per meta-loop and a final PopulationDone. The LoopDone's
-    population is the live object: a consumer that checkpoints it must do so before asking
-    for the next event.
+    launch() queues the next meta-loop on the device and returns; collect() waits for it and
+    returns its LoopDone (and the PopulationDone after the last loop). The LoopDone's
+    population is the live object: a consumer that checkpoints it must do so before the next
+    launch().
     """
-    device = data.device
-    if start is None:
-        pop = Population.create(parse_arch(pp.arch), pp.members(design), device, n_val=data.val_y.numel())
-    else:
-        pop = start
-    engine = Engine(pop, data, design.train_config())
-    t0 = time.perf_counter()
-    yield Started(pp.key, where or str(device), pop.loop)
-    while pop.loop < design.meta_loops:
-        r = engine.meta_loop()
+
+    def __init__(self, design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Population | None,
+                 config: TrainConfig | None = None, prior_seconds: float = 0.0, where: str = "") -> None:
+        device = data.device
+        if start is None:
+            pop = Population.create(parse_arch(pp.arch), pp.members(design), device, n_val=data.val_y.numel())
+        else:
+            pop = start
+        self.design, self.pp, self.pop = design, pp, pop
+        self.engine = Engine(pop, data, config or design.train_config())
+        self.prior_seconds = prior_seconds
+        self.where = where or str(device)
+        self.t0 = time.perf_counter()
+        self.pending: PendingLoop | None = None
+
+    def started(self) -> Started:
+        """The Started event (where, and from which loop)."""
+        return Started(self.pp.key, self.where, self.pop.loop)
+
+    @property
+    def to_go(self) -> int:
+        """Meta-loops not yet launched."""
+        return self.design.meta_loops - self.pop.loop
+
+    def seconds(self) -> float:
+        """Wall seconds of this population so far, over all sessions."""
+        return self.prior_seconds + time.perf_counter() - self.t0
+
+    def launch(self) -> None:
+        """Queue the next meta-loop."""
+        self.pending = self.engine.launch()
+
+    def collect(self) -> list[LoopDone | PopulationDone]:
+        """Wait for the queued meta-loop: its LoopDone, and the PopulationDone if it was the last."""
+        assert self.pending is not None
+        r = self.pending.result()
+        self.pending = None
         rows = []
-        for j, mem in enumerate(pop.members):
+        for j, mem in enumerate(self.pop.members):
             a = r.ablated[j]
             rows.append((
                 mem.mode, mem.seed,
@@ -145,17 +168,45 @@ def population_events(
                 None if a is None else int(a[0]), None if a is None else int(a[1]),
                 float(r.lkg_score[j]), _finite_or_none(r.train_loss[j]), int(r.diverged[j]),
             ))
-        yield LoopDone(pp.key, r.loop, rows, pop, prior_seconds + time.perf_counter() - t0)
-    test = engine.test_accuracy()
-    scores = pop.lkg_score()
-    yield PopulationDone(
-        key=pp.key,
-        members=[(m.mode, m.seed) for m in pop.members],
-        bounty=[s if s >= 0 else None for s in scores],
-        bounty_loop=[bl if bl > 0 else None for bl in pop.bounty_loop],
-        test_acc=list(test),
-        seconds=prior_seconds + time.perf_counter() - t0,
-    )
+        events: list[LoopDone | PopulationDone] = [LoopDone(self.pp.key, r.loop, rows, self.pop, self.seconds())]
+        if self.to_go <= 0:
+            events.append(self.finish())
+        return events
+
+    def finish(self) -> PopulationDone:
+        """Test accuracy of every LKG and the final results."""
+        test = self.engine.test_accuracy()
+        scores = self.pop.lkg_score()
+        return PopulationDone(
+            key=self.pp.key,
+            members=[(m.mode, m.seed) for m in self.pop.members],
+            bounty=[s if s >= 0 else None for s in scores],
+            bounty_loop=[bl if bl > 0 else None for bl in self.pop.bounty_loop],
+            test_acc=list(test),
+            seconds=self.seconds(),
+        )
+
+
+def population_events(
+    design: StudyDesign,
+    pp: PopulationPlan,
+    data: Dataset,
+    start: Population | None,
+    prior_seconds: float = 0.0,
+    where: str = "",
+    config: TrainConfig | None = None,
+) -> Iterator[Started | LoopDone | PopulationDone]:
+    """Train one population to the design's meta-loops, from scratch or from `start`, one loop
+    at a time: Started, one LoopDone per meta-loop and a final PopulationDone. `config`
+    defaults to the design's hyperparameters with the engine's defaults."""
+    run = PopulationRun(design, pp, data, start, config, prior_seconds, where)
+    yield run.started()
+    if run.to_go <= 0:
+        yield run.finish()
+        return
+    while run.to_go > 0:
+        run.launch()
+        yield from run.collect()
 
 
 def population_to(pop: Population, device: torch.device | str) -> Population:
@@ -275,6 +326,11 @@ class RunOptions:
     data_dir: str | None = None
     busy_timeout: float = 60.0
     quiet: bool = False
+    precision: str = "auto"  # of the matmuls (psa.precision); fixed when the study is created
+    kernels: str = "auto"  # auto | torch | triton (TrainConfig.kernels)
+    graphs: bool = True  # CUDA graphs on a GPU
+    concurrency: int | None = None  # populations in flight on one GPU; None: 8 on a GPU, 1 elsewhere
+    checkpoint_every: float = 60.0  # seconds between a population's checkpoints (0: every meta-loop)
 
 
 def code_version() -> str:
@@ -356,6 +412,9 @@ class Study:
         self.run_id = 0
         self.plan: Plan | None = None
         self.pops: dict[str, PopulationState] = {}
+        self.precision = "fp32"
+        self._saved_at: dict[str, float] = {}
+        self._full_sync = True
 
     # ------------------------------------------------------------------ setup
     def open(self, device_desc: str, device: torch.device) -> None:
@@ -364,9 +423,9 @@ class Study:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
             raise StudyError(f"cannot create the results database {self.db}: {e.strerror or e}") from None
-        # a commit must be on disk before the checkpoint that follows it (power loss); one fsync
-        # per population per meta-loop costs nothing next to a meta-loop
+        # a commit must be on disk before the checkpoint that follows it (power loss): see _durable
         self.con.execute("PRAGMA synchronous=FULL")
+        self._full_sync = True
         self.lock.acquire()
         row = store.get_study(self.con, self.name)
         if row is None:
@@ -375,7 +434,9 @@ class Study:
                 budget = 8 << 30 if self.opt.backend == "ray" else device_budget(device)
                 chunk = auto_chunk(self.design, budget)
             plan = make_plan(self.design, chunk)
-            doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1", "plan": plan.to_dict()}
+            engine = {"precision": resolve_precision(self.opt.precision, device), "rng": rng.VERSION}
+            doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
+                   "plan": {**plan.to_dict(), "engine": engine}}
             self.study_id = store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(),
                                                code_version(), device_desc, trial_rows(self.design))
             row = store.get_study(self.con, self.name)
@@ -391,6 +452,11 @@ class Study:
         if self.opt.chunk is not None and self.opt.chunk != chunk:
             raise StudyError(f"study {self.name!r} was planned with --chunk {chunk}; resume it with the same chunk "
                              f"(or omit --chunk)")
+        # studies from before the field ran in strict fp32
+        self.precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))
+        if self.opt.precision != "auto" and resolve_precision(self.opt.precision, device) != self.precision:
+            raise StudyError(f"study {self.name!r} was created with --precision {self.precision}; resume it with "
+                             f"the same precision (or omit --precision)")
         self.plan = make_plan(self.design, chunk)
         stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
         if stored_pops and stored_pops != sorted((p.arch, p.first, p.last) for p in self.plan.populations):
@@ -405,6 +471,12 @@ class Study:
             ids = {(r["mode"], int(r["seed"])): int(r["id"]) for r in rows}
             done = all(r["status"] == "done" for r in rows)
             self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
+
+    def train_config(self) -> TrainConfig:
+        """The engine configuration of this study's populations: the design's hyperparameters,
+        the study's precision, and how this run was asked to execute them."""
+        return dataclasses.replace(self.design.train_config(), precision=self.precision,
+                                   kernels=self.opt.kernels, graphs=self.opt.graphs)
 
     def _ckpt_path(self, pp: PopulationPlan) -> Path:
         return self.ckpt_dir / f"{pp.key}.safetensors"
@@ -433,6 +505,10 @@ class Study:
                 got = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in pop.members]
                 if meta.get("study") != self.name or meta.get("design_hash") != self.design.digest():
                     raise CheckpointError("it belongs to another study or design")
+                if meta.get("rng") != rng.VERSION:
+                    raise CheckpointError("an older psa wrote it, whose data order and dropout were drawn differently")
+                if meta.get("precision", "fp32") != self.precision:
+                    raise CheckpointError(f"it was trained in {meta.get('precision', 'fp32')}, the study is {self.precision}")
                 if got != expected or str(pop.arch) != str(parse_arch(st.plan.arch)):
                     raise CheckpointError("its members differ from the plan's")
                 if not 0 <= pop.loop <= self.design.meta_loops:
@@ -462,16 +538,26 @@ class Study:
         elif isinstance(ev, LoopDone):
             if ev.loop <= st.loop:
                 return  # a replay (retried task) of a loop already recorded
+            # Checkpoints are written every opt.checkpoint_every seconds, not every loop: a big
+            # population's is hundreds of MB. A resume recomputes the loops since the last one
+            # (the same loops: all randomness is a function of seed and loop) and overwrites them.
+            now = time.monotonic()
+            due = now - self._saved_at.get(ev.key, -math.inf) >= self.opt.checkpoint_every
+            self._durable(due)  # the commit before a checkpoint must be on disk first
             rows = [(st.trial_ids[(mode, seed)], ev.loop, mode, *rest) for mode, seed, *rest in ev.rows]
             store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
+            st.loop = ev.loop
+            if not due:
+                return
             extra = {"study": self.name, "population": st.plan.key, "design_hash": self.design.digest(),
-                     "seconds": ev.seconds}
+                     "seconds": ev.seconds, "rng": rng.VERSION, "precision": self.precision}
             try:
                 save_population(self._ckpt_path(st.plan), ev.population, extra)
             except OSError as e:
                 raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
-            st.loop = ev.loop
+            self._saved_at[ev.key] = now
         elif isinstance(ev, PopulationDone):
+            self._durable(True)
             results = []
             for (mode, seed), b, bl, t in zip(ev.members, ev.bounty, ev.bounty_loop, ev.test_acc):
                 results.append((st.trial_ids[(mode, seed)], b, bl, t, ev.seconds, self.design.meta_loops))
@@ -481,6 +567,14 @@ class Study:
                 self._ckpt_path(st.plan).unlink()
         elif isinstance(ev, PopulationFailed):
             store.fail_trials(self.con, list(st.trial_ids.values()))
+
+    def _durable(self, full: bool) -> None:
+        """synchronous=FULL (fsync at commit) or NORMAL for the next commits. In WAL mode a FULL
+        commit also makes every earlier NORMAL one durable, so one fsync before each checkpoint
+        keeps the rows-before-checkpoint order through a power loss, without one per loop."""
+        if full != self._full_sync:
+            self.con.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._full_sync = full
 
     def _disk_message(self, e: OSError, path: Path) -> str:
         if e.errno == errno.ENOSPC:
@@ -611,20 +705,84 @@ def design_data(design: StudyDesign, data_dir: str | None, device: torch.device)
 
 
 def local_events(study: Study, todo: list[PopulationState], device: torch.device) -> Iterator[Any]:
-    """Populations one after another on this process's device, largest work first."""
+    """Populations on this process's device, largest work first: one after another, or on a
+    GPU several at once (opt.concurrency), so that small populations fill the device together."""
     data = design_data(study.design, study.opt.data_dir, device)
+    slots = study.opt.concurrency or (8 if device.type == "cuda" else 1)
+    if slots > 1:
+        yield from concurrent_events(study, todo, device, data, slots)
+        return
     for st in todo:
         start = population_to(st.start, device) if st.start is not None else None
-        gen = population_events(study.design, st.plan, data, start, st.prior_seconds, describe_device(device))
+        gen = population_events(study.design, st.plan, data, start, st.prior_seconds, describe_device(device),
+                                study.train_config())
         try:
             for ev in gen:
                 yield ev
         except Exception as e:  # noqa: BLE001 - one population's failure must not stop the study
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
             del gen
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            yield PopulationFailed(st.plan.key, msg)
+            yield _failed(st, e, device)
+
+
+def _failed(st: PopulationState, e: BaseException, device: torch.device) -> PopulationFailed:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return PopulationFailed(st.plan.key, f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def concurrent_events(study: Study, todo: list[PopulationState], device: torch.device, data: Dataset,
+                      slots: int) -> Iterator[Any]:
+    """Up to `slots` populations in flight at once, each engine on its own CUDA stream.
+
+    Every running population has one meta-loop queued on the device; the driver waits for the
+    oldest, hands its events on (the consumer records them and checkpoints), and queues that
+    population's next loop while the others keep the device busy. A population is admitted
+    while the estimated memory of those in flight fits the device's free memory (at least one
+    always runs). Each engine computes exactly what it would alone, so the rows are those of a
+    one-at-a-time run.
+    """
+    queue = list(todo)
+    active: list[tuple[PopulationState, PopulationRun]] = []
+    free = free_memory(device)
+    budget = None if free is None else free * FREE_MEMORY_FRACTION
+    bs = study.design.batch_size
+
+    def need(st: PopulationState) -> int:
+        return st.plan.size * bytes_per_member(st.plan.arch, bs)
+
+    while queue or active:
+        while queue and len(active) < slots and (
+                not active or budget is None or sum(need(s) for s, _ in active) + need(queue[0]) <= budget):
+            st = queue.pop(0)
+            try:
+                start = population_to(st.start, device) if st.start is not None else None
+                run = PopulationRun(study.design, st.plan, data, start, study.train_config(), st.prior_seconds,
+                                    describe_device(device))
+                yield run.started()
+                if run.to_go <= 0:
+                    yield run.finish()
+                    continue
+                run.launch()
+            except Exception as e:  # noqa: BLE001 - one population's failure must not stop the study
+                yield _failed(st, e, device)
+                continue
+            active.append((st, run))
+        if not active:
+            continue
+        st, run = active.pop(0)
+        try:
+            events = run.collect()
+        except Exception as e:  # noqa: BLE001
+            yield _failed(st, e, device)
+            continue
+        yield from events  # the consumer checkpoints before we queue the next loop
+        if run.to_go > 0:
+            try:
+                run.launch()
+            except Exception as e:  # noqa: BLE001
+                yield _failed(st, e, device)
+                continue
+            active.append((st, run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,6 +902,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
     device = resolve_device_name(opt.device) if opt.backend == "local" else resolve_device_name("auto")
     db = Path(opt.db)
     chunk = opt.chunk
+    precision = resolve_precision(opt.precision, device)
     status_by_key: dict[tuple[str, str, int], str] = {}
     existing = None
     if db.is_file():
@@ -759,6 +918,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
                     raise StudyError(f"study {name!r} was planned with --chunk {stored_chunk}; resume it with the "
                                      f"same chunk (or omit --chunk)")
                 chunk = chunk or stored_chunk
+                precision = str(stored_design(existing).get("plan", {}).get("engine", {}).get("precision", "fp32"))
                 for t in store.study_trials(con, int(existing["id"])):
                     status_by_key[(t["arch"], t["mode"], int(t["trial"]))] = t["status"]
         finally:
@@ -768,7 +928,9 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
     cal = DEFAULT_CALIBRATION
     if calibrate_device:
         data = cached_data(design.dataset, opt.data_dir, device)
-        cal = calibrate(device, data, design)
+        config = dataclasses.replace(design.train_config(), precision=precision, kernels=opt.kernels,
+                                     graphs=opt.graphs)
+        cal = calibrate(device, data, design, config=config)
     plan = make_plan(design, chunk, cal)
     table = Table(title=f"study {name}: plan", title_justify="left")
     for col in ("arch", "params", "trials", "pops", "TFLOP/trial", "PFLOP", "time", "to do"):
@@ -802,7 +964,8 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
         soft_wrap=True)
     out_console.print(f"work: {total_flops / 1e15:.3g} PFLOP (forward+backward = 3 x forward over {design.n_train:,} "
                       f"images + forward over {N_VAL:,} per meta-loop, + the test set once)", soft_wrap=True)
-    out_console.print(f"estimate on {cal.device}: {fmt_seconds(total_time)} for the whole study on one device"
+    out_console.print(f"estimate on {cal.device} in {precision}: {fmt_seconds(total_time)} for the whole study, "
+                      f"one population at a time"
                       + (f", {fmt_seconds(todo_time)} for the {n_todo} trials still to do" if existing else ""),
                       soft_wrap=True)
     out_console.print(f"calibration: {cal.method}", soft_wrap=True)

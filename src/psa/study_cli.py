@@ -63,6 +63,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         db=Path(args.db), device=args.device, chunk=args.chunk, backend=args.backend, address=args.address,
         num_cpus=args.num_cpus, cpus_per_task=args.cpus_per_task, per_device=args.per_device,
         max_retries=args.max_retries, data_dir=args.data_dir, busy_timeout=args.busy_timeout, quiet=args.quiet,
+        precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs, concurrency=args.concurrency,
+        checkpoint_every=args.checkpoint_every,
     )
     if args.backend == "local" and (args.address or args.num_cpus):
         raise DesignError("--address and --num-cpus apply to --backend ray")
@@ -273,7 +275,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `study`, `status` and `export` to psa's subcommands."""
-    from .cli import _add_training_flags
+    from .cli import _add_training_flags, add_engine_flags
 
     p = sub.add_parser("study", help="run (or resume) a study: architectures x modes x trials, into SQLite",
                        description="Run a study design into a results database. Re-running the same command "
@@ -307,6 +309,12 @@ def register(sub: Any) -> None:
                    help="ray: populations that may share one GPU (default 1)")
     r.add_argument("--max-retries", type=nonneg_int, default=3,
                    help="ray: resubmissions of a population whose worker died (default 3)")
+    add_engine_flags(r, "auto")
+    r.add_argument("--concurrency", type=positive_int,
+                   help="populations in flight at once on one device (default 8 on a GPU, 1 elsewhere)")
+    r.add_argument("--checkpoint-every", type=seconds, default=60.0, metavar="SECONDS",
+                   help="seconds between a population's checkpoints (default 60; 0: after every meta-loop); "
+                        "a resume recomputes the loops since the last one")
     r.add_argument("--busy-timeout", type=seconds, default=60.0,
                    help="seconds to wait for another writer's transaction (default 60)")
     r.add_argument("--dry-run", action="store_true",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, rng
 from .arch import ArchError, parse_arch
 from .checkpoint import CheckpointError, atomic_write, load_member, restore_member, save_member
 from .console import arch_table, err_console, loop_progress
@@ -47,6 +47,9 @@ class RunConfig:
     out: str | None = None
     resume: str | None = None
     quiet: bool = False  # no progress or log (--json)
+    precision: str | None = None  # None: auto, or on resume the run's own
+    kernels: str = "auto"
+    graphs: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +118,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) one trial; returns its summary, which is also written to run.json."""
     t_start = time.perf_counter()
     console = err_console
+    notes: list[str] = []
     records: list[dict[str, Any]] = []
     prior_seconds = 0.0
     if cfg.resume:
@@ -140,9 +144,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         records = list(meta["records"])
         prior_seconds = float(meta.get("train_seconds", 0.0))
         hp = meta["hyperparameters"]
+        # runs from before --precision trained in strict fp32
         base = TrainConfig(lr=hp["lr"], batch_size=hp["batch_size"], weight_decay=hp["weight_decay"],
-                           dropout=hp["dropout"], betas=tuple(hp["betas"]), eps=hp["eps"])
+                           dropout=hp["dropout"], betas=tuple(hp["betas"]), eps=hp["eps"],
+                           precision=hp.get("precision", "fp32"))
         history = [tuple(x) for x in meta["mode_history"]]
+        if meta.get("rng") != rng.VERSION:
+            notes.append("this run was started by an older psa: its next meta-loops draw their data order and "
+                         "dropout masks from psa's current random streams")
     else:
         if cfg.arch is None:
             raise ConfigError("--arch is required (or --resume RUN_DIR)")
@@ -155,8 +164,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if target - done < 1:
         raise ConfigError("--meta-loops must be at least 1")
     overrides = {k: v for k, v in (("lr", cfg.lr), ("batch_size", cfg.batch_size),
-                                   ("weight_decay", cfg.weight_decay), ("dropout", cfg.dropout)) if v is not None}
-    train_cfg = replace(base, **overrides)
+                                   ("weight_decay", cfg.weight_decay), ("dropout", cfg.dropout),
+                                   ("precision", cfg.precision)) if v is not None}
+    train_cfg = replace(base, **overrides, kernels=cfg.kernels, graphs=cfg.graphs)
     member = make_member(mode, seed, decay_rate=train_cfg.weight_decay, dropout_rate=train_cfg.dropout)
     device = resolve_device(cfg.device)
     data = load_data(cfg.dataset, cfg.data_dir, device)
@@ -178,6 +188,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         except OSError as e:
             raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror})") from None
     engine = Engine(pop, data, train_cfg)
+    train_cfg = replace(train_cfg, precision=engine.precision)  # recorded as resolved ("auto" -> what ran)
 
     def summary(final: bool, test_acc: float | None, train_seconds: float) -> dict[str, Any]:
         return {
@@ -195,7 +206,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             "lkg_correct": int(pop.lkg_correct[0]),
             "test_acc": test_acc,
             "complete": final,
-            "hyperparameters": asdict(train_cfg),
+            "hyperparameters": {k: v for k, v in asdict(train_cfg).items() if k not in ("kernels", "graphs",
+                                                                                      "max_members")},
+            "rng": rng.VERSION,
             "member_weight_decay": member.weight_decay,
             "member_dropout": member.dropout,
             "dataset": data.name,
@@ -212,11 +225,14 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     if not cfg.quiet:
         console.print(arch_table(arch))
-        console.print(f"mode [bold]{mode}[/]  seed {seed}  device {device}  meta-loops {done + 1}..{target}", soft_wrap=True)
+        console.print(f"mode [bold]{mode}[/]  seed {seed}  device {device}  precision {engine.precision}  "
+                      f"meta-loops {done + 1}..{target}", soft_wrap=True)
         console.print(f"data {data.source}", soft_wrap=True)
         console.print(f"run  {run_dir}", soft_wrap=True)
         if done:
             console.print(f"resuming after meta-loop {done}: bounty {pop.lkg_score()[0]:.2f}% @ loop {pop.bounty_loop[0]}")
+        for n in notes:
+            console.print(f"[yellow]note[/]: {n}", soft_wrap=True)
 
     with loop_progress() as progress:
         loops_task = progress.add_task("meta-loop", total=target - done, visible=not cfg.quiet)

@@ -1,0 +1,453 @@
+"""Triton kernels for the hidden stack of narrow MLPs: every hidden layer in one launch.
+
+A population of deep, narrow nets (2048 layers of width 1, 632 of width 4, ...) costs several
+torch kernels per layer and direction, so thousands of launches per training step, each doing
+almost no work. Here one program owns one member and one block of batch rows and carries its
+activations through the whole middle stack in registers: the forward is one launch, the
+backward is one launch plus one torch sum over row blocks of the weight gradients.
+
+Parameters live in psa's flat, layer-major buffer (psa.population): for the middle layer l
+(1 <= l <= L-1) of member m, weight[o, i] is at w_off + (l-1)*layer_stride + m*W*W + o*W + i
+and bias[o] at b_off + (l-1)*layer_stride + m*W + o. Gradients use the same layout.
+
+Dropout masks are the counter-based hashes of psa.rng, computed in the kernel with native
+uint32 arithmetic, so they equal rng.dropout_noise bit for bit on any device.
+
+Without a GPU, set TRITON_INTERPRET=1 before importing this module to run the kernels in
+Triton's interpreter (the tests do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package works without triton; only these kernels need it
+    triton = None
+    tl = None
+
+MAX_WIDTH: int = 32
+
+# Widths above this use tl.dot (which needs every dimension >= 16); narrower ones use
+# broadcast multiply-adds, where a (rows, W, W) product tile is cheap and exact fp32.
+_DOT_MIN_WIDTH = 16
+# Rows per program: at most 512 / Wpad (the (rows, W) activation tiles) and 2048 / Wpad**2
+# (the (rows, W, W) product tiles), which keeps both directions near 80 registers a thread at
+# 4 warps on sm_90 with no spills (measured with ptxas for W = 1..32).
+_ROW_BUDGET = 512
+_TILE_BUDGET = 2048
+_PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
+
+
+def available() -> bool:
+    """Whether the kernels can run here: triton importable, and a GPU or the interpreter."""
+    if triton is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_config(width: int, rows: int, precision: str = "fp32") -> tuple[int, int, int]:
+    """(padded width, rows per program, num_warps) for a stack of `width` on `rows` rows.
+
+    The one place the launch heuristics live, so they can be tuned on the target GPU. Each
+    layer is a serial step whatever the tile, so rows per program only trade registers (and
+    occupancy) against programs re-reading the same weights; the budgets keep a program small.
+    """
+    wp = triton.next_power_of_2(width)
+    want = max(16, triton.next_power_of_2(rows))
+    if wp > _DOT_MIN_WIDTH:
+        # tl.dot's minimum of 16 rows; the fp32 ("ieee") dot runs on FMA units and needs twice
+        # the threads to stay clear of spills
+        return wp, 16, 8 if precision == "fp32" else 4
+    block_r = min(want, max(16, min(_ROW_BUDGET // wp, _TILE_BUDGET // (wp * wp))))
+    num_warps = min(4, max(1, block_r * wp * wp // 256))
+    return wp, block_r, num_warps
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("psa.kernels needs triton (pip install triton); it is not installed")
+    if not available():
+        raise RuntimeError("psa.kernels needs a CUDA GPU, or TRITON_INTERPRET=1 set before import "
+                           "to run on the CPU in Triton's interpreter")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device, contiguous: bool = False) -> None:
+    _check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    _check(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    _check(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
+    _check(t.device == device, f"{name} must be on {device}, got {t.device}")
+    if contiguous:
+        _check(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def _check_stack(flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int, n_layers: int,
+                 width: int, members: int, device: torch.device, name: str = "flat") -> None:
+    _check(isinstance(n_layers, int) and n_layers >= 1, f"n_layers must be an int >= 1, got {n_layers!r}")
+    _check(isinstance(width, int) and 1 <= width <= MAX_WIDTH,
+           f"width must be an int in [1, {MAX_WIDTH}], got {width!r}")
+    _check(isinstance(flat, torch.Tensor) and flat.dim() == 1 and flat.dtype == torch.float32,
+           f"{name} must be a 1-d float32 tensor")
+    _check(flat.device == device, f"{name} must be on {device}, got {flat.device}")
+    _check(flat.is_contiguous(), f"{name} must be contiguous")
+    if n_layers == 1:
+        return  # no middle layer: the buffer is never touched
+    _check(min(w_off, b_off) >= 0 and layer_stride >= 0, "w_off, b_off and layer_stride must be >= 0")
+    last = n_layers - 2
+    _check(w_off + last * layer_stride + members * width * width <= flat.numel()
+           and b_off + last * layer_stride + members * width <= flat.numel(),
+           f"the {n_layers - 1} middle layers (w_off={w_off}, b_off={b_off}, "
+           f"layer_stride={layer_stride}) run past the end of {name} ({flat.numel()} elements)")
+
+
+def _check_drop(drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor], members: int,
+                device: torch.device) -> None:
+    _check(isinstance(drop, tuple) and len(drop) == 3, "drop must be a tuple (ks, thr, sc)")
+    ks, thr, sc = drop
+    _check_tensor("drop ks", ks, (members,), torch.int64, device, contiguous=True)
+    _check_tensor("drop thr", thr, (members,), torch.int64, device, contiguous=True)
+    _check_tensor("drop sc", sc, (members,), torch.float32, device, contiguous=True)
+
+
+def _precision_code(precision: str, width: int) -> int:
+    _check(precision in _PRECISIONS, f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    # narrow stacks never touch tensor cores, so reduced precision would buy nothing
+    return _PRECISIONS[precision] if width > _DOT_MIN_WIDTH else 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mix32(x):
+        # lowbias32 on uint32: multiplies wrap mod 2**32 and shifts are logical, as in rng.mix32
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _activate(z, rows, units, n_units, key, thr, sc, HAS_DROP: tl.constexpr):
+        # max with NaN propagation, so that a diverged member stays NaN and detectable
+        a = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if HAS_DROP:
+            # rng.position_hash wraps r*U + u to 32 bits; uint32 arithmetic does the same
+            c = (rows.to(tl.uint32)[:, None] * n_units + units.to(tl.uint32)[None, :]).to(tl.uint32)
+            h = _mix32(_mix32(c) ^ key)
+            a = tl.where(h >= thr, a * sc, 0.0)
+        return a
+
+    @triton.jit
+    def _matmul(x, y, PREC: tl.constexpr, DOT: tl.constexpr):
+        # x (R, K) @ y (K, N)
+        if DOT:
+            if PREC == 2:
+                # bf16 operands, fp32 accumulation. The rounded values are exact in tf32, so a
+                # tf32 dot of them computes what a bf16 dot would (the interpreter has no
+                # working bf16 dot, so this path is also the one the CPU tests check).
+                x = x.to(tl.bfloat16).to(tl.float32)
+                y = y.to(tl.bfloat16).to(tl.float32)
+                return tl.dot(x, y, input_precision="tf32")
+            elif PREC == 1:
+                return tl.dot(x, y, input_precision="tf32")
+            else:
+                return tl.dot(x, y, input_precision="ieee")
+        else:
+            return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
+
+    # n_layers must stay a runtime value (Triton turns an int argument equal to 1 into a
+    # constant, which a while condition cannot take)
+    @triton.jit(do_not_specialize=["n_layers"])
+    def _stack_fwd_kernel(
+        z0_ptr, s_zm, s_zb, s_zw,
+        flat_ptr, w_off, b_off, layer_stride,
+        acts_ptr, act_layer_stride,
+        ks_ptr, thr_ptr, sc_ptr,
+        B, n_layers, n_units,
+        W: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_DROP: tl.constexpr, STORE_ALL: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    ):
+        m = tl.cast(tl.program_id(0), tl.int64)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        u = tl.arange(0, WP)
+        umask = u < W
+        tile_mask = (r < B)[:, None] & umask[None, :]
+        wmask = umask[:, None] & umask[None, :]
+        # weights loaded transposed, wt[i, o] = W[o, i], so that z = a @ wt
+        wt_idx = u[:, None] + u[None, :] * W
+
+        key = tl.full((), 0, tl.uint32)
+        thr = tl.full((), 0, tl.uint32)
+        sc = 1.0
+        if HAS_DROP:
+            key = tl.load(ks_ptr + m).to(tl.uint32)
+            thr = tl.load(thr_ptr + m).to(tl.uint32)
+            sc = tl.load(sc_ptr + m)
+
+        z = tl.load(z0_ptr + m * s_zm + r[:, None] * s_zb + u[None, :] * s_zw, mask=tile_mask, other=0.0)
+        a = _activate(z, r, u, n_units, key, thr, sc, HAS_DROP)
+        # padded units stay exactly 0 even when a real unit is inf or NaN (0 * inf = NaN)
+        a = tl.where(umask[None, :], a, 0.0)
+        act_tile = acts_ptr + m * B * W + r[:, None] * W + u[None, :]
+        if STORE_ALL:
+            tl.store(act_tile, a, mask=tile_mask)
+
+        w_base = flat_ptr + w_off + m * W * W
+        b_base = flat_ptr + b_off + m * W
+        # Each layer waits on its weights, which do not depend on the activations: load the
+        # next layer's while this one computes, to hide the memory latency of the serial chain.
+        wt = tl.load(w_base + wt_idx, mask=wmask & (n_layers > 1), other=0.0)
+        bias = tl.load(b_base + u, mask=umask & (n_layers > 1), other=0.0)
+        # a while loop, not range(1, n_layers): the same runtime loop, but Triton 3.6's
+        # interpreter cannot take a kernel argument as a range bound under numpy >= 2.4
+        l = tl.full((), 1, tl.int32)
+        while l < n_layers:
+            wt_cur = wt
+            b_cur = bias
+            nxt = tl.cast(l, tl.int64) * layer_stride
+            wt = tl.load(w_base + nxt + wt_idx, mask=wmask & (l + 1 < n_layers), other=0.0)
+            bias = tl.load(b_base + nxt + u, mask=umask & (l + 1 < n_layers), other=0.0)
+
+            z = _matmul(a, wt_cur, PREC, DOT) + b_cur[None, :]
+            a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
+            a = tl.where(umask[None, :], a, 0.0)
+            if STORE_ALL:
+                tl.store(act_tile + tl.cast(l, tl.int64) * act_layer_stride, a, mask=tile_mask)
+            l += 1
+        if not STORE_ALL:
+            tl.store(act_tile, a, mask=tile_mask)
+
+    @triton.jit(do_not_specialize=["n_layers"])
+    def _stack_bwd_kernel(
+        da_ptr, s_dm, s_db, s_dw,
+        acts_ptr, act_layer_stride,
+        flat_ptr, w_off, layer_stride,
+        part_ptr, p_w_off, p_b_off, p_layer_stride, p_block_stride,
+        dz0_ptr, sc_ptr,
+        B, n_layers,
+        W: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
+        HAS_SCALE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    ):
+        m = tl.cast(tl.program_id(0), tl.int64)
+        rb = tl.program_id(1)
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        u = tl.arange(0, WP)
+        umask = u < W
+        tile_mask = (r < B)[:, None] & umask[None, :]
+        wmask = umask[:, None] & umask[None, :]
+        w_idx = u[:, None] * W + u[None, :]
+
+        sc = 1.0
+        if HAS_SCALE:
+            sc = tl.load(sc_ptr + m)
+
+        da = tl.load(da_ptr + m * s_dm + r[:, None] * s_db + u[None, :] * s_dw, mask=tile_mask, other=0.0)
+        act_tile = acts_ptr + m * B * W + r[:, None] * W + u[None, :]
+        l = tl.full((), 0, tl.int32) + n_layers - 1
+        a_cur = tl.load(act_tile + tl.cast(l, tl.int64) * act_layer_stride, mask=tile_mask, other=0.0)
+
+        w_base = flat_ptr + w_off + m * W * W
+        pw_base = part_ptr + p_w_off + tl.cast(rb, tl.int64) * p_block_stride + m * W * W
+        pb_base = part_ptr + p_b_off + tl.cast(rb, tl.int64) * p_block_stride + m * W
+        # as in the forward, fetch the next (lower) layer's operands while this one computes
+        a_prev = tl.load(act_tile + tl.cast(l - 1, tl.int64) * act_layer_stride,
+                         mask=tile_mask & (l >= 1), other=0.0)
+        w = tl.load(w_base + tl.cast(l - 1, tl.int64) * layer_stride + w_idx, mask=wmask & (l >= 1), other=0.0)
+        while l >= 1:
+            a_in = a_prev
+            w_cur = w
+            a_prev = tl.load(act_tile + tl.cast(l - 2, tl.int64) * act_layer_stride,
+                             mask=tile_mask & (l >= 2), other=0.0)
+            w = tl.load(w_base + tl.cast(l - 2, tl.int64) * layer_stride + w_idx, mask=wmask & (l >= 2), other=0.0)
+
+            # a > 0 exactly where the unit was kept and its pre-activation was positive
+            dz = tl.where(a_cur > 0, da * sc, 0.0)
+            gw = _matmul(tl.trans(dz), a_in, PREC, DOT)
+            gb = tl.sum(dz, axis=0)
+            p_off = tl.cast(l - 1, tl.int64) * p_layer_stride
+            tl.store(pw_base + p_off + w_idx, gw, mask=wmask)
+            tl.store(pb_base + p_off + u, gb, mask=umask)
+            da = _matmul(dz, w_cur, PREC, DOT)
+            a_cur = a_in
+            l -= 1
+        dz = tl.where(a_cur > 0, da * sc, 0.0)
+        tl.store(dz0_ptr + m * B * W + r[:, None] * W + u[None, :], dz, mask=tile_mask)
+
+    @triton.jit
+    def _dropout_noise_kernel(out_ptr, ks_ptr, thr_ptr, sc_ptr, n, BLOCK: tl.constexpr):
+        d = tl.cast(tl.program_id(1), tl.int64)
+        c = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < n
+        key = tl.load(ks_ptr + d).to(tl.uint32)
+        thr = tl.load(thr_ptr + d).to(tl.uint32)
+        sc = tl.load(sc_ptr + d)
+        # truncating the position to 32 bits is rng.position_hash's `c & MASK32`
+        h = _mix32(_mix32(c.to(tl.uint32)) ^ key)
+        tl.store(out_ptr + d * n + c, tl.where(h >= thr, sc, 0.0), mask=mask)
+
+
+def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
+                  n_layers: int, width: int, acts: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None,
+                  drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  precision: str = "fp32") -> torch.Tensor:
+    """Run the hidden stack a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1} + b_l)) in one launch.
+
+    z0 (M, B, W) float32, any strides: hidden layer 0's pre-activation. Training: `acts`, a
+    contiguous (L, M, B, W) float32 tensor, receives every a_l and acts[L-1] is returned;
+    `drop` is None or (ks, thr, sc), each (M,): per-step key and threshold (int64 holding
+    uint32) and scale (float32), as rng.dropout_noise takes them (thr=0, sc=1 for members
+    without dropout). Eval: acts is None and only a_{L-1} is written, to `out` (contiguous
+    (M, B, W), allocated if None), which is returned; drop must then be None.
+    precision ("fp32", "tf32", "bf16") only matters for width > 16.
+    """
+    _require_triton()
+    _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32,
+           "z0 must be a 3-d (M, B, W) float32 tensor")
+    members, rows, w = z0.shape
+    device = z0.device
+    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, device)
+    _check(w == width, f"z0 has width {w}, expected {width}")
+    prec = _precision_code(precision, width)
+    if acts is not None:
+        _check_tensor("acts", acts, (n_layers, members, rows, width), torch.float32, device, contiguous=True)
+        _check(out is None, "pass acts (training) or out (eval), not both")
+        target, store_all = acts, True
+    else:
+        _check(drop is None, "dropout needs the training path: pass acts")
+        if out is None:
+            out = torch.empty(members, rows, width, dtype=torch.float32, device=device)
+        _check_tensor("out", out, (members, rows, width), torch.float32, device, contiguous=True)
+        target, store_all = out, False
+    if drop is not None:
+        _check_drop(drop, members, device)
+        ks, thr, sc = drop
+    else:
+        ks = thr = sc = z0  # never read
+    if members == 0 or rows == 0:
+        return acts[n_layers - 1] if store_all else out
+
+    wp, block_r, num_warps = launch_config(width, rows, precision)
+    grid = (members, triton.cdiv(rows, block_r))
+    _stack_fwd_kernel[grid](
+        z0, z0.stride(0), z0.stride(1), z0.stride(2),
+        flat, w_off, b_off, layer_stride,
+        target, members * rows * width,
+        ks, thr, sc,
+        rows, n_layers, n_layers * width,
+        W=width, WP=wp, BLOCK_R=block_r,
+        HAS_DROP=drop is not None, STORE_ALL=store_all, PREC=prec, DOT=wp > _DOT_MIN_WIDTH,
+        num_warps=num_warps,
+    )
+    return acts[n_layers - 1] if store_all else out
+
+
+def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
+                   w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
+                   dz0: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   precision: str = "fp32") -> torch.Tensor:
+    """Backpropagate da = dLoss/da_{L-1} (M, B, W) through the hidden stack; return dz0.
+
+    acts is stack_forward's (L, M, B, W) output and scale the (M,) float32 dropout scale (None:
+    no dropout, 1.0). The middle layers' weight and bias gradients are written over `grad` (same
+    layout as `flat`); nothing else of `grad` is touched. dz0 = dLoss/dz0, the gradient at
+    hidden layer 0's pre-activation, goes to `dz0` (contiguous (M, B, W), allocated if None).
+    Deterministic: no atomics; per-row-block partials are summed by torch in a fixed order.
+    """
+    _require_triton()
+    _check(isinstance(da, torch.Tensor) and da.dim() == 3 and da.dtype == torch.float32,
+           "da must be a 3-d (M, B, W) float32 tensor")
+    members, rows, w = da.shape
+    device = da.device
+    _check(w == width, f"da has width {w}, expected {width}")
+    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, device)
+    _check_stack(grad, w_off, b_off, layer_stride, n_layers, width, members, device, name="grad")
+    _check(grad.numel() == flat.numel(), "grad must have the same layout (size) as flat")
+    _check_tensor("acts", acts, (n_layers, members, rows, width), torch.float32, device, contiguous=True)
+    if scale is not None:
+        _check_tensor("scale", scale, (members,), torch.float32, device, contiguous=True)
+    if dz0 is None:
+        dz0 = torch.empty(members, rows, width, dtype=torch.float32, device=device)
+    _check_tensor("dz0", dz0, (members, rows, width), torch.float32, device, contiguous=True)
+    prec = _precision_code(precision, width)
+    n_mid = n_layers - 1
+    if members == 0 or rows == 0:
+        if n_mid:
+            _write_grad(grad, torch.zeros(n_mid, members * width * (width + 1), device=device),
+                        w_off, b_off, layer_stride, members, width)
+        return dz0
+
+    wp, block_r, num_warps = launch_config(width, rows, precision)
+    n_blocks = triton.cdiv(rows, block_r)
+    mid_stride = members * width * (width + 1)
+    # Partials straight into grad when one row block covers the batch (no reduction);
+    # otherwise into scratch laid out like the middle stack, one copy per row block.
+    direct = n_mid == 0 or n_blocks == 1
+    if direct:
+        part, p_w, p_b, p_layer, p_block = grad, w_off, b_off, layer_stride, 0
+    else:
+        part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
+        p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
+    _stack_bwd_kernel[(members, n_blocks)](
+        da, da.stride(0), da.stride(1), da.stride(2),
+        acts, members * rows * width,
+        flat, w_off, layer_stride,
+        part, p_w, p_b, p_layer, p_block,
+        dz0, scale if scale is not None else da,
+        rows, n_layers,
+        W=width, WP=wp, BLOCK_R=block_r,
+        HAS_SCALE=scale is not None, PREC=prec, DOT=wp > _DOT_MIN_WIDTH,
+        num_warps=num_warps,
+    )
+    if not direct:
+        _write_grad(grad, part, w_off, b_off, layer_stride, members, width)
+    return dz0
+
+
+def _write_grad(grad: torch.Tensor, part: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
+                members: int, width: int) -> None:
+    """Sum (n_blocks, L-1, M*W*(W+1)) partials (or take (L-1, M*W*(W+1)) sums) into grad."""
+    n_mid, mid_stride = part.shape[-2], part.shape[-1]
+    n_w = members * width * width
+    if b_off == w_off + n_w and layer_stride == mid_stride:
+        # the usual packed layout: the whole middle stack is one contiguous slice of grad
+        dst = grad[w_off:w_off + n_mid * mid_stride].view(n_mid, mid_stride)
+        if part.dim() == 3:
+            torch.sum(part, dim=0, out=dst)
+        else:
+            dst.copy_(part)
+        return
+    red = part.sum(dim=0) if part.dim() == 3 else part
+    grad.as_strided((n_mid, n_w), (layer_stride, 1), w_off).copy_(red[:, :n_w])
+    grad.as_strided((n_mid, mid_stride - n_w), (layer_stride, 1), b_off).copy_(red[:, n_w:])
+
+
+def dropout_noise(rows: int, units: int, ks: torch.Tensor, thr: torch.Tensor,
+                  sc: torch.Tensor) -> torch.Tensor:
+    """(D, rows, units) float32 dropout multipliers (0 or sc[d]) in one launch.
+
+    Bit for bit rng.dropout_noise(rng.position_hash(rows, units, device), ks, thr, sc):
+    ks and thr (D,) int64 holding uint32 words, sc (D,) float32, all on one device.
+    """
+    _require_triton()
+    _check(isinstance(ks, torch.Tensor) and ks.dim() == 1, "ks must be a 1-d tensor")
+    _check(rows >= 0 and units >= 0, f"rows and units must be >= 0, got {rows}, {units}")
+    n_members = ks.numel()
+    _check_drop((ks, thr, sc), n_members, ks.device)
+    out = torch.empty(n_members, rows, units, dtype=torch.float32, device=ks.device)
+    n = rows * units
+    if n == 0 or n_members == 0:
+        return out
+    block = 1024
+    _dropout_noise_kernel[(triton.cdiv(n, block), n_members)](out, ks, thr, sc, n, BLOCK=block, num_warps=4)
+    return out

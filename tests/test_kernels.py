@@ -1,0 +1,381 @@
+"""psa.kernels against a float64 torch reference, in Triton's interpreter when there is no GPU.
+
+Every check draws fresh random inputs from a seed printed in its assertion message, so a
+failure can be replayed with `case(seed=...)`. Output buffers start poisoned with NaN, so an
+element the kernels should write but do not shows up as non-finite, and the regions of `grad`
+they must not write (layer 0, the output layer, gaps between layers) must still hold the poison.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from psa import kernels, rng  # noqa: E402
+
+if not kernels.available():
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+NAN = float("nan")
+PREFIX, SUFFIX = 11, 7  # stand-ins for layer 0 and the output layer around the middle stack
+# Relative error bounds. Reduced-precision errors grow about linearly with depth (L <= 5 in
+# those tests); the interpreter truncates to bf16 where a GPU rounds to nearest.
+TOL = {"fp32": 1e-5, "tf32": 1.5e-2, "bf16": 5e-2}
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@dataclass
+class Case:
+    """One population's hidden stack: parameters in a flat buffer, layer-0 pre-activations,
+    per-member dropout settings and the upstream gradient."""
+
+    seed: int
+    M: int
+    B: int
+    W: int
+    L: int
+    flat: torch.Tensor
+    w_off: int
+    b_off: int
+    layer_stride: int
+    z0: torch.Tensor
+    da: torch.Tensor
+    ks: torch.Tensor
+    thr: torch.Tensor
+    sc: torch.Tensor
+    dropout: bool
+
+    def __str__(self) -> str:
+        return (f"seed={self.seed} M={self.M} B={self.B} W={self.W} L={self.L} "
+                f"dropout={self.dropout} layer_stride={self.layer_stride}")
+
+    @property
+    def drop(self):
+        return (self.ks, self.thr, self.sc) if self.dropout else None
+
+    @property
+    def scale(self):
+        return self.sc if self.dropout else None
+
+    def weight(self, l: int) -> torch.Tensor:
+        start = self.w_off + (l - 1) * self.layer_stride
+        return self.flat[start:start + self.M * self.W * self.W].view(self.M, self.W, self.W)
+
+    def bias(self, l: int) -> torch.Tensor:
+        start = self.b_off + (l - 1) * self.layer_stride
+        return self.flat[start:start + self.M * self.W].view(self.M, self.W)
+
+    def noise(self) -> torch.Tensor | None:
+        """(M, B, L*W) dropout multipliers from psa.rng, the definition the kernels must match."""
+        if not self.dropout:
+            return None
+        return rng.dropout_noise(rng.position_hash(self.B, self.L * self.W, "cpu"), self.ks, self.thr, self.sc)
+
+    def middle(self) -> torch.Tensor:
+        """Bool mask over flat: True on the middle stack's weight and bias blocks."""
+        mask = torch.zeros(self.flat.numel(), dtype=torch.bool)
+        n_w, n_b = self.M * self.W * self.W, self.M * self.W
+        for l in range(1, self.L):
+            mask[self.w_off + (l - 1) * self.layer_stride:][:n_w] = True
+            mask[self.b_off + (l - 1) * self.layer_stride:][:n_b] = True
+        return mask
+
+
+def case(seed: int, M: int, B: int, W: int, L: int, dropout: bool = False, gap: int = 0) -> Case:
+    """A random Case. `gap` spare floats after each middle layer test a non-packed layout."""
+    g = torch.Generator().manual_seed(seed)
+    layer_stride = M * W * (W + 1) + gap
+    flat = torch.randn(PREFIX + (L - 1) * layer_stride + SUFFIX, generator=g)
+    # He-scaled weights and small biases keep activations alive and bounded through deep stacks
+    for l in range(1, L):
+        start = PREFIX + (l - 1) * layer_stride
+        flat[start:start + M * W * W] *= (2.0 / W) ** 0.5
+        flat[start + M * W * W:start + M * W * (W + 1)] *= 0.1
+    z0 = torch.randn(M, B, W, generator=g)
+    da = torch.randn(M, B, W, generator=g)
+    ks = torch.randint(0, 2**32, (M,), generator=g, dtype=torch.int64)
+    p = torch.rand(M, generator=g) * 0.5 + 0.1
+    # dropout on some members only: the others pass thr=0, sc=1 and must equal plain relu
+    on = torch.arange(M) % 2 == 0 if dropout else torch.zeros(M, dtype=torch.bool)
+    thr = torch.tensor([rng.dropout_threshold(float(q)) if o else 0 for q, o in zip(p, on)], dtype=torch.int64)
+    sc = torch.where(on, 1.0 / (1.0 - p), torch.ones(M)).to(torch.float32)
+    return Case(seed, M, B, W, L, flat, PREFIX, PREFIX + M * W * W, layer_stride, z0, da, ks, thr, sc, dropout)
+
+
+# ---------------------------------------------------------------- float64 reference
+
+
+def ref_forward(c: Case, z0: torch.Tensor | None = None, flat: torch.Tensor | None = None,
+                dropout: bool = True) -> list[torch.Tensor]:
+    """a_0..a_{L-1}, each (M, B, W) float64, differentiable in z0 and flat when they require grad."""
+    z0 = c.z0 if z0 is None else z0
+    flat = c.flat if flat is None else flat
+    noise = c.noise() if dropout else None
+    W, M = c.W, c.M
+    acts = []
+    z = z0.double()
+    for l in range(c.L):
+        if l:
+            s = c.w_off + (l - 1) * c.layer_stride
+            w = flat[s:s + M * W * W].view(M, W, W).double()
+            s = c.b_off + (l - 1) * c.layer_stride
+            b = flat[s:s + M * W].view(M, 1, W).double()
+            z = acts[-1] @ w.transpose(1, 2) + b
+        a = torch.relu(z)
+        if noise is not None:
+            # a dropped unit is 0 even when its pre-activation is NaN (NaN * 0 would be NaN)
+            keep = noise[:, :, l * W:(l + 1) * W].double()
+            a = torch.where(keep != 0, a * keep, 0.0)
+        acts.append(a)
+    return acts
+
+
+def ref_backward(c: Case, acts: list[torch.Tensor] | torch.Tensor):
+    """(weight grads {l: (M, W, W)}, bias grads {l: (M, W)}, dz0), float64, written out."""
+    sc = c.sc.double().view(-1, 1, 1) if c.dropout else 1.0
+    da = c.da.double()
+    gw, gb = {}, {}
+    for l in range(c.L - 1, 0, -1):
+        a, a_in = acts[l].double(), acts[l - 1].double()
+        dz = torch.where(a > 0, da * sc, 0.0)
+        gw[l] = dz.transpose(1, 2) @ a_in
+        gb[l] = dz.sum(1)
+        da = dz @ c.weight(l).double()
+    return gw, gb, torch.where(acts[0].double() > 0, da * sc, 0.0)
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, tol: float, what: str, c: Case) -> None:
+    """||ours - ref|| <= tol * ||ref||, the error relative to the whole tensor."""
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values ({c})"
+    err = (ours.double() - ref.double()).norm().item()
+    size = ref.double().norm().item()
+    assert err <= tol * size, f"{what}: relative error {err / max(size, 1e-300):.3g} > {tol} ({c})"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def run(c: Case, precision: str = "fp32"):
+    """Both kernels on NaN-poisoned outputs: (acts, grad, dz0)."""
+    acts = torch.full((c.L, c.M, c.B, c.W), NAN)
+    last = kernels.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
+                                 acts=acts, drop=c.drop, precision=precision)
+    grad = torch.full_like(c.flat, NAN)
+    dz0 = torch.full((c.M, c.B, c.W), NAN)
+    ret = kernels.stack_backward(c.da, acts, c.flat, grad, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
+                                 dz0=dz0, scale=c.scale, precision=precision)
+    assert ret is dz0
+    assert last.data_ptr() == acts[c.L - 1].data_ptr() and last.shape == (c.M, c.B, c.W)
+    return acts, grad, dz0
+
+
+def check(c: Case, precision: str = "fp32") -> None:
+    tol = TOL[precision]
+    acts, grad, dz0 = run(c, precision)
+    assert_close(acts, torch.stack(ref_forward(c)), tol, "activations", c)
+
+    # the backward against the reference on the kernel's own activations, so a reduced
+    # precision forward cannot flip a relu mask between the two
+    gw, gb, ref_dz0 = ref_backward(c, acts)
+    assert_close(dz0, ref_dz0, tol, "dz0", c)
+    mid = c.middle()
+    assert torch.isfinite(grad[mid]).all(), f"unwritten gradient elements ({c})"
+    assert torch.isnan(grad[~mid]).all(), f"gradient written outside the middle stack ({c})"
+    if c.L > 1:
+        ours_w = torch.stack([grad[c.w_off + (l - 1) * c.layer_stride:][:c.M * c.W * c.W] for l in range(1, c.L)])
+        ours_b = torch.stack([grad[c.b_off + (l - 1) * c.layer_stride:][:c.M * c.W] for l in range(1, c.L)])
+        assert_close(ours_w, torch.stack([gw[l].flatten() for l in range(1, c.L)]), tol, "weight grads", c)
+        assert_close(ours_b, torch.stack([gb[l].flatten() for l in range(1, c.L)]), tol, "bias grads", c)
+
+
+# ---------------------------------------------------------------- tests
+
+WIDTHS = (1, 2, 3, 4, 8, 13, 16, 32)
+MBD = [(1, 7, False), (3, 33, True), (3, 80, False), (1, 80, True), (3, 7, True), (1, 33, False)]
+FP32_CASES = [(W, L, *MBD[(i + j) % len(MBD)]) for i, W in enumerate(WIDTHS) for j, L in enumerate((1, 2, 5))]
+DEEP_CASES = [(1, 40, 3, 33, True), (4, 40, 1, 7, True), (13, 40, 3, 7, False)]
+# more rows than one program takes, so that gradient partials are reduced over row blocks
+MANY_ROWS = [(1, 5, 3, 1100, True), (2, 3, 1, 600, False), (3, 5, 3, 200, True), (8, 2, 1, 300, False)]
+
+
+@pytest.mark.parametrize("W,L,M,B,dropout", FP32_CASES + DEEP_CASES + MANY_ROWS)
+def test_stack_matches_reference(W, L, M, B, dropout):
+    check(case(fresh_seed(), M, B, W, L, dropout))
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("W,L,M,B", [(20, 2, 3, 33), (32, 5, 1, 40)])
+def test_reduced_precision(precision, W, L, M, B):
+    check(case(fresh_seed(), M, B, W, L, dropout=True), precision)
+
+
+def test_reduced_precision_ignored_when_narrow():
+    c = case(fresh_seed(), 3, 33, 16, 3, dropout=True)
+    ref = run(c, "fp32")
+    for precision in ("tf32", "bf16"):
+        for ours, want in zip(run(c, precision), ref):
+            assert torch.equal(bits(ours), bits(want)), f"{precision} changed a W=16 result ({c})"
+
+
+@pytest.mark.parametrize("B", [7, 600])
+def test_non_packed_layout(B):
+    # spare floats between middle layers: the kernels must honour b_off/layer_stride and leave
+    # the gaps alone, both when writing grad directly and when reducing row-block partials
+    check(case(fresh_seed(), 3, B, 3, 4, dropout=True, gap=5))
+
+
+def test_reference_backward_is_autograd():
+    c = case(fresh_seed(), 3, 9, 5, 4, dropout=True)
+    z0 = c.z0.double().requires_grad_()
+    flat = c.flat.double().requires_grad_()
+    acts = ref_forward(c, z0, flat)
+    (acts[-1] * c.da.double()).sum().backward()
+    gw, gb, dz0 = ref_backward(c, [a.detach() for a in acts])
+    # a = relu(z0) * noise, so dL/dz0 = dL/da_0 * noise * [z0 > 0]: the reference's dz0
+    torch.testing.assert_close(z0.grad, dz0, msg=lambda m: f"{m} ({c})")
+    for l in range(1, c.L):
+        s = c.w_off + (l - 1) * c.layer_stride
+        torch.testing.assert_close(flat.grad[s:s + c.M * c.W * c.W].view(c.M, c.W, c.W), gw[l])
+        s = c.b_off + (l - 1) * c.layer_stride
+        torch.testing.assert_close(flat.grad[s:s + c.M * c.W].view(c.M, c.W), gb[l])
+
+
+def test_first_layer_is_bitwise_relu_and_rng_noise():
+    c = case(fresh_seed(), 3, 50, 6, 3, dropout=True)
+    acts, _, _ = run(c)
+    noise = c.noise()[:, :, :c.W]
+    want = torch.relu(c.z0) * noise
+    assert torch.equal(bits(acts[0]), bits(want)), f"a_0 != relu(z0) * rng noise ({c})"
+    assert torch.equal(bits(acts[0][1]), bits(torch.relu(c.z0[1]))), f"member without dropout ({c})"
+    # deeper layers: exactly the rng mask's zeros (kept units with z > 0 are non-zero)
+    full = c.noise()
+    for l in range(1, c.L):
+        dropped = full[:, :, l * c.W:(l + 1) * c.W] == 0
+        assert (acts[l][dropped] == 0).all(), f"layer {l} kept a dropped unit ({c})"
+
+
+@pytest.mark.parametrize("W,L,M,B", [(3, 4, 3, 33), (32, 3, 2, 20), (1, 6, 2, 9)])
+def test_eval_path_transposed_input(W, L, M, B):
+    c = case(fresh_seed(), M, B, W, L)
+    g = torch.Generator().manual_seed(c.seed + 1)
+    z0 = torch.randn(B, M, W, generator=g).transpose(0, 1)  # (M, B, W), not contiguous
+    assert not z0.is_contiguous()
+    c.z0 = z0
+    out = torch.full((M, B, W), NAN)
+    ret = kernels.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W, out=out)
+    assert ret is out
+    assert_close(out, ref_forward(c)[-1], TOL["fp32"], "eval output", c)
+    # the same arithmetic as the training path without dropout, so the same bits
+    acts = torch.empty(L, M, B, W)
+    kernels.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W, acts=acts)
+    assert torch.equal(bits(out), bits(acts[-1])), f"eval != training without dropout ({c})"
+    alloc = kernels.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W)
+    assert torch.equal(bits(alloc), bits(out))
+
+
+def test_non_contiguous_upstream_gradient():
+    c = case(fresh_seed(), 3, 40, 5, 3, dropout=True)
+    c.da = c.da.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not c.da.is_contiguous()
+    check(c)
+
+
+@pytest.mark.parametrize("W,L,M,B", [(8, 4, 3, 80), (32, 3, 2, 40), (1, 5, 2, 1100)])
+def test_deterministic(W, L, M, B):
+    c = case(fresh_seed(), M, B, W, L, dropout=True)
+    first, second = run(c), run(c)
+    for name, x, y in zip(("acts", "grad", "dz0"), first, second):
+        assert torch.equal(bits(x), bits(y)), f"{name} differs between two calls ({c})"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("value", [NAN, float("inf")])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_non_finite_stays_in_its_row(value, dropout):
+    # W=3 pads to 4: padded units must not turn inf into NaN (0 * inf) and feed it back
+    c = case(fresh_seed(), 3, 20, 3, 4, dropout)
+    clean, _, _ = run(c)
+    c.z0 = c.z0.clone()
+    c.z0[0, 5, 1] = value  # member 0 is a dropout member when dropout is on
+    acts, _, _ = run(c)
+    ref = torch.stack(ref_forward(c))
+    msg = f"value={value} ({c})"
+    assert torch.equal(torch.isnan(acts), torch.isnan(ref)), f"NaN pattern differs from the reference, {msg}"
+    assert torch.equal(torch.isinf(acts), torch.isinf(ref)), f"inf pattern differs from the reference, {msg}"
+    bad = ~torch.isfinite(acts)
+    assert not bad[:, 1:].any() and not bad[:, 0, :5].any() and not bad[:, 0, 6:].any(), msg
+    others = torch.ones_like(bad)
+    others[:, 0, 5] = False
+    assert torch.equal(bits(acts[others]), bits(clean[others])), f"other rows or members changed, {msg}"
+    # eval path too: a diverged member stays detectable in its output
+    out = kernels.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W)
+    ref = ref_forward(c, dropout=False)[-1]
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref)), msg
+    assert torch.isfinite(out[1:]).all() and torch.isfinite(out[0, :5]).all(), msg
+
+
+def test_nan_is_kept_and_detectable():
+    c = case(fresh_seed(), 2, 9, 4, 3)
+    c.z0 = c.z0.clone()
+    c.z0[1, 3] = NAN
+    acts, _, _ = run(c)
+    assert torch.isnan(acts[:, 1, 3]).all(), f"a NaN pre-activation gave a number ({c})"
+    assert torch.isfinite(acts[:, 0]).all() and torch.isfinite(acts[:, 1, :3]).all(), f"({c})"
+
+
+@pytest.mark.parametrize("rows,units", [(1, 1), (7, 13), (33, 100), (5, 3000), (40, 700)])
+def test_dropout_noise_bitwise(rows, units):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    ks = torch.cat([torch.tensor([0, 2**32 - 1]), torch.randint(0, 2**32, (3,), generator=g, dtype=torch.int64)])
+    thr = torch.tensor([0, rng.dropout_threshold(0.5), 2**32 - 1, rng.dropout_threshold(0.1),
+                        int(torch.randint(0, 2**32, (1,), generator=g))], dtype=torch.int64)
+    sc = torch.tensor([1.0, 2.0, 3.0, 1 / 0.9, 1.7], dtype=torch.float32)
+    ours = kernels.dropout_noise(rows, units, ks, thr, sc)
+    want = rng.dropout_noise(rng.position_hash(rows, units, "cpu"), ks, thr, sc)
+    assert ours.shape == (5, rows, units)
+    assert torch.equal(bits(ours), bits(want)), f"seed={seed} rows={rows} units={units}"
+
+
+def test_validation():
+    c = case(fresh_seed(), 2, 5, 3, 3, dropout=True)
+    args = (c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W)
+    acts = torch.empty(c.L, c.M, c.B, c.W)
+    with pytest.raises(ValueError, match="width"):
+        kernels.stack_forward(torch.zeros(2, 5, 33), c.flat, 0, 0, 0, 1, 33)
+    with pytest.raises(ValueError, match="z0 has width"):
+        kernels.stack_forward(torch.zeros(2, 5, 4), *args)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.stack_forward(c.z0.double(), *args)
+    with pytest.raises(ValueError, match="acts must be contiguous"):
+        kernels.stack_forward(c.z0, *args, acts=torch.empty(c.M, c.L, c.B, c.W).transpose(0, 1))
+    with pytest.raises(ValueError, match="acts must have shape"):
+        kernels.stack_forward(c.z0, *args, acts=acts[:2])
+    with pytest.raises(ValueError, match="training path"):
+        kernels.stack_forward(c.z0, *args, drop=c.drop)
+    with pytest.raises(ValueError, match="run past the end"):
+        kernels.stack_forward(c.z0, c.flat[:-SUFFIX - 1], *args[1:])
+    with pytest.raises(ValueError, match="precision"):
+        kernels.stack_forward(c.z0, *args, acts=acts, precision="fp16")
+    with pytest.raises(ValueError, match="drop thr"):
+        kernels.stack_forward(c.z0, *args, acts=acts, drop=(c.ks, c.thr.int(), c.sc))
+    kernels.stack_forward(c.z0, *args, acts=acts, drop=c.drop)
+    grad = torch.empty_like(c.flat)
+    with pytest.raises(ValueError, match="dz0 must be contiguous"):
+        kernels.stack_backward(c.da, acts, c.flat, grad, *args[1:],
+                               dz0=torch.empty(c.B, c.M, c.W).transpose(0, 1))
+    with pytest.raises(ValueError, match="scale"):
+        kernels.stack_backward(c.da, acts, c.flat, grad, *args[1:], scale=c.sc[:1])
+    with pytest.raises(ValueError, match="grad must"):
+        kernels.stack_backward(c.da, acts, c.flat, grad[:-1], *args[1:])
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        kernels.stack_forward(c.z0, *args, out=torch.empty(c.B, c.M, c.W).transpose(0, 1))

@@ -1,0 +1,99 @@
+"""Matmul precisions against float64: fp32 is exact to float32, tf32 and bf16 round their
+operands as the tensor cores do, and each is measurably coarser than the one above it."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import torch
+
+from psa.precision import Matmul, PrecisionError, resolve, round_bf16, round_tf32
+
+
+def f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def bits_f32(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
+
+
+def tf32_reference(x: float) -> float:
+    """Round-to-nearest-even to a 10-bit mantissa, one float at a time, in integers."""
+    b = f32_bits(x)
+    if (b >> 23) & 0xFF == 0xFF:
+        return x
+    low = b & 0x1FFF
+    up = low > 0x1000 or (low == 0x1000 and (b >> 13) & 1)
+    b = (b & ~0x1FFF) + (0x2000 if up else 0)
+    return bits_f32(b)
+
+
+def test_round_tf32_matches_the_integer_definition():
+    seed = random.SystemRandom().getrandbits(32)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(4000, generator=g) * 10 ** torch.randint(-30, 30, (4000,), generator=g).float(),
+                   torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf"), 3.4e38, 1e-40]),
+                   # exact ties: the 13 dropped bits are 1000000000000
+                   torch.tensor([bits_f32(0x3F801000), bits_f32(0x3F803000), bits_f32(0xBF801000)])])
+    got = round_tf32(x)
+    ref = torch.tensor([tf32_reference(v) for v in x.tolist()])
+    assert torch.equal(got, ref), seed
+    assert torch.isnan(round_tf32(torch.tensor([float("nan")]))).all()
+    # representable in 10 mantissa bits: the low 13 bits are zero
+    assert ((got.view(torch.int32) & 0x1FFF) == 0)[torch.isfinite(got)].all()
+
+
+def test_round_bf16_keeps_7_mantissa_bits():
+    x = torch.randn(1000)
+    r = round_bf16(x)
+    assert r.dtype == torch.float32
+    assert ((r.view(torch.int32) & 0xFFFF) == 0).all()
+    assert ((r - x).abs() <= x.abs() * 2**-8).all()
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("op", ["bmm", "baddbmm", "addmm"])
+def test_precisions_against_float64(op):
+    seed = random.SystemRandom().getrandbits(32)
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, 40, 300, generator=g)
+    b = torch.randn(3, 300, 20, generator=g)
+    bias = torch.randn(3, 1, 20, generator=g)
+    if op == "addmm":
+        a, b, bias = a[0], b[0], bias[0]
+        ref = bias.double() + a.double() @ b.double()
+    elif op == "bmm":
+        ref = a.double() @ b.double()
+    else:
+        ref = bias.double() + a.double() @ b.double()
+    errs = {}
+    for p in ("fp32", "tf32", "bf16"):
+        mm = Matmul(p, torch.device("cpu"))
+        out = torch.full(ref.shape, float("nan"))
+        if op == "bmm":
+            got = mm.bmm(a, b, out=out)
+        elif op == "baddbmm":
+            got = mm.baddbmm(bias, a, b, out=out)
+        else:
+            got = mm.addmm(bias, a, b)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        errs[p] = rel_err(got, ref)
+    # each operand rounding costs about its unit roundoff: 2^-24, 2^-11, 2^-8
+    assert errs["fp32"] < 1e-6, (errs, seed)
+    assert 1e-5 < errs["tf32"] < 2e-3, (errs, seed)
+    assert 2e-4 < errs["bf16"] < 1e-2, (errs, seed)
+    assert errs["fp32"] < errs["tf32"] < errs["bf16"], (errs, seed)
+
+
+def test_resolve():
+    assert resolve("auto", torch.device("cpu")) == "fp32"
+    assert resolve("auto", torch.device("cuda", 0)) == "tf32"
+    assert resolve("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(PrecisionError):
+        resolve("fp16", torch.device("cpu"))
