@@ -137,6 +137,12 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
+    def _and_less(mask, a, b):
+        # mask & (a < b) for scalars a, b. Broadcast first: Triton 3.9's interpreter rejects a
+        # mask built from a scalar comparison ("mask has unsupported dtype").
+        return mask & ((mask.to(tl.int32) * 0 + a) < b)
+
+    @triton.jit
     def _activate(z, rows, units, n_units, key, thr, sc, HAS_DROP: tl.constexpr):
         # max with NaN propagation, so that a diverged member stays NaN and detectable
         a = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -206,8 +212,8 @@ if triton is not None:
         b_base = flat_ptr + b_off + m * W
         # Each layer waits on its weights, which do not depend on the activations: load the
         # next layer's while this one computes, to hide the memory latency of the serial chain.
-        wt = tl.load(w_base + wt_idx, mask=wmask & (n_layers > 1), other=0.0)
-        bias = tl.load(b_base + u, mask=umask & (n_layers > 1), other=0.0)
+        wt = tl.load(w_base + wt_idx, mask=_and_less(wmask, 1, n_layers), other=0.0)
+        bias = tl.load(b_base + u, mask=_and_less(umask, 1, n_layers), other=0.0)
         # a while loop, not range(1, n_layers): the same runtime loop, but Triton 3.6's
         # interpreter cannot take a kernel argument as a range bound under numpy >= 2.4
         l = tl.full((), 1, tl.int32)
@@ -215,8 +221,8 @@ if triton is not None:
             wt_cur = wt
             b_cur = bias
             nxt = tl.cast(l, tl.int64) * layer_stride
-            wt = tl.load(w_base + nxt + wt_idx, mask=wmask & (l + 1 < n_layers), other=0.0)
-            bias = tl.load(b_base + nxt + u, mask=umask & (l + 1 < n_layers), other=0.0)
+            wt = tl.load(w_base + nxt + wt_idx, mask=_and_less(wmask, l + 1, n_layers), other=0.0)
+            bias = tl.load(b_base + nxt + u, mask=_and_less(umask, l + 1, n_layers), other=0.0)
 
             z = _matmul(a, wt_cur, PREC, DOT) + b_cur[None, :]
             a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
@@ -261,14 +267,14 @@ if triton is not None:
         pb_base = part_ptr + p_b_off + tl.cast(rb, tl.int64) * p_block_stride + m * W
         # as in the forward, fetch the next (lower) layer's operands while this one computes
         a_prev = tl.load(act_tile + tl.cast(l - 1, tl.int64) * act_layer_stride,
-                         mask=tile_mask & (l >= 1), other=0.0)
-        w = tl.load(w_base + tl.cast(l - 1, tl.int64) * layer_stride + w_idx, mask=wmask & (l >= 1), other=0.0)
+                         mask=_and_less(tile_mask, 0, l), other=0.0)
+        w = tl.load(w_base + tl.cast(l - 1, tl.int64) * layer_stride + w_idx, mask=_and_less(wmask, 0, l), other=0.0)
         while l >= 1:
             a_in = a_prev
             w_cur = w
             a_prev = tl.load(act_tile + tl.cast(l - 2, tl.int64) * act_layer_stride,
-                             mask=tile_mask & (l >= 2), other=0.0)
-            w = tl.load(w_base + tl.cast(l - 2, tl.int64) * layer_stride + w_idx, mask=wmask & (l >= 2), other=0.0)
+                             mask=_and_less(tile_mask, 1, l), other=0.0)
+            w = tl.load(w_base + tl.cast(l - 2, tl.int64) * layer_stride + w_idx, mask=_and_less(wmask, 1, l), other=0.0)
 
             # a > 0 exactly where the unit was kept and its pre-activation was positive
             dz = tl.where(a_cur > 0, da * sc, 0.0)
