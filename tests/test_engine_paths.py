@@ -188,3 +188,30 @@ def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
         ref = oracle.run(arch, data, mem.seed, mem.mode, 2, CFG)
         got = pop.member_state_dict(j)
         assert max((got[k] - ref.lkg[k]).abs().max().item() for k in got) < 1e-5
+
+
+def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monkeypatch):
+    """kernels=auto picked Triton (forced here: a CPU never picks it), and the kernel fails: the
+    engine warns once, drops the kernels and trains the same loop on the torch path."""
+    from psa import kernels
+
+    arch = parse_arch("[3*4]")
+    specs = [(m, 1) for m in MODES]
+    ref_pop, _, ref = run(arch, small, specs, 2, dataclasses.replace(CFG, kernels="torch"))
+    pop = population(arch, small, specs)
+    eng = Engine(pop, small, CFG)
+    eng.triton = eng.fused = True
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX compilation failed (simulated)")
+
+    monkeypatch.setattr(kernels, "stack_forward", broken)
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed .*simulated"):
+        res = [eng.meta_loop() for _ in range(2)]
+    assert not eng.triton and not eng.fused
+    assert records(res) == records(ref)
+    assert torch.equal(pop.lkg, ref_pop.lkg)
+    # an explicit choice is not second-guessed
+    eng2 = Engine(population(arch, small, specs), small, dataclasses.replace(CFG, kernels="triton"))
+    with pytest.raises(RuntimeError, match="simulated"):
+        eng2.meta_loop()

@@ -28,6 +28,8 @@ import contextlib
 import math
 import os
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,11 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 # Share of a device's free memory a population may plan to use; the rest absorbs the
 # allocator's fragmentation and what the estimate misses.
 FREE_MEMORY_FRACTION = 0.8
+# Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels.
+# Narrow stacks are launch-bound, so fusing them is a clear win; for wider ones (the kernels
+# go to kernels.MAX_WIDTH) cuBLAS's batched GEMMs may be faster: kernels="triton" uses the
+# kernels up to their limit, so that a GPU measurement can settle it.
+AUTO_STACK_MAX_WIDTH = 32
 
 
 @dataclass(frozen=True)
@@ -163,17 +170,8 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = []
-    for name in ("OutOfMemoryError",):
-        for mod in (torch, torch.cuda):
-            e = getattr(mod, name, None)
-            if isinstance(e, type) and e not in errs:
-                errs.append(e)
-    return tuple(errs) or (MemoryError,)
-
-
-OOM_ERRORS = _out_of_memory_errors()
+# what an allocation that does not fit raises (torch.OutOfMemoryError is the same class)
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 
 
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
@@ -186,9 +184,7 @@ def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tupl
     Members must be sorted by seed; uneven seed counts also give (M, 1).
     """
     seeds = [m.seed for m in members]
-    counts: dict[int, int] = {}
-    for s in seeds:
-        counts[s] = counts.get(s, 0) + 1
+    counts = Counter(seeds)
     k = next(iter(counts.values()))
     if k > 1 and all(c == k for c in counts.values()) and 2 * arch.widths[1] < arch.n_in:
         return len(counts), k
@@ -404,7 +400,8 @@ class Engine:
         from . import kernels
 
         hidden = self.pop.arch.hidden
-        return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= kernels.MAX_WIDTH
+        widest = kernels.MAX_WIDTH if self.cfg.kernels == "triton" else AUTO_STACK_MAX_WIDTH
+        return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= min(widest, kernels.MAX_WIDTH)
 
     def _chunk_size(self) -> int:
         """Members trained at once: all of them if they fit the device's free memory (or the
@@ -458,6 +455,21 @@ class Engine:
         self._storage = None
         if self.pop.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _fall_back(self, e: Exception) -> bool:
+        """After a failure in a fast path that was chosen automatically (the Triton kernels, then
+        the CUDA graphs), say so once and retry the chunk without it; False if none is left."""
+        if self.triton and self.cfg.kernels == "auto":
+            what, self.triton, self.fused = "the Triton kernels", False, False
+        elif self.use_graphs:
+            what, self.use_graphs = "CUDA graphs", False
+        else:
+            return False
+        warnings.warn(f"psa: {what} failed on {self.pop.device} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"continuing without them", RuntimeWarning, stacklevel=2)
+        self._whole = None
+        self._storage = None
+        return True
 
     # ---------------------------------------------------------------- one training step
     @property
@@ -721,6 +733,10 @@ class Engine:
                     correct = self.count_correct(ch.cand, self.data.val_x, self.data.val_y, ch.layout)
             except OOM_ERRORS:
                 self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
+                continue
+            except Exception as e:  # noqa: BLE001 - only an automatic choice is retried
+                if not self._fall_back(e):
+                    raise
                 continue
             if validate:
                 lkg_correct = pop.lkg_correct[m0:m1]

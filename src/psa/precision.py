@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -40,12 +39,17 @@ def resolve(precision: str, device: torch.device) -> str:
 
 
 def round_tf32(t: torch.Tensor) -> torch.Tensor:
-    """`t` (float32, CPU) rounded to the nearest TF32 value (ties to even); NaN/inf kept."""
-    bits = t.detach().contiguous().numpy().view(np.uint32)
-    lsb = (bits >> np.uint32(13)) & np.uint32(1)
-    rounded = (bits + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000)
-    special = (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-    return torch.from_numpy(np.where(special, bits, rounded).view(np.float32))
+    """`t` (float32) rounded to the nearest TF32 value (ties to even); NaN and inf kept.
+
+    Integer arithmetic on the bit pattern: add half of the 13 dropped bits' range (plus the
+    kept LSB, for ties to even) and clear them. Specials are zeroed before the add, so nothing
+    overflows, and put back after.
+    """
+    bits = t.detach().contiguous().view(torch.int32)
+    special = (bits & 0x7F800000) == 0x7F800000
+    safe = bits.masked_fill(special, 0)
+    rounded = (safe + (0xFFF + ((safe >> 13) & 1))) & -0x2000
+    return torch.where(special, bits, rounded).view(torch.float32)
 
 
 def round_bf16(t: torch.Tensor) -> torch.Tensor:
@@ -68,10 +72,7 @@ class Matmul:
         self._bf16_out_fp32 = False
         if not self.native and self.precision != "fp32":
             # a CPU (or MPS) has no TF32 units; emulate the arithmetic by rounding operands
-            if self.precision == "tf32" and device.type != "cpu":
-                self._round = lambda t: round_tf32(t.cpu()).to(t.device)
-            else:
-                self._round = round_tf32 if self.precision == "tf32" else round_bf16
+            self._round = round_tf32 if self.precision == "tf32" else round_bf16
         if self.native and self.precision == "bf16":
             self._bf16_out_fp32 = _has_out_dtype(device)
 

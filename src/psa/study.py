@@ -9,10 +9,12 @@ Invariants that make a killed study resume to exactly the rows of an uninterrupt
   size (stored with the study), never of what is left to do: a member's floating-point results
   may depend on which members share its population, so a resume rebuilds the same populations.
 - Per meta-loop of a population, the driver first commits that loop's rows (INSERT OR REPLACE,
-  keyed by trial and loop) with the trials' progress in one transaction, then atomically
-  replaces the population's checkpoint. A kill between the two leaves the database one loop
-  ahead of the checkpoint; the resume recomputes that loop from the checkpoint (all randomness
-  is a function of seed and loop, so it is the same loop) and overwrites its rows.
+  keyed by trial and loop) with the trials' progress in one transaction, then, when one is due
+  (opt.checkpoint_every), atomically replaces the population's checkpoint. A kill leaves the
+  database some loops ahead of the checkpoint; the resume recomputes those loops from the
+  checkpoint (all randomness is a function of seed and loop, so they are the same loops) and
+  overwrites their rows. The study's precision and the random streams' version are fixed
+  when it is created; a checkpoint of other streams or precision is not continued.
 - Final results (bounty, test accuracy, status 'done') commit in one transaction; only then is
   the checkpoint removed.
 """
