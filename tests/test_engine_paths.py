@@ -1,6 +1,7 @@
 """The engine's ways of running one loop give the records of the plain way: chunked populations,
-launches interleaved across engines, an out-of-memory retry, the Triton stack kernels (in
-Triton's interpreter here), reduced precision, and CUDA graphs (on a GPU only)."""
+launches interleaved across engines, an out-of-memory retry, the Triton stack kernels (compiled
+on a GPU, in Triton's interpreter elsewhere), reduced precision, automatic fallbacks, and on a
+GPU only: CUDA graphs, and the GPU engine against the CPU engine."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ from psa.population import MODES, Population, make_member
 from . import oracle
 
 CFG = TrainConfig(lr=1e-4, weight_decay=0.05, dropout=0.3, batch_size=32)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on(ds, device):
+    """The data set on `device`."""
+    return dataclasses.replace(ds, **{f: getattr(ds, f).to(device) for f in
+                                      ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
 
 
 def population(arch, ds, specs, cfg=CFG, device="cpu"):
@@ -157,8 +166,7 @@ def test_precision_is_validated():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_gives_the_eager_records(small):
     dev = "cuda"
-    ds = dataclasses.replace(small, **{f: getattr(small, f).to(dev) for f in
-                                       ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    ds = on(small, dev)
     out = {}
     for graphs in (True, False):
         cfg = dataclasses.replace(CFG, graphs=graphs, precision="fp32")
@@ -171,13 +179,20 @@ def test_cuda_graph_gives_the_eager_records(small):
 
 
 def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
-    """The Triton stack kernels (interpreted on a CPU) against the torch path and the oracle."""
+    """The Triton stack kernels (compiled on a GPU, interpreted on a CPU) against the torch path
+    on the same device and against the oracle."""
     pytest.importorskip("triton")
     arch = parse_arch("[3*4]")
     specs = [(m, s) for s in (1, 2) for m in MODES]
     data = dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256])
-    torch_pop, _, torch_res = run(arch, data, specs, 2, dataclasses.replace(CFG, kernels="torch"))
-    pop, eng, res = run(arch, data, specs, 2, dataclasses.replace(CFG, kernels="triton"))
+    cfg = dataclasses.replace(CFG, precision="fp32", graphs=False)
+    dev_data = on(data, DEVICE)
+    torch_pop = population(arch, dev_data, specs, cfg, device=DEVICE)
+    torch_eng = Engine(torch_pop, dev_data, dataclasses.replace(cfg, kernels="torch"))
+    torch_res = [torch_eng.meta_loop() for _ in range(2)]
+    pop = population(arch, dev_data, specs, cfg, device=DEVICE)
+    eng = Engine(pop, dev_data, dataclasses.replace(cfg, kernels="triton"))
+    res = [eng.meta_loop() for _ in range(2)]
     assert eng.fused and eng.triton
     ok, diff = close_states(pop, torch_pop, 1e-5)
     assert ok, diff
@@ -188,6 +203,26 @@ def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
         ref = oracle.run(arch, data, mem.seed, mem.mode, 2, CFG)
         got = pop.member_state_dict(j)
         assert max((got[k] - ref.lkg[k]).abs().max().item() for k in got) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("text", ["[3*4]", "[2*40]"])
+def test_the_gpu_engine_trains_like_the_cpu_engine(small, text):
+    """Counter-based streams: a seed draws the same batches and masks on both devices, so the
+    GPU engine with all its fast paths (graphs, Triton stack for 3*4, fp32) follows the CPU's
+    trajectory to float rounding."""
+    arch = parse_arch(text)
+    specs = [(m, s) for s in (1, 2) for m in MODES]
+    cfg = dataclasses.replace(CFG, precision="fp32")
+    cpu_pop, _, cpu_res = run(arch, small, specs, 2, cfg)
+    gpu_data = on(small, "cuda")
+    gpu_pop = population(arch, gpu_data, specs, cfg, device="cuda")
+    eng = Engine(gpu_pop, gpu_data, cfg)
+    assert eng.use_graphs and eng.fused == (text == "[3*4]")
+    gpu_res = [eng.meta_loop() for _ in range(2)]
+    assert (gpu_pop.lkg.cpu() - cpu_pop.lkg).abs().max().item() < 1e-5
+    for a, b in zip(gpu_res, cpu_res):
+        assert all(abs(x - y) <= 100.0 / small.val_y.numel() for x, y in zip(a.candidate_acc, b.candidate_acc))
 
 
 def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monkeypatch):
