@@ -28,6 +28,51 @@ PREFIX, SUFFIX = 11, 7  # stand-ins for layer 0 and the output layer around the 
 TOL = {"fp32": 1e-5, "tf32": 1.5e-2, "bf16": 5e-2}
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class OnDevice:
+    """psa.kernels with every tensor argument copied to DEVICE and every tensor copied back
+    after the call (outputs are written in place), so that the tests build inputs and check
+    results on the CPU while the kernels run where they run: compiled on a GPU, interpreted on
+    a CPU (where the copies are the tensors themselves)."""
+
+    def __getattr__(self, name: str):
+        fn = getattr(kernels, name)
+        if DEVICE.type == "cpu":
+            return fn
+
+        def call(*args, **kwargs):
+            moved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def to_dev(x):
+                if isinstance(x, torch.Tensor):
+                    d = x.to(DEVICE)  # keeps the strides of a dense view (transposes, slices)
+                    moved.append((x, d))
+                    return d
+                if isinstance(x, tuple):
+                    return tuple(to_dev(v) for v in x)
+                return x
+
+            args = [to_dev(a) for a in args]
+            kwargs = {k: to_dev(v) for k, v in kwargs.items()}
+            ret = fn(*args, **kwargs)
+            for host, dev in moved:
+                host.copy_(dev.cpu())
+            for host, dev in moved:  # a returned argument, or a view of one: the same of the host's
+                if ret is dev:
+                    return host
+                if ret.untyped_storage().data_ptr() == dev.untyped_storage().data_ptr():
+                    return host.as_strided(ret.shape, ret.stride(),
+                                           host.storage_offset() + ret.storage_offset() - dev.storage_offset())
+            return ret.cpu()
+
+        return call
+
+
+K = OnDevice()
+
+
 def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
@@ -167,11 +212,11 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def run(c: Case, precision: str = "fp32"):
     """Both kernels on NaN-poisoned outputs: (acts, grad, dz0)."""
     acts = torch.full((c.L, c.M, c.B, c.W), NAN)
-    last = kernels.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
+    last = K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
                                  acts=acts, drop=c.drop, precision=precision)
     grad = torch.full_like(c.flat, NAN)
     dz0 = torch.full((c.M, c.B, c.W), NAN)
-    ret = kernels.stack_backward(c.da, acts, c.flat, grad, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
+    ret = K.stack_backward(c.da, acts, c.flat, grad, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
                                  dz0=dz0, scale=c.scale, precision=precision)
     assert ret is dz0
     assert last.data_ptr() == acts[c.L - 1].data_ptr() and last.shape == (c.M, c.B, c.W)
@@ -205,15 +250,31 @@ FP32_CASES = [(W, L, *MBD[(i + j) % len(MBD)]) for i, W in enumerate(WIDTHS) for
 DEEP_CASES = [(1, 40, 3, 33, True), (4, 40, 1, 7, True), (13, 40, 3, 7, False)]
 # more rows than one program takes, so that gradient partials are reduced over row blocks
 MANY_ROWS = [(1, 5, 3, 1100, True), (2, 3, 1, 600, False), (3, 5, 3, 200, True), (8, 2, 1, 300, False)]
+# widths above 32 (padded to 64 or 128; the pipelined path): small batches that are no multiple
+# of the row blocks (16, 32 or 64 rows), several of them spanning more than one block
+WIDE_CASES = [
+    (33, 2, 3, 37, True), (33, 12, 1, 5, False),
+    (64, 1, 3, 9, True), (64, 3, 1, 70, False),
+    (100, 2, 3, 21, True), (100, 10, 1, 6, True),
+    (128, 3, 1, 19, False), (128, 2, 3, 40, True),
+]
 
 
-@pytest.mark.parametrize("W,L,M,B,dropout", FP32_CASES + DEEP_CASES + MANY_ROWS)
+@pytest.mark.parametrize("W,L,M,B,dropout", FP32_CASES + DEEP_CASES + MANY_ROWS + WIDE_CASES)
 def test_stack_matches_reference(W, L, M, B, dropout):
     check(case(fresh_seed(), M, B, W, L, dropout))
 
 
+@pytest.mark.parametrize("W,L,M,B", [(100, 3, 1, 150), (64, 2, 2, 100)])
+def test_wide_gradient_over_row_blocks(W, L, M, B):
+    # per-row-block weight-gradient partials of the wide backward, summed by torch
+    _, block_r, _ = kernels.launch_config(W, B, "fp32", backward=True)
+    assert B > 2 * block_r and B % block_r
+    check(case(fresh_seed(), M, B, W, L, dropout=True))
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-@pytest.mark.parametrize("W,L,M,B", [(20, 2, 3, 33), (32, 5, 1, 40)])
+@pytest.mark.parametrize("W,L,M,B", [(20, 2, 3, 33), (32, 5, 1, 40), (44, 3, 1, 70), (115, 2, 1, 37)])
 def test_reduced_precision(precision, W, L, M, B):
     check(case(fresh_seed(), M, B, W, L, dropout=True), precision)
 
@@ -226,11 +287,11 @@ def test_reduced_precision_ignored_when_narrow():
             assert torch.equal(bits(ours), bits(want)), f"{precision} changed a W=16 result ({c})"
 
 
-@pytest.mark.parametrize("B", [7, 600])
-def test_non_packed_layout(B):
+@pytest.mark.parametrize("W,B", [(3, 7), (3, 600), (40, 9), (40, 50)])
+def test_non_packed_layout(W, B):
     # spare floats between middle layers: the kernels must honour b_off/layer_stride and leave
     # the gaps alone, both when writing grad directly and when reducing row-block partials
-    check(case(fresh_seed(), 3, B, 3, 4, dropout=True, gap=5))
+    check(case(fresh_seed(), 3, B, W, 4, dropout=True, gap=5))
 
 
 def test_reference_backward_is_autograd():
@@ -263,7 +324,7 @@ def test_first_layer_is_bitwise_relu_and_rng_noise():
         assert (acts[l][dropped] == 0).all(), f"layer {l} kept a dropped unit ({c})"
 
 
-@pytest.mark.parametrize("W,L,M,B", [(3, 4, 3, 33), (32, 3, 2, 20), (1, 6, 2, 9)])
+@pytest.mark.parametrize("W,L,M,B", [(3, 4, 3, 33), (32, 3, 2, 20), (1, 6, 2, 9), (100, 3, 2, 40)])
 def test_eval_path_transposed_input(W, L, M, B):
     c = case(fresh_seed(), M, B, W, L)
     g = torch.Generator().manual_seed(c.seed + 1)
@@ -271,14 +332,14 @@ def test_eval_path_transposed_input(W, L, M, B):
     assert not z0.is_contiguous()
     c.z0 = z0
     out = torch.full((M, B, W), NAN)
-    ret = kernels.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W, out=out)
+    ret = K.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W, out=out)
     assert ret is out
     assert_close(out, ref_forward(c)[-1], TOL["fp32"], "eval output", c)
     # the same arithmetic as the training path without dropout, so the same bits
     acts = torch.empty(L, M, B, W)
-    kernels.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W, acts=acts)
+    K.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W, acts=acts)
     assert torch.equal(bits(out), bits(acts[-1])), f"eval != training without dropout ({c})"
-    alloc = kernels.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W)
+    alloc = K.stack_forward(z0, c.flat, c.w_off, c.b_off, c.layer_stride, L, W)
     assert torch.equal(bits(alloc), bits(out))
 
 
@@ -289,7 +350,7 @@ def test_non_contiguous_upstream_gradient():
     check(c)
 
 
-@pytest.mark.parametrize("W,L,M,B", [(8, 4, 3, 80), (32, 3, 2, 40), (1, 5, 2, 1100)])
+@pytest.mark.parametrize("W,L,M,B", [(8, 4, 3, 80), (32, 3, 2, 40), (1, 5, 2, 1100), (64, 3, 2, 70)])
 def test_deterministic(W, L, M, B):
     c = case(fresh_seed(), M, B, W, L, dropout=True)
     first, second = run(c), run(c)
@@ -300,9 +361,10 @@ def test_deterministic(W, L, M, B):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("value", [NAN, float("inf")])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_non_finite_stays_in_its_row(value, dropout):
-    # W=3 pads to 4: padded units must not turn inf into NaN (0 * inf) and feed it back
-    c = case(fresh_seed(), 3, 20, 3, 4, dropout)
+@pytest.mark.parametrize("W", [3, 33])
+def test_non_finite_stays_in_its_row(W, value, dropout):
+    # W=3 pads to 4 and W=33 to 64: padded units must not turn inf into NaN (0 * inf) and feed it back
+    c = case(fresh_seed(), 3, 20, W, 4, dropout)
     clean, _, _ = run(c)
     c.z0 = c.z0.clone()
     c.z0[0, 5, 1] = value  # member 0 is a dropout member when dropout is on
@@ -317,7 +379,7 @@ def test_non_finite_stays_in_its_row(value, dropout):
     others[:, 0, 5] = False
     assert torch.equal(bits(acts[others]), bits(clean[others])), f"other rows or members changed, {msg}"
     # eval path too: a diverged member stays detectable in its output
-    out = kernels.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W)
+    out = K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W)
     ref = ref_forward(c, dropout=False)[-1]
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref)), msg
     assert torch.isfinite(out[1:]).all() and torch.isfinite(out[0, :5]).all(), msg
@@ -340,7 +402,7 @@ def test_dropout_noise_bitwise(rows, units):
     thr = torch.tensor([0, rng.dropout_threshold(0.5), 2**32 - 1, rng.dropout_threshold(0.1),
                         int(torch.randint(0, 2**32, (1,), generator=g))], dtype=torch.int64)
     sc = torch.tensor([1.0, 2.0, 3.0, 1 / 0.9, 1.7], dtype=torch.float32)
-    ours = kernels.dropout_noise(rows, units, ks, thr, sc)
+    ours = K.dropout_noise(rows, units, ks, thr, sc)
     want = rng.dropout_noise(rng.position_hash(rows, units, "cpu"), ks, thr, sc)
     assert ours.shape == (5, rows, units)
     assert torch.equal(bits(ours), bits(want)), f"seed={seed} rows={rows} units={units}"
@@ -350,32 +412,33 @@ def test_validation():
     c = case(fresh_seed(), 2, 5, 3, 3, dropout=True)
     args = (c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W)
     acts = torch.empty(c.L, c.M, c.B, c.W)
+    wide = kernels.MAX_WIDTH + 1
     with pytest.raises(ValueError, match="width"):
-        kernels.stack_forward(torch.zeros(2, 5, 33), c.flat, 0, 0, 0, 1, 33)
+        K.stack_forward(torch.zeros(2, 5, wide), c.flat, 0, 0, 0, 1, wide)
     with pytest.raises(ValueError, match="z0 has width"):
-        kernels.stack_forward(torch.zeros(2, 5, 4), *args)
+        K.stack_forward(torch.zeros(2, 5, 4), *args)
     with pytest.raises(ValueError, match="float32"):
-        kernels.stack_forward(c.z0.double(), *args)
+        K.stack_forward(c.z0.double(), *args)
     with pytest.raises(ValueError, match="acts must be contiguous"):
-        kernels.stack_forward(c.z0, *args, acts=torch.empty(c.M, c.L, c.B, c.W).transpose(0, 1))
+        K.stack_forward(c.z0, *args, acts=torch.empty(c.M, c.L, c.B, c.W).transpose(0, 1))
     with pytest.raises(ValueError, match="acts must have shape"):
-        kernels.stack_forward(c.z0, *args, acts=acts[:2])
+        K.stack_forward(c.z0, *args, acts=acts[:2])
     with pytest.raises(ValueError, match="training path"):
-        kernels.stack_forward(c.z0, *args, drop=c.drop)
+        K.stack_forward(c.z0, *args, drop=c.drop)
     with pytest.raises(ValueError, match="run past the end"):
-        kernels.stack_forward(c.z0, c.flat[:-SUFFIX - 1], *args[1:])
+        K.stack_forward(c.z0, c.flat[:-SUFFIX - 1], *args[1:])
     with pytest.raises(ValueError, match="precision"):
-        kernels.stack_forward(c.z0, *args, acts=acts, precision="fp16")
+        K.stack_forward(c.z0, *args, acts=acts, precision="fp16")
     with pytest.raises(ValueError, match="drop thr"):
-        kernels.stack_forward(c.z0, *args, acts=acts, drop=(c.ks, c.thr.int(), c.sc))
-    kernels.stack_forward(c.z0, *args, acts=acts, drop=c.drop)
+        K.stack_forward(c.z0, *args, acts=acts, drop=(c.ks, c.thr.int(), c.sc))
+    K.stack_forward(c.z0, *args, acts=acts, drop=c.drop)
     grad = torch.empty_like(c.flat)
     with pytest.raises(ValueError, match="dz0 must be contiguous"):
-        kernels.stack_backward(c.da, acts, c.flat, grad, *args[1:],
+        K.stack_backward(c.da, acts, c.flat, grad, *args[1:],
                                dz0=torch.empty(c.B, c.M, c.W).transpose(0, 1))
     with pytest.raises(ValueError, match="scale"):
-        kernels.stack_backward(c.da, acts, c.flat, grad, *args[1:], scale=c.sc[:1])
+        K.stack_backward(c.da, acts, c.flat, grad, *args[1:], scale=c.sc[:1])
     with pytest.raises(ValueError, match="grad must"):
-        kernels.stack_backward(c.da, acts, c.flat, grad[:-1], *args[1:])
+        K.stack_backward(c.da, acts, c.flat, grad[:-1], *args[1:])
     with pytest.raises(ValueError, match="out must be contiguous"):
-        kernels.stack_forward(c.z0, *args, out=torch.empty(c.B, c.M, c.W).transpose(0, 1))
+        K.stack_forward(c.z0, *args, out=torch.empty(c.B, c.M, c.W).transpose(0, 1))

@@ -13,6 +13,11 @@ and bias[o] at b_off + (l-1)*layer_stride + m*W + o. Gradients use the same layo
 Dropout masks are the counter-based hashes of psa.rng, computed in the kernel with native
 uint32 arithmetic, so they equal rng.dropout_noise bit for bit on any device.
 
+Widths up to 32 keep the next layer's weights in registers while a layer computes. From 33 to
+128 (padded to 64 or 128) a layer's weights (up to 64 KB) are too big for that: the layer loop
+is a tl.range that Triton software-pipelines, copying the next layer's weights into shared
+memory while the current one computes, and the tiles are sized so that nothing spills.
+
 Without a GPU, set TRITON_INTERPRET=1 before importing this module to run the kernels in
 Triton's interpreter (the tests do).
 """
@@ -30,7 +35,7 @@ except ImportError:  # the package works without triton; only these kernels need
     triton = None
     tl = None
 
-MAX_WIDTH: int = 32
+MAX_WIDTH: int = 128
 
 # Widths above this use tl.dot (which needs every dimension >= 16); narrower ones use
 # broadcast multiply-adds, where a (rows, W, W) product tile is cheap and exact fp32.
@@ -40,6 +45,32 @@ _DOT_MIN_WIDTH = 16
 # 4 warps on sm_90 with no spills (measured with ptxas for W = 1..32).
 _ROW_BUDGET = 512
 _TILE_BUDGET = 2048
+# Padded widths from here on stream their weights through shared memory (see the module doc).
+_WIDE_MIN_WIDTH = 64
+# Wide path: (rows per program, num_warps) by padded width and precision, for the forward and
+# for the backward. Every program re-reads each layer's weight tile (16 KB at 64, 64 KB at 128,
+# fp32) from L2 for its own rows, so each weight fetched serves `rows` multiply-adds: larger row
+# blocks reuse the tile better (at 16 rows a 128-wide layer moves 0.25 byte per multiply-add).
+# Each entry is the most rows that compile for sm_90 without spills (Triton 3.6's ptxas; 8 warps
+# to spread the (W, W) operands; shared memory <= 208 KB). The fp32 ("ieee") dot runs on FMA
+# units and holds whole K-slices of its operands in registers, bf16 rounds them in registers,
+# and the backward has two products a layer: those get fewer rows. Registers a thread (forward
+# training with dropout / forward eval / backward): width 64 fp32 166/80/128, tf32 171/80/200,
+# bf16 212/105/204; width 128 fp32 184/109/168, tf32 194/124/172, bf16 182/154/176.
+_WIDE_CONFIG = {
+    (64, "fp32"): ((64, 8), (32, 8)),
+    (64, "tf32"): ((64, 8), (64, 8)),
+    (64, "bf16"): ((64, 8), (64, 8)),
+    (128, "fp32"): ((32, 8), (16, 8)),
+    (128, "tf32"): ((32, 8), (32, 8)),
+    (128, "bf16"): ((16, 8), (32, 8)),
+}
+# Pipeline depth of the wide layer loop: 3 stages = 2 shared-memory buffers per streamed tile, so
+# the next layer's weights load during the whole current layer (2 x 64 KB at width 128, fp32).
+_WIDE_STAGES = 3
+# The weight gradient dz^T @ a_in of the wide backward is computed in blocks of this many input
+# columns (reloading those columns of a_in), so that its (W, W) result is never held whole.
+_GW_COLS = 16
 _PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
 
 
@@ -50,15 +81,23 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_config(width: int, rows: int, precision: str = "fp32") -> tuple[int, int, int]:
+def launch_config(width: int, rows: int, precision: str = "fp32",
+                  backward: bool = False) -> tuple[int, int, int]:
     """(padded width, rows per program, num_warps) for a stack of `width` on `rows` rows.
 
     The one place the launch heuristics live, so they can be tuned on the target GPU. Each
     layer is a serial step whatever the tile, so rows per program only trade registers (and
     occupancy) against programs re-reading the same weights; the budgets keep a program small.
+    `backward` picks the backward kernel's setting, which differs for widths above 32.
     """
     wp = triton.next_power_of_2(width)
     want = max(16, triton.next_power_of_2(rows))
+    if wp >= _WIDE_MIN_WIDTH:
+        block_r, num_warps = _WIDE_CONFIG[wp, precision][backward]
+        # fewer rows for a small batch, but not below 32 where the table has more: the 16-row
+        # fp32 forward at width 128 is the one variant ptxas spills (4 bytes), and only 2 block
+        # sizes per setting need compiling (and checking)
+        return wp, max(min(block_r, want), min(block_r, 32)), num_warps
     if wp > _DOT_MIN_WIDTH:
         # tl.dot's minimum of 16 rows; the fp32 ("ieee") dot runs on FMA units and needs twice
         # the threads to stay clear of spills
@@ -66,6 +105,32 @@ def launch_config(width: int, rows: int, precision: str = "fp32") -> tuple[int, 
     block_r = min(want, max(16, min(_ROW_BUDGET // wp, _TILE_BUDGET // (wp * wp))))
     num_warps = min(4, max(1, block_r * wp * wp // 256))
     return wp, block_r, num_warps
+
+
+_FOR_LOOPS_OK: bool | None = None
+
+
+def _for_loops_ok() -> bool:
+    """Whether the wide kernels can loop over layers with tl.range (which Triton pipelines).
+
+    Always when compiled. Triton 3.6's interpreter cannot take a kernel argument as a range
+    bound under numpy >= 2.4 (later interpreters can), so there the same layer body runs in a
+    while loop instead: asked once, by running a tiny kernel.
+    """
+    global _FOR_LOOPS_OK
+    if _FOR_LOOPS_OK is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(_range_probe_kernel, InterpretedFunction):
+            _FOR_LOOPS_OK = True
+        else:
+            out = torch.zeros(2)
+            try:
+                _range_probe_kernel[(1,)](out, 3)
+                _FOR_LOOPS_OK = bool((out == 3).all())
+            except Exception:  # the interpreter's error for the bound; any failure means no
+                _FOR_LOOPS_OK = False
+    return _FOR_LOOPS_OK
 
 
 def _require_triton() -> None:
@@ -171,6 +236,57 @@ if triton is not None:
         else:
             return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
 
+    @triton.jit
+    def _wide_fwd_layer(a, l, w_base, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
+                        key, thr, sc, act_tile, act_layer_stride, tile_mask,
+                        W: tl.constexpr, HAS_DROP: tl.constexpr, STORE_ALL: tl.constexpr,
+                        PREC: tl.constexpr):
+        # middle layer l of the wide forward: loads its weights itself (the pipeliner moves the
+        # loads one layer ahead, into shared memory)
+        off = tl.cast(l - 1, tl.int64) * layer_stride
+        wt = tl.load(w_base + off + wt_idx, mask=wmask, other=0.0)
+        bias = tl.load(b_base + off + u, mask=umask, other=0.0)
+        z = _matmul(a, wt, PREC, True) + bias[None, :]
+        a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
+        a = tl.where(umask[None, :], a, 0.0)
+        if STORE_ALL:
+            tl.store(act_tile + tl.cast(l, tl.int64) * act_layer_stride, a, mask=tile_mask)
+        return a
+
+    @triton.jit
+    def _wide_bwd_layer(da, a_cur, k, act_tile, act_rows, act_layer_stride, tile_mask, row_ok,
+                        w_base, layer_stride, w_idx, wmask, pw_base, pb_base, p_layer_stride,
+                        u, umask, sc,
+                        W: tl.constexpr, WP: tl.constexpr, GW_COLS: tl.constexpr, PREC: tl.constexpr):
+        # middle layer l = k + 1 of the wide backward: da = dLoss/da_l, a_cur = a_l;
+        # returns dLoss/da_k and a_k
+        k64 = tl.cast(k, tl.int64)
+        a_in = tl.load(act_tile + k64 * act_layer_stride, mask=tile_mask, other=0.0)
+        # a > 0 exactly where the unit was kept and its pre-activation was positive
+        dz = tl.where(a_cur > 0, da * sc, 0.0)
+        p_off = k64 * p_layer_stride
+        tl.store(pb_base + p_off + u, tl.sum(dz, axis=0), mask=umask)
+        # the weight gradient dz^T @ a_in a block of input columns at a time, reloading those
+        # columns of a_in, so that the (W, W) product is never live whole
+        dzt = tl.trans(dz)
+        for c in tl.static_range(0, WP, GW_COLS):
+            cols = c + tl.arange(0, GW_COLS)
+            cmask = cols < W
+            a_c = tl.load(act_rows + k64 * act_layer_stride + cols[None, :], mask=row_ok & cmask[None, :], other=0.0)
+            tl.store(pw_base + p_off + u[:, None] * W + cols[None, :], _matmul(dzt, a_c, PREC, True),
+                     mask=umask[:, None] & cmask[None, :])
+        # the weights last: loaded earlier, their (W, W) dot operand would be live across the
+        # weight-gradient products
+        w = tl.load(w_base + k64 * layer_stride + w_idx, mask=wmask, other=0.0)
+        return _matmul(dz, w, PREC, True), a_in
+
+    @triton.jit(do_not_specialize=["n"])
+    def _range_probe_kernel(out_ptr, n):
+        acc = tl.zeros((2,), tl.float32)
+        for i in tl.range(0, n, num_stages=1):
+            acc += 1.0
+        tl.store(out_ptr + tl.arange(0, 2), acc)
+
     # n_layers must stay a runtime value (Triton turns an int argument equal to 1 into a
     # constant, which a while condition cannot take)
     @triton.jit(do_not_specialize=["n_layers"])
@@ -182,6 +298,7 @@ if triton is not None:
         B, n_layers, n_units,
         W: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_DROP: tl.constexpr, STORE_ALL: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+        WIDE: tl.constexpr, FOR_LOOP: tl.constexpr, STAGES: tl.constexpr,
     ):
         m = tl.cast(tl.program_id(0), tl.int64)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -210,26 +327,40 @@ if triton is not None:
 
         w_base = flat_ptr + w_off + m * W * W
         b_base = flat_ptr + b_off + m * W
-        # Each layer waits on its weights, which do not depend on the activations: load the
-        # next layer's while this one computes, to hide the memory latency of the serial chain.
-        wt = tl.load(w_base + wt_idx, mask=_and_less(wmask, 1, n_layers), other=0.0)
-        bias = tl.load(b_base + u, mask=_and_less(umask, 1, n_layers), other=0.0)
-        # a while loop, not range(1, n_layers): the same runtime loop, but Triton 3.6's
-        # interpreter cannot take a kernel argument as a range bound under numpy >= 2.4
-        l = tl.full((), 1, tl.int32)
-        while l < n_layers:
-            wt_cur = wt
-            b_cur = bias
-            nxt = tl.cast(l, tl.int64) * layer_stride
-            wt = tl.load(w_base + nxt + wt_idx, mask=_and_less(wmask, l + 1, n_layers), other=0.0)
-            bias = tl.load(b_base + nxt + u, mask=_and_less(umask, l + 1, n_layers), other=0.0)
+        if WIDE:
+            if FOR_LOOP:
+                for l in tl.range(1, n_layers, num_stages=STAGES):
+                    a = _wide_fwd_layer(a, l, w_base, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
+                                        key, thr, sc, act_tile, act_layer_stride, tile_mask,
+                                        W, HAS_DROP, STORE_ALL, PREC)
+            else:
+                l = tl.full((), 1, tl.int32)
+                while l < n_layers:
+                    a = _wide_fwd_layer(a, l, w_base, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
+                                        key, thr, sc, act_tile, act_layer_stride, tile_mask,
+                                        W, HAS_DROP, STORE_ALL, PREC)
+                    l += 1
+        else:
+            # Each layer waits on its weights, which do not depend on the activations: load the
+            # next layer's while this one computes, to hide the memory latency of the serial chain.
+            wt = tl.load(w_base + wt_idx, mask=_and_less(wmask, 1, n_layers), other=0.0)
+            bias = tl.load(b_base + u, mask=_and_less(umask, 1, n_layers), other=0.0)
+            # a while loop, not range(1, n_layers): the same runtime loop, but Triton 3.6's
+            # interpreter cannot take a kernel argument as a range bound under numpy >= 2.4
+            l = tl.full((), 1, tl.int32)
+            while l < n_layers:
+                wt_cur = wt
+                b_cur = bias
+                nxt = tl.cast(l, tl.int64) * layer_stride
+                wt = tl.load(w_base + nxt + wt_idx, mask=_and_less(wmask, l + 1, n_layers), other=0.0)
+                bias = tl.load(b_base + nxt + u, mask=_and_less(umask, l + 1, n_layers), other=0.0)
 
-            z = _matmul(a, wt_cur, PREC, DOT) + b_cur[None, :]
-            a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
-            a = tl.where(umask[None, :], a, 0.0)
-            if STORE_ALL:
-                tl.store(act_tile + tl.cast(l, tl.int64) * act_layer_stride, a, mask=tile_mask)
-            l += 1
+                z = _matmul(a, wt_cur, PREC, DOT) + b_cur[None, :]
+                a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
+                a = tl.where(umask[None, :], a, 0.0)
+                if STORE_ALL:
+                    tl.store(act_tile + tl.cast(l, tl.int64) * act_layer_stride, a, mask=tile_mask)
+                l += 1
         if not STORE_ALL:
             tl.store(act_tile, a, mask=tile_mask)
 
@@ -243,6 +374,7 @@ if triton is not None:
         B, n_layers,
         W: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_SCALE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+        WIDE: tl.constexpr, FOR_LOOP: tl.constexpr, STAGES: tl.constexpr, GW_COLS: tl.constexpr,
     ):
         m = tl.cast(tl.program_id(0), tl.int64)
         rb = tl.program_id(1)
@@ -265,27 +397,44 @@ if triton is not None:
         w_base = flat_ptr + w_off + m * W * W
         pw_base = part_ptr + p_w_off + tl.cast(rb, tl.int64) * p_block_stride + m * W * W
         pb_base = part_ptr + p_b_off + tl.cast(rb, tl.int64) * p_block_stride + m * W
-        # as in the forward, fetch the next (lower) layer's operands while this one computes
-        a_prev = tl.load(act_tile + tl.cast(l - 1, tl.int64) * act_layer_stride,
-                         mask=_and_less(tile_mask, 0, l), other=0.0)
-        w = tl.load(w_base + tl.cast(l - 1, tl.int64) * layer_stride + w_idx, mask=_and_less(wmask, 0, l), other=0.0)
-        while l >= 1:
-            a_in = a_prev
-            w_cur = w
-            a_prev = tl.load(act_tile + tl.cast(l - 2, tl.int64) * act_layer_stride,
-                             mask=_and_less(tile_mask, 1, l), other=0.0)
-            w = tl.load(w_base + tl.cast(l - 2, tl.int64) * layer_stride + w_idx, mask=_and_less(wmask, 1, l), other=0.0)
+        if WIDE:
+            act_rows = acts_ptr + m * B * W + r[:, None] * W
+            row_ok = (r < B)[:, None]
+            if FOR_LOOP:
+                for j in tl.range(0, n_layers - 1, num_stages=STAGES):
+                    da, a_cur = _wide_bwd_layer(da, a_cur, n_layers - 2 - j, act_tile, act_rows, act_layer_stride,
+                                                tile_mask, row_ok, w_base, layer_stride, w_idx, wmask, pw_base,
+                                                pb_base, p_layer_stride, u, umask, sc, W, WP, GW_COLS, PREC)
+            else:
+                while l >= 1:
+                    da, a_cur = _wide_bwd_layer(da, a_cur, l - 1, act_tile, act_rows, act_layer_stride,
+                                                tile_mask, row_ok, w_base, layer_stride, w_idx, wmask, pw_base,
+                                                pb_base, p_layer_stride, u, umask, sc, W, WP, GW_COLS, PREC)
+                    l -= 1
+        else:
+            # as in the forward, fetch the next (lower) layer's operands while this one computes
+            a_prev = tl.load(act_tile + tl.cast(l - 1, tl.int64) * act_layer_stride,
+                             mask=_and_less(tile_mask, 0, l), other=0.0)
+            w = tl.load(w_base + tl.cast(l - 1, tl.int64) * layer_stride + w_idx,
+                        mask=_and_less(wmask, 0, l), other=0.0)
+            while l >= 1:
+                a_in = a_prev
+                w_cur = w
+                a_prev = tl.load(act_tile + tl.cast(l - 2, tl.int64) * act_layer_stride,
+                                 mask=_and_less(tile_mask, 1, l), other=0.0)
+                w = tl.load(w_base + tl.cast(l - 2, tl.int64) * layer_stride + w_idx,
+                            mask=_and_less(wmask, 1, l), other=0.0)
 
-            # a > 0 exactly where the unit was kept and its pre-activation was positive
-            dz = tl.where(a_cur > 0, da * sc, 0.0)
-            gw = _matmul(tl.trans(dz), a_in, PREC, DOT)
-            gb = tl.sum(dz, axis=0)
-            p_off = tl.cast(l - 1, tl.int64) * p_layer_stride
-            tl.store(pw_base + p_off + w_idx, gw, mask=wmask)
-            tl.store(pb_base + p_off + u, gb, mask=umask)
-            da = _matmul(dz, w_cur, PREC, DOT)
-            a_cur = a_in
-            l -= 1
+                # a > 0 exactly where the unit was kept and its pre-activation was positive
+                dz = tl.where(a_cur > 0, da * sc, 0.0)
+                gw = _matmul(tl.trans(dz), a_in, PREC, DOT)
+                gb = tl.sum(dz, axis=0)
+                p_off = tl.cast(l - 1, tl.int64) * p_layer_stride
+                tl.store(pw_base + p_off + w_idx, gw, mask=wmask)
+                tl.store(pb_base + p_off + u, gb, mask=umask)
+                da = _matmul(dz, w_cur, PREC, DOT)
+                a_cur = a_in
+                l -= 1
         dz = tl.where(a_cur > 0, da * sc, 0.0)
         tl.store(dz0_ptr + m * B * W + r[:, None] * W + u[None, :], dz, mask=tile_mask)
 
@@ -344,6 +493,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
         return acts[n_layers - 1] if store_all else out
 
     wp, block_r, num_warps = launch_config(width, rows, precision)
+    wide = wp >= _WIDE_MIN_WIDTH
     grid = (members, triton.cdiv(rows, block_r))
     _stack_fwd_kernel[grid](
         z0, z0.stride(0), z0.stride(1), z0.stride(2),
@@ -353,6 +503,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
         rows, n_layers, n_layers * width,
         W=width, WP=wp, BLOCK_R=block_r,
         HAS_DROP=drop is not None, STORE_ALL=store_all, PREC=prec, DOT=wp > _DOT_MIN_WIDTH,
+        WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES,
         num_warps=num_warps,
     )
     return acts[n_layers - 1] if store_all else out
@@ -393,7 +544,8 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
                         w_off, b_off, layer_stride, members, width)
         return dz0
 
-    wp, block_r, num_warps = launch_config(width, rows, precision)
+    wp, block_r, num_warps = launch_config(width, rows, precision, backward=True)
+    wide = wp >= _WIDE_MIN_WIDTH
     n_blocks = triton.cdiv(rows, block_r)
     mid_stride = members * width * (width + 1)
     # Partials straight into grad when one row block covers the batch (no reduction);
@@ -413,6 +565,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         rows, n_layers,
         W=width, WP=wp, BLOCK_R=block_r,
         HAS_SCALE=scale is not None, PREC=prec, DOT=wp > _DOT_MIN_WIDTH,
+        WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES, GW_COLS=min(_GW_COLS, wp),
         num_warps=num_warps,
     )
     if not direct:
