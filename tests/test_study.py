@@ -579,3 +579,33 @@ def test_precision_is_fixed_when_the_study_is_created(tmp_path: Path, capsys, mo
     rc, out, err = run_main(["study", *[a for a in argv if a not in ("--precision", "bf16")]], capsys, monkeypatch,
                             tmp_path)
     assert rc == 0 and "nothing to do" in err + out
+
+
+def test_creating_one_database_from_two_processes_at_once_retries(tmp_path: Path, monkeypatch) -> None:
+    """Until a new database is in WAL mode SQLite can answer a second creator "locked" at once,
+    without waiting (seen in CI: two `psa study` started together). connect() starts again."""
+    real_connect = sqlite3.connect
+    refusals = {"n": 0}
+
+    class Racing(sqlite3.Connection):
+        def execute(self, sql, *a):
+            if sql.startswith("PRAGMA journal_mode") and refusals["n"] < 3:
+                refusals["n"] += 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *a)
+
+    monkeypatch.setattr(store.sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=Racing, **k))
+    con = store.connect(tmp_path / "new.sqlite", timeout=5)
+    assert refusals["n"] == 3
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+    class Stuck(sqlite3.Connection):  # refuses for ever: one clear error once the timeout has passed
+        def execute(self, sql, *a):
+            if sql.startswith("PRAGMA journal_mode"):
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *a)
+
+    monkeypatch.setattr(store.sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=Stuck, **k))
+    with pytest.raises(store.StoreError, match="locked by another process"):
+        store.connect(tmp_path / "other.sqlite", timeout=0.3)

@@ -408,7 +408,7 @@ class Engine:
         config's max_members), else the most whole seed groups that do."""
         pop, cfg = self.pop, self.cfg
         m = pop.size
-        k = Population.groups(pop)[1]
+        k = pop.groups()[1]
         limit = cfg.max_members
         if limit is None:
             free = free_memory(pop.device)
@@ -445,7 +445,7 @@ class Engine:
 
     def _shrink(self) -> None:
         """After an out-of-memory error: half as many members at once (whole seed groups)."""
-        k = Population.groups(self.pop)[1]
+        k = self.pop.groups()[1]
         if self.chunk_size <= 1:
             raise ConfigError(f"out of memory on {self.pop.device} training a single member of {self.pop.arch.short}")
         half = self.chunk_size // 2

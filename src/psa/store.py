@@ -26,6 +26,7 @@ import datetime
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,19 +118,31 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
             raise StoreError(f"{path}: not a readable results database ({e})") from None
         con.row_factory = sqlite3.Row
         return con
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA foreign_keys=ON")
-        con.execute("PRAGMA synchronous=NORMAL")
-        check_version(con, path)
-        con.executescript(SCHEMA)  # idempotent: IF NOT EXISTS throughout
-        con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    except sqlite3.OperationalError as e:
-        raise StoreError(f"cannot open the results database: {describe_error(path, e)}") from None
-    except sqlite3.DatabaseError as e:
-        raise StoreError(f"{path}: not a results database ({e})") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        con = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA synchronous=NORMAL")
+            check_version(con, path)
+            con.executescript(SCHEMA)  # idempotent: IF NOT EXISTS throughout
+            con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            break
+        except sqlite3.OperationalError as e:
+            # Two writers creating one new database at once: until it is in WAL mode, SQLite
+            # answers one of them "locked" at once (deadlock avoidance, no busy wait). Every
+            # step above is idempotent, so wait a moment and start again.
+            if "locked" in str(e).lower() and time.monotonic() < deadline:
+                if con is not None:
+                    con.close()
+                time.sleep(0.05)
+                continue
+            raise StoreError(f"cannot open the results database: {describe_error(path, e)}") from None
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path}: not a results database ({e})") from None
     con.row_factory = sqlite3.Row
     return con
 
