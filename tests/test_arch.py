@@ -109,7 +109,12 @@ def test_any_string_parses_or_raises_arch_error(text):
         arch = parse_arch(text)
     except ArchError:
         return
-    assert arch.params >= 7850 and all(w >= 1 for w in arch.hidden)
+    # whatever parses is a real net: positive widths, equation (1), and it prints back to itself
+    # (not "at least logistic regression's 7,850 parameters": 1*1 has 805)
+    assert all(w >= 1 for w in arch.hidden)
+    w = arch.widths
+    assert arch.params == sum((a + 1) * b for a, b in zip(w[:-1], w[1:])) >= 805
+    assert parse_arch(str(arch)) == arch
 
 
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 300)), max_size=4))
