@@ -736,9 +736,10 @@ def concurrent_events(study: Study, todo: list[PopulationState], device: torch.d
                       slots: int) -> Iterator[Any]:
     """Up to `slots` populations in flight at once, each engine on its own CUDA stream.
 
-    Every running population has one meta-loop queued on the device; the driver waits for the
-    oldest, hands its events on (the consumer records them and checkpoints), and queues that
-    population's next loop while the others keep the device busy. A population is admitted
+    Every running population has one meta-loop queued on the device; the driver takes the
+    first that has finished (else waits for the oldest), hands its events on (the consumer
+    records them and checkpoints), and queues that population's next loop while the others
+    keep the device busy. A population is admitted
     while the estimated memory of those in flight fits the device's free memory (at least one
     always runs). Each engine computes exactly what it would alone, so the rows are those of a
     one-at-a-time run.
@@ -771,7 +772,10 @@ def concurrent_events(study: Study, todo: list[PopulationState], device: torch.d
             active.append((st, run))
         if not active:
             continue
-        st, run = active.pop(0)
+        # the first population whose loop has finished, else the oldest: a small population's
+        # quick loops need not wait behind a big one's
+        i = next((i for i, (_, r) in enumerate(active) if r.pending is not None and r.pending.ready()), 0)
+        st, run = active.pop(i)
         try:
             events = run.collect()
         except Exception as e:  # noqa: BLE001
