@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def run_full(args: argparse.Namespace) -> dict:
         cmd += ["--precision", args.precision]
     if args.concurrency:
         cmd += ["--concurrency", str(args.concurrency)]
-    env = {**__import__("os").environ, "PYTHONPATH": str(HERE.parent / "src")}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

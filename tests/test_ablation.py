@@ -49,8 +49,8 @@ def test_exact_entries_zeroed(mode, layer, neuron, expected):
     ablate(pop.lkg, pop.layout, [(0, mode, layer, neuron)])
     assert zeroed(pop) == expected
     # the other member is untouched, and every non-ablated entry kept its value
-    m1 = [blk[1] for blk in pop.layout.member_blocks(pop.lkg)]
-    b1 = [blk[1] for blk in pop.layout.member_blocks(before)]
+    m1 = [t[:, 1] for run in pop.layout.runs(pop.lkg) for t in run]
+    b1 = [t[:, 1] for run in pop.layout.runs(before) for t in run]
     assert all(torch.equal(a, b) for a, b in zip(m1, b1))
     assert int((pop.lkg != before).sum()) == len(expected)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .arch import Arch
-from .population import ABLATIVE_MODES, Layout, derive_seed
+from .population import ABLATIVE_MODES, Layout, derive_seed, to_device
 
 
 def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int] | None:
@@ -59,7 +59,5 @@ def ablate(flat: torch.Tensor, layout: Layout, ablations: list[tuple[int, str, i
     """Zero, in place and in one kernel, what each (member, mode, layer, neuron) ablation names."""
     if not ablations:
         return
-    from .population import to_device
-
     idx = np.concatenate([ablation_indices(layout, *a) for a in ablations]).astype(np.int64)
     flat.index_fill_(0, to_device(torch.from_numpy(idx), flat.device), 0.0)

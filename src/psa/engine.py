@@ -29,7 +29,6 @@ import math
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from . import rng
 from .ablation import ablate, choose_neuron
 from .arch import Arch
 from .data import Dataset
-from .population import ConfigError, Layout, Member, Population, to_device
+from .population import ConfigError, Layout, Member, Population, seed_groups, to_device
 from .precision import CHOICES as PRECISION_CHOICES
 from .precision import Matmul
 
@@ -183,12 +182,10 @@ def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tupl
     reordering costs more than the gathers it saves, and every member gathers its own.
     Members must be sorted by seed; uneven seed counts also give (M, 1).
     """
-    seeds = [m.seed for m in members]
-    counts = Counter(seeds)
-    k = next(iter(counts.values()))
-    if k > 1 and all(c == k for c in counts.values()) and 2 * arch.widths[1] < arch.n_in:
-        return len(counts), k
-    return len(seeds), 1
+    g, k = seed_groups(members)
+    if k > 1 and 2 * arch.widths[1] < arch.n_in:
+        return g, k
+    return len(members), 1
 
 
 class Chunk:

@@ -86,6 +86,16 @@ def make_member(
     return Member(mode, int(seed), float(wd), float(p))
 
 
+def seed_groups(members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
+    """(G, k): G groups of k consecutive members sharing a seed (members sorted by seed), or
+    (M, 1) if the seeds have uneven counts."""
+    counts = Counter(m.seed for m in members)
+    k = next(iter(counts.values()))
+    if all(c == k for c in counts.values()):
+        return len(counts), k
+    return len(members), 1
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each layer's (M, o, i) weights and (M, o) biases sit in the flat buffer."""
@@ -128,15 +138,6 @@ class Layout:
             out.append((flat.as_strided((r, m, o * i), (stride, o * i, 1), base + w0),
                         flat.as_strided((r, m, o), (stride, o, 1), base + b0)))
             start = end
-        return out
-
-    def member_blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Every weight and bias block as an (M, n) view, for per-member selection."""
-        m = self.size_m
-        out = []
-        for w0, b0, o, i in self.blocks:
-            out.append(flat[w0 : w0 + m * o * i].view(m, o * i))
-            out.append(flat[b0 : b0 + m * o].view(m, o))
         return out
 
 
@@ -196,12 +197,7 @@ class Population:
 
     def groups(self) -> tuple[int, int]:
         """(G, k): G groups of k consecutive members sharing a seed, or (M, 1) if uneven."""
-        seeds = [m.seed for m in self.members]
-        counts = Counter(seeds)
-        k = next(iter(counts.values()))
-        if all(c == k for c in counts.values()):
-            return len(counts), k
-        return len(seeds), 1
+        return seed_groups(self.members)
 
     def lkg_score(self) -> list[float]:
         """LKG validation accuracy (%) of every member; -1 before its first promotion."""

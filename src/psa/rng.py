@@ -63,7 +63,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def mix32_int(x: int) -> int:
-    """lowbias32 of one Python int (for host-side keys and for tests)."""
+    """lowbias32 of one Python int: the definition, one word at a time (the tests' reference)."""
     x &= MASK32
     x ^= x >> 16
     x = (x * MIX_C1) & MASK32
