@@ -250,3 +250,21 @@ def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monk
     eng2 = Engine(population(arch, small, specs), small, dataclasses.replace(CFG, kernels="triton"))
     with pytest.raises(RuntimeError, match="simulated"):
         eng2.meta_loop()
+
+
+def test_an_engine_is_freed_as_soon_as_it_is_dropped(small):
+    """No reference cycle between an engine and its chunks: their buffers (gigabytes for a big
+    population) go when the last reference does, not at the next garbage collection."""
+    import gc
+    import weakref
+
+    pop = population(ARCH, small, [("none", 1), ("dropout", 1)])
+    eng = Engine(pop, small, CFG)
+    eng.meta_loop()
+    refs = [weakref.ref(eng), weakref.ref(eng._whole), weakref.ref(eng._whole.cand)]
+    gc.disable()
+    try:
+        del eng
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

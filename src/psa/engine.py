@@ -190,12 +190,15 @@ def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tupl
 
 class Chunk:
     """Members [m0, m1) of a population, trained together: their candidate, gradient and AdamW
-    state, data order, dropout keys, step counter and workspace, all at fixed addresses."""
+    state, data order, dropout keys, step counter and workspace, all at fixed addresses.
+
+    It keeps no reference to its Engine (the methods take it): an engine that owned a chunk
+    that pointed back would be a reference cycle, and its buffers (gigabytes for a big
+    population) would outlive it until the garbage collector ran."""
 
     def __init__(self, engine: "Engine", m0: int, m1: int, cand: torch.Tensor, grad: torch.Tensor) -> None:
         pop, cfg = engine.pop, engine.cfg
         dev = pop.device
-        self.engine = engine
         self.m0, self.m1 = m0, m1
         self.members = pop.members[m0:m1]
         self.size = m1 - m0
@@ -209,7 +212,8 @@ class Chunk:
         self.groups = batch_groups(pop.arch, self.members)
         g, k = self.groups
         self.group_seeds = [self.members[j * k].seed for j in range(g)]
-        n = engine.data.train_x.shape[0]
+        n = self.n_train = engine.data.train_x.shape[0]
+        self.batch_size = cfg.batch_size
         # valid indices from the start: the warm-up before a graph capture gathers with them
         self.order = torch.arange(n, device=dev).repeat(g, 1)
         self.step = torch.zeros((), dtype=torch.int64, device=dev)
@@ -244,13 +248,12 @@ class Chunk:
             t = self.work[key] = torch.empty(shape, dtype=torch.float32, device=self.cand.device)
         return t
 
-    def begin(self, loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
+    def begin(self, eng: "Engine", loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
         """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
         and AdamW state, all in place."""
-        eng = self.engine
         pop = eng.pop
         if eng.use_graphs and not self.graphs:
-            self._capture()
+            self._capture(eng)
         if self.whole:
             self.cand.copy_(pop.lkg)
         else:
@@ -258,8 +261,7 @@ class Chunk:
                 cw.copy_(lw[:, self.m0 : self.m1])
                 cb.copy_(lb[:, self.m0 : self.m1])
         ablate(self.cand, self.layout, ablations)
-        n = eng.data.train_x.shape[0]
-        self.order.copy_(rng.data_order(self.group_seeds, loop, n, pop.device))
+        self.order.copy_(rng.data_order(self.group_seeds, loop, self.n_train, pop.device))
         if self.dropout:
             keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in self.members], dtype=torch.int64)
             self.drop_keys.copy_(to_device(keys, pop.device))
@@ -273,26 +275,25 @@ class Chunk:
 
     def batch_sizes(self) -> list[int]:
         """The batch size of every step of an epoch (the last, partial batch kept)."""
-        n, bs = self.engine.data.train_x.shape[0], self.engine.cfg.batch_size
-        full, tail = divmod(n, bs)
+        bs = self.batch_size
+        full, tail = divmod(self.n_train, bs)
         return [bs] * full + ([tail] if tail else [])
 
-    def train_epoch(self, on_step: StepCallback | None) -> None:
+    def train_epoch(self, eng: "Engine", on_step: StepCallback | None) -> None:
         """Every step of one epoch: graph replays on a GPU, the same step run eagerly elsewhere."""
         sizes = self.batch_sizes()
         for s, b in enumerate(sizes):
             if self.graphs:
                 self.graphs[b].replay()
             else:
-                self.engine._step(self, b)
+                eng._step(self, b)
             if on_step is not None:
                 on_step(s + 1, len(sizes))
 
-    def _capture(self) -> None:
+    def _capture(self, eng: "Engine") -> None:
         """Record the training step (one graph per batch size) after a warm-up on a side stream
         that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
         trains on a copy of the LKG; begin() then resets everything it touched."""
-        eng = self.engine
         dev = eng.pop.device
         self.cand.copy_(eng.pop.lkg)
         if self.opt is None:
@@ -722,8 +723,8 @@ class Engine:
                 ch = self._chunk(m0, m1)
                 ablations = [(j - m0, pop.members[j].mode, *ablated[j]) for j in range(m0, m1)
                              if ablated[j] is not None]
-                ch.begin(loop, ablations)
-                ch.train_epoch(on_step)
+                ch.begin(self, loop, ablations)
+                ch.train_epoch(self, on_step)
                 out["loss"][m0:m1] = ch.loss_sum / len(ch.batch_sizes())
                 out["bad"][m0:m1] = ch.bad
                 if validate:
