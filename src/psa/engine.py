@@ -743,8 +743,9 @@ class Engine:
                 p = promote.view(1, -1, 1)
                 for (cw, cb), (lw, lb) in zip(ch.cand_runs, pop.layout.runs(pop.lkg)):
                     lw, lb = lw[:, m0:m1], lb[:, m0:m1]
-                    lw.copy_(torch.where(p, cw, lw))
-                    lb.copy_(torch.where(p, cb, lb))
+                    # in place (out= is the LKG itself): no temporary the size of a layer run
+                    torch.where(p, cw, lw, out=lw)
+                    torch.where(p, cb, lb, out=lb)
                 out["correct"][m0:m1] = correct
                 out["promoted"][m0:m1] = promote
             m0 = m1
