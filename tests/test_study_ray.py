@@ -86,3 +86,37 @@ def test_ray_backend_gives_the_local_rows_and_survives_a_lost_worker(tmp_path: P
     assert viaray["meta_loops"] == local["meta_loops"]
     assert viaray["studies"] == local["studies"]
     assert leftover_checkpoints(db) == []
+
+
+def _worker_events(monkeypatch, checkpoint_every: float) -> list:
+    """The events of ray_backend's population task run in this process (a stand-in `ray`
+    module answers its one question: no GPU here)."""
+    import sys
+    import types
+
+    from psa.design import StudyDesign
+    from psa.plan import make_plan
+    from psa.ray_backend import _population_task
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
+    design = StudyDesign(architectures=("1*8",), modes=("none", "hidden"), trials=2, meta_loops=4,
+                         train_subset=512)
+    pp = make_plan(design, 4).populations[0]
+    return list(_population_task(design, pp, None, 0.0, None, 1, design.train_config(), checkpoint_every))
+
+
+def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeypatch) -> None:
+    from psa.study import LoopDone
+
+    rare = [ev for ev in _worker_events(monkeypatch, float("inf")) if isinstance(ev, LoopDone)]
+    assert [ev.loop for ev in rare] == [1, 2, 3, 4]
+    # the first loop's copy (as the local backend checkpoints its first loop), then rows only
+    assert [ev.checkpoint for ev in rare] == [True, False, False, False]
+    assert rare[0].population is not None and rare[0].population.device.type == "cpu"
+    assert rare[0].population.loop == 1
+    assert all(ev.population is None for ev in rare[1:])
+
+    every = [ev for ev in _worker_events(monkeypatch, 0.0) if isinstance(ev, LoopDone)]
+    assert [ev.checkpoint for ev in every] == [True] * 4
+    assert [ev.population.loop for ev in every] == [1, 2, 3, 4]  # copies, not the live population
+    assert [ev.rows for ev in every] == [ev.rows for ev in rare]

@@ -3,13 +3,16 @@
 Each population runs as one Ray generator task that asks for a GPU (or a fraction of one, with
 --per-device N) where the cluster has GPUs, else --cpus-per-task CPUs. The task loads MNIST
 itself (from the installed package) and streams one event per meta-loop back to the driver:
-that loop's rows and a CPU copy of the population, which the driver commits to SQLite and
-checkpoints beside the database exactly as the local backend does.
+that loop's rows and, when a checkpoint is due (--checkpoint-every), a CPU copy of the
+population, which the driver commits to SQLite and checkpoints beside the database as the
+local backend does. Shipping the copy every loop would move hundreds of MB per loop for a big
+population only for the driver to drop most of them.
 
 A task whose worker or node is lost is resubmitted by the driver from the population's latest
 checkpoint, up to --max-retries times (Ray's own task retry would replay a generator from its
-first meta-loop; resubmitting from the checkpoint loses at most one loop and never mixes two
-attempts' trajectories). Exceptions raised by the training itself are not retried: the
+first meta-loop; resubmitting from the checkpoint recomputes at most --checkpoint-every
+seconds of loops, whose rows are already recorded and are not written again, and never mixes
+two attempts' trajectories). Exceptions raised by the training itself are not retried: the
 population is marked failed and a rerun of the same command retries it.
 
 Ray is optional (`pip install -e ".[ray]"`) and imported only here, only when asked for.
@@ -18,8 +21,10 @@ Ray is optional (`pip install -e ".[ray]"`) and imported only here, only when as
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,8 +53,10 @@ def import_ray() -> Any:
 
 
 def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_seconds: float,
-                     data_dir: str | None, threads: int, config: Any) -> Iterator[Any]:
-    """Runs on a Ray worker: train one population, yielding its events with CPU snapshots."""
+                     data_dir: str | None, threads: int, config: Any, checkpoint_every: float) -> Iterator[Any]:
+    """Runs on a Ray worker: train one population, yielding its events; a loop's event carries a
+    CPU copy of the population only when a checkpoint is due (every `checkpoint_every` seconds,
+    and after the first loop), as the local backend checkpoints."""
     import ray
     import torch
 
@@ -59,9 +66,18 @@ def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_
     if start is not None:
         start = population_to(start, device)
     where = f"{socket.gethostname()}:{device} (pid {os.getpid()})"
+    shipped_at = -math.inf
     for ev in population_events(design, pp, data, start, prior_seconds, where, config):
         if isinstance(ev, LoopDone):
-            ev.population = population_to(ev.population, "cpu")
+            # the copy must be taken before the generator queues the next loop, i.e. here
+            now = time.monotonic()
+            ev.checkpoint = now - shipped_at >= checkpoint_every
+            if ev.checkpoint:
+                assert ev.population is not None
+                ev.population = population_to(ev.population, "cpu")
+                shipped_at = now
+            else:
+                ev.population = None
         yield ev
 
 
@@ -99,7 +115,7 @@ def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
     def submit(st: PopulationState) -> None:
         start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
         gen = remote.options(**task_opts).remote(study.design, st.plan, start, prior, opt.data_dir, threads,
-                                                 study.train_config())
+                                                 study.train_config(), opt.checkpoint_every)
         pending[gen] = st
 
     def lost(st: PopulationState, err: BaseException) -> Iterator[Any]:
@@ -132,7 +148,7 @@ def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
                     del pending[gen]
                     yield from lost(st, e)
                     continue
-                if isinstance(ev, LoopDone):
+                if isinstance(ev, LoopDone) and ev.population is not None:
                     latest[st.plan.key] = (ev.population, ev.seconds)
                 if isinstance(ev, Started) and st.attempts:
                     ev.loop = max(ev.loop, st.loop)

@@ -83,13 +83,20 @@ class Started:
 
 @dataclass
 class LoopDone:
-    """One meta-loop of a population: a row per member, and the population after it."""
+    """One meta-loop of a population: a row per member, and the population after it.
+
+    `checkpoint` says who decides whether this loop's population is checkpointed: None, the
+    recorder by its own clock (a local run, which always attaches the live population); True or
+    False, the runner (a Ray worker ships a CPU copy of its population, hundreds of MB for a
+    big one, only when a checkpoint is due, and None in its place otherwise).
+    """
 
     key: str
     loop: int
     rows: list[tuple]  # per member: (mode, seed, candidate_acc, promoted, layer, index, lkg_score, loss, diverged)
-    population: Population
+    population: Population | None
     seconds: float  # wall seconds of the population so far, over all sessions
+    checkpoint: bool | None = None
 
 
 @dataclass
@@ -544,7 +551,10 @@ class Study:
             # population's is hundreds of MB. A resume recomputes the loops since the last one
             # (the same loops: all randomness is a function of seed and loop) and overwrites them.
             now = time.monotonic()
-            due = now - self._saved_at.get(ev.key, -math.inf) >= self.opt.checkpoint_every
+            if ev.checkpoint is None:
+                due = now - self._saved_at.get(ev.key, -math.inf) >= self.opt.checkpoint_every
+            else:
+                due = ev.checkpoint and ev.population is not None
             self._durable(due)  # the commit before a checkpoint must be on disk first
             rows = [(st.trial_ids[(mode, seed)], ev.loop, mode, *rest) for mode, seed, *rest in ev.rows]
             store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
