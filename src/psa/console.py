@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -10,8 +11,11 @@ from rich.table import Table
 
 from .arch import Arch, is_parameter_matched
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# Piped into a file, rich would lay tables out for 80 columns and cut their cells short; a
+# wider page keeps them whole (COLUMNS, where set, still decides).
+PIPED_WIDTH = None if "COLUMNS" in os.environ else 132
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else PIPED_WIDTH)
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 
 def arch_table(arch: Arch, title: str | None = None) -> Table:
