@@ -749,9 +749,8 @@ def concurrent_events(study: Study, todo: list[PopulationState], device: torch.d
     Every running population has one meta-loop queued on the device; the driver takes the
     first that has finished (else waits for the oldest), hands its events on (the consumer
     records them and checkpoints), and queues that population's next loop while the others
-    keep the device busy. A population is admitted
-    while the estimated memory of those in flight fits the device's free memory (at least one
-    always runs). Each engine computes exactly what it would alone, so the rows are those of a
+    keep the device busy. A population is admitted while the estimated memory of those in
+    flight fits the device's free memory (at least one always runs). Each engine computes exactly what it would alone, so the rows are those of a
     one-at-a-time run.
     """
     queue = list(todo)
