@@ -69,15 +69,15 @@ def plan(arch) -> tuple[int, int]:
 
 
 def truncated(ds, steps: int):
-    from psa.data import Dataset
+    from psa.core.data import Dataset
 
     n = min(ds.train_x.shape[0], steps * 256)
     return Dataset(ds.name, ds.train_x[:n], ds.train_y[:n], ds.val_x, ds.val_y, ds.test_x, ds.test_y, ds.source)
 
 
 def time_engine(arch, ds, steps):
-    from psa.engine import Engine, TrainConfig
-    from psa.population import Population, make_member
+    from psa.core.engine import Engine, TrainConfig
+    from psa.core.population import Population, make_member
 
     members = [make_member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
@@ -97,8 +97,8 @@ def time_one_by_one(arch, ds, steps, sampled):
     """The paper's harness: per trial, clone the LKG, ablate, DataLoader epoch, evaluate."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from psa.ablation import choose_neuron
-    from psa.model import SimpleMLP
+    from psa.core.ablation import choose_neuron
+    from psa.core.model import SimpleMLP
 
     sub = truncated(ds, steps)
     train_loader = DataLoader(TensorDataset(sub.train_x, sub.train_y), batch_size=256, shuffle=True, num_workers=0)
@@ -146,7 +146,7 @@ def time_vmap(arch, ds, steps):
     """
     from torch.func import functional_call, stack_module_state, vmap
 
-    from psa.model import SimpleMLP
+    from psa.core.model import SimpleMLP
 
     m = len(MODES) * len(SEEDS)
     models = []
@@ -193,8 +193,8 @@ def time_vmap(arch, ds, steps):
 
 
 def measure(arch_text: str, method: str) -> dict:
-    from psa import data
-    from psa.arch import parse_arch
+    from psa.core import data
+    from psa.core.arch import parse_arch
 
     arch = parse_arch(arch_text)
     ds = data.load()

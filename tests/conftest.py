@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from psa import data as psa_data
+from psa.core import data as psa_data
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from psa import rng
-from psa.ablation import choose_neuron
-from psa.arch import Arch
-from psa.data import Dataset
-from psa.engine import TrainConfig
-from psa.model import SimpleMLP
+from psa.core import rng
+from psa.core.ablation import choose_neuron
+from psa.core.arch import Arch
+from psa.core.data import Dataset
+from psa.core.engine import TrainConfig
+from psa.core.model import SimpleMLP
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psa import store
+from psa.study import store
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 

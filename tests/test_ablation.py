@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from psa.ablation import ablate, choose_neuron
-from psa.arch import parse_arch
-from psa.engine import Engine, TrainConfig
-from psa.population import Population, make_member
+from psa.core.ablation import ablate, choose_neuron
+from psa.core.arch import parse_arch
+from psa.core.engine import Engine, TrainConfig
+from psa.core.population import Population, make_member
 
 ARCH = parse_arch("[2*5, 1*3]")  # Linear layers: 784->5, 5->5, 5->3, 3->10
 

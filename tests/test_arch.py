@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psa.arch import (
+from psa.core.arch import (
     ArchError,
     is_parameter_matched,
     matched_arch,

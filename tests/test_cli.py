@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from psa.cli import main
-from psa.model import SimpleMLP
-from psa.arch import parse_arch
+from psa.core.model import SimpleMLP
+from psa.core.arch import parse_arch
 from safetensors.torch import load_file
 
 

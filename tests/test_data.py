@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from psa import data as D
+from psa.core import data as D
 
 
 def test_split_sizes_and_zero_r(mnist):

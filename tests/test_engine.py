@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from psa.arch import parse_arch
-from psa.engine import Engine, TrainConfig
-from psa.model import SimpleMLP
-from psa.population import MODES, Population, make_member
+from psa.core.arch import parse_arch
+from psa.core.engine import Engine, TrainConfig
+from psa.core.model import SimpleMLP
+from psa.core.population import MODES, Population, make_member
 
 from . import oracle
 
@@ -159,7 +159,7 @@ def test_dropout_only_in_dropout_mode_and_only_while_training(paired_run, small)
         with torch.no_grad():
             assert int((model(small.val_x).argmax(1) == small.val_y).sum()) == correct[j]
     # training noise keeps about 1 - p of the units, scaled by 1 / (1 - p), for dropout members only
-    from psa import rng
+    from psa.core import rng
 
     ch = eng._chunk(0, pop.size)
     assert ch.dropout and ch.drop_rows.tolist() == [j for j, d in enumerate(drop) if d]
@@ -240,7 +240,7 @@ def test_same_population_twice_is_identical(small):
 
 
 def test_hidden_mode_needs_a_hidden_layer(small):
-    from psa.population import ConfigError
+    from psa.core.population import ConfigError
 
     with pytest.raises(ConfigError, match="hidden"):
         population(parse_arch("[]"), small, [("hidden", 0)])

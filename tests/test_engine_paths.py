@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from psa.arch import parse_arch
-from psa.engine import Engine, TrainConfig
-from psa.population import MODES, Population, make_member
+from psa.core.arch import parse_arch
+from psa.core.engine import Engine, TrainConfig
+from psa.core.population import MODES, Population, make_member
 
 from . import oracle
 
@@ -155,7 +155,7 @@ def test_reduced_precision_trains_like_fp32(small, precision):
 
 
 def test_precision_is_validated():
-    from psa.population import ConfigError
+    from psa.core.population import ConfigError
 
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp16")
@@ -228,7 +228,7 @@ def test_the_gpu_engine_trains_like_the_cpu_engine(small, text):
 def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monkeypatch):
     """kernels=auto picked Triton (forced here: a CPU never picks it), and the kernel fails: the
     engine warns once, drops the kernels and trains the same loop on the torch path."""
-    from psa import kernels
+    from psa.core import kernels
 
     arch = parse_arch("[3*4]")
     specs = [(m, 1) for m in MODES]

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from psa import kernels, rng  # noqa: E402
+from psa.core import kernels, rng  # noqa: E402
 
 if not kernels.available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)

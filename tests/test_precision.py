@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from psa.precision import Matmul, PrecisionError, resolve, round_bf16, round_tf32
+from psa.core.precision import Matmul, PrecisionError, resolve, round_bf16, round_tf32
 
 
 def f32_bits(x: float) -> int:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from .report_helpers import MODES, make_db, published_peaks
-from psa import store
-from psa.arch import parse_arch, study_architectures
+from psa.study import store
+from psa.core.arch import parse_arch, study_architectures
 from psa.cli import main
 
 TABLES = ("table_iv", "table_v", "regimes", "summary", "ablation_effects", "paired_tests", "lkg_growth",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from psa import rng
+from psa.core import rng
 
 
 def fresh_words(n: int) -> tuple[list[int], int]:

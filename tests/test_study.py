@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from psa import store, study
+from psa.study import store, study
 from psa.cli import main
-from psa.design import StudyDesign, preset, resolve_design
-from psa.plan import DEFAULT_CALIBRATION, arch_flops, auto_chunk, bytes_per_member, make_plan
-from psa.study import StudyLock, checkpoint_root
+from psa.study.design import StudyDesign, preset, resolve_design
+from psa.study.plan import DEFAULT_CALIBRATION, arch_flops, auto_chunk, bytes_per_member, make_plan
+from psa.study.study import StudyLock, checkpoint_root
 
 from .study_util import TINY, TINY_LOOP_ROWS, TINY_TRIALS, integrity, leftover_checkpoints, rows, run_psa
 
@@ -549,7 +549,7 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
         with pytest.raises(Crash):
             run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], capsys, monkeypatch, tmp_path)
     (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
-    from psa.checkpoint import load_population, save_population
+    from psa.core.checkpoint import load_population, save_population
 
     pop, meta = load_population(ckpt, "cpu")
     del meta["rng"]

@@ -94,9 +94,9 @@ def _worker_events(monkeypatch, checkpoint_every: float) -> list:
     import sys
     import types
 
-    from psa.design import StudyDesign
-    from psa.plan import make_plan
-    from psa.ray_backend import _population_task
+    from psa.study.design import StudyDesign
+    from psa.study.plan import make_plan
+    from psa.study.ray import _population_task
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
     design = StudyDesign(architectures=("1*8",), modes=("none", "hidden"), trials=2, meta_loops=4,
@@ -106,7 +106,7 @@ def _worker_events(monkeypatch, checkpoint_every: float) -> list:
 
 
 def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeypatch) -> None:
-    from psa.study import LoopDone
+    from psa.study.study import LoopDone
 
     rare = [ev for ev in _worker_events(monkeypatch, float("inf")) if isinstance(ev, LoopDone)]
     assert [ev.loop for ev in rare] == [1, 2, 3, 4]

@@ -1,5 +1,5 @@
 """`python -m psa` is the `psa` command."""
 
-from .cli import main
+from psa.cli import main
 
 raise SystemExit(main())

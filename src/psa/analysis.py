@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import ArchError, parse_arch, study_architectures, study_matching
-from .store import StoreError, connect
+from psa.core.arch import ArchError, parse_arch, study_architectures, study_matching
+from psa.study.store import StoreError, connect
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 BASELINE_MODES = ("none", "decay", "dropout")
@@ -429,7 +429,7 @@ def validation_zero_r(dataset: str = "mnist", data_dir: str | None = None) -> fl
     Reads only the training labels (60 KB) and the authors' split, not the 47 MB of images that
     `psa.data.load()` decodes; the result equals `load().zero_r()` (11.02 on MNIST).
     """
-    from . import data as d
+    from psa.core import data as d
 
     if dataset not in d.SHA256:
         raise ReportError(f"cannot compute the validation ZeroR of data set {dataset!r}; pass --zero-r PERCENT")
@@ -965,7 +965,7 @@ def _cell_key(key: tuple[str, str]) -> tuple[int, int]:
 
 def matching_label(arch: str) -> str:
     """Table IV's Matched/Asymmetric label (computed by equation 2 for shapes outside the study)."""
-    from .arch import is_parameter_matched
+    from psa.core.arch import is_parameter_matched
 
     label = study_matching().get(arch)
     if label:

@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .checkpoint import atomic_path  # noqa: E402
-from .analysis import (  # noqa: E402
+from psa.core.checkpoint import atomic_path  # noqa: E402
+from psa.analysis import (  # noqa: E402
     ABLATION_EFFECTS,
     ABLATIVE_MODES,
     BASELINE_MODES,

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis as an
-from .argtypes import nonneg_int, nonneg_real, number, percentage, probability
-from .analysis import MODES, REGIMES, ReportError, StudyData
+from psa import analysis as an
+from psa.cli.argtypes import nonneg_int, nonneg_real, number, percentage, probability
+from psa.analysis import MODES, REGIMES, ReportError, StudyData
 
 MANIFEST = "manifest.json"
 DEFAULT_CONVERGENCE = ("1*2048", "18*18")  # the authors' `make-convergence-plots` targets
@@ -689,7 +689,7 @@ def build_report(cfg: ReportConfig) -> ReportResult:
 
 
 def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportResult:
-    from . import figures as fg
+    from psa import figures as fg
 
     lines = [f"psa report: {data.source}"]
     if not data.trials:
@@ -868,7 +868,7 @@ def build_compare(opt: CompareOptions) -> CompareResult:
 
 
 def _write_compare(opt: CompareOptions, data: StudyData, out: OutputDir) -> CompareResult:
-    from . import figures as fg
+    from psa import figures as fg
 
     ref_label = {"published": "published per-trial data (final)", "seed": "printed Table V"}[opt.reference]
     if not data.trials:
@@ -1002,7 +1002,7 @@ def _write_compare(opt: CompareOptions, data: StudyData, out: OutputDir) -> Comp
 
 
 def _archs_arg(text: str) -> tuple[str, ...]:
-    from .arch import ArchError, parse_arch
+    from psa.core.arch import ArchError, parse_arch
 
     out = []
     # "1*2048,18*18" or "1*2048 18*18"; a bracketed "[2*128, 4*64]" stays one architecture

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from . import __version__, rng
-from .arch import ArchError, parse_arch
-from .checkpoint import CheckpointError, atomic_write, load_member, restore_member, save_member
-from .console import arch_table, err_console, loop_progress
-from .data import load as load_data
-from .engine import Engine, LoopResult, TrainConfig
-from .population import ConfigError, Population, make_member
+from psa import __version__
+from psa.core import rng
+from psa.core.arch import ArchError, parse_arch
+from psa.core.checkpoint import CheckpointError, atomic_write, load_member, restore_member, save_member
+from psa.study.console import arch_table, err_console, loop_progress
+from psa.core.data import load as load_data
+from psa.core.engine import Engine, LoopResult, TrainConfig
+from psa.core.population import ConfigError, Population, make_member
 
 CHECKPOINT = "lkg.safetensors"
 SUMMARY = "run.json"

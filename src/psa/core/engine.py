@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from . import rng
-from .ablation import ablate, choose_neuron
-from .arch import Arch
-from .data import Dataset
-from .population import ConfigError, Layout, Member, Population, seed_groups, to_device
-from .precision import CHOICES as PRECISION_CHOICES
-from .precision import Matmul
+from psa.core import rng
+from psa.core.ablation import ablate, choose_neuron
+from psa.core.arch import Arch
+from psa.core.data import Dataset
+from psa.core.population import ConfigError, Layout, Member, Population, seed_groups, to_device
+from psa.core.precision import CHOICES as PRECISION_CHOICES
+from psa.core.precision import Matmul
 
 StepCallback = Callable[[int, int], None]
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -382,7 +382,7 @@ class Engine:
 
     # ---------------------------------------------------------------- set-up decisions
     def _want_triton(self) -> bool:
-        from . import kernels
+        from psa.core import kernels
 
         choice = self.cfg.kernels
         if choice == "torch":
@@ -395,7 +395,7 @@ class Engine:
         return self.pop.device.type == "cuda" and kernels.available()
 
     def _stack_fits_kernel(self) -> bool:
-        from . import kernels
+        from psa.core import kernels
 
         hidden = self.pop.arch.hidden
         widest = kernels.MAX_WIDTH if self.cfg.kernels == "triton" else AUTO_STACK_MAX_WIDTH
@@ -527,7 +527,7 @@ class Engine:
             thr = ch.drop_thr.index_select(0, ch.drop_rows)
             sc = ch.drop_scale.index_select(0, ch.drop_rows)
         if self.triton:
-            from . import kernels
+            from psa.core import kernels
 
             return kernels.dropout_noise(b, units, ks, thr, sc)
         return rng.dropout_noise(self._pos_hash_for(units)[:b], ks, thr, sc)
@@ -562,7 +562,7 @@ class Engine:
         acts = None
         noise = None
         if depth and self.fused:
-            from . import kernels
+            from psa.core import kernels
 
             width = self.pop.arch.hidden[0]
             acts = buf("acts", (depth, m, b, width))
@@ -599,7 +599,7 @@ class Engine:
         dz.mul_(1.0 / b)
 
         if depth and self.fused:
-            from . import kernels
+            from psa.core import kernels
 
             w, _ = views[depth]
             gw, gb = gviews[depth]
@@ -670,7 +670,7 @@ class Engine:
                     x = x_all[c0 : c0 + rows]
                     z = mm.addmm(b0, x, w0.t()).view(x.shape[0], m1 - m0, o0).transpose(0, 1)
                     if depth and self.fused:
-                        from . import kernels
+                        from psa.core import kernels
 
                         h = kernels.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0],
                                                   precision=self.precision)

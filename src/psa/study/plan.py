@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .arch import parse_arch
-from .data import N_TRAIN, N_VAL, Dataset
-from .design import DesignError, StudyDesign
-from .engine import Engine, TrainConfig, working_bytes
-from .population import MODES, Member, Population, make_member
+from psa.core.arch import parse_arch
+from psa.core.data import N_TRAIN, N_VAL, Dataset
+from psa.study.design import DesignError, StudyDesign
+from psa.core.engine import Engine, TrainConfig, working_bytes
+from psa.core.population import MODES, Member, Population, make_member
 
 
 # ---------------------------------------------------------------------------------------------

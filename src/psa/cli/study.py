@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import store
-from .argtypes import nonneg_int, positive_int, seconds
-from .population import MODES
-from .store import StoreError
-from .design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
-from .plan import DEFAULT_CALIBRATION, make_plan
-from .study import (
+from psa.study import store
+from psa.cli.argtypes import nonneg_int, positive_int, seconds
+from psa.core.population import MODES
+from psa.study.store import StoreError
+from psa.study.design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
+from psa.study.plan import DEFAULT_CALIBRATION, make_plan
+from psa.study.study import (
     DEFAULT_DB,
     RunOptions,
     checkpoint_root,
@@ -177,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Progress of every study in a database (or one), readable while a study runs."""
     from rich.table import Table
 
-    from .console import out_console
+    from psa.study.console import out_console
 
     db = Path(args.db)
     con = store.connect(db, readonly=True)
@@ -275,7 +275,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `study`, `status` and `export` to psa's subcommands."""
-    from .cli import _add_training_flags, add_engine_flags
+    from psa.cli import _add_training_flags, add_engine_flags
 
     p = sub.add_parser("study", help="run (or resume) a study: architectures x modes x trials, into SQLite",
                        description="Run a study design into a results database. Re-running the same command "

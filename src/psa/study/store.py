@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_path
+from psa.core.checkpoint import atomic_path
 
 SCHEMA_VERSION = 1
 

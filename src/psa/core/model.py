@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arch import Arch
+from psa.core.arch import Arch
 
 
 class SimpleMLP(nn.Module):

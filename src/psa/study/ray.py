@@ -28,9 +28,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .design import StudyDesign
-from .plan import PopulationPlan
-from .study import (
+from psa.study.design import StudyDesign
+from psa.study.plan import PopulationPlan
+from psa.study.study import (
     LoopDone,
     PopulationFailed,
     PopulationState,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from psa.core.checkpoint import atomic_write
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

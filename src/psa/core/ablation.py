@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .arch import Arch
-from .population import ABLATIVE_MODES, Layout, derive_seed, to_device
+from psa.core.arch import Arch
+from psa.core.population import ABLATIVE_MODES, Layout, derive_seed, to_device
 
 
 def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int] | None:

@@ -7,16 +7,16 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from .arch import ArchError, matched_arch, parse_arch
-from .argtypes import nonneg_int, positive_int, real
-from .checkpoint import CheckpointError
-from .data import DataError
-from .analysis import ReportError
-from .population import MODES, ConfigError
-from .report import register as register_report
-from .store import StoreError
-from .study import StudyError
-from .study_cli import register as register_study
+from psa.core.arch import ArchError, matched_arch, parse_arch
+from psa.cli.argtypes import nonneg_int, positive_int, real
+from psa.core.checkpoint import CheckpointError
+from psa.core.data import DataError
+from psa.analysis import ReportError
+from psa.core.population import MODES, ConfigError
+from psa.report import register as register_report
+from psa.study.store import StoreError
+from psa.study.study import StudyError
+from psa.cli.study import register as register_study
 
 USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError, StudyError)
 
@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_arch(args: argparse.Namespace) -> int:
     """Print the layer table and parameter count of an architecture."""
-    from .console import arch_table, out_console
+    from psa.study.console import arch_table, out_console
 
     arch = parse_arch(args.arch)
     matches = [matched_arch(arch, d) for d in args.match or []]
@@ -55,7 +55,7 @@ def cmd_arch(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one trial (or resume one) and print its summary."""
-    from .train import RunConfig, train
+    from psa.study.train import RunConfig, train
 
     cfg = RunConfig(
         arch=args.arch,
@@ -94,8 +94,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def add_engine_flags(p: argparse.ArgumentParser, precision_default: str | None) -> None:
     """How the engine runs its arithmetic (not what it computes): shared by train and study."""
-    from .engine import KERNEL_CHOICES
-    from .precision import CHOICES
+    from psa.core.engine import KERNEL_CHOICES
+    from psa.core.precision import CHOICES
 
     p.add_argument("--precision", choices=CHOICES, default=precision_default,
                    help="matmul precision: fp32, tf32 (tensor cores; emulated off a GPU), bf16, or auto: tf32 on a "
@@ -110,7 +110,7 @@ def add_engine_flags(p: argparse.ArgumentParser, precision_default: str | None) 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = _Parser(prog="psa", description="Persistent Stochastic Ablation: the Frustration Engine on populations of MLPs.")
-    from . import __version__
+    from psa import __version__
 
     parser.add_argument("--version", action="version", version=f"psa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -38,13 +38,15 @@ from typing import Any
 
 import torch
 
-from . import __version__, rng, store
-from .arch import parse_arch
-from .checkpoint import CheckpointError, load_population, save_population
-from .data import N_VAL, Dataset
-from .design import DesignError, StudyDesign
-from .engine import FREE_MEMORY_FRACTION, Engine, PendingLoop, TrainConfig, free_memory
-from .plan import (
+from psa import __version__
+from psa.core import rng
+from psa.study import store
+from psa.core.arch import parse_arch
+from psa.core.checkpoint import CheckpointError, load_population, save_population
+from psa.core.data import N_VAL, Dataset
+from psa.study.design import DesignError, StudyDesign
+from psa.core.engine import FREE_MEMORY_FRACTION, Engine, PendingLoop, TrainConfig, free_memory
+from psa.study.plan import (
     DEFAULT_CALIBRATION,
     PopulationPlan,
     Plan,
@@ -57,9 +59,9 @@ from .plan import (
     fmt_seconds,
     make_plan,
 )
-from .population import Population
-from .precision import resolve as resolve_precision
-from .store import StoreError
+from psa.core.population import Population
+from psa.core.precision import resolve as resolve_precision
+from psa.study.store import StoreError
 
 DEFAULT_DB = Path("results") / "psa.sqlite"
 
@@ -407,7 +409,7 @@ class Study:
     """A study bound to a database: plans, resumes, runs, and records."""
 
     def __init__(self, name: str, design: StudyDesign, options: RunOptions, console: Any = None) -> None:
-        from .console import err_console
+        from psa.study.console import err_console
 
         self.name = name
         self.design = design
@@ -597,7 +599,7 @@ class Study:
 
 def resolve_device_name(name: str) -> torch.device:
     """`psa train`'s device rules (auto: cuda, then mps, then cpu)."""
-    from .train import resolve_device
+    from psa.study.train import resolve_device
 
     return resolve_device(name)
 
@@ -698,7 +700,7 @@ _DATA_CACHE: dict[tuple[str, str | None, str], Dataset] = {}
 
 def cached_data(name: str, data_dir: str | None, device: torch.device) -> Dataset:
     """The data set on `device`, loaded once per process (Ray reuses worker processes)."""
-    from .data import load
+    from psa.core.data import load
 
     key = (name, data_dir, str(device))
     if key not in _DATA_CACHE:
@@ -822,7 +824,7 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
     if opt.backend not in ("local", "ray"):
         raise DesignError(f"unknown backend {opt.backend!r}; choose local or ray")
     if opt.backend == "ray":
-        from .ray_backend import import_ray
+        from psa.study.ray import import_ray
 
         import_ray()  # a missing Ray is a clear error before anything is written
         device = torch.device("cpu")
@@ -861,7 +863,7 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
         study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc, work_done)
         failed: list[str] = []
         if opt.backend == "ray":
-            from .ray_backend import ray_events
+            from psa.study.ray import ray_events
 
             events = ray_events(study, todo)
         else:
@@ -912,7 +914,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
     """Print the plan (populations, FLOPs, time estimate) without writing anything; returns it."""
     from rich.table import Table
 
-    from .console import out_console
+    from psa.study.console import out_console
 
     device = resolve_device_name(opt.device) if opt.backend == "local" else resolve_device_name("auto")
     db = Path(opt.db)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .arch import ArchError, parse_arch, study_architectures
-from .data import N_TRAIN
-from .engine import TrainConfig
-from .population import MODES, ConfigError, Member, make_member
+from psa.core.arch import ArchError, parse_arch, study_architectures
+from psa.core.data import N_TRAIN
+from psa.core.engine import TrainConfig
+from psa.core.population import MODES, ConfigError, Member, make_member
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .arch import ArchError, parse_arch
-from .population import ConfigError, Layout, Member, Population, canonical_device
+from psa.core.arch import ArchError, parse_arch
+from psa.core.population import ConfigError, Layout, Member, Population, canonical_device
 
 FORMAT = "psa-checkpoint-1"
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arch import Arch
-from .model import init_weights, linear_keys
+from psa.core.arch import Arch
+from psa.core.model import init_weights, linear_keys
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 BASELINE_MODES = ("none", "decay", "dropout")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .arch import Arch, is_parameter_matched
+from psa.core.arch import Arch, is_parameter_matched
 
 # Piped into a file, rich would lay tables out for 80 columns and cut their cells short; a
 # wider page keeps them whole (COLUMNS, where set, still decides).
