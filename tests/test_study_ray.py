@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from psa.cli import main
 
@@ -58,6 +59,9 @@ def _population_workers(root: int) -> list[int]:
 @pytest.mark.slow
 def test_ray_backend_gives_the_local_rows_and_survives_a_lost_worker(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    # each Ray worker trains with --cpus-per-task (1) threads, and on some CPUs a GEMM's bits
+    # depend on its thread count: the local reference trains with as many
+    torch.set_num_threads(1)  # the autouse _fixed_threads fixture restores it
     assert main(["study", *RAY, "--db", "local.sqlite"]) == 0
     db = tmp_path / "ray.sqlite"
     proc = subprocess.Popen(psa_cmd("study", *RAY, "--db", db.name, "--backend", "ray", "--num-cpus", "2"),

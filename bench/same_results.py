@@ -1,0 +1,94 @@
+"""Do two versions of psa compute the same thing? Runs one small study and one `psa train` with
+the code of a git revision (default: HEAD) and with this working tree, and compares the trial
+rows, the meta-loop rows, the stored design and run.json byte for byte (wall-clock fields
+aside). Prints a table; exits 1 on any difference.
+
+    python bench/same_results.py                 # HEAD against the working tree
+    python bench/same_results.py --before 3105e58
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ["study", "--arch", "1*8", "--arch", "[2*16, 1*8]", "--trials", "2", "--meta-loops", "5",
+         "--train-subset", "4096", "--name", "same", "--quiet"]
+TRAIN = ["train", "--arch", "1*8", "--mode", "hidden", "--seed", "3", "--meta-loops", "3", "--json"]
+# columns that hold wall-clock time, ids of runs or the code's version, not results
+TIMING = {"wall_seconds", "train_seconds", "timing", "run_dir", "psa_version", "code_version", "started_at",
+          "finished_at", "device"}
+
+
+def export_tree(rev: str, dest: Path) -> Path:
+    """The `src/` of revision `rev`, unpacked under `dest`."""
+    raw = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(raw)) as tar:
+        tar.extractall(dest, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dest)
+    return dest / "src"
+
+
+def run_psa(src: Path, args: list[str], cwd: Path) -> str:
+    """`python -m psa ARGS` with the package from `src`; its stdout."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    env.pop("PSA_DATA_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "psa", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"psa {' '.join(args[:1])} failed with code {src}:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def results_of(src: Path, work: Path) -> dict[str, object]:
+    """Trial rows, meta-loop rows, stored design and run.json of one version."""
+    work.mkdir(parents=True)
+    db = work / "study.sqlite"
+    run_psa(src, [*STUDY, "--db", str(db)], work)
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    trials = [tuple((k, r[k]) for k in r.keys() if k not in TIMING)
+              for r in con.execute("SELECT * FROM trials ORDER BY id")]
+    loops = [tuple(r) for r in con.execute("SELECT * FROM meta_loops ORDER BY trial_id, loop")]
+    design = json.loads(con.execute("SELECT design FROM studies").fetchone()[0])
+    design.get("plan", {}).pop("calibration", None)  # a timing on this machine
+    con.close()
+    out = json.loads(run_psa(src, [*TRAIN, "--out", str(work / "run")], work))
+    run_json = json.loads((work / "run" / "run.json").read_text())
+    strip = lambda d: {k: v for k, v in d.items() if k not in TIMING}  # noqa: E731
+    return {"trial rows": trials, "meta-loop rows": loops, "stored design": design,
+            "psa train summary": strip(out), "run.json": strip(run_json)}
+
+
+def main() -> int:
+    """Compare the two versions and print one line per kind of result."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", default="HEAD", help="git revision to compare against (default HEAD)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        before = results_of(export_tree(args.before, t / "before-tree"), t / "before")
+        after = results_of(ROOT / "src", t / "after")
+    print(f"{'result':<20} {'rows':>6}  same ({args.before} vs working tree)")
+    same = True
+    for k in before:
+        n = len(before[k]) if isinstance(before[k], list) else 1
+        ok = before[k] == after[k]
+        same &= ok
+        print(f"{k:<20} {n:>6}  {'yes' if ok else 'NO'}")
+        if not ok and isinstance(before[k], dict):
+            for key in sorted(set(before[k]) | set(after[k])):
+                if before[k].get(key) != after[k].get(key):
+                    print(f"    {key}: {before[k].get(key)!r} -> {after[k].get(key)!r}"[:300])
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

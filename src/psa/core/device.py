@@ -1,0 +1,167 @@
+"""Devices and how the engine computes on them: `auto` resolved once, where a command starts.
+
+`resolve_execution` turns what a user asked for (`--device`, `--precision`, `--kernels`,
+`--no-graphs`) into an `Execution` of concrete choices; the engine accepts only those, and
+nothing downstream resolves or rewrites them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from psa.core.population import ConfigError
+from psa.core.precision import CHOICES as PRECISION_CHOICES
+from psa.core.precision import resolve as resolve_precision
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+# Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels.
+# Narrow stacks are launch-bound, so fusing them is a clear win; for wider ones cuBLAS's
+# batched GEMMs may be faster: kernels="triton" uses the kernels up to kernels.MAX_WIDTH, so
+# that a GPU measurement can settle it.
+AUTO_STACK_MAX_WIDTH = 32
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the engine runs its arithmetic (never what it computes), every choice concrete."""
+
+    device: torch.device  # where the population and the data live
+    precision: str = "fp32"  # of the matrix products: fp32 | tf32 | bf16 (psa.core.precision)
+    triton: bool = False  # Triton kernels for dropout noise and narrow hidden stacks
+    stack_max_width: int = 0  # widest equal-width hidden stack run through the stack kernels
+    kernels_fall_back: bool = False  # chosen automatically: a failure warns and turns them off
+    graphs: bool = False  # capture each training step as a CUDA graph (CUDA devices only)
+    max_members: int | None = None  # members trained at once; None: as many as free memory holds
+    eval_bytes: int = 256 << 20  # activation memory one block of validation may use
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", canonical_device(self.device))
+        if self.precision not in PRECISION_CHOICES or self.precision == "auto":
+            raise ConfigError(f"precision must be resolved to fp32, tf32 or bf16, got {self.precision!r}")
+        if self.graphs and self.device.type != "cuda":
+            raise ConfigError(f"CUDA graphs need a CUDA device, not {self.device}")
+        if self.max_members is not None and self.max_members < 1:
+            raise ConfigError(f"max_members must be at least 1, got {self.max_members}")
+
+    @property
+    def kernels(self) -> str:
+        """The resolved --kernels choice, as runs record it: torch or triton."""
+        return "triton" if self.triton else "torch"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return canonical_device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s)")
+    if dev.type == "mps" and not _mps_available():
+        raise ConfigError("device mps requested but MPS is not available")
+    return canonical_device(dev)
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_execution(device: str | torch.device = "auto", precision: str = "auto", kernels: str = "auto",
+                      graphs: bool = True, max_members: int | None = None) -> Execution:
+    """The concrete Execution for what a command was asked: `auto` precision is tf32 on a CUDA
+    GPU and fp32 elsewhere; `auto` kernels are Triton's on a CUDA GPU where Triton is installed
+    (stacks up to AUTO_STACK_MAX_WIDTH), and `graphs` apply on CUDA devices only."""
+    from psa.core import kernels as triton_kernels
+
+    dev = resolve_device(device) if isinstance(device, str) else canonical_device(device)
+    if kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
+    if kernels == "triton":
+        if not triton_kernels.available():
+            raise ConfigError("kernels 'triton' need Triton and a CUDA GPU (or TRITON_INTERPRET=1 to run them in "
+                              "Triton's interpreter)")
+        triton, widest = True, triton_kernels.MAX_WIDTH
+    elif kernels == "auto" and dev.type == "cuda" and triton_kernels.available():
+        triton, widest = True, AUTO_STACK_MAX_WIDTH
+    else:
+        triton, widest = False, 0
+    try:
+        prec = resolve_precision(precision, dev)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Execution(device=dev, precision=prec, triton=triton, stack_max_width=widest,
+                     kernels_fall_back=kernels == "auto", graphs=graphs and dev.type == "cuda",
+                     max_members=max_members)
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """The device tensors actually land on ("cuda" -> "cuda:0"), so devices compare equal."""
+    return torch.empty(0, device=device).device
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor copied to `device` without stalling the host: on a GPU through pinned
+    memory and an asynchronous copy (a plain copy from pageable memory waits for the stream)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for every queued kernel on `device` (for timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe_device(device: torch.device) -> str:
+    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process can still use on `device`, or None where that is unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def total_memory(device: torch.device) -> int:
+    """Bytes of memory `device` has in all (a study plans from this, not from free memory, so
+    that one device always yields one plan)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
