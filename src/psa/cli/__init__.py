@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 
-from psa.core.arch import ArchError, matched_arch, parse_arch
-from psa.cli.argtypes import nonneg_int, positive_int, real
+from psa.analysis import ReportError
+from psa.cli.study import register as register_study
+from psa.cli.train import register as register_train
+from psa.core.arch import ArchError
 from psa.core.checkpoint import CheckpointError
 from psa.core.data import DataError
-from psa.analysis import ReportError
-from psa.core.population import MODES, ConfigError
+from psa.core.population import ConfigError
 from psa.report import register as register_report
 from psa.study.store import StoreError
 from psa.study.study import StudyError
-from psa.cli.study import register as register_study
 
 USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError, StudyError)
 
@@ -32,81 +31,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def cmd_arch(args: argparse.Namespace) -> int:
-    """Print the layer table and parameter count of an architecture."""
-    from psa.study.console import arch_table, out_console
-
-    arch = parse_arch(args.arch)
-    matches = [matched_arch(arch, d) for d in args.match or []]
-    if args.json:
-        print(json.dumps({
-            "arch": str(arch),
-            "params": arch.params,
-            "layers": [{"name": n, "in": a, "out": b, "params": p} for n, a, b, p in arch.layer_table()],
-            "matched": [{"arch": str(m), "params": m.params} for m in matches],
-        }, indent=1))
-        return 0
-    out_console.print(arch_table(arch))
-    for m in matches:
-        out_console.print(f"depth {m.depth}: {m.short} has {m.params:,} parameters "
-                          f"({m.params - arch.params:+,} against {arch.short})")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train one trial (or resume one) and print its summary."""
-    from psa.study.train import RunConfig, train
-
-    cfg = RunConfig(
-        arch=args.arch,
-        mode=args.mode,
-        meta_loops=args.meta_loops,
-        seed=args.seed,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        dropout=args.dropout,
-        device=args.device,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        out=args.out,
-        resume=args.resume,
-        quiet=args.json,
-        precision=args.precision,
-        kernels=args.kernels,
-        graphs=not args.no_graphs,
-    )
-    summary = train(cfg)
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    return 0
-
-
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", type=real, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=positive_int, help="training batch size (default 256)")
-    p.add_argument("--weight-decay", type=real, help="weight decay of `decay` mode (default 1e-4; 0 in other modes)")
-    p.add_argument("--dropout", type=real, help="dropout rate of `dropout` mode (default 0.1; none in other modes)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
-    p.add_argument("--data-dir", help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
-
-
-def add_engine_flags(p: argparse.ArgumentParser, precision_default: str | None) -> None:
-    """How the engine runs its arithmetic (not what it computes): shared by train and study."""
-    from psa.core.engine import KERNEL_CHOICES
-    from psa.core.precision import CHOICES
-
-    p.add_argument("--precision", choices=CHOICES, default=precision_default,
-                   help="matmul precision: fp32, tf32 (tensor cores; emulated off a GPU), bf16, or auto: tf32 on a "
-                        "CUDA GPU, fp32 elsewhere" + ("" if precision_default else "; on resume, the run's own"))
-    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="auto: Triton kernels for narrow hidden stacks on a CUDA GPU when Triton is installed; "
-                        "torch: never; triton: always (needs a GPU or TRITON_INTERPRET=1)")
-    p.add_argument("--no-graphs", action="store_true",
-                   help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = _Parser(prog="psa", description="Persistent Stochastic Ablation: the Frustration Engine on populations of MLPs.")
@@ -115,25 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"psa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("arch", help="show an architecture's layers and parameter count")
-    p.add_argument("arch", help='e.g. "[2*128, 4*64]" or 1*2048')
-    p.add_argument("--match", type=positive_int, nargs="+", metavar="DEPTH",
-                   help="also print the parameter-matched DEPTH*W net (equation 2)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_arch)
-
-    p = sub.add_parser("train", help="train one trial with the Frustration Engine")
-    p.add_argument("--arch", help='hidden layers, e.g. "[1*128]" or "[2*128, 4*64]"')
-    p.add_argument("--mode", "--ablation-mode", dest="mode", choices=MODES, help="training mode (default none)")
-    p.add_argument("--meta-loops", type=positive_int, help="meta-loops to run (default 100; on resume: this many more)")
-    p.add_argument("--seed", type=nonneg_int, help="seed of the initial weights and random streams (default 0)")
-    _add_training_flags(p)
-    p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
-    add_engine_flags(p, None)
-    p.set_defaults(func=cmd_train)
-
+    register_train(sub)  # psa arch, psa train
     register_study(sub)  # psa study, psa status, psa export
     register_report(sub)  # psa report, psa compare
     return parser

@@ -16,8 +16,8 @@ from typing import Any
 
 from psa.core.arch import ArchError, parse_arch, study_architectures
 from psa.core.data import N_TRAIN
-from psa.core.engine import TrainConfig
-from psa.core.population import MODES, ConfigError, Member, make_member
+from psa.core.hparams import HParams
+from psa.core.population import MODES, ConfigError, Member
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,23 +29,42 @@ class DesignError(ConfigError):
     """A study design (flags or TOML file) that cannot run."""
 
 
+# the design's fields that are hyperparameters: flat in flags, TOML and the stored JSON
+HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout")
+
+
 @dataclass(frozen=True)
 class StudyDesign:
     """What a study runs. Validated on construction; architectures are stored in short form."""
 
     architectures: tuple[str, ...]
-    modes: tuple[str, ...] = MODES
-    trials: int = 10
-    meta_loops: int = 100
-    seed: int = 0  # trial k of every mode trains with seed + k - 1
-    lr: float = 1e-4
-    batch_size: int = 256
-    weight_decay: float = 1e-4  # the rate of `decay` mode; every other mode uses exactly 0
-    dropout: float = 0.1  # the rate of `dropout` mode; every other mode uses none
+    modes: tuple[str, ...] = MODES  # canonical order, so "hidden,none" and "none,hidden" are one design
+    trials: int = 10  # per (architecture, mode); trial k of every mode trains with seed + k - 1
+    seed: int = 0
+    hparams: HParams = HParams()  # what every trial trains with (Table VI)
     dataset: str = "mnist"
     # Train on only the first N of the 50,000 training images: for tests and quick checks of
     # the machinery only; results are not comparable with the paper's (trials record it).
     train_subset: int | None = None
+
+    @classmethod
+    def from_fields(cls, **fields: Any) -> "StudyDesign":
+        """A design from flat fields, as flags, TOML files and stored designs give them
+        (`lr`, `meta_loops`... beside `architectures`, `modes`...)."""
+        hp = {k: fields.pop(k) for k in HPARAM_FIELDS if k in fields}
+        for name in ("meta_loops", "batch_size"):
+            v = hp.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise DesignError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("lr", "weight_decay", "dropout"):
+            v = hp.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise DesignError(f"{name} must be a number, got {v!r}")
+        try:
+            hparams = HParams(**hp)
+        except ConfigError as e:
+            raise DesignError(str(e)) from None
+        return cls(**fields, hparams=hparams)
 
     def __post_init__(self) -> None:
         if not self.architectures:
@@ -67,30 +86,18 @@ class StudyDesign:
                 raise DesignError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
         if len(set(self.modes)) != len(self.modes):
             raise DesignError("a mode is listed more than once")
-        # canonical order, so that "hidden,none" and "none,hidden" are one design
         object.__setattr__(self, "modes", tuple(m for m in MODES if m in self.modes))
-        for name in ("trials", "meta_loops", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise DesignError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.trials, int) or isinstance(self.trials, bool) or self.trials < 1:
+            raise DesignError(f"trials must be a positive integer, got {self.trials!r}")
         if self.train_subset is not None and (not isinstance(self.train_subset, int) or isinstance(
                 self.train_subset, bool) or not 1 <= self.train_subset <= N_TRAIN):
             raise DesignError(f"train_subset must be an integer in 1..{N_TRAIN}, got {self.train_subset!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise DesignError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("lr", "weight_decay", "dropout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise DesignError(f"{name} must be a number, got {v!r}")
-            object.__setattr__(self, name, float(v))
+        if not isinstance(self.hparams, HParams):
+            raise DesignError(f"hparams must be an HParams, got {type(self.hparams).__name__}")
         if self.dataset != "mnist":
             raise DesignError(f"unknown dataset {self.dataset!r} (available: mnist)")
-        try:
-            self.train_config()
-            for m in self.modes:
-                make_member(m, 0, decay_rate=self.weight_decay, dropout_rate=self.dropout)
-        except ConfigError as e:
-            raise DesignError(str(e)) from None
         if "hidden" in self.modes:
             flat = [a for a in self.architectures if parse_arch(a).depth == 0]
             if flat:
@@ -100,21 +107,29 @@ class StudyDesign:
         """The seed of trial k (1-based), shared by every mode: the paired design."""
         return self.seed + trial - 1
 
-    def train_config(self) -> TrainConfig:
-        """The engine's hyperparameters."""
-        return TrainConfig(lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay, dropout=self.dropout)
-
     def member(self, mode: str, trial: int) -> Member:
         """The Member that trial k of `mode` is."""
-        return make_member(mode, self.seed_of(trial), decay_rate=self.weight_decay, dropout_rate=self.dropout)
+        return self.hparams.member(mode, self.seed_of(trial))
+
+    def fields(self) -> dict[str, Any]:
+        """The design as flat fields (the inverse of from_fields)."""
+        hp = self.hparams
+        d: dict[str, Any] = {"architectures": self.architectures, "modes": self.modes, "trials": self.trials,
+                             "meta_loops": hp.meta_loops, "seed": self.seed, "lr": hp.lr,
+                             "batch_size": hp.batch_size, "weight_decay": hp.weight_decay, "dropout": hp.dropout,
+                             "dataset": self.dataset, "train_subset": self.train_subset}
+        return d
 
     def to_dict(self) -> dict[str, Any]:
-        """The design as JSON-able data (the studies row's `design`, with the plan added)."""
-        d = dataclasses.asdict(self)
+        """The design as JSON-able data (the studies row's `design`, with the plan added).
+
+        AdamW's betas and eps are not a factor of studies: every study trains with the paper's.
+        """
+        d = self.fields()
         d["architectures"] = list(self.architectures)
         d["modes"] = list(self.modes)
         if self.train_subset is None:
-            del d["train_subset"]  # so that designs from before the field keep their digest
+            del d["train_subset"]  # absent unless set: the digest of a full-data design has no such key
         return d
 
     @property
@@ -137,7 +152,7 @@ class StudyDesign:
         return len(self.architectures) * len(self.modes) * self.trials
 
 
-DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)}
+DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)} - {"hparams"} | set(HPARAM_FIELDS)
 
 
 def preset(name: str) -> StudyDesign:
@@ -146,7 +161,7 @@ def preset(name: str) -> StudyDesign:
     if name == "paper":
         return StudyDesign(architectures=tuple(a.short for a in study_architectures()))
     if name == "smoke":
-        return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, meta_loops=10)
+        return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, hparams=HParams(meta_loops=10))
     raise DesignError(f"unknown preset {name!r}; choose from paper, smoke")
 
 
@@ -290,12 +305,12 @@ def resolve_design(
     base_name = "study"
     file_name = None
     if preset_name is not None:
-        base_fields = dataclasses.asdict(preset(preset_name))
+        base_fields = preset(preset_name).fields()
         base_name = preset_name
     if design_file is not None:
         file_name, file_preset, fields = read_design_file(design_file)
         if file_preset:
-            base_fields = dataclasses.asdict(preset(file_preset))
+            base_fields = preset(file_preset).fields()
         base_fields.update(fields)
         base_name = file_name or Path(design_file).stem
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -305,7 +320,7 @@ def resolve_design(
     fields = {**base_fields, **over}
     if "architectures" not in fields:
         raise DesignError("no architectures: pass --arch (repeatable), --arch-file, a design file or --preset")
-    design = StudyDesign(**fields)
+    design = StudyDesign.from_fields(**fields)
     if name is None:
         unchanged = not over or all(base_fields.get(k) == (tuple(v) if isinstance(v, list) else v)
                                     for k, v in over.items())

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,61 +19,114 @@ import torch
 
 from psa import __version__
 from psa.core import rng
-from psa.core.arch import ArchError, parse_arch
-from psa.core.checkpoint import CheckpointError, atomic_write, load_member, restore_member, save_member
-from psa.study.console import arch_table, err_console, loop_progress
+from psa.core.arch import Arch, ArchError, parse_arch
+from psa.core.checkpoint import FORMAT, CheckpointError, atomic_write, load_member, restore_member, save_member
+from psa.core.data import Dataset
 from psa.core.data import load as load_data
-from psa.core.engine import Engine, LoopResult, TrainConfig
-from psa.core.population import ConfigError, Population, make_member
+from psa.core.device import Execution, resolve_execution
+from psa.core.engine import Engine, LoopResult
+from psa.core.hparams import HParams
+from psa.core.population import ConfigError, Member, Population
+from psa.study.console import arch_table, err_console, loop_progress
 
 CHECKPOINT = "lkg.safetensors"
 SUMMARY = "run.json"
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything `psa train` was asked to do."""
+class TrialConfig:
+    """Everything `psa train` was asked to do. None: the paper's value (HParams), or on resume
+    the run's own."""
 
-    arch: str | None = None
-    mode: str | None = None
-    meta_loops: int | None = None
-    seed: int | None = None  # default 0; on resume, the checkpoint's
-    lr: float | None = None  # None: Table VI's value, or the checkpoint's on resume
+    arch: str | None = None  # hidden layers, e.g. "[2*128, 4*64]"
+    mode: str | None = None  # default none; on resume, may switch the run to another mode
+    meta_loops: int | None = None  # loops to run (default HParams'); on resume, this many more
+    seed: int | None = None  # default 0
+    lr: float | None = None
     batch_size: int | None = None
     weight_decay: float | None = None  # the rate decay mode uses (others use exactly 0)
     dropout: float | None = None  # the rate dropout mode uses (others use none)
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda, then mps, then cpu
     dataset: str = "mnist"
-    data_dir: str | None = None
-    out: str | None = None
-    resume: str | None = None
+    data_dir: str | None = None  # else $PSA_DATA_DIR, the shipped copy, ./dataset
+    out: str | None = None  # the run directory (default runs/ARCH-MODE-seedN)
+    resume: str | None = None  # a run directory to continue
     quiet: bool = False  # no progress or log (--json)
     precision: str | None = None  # None: auto, or on resume the run's own
-    kernels: str = "auto"
-    graphs: bool = True
+    kernels: str = "auto"  # auto | torch | triton
+    graphs: bool = True  # CUDA graphs on a GPU
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+@dataclass
+class Trial:
+    """Where a trial stands before this command's meta-loops: fresh, or read from its run directory."""
+
+    arch: Arch
+    seed: int
+    mode: str
+    hparams: HParams
+    precision: str | None  # the run's own precision on resume, None for a fresh run
+    done: int = 0  # meta-loops already trained
+    run_dir: Path | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    prior_seconds: float = 0.0
+    mode_history: list[tuple[str, int]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's header on resume
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the checkpoint's LKG on resume
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> int:
+        """The loop this command trains up to."""
+        return self.hparams.meta_loops
+
+
+def _overrides(cfg: TrialConfig) -> dict[str, Any]:
+    return {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout}
+
+
+def fresh_trial(cfg: TrialConfig) -> Trial:
+    """A new trial as `cfg` asks for it."""
+    if cfg.arch is None:
+        raise ConfigError("--arch is required (or --resume RUN_DIR)")
+    hp = HParams().updated(**_overrides(cfg), meta_loops=cfg.meta_loops)
+    return Trial(parse_arch(cfg.arch), cfg.seed or 0, cfg.mode or "none", hp, precision=None)
+
+
+def resumed_trial(cfg: TrialConfig) -> Trial:
+    """The trial in `cfg.resume`, checked against what `cfg` asks of it."""
+    run_dir = Path(cfg.resume or "")
+    state, meta = load_member(run_dir / CHECKPOINT)
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but CUDA is not available")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device mps requested but MPS is not available")
-    return dev
+        arch = parse_arch(meta["arch"])
+    except (KeyError, ArchError) as e:
+        raise CheckpointError(f"{run_dir / CHECKPOINT}: bad architecture in metadata ({e})") from None
+    if cfg.arch is not None and parse_arch(cfg.arch) != arch:
+        raise CheckpointError(f"checkpoint {run_dir} is architecture {arch}, not {parse_arch(cfg.arch)}")
+    if cfg.seed is not None and cfg.seed != meta["seed"]:
+        raise ConfigError(f"checkpoint {run_dir} was trained with seed {meta['seed']}, not {cfg.seed}")
+    done = int(meta["loop"])
+    if cfg.meta_loops is not None:
+        target = done + cfg.meta_loops
+    else:
+        target = int(meta["target_loops"])
+        if target <= done:
+            raise ConfigError(f"run {run_dir} already completed {done} meta-loops; pass --meta-loops N to train N more")
+    stored = meta["hyperparameters"]
+    hp = HParams.from_dict(stored).updated(**_overrides(cfg), meta_loops=target)
+    trial = Trial(arch, int(meta["seed"]), cfg.mode or meta["mode"], hp,
+                  precision=meta.get("precision", stored.get("precision", "fp32")), done=done, run_dir=run_dir,
+                  records=list(meta["records"]), prior_seconds=float(meta.get("train_seconds", 0.0)),
+                  mode_history=[(str(m), int(t)) for m, t in meta["mode_history"]], meta=meta, state=state)
+    if meta.get("rng") != rng.VERSION:
+        trial.notes.append("this run was started by an older psa: its next meta-loops draw their data order and "
+                           "dropout masks from psa's current random streams")
+    return trial
 
 
-def _prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
-    """The run directory: `out` if empty or new, else a fresh name under ./runs/."""
+def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
+    """The run directory, created and checked writable: `out` if empty or new, else a fresh
+    name under ./runs/."""
     if out is None:
         base = Path("runs") / f"{arch_short.replace('*', 'x')}-{mode}-seed{seed}"
         path, n = base, 1
@@ -91,17 +144,32 @@ def _prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path
         raise ConfigError(f"--out {path}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {path}: {probe} is not writable")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / ".write-probe", b"")
+        (path / ".write-probe").unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot write there ({e.strerror})") from None
     return path
 
 
-def _describe_ablation(arch_depth: int, a: tuple[int, int] | None) -> str:
-    if a is None:
-        return "-"
-    layer, neuron = a
-    return f"output #{neuron}" if layer == arch_depth else f"hidden {layer + 1} #{neuron}"
+def build_population(trial: Trial, member: Member, data: Dataset, device: torch.device) -> Population:
+    """The trial's population of one: fresh weights, or the checkpoint's LKG and scores."""
+    pop = Population.create(trial.arch, [member], device, n_val=data.val_y.numel())
+    if trial.run_dir is None:
+        return pop
+    restore_member(pop, 0, trial.state)
+    pop.loop = trial.done
+    pop.lkg_correct.fill_(int(trial.meta["lkg_correct"]))
+    pop.bounty_loop = [int(trial.meta["bounty_loop"])]
+    pop.mode_history = [list(trial.mode_history)]
+    if not trial.mode_history or trial.mode_history[-1][0] != trial.mode:
+        pop.mode_history[0].append((trial.mode, trial.done + 1))
+    return pop
 
 
-def _loop_record(r: LoopResult, mode: str, j: int = 0) -> dict[str, Any]:
+def loop_record(r: LoopResult, mode: str, j: int = 0) -> dict[str, Any]:
+    """Member j's meta-loop as run.json records it."""
     acc = r.candidate_acc[j]
     return {
         "loop": r.loop,
@@ -115,162 +183,113 @@ def _loop_record(r: LoopResult, mode: str, j: int = 0) -> dict[str, Any]:
     }
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: Dataset, final: bool,
+            test_acc: float | None, train_seconds: float) -> dict[str, Any]:
+    """The run's summary: the checkpoint's header and run.json."""
+    return {
+        "format": FORMAT,
+        "psa_version": __version__,
+        "arch": str(trial.arch),
+        "params": trial.arch.params,
+        "seed": trial.seed,
+        "mode": trial.mode,
+        "mode_history": [list(x) for x in pop.mode_history[0]],
+        "loop": pop.loop,
+        "target_loops": trial.target,
+        "bounty": pop.lkg_score()[0],
+        "bounty_loop": pop.bounty_loop[0],
+        "lkg_correct": int(pop.lkg_correct[0]),
+        "test_acc": test_acc,
+        "complete": final,
+        "hyperparameters": trial.hparams.to_dict(),
+        "precision": ex.precision,
+        "rng": rng.VERSION,
+        "member_weight_decay": member.weight_decay,
+        "member_dropout": member.dropout,
+        "dataset": data.name,
+        "device": str(ex.device),
+        "train_seconds": train_seconds,
+        "records": trial.records,
+    }
+
+
+def _describe_ablation(arch_depth: int, a: tuple[int, int] | None) -> str:
+    if a is None:
+        return "-"
+    layer, neuron = a
+    return f"output #{neuron}" if layer == arch_depth else f"hidden {layer + 1} #{neuron}"
+
+
+def _print_header(trial: Trial, pop: Population, ex: Execution, data: Dataset) -> None:
+    console = err_console
+    console.print(arch_table(trial.arch))
+    console.print(f"mode [bold]{trial.mode}[/]  seed {trial.seed}  device {ex.device}  precision {ex.precision}  "
+                  f"meta-loops {trial.done + 1}..{trial.target}", soft_wrap=True)
+    console.print(f"data {data.source}", soft_wrap=True)
+    console.print(f"run  {trial.run_dir}", soft_wrap=True)
+    if trial.done:
+        console.print(f"resuming after meta-loop {trial.done}: bounty {pop.lkg_score()[0]:.2f}% @ loop {pop.bounty_loop[0]}")
+    for n in trial.notes:
+        console.print(f"[yellow]note[/]: {n}", soft_wrap=True)
+
+
+def _loop_line(r: LoopResult, trial: Trial, pop: Population) -> str:
+    word, colour = ("DIVERGED", "red") if r.diverged[0] else (
+        ("PROMOTED", "green") if r.promoted[0] else ("DISCARDED", "yellow"))
+    return (f"loop {r.loop:>4}/{trial.target}  [{colour}]{word:<9}[/]  candidate {r.candidate_acc[0]:6.2f}%  "
+            f"bounty {pop.lkg_score()[0]:6.2f}% @ {pop.bounty_loop[0]:<4} "
+            f"ablated {_describe_ablation(trial.arch.depth, r.ablated[0]):<14} {r.seconds:5.1f}s")
+
+
+def train(cfg: TrialConfig) -> dict[str, Any]:
     """Run (or resume) one trial; returns its summary, which is also written to run.json."""
     t_start = time.perf_counter()
-    console = err_console
-    notes: list[str] = []
-    records: list[dict[str, Any]] = []
-    prior_seconds = 0.0
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        state, meta = load_member(run_dir / CHECKPOINT)
-        try:
-            arch = parse_arch(meta["arch"])
-        except (KeyError, ArchError) as e:
-            raise CheckpointError(f"{run_dir / CHECKPOINT}: bad architecture in metadata ({e})") from None
-        if cfg.arch is not None and parse_arch(cfg.arch) != arch:
-            raise CheckpointError(f"checkpoint {run_dir} is architecture {arch}, not {parse_arch(cfg.arch)}")
-        if cfg.seed is not None and cfg.seed != meta["seed"]:
-            raise ConfigError(f"checkpoint {run_dir} was trained with seed {meta['seed']}, not {cfg.seed}")
-        seed = int(meta["seed"])
-        mode = cfg.mode or meta["mode"]
-        done = int(meta["loop"])
-        if cfg.meta_loops is not None:
-            target = done + cfg.meta_loops
-        else:
-            target = int(meta["target_loops"])
-            if target <= done:
-                raise ConfigError(f"run {run_dir} already completed {done} meta-loops; pass --meta-loops N to train N more")
-        records = list(meta["records"])
-        prior_seconds = float(meta.get("train_seconds", 0.0))
-        hp = meta["hyperparameters"]
-        # runs from before --precision trained in strict fp32
-        base = TrainConfig(lr=hp["lr"], batch_size=hp["batch_size"], weight_decay=hp["weight_decay"],
-                           dropout=hp["dropout"], betas=tuple(hp["betas"]), eps=hp["eps"],
-                           precision=hp.get("precision", "fp32"))
-        history = [tuple(x) for x in meta["mode_history"]]
-        if meta.get("rng") != rng.VERSION:
-            notes.append("this run was started by an older psa: its next meta-loops draw their data order and "
-                         "dropout masks from psa's current random streams")
-    else:
-        if cfg.arch is None:
-            raise ConfigError("--arch is required (or --resume RUN_DIR)")
-        arch = parse_arch(cfg.arch)
-        seed, mode, done = cfg.seed or 0, cfg.mode or "none", 0
-        target = cfg.meta_loops if cfg.meta_loops is not None else 100
-        base = TrainConfig()
-        history = []
-        run_dir = None
-    if target - done < 1:
+    trial = resumed_trial(cfg) if cfg.resume else fresh_trial(cfg)
+    if trial.target - trial.done < 1:
         raise ConfigError("--meta-loops must be at least 1")
-    overrides = {k: v for k, v in (("lr", cfg.lr), ("batch_size", cfg.batch_size),
-                                   ("weight_decay", cfg.weight_decay), ("dropout", cfg.dropout),
-                                   ("precision", cfg.precision)) if v is not None}
-    train_cfg = replace(base, **overrides, kernels=cfg.kernels, graphs=cfg.graphs)
-    member = make_member(mode, seed, decay_rate=train_cfg.weight_decay, dropout_rate=train_cfg.dropout)
-    device = resolve_device(cfg.device)
-    data = load_data(cfg.dataset, cfg.data_dir, device)
-    pop = Population.create(arch, [member], device, n_val=data.val_y.numel())
-    if cfg.resume:
-        restore_member(pop, 0, state)
-        pop.loop = done
-        pop.lkg_correct.fill_(int(meta["lkg_correct"]))
-        pop.bounty_loop = [int(meta["bounty_loop"])]
-        pop.mode_history = [[(str(m), int(t)) for m, t in history]]
-        if not history or history[-1][0] != mode:
-            pop.mode_history[0].append((mode, done + 1))
-    else:
-        run_dir = _prepare_out(cfg.out, arch.short, mode, seed)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / ".write-probe", b"")
-            (run_dir / ".write-probe").unlink()
-        except OSError as e:
-            raise ConfigError(f"--out {run_dir}: cannot write there ({e.strerror})") from None
-    engine = Engine(pop, data, train_cfg)
-    train_cfg = replace(train_cfg, precision=engine.precision)  # recorded as resolved ("auto" -> what ran)
-
-    def summary(final: bool, test_acc: float | None, train_seconds: float) -> dict[str, Any]:
-        return {
-            "format": "psa-checkpoint-1",
-            "psa_version": __version__,
-            "arch": str(arch),
-            "params": arch.params,
-            "seed": seed,
-            "mode": mode,
-            "mode_history": [list(x) for x in pop.mode_history[0]],
-            "loop": pop.loop,
-            "target_loops": target,
-            "bounty": pop.lkg_score()[0],
-            "bounty_loop": pop.bounty_loop[0],
-            "lkg_correct": int(pop.lkg_correct[0]),
-            "test_acc": test_acc,
-            "complete": final,
-            "hyperparameters": {k: v for k, v in asdict(train_cfg).items() if k not in ("kernels", "graphs",
-                                                                                      "max_members")},
-            "rng": rng.VERSION,
-            "member_weight_decay": member.weight_decay,
-            "member_dropout": member.dropout,
-            "dataset": data.name,
-            "device": str(device),
-            "train_seconds": train_seconds,
-            "records": records,
-        }
+    member = trial.hparams.member(trial.mode, trial.seed)
+    ex = resolve_execution(cfg.device, cfg.precision or trial.precision or "auto", cfg.kernels, cfg.graphs)
+    data = load_data(cfg.dataset, cfg.data_dir, ex.device)
+    pop = build_population(trial, member, data, ex.device)
+    if trial.run_dir is None:
+        trial.run_dir = prepare_out(cfg.out, trial.arch.short, trial.mode, trial.seed)
+    run_dir = trial.run_dir
+    engine = Engine(pop, data, trial.hparams, ex)
 
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
-        s = summary(final, test_acc, prior_seconds + time.perf_counter() - t_start)
-        save_member(run_dir / CHECKPOINT, pop, 0, {k: v for k, v in s.items() if k not in ("format",)})
+        s = summary(trial, pop, member, ex, data, final, test_acc,
+                    trial.prior_seconds + time.perf_counter() - t_start)
+        save_member(run_dir / CHECKPOINT, pop, 0, {k: v for k, v in s.items() if k != "format"})
         atomic_write(run_dir / SUMMARY, json.dumps({**s, "run_dir": str(run_dir)}, indent=1))
         return s
 
     if not cfg.quiet:
-        console.print(arch_table(arch))
-        console.print(f"mode [bold]{mode}[/]  seed {seed}  device {device}  precision {engine.precision}  "
-                      f"meta-loops {done + 1}..{target}", soft_wrap=True)
-        console.print(f"data {data.source}", soft_wrap=True)
-        console.print(f"run  {run_dir}", soft_wrap=True)
-        if done:
-            console.print(f"resuming after meta-loop {done}: bounty {pop.lkg_score()[0]:.2f}% @ loop {pop.bounty_loop[0]}")
-        for n in notes:
-            console.print(f"[yellow]note[/]: {n}", soft_wrap=True)
-
+        _print_header(trial, pop, ex, data)
     with loop_progress() as progress:
-        loops_task = progress.add_task("meta-loop", total=target - done, visible=not cfg.quiet)
+        loops_task = progress.add_task("meta-loop", total=trial.target - trial.done, visible=not cfg.quiet)
         steps_task = progress.add_task("epoch", total=1, visible=not cfg.quiet)
 
         def on_step(step: int, n_steps: int) -> None:
             if step == 1 or step == n_steps or step % 8 == 0:
                 progress.update(steps_task, completed=step, total=n_steps)
 
-        while pop.loop < target:
-            r = engine.meta_loop(on_step if not cfg.quiet else None)
-            records.append(_loop_record(r, mode))
+        while pop.loop < trial.target:
+            r = engine.meta_loop(None if cfg.quiet else on_step)
+            trial.records.append(loop_record(r, trial.mode))
             checkpoint(False, None)
             progress.advance(loops_task)
             if not cfg.quiet:
-                acc = r.candidate_acc[0]
-                word, colour = ("DIVERGED", "red") if r.diverged[0] else (
-                    ("PROMOTED", "green") if r.promoted[0] else ("DISCARDED", "yellow"))
-                verdict = f"[{colour}]{word:<9}[/]"
-                progress.console.print(
-                    f"loop {r.loop:>4}/{target}  {verdict}  candidate {acc:6.2f}%  "
-                    f"bounty {pop.lkg_score()[0]:6.2f}% @ {pop.bounty_loop[0]:<4} "
-                    f"ablated {_describe_ablation(arch.depth, r.ablated[0]):<14} {r.seconds:5.1f}s",
-                    soft_wrap=True,
-                )
+                progress.console.print(_loop_line(r, trial, pop), soft_wrap=True)
     test_acc = engine.test_accuracy()[0]
     s = checkpoint(True, test_acc)
     wall = time.perf_counter() - t_start
     if not cfg.quiet:
-        console.print(
+        err_console.print(
             f"[bold]bounty {s['bounty']:.2f}% @ loop {s['bounty_loop']}[/]  test accuracy of the LKG {test_acc:.2f}%  "
             f"({pop.loop} meta-loops, {wall:.1f}s)  -> {run_dir}",
             soft_wrap=True,
         )
-    out = {k: v for k, v in s.items() if k not in ("format",)}
+    out = {k: v for k, v in s.items() if k not in ("format", "train_seconds")}
     out["run_dir"] = str(run_dir)
-    out["timing"] = {"wall_seconds": wall, "train_seconds": s.pop("train_seconds", None)}
-    out.pop("train_seconds", None)
+    out["timing"] = {"wall_seconds": wall, "train_seconds": s["train_seconds"]}
     return out
-

@@ -1,0 +1,38 @@
+"""Flag groups that several commands share: training hyperparameters and the engine's execution."""
+
+from __future__ import annotations
+
+import argparse
+
+from psa.cli.argtypes import positive_int, real
+from psa.core.device import KERNEL_CHOICES
+from psa.core.hparams import HParams
+from psa.core.precision import CHOICES as PRECISION_CHOICES
+
+PAPER = HParams()
+
+
+def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--lr, --batch-size, --weight-decay, --dropout (each None unless given), --device, --dataset, --data-dir."""
+    p.add_argument("--lr", type=real, help=f"AdamW learning rate (default {PAPER.lr:g})")
+    p.add_argument("--batch-size", type=positive_int, help=f"training batch size (default {PAPER.batch_size})")
+    p.add_argument("--weight-decay", type=real,
+                   help=f"weight decay of `decay` mode (default {PAPER.weight_decay:g}; 0 in other modes)")
+    p.add_argument("--dropout", type=real,
+                   help=f"dropout rate of `dropout` mode (default {PAPER.dropout:g}; none in other modes)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
+    p.add_argument("--data-dir",
+                   help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
+
+
+def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, precision_default: str | None) -> None:
+    """How the engine runs its arithmetic (not what it computes): --precision, --kernels, --no-graphs."""
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=precision_default,
+                   help="matmul precision: fp32, tf32 (tensor cores; emulated off a GPU), bf16, or auto: tf32 on a "
+                        "CUDA GPU, fp32 elsewhere" + ("" if precision_default else "; on resume, the run's own"))
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="auto: Triton kernels for narrow hidden stacks on a CUDA GPU when Triton is installed; "
+                        "torch: never; triton: always (needs a GPU or TRITON_INTERPRET=1)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")

@@ -1,0 +1,72 @@
+"""`psa arch` and `psa train`: flags onto a TrialConfig, and the call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from psa.cli.argtypes import nonneg_int, positive_int
+from psa.cli.flags import PAPER, add_engine_flags, add_training_flags
+from psa.core.arch import matched_arch, parse_arch
+from psa.core.population import MODES
+
+
+def cmd_arch(args: argparse.Namespace) -> int:
+    """Print the layer table and parameter count of an architecture."""
+    from psa.study.console import arch_table, out_console
+
+    arch = parse_arch(args.arch)
+    matches = [matched_arch(arch, d) for d in args.match or []]
+    if args.json:
+        print(json.dumps({
+            "arch": str(arch),
+            "params": arch.params,
+            "layers": [{"name": n, "in": a, "out": b, "params": p} for n, a, b, p in arch.layer_table()],
+            "matched": [{"arch": str(m), "params": m.params} for m in matches],
+        }, indent=1))
+        return 0
+    out_console.print(arch_table(arch))
+    for m in matches:
+        out_console.print(f"depth {m.depth}: {m.short} has {m.params:,} parameters "
+                          f"({m.params - arch.params:+,} against {arch.short})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one trial (or resume one) and print its summary."""
+    from psa.study.train import TrialConfig, train
+
+    cfg = TrialConfig(
+        arch=args.arch, mode=args.mode, meta_loops=args.meta_loops, seed=args.seed, lr=args.lr,
+        batch_size=args.batch_size, weight_decay=args.weight_decay, dropout=args.dropout, device=args.device,
+        dataset=args.dataset, data_dir=args.data_dir, out=args.out, resume=args.resume, quiet=args.json,
+        precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs,
+    )
+    summary = train(cfg)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `arch` and `train` to psa's subcommands."""
+    p = sub.add_parser("arch", help="show an architecture's layers and parameter count")
+    p.add_argument("arch", help='e.g. "[2*128, 4*64]" or 1*2048')
+    p.add_argument("--match", type=positive_int, nargs="+", metavar="DEPTH",
+                   help="also print the parameter-matched DEPTH*W net (equation 2)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_arch)
+
+    p = sub.add_parser("train", help="train one trial with the Frustration Engine")
+    p.add_argument("--arch", help='hidden layers, e.g. "[1*128]" or "[2*128, 4*64]"')
+    p.add_argument("--mode", "--ablation-mode", dest="mode", choices=MODES, help="training mode (default none)")
+    p.add_argument("--meta-loops", type=positive_int,
+                   help=f"meta-loops to run (default {PAPER.meta_loops}; on resume: this many more)")
+    p.add_argument("--seed", type=nonneg_int, help="seed of the initial weights and random streams (default 0)")
+    add_training_flags(p)
+    p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
+    add_engine_flags(p, None)
+    p.set_defaults(func=cmd_train)
