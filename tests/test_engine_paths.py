@@ -268,3 +268,37 @@ def test_an_engine_is_freed_as_soon_as_it_is_dropped(small):
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_graph_warm_up_stays_inside_a_short_epoch(small, monkeypatch):
+    """The warm-up before a graph capture (run here on the CPU, where an index past the data
+    order raises instead of killing a CUDA context): 700 images in batches of 256 are two full
+    batches and a tail of 188, fewer than its four steps walk through unless every step starts
+    the epoch again. The warm-up leaves nothing behind: the loops after it are those of an
+    engine that never warmed up."""
+    from psa.engine import new_adamw
+
+    data = dataclasses.replace(small, train_x=small.train_x[:700], train_y=small.train_y[:700])
+    cfg = dataclasses.replace(CFG, batch_size=256)
+    specs = [(m, s) for s in (1, 2) for m in MODES]
+    ref_pop, _, ref = run(ARCH, data, specs, 2, cfg)
+    pop = population(ARCH, data, specs, cfg)
+    eng = Engine(pop, data, cfg)
+    ch = eng._chunk(0, pop.size)
+    assert ch.batch_sizes() == [256, 256, 188]
+    ch.cand.copy_(pop.lkg)
+    ch.opt = new_adamw(ch.cand, cfg)
+    ends = []
+    real = Engine._step
+
+    def spy(self, chunk, b):
+        ends.append(int(chunk.step) * cfg.batch_size + b)  # one past the last position read
+        return real(self, chunk, b)
+
+    monkeypatch.setattr(Engine, "_step", spy)
+    ch._warm_up(eng, [256, 188])
+    assert ends == [256, 256, 188, 188]
+    res = [eng.meta_loop() for _ in range(2)]
+    assert max(ends) <= 700 and len(ends) == 4 + 2 * 3
+    assert records(res) == records(ref)
+    assert torch.equal(pop.lkg, ref_pop.lkg)

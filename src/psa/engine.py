@@ -290,6 +290,18 @@ class Chunk:
             if on_step is not None:
                 on_step(s + 1, len(sizes))
 
+    def _warm_up(self, eng: "Engine", sizes: list[int]) -> None:
+        """Two training steps per batch size in `sizes`, each as the first step of an epoch.
+
+        The counter is reset before every step: left to advance, four warm-up steps read data
+        order positions up to 3 * batch + tail, past the end of an epoch of fewer than three
+        full batches and a tail (a device-side assert on a GPU, which ends the CUDA context for
+        every later population of the process)."""
+        for b in sizes:
+            for _ in range(2):
+                self.step.zero_()
+                eng._step(self, b)
+
     def _capture(self, eng: "Engine") -> None:
         """Record the training step (one graph per batch size) after a warm-up on a side stream
         that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
@@ -302,9 +314,7 @@ class Chunk:
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            for b in sizes:
-                for _ in range(2):
-                    eng._step(self, b)
+            self._warm_up(eng, sizes)
         torch.cuda.current_stream(dev).wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         for b in sizes:
