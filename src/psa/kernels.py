@@ -38,7 +38,9 @@ except ImportError:  # the package works without triton; only these kernels need
 MAX_WIDTH: int = 128
 
 # Widths above this use tl.dot (which needs every dimension >= 16); narrower ones use
-# broadcast multiply-adds, where a (rows, W, W) product tile is cheap and exact fp32.
+# broadcast multiply-adds, where a (rows, W, W) product tile is cheap. Those round their
+# operands in tf32 and bf16 exactly as psa.precision does, so that a precision means one
+# arithmetic on every path (the products of rounded operands are exact in fp32).
 _DOT_MIN_WIDTH = 16
 # Rows per program: at most 512 / Wpad (the (rows, W) activation tiles) and 2048 / Wpad**2
 # (the (rows, W, W) product tiles), which keeps both directions near 80 registers a thread at
@@ -184,10 +186,11 @@ def _check_drop(drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor], members: 
     _check_tensor("drop sc", sc, (members,), torch.float32, device, contiguous=True)
 
 
-def _precision_code(precision: str, width: int) -> int:
+def _precision_code(precision: str) -> int:
     _check(precision in _PRECISIONS, f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
-    # narrow stacks never touch tensor cores, so reduced precision would buy nothing
-    return _PRECISIONS[precision] if width > _DOT_MIN_WIDTH else 0
+    # every width: narrow stacks gain no speed from rounding, but the torch path and the CPU
+    # emulation round, and a precision label must mean the same arithmetic on every path
+    return _PRECISIONS[precision]
 
 
 if triton is not None:
@@ -219,6 +222,26 @@ if triton is not None:
         return a
 
     @triton.jit
+    def _round_tf32(x):
+        # psa.precision.round_tf32: nearest TF32 value, ties to even, on the bit pattern; inf
+        # and NaN kept (zeroed for the add, so that nothing carries out of them)
+        bits = x.to(tl.int32, bitcast=True)
+        special = (bits & 0x7F800000) == 0x7F800000
+        safe = tl.where(special, 0, bits)
+        rounded = (safe + (0xFFF + ((safe >> 13) & 1))) & -0x2000
+        return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_bf16(x):
+        # torch's float32 -> bfloat16 -> float32: nearest, ties to even, on the bit pattern.
+        # Not x.to(tl.bfloat16): Triton's interpreter truncates where a GPU rounds.
+        bits = x.to(tl.int32, bitcast=True)
+        special = (bits & 0x7F800000) == 0x7F800000
+        safe = tl.where(special, 0, bits)
+        rounded = (safe + (0x7FFF + ((safe >> 16) & 1))) & -0x10000
+        return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _matmul(x, y, PREC: tl.constexpr, DOT: tl.constexpr):
         # x (R, K) @ y (K, N)
         if DOT:
@@ -234,6 +257,12 @@ if triton is not None:
             else:
                 return tl.dot(x, y, input_precision="ieee")
         else:
+            if PREC == 2:
+                x = _round_bf16(x)
+                y = _round_bf16(y)
+            elif PREC == 1:
+                x = _round_tf32(x)
+                y = _round_tf32(y)
             return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
 
     @triton.jit
@@ -464,7 +493,8 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     uint32) and scale (float32), as rng.dropout_noise takes them (thr=0, sc=1 for members
     without dropout). Eval: acts is None and only a_{L-1} is written, to `out` (contiguous
     (M, B, W), allocated if None), which is returned; drop must then be None.
-    precision ("fp32", "tf32", "bf16") only matters for width > 16.
+    precision ("fp32", "tf32", "bf16") of the layer products: above width 16 tl.dot's (tensor
+    cores on a GPU), up to 16 operands rounded as psa.precision rounds them.
     """
     _require_triton()
     _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32,
@@ -473,7 +503,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     device = z0.device
     _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, device)
     _check(w == width, f"z0 has width {w}, expected {width}")
-    prec = _precision_code(precision, width)
+    prec = _precision_code(precision)
     if acts is not None:
         _check_tensor("acts", acts, (n_layers, members, rows, width), torch.float32, device, contiguous=True)
         _check(out is None, "pass acts (training) or out (eval), not both")
@@ -536,7 +566,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
     if dz0 is None:
         dz0 = torch.empty(members, rows, width, dtype=torch.float32, device=device)
     _check_tensor("dz0", dz0, (members, rows, width), torch.float32, device, contiguous=True)
-    prec = _precision_code(precision, width)
+    prec = _precision_code(precision)
     n_mid = n_layers - 1
     if members == 0 or rows == 0:
         if n_mid:
