@@ -302,3 +302,65 @@ def test_graph_warm_up_stays_inside_a_short_epoch(small, monkeypatch):
     assert max(ends) <= 700 and len(ends) == 4 + 2 * 3
     assert records(res) == records(ref)
     assert torch.equal(pop.lkg, ref_pop.lkg)
+
+
+@pytest.mark.parametrize("error", [
+    (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+    (RuntimeError, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (simulated)"),
+    (RuntimeError, "Triton Error [CUDA]: out of memory (simulated)"),
+])
+def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch, error):
+    """When the cache is emptied for the smaller chunk, nothing of the failed one is alive: not
+    the chunk, its candidate, gradient, optimizer or workspace, nor the exception (we are out of
+    its handler). cuBLAS's ALLOC_FAILED and Triton's out of memory shrink the chunk like
+    torch's OutOfMemoryError, and do not turn the fast path (here the Triton kernels) off."""
+    import gc
+    import sys
+    import warnings
+    import weakref
+
+    from psa import engine as engine_mod
+
+    pytest.importorskip("triton")
+    data = dataclasses.replace(small, train_x=small.train_x[:64], train_y=small.train_y[:64],
+                               val_x=small.val_x[:100], val_y=small.val_y[:100])
+    pop = population(ARCH, data, SPECS)
+    eng = Engine(pop, data, CFG)
+    eng.triton = eng.fused = True  # as kernels=auto picks them on a GPU
+    real = Engine._step
+    seen: dict = {}
+
+    def flaky(self, ch, b):
+        real(self, ch, b)
+        if ch.size > 6:  # after a real step: its workspace exists
+            seen["refs"] = [weakref.ref(t) for t in (ch, ch.cand, ch.grad, ch.opt, *ch.work.values())]
+            raise error[0](error[1])  # a fresh exception, as the device raises
+
+    def release(device):
+        seen["alive"] = [r() is not None for r in seen["refs"]]
+        seen["handling"] = sys.exc_info()[0]
+
+    monkeypatch.setattr(Engine, "_step", flaky)
+    monkeypatch.setattr(engine_mod, "release_cached", release)
+    gc.disable()  # what is alive must be freed by reference counting, as on the GPU
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fall-back would warn
+            eng.meta_loop()
+    finally:
+        gc.enable()
+    assert len(seen["refs"]) > 4
+    assert seen["alive"] == [False] * len(seen["refs"])
+    assert seen["handling"] is None
+    assert eng.chunk_size == 6 and eng.triton and eng.fused
+
+
+def test_is_out_of_memory_tells_memory_from_other_failures():
+    from psa.engine import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("CUDA driver error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not from the device

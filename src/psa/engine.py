@@ -25,6 +25,7 @@ How a loop runs, and why:
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import time
@@ -171,6 +172,27 @@ def free_memory(device: torch.device) -> int | None:
 
 # what an allocation that does not fit raises (torch.OutOfMemoryError is the same class)
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+# Messages of other errors that mean the device ran out of memory: cuBLAS failing to allocate
+# its workspace or handle, the CUDA runtime or driver (a Triton kernel's module load), cuDNN.
+OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says the device ran out of memory (which a smaller chunk may fix), as
+    opposed to a failure of a fast path (which falling back to the plain path may fix)."""
+    if isinstance(e, OOM_ERRORS):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in msg for m in OOM_MESSAGES)
+
+
+def release_cached(device: torch.device) -> None:
+    """Give the allocator's cached blocks on `device` back to the driver, after a collection for
+    tensors that only reference cycles still hold (a no-op off CUDA)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
@@ -461,8 +483,7 @@ class Engine:
         self.use_graphs = False
         self._whole = None
         self._storage = None
-        if self.pop.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(self.pop.device)
 
     def _fall_back(self, e: Exception) -> bool:
         """After a failure in a fast path that was chosen automatically (the Triton kernels, then
@@ -729,6 +750,8 @@ class Engine:
         m0 = 0
         while m0 < m:
             m1 = min(m, m0 + self.chunk_size)
+            ch = correct = None
+            out_of_memory = retry = False
             try:
                 ch = self._chunk(m0, m1)
                 ablations = [(j - m0, pop.members[j].mode, *ablated[j]) for j in range(m0, m1)
@@ -739,12 +762,19 @@ class Engine:
                 out["bad"][m0:m1] = ch.bad
                 if validate:
                     correct = self.count_correct(ch.cand, self.data.val_x, self.data.val_y, ch.layout)
-            except OOM_ERRORS:
-                self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
-                continue
-            except Exception as e:  # noqa: BLE001 - only an automatic choice is retried
-                if not self._fall_back(e):
+            except Exception as e:  # noqa: BLE001 - only memory and an automatic choice are retried
+                out_of_memory = is_out_of_memory(e)
+                if not out_of_memory and not self._fall_back(e):
                     raise
+                retry = True
+            if retry:
+                # Out of the handler, the exception and its traceback (the failed step's frames
+                # and tensors) are gone; the chunk goes now (candidate, gradient, AdamW moments,
+                # workspace, graphs and their pool). Only then is the cache emptied and a smaller
+                # chunk allocated: under real pressure the retry needs that memory.
+                ch = correct = None
+                if out_of_memory:
+                    self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
                 continue
             if validate:
                 lkg_correct = pop.lkg_correct[m0:m1]
