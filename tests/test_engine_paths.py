@@ -364,3 +364,46 @@ def test_is_out_of_memory_tells_memory_from_other_failures():
     assert not is_out_of_memory(RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448"))
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not from the device
+
+
+def test_new_streams_are_distinct_in_torchs_round_robin_pool(monkeypatch):
+    """torch.cuda.Stream() is the next of 32 pooled streams, round robin (a fake pool here): made
+    per engine, a stream is shared with every 32nd. new_streams gives distinct ones, none the
+    side stream, wherever the pool's counter stands; the side stream is made once."""
+    from psa import engine as engine_mod
+
+    turn = {"n": 0}
+
+    class Pooled:
+        def __init__(self, device=None, priority=0):
+            self.cuda_stream = 0x7000 + turn["n"] % engine_mod.STREAM_POOL
+            turn["n"] += 1
+
+    monkeypatch.setattr(torch.cuda, "Stream", Pooled)
+    monkeypatch.setattr(engine_mod, "_SIDE_STREAMS", {})
+    dev = torch.device("cuda", 0)
+    side = engine_mod.side_stream(dev)
+    assert engine_mod.side_stream(dev) is side
+    for already in (0, 5, 27, 31):
+        turn["n"] += already  # streams other code took meanwhile
+        handles = [s.cuda_stream for s in engine_mod.new_streams(dev, 8, avoid=(side,))]
+        assert len(set(handles)) == 8 and side.cuda_stream not in handles
+    assert len(engine_mod.new_streams(dev, 40, avoid=(side,))) == engine_mod.STREAM_POOL - 1
+
+
+def test_a_cuda_stream_needs_a_cuda_population(small):
+    from psa.population import ConfigError
+
+    with pytest.raises(ConfigError, match="stream"):
+        Engine(population(ARCH, small, [("none", 1)]), small, CFG, stream=object())
+
+
+def test_on_device_enters_the_engines_cuda_device():
+    """Triton launches and graph captures go to the current CUDA device: an engine on cuda:1
+    enters it (the context object is checked here; entering it needs the device)."""
+    from psa.engine import on_device
+
+    ctx = on_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    with on_device(torch.device("cpu")):
+        pass

@@ -609,3 +609,79 @@ def test_creating_one_database_from_two_processes_at_once_retries(tmp_path: Path
     monkeypatch.setattr(store.sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=Stuck, **k))
     with pytest.raises(store.StoreError, match="locked by another process"):
         store.connect(tmp_path / "other.sqlite", timeout=0.3)
+
+
+class FakeStream:
+    """A stand-in for a CUDA stream: its handle, whether a population holds it, and a log of
+    what happened to it."""
+
+    def __init__(self, handle: int, log: list) -> None:
+        self.cuda_stream = handle
+        self.in_use = False
+        self.log = log
+
+    def synchronize(self) -> None:
+        self.log.append(("sync", self.cuda_stream))
+
+
+def test_populations_in_flight_hold_distinct_streams_and_a_failed_one_is_drained(
+        reference: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The streams are made once for the slots; no two populations in flight share one. A
+    population that fails has its stream synchronised before its engine is freed and before
+    the stream goes to another population (its queued writes would land in freed memory)."""
+    import weakref
+
+    log: list = []
+    made: list = []
+    lent: list = []
+
+    class Slots(study.StreamSlots):
+        def __init__(self, device, slots):
+            assert device.type == "cpu"  # here; on a GPU the real class makes CUDA streams
+            self.free = [FakeStream(0x100 + i, log) for i in range(slots)]
+            self.slots = slots
+            made.append(list(self.free))
+
+        def take(self):
+            s = super().take()
+            assert not s.in_use
+            s.in_use = True
+            return s
+
+        def give(self, s):
+            assert s.in_use
+            s.in_use = False
+            log.append(("give", s.cuda_stream))
+            super().give(s)
+
+    real_run = study.PopulationRun
+    failing = "2x8-t02-02"
+
+    class Run(real_run):
+        def __init__(self, *a, stream=None, **k):
+            assert stream is not None and stream.in_use
+            super().__init__(*a, **k)  # the CPU engine takes no CUDA stream
+            lent.append((self.pp.key, stream.cuda_stream))
+            weakref.finalize(self.engine, log.append, ("freed", self.pp.key))
+            self.stream = stream
+
+        def launch(self):
+            if self.pp.key == failing and self.pop.loop == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            super().launch()
+
+    monkeypatch.setattr(study, "StreamSlots", Slots)
+    monkeypatch.setattr(study, "PopulationRun", Run)
+    db = tmp_path / "streams.sqlite"
+    rc, out, err = run_main(["study", *TINY, "--db", str(db), "--concurrency", "3"], capsys, monkeypatch, tmp_path)
+    assert rc != 0 and "1 population(s) failed" in err and "illegal memory access" in err
+    assert len(made) == 1 and len(made[0]) == 3  # made once, one per slot
+    assert len(lent) == 4 and all(not s.in_use for s in made[0])
+    key_stream = dict(lent)
+    s = key_stream[failing]
+    i = log.index(("sync", s))
+    assert log[i + 1:i + 3] == [("freed", failing), ("give", s)]
+    assert sum(1 for e in log if e[0] == "sync") == 1  # only the failed population waits
+    got, ref = rows(db), rows(reference)
+    assert [t for t in got["trials"] if t[1:4] != ("2*8", t[2], 2)] == \
+           [t for t in ref["trials"] if t[1:4] != ("2*8", t[2], 2)]

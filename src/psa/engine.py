@@ -195,6 +195,44 @@ def release_cached(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# PyTorch hands out CUDA streams from a pool of this many per device and priority, round robin:
+# a stream made per engine is shared with every 32nd (populations p and p+16 when each engine
+# also made a side stream for its warm-up), and the two then serialise each other's work.
+STREAM_POOL = 32
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+def side_stream(device: torch.device) -> Any:
+    """The one stream of CUDA `device` on which every engine of this process warms up and
+    captures its graphs (made on first use)."""
+    s = _SIDE_STREAMS.get(device)
+    if s is None:
+        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return s
+
+
+def new_streams(device: torch.device, n: int, avoid: tuple[Any, ...] = ()) -> list[Any]:
+    """`n` streams of CUDA `device`, distinct from one another and from those in `avoid`; fewer
+    only when the pool has fewer (n + len(avoid) > STREAM_POOL)."""
+    taken = {s.cuda_stream for s in avoid}
+    out: list[Any] = []
+    for _ in range(STREAM_POOL):  # one turn of the pool meets each of its streams once
+        if len(out) >= n:
+            break
+        s = torch.cuda.Stream(device)
+        if s.cuda_stream not in taken:
+            taken.add(s.cuda_stream)
+            out.append(s)
+    return out
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` as the current CUDA device for the duration, or nothing off CUDA: Triton launches
+    on the current device's stream, and a graph is captured and its pool made there, so an engine
+    on cuda:1 must not rely on the current device being its own."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
     """(G, k): G batch groups of k consecutive members that train on one gathered batch.
 
@@ -333,17 +371,20 @@ class Chunk:
         if self.opt is None:
             self.opt = new_adamw(self.cand, eng.cfg)
         sizes = sorted(set(self.batch_sizes()), reverse=True)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self._warm_up(eng, sizes)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        for b in sizes:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                eng._step(self, b)
-            self.graphs[b] = g
+        side = side_stream(dev)
+        with on_device(dev):
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._warm_up(eng, sizes)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            for b in sizes:
+                g = torch.cuda.CUDAGraph()
+                # captured on the side stream too: torch's default capture stream is one more
+                # pooled stream, which may be some engine's
+                with torch.cuda.graph(g, pool=pool, stream=side):
+                    eng._step(self, b)
+                self.graphs[b] = g
 
 
 @dataclass
@@ -393,9 +434,13 @@ class PendingLoop:
 class Engine:
     """Runs meta-loops on a Population with a Dataset already on the population's device."""
 
-    def __init__(self, population: Population, data: Dataset, config: TrainConfig) -> None:
+    def __init__(self, population: Population, data: Dataset, config: TrainConfig, stream: Any = None) -> None:
+        """`stream`: the CUDA stream the engine queues its work on (psa.study lends one per
+        population in flight); None: a stream of its own on a CUDA device."""
         if data.train_x.device != population.lkg.device:
             raise ConfigError(f"data on {data.train_x.device} but population on {population.lkg.device}")
+        if stream is not None and population.device.type != "cuda":
+            raise ConfigError(f"a CUDA stream was given for a population on {population.device}")
         self.pop = population
         self.data = data
         self.cfg = config
@@ -406,7 +451,9 @@ class Engine:
         self.fused = self.triton and self._stack_fits_kernel()
         self.chunk_size = self._chunk_size()
         self.use_graphs = config.graphs and dev.type == "cuda" and self.chunk_size >= population.size
-        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        if stream is None and dev.type == "cuda":
+            stream = new_streams(dev, 1, avoid=(side_stream(dev),))[0]
+        self.stream = stream
         self._whole: Chunk | None = None
         self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pos_hash: dict[int, torch.Tensor] = {}
@@ -720,16 +767,20 @@ class Engine:
             return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
 
     # ---------------------------------------------------------------- the meta-loop
-    def _stream_context(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _stream_context(self):
         if self.stream is None:
-            return contextlib.nullcontext()
-        # inputs (LKG, data) were written on the caller's stream: order our work after it
-        self.stream.wait_stream(torch.cuda.current_stream(self.pop.device))
-        return torch.cuda.stream(self.stream)
+            yield
+            return
+        with on_device(self.pop.device):
+            # inputs (LKG, data) were written on the caller's stream: order our work after it
+            self.stream.wait_stream(torch.cuda.current_stream(self.pop.device))
+            with torch.cuda.stream(self.stream):
+                yield
 
     @contextlib.contextmanager
     def _device_context(self):
-        with self.mm.context(), torch.no_grad():
+        with on_device(self.pop.device), self.mm.context(), torch.no_grad():
             yield
 
     def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
