@@ -407,3 +407,63 @@ def test_on_device_enters_the_engines_cuda_device():
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     with on_device(torch.device("cpu")):
         pass
+
+
+def meta_twin(pop, ds, cfg):
+    """An engine on the meta device (shapes only: nothing is computed or allocated) for `pop`
+    and `ds`: a non-CPU device that a machine without a GPU has."""
+    meta = torch.device("meta")
+    data = dataclasses.replace(ds, **{f: torch.empty(getattr(ds, f).shape, dtype=getattr(ds, f).dtype, device=meta)
+                                      for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    twin = dataclasses.replace(pop, device=meta, lkg=torch.empty(pop.lkg.shape, device=meta),
+                               lkg_correct=torch.empty(pop.lkg_correct.shape, dtype=torch.int64, device=meta))
+    return Engine(twin, data, cfg), data
+
+
+def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
+    """On a GPU a copy from pageable host memory waits for the stream: for a chunked population,
+    for the previous chunk's epoch. Building a chunk and beginning its loop must send whatever
+    they build on the host through population.to_device (pinned and queued on a GPU). Watched on
+    the meta device: any other host-to-device transfer is caught."""
+    from torch.overrides import TorchFunctionMode
+
+    from psa import ablation as ablation_mod
+    from psa import engine as engine_mod
+    from psa import rng as rng_mod
+
+    depth = {"n": 0}
+    real = engine_mod.to_device
+
+    def counted(host, device):
+        depth["n"] += 1
+        try:
+            return real(host, device)
+        finally:
+            depth["n"] -= 1
+
+    for mod in (engine_mod, rng_mod, ablation_mod):
+        monkeypatch.setattr(mod, "to_device", counted)
+    stray = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if depth["n"] == 0 and isinstance(out, torch.Tensor) and out.device.type == "meta":
+                inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                from_host = any(a.device.type == "cpu" for a in inputs)
+                from_data = not inputs and "device" in kwargs and getattr(func, "__name__", "") in ("tensor", "as_tensor")
+                if from_host or from_data:
+                    stray.append(getattr(func, "__name__", str(func)))
+            return out
+
+    cfg = dataclasses.replace(CFG, weight_decay=0.05, max_members=6)
+    specs = [(m, s) for s in (1, 2) for m in MODES]  # decay and dropout members: every constant exists
+    pop = population(ARCH, small, specs, cfg)
+    eng, _ = meta_twin(pop, small, cfg)
+    assert eng.chunk_size == 6
+    with Watch():
+        ch = eng._chunk(6, 12)
+        ch.begin(eng, 2, [(0, "full", 0, 3), (1, "hidden", 1, 2)])
+    assert ch.decay is not None and ch.dropout and not ch.drop_rows_all
+    assert stray == []

@@ -282,18 +282,21 @@ class Chunk:
         self.bad = torch.zeros(self.size, dtype=torch.bool, device=dev)
         # AdamW's decoupled decay, param *= 1 - lr*wd, per member, evaluated in float32 as
         # torch.optim.AdamW does; with the paper's lr = wd = 1e-4 it is exactly 1.0: a no-op.
+        # Per-member constants are built on the host and sent with to_device (pinned, queued):
+        # a plain copy from pageable memory would wait for the stream, i.e. for the previous
+        # chunk's epoch, and a chunked population would lose all overlap.
         decay = torch.tensor([1.0 - cfg.lr * m.weight_decay for m in self.members], dtype=torch.float32)
-        self.decay = None if bool((decay == 1.0).all()) else decay.to(dev)
+        self.decay = None if bool((decay == 1.0).all()) else to_device(decay, dev)
         drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0] if pop.arch.depth else []
         self.dropout = bool(drop_rows)
         if self.dropout:
             p = torch.tensor([m.dropout for m in self.members], dtype=torch.float32)
             # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
-            self.drop_scale = (torch.ones(self.size, dtype=torch.float32) / (1.0 - p)).to(dev)
-            self.drop_thr = torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
-                                         dtype=torch.int64, device=dev)
+            self.drop_scale = to_device(torch.ones(self.size, dtype=torch.float32) / (1.0 - p), dev)
+            self.drop_thr = to_device(torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
+                                                   dtype=torch.int64), dev)
             self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
-            self.drop_rows = torch.tensor(drop_rows, dtype=torch.int64, device=dev)
+            self.drop_rows = to_device(torch.tensor(drop_rows, dtype=torch.int64), dev)
             self.drop_rows_all = len(drop_rows) == self.size
         self.opt: torch.optim.AdamW | None = None
         self.graphs: dict[int, Any] = {}
