@@ -467,3 +467,57 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
         ch.begin(eng, 2, [(0, "full", 0, 3), (1, "hidden", 1, 2)])
     assert ch.decay is not None and ch.dropout and not ch.drop_rows_all
     assert stray == []
+
+
+@pytest.mark.parametrize("text", ["[3*20]", "[4*8]", "[2*3]"])
+def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monkeypatch, text):
+    """The Triton backward's per-row-block partials (measured: what it hands to the reduction)
+    are in working_bytes for a fused engine: 16 row blocks at width 20, four times the 16
+    bytes a parameter that the estimate otherwise counts for the middle layers."""
+    pytest.importorskip("triton")
+    from psa import kernels
+    from psa.engine import stack_partial_bytes, working_bytes
+
+    arch = parse_arch(text)
+    cfg = dataclasses.replace(CFG, kernels="triton", precision="fp32", batch_size=256)
+    data = dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256],
+                               val_x=small.val_x[:64], val_y=small.val_y[:64])
+    pop = population(arch, data, [(m, 1) for m in MODES], cfg)
+    eng = Engine(pop, data, cfg)
+    assert eng.fused
+    seen = []
+    real = kernels._write_grad
+
+    def spy(grad, part, *a):
+        if part.dim() == 3:  # per-row-block partials, not a direct write
+            seen.append(part.numel() * part.element_size())
+        return real(grad, part, *a)
+
+    monkeypatch.setattr(kernels, "_write_grad", spy)
+    eng.train_epoch(1)
+    measured = max(seen, default=0) / pop.size
+    extra = working_bytes(arch, 256, fused=True) - working_bytes(arch, 256)
+    assert extra == stack_partial_bytes(arch, 256) >= measured
+    assert extra == measured  # exactly what the kernel allocates: the estimate is not padded
+    if text == "[3*20]":
+        middle = 2 * 20 * 21
+        assert extra == 16 * middle * 4 == 4 * (16 * middle)
+
+
+def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):
+    """Another engine's captured graphs keep their private pool: its cached blocks are no use
+    to a new engine and must not count as free (fakes of torch.cuda's memory queries)."""
+    from psa.engine import free_memory
+
+    mib = 1 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * mib, 8000 * mib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 700 * mib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 400 * mib)
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 500 * mib, "allocated_size": 300 * mib},
+        {"device": 0, "segment_pool_id": (1, 7), "total_size": 200 * mib, "allocated_size": 100 * mib},
+        {"device": 1, "segment_pool_id": (1, 9), "total_size": 900 * mib, "allocated_size": 0},
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    # 1000 free + 300 cached, of which 100 sit in a graph pool of this device
+    assert free_memory(torch.device("cuda", 0)) == 1200 * mib

@@ -43,6 +43,7 @@ from .data import Dataset
 from .population import ConfigError, Layout, Member, Population, seed_groups, to_device
 from .precision import CHOICES as PRECISION_CHOICES
 from .precision import Matmul
+from .precision import resolve as resolve_precision
 
 StepCallback = Callable[[int, int], None]
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -140,21 +141,75 @@ def reset_adamw(opt: torch.optim.Optimizer) -> None:
                 v.zero_()
 
 
-def working_bytes(arch: Arch, batch_size: int) -> int:
+def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: str = "fp32",
+                  graphs: bool = False) -> int:
     """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
     two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
-    transient layer-sized buffers, dropout noise, the gathered batch)."""
+    transient layer-sized buffers, dropout noise, the gathered batch).
+
+    `fused` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
+    gradient partials: as many copies of the middle stack's parameters as a batch has row
+    blocks (16 at widths 17-32, four times the 16 bytes a parameter counted above). `graphs`
+    adds the graph's private pool, which keeps every temporary of a captured step for as long
+    as the graph lives and lends none of it to other engines: the labels, the loss's softmax
+    buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
     w = arch.widths
     acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
-    return arch.params * 16 + acts
+    total = arch.params * 16 + acts
+    if fused:
+        total += stack_partial_bytes(arch, batch_size, precision)
+    if graphs:
+        per_row = 8 + 2 * 4 * arch.n_out + (0 if fused else 16 * sum(arch.hidden))
+        total += batch_size * per_row
+    return total
+
+
+def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
+    """Per member, the Triton stack backward's weight-gradient partials for a batch of
+    `batch_size` rows: one copy of the middle layers' parameters per row block, none when one
+    block covers the batch (the kernel then writes the gradient directly)."""
+    from . import kernels
+
+    hidden = arch.hidden
+    if len(hidden) < 2 or kernels.triton is None:
+        return 0
+    width = hidden[0]
+    _, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
+    n_blocks = -(-batch_size // block_r)
+    return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
+
+
+def stack_fits_kernel(arch: Arch, kernels_choice: str) -> bool:
+    """Whether the hidden stack of `arch` runs through the Triton stack kernels under the
+    `kernels` choice (when the engine uses Triton at all): equal widths, up to
+    AUTO_STACK_MAX_WIDTH under auto and kernels.MAX_WIDTH under triton."""
+    from . import kernels
+
+    hidden = arch.hidden
+    widest = kernels.MAX_WIDTH if kernels_choice == "triton" else AUTO_STACK_MAX_WIDTH
+    return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= min(widest, kernels.MAX_WIDTH)
+
+
+def memory_paths(arch: Arch, device: torch.device, cfg: TrainConfig) -> dict[str, Any]:
+    """The paths an engine for `arch` on `device` takes that change its memory, as working_bytes'
+    keyword arguments (graphs: if the whole population fits)."""
+    from . import kernels
+
+    triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and device.type == "cuda" and kernels.available())
+    return {"fused": triton and stack_fits_kernel(arch, cfg.kernels),
+            "precision": resolve_precision(cfg.precision, device),
+            "graphs": cfg.graphs and device.type == "cuda"}
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes this process can still use on `device`, or None where that is unknown."""
+    """Bytes this process can still use on `device`, or None where that is unknown.
+
+    On CUDA: the driver's free memory and the allocator's cached blocks, except those cached in
+    a graph's private pool (other engines' captured steps), which no other allocation can use."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
+        return int(free + cached - graph_pool_cached(device))
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -168,6 +223,13 @@ def free_memory(device: torch.device) -> int | None:
         except (ValueError, OSError, AttributeError):
             return None
     return None
+
+
+def graph_pool_cached(device: torch.device) -> int:
+    """Bytes cached but unallocated in CUDA graphs' private pools on `device`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 # what an allocation that does not fit raises (torch.OutOfMemoryError is the same class)
@@ -477,11 +539,7 @@ class Engine:
         return self.pop.device.type == "cuda" and kernels.available()
 
     def _stack_fits_kernel(self) -> bool:
-        from . import kernels
-
-        hidden = self.pop.arch.hidden
-        widest = kernels.MAX_WIDTH if self.cfg.kernels == "triton" else AUTO_STACK_MAX_WIDTH
-        return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= min(widest, kernels.MAX_WIDTH)
+        return stack_fits_kernel(self.pop.arch, self.cfg.kernels)
 
     def _chunk_size(self) -> int:
         """Members trained at once: all of them if they fit the device's free memory (or the
@@ -495,8 +553,12 @@ class Engine:
             if free is None:
                 return m
             budget = free * FREE_MEMORY_FRACTION - cfg.eval_chunk_bytes
-            per = working_bytes(pop.arch, cfg.batch_size)
+            graphs = cfg.graphs and pop.device.type == "cuda"
+            per = working_bytes(pop.arch, cfg.batch_size, self.fused, self.precision, graphs)
             limit = int(budget // per) if budget > 0 else 0
+            if graphs and limit < m:  # chunks train eagerly: no graph pool to hold
+                per = working_bytes(pop.arch, cfg.batch_size, self.fused, self.precision)
+                limit = int(budget // per) if budget > 0 else 0
             if limit < 1:
                 raise ConfigError(
                     f"one member of {pop.arch.short} needs about {per / 2**30:.2f} GiB to train; "

@@ -49,6 +49,7 @@ from .engine import (
     PendingLoop,
     TrainConfig,
     free_memory,
+    memory_paths,
     new_streams,
     release_cached,
     side_stream,
@@ -807,9 +808,14 @@ def concurrent_events(study: Study, todo: list[PopulationState], device: torch.d
     free = free_memory(device)
     budget = None if free is None else free * FREE_MEMORY_FRACTION
     bs = study.design.batch_size
+    cfg = study.train_config()
+    per_member: dict[str, int] = {}
 
     def need(st: PopulationState) -> int:
-        return st.plan.size * bytes_per_member(st.plan.arch, bs)
+        a = st.plan.arch
+        if a not in per_member:
+            per_member[a] = bytes_per_member(a, bs, **memory_paths(parse_arch(a), device, cfg))
+        return st.plan.size * per_member[a]
 
     while queue or active:
         while queue and streams.free and (
