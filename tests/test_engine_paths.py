@@ -521,3 +521,49 @@ def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
     # 1000 free + 300 cached, of which 100 sit in a graph pool of this device
     assert free_memory(torch.device("cuda", 0)) == 1200 * mib
+
+
+@pytest.mark.parametrize("text,kernels_choice", [("[3*4]", "triton"), ("[2*20]", "triton"), ("[1*9, 1*5]", "triton")])
+def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, kernels_choice):
+    """What kernels.precompile() gets (the meta-device dry run) is exactly the set of launches a
+    real meta-loop and test make, argument for argument, so the compiled variants are the ones
+    the run needs: the stack kernels (3*4, 2*20, training with a tail batch, validation and
+    test in blocks) and the dropout kernel of an unfused stack (1*9, 1*5)."""
+    pytest.importorskip("triton")
+    from psa import kernels
+    from psa.engine import kernel_launches
+
+    arch = parse_arch(text)
+    cfg = dataclasses.replace(CFG, kernels=kernels_choice, precision="tf32", eval_chunk_bytes=8 * 9 * 40 * 5)
+    data = dataclasses.replace(small, train_x=small.train_x[:80], train_y=small.train_y[:80],
+                               val_x=small.val_x[:90], val_y=small.val_y[:90],
+                               test_x=small.test_x[:70], test_y=small.test_y[:70])
+    specs = [(m, s) for s in (1, 2) for m in MODES]
+    pop = population(arch, data, specs, cfg)
+    eng = Engine(pop, data, cfg)
+    real = kernels._launch
+    made = []
+
+    def spy(kernel, grid, *args, **kw):
+        with kernels.recording() as rec:
+            real(kernel, grid, *args, **kw)
+        made.extend(rec)
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_launch", spy)
+    eng.meta_loop()
+    eng.test_accuracy()
+    monkeypatch.setattr(kernels, "_launch", real)
+    foreseen = kernel_launches(arch, pop.members, data, cfg, torch.device("cpu"))
+    assert len(set(made)) >= (2 if eng.fused else 1)
+    assert set(foreseen) == set(made)
+    assert kernels.precompile(foreseen) == len(set(made))  # interpreted: nothing to compile, but every launch taken
+
+
+def test_kernel_launches_are_none_without_triton(small):
+    from psa.engine import kernel_launches
+
+    cfg = dataclasses.replace(CFG, kernels="torch")
+    assert kernel_launches(parse_arch("[3*4]"), [make_member("none", 1)], small, cfg, torch.device("cpu")) == []
+    auto = dataclasses.replace(CFG, kernels="auto")  # the CPU never picks Triton by itself
+    assert kernel_launches(parse_arch("[3*4]"), [make_member("none", 1)], small, auto, torch.device("cpu")) == []

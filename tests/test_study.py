@@ -685,3 +685,46 @@ def test_populations_in_flight_hold_distinct_streams_and_a_failed_one_is_drained
     got, ref = rows(db), rows(reference)
     assert [t for t in got["trials"] if t[1:4] != ("2*8", t[2], 2)] == \
            [t for t in ref["trials"] if t[1:4] != ("2*8", t[2], 2)]
+
+
+def test_kernels_are_compiled_up_front_once_per_population_shape(monkeypatch) -> None:
+    """On a CUDA device the study hands kernels.precompile() the launches of every population to
+    come, each shape once (trials of one architecture differ only in their seeds). Run here for a
+    CUDA device that is not there: the launches are found on the meta device, and the compile
+    step is a fake."""
+    import torch
+
+    from psa import kernels
+    from psa.arch import parse_arch
+    from psa.data import Dataset
+    from psa.engine import kernel_launches
+
+    pytest.importorskip("triton")
+    d = StudyDesign(architectures=("2*8", "1*300", "3*4"), trials=4, meta_loops=2, train_subset=300)
+    plan = make_plan(d, 12)  # two populations of 2 trials per architecture
+    assert len(plan.populations) == 6
+    todo = [study.PopulationState(p, {}, False, 0) for p in plan.populations]
+
+    class Fake:  # what precompile_kernels reads of a Study
+        design = d
+
+        @staticmethod
+        def train_config():
+            return d.train_config()
+
+    def split(n):
+        return torch.empty(n, 784), torch.empty(n, dtype=torch.int64)
+
+    data = Dataset("mnist", *split(300), *split(1000), *split(1000), source="test")
+    got = []
+    monkeypatch.setattr(kernels, "precompile", lambda launches, device=None: got.append(list(launches)) or 7)
+    cuda = torch.device("cuda", 0)
+    assert study.precompile_kernels(Fake(), todo, cuda, data) == 7
+    want = []
+    for arch in d.architectures:  # 1*300: too wide for the stack kernels, but the dropout kernel
+        pp = next(p for p in plan.populations if p.arch == arch)
+        one = kernel_launches(parse_arch(arch), pp.members(d), data, d.train_config(), cuda)
+        assert one
+        want += one
+    assert len(got) == 1 and sorted(map(repr, got[0])) == sorted(map(repr, want))
+    assert study.precompile_kernels(Fake(), todo, torch.device("cpu"), data) == 0  # nothing to compile there

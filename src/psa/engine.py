@@ -25,6 +25,7 @@ How a loop runs, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -199,6 +200,41 @@ def memory_paths(arch: Arch, device: torch.device, cfg: TrainConfig) -> dict[str
     return {"fused": triton and stack_fits_kernel(arch, cfg.kernels),
             "precision": resolve_precision(cfg.precision, device),
             "graphs": cfg.graphs and device.type == "cuda"}
+
+
+def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data: Dataset, cfg: TrainConfig,
+                    device: torch.device) -> list[Any]:
+    """The Triton launches (psa.kernels.Launch) that a meta-loop and the test of a population of
+    `members` of `arch` on `device` would make with `cfg` (trained whole, as one chunk), for
+    kernels.precompile(). Found by running the step and the evaluations on the meta device with
+    the kernels recording: the same code, so the same arguments, but only shapes and offsets,
+    nothing allocated or computed. Empty where such an engine would not use Triton."""
+    from . import kernels
+
+    if not (cfg.kernels == "triton" or (cfg.kernels == "auto" and device.type == "cuda" and kernels.available())):
+        return []
+    meta = torch.device("meta")
+    mdata = dataclasses.replace(data, **{f: torch.empty(getattr(data, f).shape, dtype=getattr(data, f).dtype,
+                                                        device=meta)
+                                         for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    members = tuple(sorted(members, key=lambda mem: mem.seed))  # as Population.create keeps them
+    layout = Layout.of(arch, len(members))
+    pop = Population(arch, members, meta, layout, torch.empty(layout.numel, device=meta),
+                     torch.full((len(members),), -1, dtype=torch.int64, device=meta), mdata.val_y.numel(),
+                     [0] * len(members))
+    eng = Engine(pop, mdata, dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device),
+                                                 kernels="auto", graphs=False, max_members=None))
+    # the choices of an engine on `device` (on the meta device auto picks neither)
+    eng.triton, eng.fused = True, memory_paths(arch, device, cfg)["fused"]
+    ch = eng._chunk(0, pop.size)
+    g = ch.groups[0]
+    with kernels.recording() as launches, torch.no_grad():
+        for b in sorted(set(ch.batch_sizes())):
+            x = ch.buf("x", (g * b, mdata.train_x.shape[1])).view(g, b, -1)
+            eng._forward_backward(ch, x, torch.empty((ch.size, b), dtype=torch.int64, device=meta))
+        eng.count_correct(ch.cand, mdata.val_x, mdata.val_y, ch.layout)
+        eng.count_correct(pop.lkg, mdata.test_x, mdata.test_y)
+    return launches
 
 
 def free_memory(device: torch.device) -> int | None:

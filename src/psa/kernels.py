@@ -24,7 +24,12 @@ Triton's interpreter (the tests do).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -141,6 +146,84 @@ def _require_triton() -> None:
     if not available():
         raise RuntimeError("psa.kernels needs a CUDA GPU, or TRITON_INTERPRET=1 set before import "
                            "to run on the CPU in Triton's interpreter")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as Triton's compiler sees it: the kernel, its grid, and its arguments
+    with every tensor replaced by its dtype (what `warmup` takes; Triton specialises on the
+    integers' values and the pointers' alignment, which psa's buffers always have)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+
+
+_RECORD: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Within, the kernels record their launches in the yielded list instead of making them:
+    nothing is computed or written. Run a step on the meta device under it to learn what to
+    precompile()."""
+    global _RECORD
+    outer, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = outer
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> bool:
+    """Launch `kernel` on the CUDA device of its tensors (Triton launches on the current device's
+    stream), or record it under recording(); True if it ran."""
+    if _RECORD is not None:
+        _RECORD.append(Launch(kernel, tuple(grid), tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                              tuple(sorted(kwargs.items()))))
+        return False
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **kwargs)
+    return True
+
+
+def precompile(launches: Iterable[Launch], device: torch.device | None = None, workers: int | None = None) -> int:
+    """Compile the distinct `launches` for CUDA `device` (the current one by default) before they
+    are made, in `workers` threads where this Triton compiles asynchronously, so that a study
+    does not compile kernel after kernel while the GPU waits. Triton's caches keep the results,
+    its on-disk cache (TRITON_CACHE_DIR, default ~/.triton/cache) for later processes too. A
+    launch that fails to compile is skipped: the real launch fails again, where the engine
+    falls back. Returns the number of distinct launches (compiled or found in the cache).
+    Under Triton's interpreter nothing is compiled."""
+    _require_triton()
+    todo = list(dict.fromkeys(launches))
+    if not todo:
+        return 0
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # an older Triton: one after another
+        AsyncCompileMode = None  # noqa: N806
+    dev = device if device is not None else (torch.device("cuda", torch.cuda.current_device())
+                                             if torch.cuda.is_available() else torch.device("cpu"))
+    workers = workers or min(len(todo), os.cpu_count() or 4)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if AsyncCompileMode is not None and workers > 1:
+            with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+                for lc in todo:
+                    _warm(lc)
+        else:
+            for lc in todo:
+                _warm(lc)
+    return len(todo)
+
+
+def _warm(lc: Launch) -> None:
+    try:
+        lc.kernel.warmup(*lc.args, grid=lc.grid, **dict(lc.kwargs))
+    except Exception:  # noqa: BLE001 - see precompile: the real launch reports it
+        pass
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -525,7 +608,8 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     wp, block_r, num_warps = launch_config(width, rows, precision)
     wide = wp >= _WIDE_MIN_WIDTH
     grid = (members, triton.cdiv(rows, block_r))
-    _stack_fwd_kernel[grid](
+    _launch(
+        _stack_fwd_kernel, grid,
         z0, z0.stride(0), z0.stride(1), z0.stride(2),
         flat, w_off, b_off, layer_stride,
         target, members * rows * width,
@@ -586,7 +670,8 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
     else:
         part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
         p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
-    _stack_bwd_kernel[(members, n_blocks)](
+    ran = _launch(
+        _stack_bwd_kernel, (members, n_blocks),
         da, da.stride(0), da.stride(1), da.stride(2),
         acts, members * rows * width,
         flat, w_off, layer_stride,
@@ -598,7 +683,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES, GW_COLS=min(_GW_COLS, wp),
         num_warps=num_warps,
     )
-    if not direct:
+    if ran and not direct:
         _write_grad(grad, part, w_off, b_off, layer_stride, members, width)
     return dz0
 
@@ -638,5 +723,5 @@ def dropout_noise(rows: int, units: int, ks: torch.Tensor, thr: torch.Tensor,
     if n == 0 or n_members == 0:
         return out
     block = 1024
-    _dropout_noise_kernel[(triton.cdiv(n, block), n_members)](out, ks, thr, sc, n, BLOCK=block, num_warps=4)
+    _launch(_dropout_noise_kernel, (triton.cdiv(n, block), n_members), out, ks, thr, sc, n, BLOCK=block, num_warps=4)
     return out

@@ -31,6 +31,7 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from .engine import (
     PendingLoop,
     TrainConfig,
     free_memory,
+    kernel_launches,
     memory_paths,
     new_streams,
     release_cached,
@@ -731,6 +733,7 @@ def local_events(study: Study, todo: list[PopulationState], device: torch.device
     """Populations on this process's device, largest work first: one after another, or on a
     GPU several at once (opt.concurrency), so that small populations fill the device together."""
     data = design_data(study.design, study.opt.data_dir, device)
+    precompile_kernels(study, todo, device, data)
     slots = study.opt.concurrency or (8 if device.type == "cuda" else 1)
     if slots > 1:
         yield from concurrent_events(study, todo, device, data, slots)
@@ -750,6 +753,31 @@ def local_events(study: Study, todo: list[PopulationState], device: torch.device
             del gen  # out of the handler: its traceback no longer holds the engine
             release_cached(device)
             yield failed
+
+
+def precompile_kernels(study: Study, todo: list[PopulationState], device: torch.device, data: Dataset) -> int:
+    """Compile the Triton kernels that the populations in `todo` will launch on CUDA `device`, up
+    front and in parallel (kernels.precompile), rather than one population's at its first loop
+    while the GPU waits. Returns the number of kernel variants (0 off CUDA or without Triton);
+    a failure here only warns: the kernels then compile at their first launch."""
+    from . import kernels
+
+    if device.type != "cuda" or not kernels.available():
+        return 0
+    cfg = study.train_config()
+    launches: list[kernels.Launch] = []
+    seen: set[tuple[str, int, tuple[str, ...]]] = set()
+    try:
+        for st in todo:
+            key = (st.plan.arch, st.plan.size, st.plan.modes)  # trials differ only in their seeds
+            if key not in seen:
+                seen.add(key)
+                launches += kernel_launches(parse_arch(st.plan.arch), st.plan.members(study.design), data, cfg, device)
+        return kernels.precompile(launches, device)
+    except Exception as e:  # noqa: BLE001 - an optimisation; the study runs without it
+        warnings.warn(f"psa: precompiling the Triton kernels failed ({type(e).__name__}: {e}); they compile at "
+                      f"their first launch", RuntimeWarning, stacklevel=2)
+        return 0
 
 
 def _failed(st: PopulationState, e: BaseException, device: torch.device) -> PopulationFailed:
