@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from psa.core import data as psa_data  # noqa: E402
 from psa.core.arch import parse_arch, study_architectures  # noqa: E402
-from psa.core.engine import Engine, TrainConfig  # noqa: E402
+from psa.core import kernels  # noqa: E402
+from psa.core.engine import Engine, TrainConfig, kernel_launches  # noqa: E402
 from psa.study.plan import arch_flops, describe_device, fmt_seconds  # noqa: E402
 from psa.core.population import MODES, Population, make_member  # noqa: E402
 
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto")
     ap.add_argument("--kernels", choices=("auto", "torch", "triton"), default="auto")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-precompile", action="store_true",
+                    help="compile each architecture's Triton kernels at its first loop, not all up front")
     ap.add_argument("--full", action="store_true", help="also run the whole study and record its wall time")
     ap.add_argument("--db", default="results/gpu_study.sqlite", help="results database of --full")
     ap.add_argument("--name", default="paper-bench", help="study name of --full")
@@ -180,6 +183,15 @@ def main() -> None:
     ds = psa_data.load("mnist", device=device)
     cfg = TrainConfig(precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs)
     archs = args.arch or [a.short for a in study_architectures()]
+    precompile_s = None
+    if not args.no_precompile and kernels.available():
+        # as psa study does: every architecture's kernel variants compiled in parallel first
+        t0 = time.perf_counter()
+        members = [make_member(m, s) for s in SEEDS for m in MODES]
+        launches = [lc for a in archs for lc in kernel_launches(parse_arch(a), members, ds, cfg, device)]
+        n = kernels.precompile(launches, device)
+        precompile_s = time.perf_counter() - t0
+        console.print(f"precompiled {n} kernel variants in {precompile_s:.1f} s")
     rows = []
     for a in archs:
         r = time_architecture(a, ds, cfg, args.loops, steps)
@@ -202,7 +214,7 @@ def main() -> None:
                   f"time ({flops / total / 1e12:.3g} TFLOP/s overall)")
     result = {"device": desc, "torch": torch.__version__, "precision": cfg.precision, "kernels": cfg.kernels,
               "graphs": cfg.graphs, "loops_timed": args.loops, "steps_timed": steps or EPOCH_STEPS,
-              "peaks": peaks, "architectures": rows, "estimate_s": total, "pflop": flops / 1e15,
+              "peaks": peaks, "precompile_s": precompile_s, "architectures": rows, "estimate_s": total, "pflop": flops / 1e15,
               "date": time.strftime("%Y-%m-%d")}
     try:
         import triton

@@ -268,3 +268,302 @@ def test_an_engine_is_freed_as_soon_as_it_is_dropped(small):
         assert all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_graph_warm_up_stays_inside_a_short_epoch(small, monkeypatch):
+    """The warm-up before a graph capture (run here on the CPU, where an index past the data
+    order raises instead of killing a CUDA context): 700 images in batches of 256 are two full
+    batches and a tail of 188, fewer than its four steps walk through unless every step starts
+    the epoch again. The warm-up leaves nothing behind: the loops after it are those of an
+    engine that never warmed up."""
+    from psa.core.engine import new_adamw
+
+    data = dataclasses.replace(small, train_x=small.train_x[:700], train_y=small.train_y[:700])
+    cfg = dataclasses.replace(CFG, batch_size=256)
+    specs = [(m, s) for s in (1, 2) for m in MODES]
+    ref_pop, _, ref = run(ARCH, data, specs, 2, cfg)
+    pop = population(ARCH, data, specs, cfg)
+    eng = Engine(pop, data, cfg)
+    ch = eng._chunk(0, pop.size)
+    assert ch.batch_sizes() == [256, 256, 188]
+    ch.cand.copy_(pop.lkg)
+    ch.opt = new_adamw(ch.cand, cfg)
+    ends = []
+    real = Engine._step
+
+    def spy(self, chunk, b):
+        ends.append(int(chunk.step) * cfg.batch_size + b)  # one past the last position read
+        return real(self, chunk, b)
+
+    monkeypatch.setattr(Engine, "_step", spy)
+    ch._warm_up(eng, [256, 188])
+    assert ends == [256, 256, 188, 188]
+    res = [eng.meta_loop() for _ in range(2)]
+    assert max(ends) <= 700 and len(ends) == 4 + 2 * 3
+    assert records(res) == records(ref)
+    assert torch.equal(pop.lkg, ref_pop.lkg)
+
+
+@pytest.mark.parametrize("error", [
+    (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"),
+    (RuntimeError, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (simulated)"),
+    (RuntimeError, "Triton Error [CUDA]: out of memory (simulated)"),
+])
+def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch, error):
+    """When the cache is emptied for the smaller chunk, nothing of the failed one is alive: not
+    the chunk, its candidate, gradient, optimizer or workspace, nor the exception (we are out of
+    its handler). cuBLAS's ALLOC_FAILED and Triton's out of memory shrink the chunk like
+    torch's OutOfMemoryError, and do not turn the fast path (here the Triton kernels) off."""
+    import gc
+    import sys
+    import warnings
+    import weakref
+
+    from psa.core import engine as engine_mod
+
+    pytest.importorskip("triton")
+    data = dataclasses.replace(small, train_x=small.train_x[:64], train_y=small.train_y[:64],
+                               val_x=small.val_x[:100], val_y=small.val_y[:100])
+    pop = population(ARCH, data, SPECS)
+    eng = Engine(pop, data, CFG)
+    eng.triton = eng.fused = True  # as kernels=auto picks them on a GPU
+    real = Engine._step
+    seen: dict = {}
+
+    def flaky(self, ch, b):
+        real(self, ch, b)
+        if ch.size > 6:  # after a real step: its workspace exists
+            seen["refs"] = [weakref.ref(t) for t in (ch, ch.cand, ch.grad, ch.opt, *ch.work.values())]
+            raise error[0](error[1])  # a fresh exception, as the device raises
+
+    def release(device):
+        seen["alive"] = [r() is not None for r in seen["refs"]]
+        seen["handling"] = sys.exc_info()[0]
+
+    monkeypatch.setattr(Engine, "_step", flaky)
+    monkeypatch.setattr(engine_mod, "release_cached", release)
+    gc.disable()  # what is alive must be freed by reference counting, as on the GPU
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fall-back would warn
+            eng.meta_loop()
+    finally:
+        gc.enable()
+    assert len(seen["refs"]) > 4
+    assert seen["alive"] == [False] * len(seen["refs"])
+    assert seen["handling"] is None
+    assert eng.chunk_size == 6 and eng.triton and eng.fused
+
+
+def test_is_out_of_memory_tells_memory_from_other_failures():
+    from psa.core.engine import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("CUDA driver error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not from the device
+
+
+def test_new_streams_are_distinct_in_torchs_round_robin_pool(monkeypatch):
+    """torch.cuda.Stream() is the next of 32 pooled streams, round robin (a fake pool here): made
+    per engine, a stream is shared with every 32nd. new_streams gives distinct ones, none the
+    side stream, wherever the pool's counter stands; the side stream is made once."""
+    from psa.core import engine as engine_mod
+
+    turn = {"n": 0}
+
+    class Pooled:
+        def __init__(self, device=None, priority=0):
+            self.cuda_stream = 0x7000 + turn["n"] % engine_mod.STREAM_POOL
+            turn["n"] += 1
+
+    monkeypatch.setattr(torch.cuda, "Stream", Pooled)
+    monkeypatch.setattr(engine_mod, "_SIDE_STREAMS", {})
+    dev = torch.device("cuda", 0)
+    side = engine_mod.side_stream(dev)
+    assert engine_mod.side_stream(dev) is side
+    for already in (0, 5, 27, 31):
+        turn["n"] += already  # streams other code took meanwhile
+        handles = [s.cuda_stream for s in engine_mod.new_streams(dev, 8, avoid=(side,))]
+        assert len(set(handles)) == 8 and side.cuda_stream not in handles
+    assert len(engine_mod.new_streams(dev, 40, avoid=(side,))) == engine_mod.STREAM_POOL - 1
+
+
+def test_a_cuda_stream_needs_a_cuda_population(small):
+    from psa.core.population import ConfigError
+
+    with pytest.raises(ConfigError, match="stream"):
+        Engine(population(ARCH, small, [("none", 1)]), small, CFG, stream=object())
+
+
+def test_on_device_enters_the_engines_cuda_device():
+    """Triton launches and graph captures go to the current CUDA device: an engine on cuda:1
+    enters it (the context object is checked here; entering it needs the device)."""
+    from psa.core.engine import on_device
+
+    ctx = on_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    with on_device(torch.device("cpu")):
+        pass
+
+
+def meta_twin(pop, ds, cfg):
+    """An engine on the meta device (shapes only: nothing is computed or allocated) for `pop`
+    and `ds`: a non-CPU device that a machine without a GPU has."""
+    meta = torch.device("meta")
+    data = dataclasses.replace(ds, **{f: torch.empty(getattr(ds, f).shape, dtype=getattr(ds, f).dtype, device=meta)
+                                      for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    twin = dataclasses.replace(pop, device=meta, lkg=torch.empty(pop.lkg.shape, device=meta),
+                               lkg_correct=torch.empty(pop.lkg_correct.shape, dtype=torch.int64, device=meta))
+    return Engine(twin, data, cfg), data
+
+
+def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
+    """On a GPU a copy from pageable host memory waits for the stream: for a chunked population,
+    for the previous chunk's epoch. Building a chunk and beginning its loop must send whatever
+    they build on the host through population.to_device (pinned and queued on a GPU). Watched on
+    the meta device: any other host-to-device transfer is caught."""
+    from torch.overrides import TorchFunctionMode
+
+    from psa.core import ablation as ablation_mod
+    from psa.core import engine as engine_mod
+    from psa.core import rng as rng_mod
+
+    depth = {"n": 0}
+    real = engine_mod.to_device
+
+    def counted(host, device):
+        depth["n"] += 1
+        try:
+            return real(host, device)
+        finally:
+            depth["n"] -= 1
+
+    for mod in (engine_mod, rng_mod, ablation_mod):
+        monkeypatch.setattr(mod, "to_device", counted)
+    stray = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if depth["n"] == 0 and isinstance(out, torch.Tensor) and out.device.type == "meta":
+                inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                from_host = any(a.device.type == "cpu" for a in inputs)
+                from_data = not inputs and "device" in kwargs and getattr(func, "__name__", "") in ("tensor", "as_tensor")
+                if from_host or from_data:
+                    stray.append(getattr(func, "__name__", str(func)))
+            return out
+
+    cfg = dataclasses.replace(CFG, weight_decay=0.05, max_members=6)
+    specs = [(m, s) for s in (1, 2) for m in MODES]  # decay and dropout members: every constant exists
+    pop = population(ARCH, small, specs, cfg)
+    eng, _ = meta_twin(pop, small, cfg)
+    assert eng.chunk_size == 6
+    with Watch():
+        ch = eng._chunk(6, 12)
+        ch.begin(eng, 2, [(0, "full", 0, 3), (1, "hidden", 1, 2)])
+    assert ch.decay is not None and ch.dropout and not ch.drop_rows_all
+    assert stray == []
+
+
+@pytest.mark.parametrize("text", ["[3*20]", "[4*8]", "[2*3]"])
+def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monkeypatch, text):
+    """The Triton backward's per-row-block partials (measured: what it hands to the reduction)
+    are in working_bytes for a fused engine: 16 row blocks at width 20, four times the 16
+    bytes a parameter that the estimate otherwise counts for the middle layers."""
+    pytest.importorskip("triton")
+    from psa.core import kernels
+    from psa.core.engine import stack_partial_bytes, working_bytes
+
+    arch = parse_arch(text)
+    cfg = dataclasses.replace(CFG, kernels="triton", precision="fp32", batch_size=256)
+    data = dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256],
+                               val_x=small.val_x[:64], val_y=small.val_y[:64])
+    pop = population(arch, data, [(m, 1) for m in MODES], cfg)
+    eng = Engine(pop, data, cfg)
+    assert eng.fused
+    seen = []
+    real = kernels._write_grad
+
+    def spy(grad, part, *a):
+        if part.dim() == 3:  # per-row-block partials, not a direct write
+            seen.append(part.numel() * part.element_size())
+        return real(grad, part, *a)
+
+    monkeypatch.setattr(kernels, "_write_grad", spy)
+    eng.train_epoch(1)
+    measured = max(seen, default=0) / pop.size
+    extra = working_bytes(arch, 256, fused=True) - working_bytes(arch, 256)
+    assert extra == stack_partial_bytes(arch, 256) >= measured
+    assert extra == measured  # exactly what the kernel allocates: the estimate is not padded
+    if text == "[3*20]":
+        middle = 2 * 20 * 21
+        assert extra == 16 * middle * 4 == 4 * (16 * middle)
+
+
+def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):
+    """Another engine's captured graphs keep their private pool: its cached blocks are no use
+    to a new engine and must not count as free (fakes of torch.cuda's memory queries)."""
+    from psa.core.engine import free_memory
+
+    mib = 1 << 20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * mib, 8000 * mib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 700 * mib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 400 * mib)
+    segments = [
+        {"device": 0, "segment_pool_id": (0, 0), "total_size": 500 * mib, "allocated_size": 300 * mib},
+        {"device": 0, "segment_pool_id": (1, 7), "total_size": 200 * mib, "allocated_size": 100 * mib},
+        {"device": 1, "segment_pool_id": (1, 9), "total_size": 900 * mib, "allocated_size": 0},
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: segments)
+    # 1000 free + 300 cached, of which 100 sit in a graph pool of this device
+    assert free_memory(torch.device("cuda", 0)) == 1200 * mib
+
+
+@pytest.mark.parametrize("text,kernels_choice", [("[3*4]", "triton"), ("[2*20]", "triton"), ("[1*9, 1*5]", "triton")])
+def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, kernels_choice):
+    """What kernels.precompile() gets (the meta-device dry run) is exactly the set of launches a
+    real meta-loop and test make, argument for argument, so the compiled variants are the ones
+    the run needs: the stack kernels (3*4, 2*20, training with a tail batch, validation and
+    test in blocks) and the dropout kernel of an unfused stack (1*9, 1*5)."""
+    pytest.importorskip("triton")
+    from psa.core import kernels
+    from psa.core.engine import kernel_launches
+
+    arch = parse_arch(text)
+    cfg = dataclasses.replace(CFG, kernels=kernels_choice, precision="tf32", eval_chunk_bytes=8 * 9 * 40 * 5)
+    data = dataclasses.replace(small, train_x=small.train_x[:80], train_y=small.train_y[:80],
+                               val_x=small.val_x[:90], val_y=small.val_y[:90],
+                               test_x=small.test_x[:70], test_y=small.test_y[:70])
+    specs = [(m, s) for s in (1, 2) for m in MODES]
+    pop = population(arch, data, specs, cfg)
+    eng = Engine(pop, data, cfg)
+    real = kernels._launch
+    made = []
+
+    def spy(kernel, grid, *args, **kw):
+        with kernels.recording() as rec:
+            real(kernel, grid, *args, **kw)
+        made.extend(rec)
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_launch", spy)
+    eng.meta_loop()
+    eng.test_accuracy()
+    monkeypatch.setattr(kernels, "_launch", real)
+    foreseen = kernel_launches(arch, pop.members, data, cfg, torch.device("cpu"))
+    assert len(set(made)) >= (2 if eng.fused else 1)
+    assert set(foreseen) == set(made)
+    assert kernels.precompile(foreseen) == len(set(made))  # interpreted: nothing to compile, but every launch taken
+
+
+def test_kernel_launches_are_none_without_triton(small):
+    from psa.core.engine import kernel_launches
+
+    cfg = dataclasses.replace(CFG, kernels="torch")
+    assert kernel_launches(parse_arch("[3*4]"), [make_member("none", 1)], small, cfg, torch.device("cpu")) == []
+    auto = dataclasses.replace(CFG, kernels="auto")  # the CPU never picks Triton by itself
+    assert kernel_launches(parse_arch("[3*4]"), [make_member("none", 1)], small, auto, torch.device("cpu")) == []

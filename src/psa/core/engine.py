@@ -25,6 +25,8 @@ How a loop runs, and why:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import math
 import os
 import time
@@ -42,6 +44,7 @@ from psa.core.data import Dataset
 from psa.core.population import ConfigError, Layout, Member, Population, seed_groups, to_device
 from psa.core.precision import CHOICES as PRECISION_CHOICES
 from psa.core.precision import Matmul
+from psa.core.precision import resolve as resolve_precision
 
 StepCallback = Callable[[int, int], None]
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -139,21 +142,110 @@ def reset_adamw(opt: torch.optim.Optimizer) -> None:
                 v.zero_()
 
 
-def working_bytes(arch: Arch, batch_size: int) -> int:
+def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: str = "fp32",
+                  graphs: bool = False) -> int:
     """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
     two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
-    transient layer-sized buffers, dropout noise, the gathered batch)."""
+    transient layer-sized buffers, dropout noise, the gathered batch).
+
+    `fused` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
+    gradient partials: as many copies of the middle stack's parameters as a batch has row
+    blocks (16 at widths 17-32, four times the 16 bytes a parameter counted above). `graphs`
+    adds the graph's private pool, which keeps every temporary of a captured step for as long
+    as the graph lives and lends none of it to other engines: the labels, the loss's softmax
+    buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
     w = arch.widths
     acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
-    return arch.params * 16 + acts
+    total = arch.params * 16 + acts
+    if fused:
+        total += stack_partial_bytes(arch, batch_size, precision)
+    if graphs:
+        per_row = 8 + 2 * 4 * arch.n_out + (0 if fused else 16 * sum(arch.hidden))
+        total += batch_size * per_row
+    return total
+
+
+def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
+    """Per member, the Triton stack backward's weight-gradient partials for a batch of
+    `batch_size` rows: one copy of the middle layers' parameters per row block, none when one
+    block covers the batch (the kernel then writes the gradient directly)."""
+    from psa.core import kernels
+
+    hidden = arch.hidden
+    if len(hidden) < 2 or kernels.triton is None:
+        return 0
+    width = hidden[0]
+    _, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
+    n_blocks = -(-batch_size // block_r)
+    return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
+
+
+def stack_fits_kernel(arch: Arch, kernels_choice: str) -> bool:
+    """Whether the hidden stack of `arch` runs through the Triton stack kernels under the
+    `kernels` choice (when the engine uses Triton at all): equal widths, up to
+    AUTO_STACK_MAX_WIDTH under auto and kernels.MAX_WIDTH under triton."""
+    from psa.core import kernels
+
+    hidden = arch.hidden
+    widest = kernels.MAX_WIDTH if kernels_choice == "triton" else AUTO_STACK_MAX_WIDTH
+    return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= min(widest, kernels.MAX_WIDTH)
+
+
+def memory_paths(arch: Arch, device: torch.device, cfg: TrainConfig) -> dict[str, Any]:
+    """The paths an engine for `arch` on `device` takes that change its memory, as working_bytes'
+    keyword arguments (graphs: if the whole population fits)."""
+    from psa.core import kernels
+
+    triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and device.type == "cuda" and kernels.available())
+    return {"fused": triton and stack_fits_kernel(arch, cfg.kernels),
+            "precision": resolve_precision(cfg.precision, device),
+            "graphs": cfg.graphs and device.type == "cuda"}
+
+
+def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data: Dataset, cfg: TrainConfig,
+                    device: torch.device) -> list[Any]:
+    """The Triton launches (psa.kernels.Launch) that a meta-loop and the test of a population of
+    `members` of `arch` on `device` would make with `cfg` (trained whole, as one chunk), for
+    kernels.precompile(). Found by running the step and the evaluations on the meta device with
+    the kernels recording: the same code, so the same arguments, but only shapes and offsets,
+    nothing allocated or computed. Empty where such an engine would not use Triton."""
+    from psa.core import kernels
+
+    if not (cfg.kernels == "triton" or (cfg.kernels == "auto" and device.type == "cuda" and kernels.available())):
+        return []
+    meta = torch.device("meta")
+    mdata = dataclasses.replace(data, **{f: torch.empty(getattr(data, f).shape, dtype=getattr(data, f).dtype,
+                                                        device=meta)
+                                         for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    members = tuple(sorted(members, key=lambda mem: mem.seed))  # as Population.create keeps them
+    layout = Layout.of(arch, len(members))
+    pop = Population(arch, members, meta, layout, torch.empty(layout.numel, device=meta),
+                     torch.full((len(members),), -1, dtype=torch.int64, device=meta), mdata.val_y.numel(),
+                     [0] * len(members))
+    eng = Engine(pop, mdata, dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device),
+                                                 kernels="auto", graphs=False, max_members=None))
+    # the choices of an engine on `device` (on the meta device auto picks neither)
+    eng.triton, eng.fused = True, memory_paths(arch, device, cfg)["fused"]
+    ch = eng._chunk(0, pop.size)
+    g = ch.groups[0]
+    with kernels.recording() as launches, torch.no_grad():
+        for b in sorted(set(ch.batch_sizes())):
+            x = ch.buf("x", (g * b, mdata.train_x.shape[1])).view(g, b, -1)
+            eng._forward_backward(ch, x, torch.empty((ch.size, b), dtype=torch.int64, device=meta))
+        eng.count_correct(ch.cand, mdata.val_x, mdata.val_y, ch.layout)
+        eng.count_correct(pop.lkg, mdata.test_x, mdata.test_y)
+    return launches
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes this process can still use on `device`, or None where that is unknown."""
+    """Bytes this process can still use on `device`, or None where that is unknown.
+
+    On CUDA: the driver's free memory and the allocator's cached blocks, except those cached in
+    a graph's private pool (other engines' captured steps), which no other allocation can use."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
+        return int(free + cached - graph_pool_cached(device))
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -169,8 +261,74 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def graph_pool_cached(device: torch.device) -> int:
+    """Bytes cached but unallocated in CUDA graphs' private pools on `device`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 # what an allocation that does not fit raises (torch.OutOfMemoryError is the same class)
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+# Messages of other errors that mean the device ran out of memory: cuBLAS failing to allocate
+# its workspace or handle, the CUDA runtime or driver (a Triton kernel's module load), cuDNN.
+OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says the device ran out of memory (which a smaller chunk may fix), as
+    opposed to a failure of a fast path (which falling back to the plain path may fix)."""
+    if isinstance(e, OOM_ERRORS):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in msg for m in OOM_MESSAGES)
+
+
+def release_cached(device: torch.device) -> None:
+    """Give the allocator's cached blocks on `device` back to the driver, after a collection for
+    tensors that only reference cycles still hold (a no-op off CUDA)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# PyTorch hands out CUDA streams from a pool of this many per device and priority, round robin:
+# a stream made per engine is shared with every 32nd (populations p and p+16 when each engine
+# also made a side stream for its warm-up), and the two then serialise each other's work.
+STREAM_POOL = 32
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+def side_stream(device: torch.device) -> Any:
+    """The one stream of CUDA `device` on which every engine of this process warms up and
+    captures its graphs (made on first use)."""
+    s = _SIDE_STREAMS.get(device)
+    if s is None:
+        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return s
+
+
+def new_streams(device: torch.device, n: int, avoid: tuple[Any, ...] = ()) -> list[Any]:
+    """`n` streams of CUDA `device`, distinct from one another and from those in `avoid`; fewer
+    only when the pool has fewer (n + len(avoid) > STREAM_POOL)."""
+    taken = {s.cuda_stream for s in avoid}
+    out: list[Any] = []
+    for _ in range(STREAM_POOL):  # one turn of the pool meets each of its streams once
+        if len(out) >= n:
+            break
+        s = torch.cuda.Stream(device)
+        if s.cuda_stream not in taken:
+            taken.add(s.cuda_stream)
+            out.append(s)
+    return out
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` as the current CUDA device for the duration, or nothing off CUDA: Triton launches
+    on the current device's stream, and a graph is captured and its pool made there, so an engine
+    on cuda:1 must not rely on the current device being its own."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
@@ -222,18 +380,21 @@ class Chunk:
         self.bad = torch.zeros(self.size, dtype=torch.bool, device=dev)
         # AdamW's decoupled decay, param *= 1 - lr*wd, per member, evaluated in float32 as
         # torch.optim.AdamW does; with the paper's lr = wd = 1e-4 it is exactly 1.0: a no-op.
+        # Per-member constants are built on the host and sent with to_device (pinned, queued):
+        # a plain copy from pageable memory would wait for the stream, i.e. for the previous
+        # chunk's epoch, and a chunked population would lose all overlap.
         decay = torch.tensor([1.0 - cfg.lr * m.weight_decay for m in self.members], dtype=torch.float32)
-        self.decay = None if bool((decay == 1.0).all()) else decay.to(dev)
+        self.decay = None if bool((decay == 1.0).all()) else to_device(decay, dev)
         drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0] if pop.arch.depth else []
         self.dropout = bool(drop_rows)
         if self.dropout:
             p = torch.tensor([m.dropout for m in self.members], dtype=torch.float32)
             # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
-            self.drop_scale = (torch.ones(self.size, dtype=torch.float32) / (1.0 - p)).to(dev)
-            self.drop_thr = torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
-                                         dtype=torch.int64, device=dev)
+            self.drop_scale = to_device(torch.ones(self.size, dtype=torch.float32) / (1.0 - p), dev)
+            self.drop_thr = to_device(torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
+                                                   dtype=torch.int64), dev)
             self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
-            self.drop_rows = torch.tensor(drop_rows, dtype=torch.int64, device=dev)
+            self.drop_rows = to_device(torch.tensor(drop_rows, dtype=torch.int64), dev)
             self.drop_rows_all = len(drop_rows) == self.size
         self.opt: torch.optim.AdamW | None = None
         self.graphs: dict[int, Any] = {}
@@ -290,6 +451,18 @@ class Chunk:
             if on_step is not None:
                 on_step(s + 1, len(sizes))
 
+    def _warm_up(self, eng: "Engine", sizes: list[int]) -> None:
+        """Two training steps per batch size in `sizes`, each as the first step of an epoch.
+
+        The counter is reset before every step: left to advance, four warm-up steps read data
+        order positions up to 3 * batch + tail, past the end of an epoch of fewer than three
+        full batches and a tail (a device-side assert on a GPU, which ends the CUDA context for
+        every later population of the process)."""
+        for b in sizes:
+            for _ in range(2):
+                self.step.zero_()
+                eng._step(self, b)
+
     def _capture(self, eng: "Engine") -> None:
         """Record the training step (one graph per batch size) after a warm-up on a side stream
         that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
@@ -299,19 +472,20 @@ class Chunk:
         if self.opt is None:
             self.opt = new_adamw(self.cand, eng.cfg)
         sizes = sorted(set(self.batch_sizes()), reverse=True)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        side = side_stream(dev)
+        with on_device(dev):
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._warm_up(eng, sizes)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
             for b in sizes:
-                for _ in range(2):
+                g = torch.cuda.CUDAGraph()
+                # captured on the side stream too: torch's default capture stream is one more
+                # pooled stream, which may be some engine's
+                with torch.cuda.graph(g, pool=pool, stream=side):
                     eng._step(self, b)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        for b in sizes:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                eng._step(self, b)
-            self.graphs[b] = g
+                self.graphs[b] = g
 
 
 @dataclass
@@ -361,9 +535,13 @@ class PendingLoop:
 class Engine:
     """Runs meta-loops on a Population with a Dataset already on the population's device."""
 
-    def __init__(self, population: Population, data: Dataset, config: TrainConfig) -> None:
+    def __init__(self, population: Population, data: Dataset, config: TrainConfig, stream: Any = None) -> None:
+        """`stream`: the CUDA stream the engine queues its work on (psa.study lends one per
+        population in flight); None: a stream of its own on a CUDA device."""
         if data.train_x.device != population.lkg.device:
             raise ConfigError(f"data on {data.train_x.device} but population on {population.lkg.device}")
+        if stream is not None and population.device.type != "cuda":
+            raise ConfigError(f"a CUDA stream was given for a population on {population.device}")
         self.pop = population
         self.data = data
         self.cfg = config
@@ -374,7 +552,9 @@ class Engine:
         self.fused = self.triton and self._stack_fits_kernel()
         self.chunk_size = self._chunk_size()
         self.use_graphs = config.graphs and dev.type == "cuda" and self.chunk_size >= population.size
-        self.stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        if stream is None and dev.type == "cuda":
+            stream = new_streams(dev, 1, avoid=(side_stream(dev),))[0]
+        self.stream = stream
         self._whole: Chunk | None = None
         self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pos_hash: dict[int, torch.Tensor] = {}
@@ -395,11 +575,7 @@ class Engine:
         return self.pop.device.type == "cuda" and kernels.available()
 
     def _stack_fits_kernel(self) -> bool:
-        from psa.core import kernels
-
-        hidden = self.pop.arch.hidden
-        widest = kernels.MAX_WIDTH if self.cfg.kernels == "triton" else AUTO_STACK_MAX_WIDTH
-        return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= min(widest, kernels.MAX_WIDTH)
+        return stack_fits_kernel(self.pop.arch, self.cfg.kernels)
 
     def _chunk_size(self) -> int:
         """Members trained at once: all of them if they fit the device's free memory (or the
@@ -413,8 +589,12 @@ class Engine:
             if free is None:
                 return m
             budget = free * FREE_MEMORY_FRACTION - cfg.eval_chunk_bytes
-            per = working_bytes(pop.arch, cfg.batch_size)
+            graphs = cfg.graphs and pop.device.type == "cuda"
+            per = working_bytes(pop.arch, cfg.batch_size, self.fused, self.precision, graphs)
             limit = int(budget // per) if budget > 0 else 0
+            if graphs and limit < m:  # chunks train eagerly: no graph pool to hold
+                per = working_bytes(pop.arch, cfg.batch_size, self.fused, self.precision)
+                limit = int(budget // per) if budget > 0 else 0
             if limit < 1:
                 raise ConfigError(
                     f"one member of {pop.arch.short} needs about {per / 2**30:.2f} GiB to train; "
@@ -451,8 +631,7 @@ class Engine:
         self.use_graphs = False
         self._whole = None
         self._storage = None
-        if self.pop.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached(self.pop.device)
 
     def _fall_back(self, e: Exception) -> bool:
         """After a failure in a fast path that was chosen automatically (the Triton kernels, then
@@ -689,16 +868,20 @@ class Engine:
             return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
 
     # ---------------------------------------------------------------- the meta-loop
-    def _stream_context(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def _stream_context(self):
         if self.stream is None:
-            return contextlib.nullcontext()
-        # inputs (LKG, data) were written on the caller's stream: order our work after it
-        self.stream.wait_stream(torch.cuda.current_stream(self.pop.device))
-        return torch.cuda.stream(self.stream)
+            yield
+            return
+        with on_device(self.pop.device):
+            # inputs (LKG, data) were written on the caller's stream: order our work after it
+            self.stream.wait_stream(torch.cuda.current_stream(self.pop.device))
+            with torch.cuda.stream(self.stream):
+                yield
 
     @contextlib.contextmanager
     def _device_context(self):
-        with self.mm.context(), torch.no_grad():
+        with on_device(self.pop.device), self.mm.context(), torch.no_grad():
             yield
 
     def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
@@ -719,6 +902,8 @@ class Engine:
         m0 = 0
         while m0 < m:
             m1 = min(m, m0 + self.chunk_size)
+            ch = correct = None
+            out_of_memory = retry = False
             try:
                 ch = self._chunk(m0, m1)
                 ablations = [(j - m0, pop.members[j].mode, *ablated[j]) for j in range(m0, m1)
@@ -729,12 +914,19 @@ class Engine:
                 out["bad"][m0:m1] = ch.bad
                 if validate:
                     correct = self.count_correct(ch.cand, self.data.val_x, self.data.val_y, ch.layout)
-            except OOM_ERRORS:
-                self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
-                continue
-            except Exception as e:  # noqa: BLE001 - only an automatic choice is retried
-                if not self._fall_back(e):
+            except Exception as e:  # noqa: BLE001 - only memory and an automatic choice are retried
+                out_of_memory = is_out_of_memory(e)
+                if not out_of_memory and not self._fall_back(e):
                     raise
+                retry = True
+            if retry:
+                # Out of the handler, the exception and its traceback (the failed step's frames
+                # and tensors) are gone; the chunk goes now (candidate, gradient, AdamW moments,
+                # workspace, graphs and their pool). Only then is the cache emptied and a smaller
+                # chunk allocated: under real pressure the retry needs that memory.
+                ch = correct = None
+                if out_of_memory:
+                    self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
                 continue
             if validate:
                 lkg_correct = pop.lkg_correct[m0:m1]

@@ -24,7 +24,12 @@ Triton's interpreter (the tests do).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,7 +43,9 @@ except ImportError:  # the package works without triton; only these kernels need
 MAX_WIDTH: int = 128
 
 # Widths above this use tl.dot (which needs every dimension >= 16); narrower ones use
-# broadcast multiply-adds, where a (rows, W, W) product tile is cheap and exact fp32.
+# broadcast multiply-adds, where a (rows, W, W) product tile is cheap. Those round their
+# operands in tf32 and bf16 exactly as psa.precision does, so that a precision means one
+# arithmetic on every path (the products of rounded operands are exact in fp32).
 _DOT_MIN_WIDTH = 16
 # Rows per program: at most 512 / Wpad (the (rows, W) activation tiles) and 2048 / Wpad**2
 # (the (rows, W, W) product tiles), which keeps both directions near 80 registers a thread at
@@ -141,6 +148,84 @@ def _require_triton() -> None:
                            "to run on the CPU in Triton's interpreter")
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as Triton's compiler sees it: the kernel, its grid, and its arguments
+    with every tensor replaced by its dtype (what `warmup` takes; Triton specialises on the
+    integers' values and the pointers' alignment, which psa's buffers always have)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+
+
+_RECORD: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Within, the kernels record their launches in the yielded list instead of making them:
+    nothing is computed or written. Run a step on the meta device under it to learn what to
+    precompile()."""
+    global _RECORD
+    outer, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = outer
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> bool:
+    """Launch `kernel` on the CUDA device of its tensors (Triton launches on the current device's
+    stream), or record it under recording(); True if it ran."""
+    if _RECORD is not None:
+        _RECORD.append(Launch(kernel, tuple(grid), tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                              tuple(sorted(kwargs.items()))))
+        return False
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        kernel[grid](*args, **kwargs)
+    return True
+
+
+def precompile(launches: Iterable[Launch], device: torch.device | None = None, workers: int | None = None) -> int:
+    """Compile the distinct `launches` for CUDA `device` (the current one by default) before they
+    are made, in `workers` threads where this Triton compiles asynchronously, so that a study
+    does not compile kernel after kernel while the GPU waits. Triton's caches keep the results,
+    its on-disk cache (TRITON_CACHE_DIR, default ~/.triton/cache) for later processes too. A
+    launch that fails to compile is skipped: the real launch fails again, where the engine
+    falls back. Returns the number of distinct launches (compiled or found in the cache).
+    Under Triton's interpreter nothing is compiled."""
+    _require_triton()
+    todo = list(dict.fromkeys(launches))
+    if not todo:
+        return 0
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # an older Triton: one after another
+        AsyncCompileMode = None  # noqa: N806
+    dev = device if device is not None else (torch.device("cuda", torch.cuda.current_device())
+                                             if torch.cuda.is_available() else torch.device("cpu"))
+    workers = workers or min(len(todo), os.cpu_count() or 4)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if AsyncCompileMode is not None and workers > 1:
+            with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+                for lc in todo:
+                    _warm(lc)
+        else:
+            for lc in todo:
+                _warm(lc)
+    return len(todo)
+
+
+def _warm(lc: Launch) -> None:
+    try:
+        lc.kernel.warmup(*lc.args, grid=lc.grid, **dict(lc.kwargs))
+    except Exception:  # noqa: BLE001 - see precompile: the real launch reports it
+        pass
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
@@ -184,10 +269,11 @@ def _check_drop(drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor], members: 
     _check_tensor("drop sc", sc, (members,), torch.float32, device, contiguous=True)
 
 
-def _precision_code(precision: str, width: int) -> int:
+def _precision_code(precision: str) -> int:
     _check(precision in _PRECISIONS, f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
-    # narrow stacks never touch tensor cores, so reduced precision would buy nothing
-    return _PRECISIONS[precision] if width > _DOT_MIN_WIDTH else 0
+    # every width: narrow stacks gain no speed from rounding, but the torch path and the CPU
+    # emulation round, and a precision label must mean the same arithmetic on every path
+    return _PRECISIONS[precision]
 
 
 if triton is not None:
@@ -219,6 +305,26 @@ if triton is not None:
         return a
 
     @triton.jit
+    def _round_tf32(x):
+        # psa.precision.round_tf32: nearest TF32 value, ties to even, on the bit pattern; inf
+        # and NaN kept (zeroed for the add, so that nothing carries out of them)
+        bits = x.to(tl.int32, bitcast=True)
+        special = (bits & 0x7F800000) == 0x7F800000
+        safe = tl.where(special, 0, bits)
+        rounded = (safe + (0xFFF + ((safe >> 13) & 1))) & -0x2000
+        return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_bf16(x):
+        # torch's float32 -> bfloat16 -> float32: nearest, ties to even, on the bit pattern.
+        # Not x.to(tl.bfloat16): Triton's interpreter truncates where a GPU rounds.
+        bits = x.to(tl.int32, bitcast=True)
+        special = (bits & 0x7F800000) == 0x7F800000
+        safe = tl.where(special, 0, bits)
+        rounded = (safe + (0x7FFF + ((safe >> 16) & 1))) & -0x10000
+        return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _matmul(x, y, PREC: tl.constexpr, DOT: tl.constexpr):
         # x (R, K) @ y (K, N)
         if DOT:
@@ -234,6 +340,12 @@ if triton is not None:
             else:
                 return tl.dot(x, y, input_precision="ieee")
         else:
+            if PREC == 2:
+                x = _round_bf16(x)
+                y = _round_bf16(y)
+            elif PREC == 1:
+                x = _round_tf32(x)
+                y = _round_tf32(y)
             return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
 
     @triton.jit
@@ -464,7 +576,8 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     uint32) and scale (float32), as rng.dropout_noise takes them (thr=0, sc=1 for members
     without dropout). Eval: acts is None and only a_{L-1} is written, to `out` (contiguous
     (M, B, W), allocated if None), which is returned; drop must then be None.
-    precision ("fp32", "tf32", "bf16") only matters for width > 16.
+    precision ("fp32", "tf32", "bf16") of the layer products: above width 16 tl.dot's (tensor
+    cores on a GPU), up to 16 operands rounded as psa.precision rounds them.
     """
     _require_triton()
     _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32,
@@ -473,7 +586,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     device = z0.device
     _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, device)
     _check(w == width, f"z0 has width {w}, expected {width}")
-    prec = _precision_code(precision, width)
+    prec = _precision_code(precision)
     if acts is not None:
         _check_tensor("acts", acts, (n_layers, members, rows, width), torch.float32, device, contiguous=True)
         _check(out is None, "pass acts (training) or out (eval), not both")
@@ -495,7 +608,8 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     wp, block_r, num_warps = launch_config(width, rows, precision)
     wide = wp >= _WIDE_MIN_WIDTH
     grid = (members, triton.cdiv(rows, block_r))
-    _stack_fwd_kernel[grid](
+    _launch(
+        _stack_fwd_kernel, grid,
         z0, z0.stride(0), z0.stride(1), z0.stride(2),
         flat, w_off, b_off, layer_stride,
         target, members * rows * width,
@@ -536,7 +650,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
     if dz0 is None:
         dz0 = torch.empty(members, rows, width, dtype=torch.float32, device=device)
     _check_tensor("dz0", dz0, (members, rows, width), torch.float32, device, contiguous=True)
-    prec = _precision_code(precision, width)
+    prec = _precision_code(precision)
     n_mid = n_layers - 1
     if members == 0 or rows == 0:
         if n_mid:
@@ -556,7 +670,8 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
     else:
         part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
         p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
-    _stack_bwd_kernel[(members, n_blocks)](
+    ran = _launch(
+        _stack_bwd_kernel, (members, n_blocks),
         da, da.stride(0), da.stride(1), da.stride(2),
         acts, members * rows * width,
         flat, w_off, layer_stride,
@@ -568,7 +683,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES, GW_COLS=min(_GW_COLS, wp),
         num_warps=num_warps,
     )
-    if not direct:
+    if ran and not direct:
         _write_grad(grad, part, w_off, b_off, layer_stride, members, width)
     return dz0
 
@@ -608,5 +723,5 @@ def dropout_noise(rows: int, units: int, ks: torch.Tensor, thr: torch.Tensor,
     if n == 0 or n_members == 0:
         return out
     block = 1024
-    _dropout_noise_kernel[(triton.cdiv(n, block), n_members)](out, ks, thr, sc, n, BLOCK=block, num_warps=4)
+    _launch(_dropout_noise_kernel, (triton.cdiv(n, block), n_members), out, ks, thr, sc, n, BLOCK=block, num_warps=4)
     return out

@@ -53,11 +53,13 @@ class Calibration:
 DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 
-def bytes_per_member(arch: str, batch_size: int = 256) -> int:
+def bytes_per_member(arch: str, batch_size: int = 256, fused: bool = False, precision: str = "fp32",
+                     graphs: bool = False) -> int:
     """Device memory one member needs: what it trains with (engine.working_bytes: candidate,
-    gradient, AdamW's moments, a step's activations) plus its LKG and as much again as slack."""
+    gradient, AdamW's moments, a step's activations, and with `fused` and `graphs` the Triton
+    backward's partials and the graph's pool) plus its LKG and as much again as slack."""
     a = parse_arch(arch)
-    return working_bytes(a, batch_size) + a.params * 4 * 2
+    return working_bytes(a, batch_size, fused, precision, graphs) + a.params * 4 * 2
 
 
 def device_budget(device: torch.device) -> int:

@@ -31,6 +31,7 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,18 @@ from psa.core.arch import parse_arch
 from psa.core.checkpoint import CheckpointError, load_population, save_population
 from psa.core.data import N_VAL, Dataset
 from psa.study.design import DesignError, StudyDesign
-from psa.core.engine import FREE_MEMORY_FRACTION, Engine, PendingLoop, TrainConfig, free_memory
+from psa.core.engine import (
+    FREE_MEMORY_FRACTION,
+    Engine,
+    PendingLoop,
+    TrainConfig,
+    free_memory,
+    kernel_launches,
+    memory_paths,
+    new_streams,
+    release_cached,
+    side_stream,
+)
 from psa.study.plan import (
     DEFAULT_CALIBRATION,
     PopulationPlan,
@@ -135,14 +147,15 @@ class PopulationRun:
     """
 
     def __init__(self, design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Population | None,
-                 config: TrainConfig | None = None, prior_seconds: float = 0.0, where: str = "") -> None:
+                 config: TrainConfig | None = None, prior_seconds: float = 0.0, where: str = "",
+                 stream: Any = None) -> None:
         device = data.device
         if start is None:
             pop = Population.create(parse_arch(pp.arch), pp.members(design), device, n_val=data.val_y.numel())
         else:
             pop = start
         self.design, self.pp, self.pop = design, pp, pop
-        self.engine = Engine(pop, data, config or design.train_config())
+        self.engine = Engine(pop, data, config or design.train_config(), stream=stream)
         self.prior_seconds = prior_seconds
         self.where = where or str(device)
         self.t0 = time.perf_counter()
@@ -722,6 +735,7 @@ def local_events(study: Study, todo: list[PopulationState], device: torch.device
     """Populations on this process's device, largest work first: one after another, or on a
     GPU several at once (opt.concurrency), so that small populations fill the device together."""
     data = design_data(study.design, study.opt.data_dir, device)
+    precompile_kernels(study, todo, device, data)
     slots = study.opt.concurrency or (8 if device.type == "cuda" else 1)
     if slots > 1:
         yield from concurrent_events(study, todo, device, data, slots)
@@ -730,23 +744,86 @@ def local_events(study: Study, todo: list[PopulationState], device: torch.device
         start = population_to(st.start, device) if st.start is not None else None
         gen = population_events(study.design, st.plan, data, start, st.prior_seconds, describe_device(device),
                                 study.train_config())
+        failed = None
         try:
             for ev in gen:
                 yield ev
         except Exception as e:  # noqa: BLE001 - one population's failure must not stop the study
-            del gen
-            yield _failed(st, e, device)
+            failed = _failed(st, e, device)
+        if failed is not None:
+            _drain(device)
+            del gen  # out of the handler: its traceback no longer holds the engine
+            release_cached(device)
+            yield failed
+
+
+def precompile_kernels(study: Study, todo: list[PopulationState], device: torch.device, data: Dataset) -> int:
+    """Compile the Triton kernels that the populations in `todo` will launch on CUDA `device`, up
+    front and in parallel (kernels.precompile), rather than one population's at its first loop
+    while the GPU waits. Returns the number of kernel variants (0 off CUDA or without Triton);
+    a failure here only warns: the kernels then compile at their first launch."""
+    from psa.core import kernels
+
+    if device.type != "cuda" or not kernels.available():
+        return 0
+    cfg = study.train_config()
+    launches: list[kernels.Launch] = []
+    seen: set[tuple[str, int, tuple[str, ...]]] = set()
+    try:
+        for st in todo:
+            key = (st.plan.arch, st.plan.size, st.plan.modes)  # trials differ only in their seeds
+            if key not in seen:
+                seen.add(key)
+                launches += kernel_launches(parse_arch(st.plan.arch), st.plan.members(study.design), data, cfg, device)
+        return kernels.precompile(launches, device)
+    except Exception as e:  # noqa: BLE001 - an optimisation; the study runs without it
+        warnings.warn(f"psa: precompiling the Triton kernels failed ({type(e).__name__}: {e}); they compile at "
+                      f"their first launch", RuntimeWarning, stacklevel=2)
+        return 0
 
 
 def _failed(st: PopulationState, e: BaseException, device: torch.device) -> PopulationFailed:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return PopulationFailed(st.plan.key, f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def _drain(device: torch.device, stream: Any = None) -> None:
+    """Wait for the work a failed population left queued (on `stream`, else on the whole
+    device): it may still write into memory that is about to be freed and handed to the next
+    population."""
+    if stream is None and device.type != "cuda":
+        return
+    # a broken CUDA context fails this too; the next population will report it
+    with contextlib.suppress(RuntimeError):
+        if stream is not None:
+            stream.synchronize()
+        else:
+            torch.cuda.synchronize(device)
+
+
+class StreamSlots:
+    """The CUDA streams of the populations in flight: made once, one per slot, each lent to one
+    population at a time. Engines that made their own would share PyTorch's pooled streams
+    (populations p and p+16 on one stream, serialising each other). Off CUDA every slot is None."""
+
+    def __init__(self, device: torch.device, slots: int) -> None:
+        if device.type == "cuda":
+            self.free: list[Any] = new_streams(device, slots, avoid=(side_stream(device),))
+        else:
+            self.free = [None] * slots
+        self.slots = len(self.free)
+
+    def take(self) -> Any:
+        """A stream no population in flight has."""
+        return self.free.pop(0)
+
+    def give(self, stream: Any) -> None:
+        """Return a population's stream; the population must have no work left queued on it."""
+        self.free.append(stream)
 
 
 def concurrent_events(study: Study, todo: list[PopulationState], device: torch.device, data: Dataset,
                       slots: int) -> Iterator[Any]:
-    """Up to `slots` populations in flight at once, each engine on its own CUDA stream.
+    """Up to `slots` populations in flight at once, each engine on its slot's CUDA stream.
 
     Every running population has one meta-loop queued on the device; the driver takes the
     first that has finished (else waits for the oldest), hands its events on (the consumer
@@ -756,50 +833,81 @@ def concurrent_events(study: Study, todo: list[PopulationState], device: torch.d
     one-at-a-time run.
     """
     queue = list(todo)
-    active: list[tuple[PopulationState, PopulationRun]] = []
+    active: list[tuple[PopulationState, PopulationRun, Any]] = []
+    streams = StreamSlots(device, slots)
     free = free_memory(device)
     budget = None if free is None else free * FREE_MEMORY_FRACTION
     bs = study.design.batch_size
+    cfg = study.train_config()
+    per_member: dict[str, int] = {}
 
     def need(st: PopulationState) -> int:
-        return st.plan.size * bytes_per_member(st.plan.arch, bs)
+        a = st.plan.arch
+        if a not in per_member:
+            per_member[a] = bytes_per_member(a, bs, **memory_paths(parse_arch(a), device, cfg))
+        return st.plan.size * per_member[a]
 
     while queue or active:
-        while queue and len(active) < slots and (
-                not active or budget is None or sum(need(s) for s, _ in active) + need(queue[0]) <= budget):
+        while queue and streams.free and (
+                not active or budget is None or sum(need(s) for s, _, _ in active) + need(queue[0]) <= budget):
             st = queue.pop(0)
+            stream = streams.take()
+            run = failed = None
             try:
                 start = population_to(st.start, device) if st.start is not None else None
                 run = PopulationRun(study.design, st.plan, data, start, study.train_config(), st.prior_seconds,
-                                    describe_device(device))
+                                    describe_device(device), stream=stream)
                 yield run.started()
                 if run.to_go <= 0:
                     yield run.finish()
+                    run = None
+                    streams.give(stream)
                     continue
                 run.launch()
             except Exception as e:  # noqa: BLE001 - one population's failure must not stop the study
-                yield _failed(st, e, device)
+                failed = _failed(st, e, device)
+            if failed is not None:
+                _drain(device, stream)
+                run = None
+                yield from _give_back_failed(streams, stream, failed, device)
                 continue
-            active.append((st, run))
+            active.append((st, run, stream))
         if not active:
             continue
         # the first population whose loop has finished, else the oldest: a small population's
         # quick loops need not wait behind a big one's
-        i = next((i for i, (_, r) in enumerate(active) if r.pending is not None and r.pending.ready()), 0)
-        st, run = active.pop(i)
+        i = next((i for i, (_, r, _) in enumerate(active) if r.pending is not None and r.pending.ready()), 0)
+        st, run, stream = active.pop(i)
+        failed = None
         try:
             events = run.collect()
         except Exception as e:  # noqa: BLE001
-            yield _failed(st, e, device)
-            continue
-        yield from events  # the consumer checkpoints before we queue the next loop
-        if run.to_go > 0:
+            failed = _failed(st, e, device)
+        if failed is None:
+            yield from events  # the consumer checkpoints before we queue the next loop
+            if run.to_go <= 0:
+                run = None  # done: its memory goes before the next population is admitted
+                streams.give(stream)
+                continue
             try:
                 run.launch()
             except Exception as e:  # noqa: BLE001
-                yield _failed(st, e, device)
-                continue
-            active.append((st, run))
+                failed = _failed(st, e, device)
+        if failed is not None:
+            _drain(device, stream)
+            run = None
+            yield from _give_back_failed(streams, stream, failed, device)
+            continue
+        active.append((st, run, stream))
+
+
+def _give_back_failed(streams: StreamSlots, stream: Any, failed: PopulationFailed,
+                      device: torch.device) -> Iterator[PopulationFailed]:
+    """A failed population's end, once the caller has drained its stream and dropped it: the
+    stream back to the slots, the memory back to the device, then the event."""
+    streams.give(stream)
+    release_cached(device)
+    yield failed
 
 
 # ---------------------------------------------------------------------------------------------
