@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .arch import ArchError, parse_arch, study_architectures, study_matching
+from . import store
 from .store import StoreError, connect
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
@@ -275,13 +276,12 @@ def load_db(path: str | Path, study: str | None = None) -> StudyData:
 
 
 def _load_db(con: sqlite3.Connection, path: Path, study: str | None) -> StudyData:
-    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     empty_design = Design((), (), 0, None)
-    if not {"studies", "trials", "meta_loops"} <= tables:
+    if not {"studies", "trials", "meta_loops"} <= store.table_names(con):
         data = StudyData(f"database {path}", [], {}, empty_design)
         data.notes.append(f"{path} holds no psa results tables: an empty database, nothing to report")
         return data
-    studies = con.execute("SELECT id, name, design FROM studies ORDER BY id").fetchall()
+    studies = store.list_studies(con)
     if not studies:
         data = StudyData(f"database {path}", [], {}, empty_design)
         data.notes.append(f"{path} holds no study yet: nothing to report")
@@ -300,9 +300,7 @@ def _load_db(con: sqlite3.Connection, path: Path, study: str | None) -> StudyDat
             notes.append(f"the database holds {len(studies)} studies ({names}); this report reads the latest, "
                          f"{row['name']!r} (choose another with --study)")
     sid = row["id"]
-    trows = con.execute(
-        "SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset "
-        "FROM trials WHERE study_id=? ORDER BY arch, mode, trial", (sid,)).fetchall()
+    trows = store.load_trials(con, sid)
     trials, incomplete, done_ids = [], [], {}
     datasets = set()
     for r in trows:
@@ -348,10 +346,7 @@ def _short(arch: str) -> str:
 
 
 def _db_curves(con: sqlite3.Connection, sid: int, done: Mapping[int, tuple[str, str, int]]) -> dict:
-    rows = con.execute(
-        "SELECT m.trial_id, m.loop, m.candidate_acc, m.lkg_score, m.promoted FROM meta_loops m "
-        "JOIN trials t ON t.id = m.trial_id WHERE t.study_id=? AND t.status='done' "
-        "ORDER BY m.trial_id, m.loop", (sid,))
+    rows = store.load_meta_loops(con, sid)
     acc: dict[int, list[tuple[int, float, float, int]]] = defaultdict(list)
     for tid, loop, cand, lkg, prom in rows:
         acc[tid].append((loop, np.nan if cand is None else cand, lkg, prom))
