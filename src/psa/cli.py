@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .analysis import ReportError
 from .population import MODES, ConfigError
-from .report import register as register_report
+from .cli_report import register as register_report
 from .store import StoreError
 from .study import StudyError
 from .study_cli import register as register_study
