@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from psa.core import data as psa_data  # noqa: E402
-from psa.analysis import holm, sign_flip_test  # noqa: E402
+from psa.analysis.stats import holm, sign_flip_test  # noqa: E402
 from psa.core.arch import parse_arch  # noqa: E402
 from psa.core.engine import Engine, TrainConfig  # noqa: E402
 from psa.study.plan import describe_device  # noqa: E402

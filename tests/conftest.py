@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from psa.core import data as psa_data
+from psa.analysis.results import load_published
+from psa.analysis.stats import summaries
+
+from .report_helpers import make_db
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +80,18 @@ def published_compare(tmp_path_factory):
         rc = main(["compare", "--published", "--reference", "seed", "--out", str(out)])
     assert rc == 0
     return out, buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def published_data():
+    """The authors' published data and its cell summaries: (StudyData, {(arch, mode): CellSummary})."""
+    data = load_published()
+    return data, summaries(data.trials)
+
+
+@pytest.fixture(scope="session")
+def full_db(tmp_path_factory):
+    """A complete study of five architectures holding their published peaks: (path, what was written)."""
+    path = tmp_path_factory.mktemp("db") / "psa.sqlite"
+    written = make_db(path, ["1*2048", "1*32", "4*4", "18*18", "21*21"], loops=20)
+    return path, written

@@ -7,18 +7,44 @@ peak at a known loop, so the tests need neither the study runner nor any trainin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from psa.study import store
+from psa.analysis.results import Trial
+from psa.cli import main
+from psa.core.population import MODES
 
-MODES = ("none", "decay", "dropout", "full", "hidden", "output")
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """`psa ARGV` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fig_data(out: Path, name: str) -> dict:
+    """What a report's figure drew (figures/NAME.json)."""
+    return json.loads((out / "figures" / f"{name}.json").read_text())
+
+
+def trials_of(arch: str, values_by_mode: Mapping[str, Sequence[float]]) -> list[Trial]:
+    """Finished trials of one architecture, trial k taking the k-th value of each mode."""
+    return [Trial(arch, m, k + 1, v) for m, vs in values_by_mode.items() for k, v in enumerate(vs)]
 
 
 def published_peaks() -> dict[tuple[str, str], list[float]]:

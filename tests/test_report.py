@@ -1,8 +1,7 @@
-"""`psa report` and `psa compare` end to end: tables, figure data, partial and bad input."""
+"""`psa report` end to end: tables, figure data, partial and bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -10,37 +9,21 @@ import re
 import statistics
 from collections import Counter, defaultdict
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .report_helpers import MODES, make_db, published_peaks
 from psa.study import store
 from psa.core.arch import parse_arch, study_architectures
-from psa.cli import main
+from psa.core.population import MODES
+
+from .report_helpers import fig_data, make_db, published_peaks, read_csv, run
 
 TABLES = ("table_iv", "table_v", "regimes", "summary", "ablation_effects", "paired_tests", "lkg_growth",
           "convergence", "trials")
 FIGURES = ("design_space", "regime_map", "winning_strategy", "instability", "baseline_performance",
            "ablation_effects", "ablation_significance", "parameter_matching", "convergence", "late_breakthroughs")
 UNCLASSIFIED = ["1*512", "1*256", "2*214", "4*185", "4*119", "26*26", "4*4", "4*1"]
-
-
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def fig_data(out: Path, name: str) -> dict:
-    return json.loads((out / "figures" / f"{name}.json").read_text())
 
 
 # ---- the published data --------------------------------------------------------------------
@@ -228,16 +211,6 @@ def test_figure_data_of_the_published_report(published_report):
 
 # ---- a study database -----------------------------------------------------------------
 
-DB_ARCHS = ["1*2048", "1*32", "4*4", "18*18", "21*21"]
-
-
-@pytest.fixture(scope="module")
-def full_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("db") / "psa.sqlite"
-    written = make_db(path, DB_ARCHS, loops=20)
-    return path, written
-
-
 def test_report_on_a_complete_database(full_db, tmp_path):
     path, written = full_db
     out = tmp_path / "report"
@@ -276,38 +249,6 @@ def test_report_on_a_complete_database(full_db, tmp_path):
     assert late["meta_loops"] == 20
     html = (out / "index.html").read_text()
     assert html.count('src="data:image/png;base64,') == len(FIGURES)
-
-
-def test_compare_database_against_published(full_db, tmp_path):
-    path, _ = full_db
-    out = tmp_path / "cmp"
-    rc, stdout, err = run(["compare", "--db", str(path), "--reference", "published", "--out", str(out),
-                           "--zero-r", "11.02"])
-    assert rc == 0, err
-    # the database holds exactly the published peaks of its five architectures
-    assert "cells compared: 30 (reference has 588; 558 of them missing in ours" in stdout
-    assert "consistent at alpha = 0.01: 30/30 (100.0%)" in stdout
-    assert "regimes agreeing (published rules): 5/5" in stdout
-    cells = read_csv(out / "tables" / "compare_cells.csv")
-    assert all(float(c["p"]) == 1.0 for c in cells)
-    assert {c["test"] for c in cells} == {"Welch t", "Fisher (escapes)"}
-    d = fig_data(out, "convergence_overlay")
-    assert d["cells"]["18*18/output"]["reference_peak"] == pytest.approx(max(published_peaks()[("18*18", "output")]))
-    assert (out / "verdict.txt").read_text().startswith("psa compare:")
-
-
-def test_compare_published_against_seed_and_itself(published_compare, tmp_path):
-    out, stdout = published_compare
-    assert "cells compared: 402" in stdout and "consistent at alpha = 0.01: 400/402" in stdout
-    worst = stdout.split("worst cells (smallest p):")[1].splitlines()
-    assert worst[2].split()[:2] == ["1*512", "none"]
-    s = json.loads((out / "manifest.json").read_text())
-    assert (s["cells"], s["consistent"]) == (402, 400)
-    rc, stdout, err = run(["compare", "--published", "--reference", "published", "--out", str(tmp_path / "b"),
-                           "--convergence", "1*2048"])
-    assert rc == 0, err
-    assert "consistent at alpha = 0.01: 588/588" in stdout and "regimes agreeing (published rules): 98/98" in stdout
-    assert len(stdout.splitlines()) < 25  # one screen
 
 
 # ---- partial, running, empty and bad input ----------------------------------------------
@@ -433,13 +374,3 @@ def test_rules_paper_draws_the_printed_equations(full_db, tmp_path):
     header = (out / "tables" / "regimes.csv").read_text().splitlines()[0]
     assert header.startswith("arch,depth,width,params,regime_paper,rule_paper,regime_published")
 
-
-def test_convergence_targets_default_and_explicit():
-    from psa.report import convergence_targets
-
-    curves = {("1*32", "none"): [], ("4*8", "none"): [], ("2*16", "hidden"): [], ("18*18", "full"): []}
-    assert convergence_targets(None, curves, ["1*32", "2*16", "4*8", "18*18"]) == (["18*18"], [])
-    assert convergence_targets(None, curves, ["1*32", "2*16", "4*8"]) == (["1*32", "4*8"], [])
-    assert convergence_targets(None, {("1*32", "none"): []}, ["1*32"]) == (["1*32"], [])
-    assert convergence_targets(None, {}, ["1*32"]) == ([], [])
-    assert convergence_targets(("4*8", "1*2048"), curves, ["1*32", "4*8"]) == (["4*8"], ["1*2048"])

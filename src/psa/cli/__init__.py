@@ -13,7 +13,7 @@ from psa.core.arch import ArchError
 from psa.core.checkpoint import CheckpointError
 from psa.core.data import DataError
 from psa.core.population import ConfigError
-from psa.report import register as register_report
+from psa.cli.report import register as register_report
 from psa.study.store import StoreError
 from psa.study.study import StudyError
 

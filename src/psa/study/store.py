@@ -374,6 +374,31 @@ def latest_run(con: sqlite3.Connection, study_id: int) -> sqlite3.Row | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading: a study for the report
+
+
+def table_names(con: sqlite3.Connection) -> set[str]:
+    """Names of the tables a database holds (an empty file holds none)."""
+    return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
+    """Every trial of a study, whatever its status, ordered by cell and trial index."""
+    return con.execute(
+        "SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset "
+        "FROM trials WHERE study_id=? ORDER BY arch, mode, trial", (study_id,)).fetchall()
+
+
+def load_meta_loops(con: sqlite3.Connection, study_id: int) -> Iterator[sqlite3.Row]:
+    """(trial_id, loop, candidate_acc, lkg_score, promoted) of a study's finished trials, by trial and loop."""
+    # a cursor, not a list: a whole study holds millions of meta-loops
+    return con.execute(
+        "SELECT m.trial_id, m.loop, m.candidate_acc, m.lkg_score, m.promoted FROM meta_loops m "
+        "JOIN trials t ON t.id = m.trial_id WHERE t.study_id=? AND t.status='done' "
+        "ORDER BY m.trial_id, m.loop", (study_id,))
+
+
+# ---------------------------------------------------------------------------------------------
 # Export: trials and meta-loops as CSV and Parquet
 
 TRIAL_EXPORT = (

@@ -22,21 +22,11 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from psa.core.checkpoint import atomic_path  # noqa: E402
-from psa.analysis import (  # noqa: E402
-    ABLATION_EFFECTS,
-    ABLATIVE_MODES,
-    BASELINE_MODES,
-    MODES,
-    REGIME_NAMES,
-    CellComparison,
-    CellSummary,
-    Curve,
-    Regime,
-    Trial,
-    arch_params,
-    arch_shape,
-    matching_label,
-)
+from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
+from psa.analysis.reference import CellComparison  # noqa: E402
+from psa.analysis.regimes import REGIME_NAMES, REGIMES, Regime  # noqa: E402
+from psa.analysis.results import Curve, Trial, arch_params, arch_shape, matching_label  # noqa: E402
+from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
 
 MODE_COLORS = {
     "none": "#4d4d4d",
@@ -66,6 +56,7 @@ EFFECT_COLORS = {
 }
 FORMATS = ("png", "pdf")
 DPI = 150
+DEFAULT_CONVERGENCE = ("1*2048", "18*18")  # the authors' `make-convergence-plots` targets
 
 
 @dataclass
@@ -248,7 +239,7 @@ def _categorical_map(archs: Sequence[str], category: Mapping[str, str], colors: 
 
 def regime_map(archs: Sequence[str], regimes: Mapping[str, Regime], out_dir: Path, rules: str) -> Figure:
     """Fig. 5: the regime of every architecture on the design space."""
-    labels = {k: f"{k}: {v}" if k in ("I", "II", "III", "IV") else v for k, v in REGIME_NAMES.items()}
+    labels = {k: f"{k}: {v}" if k in REGIMES else v for k, v in REGIME_NAMES.items()}
     cat = {a: r.regime for a, r in regimes.items()}
     rule_text = "published rules" if rules == "published" else "equations 6-8 as printed"
     files, data = _categorical_map(archs, cat, REGIME_COLORS, labels, f"Training regimes ({rule_text})", out_dir,
@@ -377,6 +368,24 @@ def parameter_matching(archs: Sequence[str], out_dir: Path) -> Figure:
     return Figure("parameter_matching", "Parameter matching",
                   "Parameter count of each architecture (colour, log scale); circles matched, triangles asymmetric.",
                   files, data)
+
+
+def convergence_targets(requested: Sequence[str] | None, curves: Mapping[tuple[str, str], object],
+                        archs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(drawn, missing) architectures of a convergence plot.
+
+    Asked for explicitly: those with per-loop records, and the rest as missing. By default: the
+    authors' targets where the study has them, else the first and last of the study's own
+    architectures with records, so that a study of other nets still gets its plot.
+    """
+    recorded = [a for a in archs if any(k[0] == a for k in curves)]
+    if requested is not None:
+        drawn = [a for a in requested if any(k[0] == a for k in curves)]
+        return drawn, [a for a in requested if a not in drawn]
+    drawn = [a for a in DEFAULT_CONVERGENCE if a in recorded]
+    if not drawn and recorded:
+        drawn = list(dict.fromkeys([recorded[0], recorded[-1]]))
+    return drawn, []
 
 
 def convergence(archs: Sequence[str], curves: Mapping[tuple[str, str, int], Curve], trials: Sequence[Trial],

@@ -1,0 +1,276 @@
+"""`psa report`: a study's tables (Markdown, CSV, LaTeX), figures and one offline HTML page."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from psa.core.population import MODES
+from psa.analysis import figures as fg
+from psa.analysis.figures import Figure
+from psa.analysis.findings import Analysis, analyse
+from psa.analysis.outdir import MANIFEST, OutputDir, write_figure_data, write_records, write_table
+from psa.analysis.page import bullets, figure, page, paragraph
+from psa.analysis.regimes import RULE_SETS, regime_counts
+from psa.analysis.results import ReportError, StudyData, load_data, missing_report, order_archs, short_list
+from psa.analysis.stats import best_trial_winners, holm, resolve_zero_r
+from psa.analysis.tables import (
+    Table,
+    table_effects,
+    table_iv,
+    table_lkg,
+    table_missing,
+    table_regimes,
+    table_summary,
+    table_tests,
+    table_trials,
+    table_v,
+)
+
+RULE_LABELS = {"published": "published rules", "paper": "equations 6-8 as printed"}
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What `psa report` reads and how it classifies and tests."""
+
+    db: str | None = "results/psa.sqlite"
+    reference: str | None = None  # "published": the authors' data instead of a database
+    study: str | None = None
+    out: str = "report"
+    rules: str = "published"
+    zero_r: float | None = None  # computed from the data set when None
+    alpha: float = 0.05
+    n_boot: int = 10_000
+    seed: int = 0
+    convergence: tuple[str, ...] | None = None  # None: see figures.convergence_targets
+    escape_margin: float = 0.5
+    tie_tolerance: float = 0.0
+
+
+@dataclass
+class ReportResult:
+    """What a report wrote and found (also written to manifest.json)."""
+
+    out: Path
+    summary: dict
+    lines: list[str]
+    figures: list[Figure] = field(default_factory=list)
+
+
+def build_report(cfg: ReportConfig) -> ReportResult:
+    """Load, analyse and write the whole report into cfg.out (atomically)."""
+    data = load_data(cfg.db, cfg.reference, cfg.study)
+    if cfg.rules not in RULE_SETS:
+        raise ReportError(f"unknown rule set {cfg.rules!r}")
+    out = OutputDir(cfg.out)
+    try:
+        result = _write_report(cfg, data, out)
+        tmp = out.tmp
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    result.out = out.target
+    for f in result.figures:  # the files moved with the directory
+        f.files = [out.target / p.relative_to(tmp) for p in f.files]
+    return result
+
+
+def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportResult:
+    if not data.trials:
+        return _write_empty_report(cfg, data, out)
+    zero_r, zsrc = resolve_zero_r(data, cfg.zero_r)
+    A = analyse(data, zero_r, zsrc, cfg.alpha, cfg.n_boot, cfg.seed, cfg.escape_margin)
+    design_archs = order_archs(set(data.design.archs) | set(A.archs), data.design.archs)
+    tables = _write_tables(cfg, A, design_archs, out)
+    conv_targets, conv_missing = fg.convergence_targets(cfg.convergence, data.curves, A.archs)
+    figs = _write_figures(cfg, A, design_archs, conv_targets, out)
+    notes = list(data.notes)
+    if conv_missing:
+        notes.append(f"no per-loop records for {', '.join(conv_missing)}: left out of the convergence plot")
+    if not data.curves:
+        notes.append("no per-loop records at all: convergence, LKG growth and late breakthroughs are empty")
+    overview = _overview(A)
+    out.write("index.html", _report_page(cfg, A, overview, notes, tables, figs))
+    summary = _manifest(cfg, A, notes, tables, figs)
+    out.write(MANIFEST, json.dumps(summary, indent=1, default=str))
+    lines = [f"psa report: {data.source}"]
+    lines += [f"  {s}" for s in overview[1:]]
+    lines += [f"  missing: {m}" for m in A.missing] + [f"  note: {n}" for n in notes]
+    lines.append(f"wrote {Path(cfg.out) / 'index.html'}, {len(tables)} tables (md, csv, tex) "
+                 f"and {len(figs)} figures (png, pdf)")
+    return ReportResult(out.target, summary, lines, figs)
+
+
+def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportResult:
+    """A study without a finished trial: what is missing, and the design when there is one."""
+    msg = data.notes + missing_report(data)
+    sections = [("Nothing to report", bullets(msg, "warn") or paragraph("no finished trial"))]
+    if data.design.archs:
+        fig = fg.design_space(list(data.design.archs), out.tmp / "figures")
+        out.files += fig.files
+        sections.append(("Design", figure(fig)))
+        write_table(out, table_iv(list(data.design.archs)))
+    out.write("index.html", page("PSA report", sections, paragraph(data.source)))
+    summary = {"psa_report": 1, "source": data.source, "trials": 0, "notes": msg}
+    out.write(MANIFEST, json.dumps(summary, indent=1))
+    lines = [f"psa report: {data.source}"] + [f"  {m}" for m in msg]
+    lines.append(f"wrote {Path(cfg.out) / 'index.html'} (no finished trial: nothing else to draw)")
+    return ReportResult(out.target, summary, lines)
+
+
+def _write_tables(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], out: OutputDir) -> list[Table]:
+    """Every table in its three forms, and the per-loop long CSVs beside them."""
+    tables = [table_iv(design_archs), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules), table_summary(A),
+              table_effects(A), table_tests(A, cfg.alpha)]
+    growth, conv, growth_long, conv_long = table_lkg(A)
+    tables += [growth, conv, table_trials(A)]
+    if A.missing or A.data.incomplete:
+        tables.append(table_missing(A))
+    for t in tables:
+        write_table(out, t)
+    write_records(out, "tables/lkg_growth_per_loop.csv", growth_long, ["arch", "mode", "trial", "loop", "lkg_score"])
+    write_records(out, "tables/convergence_per_loop.csv", conv_long,
+                  ["arch", "mode", "loop", "n", "candidate_mean", "candidate_min", "candidate_max", "lkg_mean"])
+    if A.data.incomplete:
+        write_records(out, "tables/incomplete_trials.csv", A.data.incomplete,
+                      ["arch", "mode", "trial", "status", "loops_done"])
+    return tables
+
+
+def _write_figures(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], conv_targets: Sequence[str],
+                   out: OutputDir) -> list[Figure]:
+    """Every figure (PNG, PDF) with the data it drew (JSON)."""
+    data, archs, figdir = A.data, A.archs, out.tmp / "figures"
+    best = {a: best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
+    figs = [
+        fg.design_space(design_archs, figdir),
+        fg.regime_map(archs, A.regimes[cfg.rules], figdir, cfg.rules),
+        fg.winning_strategy(archs, best, figdir),
+        fg.instability(archs, A.summ, figdir),
+        fg.baseline_performance(archs, A.summ, A.zero_r, figdir),
+        fg.ablation_effects_map(archs, A.summ, figdir),
+        fg.ablation_significance(archs, A.effects, cfg.alpha, figdir),
+        fg.parameter_matching(design_archs, figdir),
+    ]
+    if conv_targets:
+        figs.append(fg.convergence(conv_targets, data.curves, data.trials, A.zero_r, figdir))
+    figs.append(fg.late_breakthroughs(data.trials, A.zero_r, cfg.escape_margin, figdir, data.design.meta_loops))
+    for f in figs:
+        out.files += f.files
+        write_figure_data(out, f.name, f.data)
+    return figs
+
+
+def _unclassified(A: Analysis) -> list[str]:
+    """Architectures the printed equations leave unclassified."""
+    return [a for a in A.archs if A.regimes["paper"][a].regime == "unclassified"]
+
+
+def _overview(A: Analysis) -> list[str]:
+    """The page's overview lines: source, size, ZeroR, regime counts under both rule sets."""
+    counts = {r: regime_counts(A.regimes[r]) for r in RULE_SETS}
+    uncl = _unclassified(A)
+
+    def fmt(c: Mapping[str, int]) -> str:
+        return ", ".join(f"{n} {k}" for k, n in c.items())
+    return [
+        f"Source: {A.data.source}.",
+        f"{len(A.data.trials):,} finished trials over {len(A.archs)} architectures and "
+        f"{len({t.mode for t in A.data.trials})} modes.",
+        f"Validation ZeroR: {A.zero_r:.2f}% ({A.zero_r_source}).",
+        f"Regimes ({RULE_LABELS['published']}): {fmt(counts['published'])}.",
+        f"Regimes ({RULE_LABELS['paper']}): {fmt(counts['paper'])}"
+        + (f"; unclassified: {', '.join(uncl)}." if uncl else "."),
+    ]
+
+
+def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
+    """Where 10 trials cannot decide, in plain words."""
+    n_trials = A.data.design.trials or "the"
+    und = [a for a, e in A.effects.items() if e["effect"] == "undecidable"]
+    col = [a for a, e in A.effects.items() if e["effect"] == "collapsed"]
+    verdicts = Counter(c.verdict for c in A.comparisons)
+    lines = []
+    if col:
+        lines.append(f"{len(col)} architectures never learn in any mode (no trial beats ZeroR by the escape margin): "
+                     "their tests compare constant predictors and the ablation-effect map draws them black. "
+                     f"{sum(A.effects[a]['better'] + A.effects[a]['worse'] > 0 for a in col)} of them still show "
+                     "'significant' differences, e.g. output ablation holding the majority class at ZeroR.")
+    if und:
+        lines.append(f"{len(und)} architectures: {n_trials} trials cannot decide any of their ablative-vs-baseline "
+                     "comparisons (fewer than 6 pairs differ at all, mostly cells stuck at ZeroR): "
+                     f"{short_list(und, 20)}.")
+    if verdicts["cannot decide"]:
+        lines.append(f"{verdicts['cannot decide']} of {len(A.comparisons)} comparisons cannot be decided with these "
+                     "trials, whatever their outcome.")
+    if verdicts["no detectable difference"]:
+        lines.append(f"{verdicts['no detectable difference']} comparisons show no detectable difference: the data are "
+                     "compatible with no effect, which is not evidence of none; the bootstrap intervals in the "
+                     "paired-tests table show how large an effect could hide.")
+    study_wide = holm([c.p for c in A.comparisons])
+    n_sig = int(np.sum(study_wide < alpha)) if len(study_wide) else 0
+    line = (f"Holm over all {len(A.comparisons)} comparisons of the study at once would keep {n_sig} of them "
+            "(the report's family is the 9 comparisons of one architecture)")
+    n_max = max((c.n for c in A.comparisons), default=0)
+    if n_max and len(A.comparisons) * 2.0 / 2 ** n_max >= alpha:
+        line += (f": with {n_max} pairs the smallest possible p is 2/2^{n_max} = {2 / 2 ** n_max:.4f}, too large to "
+                 f"survive a family of {len(A.comparisons)} at alpha = {alpha:g}, whatever the data")
+    lines.append(line + ".")
+    return lines
+
+
+def _report_page(cfg: ReportConfig, A: Analysis, overview: Sequence[str], notes: Sequence[str],
+                 tables: Sequence[Table], figs: Sequence[Figure]) -> str:
+    """index.html: overview and warnings, then one section per question the report answers."""
+    warn = A.missing + list(notes)
+    fig = {f.name: f for f in figs}
+    tbl = {t.name: t for t in tables}
+    dyn = (figure(fig["convergence"]) if "convergence" in fig
+           else paragraph("No per-loop records for the chosen architectures."))
+    sections = [
+        ("Overview", bullets(overview) + (f'<div class="warn">{bullets(warn)}</div>' if warn else "")),
+        ("Regimes", figure(fig["regime_map"]) + tbl["regimes"].html()),
+        ("Design space", figure(fig["design_space"]) + figure(fig["parameter_matching"]) + tbl["table_iv"].html()),
+        ("Table V", tbl["table_v"].html()),
+        ("Performance maps", "".join(figure(fig[n]) for n in
+                                     ("winning_strategy", "instability", "baseline_performance", "ablation_effects"))),
+        ("Statistics the paper lacks", bullets(undecided_statement(A, cfg.alpha)) + figure(fig["ablation_significance"])
+         + tbl["ablation_effects"].html() + tbl["paired_tests"].html()),
+        ("Convergence and late breakthroughs", dyn + figure(fig["late_breakthroughs"])
+         + tbl["lkg_growth"].html() + tbl["convergence"].html()),
+        ("All tables", tbl["summary"].html() + tbl["trials"].html()
+         + (tbl["missing"].html() if "missing" in tbl else "")),
+    ]
+    return page("PSA report", sections, paragraph(A.data.source))
+
+
+def _manifest(cfg: ReportConfig, A: Analysis, notes: Sequence[str], tables: Sequence[Table],
+              figs: Sequence[Figure]) -> dict:
+    """manifest.json: what the report found and wrote, and the configuration that made it."""
+    return {
+        "psa_report": 1,
+        "source": A.data.source,
+        "trials": len(A.data.trials),
+        "architectures": len(A.archs),
+        "zero_r": A.zero_r,
+        "zero_r_source": A.zero_r_source,
+        "rules": cfg.rules,
+        "regime_counts": {r: regime_counts(A.regimes[r]) for r in RULE_SETS},
+        "regimes": {a: {"published": asdict(A.regimes["published"][a]), "paper": asdict(A.regimes["paper"][a])}
+                    for a in A.archs},
+        "unclassified_by_paper_rules": _unclassified(A),
+        "verdicts": dict(Counter(c.verdict for c in A.comparisons)),
+        "ablation_effects": dict(Counter(e["effect"] for e in A.effects.values())),
+        "missing": A.missing,
+        "notes": list(notes),
+        "tables": [t.name for t in tables],
+        "figures": {f.name: [p.name for p in f.files] for f in figs},
+        "config": {k: v for k, v in asdict(cfg).items()},
+    }

@@ -1,0 +1,389 @@
+"""The report's tables: one `Table` renders as Markdown, CSV, LaTeX and HTML; the builders fill them."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from psa.core.population import MODES
+from psa.analysis.findings import Analysis
+from psa.analysis.regimes import regime_counts
+from psa.analysis.results import Curve, arch_params, arch_shape, matching_label
+from psa.analysis.stats import winners
+
+
+@dataclass
+class Table:
+    """A table in display form (rounded strings) plus, for the CSV, the unrounded records."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    raw: list[dict] | None = None  # CSV records at full precision; `rows` when None
+    html_collapsed: bool = False  # long tables fold away on the page
+
+    def markdown(self) -> str:
+        """GitHub-flavoured Markdown."""
+        def esc(s: str) -> str:
+            s = str(s).replace("|", "\\|")
+            # one '*' (1*2048) cannot start emphasis; escape only where two could pair up
+            return s.replace("*", "\\*") if s.count("*") > 1 else s
+
+        out = [f"## {self.title}", ""]
+        out.append("| " + " | ".join(esc(c) for c in self.columns) + " |")
+        out.append("|" + "|".join("---" if i == 0 else "---:" if _numeric_col(self.rows, i) else "---"
+                                  for i in range(len(self.columns))) + "|")
+        for r in self.rows:
+            out.append("| " + " | ".join(esc(c) for c in r) + " |")
+        if not self.rows:
+            out.append("| " + " | ".join(["(no data)"] + [""] * (len(self.columns) - 1)) + " |")
+        if self.notes:
+            out.append("")
+            out += [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        """CSV: the full-precision records when there are some, else the displayed rows."""
+        buf = io.StringIO()
+        if self.raw is not None:
+            keys = list(self.raw[0]) if self.raw else self.columns
+            w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
+            w.writeheader()
+            for r in self.raw:
+                w.writerow({k: csv_value(v) for k, v in r.items()})
+        else:
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(self.columns)
+            w.writerows(self.rows)
+        return buf.getvalue()
+
+    def latex(self) -> str:
+        """A booktabs table (longtable past 40 rows): \\usepackage{booktabs,longtable}."""
+        align = "".join("l" if i == 0 or not _numeric_col(self.rows, i) else "r" for i in range(len(self.columns)))
+        head = " & ".join(_tex(c) for c in self.columns) + r" \\"
+        body = [" & ".join(_tex(c) for c in r) + r" \\" for r in self.rows] or [
+            r"\multicolumn{%d}{l}{(no data)} \\" % len(self.columns)]
+        label = f"tab:psa-{self.name.replace('_', '-')}"
+        notes = "".join(f"% {n}\n" for n in self.notes)
+        if len(self.rows) > 40:
+            return (f"% {self.title}\n{notes}\\begin{{longtable}}{{{align}}}\n"
+                    f"\\caption{{{_tex(self.title)}}}\\label{{{label}}}\\\\\n\\toprule\n{head}\n\\midrule\n\\endfirsthead\n"
+                    f"\\toprule\n{head}\n\\midrule\n\\endhead\n\\bottomrule\n\\endfoot\n"
+                    + "\n".join(body) + "\n\\end{longtable}\n")
+        return (f"% {self.title}\n{notes}\\begin{{table}}[htbp]\n\\centering\n\\caption{{{_tex(self.title)}}}\\label{{{label}}}\n"
+                f"\\begin{{tabular}}{{{align}}}\n\\toprule\n{head}\n\\midrule\n" + "\n".join(body)
+                + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+
+    def html(self) -> str:
+        """An HTML table with its notes, folded away when long."""
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in self.rows)
+        if not self.rows:
+            rows = f'<tr><td colspan="{len(self.columns)}">(no data)</td></tr>'
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        table = f'<table id="table-{self.name}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+        if notes:
+            table += f'<ul class="notes">{notes}</ul>'
+        files = f'<p class="files">files: tables/{self.name}.md, .csv, .tex</p>'
+        if self.html_collapsed:
+            return (f'<details><summary>{html.escape(self.title)} ({len(self.rows)} rows)</summary>'
+                    f"{table}{files}</details>")
+        return f"<h3>{html.escape(self.title)}</h3>{table}{files}"
+
+
+def _numeric_col(rows: Sequence[Sequence[str]], i: int) -> bool:
+    vals = [str(r[i]) for r in rows if i < len(r) and str(r[i]) not in ("", "-", "n/a")]
+    if not vals:
+        return False
+    def num(s: str) -> bool:
+        try:
+            float(s.replace(",", "").replace("%", "").split(" ")[0].lstrip("+"))
+            return True
+        except ValueError:
+            return False
+    return all(num(v) for v in vals)
+
+
+def _tex(s: object) -> str:
+    s = str(s)
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
+        s = s.replace(a, b)
+    return (s.replace("±", r"$\pm$").replace("≤", r"$\le$").replace("≥", r"$\ge$").replace("−", "-")
+            .replace("<", r"\textless{}").replace(">", r"\textgreater{}"))
+
+
+def csv_value(v: object) -> object:
+    """A CSV cell: NaN as an empty cell, anything else as it is."""
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    return v
+
+
+def f2(x: float | None) -> str:
+    """Two decimals, or '-' for a missing value."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def fp(p: float) -> str:
+    """A p-value, three significant digits."""
+    if p is None or math.isnan(p):
+        return "-"
+    return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+
+# --------------------------------------------------------------------------------------------
+# The report's tables
+
+
+def table_iv(archs: Sequence[str]) -> Table:
+    """Table IV: parameters (equation 1) and Matched/Asymmetric of every architecture."""
+    rows, raw = [], []
+    for a in archs:
+        p = arch_params(a)
+        m = matching_label(a)
+        rows.append([a, f"{p:,}" if p is not None else "?", m])
+        raw.append({"arch": a, "params": p, "matching": m})
+    return Table("table_iv", "Table IV: parameters of the network architectures", ["Architecture", "Parameters",
+                 "Parameter matching"], rows, raw=raw)
+
+
+def table_v(A: Analysis, tie_tolerance: float = 0.0) -> Table:
+    """Table V: mean +- std (ddof=0) of the peak validation accuracy per mode, and the winner."""
+    rows, raw = [], []
+    expected = A.data.design.trials
+    short = False
+    for a in A.archs:
+        cells, means = [], {}
+        rec: dict = {"arch": a}
+        for m in MODES:
+            s = A.summ.get((a, m))
+            if s is None:
+                cells.append("-")
+                rec.update({f"{m}_mean": None, f"{m}_std": None, f"{m}_n": 0})
+                continue
+            txt = f"{s.mean:.2f} ± {s.std:.2f}"
+            if expected and s.n < expected:
+                txt += f" (n={s.n})"
+                short = True
+            cells.append(txt)
+            means[m] = s.mean
+            rec.update({f"{m}_mean": s.mean, f"{m}_std": s.std, f"{m}_n": s.n})
+        w = winners(means, tie_tolerance)
+        win = w[0] if len(w) == 1 else ("Tie: " + "/".join(w) if w else "-")
+        rec["winner"] = win
+        rows.append([a, *cells, win])
+        raw.append(rec)
+    notes = ["Mean and population standard deviation (ddof=0, as the published tables) of the peak validation "
+             "accuracy (%) over the trials of each cell.",
+             "Winner: the best mean after rounding to 2 decimals; modes with equal rounded means tie"
+             + (f" (within {tie_tolerance:g} points)" if tie_tolerance else "") + "."]
+    if short:
+        notes.append("(n=k): fewer trials than the design's "
+                     f"{expected}; such means are provisional.")
+    return Table("table_v", "Table V: mean ± std of peak validation accuracy (%)", ["Architecture", *MODES, "Winner"],
+                 rows, notes, raw)
+
+
+def table_summary(A: Analysis) -> Table:
+    """Tables I-III for every architecture: n, mean, std, min, max per mode."""
+    rows, raw = [], []
+    for a in A.archs:
+        p = arch_params(a)
+        for m in MODES:
+            s = A.summ.get((a, m))
+            if s is None:
+                continue
+            rows.append([a, f"{p:,}" if p else "?", m, str(s.n), f2(s.mean), f2(s.std), f2(s.min), f2(s.max)])
+            raw.append({"arch": a, "params": p, **{k: v for k, v in asdict(s).items() if k != "arch"}})
+    return Table("summary", "Per-architecture performance summaries (as Tables I-III)",
+                 ["Architecture", "Parameters", "Mode", "N", "Mean", "Std", "Min", "Max"], rows,
+                 ["Std is the population standard deviation (ddof=0)."], raw, html_collapsed=True)
+
+
+def table_trials(A: Analysis) -> Table:
+    """Every finished trial."""
+    order = {a: i for i, a in enumerate(A.archs)}
+    ts = sorted(A.data.trials, key=lambda t: (order.get(t.arch, 1e9), MODES.index(t.mode) if t.mode in MODES else 9,
+                                              t.trial))
+    rows = [[t.arch, t.mode, str(t.trial), "-" if t.seed is None else str(t.seed), f2(t.peak),
+             "-" if t.bounty_loop is None else str(t.bounty_loop), f2(t.test_acc)] for t in ts]
+    raw = [asdict(t) for t in ts]
+    return Table("trials", "Per-trial results", ["Architecture", "Mode", "Trial", "Seed", "Peak val. acc.",
+                 "Bounty loop", "Test acc."], rows, raw=raw, html_collapsed=True)
+
+
+def table_regimes(A: Analysis, rules: str) -> Table:
+    """The regime of every architecture under both rule sets, with the rule that fired."""
+    rows, raw = [], []
+    other = "paper" if rules == "published" else "published"
+    for a in A.archs:
+        r, o = A.regimes[rules][a], A.regimes[other][a]
+        shape = arch_shape(a)
+        prov = " (provisional)" if r.provisional else ""
+        rows.append([a, f"{arch_params(a) or 0:,}", r.regime + prov, r.name, r.rule, o.regime, o.rule])
+        raw.append({"arch": a, "depth": shape[0] if shape else None, "width": shape[1] if shape else None,
+                    "params": arch_params(a), f"regime_{rules}": r.regime, f"rule_{rules}": r.rule,
+                    f"regime_{other}": o.regime, f"rule_{other}": o.rule, "provisional": r.provisional,
+                    "detail": r.detail})
+    label = {"published": "published rules", "paper": "eqs. 6-8"}
+    counts = regime_counts(A.regimes[rules])
+    notes = [f"ZeroR = {A.zero_r:.2f}% ({A.zero_r_source}).",
+             "Counts (" + label[rules] + "): " + ", ".join(f"{n} {k}" for k, n in counts.items()),
+             "Rules: the published rules reproduce the authors' regime map (docs/report.md); eqs. 6-8 are "
+             "section II.H as printed."]
+    prov = [a for a in A.archs if A.regimes[rules][a].provisional]
+    if prov:
+        notes.append(f"Provisional (modes missing or cells short of the design): {', '.join(prov)}.")
+    return Table("regimes", f"Training regimes ({label[rules]}; the other rule set alongside)",
+                 ["Architecture", "Parameters", "Regime", "Name", "Rule that fired", f"Regime ({label[other]})",
+                  f"Rule ({label[other]})"], rows, notes, raw)
+
+
+def table_tests(A: Analysis, alpha: float) -> Table:
+    """Every paired ablative-vs-baseline comparison."""
+    rows, raw = [], []
+    for c in A.comparisons:
+        rows.append([c.arch, c.ablative, c.baseline, str(c.n), f"{c.mean_diff:+.2f}",
+                     f"[{c.ci_low:+.2f}, {c.ci_high:+.2f}]", fp(c.p), fp(c.p_holm),
+                     "-" if math.isnan(c.d_z) else f"{c.d_z:+.2f}", "-" if math.isnan(c.r_rb) else f"{c.r_rb:+.2f}",
+                     c.verdict + (" (collapsed)" if c.collapsed else "")])
+        raw.append(asdict(c))
+    pairing = ("trial k of both modes shares its seed" if A.data.paired
+               else "pairs by trial index only (these trials were not seeded in pairs)")
+    notes = [f"Paired by trial index: {pairing}.",
+             "Test: exact two-sided sign-flip (randomisation) test of the mean paired difference over all 2^n sign "
+             "assignments; Holm-corrected over the 9 comparisons of each architecture.",
+             f"Verdict at alpha = {alpha:g}: 'cannot decide' when fewer than 6 pairs differ, so that no outcome "
+             "could be significant (smallest possible p = 2/2^k for k differing pairs).",
+             "Effect sizes: Cohen's d_z (mean / sd of the differences; '-' when they do not vary) and the "
+             "matched-pairs rank-biserial r. CI: 95% percentile bootstrap of the mean difference (pairs resampled).",
+             "Difference = ablative minus baseline, in accuracy points.",
+             "(collapsed): no trial of either mode beats ZeroR by the escape margin; the test then compares "
+             "constant predictors (e.g. output ablation keeping the majority class at ZeroR), not learning."]
+    return Table("paired_tests", "Ablative vs baseline modes: paired tests",
+                 ["Architecture", "Ablative", "Baseline", "Pairs", "Mean diff.", "95% CI", "p", "p (Holm)", "d_z",
+                  "r_rb", "Verdict"], rows, notes, raw, html_collapsed=True)
+
+
+def table_effects(A: Analysis) -> Table:
+    """Per architecture: what the paired tests say about ablation."""
+    rows, raw = [], []
+    for a in A.archs:
+        e = A.effects.get(a)
+        if e is None:
+            continue
+        reg = A.regimes["published"][a].regime
+        rows.append([a, reg, e["effect"], str(e["better"]), str(e["worse"]), str(e["undecidable"]),
+                     str(e["n_comparisons"])])
+        raw.append({"arch": a, "regime_published": reg, **e})
+    return Table("ablation_effects", "Ablation effect per architecture, from the paired tests",
+                 ["Architecture", "Regime", "Effect", "Better", "Worse", "Cannot decide", "Comparisons"], rows,
+                 raw=raw, html_collapsed=True)
+
+
+CHECKPOINTS = (1, 10, 25, 50, 75, 100)
+
+
+def _cell_curves(A: Analysis) -> dict[tuple[str, str], list[tuple[int, Curve]]]:
+    out: dict[tuple[str, str], list[tuple[int, Curve]]] = defaultdict(list)
+    for (a, m, k), c in A.data.curves.items():
+        out[(a, m)].append((k, c))
+    return out
+
+
+def table_lkg(A: Analysis) -> tuple[Table, Table, list[dict], list[dict]]:
+    """LKG growth and convergence per cell, plus their per-loop long forms (CSV only)."""
+    cells = _cell_curves(A)
+    n_loops = max([c.lkg.size for v in cells.values() for _, c in v] + [0])
+    checks = [c for c in CHECKPOINTS if c <= n_loops] or ([n_loops] if n_loops else [])
+    if n_loops and n_loops not in checks:
+        checks.append(n_loops)
+    mid = max(n_loops // 2, 1)
+    bounty_loops: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for t in A.data.trials:
+        if t.bounty_loop is not None:
+            bounty_loops[(t.arch, t.mode)].append(t.bounty_loop)
+    g_rows, g_raw, c_rows, c_raw, growth_long, conv_long = [], [], [], [], [], []
+    for a in A.archs:
+        for m in MODES:
+            cc = cells.get((a, m))
+            if not cc:
+                continue
+            lkg = _stack([c.lkg for _, c in cc], n_loops)
+            cand = _stack([c.candidate for _, c in cc], n_loops)
+            prom = [int(c.promoted.sum()) for _, c in cc]
+            lkg_at = {c: float(np.nanmean(lkg[:, c - 1])) for c in checks}
+            cand_at = {c: float(np.nanmean(cand[:, c - 1])) if np.isfinite(cand[:, c - 1]).any() else math.nan
+                       for c in checks}
+            gain = float(np.nanmean(lkg[:, -1] - lkg[:, mid - 1])) if n_loops else math.nan
+            g_rows.append([a, m, str(len(cc)), f"{np.mean(prom):.1f}", *[f2(lkg_at[c]) for c in checks], f2(gain)])
+            g_raw.append({"arch": a, "mode": m, "curves": len(cc), "mean_promotions": float(np.mean(prom)),
+                          **{f"lkg_loop{c}": lkg_at[c] for c in checks}, f"gain_after_loop{mid}": gain})
+            bl = bounty_loops.get((a, m), [])
+            diverged = float(np.mean(np.isnan(cand))) if cand.size else math.nan
+            med = f"{np.median(bl):.0f}" if bl else "-"
+            late = f"{100 * np.mean(np.array(bl) > mid):.0f}%" if bl else "-"
+            c_rows.append([a, m, *[f2(cand_at[c]) for c in checks], f"{100 * diverged:.1f}%", med, late])
+            c_raw.append({"arch": a, "mode": m, **{f"candidate_loop{c}": cand_at[c] for c in checks},
+                          "diverged_share": diverged, "median_bounty_loop": float(np.median(bl)) if bl else None,
+                          f"bounty_after_loop{mid}_share": float(np.mean(np.array(bl) > mid)) if bl else None})
+            for k, c in cc:
+                for i in np.flatnonzero(c.promoted):
+                    growth_long.append({"arch": a, "mode": m, "trial": k, "loop": int(i) + 1,
+                                        "lkg_score": float(c.lkg[i])})
+            for i in range(n_loops):
+                col = cand[:, i]
+                fin = col[np.isfinite(col)]
+                conv_long.append({"arch": a, "mode": m, "loop": i + 1, "n": int(fin.size),
+                                  "candidate_mean": float(fin.mean()) if fin.size else None,
+                                  "candidate_min": float(fin.min()) if fin.size else None,
+                                  "candidate_max": float(fin.max()) if fin.size else None,
+                                  "lkg_mean": float(np.nanmean(lkg[:, i]))})
+    src = A.data.curves_note or "per-loop records"
+    growth = Table("lkg_growth", "LKG growth: mean LKG score (%) at chosen meta-loops",
+                   ["Architecture", "Mode", "Curves", "Promotions", *[f"LKG @{c}" for c in checks],
+                    f"Gain after loop {mid}"], g_rows,
+                   [f"From {src}.", "Per-promotion records: lkg_growth_per_loop.csv."], g_raw, html_collapsed=True)
+    conv = Table("convergence", "Convergence: mean candidate validation accuracy (%) at chosen meta-loops",
+                 ["Architecture", "Mode", *[f"Loop {c}" for c in checks], "Diverged", "Median bounty loop",
+                  f"Bounty after loop {mid}"], c_rows,
+                 [f"From {src}.", "Every loop: convergence_per_loop.csv."], c_raw, html_collapsed=True)
+    return growth, conv, growth_long, conv_long
+
+
+def _stack(arrays: Sequence[np.ndarray], n: int) -> np.ndarray:
+    out = np.full((len(arrays), n), np.nan)
+    for i, a in enumerate(arrays):
+        out[i, : a.size] = a
+    return out
+
+
+def table_missing(A: Analysis) -> Table:
+    """What the study lacks against its design, cell by cell."""
+    d = A.data.design
+    have: dict[tuple[str, str], int] = defaultdict(int)
+    for t in A.data.trials:
+        have[(t.arch, t.mode)] += 1
+    rows = []
+    for a in d.archs:
+        for m in d.modes:
+            n = have.get((a, m), 0)
+            if n < d.trials:
+                rows.append([a, m, str(n), str(d.trials)])
+    notes = list(A.missing)
+    if A.data.incomplete:
+        notes.append("Unfinished trials, one per line: incomplete_trials.csv.")
+    raw = [{"arch": r[0], "mode": r[1], "finished": int(r[2]), "designed": int(r[3])} for r in rows]
+    return Table("missing", "Cells short of the design", ["Architecture", "Mode", "Finished trials",
+                 "Designed"], rows, notes, raw, html_collapsed=len(rows) > 30)
