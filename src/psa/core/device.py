@@ -7,12 +7,15 @@ nothing downstream resolves or rewrites them.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from psa.core.population import ConfigError
+from psa.core.errors import ConfigError
 from psa.core.precision import CHOICES as PRECISION_CHOICES
 from psa.core.precision import resolve as resolve_precision
 
@@ -135,12 +138,26 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+def total_memory(device: torch.device) -> int:
+    """Bytes of memory `device` has in all (a study plans from this, not from free memory, so
+    that one device always yields one plan)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def free_memory(device: torch.device) -> int | None:
-    """Bytes this process can still use on `device`, or None where that is unknown."""
+    """Bytes this process can still use on `device`, or None where that is unknown.
+
+    On CUDA: the driver's free memory and the allocator's cached blocks, except those cached in
+    a graph's private pool (other engines' captured steps), which no other allocation can use."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
+        return int(free + cached - graph_pool_cached(device))
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -156,12 +173,75 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def total_memory(device: torch.device) -> int:
-    """Bytes of memory `device` has in all (a study plans from this, not from free memory, so
-    that one device always yields one plan)."""
+def graph_pool_cached(device: torch.device) -> int:
+    """Bytes cached but unallocated in CUDA graphs' private pools on `device`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
+# what an allocation that does not fit raises (torch.OutOfMemoryError is the same class)
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+
+
+# Messages of other errors that mean the device ran out of memory: cuBLAS failing to allocate
+# its workspace or handle, the CUDA runtime or driver (a Triton kernel's module load), cuDNN.
+OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                "cudaerrormemoryallocation", "cuda_error_out_of_memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says the device ran out of memory (which a smaller chunk may fix), as
+    opposed to a failure of a fast path (which falling back to the plain path may fix)."""
+    if isinstance(e, OOM_ERRORS):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in msg for m in OOM_MESSAGES)
+
+
+def release_cached(device: torch.device) -> None:
+    """Give the allocator's cached blocks on `device` back to the driver, after a collection for
+    tensors that only reference cycles still hold (a no-op off CUDA)."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# PyTorch hands out CUDA streams from a pool of this many per device and priority, round robin:
+# a stream made per engine is shared with every 32nd (populations p and p+16 when each engine
+# also made a side stream for its warm-up), and the two then serialise each other's work.
+STREAM_POOL = 32
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+def side_stream(device: torch.device) -> Any:
+    """The one stream of CUDA `device` on which every engine of this process warms up and
+    captures its graphs (made on first use)."""
+    s = _SIDE_STREAMS.get(device)
+    if s is None:
+        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return s
+
+
+def new_streams(device: torch.device, n: int, avoid: tuple[Any, ...] = ()) -> list[Any]:
+    """`n` streams of CUDA `device`, distinct from one another and from those in `avoid`; fewer
+    only when the pool has fewer (n + len(avoid) > STREAM_POOL)."""
+    taken = {s.cuda_stream for s in avoid}
+    out: list[Any] = []
+    for _ in range(STREAM_POOL):  # one turn of the pool meets each of its streams once
+        if len(out) >= n:
+            break
+        s = torch.cuda.Stream(device)
+        if s.cuda_stream not in taken:
+            taken.add(s.cuda_stream)
+            out.append(s)
+    return out
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` as the current CUDA device for the duration, or nothing off CUDA: Triton launches
+    on the current device's stream, and a graph is captured and its pool made there, so an engine
+    on cuda:1 must not rely on the current device being its own."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -26,81 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
-import math
-import os
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from psa.core import rng
-from psa.core.ablation import ablate, choose_neuron
+from psa.core.ablation import choose_neuron
 from psa.core.arch import Arch
+from psa.core.chunk import Chunk, StepCallback, batch_groups
 from psa.core.data import Dataset
-from psa.core.population import ConfigError, Layout, Member, Population, seed_groups, to_device
-from psa.core.precision import CHOICES as PRECISION_CHOICES
+from psa.core.device import Execution, free_memory, is_out_of_memory, new_streams, on_device, release_cached, side_stream
+from psa.core.errors import ConfigError
+from psa.core.hparams import HParams
+from psa.core.memory import FREE_MEMORY_FRACTION, stack_fits_kernel, working_bytes
+from psa.core.population import Layout, Member, Population
 from psa.core.precision import Matmul
-from psa.core.precision import resolve as resolve_precision
-
-StepCallback = Callable[[int, int], None]
-KERNEL_CHOICES = ("auto", "torch", "triton")
-# Share of a device's free memory a population may plan to use; the rest absorbs the
-# allocator's fragmentation and what the estimate misses.
-FREE_MEMORY_FRACTION = 0.8
-# Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels.
-# Narrow stacks are launch-bound, so fusing them is a clear win; for wider ones (the kernels
-# go to kernels.MAX_WIDTH) cuBLAS's batched GEMMs may be faster: kernels="triton" uses the
-# kernels up to their limit, so that a GPU measurement can settle it.
-AUTO_STACK_MAX_WIDTH = 32
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters shared by all members (Table VI); per-mode rates live on each Member.
-
-    The last four fields choose how the arithmetic runs, not what it computes: `precision` of
-    the matrix products (psa.precision; auto is tf32 on a CUDA GPU, fp32 elsewhere), `kernels`
-    (auto: the Triton kernels on a CUDA GPU when Triton is installed), `graphs` (capture the
-    training step as a CUDA graph on CUDA devices) and `max_members` (members trained at once;
-    None: as many as the device's free memory holds).
-    """
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    batch_size: int = 256
-    weight_decay: float = 1e-4  # the rate `decay` mode trains with
-    dropout: float = 0.1  # the rate `dropout` mode trains with
-    eval_chunk_bytes: int = 256 << 20  # activation memory allowed for a validation chunk
-    precision: str = "auto"
-    kernels: str = "auto"
-    graphs: bool = True
-    max_members: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
-        if not (self.eps > 0):
-            raise ConfigError(f"eps must be positive, got {self.eps}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight decay must be a number >= 0, got {self.weight_decay}")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISION_CHOICES)}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ConfigError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNEL_CHOICES)}")
-        if self.max_members is not None and self.max_members < 1:
-            raise ConfigError(f"max_members must be at least 1, got {self.max_members}")
-
 
 @dataclass(frozen=True)
 class LoopResult:
@@ -114,378 +57,6 @@ class LoopResult:
     train_loss: tuple[float, ...]  # mean training loss over the epoch
     diverged: tuple[bool, ...]  # a non-finite loss occurred during the epoch
     seconds: float
-
-
-def new_adamw(param: torch.Tensor, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over a flat buffer, fused where this torch and device have it (and capturable in
-    a CUDA graph on a GPU).
-
-    The fused kernel makes one pass over parameters, gradients and moments instead of a dozen
-    (10x faster on a 60-member 1*2048 population on the CPU); it rounds differently from the
-    reference loop by about 1e-7 relative, far below what the oracle tests allow.
-    """
-    kw: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
-    if param.device.type == "cuda":
-        kw["capturable"] = True  # its step count lives on the device: no host sync, graph-safe
-    try:
-        return torch.optim.AdamW([param], fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW([param], **kw)
-
-
-def reset_adamw(opt: torch.optim.Optimizer) -> None:
-    """Zero the step count and both moments in place: the state of a freshly built AdamW,
-    at the same addresses (which a captured graph relies on)."""
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                v.zero_()
-
-
-def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: str = "fp32",
-                  graphs: bool = False) -> int:
-    """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
-    two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
-    transient layer-sized buffers, dropout noise, the gathered batch).
-
-    `fused` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
-    gradient partials: as many copies of the middle stack's parameters as a batch has row
-    blocks (16 at widths 17-32, four times the 16 bytes a parameter counted above). `graphs`
-    adds the graph's private pool, which keeps every temporary of a captured step for as long
-    as the graph lives and lends none of it to other engines: the labels, the loss's softmax
-    buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
-    w = arch.widths
-    acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
-    total = arch.params * 16 + acts
-    if fused:
-        total += stack_partial_bytes(arch, batch_size, precision)
-    if graphs:
-        per_row = 8 + 2 * 4 * arch.n_out + (0 if fused else 16 * sum(arch.hidden))
-        total += batch_size * per_row
-    return total
-
-
-def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
-    """Per member, the Triton stack backward's weight-gradient partials for a batch of
-    `batch_size` rows: one copy of the middle layers' parameters per row block, none when one
-    block covers the batch (the kernel then writes the gradient directly)."""
-    from psa.core import kernels
-
-    hidden = arch.hidden
-    if len(hidden) < 2 or kernels.triton is None:
-        return 0
-    width = hidden[0]
-    _, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
-    n_blocks = -(-batch_size // block_r)
-    return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
-
-
-def stack_fits_kernel(arch: Arch, kernels_choice: str) -> bool:
-    """Whether the hidden stack of `arch` runs through the Triton stack kernels under the
-    `kernels` choice (when the engine uses Triton at all): equal widths, up to
-    AUTO_STACK_MAX_WIDTH under auto and kernels.MAX_WIDTH under triton."""
-    from psa.core import kernels
-
-    hidden = arch.hidden
-    widest = kernels.MAX_WIDTH if kernels_choice == "triton" else AUTO_STACK_MAX_WIDTH
-    return bool(hidden) and len(set(hidden)) == 1 and hidden[0] <= min(widest, kernels.MAX_WIDTH)
-
-
-def memory_paths(arch: Arch, device: torch.device, cfg: TrainConfig) -> dict[str, Any]:
-    """The paths an engine for `arch` on `device` takes that change its memory, as working_bytes'
-    keyword arguments (graphs: if the whole population fits)."""
-    from psa.core import kernels
-
-    triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and device.type == "cuda" and kernels.available())
-    return {"fused": triton and stack_fits_kernel(arch, cfg.kernels),
-            "precision": resolve_precision(cfg.precision, device),
-            "graphs": cfg.graphs and device.type == "cuda"}
-
-
-def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data: Dataset, cfg: TrainConfig,
-                    device: torch.device) -> list[Any]:
-    """The Triton launches (psa.kernels.Launch) that a meta-loop and the test of a population of
-    `members` of `arch` on `device` would make with `cfg` (trained whole, as one chunk), for
-    kernels.precompile(). Found by running the step and the evaluations on the meta device with
-    the kernels recording: the same code, so the same arguments, but only shapes and offsets,
-    nothing allocated or computed. Empty where such an engine would not use Triton."""
-    from psa.core import kernels
-
-    if not (cfg.kernels == "triton" or (cfg.kernels == "auto" and device.type == "cuda" and kernels.available())):
-        return []
-    meta = torch.device("meta")
-    mdata = dataclasses.replace(data, **{f: torch.empty(getattr(data, f).shape, dtype=getattr(data, f).dtype,
-                                                        device=meta)
-                                         for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
-    members = tuple(sorted(members, key=lambda mem: mem.seed))  # as Population.create keeps them
-    layout = Layout.of(arch, len(members))
-    pop = Population(arch, members, meta, layout, torch.empty(layout.numel, device=meta),
-                     torch.full((len(members),), -1, dtype=torch.int64, device=meta), mdata.val_y.numel(),
-                     [0] * len(members))
-    eng = Engine(pop, mdata, dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device),
-                                                 kernels="auto", graphs=False, max_members=None))
-    # the choices of an engine on `device` (on the meta device auto picks neither)
-    eng.triton, eng.fused = True, memory_paths(arch, device, cfg)["fused"]
-    ch = eng._chunk(0, pop.size)
-    g = ch.groups[0]
-    with kernels.recording() as launches, torch.no_grad():
-        for b in sorted(set(ch.batch_sizes())):
-            x = ch.buf("x", (g * b, mdata.train_x.shape[1])).view(g, b, -1)
-            eng._forward_backward(ch, x, torch.empty((ch.size, b), dtype=torch.int64, device=meta))
-        eng.count_correct(ch.cand, mdata.val_x, mdata.val_y, ch.layout)
-        eng.count_correct(pop.lkg, mdata.test_x, mdata.test_y)
-    return launches
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes this process can still use on `device`, or None where that is unknown.
-
-    On CUDA: the driver's free memory and the allocator's cached blocks, except those cached in
-    a graph's private pool (other engines' captured steps), which no other allocation can use."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached - graph_pool_cached(device))
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
-def graph_pool_cached(device: torch.device) -> int:
-    """Bytes cached but unallocated in CUDA graphs' private pools on `device`."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return sum(seg["total_size"] - seg["allocated_size"] for seg in torch.cuda.memory_snapshot()
-               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
-
-
-# what an allocation that does not fit raises (torch.OutOfMemoryError is the same class)
-OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
-# Messages of other errors that mean the device ran out of memory: cuBLAS failing to allocate
-# its workspace or handle, the CUDA runtime or driver (a Triton kernel's module load), cuDNN.
-OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
-                "cudaerrormemoryallocation", "cuda_error_out_of_memory")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """Whether `e` says the device ran out of memory (which a smaller chunk may fix), as
-    opposed to a failure of a fast path (which falling back to the plain path may fix)."""
-    if isinstance(e, OOM_ERRORS):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and any(m in msg for m in OOM_MESSAGES)
-
-
-def release_cached(device: torch.device) -> None:
-    """Give the allocator's cached blocks on `device` back to the driver, after a collection for
-    tensors that only reference cycles still hold (a no-op off CUDA)."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-# PyTorch hands out CUDA streams from a pool of this many per device and priority, round robin:
-# a stream made per engine is shared with every 32nd (populations p and p+16 when each engine
-# also made a side stream for its warm-up), and the two then serialise each other's work.
-STREAM_POOL = 32
-_SIDE_STREAMS: dict[torch.device, Any] = {}
-
-
-def side_stream(device: torch.device) -> Any:
-    """The one stream of CUDA `device` on which every engine of this process warms up and
-    captures its graphs (made on first use)."""
-    s = _SIDE_STREAMS.get(device)
-    if s is None:
-        s = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return s
-
-
-def new_streams(device: torch.device, n: int, avoid: tuple[Any, ...] = ()) -> list[Any]:
-    """`n` streams of CUDA `device`, distinct from one another and from those in `avoid`; fewer
-    only when the pool has fewer (n + len(avoid) > STREAM_POOL)."""
-    taken = {s.cuda_stream for s in avoid}
-    out: list[Any] = []
-    for _ in range(STREAM_POOL):  # one turn of the pool meets each of its streams once
-        if len(out) >= n:
-            break
-        s = torch.cuda.Stream(device)
-        if s.cuda_stream not in taken:
-            taken.add(s.cuda_stream)
-            out.append(s)
-    return out
-
-
-def on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """`device` as the current CUDA device for the duration, or nothing off CUDA: Triton launches
-    on the current device's stream, and a graph is captured and its pool made there, so an engine
-    on cuda:1 must not rely on the current device being its own."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
-    """(G, k): G batch groups of k consecutive members that train on one gathered batch.
-
-    Members of one seed share their data order, so gathering the batch once per seed and
-    running the first layer as one matmul per seed saves memory traffic, at the price of
-    reordering the first layer's output. When that output is wider than half the input the
-    reordering costs more than the gathers it saves, and every member gathers its own.
-    Members must be sorted by seed; uneven seed counts also give (M, 1).
-    """
-    g, k = seed_groups(members)
-    if k > 1 and 2 * arch.widths[1] < arch.n_in:
-        return g, k
-    return len(members), 1
-
-
-class Chunk:
-    """Members [m0, m1) of a population, trained together: their candidate, gradient and AdamW
-    state, data order, dropout keys, step counter and workspace, all at fixed addresses.
-
-    It keeps no reference to its Engine (the methods take it): an engine that owned a chunk
-    that pointed back would be a reference cycle, and its buffers (gigabytes for a big
-    population) would outlive it until the garbage collector ran."""
-
-    def __init__(self, engine: "Engine", m0: int, m1: int, cand: torch.Tensor, grad: torch.Tensor) -> None:
-        pop, cfg = engine.pop, engine.cfg
-        dev = pop.device
-        self.m0, self.m1 = m0, m1
-        self.members = pop.members[m0:m1]
-        self.size = m1 - m0
-        self.whole = m0 == 0 and m1 == pop.size
-        self.layout = Layout.of(pop.arch, self.size)
-        self.cand, self.grad = cand, grad
-        self.cand.grad = grad  # read by the optimizer
-        self.views = self.layout.views(cand)
-        self.grad_views = self.layout.views(grad)
-        self.cand_runs = self.layout.runs(cand)
-        self.groups = batch_groups(pop.arch, self.members)
-        g, k = self.groups
-        self.group_seeds = [self.members[j * k].seed for j in range(g)]
-        n = self.n_train = engine.data.train_x.shape[0]
-        self.batch_size = cfg.batch_size
-        # valid indices from the start: the warm-up before a graph capture gathers with them
-        self.order = torch.arange(n, device=dev).repeat(g, 1)
-        self.step = torch.zeros((), dtype=torch.int64, device=dev)
-        self.arange = torch.arange(cfg.batch_size, device=dev)
-        self.loss_sum = torch.zeros(self.size, dtype=torch.float32, device=dev)
-        self.bad = torch.zeros(self.size, dtype=torch.bool, device=dev)
-        # AdamW's decoupled decay, param *= 1 - lr*wd, per member, evaluated in float32 as
-        # torch.optim.AdamW does; with the paper's lr = wd = 1e-4 it is exactly 1.0: a no-op.
-        # Per-member constants are built on the host and sent with to_device (pinned, queued):
-        # a plain copy from pageable memory would wait for the stream, i.e. for the previous
-        # chunk's epoch, and a chunked population would lose all overlap.
-        decay = torch.tensor([1.0 - cfg.lr * m.weight_decay for m in self.members], dtype=torch.float32)
-        self.decay = None if bool((decay == 1.0).all()) else to_device(decay, dev)
-        drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0] if pop.arch.depth else []
-        self.dropout = bool(drop_rows)
-        if self.dropout:
-            p = torch.tensor([m.dropout for m in self.members], dtype=torch.float32)
-            # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
-            self.drop_scale = to_device(torch.ones(self.size, dtype=torch.float32) / (1.0 - p), dev)
-            self.drop_thr = to_device(torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
-                                                   dtype=torch.int64), dev)
-            self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
-            self.drop_rows = to_device(torch.tensor(drop_rows, dtype=torch.int64), dev)
-            self.drop_rows_all = len(drop_rows) == self.size
-        self.opt: torch.optim.AdamW | None = None
-        self.graphs: dict[int, Any] = {}
-        self.work: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
-
-    def buf(self, name: object, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reusable workspace tensor: large activations are written in place step after step
-        instead of being allocated (and page-faulted in) anew."""
-        key = (name, shape)
-        t = self.work.get(key)
-        if t is None:
-            t = self.work[key] = torch.empty(shape, dtype=torch.float32, device=self.cand.device)
-        return t
-
-    def begin(self, eng: "Engine", loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
-        """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
-        and AdamW state, all in place."""
-        pop = eng.pop
-        if eng.use_graphs and not self.graphs:
-            self._capture(eng)
-        if self.whole:
-            self.cand.copy_(pop.lkg)
-        else:
-            for (cw, cb), (lw, lb) in zip(self.cand_runs, pop.layout.runs(pop.lkg)):
-                cw.copy_(lw[:, self.m0 : self.m1])
-                cb.copy_(lb[:, self.m0 : self.m1])
-        ablate(self.cand, self.layout, ablations)
-        self.order.copy_(rng.data_order(self.group_seeds, loop, self.n_train, pop.device))
-        if self.dropout:
-            keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in self.members], dtype=torch.int64)
-            self.drop_keys.copy_(to_device(keys, pop.device))
-        self.step.zero_()
-        self.loss_sum.zero_()
-        self.bad.zero_()
-        if self.opt is None:
-            self.opt = new_adamw(self.cand, eng.cfg)
-        else:
-            reset_adamw(self.opt)
-
-    def batch_sizes(self) -> list[int]:
-        """The batch size of every step of an epoch (the last, partial batch kept)."""
-        bs = self.batch_size
-        full, tail = divmod(self.n_train, bs)
-        return [bs] * full + ([tail] if tail else [])
-
-    def train_epoch(self, eng: "Engine", on_step: StepCallback | None) -> None:
-        """Every step of one epoch: graph replays on a GPU, the same step run eagerly elsewhere."""
-        sizes = self.batch_sizes()
-        for s, b in enumerate(sizes):
-            if self.graphs:
-                self.graphs[b].replay()
-            else:
-                eng._step(self, b)
-            if on_step is not None:
-                on_step(s + 1, len(sizes))
-
-    def _warm_up(self, eng: "Engine", sizes: list[int]) -> None:
-        """Two training steps per batch size in `sizes`, each as the first step of an epoch.
-
-        The counter is reset before every step: left to advance, four warm-up steps read data
-        order positions up to 3 * batch + tail, past the end of an epoch of fewer than three
-        full batches and a tail (a device-side assert on a GPU, which ends the CUDA context for
-        every later population of the process)."""
-        for b in sizes:
-            for _ in range(2):
-                self.step.zero_()
-                eng._step(self, b)
-
-    def _capture(self, eng: "Engine") -> None:
-        """Record the training step (one graph per batch size) after a warm-up on a side stream
-        that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
-        trains on a copy of the LKG; begin() then resets everything it touched."""
-        dev = eng.pop.device
-        self.cand.copy_(eng.pop.lkg)
-        if self.opt is None:
-            self.opt = new_adamw(self.cand, eng.cfg)
-        sizes = sorted(set(self.batch_sizes()), reverse=True)
-        side = side_stream(dev)
-        with on_device(dev):
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                self._warm_up(eng, sizes)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            pool = torch.cuda.graph_pool_handle()
-            for b in sizes:
-                g = torch.cuda.CUDAGraph()
-                # captured on the side stream too: torch's default capture stream is one more
-                # pooled stream, which may be some engine's
-                with torch.cuda.graph(g, pool=pool, stream=side):
-                    eng._step(self, b)
-                self.graphs[b] = g
 
 
 @dataclass
@@ -513,7 +84,7 @@ class PendingLoop:
         eng, pop = self.engine, self.engine.pop
         correct = self.host["correct"].tolist()
         promoted = [bool(p) for p in self.host["promoted"].tolist()]
-        diverged = [bool(d) for d in self.host["bad"].tolist()]
+        diverged = [bool(d) for d in self.host["diverged"].tolist()]
         lkg = self.host["lkg_correct"].tolist()
         for j, p in enumerate(promoted):
             if p:
@@ -535,23 +106,30 @@ class PendingLoop:
 class Engine:
     """Runs meta-loops on a Population with a Dataset already on the population's device."""
 
-    def __init__(self, population: Population, data: Dataset, config: TrainConfig, stream: Any = None) -> None:
-        """`stream`: the CUDA stream the engine queues its work on (psa.study lends one per
-        population in flight); None: a stream of its own on a CUDA device."""
+    def __init__(self, population: Population, data: Dataset, hparams: HParams, execution: Execution | None = None,
+                 stream: Any = None) -> None:
+        """`hparams`: what every member trains with; `execution`: how, already resolved (None:
+        the plain path on the population's device: fp32, torch ops, no graphs). `stream`: the
+        CUDA stream the engine queues its work on (psa.study lends one per population in
+        flight); None: a stream of its own on a CUDA device."""
+        ex = execution or Execution(device=population.device)
         if data.train_x.device != population.lkg.device:
             raise ConfigError(f"data on {data.train_x.device} but population on {population.lkg.device}")
+        if ex.device != population.device:
+            raise ConfigError(f"execution on {ex.device} but population on {population.device}")
         if stream is not None and population.device.type != "cuda":
             raise ConfigError(f"a CUDA stream was given for a population on {population.device}")
         self.pop = population
         self.data = data
-        self.cfg = config
+        self.hp = hparams
+        self.ex = ex
         dev = population.device
-        self.mm = Matmul(config.precision, dev)
-        self.precision = self.mm.precision
-        self.triton = self._want_triton()
-        self.fused = self.triton and self._stack_fits_kernel()
+        self.mm = Matmul(ex.precision, dev)
+        self.precision = ex.precision
+        self.triton = ex.triton
+        self.fused = stack_fits_kernel(population.arch, ex)
         self.chunk_size = self._chunk_size()
-        self.use_graphs = config.graphs and dev.type == "cuda" and self.chunk_size >= population.size
+        self.use_graphs = ex.graphs and self.chunk_size >= population.size
         if stream is None and dev.type == "cuda":
             stream = new_streams(dev, 1, avoid=(side_stream(dev),))[0]
         self.stream = stream
@@ -561,39 +139,22 @@ class Engine:
         self._pending: PendingLoop | None = None
 
     # ---------------------------------------------------------------- set-up decisions
-    def _want_triton(self) -> bool:
-        from psa.core import kernels
-
-        choice = self.cfg.kernels
-        if choice == "torch":
-            return False
-        if choice == "triton":
-            if not kernels.available():
-                raise ConfigError("kernels 'triton' need Triton and a CUDA GPU (or TRITON_INTERPRET=1 to "
-                                  "run them in Triton's interpreter)")
-            return True
-        return self.pop.device.type == "cuda" and kernels.available()
-
-    def _stack_fits_kernel(self) -> bool:
-        return stack_fits_kernel(self.pop.arch, self.cfg.kernels)
-
     def _chunk_size(self) -> int:
         """Members trained at once: all of them if they fit the device's free memory (or the
-        config's max_members), else the most whole seed groups that do."""
-        pop, cfg = self.pop, self.cfg
+        execution's max_members), else the most whole seed groups that do."""
+        pop, ex = self.pop, self.ex
         m = pop.size
         k = pop.groups()[1]
-        limit = cfg.max_members
+        limit = ex.max_members
         if limit is None:
             free = free_memory(pop.device)
             if free is None:
                 return m
-            budget = free * FREE_MEMORY_FRACTION - cfg.eval_chunk_bytes
-            graphs = cfg.graphs and pop.device.type == "cuda"
-            per = working_bytes(pop.arch, cfg.batch_size, self.fused, self.precision, graphs)
+            budget = free * FREE_MEMORY_FRACTION - ex.eval_bytes
+            per = working_bytes(pop.arch, self.hp.batch_size, self.fused, self.precision, ex.graphs)
             limit = int(budget // per) if budget > 0 else 0
-            if graphs and limit < m:  # chunks train eagerly: no graph pool to hold
-                per = working_bytes(pop.arch, cfg.batch_size, self.fused, self.precision)
+            if ex.graphs and limit < m:  # chunks train eagerly: no graph pool to hold
+                per = working_bytes(pop.arch, self.hp.batch_size, self.fused, self.precision)
                 limit = int(budget // per) if budget > 0 else 0
             if limit < 1:
                 raise ConfigError(
@@ -636,7 +197,7 @@ class Engine:
     def _fall_back(self, e: Exception) -> bool:
         """After a failure in a fast path that was chosen automatically (the Triton kernels, then
         the CUDA graphs), say so once and retry the chunk without it; False if none is left."""
-        if self.triton and self.cfg.kernels == "auto":
+        if self.triton and self.ex.kernels_fall_back:
             what, self.triton, self.fused = "the Triton kernels", False, False
         elif self.use_graphs:
             what, self.use_graphs = "CUDA graphs", False
@@ -662,7 +223,7 @@ class Engine:
     def _pos_hash_for(self, units: int) -> torch.Tensor:
         t = self._pos_hash.get(units)
         if t is None:
-            t = self._pos_hash[units] = rng.position_hash(self.cfg.batch_size, units, self.pop.device)
+            t = self._pos_hash[units] = rng.position_hash(self.hp.batch_size, units, self.pop.device)
         return t
 
     def _step(self, ch: Chunk, b: int) -> None:
@@ -670,21 +231,21 @@ class Engine:
         decay, AdamW, counter. Reads its inputs from device tensors only (graph-capturable)."""
         data = self.data
         g, k = ch.groups
-        pos = ch.step * self.cfg.batch_size + ch.arange[:b]
+        pos = ch.step * self.hp.batch_size + ch.arange[:b]
         flat_idx = ch.order.index_select(1, pos).reshape(-1)
         x = torch.index_select(data.train_x, 0, flat_idx, out=ch.buf("x", (g * b, data.train_x.shape[1])))
         x = x.view(g, b, -1)
         y = data.train_y.index_select(0, flat_idx).view(g, 1, b).expand(g, k, b).reshape(ch.size, b)
         loss = self._forward_backward(ch, x, y)
         ch.loss_sum += loss
-        ch.bad |= ~torch.isfinite(loss)
+        ch.diverged |= ~torch.isfinite(loss)
         if ch.decay is not None:
             f = ch.decay.view(1, -1, 1)
             for w, bias in ch.cand_runs:
                 w.mul_(f)
                 bias.mul_(f)
-        assert ch.opt is not None
-        ch.opt.step()
+        assert ch.adamw is not None
+        ch.adamw.step()
         ch.step += 1
 
     def _stack_geometry(self, layout: Layout, m0: int = 0) -> tuple[int, int, int]:
@@ -833,7 +394,7 @@ class Engine:
         m = layout.size_m
         n = x_all.shape[0]
         arch = self.pop.arch
-        budget = max(1, self.cfg.eval_chunk_bytes // 8)  # floats: two live activations of 4 bytes
+        budget = max(1, self.ex.eval_bytes // 8)  # floats: two live activations of 4 bytes
         widest = max(arch.widths[1:])
         rows = max(1, min(n, budget // widest))
         block = max(1, min(m, budget // (rows * widest)))
@@ -898,7 +459,7 @@ class Engine:
         out = {"correct": torch.zeros(m, dtype=torch.int64, device=dev),
                "promoted": torch.zeros(m, dtype=torch.bool, device=dev),
                "loss": torch.zeros(m, dtype=torch.float32, device=dev),
-               "bad": torch.zeros(m, dtype=torch.bool, device=dev)}
+               "diverged": torch.zeros(m, dtype=torch.bool, device=dev)}
         m0 = 0
         while m0 < m:
             m1 = min(m, m0 + self.chunk_size)
@@ -911,7 +472,7 @@ class Engine:
                 ch.begin(self, loop, ablations)
                 ch.train_epoch(self, on_step)
                 out["loss"][m0:m1] = ch.loss_sum / len(ch.batch_sizes())
-                out["bad"][m0:m1] = ch.bad
+                out["diverged"][m0:m1] = ch.diverged
                 if validate:
                     correct = self.count_correct(ch.cand, self.data.val_x, self.data.val_y, ch.layout)
             except Exception as e:  # noqa: BLE001 - only memory and an automatic choice are retried
@@ -930,7 +491,7 @@ class Engine:
                 continue
             if validate:
                 lkg_correct = pop.lkg_correct[m0:m1]
-                promote = ~ch.bad & (correct > lkg_correct)
+                promote = ~ch.diverged & (correct > lkg_correct)
                 lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
                 p = promote.view(1, -1, 1)
                 for (cw, cb), (lw, lb) in zip(ch.cand_runs, pop.layout.runs(pop.lkg)):
@@ -979,4 +540,36 @@ class Engine:
         scored or promoted): for calibration and benchmarks. Returns (mean loss, diverged)."""
         with self._stream_context(), self._device_context():
             out = self._run_chunks(loop, (None,) * self.pop.size, on_step, validate=False)
-        return out["loss"], out["bad"]
+        return out["loss"], out["diverged"]
+
+
+def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data: Dataset, hparams: HParams,
+                    ex: Execution) -> list[Any]:
+    """The Triton launches (psa.kernels.Launch) that a meta-loop and the test of a population of
+    `members` of `arch` would make under `ex` (trained whole, as one chunk), for
+    kernels.precompile(). Found by running the step and the evaluations on the meta device with
+    the kernels recording: the same code, so the same arguments, but only shapes and offsets,
+    nothing allocated or computed. Empty where such an engine would not use Triton."""
+    from psa.core import kernels
+
+    if not ex.triton:
+        return []
+    meta = torch.device("meta")
+    mdata = dataclasses.replace(data, **{f: torch.empty(getattr(data, f).shape, dtype=getattr(data, f).dtype,
+                                                        device=meta)
+                                         for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
+    members = tuple(sorted(members, key=lambda mem: mem.seed))  # as Population.create keeps them
+    layout = Layout.of(arch, len(members))
+    pop = Population(arch, members, meta, layout, torch.empty(layout.numel, device=meta),
+                     torch.full((len(members),), -1, dtype=torch.int64, device=meta), mdata.val_y.numel(),
+                     [0] * len(members))
+    eng = Engine(pop, mdata, hparams, dataclasses.replace(ex, device=meta, graphs=False, max_members=None))
+    ch = eng._chunk(0, pop.size)
+    g = ch.groups[0]
+    with kernels.recording() as launches, torch.no_grad():
+        for b in sorted(set(ch.batch_sizes())):
+            x = ch.buf("x", (g * b, mdata.train_x.shape[1])).view(g, b, -1)
+            eng._forward_backward(ch, x, torch.empty((ch.size, b), dtype=torch.int64, device=meta))
+        eng.count_correct(ch.cand, mdata.val_x, mdata.val_y, ch.layout)
+        eng.count_correct(pop.lkg, mdata.test_x, mdata.test_y)
+    return launches

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from psa.core.arch import Arch
+from psa.core.device import canonical_device
+from psa.core.errors import ConfigError
 from psa.core.model import init_weights, linear_keys
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
@@ -27,27 +29,10 @@ BASELINE_MODES = ("none", "decay", "dropout")
 ABLATIVE_MODES = ("full", "hidden", "output")
 
 
-class ConfigError(ValueError):
-    """A population or training configuration that cannot run."""
-
-
 def derive_seed(seed: int, *tags: object) -> int:
     """A 63-bit seed for one purpose (`tags`) of one trial, independent of everything else."""
     text = ":".join(str(t) for t in (seed, *tags)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-
-
-def canonical_device(device: torch.device | str) -> torch.device:
-    """The device tensors actually land on ("cuda" -> "cuda:0"), so devices compare equal."""
-    return torch.empty(0, device=device).device
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor copied to `device` without stalling the host: on a GPU through pinned
-    memory and an asynchronous copy (a plain copy from pageable memory waits for the stream)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)

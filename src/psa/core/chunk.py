@@ -1,0 +1,204 @@
+"""Members trained at once (a chunk of a population): their candidate, gradient, AdamW state,
+data order, step counter and workspace at fixed addresses, and the captured training step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from psa.core import rng
+from psa.core.ablation import ablate
+from psa.core.arch import Arch
+from psa.core.device import on_device, side_stream, to_device
+from psa.core.hparams import HParams
+from psa.core.population import Layout, Member, seed_groups
+
+if TYPE_CHECKING:
+    from psa.core.engine import Engine
+
+StepCallback = Callable[[int, int], None]
+
+
+def new_adamw(param: torch.Tensor, hp: HParams) -> torch.optim.AdamW:
+    """AdamW over a flat buffer, fused where this torch and device have it (and capturable in
+    a CUDA graph on a GPU).
+
+    The fused kernel makes one pass over parameters, gradients and moments instead of a dozen;
+    it rounds differently from the reference loop by about 1e-7 relative, far below what the
+    oracle tests allow. Weight decay is applied per member by the engine, not here.
+    """
+    kw: dict[str, Any] = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=0.0)
+    if param.device.type == "cuda":
+        kw["capturable"] = True  # its step count lives on the device: no host sync, graph-safe
+    try:
+        return torch.optim.AdamW([param], fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW([param], **kw)
+
+
+def reset_adamw(opt: torch.optim.Optimizer) -> None:
+    """Zero the step count and both moments in place: the state of a freshly built AdamW,
+    at the same addresses (which a captured graph relies on)."""
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                v.zero_()
+
+
+def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
+    """(G, k): G batch groups of k consecutive members that train on one gathered batch.
+
+    Members of one seed share their data order, so gathering the batch once per seed and
+    running the first layer as one matmul per seed saves memory traffic, at the price of
+    reordering the first layer's output. When that output is wider than half the input the
+    reordering costs more than the gathers it saves, and every member gathers its own.
+    Members must be sorted by seed; uneven seed counts also give (M, 1).
+    """
+    g, k = seed_groups(members)
+    if k > 1 and 2 * arch.widths[1] < arch.n_in:
+        return g, k
+    return len(members), 1
+
+
+class Chunk:
+    """Members [m0, m1) of a population, trained together: their candidate, gradient and AdamW
+    state, data order, dropout keys, step counter and workspace, all at fixed addresses.
+
+    It keeps no reference to its Engine (the methods take it): an engine that owned a chunk
+    that pointed back would be a reference cycle, and its buffers (gigabytes for a big
+    population) would outlive it until the garbage collector ran."""
+
+    def __init__(self, engine: "Engine", m0: int, m1: int, cand: torch.Tensor, grad: torch.Tensor) -> None:
+        pop, hp = engine.pop, engine.hp
+        dev = pop.device
+        self.m0, self.m1 = m0, m1
+        self.members = pop.members[m0:m1]
+        self.size = m1 - m0
+        self.whole = m0 == 0 and m1 == pop.size
+        self.layout = Layout.of(pop.arch, self.size)
+        self.cand, self.grad = cand, grad
+        self.cand.grad = grad  # read by the optimizer
+        self.views = self.layout.views(cand)
+        self.grad_views = self.layout.views(grad)
+        self.cand_runs = self.layout.runs(cand)
+        self.groups = batch_groups(pop.arch, self.members)
+        g, k = self.groups
+        self.group_seeds = [self.members[j * k].seed for j in range(g)]
+        n = self.n_train = engine.data.train_x.shape[0]
+        self.batch_size = hp.batch_size
+        # valid indices from the start: the warm-up before a graph capture gathers with them
+        self.order = torch.arange(n, device=dev).repeat(g, 1)
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)
+        self.arange = torch.arange(hp.batch_size, device=dev)
+        self.loss_sum = torch.zeros(self.size, dtype=torch.float32, device=dev)
+        self.diverged = torch.zeros(self.size, dtype=torch.bool, device=dev)
+        # AdamW's decoupled decay, param *= 1 - lr*wd, per member, evaluated in float32 as
+        # torch.optim.AdamW does; with the paper's lr = wd = 1e-4 it is exactly 1.0: a no-op.
+        # Per-member constants are built on the host and sent with to_device (pinned, queued):
+        # a plain copy from pageable memory would wait for the stream, i.e. for the previous
+        # chunk's epoch, and a chunked population would lose all overlap.
+        decay = torch.tensor([1.0 - hp.lr * m.weight_decay for m in self.members], dtype=torch.float32)
+        self.decay = None if bool((decay == 1.0).all()) else to_device(decay, dev)
+        drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0] if pop.arch.depth else []
+        self.dropout = bool(drop_rows)
+        if self.dropout:
+            p = torch.tensor([m.dropout for m in self.members], dtype=torch.float32)
+            # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
+            self.drop_scale = to_device(torch.ones(self.size, dtype=torch.float32) / (1.0 - p), dev)
+            self.drop_thr = to_device(torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
+                                                   dtype=torch.int64), dev)
+            self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
+            self.drop_rows = to_device(torch.tensor(drop_rows, dtype=torch.int64), dev)
+            self.drop_rows_all = len(drop_rows) == self.size
+        self.adamw: torch.optim.AdamW | None = None
+        self.graphs: dict[int, Any] = {}
+        self.work: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
+
+    def buf(self, name: object, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reusable workspace tensor: large activations are written in place step after step
+        instead of being allocated (and page-faulted in) anew."""
+        key = (name, shape)
+        t = self.work.get(key)
+        if t is None:
+            t = self.work[key] = torch.empty(shape, dtype=torch.float32, device=self.cand.device)
+        return t
+
+    def begin(self, eng: "Engine", loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
+        """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
+        and AdamW state, all in place."""
+        pop = eng.pop
+        if eng.use_graphs and not self.graphs:
+            self._capture(eng)
+        if self.whole:
+            self.cand.copy_(pop.lkg)
+        else:
+            for (cw, cb), (lw, lb) in zip(self.cand_runs, pop.layout.runs(pop.lkg)):
+                cw.copy_(lw[:, self.m0 : self.m1])
+                cb.copy_(lb[:, self.m0 : self.m1])
+        ablate(self.cand, self.layout, ablations)
+        self.order.copy_(rng.data_order(self.group_seeds, loop, self.n_train, pop.device))
+        if self.dropout:
+            keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in self.members], dtype=torch.int64)
+            self.drop_keys.copy_(to_device(keys, pop.device))
+        self.step.zero_()
+        self.loss_sum.zero_()
+        self.diverged.zero_()
+        if self.adamw is None:
+            self.adamw = new_adamw(self.cand, eng.hp)
+        else:
+            reset_adamw(self.adamw)
+
+    def batch_sizes(self) -> list[int]:
+        """The batch size of every step of an epoch (the last, partial batch kept)."""
+        bs = self.batch_size
+        full, tail = divmod(self.n_train, bs)
+        return [bs] * full + ([tail] if tail else [])
+
+    def train_epoch(self, eng: "Engine", on_step: StepCallback | None) -> None:
+        """Every step of one epoch: graph replays on a GPU, the same step run eagerly elsewhere."""
+        sizes = self.batch_sizes()
+        for s, b in enumerate(sizes):
+            if self.graphs:
+                self.graphs[b].replay()
+            else:
+                eng._step(self, b)
+            if on_step is not None:
+                on_step(s + 1, len(sizes))
+
+    def _warm_up(self, eng: "Engine", sizes: list[int]) -> None:
+        """Two training steps per batch size in `sizes`, each as the first step of an epoch.
+
+        The counter is reset before every step: left to advance, four warm-up steps read data
+        order positions up to 3 * batch + tail, past the end of an epoch of fewer than three
+        full batches and a tail (a device-side assert on a GPU, which ends the CUDA context for
+        every later population of the process)."""
+        for b in sizes:
+            for _ in range(2):
+                self.step.zero_()
+                eng._step(self, b)
+
+    def _capture(self, eng: "Engine") -> None:
+        """Record the training step (one graph per batch size) after a warm-up on a side stream
+        that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
+        trains on a copy of the LKG; begin() then resets everything it touched."""
+        dev = eng.pop.device
+        self.cand.copy_(eng.pop.lkg)
+        if self.adamw is None:
+            self.adamw = new_adamw(self.cand, eng.hp)
+        sizes = sorted(set(self.batch_sizes()), reverse=True)
+        side = side_stream(dev)
+        with on_device(dev):
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._warm_up(eng, sizes)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            for b in sizes:
+                g = torch.cuda.CUDAGraph()
+                # captured on the side stream too: torch's default capture stream is one more
+                # pooled stream, which may be some engine's
+                with torch.cuda.graph(g, pool=pool, stream=side):
+                    eng._step(self, b)
+                self.graphs[b] = g

@@ -1,0 +1,66 @@
+"""What a member costs in device memory while it trains, by the paths its engine takes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psa.core.arch import Arch
+from psa.core.device import Execution
+
+# Share of a device's free memory a population may plan to use; the rest absorbs the
+# allocator's fragmentation and what the estimate misses.
+FREE_MEMORY_FRACTION = 0.8
+
+
+def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: str = "fp32",
+                  graphs: bool = False) -> int:
+    """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
+    two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
+    transient layer-sized buffers, dropout noise, the gathered batch).
+
+    `fused` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
+    gradient partials: as many copies of the middle stack's parameters as a batch has row
+    blocks (16 at widths 17-32, four times the 16 bytes a parameter counted above). `graphs`
+    adds the graph's private pool, which keeps every temporary of a captured step for as long
+    as the graph lives and lends none of it to other engines: the labels, the loss's softmax
+    buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
+    w = arch.widths
+    acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
+    total = arch.params * 16 + acts
+    if fused:
+        total += stack_partial_bytes(arch, batch_size, precision)
+    if graphs:
+        per_row = 8 + 2 * 4 * arch.n_out + (0 if fused else 16 * sum(arch.hidden))
+        total += batch_size * per_row
+    return total
+
+
+def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
+    """Per member, the Triton stack backward's weight-gradient partials for a batch of
+    `batch_size` rows: one copy of the middle layers' parameters per row block, none when one
+    block covers the batch (the kernel then writes the gradient directly)."""
+    from psa.core import kernels
+
+    hidden = arch.hidden
+    if len(hidden) < 2 or kernels.triton is None:
+        return 0
+    width = hidden[0]
+    _, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
+    n_blocks = -(-batch_size // block_r)
+    return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
+
+
+def stack_fits_kernel(arch: Arch, ex: Execution) -> bool:
+    """Whether the hidden stack of `arch` runs through the Triton stack kernels under `ex`:
+    Triton on, equal widths, none wider than ex.stack_max_width (or the kernels' limit)."""
+    from psa.core import kernels
+
+    hidden = arch.hidden
+    return (ex.triton and bool(hidden) and len(set(hidden)) == 1
+            and hidden[0] <= min(ex.stack_max_width, kernels.MAX_WIDTH))
+
+
+def memory_paths(arch: Arch, ex: Execution) -> dict[str, Any]:
+    """The paths an engine for `arch` under `ex` takes that change its memory, as working_bytes'
+    keyword arguments (graphs: if the whole population fits)."""
+    return {"fused": stack_fits_kernel(arch, ex), "precision": ex.precision, "graphs": ex.graphs}
