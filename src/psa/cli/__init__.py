@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from psa.core.arch import ArchError, matched_arch, parse_arch
-from psa.cli.argtypes import nonneg_int, positive_int, real
+from psa.cli.argtypes import nonneg_int, positive_int
+from psa.cli.flags import add_engine_flags, add_training_flags
 from psa.core.checkpoint import CheckpointError
 from psa.core.data import DataError
 from psa.analysis import ReportError
@@ -82,31 +83,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", type=real, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=positive_int, help="training batch size (default 256)")
-    p.add_argument("--weight-decay", type=real, help="weight decay of `decay` mode (default 1e-4; 0 in other modes)")
-    p.add_argument("--dropout", type=real, help="dropout rate of `dropout` mode (default 0.1; none in other modes)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
-    p.add_argument("--data-dir", help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
-
-
-def add_engine_flags(p: argparse.ArgumentParser, precision_default: str | None) -> None:
-    """How the engine runs its arithmetic (not what it computes): shared by train and study."""
-    from psa.core.engine import KERNEL_CHOICES
-    from psa.core.precision import CHOICES
-
-    p.add_argument("--precision", choices=CHOICES, default=precision_default,
-                   help="matmul precision: fp32, tf32 (tensor cores; emulated off a GPU), bf16, or auto: tf32 on a "
-                        "CUDA GPU, fp32 elsewhere" + ("" if precision_default else "; on resume, the run's own"))
-    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="auto: Triton kernels for narrow hidden stacks on a CUDA GPU when Triton is installed; "
-                        "torch: never; triton: always (needs a GPU or TRITON_INTERPRET=1)")
-    p.add_argument("--no-graphs", action="store_true",
-                   help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = _Parser(prog="psa", description="Persistent Stochastic Ablation: the Frustration Engine on populations of MLPs.")
@@ -127,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", "--ablation-mode", dest="mode", choices=MODES, help="training mode (default none)")
     p.add_argument("--meta-loops", type=positive_int, help="meta-loops to run (default 100; on resume: this many more)")
     p.add_argument("--seed", type=nonneg_int, help="seed of the initial weights and random streams (default 0)")
-    _add_training_flags(p)
+    add_training_flags(p)
     p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")

@@ -11,6 +11,7 @@ from typing import Any
 
 from psa.study import store
 from psa.cli.argtypes import nonneg_int, positive_int, seconds
+from psa.cli.flags import add_engine_flags, add_training_flags
 from psa.core.population import MODES
 from psa.study.store import StoreError
 from psa.study.design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
@@ -275,8 +276,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `study`, `status` and `export` to psa's subcommands."""
-    from psa.cli import _add_training_flags, add_engine_flags
-
     p = sub.add_parser("study", help="run (or resume) a study: architectures x modes x trials, into SQLite",
                        description="Run a study design into a results database. Re-running the same command "
                                    "resumes it: finished trials are skipped, unfinished ones continue from their "
@@ -292,7 +291,7 @@ def register(sub: Any) -> None:
     g.add_argument("--trials", type=positive_int, help="trials per architecture and mode (default 10)")
     g.add_argument("--meta-loops", type=positive_int, help="meta-loops per trial (default 100)")
     g.add_argument("--seed", type=nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
-    _add_training_flags(g)
+    add_training_flags(g)
     g.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N of the 50,000 training images: for tests and quick checks only, "
                         "not comparable with the paper (recorded in the trials' dataset column)")
