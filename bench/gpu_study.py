@@ -40,7 +40,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from psa.core import data as psa_data  # noqa: E402
 from psa.core.arch import parse_arch, study_architectures  # noqa: E402
 from psa.core.engine import Engine, TrainConfig  # noqa: E402
-from psa.study.plan import arch_flops, describe_device, fmt_seconds  # noqa: E402
+from psa.study.console import fmt_seconds  # noqa: E402
+from psa.study.plan import arch_flops, describe_device  # noqa: E402
 from psa.core.population import MODES, Population, make_member  # noqa: E402
 
 SEEDS = range(10)

@@ -14,7 +14,7 @@ SRC = str(Path(psa.__file__).resolve().parents[1])
 
 # 2 architectures x 6 modes x 2 trials, 6 meta-loops on 2,048 training images, populations of
 # 6 members (one trial each): 4 populations, 24 trials, 144 meta-loop rows, ~10-20 s on 2 cores.
-TINY = ["--arch", "1*8", "--arch", "2*8", "--trials", "2", "--meta-loops", "6", "--chunk", "6",
+TINY = ["--arch", "1*8", "--arch", "2*8", "--trials", "2", "--meta-loops", "6", "--population-size", "6",
         "--train-subset", "2048", "--name", "tiny", "--quiet"]
 TINY_TRIALS = 24
 TINY_LOOP_ROWS = 24 * 6

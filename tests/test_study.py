@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from psa.study import store, study
+from psa.study import driver, runner, store
 from psa.cli import main
 from psa.study.design import StudyDesign, preset, resolve_design
-from psa.study.plan import DEFAULT_CALIBRATION, arch_flops, auto_chunk, bytes_per_member, make_plan
-from psa.study.study import StudyLock, checkpoint_root
+from psa.study.plan import DEFAULT_CALIBRATION, arch_flops, auto_population_size, bytes_per_member, make_plan
+from psa.study.lock import StudyLock, checkpoint_root, lock_held, lock_owner
 
 from .study_util import TINY, TINY_LOOP_ROWS, TINY_TRIALS, integrity, leftover_checkpoints, rows, run_psa
 
@@ -83,7 +83,7 @@ def test_paper_preset_is_the_authors_design() -> None:
     big = sum(arch_flops(a, d.meta_loops) * 60 for a in ("4*632", "2*939", "1*2048", "115*115"))
     assert big / 1e15 == pytest.approx(12.6, abs=0.1)
     # on any realistic budget every architecture is one population of 60
-    plan = make_plan(d, auto_chunk(d, 8 << 30))
+    plan = make_plan(d, auto_population_size(d, 8 << 30))
     assert len(plan.populations) == 98 and {p.size for p in plan.populations} == {60}
 
 
@@ -106,12 +106,12 @@ def test_plan_is_a_pure_even_partition(trials: int, chunk: int) -> None:
     assert work == sorted(work, reverse=True)  # largest work first
 
 
-def test_auto_chunk_fits_the_budget() -> None:
+def test_auto_population_size_fits_the_budget() -> None:
     d = preset("paper")
     worst = max(bytes_per_member(a) for a in d.architectures)
-    assert auto_chunk(d, 10 * worst) == 10
-    assert auto_chunk(d, 1) == 1
-    assert auto_chunk(d, 1 << 40) == 60
+    assert auto_population_size(d, 10 * worst) == 10
+    assert auto_population_size(d, 1) == 1
+    assert auto_population_size(d, 1 << 40) == 60
 
 
 def test_toml_design_and_names(tmp_path: Path) -> None:
@@ -269,8 +269,10 @@ def test_different_design_under_the_same_name(reference: Path, tmp_path: Path, c
     argv[argv.index("--meta-loops") + 1] = "7"
     rc, out, err = run_main(argv, capsys, monkeypatch, tmp_path)
     assert rc == 2 and "different design (meta_loops: 6 there, 7 here)" in one_line_error(err)
-    rc, out, err = run_main(["study", *TINY, "--db", str(db), "--chunk", "12"], capsys, monkeypatch, tmp_path)
-    assert rc == 2 and "planned with --chunk 6" in one_line_error(err)
+    argv = ["study", *TINY, "--db", str(db)]
+    argv[argv.index("--population-size") + 1] = "12"
+    rc, out, err = run_main(argv, capsys, monkeypatch, tmp_path)
+    assert rc == 2 and "planned with --population-size 6" in one_line_error(err)
     assert rows(db) == rows(reference)
 
 
@@ -405,7 +407,7 @@ def test_crash_between_steps_then_resume(where: str, n: int, reference: Path, tm
     db = tmp_path / "c.sqlite"
     with monkeypatch.context() as m:
         if where == "save_population":
-            _fail_on_call(m, study, "save_population", n, Crash())
+            _fail_on_call(m, driver, "save_population", n, Crash())
         elif where == "finish_trials":
             _fail_on_call(m, store, "finish_trials", n, Crash())
         else:
@@ -454,7 +456,7 @@ def test_disk_full_in_the_database(reference: Path, tmp_path: Path, capsys, monk
 
 def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     db = tmp_path / "nospace.sqlite"
-    real_write = study.save_population.__globals__["save_tensors"]
+    real_write = driver.save_population.__globals__["save_tensors"]
     calls = {"n": 0}
 
     def save_tensors(*a, **k):
@@ -464,7 +466,7 @@ def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, capsys,
         return real_write(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setitem(study.save_population.__globals__, "save_tensors", save_tensors)
+        m.setitem(driver.save_population.__globals__, "save_tensors", save_tensors)
         rc, out, err = run_main(["study", *TINY, "--db", str(db)], capsys, monkeypatch, tmp_path)
     line = one_line_error(err)
     assert rc == 2 and "no space left on device" in line and "rerun the same command" in line
@@ -476,18 +478,15 @@ def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, capsys,
 
 def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     db = tmp_path / "fail.sqlite"
-    real_events = study.population_events
 
-    def events(design, pp, *a, **k):
-        if pp.arch == "2*8" and pp.first == 1:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_events(design, pp, *a, **k)
-
-    def gen_wrapper(design, pp, *a, **k):
-        yield from events(design, pp, *a, **k)
+    class FailingRun(runner.PopulationRun):
+        def __init__(self, design, pp, *a, **k):
+            if pp.arch == "2*8" and pp.first == 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            super().__init__(design, pp, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(study, "population_events", gen_wrapper)
+        m.setattr(runner, "PopulationRun", FailingRun)
         rc, out, err = run_main(["study", *TINY, "--db", str(db)], capsys, monkeypatch, tmp_path)
     assert rc == 1
     assert "1 population(s) failed: 2*8 trial 1: RuntimeError: CUDA out of memory (simulated)" in err
@@ -523,16 +522,16 @@ def test_populations_in_flight_together_write_the_same_rows(reference: Path, tmp
 def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """0: a checkpoint after every meta-loop; a long interval: only after each population's first."""
     db = tmp_path / f"every{every}.sqlite"
-    real = study.save_population
+    real = driver.save_population
     calls: list[int] = []
 
     def save_population(path, pop, extra):
         calls.append(pop.loop)
-        assert extra["rng"] == study.rng.VERSION and extra["precision"] == "fp32"
+        assert extra["rng"] == driver.rng.VERSION and extra["precision"] == "fp32"
         return real(path, pop, extra)
 
     with monkeypatch.context() as m:
-        m.setattr(study, "save_population", save_population)
+        m.setattr(driver, "save_population", save_population)
         rc, out, err = run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", every], capsys, monkeypatch,
                                 tmp_path)
     assert rc == 0, err
@@ -545,7 +544,7 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
     """A checkpoint written before the counter-based streams restarts its population from loop 1."""
     db = tmp_path / "old.sqlite"
     with monkeypatch.context() as m:
-        _fail_on_call(m, study, "save_population", 2, Crash())
+        _fail_on_call(m, driver, "save_population", 2, Crash())
         with pytest.raises(Crash):
             run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], capsys, monkeypatch, tmp_path)
     (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
@@ -572,7 +571,7 @@ def test_precision_is_fixed_when_the_study_is_created(tmp_path: Path, capsys, mo
     con = sqlite3.connect(db)
     (doc,) = con.execute("SELECT design FROM studies").fetchone()
     con.close()
-    assert json.loads(doc)["plan"]["engine"] == {"precision": "bf16", "rng": study.rng.VERSION}
+    assert json.loads(doc)["plan"]["engine"] == {"precision": "bf16", "rng": driver.rng.VERSION}
     rc, out, err = run_main(["study", *[a for a in argv if a not in ("--precision", "bf16")], "--precision", "fp32"],
                             capsys, monkeypatch, tmp_path)
     assert rc == 2 and "--precision bf16" in one_line_error(err)
@@ -609,3 +608,85 @@ def test_creating_one_database_from_two_processes_at_once_retries(tmp_path: Path
     monkeypatch.setattr(store.sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=Stuck, **k))
     with pytest.raises(store.StoreError, match="locked by another process"):
         store.connect(tmp_path / "other.sqlite", timeout=0.3)
+
+
+# ------------------------------------------------------------------------------------------
+# the population size (once "chunk"), dry runs of existing studies, the lock, durations
+
+
+def test_the_stored_plan_keeps_the_old_key() -> None:
+    """The stored plan names the population size "chunk", as studies before the rename did: a
+    design's studies row stays the same, and databases written before the rename still open."""
+    d = StudyDesign(architectures=("1*8",), trials=3)
+    plan = make_plan(d, 12)
+    assert plan.population_size == 12
+    assert plan.to_dict() == {"chunk": 12, "populations": [["1*8", 1, 2], ["1*8", 3, 3]]}
+
+
+def test_chunk_is_the_deprecated_name_of_population_size(reference: Path, tmp_path: Path, capsys,
+                                                         monkeypatch) -> None:
+    """--chunk still works, with a one-line warning: the same plan, the same rows; the stored
+    plan keeps its "chunk" key, so databases written before the rename open as they did."""
+    warning = "psa: warning: --chunk is deprecated; use --population-size"
+    old = ["--chunk" if a == "--population-size" else a for a in TINY]
+    db = tmp_path / "alias.sqlite"
+    rc, out, err = run_main(["study", *old, "--db", str(db)], capsys, monkeypatch, tmp_path)
+    assert rc == 0 and err.strip() == warning
+    assert rows(db) == rows(reference)
+    con = sqlite3.connect(db)
+    (doc,) = con.execute("SELECT design FROM studies").fetchone()
+    con.close()
+    assert json.loads(doc)["plan"]["chunk"] == 6
+    bigger = list(old)
+    bigger[bigger.index("--chunk") + 1] = "12"
+    rc, out, err = run_main(["study", *bigger, "--db", str(db)], capsys, monkeypatch, tmp_path)
+    assert rc == 2 and err.splitlines()[0] == warning
+    assert "planned with --population-size 6" in one_line_error("\n".join(err.splitlines()[1:]))
+    rc, out, err = run_main(["study", *TINY, "--chunk", "6", "--db", str(db)], capsys, monkeypatch, tmp_path)
+    assert rc == 2 and "--population-size or its old name --chunk, not both" in one_line_error(err)
+
+
+def test_dry_run_checks_an_existing_study_as_a_run_would(reference: Path, tmp_path: Path, capsys,
+                                                         monkeypatch) -> None:
+    """--dry-run of a study that exists refuses what the run itself would refuse; writes nothing."""
+    db = tmp_path / "dry.sqlite"
+    db.write_bytes(reference.read_bytes())
+    before = file_digest(db)
+    for flag, value, message in [
+        ("--meta-loops", "7", "different design (meta_loops: 6 there, 7 here)"),
+        ("--population-size", "12", "planned with --population-size 6"),
+        ("--precision", "bf16", "created with --precision fp32"),
+    ]:
+        argv = [*TINY, "--precision", "auto"]
+        argv[argv.index(flag) + 1] = value
+        rc, out, err = run_main(["study", *argv, "--db", str(db), "--dry-run"], capsys, monkeypatch, tmp_path)
+        assert rc == 2 and message in one_line_error(err)
+    assert file_digest(db) == before and not checkpoint_root(db).exists()
+
+
+def test_what_status_reads_of_the_lock(tmp_path: Path) -> None:
+    """Whether a study's lock is held now, and by whom; where the checkpoints and lock live."""
+    import os
+
+    assert checkpoint_root(Path("results/psa.sqlite")) == Path("results/psa.ckpt")
+    assert checkpoint_root(Path("results/db")) == Path("results/db.ckpt")
+    d = checkpoint_root(tmp_path / "r.sqlite") / "s"
+    assert lock_held(d) is False and lock_owner(d / "lock") is None
+    lock = StudyLock(d, "s", tmp_path / "r.sqlite")
+    lock.acquire()
+    try:
+        assert lock_held(d) is True
+        owner = lock_owner(d / "lock")
+        assert owner is not None and owner["pid"] == os.getpid() and owner["since"]
+    finally:
+        lock.release()
+    assert lock_held(d) is False
+
+
+def test_durations_for_people() -> None:
+    """One formatter for the plan's estimates and, rough, for the ETA of `psa status`."""
+    from psa.study.console import fmt_seconds
+
+    assert [fmt_seconds(s) for s in (45, 750, 7200, 200_000)] == ["45 s", "12.5 min", "2.0 h", "2.3 d"]
+    assert ([fmt_seconds(s, rough=True) for s in (-3, 45, 750, 7200, 200_000)]
+            == ["~0 s", "~45 s", "~12 min", "~2.0 h", "~55.6 h"])

@@ -106,7 +106,7 @@ def _worker_events(monkeypatch, checkpoint_every: float) -> list:
 
 
 def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeypatch) -> None:
-    from psa.study.study import LoopDone
+    from psa.study.events import LoopDone
 
     rare = [ev for ev in _worker_events(monkeypatch, float("inf")) if isinstance(ev, LoopDone)]
     assert [ev.loop for ev in rare] == [1, 2, 3, 4]

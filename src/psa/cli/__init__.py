@@ -16,7 +16,7 @@ from psa.analysis import ReportError
 from psa.core.population import MODES, ConfigError
 from psa.report import register as register_report
 from psa.study.store import StoreError
-from psa.study.study import StudyError
+from psa.study.options import StudyError
 from psa.cli.study import register as register_study
 
 USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError, StudyError)

@@ -20,7 +20,7 @@ from psa.core.population import MODES, Member, Population, make_member
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost model, chunking and the plan
+# Cost model, population size and the plan
 
 
 def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
@@ -73,9 +73,9 @@ def device_budget(device: torch.device) -> int:
     return int(min(total * 0.25, 16 << 30))
 
 
-def auto_chunk(design: StudyDesign, budget: int) -> int:
+def auto_population_size(design: StudyDesign, budget: int) -> int:
     """Members per population that fit `budget` for the design's largest architecture, capped at
-    a whole architecture (all modes x all trials): the default chunk size."""
+    a whole architecture (all modes x all trials): the default population size."""
     worst = max(bytes_per_member(a, design.batch_size) for a in design.architectures)
     fit = max(1, budget // worst)
     cap = len(design.modes) * design.trials
@@ -122,24 +122,25 @@ class Plan:
     """A design's populations, largest estimated work first."""
 
     design: StudyDesign
-    chunk: int  # most members per population
+    population_size: int  # most members per population
     populations: tuple[PopulationPlan, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """What the studies row records about the plan."""
-        return {"chunk": self.chunk, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
+        """What the studies row records about the plan. The population size is stored under its
+        old name, "chunk", so that a plan's JSON (and with it the studies row) stays the same."""
+        return {"chunk": self.population_size, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
 
 
-def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
-    """Partition each architecture's trials into populations of at most `chunk` members (whole
-    trials: every mode of a trial shares a population, so it shares one data order and one
-    first-layer matmul), as evenly as possible; order them largest work first.
+def make_plan(design: StudyDesign, population_size: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
+    """Partition each architecture's trials into populations of at most `population_size`
+    members (whole trials: every mode of a trial shares a population, so it shares one data
+    order and one first-layer matmul), as evenly as possible; order them largest work first.
 
-    A pure function of (design, chunk): a resume rebuilds exactly the same populations.
+    A pure function of (design, population_size): a resume rebuilds exactly the same populations.
     """
-    if chunk < 1:
-        raise DesignError(f"chunk must be at least 1 member, got {chunk}")
-    per = max(1, chunk // len(design.modes))
+    if population_size < 1:
+        raise DesignError(f"a population needs at least 1 member, got {population_size}")
+    per = max(1, population_size // len(design.modes))
     pops = []
     for arch in design.architectures:
         n = -(-design.trials // per)
@@ -151,7 +152,7 @@ def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAUL
             first += size
     work = {p: calibration.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
-    return Plan(design, chunk, tuple(pops[i] for i in order))
+    return Plan(design, population_size, tuple(pops[i] for i in order))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +216,3 @@ def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: i
               f"device; loop time = {sec_flop * 1e12:.3g} s/TFLOP x FLOPs + {sec_layer * 1e6:.3g} us x layers x "
               f"steps (rough: ignores denormal slow-downs and memory effects)")
     return Calibration(sec_flop, sec_layer, describe_device(device), method)
-
-
-def fmt_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"

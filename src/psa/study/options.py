@@ -1,0 +1,35 @@
+"""How a study is asked to run (not what: that is the design), and the error when it cannot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DB = Path("results") / "psa.sqlite"
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or continue: locked, disk full, different design, failures."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a study (not what: that is the design)."""
+
+    db: Path = DEFAULT_DB
+    device: str = "auto"
+    population_size: int | None = None  # most members per population; None: the stored one, else fit the device
+    backend: str = "local"  # local | ray
+    address: str | None = None  # ray: an existing cluster; None starts a local instance
+    num_cpus: int | None = None  # ray: CPUs of a local instance
+    cpus_per_task: int = 1  # ray: CPUs per population where there is no GPU
+    per_device: int = 1  # ray: populations sharing one GPU
+    max_retries: int = 3  # ray: resubmissions of a population whose worker was lost
+    data_dir: str | None = None
+    busy_timeout: float = 60.0
+    quiet: bool = False
+    precision: str = "auto"  # of the matmuls (psa.core.precision); fixed when the study is created
+    kernels: str = "auto"  # auto | torch | triton (TrainConfig.kernels)
+    graphs: bool = True  # CUDA graphs on a GPU
+    concurrency: int | None = None  # populations in flight on one GPU; None: 8 on a GPU, 1 elsewhere
+    checkpoint_every: float = 60.0  # seconds between a population's checkpoints (0: every meta-loop)
