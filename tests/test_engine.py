@@ -10,22 +10,14 @@ import torch
 from psa.core.arch import parse_arch
 from psa.core.engine import Engine, TrainConfig
 from psa.core.model import SimpleMLP
-from psa.core.population import MODES, Population, make_member
+from psa.core.population import MODES, make_member
 
 from . import oracle
+from .conftest import ENGINE_CFG as CFG
+from .conftest import population
 
 ARCH = parse_arch("[2*24, 1*16]")
-# Table VI's learning rate; larger decay and dropout so that each mechanism visibly moves the
-# weights within a few hundred steps (with lr = wd = 1e-4, AdamW's decay rounds away in fp32).
-# At lr = 1e-3 the fused AdamW's last-bit rounding (vs the oracle's reference AdamW) grows to
-# ~1e-5 through chaotic ablated runs; at the paper's 1e-4 it stays near 1e-7.
-CFG = TrainConfig(lr=1e-4, weight_decay=0.05, dropout=0.3, batch_size=32)
 LOOPS = 4  # 4 x 64 steps
-
-
-def population(arch, ds, specs, cfg=CFG):
-    members = [make_member(mode, seed, decay_rate=cfg.weight_decay, dropout_rate=cfg.dropout) for mode, seed in specs]
-    return Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
 
 
 def run_loops(pop, ds, loops, cfg=CFG):

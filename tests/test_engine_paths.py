@@ -15,8 +15,8 @@ from psa.core.engine import Engine, TrainConfig
 from psa.core.population import MODES, Population, make_member
 
 from . import oracle
-
-CFG = TrainConfig(lr=1e-4, weight_decay=0.05, dropout=0.3, batch_size=32)
+from .conftest import ENGINE_CFG as CFG
+from .conftest import population
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,11 +25,6 @@ def on(ds, device):
     """The data set on `device`."""
     return dataclasses.replace(ds, **{f: getattr(ds, f).to(device) for f in
                                       ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
-
-
-def population(arch, ds, specs, cfg=CFG, device="cpu"):
-    members = [make_member(mode, seed, decay_rate=cfg.weight_decay, dropout_rate=cfg.dropout) for mode, seed in specs]
-    return Population.create(arch, members, device, n_val=ds.val_y.numel())
 
 
 def records(results):

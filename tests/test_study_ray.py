@@ -13,14 +13,11 @@ import pytest
 
 from psa.cli import main
 
-from .study_util import TINY, env, integrity, leftover_checkpoints, progress, psa_cmd, rows
+from .conftest import env, integrity, leftover_checkpoints, progress, psa_cmd, rows, tiny_as
 
 pytest.importorskip("ray")
 
-RAY = list(TINY)
-RAY[RAY.index("--name") + 1] = "viaray"
-RAY[RAY.index("--meta-loops") + 1] = "30"
-RAY[RAY.index("--train-subset") + 1] = "4096"
+RAY = tiny_as("viaray", "30", "4096")
 
 
 def _descendants(root: int) -> list[int]:
