@@ -40,9 +40,14 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from psa.core import data as psa_data  # noqa: E402
 from psa.core.arch import parse_arch, study_architectures  # noqa: E402
 from psa.core import kernels  # noqa: E402
-from psa.core.engine import Engine, TrainConfig, kernel_launches  # noqa: E402
-from psa.study.plan import arch_flops, describe_device, fmt_seconds  # noqa: E402
-from psa.core.population import MODES, Population, make_member  # noqa: E402
+from psa.core.device import Execution, describe_device, resolve_execution  # noqa: E402
+from psa.core.engine import Engine, kernel_launches  # noqa: E402
+from psa.core.hparams import HParams  # noqa: E402
+from psa.study.console import fmt_seconds  # noqa: E402
+from psa.study.plan import arch_flops  # noqa: E402
+from psa.core.population import MODES, Population  # noqa: E402
+
+HP = HParams()  # the paper's
 
 SEEDS = range(10)
 META_LOOPS = 100
@@ -93,18 +98,18 @@ def device_peaks(device: torch.device) -> dict[str, float]:
     return out
 
 
-def time_architecture(arch_text: str, ds: psa_data.Dataset, cfg: TrainConfig, loops: int,
+def time_architecture(arch_text: str, ds: psa_data.Dataset, ex: Execution, loops: int,
                       steps: int | None) -> dict:
     """Loop 1 and `loops` more meta-loops of the 60-member population of one architecture."""
     device = ds.device
     arch = parse_arch(arch_text)
     sub = ds
     if steps is not None:
-        n = min(ds.train_x.shape[0], steps * cfg.batch_size)
+        n = min(ds.train_x.shape[0], steps * HP.batch_size)
         sub = dataclasses.replace(ds, train_x=ds.train_x[:n], train_y=ds.train_y[:n])
-    members = [make_member(m, s) for s in SEEDS for m in MODES]
+    members = [HP.member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(arch, members, device, n_val=ds.val_y.numel())
-    eng = Engine(pop, sub, cfg)
+    eng = Engine(pop, sub, HP, ex)
     sync(device)
     t0 = time.perf_counter()
     eng.meta_loop()
@@ -181,20 +186,20 @@ def main() -> None:
     peaks = device_peaks(device)
     console.print("peaks: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
     ds = psa_data.load("mnist", device=device)
-    cfg = TrainConfig(precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs)
+    ex = resolve_execution(device, args.precision, args.kernels, not args.no_graphs)
     archs = args.arch or [a.short for a in study_architectures()]
     precompile_s = None
-    if not args.no_precompile and kernels.available():
+    if not args.no_precompile and ex.triton:
         # as psa study does: every architecture's kernel variants compiled in parallel first
         t0 = time.perf_counter()
-        members = [make_member(m, s) for s in SEEDS for m in MODES]
-        launches = [lc for a in archs for lc in kernel_launches(parse_arch(a), members, ds, cfg, device)]
+        members = [HP.member(m, s) for s in SEEDS for m in MODES]
+        launches = [lc for a in archs for lc in kernel_launches(parse_arch(a), members, ds, HP, ex)]
         n = kernels.precompile(launches, device)
         precompile_s = time.perf_counter() - t0
         console.print(f"precompiled {n} kernel variants in {precompile_s:.1f} s")
     rows = []
     for a in archs:
-        r = time_architecture(a, ds, cfg, args.loops, steps)
+        r = time_architecture(a, ds, ex, args.loops, steps)
         rows.append(r)
         console.print(f"{a:>9} {r['loop_s'] * 1e3:9.1f} ms/loop  {r['tflops']:7.3g} TFLOP/s  "
                       f"first {r['first_loop_s']:6.2f} s  est {fmt_seconds(r['est_100_loops_s']):>8}"
@@ -212,8 +217,8 @@ def main() -> None:
     console.print(t)
     console.print(f"{len(rows)} architectures, {flops / 1e15:.2f} PFLOP: {fmt_seconds(total)} one population at a "
                   f"time ({flops / total / 1e12:.3g} TFLOP/s overall)")
-    result = {"device": desc, "torch": torch.__version__, "precision": cfg.precision, "kernels": cfg.kernels,
-              "graphs": cfg.graphs, "loops_timed": args.loops, "steps_timed": steps or EPOCH_STEPS,
+    result = {"device": desc, "torch": torch.__version__, "precision": ex.precision, "kernels": ex.kernels,
+              "graphs": ex.graphs, "loops_timed": args.loops, "steps_timed": steps or EPOCH_STEPS,
               "peaks": peaks, "precompile_s": precompile_s, "architectures": rows, "estimate_s": total, "pflop": flops / 1e15,
               "date": time.strftime("%Y-%m-%d")}
     try:

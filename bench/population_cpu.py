@@ -76,12 +76,14 @@ def truncated(ds, steps: int):
 
 
 def time_engine(arch, ds, steps):
-    from psa.core.engine import Engine, TrainConfig
-    from psa.core.population import Population, make_member
+    from psa.core.engine import Engine
+    from psa.core.hparams import HParams
+    from psa.core.population import Population
 
-    members = [make_member(m, s) for s in SEEDS for m in MODES]
+    hp = HParams()
+    members = [hp.member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
-    eng = Engine(pop, truncated(ds, steps), TrainConfig())
+    eng = Engine(pop, truncated(ds, steps), hp)
     eng.meta_loop()  # warm-up (loop 1): allocations, kernels
     t0 = time.perf_counter()
     eng.meta_loop()  # loop 2: clone, ablate, train, validate, promote

@@ -33,18 +33,21 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from psa.core import data as psa_data  # noqa: E402
 from psa.analysis.stats import holm, sign_flip_test  # noqa: E402
 from psa.core.arch import parse_arch  # noqa: E402
-from psa.core.engine import Engine, TrainConfig  # noqa: E402
-from psa.study.plan import describe_device  # noqa: E402
-from psa.core.population import MODES, Population, make_member  # noqa: E402
+from psa.core.device import describe_device, resolve_execution  # noqa: E402
+from psa.core.engine import Engine  # noqa: E402
+from psa.core.hparams import HParams  # noqa: E402
+from psa.core.population import MODES, Population  # noqa: E402
+
+HP = HParams()  # the paper's
 
 SEEDS = range(10)
 
 
 def train(arch: str, precision: str, loops: int, ds: psa_data.Dataset, kernels: str) -> dict:
     """Bounties (mode -> ten peak accuracies, seed order) of one population in one precision."""
-    members = [make_member(m, s) for s in SEEDS for m in MODES]
+    members = [HP.member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(parse_arch(arch), members, ds.device, n_val=ds.val_y.numel())
-    eng = Engine(pop, ds, TrainConfig(precision=precision, kernels=kernels))
+    eng = Engine(pop, ds, HP, resolve_execution(ds.device, precision, kernels))
     t0 = time.perf_counter()
     for _ in range(loops):
         eng.meta_loop()

@@ -17,7 +17,7 @@ from psa.core import rng
 from psa.core.ablation import choose_neuron
 from psa.core.arch import Arch
 from psa.core.data import Dataset
-from psa.core.engine import TrainConfig
+from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
 
 
@@ -58,7 +58,7 @@ def run(
     seed: int,
     mode: str,
     loops: int,
-    cfg: TrainConfig,
+    cfg: HParams,
     persistent_optimizer: bool = False,
     adamw_weight_decay: float | None = None,
 ) -> OracleResult:

@@ -9,14 +9,15 @@ import torch
 
 from psa.core.ablation import ablate, choose_neuron
 from psa.core.arch import parse_arch
-from psa.core.engine import Engine, TrainConfig
-from psa.core.population import Population, make_member
+from psa.core.engine import Engine
+from psa.core.hparams import HParams
+from psa.core.population import Population
 
 ARCH = parse_arch("[2*5, 1*3]")  # Linear layers: 784->5, 5->5, 5->3, 3->10
 
 
 def fresh(modes):
-    pop = Population.create(ARCH, [make_member(m, 7) for m in modes], "cpu", n_val=100)
+    pop = Population.create(ARCH, [HParams().member(m, 7) for m in modes], "cpu", n_val=100)
     with torch.no_grad():
         pop.lkg.uniform_(0.5, 1.5)  # no zeros anywhere before ablation
     return pop
@@ -75,8 +76,8 @@ def test_choices_follow_each_modes_distribution():
 
 
 def test_ablated_hidden_neuron_stays_dead_through_training(small):
-    pop = Population.create(parse_arch("[1*16]"), [make_member("hidden", 9)], "cpu", n_val=small.val_y.numel())
-    eng = Engine(pop, small, TrainConfig(batch_size=64, lr=1e-3))
+    pop = Population.create(parse_arch("[1*16]"), [HParams().member("hidden", 9)], "cpu", n_val=small.val_y.numel())
+    eng = Engine(pop, small, HParams(batch_size=64, lr=1e-3))
     eng.meta_loop()
     r = eng.meta_loop()
     layer, neuron = r.ablated[0]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .study_util import env
+from .conftest import env
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from psa.cli import main
 from psa.core.model import SimpleMLP
 from psa.core.arch import parse_arch
 from safetensors.torch import load_file
 
+from .conftest import run_main, run_psa
 
-def run_json(argv, capsys):
-    assert main([*argv, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+
+def run_json(argv):
+    rc, out, err = run_main([*argv, "--json"])
+    assert rc == 0, err
+    return json.loads(out)
 
 
 def strip(summary):
@@ -25,8 +25,8 @@ def strip(summary):
 
 
 @pytest.mark.slow
-def test_real_mnist_1x32_three_loops_passes_85(tmp_path, capsys, mnist):
-    s = run_json(["train", "--arch", "[1*32]", "--meta-loops", "3", "--out", str(tmp_path / "r")], capsys)
+def test_real_mnist_1x32_three_loops_passes_85(tmp_path, mnist):
+    s = run_json(["train", "--arch", "[1*32]", "--meta-loops", "3", "--out", str(tmp_path / "r")])
     assert s["loop"] == 3 and len(s["records"]) == 3
     assert s["bounty"] > 85.0
     assert s["records"][0]["promoted"] and s["records"][0]["ablated"] is None
@@ -40,31 +40,32 @@ def test_real_mnist_1x32_three_loops_passes_85(tmp_path, capsys, mnist):
     assert json.loads((tmp_path / "r" / "run.json").read_text())["bounty"] == s["bounty"]
 
 
-def test_same_command_twice_gives_identical_json(tmp_path, capsys):
+def test_same_command_twice_gives_identical_json(tmp_path):
     argv = ["train", "--arch", "[1*8]", "--mode", "full", "--meta-loops", "2", "--seed", "3", "--batch-size", "512"]
-    a = run_json([*argv, "--out", str(tmp_path / "a")], capsys)
-    b = run_json([*argv, "--out", str(tmp_path / "b")], capsys)
+    a = run_json([*argv, "--out", str(tmp_path / "a")])
+    b = run_json([*argv, "--out", str(tmp_path / "b")])
     assert strip(a) == strip(b)
     wa, wb = load_file(str(tmp_path / "a" / "lkg.safetensors")), load_file(str(tmp_path / "b" / "lkg.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_in_another_mode_continues_the_run(tmp_path, capsys):
+def test_resume_in_another_mode_continues_the_run(tmp_path):
     out = str(tmp_path / "r")
     common = ["--batch-size", "512", "--seed", "1"]
-    run_json(["train", "--arch", "[1*8]", "--mode", "dropout", "--meta-loops", "2", "--out", out, *common], capsys)
-    s = run_json(["train", "--resume", out, "--mode", "hidden", "--meta-loops", "2", "--batch-size", "512"], capsys)
+    run_json(["train", "--arch", "[1*8]", "--mode", "dropout", "--meta-loops", "2", "--out", out, *common])
+    s = run_json(["train", "--resume", out, "--mode", "hidden", "--meta-loops", "2", "--batch-size", "512"])
     assert s["loop"] == 4 and [r["mode"] for r in s["records"]] == ["dropout", "dropout", "hidden", "hidden"]
     assert s["mode_history"] == [["dropout", 1], ["hidden", 3]]
     assert s["records"][2]["ablated"] is not None  # loop 3 is not loop 1: hidden mode ablates
     # an uninterrupted four-loop run with the same switch gives the same records
     straight = str(tmp_path / "s")
-    run_json(["train", "--arch", "[1*8]", "--mode", "dropout", "--meta-loops", "2", "--out", straight, *common], capsys)
-    s2 = run_json(["train", "--resume", straight, "--mode", "hidden", "--meta-loops", "2"], capsys)
+    run_json(["train", "--arch", "[1*8]", "--mode", "dropout", "--meta-loops", "2", "--out", straight, *common])
+    s2 = run_json(["train", "--resume", straight, "--mode", "hidden", "--meta-loops", "2"])
     assert strip(s)["records"] == strip(s2)["records"]
     # a finished run refuses to resume without more loops
-    assert main(["train", "--resume", out]) == 2
-    assert "already completed" in capsys.readouterr().err
+    rc, _, err = run_main(["train", "--resume", out])
+    assert rc == 2
+    assert "already completed" in err
 
 
 BAD_ARGS = [
@@ -91,15 +92,15 @@ BAD_ARGS = [
 
 
 @pytest.mark.parametrize("argv", BAD_ARGS, ids=[" ".join(a) for a in BAD_ARGS])
-def test_bad_input_is_one_line_exit_2(argv, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+def test_bad_input_is_one_line_exit_2(argv, tmp_path):
+    rc, _, err = run_main(argv, tmp_path)
+    assert rc == 2
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_paths_and_files(tmp_path, capsys):
+def test_bad_paths_and_files(tmp_path):
     nonempty = tmp_path / "full"
     nonempty.mkdir()
     (nonempty / "x").write_text("keep me")
@@ -117,32 +118,35 @@ def test_bad_paths_and_files(tmp_path, capsys):
         (["--resume", str(corrupt)], "not a readable safetensors"),
     ]
     for argv, message in cases:
-        assert main(["train", *argv]) == 2, argv
-        err = capsys.readouterr().err.strip()
+        rc, _, err = run_main(["train", *argv])
+        assert rc == 2, argv
+        err = err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert [p.name for p in nonempty.iterdir()] == ["x"]
 
 
-def test_resume_with_another_architecture_is_refused(tmp_path, capsys):
+def test_resume_with_another_architecture_is_refused(tmp_path):
     out = str(tmp_path / "r")
-    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", out], capsys)
+    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", out])
     before = (tmp_path / "r" / "lkg.safetensors").read_bytes()
-    assert main(["train", "--resume", out, "--arch", "[1*16]", "--meta-loops", "1"]) == 2
-    assert "architecture" in capsys.readouterr().err
+    rc, _, err = run_main(["train", "--resume", out, "--arch", "[1*16]", "--meta-loops", "1"])
+    assert rc == 2
+    assert "architecture" in err
     assert (tmp_path / "r" / "lkg.safetensors").read_bytes() == before
 
 
-def test_subprocess_bad_arch_has_no_traceback():
-    p = subprocess.run([sys.executable, "-m", "psa", "train", "--arch", "[2*]"], capture_output=True, text=True)
+def test_subprocess_bad_arch_has_no_traceback(tmp_path):
+    p = run_psa("train", "--arch", "[2*]", cwd=tmp_path)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("psa: error:") and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_arch_command(capsys):
-    assert main(["arch", "[1*2048]", "--json", "--match", "2"]) == 0
-    out = json.loads(capsys.readouterr().out)
+def test_arch_command():
+    rc, text, _ = run_main(["arch", "[1*2048]", "--json", "--match", "2"])
+    assert rc == 0
+    out = json.loads(text)
     assert out["params"] == 1_628_170 and out["matched"][0]["arch"] == "[2*939]"
-    assert main(["arch", "[2*128, 4*64]"]) == 0
-    text = capsys.readouterr().out
+    rc, text, _ = run_main(["arch", "[2*128, 4*64]"])
+    assert rc == 0
     assert "hidden 6" in text and f"{parse_arch('[2*128, 4*64]').params:,}" in text

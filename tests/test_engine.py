@@ -8,28 +8,22 @@ import pytest
 import torch
 
 from psa.core.arch import parse_arch
-from psa.core.engine import Engine, TrainConfig
+from psa.core.device import Execution
+from psa.core.engine import Engine
+from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
-from psa.core.population import MODES, Population, make_member
+from psa.core.population import MODES
 
 from . import oracle
+from .conftest import ENGINE_HP as CFG
+from .conftest import population
 
 ARCH = parse_arch("[2*24, 1*16]")
-# Table VI's learning rate; larger decay and dropout so that each mechanism visibly moves the
-# weights within a few hundred steps (with lr = wd = 1e-4, AdamW's decay rounds away in fp32).
-# At lr = 1e-3 the fused AdamW's last-bit rounding (vs the oracle's reference AdamW) grows to
-# ~1e-5 through chaotic ablated runs; at the paper's 1e-4 it stays near 1e-7.
-CFG = TrainConfig(lr=1e-4, weight_decay=0.05, dropout=0.3, batch_size=32)
 LOOPS = 4  # 4 x 64 steps
 
 
-def population(arch, ds, specs, cfg=CFG):
-    members = [make_member(mode, seed, decay_rate=cfg.weight_decay, dropout_rate=cfg.dropout) for mode, seed in specs]
-    return Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
-
-
-def run_loops(pop, ds, loops, cfg=CFG):
-    eng = Engine(pop, ds, cfg)
+def run_loops(pop, ds, loops, hp=CFG):
+    eng = Engine(pop, ds, hp)
     return eng, [eng.meta_loop() for _ in range(loops)]
 
 
@@ -70,12 +64,10 @@ def test_wide_first_layer_gathers_per_member_and_still_matches(small):
 
 
 def test_validation_blocks_do_not_change_counts(paired_run, small):
-    from dataclasses import replace
-
     pop, eng, _ = paired_run
     whole = eng.count_correct(pop.lkg, small.val_x, small.val_y)
     # a tiny budget forces one member at a time and a few hundred rows per GEMM
-    tiny = Engine(pop, small, replace(CFG, eval_chunk_bytes=8 * 24 * 300))
+    tiny = Engine(pop, small, CFG, Execution(pop.device, eval_bytes=8 * 24 * 300))
     assert torch.equal(tiny.count_correct(pop.lkg, small.val_x, small.val_y), whole)
 
 
@@ -123,7 +115,7 @@ def test_optimizer_is_reset_every_loop(paired_run, small):
 
 def test_weight_decay_exactly_zero_outside_decay(paired_run, small):
     for mode in MODES:
-        m = make_member(mode, 0)
+        m = HParams().member(mode, 0)
         assert m.weight_decay == (1e-4 if mode == "decay" else 0.0)
         assert m.dropout == (0.1 if mode == "dropout" else 0.0)
     pop, _, _ = paired_run
@@ -137,7 +129,7 @@ def test_weight_decay_exactly_zero_outside_decay(paired_run, small):
 
 def test_paper_decay_rate_is_below_float32_resolution(small):
     """lr = wd = 1e-4: AdamW multiplies by 1 - 1e-8, which is 1.0 in float32. Same for us."""
-    cfg = TrainConfig(batch_size=32)
+    cfg = HParams(batch_size=32)
     pop = population(ARCH, small, [("none", 5), ("decay", 5)], cfg)
     eng, _ = run_loops(pop, small, 1, cfg)
     assert eng._chunk(0, pop.size).decay is None

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from psa.core.arch import parse_arch
-from psa.core.engine import Engine, TrainConfig
-from psa.core.population import MODES, Population, make_member
+from psa.core.device import Execution, resolve_execution
+from psa.core.engine import Engine
+from psa.core.population import MODES, Population
 
 from . import oracle
-
-CFG = TrainConfig(lr=1e-4, weight_decay=0.05, dropout=0.3, batch_size=32)
+from .conftest import ENGINE_HP as HP
+from .conftest import engine, population
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,18 +28,13 @@ def on(ds, device):
                                       ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
 
 
-def population(arch, ds, specs, cfg=CFG, device="cpu"):
-    members = [make_member(mode, seed, decay_rate=cfg.weight_decay, dropout_rate=cfg.dropout) for mode, seed in specs]
-    return Population.create(arch, members, device, n_val=ds.val_y.numel())
-
-
 def records(results):
     return [(r.candidate_acc, r.promoted, r.ablated, r.lkg_score, r.diverged) for r in results]
 
 
-def run(arch, ds, specs, loops, cfg=CFG):
-    pop = population(arch, ds, specs, cfg)
-    eng = Engine(pop, ds, cfg)
+def run(arch, ds, specs, loops, hp=HP, **how):
+    pop = population(arch, ds, specs, hp)
+    eng = engine(pop, ds, hp, **how)
     return pop, eng, [eng.meta_loop() for _ in range(loops)]
 
 
@@ -59,7 +55,7 @@ def reference(small):
 @pytest.mark.parametrize("text,n_runs", [("[3*5]", 3), ("[2*12, 1*7, 3*4]", 6), ("[]", 1), ("[1*9]", 2)])
 def test_runs_views_cover_the_buffer_once(text, n_runs):
     arch = parse_arch(text)
-    pop = Population.create(arch, [make_member("none", 0), make_member("none", 1)], "cpu", n_val=1)
+    pop = Population.create(arch, [HP.member("none", 0), HP.member("none", 1)], "cpu", n_val=1)
     flat = torch.zeros(pop.layout.numel)
     runs = pop.layout.runs(flat)
     assert len(runs) == n_runs
@@ -80,8 +76,7 @@ def test_runs_views_cover_the_buffer_once(text, n_runs):
 def test_chunked_population_gives_the_same_records(small, reference, max_members):
     """Chunks of whole seed groups (6, 12) or single members (7: groups cannot split evenly)."""
     ref_pop, _, ref = reference
-    cfg = dataclasses.replace(CFG, max_members=max_members)
-    pop, eng, res = run(ARCH, small, SPECS, 3, cfg)
+    pop, eng, res = run(ARCH, small, SPECS, 3, max_members=max_members)
     assert eng.chunk_size == max_members if max_members != 7 else eng.chunk_size == 6
     assert len(eng._chunks()) == -(-pop.size // eng.chunk_size)
     ok, diff = close_states(pop, ref_pop, 1e-6)
@@ -95,7 +90,7 @@ def test_chunked_population_gives_the_same_records(small, reference, max_members
 def test_out_of_memory_retries_in_smaller_chunks(small, reference, monkeypatch):
     ref_pop, _, ref = reference
     pop = population(ARCH, small, SPECS)
-    eng = Engine(pop, small, CFG)
+    eng = engine(pop, small)
     real = Engine._step
     calls = {"n": 0}
 
@@ -118,7 +113,7 @@ def test_interleaved_launches_match_one_engine_at_a_time(small):
     specs_b = [("dropout", 6), ("hidden", 6)]
     arch_b = parse_arch("[1*20]")
     pa, pb = population(ARCH, small, specs_a), population(arch_b, small, specs_b)
-    ea, eb = Engine(pa, small, CFG), Engine(pb, small, CFG)
+    ea, eb = engine(pa, small), engine(pb, small)
     got_a, got_b = [], []
     for _ in range(2):
         la, lb = ea.launch(), eb.launch()  # both queued before either is read
@@ -132,7 +127,7 @@ def test_interleaved_launches_match_one_engine_at_a_time(small):
 
 def test_a_second_launch_needs_the_first_result(small):
     pop = population(ARCH, small, [("none", 1)])
-    eng = Engine(pop, small, CFG)
+    eng = engine(pop, small)
     pending = eng.launch()
     with pytest.raises(RuntimeError, match="result"):
         eng.launch()
@@ -145,8 +140,8 @@ def test_reduced_precision_trains_like_fp32(small, precision):
     """Same members, same data: reduced-precision products move the weights by about their
     rounding error, and the candidates score within a few images of fp32's."""
     specs = [(m, 8) for m in MODES]
-    p32, _, r32 = run(ARCH, small, specs, 2, dataclasses.replace(CFG, precision="fp32"))
-    plo, elo, rlo = run(ARCH, small, specs, 2, dataclasses.replace(CFG, precision=precision))
+    p32, _, r32 = run(ARCH, small, specs, 2, precision="fp32")
+    plo, elo, rlo = run(ARCH, small, specs, 2, precision=precision)
     assert elo.precision == precision
     diff = (p32.lkg - plo.lkg).abs().max().item()
     assert 1e-7 < diff < 0.05, diff
@@ -158,9 +153,11 @@ def test_precision_is_validated():
     from psa.core.population import ConfigError
 
     with pytest.raises(ConfigError, match="precision"):
-        TrainConfig(precision="fp16")
+        resolve_execution("cpu", precision="fp16")
     with pytest.raises(ConfigError, match="kernels"):
-        TrainConfig(kernels="cuda")
+        resolve_execution("cpu", kernels="cuda")
+    with pytest.raises(ConfigError, match="resolved"):
+        Execution(torch.device("cpu"), precision="auto")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -169,9 +166,8 @@ def test_cuda_graph_gives_the_eager_records(small):
     ds = on(small, dev)
     out = {}
     for graphs in (True, False):
-        cfg = dataclasses.replace(CFG, graphs=graphs, precision="fp32")
-        pop = population(ARCH, ds, SPECS, cfg, device=dev)
-        eng = Engine(pop, ds, cfg)
+        pop = population(ARCH, ds, SPECS, device=dev)
+        eng = engine(pop, ds, graphs=graphs, precision="fp32")
         assert eng.use_graphs is graphs
         out[graphs] = (records([eng.meta_loop() for _ in range(3)]), pop.lkg.cpu())
     assert out[True][0] == out[False][0]
@@ -185,13 +181,12 @@ def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
     arch = parse_arch("[3*4]")
     specs = [(m, s) for s in (1, 2) for m in MODES]
     data = dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256])
-    cfg = dataclasses.replace(CFG, precision="fp32", graphs=False)
     dev_data = on(data, DEVICE)
-    torch_pop = population(arch, dev_data, specs, cfg, device=DEVICE)
-    torch_eng = Engine(torch_pop, dev_data, dataclasses.replace(cfg, kernels="torch"))
+    torch_pop = population(arch, dev_data, specs, device=DEVICE)
+    torch_eng = engine(torch_pop, dev_data, precision="fp32", graphs=False, kernels="torch")
     torch_res = [torch_eng.meta_loop() for _ in range(2)]
-    pop = population(arch, dev_data, specs, cfg, device=DEVICE)
-    eng = Engine(pop, dev_data, dataclasses.replace(cfg, kernels="triton"))
+    pop = population(arch, dev_data, specs, device=DEVICE)
+    eng = engine(pop, dev_data, precision="fp32", graphs=False, kernels="triton")
     res = [eng.meta_loop() for _ in range(2)]
     assert eng.fused and eng.triton
     ok, diff = close_states(pop, torch_pop, 1e-5)
@@ -200,7 +195,7 @@ def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
         assert a.promoted == b.promoted and a.diverged == b.diverged
         assert all(abs(x - y) <= 100.0 / data.val_y.numel() for x, y in zip(a.candidate_acc, b.candidate_acc))
     for j, mem in enumerate(pop.members):
-        ref = oracle.run(arch, data, mem.seed, mem.mode, 2, CFG)
+        ref = oracle.run(arch, data, mem.seed, mem.mode, 2, HP)
         got = pop.member_state_dict(j)
         assert max((got[k] - ref.lkg[k]).abs().max().item() for k in got) < 1e-5
 
@@ -213,11 +208,10 @@ def test_the_gpu_engine_trains_like_the_cpu_engine(small, text):
     trajectory to float rounding."""
     arch = parse_arch(text)
     specs = [(m, s) for s in (1, 2) for m in MODES]
-    cfg = dataclasses.replace(CFG, precision="fp32")
-    cpu_pop, _, cpu_res = run(arch, small, specs, 2, cfg)
+    cpu_pop, _, cpu_res = run(arch, small, specs, 2, precision="fp32")
     gpu_data = on(small, "cuda")
-    gpu_pop = population(arch, gpu_data, specs, cfg, device="cuda")
-    eng = Engine(gpu_pop, gpu_data, cfg)
+    gpu_pop = population(arch, gpu_data, specs, device="cuda")
+    eng = engine(gpu_pop, gpu_data, precision="fp32")
     assert eng.use_graphs and eng.fused == (text == "[3*4]")
     gpu_res = [eng.meta_loop() for _ in range(2)]
     assert (gpu_pop.lkg.cpu() - cpu_pop.lkg).abs().max().item() < 1e-5
@@ -232,9 +226,9 @@ def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monk
 
     arch = parse_arch("[3*4]")
     specs = [(m, 1) for m in MODES]
-    ref_pop, _, ref = run(arch, small, specs, 2, dataclasses.replace(CFG, kernels="torch"))
+    ref_pop, _, ref = run(arch, small, specs, 2, kernels="torch")
     pop = population(arch, small, specs)
-    eng = Engine(pop, small, CFG)
+    eng = engine(pop, small)
     eng.triton = eng.fused = True
 
     def broken(*a, **k):
@@ -247,7 +241,7 @@ def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monk
     assert records(res) == records(ref)
     assert torch.equal(pop.lkg, ref_pop.lkg)
     # an explicit choice is not second-guessed
-    eng2 = Engine(population(arch, small, specs), small, dataclasses.replace(CFG, kernels="triton"))
+    eng2 = engine(population(arch, small, specs), small, kernels="triton")
     with pytest.raises(RuntimeError, match="simulated"):
         eng2.meta_loop()
 
@@ -259,7 +253,7 @@ def test_an_engine_is_freed_as_soon_as_it_is_dropped(small):
     import weakref
 
     pop = population(ARCH, small, [("none", 1), ("dropout", 1)])
-    eng = Engine(pop, small, CFG)
+    eng = engine(pop, small)
     eng.meta_loop()
     refs = [weakref.ref(eng), weakref.ref(eng._whole), weakref.ref(eng._whole.cand)]
     gc.disable()
@@ -276,23 +270,23 @@ def test_graph_warm_up_stays_inside_a_short_epoch(small, monkeypatch):
     batches and a tail of 188, fewer than its four steps walk through unless every step starts
     the epoch again. The warm-up leaves nothing behind: the loops after it are those of an
     engine that never warmed up."""
-    from psa.core.engine import new_adamw
+    from psa.core.chunk import new_adamw
 
     data = dataclasses.replace(small, train_x=small.train_x[:700], train_y=small.train_y[:700])
-    cfg = dataclasses.replace(CFG, batch_size=256)
+    hp = dataclasses.replace(HP, batch_size=256)
     specs = [(m, s) for s in (1, 2) for m in MODES]
-    ref_pop, _, ref = run(ARCH, data, specs, 2, cfg)
-    pop = population(ARCH, data, specs, cfg)
-    eng = Engine(pop, data, cfg)
+    ref_pop, _, ref = run(ARCH, data, specs, 2, hp)
+    pop = population(ARCH, data, specs, hp)
+    eng = engine(pop, data, hp)
     ch = eng._chunk(0, pop.size)
     assert ch.batch_sizes() == [256, 256, 188]
     ch.cand.copy_(pop.lkg)
-    ch.opt = new_adamw(ch.cand, cfg)
+    ch.adamw = new_adamw(ch.cand, hp)
     ends = []
     real = Engine._step
 
     def spy(self, chunk, b):
-        ends.append(int(chunk.step) * cfg.batch_size + b)  # one past the last position read
+        ends.append(int(chunk.step) * hp.batch_size + b)  # one past the last position read
         return real(self, chunk, b)
 
     monkeypatch.setattr(Engine, "_step", spy)
@@ -325,7 +319,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
     data = dataclasses.replace(small, train_x=small.train_x[:64], train_y=small.train_y[:64],
                                val_x=small.val_x[:100], val_y=small.val_y[:100])
     pop = population(ARCH, data, SPECS)
-    eng = Engine(pop, data, CFG)
+    eng = engine(pop, data)
     eng.triton = eng.fused = True  # as kernels=auto picks them on a GPU
     real = Engine._step
     seen: dict = {}
@@ -333,7 +327,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
     def flaky(self, ch, b):
         real(self, ch, b)
         if ch.size > 6:  # after a real step: its workspace exists
-            seen["refs"] = [weakref.ref(t) for t in (ch, ch.cand, ch.grad, ch.opt, *ch.work.values())]
+            seen["refs"] = [weakref.ref(t) for t in (ch, ch.cand, ch.grad, ch.adamw, *ch.work.values())]
             raise error[0](error[1])  # a fresh exception, as the device raises
 
     def release(device):
@@ -356,7 +350,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
 
 
 def test_is_out_of_memory_tells_memory_from_other_failures():
-    from psa.core.engine import is_out_of_memory
+    from psa.core.device import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
@@ -370,38 +364,38 @@ def test_new_streams_are_distinct_in_torchs_round_robin_pool(monkeypatch):
     """torch.cuda.Stream() is the next of 32 pooled streams, round robin (a fake pool here): made
     per engine, a stream is shared with every 32nd. new_streams gives distinct ones, none the
     side stream, wherever the pool's counter stands; the side stream is made once."""
-    from psa.core import engine as engine_mod
+    from psa.core import device as device_mod
 
     turn = {"n": 0}
 
     class Pooled:
         def __init__(self, device=None, priority=0):
-            self.cuda_stream = 0x7000 + turn["n"] % engine_mod.STREAM_POOL
+            self.cuda_stream = 0x7000 + turn["n"] % device_mod.STREAM_POOL
             turn["n"] += 1
 
     monkeypatch.setattr(torch.cuda, "Stream", Pooled)
-    monkeypatch.setattr(engine_mod, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(device_mod, "_SIDE_STREAMS", {})
     dev = torch.device("cuda", 0)
-    side = engine_mod.side_stream(dev)
-    assert engine_mod.side_stream(dev) is side
+    side = device_mod.side_stream(dev)
+    assert device_mod.side_stream(dev) is side
     for already in (0, 5, 27, 31):
         turn["n"] += already  # streams other code took meanwhile
-        handles = [s.cuda_stream for s in engine_mod.new_streams(dev, 8, avoid=(side,))]
+        handles = [s.cuda_stream for s in device_mod.new_streams(dev, 8, avoid=(side,))]
         assert len(set(handles)) == 8 and side.cuda_stream not in handles
-    assert len(engine_mod.new_streams(dev, 40, avoid=(side,))) == engine_mod.STREAM_POOL - 1
+    assert len(device_mod.new_streams(dev, 40, avoid=(side,))) == device_mod.STREAM_POOL - 1
 
 
 def test_a_cuda_stream_needs_a_cuda_population(small):
     from psa.core.population import ConfigError
 
     with pytest.raises(ConfigError, match="stream"):
-        Engine(population(ARCH, small, [("none", 1)]), small, CFG, stream=object())
+        engine(population(ARCH, small, [("none", 1)]), small, stream=object())
 
 
 def test_on_device_enters_the_engines_cuda_device():
     """Triton launches and graph captures go to the current CUDA device: an engine on cuda:1
     enters it (the context object is checked here; entering it needs the device)."""
-    from psa.core.engine import on_device
+    from psa.core.device import on_device
 
     ctx = on_device(torch.device("cuda", 1))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
@@ -409,7 +403,7 @@ def test_on_device_enters_the_engines_cuda_device():
         pass
 
 
-def meta_twin(pop, ds, cfg):
+def meta_twin(pop, ds, hp, **how):
     """An engine on the meta device (shapes only: nothing is computed or allocated) for `pop`
     and `ds`: a non-CPU device that a machine without a GPU has."""
     meta = torch.device("meta")
@@ -417,7 +411,7 @@ def meta_twin(pop, ds, cfg):
                                       for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
     twin = dataclasses.replace(pop, device=meta, lkg=torch.empty(pop.lkg.shape, device=meta),
                                lkg_correct=torch.empty(pop.lkg_correct.shape, dtype=torch.int64, device=meta))
-    return Engine(twin, data, cfg), data
+    return Engine(twin, data, hp, Execution(meta, **how)), data
 
 
 def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
@@ -428,11 +422,11 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
     from torch.overrides import TorchFunctionMode
 
     from psa.core import ablation as ablation_mod
-    from psa.core import engine as engine_mod
+    from psa.core import chunk as chunk_mod
     from psa.core import rng as rng_mod
 
     depth = {"n": 0}
-    real = engine_mod.to_device
+    real = chunk_mod.to_device
 
     def counted(host, device):
         depth["n"] += 1
@@ -441,7 +435,7 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
         finally:
             depth["n"] -= 1
 
-    for mod in (engine_mod, rng_mod, ablation_mod):
+    for mod in (chunk_mod, rng_mod, ablation_mod):
         monkeypatch.setattr(mod, "to_device", counted)
     stray = []
 
@@ -457,10 +451,10 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
                     stray.append(getattr(func, "__name__", str(func)))
             return out
 
-    cfg = dataclasses.replace(CFG, weight_decay=0.05, max_members=6)
+    hp = dataclasses.replace(HP, weight_decay=0.05)
     specs = [(m, s) for s in (1, 2) for m in MODES]  # decay and dropout members: every constant exists
-    pop = population(ARCH, small, specs, cfg)
-    eng, _ = meta_twin(pop, small, cfg)
+    pop = population(ARCH, small, specs, hp)
+    eng, _ = meta_twin(pop, small, hp, max_members=6)
     assert eng.chunk_size == 6
     with Watch():
         ch = eng._chunk(6, 12)
@@ -476,14 +470,14 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monke
     bytes a parameter that the estimate otherwise counts for the middle layers."""
     pytest.importorskip("triton")
     from psa.core import kernels
-    from psa.core.engine import stack_partial_bytes, working_bytes
+    from psa.core.memory import stack_partial_bytes, working_bytes
 
     arch = parse_arch(text)
-    cfg = dataclasses.replace(CFG, kernels="triton", precision="fp32", batch_size=256)
+    hp = dataclasses.replace(HP, batch_size=256)
     data = dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256],
                                val_x=small.val_x[:64], val_y=small.val_y[:64])
-    pop = population(arch, data, [(m, 1) for m in MODES], cfg)
-    eng = Engine(pop, data, cfg)
+    pop = population(arch, data, [(m, 1) for m in MODES], hp)
+    eng = engine(pop, data, hp, kernels="triton", precision="fp32")
     assert eng.fused
     seen = []
     real = kernels._write_grad
@@ -507,7 +501,7 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monke
 def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):
     """Another engine's captured graphs keep their private pool: its cached blocks are no use
     to a new engine and must not count as free (fakes of torch.cuda's memory queries)."""
-    from psa.core.engine import free_memory
+    from psa.core.device import free_memory
 
     mib = 1 << 20
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000 * mib, 8000 * mib))
@@ -534,13 +528,13 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     from psa.core.engine import kernel_launches
 
     arch = parse_arch(text)
-    cfg = dataclasses.replace(CFG, kernels=kernels_choice, precision="tf32", eval_chunk_bytes=8 * 9 * 40 * 5)
+    ex = dataclasses.replace(resolve_execution("cpu", precision="tf32", kernels=kernels_choice), eval_bytes=8 * 9 * 40 * 5)
     data = dataclasses.replace(small, train_x=small.train_x[:80], train_y=small.train_y[:80],
                                val_x=small.val_x[:90], val_y=small.val_y[:90],
                                test_x=small.test_x[:70], test_y=small.test_y[:70])
     specs = [(m, s) for s in (1, 2) for m in MODES]
-    pop = population(arch, data, specs, cfg)
-    eng = Engine(pop, data, cfg)
+    pop = population(arch, data, specs)
+    eng = Engine(pop, data, HP, ex)
     real = kernels._launch
     made = []
 
@@ -554,7 +548,7 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     eng.meta_loop()
     eng.test_accuracy()
     monkeypatch.setattr(kernels, "_launch", real)
-    foreseen = kernel_launches(arch, pop.members, data, cfg, torch.device("cpu"))
+    foreseen = kernel_launches(arch, pop.members, data, HP, ex)
     assert len(set(made)) >= (2 if eng.fused else 1)
     assert set(foreseen) == set(made)
     assert kernels.precompile(foreseen) == len(set(made))  # interpreted: nothing to compile, but every launch taken
@@ -563,7 +557,7 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
 def test_kernel_launches_are_none_without_triton(small):
     from psa.core.engine import kernel_launches
 
-    cfg = dataclasses.replace(CFG, kernels="torch")
-    assert kernel_launches(parse_arch("[3*4]"), [make_member("none", 1)], small, cfg, torch.device("cpu")) == []
-    auto = dataclasses.replace(CFG, kernels="auto")  # the CPU never picks Triton by itself
-    assert kernel_launches(parse_arch("[3*4]"), [make_member("none", 1)], small, auto, torch.device("cpu")) == []
+    plain = resolve_execution("cpu", kernels="torch")
+    assert kernel_launches(parse_arch("[3*4]"), [HP.member("none", 1)], small, HP, plain) == []
+    auto = resolve_execution("cpu", kernels="auto")  # the CPU never picks Triton by itself
+    assert kernel_launches(parse_arch("[3*4]"), [HP.member("none", 1)], small, HP, auto) == []

@@ -14,14 +14,11 @@ import torch
 
 from psa.cli import main
 
-from .study_util import TINY, env, integrity, leftover_checkpoints, progress, psa_cmd, rows
+from .conftest import env, integrity, leftover_checkpoints, progress, psa_cmd, rows, tiny_as
 
 pytest.importorskip("ray")
 
-RAY = list(TINY)
-RAY[RAY.index("--name") + 1] = "viaray"
-RAY[RAY.index("--meta-loops") + 1] = "30"
-RAY[RAY.index("--train-subset") + 1] = "4096"
+RAY = tiny_as("viaray", "30", "4096")
 
 
 def _descendants(root: int) -> list[int]:
@@ -103,14 +100,15 @@ def _worker_events(monkeypatch, checkpoint_every: float) -> list:
     from psa.study.ray import _population_task
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
-    design = StudyDesign(architectures=("1*8",), modes=("none", "hidden"), trials=2, meta_loops=4,
-                         train_subset=512)
+    design = StudyDesign.from_fields(architectures=("1*8",), modes=("none", "hidden"), trials=2, meta_loops=4,
+                                     train_subset=512)
     pp = make_plan(design, 4).populations[0]
-    return list(_population_task(design, pp, None, 0.0, None, 1, design.train_config(), checkpoint_every))
+    engine = {"precision": "fp32", "kernels": "auto", "graphs": True}
+    return list(_population_task(design, pp, None, 0.0, None, 1, engine, checkpoint_every))
 
 
 def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeypatch) -> None:
-    from psa.study.study import LoopDone
+    from psa.study.events import LoopDone
 
     rare = [ev for ev in _worker_events(monkeypatch, float("inf")) if isinstance(ev, LoopDone)]
     assert [ev.loop for ev in rare] == [1, 2, 3, 4]

@@ -14,7 +14,7 @@ import pytest
 
 from psa.cli import main
 
-from .study_util import (
+from .conftest import (
     TINY,
     env,
     integrity,
@@ -23,20 +23,13 @@ from .study_util import (
     psa_cmd,
     rows,
     run_psa,
+    tiny_as,
 )
-
-
-def _design(name: str, loops: str, subset: str) -> list[str]:
-    argv = list(TINY)
-    argv[argv.index("--name") + 1] = name
-    argv[argv.index("--meta-loops") + 1] = loops
-    argv[argv.index("--train-subset") + 1] = subset
-    return argv
 
 
 # 4 populations x 12 meta-loops on 4,096 images: a few seconds of work between startups; a
 # checkpoint at most every 0.3 s, so that kills land both right after one and loops past one
-KILL = [*_design("killme", "12", "4096"), "--checkpoint-every", "0.3"]
+KILL = [*tiny_as("killme", "12", "4096"), "--checkpoint-every", "0.3"]
 KILL_TRIALS, KILL_LOOP_ROWS = 24, 24 * 12
 
 
@@ -132,7 +125,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, monkeypatch) -> N
 
 @pytest.mark.slow
 def test_two_studies_write_one_database_at_once(tmp_path: Path, monkeypatch) -> None:
-    a, b = _design("left", "6", "2048"), _design("right", "6", "2048")
+    a, b = tiny_as("left", "6", "2048"), tiny_as("right", "6", "2048")
     procs = [subprocess.Popen(psa_cmd("study", *d, "--db", "shared.sqlite"), cwd=tmp_path, env=env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for d in (a, b)]
     errs = [p.communicate(timeout=600)[1] for p in procs]

@@ -15,7 +15,7 @@ from psa.core.data import DataError
 from psa.core.population import ConfigError
 from psa.cli.report import register as register_report
 from psa.study.store import StoreError
-from psa.study.study import StudyError
+from psa.study.options import StudyError
 
 USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError, StudyError)
 

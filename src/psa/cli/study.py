@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -11,20 +12,16 @@ from typing import Any
 
 from psa.study import store
 from psa.cli.argtypes import nonneg_int, positive_int, seconds
+from psa.cli.flags import add_engine_flags, add_training_flags
 from psa.core.population import MODES
 from psa.study.store import StoreError
 from psa.study.design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
 from psa.study.plan import DEFAULT_CALIBRATION, make_plan
-from psa.study.study import (
-    DEFAULT_DB,
-    RunOptions,
-    checkpoint_root,
-    dry_run,
-    lock_held,
-    lock_owner,
-    run_study,
-    stored_design,
-)
+from psa.study.driver import run_study, stored_design
+from psa.study.dry_run import dry_run
+from psa.study.lock import checkpoint_root, lock_held, lock_owner
+from psa.study.options import DEFAULT_DB, RunOptions
+
 
 def _modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
@@ -44,6 +41,18 @@ def _formats(text: str) -> tuple[str, ...]:
     return fmts
 
 
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    """The running flags onto RunOptions: each flag fills the field of its name."""
+    if args.chunk is not None:
+        if args.population_size is not None:
+            raise DesignError("give --population-size or its old name --chunk, not both")
+        print("psa: warning: --chunk is deprecated; use --population-size", file=sys.stderr)
+    flags = vars(args)
+    same = {f.name: flags[f.name] for f in dataclasses.fields(RunOptions) if f.name in flags}
+    return RunOptions(**{**same, "db": Path(args.db), "graphs": not args.no_graphs,
+                         "population_size": args.chunk if args.chunk is not None else args.population_size})
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """Run, resume or --dry-run a study."""
     archs: tuple[str, ...] | None = None
@@ -59,13 +68,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         "dropout": args.dropout, "train_subset": args.train_subset,
     }
     name, design = resolve_design(args.preset, args.design, args.name, overrides)
-    opt = RunOptions(
-        db=Path(args.db), device=args.device, chunk=args.chunk, backend=args.backend, address=args.address,
-        num_cpus=args.num_cpus, cpus_per_task=args.cpus_per_task, per_device=args.per_device,
-        max_retries=args.max_retries, data_dir=args.data_dir, busy_timeout=args.busy_timeout, quiet=args.quiet,
-        precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs, concurrency=args.concurrency,
-        checkpoint_every=args.checkpoint_every,
-    )
+    opt = _run_options(args)
     if args.backend == "local" and (args.address or args.num_cpus):
         raise DesignError("--address and --num-cpus apply to --backend ray")
     if args.backend == "ray" and args.device != "auto":
@@ -102,12 +105,12 @@ def _trial_weights(row: Any) -> dict[str, float] | None:
     try:
         design = StudyDesign(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
                                 if k in StudyDesign.__dataclass_fields__})
-        plan = make_plan(design, int(d["plan"]["chunk"]))
+        plan = make_plan(design, int(d["plan"]["chunk"]))  # the population size, under its old name
     except (DesignError, KeyError, TypeError, ValueError):
         return None
     out: dict[str, float] = {}
     for p in plan.populations:
-        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) / p.size
+        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train) / p.size
     return out
 
 
@@ -162,22 +165,11 @@ def study_status(con: Any, db: Path, row: Any) -> dict[str, Any]:
     return out
 
 
-def _fmt_eta(s: float | None) -> str:
-    if s is None:
-        return "unknown yet"
-    s = max(0.0, s)
-    if s < 90:
-        return f"~{s:.0f} s"
-    if s < 5400:
-        return f"~{s / 60:.0f} min"
-    return f"~{s / 3600:.1f} h"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Progress of every study in a database (or one), readable while a study runs."""
     from rich.table import Table
 
-    from psa.study.console import out_console
+    from psa.study.console import fmt_seconds, out_console
 
     db = Path(args.db)
     con = store.connect(db, readonly=True)
@@ -222,7 +214,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{info['loops_done']:,} of {info['loops_total']:,} "
             f"({100.0 * info['loops_done'] / max(1, info['loops_total']):.0f}%)", soft_wrap=True)
         if info["state"] == "running":
-            out_console.print(f"  eta: {_fmt_eta(info['eta_seconds'])} (from this run's pace so far)")
+            eta = "unknown yet" if info["eta_seconds"] is None else fmt_seconds(info["eta_seconds"], rough=True)
+            out_console.print(f"  eta: {eta} (from this run's pace so far)")
         t = Table(show_edge=False, pad_edge=False, box=None)
         for col in ("arch", "trials", "done", "running", "pending", "failed", "meta-loops", "best bounty"):
             t.add_column(col, justify="left" if col == "arch" else "right")
@@ -275,8 +268,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `study`, `status` and `export` to psa's subcommands."""
-    from psa.cli.flags import add_engine_flags, add_training_flags
-
     p = sub.add_parser("study", help="run (or resume) a study: architectures x modes x trials, into SQLite",
                        description="Run a study design into a results database. Re-running the same command "
                                    "resumes it: finished trials are skipped, unfinished ones continue from their "
@@ -298,8 +289,9 @@ def register(sub: Any) -> None:
                         "not comparable with the paper (recorded in the trials' dataset column)")
     r = p.add_argument_group("running")
     r.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
-    r.add_argument("--chunk", type=positive_int,
+    r.add_argument("--population-size", type=positive_int, metavar="N",
                    help="most members per population (default: fit the device's memory; fixed at creation)")
+    r.add_argument("--chunk", type=positive_int, metavar="N", help="deprecated: the old name of --population-size")
     r.add_argument("--backend", choices=("local", "ray"), default="local", help="local (default) or ray")
     r.add_argument("--address", help="ray: address of an existing cluster (default: start a local instance)")
     r.add_argument("--num-cpus", type=positive_int, help="ray: CPUs of the local instance (default all)")

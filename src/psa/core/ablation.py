@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from psa.core.arch import Arch
-from psa.core.population import ABLATIVE_MODES, Layout, derive_seed, to_device
+from psa.core.device import to_device
+from psa.core.population import ABLATIVE_MODES, Layout, derive_seed
 
 
 def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int] | None:

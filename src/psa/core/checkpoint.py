@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from psa.core.arch import ArchError, parse_arch
-from psa.core.population import ConfigError, Layout, Member, Population, canonical_device
+from psa.core.device import canonical_device
+from psa.core.population import ConfigError, Layout, Member, Population
 
 FORMAT = "psa-checkpoint-1"
 

@@ -50,20 +50,13 @@ class Member:
         return self.mode in ABLATIVE_MODES
 
 
-def make_member(
-    mode: str,
-    seed: int,
-    weight_decay: float | None = None,
-    dropout: float | None = None,
-    decay_rate: float = 1e-4,
-    dropout_rate: float = 0.1,
-) -> Member:
-    """A member with the paper's per-mode rates: `decay_rate` only in decay mode, `dropout_rate`
-    only in dropout mode, exactly 0 otherwise. Explicit `weight_decay`/`dropout` override that."""
+def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float) -> Member:
+    """The trial of `mode` and `seed`: `decay_rate` in decay mode only, `dropout_rate` in
+    dropout mode only, exactly 0 otherwise (HParams.member passes the paper's rates)."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    wd = weight_decay if weight_decay is not None else (decay_rate if mode == "decay" else 0.0)
-    p = dropout if dropout is not None else (dropout_rate if mode == "dropout" else 0.0)
+    wd = decay_rate if mode == "decay" else 0.0
+    p = dropout_rate if mode == "dropout" else 0.0
     if not (math.isfinite(wd) and wd >= 0):
         raise ConfigError(f"weight decay must be a finite number >= 0, got {wd}")
     if not (0.0 <= p < 1.0):

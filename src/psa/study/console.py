@@ -53,3 +53,22 @@ def loop_progress(console: Console | None = None) -> Progress:
         transient=False,
         disable=not (console or err_console).is_terminal and not sys.stderr.isatty(),
     )
+
+
+def fmt_seconds(s: float, rough: bool = False) -> str:
+    """A duration for people: "45 s", "12.5 min", "3.2 h", "2.1 d"; rough (an ETA): "~45 s",
+    "~12 min", "~3.2 h", never below zero nor in days."""
+    if rough:
+        s = max(0.0, s)
+        if s < 90:
+            return f"~{s:.0f} s"
+        if s < 5400:
+            return f"~{s / 60:.0f} min"
+        return f"~{s / 3600:.1f} h"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"

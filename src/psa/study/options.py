@@ -29,7 +29,7 @@ class RunOptions:
     busy_timeout: float = 60.0
     quiet: bool = False
     precision: str = "auto"  # of the matmuls (psa.core.precision); fixed when the study is created
-    kernels: str = "auto"  # auto | torch | triton (TrainConfig.kernels)
+    kernels: str = "auto"  # auto | torch | triton (resolved by psa.core.device.resolve_execution)
     graphs: bool = True  # CUDA graphs on a GPU
     concurrency: int | None = None  # populations in flight on one GPU; None: 8 on a GPU, 1 elsewhere
     checkpoint_every: float = 60.0  # seconds between a population's checkpoints (0: every meta-loop)

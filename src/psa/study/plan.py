@@ -4,7 +4,6 @@ first; the cost model behind the order, the progress bars and `psa study --dry-r
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -14,13 +13,15 @@ import torch
 
 from psa.core.arch import parse_arch
 from psa.core.data import N_TRAIN, N_VAL, Dataset
+from psa.core.device import Execution, describe_device, synchronize, total_memory
+from psa.core.engine import Engine
+from psa.core.memory import working_bytes
+from psa.core.population import MODES, Member, Population
 from psa.study.design import DesignError, StudyDesign
-from psa.core.engine import Engine, TrainConfig, working_bytes
-from psa.core.population import MODES, Member, Population, make_member
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost model, chunking and the plan
+# Cost model, population size and the plan
 
 
 def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
@@ -65,20 +66,16 @@ def bytes_per_member(arch: str, batch_size: int = 256, fused: bool = False, prec
 def device_budget(device: torch.device) -> int:
     """Bytes a study may plan to use on `device`: a fixed fraction of the device's total memory
     (not its free memory, so that the same device always yields the same plan)."""
+    total = total_memory(device)
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
         return int(total * 0.6)
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
     return int(min(total * 0.25, 16 << 30))
 
 
-def auto_chunk(design: StudyDesign, budget: int) -> int:
+def auto_population_size(design: StudyDesign, budget: int) -> int:
     """Members per population that fit `budget` for the design's largest architecture, capped at
-    a whole architecture (all modes x all trials): the default chunk size."""
-    worst = max(bytes_per_member(a, design.batch_size) for a in design.architectures)
+    a whole architecture (all modes x all trials): the default population size."""
+    worst = max(bytes_per_member(a, design.hparams.batch_size) for a in design.architectures)
     fit = max(1, budget // worst)
     cap = len(design.modes) * design.trials
     return int(min(cap, fit))
@@ -124,24 +121,25 @@ class Plan:
     """A design's populations, largest estimated work first."""
 
     design: StudyDesign
-    chunk: int  # most members per population
+    population_size: int  # most members per population
     populations: tuple[PopulationPlan, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """What the studies row records about the plan."""
-        return {"chunk": self.chunk, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
+        """What the studies row records about the plan. The population size is stored under its
+        old name, "chunk", so that a plan's JSON (and with it the studies row) stays the same."""
+        return {"chunk": self.population_size, "populations": [[p.arch, p.first, p.last] for p in self.populations]}
 
 
-def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
-    """Partition each architecture's trials into populations of at most `chunk` members (whole
-    trials: every mode of a trial shares a population, so it shares one data order and one
-    first-layer matmul), as evenly as possible; order them largest work first.
+def make_plan(design: StudyDesign, population_size: int, calibration: Calibration = DEFAULT_CALIBRATION) -> Plan:
+    """Partition each architecture's trials into populations of at most `population_size`
+    members (whole trials: every mode of a trial shares a population, so it shares one data
+    order and one first-layer matmul), as evenly as possible; order them largest work first.
 
-    A pure function of (design, chunk): a resume rebuilds exactly the same populations.
+    A pure function of (design, population_size): a resume rebuilds exactly the same populations.
     """
-    if chunk < 1:
-        raise DesignError(f"chunk must be at least 1 member, got {chunk}")
-    per = max(1, chunk // len(design.modes))
+    if population_size < 1:
+        raise DesignError(f"a population needs at least 1 member, got {population_size}")
+    per = max(1, population_size // len(design.modes))
     pops = []
     for arch in design.architectures:
         n = -(-design.trials // per)
@@ -151,42 +149,26 @@ def make_plan(design: StudyDesign, chunk: int, calibration: Calibration = DEFAUL
             size = base + (1 if i < extra else 0)
             pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
             first += size
-    work = {p: calibration.loop_seconds(p.arch, p.size, design.batch_size, design.n_train) for p in pops}
+    work = {p: calibration.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train) for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
-    return Plan(design, chunk, tuple(pops[i] for i in order))
+    return Plan(design, population_size, tuple(pops[i] for i in order))
 
 
 # ---------------------------------------------------------------------------------------------
 # Calibration on the device
 
 
-def describe_device(device: torch.device) -> str:
-    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return str(device)
-
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: int = 4,
-              config: TrainConfig | None = None) -> Calibration:
+def calibrate(ex: Execution, data: Dataset, design: StudyDesign, steps: int = 4) -> Calibration:
     """Fit seconds/FLOP and seconds per (layer x step) on `device` from two short probes.
 
     Probe A (compute-bound): a population of 1*512 nets (60 members on a GPU, 6 on a CPU);
     probe B (overhead-bound): 6 members of 16*8. Each trains a warm-up epoch and then two timed
     epochs (the faster counts) of `steps` batches of real MNIST with the design's
-    hyperparameters (and `config`'s precision and kernels); the two timings solve
+    hyperparameters (and `ex`'s device, precision and kernels); the two timings solve
     t = a * FLOPs + b * layers * steps.
     """
-    config = config or design.train_config()
-    bs = design.batch_size
+    device = ex.device
+    bs = design.hparams.batch_size
     sub = dataclasses.replace(data, train_x=data.train_x[: steps * bs], train_y=data.train_y[: steps * bs])
     n_img = sub.train_x.shape[0]
     n_steps = -(-n_img // bs)
@@ -194,16 +176,16 @@ def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: i
     meas = []
     for arch, m in probes:
         a = parse_arch(arch)
-        members = [make_member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
+        members = [design.hparams.member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
         pop = Population.create(a, members, device, n_val=data.val_y.numel())
-        engine = Engine(pop, sub, config)
+        engine = Engine(pop, sub, design.hparams, ex)
         engine.train_epoch(1)
         times = []
         for loop in (2, 3):
-            _sync(device)
+            synchronize(device)
             t = time.perf_counter()
             engine.train_epoch(loop)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t)
         meas.append((3.0 * m * a.flops_per_sample() * n_img, a.n_linear * n_steps, min(times)))
     (fa, la, ta), (fb, lb, tb) = meas
@@ -217,13 +199,3 @@ def calibrate(device: torch.device, data: Dataset, design: StudyDesign, steps: i
               f"device; loop time = {sec_flop * 1e12:.3g} s/TFLOP x FLOPs + {sec_layer * 1e6:.3g} us x layers x "
               f"steps (rough: ignores denormal slow-downs and memory effects)")
     return Calibration(sec_flop, sec_layer, describe_device(device), method)
-
-
-def fmt_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"

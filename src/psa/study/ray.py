@@ -28,19 +28,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from psa.core.device import resolve_execution
 from psa.study.design import StudyDesign
+from psa.study.events import Event, LoopDone, PopulationFailed, Started
+from psa.study.options import RunOptions, StudyError
 from psa.study.plan import PopulationPlan
-from psa.study.study import (
-    LoopDone,
-    PopulationFailed,
-    PopulationState,
-    Started,
-    Study,
-    StudyError,
-    design_data,
-    population_events,
-    population_to,
-)
+from psa.study.runner import PopulationState, design_data, population_events, population_to
 
 
 def import_ray() -> Any:
@@ -53,21 +46,24 @@ def import_ray() -> Any:
 
 
 def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_seconds: float,
-                     data_dir: str | None, threads: int, config: Any, checkpoint_every: float) -> Iterator[Any]:
+                     data_dir: str | None, threads: int, engine: dict[str, Any], checkpoint_every: float
+                     ) -> Iterator[Event]:
     """Runs on a Ray worker: train one population, yielding its events; a loop's event carries a
     CPU copy of the population only when a checkpoint is due (every `checkpoint_every` seconds,
-    and after the first loop), as the local backend checkpoints."""
+    and after the first loop), as the local backend checkpoints. `engine` holds the study's
+    precision and the run's kernels and graphs choices, resolved here for the worker's device."""
     import ray
     import torch
 
     torch.set_num_threads(max(1, threads))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    ex = resolve_execution(device, **engine)
     data = design_data(design, data_dir, device)
     if start is not None:
         start = population_to(start, device)
     where = f"{socket.gethostname()}:{device} (pid {os.getpid()})"
     shipped_at = -math.inf
-    for ev in population_events(design, pp, data, start, prior_seconds, where, config):
+    for ev in population_events(design, pp, data, start, ex, prior_seconds, where):
         if isinstance(ev, LoopDone):
             # the copy must be taken before the generator queues the next loop, i.e. here
             now = time.monotonic()
@@ -81,10 +77,11 @@ def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_
         yield ev
 
 
-def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
-    """Submit every unfinished population (largest work first) and yield their events as they come."""
+def ray_events(design: StudyDesign, todo: list[PopulationState], precision: str, opt: RunOptions,
+               console: Any) -> Iterator[Event]:
+    """Submit every unfinished population (largest work first) and yield their events as they
+    come; `console` tells of lost workers and resubmissions."""
     ray = import_ray()
-    opt = study.opt
     started_here = not ray.is_initialized()
     if started_here:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
@@ -109,13 +106,14 @@ def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
         task_opts = {"num_cpus": cpus}
         threads = cpus
     remote = ray.remote(max_retries=0)(_population_task)
+    engine = {"precision": precision, "kernels": opt.kernels, "graphs": opt.graphs}
     pending: dict[Any, PopulationState] = {}
     latest: dict[str, tuple[Any, float]] = {}
 
     def submit(st: PopulationState) -> None:
         start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
-        gen = remote.options(**task_opts).remote(study.design, st.plan, start, prior, opt.data_dir, threads,
-                                                 study.train_config(), opt.checkpoint_every)
+        gen = remote.options(**task_opts).remote(design, st.plan, start, prior, opt.data_dir, threads, engine,
+                                                 opt.checkpoint_every)
         pending[gen] = st
 
     def lost(st: PopulationState, err: BaseException) -> Iterator[Any]:
@@ -124,8 +122,8 @@ def ray_events(study: Study, todo: list[PopulationState]) -> Iterator[Any]:
         if st.attempts > opt.max_retries:
             yield PopulationFailed(st.plan.key, f"worker lost {st.attempts} times; last: {msg}")
         else:
-            study.console.print(f"[yellow]worker lost[/] running {st.plan.label()} ({msg}); resubmitting from its "
-                                f"checkpoint (attempt {st.attempts + 1})", soft_wrap=True, highlight=False)
+            console.print(f"[yellow]worker lost[/] running {st.plan.label()} ({msg}); resubmitting from its "
+                          f"checkpoint (attempt {st.attempts + 1})", soft_wrap=True, highlight=False)
             submit(st)
 
     try:

@@ -24,10 +24,12 @@ from psa.core.checkpoint import FORMAT, CheckpointError, atomic_write, load_memb
 from psa.core.data import Dataset
 from psa.core.data import load as load_data
 from psa.core.device import Execution, resolve_execution
-from psa.core.engine import Engine, LoopResult
+from psa.core.engine import LoopResult
 from psa.core.hparams import HParams
 from psa.core.population import ConfigError, Member, Population
 from psa.study.console import arch_table, err_console, loop_progress
+from psa.study.events import PopulationDone
+from psa.study.runner import PopulationRun
 
 CHECKPOINT = "lkg.safetensors"
 SUMMARY = "run.json"
@@ -254,7 +256,7 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     if trial.run_dir is None:
         trial.run_dir = prepare_out(cfg.out, trial.arch.short, trial.mode, trial.seed)
     run_dir = trial.run_dir
-    engine = Engine(pop, data, trial.hparams, ex)
+    run = PopulationRun(str(run_dir), pop, data, trial.hparams, ex, where=str(ex.device))
 
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
         s = summary(trial, pop, member, ex, data, final, test_acc,
@@ -273,14 +275,19 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
             if step == 1 or step == n_steps or step % 8 == 0:
                 progress.update(steps_task, completed=step, total=n_steps)
 
-        while pop.loop < trial.target:
-            r = engine.meta_loop(None if cfg.quiet else on_step)
-            trial.records.append(loop_record(r, trial.mode))
+        done: PopulationDone | None = None
+        while run.to_go > 0:
+            run.launch(None if cfg.quiet else on_step)
+            events = run.collect()
+            assert run.last is not None
+            trial.records.append(loop_record(run.last, trial.mode))
             checkpoint(False, None)
             progress.advance(loops_task)
             if not cfg.quiet:
-                progress.console.print(_loop_line(r, trial, pop), soft_wrap=True)
-    test_acc = engine.test_accuracy()[0]
+                progress.console.print(_loop_line(run.last, trial, pop), soft_wrap=True)
+            done = next((ev for ev in events if isinstance(ev, PopulationDone)), None)
+    assert done is not None
+    test_acc = done.test_acc[0]
     s = checkpoint(True, test_acc)
     wall = time.perf_counter() - t_start
     if not cfg.quiet:

@@ -1,0 +1,469 @@
+"""Run a study into SQLite: open or create it, resume its populations, record their events.
+
+A design (design.StudyDesign) says what to run; a plan (plan.Plan) partitions its trials into
+populations; a backend (runner.local_events, ray.ray_events) trains them and yields events
+(psa.study.events); this module records every meta-loop in the results database as it happens.
+
+Invariants that make a killed study resume to exactly the rows of an uninterrupted one:
+- Trial k of every mode has seed `seed + k - 1` (paired design).
+- The partition of trials into populations is a pure function of the design and the
+  population size (stored with the study), never of what is left to do: a member's
+  floating-point results may depend on which members share its population, so a resume
+  rebuilds the same populations.
+- Per meta-loop of a population, the driver first commits that loop's rows (INSERT OR REPLACE,
+  keyed by trial and loop) with the trials' progress in one transaction, then, when one is due
+  (opt.checkpoint_every), atomically replaces the population's checkpoint. A kill leaves the
+  database some loops ahead of the checkpoint; the resume recomputes those loops from the
+  checkpoint (all randomness is a function of seed and loop, so they are the same loops) and
+  overwrites their rows. The study's precision and the random streams' version are fixed
+  when it is created; a checkpoint of other streams or precision is not continued.
+- Final results (bounty, test accuracy, status 'done') commit in one transaction; only then is
+  the checkpoint removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from psa import __version__
+from psa.core import rng
+from psa.core.arch import parse_arch
+from psa.core.checkpoint import CheckpointError, load_population, save_population
+from psa.core.device import Execution, describe_device, resolve_device, resolve_execution
+from psa.study import store
+from psa.study.design import DesignError, StudyDesign
+from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
+from psa.study.lock import StudyLock, checkpoint_root
+from psa.study.options import RunOptions, StudyError
+from psa.study.plan import Plan, PopulationPlan, auto_population_size, device_budget, make_plan
+from psa.study.progress import StudyProgress, work_done
+from psa.study.runner import PopulationState, local_events
+from psa.study.store import StoreError
+
+# ---------------------------------------------------------------------------------------------
+# A study's row: what it was created with, and the checks a resume (or a dry run) passes
+
+
+def code_version() -> str:
+    """psa's version, plus the git commit when running from a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
+
+
+def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
+    """The trials table rows of a design, in design order (architecture, mode, trial)."""
+    hp = design.hparams
+    out = []
+    for arch in design.architectures:
+        for mode in design.modes:
+            for k in range(1, design.trials + 1):
+                m = design.member(mode, k)
+                out.append({"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
+                            "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
+                            "dropout": m.dropout, "dataset": design.dataset_label})
+    return out
+
+
+def stored_design(row: Any) -> dict[str, Any]:
+    """The design JSON of a studies row."""
+    try:
+        d = json.loads(row["design"])
+        return d if isinstance(d, dict) else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
+    new = design.to_dict()
+    for k in [*new, *(k for k in stored if k not in new and k not in ("plan", "seeds"))]:
+        v, old = new.get(k), stored.get(k)
+        if old != v:
+            if isinstance(v, list) and isinstance(old, list) and len(v) > 6:
+                return f"{k}: {len(old)} entries there, {len(v)} here" if len(old) != len(v) else f"{k} differ"
+            return f"{k}: {old!r} there, {v!r} here"
+    return "the design"
+
+
+def default_population_size(design: StudyDesign, opt: RunOptions, device: torch.device) -> int:
+    """The population size a new study is planned with: opt's, else as many members as fit
+    the device (8 GiB per task with Ray)."""
+    if opt.population_size is not None:
+        return opt.population_size
+    return auto_population_size(design, 8 << 30 if opt.backend == "ray" else device_budget(device))
+
+
+@dataclass(frozen=True)
+class StoredPlan:
+    """What a study was created with, checked against how it is asked to run now."""
+
+    plan: Plan
+    precision: str
+
+
+def check_stored(row: Any, name: str, db: Path, design: StudyDesign, opt: RunOptions,
+                 requested: Execution) -> StoredPlan:
+    """The stored plan and precision of a studies row, or StudyError where this run may not
+    continue it: another design, another population size or precision, another planner."""
+    if row["design_hash"] != design.digest():
+        raise StudyError(f"study {name!r} in {db} was created with a different design "
+                         f"({_design_difference(stored_design(row), design)}); pass --name to start a new study")
+    stored_plan = stored_design(row).get("plan", {})
+    size = int(stored_plan.get("chunk", 0)) or None  # the population size, under its old name
+    if size is None:
+        raise StudyError(f"study {name!r} in {db} has no stored plan; was it written by another tool?")
+    if opt.population_size is not None and opt.population_size != size:
+        raise StudyError(f"study {name!r} was planned with --population-size {size}; resume it with the same "
+                         f"population size (or omit --population-size)")
+    # studies from before the field ran in strict fp32
+    precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))
+    if opt.precision != "auto" and requested.precision != precision:
+        raise StudyError(f"study {name!r} was created with --precision {precision}; resume it with "
+                         f"the same precision (or omit --precision)")
+    plan = make_plan(design, size)
+    stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
+    if stored_pops and stored_pops != sorted((p.arch, p.first, p.last) for p in plan.populations):
+        raise StudyError(f"study {name!r}: the stored plan does not match this version's planner")
+    return StoredPlan(plan, precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study in its database
+
+
+class Study:
+    """A study bound to a database: plans, resumes, runs, and records."""
+
+    def __init__(self, name: str, design: StudyDesign, options: RunOptions, console: Any = None) -> None:
+        from psa.study.console import err_console
+
+        self.name = name
+        self.design = design
+        self.opt = options
+        self.db = Path(options.db)
+        self.console = console or err_console
+        self.ckpt_dir = checkpoint_root(self.db) / name
+        self.lock = StudyLock(self.ckpt_dir, name, self.db)
+        self.con: Any = None
+        self.study_id = 0
+        self.run_id = 0
+        self.plan: Plan | None = None
+        self.pops: dict[str, PopulationState] = {}
+        self.precision = "fp32"
+        self.execution: Execution | None = None  # how this run trains the study's populations (open)
+        self._saved_at: dict[str, float] = {}
+        self._full_sync = True
+
+    # ------------------------------------------------------------------ setup
+    def open(self, device_desc: str, requested: Execution) -> None:
+        """Connect, lock the study, create or check its row and trials, and load the plan; the
+        study's populations then train under `requested` in the study's own precision."""
+        try:
+            self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
+        except OSError as e:
+            raise StudyError(f"cannot create the results database {self.db}: {e.strerror or e}") from None
+        # a commit must be on disk before the checkpoint that follows it (power loss): see _durable
+        self.con.execute("PRAGMA synchronous=FULL")
+        self._full_sync = True
+        self.lock.acquire()
+        row = store.get_study(self.con, self.name)
+        if row is None:
+            row = self._create(device_desc, requested)
+        self.study_id = int(row["id"])
+        stored = check_stored(row, self.name, self.db, self.design, self.opt, requested)
+        self.plan, self.precision = stored.plan, stored.precision
+        self.execution = dataclasses.replace(requested, precision=stored.precision)
+        self._load_populations()
+
+    def _create(self, device_desc: str, requested: Execution) -> Any:
+        """The studies row and trials of a new study (its plan and precision fixed here)."""
+        plan = make_plan(self.design, default_population_size(self.design, self.opt, requested.device))
+        engine = {"precision": requested.precision, "rng": rng.VERSION}
+        doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
+               "plan": {**plan.to_dict(), "engine": engine}}
+        store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(), code_version(), device_desc,
+                           trial_rows(self.design))
+        return store.get_study(self.con, self.name)
+
+    def _load_populations(self) -> None:
+        """Each population of the plan, with its trial ids and progress from the database."""
+        assert self.plan is not None
+        trials = store.study_trials(self.con, self.study_id)
+        by_key = {(t["arch"], t["mode"], t["trial"]): t for t in trials}
+        if len(by_key) != self.design.n_trials:
+            raise StudyError(f"study {self.name!r} in {self.db} has {len(by_key)} trials, "
+                             f"its design {self.design.n_trials}")
+        for pp in self.plan.populations:
+            rows = [by_key[(pp.arch, m, k)] for k in pp.trials for m in pp.modes]
+            ids = {(r["mode"], int(r["seed"])): int(r["id"]) for r in rows}
+            done = all(r["status"] == "done" for r in rows)
+            self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
+
+    def _ckpt_path(self, pp: PopulationPlan) -> Path:
+        return self.ckpt_dir / f"{pp.key}.safetensors"
+
+    def load_checkpoints(self) -> list[str]:
+        """Attach every usable checkpoint to its population; clean up the rest. Returns notes."""
+        notes = []
+        for tmp in self.ckpt_dir.glob(".*.tmp"):  # an atomic write killed half-way
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        known = {self._ckpt_path(st.plan).name for st in self.pops.values()}
+        for f in self.ckpt_dir.glob("*.safetensors"):
+            if f.name not in known:
+                notes.append(f"ignoring unknown checkpoint {f}")
+        for st in self.pops.values():
+            path = self._ckpt_path(st.plan)
+            if not path.exists():
+                continue
+            if st.done:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # finished after its last checkpoint: nothing to resume
+                continue
+            try:
+                pop, meta = load_population(path, "cpu")
+                self._check_checkpoint(st, pop, meta)
+            except CheckpointError as e:
+                notes.append(f"restarting {st.plan.label()} from scratch: checkpoint {path.name} unusable ({e})")
+                continue
+            st.start = pop
+            st.prior_seconds = float(meta.get("seconds", 0.0))
+            st.loop = pop.loop
+        return notes
+
+    def _check_checkpoint(self, st: PopulationState, pop: Any, meta: dict[str, Any]) -> None:
+        """CheckpointError unless `pop` continues `st` in this study exactly."""
+        expected = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in st.plan.members(self.design)]
+        got = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in pop.members]
+        if meta.get("study") != self.name or meta.get("design_hash") != self.design.digest():
+            raise CheckpointError("it belongs to another study or design")
+        if meta.get("rng") != rng.VERSION:
+            raise CheckpointError("an older psa wrote it, whose data order and dropout were drawn differently")
+        if meta.get("precision", "fp32") != self.precision:
+            raise CheckpointError(f"it was trained in {meta.get('precision', 'fp32')}, the study is {self.precision}")
+        if got != expected or str(pop.arch) != str(parse_arch(st.plan.arch)):
+            raise CheckpointError("its members differ from the plan's")
+        if not 0 <= pop.loop <= self.design.hparams.meta_loops:
+            raise CheckpointError(f"it is at meta-loop {pop.loop}")
+        if st.loops_done < pop.loop:
+            # rows always commit before the checkpoint is written; anything else means the
+            # database was replaced: start over rather than leave holes
+            raise CheckpointError(f"the database has only {st.loops_done} of its {pop.loop} meta-loops")
+
+    def trials_done(self) -> int:
+        """Trials of finished populations."""
+        return sum(st.plan.size for st in self.pops.values() if st.done)
+
+    # ------------------------------------------------------------------ event handling
+    def handle(self, ev: Event) -> None:
+        """Record one event: rows first, then the checkpoint (see the module docstring)."""
+        st = self.pops[ev.key]
+        if isinstance(ev, Started):
+            store.mark_running(self.con, list(st.trial_ids.values()))
+        elif isinstance(ev, LoopDone):
+            self._record_loop(st, ev)
+        elif isinstance(ev, PopulationDone):
+            self._durable(True)
+            results = []
+            for (mode, seed), b, bl, t in zip(ev.members, ev.bounty, ev.bounty_loop, ev.test_acc):
+                results.append((st.trial_ids[(mode, seed)], b, bl, t, ev.seconds, self.design.hparams.meta_loops))
+            store.finish_trials(self.con, self.run_id, results)
+            st.done = True
+            with contextlib.suppress(FileNotFoundError):
+                self._ckpt_path(st.plan).unlink()
+        elif isinstance(ev, PopulationFailed):
+            store.fail_trials(self.con, list(st.trial_ids.values()))
+
+    def _record_loop(self, st: PopulationState, ev: LoopDone) -> None:
+        if ev.loop <= st.loop:
+            return  # a replay (retried task) of a loop already recorded
+        # Checkpoints are written every opt.checkpoint_every seconds, not every loop: a big
+        # population's is hundreds of MB. A resume recomputes the loops since the last one
+        # (the same loops: all randomness is a function of seed and loop) and overwrites them.
+        now = time.monotonic()
+        if ev.checkpoint is None:
+            due = now - self._saved_at.get(ev.key, -math.inf) >= self.opt.checkpoint_every
+        else:
+            due = ev.checkpoint and ev.population is not None
+        self._durable(due)  # the commit before a checkpoint must be on disk first
+        rows = [(st.trial_ids[(mode, seed)], ev.loop, mode, *rest) for mode, seed, *rest in ev.rows]
+        store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
+        st.loop = ev.loop
+        if not due:
+            return
+        extra = {"study": self.name, "population": st.plan.key, "design_hash": self.design.digest(),
+                 "seconds": ev.seconds, "rng": rng.VERSION, "precision": self.precision}
+        try:
+            save_population(self._ckpt_path(st.plan), ev.population, extra)
+        except OSError as e:
+            raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
+        self._saved_at[ev.key] = now
+
+    def _durable(self, full: bool) -> None:
+        """synchronous=FULL (fsync at commit) or NORMAL for the next commits. In WAL mode a FULL
+        commit also makes every earlier NORMAL one durable, so one fsync before each checkpoint
+        keeps the rows-before-checkpoint order through a power loss, without one per loop."""
+        if full != self._full_sync:
+            self.con.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._full_sync = full
+
+    def _disk_message(self, e: OSError, path: Path) -> str:
+        if e.errno == errno.ENOSPC:
+            return (f"no space left on device writing {path}; the database and the previous checkpoint are intact: "
+                    f"free some space and rerun the same command to resume")
+        return f"cannot write {path}: {e.strerror or e}; the database is intact: rerun the same command to resume"
+
+    def close(self, outcome: str) -> None:
+        """End this invocation's run row with `outcome` unless it already ended (a complete or
+        failed run), drop the lock and close the database."""
+        if self.con is not None and self.run_id and outcome != "complete" and not outcome.startswith("failed"):
+            with contextlib.suppress(Exception):
+                store.end_run(self.con, self.run_id, outcome[:500])
+        self.lock.release()
+        if self.con is not None:
+            with contextlib.suppress(Exception):
+                self.con.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# psa study
+
+
+@dataclass
+class StudyResult:
+    """What a `psa study` invocation did."""
+
+    name: str
+    trials: int
+    done: int
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    complete: bool = False
+
+
+def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = None) -> StudyResult:
+    """Run (or resume) a study to completion; every result lands in opt.db as it happens."""
+    t0 = time.perf_counter()
+    device, device_desc = _backend_device(opt)
+    # `auto` precision and kernels resolved once, here (a Ray worker resolves its own device's)
+    requested = resolve_execution(device, opt.precision, opt.kernels, opt.graphs)
+    study = Study(name, design, opt, console)
+    outcome = "error"
+    try:
+        result = _run(study, requested, device_desc, t0)
+        outcome = "complete" if result.complete else f"failed: {len(result.failed)} populations"
+        return result
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    except (StoreError, StudyError) as e:
+        outcome = f"error: {e}"
+        raise
+    finally:
+        study.close(outcome)
+
+
+def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
+    """The device the driver plans for, and how the run describes where it trains."""
+    if opt.backend not in ("local", "ray"):
+        raise DesignError(f"unknown backend {opt.backend!r}; choose local or ray")
+    if opt.backend == "ray":
+        from psa.study.ray import import_ray
+
+        import_ray()  # a missing Ray is a clear error before anything is written
+        return torch.device("cpu"), f"ray ({opt.address or 'local instance'})"
+    device = resolve_device(opt.device)
+    return device, describe_device(device)
+
+
+def _run(study: Study, requested: Execution, device_desc: str, t0: float) -> StudyResult:
+    """Open the study, train what is left, and end its run row."""
+    design, opt = study.design, study.opt
+    study.open(device_desc, requested)
+    notes = study.load_checkpoints()
+    todo = [st for st in study.pops.values() if not st.done]
+    progress = StudyProgress(study.name, design, study.pops, study.console, opt.quiet)
+    _announce(study, progress, device_desc, notes, todo)
+    if not todo:
+        store.end_run(study.con, store.start_run(study.con, study.study_id, opt.backend, device_desc, 0.0),
+                      "complete", study.study_id)
+        progress.print(f"study {study.name} is complete ({design.n_trials} trials); nothing to do")
+        return StudyResult(study.name, design.n_trials, design.n_trials, complete=True)
+    study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc,
+                                   work_done(design, study.pops))
+    failed = _record(study, progress, _events(study, todo))
+    done = study.trials_done()
+    complete = done == design.n_trials
+    store.end_run(study.con, study.run_id, "complete" if complete else f"failed: {len(failed)} populations",
+                  study.study_id if complete else None)
+    seconds = time.perf_counter() - t0
+    if complete:
+        progress.print(f"study [bold]{study.name}[/] complete: {design.n_trials} trials in {seconds:.1f}s -> "
+                       f"{study.db} (see `psa status`, `psa export`)")
+    return StudyResult(study.name, design.n_trials, done, failed, seconds, complete)
+
+
+def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: list[str],
+              todo: list[PopulationState]) -> None:
+    """What the study is, where it runs, and what a resume continues."""
+    design = study.design
+    assert study.plan is not None
+    progress.print(
+        f"study [bold]{study.name}[/]: {len(design.architectures)} architectures x {len(design.modes)} modes x "
+        f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
+        f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
+        f"{device_desc}; {study.db}")
+    for n in notes:
+        progress.print(f"[yellow]note[/]: {n}")
+    resumed = [st for st in todo if st.start is not None]
+    done_trials = study.trials_done()
+    if todo and (done_trials or resumed):
+        progress.print(f"resuming: {done_trials} trials done, {len(resumed)} populations continue from "
+                       f"their checkpoints, {len(todo) - len(resumed)} start fresh")
+
+
+def _events(study: Study, todo: list[PopulationState]) -> Iterator[Event]:
+    """The backend's events for the populations `todo`."""
+    if study.opt.backend == "ray":
+        from psa.study.ray import ray_events
+
+        return ray_events(study.design, todo, study.precision, study.opt, study.console)
+    assert study.execution is not None
+    return local_events(study.design, todo, study.execution, study.opt.data_dir, study.opt.concurrency)
+
+
+def _record(study: Study, progress: StudyProgress, events: Iterator[Event]) -> list[str]:
+    """Record every event and show it; the failed populations, for people."""
+    failed: list[str] = []
+    with progress:
+        try:
+            for ev in events:
+                study.handle(ev)
+                progress.event(ev)
+                if isinstance(ev, PopulationFailed):
+                    failed.append(f"{study.pops[ev.key].plan.label()}: {ev.message}")
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+        if study.trials_done() == study.design.n_trials:
+            progress.finish()  # inside the display, so that the full bar is what stays on screen
+    return failed

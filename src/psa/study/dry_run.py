@@ -1,0 +1,133 @@
+"""`psa study --dry-run`: the plan, its FLOPs and a time estimate for this device; writes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+from psa.core.arch import parse_arch
+from psa.core.data import N_VAL
+from psa.core.device import Execution, resolve_device, resolve_execution
+from psa.study import store
+from psa.study.design import StudyDesign
+from psa.study.driver import StoredPlan, check_stored, default_population_size
+from psa.study.options import RunOptions
+from psa.study.plan import DEFAULT_CALIBRATION, Calibration, Plan, arch_flops, calibrate, make_plan
+from psa.study.runner import cached_data
+
+
+@dataclass(frozen=True)
+class Existing:
+    """A study already in the database: what it was created with, and each trial's status."""
+
+    stored: StoredPlan
+    status: dict[tuple[str, str, int], str]  # (arch, mode, trial) -> status
+
+
+def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: bool = True) -> dict[str, Any]:
+    """Print the plan (populations, FLOPs, time estimate) without writing anything; returns it.
+    A study that exists already is checked as a run would check it (design, population size,
+    precision), and what is left of it is estimated too."""
+    from psa.study.console import out_console
+
+    device = resolve_device(opt.device if opt.backend == "local" else "auto")
+    requested = resolve_execution(device, opt.precision, opt.kernels, opt.graphs)
+    existing = existing_study(name, design, opt, requested)
+    if existing is not None:
+        size, precision = existing.stored.plan.population_size, existing.stored.precision
+    else:
+        size, precision = default_population_size(design, opt, device), requested.precision
+    ex = dataclasses.replace(requested, precision=precision)
+    cal = calibration(design, opt, ex) if calibrate_device else DEFAULT_CALIBRATION
+    plan = make_plan(design, size, cal)
+    table, rows = plan_table(name, plan, cal, existing.status if existing is not None else {})
+    out_console.print(table)
+    for line in summary(name, plan, cal, precision, rows, existing, Path(opt.db)):
+        out_console.print(line, soft_wrap=True)
+    return {"name": name, "population_size": plan.population_size,
+            "populations": [dataclasses.asdict(p) | {"key": p.key} for p in plan.populations],
+            "architectures": rows, "flops": sum(r["flops"] for r in rows), "seconds": sum(r["seconds"] for r in rows),
+            "calibration": dataclasses.asdict(cal)}
+
+
+def existing_study(name: str, design: StudyDesign, opt: RunOptions, requested: Execution) -> Existing | None:
+    """The study `name` in opt.db (read-only), checked as a run would check it; None if absent."""
+    db = Path(opt.db)
+    if not db.is_file():
+        return None
+    con = store.connect(db, readonly=True)
+    try:
+        row = store.get_study(con, name)
+        if row is None:
+            return None
+        stored = check_stored(row, name, db, design, opt, requested)
+        status = {(t["arch"], t["mode"], int(t["trial"])): t["status"] for t in store.study_trials(con, int(row["id"]))}
+        return Existing(stored, status)
+    finally:
+        con.close()
+
+
+def calibration(design: StudyDesign, opt: RunOptions, ex: Execution) -> Calibration:
+    """Seconds per FLOP and per layer-step on this device, timed with the study's settings."""
+    data = cached_data(design.dataset, opt.data_dir, ex.device)
+    return calibrate(ex, data, design)
+
+
+def plan_table(name: str, plan: Plan, cal: Calibration, status: dict[tuple[str, str, int], str]
+               ) -> tuple[Any, list[dict[str, Any]]]:
+    """The plan per architecture, as a table for people and as rows; trials not 'done' in
+    `status` are still to do."""
+    from rich.table import Table
+
+    from psa.study.console import fmt_seconds
+
+    design = plan.design
+    table = Table(title=f"study {name}: plan", title_justify="left")
+    for col in ("arch", "params", "trials", "pops", "TFLOP/trial", "PFLOP", "time", "to do"):
+        table.add_column(col, justify="left" if col == "arch" else "right", no_wrap=True)
+    rows = []
+    for arch in design.architectures:
+        pops = [p for p in plan.populations if p.arch == arch]
+        n_trials = len(design.modes) * design.trials
+        f_trial = arch_flops(arch, design.hparams.meta_loops, design.n_train)
+        t_arch = sum(cal.loop_seconds(arch, p.size, design.hparams.batch_size, design.n_train) * design.hparams.meta_loops
+                     for p in pops)
+        todo = sum(1 for m in design.modes for k in range(1, design.trials + 1)
+                   if status.get((arch, m, k), "pending") != "done")
+        sizes = sorted({p.size for p in pops})
+        params = parse_arch(arch).params
+        table.add_row(arch, f"{params:,}", str(n_trials), f"{len(pops)} x {'/'.join(map(str, sizes))}",
+                      f"{f_trial / 1e12:.3g}", f"{f_trial * n_trials / 1e15:.3g}", fmt_seconds(t_arch), str(todo))
+        rows.append({"arch": arch, "params": params, "trials": n_trials, "populations": len(pops),
+                     "flops_per_trial": f_trial, "flops": f_trial * n_trials, "seconds": t_arch, "todo": todo})
+    return table, rows
+
+
+def summary(name: str, plan: Plan, cal: Calibration, precision: str, rows: list[dict[str, Any]],
+            existing: Existing | None, db: Path) -> list[str]:
+    """The lines under the table: trials, work, the estimate, and what is done already."""
+    from psa.study.console import fmt_seconds
+
+    design = plan.design
+    n_todo = sum(r["todo"] for r in rows)
+    total_time = sum(r["seconds"] for r in rows)
+    todo_time = sum(r["seconds"] * r["todo"] / r["trials"] for r in rows)
+    lines = [
+        f"{design.n_trials} trials ({len(design.architectures)} architectures x {len(design.modes)} modes x "
+        f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
+        f"{len(plan.populations)} populations of at most {plan.population_size} members, "
+        f"{design.hparams.meta_loops} meta-loops each",
+        f"work: {sum(r['flops'] for r in rows) / 1e15:.3g} PFLOP (forward+backward = 3 x forward over "
+        f"{design.n_train:,} images + forward over {N_VAL:,} per meta-loop, + the test set once)",
+        f"estimate on {cal.device} in {precision}: {fmt_seconds(total_time)} for the whole study, "
+        f"one population at a time"
+        + (f", {fmt_seconds(todo_time)} for the {n_todo} trials still to do" if existing is not None else ""),
+        f"calibration: {cal.method}",
+    ]
+    if existing is not None:
+        lines.append(f"study {name} exists in {db}: {design.n_trials - n_todo} of {design.n_trials} trials done")
+    lines.append("dry run: nothing was written")
+    return lines

@@ -1,0 +1,61 @@
+"""What a backend reports about the populations it runs: the same events for every backend.
+
+A population's events, in order: Started, one LoopDone per meta-loop, then PopulationDone;
+or PopulationFailed at any point. The driver (psa.study.driver) records them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psa.core.population import Population
+
+
+@dataclass
+class Started:
+    """A population began (or resumed) on a device."""
+
+    key: str
+    where: str
+    loop: int
+
+
+@dataclass
+class LoopDone:
+    """One meta-loop of a population: a row per member, and the population after it.
+
+    `checkpoint` says who decides whether this loop's population is checkpointed: None, the
+    recorder by its own clock (a local run, which always attaches the live population); True or
+    False, the runner (a Ray worker ships a CPU copy of its population, hundreds of MB for a
+    big one, only when a checkpoint is due, and None in its place otherwise).
+    """
+
+    key: str
+    loop: int
+    rows: list[tuple]  # per member: (mode, seed, candidate_acc, promoted, layer, index, lkg_score, loss, diverged)
+    population: Population | None
+    seconds: float  # wall seconds of the population so far, over all sessions
+    checkpoint: bool | None = None
+
+
+@dataclass
+class PopulationDone:
+    """A population's final results, per member in population order."""
+
+    key: str
+    members: list[tuple[str, int]]  # (mode, seed)
+    bounty: list[float | None]
+    bounty_loop: list[int | None]
+    test_acc: list[float]
+    seconds: float
+
+
+@dataclass
+class PopulationFailed:
+    """A population raised; its trials are marked failed and a rerun retries them."""
+
+    key: str
+    message: str
+
+
+Event = Started | LoopDone | PopulationDone | PopulationFailed

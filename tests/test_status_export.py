@@ -1,0 +1,69 @@
+"""`psa status` and `psa export` of a finished study, and what they need."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from psa.study.console import fmt_seconds
+
+from .conftest import TINY_LOOP_ROWS, TINY_TRIALS, one_line_error, rows, run_main
+
+
+def test_status_and_export_of_a_finished_study(reference: Path, tmp_path: Path) -> None:
+    rc, out, err = run_main(["status", "--db", str(reference), "--json"], tmp_path)
+    assert rc == 0
+    (info,) = json.loads(out)["studies"]
+    assert (info["study"], info["state"], info["done"], info["trials"]) == ("tiny", "finished", 24, 24)
+    assert (info["loops_done"], info["loops_total"]) == (144, 144)
+    assert [a["arch"] for a in info["architectures"]] == ["1*8", "2*8"]
+    rc, out, err = run_main(["status", "--db", str(reference)], tmp_path)
+    assert rc == 0 and "finished" in out and "24 done" in out and "1*8" in out
+
+    rc, out, err = run_main(["export", "--db", str(reference), "--out", "exp"], tmp_path)
+    assert rc == 0
+    exp = tmp_path / "exp"
+    assert sorted(p.name for p in exp.iterdir()) == ["meta_loops.csv", "meta_loops.parquet", "trials.csv",
+                                                      "trials.parquet"]
+    import csv
+
+    import pyarrow.parquet as pq
+
+    with open(exp / "meta_loops.csv") as f:
+        loops_csv = list(csv.DictReader(f))
+    with open(exp / "trials.csv") as f:
+        trials_csv = list(csv.DictReader(f))
+    assert len(loops_csv) == TINY_LOOP_ROWS and len(trials_csv) == TINY_TRIALS
+    ml = pq.read_table(exp / "meta_loops.parquet").to_pylist()
+    tr = pq.read_table(exp / "trials.parquet").to_pylist()
+    assert len(ml) == TINY_LOOP_ROWS and len(tr) == TINY_TRIALS
+    # exact values: CSV floats round-trip, Parquet is typed, both equal the database
+    db_loops = {(x[1], x[2], x[3], x[4]): x for x in rows(reference)["meta_loops"]}
+    for c, p in zip(loops_csv, ml):
+        key = (c["arch"], c["mode"], int(c["trial"]), int(c["loop"]))
+        assert key == (p["arch"], p["mode"], p["trial"], p["loop"])
+        assert float(c["candidate_acc"]) == p["candidate_acc"] == db_loops[key][6]
+        assert float(c["train_loss"]) == p["train_loss"] == db_loops[key][11]
+        assert (c["ablated_layer"] == "") == (p["ablated_layer"] is None)
+    assert {t["bounty"] for t in tr} == {float(t["bounty"]) for t in trials_csv}
+    # again, CSV only, one study: files are replaced whole, no temporary files stay
+    rc, out, err = run_main(["export", "--db", str(reference), "--out", "exp", "--format", "csv", "--study", "tiny"], tmp_path)
+    assert rc == 0 and not list(exp.glob(".*"))
+    rc, out, err = run_main(["export", "--db", str(reference), "--out", "e2", "--study", "nope"], tmp_path)
+    assert rc == 2 and "no study named 'nope'" in one_line_error(err)
+
+
+def test_export_parquet_without_pyarrow(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    rc, out, err = run_main(["export", "--db", str(reference), "--out", "x", "--format", "parquet"], tmp_path)
+    assert rc == 2 and "needs pyarrow" in one_line_error(err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_durations_for_people() -> None:
+    """One formatter for the plan's estimates and, rough, for the ETA of `psa status`."""
+    assert [fmt_seconds(s) for s in (45, 750, 7200, 200_000)] == ["45 s", "12.5 min", "2.0 h", "2.3 d"]
+    assert ([fmt_seconds(s, rough=True) for s in (-3, 45, 750, 7200, 200_000)]
+            == ["~0 s", "~45 s", "~12 min", "~2.0 h", "~55.6 h"])

@@ -1,0 +1,155 @@
+"""Study designs and plans: pairing, presets, TOML files and names, the partition into
+populations; bad designs are one line, exit status 2 and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from psa.study.design import StudyDesign, preset, resolve_design
+from psa.study.plan import DEFAULT_CALIBRATION, arch_flops, auto_population_size, bytes_per_member, make_plan
+
+from .conftest import one_line_error, run_main
+
+
+# ------------------------------------------------------------------------------------------
+# design and plan
+
+
+def test_design_is_paired_and_canonical() -> None:
+    d = StudyDesign(architectures=("[1*8]", "2*16"), modes=("hidden", "none"), trials=3, seed=7)
+    assert d.architectures == ("1*8", "2*16")
+    assert d.modes == ("none", "hidden")
+    assert [d.seed_of(k) for k in (1, 2, 3)] == [7, 8, 9]
+    assert {d.member(m, 2).seed for m in d.modes} == {8}
+    assert d.member("decay", 1).weight_decay == 1e-4 and d.member("none", 1).weight_decay == 0.0
+    assert d.member("dropout", 1).dropout == 0.1 and d.member("hidden", 1).dropout == 0.0
+    # mode order does not change the design
+    assert d.digest() == StudyDesign(architectures=("1*8", "2*16"), modes=("none", "hidden"), trials=3,
+                                     seed=7).digest()
+    assert d.digest() != StudyDesign(architectures=("1*8", "2*16"), modes=("none", "hidden"), trials=3,
+                                     seed=8).digest()
+
+
+def test_paper_preset_is_the_authors_design() -> None:
+    d = preset("paper")
+    assert len(d.architectures) == 98 and d.architectures[0] == "1*2048"
+    assert d.modes == ("none", "decay", "dropout", "full", "hidden", "output")
+    assert (d.trials, d.hparams.meta_loops, d.n_trials) == (10, 100, 5880)
+    total = sum(arch_flops(a, d.hparams.meta_loops) * 60 for a in d.architectures)
+    assert total / 1e15 == pytest.approx(27.2, abs=0.15)  # NOTES.md: about 27.2 PFLOP
+    big = sum(arch_flops(a, d.hparams.meta_loops) * 60 for a in ("4*632", "2*939", "1*2048", "115*115"))
+    assert big / 1e15 == pytest.approx(12.6, abs=0.1)
+    # on any realistic budget every architecture is one population of 60
+    plan = make_plan(d, auto_population_size(d, 8 << 30))
+    assert len(plan.populations) == 98 and {p.size for p in plan.populations} == {60}
+
+
+@pytest.mark.parametrize("trials,chunk", [(10, 60), (10, 24), (10, 7), (7, 18), (3, 1), (5, 6)])
+def test_plan_is_a_pure_even_partition(trials: int, chunk: int) -> None:
+    d = StudyDesign(architectures=("1*2048", "4*4", "64*1", "[2*16, 1*8]"), trials=trials)
+    plan = make_plan(d, chunk)
+    assert plan == make_plan(d, chunk)  # a pure function: resumes rebuild the same populations
+    per = max(1, chunk // 6)
+    for arch in d.architectures:
+        pops = [p for p in plan.populations if p.arch == arch]
+        covered = sorted(k for p in pops for k in p.trials)
+        assert covered == list(range(1, trials + 1))
+        sizes = [len(p.trials) for p in pops]
+        assert max(sizes) <= per and max(sizes) - min(sizes) <= 1
+        assert all(p.modes == d.modes for p in pops)
+    keys = [p.key for p in plan.populations]
+    assert len(set(keys)) == len(keys)
+    work = [DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size) for p in plan.populations]
+    assert work == sorted(work, reverse=True)  # largest work first
+
+
+def test_auto_population_size_fits_the_budget() -> None:
+    d = preset("paper")
+    worst = max(bytes_per_member(a) for a in d.architectures)
+    assert auto_population_size(d, 10 * worst) == 10
+    assert auto_population_size(d, 1) == 1
+    assert auto_population_size(d, 1 << 40) == 60
+
+
+def test_the_stored_plan_keeps_the_old_key() -> None:
+    """The stored plan names the population size "chunk", as studies before the rename did: a
+    design's studies row stays the same, and databases written before the rename still open."""
+    d = StudyDesign(architectures=("1*8",), trials=3)
+    plan = make_plan(d, 12)
+    assert plan.population_size == 12
+    assert plan.to_dict() == {"chunk": 12, "populations": [["1*8", 1, 2], ["1*8", 3, 3]]}
+
+
+def test_toml_design_and_names(tmp_path: Path) -> None:
+    f = tmp_path / "widths.toml"
+    f.write_text('name = "widths"\narchitectures = ["1*64", "[2*8, 1*4]"]\nmodes = ["none", "hidden"]\n'
+                 'trials = 3\nmeta_loops = 5\nseed = 11\n[training]\nlr = 2e-4\nbatch_size = 128\n')
+    name, d = resolve_design(design_file=str(f))
+    assert name == "widths"
+    assert d == StudyDesign.from_fields(architectures=("1*64", "[2*8, 1*4]"), modes=("none", "hidden"), trials=3,
+                                        meta_loops=5, seed=11, lr=2e-4, batch_size=128)
+    # a flag that changes the design changes the default name, so it never lands in "widths"
+    name2, d2 = resolve_design(design_file=str(f), overrides={"trials": 4})
+    assert d2.trials == 4 and name2.startswith("widths-") and name2 != name
+    # a flag that repeats the file's value does not
+    assert resolve_design(design_file=str(f), overrides={"trials": 3})[0] == "widths"
+    assert resolve_design(preset_name="smoke")[0] == "smoke"
+    n1 = resolve_design(overrides={"architectures": ("1*8",)})[0]
+    assert n1 == resolve_design(overrides={"architectures": ("1*8",)})[0] and n1.startswith("study-")
+    # the paper's list by name, in a file and on the command line
+    g = tmp_path / "p.toml"
+    g.write_text('architectures = "paper"\ntrials = 1\n')
+    assert len(resolve_design(design_file=str(g))[1].architectures) == 98
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: one line, non-zero status, nothing written
+
+
+BAD_DESIGNS = [
+    (["--arch", "1*8", "--arch", "3*x"], "unknown architecture '3*x'"),
+    (["--arch", "1*8", "--modes", "none,sideways"], "unknown mode 'sideways'"),
+    (["--arch", "[]", "--modes", "hidden"], "needs a hidden layer"),
+    (["--arch", "1*8", "--arch", "[1*8]"], "listed more than once"),
+    (["--arch", "1*8", "--trials", "0"], "an integer >= 1"),
+    (["--arch", "1*8", "--lr", "-1"], "learning rate"),
+    (["--arch", "1*8", "--name", "../evil"], "bad study name"),
+    (["--preset", "nope"], "invalid choice"),
+    (["--arch", "1*8", "--backend", "local", "--address", "x:1"], "apply to --backend ray"),
+    ([], "no architectures"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_DESIGNS)
+def test_bad_design_flags(argv: list[str], message: str, tmp_path: Path) -> None:
+    rc, out, err = run_main(["study", *argv, "--quiet"], tmp_path)
+    assert rc == 2
+    assert message in one_line_error(err)
+    assert not (tmp_path / "results").exists()  # nothing written
+
+
+@pytest.mark.parametrize("text,message", [
+    ('architectures = ["1*8"\n', "does not parse as TOML"),
+    ('architectures = ["1*8"]\ntrails = 3\n', "unknown key 'trails'"),
+    ('architectures = ["1*8"]\n[training]\nlr = "fast"\n', "lr must be a number"),
+    ('architectures = ["1*8", "1*y"]\n', "unknown architecture '1*y'"),
+    ('architectures = ["1*8"]\nmodes = ["none", "bogus"]\n', "unknown mode 'bogus'"),
+    ('architectures_file = "missing.txt"\n', "cannot read architecture file"),
+    (b'\xff\xfe'.decode("latin-1"), "does not parse"),
+])
+def test_bad_design_files(text: str, message: str, tmp_path: Path) -> None:
+    f = tmp_path / "design.toml"
+    f.write_text(text)
+    rc, out, err = run_main(["study", str(f), "--quiet"], tmp_path)
+    assert rc == 2
+    assert message in one_line_error(err)
+    assert not (tmp_path / "results").exists()
+
+
+def test_bad_arch_file(tmp_path: Path) -> None:
+    (tmp_path / "archs.txt").write_text("# widths\n1*8\n\n2*banana\n")
+    rc, out, err = run_main(["study", "--arch-file", "archs.txt"], tmp_path)
+    assert rc == 2
+    assert "archs.txt:4" in one_line_error(err)

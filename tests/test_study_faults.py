@@ -1,0 +1,202 @@
+"""A study meets faults: crashes at chosen moments, a full disk, a failing population, files
+that are not results databases, a missing Ray. One line and exit status 2 where the user must
+act; the database intact; and a rerun of the same command ends with the reference rows."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from psa.study import driver, runner, store
+from psa.study.lock import checkpoint_root
+
+from .conftest import TINY, TINY_LOOP_ROWS, file_digest, integrity, leftover_checkpoints, one_line_error, rows, run_main
+
+
+# ------------------------------------------------------------------------------------------
+# files that are not results databases, a missing Ray
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "new.sqlite"
+    con = store.connect(db)
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.close()
+    before = file_digest(db)
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 2
+    assert "schema version 99" in one_line_error(err)
+    assert file_digest(db) == before
+    for cmd in (["status", "--db", str(db)], ["export", "--db", str(db), "--out", "x"]):
+        rc, out, err = run_main(cmd, tmp_path)
+        assert rc == 2 and "schema version 99" in one_line_error(err)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    db = tmp_path / "junk.sqlite"
+    db.write_bytes(b"this is not sqlite" * 100)
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 2 and "not a results database" in one_line_error(err)
+    rc, out, err = run_main(["status", "--db", str(tmp_path / "absent.sqlite")], tmp_path)
+    assert rc == 2 and "no results database" in one_line_error(err)
+
+
+def test_unusable_database_path(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    rc, out, err = run_main(["study", *TINY, "--db", "afile/psa.sqlite"], tmp_path)
+    assert rc == 2 and "cannot create the results database" in one_line_error(err)
+
+
+def test_ray_backend_without_ray(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    rc, out, err = run_main(["study", *TINY, "--backend", "ray"], tmp_path)
+    assert rc == 2 and "needs Ray" in one_line_error(err)
+    assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# crashes at chosen moments (in-process): the rows still come out exactly right
+
+
+class Crash(BaseException):
+    """Stands in for a kill at a precise point (not an Exception: nothing may catch it)."""
+
+
+def _fail_on_call(monkeypatch, target: object, name: str, n: int, exc: BaseException) -> None:
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def wrapper(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+@pytest.mark.parametrize("where,n", [
+    ("save_population", 3),  # killed after a loop's rows committed, before its checkpoint
+    ("unlink", 1),  # killed after a population's final commit, before its checkpoint went away
+    ("finish_trials", 2),  # killed before a population's final commit
+])
+def test_crash_between_steps_then_resume(where: str, n: int, reference: Path, tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "c.sqlite"
+    with monkeypatch.context() as m:
+        if where == "save_population":
+            _fail_on_call(m, driver, "save_population", n, Crash())
+        elif where == "finish_trials":
+            _fail_on_call(m, store, "finish_trials", n, Crash())
+        else:
+            real_unlink = Path.unlink
+
+            def unlink(self, *a, **k):
+                if self.suffix == ".safetensors":
+                    raise Crash()
+                return real_unlink(self, *a, **k)
+
+            m.setattr(Path, "unlink", unlink)
+        with pytest.raises(Crash):
+            run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert integrity(db) == "ok"
+    assert len(rows(db)["meta_loops"]) < TINY_LOOP_ROWS
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+    assert leftover_checkpoints(db) == []
+
+
+def test_disk_full_in_the_database(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """A real SQLITE_FULL (max_page_count reached) mid-study: one line, database intact, resumable."""
+    db = tmp_path / "full.sqlite"
+    real_record = store.record_loop
+    calls = {"n": 0}
+
+    def record_loop(con, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # from now on the file may not grow: the next new page fails
+            pages = con.execute("PRAGMA page_count").fetchone()[0]
+            con.execute(f"PRAGMA max_page_count = {pages}")
+        return real_record(con, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "record_loop", record_loop)
+        rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    line = one_line_error(err)
+    assert rc == 2 and "disk full" in line and "intact" in line
+    assert integrity(db) == "ok"
+    assert 0 < len(rows(db)["meta_loops"]) < TINY_LOOP_ROWS
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+
+
+def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "nospace.sqlite"
+    real_write = driver.save_population.__globals__["save_tensors"]
+    calls = {"n": 0}
+
+    def save_tensors(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setitem(driver.save_population.__globals__, "save_tensors", save_tensors)
+        rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    line = one_line_error(err)
+    assert rc == 2 and "no space left on device" in line and "rerun the same command" in line
+    assert integrity(db) == "ok"
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+
+
+def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "fail.sqlite"
+
+    class FailingRun(runner.PopulationRun):
+        def __init__(self, design, pp, *a, **k):
+            if pp.arch == "2*8" and pp.first == 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            super().__init__(design, pp, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "PopulationRun", FailingRun)
+        rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 1
+    assert "1 population(s) failed: 2*8 trial 1: RuntimeError: CUDA out of memory (simulated)" in err
+    rc2, out, err2 = run_main(["status", "--db", str(db), "--json"], tmp_path)
+    (info,) = json.loads(out)["studies"]
+    assert (info["failed"], info["done"]) == (6, 18)
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+
+
+def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint written before the counter-based streams restarts its population from loop 1."""
+    db = tmp_path / "old.sqlite"
+    with monkeypatch.context() as m:
+        _fail_on_call(m, driver, "save_population", 2, Crash())
+        with pytest.raises(Crash):
+            run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
+    (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
+    from psa.core.checkpoint import load_population, save_population
+
+    pop, meta = load_population(ckpt, "cpu")
+    del meta["rng"]
+    save_population(ckpt, pop, {k: v for k, v in meta.items() if k not in ("format", "kind", "arch", "members",
+                                                                           "loop", "bounty_loop", "n_val",
+                                                                           "mode_history")})
+    loud = [a for a in TINY if a != "--quiet"]
+    rc, out, err = run_main(["study", *loud, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert "from scratch" in err and "older psa" in err
+    assert rows(db) == rows(reference)

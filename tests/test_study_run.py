@@ -1,0 +1,186 @@
+"""`psa study` end to end (in this process): the reference study's rows, reruns, --dry-run, and
+the ways of running it that must give the same rows (concurrency, checkpoint interval); what
+a study fixes when it is created (design, population size, precision, random streams).
+
+The reference study (conftest.TINY) runs once per session in a subprocess; the tests compare
+against its rows. Slower end-to-end tests (SIGKILL resume, Ray) live in test_study_resume.py
+and test_study_ray.py."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from psa.study import driver
+from psa.study.lock import checkpoint_root
+
+from .conftest import (
+    TINY,
+    TINY_LOOP_ROWS,
+    TINY_TRIALS,
+    file_digest,
+    integrity,
+    leftover_checkpoints,
+    one_line_error,
+    rows,
+    run_main,
+    with_flag,
+)
+
+
+# ------------------------------------------------------------------------------------------
+# a finished study
+
+
+def test_reference_rows_follow_the_engine_rules(reference: Path) -> None:
+    r = rows(reference)
+    assert len(r["trials"]) == TINY_TRIALS and len(r["meta_loops"]) == TINY_LOOP_ROWS
+    assert integrity(reference) == "ok"
+    assert leftover_checkpoints(reference) == []
+    loops: dict[tuple, list[tuple]] = {}
+    for row in r["meta_loops"]:
+        loops.setdefault(row[1:4], []).append(row)
+    for (name, arch, mode, k, seed, n_loops, lr, bs, wd, p, dataset, status, bounty, bounty_loop, test, done
+         ) in r["trials"]:
+        assert (name, status, n_loops, done, lr, bs) == ("tiny", "done", 6, 6, 1e-4, 256)
+        assert seed == k - 1  # paired: trial k of every mode shares its seed
+        assert dataset == "mnist[train:2048]"
+        assert wd == (1e-4 if mode == "decay" else 0.0) and p == (0.1 if mode == "dropout" else 0.0)
+        ls = loops[(arch, mode, k)]
+        assert [x[4] for x in ls] == [1, 2, 3, 4, 5, 6]
+        assert all(x[5] == mode for x in ls)
+        scores = [x[10] for x in ls]
+        assert scores == sorted(scores)  # the LKG score never falls
+        assert ls[0][7] == 1 and ls[0][8] is None  # loop 1: promoted, no ablation
+        ablated = [x[8] is not None for x in ls[1:]]
+        assert all(ablated) if mode in ("full", "hidden", "output") else not any(ablated)
+        promoted = [x for x in ls if x[7]]
+        assert bounty == max(x[6] for x in promoted) == scores[-1]
+        assert bounty_loop == promoted[-1][4]
+        assert 0 < test < 100
+
+
+def test_rerun_of_a_finished_study_changes_nothing(reference: Path, tmp_path: Path) -> None:
+    db = tmp_path / "again.sqlite"
+    db.write_bytes(reference.read_bytes())
+    rc, out, err = run_main(["study", *[a for a in TINY if a != "--quiet"], "--db", str(db)], tmp_path)
+    assert rc == 0 and "nothing to do" in err
+    assert rows(db) == rows(reference)
+
+
+def test_dry_run_writes_nothing(reference: Path, tmp_path: Path) -> None:
+    db = tmp_path / "dry.sqlite"
+    db.write_bytes(reference.read_bytes())
+    before = file_digest(db)
+    rc, out, err = run_main(["study", *TINY, "--db", str(db), "--dry-run"], tmp_path)
+    assert rc == 0
+    assert "1*8" in out and "2*8" in out and "4 populations" in out and "calibration:" in out
+    assert "24 of 24 trials done" in out and "nothing was written" in out
+    assert file_digest(db) == before and not checkpoint_root(db).exists()
+    rc, out, err = run_main(["study", "--arch", "1*8", "--trials", "1", "--dry-run", "--db", "fresh.sqlite"],
+                            tmp_path)
+    assert rc == 0 and not (tmp_path / "fresh.sqlite").exists()
+
+
+def test_dry_run_checks_an_existing_study_as_a_run_would(reference: Path, tmp_path: Path) -> None:
+    """--dry-run of a study that exists refuses what the run itself would refuse; writes nothing."""
+    db = tmp_path / "dry.sqlite"
+    db.write_bytes(reference.read_bytes())
+    before = file_digest(db)
+    for argv, message in [
+        (with_flag(TINY, "--meta-loops", "7"), "different design (meta_loops: 6 there, 7 here)"),
+        (with_flag(TINY, "--population-size", "12"), "planned with --population-size 6"),
+        ([*TINY, "--precision", "bf16"], "created with --precision fp32"),
+    ]:
+        rc, out, err = run_main(["study", *argv, "--db", str(db), "--dry-run"], tmp_path)
+        assert rc == 2 and message in one_line_error(err)
+    assert file_digest(db) == before and not checkpoint_root(db).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# what a study fixes when it is created
+
+
+def test_different_design_under_the_same_name(reference: Path, tmp_path: Path) -> None:
+    db = tmp_path / "d.sqlite"
+    db.write_bytes(reference.read_bytes())
+    argv = ["study", *TINY, "--db", str(db)]
+    argv[argv.index("--meta-loops") + 1] = "7"
+    rc, out, err = run_main(argv, tmp_path)
+    assert rc == 2 and "different design (meta_loops: 6 there, 7 here)" in one_line_error(err)
+    rc, out, err = run_main(["study", *with_flag(TINY, "--population-size", "12"), "--db", str(db)], tmp_path)
+    assert rc == 2 and "planned with --population-size 6" in one_line_error(err)
+    assert rows(db) == rows(reference)
+
+
+def test_chunk_is_the_deprecated_name_of_population_size(reference: Path, tmp_path: Path) -> None:
+    """--chunk still works, with a one-line warning: the same plan, the same rows; the stored
+    plan keeps its "chunk" key, so databases written before the rename open as they did."""
+    warning = "psa: warning: --chunk is deprecated; use --population-size"
+    old = ["--chunk" if a == "--population-size" else a for a in TINY]
+    db = tmp_path / "alias.sqlite"
+    rc, out, err = run_main(["study", *old, "--db", str(db)], tmp_path)
+    assert rc == 0 and err.strip() == warning
+    assert rows(db) == rows(reference)
+    con = sqlite3.connect(db)
+    (doc,) = con.execute("SELECT design FROM studies").fetchone()
+    con.close()
+    assert json.loads(doc)["plan"]["chunk"] == 6
+    rc, out, err = run_main(["study", *with_flag(old, "--chunk", "12"), "--db", str(db)], tmp_path)
+    assert rc == 2 and err.splitlines()[0] == warning
+    assert "planned with --population-size 6" in one_line_error("\n".join(err.splitlines()[1:]))
+    rc, out, err = run_main(["study", *TINY, "--chunk", "6", "--db", str(db)], tmp_path)
+    assert rc == 2 and "--population-size or its old name --chunk, not both" in one_line_error(err)
+
+
+def test_precision_is_fixed_when_the_study_is_created(tmp_path: Path) -> None:
+    db = tmp_path / "prec.sqlite"
+    argv = ["--arch", "1*8", "--trials", "1", "--meta-loops", "1", "--train-subset", "512", "--name", "prec",
+            "--db", str(db), "--precision", "bf16"]
+    rc, out, err = run_main(["study", *argv], tmp_path)
+    assert rc == 0, err
+    con = sqlite3.connect(db)
+    (doc,) = con.execute("SELECT design FROM studies").fetchone()
+    con.close()
+    assert json.loads(doc)["plan"]["engine"] == {"precision": "bf16", "rng": driver.rng.VERSION}
+    rc, out, err = run_main(["study", *[a for a in argv if a not in ("--precision", "bf16")], "--precision", "fp32"],
+                            tmp_path)
+    assert rc == 2 and "--precision bf16" in one_line_error(err)
+    rc, out, err = run_main(["study", *[a for a in argv if a not in ("--precision", "bf16")]], tmp_path)
+    assert rc == 0 and "nothing to do" in err + out
+
+
+# ------------------------------------------------------------------------------------------
+# ways of running it that give the same rows
+
+
+def test_populations_in_flight_together_write_the_same_rows(reference: Path, tmp_path: Path) -> None:
+    """Several populations interleaved on one device (as on a GPU) compute what each would alone."""
+    db = tmp_path / "conc.sqlite"
+    rc, out, err = run_main(["study", *TINY, "--db", str(db), "--concurrency", "3"], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+    assert leftover_checkpoints(db) == []
+
+
+@pytest.mark.parametrize("every,saves", [("0", 4 * 6), ("3600", 4)])
+def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """0: a checkpoint after every meta-loop; a long interval: only after each population's first."""
+    db = tmp_path / f"every{every}.sqlite"
+    real = driver.save_population
+    calls: list[int] = []
+
+    def save_population(path, pop, extra):
+        calls.append(pop.loop)
+        assert extra["rng"] == driver.rng.VERSION and extra["precision"] == "fp32"
+        return real(path, pop, extra)
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "save_population", save_population)
+        rc, out, err = run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", every], tmp_path)
+    assert rc == 0, err
+    assert len(calls) == saves
+    assert rows(db) == rows(reference)
