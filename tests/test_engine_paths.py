@@ -174,6 +174,22 @@ def test_cuda_graph_gives_the_eager_records(small):
     assert torch.equal(out[True][1], out[False][1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_of_a_short_epoch_gives_the_eager_records(small):
+    """700 images in batches of 256: two batches and a tail, fewer than the warm-up's four steps
+    (before the fix, a device-side assert that ended the CUDA context)."""
+    ds = on(dataclasses.replace(small, train_x=small.train_x[:700], train_y=small.train_y[:700]), "cuda")
+    out = {}
+    for graphs in (True, False):
+        hp = dataclasses.replace(HP, batch_size=256)
+        pop = population(ARCH, ds, SPECS, hp, device="cuda")
+        eng = engine(pop, ds, hp, graphs=graphs, precision="fp32")
+        assert eng.use_graphs is graphs
+        out[graphs] = (records([eng.meta_loop() for _ in range(2)]), pop.lkg.cpu())
+    assert out[True][0] == out[False][0]
+    assert torch.equal(out[True][1], out[False][1])
+
+
 def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
     """The Triton stack kernels (compiled on a GPU, interpreted on a CPU) against the torch path
     on the same device and against the oracle."""
@@ -316,11 +332,11 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
     from psa.core import engine as engine_mod
 
     pytest.importorskip("triton")
-    data = dataclasses.replace(small, train_x=small.train_x[:64], train_y=small.train_y[:64],
-                               val_x=small.val_x[:100], val_y=small.val_y[:100])
-    pop = population(ARCH, data, SPECS)
+    data = on(dataclasses.replace(small, train_x=small.train_x[:64], train_y=small.train_y[:64],
+                                  val_x=small.val_x[:100], val_y=small.val_y[:100]), DEVICE)
+    pop = population(ARCH, data, SPECS, device=DEVICE)
     eng = engine(pop, data)
-    eng.triton = eng.fused = True  # as kernels=auto picks them on a GPU
+    eng.triton = eng.fused = True  # as kernels=auto picks them on a GPU (there with graphs too)
     real = Engine._step
     seen: dict = {}
 
@@ -339,7 +355,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
     gc.disable()  # what is alive must be freed by reference counting, as on the GPU
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a fall-back would warn
+            warnings.filterwarnings("error", message="psa:")  # a fall-back would warn
             eng.meta_loop()
     finally:
         gc.enable()
@@ -474,9 +490,9 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monke
 
     arch = parse_arch(text)
     hp = dataclasses.replace(HP, batch_size=256)
-    data = dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256],
-                               val_x=small.val_x[:64], val_y=small.val_y[:64])
-    pop = population(arch, data, [(m, 1) for m in MODES], hp)
+    data = on(dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256],
+                                  val_x=small.val_x[:64], val_y=small.val_y[:64]), DEVICE)
+    pop = population(arch, data, [(m, 1) for m in MODES], hp, device=DEVICE)
     eng = engine(pop, data, hp, kernels="triton", precision="fp32")
     assert eng.fused
     seen = []
@@ -528,12 +544,13 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     from psa.core.engine import kernel_launches
 
     arch = parse_arch(text)
-    ex = dataclasses.replace(resolve_execution("cpu", precision="tf32", kernels=kernels_choice), eval_bytes=8 * 9 * 40 * 5)
-    data = dataclasses.replace(small, train_x=small.train_x[:80], train_y=small.train_y[:80],
-                               val_x=small.val_x[:90], val_y=small.val_y[:90],
-                               test_x=small.test_x[:70], test_y=small.test_y[:70])
+    data = on(dataclasses.replace(small, train_x=small.train_x[:80], train_y=small.train_y[:80],
+                                  val_x=small.val_x[:90], val_y=small.val_y[:90],
+                                  test_x=small.test_x[:70], test_y=small.test_y[:70]), DEVICE)
     specs = [(m, s) for s in (1, 2) for m in MODES]
-    pop = population(arch, data, specs)
+    pop = population(arch, data, specs, device=DEVICE)
+    ex = dataclasses.replace(resolve_execution(pop.device, precision="tf32", kernels=kernels_choice),
+                             eval_bytes=8 * 9 * 40 * 5)
     eng = Engine(pop, data, HP, ex)
     real = kernels._launch
     made = []

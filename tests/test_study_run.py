@@ -184,3 +184,129 @@ def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: 
     assert rc == 0, err
     assert len(calls) == saves
     assert rows(db) == rows(reference)
+
+
+# ------------------------------------------------------------------------------------------
+# populations in flight on a GPU: streams and compiled kernels (fakes where a CPU lacks them)
+
+
+class FakeStream:
+    """A stand-in for a CUDA stream: its handle, whether a population holds it, and a log of
+    what happened to it."""
+
+    def __init__(self, handle: int, log: list) -> None:
+        self.cuda_stream = handle
+        self.in_use = False
+        self.log = log
+
+    def synchronize(self) -> None:
+        self.log.append(("sync", self.cuda_stream))
+
+
+def test_populations_in_flight_hold_distinct_streams_and_a_failed_one_is_drained(
+        reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """The streams are made once for the slots; no two populations in flight share one. A
+    population that fails has its stream synchronised before its engine is freed and before
+    the stream goes to another population (its queued writes would land in freed memory)."""
+    import weakref
+
+    from psa.study import runner
+
+    log: list = []
+    made: list = []
+    lent: list = []
+
+    class Slots(runner.StreamSlots):
+        def __init__(self, device, slots):
+            assert device.type == "cpu"  # here; on a GPU the real class makes CUDA streams
+            self.free = [FakeStream(0x100 + i, log) for i in range(slots)]
+            self.slots = slots
+            made.append(list(self.free))
+
+        def take(self):
+            s = super().take()
+            assert not s.in_use
+            s.in_use = True
+            return s
+
+        def give(self, s):
+            assert s.in_use
+            s.in_use = False
+            log.append(("give", s.cuda_stream))
+            super().give(s)
+
+    real_run = runner.PopulationRun
+    failing = "2x8-t02-02"
+
+    class Run(real_run):
+        def __init__(self, *a, stream=None, **k):
+            assert stream is not None and stream.in_use
+            super().__init__(*a, **k)  # the CPU engine takes no CUDA stream
+            lent.append((self.key, stream.cuda_stream))
+            weakref.finalize(self.engine, log.append, ("freed", self.key))
+            self.stream = stream
+
+        def launch(self, on_step=None):
+            if self.key == failing and self.pop.loop == 2:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            super().launch(on_step)
+
+    monkeypatch.setattr(runner, "StreamSlots", Slots)
+    monkeypatch.setattr(runner, "PopulationRun", Run)
+    db = tmp_path / "streams.sqlite"
+    rc, out, err = run_main(["study", *TINY, "--db", str(db), "--concurrency", "3"], tmp_path)
+    assert rc != 0 and "1 population(s) failed" in err and "illegal memory access" in err
+    assert len(made) == 1 and len(made[0]) == 3  # made once, one per slot
+    assert len(lent) == 4 and all(not s.in_use for s in made[0])
+    key_stream = dict(lent)
+    s = key_stream[failing]
+    i = log.index(("sync", s))
+    assert log[i + 1:i + 3] == [("freed", failing), ("give", s)]
+    assert sum(1 for e in log if e[0] == "sync") == 1  # only the failed population waits
+    got, ref = rows(db), rows(reference)
+    assert [t for t in got["trials"] if t[1:4] != ("2*8", t[2], 2)] == \
+           [t for t in ref["trials"] if t[1:4] != ("2*8", t[2], 2)]
+
+
+def test_kernels_are_compiled_up_front_once_per_population_shape(monkeypatch) -> None:
+    """On a CUDA device the study hands kernels.precompile() the launches of every population to
+    come, each shape once (trials of one architecture differ only in their seeds). Run here for a
+    CUDA device that is not there: the launches are found on the meta device, and the compile
+    step is a fake."""
+    import dataclasses
+
+    import torch
+
+    from psa.core import kernels
+    from psa.core.arch import parse_arch
+    from psa.core.data import Dataset
+    from psa.core.device import AUTO_STACK_MAX_WIDTH, Execution
+    from psa.core.engine import kernel_launches
+    from psa.study import runner
+    from psa.study.design import StudyDesign
+    from psa.study.plan import make_plan
+
+    pytest.importorskip("triton")
+    d = StudyDesign.from_fields(architectures=("2*8", "1*300", "3*4"), trials=4, meta_loops=2, train_subset=300)
+    plan = make_plan(d, 12)  # two populations of 2 trials per architecture
+    assert len(plan.populations) == 6
+    todo = [runner.PopulationState(p, {}, False, 0) for p in plan.populations]
+
+    def split(n):
+        return torch.empty(n, 784), torch.empty(n, dtype=torch.int64)
+
+    data = Dataset("mnist", *split(300), *split(1000), *split(1000), source="test")
+    got = []
+    monkeypatch.setattr(kernels, "precompile", lambda launches, device=None: got.append(list(launches)) or 7)
+    cuda = Execution(torch.device("cuda", 0), precision="tf32", triton=True, stack_max_width=AUTO_STACK_MAX_WIDTH,
+                     kernels_fall_back=True)
+    assert runner.precompile_kernels(d, todo, cuda, data) == 7
+    want = []
+    for arch in d.architectures:  # 1*300: too wide for the stack kernels, but the dropout kernel
+        pp = next(p for p in plan.populations if p.arch == arch)
+        one = kernel_launches(parse_arch(arch), pp.members(d), data, d.hparams, cuda)
+        assert one
+        want += one
+    assert len(got) == 1 and sorted(map(repr, got[0])) == sorted(map(repr, want))
+    cpu = dataclasses.replace(cuda, device=torch.device("cpu"))
+    assert runner.precompile_kernels(d, todo, cpu, data) == 0  # nothing to compile there

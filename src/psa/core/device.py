@@ -112,7 +112,11 @@ def resolve_execution(device: str | torch.device = "auto", precision: str = "aut
 
 def canonical_device(device: torch.device | str) -> torch.device:
     """The device tensors actually land on ("cuda" -> "cuda:0"), so devices compare equal."""
-    return torch.empty(0, device=device).device
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        # an explicit index needs no CUDA to name (a plan or a test can speak of cuda:0)
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.empty(0, device=dev).device
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -79,7 +79,7 @@ class PopulationRun:
         """The run of population `pp` of a study: from `start` (a checkpoint) or from scratch."""
         if start is None:
             start = Population.create(parse_arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel())
-        return cls(pp.key, start, data, design.hparams, ex, prior_seconds, where, stream)
+        return cls(pp.key, start, data, design.hparams, ex, prior_seconds, where, stream=stream)
 
     def started(self) -> Started:
         """The Started event (where, and from which loop)."""
