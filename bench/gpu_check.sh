@@ -77,7 +77,7 @@ if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(i)
         print(f'cuda:{i}', p.name, f'{p.total_memory / 2**30:.1f} GiB', f'sm_{p.major}{p.minor}')
 else: print('no CUDA device')
-from psa import kernels; print('psa kernels available:', kernels.available())
+from psa.core import kernels; print("psa kernels available:", kernels.available())
 "
 # the engine first (graphs against eager, GPU against CPU, the fixes' tests), then the kernels
 # compiled (many variants: compile-bound); separate runs, so that -x in one hides nothing of
@@ -89,7 +89,7 @@ step kernels 130 150 "$PY" -m pytest -x -q -p no:cacheprovider --durations=8 "${
 # 700 images: two batches and a tail (the graph warm-up's short-epoch case); three populations in
 # flight on their slots' streams, their kernels compiled up front
 step study 45 100 "$PY" -m psa study --arch "3*4" --arch "2*8" --arch "1*20" --trials 2 --meta-loops 3 \
-    --train-subset 700 --chunk 6 --concurrency 3 --device "$DEVICE" --name gpucheck --db "$OUT/check.sqlite" --quiet
+    --train-subset 700 --population-size 6 --concurrency 3 --device "$DEVICE" --name gpucheck --db "$OUT/check.sqlite" --quiet
 step status 10 90 "$PY" -m psa status --db "$OUT/check.sqlite"
 step gpu_study 120 0 "$PY" bench/gpu_study.py --device "$DEVICE" --arch "${ARCHS[@]}" --steps "$STEPS" --loops 1 \
     --out "$OUT/gpu_study.json"

@@ -162,10 +162,10 @@ def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: P
     db = tmp_path / "fail.sqlite"
 
     class FailingRun(runner.PopulationRun):
-        def __init__(self, design, pp, *a, **k):
-            if pp.arch == "2*8" and pp.first == 1:
+        def __init__(self, key, *a, **k):
+            if key.startswith("2x8-t01-"):  # the 2*8 population of the first trials
                 raise RuntimeError("CUDA out of memory (simulated)")
-            super().__init__(design, pp, *a, **k)
+            super().__init__(key, *a, **k)
 
     with monkeypatch.context() as m:
         m.setattr(runner, "PopulationRun", FailingRun)
