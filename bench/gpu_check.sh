@@ -77,7 +77,7 @@ if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(i)
         print(f'cuda:{i}', p.name, f'{p.total_memory / 2**30:.1f} GiB', f'sm_{p.major}{p.minor}')
 else: print('no CUDA device')
-from psa.core import kernels; print("psa kernels available:", kernels.available())
+from psa.core import kernels; print('psa kernels available:', kernels.available())
 "
 # the engine first (graphs against eager, GPU against CPU, the fixes' tests), then the kernels
 # compiled (many variants: compile-bound); separate runs, so that -x in one hides nothing of
