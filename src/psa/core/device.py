@@ -20,11 +20,10 @@ from psa.core.precision import CHOICES as PRECISION_CHOICES
 from psa.core.precision import resolve as resolve_precision
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
-# Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels.
-# Narrow stacks are launch-bound, so fusing them is a clear win; for wider ones cuBLAS's
-# batched GEMMs may be faster: kernels="triton" uses the kernels up to kernels.MAX_WIDTH, so
-# that a GPU measurement can settle it.
-AUTO_STACK_MAX_WIDTH = 32
+# Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels:
+# all they take. On an H200 (Triton 3.6, tf32) they beat cuBLAS's batched GEMMs a layer at a
+# time on every deep square measured (bench/results/gpu_study-h200-kernels.md).
+AUTO_STACK_MAX_WIDTH = 128
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,13 @@ from psa.core.kernel_programs import triton
 
 MAX_WIDTH: int = 128
 
-# Widths above this use tl.dot (which needs every dimension >= 16); narrower ones use
-# broadcast multiply-adds, where a (rows, W, W) product tile is cheap. Those round their
-# operands in tf32 and bf16 exactly as psa.precision does, so that a precision means one
-# arithmetic on every path (the products of rounded operands are exact in fp32).
+# Padded widths from this on use tl.dot (which needs every dimension >= 16) with the asked
+# precision; narrower ones use broadcast multiply-adds, where a (rows, W, W) product tile is
+# cheap. Those round their operands in tf32 and bf16 exactly as psa.precision does, so that a
+# precision means one arithmetic on every path (the products of rounded operands are exact in
+# fp32). At a padded width of 16 the broadcast form is not safe: Triton's compiler rewrites
+# sum(x[:, :, None] * y[None, :, :]) into a dot of its default (tf32) precision (seen on an
+# H200 with Triton 3.6: fp32 stacks of width 9-16 were 5e-4 off), so 16 takes the explicit dot.
 _DOT_MIN_WIDTH = 16
 # Rows per program: at most 512 / Wpad (the (rows, W) activation tiles) and 2048 / Wpad**2
 # (the (rows, W, W) product tiles), which keeps both directions near 80 registers a thread at
@@ -325,7 +328,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
         ks, thr, sc,
         rows, n_layers, n_layers * width,
         W=width, WP=wp, BLOCK_R=block_r,
-        HAS_DROP=drop is not None, STORE_ALL=store_all, PREC=prec, DOT=wp > _DOT_MIN_WIDTH,
+        HAS_DROP=drop is not None, STORE_ALL=store_all, PREC=prec, DOT=wp >= _DOT_MIN_WIDTH,
         WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES,
         num_warps=num_warps,
     )
@@ -388,7 +391,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         dz0, scale if scale is not None else da,
         rows, n_layers,
         W=width, WP=wp, BLOCK_R=block_r,
-        HAS_SCALE=scale is not None, PREC=prec, DOT=wp > _DOT_MIN_WIDTH,
+        HAS_SCALE=scale is not None, PREC=prec, DOT=wp >= _DOT_MIN_WIDTH,
         WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES, GW_COLS=min(_GW_COLS, wp),
         num_warps=num_warps,
     )
