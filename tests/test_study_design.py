@@ -104,6 +104,18 @@ def test_toml_design_and_names(tmp_path: Path) -> None:
     assert len(resolve_design(design_file=str(g))[1].architectures) == 98
 
 
+def test_modes_all_is_the_default_design(tmp_path: Path) -> None:
+    """`--modes all`, as the help calls the default, names the same study as no --modes at all."""
+    base = ["study", "--arch", "1*8", "--trials", "1", "--meta-loops", "1", "--dry-run", "--quiet"]
+    rc_all, out_all, _ = run_main([*base, "--modes", "all"], tmp_path)
+    rc_def, out_def, _ = run_main(base, tmp_path)
+    rc_two, out_two, _ = run_main([*base, "--modes", "none,hidden"], tmp_path)
+    assert rc_all == rc_def == rc_two == 0
+    title = next(line for line in out_def.splitlines() if "plan" in line)
+    assert title.startswith("study study-") and title in out_all and title not in out_two
+    assert "6 modes" in out_all and "2 modes" in out_two
+
+
 # ------------------------------------------------------------------------------------------
 # bad input: one line, non-zero status, nothing written
 

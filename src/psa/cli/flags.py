@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from psa.cli.argtypes import positive_int, real
-from psa.core.device import KERNEL_CHOICES
+from psa.core.device import AUTO_STACK_MAX_WIDTH, KERNEL_CHOICES
 from psa.core.hparams import HParams
 from psa.core.precision import CHOICES as PRECISION_CHOICES
 
@@ -26,13 +26,15 @@ def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
                    help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
 
 
-def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, precision_default: str | None) -> None:
+def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, precision_default: str | None,
+                     precision_note: str) -> None:
     """How the engine runs its arithmetic (not what it computes): --precision, --kernels, --no-graphs."""
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=precision_default,
                    help="matmul precision: fp32, tf32 (tensor cores; emulated off a GPU), bf16, or auto: tf32 on a "
-                        "CUDA GPU, fp32 elsewhere" + ("" if precision_default else "; on resume, the run's own"))
+                        f"CUDA GPU, fp32 elsewhere; {precision_note}")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="auto: Triton kernels for narrow hidden stacks on a CUDA GPU when Triton is installed; "
-                        "torch: never; triton: always (needs a GPU or TRITON_INTERPRET=1)")
+                   help="auto: on a CUDA GPU with Triton installed, Triton kernels for dropout and for hidden "
+                        f"stacks of one width up to {AUTO_STACK_MAX_WIDTH}; torch: never; triton: always (needs a "
+                        "GPU or TRITON_INTERPRET=1)")
     p.add_argument("--no-graphs", action="store_true",
                    help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")

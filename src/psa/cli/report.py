@@ -9,8 +9,9 @@ import argparse
 import re
 from pathlib import Path
 
-from psa.core.arch import ArchError, parse_arch
 from psa.cli.argtypes import nonneg_int, nonneg_real, number, percentage, probability
+from psa.core.arch import ArchError, parse_arch
+from psa.study.options import DEFAULT_DB
 
 
 def _archs_arg(text: str) -> tuple[str, ...]:
@@ -79,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `report` and `compare` to the `psa` command line."""
     p = sub.add_parser("report", help="tables, regimes, statistics, figures and an HTML page from a study")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--db", default="results/psa.sqlite", help="results database (default results/psa.sqlite)")
+    src.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
     src.add_argument("--reference", choices=["published"], help="report on the authors' published data instead")
     p.add_argument("--study", help="study name, when the database holds several (default: the latest)")
     p.add_argument("--out", default="report", help="output directory (default report/)")
@@ -100,14 +101,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compare", help="compare a study with the published results or the printed Table V")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--db", default="results/psa.sqlite", help="results database (default results/psa.sqlite)")
+    src.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
     src.add_argument("--published", action="store_true",
                      help="compare the published data itself (e.g. against --reference seed)")
     p.add_argument("--reference", choices=["published", "seed"], default="published",
-                   help="published: the authors' final per-trial data; seed: the paper's printed Table V")
+                   help="published (default): the authors' final per-trial data; seed: the paper's printed Table V")
     p.add_argument("--study", help="study name, when the database holds several (default: the latest)")
     p.add_argument("--out", default="compare", help="output directory (default compare/)")
-    p.add_argument("--rules", choices=["published", "paper"], default="published", help="regime rules")
+    p.add_argument("--rules", choices=["published", "paper"], default="published",
+                   help="regime rules: those that drew the published map (default) or eqs. 6-8 as printed")
     p.add_argument("--zero-r", type=percentage, help="validation ZeroR in %% (default: computed from the data set)")
     p.add_argument("--alpha", type=probability, default=0.01, help="level of the per-cell tests (default 0.01)")
     p.add_argument("--escape-margin", type=nonneg_real, default=0.5,

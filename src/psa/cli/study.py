@@ -24,6 +24,9 @@ from psa.study.options import DEFAULT_DB, RunOptions
 
 
 def _modes(text: str) -> tuple[str, ...]:
+    """--modes: comma-separated mode names, or `all` for the six."""
+    if text.strip().lower() == "all":
+        return MODES
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     if not modes:
         raise argparse.ArgumentTypeError("expected a comma-separated list of modes")
@@ -279,7 +282,7 @@ def register(sub: Any) -> None:
     g.add_argument("--arch", action="append", metavar="ARCH",
                    help='an architecture, e.g. 1*128 or "[2*128, 4*64]"; repeatable; "paper" for the 98')
     g.add_argument("--arch-file", help="architectures, one per line")
-    g.add_argument("--modes", type=_modes, help=f"comma-separated (default all: {','.join(MODES)})")
+    g.add_argument("--modes", type=_modes, help=f"comma-separated, or all (the default: {','.join(MODES)})")
     g.add_argument("--trials", type=positive_int, help="trials per architecture and mode (default 10)")
     g.add_argument("--meta-loops", type=positive_int, help="meta-loops per trial (default 100)")
     g.add_argument("--seed", type=nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
@@ -301,7 +304,7 @@ def register(sub: Any) -> None:
                    help="ray: populations that may share one GPU (default 1)")
     r.add_argument("--max-retries", type=nonneg_int, default=3,
                    help="ray: resubmissions of a population whose worker died (default 3)")
-    add_engine_flags(r, "auto")
+    add_engine_flags(r, "auto", "fixed when the study is created")
     r.add_argument("--concurrency", type=positive_int,
                    help="populations in flight at once on one device (default 8 on a GPU, 1 elsewhere)")
     r.add_argument("--checkpoint-every", type=seconds, default=60.0, metavar="SECONDS",

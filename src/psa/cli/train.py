@@ -68,5 +68,5 @@ def register(sub: Any) -> None:
     p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")
-    add_engine_flags(p, None)
+    add_engine_flags(p, None, "on resume, the run's own")
     p.set_defaults(func=cmd_train)

@@ -57,8 +57,9 @@ class HParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HParams":
-        """The inverse of to_dict; keys it does not know (precision, written by older runs) are
-        ignored, missing ones take the paper's values."""
+        """The inverse of to_dict; keys it does not know (run.json keeps the precision and the
+        validation budget beside the hyperparameters) are ignored, missing ones take the
+        paper's values."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         if "betas" in kw:

@@ -117,7 +117,7 @@ def resumed_trial(cfg: TrialConfig) -> Trial:
     stored = meta["hyperparameters"]
     hp = HParams.from_dict(stored).updated(**_overrides(cfg), meta_loops=target)
     trial = Trial(arch, int(meta["seed"]), cfg.mode or meta["mode"], hp,
-                  precision=meta.get("precision", stored.get("precision", "fp32")), done=done, run_dir=run_dir,
+                  precision=stored.get("precision", "fp32"), done=done, run_dir=run_dir,
                   records=list(meta["records"]), prior_seconds=float(meta.get("train_seconds", 0.0)),
                   mode_history=[(str(m), int(t)) for m, t in meta["mode_history"]], meta=meta, state=state)
     if meta.get("rng") != rng.VERSION:
@@ -203,8 +203,11 @@ def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: 
         "lkg_correct": int(pop.lkg_correct[0]),
         "test_acc": test_acc,
         "complete": final,
-        "hyperparameters": trial.hparams.to_dict(),
-        "precision": ex.precision,
+        # the format run directories have always had: the hyperparameters (the loops are
+        # target_loops) and, beside them, the precision the run computes in and the
+        # validation block's budget
+        "hyperparameters": {**{k: v for k, v in trial.hparams.to_dict().items() if k != "meta_loops"},
+                            "eval_chunk_bytes": ex.eval_bytes, "precision": ex.precision},
         "rng": rng.VERSION,
         "member_weight_decay": member.weight_decay,
         "member_dropout": member.dropout,
