@@ -278,10 +278,10 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
             per_member[a] = bytes_per_member(a, design.hparams.batch_size, **memory_paths(parse_arch(a), ex))
         return st.plan.size * per_member[a]
 
-    def fail(failed: PopulationFailed, stream: Any) -> Iterator[Event]:
-        # called out of the except block, with only the message kept: no traceback holds the
-        # failed engine's frames while its queued work drains and its memory goes back
-        _drain(device, stream)
+    def retire(failed: PopulationFailed, stream: Any) -> Iterator[Event]:
+        # called out of the except block (only the message kept, so no traceback holds the
+        # failed engine), after its stream drained and its run was dropped: the stream goes
+        # back to the slots and the memory to the device
         streams.give(stream)
         release_cached(device)
         yield failed
@@ -305,8 +305,9 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
             except Exception as e:  # noqa: BLE001 - one population's failure must not stop the study
                 failed = _failed(st, e)
             if failed is not None:
+                _drain(device, stream)  # its queued writes land before its memory is freed
                 run = None
-                yield from fail(failed, stream)
+                yield from retire(failed, stream)
                 continue
             active.append((st, run, stream))
         if not active:
@@ -331,7 +332,8 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
             except Exception as e:  # noqa: BLE001
                 failed = _failed(st, e)
         if failed is not None:
+            _drain(device, stream)
             run = None
-            yield from fail(failed, stream)
+            yield from retire(failed, stream)
             continue
         active.append((st, run, stream))
