@@ -38,14 +38,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from psa.core import data as psa_data  # noqa: E402
-from psa.core.arch import parse_arch, study_architectures  # noqa: E402
 from psa.core import kernels  # noqa: E402
+from psa.core.arch import parse_arch, study_architectures  # noqa: E402
 from psa.core.device import Execution, describe_device, resolve_execution  # noqa: E402
 from psa.core.engine import Engine, kernel_launches  # noqa: E402
 from psa.core.hparams import HParams  # noqa: E402
+from psa.core.population import MODES, Population  # noqa: E402
 from psa.study.console import fmt_seconds  # noqa: E402
 from psa.study.plan import arch_flops  # noqa: E402
-from psa.core.population import MODES, Population  # noqa: E402
 
 HP = HParams()  # the paper's
 

@@ -30,8 +30,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from psa.core import data as psa_data  # noqa: E402
 from psa.analysis.stats import holm, sign_flip_test  # noqa: E402
+from psa.core import data as psa_data  # noqa: E402
 from psa.core.arch import parse_arch  # noqa: E402
 from psa.core.device import describe_device, resolve_execution  # noqa: E402
 from psa.core.engine import Engine  # noqa: E402

@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from psa.core.population import MODES
 from psa.analysis import figures as fg
 from psa.analysis.figures import Figure
 from psa.analysis.outdir import MANIFEST, OutputDir, write_figure_data, write_table
 from psa.analysis.page import figure, page, paragraph, preformatted
-from psa.analysis.reference import REFERENCES, CellComparison, CompareConfig, compare_cells
+from psa.analysis.reference import (
+    REFERENCES,
+    CellComparison,
+    CompareConfig,
+    compare_cells,
+)
 from psa.analysis.regimes import OUTCOMES, ClassifierConfig, Regime, classify_all
 from psa.analysis.results import (
     ReportError,
@@ -27,6 +31,7 @@ from psa.analysis.results import (
 )
 from psa.analysis.stats import resolve_zero_r, summaries, validation_zero_r
 from psa.analysis.tables import Table, fp
+from psa.core.population import MODES
 
 REFERENCE_LABELS = {"published": "published per-trial data (final)", "seed": "printed Table V"}
 

@@ -21,12 +21,12 @@ import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from psa.core.checkpoint import atomic_path  # noqa: E402
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
 from psa.analysis.reference import CellComparison  # noqa: E402
 from psa.analysis.regimes import REGIME_NAMES, REGIMES, Regime  # noqa: E402
 from psa.analysis.results import Curve, Trial, arch_params, arch_shape, matching_label  # noqa: E402
 from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
+from psa.core.checkpoint import atomic_path  # noqa: E402
+from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
 
 MODE_COLORS = {
     "none": "#4d4d4d",

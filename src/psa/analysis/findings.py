@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 from psa.analysis.regimes import RULE_SETS, ClassifierConfig, Regime, classify_all
 from psa.analysis.results import StudyData, missing_report
-from psa.analysis.stats import CellSummary, Comparison, StatsConfig, ablation_effects, paired_comparisons, summaries
+from psa.analysis.stats import (
+    CellSummary,
+    Comparison,
+    StatsConfig,
+    ablation_effects,
+    paired_comparisons,
+    summaries,
+)
 
 
 @dataclass

@@ -7,10 +7,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from psa.core.arch import study_architectures
-from psa.core.population import MODES
 from psa.analysis.results import ReportError, Trial, load_published, load_seed_table
 from psa.analysis.stats import ACC_EPS, holm, summarize
+from psa.core.arch import study_architectures
+from psa.core.population import MODES
 
 REFERENCES = ("published", "seed")
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
 from psa.analysis.results import ReportError
 from psa.analysis.stats import ACC_EPS, CellSummary
+from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 REGIME_NAMES = {
     "I": "Beneficial Regularization",

@@ -10,14 +10,26 @@ from pathlib import Path
 
 import numpy as np
 
-from psa.core.population import MODES
 from psa.analysis import figures as fg
 from psa.analysis.figures import Figure
 from psa.analysis.findings import Analysis, analyse
-from psa.analysis.outdir import MANIFEST, OutputDir, write_figure_data, write_records, write_table
+from psa.analysis.outdir import (
+    MANIFEST,
+    OutputDir,
+    write_figure_data,
+    write_records,
+    write_table,
+)
 from psa.analysis.page import bullets, figure, page, paragraph
 from psa.analysis.regimes import RULE_SETS, regime_counts
-from psa.analysis.results import ReportError, StudyData, load_data, missing_report, order_archs, short_list
+from psa.analysis.results import (
+    ReportError,
+    StudyData,
+    load_data,
+    missing_report,
+    order_archs,
+    short_list,
+)
 from psa.analysis.stats import best_trial_winners, holm, resolve_zero_r
 from psa.analysis.tables import (
     Table,
@@ -31,6 +43,8 @@ from psa.analysis.tables import (
     table_trials,
     table_v,
 )
+from psa.core.population import MODES
+from psa.study.options import DEFAULT_DB
 
 RULE_LABELS = {"published": "published rules", "paper": "equations 6-8 as printed"}
 
@@ -39,18 +53,18 @@ RULE_LABELS = {"published": "published rules", "paper": "equations 6-8 as printe
 class ReportConfig:
     """What `psa report` reads and how it classifies and tests."""
 
-    db: str | None = "results/psa.sqlite"
+    db: str | None = str(DEFAULT_DB)  # the results database to report on
     reference: str | None = None  # "published": the authors' data instead of a database
-    study: str | None = None
-    out: str = "report"
-    rules: str = "published"
-    zero_r: float | None = None  # computed from the data set when None
-    alpha: float = 0.05
-    n_boot: int = 10_000
-    seed: int = 0
+    study: str | None = None  # which study of the database (None: the latest)
+    out: str = "report"  # the output directory, replaced atomically
+    rules: str = "published"  # regime rules: those behind the published map, or "paper" (eqs. 6-8)
+    zero_r: float | None = None  # validation ZeroR in %; computed from the data set when None
+    alpha: float = 0.05  # level of the paired tests, after Holm's correction
+    n_boot: int = 10_000  # bootstrap resamples of the effect intervals
+    seed: int = 0  # of the bootstrap
     convergence: tuple[str, ...] | None = None  # None: see figures.convergence_targets
-    escape_margin: float = 0.5
-    tie_tolerance: float = 0.0
+    escape_margin: float = 0.5  # points above ZeroR for a trial to count as escaped
+    tie_tolerance: float = 0.0  # Table V: rounded means this close tie
 
 
 @dataclass

@@ -5,7 +5,7 @@ Everything downstream works on these plain structures (lists of `Trial`, curves 
 so that a study that is still running, or one with missing cells, gives whatever it can
 instead of an exception.
 
-Sources: a results database written by the study runner (its SQL lives in `psa.store`), or
+Sources: a results database written by the study runner (its SQL lives in `psa.study.store`), or
 the authors' published data shipped in `psa/resources/`: their per-trial peak accuracies, one
 plotted convergence curve per cell, and the printed Table V.
 """
@@ -24,9 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from psa.study import store
-from psa.core.arch import ArchError, is_parameter_matched, parse_arch, study_architectures, study_matching
+from psa.core.arch import (
+    ArchError,
+    is_parameter_matched,
+    parse_arch,
+    study_architectures,
+    study_matching,
+)
 from psa.core.population import MODES
+from psa.study import store
 
 
 class ReportError(RuntimeError):

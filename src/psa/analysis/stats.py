@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
 from psa.analysis.results import ReportError, StudyData, Trial
+from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 # Accuracies are multiples of 0.01 (100 * correct / 10,000) but arrive as floats computed in
 # different ways (100.0 * 1102 / 10000 == 11.02, yet 1102 / 10000 * 100 == 11.020000000000001):
@@ -26,7 +26,7 @@ def validation_zero_r(dataset: str = "mnist", data_dir: str | None = None) -> fl
     """ZeroR (%) of the validation split, from the training labels and the authors' split alone."""
     import hashlib
 
-    # reads the labels only, not the images that `psa.data.load()` decodes; equals `load().zero_r()`
+    # reads the labels only, not the images that `psa.core.data.load()` decodes; equals `load().zero_r()`
     from psa.core import data as d
 
     if dataset not in d.SHA256:

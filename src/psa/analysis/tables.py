@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from psa.core.population import MODES
 from psa.analysis.findings import Analysis
 from psa.analysis.regimes import regime_counts
 from psa.analysis.results import Curve, arch_params, arch_shape, matching_label
 from psa.analysis.stats import winners
+from psa.core.population import MODES
 
 
 @dataclass

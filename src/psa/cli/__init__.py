@@ -7,15 +7,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from psa.analysis import ReportError
+from psa.cli.report import register as register_report
 from psa.cli.study import register as register_study
 from psa.cli.train import register as register_train
 from psa.core.arch import ArchError
 from psa.core.checkpoint import CheckpointError
 from psa.core.data import DataError
 from psa.core.population import ConfigError
-from psa.cli.report import register as register_report
-from psa.study.store import StoreError
 from psa.study.options import StudyError
+from psa.study.store import StoreError
 
 USER_ERRORS = (ArchError, ConfigError, DataError, CheckpointError, ReportError, StoreError, StudyError)
 

@@ -10,17 +10,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from psa.study import store
 from psa.cli.argtypes import nonneg_int, positive_int, seconds
 from psa.cli.flags import add_engine_flags, add_training_flags
 from psa.core.population import MODES
-from psa.study.store import StoreError
-from psa.study.design import PRESETS, DesignError, StudyDesign, arch_list, read_arch_file, resolve_design
-from psa.study.plan import DEFAULT_CALIBRATION, make_plan
+from psa.study import store
+from psa.study.design import (
+    PRESETS,
+    DesignError,
+    StudyDesign,
+    arch_list,
+    read_arch_file,
+    resolve_design,
+)
 from psa.study.driver import run_study, stored_design
 from psa.study.dry_run import dry_run
 from psa.study.lock import checkpoint_root, lock_held, lock_owner
 from psa.study.options import DEFAULT_DB, RunOptions
+from psa.study.plan import DEFAULT_CALIBRATION, make_plan
+from psa.study.store import StoreError
 
 
 def _modes(text: str) -> tuple[str, ...]:

@@ -12,8 +12,8 @@ How a loop runs, and why:
   loop, which is exactly a fresh optimizer). On a CUDA GPU the whole step (batch gather,
   forward, backward, AdamW) is therefore captured once as a CUDA graph and replayed.
 - Hidden stacks of equal width up to kernels.MAX_WIDTH run as one Triton kernel per direction
-  when Triton is available (psa.kernels): a 2048-layer net is a few launches per step.
-- Data order and dropout masks are counter-based hashes (psa.rng), computed on the device.
+  when Triton is available (psa.core.kernels): a 2048-layer net is a few launches per step.
+- Data order and dropout masks are counter-based hashes (psa.core.rng), computed on the device.
 - Ablation, promotion and weight decay act on a handful of strided views (Layout.runs) with
   device-side masks: nothing waits for the device until a loop's results are read.
 - `launch` queues a loop and returns; `PendingLoop.result()` waits for it. Engines on their own
@@ -38,12 +38,21 @@ from psa.core.ablation import choose_neuron
 from psa.core.arch import Arch
 from psa.core.chunk import Chunk, StepCallback, batch_groups
 from psa.core.data import Dataset
-from psa.core.device import Execution, free_memory, is_out_of_memory, new_streams, on_device, release_cached, side_stream
+from psa.core.device import (
+    Execution,
+    free_memory,
+    is_out_of_memory,
+    new_streams,
+    on_device,
+    release_cached,
+    side_stream,
+)
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.memory import FREE_MEMORY_FRACTION, stack_fits_kernel, working_bytes
 from psa.core.population import Layout, Member, Population
 from psa.core.precision import Matmul
+
 
 @dataclass(frozen=True)
 class LoopResult:
@@ -250,7 +259,7 @@ class Engine:
 
     def _stack_geometry(self, layout: Layout, m0: int = 0) -> tuple[int, int, int]:
         """(w_off, b_off, layer_stride) of the middle stack (Linear layers 1..L-1) of members
-        m0.. in a buffer of `layout`, as psa.kernels addresses it."""
+        m0.. in a buffer of `layout`, as psa.core.kernels addresses it."""
         w = self.pop.arch.hidden[0]
         if len(layout.blocks) < 3:
             return 0, 0, 0  # one hidden layer: no middle stack, the kernel reads no weights
@@ -545,7 +554,7 @@ class Engine:
 
 def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data: Dataset, hparams: HParams,
                     ex: Execution) -> list[Any]:
-    """The Triton launches (psa.kernels.Launch) that a meta-loop and the test of a population of
+    """The Triton launches (psa.core.kernels.Launch) that a meta-loop and the test of a population of
     `members` of `arch` would make under `ex` (trained whole, as one chunk), for
     kernels.precompile(). Found by running the step and the evaluations on the meta device with
     the kernels recording: the same code, so the same arguments, but only shapes and offsets,

@@ -45,7 +45,7 @@ if triton is not None:
 
     @triton.jit
     def _round_tf32(x):
-        # psa.precision.round_tf32: nearest TF32 value, ties to even, on the bit pattern; inf
+        # psa.core.precision.round_tf32: nearest TF32 value, ties to even, on the bit pattern; inf
         # and NaN kept (zeroed for the add, so that nothing carries out of them)
         bits = x.to(tl.int32, bitcast=True)
         special = (bits & 0x7F800000) == 0x7F800000
@@ -77,7 +77,7 @@ if triton is not None:
                 return tl.dot(x, y, input_precision="tf32")
             elif PREC == 1:
                 # rounded to nearest first: the tensor cores' tf32 dot drops the low mantissa
-                # bits (seen on an H200: 9e-4 off psa.precision's rounding at width 16)
+                # bits (seen on an H200: 9e-4 off psa.core.precision's rounding at width 16)
                 x = _round_tf32(x)
                 y = _round_tf32(y)
                 return tl.dot(x, y, input_precision="tf32")

@@ -6,11 +6,11 @@ almost no work. Here one program owns one member and one block of batch rows and
 activations through the whole middle stack in registers: the forward is one launch, the
 backward is one launch plus one torch sum over row blocks of the weight gradients.
 
-Parameters live in psa's flat, layer-major buffer (psa.population): for the middle layer l
+Parameters live in psa's flat, layer-major buffer (psa.core.population): for the middle layer l
 (1 <= l <= L-1) of member m, weight[o, i] is at w_off + (l-1)*layer_stride + m*W*W + o*W + i
 and bias[o] at b_off + (l-1)*layer_stride + m*W + o. Gradients use the same layout.
 
-Dropout masks are the counter-based hashes of psa.rng, computed in the kernel with native
+Dropout masks are the counter-based hashes of psa.core.rng, computed in the kernel with native
 uint32 arithmetic, so they equal rng.dropout_noise bit for bit on any device.
 
 Widths up to 32 keep the next layer's weights in registers while a layer computes. From 33 to
@@ -40,7 +40,7 @@ MAX_WIDTH: int = 128
 
 # Padded widths from this on use tl.dot (which needs every dimension >= 16) with the asked
 # precision; narrower ones use broadcast multiply-adds, where a (rows, W, W) product tile is
-# cheap. Those round their operands in tf32 and bf16 exactly as psa.precision does, so that a
+# cheap. Those round their operands in tf32 and bf16 exactly as psa.core.precision does, so that a
 # precision means one arithmetic on every path (the products of rounded operands are exact in
 # fp32). At a padded width of 16 the broadcast form is not safe: Triton's compiler rewrites
 # sum(x[:, :, None] * y[None, :, :]) into a dot of its default (tf32) precision (seen on an
@@ -141,9 +141,9 @@ def _for_loops_ok() -> bool:
 
 def _require_triton() -> None:
     if triton is None:
-        raise RuntimeError("psa.kernels needs triton (pip install triton); it is not installed")
+        raise RuntimeError("psa.core.kernels needs triton (pip install triton); it is not installed")
     if not available():
-        raise RuntimeError("psa.kernels needs a CUDA GPU, or TRITON_INTERPRET=1 set before import "
+        raise RuntimeError("psa.core.kernels needs a CUDA GPU, or TRITON_INTERPRET=1 set before import "
                            "to run on the CPU in Triton's interpreter")
 
 
@@ -289,7 +289,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     without dropout). Eval: acts is None and only a_{L-1} is written, to `out` (contiguous
     (M, B, W), allocated if None), which is returned; drop must then be None.
     precision ("fp32", "tf32", "bf16") of the layer products: above width 16 tl.dot's (tensor
-    cores on a GPU), up to 16 operands rounded as psa.precision rounds them.
+    cores on a GPU), up to 16 operands rounded as psa.core.precision rounds them.
     """
     _require_triton()
     _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32,

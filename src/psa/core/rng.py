@@ -8,7 +8,7 @@ generator state to carry between replays), and whatever other members share the 
 The hash is `lowbias32` (a 32-bit xorshift-multiply finaliser, a bijection on 32-bit words).
 Words travel in int64 tensors. torch has no unsigned 32-bit multiply, so on accelerators the
 multiply is done exactly in 16-bit halves; on the CPU numpy's uint32 arithmetic (which wraps by
-definition) is about 25x faster than that; the Triton kernels (psa.kernels) use native uint32.
+definition) is about 25x faster than that; the Triton kernels (psa.core.kernels) use native uint32.
 All three compute the same bits, and the tests hold them to it.
 """
 

@@ -41,13 +41,24 @@ from psa import __version__
 from psa.core import rng
 from psa.core.arch import parse_arch
 from psa.core.checkpoint import CheckpointError, load_population, save_population
-from psa.core.device import Execution, describe_device, resolve_device, resolve_execution
+from psa.core.device import (
+    Execution,
+    describe_device,
+    resolve_device,
+    resolve_execution,
+)
 from psa.study import store
 from psa.study.design import DesignError, StudyDesign
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
 from psa.study.lock import StudyLock, checkpoint_root
 from psa.study.options import RunOptions, StudyError
-from psa.study.plan import Plan, PopulationPlan, auto_population_size, device_budget, make_plan
+from psa.study.plan import (
+    Plan,
+    PopulationPlan,
+    auto_population_size,
+    device_budget,
+    make_plan,
+)
 from psa.study.progress import StudyProgress, work_done
 from psa.study.runner import PopulationState, local_events
 from psa.study.store import StoreError

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from psa.core.arch import parse_arch
 from psa.core.data import N_VAL
 from psa.core.device import Execution, resolve_device, resolve_execution
@@ -15,7 +14,14 @@ from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size
 from psa.study.options import RunOptions
-from psa.study.plan import DEFAULT_CALIBRATION, Calibration, Plan, arch_flops, calibrate, make_plan
+from psa.study.plan import (
+    DEFAULT_CALIBRATION,
+    Calibration,
+    Plan,
+    arch_flops,
+    calibrate,
+    make_plan,
+)
 from psa.study.runner import cached_data
 
 

@@ -16,8 +16,8 @@ class StudyError(RuntimeError):
 class RunOptions:
     """How to run a study (not what: that is the design)."""
 
-    db: Path = DEFAULT_DB
-    device: str = "auto"
+    db: Path = DEFAULT_DB  # the results database (SQLite, WAL); checkpoints live beside it
+    device: str = "auto"  # local backend: auto (cuda, then mps, then cpu), cpu, cuda:N, mps
     population_size: int | None = None  # most members per population; None: the stored one, else fit the device
     backend: str = "local"  # local | ray
     address: str | None = None  # ray: an existing cluster; None starts a local instance
@@ -25,9 +25,9 @@ class RunOptions:
     cpus_per_task: int = 1  # ray: CPUs per population where there is no GPU
     per_device: int = 1  # ray: populations sharing one GPU
     max_retries: int = 3  # ray: resubmissions of a population whose worker was lost
-    data_dir: str | None = None
-    busy_timeout: float = 60.0
-    quiet: bool = False
+    data_dir: str | None = None  # the data set's files (else $PSA_DATA_DIR, the shipped copy)
+    busy_timeout: float = 60.0  # seconds to wait for another writer's transaction
+    quiet: bool = False  # no progress output
     precision: str = "auto"  # of the matmuls (psa.core.precision); fixed when the study is created
     kernels: str = "auto"  # auto | torch | triton (resolved by psa.core.device.resolve_execution)
     graphs: bool = True  # CUDA graphs on a GPU

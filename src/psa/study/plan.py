@@ -19,7 +19,6 @@ from psa.core.memory import working_bytes
 from psa.core.population import MODES, Member, Population
 from psa.study.design import DesignError, StudyDesign
 
-
 # ---------------------------------------------------------------------------------------------
 # Cost model, population size and the plan
 
@@ -56,7 +55,7 @@ DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 def bytes_per_member(arch: str, batch_size: int = 256, fused: bool = False, precision: str = "fp32",
                      graphs: bool = False) -> int:
-    """Device memory one member needs: what it trains with (engine.working_bytes: candidate,
+    """Device memory one member needs: what it trains with (memory.working_bytes: candidate,
     gradient, AdamW's moments, a step's activations, and with `fused` and `graphs` the Triton
     backward's partials and the graph's pool) plus its LKG and as much again as slack."""
     a = parse_arch(arch)

@@ -26,7 +26,13 @@ class StudyProgress:
 
     def __init__(self, name: str, design: StudyDesign, pops: dict[str, PopulationState], console: Any,
                  quiet: bool) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.design = design
         self.pops = pops

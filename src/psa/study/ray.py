@@ -33,7 +33,12 @@ from psa.study.design import StudyDesign
 from psa.study.events import Event, LoopDone, PopulationFailed, Started
 from psa.study.options import RunOptions, StudyError
 from psa.study.plan import PopulationPlan
-from psa.study.runner import PopulationState, design_data, population_events, population_to
+from psa.study.runner import (
+    PopulationState,
+    design_data,
+    population_events,
+    population_to,
+)
 
 
 def import_ray() -> Any:

@@ -21,7 +21,14 @@ import torch
 from psa.core.arch import parse_arch
 from psa.core.chunk import StepCallback
 from psa.core.data import Dataset
-from psa.core.device import Execution, describe_device, free_memory, new_streams, release_cached, side_stream
+from psa.core.device import (
+    Execution,
+    describe_device,
+    free_memory,
+    new_streams,
+    release_cached,
+    side_stream,
+)
 from psa.core.engine import Engine, LoopResult, PendingLoop, kernel_launches
 from psa.core.hparams import HParams
 from psa.core.memory import FREE_MEMORY_FRACTION, memory_paths

@@ -20,7 +20,14 @@ import torch
 from psa import __version__
 from psa.core import rng
 from psa.core.arch import Arch, ArchError, parse_arch
-from psa.core.checkpoint import FORMAT, CheckpointError, atomic_write, load_member, restore_member, save_member
+from psa.core.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    atomic_write,
+    load_member,
+    restore_member,
+    save_member,
+)
 from psa.core.data import Dataset
 from psa.core.data import load as load_data
 from psa.core.device import Execution, resolve_execution
