@@ -228,7 +228,7 @@ def test_the_gpu_engine_trains_like_the_cpu_engine(small, text):
     gpu_data = on(small, "cuda")
     gpu_pop = population(arch, gpu_data, specs, device="cuda")
     eng = engine(gpu_pop, gpu_data, precision="fp32")
-    assert eng.use_graphs and eng.fused == (text == "[3*4]")
+    assert eng.use_graphs and eng.fused  # kernels=auto: the stack kernels up to width 128
     gpu_res = [eng.meta_loop() for _ in range(2)]
     assert (gpu_pop.lkg.cpu() - cpu_pop.lkg).abs().max().item() < 1e-5
     for a, b in zip(gpu_res, cpu_res):
