@@ -18,9 +18,19 @@ def fresh_words(n: int) -> tuple[list[int], int]:
     return [r.getrandbits(32) for _ in range(n)] + [0, 1, 2**31 - 1, 2**31, 2**32 - 1], seed
 
 
+def mix32_int(x: int) -> int:
+    """lowbias32 of one Python int: the definition, one word at a time (the reference)."""
+    x &= rng.MASK32
+    x ^= x >> 16
+    x = (x * rng.MIX_C1) & rng.MASK32
+    x ^= x >> 15
+    x = (x * rng.MIX_C2) & rng.MASK32
+    return x ^ (x >> 16)
+
+
 def test_mix32_paths_agree_with_the_definition():
     words, seed = fresh_words(5000)
-    ref = [rng.mix32_int(w) for w in words]
+    ref = [mix32_int(w) for w in words]
     t = torch.tensor(words, dtype=torch.int64)
     assert rng.mix32(t).tolist() == ref, seed  # numpy uint32 path (CPU)
     assert rng._mix32_torch(t).tolist() == ref, seed  # exact int64 path (accelerators)

@@ -63,16 +63,6 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return _mix32_torch(x)
 
 
-def mix32_int(x: int) -> int:
-    """lowbias32 of one Python int: the definition, one word at a time (the tests' reference)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * MIX_C1) & MASK32
-    x ^= x >> 15
-    x = (x * MIX_C2) & MASK32
-    return x ^ (x >> 16)
-
-
 def loop_keys(seed: int, purpose: str, loop: int) -> tuple[int, int]:
     """Two 32-bit keys for one purpose ("order", "dropout") of one trial's meta-loop."""
     k = derive_seed(seed, purpose, loop)
