@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from psa.analysis import ReportError
 from psa.cli.report import register as register_report
+from psa.cli.selftest import register as register_selftest
 from psa.cli.study import register as register_study
 from psa.cli.train import register as register_train
 from psa.core.arch import ArchError
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(sub)  # psa arch, psa train
     register_study(sub)  # psa study, psa status, psa export
     register_report(sub)  # psa report, psa compare
+    register_selftest(sub)  # psa selftest
     return parser
 
 
