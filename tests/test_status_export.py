@@ -67,3 +67,18 @@ def test_durations_for_people() -> None:
     assert [fmt_seconds(s) for s in (45, 750, 7200, 200_000)] == ["45 s", "12.5 min", "2.0 h", "2.3 d"]
     assert ([fmt_seconds(s, rough=True) for s in (-3, 45, 750, 7200, 200_000)]
             == ["~0 s", "~45 s", "~12 min", "~2.0 h", "~55.6 h"])
+
+
+def test_status_weights_read_the_stored_hyperparameters() -> None:
+    """psa status weighs an architecture's trial-loops by the stored design, its batch size
+    included (a quarter of the batch is four times the steps of an epoch)."""
+    from psa.cli.study import _trial_weights
+    from psa.study.design import StudyDesign
+
+    def weights(**hp) -> dict:
+        d = StudyDesign.from_fields(architectures=("1*8", "4*4"), trials=2, meta_loops=3, **hp)
+        return _trial_weights({"design": json.dumps({**d.to_dict(), "plan": {"chunk": 12}})})
+
+    paper, small = weights(), weights(batch_size=64)
+    assert set(paper) == set(small) == {"1*8", "4*4"}
+    assert all(small[a] > 2 * paper[a] for a in paper)

@@ -15,6 +15,7 @@ from psa.cli.flags import add_engine_flags, add_training_flags
 from psa.core.population import MODES
 from psa.study import store
 from psa.study.design import (
+    DESIGN_FIELDS,
     PRESETS,
     DesignError,
     StudyDesign,
@@ -113,8 +114,8 @@ def _trial_weights(row: Any) -> dict[str, float] | None:
     """Estimated seconds per trial-loop of each architecture, from the stored design and plan."""
     d = stored_design(row)
     try:
-        design = StudyDesign(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
-                                if k in StudyDesign.__dataclass_fields__})
+        design = StudyDesign.from_fields(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                                            if k in DESIGN_FIELDS})
         plan = make_plan(design, int(d["plan"]["chunk"]))  # the population size, under its old name
     except (DesignError, KeyError, TypeError, ValueError):
         return None
