@@ -97,6 +97,15 @@ def _fixed_threads():
     torch.set_num_threads(n)
 
 
+def fresh_seed() -> int:
+    """A new random seed for a test's inputs, or PSA_TEST_SEED when it is set: a failure
+    prints its seed, and `PSA_TEST_SEED=<seed> pytest ...` replays it."""
+    fixed = os.environ.get("PSA_TEST_SEED")
+    if fixed:
+        return int(fixed)
+    return int.from_bytes(os.urandom(4), "little")
+
+
 # ------------------------------------------------------------------------------------------
 # running psa
 

@@ -8,7 +8,6 @@ they must not write (layer 0, the output layer, gaps between layers) must still 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -18,6 +17,8 @@ pytest.importorskip("triton")
 
 from psa.core import kernels, rng  # noqa: E402
 from psa.core.precision import Matmul  # noqa: E402
+
+from .conftest import fresh_seed  # noqa: E402
 
 if not kernels.available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
@@ -72,10 +73,6 @@ class OnDevice:
 
 
 K = OnDevice()
-
-
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 @dataclass

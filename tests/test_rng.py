@@ -11,9 +11,11 @@ import torch
 
 from psa.core import rng
 
+from .conftest import fresh_seed
+
 
 def fresh_words(n: int) -> tuple[list[int], int]:
-    seed = random.SystemRandom().getrandbits(32)
+    seed = fresh_seed()
     r = random.Random(seed)
     return [r.getrandbits(32) for _ in range(n)] + [0, 1, 2**31 - 1, 2**31, 2**32 - 1], seed
 
