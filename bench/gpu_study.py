@@ -40,10 +40,17 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from psa.core import data as psa_data  # noqa: E402
 from psa.core import kernels  # noqa: E402
 from psa.core.arch import parse_arch, study_architectures  # noqa: E402
-from psa.core.device import Execution, describe_device, resolve_execution  # noqa: E402
+from psa.core.device import (  # noqa: E402
+    Execution,
+    best_seconds,
+    describe_device,
+    resolve_execution,
+    synchronize,
+)
 from psa.core.engine import Engine, kernel_launches  # noqa: E402
 from psa.core.hparams import HParams  # noqa: E402
 from psa.core.population import MODES, Population  # noqa: E402
+from psa.core.selftest import matmul_peak  # noqa: E402
 from psa.study.console import fmt_seconds  # noqa: E402
 from psa.study.plan import arch_flops  # noqa: E402
 
@@ -54,46 +61,17 @@ META_LOOPS = 100
 EPOCH_STEPS = 196
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Best wall seconds of `repeat` calls of fn (after one warm-up)."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def device_peaks(device: torch.device) -> dict[str, float]:
     """Dense matmul TFLOP/s in fp32, tf32 and bf16, and device-to-device copy GB/s (read + write)."""
-    n = 8192 if device.type == "cuda" else 1024
     out: dict[str, float] = {}
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    old = torch.get_float32_matmul_precision()
-    try:
-        for name, prec, dtype in (("fp32", "highest", torch.float32), ("tf32", "high", torch.float32),
-                                  ("bf16", "highest", torch.bfloat16)):
-            if name == "tf32" and device.type != "cuda":
-                continue
-            torch.set_float32_matmul_precision(prec)
-            x, y = a.to(dtype), b.to(dtype)
-            t = timed(lambda: torch.mm(x, y), device, 5)
-            out[f"matmul_{name}_tflops"] = 2 * n**3 / t / 1e12
-    finally:
-        torch.set_float32_matmul_precision(old)
+    for name in ("fp32", "tf32", "bf16"):
+        if name == "tf32" and device.type != "cuda":
+            continue
+        out[f"matmul_{name}_tflops"] = matmul_peak(device, name, quick=False)
     size = (1 << 28) if device.type == "cuda" else (1 << 25)  # floats: 1 GiB / 128 MiB
     src = torch.empty(size, device=device)
     dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, 5)
+    t = best_seconds(lambda: dst.copy_(src), device, 5)
     out["copy_gbps"] = 2 * size * 4 / t / 1e9
     return out
 
@@ -110,17 +88,17 @@ def time_architecture(arch_text: str, ds: psa_data.Dataset, ex: Execution, loops
     members = [HP.member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(arch, members, device, n_val=ds.val_y.numel())
     eng = Engine(pop, sub, HP, ex)
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     eng.meta_loop()
-    sync(device)
+    synchronize(device)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(loops):
         eng.meta_loop()
-    sync(device)
+    synchronize(device)
     loop = (time.perf_counter() - t0) / loops
-    val = timed(lambda: eng.count_correct(pop.lkg, ds.val_x, ds.val_y), device, 1)
+    val = best_seconds(lambda: eng.count_correct(pop.lkg, ds.val_x, ds.val_y), device, 1)
     if steps is not None and steps < EPOCH_STEPS:
         # a loop's training scales with its steps; loop 1's extra (capture, compilation,
         # allocation) is paid once and does not

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +132,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for every queued kernel on `device` (for timings)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Best wall seconds of `repeat` calls of fn, after one warm-up, each waited for on `device`."""
+    fn()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def describe_device(device: torch.device) -> str:

@@ -25,7 +25,13 @@ from psa.core import kernels, rng
 from psa.core.ablation import choose_neuron
 from psa.core.arch import N_IN, N_OUT, Arch, parse_arch
 from psa.core.data import Dataset
-from psa.core.device import Execution, describe_device, resolve_execution, synchronize
+from psa.core.device import (
+    Execution,
+    best_seconds,
+    describe_device,
+    resolve_execution,
+    synchronize,
+)
 from psa.core.engine import Engine
 from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
@@ -435,22 +441,9 @@ def matmul_peak(device: torch.device, precision: str, quick: bool) -> float:
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-        return 2 * n**3 / _best(lambda: torch.mm(a, b), device, 3) / 1e12
+        return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), device, 3) / 1e12
     finally:
         torch.set_float32_matmul_precision(old)
-
-
-def _best(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Best wall seconds of `repeat` calls of fn, after one warm-up."""
-    fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def time_architecture(text: str, device: torch.device, seed: int, quick: bool, peak: float) -> Timing:
