@@ -139,3 +139,16 @@ def test_bad_seed_is_a_usage_error():
     rc, _, err = run_main(["selftest", "--seed", "-1"])
     assert rc == 2
     assert "seed" in one_line_error(err)
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_checks(tmp_path, monkeypatch):
+    """One line and exit 2, before any check runs, and nothing written."""
+    from psa.core import selftest
+
+    ran = []
+    monkeypatch.setattr(selftest, "run", lambda *a, **k: ran.append(1))
+    target = tmp_path / "missing" / "out.json"
+    rc, out, err = run_main(["selftest", "--quick", "--device", "cpu", "--json", str(target)], tmp_path)
+    assert rc == 2 and ran == []
+    assert one_line_error(err).startswith("psa: error: --json") and "not a writable directory" in err
+    assert not target.parent.exists()

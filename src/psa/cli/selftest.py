@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from psa.cli.argtypes import nonneg_int
+from psa.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from psa.core.device import resolve_device
 
     device = resolve_device(cfg.device)
+    if cfg.json:  # refused before a minute of checks, not after
+        parent = Path(cfg.json).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--json {cfg.json}: {parent} is not a writable directory")
     _interpret_off_gpu(device)
     from psa.core import selftest
     from psa.core.checkpoint import atomic_write
@@ -67,7 +73,10 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     report = selftest.run(device, cfg.seed, cfg.quick, on_row)
     if cfg.json:
-        atomic_write(cfg.json, json.dumps(report.to_dict(), indent=1) + "\n")
+        try:
+            atomic_write(cfg.json, json.dumps(report.to_dict(), indent=1) + "\n")
+        except OSError as e:
+            raise ConfigError(f"--json {cfg.json}: cannot write there ({e.strerror})") from None
 
     checks = Table(title=f"psa selftest on {report.device}, seed {report.seed}", title_justify="left")
     for col, just in (("check", "left"), ("status", "left"), ("measure", "right"), ("limit", "right"),
