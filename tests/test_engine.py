@@ -10,6 +10,7 @@ import torch
 from psa.core.arch import parse_arch
 from psa.core.device import Execution
 from psa.core.engine import Engine
+from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
 from psa.core.population import MODES
@@ -215,16 +216,19 @@ def test_batched_kernels_are_bitwise_per_member():
         assert all(torch.equal(out[0], out[j]) for j in range(m))
 
 
-def test_diverged_member_is_recorded_and_never_promoted(small):
+def test_diverged_member_is_discarded_under_diverged_discard(small):
+    """diverged="discard" (psa's rule before the harness's): never promoted, accuracy missing,
+    and the other members untouched."""
     specs = [("none", 1), ("full", 1), ("dropout", 2)]
-    clean = population(ARCH, small, specs)
-    poisoned = population(ARCH, small, specs)
+    hp = CFG.updated(diverged="discard")
+    clean = population(ARCH, small, specs, hp)
+    poisoned = population(ARCH, small, specs, hp)
     j = next(i for i, m in enumerate(poisoned.members) if m.mode == "full")
     with torch.no_grad():
         for w, b in poisoned.layout.views(poisoned.lkg):
             w[j] *= 1e30
-    _, rc = run_loops(clean, small, 2)
-    _, rp = run_loops(poisoned, small, 2)
+    _, rc = run_loops(clean, small, 2, hp)
+    _, rp = run_loops(poisoned, small, 2, hp)
     for r in rp:
         assert r.diverged[j] and not r.promoted[j] and math.isnan(r.candidate_acc[j])
     assert int(poisoned.lkg_correct[j]) == -1
@@ -233,6 +237,42 @@ def test_diverged_member_is_recorded_and_never_promoted(small):
         assert not any(r.diverged[i] for r in rp)
         assert [r.candidate_acc[i] for r in rp] == [r.candidate_acc[i] for r in rc]
         assert max_diff(clean.member_state_dict(i), poisoned.member_state_dict(i)) == 0.0
+
+
+# lr = 1e10 sends the loss to inf and the weights to NaN within the first epoch (lr = 1e6 does not)
+DIVERGING = CFG.updated(lr=1e10)
+
+
+@pytest.mark.parametrize("mode", ["none", "hidden"])
+def test_diverged_candidate_is_scored_as_the_harness_scores_it(small, mode):
+    """The default rule: a diverged candidate's NaN logits predict class 0 (argmax takes NaN as
+    the largest value and returns the first), so it scores the share of zeros in the validation
+    set, is promoted over the LKG's -1 in loop 1, and never again (its equal score is not
+    strictly higher). The plain oracle, which has no notion of divergence, agrees loop by loop."""
+    data = subset(small, 512)
+    pop = population(ARCH, data, [(mode, 3)], DIVERGING)
+    _, results = run_loops(pop, data, 3, DIVERGING)
+    zeros = int((data.val_y == 0).sum())
+    assert [r.diverged[0] for r in results] == [True] * 3
+    assert [r.promoted[0] for r in results] == [True, False, False]
+    assert [r.candidate_acc[0] for r in results] == [100.0 * zeros / data.val_y.numel()] * 3
+    assert int(pop.lkg_correct[0]) == zeros
+    ref = oracle.run(ARCH, data, 3, mode, 3, DIVERGING)
+    assert ref.accs == [zeros] * 3 and ref.promoted == [r.promoted[0] for r in results]
+
+
+def test_diverged_candidate_under_discard_leaves_the_trial_without_a_bounty(small):
+    data = subset(small, 512)
+    hp = DIVERGING.updated(diverged="discard")
+    pop = population(ARCH, data, [("none", 3)], hp)
+    _, results = run_loops(pop, data, 3, hp)
+    assert all(r.diverged[0] and not r.promoted[0] and math.isnan(r.candidate_acc[0]) for r in results)
+    assert pop.lkg_score() == [-1]
+
+
+def test_diverged_setting_is_checked():
+    with pytest.raises(ConfigError, match="diverged must be one of score, discard"):
+        HParams(diverged="skip")
 
 
 def test_same_population_twice_is_identical(small):

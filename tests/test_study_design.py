@@ -32,6 +32,27 @@ def test_design_is_paired_and_canonical() -> None:
                                      seed=8).digest()
 
 
+def test_diverged_rule_is_part_of_a_design_only_when_it_is_not_the_harnesss() -> None:
+    base = StudyDesign(architectures=("1*8",), trials=2)
+    # the default (the harness's rule) leaves the stored design, and so every digest, as before
+    assert "diverged" not in base.to_dict()
+    assert base.digest() == StudyDesign.from_fields(architectures=("1*8",), trials=2, diverged="score").digest()
+    discard = StudyDesign.from_fields(architectures=("1*8",), trials=2, diverged="discard")
+    assert discard.hparams.diverged == "discard" and discard.to_dict()["diverged"] == "discard"
+    assert discard.digest() != base.digest()
+    assert StudyDesign.from_fields(**discard.fields()) == discard
+
+
+def test_bad_diverged_rule_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    design = tmp_path / "d.toml"
+    design.write_text('architectures = ["1*8"]\n[training]\ndiverged = "ignore"\n')
+    code, _, err = run_main(["study", str(design), "--dry-run"], cwd=tmp_path)
+    assert code == 2 and "diverged must be one of score, discard" in one_line_error(err)
+    code, _, err = run_main(["train", "--arch", "1*8", "--diverged", "ignore"], cwd=tmp_path)
+    assert code == 2 and "--diverged" in err
+    assert list(tmp_path.iterdir()) == [design]
+
+
 def test_paper_preset_is_the_authors_design() -> None:
     d = preset("paper")
     assert len(d.architectures) == 98 and d.architectures[0] == "1*2048"

@@ -54,11 +54,13 @@ class Trial:
 
 @dataclass(frozen=True)
 class Curve:
-    """Per-loop record of one trial: candidate accuracy (NaN when diverged), LKG score, promotions."""
+    """Per-loop record of one trial: candidate accuracy (NaN where missing: a diverged candidate
+    under diverged = "discard"), LKG score, promotions, divergences (None where not recorded)."""
 
     candidate: np.ndarray
     lkg: np.ndarray
     promoted: np.ndarray
+    diverged: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -366,10 +368,10 @@ def _design_from_json(text: str | None, trials: list[Trial]) -> tuple[Design, li
 
 
 def _curves(rows: Iterable[Sequence], done: Mapping[int, tuple[str, str, int]]) -> dict:
-    """Per-loop rows (trial_id, loop, candidate, lkg, promoted) as one Curve per finished trial."""
-    acc: dict[int, list[tuple[int, float, float, int]]] = defaultdict(list)
-    for tid, loop, cand, lkg, prom in rows:
-        acc[tid].append((loop, np.nan if cand is None else cand, lkg, prom))
+    """Per-loop rows (trial_id, loop, candidate, lkg, promoted, diverged) as one Curve per finished trial."""
+    acc: dict[int, list[tuple[int, float, float, int, int]]] = defaultdict(list)
+    for tid, loop, cand, lkg, prom, div in rows:
+        acc[tid].append((loop, np.nan if cand is None else cand, lkg, prom, div))
     curves = {}
     for tid, recs in acc.items():
         if tid not in done:
@@ -378,9 +380,10 @@ def _curves(rows: Iterable[Sequence], done: Mapping[int, tuple[str, str, int]]) 
         cand = np.full(n, np.nan)
         lkg = np.full(n, np.nan)
         prom = np.zeros(n, dtype=bool)
-        for loop, c, k, p in recs:
-            cand[loop - 1], lkg[loop - 1], prom[loop - 1] = c, k, bool(p)
-        curves[done[tid]] = Curve(cand, lkg, prom)
+        div = np.zeros(n, dtype=bool)
+        for loop, c, k, p, d in recs:
+            cand[loop - 1], lkg[loop - 1], prom[loop - 1], div[loop - 1] = c, k, bool(p), bool(d)
+        curves[done[tid]] = Curve(cand, lkg, prom, div)
     return curves
 
 

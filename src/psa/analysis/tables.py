@@ -302,6 +302,15 @@ def _cell_curves(A: Analysis) -> dict[tuple[str, str], list[tuple[int, Curve]]]:
     return out
 
 
+def _diverged_share(curves: list[Curve], n_loops: int) -> float:
+    """Share of a cell's candidates that diverged: the recorded flags where a study has them,
+    else (published curves) the missing accuracies."""
+    if not curves or not n_loops:
+        return math.nan
+    flags = [c.diverged if c.diverged is not None else np.isnan(c.candidate) for c in curves]
+    return float(np.mean(np.concatenate(flags)))
+
+
 def table_lkg(A: Analysis) -> tuple[Table, Table, list[dict], list[dict]]:
     """LKG growth and convergence per cell, plus their per-loop long forms (CSV only)."""
     cells = _cell_curves(A)
@@ -331,7 +340,7 @@ def table_lkg(A: Analysis) -> tuple[Table, Table, list[dict], list[dict]]:
             g_raw.append({"arch": a, "mode": m, "curves": len(cc), "mean_promotions": float(np.mean(prom)),
                           **{f"lkg_loop{c}": lkg_at[c] for c in checks}, f"gain_after_loop{mid}": gain})
             bl = bounty_loops.get((a, m), [])
-            diverged = float(np.mean(np.isnan(cand))) if cand.size else math.nan
+            diverged = _diverged_share([c for _, c in cc], n_loops)
             med = f"{np.median(bl):.0f}" if bl else "-"
             late = f"{100 * np.mean(np.array(bl) > mid):.0f}%" if bl else "-"
             c_rows.append([a, m, *[f2(cand_at[c]) for c in checks], f"{100 * diverged:.1f}%", med, late])

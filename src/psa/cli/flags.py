@@ -6,20 +6,24 @@ import argparse
 
 from psa.cli.argtypes import positive_int, real
 from psa.core.device import AUTO_STACK_MAX_WIDTH, KERNEL_CHOICES
-from psa.core.hparams import HParams
+from psa.core.hparams import DIVERGED_CHOICES, HParams
 from psa.core.precision import CHOICES as PRECISION_CHOICES
 
 PAPER = HParams()
 
 
 def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--lr, --batch-size, --weight-decay, --dropout (each None unless given), --device, --dataset, --data-dir."""
+    """--lr, --batch-size, --weight-decay, --dropout, --diverged (each None unless given), --device, --dataset, --data-dir."""
     p.add_argument("--lr", type=real, help=f"AdamW learning rate (default {PAPER.lr:g})")
     p.add_argument("--batch-size", type=positive_int, help=f"training batch size (default {PAPER.batch_size})")
     p.add_argument("--weight-decay", type=real,
                    help=f"weight decay of `decay` mode (default {PAPER.weight_decay:g}; 0 in other modes)")
     p.add_argument("--dropout", type=real,
                    help=f"dropout rate of `dropout` mode (default {PAPER.dropout:g}; none in other modes)")
+    p.add_argument("--diverged", choices=DIVERGED_CHOICES,
+                   help="a candidate whose loss went non-finite: score it on what its NaN logits predict and "
+                        "promote it like any other, as the authors' harness does (score, the default), or never "
+                        "promote it and record its accuracy as missing (discard)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
     p.add_argument("--data-dir",

@@ -39,7 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrialConfig(
         arch=args.arch, mode=args.mode, meta_loops=args.meta_loops, seed=args.seed, lr=args.lr,
-        batch_size=args.batch_size, weight_decay=args.weight_decay, dropout=args.dropout, device=args.device,
+        batch_size=args.batch_size, weight_decay=args.weight_decay, dropout=args.dropout, diverged=args.diverged,
+        device=args.device,
         dataset=args.dataset, data_dir=args.data_dir, out=args.out, resume=args.resume, quiet=args.json,
         precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs,
     )

@@ -59,7 +59,7 @@ class LoopResult:
     """What one meta-loop did to every member (tuples in population order)."""
 
     loop: int
-    candidate_acc: tuple[float, ...]  # validation accuracy (%), NaN for a diverged candidate
+    candidate_acc: tuple[float, ...]  # validation accuracy (%); NaN for a diverged one under diverged="discard"
     promoted: tuple[bool, ...]
     ablated: tuple[tuple[int, int] | None, ...]  # (Linear layer, neuron) or None
     lkg_score: tuple[float, ...]  # after this loop's promotion decision
@@ -95,12 +95,14 @@ class PendingLoop:
         promoted = [bool(p) for p in self.host["promoted"].tolist()]
         diverged = [bool(d) for d in self.host["diverged"].tolist()]
         lkg = self.host["lkg_correct"].tolist()
+        discard = eng.hp.diverged == "discard"
         for j, p in enumerate(promoted):
             if p:
                 pop.bounty_loop[j] = self.loop
         self._result = LoopResult(
             loop=self.loop,
-            candidate_acc=tuple(float("nan") if d else 100.0 * c / pop.n_val for c, d in zip(correct, diverged)),
+            candidate_acc=tuple(float("nan") if d and discard else 100.0 * c / pop.n_val
+                                for c, d in zip(correct, diverged)),
             promoted=tuple(promoted),
             ablated=self.ablated,
             lkg_score=tuple(c if c < 0 else 100.0 * c / pop.n_val for c in lkg),
@@ -500,7 +502,7 @@ class Engine:
                 continue
             if validate:
                 lkg_correct = pop.lkg_correct[m0:m1]
-                promote = ~ch.diverged & (correct > lkg_correct)
+                promote = self._promotion(ch, correct, lkg_correct)
                 lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
                 p = promote.view(1, -1, 1)
                 for (cw, cb), (lw, lb) in zip(ch.cand_runs, pop.layout.runs(pop.lkg)):
@@ -512,6 +514,15 @@ class Engine:
                 out["promoted"][m0:m1] = promote
             m0 = m1
         return out
+
+    def _promotion(self, ch: Chunk, correct: torch.Tensor, lkg_correct: torch.Tensor) -> torch.Tensor:
+        """Which candidates of chunk `ch` become their member's LKG: a strictly higher validation
+        score than the LKG's. A diverged candidate is scored like any other (the harness's
+        rule: NaN logits predict class 0, see README) unless hparams.diverged is "discard"."""
+        promote = correct > lkg_correct
+        if self.hp.diverged == "discard":
+            promote &= ~ch.diverged
+        return promote
 
     def launch(self, on_step: StepCallback | None = None) -> PendingLoop:
         """Queue one meta-loop for every member and return without waiting for the device.

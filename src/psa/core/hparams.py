@@ -8,6 +8,8 @@ from typing import Any
 
 from psa.core.population import ConfigError, Member, make_member
 
+DIVERGED_CHOICES = ("score", "discard")
+
 
 @dataclass(frozen=True)
 class HParams:
@@ -21,6 +23,10 @@ class HParams:
     weight_decay: float = 1e-4  # `decay` mode's AdamW weight decay; every other mode uses exactly 0
     dropout: float = 0.1  # `dropout` mode's rate after every hidden ReLU; no other mode drops
     meta_loops: int = 100  # meta-loops per trial
+    # How a candidate whose training loss went non-finite is scored. "score": as the authors'
+    # harness does, on whatever its (NaN) logits predict, and promoted like any other candidate;
+    # "discard": never promoted, its accuracy recorded as missing (psa before 2026-11-26).
+    diverged: str = "score"
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "dropout"):
@@ -43,6 +49,8 @@ class HParams:
             raise ConfigError(f"weight decay must be a number >= 0, got {self.weight_decay}")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.diverged not in DIVERGED_CHOICES:
+            raise ConfigError(f"diverged must be one of {', '.join(DIVERGED_CHOICES)}, got {self.diverged!r}")
 
     def member(self, mode: str, seed: int) -> Member:
         """The trial of `mode` and `seed`: decay's rate in `decay` mode only, dropout's in
@@ -56,7 +64,7 @@ class HParams:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HParams":
+    def from_dict(cls, d: dict[str, Any]) -> HParams:
         """The inverse of to_dict; keys it does not know (run.json keeps the precision and the
         validation budget beside the hyperparameters) are ignored, missing ones take the
         paper's values."""
@@ -66,7 +74,7 @@ class HParams:
             kw["betas"] = tuple(kw["betas"])
         return cls(**kw)
 
-    def updated(self, **overrides: Any) -> "HParams":
+    def updated(self, **overrides: Any) -> HParams:
         """A copy with the overrides that are not None (flags the user did not give are None)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 

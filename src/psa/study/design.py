@@ -30,7 +30,7 @@ class DesignError(ConfigError):
 
 
 # the design's fields that are hyperparameters: flat in flags, TOML and the stored JSON
-HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout")
+HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout", "diverged")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class StudyDesign:
             v = hp.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise DesignError(f"{name} must be a number, got {v!r}")
+        if hp.get("diverged") is None:
+            hp.pop("diverged", None)
         try:
             hparams = HParams(**hp)
         except ConfigError as e:
@@ -117,7 +119,7 @@ class StudyDesign:
         d: dict[str, Any] = {"architectures": self.architectures, "modes": self.modes, "trials": self.trials,
                              "meta_loops": hp.meta_loops, "seed": self.seed, "lr": hp.lr,
                              "batch_size": hp.batch_size, "weight_decay": hp.weight_decay, "dropout": hp.dropout,
-                             "dataset": self.dataset, "train_subset": self.train_subset}
+                             "diverged": hp.diverged, "dataset": self.dataset, "train_subset": self.train_subset}
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +132,8 @@ class StudyDesign:
         d["modes"] = list(self.modes)
         if self.train_subset is None:
             del d["train_subset"]  # absent unless set: the digest of a full-data design has no such key
+        if d["diverged"] == "score":
+            del d["diverged"]  # likewise: designs written before the setting existed keep their digest
         return d
 
     @property
@@ -211,7 +215,7 @@ def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
 
 TOML_KEYS = {"name", "preset", "architectures", "architectures_file", "modes", "trials", "meta_loops", "seed",
              "dataset", "train_subset", "training"}
-TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout"}
+TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout", "diverged"}
 
 
 def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, dict[str, Any]]:

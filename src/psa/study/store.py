@@ -7,7 +7,8 @@ Schema version 1:
   `trial` is the 1-based trial index k within its (arch, mode) cell; trial k of every mode
   shares one seed (paired design). `bounty` is the peak validation accuracy in percent.
 - meta_loops(trial_id, loop, mode, candidate_acc, promoted, ablated_layer, ablated_index,
-  lkg_score, train_loss, diverged); candidate_acc is NULL for a diverged candidate;
+  lkg_score, train_loss, diverged); candidate_acc is NULL for a diverged candidate under the
+  design's diverged = "discard" rule;
   ablated_layer counts Linear layers from 0 (== depth for the output layer).
 - runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
   work_at_start): one row per `psa study` invocation, for `psa status` (liveness, ETA). Added to
@@ -390,10 +391,10 @@ def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
 
 
 def load_meta_loops(con: sqlite3.Connection, study_id: int) -> Iterator[sqlite3.Row]:
-    """(trial_id, loop, candidate_acc, lkg_score, promoted) of a study's finished trials, by trial and loop."""
+    """(trial_id, loop, candidate_acc, lkg_score, promoted, diverged) of a study's finished trials, by trial and loop."""
     # a cursor, not a list: a whole study holds millions of meta-loops
     return con.execute(
-        "SELECT m.trial_id, m.loop, m.candidate_acc, m.lkg_score, m.promoted FROM meta_loops m "
+        "SELECT m.trial_id, m.loop, m.candidate_acc, m.lkg_score, m.promoted, m.diverged FROM meta_loops m "
         "JOIN trials t ON t.id = m.trial_id WHERE t.study_id=? AND t.status='done' "
         "ORDER BY m.trial_id, m.loop", (study_id,))
 

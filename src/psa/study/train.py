@@ -55,6 +55,7 @@ class TrialConfig:
     batch_size: int | None = None
     weight_decay: float | None = None  # the rate decay mode uses (others use exactly 0)
     dropout: float | None = None  # the rate dropout mode uses (others use none)
+    diverged: str | None = None  # how a diverged candidate is scored (HParams.diverged)
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dataset: str = "mnist"
     data_dir: str | None = None  # else $PSA_DATA_DIR, the shipped copy, ./dataset
@@ -91,7 +92,8 @@ class Trial:
 
 
 def _overrides(cfg: TrialConfig) -> dict[str, Any]:
-    return {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout}
+    return {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout,
+            "diverged": cfg.diverged}
 
 
 def fresh_trial(cfg: TrialConfig) -> Trial:
