@@ -38,8 +38,8 @@ def test_loop_to_99_percent_of_the_final_value_and_of_the_gain():
     b = cv.bounty_curve(curve([-1, -1, 20, 21, 29.8, 30]))
     assert cv.loop_to_final(b) == 5 and cv.loop_to_gain(b) == 6
     assert cv.loop_to_final(np.array([-1.0, -1.0])) is None and cv.loop_to_gain(np.array([-1.0])) is None
-    flat = np.full(7, 11.02)  # never rises: reached at its first loop
-    assert cv.loop_to_final(flat) == 1 and cv.loop_to_gain(flat) == 1
+    flat = np.full(7, 11.02)  # never rises: 99% of its value at loop 1, no rise to time
+    assert cv.loop_to_final(flat) == 1 and cv.loop_to_gain(flat) is None
     assert cv.loop_to_final(np.array([])) is None
 
 
@@ -119,6 +119,10 @@ def test_analyse_convergence_counts_improving_trials_per_cell_and_mode():
     data.curves[("2*8", "hidden", 1)] = curve([11.02] * 20)
     C = cv.analyse_convergence(data, ["1*8", "2*8"], seed=0, n_boot=200)
     assert C.progress_left_out["hidden"] == 1 and C.progress["hidden"].n == 2
+    hidden = next(x for x in C.conditions if x.condition == "hidden")
+    assert (hidden.trials, hidden.judged, hidden.rising, hidden.improving) == (3, 3, 2, 0)
+    none = next(x for x in C.conditions if x.condition == "none")
+    assert none.rising == 4 and none.rising_share == 0.75
     assert [r["loop"] for r in cv.progress_records(C) if r["condition"] == "none"] == list(range(1, 21))
 
 

@@ -13,7 +13,7 @@ Definitions (docs/report.md states them for readers):
   With accuracies in percent this fires early for any net that learns (99% of 98% is 97%), so
   beside it **loop to 99% of the gain** (`t99_gain`): the first t with
   b(t) - b0 >= 0.99 * (b(T) - b0), b0 the first valid (>= 0) bounty; loops before b0 never
-  count; the loop of b0 when the bounty never rises.
+  count; None when the bounty never rises (a net stuck at ZeroR has no rise to time).
 * **Still improving**: a trial still improves when its bounty rose during the last 10% of its
   loops: b(T) > b(T - k), k = max(1, ceil(0.1 * T)). Per condition: the share of its trials that
   do, and the mean rise b(T) - b(T - k). A run of fewer than k + 1 loops cannot tell (None).
@@ -83,7 +83,7 @@ def loop_to_final(b: np.ndarray, target: float = TARGET) -> int | None:
 
 def loop_to_gain(b: np.ndarray, target: float = TARGET) -> int | None:
     """First loop with b(t) - b0 >= target * (b(T) - b0), b0 the first valid bounty; None when
-    there is none. Loops before b0 never count."""
+    there is none or the bounty never rises. Loops before b0 never count."""
     valid = np.flatnonzero(b >= 0)
     if valid.size == 0:
         return None
@@ -91,7 +91,7 @@ def loop_to_gain(b: np.ndarray, target: float = TARGET) -> int | None:
     b0 = b[first]
     gain = b[-1] - b0
     if gain <= 0:
-        return first + 1
+        return None
     reached = (b - b0 >= target * gain) & (np.arange(b.size) >= first)
     return int(np.argmax(reached)) + 1
 
@@ -193,6 +193,7 @@ class ConditionConvergence:
     trials: int
     improving: int
     judged: int
+    rising: int  # judged trials whose bounty rose at all (nets stuck at ZeroR never do)
     cells: int
     cells_majority_improving: int
     tail_rise_mean: float | None
@@ -203,6 +204,11 @@ class ConditionConvergence:
     def improving_share(self) -> float | None:
         """Share of the judged trials still improving."""
         return self.improving / self.judged if self.judged else None
+
+    @property
+    def rising_share(self) -> float | None:
+        """Share of the judged trials that rose at all and are still improving."""
+        return self.improving / self.rising if self.rising else None
 
 
 @dataclass
@@ -274,8 +280,9 @@ def analyse_convergence(data: StudyData, archs: Sequence[str], seed: int = 0, n_
         ts = [t for t in trials if t.condition == c]
         cs = [x for x in cells if x.condition == c]
         rises = [t.tail_rise for t in ts if t.tail_rise is not None]
+        rising = sum(1 for t in ts if t.tail_rise is not None and t.t99_gain is not None)
         per_cond.append(ConditionConvergence(
-            c, len(ts), sum(r > 0 for r in rises), len(rises), len(cs),
+            c, len(ts), sum(r > 0 for r in rises), len(rises), rising, len(cs),
             sum(1 for x in cs if x.judged and x.improving * 2 > x.judged), _mean_or_none(rises),
             _median_or_none([t.t99 for t in ts]), _median_or_none([t.t99_gain for t in ts])))
     lengths = Counter(b.size for recs in by_cell.values() for _, b in recs)
@@ -324,5 +331,5 @@ def as_json(C: Convergence) -> Mapping:
     """The manifest's summary of the convergence analysis."""
     return {"loops": C.loops, "tail_loops": C.tail_loops,
             "conditions": {x.condition: {"trials": x.trials, "improving": x.improving, "judged": x.judged,
-                                         "improving_share": x.improving_share, "t99_median": x.t99_median,
+                                         "improving_share": x.improving_share, "rising": x.rising, "t99_median": x.t99_median,
                                          "t99_gain_median": x.t99_gain_median} for x in C.conditions}}

@@ -415,8 +415,8 @@ def table_bounty_convergence(C: Convergence) -> Table:
     notes = ["Bounty curve: the running maximum of the LKG score after each meta-loop (-1 before the first valid "
              "candidate).",
              "Loop to 99%: first loop whose bounty is at least 99% of the final bounty; to 99% of the gain: first "
-             "loop that has covered 99% of the rise from the first valid bounty to the final one. Medians over "
-             "the cell's trials with per-loop records.",
+             "loop that has covered 99% of the rise from the first valid bounty to the final one (none for a "
+             "trial that never rises). Medians over the cell's trials with per-loop records.",
              f"Still improving: the bounty rose in the last {C.tail_loops} of {C.loops} loops (the last 10%); "
              "rise: mean over the cell's trials of the final bounty minus the bounty before those loops.",
              "Per trial: bounty_convergence_per_trial.csv."]
@@ -432,18 +432,22 @@ def table_still_improving(C: Convergence) -> Table:
         share = x.improving_share
         rows.append([x.condition, str(x.trials), f"{x.improving}/{x.judged}" if x.judged else "-",
                      _opt(None if share is None else 100 * share, "{:.0f}%"),
+                     _opt(None if x.rising_share is None else 100 * x.rising_share, "{:.0f}%") + f" of {x.rising}",
                      f"{x.cells_majority_improving}/{x.cells}", _opt(x.tail_rise_mean, "{:+.3f}"),
                      _opt(x.t99_median, "{:g}"), _opt(x.t99_gain_median, "{:g}")])
         raw.append({"mode": x.condition, "trials": x.trials, "still_improving": x.improving, "judged": x.judged,
-                    "still_improving_share": share, "cells": x.cells,
+                    "still_improving_share": share, "rising": x.rising, "rising_share": x.rising_share,
+                    "cells": x.cells,
                     "cells_majority_improving": x.cells_majority_improving, "tail_rise_mean": x.tail_rise_mean,
                     "t99_median": x.t99_median, "t99_gain_median": x.t99_gain_median})
     notes = [f"A trial still improves when its bounty rose in the last {C.tail_loops} of its {C.loops} meta-loops "
              "(b(T) > b(T - k), k = ceil(10% of T)); trials with per-loop records only.",
+             "Of rising trials: the share among the trials whose bounty rose at all (nets stuck at ZeroR never do).",
              "Cells: architectures where more than half of the mode's trials still improve.",
-             "Loop to 99% (of the final bounty, and of its gain): medians over the mode's trials."]
+             "Loop to 99% (of the final bounty, and of its gain): medians over the mode's trials (of its gain: "
+             "over the trials whose bounty rose at all)."]
     return Table("still_improving", "Which modes still improve in their last 10% of meta-loops",
-                 ["Mode", "Trials", "Still improving", "Share", "Cells (majority)", "Mean last-10% rise",
+                 ["Mode", "Trials", "Still improving", "Share", "Of rising trials", "Cells (majority)", "Mean last-10% rise",
                   "Median loop to 99%", "Median loop to 99% of gain"], rows, notes + C.notes, raw)
 
 
