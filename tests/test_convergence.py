@@ -192,6 +192,9 @@ def test_separation_scores_each_regime_against_the_rest():
     ii = seps[("harm", "II")]
     assert (ii.n, ii.n_regime, ii.auc, ii.accuracy, ii.direction, ii.constant) == (5, 2, 0.0, 1.0, -1, False)
     assert seps[("log10_params", "I")].n == 5 and ("discard", "I") not in seps  # no curves, no discard
+    vs = seps[("harm", "II vs I")]  # the two II nets against the two I nets only
+    assert (vs.n, vs.n_regime, vs.auc, vs.loo_accuracy) == (4, 2, 0.0, 1.0)
+    assert ("harm", "III") not in seps  # no III net: nothing to separate
     rho, p, n = hm.spearman(harms, "harm")
     assert n == 5 and rho == pytest.approx(0.9)  # harm ranks 1, 2, 4, 3, 5 against size ranks 1..5
 
@@ -284,7 +287,8 @@ def test_published_report_harm_rate_and_its_separation(published_report):
         assert int(r["curves_none"]) == 1  # one plotted trial per published cell
     manifest = json_of(out / "manifest.json")
     seps = {(s["measure"], s["regime"]): s for s in manifest["harm_separation"]["by_regime"]}
-    assert len(seps) == 12 and all(s["n"] == 98 for s in seps.values())
+    assert len(seps) == 15 and all(s["n"] == 98 for (_, r), s in seps.items() if "vs" not in r)
+    assert seps[("harm", "II vs I")]["n"] == 11 + 24  # the published map's I and II nets
     # regime II (optimally sized) has the most negative harm rates: AUC near 0
     assert seps[("harm", "II")]["auc"] < 0.05 and seps[("harm", "II")]["loo_accuracy"] > 0.85
     rho = manifest["harm_separation"]["spearman_with_params"]["harm"]

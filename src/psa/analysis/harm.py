@@ -13,7 +13,8 @@ Per architecture:
   LKG score of -1. Per cell, the mean over the trials with per-loop records.
 
 How well a measure separates the regimes (`separation`): for each regime R against the rest,
-over the architectures with a regime in I-IV, the area under the ROC curve (the Mann-Whitney
+over the architectures with a regime in I-IV, and for II against I alone (the capacity question:
+optimally sized or over-sized, among nets that learn and that ablation does not help), the area under the ROC curve (the Mann-Whitney
 probability that an R net scores higher than another, ties counted half: 0.5 is no separation,
 0 or 1 perfect) and the best single threshold (either direction): its in-sample accuracy, its
 leave-one-out accuracy (threshold refitted without each net in turn), and the accuracy of always
@@ -176,21 +177,33 @@ MEASURES: dict[str, tuple[str, Callable[[ArchHarm], float | None]]] = {
 }
 
 
+# One regime against the other three, then the capacity question itself: among the nets that
+# learn and that ablation does not help, the optimally sized (II) against the over-sized (I).
+CONTRASTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *((r, REGIMES) for r in REGIMES),
+    ("II", ("I", "II")),
+)
+
+
+def contrast_label(regime: str, among: Sequence[str]) -> str:
+    """'II' for II against the rest of I-IV, 'II vs I' for II among I and II only."""
+    return regime if tuple(among) == REGIMES else f"{regime} vs " + "/".join(r for r in among if r != regime)
+
+
 def separation(harms: Sequence[ArchHarm]) -> list[Separation]:
-    """Every measure against every regime (one regime against the rest), over the nets in I-IV."""
+    """Every measure on every contrast (`CONTRASTS`), over the nets classified in the regimes compared."""
     out = []
     for key, (_, get) in MEASURES.items():
-        pts = [(get(h), h.regime) for h in harms if h.regime in REGIMES and get(h) is not None]
-        if not pts:
-            continue
-        x = np.array([p[0] for p in pts], dtype=float)
-        for r in REGIMES:
-            y = np.array([p[1] == r for p in pts])
+        for r, among in CONTRASTS:
+            pts = [(get(h), h.regime) for h in harms if h.regime in among and get(h) is not None]
+            x = np.array([p[0] for p in pts], dtype=float)
+            y = np.array([p[1] == r for p in pts], dtype=bool)
             if not y.any() or y.all():
                 continue
             c, d, acc = best_threshold(x, y)
-            out.append(Separation(key, r, int(x.size), int(y.sum()), auc(x, y), c, d, acc, loo_accuracy(x, y),
-                                  float(max(y.mean(), 1 - y.mean())), bool(c < x.min() or c > x.max())))
+            out.append(Separation(key, contrast_label(r, among), int(x.size), int(y.sum()), auc(x, y), c, d, acc,
+                                  loo_accuracy(x, y), float(max(y.mean(), 1 - y.mean())),
+                                  bool(c < x.min() or c > x.max())))
     return out
 
 

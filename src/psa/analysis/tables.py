@@ -483,7 +483,8 @@ def table_harm_separation(seps: Sequence[Separation], rho: Mapping[str, tuple[fl
                      "none (majority)" if s.constant else f"{side} {s.threshold:.4g}", f"{100 * s.accuracy:.1f}%", f"{100 * s.loo_accuracy:.1f}%",
                      f"{100 * s.majority_accuracy:.1f}%"])
         raw.append(asdict(s))
-    notes = ["Each regime against the other three, over the architectures classified I-IV.",
+    notes = ["Each regime against the other three, over the architectures classified I-IV; 'II vs I': the "
+             "optimally sized nets against the over-sized ones, those two regimes only.",
              "AUC: probability that a net of the regime scores higher than one outside it (ties half); 0.5 is no "
              "separation, near 0 or 1 strong separation (near 0: the regime scores lower).",
              "Threshold: the single cut with the best in-sample accuracy; leave-one-out: each net classified by the "
