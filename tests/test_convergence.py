@@ -123,7 +123,7 @@ def test_analyse_convergence_counts_improving_trials_per_cell_and_mode():
     assert (hidden.trials, hidden.judged, hidden.rising, hidden.improving) == (3, 3, 2, 0)
     none = next(x for x in C.conditions if x.condition == "none")
     assert none.rising == 4 and none.rising_share == 0.75
-    assert [r["loop"] for r in cv.progress_records(C) if r["condition"] == "none"] == list(range(1, 21))
+    assert [r["loop"] for r in cv.progress_records(C) if r["mode"] == "none"] == list(range(1, 21))
 
 
 def test_runs_of_another_length_stay_out_of_the_pooled_curves():
@@ -240,7 +240,7 @@ def test_report_on_the_tiny_reference_study_has_the_new_sections(reference, tmp_
     rows = {r["mode"]: r for r in _csv(out / "tables" / "still_improving.csv")}
     assert {m: int(r["still_improving"]) for m, r in rows.items()} == dict(improving)
     assert all(int(r["judged"]) == 4 for r in rows.values())
-    per_trial = {(r["arch"], r["condition"], int(r["trial"])): r
+    per_trial = {(r["arch"], r["mode"], int(r["trial"])): r
                  for r in _csv(out / "tables" / "bounty_convergence_per_trial.csv")}
     for key, s in lkg.items():
         final = s[loops]

@@ -318,11 +318,11 @@ def analyse_convergence(data: StudyData, archs: Sequence[str], seed: int = 0, n_
 
 
 def progress_records(C: Convergence) -> list[dict]:
-    """Long form of the pooled progress curves: condition, loop, n, median, band (CSV)."""
+    """Long form of the pooled progress curves: mode (the condition), loop, n, median, band (CSV)."""
     out = []
     for c, band in C.progress.items():
         for t in range(band.median.size):
-            out.append({"condition": c, "loop": t + 1, "n": band.n, "median": float(band.median[t]),
+            out.append({"mode": c, "loop": t + 1, "n": band.n, "median": float(band.median[t]),
                         "lo": float(band.lo[t]), "hi": float(band.hi[t])})
     return out
 

@@ -179,10 +179,12 @@ def _write_tables(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Seq
     write_records(out, "tables/lkg_growth_per_loop.csv", growth_long, ["arch", "mode", "trial", "loop", "lkg_score"])
     write_records(out, "tables/convergence_per_loop.csv", conv_long,
                   ["arch", "mode", "loop", "n", "candidate_mean", "candidate_min", "candidate_max", "lkg_mean"])
-    write_records(out, "tables/bounty_convergence_per_trial.csv", [asdict(t) for t in D.conv.trials],
-                  ["arch", "condition", "trial", "loops", "final", "t99", "t99_gain", "tail_rise"])
+    per_trial = [{"arch": t.arch, "mode": t.condition, "trial": t.trial, "loops": t.loops, "final_bounty": t.final,
+                  "t99": t.t99, "t99_gain": t.t99_gain, "tail_rise": t.tail_rise} for t in D.conv.trials]
+    write_records(out, "tables/bounty_convergence_per_trial.csv", per_trial,
+                  ["arch", "mode", "trial", "loops", "final_bounty", "t99", "t99_gain", "tail_rise"])
     write_records(out, "tables/bounty_progress_per_loop.csv", cv.progress_records(D.conv),
-                  ["condition", "loop", "n", "median", "lo", "hi"])
+                  ["mode", "loop", "n", "median", "lo", "hi"])
     if A.data.incomplete:
         write_records(out, "tables/incomplete_trials.csv", A.data.incomplete,
                       ["arch", "mode", "trial", "status", "loops_done"])
@@ -273,12 +275,12 @@ def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
     return lines
 
 
-def convergence_statement(D: Dynamics) -> list[str]:
+def convergence_statement(D: Dynamics, curves_note: str = "") -> list[str]:
     """The convergence section's findings, in words."""
     C = D.conv
     if not C.trials:
         return ["No per-loop records: nothing to say about convergence."]
-    lines = []
+    lines = [f"From {curves_note}."] if curves_note else []
     judged = [x for x in C.conditions if x.judged]
     if judged:
         ranked = sorted(judged, key=lambda x: -(x.improving_share or 0))
@@ -330,7 +332,7 @@ def _report_page(cfg: ReportConfig, A: Analysis, D: Dynamics, overview: Sequence
          + tbl["ablation_effects"].html() + tbl["paired_tests"].html()),
         ("Convergence and late breakthroughs", dyn + figure(fig["late_breakthroughs"])
          + tbl["lkg_growth"].html() + tbl["convergence"].html()),
-        ("Convergence dynamics", bullets(convergence_statement(D)) + figure(fig["bounty_progress"])
+        ("Convergence dynamics", bullets(convergence_statement(D, A.data.curves_note)) + figure(fig["bounty_progress"])
          + tbl["still_improving"].html() + tbl["bounty_convergence"].html()),
         ("Harm rate as a capacity detector", bullets(harm_statement(D)) + figure(fig["harm_rate"])
          + tbl["harm_separation"].html() + tbl["harm_rate"].html()),
