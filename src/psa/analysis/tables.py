@@ -417,7 +417,7 @@ def table_bounty_convergence(C: Convergence) -> Table:
              "Loop to 99%: first loop whose bounty is at least 99% of the final bounty; to 99% of the gain: first "
              "loop that has covered 99% of the rise from the first valid bounty to the final one (none for a "
              "trial that never rises). Medians over the cell's trials with per-loop records.",
-             f"Still improving: the bounty rose in the last {C.tail_loops} of {C.loops} loops (the last 10%); "
+             "Still improving: the bounty rose in the last 10% of the loops; "
              "rise: mean over the cell's trials of the final bounty minus the bounty before those loops.",
              "Per trial: bounty_convergence_per_trial.csv."]
     return Table("bounty_convergence", "Bounty convergence per cell: loop to 99% and still improving",
@@ -440,7 +440,8 @@ def table_still_improving(C: Convergence) -> Table:
                     "cells": x.cells,
                     "cells_majority_improving": x.cells_majority_improving, "tail_rise_mean": x.tail_rise_mean,
                     "t99_median": x.t99_median, "t99_gain_median": x.t99_gain_median})
-    notes = [f"A trial still improves when its bounty rose in the last {C.tail_loops} of its {C.loops} meta-loops "
+    span = f"the last {C.tail_loops} of its {C.loops} meta-loops" if C.loops else "the last 10% of its meta-loops"
+    notes = [f"A trial still improves when its bounty rose in {span} "
              "(b(T) > b(T - k), k = ceil(10% of T)); trials with per-loop records only.",
              "Of rising trials: the share among the trials whose bounty rose at all (nets stuck at ZeroR never do).",
              "Cells: architectures where more than half of the mode's trials still improve.",
