@@ -307,9 +307,12 @@ def harm_statement(D: Dynamics) -> list[str]:
                          f"rho = {r:+.3f} (p = {p:.3g}, n = {n}).")
     for s in D.separation:
         if s.measure == "harm":
-            lines.append(f"Regime {s.regime} ({s.n_regime} of {s.n}) from the harm rate: AUC {s.auc:.3f}; best "
-                         f"threshold {100 * s.accuracy:.1f}% in-sample, {100 * s.loo_accuracy:.1f}% leave-one-out, "
-                         f"against {100 * s.majority_accuracy:.1f}% for the majority answer.")
+            cut = ("no threshold beats the majority answer" if s.constant else
+                   f"best threshold ({'<' if s.direction < 0 else '>'} {s.threshold:+.2f} points) "
+                   f"{100 * s.accuracy:.1f}% in-sample")
+            lines.append(f"Regime {s.regime} ({s.n_regime} of {s.n}) from the harm rate: AUC {s.auc:.3f}; {cut}, "
+                         f"{100 * s.loo_accuracy:.1f}% leave-one-out, against {100 * s.majority_accuracy:.1f}% "
+                         "for the majority answer.")
     return lines
 
 
