@@ -12,6 +12,7 @@
 
     python bench/long_runs.py --out bench/results/long_runs.json
     python bench/long_runs.py --loops 200 --marks 50 100 200 --train-loops 20 80   # quicker
+    python bench/long_runs.py --parts train --baseline-src ../main/src              # part 3 only
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def wchar():
         return int(next(l for l in f if l.startswith("wchar")).split()[1])
 import psa
 w0, t0 = wchar(), time.perf_counter()
-s = train(TrialConfig(arch="1*2", meta_loops={loops}, batch_size=1024, quiet=True, out={out!r}))
+s = train(TrialConfig(arch="1*2", meta_loops={loops}, batch_size={batch}, quiet=True, out={out!r}))
 w1 = wchar()
 files = {{p: os.path.getsize(os.path.join({out!r}, p)) for p in sorted(os.listdir({out!r}))}}
 print(json.dumps({{"psa": os.path.dirname(psa.__file__), "written": w1 - w0, "seconds": time.perf_counter() - t0,
@@ -108,8 +109,8 @@ print(json.dumps({{"psa": os.path.dirname(psa.__file__), "written": w1 - w0, "se
 """
 
 
-def run_train(src: Path, loops: int, out: Path) -> dict:
-    code = TRAIN.format(src=str(src), loops=loops, out=str(out))
+def run_train(src: Path, loops: int, out: Path, batch: int) -> dict:
+    code = TRAIN.format(src=str(src), loops=loops, out=str(out), batch=batch)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=out.parent)
     if p.returncode != 0:
@@ -117,48 +118,66 @@ def run_train(src: Path, loops: int, out: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def study_part(args: argparse.Namespace, tmp: Path, doc: dict) -> None:
+    """Parts 1 and 2: the study's growth, and its resume at that length."""
+    seen, secs = run_polled(args.loops, [m for m in args.marks if m <= args.loops], tmp / "a.sqlite")
+    doc["study"] = {"loops": args.loops, "seconds": secs, "samples": seen}
+    print(f"psa study, 1*2 x (none, hidden) x 1 trial, {args.loops} meta-loops: {secs:.0f}s")
+    print("| loops | meta_loops rows | database bytes | bytes per row since the previous line | "
+          "checkpoint bytes |")
+    print("|---:|---:|---:|---:|---:|")
+    prev = None
+    for s in seen:
+        per = ((s["db_bytes"] - prev["db_bytes"]) / (s["rows"] - prev["rows"])
+               if prev and s["rows"] > prev["rows"] else float("nan"))
+        s["bytes_per_row_since_previous"] = per
+        ck = f"{s['ckpt_bytes']:,}" if s["ckpt_bytes"] else "- (removed: done)"
+        print(f"| {s['loops']} | {s['rows']} | {s['db_bytes']:,} | {per:.1f} | {ck} |")
+        prev = s
+    killed, _ = run_polled(args.loops, [], tmp / "b.sqlite", kill_at=args.loops // 2)
+    p = subprocess.run(psa(*study_args(args.loops, tmp / "b.sqlite")), cwd=tmp, capture_output=True, text=True)
+    same = p.returncode == 0 and rows_of(tmp / "a.sqlite") == rows_of(tmp / "b.sqlite")
+    doc["study"]["resume"] = {"killed_at_loop": killed[0]["loops"], "rerun_rc": p.returncode,
+                              "rows_identical": same}
+    print(f"killed at loop {killed[0]['loops']} and rerun: rc {p.returncode}, rows identical to the "
+          f"uninterrupted run: {same}")
+
+
+def train_part(args: argparse.Namespace, tmp: Path, doc: dict) -> None:
+    """Part 3: what `psa train` writes per loop, here and in the baseline tree."""
+    trees = [("this tree", ROOT / "src")] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
+    print(f"\n| psa train 1*2, batch {args.train_batch_size} | meta-loops | bytes written | per loop | "
+          "run directory bytes |")
+    print("|---|---:|---:|---:|---:|")
+    for label, src in trees:
+        for n in args.train_loops:
+            out = tmp / f"train-{label.replace(' ', '-')}-{n}"
+            r = run_train(src.resolve(), n, out, args.train_batch_size)
+            r.update({"tree": label, "src": str(src), "loops": n})
+            doc["train"].append(r)
+            print(f"| {label} | {n} | {r['written']:,} | {r['written'] / n:,.0f} | {sum(r['files'].values()):,} |",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loops", type=int, default=1000)
     ap.add_argument("--marks", type=int, nargs="+", default=[100, 200, 400, 1000])
-    ap.add_argument("--train-loops", type=int, nargs="+", default=[50, 200])
+    ap.add_argument("--train-loops", type=int, nargs="+", default=[25, 100])
+    ap.add_argument("--train-batch-size", type=int, default=50_000,
+                    help="psa train's batch size (default one batch per epoch: what is written does not depend "
+                         "on it, and the loops are quick)")
+    ap.add_argument("--parts", nargs="+", choices=["study", "train"], default=["study", "train"])
     ap.add_argument("--baseline-src", type=Path, help="another tree's src/ to run psa train from, for comparison")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     doc: dict = {"study": {}, "train": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        seen, secs = run_polled(args.loops, [m for m in args.marks if m <= args.loops], tmp / "a.sqlite")
-        doc["study"] = {"loops": args.loops, "seconds": secs, "samples": seen}
-        print(f"psa study, 1*2 x (none, hidden) x 1 trial, {args.loops} meta-loops: {secs:.0f}s")
-        print("| loops | meta_loops rows | database bytes | bytes per row since the previous line | "
-              "checkpoint bytes |")
-        print("|---:|---:|---:|---:|---:|")
-        prev = None
-        for s in seen:
-            per = ((s["db_bytes"] - prev["db_bytes"]) / (s["rows"] - prev["rows"])
-                   if prev and s["rows"] > prev["rows"] else float("nan"))
-            s["bytes_per_row_since_previous"] = per
-            ck = f"{s['ckpt_bytes']:,}" if s["ckpt_bytes"] else "- (removed: done)"
-            print(f"| {s['loops']} | {s['rows']} | {s['db_bytes']:,} | {per:.1f} | {ck} |")
-            prev = s
-        killed, _ = run_polled(args.loops, [], tmp / "b.sqlite", kill_at=args.loops // 2)
-        p = subprocess.run(psa(*study_args(args.loops, tmp / "b.sqlite")), cwd=tmp, capture_output=True, text=True)
-        same = p.returncode == 0 and rows_of(tmp / "a.sqlite") == rows_of(tmp / "b.sqlite")
-        doc["study"]["resume"] = {"killed_at_loop": killed[0]["loops"], "rerun_rc": p.returncode,
-                                  "rows_identical": same}
-        print(f"killed at loop {killed[0]['loops']} and rerun: rc {p.returncode}, rows identical to the "
-              f"uninterrupted run: {same}")
-        trees = [("this tree", ROOT / "src")] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
-        print("\n| psa train 1*2 | meta-loops | bytes written | per loop | run directory bytes |")
-        print("|---|---:|---:|---:|---:|")
-        for label, src in trees:
-            for n in args.train_loops:
-                out = tmp / f"train-{label.replace(' ', '-')}-{n}"
-                r = run_train(src.resolve(), n, out)
-                r.update({"tree": label, "src": str(src), "loops": n})
-                doc["train"].append(r)
-                print(f"| {label} | {n} | {r['written']:,} | {r['written'] / n:,.0f} | {sum(r['files'].values()):,} |")
+        if "study" in args.parts:
+            study_part(args, tmp, doc)
+        if "train" in args.parts:
+            train_part(args, tmp, doc)
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
