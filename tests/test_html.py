@@ -142,7 +142,7 @@ def test_report_page_loads_renders_every_image_without_errors(published_report, 
     info, errors = open_page(out / "index.html", tmp_path)
     assert errors == []
     assert info["title"] == "PSA report"
-    assert len(info["images"]) == 10
+    assert len(info["images"]) == 12
     for img in info["images"]:
         assert img["complete"] and img["data"], img
         assert img["w"] > 500 and img["h"] > 300, img  # decoded, not a broken-image icon

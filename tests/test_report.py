@@ -20,9 +20,10 @@ from psa.core.population import MODES
 from .report_helpers import fig_data, make_db, published_peaks, read_csv, run
 
 TABLES = ("table_iv", "table_v", "regimes", "summary", "ablation_effects", "paired_tests", "lkg_growth",
-          "convergence", "trials")
+          "convergence", "still_improving", "bounty_convergence", "harm_rate", "harm_separation", "trials")
 FIGURES = ("design_space", "regime_map", "winning_strategy", "instability", "baseline_performance",
-           "ablation_effects", "ablation_significance", "parameter_matching", "convergence", "late_breakthroughs")
+           "ablation_effects", "ablation_significance", "parameter_matching", "convergence", "late_breakthroughs",
+           "bounty_progress", "harm_rate")
 UNCLASSIFIED = ["1*512", "1*256", "2*214", "4*185", "4*119", "26*26", "4*4", "4*1"]
 
 
@@ -111,7 +112,8 @@ def test_latex_tables_are_booktabs_and_well_formed(published_report):
         assert all(k in tex for k in (r"\toprule", r"\midrule", r"\bottomrule", r"\caption{"))
         assert tex.count("{") == tex.count("}")
         body = [line for line in tex.splitlines() if line.endswith(r"\\") and not line.startswith("\\")]
-        head = next(line for line in tex.splitlines() if line.startswith("Architecture"))
+        lines = tex.splitlines()
+        head = lines[lines.index(r"\toprule") + 1]  # the column heads
         ncol = head.count("&") + 1
         for line in body:
             assert line.count("&") == ncol - 1, line

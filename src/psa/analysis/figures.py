@@ -21,6 +21,8 @@ import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from psa.analysis.convergence import BAND_LEVEL, Convergence, condition_order  # noqa: E402
+from psa.analysis.harm import ArchHarm  # noqa: E402
 from psa.analysis.reference import CellComparison  # noqa: E402
 from psa.analysis.regimes import REGIME_NAMES, REGIMES, Regime  # noqa: E402
 from psa.analysis.results import Curve, Trial, arch_params, arch_shape, matching_label  # noqa: E402
@@ -514,3 +516,84 @@ def compare_scatter(cells: Sequence[CellComparison], alpha: float, out_dir: Path
     return Figure("compare_means", "Means against the reference",
                   f"Each dot is a cell: {ref_label} mean (x) and ours (y); red diamonds differ at alpha = {alpha:g}.",
                   files, data)
+
+
+def _cond_color(c: str) -> str:
+    return MODE_COLORS.get(c, "#8c564b")
+
+
+def bounty_progress(C: Convergence, out_dir: Path, zero_r: float) -> Figure:
+    """Per mode, the median bounty curve with its bootstrap band: pooled over every architecture
+    as progress (share of the trial's own rise, so nets of any size pool), then per chosen
+    architecture in accuracy points."""
+    archs = list(dict.fromkeys(a for a, _ in C.bounty))
+    n = 1 + len(archs)
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False)
+    data: dict = {"loops": C.loops, "progress": {}, "progress_left_out": dict(C.progress_left_out), "bounty": {}}
+    ax = axes[0][0]
+    for c, band in C.progress.items():
+        t = np.arange(1, band.median.size + 1)
+        ax.fill_between(t, band.lo, band.hi, color=_cond_color(c), alpha=0.15, lw=0)
+        ax.plot(t, band.median, color=_cond_color(c), lw=1.5, label=f"{c} (n={band.n})")
+        data["progress"][c] = band.as_dict()
+    ax.set_title("all architectures: progress to the final bounty", fontsize=9)
+    ax.set_ylabel("(bounty - first) / (final - first)")
+    ax.set_ylim(-0.02, 1.02)
+    for j, a in enumerate(archs, start=1):
+        ax = axes[0][j]
+        for c in condition_order([cc for aa, cc in C.bounty if aa == a]):
+            band = C.bounty[(a, c)]
+            t = np.arange(1, band.median.size + 1)
+            ax.fill_between(t, band.lo, band.hi, color=_cond_color(c), alpha=0.15, lw=0)
+            ax.plot(t, band.median, color=_cond_color(c), lw=1.5, label=f"{c} (n={band.n})")
+            data["bounty"][f"{a}/{c}"] = band.as_dict()
+        ax.axhline(zero_r, color="#999999", lw=0.6, ls=":")
+        ax.set_title(f"{a}: median bounty", fontsize=9)
+        ax.set_ylabel("bounty (%)")
+    for ax in axes[0]:
+        ax.set_xlabel("meta-loop")
+        ax.grid(True, ls=":", lw=0.4)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.text(0.5, 0.5, "no per-loop records", transform=ax.transAxes, ha="center", va="center",
+                    color="#999999")
+    fig.tight_layout()
+    files = _save(fig, out_dir, "bounty_progress")
+    return Figure("bounty_progress", "Bounty curves",
+                  f"Median bounty curve per mode with a {BAND_LEVEL:.0%} bootstrap band (trials resampled). Left: "
+                  "every architecture pooled, each trial's curve as the share of its own rise from its first to "
+                  "its final bounty (trials that never rise left out); right: the chosen architectures in "
+                  "accuracy points. Dotted: ZeroR.", files, data)
+
+
+def harm_rate(harms: Sequence[ArchHarm], out_dir: Path, rules: str) -> Figure:
+    """The harm rate (ablative modes against none) and the ablative discard fraction of every
+    architecture against its parameter count, coloured by regime."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    data: dict = {"rules": rules, "points": []}
+    for h in harms:
+        data["points"].append({"arch": h.arch, "params": h.params, "regime": h.regime, "harm": h.harm,
+                               "discard_ablative": h.discard_ablative})
+    for ax, key, label in ((axes[0], "harm", "harm rate: mean ablative minus none (points)"),
+                           (axes[1], "discard_ablative", "discard fraction, ablative modes")):
+        for r, color in REGIME_COLORS.items():
+            pts = [p for p in data["points"] if p["regime"] == r and p[key] is not None and p["params"]]
+            if pts:
+                ax.scatter([p["params"] for p in pts], [p[key] for p in pts], c=color, s=28, edgecolors="k",
+                           linewidths=0.4, label=f"{r} ({len(pts)})", zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters (equation 1)")
+        ax.set_ylabel(label)
+        ax.grid(True, ls=":", lw=0.4)
+        if ax.collections:
+            ax.legend(fontsize=7, title="regime", title_fontsize=7)
+    axes[0].axhline(0, color="#888888", lw=0.8)
+    if any(p["harm"] is not None and abs(p["harm"]) > 1 for p in data["points"]):
+        axes[0].set_yscale("symlog", linthresh=1.0)
+    fig.tight_layout()
+    files = _save(fig, out_dir, "harm_rate")
+    return Figure("harm_rate", "Harm rate against size",
+                  "Per architecture: mean bounty of the ablative modes minus none's (left, symmetric log scale "
+                  "beyond +-1 point) and the share of discarded candidates in the ablative modes (right), against "
+                  f"the parameter count; colour: regime ({rules} rules).", files, data)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from psa.analysis import convergence as cv
 from psa.analysis import figures as fg
+from psa.analysis import harm as hm
 from psa.analysis.figures import Figure
 from psa.analysis.findings import Analysis, analyse
 from psa.analysis.outdir import (
@@ -33,11 +35,15 @@ from psa.analysis.results import (
 from psa.analysis.stats import best_trial_winners, holm, resolve_zero_r
 from psa.analysis.tables import (
     Table,
+    table_bounty_convergence,
     table_effects,
+    table_harm,
+    table_harm_separation,
     table_iv,
     table_lkg,
     table_missing,
     table_regimes,
+    table_still_improving,
     table_summary,
     table_tests,
     table_trials,
@@ -65,6 +71,24 @@ class ReportConfig:
     convergence: tuple[str, ...] | None = None  # None: see figures.convergence_targets
     escape_margin: float = 0.5  # points above ZeroR for a trial to count as escaped
     tie_tolerance: float = 0.0  # Table V: rounded means this close tie
+
+
+@dataclass
+class Dynamics:
+    """The report's convergence and harm-rate analyses (psa.analysis.convergence, .harm)."""
+
+    conv: cv.Convergence
+    harms: list[hm.ArchHarm]
+    separation: list[hm.Separation]
+    rho: dict[str, tuple[float, float, int]]  # measure -> Spearman (rho, p, n) with the parameter count
+
+
+def dynamics(A: Analysis, rules: str, seed: int, n_boot: int, band_archs: Sequence[str]) -> Dynamics:
+    """Convergence per cell and mode, harm rates and how well they separate the regimes."""
+    conv = cv.analyse_convergence(A.data, A.archs, seed, n_boot, band_archs)
+    harms = hm.harm_rates(A.data, A.archs, A.regimes[rules])
+    rho = {m: hm.spearman(harms, m) for m in ("harm", "discard")}
+    return Dynamics(conv, harms, hm.separation(harms), rho)
 
 
 @dataclass
@@ -102,17 +126,18 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
     zero_r, zsrc = resolve_zero_r(data, cfg.zero_r)
     A = analyse(data, zero_r, zsrc, cfg.alpha, cfg.n_boot, cfg.seed, cfg.escape_margin)
     design_archs = order_archs(set(data.design.archs) | set(A.archs), data.design.archs)
-    tables = _write_tables(cfg, A, design_archs, out)
     conv_targets, conv_missing = fg.convergence_targets(cfg.convergence, data.curves, A.archs)
-    figs = _write_figures(cfg, A, design_archs, conv_targets, out)
+    D = dynamics(A, cfg.rules, cfg.seed, cfg.n_boot, conv_targets)
+    tables = _write_tables(cfg, A, D, design_archs, out)
+    figs = _write_figures(cfg, A, D, design_archs, conv_targets, out)
     notes = list(data.notes)
     if conv_missing:
         notes.append(f"no per-loop records for {', '.join(conv_missing)}: left out of the convergence plot")
     if not data.curves:
         notes.append("no per-loop records at all: convergence, LKG growth and late breakthroughs are empty")
     overview = _overview(A)
-    out.write("index.html", _report_page(cfg, A, overview, notes, tables, figs))
-    summary = _manifest(cfg, A, notes, tables, figs)
+    out.write("index.html", _report_page(cfg, A, D, overview, notes, tables, figs))
+    summary = _manifest(cfg, A, D, notes, tables, figs)
     out.write(MANIFEST, json.dumps(summary, indent=1, default=str))
     lines = [f"psa report: {data.source}"]
     lines += [f"  {s}" for s in overview[1:]]
@@ -139,12 +164,14 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
     return ReportResult(out.target, summary, lines)
 
 
-def _write_tables(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], out: OutputDir) -> list[Table]:
+def _write_tables(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Sequence[str],
+                  out: OutputDir) -> list[Table]:
     """Every table in its three forms, and the per-loop long CSVs beside them."""
     tables = [table_iv(design_archs), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules), table_summary(A),
               table_effects(A), table_tests(A, cfg.alpha)]
     growth, conv, growth_long, conv_long = table_lkg(A)
-    tables += [growth, conv, table_trials(A)]
+    tables += [growth, conv, table_still_improving(D.conv), table_bounty_convergence(D.conv), table_harm(D.harms),
+               table_harm_separation(D.separation, D.rho), table_trials(A)]
     if A.missing or A.data.incomplete:
         tables.append(table_missing(A))
     for t in tables:
@@ -152,14 +179,20 @@ def _write_tables(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], o
     write_records(out, "tables/lkg_growth_per_loop.csv", growth_long, ["arch", "mode", "trial", "loop", "lkg_score"])
     write_records(out, "tables/convergence_per_loop.csv", conv_long,
                   ["arch", "mode", "loop", "n", "candidate_mean", "candidate_min", "candidate_max", "lkg_mean"])
+    per_trial = [{"arch": t.arch, "mode": t.condition, "trial": t.trial, "loops": t.loops, "final_bounty": t.final,
+                  "t99": t.t99, "t99_gain": t.t99_gain, "tail_rise": t.tail_rise} for t in D.conv.trials]
+    write_records(out, "tables/bounty_convergence_per_trial.csv", per_trial,
+                  ["arch", "mode", "trial", "loops", "final_bounty", "t99", "t99_gain", "tail_rise"])
+    write_records(out, "tables/bounty_progress_per_loop.csv", cv.progress_records(D.conv),
+                  ["mode", "loop", "n", "median", "lo", "hi"])
     if A.data.incomplete:
         write_records(out, "tables/incomplete_trials.csv", A.data.incomplete,
                       ["arch", "mode", "trial", "status", "loops_done"])
     return tables
 
 
-def _write_figures(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], conv_targets: Sequence[str],
-                   out: OutputDir) -> list[Figure]:
+def _write_figures(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Sequence[str],
+                   conv_targets: Sequence[str], out: OutputDir) -> list[Figure]:
     """Every figure (PNG, PDF) with the data it drew (JSON)."""
     data, archs, figdir = A.data, A.archs, out.tmp / "figures"
     best = {a: best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
@@ -176,6 +209,8 @@ def _write_figures(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], 
     if conv_targets:
         figs.append(fg.convergence(conv_targets, data.curves, data.trials, A.zero_r, figdir))
     figs.append(fg.late_breakthroughs(data.trials, A.zero_r, cfg.escape_margin, figdir, data.design.meta_loops))
+    figs.append(fg.bounty_progress(D.conv, figdir, A.zero_r))
+    figs.append(fg.harm_rate(D.harms, figdir, cfg.rules))
     for f in figs:
         out.files += f.files
         write_figure_data(out, f.name, f.data)
@@ -240,7 +275,48 @@ def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
     return lines
 
 
-def _report_page(cfg: ReportConfig, A: Analysis, overview: Sequence[str], notes: Sequence[str],
+def convergence_statement(D: Dynamics, curves_note: str = "") -> list[str]:
+    """The convergence section's findings, in words."""
+    C = D.conv
+    if not C.trials:
+        return ["No per-loop records: nothing to say about convergence."]
+    lines = [f"From {curves_note}."] if curves_note else []
+    judged = [x for x in C.conditions if x.judged]
+    if judged:
+        ranked = sorted(judged, key=lambda x: -(x.improving_share or 0))
+        lines.append(f"Still improving in the last {C.tail_loops} of {C.loops} meta-loops (share of trials): "
+                     + ", ".join(f"{x.condition} {100 * x.improving_share:.0f}% ({x.improving}/{x.judged})"
+                                 for x in ranked) + ".")
+    t99 = [x for x in C.conditions if x.t99_gain_median is not None]
+    if t99:
+        lines.append("Median loop at which the bounty has covered 99% of its rise: "
+                     + ", ".join(f"{x.condition} {x.t99_gain_median:g}" for x in t99)
+                     + f" (99% of the final value itself: "
+                     + ", ".join(f"{x.condition} {x.t99_median:g}" for x in t99 if x.t99_median is not None) + ").")
+    return lines + list(C.notes)
+
+
+def harm_statement(D: Dynamics) -> list[str]:
+    """The harm-rate section's findings, in words."""
+    if not D.harms:
+        return ["No architecture has both a none cell and an ablative cell: no harm rate."]
+    lines = []
+    for m, (r, p, n) in D.rho.items():
+        if n >= 3:
+            lines.append(f"Spearman rank correlation of the {hm.MEASURES[m][0]} with the parameter count: "
+                         f"rho = {r:+.3f} (p = {p:.3g}, n = {n}).")
+    for s in D.separation:
+        if s.measure == "harm":
+            cut = ("no threshold beats the majority answer" if s.constant else
+                   f"best threshold ({'<' if s.direction < 0 else '>'} {s.threshold:+.2f} points) "
+                   f"{100 * s.accuracy:.1f}% in-sample")
+            lines.append(f"Regime {s.regime} ({s.n_regime} of {s.n}) from the harm rate: AUC {s.auc:.3f}; {cut}, "
+                         f"{100 * s.loo_accuracy:.1f}% leave-one-out, against {100 * s.majority_accuracy:.1f}% "
+                         "for the majority answer.")
+    return lines
+
+
+def _report_page(cfg: ReportConfig, A: Analysis, D: Dynamics, overview: Sequence[str], notes: Sequence[str],
                  tables: Sequence[Table], figs: Sequence[Figure]) -> str:
     """index.html: overview and warnings, then one section per question the report answers."""
     warn = A.missing + list(notes)
@@ -259,13 +335,17 @@ def _report_page(cfg: ReportConfig, A: Analysis, overview: Sequence[str], notes:
          + tbl["ablation_effects"].html() + tbl["paired_tests"].html()),
         ("Convergence and late breakthroughs", dyn + figure(fig["late_breakthroughs"])
          + tbl["lkg_growth"].html() + tbl["convergence"].html()),
+        ("Convergence dynamics", bullets(convergence_statement(D, A.data.curves_note)) + figure(fig["bounty_progress"])
+         + tbl["still_improving"].html() + tbl["bounty_convergence"].html()),
+        ("Harm rate as a capacity detector", bullets(harm_statement(D)) + figure(fig["harm_rate"])
+         + tbl["harm_separation"].html() + tbl["harm_rate"].html()),
         ("All tables", tbl["summary"].html() + tbl["trials"].html()
          + (tbl["missing"].html() if "missing" in tbl else "")),
     ]
     return page("PSA report", sections, paragraph(A.data.source))
 
 
-def _manifest(cfg: ReportConfig, A: Analysis, notes: Sequence[str], tables: Sequence[Table],
+def _manifest(cfg: ReportConfig, A: Analysis, D: Dynamics, notes: Sequence[str], tables: Sequence[Table],
               figs: Sequence[Figure]) -> dict:
     """manifest.json: what the report found and wrote, and the configuration that made it."""
     return {
@@ -282,6 +362,9 @@ def _manifest(cfg: ReportConfig, A: Analysis, notes: Sequence[str], tables: Sequ
         "unclassified_by_paper_rules": _unclassified(A),
         "verdicts": dict(Counter(c.verdict for c in A.comparisons)),
         "ablation_effects": dict(Counter(e["effect"] for e in A.effects.values())),
+        "convergence": cv.as_json(D.conv),
+        "harm_separation": {"spearman_with_params": {m: {"rho": r, "p": p, "n": n} for m, (r, p, n) in D.rho.items()},
+                            "by_regime": [asdict(s) for s in D.separation]},
         "missing": A.missing,
         "notes": list(notes),
         "tables": [t.name for t in tables],

@@ -7,16 +7,18 @@ import html
 import io
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from psa.analysis.convergence import Convergence
 from psa.analysis.findings import Analysis
+from psa.analysis.harm import MEASURES, ArchHarm, Separation
 from psa.analysis.regimes import regime_counts
 from psa.analysis.results import Curve, arch_params, arch_shape, matching_label
 from psa.analysis.stats import winners
-from psa.core.population import MODES
+from psa.core.population import ABLATIVE_MODES, MODES
 
 
 @dataclass
@@ -396,3 +398,114 @@ def table_missing(A: Analysis) -> Table:
     raw = [{"arch": r[0], "mode": r[1], "finished": int(r[2]), "designed": int(r[3])} for r in rows]
     return Table("missing", "Cells short of the design", ["Architecture", "Mode", "Finished trials",
                  "Designed"], rows, notes, raw, html_collapsed=len(rows) > 30)
+
+
+# --------------------------------------------------------------------------------------------
+# Convergence dynamics and the harm rate
+
+
+def _opt(x: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def table_bounty_convergence(C: Convergence) -> Table:
+    """Per cell: when the bounty reached 99% of its final value (and of its gain), and whether
+    it still rose in the last 10% of the loops."""
+    rows, raw = [], []
+    for c in C.cells:
+        share = c.improving_share
+        rows.append([c.arch, c.condition, str(c.n), str(c.loops), f2(c.final_median), _opt(c.t99_median, "{:g}"),
+                     _opt(c.t99_gain_median, "{:g}"), f"{c.improving}/{c.judged}" if c.judged else "-",
+                     _opt(c.tail_rise_mean, "{:+.2f}")])
+        raw.append({"arch": c.arch, "mode": c.condition, "trials": c.n, "loops": c.loops,
+                    "final_bounty_median": c.final_median, "t99_median": c.t99_median,
+                    "t99_gain_median": c.t99_gain_median, "still_improving": c.improving, "judged": c.judged,
+                    "still_improving_share": share, "tail_rise_mean": c.tail_rise_mean})
+    notes = ["Bounty curve: the running maximum of the LKG score after each meta-loop (-1 before the first valid "
+             "candidate).",
+             "Loop to 99%: first loop whose bounty is at least 99% of the final bounty; to 99% of the gain: first "
+             "loop that has covered 99% of the rise from the first valid bounty to the final one (none for a "
+             "trial that never rises). Medians over the cell's trials with per-loop records.",
+             "Still improving: the bounty rose in the last 10% of the loops; "
+             "rise: mean over the cell's trials of the final bounty minus the bounty before those loops.",
+             "Per trial: bounty_convergence_per_trial.csv."]
+    return Table("bounty_convergence", "Bounty convergence per cell: loop to 99% and still improving",
+                 ["Architecture", "Mode", "Trials", "Loops", "Median bounty", "Loop to 99%", "Loop to 99% of gain",
+                  "Still improving", "Last-10% rise"], rows, notes, raw, html_collapsed=True)
+
+
+def table_still_improving(C: Convergence) -> Table:
+    """Per condition over every architecture: which still improve in their last 10% of loops."""
+    rows, raw = [], []
+    for x in C.conditions:
+        share = x.improving_share
+        rows.append([x.condition, str(x.trials), f"{x.improving}/{x.judged}" if x.judged else "-",
+                     _opt(None if share is None else 100 * share, "{:.0f}%"),
+                     _opt(None if x.rising_share is None else 100 * x.rising_share, "{:.0f}%") + f" of {x.rising}",
+                     f"{x.cells_majority_improving}/{x.cells}", _opt(x.tail_rise_mean, "{:+.3f}"),
+                     _opt(x.t99_median, "{:g}"), _opt(x.t99_gain_median, "{:g}")])
+        raw.append({"mode": x.condition, "trials": x.trials, "still_improving": x.improving, "judged": x.judged,
+                    "still_improving_share": share, "rising": x.rising, "rising_share": x.rising_share,
+                    "cells": x.cells,
+                    "cells_majority_improving": x.cells_majority_improving, "tail_rise_mean": x.tail_rise_mean,
+                    "t99_median": x.t99_median, "t99_gain_median": x.t99_gain_median})
+    span = f"the last {C.tail_loops} of its {C.loops} meta-loops" if C.loops else "the last 10% of its meta-loops"
+    notes = [f"A trial still improves when its bounty rose in {span} "
+             "(b(T) > b(T - k), k = ceil(10% of T)); trials with per-loop records only.",
+             "Of rising trials: the share among the trials whose bounty rose at all (nets stuck at ZeroR never do).",
+             "Cells: architectures where more than half of the mode's trials still improve.",
+             "Loop to 99% (of the final bounty, and of its gain): medians over the mode's trials (of its gain: "
+             "over the trials whose bounty rose at all)."]
+    return Table("still_improving", "Which modes still improve in their last 10% of meta-loops",
+                 ["Mode", "Trials", "Still improving", "Share", "Of rising trials", "Cells (majority)", "Mean last-10% rise",
+                  "Median loop to 99%", "Median loop to 99% of gain"], rows, notes + C.notes, raw)
+
+
+def table_harm(harms: Sequence[ArchHarm], ablative: Sequence[str] = ABLATIVE_MODES) -> Table:
+    """Per architecture: the harm rate of each ablative mode against none, and discard fractions."""
+    rows, raw = [], []
+    for h in harms:
+        rows.append([h.arch, f"{h.params:,}" if h.params else "?", h.regime,
+                     *[_opt(h.delta.get(m), "{:+.2f}") for m in ablative], _opt(h.harm, "{:+.2f}"),
+                     _opt(h.discard.get("none"), "{:.2f}"), _opt(h.discard_ablative, "{:.2f}")])
+        raw.append({"arch": h.arch, "params": h.params, "regime": h.regime,
+                    **{f"delta_{m}": h.delta.get(m) for m in ablative},
+                    **{f"pairs_{m}": h.pairs.get(m) for m in ablative}, "harm": h.harm,
+                    **{f"discard_{m}": h.discard.get(m) for m in MODES}, "discard_ablative": h.discard_ablative,
+                    **{f"curves_{m}": h.curves.get(m, 0) for m in MODES}})
+    notes = ["Harm rate: mean bounty (peak validation accuracy) of the ablative mode minus that of none, in points; "
+             "paired by seed (mean of the per-trial differences) when trial k of every mode shares its seed, else "
+             "the difference of the means. Negative: ablation costs accuracy. 'Harm': mean over the ablative modes.",
+             "Discard fraction: share of meta-loops 2..T whose candidate was not promoted (discarded or diverged), "
+             "mean over the trials with per-loop records; 'ablative': mean over the ablative modes.",
+             "Regime: the report's rule set (see the regimes table)."]
+    return Table("harm_rate", "Harm rate per architecture: ablative modes against none",
+                 ["Architecture", "Parameters", "Regime", *[f"Δ {m}" for m in ablative], "Harm",
+                  "Discard none", "Discard ablative"], rows, notes, raw, html_collapsed=True)
+
+
+def table_harm_separation(seps: Sequence[Separation], rho: Mapping[str, tuple[float, float, int]]) -> Table:
+    """How well the harm rate, the discard fraction and the parameter count separate each regime."""
+    rows, raw = [], []
+    for s in seps:
+        side = ">" if s.direction == 1 else "<"
+        rows.append([MEASURES[s.measure][0], s.regime, f"{s.n_regime}/{s.n}", f"{s.auc:.3f}",
+                     "none (majority)" if s.constant else f"{side} {s.threshold:.4g}", f"{100 * s.accuracy:.1f}%", f"{100 * s.loo_accuracy:.1f}%",
+                     f"{100 * s.majority_accuracy:.1f}%"])
+        raw.append(asdict(s))
+    notes = ["Each regime against the other three, over the architectures classified I-IV; 'II vs I': the "
+             "optimally sized nets against the over-sized ones, those two regimes only.",
+             "AUC: probability that a net of the regime scores higher than one outside it (ties half); 0.5 is no "
+             "separation, near 0 or 1 strong separation (near 0: the regime scores lower).",
+             "Threshold: the single cut with the best in-sample accuracy; leave-one-out: each net classified by the "
+             "cut fitted without it; majority: always answering 'not this regime'. A cut beyond every value is "
+             "the majority answer ('none').",
+             "The classifier reads the same mode means as the harm rate (regime II: ablative mean below the "
+             "baselines), so harm-rate separation of II is partly by construction; the parameter count is not "
+             "read by the classifier."]
+    for m, (r, p, n) in rho.items():
+        notes.append(f"Spearman rank correlation of the {MEASURES[m][0]} with the parameter count: "
+                     f"rho = {r:+.3f} (p = {fp(p)}, n = {n}).")
+    return Table("harm_separation", "Harm rate as a capacity detector: separation of the regimes",
+                 ["Measure", "Regime", "Nets in regime", "AUC", "Best threshold", "Accuracy", "Leave-one-out",
+                  "Majority"], rows, notes, raw)

@@ -1,8 +1,11 @@
 """`psa train`: one trial (a population of one) with checkpoints, resume and a readable log.
 
-A run directory holds `lkg.safetensors` (the LKG as a SimpleMLP state_dict, with every record
-of the run as JSON in its header) and `run.json` (the same summary, for people and scripts).
-Both are rewritten atomically after every meta-loop, so a killed run resumes where it stopped.
+A run directory holds `lkg.safetensors` (the LKG as a SimpleMLP state_dict, with the run's
+summary as JSON in its header), `run.json` (the same summary, for people and scripts) and
+`loops.jsonl` (one line per meta-loop). After every meta-loop the loop's record is appended to
+`loops.jsonl` and the other two are rewritten atomically without the per-loop records, so that a
+long run writes a fixed amount per loop (rewriting a growing list every loop would be quadratic);
+a killed run resumes where it stopped. When the command ends, both summaries carry every record.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from psa.study.runner import PopulationRun
 
 CHECKPOINT = "lkg.safetensors"
 SUMMARY = "run.json"
+RECORDS = "loops.jsonl"
 
 
 @dataclass(frozen=True)
@@ -125,14 +129,42 @@ def resumed_trial(cfg: TrialConfig) -> Trial:
             raise ConfigError(f"run {run_dir} already completed {done} meta-loops; pass --meta-loops N to train N more")
     stored = meta["hyperparameters"]
     hp = HParams.from_dict(stored).updated(**_overrides(cfg), meta_loops=target)
+    records = list(meta["records"]) if "records" in meta else read_records(run_dir / RECORDS, done)
     trial = Trial(arch, int(meta["seed"]), cfg.mode or meta["mode"], hp,
                   precision=stored.get("precision", "fp32"), done=done, run_dir=run_dir,
-                  records=list(meta["records"]), prior_seconds=float(meta.get("train_seconds", 0.0)),
+                  records=records, prior_seconds=float(meta.get("train_seconds", 0.0)),
                   mode_history=[(str(m), int(t)) for m, t in meta["mode_history"]], meta=meta, state=state)
     if meta.get("rng") != rng.VERSION:
         trial.notes.append("this run was started by an older psa: its next meta-loops draw their data order and "
                            "dropout masks from psa's current random streams")
     return trial
+
+
+def read_records(path: Path, done: int) -> list[dict[str, Any]]:
+    """The first `done` loop records of a run's loops.jsonl. Lines past them (a loop appended
+    before a kill stopped its checkpoint, or a half-written last line) are left out."""
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if len(records) == done:
+                    break
+                records.append(json.loads(line))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint keeps its loop records there") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass  # a half-written line: counted as missing below
+    if len(records) < done or [r.get("loop") for r in records] != list(range(1, done + 1)):
+        raise CheckpointError(f"{path}: holds {len(records)} readable loop records, the checkpoint {done}")
+    return records
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one loop's record to loops.jsonl, on disk before the checkpoint that counts it."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
@@ -273,9 +305,14 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
         s = summary(trial, pop, member, ex, data, final, test_acc,
                     trial.prior_seconds + time.perf_counter() - t_start)
-        save_member(run_dir / CHECKPOINT, pop, 0, {k: v for k, v in s.items() if k != "format"})
-        atomic_write(run_dir / SUMMARY, json.dumps({**s, "run_dir": str(run_dir)}, indent=1))
+        # between loops the records stay in loops.jsonl only: a fixed amount written per loop
+        w = s if final else {**{k: v for k, v in s.items() if k != "records"}, "records_file": RECORDS}
+        save_member(run_dir / CHECKPOINT, pop, 0, {k: v for k, v in w.items() if k != "format"})
+        atomic_write(run_dir / SUMMARY, json.dumps({**w, "run_dir": str(run_dir)}, indent=1))
         return s
+
+    # the file holds exactly the records so far (a resumed run's may hold loops past its checkpoint)
+    atomic_write(run_dir / RECORDS, "".join(json.dumps(r) + "\n" for r in trial.records))
 
     if not cfg.quiet:
         _print_header(trial, pop, ex, data)
@@ -293,6 +330,7 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
             events = run.collect()
             assert run.last is not None
             trial.records.append(loop_record(run.last, trial.mode))
+            append_record(run_dir / RECORDS, trial.records[-1])
             checkpoint(False, None)
             progress.advance(loops_task)
             if not cfg.quiet:
