@@ -174,7 +174,7 @@ def calibrate(ex: Execution, data: Dataset, design: StudyDesign, steps: int = 4)
     probes = [("1*512", 60 if device.type == "cuda" else 6), ("16*8", 6)]
     meas = []
     for arch, m in probes:
-        a = parse_arch(arch)
+        a = data.arch(arch)
         members = [design.hparams.member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
         pop = Population.create(a, members, device, n_val=data.val_y.numel())
         engine = Engine(pop, sub, design.hparams, ex)
