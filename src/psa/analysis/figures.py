@@ -164,6 +164,7 @@ def _map(archs: Sequence[str], face: Mapping[str, object], title: str, out_dir: 
     """Draw a design-space map: the log-log panel and, under it, the strip of square nets.
     Returns the files, the architectures drawn and those skipped (no hidden layer...)."""
     pts, skipped = _points([a for a in archs if a in face])
+    skipped += [a for a in archs if a not in face and is_heterogeneous(a)]  # maps that drew only what they can
     marker = marker or {}
     fig = plt.figure(figsize=(8.8, 9.4))
     gs = fig.add_gridspec(2, 2, height_ratios=[1, 0.07], width_ratios=[1, 0.035], hspace=0.18, wspace=0.04)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -163,14 +164,26 @@ def population_to(pop: Population, device: torch.device | str) -> Population:
 # The data populations train on
 
 
-_DATA_CACHE: dict[tuple[str, str | None, str], Dataset] = {}
+_DATA_CACHE: dict[tuple[Any, ...], Dataset] = {}
+
+
+def _file_stamp(name: str) -> tuple[int, int] | None:
+    """(size, mtime) of an npz data set's file: a file rewritten under the same name is not
+    served from the cache (the store's checksum check then sees the new contents)."""
+    if not name.startswith("npz:"):
+        return None
+    try:
+        st = os.stat(name[4:])
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def cached_data(name: str, data_dir: str | None, device: torch.device) -> Dataset:
     """The data set on `device`, loaded once per process (Ray reuses worker processes)."""
     from psa.core.data import load_dataset
 
-    key = (name, data_dir, str(device))
+    key = (name, data_dir, str(device), _file_stamp(name))
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = load_dataset(name, device, data_dir)
