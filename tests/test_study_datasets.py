@@ -145,3 +145,21 @@ def test_heterogeneous_stacks_take_the_torch_path_with_the_reason_once(small):
                      "widths (12, 8); the stack kernel runs stacks of one width"]
     assert not any(e.fused for e in engines) and fused.fused
     assert stack_path_reason(homo, fused.ex) == ""
+
+
+def test_the_funnel_example_is_a_design_of_heterogeneous_nets():
+    from pathlib import Path
+
+    from psa.study.design import StudyDesign, read_design_file
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "funnel.toml"
+    name, _, fields = read_design_file(path)
+    design = StudyDesign.from_fields(**fields)
+    assert name == "funnel" and design.dataset == "mnist"
+    het = [a for a in design.architectures if len(set(parse_arch(a).hidden)) > 1]
+    assert len(het) >= 3
+    # the parameter counts its comments quote
+    import re
+    quoted = re.findall(r'^\s+"([^"]+)",\s+#.*?([\d,]+)$', path.read_text(), re.M)
+    assert {a for a, _ in quoted} == set(het)
+    assert all(parse_arch(a).params == int(n.replace(",", "")) for a, n in quoted)
