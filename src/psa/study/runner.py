@@ -294,7 +294,7 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
     def need(st: PopulationState) -> int:
         a = st.plan.arch
         if a not in per_member:
-            per_member[a] = bytes_per_member(a, design.hparams.batch_size, **memory_paths(data.arch(a), ex))
+            per_member[a] = bytes_per_member(data.arch(a), design.hparams.batch_size, **memory_paths(data.arch(a), ex))
         return st.plan.size * per_member[a]
 
     def retire(failed: PopulationFailed, stream: Any) -> Iterator[Event]:
