@@ -412,7 +412,7 @@ def accuracy_vs_params(archs: Sequence[str], summ: Mapping[tuple[str, str], Cell
         ax.set_title(f"best {group} mode", fontsize=10)
         ax.grid(alpha=0.3, lw=0.5)
     axes[0].set_ylabel("mean peak validation accuracy (%)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="best")
     files = _save(fig, out_dir, "accuracy_vs_params")
     return Figure("accuracy_vs_params", "Accuracy against parameters",
                   "Mean peak validation accuracy of the best baseline mode (left) and the best ablative mode (right) "
