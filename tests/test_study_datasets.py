@@ -163,3 +163,12 @@ def test_the_funnel_example_is_a_design_of_heterogeneous_nets():
     quoted = re.findall(r'^\s+"([^"]+)",\s+#.*?([\d,]+)$', path.read_text(), re.M)
     assert {a for a, _ in quoted} == set(het)
     assert all(parse_arch(a).params == int(n.replace(",", "")) for a, n in quoted)
+
+
+def test_an_engine_refuses_an_architecture_sized_for_other_data(small, tmp_path):
+    from psa.core.population import ConfigError
+
+    ds = D.load_dataset(f"npz:{write_npz(tmp_path / 'd.npz')}")
+    with pytest.raises(ConfigError, match="784 inputs and 10 outputs, data set npz:.* 20 and 3 classes"):
+        engine(population(parse_arch("1*8"), ds, [("none", 0)]), ds)
+    assert engine(population(ds.arch("1*8"), ds, [("none", 0)]), ds).pop.arch.n_in == 20

@@ -133,6 +133,10 @@ class Engine:
         CUDA stream the engine queues its work on (psa.study lends one per population in
         flight); None: a stream of its own on a CUDA device."""
         ex = execution or Execution(device=population.device)
+        arch = population.arch
+        if data.n_in != arch.n_in or data.n_classes != arch.n_out:
+            raise ConfigError(f"architecture {arch.short} has {arch.n_in} inputs and {arch.n_out} outputs, data set "
+                              f"{data.name} {data.n_in} and {data.n_classes} classes (build it with data.arch(...))")
         if data.train_x.device != population.lkg.device:
             raise ConfigError(f"data on {data.train_x.device} but population on {population.lkg.device}")
         if ex.device != population.device:
