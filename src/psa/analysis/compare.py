@@ -29,7 +29,7 @@ from psa.analysis.results import (
     published_curves,
     short_list,
 )
-from psa.analysis.stats import resolve_zero_r, summaries, validation_zero_r
+from psa.analysis.stats import base_dataset, resolve_zero_r, summaries, validation_zero_r
 from psa.analysis.tables import Table, fp
 from psa.core.population import MODES
 
@@ -79,6 +79,9 @@ def build_compare(opt: CompareOptions) -> CompareResult:
     if opt.reference not in REFERENCES:
         raise ReportError(f"unknown reference {opt.reference!r} (choose published or seed)")
     data = load_published() if opt.ours_published else load_data(opt.db, None, opt.study)
+    if base_dataset(data.dataset) != "mnist":
+        raise ReportError(f"{data.source} trained on {data.dataset}; the {REFERENCE_LABELS[opt.reference]} is "
+                          f"MNIST's, so only MNIST studies can be compared with it (use psa report)")
     out = OutputDir(opt.out)
     try:
         res = _write_compare(opt, data, out)

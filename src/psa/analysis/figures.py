@@ -25,7 +25,8 @@ from psa.analysis.convergence import BAND_LEVEL, Convergence, condition_order  #
 from psa.analysis.harm import ArchHarm  # noqa: E402
 from psa.analysis.reference import CellComparison  # noqa: E402
 from psa.analysis.regimes import REGIME_NAMES, REGIMES, Regime  # noqa: E402
-from psa.analysis.results import Curve, Trial, arch_params, arch_shape, matching_label  # noqa: E402
+from psa.analysis.results import Curve, Trial, arch_params, arch_shape, is_heterogeneous, matching_label  # noqa: E402
+from psa.core.arch import N_IN, N_OUT  # noqa: E402
 from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
 from psa.core.checkpoint import atomic_path  # noqa: E402
 from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
@@ -165,6 +166,7 @@ def _map(archs: Sequence[str], face: Mapping[str, object], title: str, out_dir: 
     """Draw a design-space map: the log-log panel and, under it, the strip of square nets.
     Returns the files, the architectures drawn and those skipped (no hidden layer...)."""
     pts, skipped = _points([a for a in archs if a in face])
+    skipped += [a for a in archs if a not in face and is_heterogeneous(a)]  # maps that drew only what they can
     marker = marker or {}
     fig = plt.figure(figsize=(8.8, 9.4))
     gs = fig.add_gridspec(2, 2, height_ratios=[1, 0.07], width_ratios=[1, 0.035], hspace=0.18, wspace=0.04)
@@ -188,8 +190,13 @@ def _map(archs: Sequence[str], face: Mapping[str, object], title: str, out_dir: 
         cb.set_label(cbar_label)
     sax = fig.add_subplot(gs[1, 0])
     _square_strip(sax, pts, face, marker)
-    if skipped:
-        fig.text(0.01, 0.005, f"not drawn (no hidden layer or unparsable): {', '.join(skipped)}", fontsize=7)
+    het = [a for a in skipped if is_heterogeneous(a)]
+    other = [a for a in skipped if a not in het]
+    lines = ([f"not drawn (no hidden layer or unparsable): {', '.join(other)}"] if other else []) + (
+        [f"not drawn: {len(het)} heterogeneous nets (layers of unequal widths; see accuracy against parameters)"]
+        if het else [])
+    if lines:
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=7)
     return _save(fig, out_dir, name), pts, skipped
 
 
@@ -202,12 +209,13 @@ def _size(params: float) -> float:
     return 12 + 230 * max(math.log10(params) - 2.5, 0.1) / 4
 
 
-def design_space(archs: Sequence[str], out_dir: Path) -> Figure:
+def design_space(archs: Sequence[str], out_dir: Path, io: tuple[int, int] = (N_IN, N_OUT)) -> Figure:
     """Fig. 2/3: every architecture by depth and width (log-log), circles for parameter-matched
-    and triangles for asymmetric nets, marker area growing with the parameter count."""
+    and triangles for asymmetric nets, marker area growing with the parameter count (for a
+    data set of `io` = (inputs, classes), MNIST's by default)."""
     ok, _ = _points(archs)
     match = {a: matching_label(a) for a in ok}
-    params = {a: arch_params(a) for a in ok}
+    params = {a: arch_params(a, io) for a in ok}
     face = {a: "#1f77b4" if match[a] == "Matched" else "#d62728" for a in ok}
     marker = {a: "o" if match[a] == "Matched" else "^" for a in ok}
     n_m = sum(v == "Matched" for v in match.values())
@@ -351,11 +359,11 @@ def ablation_significance(archs: Sequence[str], effects: Mapping[str, Mapping], 
                   f"tests would only compare constant predictors.", files, data)
 
 
-def parameter_matching(archs: Sequence[str], out_dir: Path) -> Figure:
+def parameter_matching(archs: Sequence[str], out_dir: Path, io: tuple[int, int] = (N_IN, N_OUT)) -> Figure:
     """Parameter-matching heatmap: colour = parameter count (log), so that the matched
     families (1*W, 2*W', 4*W'' and the square with the same budget) share a colour."""
     ok, _ = _points(archs)
-    params = {a: arch_params(a) for a in ok}
+    params = {a: arch_params(a, io) for a in ok}
     match = {a: matching_label(a) for a in ok}
     vmin, vmax = min(params.values(), default=1), max(params.values(), default=10)
     sm = matplotlib.cm.ScalarMappable(norm=mcolors.LogNorm(vmin=vmin, vmax=max(vmax, vmin + 1)), cmap="plasma")
@@ -370,6 +378,49 @@ def parameter_matching(archs: Sequence[str], out_dir: Path) -> Figure:
     return Figure("parameter_matching", "Parameter matching",
                   "Parameter count of each architecture (colour, log scale); circles matched, triangles asymmetric.",
                   files, data)
+
+
+def accuracy_vs_params(archs: Sequence[str], summ: Mapping[tuple[str, str], CellSummary], out_dir: Path,
+                       io: tuple[int, int] = (N_IN, N_OUT)) -> Figure:
+    """Where a depth x width map cannot place heterogeneous nets: mean peak accuracy against the
+    parameter count (log), the best baseline mode on the left and the best ablative mode on
+    the right; homogeneous nets grey circles, heterogeneous nets labelled red diamonds."""
+    points = []
+    for a in archs:
+        p = arch_params(a, io)
+        if p is None:
+            continue
+        best = {}
+        for group, modes in (("baseline", BASELINE_MODES), ("ablative", ABLATIVE_MODES)):
+            cells = [(summ[(a, m)].mean, m) for m in modes if (a, m) in summ]
+            if cells:
+                best[group] = max(cells)
+        points.append({"arch": a, "params": p, "heterogeneous": is_heterogeneous(a),
+                       **{f"{g}_mean": v[0] for g, v in best.items()}, **{f"{g}_mode": v[1] for g, v in best.items()}})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, group in zip(axes, ("baseline", "ablative")):
+        for het, style in ((False, dict(c="#9a9a9a", marker="o", s=22, zorder=2)),
+                           (True, dict(c="#d62728", marker="D", s=40, zorder=3))):
+            pts = [q for q in points if q["heterogeneous"] == het and f"{group}_mean" in q]
+            if pts:
+                ax.scatter([q["params"] for q in pts], [q[f"{group}_mean"] for q in pts], edgecolors="k",
+                           linewidths=0.4, label="heterogeneous" if het else "one width", **style)
+            if het:
+                for q in pts:
+                    ax.annotate(q["arch"], (q["params"], q[f"{group}_mean"]), fontsize=6.5, xytext=(3, 3),
+                                textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (equation 1)")
+        ax.set_title(f"best {group} mode", fontsize=10)
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[0].set_ylabel("mean peak validation accuracy (%)")
+    axes[0].legend(fontsize=8, loc="best")
+    files = _save(fig, out_dir, "accuracy_vs_params")
+    return Figure("accuracy_vs_params", "Accuracy against parameters",
+                  "Mean peak validation accuracy of the best baseline mode (left) and the best ablative mode (right) "
+                  "against the parameter count (log). Red diamonds: heterogeneous nets (layers of unequal widths), "
+                  "which the depth x width maps cannot place; grey circles: nets of one width.",
+                  files, {"points": points})
 
 
 def convergence_targets(requested: Sequence[str] | None, curves: Mapping[tuple[str, str], object],

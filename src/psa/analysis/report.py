@@ -30,6 +30,7 @@ from psa.analysis.results import (
     load_data,
     missing_report,
     order_archs,
+    is_heterogeneous,
     short_list,
 )
 from psa.analysis.stats import best_trial_winners, holm, resolve_zero_r
@@ -39,6 +40,7 @@ from psa.analysis.tables import (
     table_effects,
     table_harm,
     table_harm_separation,
+    table_heterogeneous,
     table_iv,
     table_lkg,
     table_missing,
@@ -152,10 +154,10 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
     msg = data.notes + missing_report(data)
     sections = [("Nothing to report", bullets(msg, "warn") or paragraph("no finished trial"))]
     if data.design.archs:
-        fig = fg.design_space(list(data.design.archs), out.tmp / "figures")
+        fig = fg.design_space(list(data.design.archs), out.tmp / "figures", data.io)
         out.files += fig.files
         sections.append(("Design", figure(fig)))
-        write_table(out, table_iv(list(data.design.archs)))
+        write_table(out, table_iv(list(data.design.archs), data.io))
     out.write("index.html", page("PSA report", sections, paragraph(data.source)))
     summary = {"psa_report": 1, "source": data.source, "trials": 0, "notes": msg}
     out.write(MANIFEST, json.dumps(summary, indent=1))
@@ -167,8 +169,10 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
 def _write_tables(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Sequence[str],
                   out: OutputDir) -> list[Table]:
     """Every table in its three forms, and the per-loop long CSVs beside them."""
-    tables = [table_iv(design_archs), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules), table_summary(A),
-              table_effects(A), table_tests(A, cfg.alpha)]
+    tables = [table_iv(design_archs, A.data.io), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules)]
+    if any(is_heterogeneous(a) for a in A.archs):
+        tables.append(table_heterogeneous(A, cfg.rules))
+    tables += [table_summary(A), table_effects(A), table_tests(A, cfg.alpha)]
     growth, conv, growth_long, conv_long = table_lkg(A)
     tables += [growth, conv, table_still_improving(D.conv), table_bounty_convergence(D.conv), table_harm(D.harms),
                table_harm_separation(D.separation, D.rho), table_trials(A)]
@@ -197,15 +201,17 @@ def _write_figures(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Se
     data, archs, figdir = A.data, A.archs, out.tmp / "figures"
     best = {a: best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
     figs = [
-        fg.design_space(design_archs, figdir),
+        fg.design_space(design_archs, figdir, data.io),
         fg.regime_map(archs, A.regimes[cfg.rules], figdir, cfg.rules),
         fg.winning_strategy(archs, best, figdir),
         fg.instability(archs, A.summ, figdir),
         fg.baseline_performance(archs, A.summ, A.zero_r, figdir),
         fg.ablation_effects_map(archs, A.summ, figdir),
         fg.ablation_significance(archs, A.effects, cfg.alpha, figdir),
-        fg.parameter_matching(design_archs, figdir),
+        fg.parameter_matching(design_archs, figdir, data.io),
     ]
+    if any(is_heterogeneous(a) for a in archs):
+        figs.append(fg.accuracy_vs_params(archs, A.summ, figdir, data.io))
     if conv_targets:
         figs.append(fg.convergence(conv_targets, data.curves, data.trials, A.zero_r, figdir))
     figs.append(fg.late_breakthroughs(data.trials, A.zero_r, cfg.escape_margin, figdir, data.design.meta_loops))
@@ -233,11 +239,19 @@ def _overview(A: Analysis) -> list[str]:
         f"Source: {A.data.source}.",
         f"{len(A.data.trials):,} finished trials over {len(A.archs)} architectures and "
         f"{len({t.mode for t in A.data.trials})} modes.",
+        *([f"Data set: {_dataset_line(A.data)}."] if A.data.dataset_info is not None else []),
         f"Validation ZeroR: {A.zero_r:.2f}% ({A.zero_r_source}).",
         f"Regimes ({RULE_LABELS['published']}): {fmt(counts['published'])}.",
         f"Regimes ({RULE_LABELS['paper']}): {fmt(counts['paper'])}"
         + (f"; unclassified: {', '.join(uncl)}." if uncl else "."),
     ]
+
+
+def _dataset_line(data: StudyData) -> str:
+    """The study's data set as recorded: name, sizes and checksum."""
+    d = data.dataset_info or {}
+    return (f"{data.dataset}, {d['n_in']:,} inputs, {d['n_classes']} classes, {d['n_train']:,}/{d['n_val']:,}/"
+            f"{d['n_test']:,} training/validation/test examples, SHA-256 {str(d['checksum'])[:16]}...")
 
 
 def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
@@ -329,6 +343,8 @@ def _report_page(cfg: ReportConfig, A: Analysis, D: Dynamics, overview: Sequence
         ("Regimes", figure(fig["regime_map"]) + tbl["regimes"].html()),
         ("Design space", figure(fig["design_space"]) + figure(fig["parameter_matching"]) + tbl["table_iv"].html()),
         ("Table V", tbl["table_v"].html()),
+        *([("Heterogeneous architectures", figure(fig["accuracy_vs_params"]) + tbl["heterogeneous"].html())]
+          if "heterogeneous" in tbl else []),
         ("Performance maps", "".join(figure(fig[n]) for n in
                                      ("winning_strategy", "instability", "baseline_performance", "ablation_effects"))),
         ("Statistics the paper lacks", bullets(undecided_statement(A, cfg.alpha)) + figure(fig["ablation_significance"])
@@ -355,6 +371,8 @@ def _manifest(cfg: ReportConfig, A: Analysis, D: Dynamics, notes: Sequence[str],
         "architectures": len(A.archs),
         "zero_r": A.zero_r,
         "zero_r_source": A.zero_r_source,
+        "dataset": A.data.dataset,
+        **({"dataset_record": A.data.dataset_info} if A.data.dataset_info is not None else {}),
         "rules": cfg.rules,
         "regime_counts": {r: regime_counts(A.regimes[r]) for r in RULE_SETS},
         "regimes": {a: {"published": asdict(A.regimes["published"][a]), "paper": asdict(A.regimes["paper"][a])}

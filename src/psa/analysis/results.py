@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from psa.core.arch import (
+    N_IN,
+    N_OUT,
     ArchError,
     is_parameter_matched,
     parse_arch,
@@ -86,6 +88,16 @@ class StudyData:
     incomplete: list[dict] = field(default_factory=list)  # trials not done: arch, mode, trial, status, loops_done
     notes: list[str] = field(default_factory=list)
     curves_note: str = ""  # what the curves are (all trials, or one plotted trial per cell)
+    # the study's study_datasets row (name, checksum, n_in, n_classes, zero_r, ...); None for
+    # the published data and for databases from before psa recorded data sets (MNIST)
+    dataset_info: dict | None = None
+
+    @property
+    def io(self) -> tuple[int, int]:
+        """(inputs, classes) of the data set: what equation 1 counts the nets' parameters with."""
+        if self.dataset_info is None:
+            return N_IN, N_OUT
+        return int(self.dataset_info["n_in"]), int(self.dataset_info["n_classes"])
 
     @property
     def archs(self) -> list[str]:
@@ -113,21 +125,31 @@ def order_archs(archs: Iterable[str], preferred: Sequence[str] = ()) -> list[str
 
 
 def arch_shape(arch: str) -> tuple[int, int] | None:
-    """(depth, width) of an architecture for the design-space plots; the widest layer for
-    mixed shapes; None when it cannot be drawn on log axes (no hidden layer, unparsable)."""
+    """(depth, width) of an architecture for the design-space plots; None when it has no place
+    there: no hidden layer, unparsable, or heterogeneous (layers of unequal widths, which
+    `is_heterogeneous` sends to their own table and plot against parameters)."""
     try:
         a = parse_arch(arch)
     except ArchError:
         return None
-    if a.depth == 0:
+    if a.depth == 0 or len(set(a.hidden)) > 1:
         return None
-    return a.depth, max(a.hidden)
+    return a.depth, a.hidden[0]
 
 
-def arch_params(arch: str) -> int | None:
-    """Trainable parameters of an architecture string (None if unparsable)."""
+def is_heterogeneous(arch: str) -> bool:
+    """Hidden layers of more than one width, e.g. "[2*128, 1*10, 4*16]"."""
     try:
-        return parse_arch(arch).params
+        return len(set(parse_arch(arch).hidden)) > 1
+    except ArchError:
+        return False
+
+
+def arch_params(arch: str, io: tuple[int, int] = (N_IN, N_OUT)) -> int | None:
+    """Trainable parameters of an architecture string for a data set's (inputs, classes)
+    (MNIST's by default); None if unparsable."""
+    try:
+        return parse_arch(arch, *io).params
     except ArchError:
         return None
 
@@ -303,6 +325,7 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
     if len(datasets) > 1:
         raise ReportError(f"study {row['name']!r} mixes data sets ({', '.join(sorted(datasets))}); report them apart")
     dataset = datasets.pop() if datasets else (str(trows[0]["dataset"]) if trows else "mnist")
+    info = store.study_dataset(con, sid)
     return StudyData(
         source=f"study {row['name']!r} in {path}",
         trials=trials,
@@ -313,6 +336,7 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
         incomplete=incomplete,
         notes=notes,
         curves_note=f"per-loop records of {len(curves)} finished trials",
+        dataset_info=None if info is None else dict(info),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,15 +23,27 @@ ACC_EPS = 1e-6
 # ZeroR
 
 
+def base_dataset(label: str) -> str:
+    """The data set of a trials row's label: "mnist" for "mnist[train:4096]"."""
+    return re.sub(r"\[train:\d+\]$", "", label)
+
+
 def validation_zero_r(dataset: str = "mnist", data_dir: str | None = None) -> float:
-    """ZeroR (%) of the validation split, from the training labels and the authors' split alone."""
+    """ZeroR (%) of the validation split, from the training labels and the split rule alone
+    (idx data sets), else from the whole data set loaded on the CPU."""
     import hashlib
 
     # reads the labels only, not the images that `psa.core.data.load()` decodes; equals `load().zero_r()`
     from psa.core import data as d
 
+    dataset = base_dataset(dataset)
     if dataset not in d.SHA256:
-        raise ReportError(f"cannot compute the validation ZeroR of data set {dataset!r}; pass --zero-r PERCENT")
+        try:
+            d.check_spec(dataset)
+            return d.load_dataset(dataset, "cpu", data_dir).zero_r()
+        except d.DataError as e:
+            raise ReportError(f"cannot compute the validation ZeroR of data set {dataset!r} ({e}); "
+                              "pass --zero-r PERCENT") from None
     try:
         directory = d.locate(dataset, data_dir)
         stem = d.FILES["train_labels"]
@@ -58,6 +71,10 @@ def resolve_zero_r(data: StudyData, override: float | None) -> tuple[float, str]
     """The validation ZeroR: the override, or computed from the study's data set."""
     if override is not None:
         return override, "given with --zero-r"
+    info = data.dataset_info
+    if info is not None and base_dataset(data.dataset) not in ("mnist", "fashion-mnist"):
+        # a data set that does not ship with psa: the value measured when the study was created
+        return float(info["zero_r"]), f"of the {data.dataset} validation split, recorded with the study"
     return validation_zero_r(data.dataset), f"computed from the {data.dataset} validation labels"
 
 

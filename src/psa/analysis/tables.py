@@ -16,9 +16,10 @@ from psa.analysis.convergence import Convergence
 from psa.analysis.findings import Analysis
 from psa.analysis.harm import MEASURES, ArchHarm, Separation
 from psa.analysis.regimes import regime_counts
-from psa.analysis.results import Curve, arch_params, arch_shape, matching_label
+from psa.analysis.results import Curve, arch_params, arch_shape, is_heterogeneous, matching_label
+from psa.core.arch import N_IN, N_OUT, parse_arch
 from psa.analysis.stats import winners
-from psa.core.population import ABLATIVE_MODES, MODES
+from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 
 @dataclass
@@ -148,11 +149,12 @@ def fp(p: float) -> str:
 # The report's tables
 
 
-def table_iv(archs: Sequence[str]) -> Table:
-    """Table IV: parameters (equation 1) and Matched/Asymmetric of every architecture."""
+def table_iv(archs: Sequence[str], io: tuple[int, int] = (N_IN, N_OUT)) -> Table:
+    """Table IV: parameters (equation 1, for a data set of `io` = (inputs, classes)) and
+    Matched/Asymmetric of every architecture."""
     rows, raw = [], []
     for a in archs:
-        p = arch_params(a)
+        p = arch_params(a, io)
         m = matching_label(a)
         rows.append([a, f"{p:,}" if p is not None else "?", m])
         raw.append({"arch": a, "params": p, "matching": m})
@@ -201,7 +203,7 @@ def table_summary(A: Analysis) -> Table:
     """Tables I-III for every architecture: n, mean, std, min, max per mode."""
     rows, raw = [], []
     for a in A.archs:
-        p = arch_params(a)
+        p = arch_params(a, A.data.io)
         for m in MODES:
             s = A.summ.get((a, m))
             if s is None:
@@ -233,9 +235,10 @@ def table_regimes(A: Analysis, rules: str) -> Table:
         r, o = A.regimes[rules][a], A.regimes[other][a]
         shape = arch_shape(a)
         prov = " (provisional)" if r.provisional else ""
-        rows.append([a, f"{arch_params(a) or 0:,}", r.regime + prov, r.name, r.rule, o.regime, o.rule])
+        params = arch_params(a, A.data.io)
+        rows.append([a, f"{params or 0:,}", r.regime + prov, r.name, r.rule, o.regime, o.rule])
         raw.append({"arch": a, "depth": shape[0] if shape else None, "width": shape[1] if shape else None,
-                    "params": arch_params(a), f"regime_{rules}": r.regime, f"rule_{rules}": r.rule,
+                    "params": params, f"regime_{rules}": r.regime, f"rule_{rules}": r.rule,
                     f"regime_{other}": o.regime, f"rule_{other}": o.rule, "provisional": r.provisional,
                     "detail": r.detail})
     label = {"published": "published rules", "paper": "eqs. 6-8"}
@@ -250,6 +253,35 @@ def table_regimes(A: Analysis, rules: str) -> Table:
     return Table("regimes", f"Training regimes ({label[rules]}; the other rule set alongside)",
                  ["Architecture", "Parameters", "Regime", "Name", "Rule that fired", f"Regime ({label[other]})",
                   f"Rule ({label[other]})"], rows, notes, raw)
+
+
+def table_heterogeneous(A: Analysis, rules: str) -> Table:
+    """The heterogeneous nets (hidden layers of unequal widths), which the depth x width maps
+    cannot place: widths, parameters, best baseline and ablative means, regime."""
+    rows, raw = [], []
+    for a in A.archs:
+        if not is_heterogeneous(a):
+            continue
+        hidden = parse_arch(a).hidden
+        p = arch_params(a, A.data.io)
+        best = {}
+        for group, modes in (("baseline", BASELINE_MODES), ("ablative", ABLATIVE_MODES)):
+            cells = [(A.summ[(a, m)].mean, m) for m in modes if (a, m) in A.summ]
+            best[group] = max(cells) if cells else None
+        r = A.regimes[rules][a]
+        rows.append([a, "-".join(map(str, hidden)), f"{p or 0:,}",
+                     *(f"{v[0]:.2f} ({v[1]})" if v else "-" for v in best.values()),
+                     r.regime + (" (provisional)" if r.provisional else "")])
+        raw.append({"arch": a, "hidden": list(hidden), "depth": len(hidden), "params": p,
+                    **{f"best_{g}_mean": v[0] if v else None for g, v in best.items()},
+                    **{f"best_{g}_mode": v[1] if v else None for g, v in best.items()}, "regime": r.regime})
+    return Table("heterogeneous", "Heterogeneous architectures (layers of unequal widths)",
+                 ["Architecture", "Hidden widths", "Parameters", "Best baseline mean", "Best ablative mean",
+                  "Regime"], rows,
+                 ["Nets with hidden layers of more than one width have no place on the depth x width maps; "
+                  "the accuracy-against-parameters figure draws them beside the nets of one width.",
+                  "Means are of the peak validation accuracy (%) over the trials of a cell; the mode in brackets."],
+                 raw)
 
 
 def table_tests(A: Analysis, alpha: float) -> Table:

@@ -47,3 +47,13 @@ nonneg_real = number(float, 0)
 probability = number(float, 0, 1, low_open=True, high_open=True)
 percentage = number(float, 0, 100, low_open=True, noun="a percentage")
 seconds = number(float, 0, noun="seconds")
+
+
+def dataset_spec(text: str) -> str:
+    """A data set name: mnist, fashion-mnist, cifar10 or npz:PATH (the file is read later)."""
+    from psa.core.data import DataError, check_spec
+
+    try:
+        return check_spec(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

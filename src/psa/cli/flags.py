@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from psa.cli.argtypes import positive_int, real
+from psa.cli.argtypes import dataset_spec, positive_int, real
 from psa.core.device import AUTO_STACK_MAX_WIDTH, KERNEL_CHOICES
 from psa.core.hparams import DIVERGED_CHOICES, HParams
 from psa.core.precision import CHOICES as PRECISION_CHOICES
@@ -25,9 +25,11 @@ def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
                         "promote it like any other, as the authors' harness does (score, the default), or never "
                         "promote it and record its accuracy as missing (discard)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dataset", default="mnist", choices=["mnist"], help="data set (default mnist)")
+    p.add_argument("--dataset", type=dataset_spec, metavar="NAME",
+                   help="mnist (default), fashion-mnist, cifar10 or npz:PATH (docs/datasets.md)")
     p.add_argument("--data-dir",
-                   help="directory with the four idx files (else $PSA_DATA_DIR, the shipped copy, ./dataset)")
+                   help="directory with the data set's files: the four idx files, or cifar-10-binary.tar.gz "
+                        "(else $PSA_DATA_DIR, the shipped copy, ./dataset)")
 
 
 def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, precision_default: str | None,

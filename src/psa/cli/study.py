@@ -77,6 +77,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         "architectures": archs, "modes": args.modes, "trials": args.trials, "meta_loops": args.meta_loops,
         "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "dropout": args.dropout, "diverged": args.diverged, "train_subset": args.train_subset,
+        "dataset": args.dataset,
     }
     name, design = resolve_design(args.preset, args.design, args.name, overrides)
     opt = _run_options(args)

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from psa.cli.argtypes import nonneg_int, positive_int
+from psa.cli.argtypes import dataset_spec, nonneg_int, positive_int
 from psa.cli.flags import PAPER, add_engine_flags, add_training_flags
 from psa.core.arch import matched_arch, parse_arch
 from psa.core.population import MODES
@@ -16,11 +16,17 @@ def cmd_arch(args: argparse.Namespace) -> int:
     """Print the layer table and parameter count of an architecture."""
     from psa.study.console import arch_table, out_console
 
-    arch = parse_arch(args.arch)
+    from psa.core.data import dataset_shape
+
+    n_in, n_out = dataset_shape(args.dataset)
+    arch = parse_arch(args.arch, n_in, n_out)
     matches = [matched_arch(arch, d) for d in args.match or []]
     if args.json:
         print(json.dumps({
             "arch": str(arch),
+            "dataset": args.dataset,
+            "n_in": arch.n_in,
+            "n_out": arch.n_out,
             "params": arch.params,
             "layers": [{"name": n, "in": a, "out": b, "params": p} for n, a, b, p in arch.layer_table()],
             "matched": [{"arch": str(m), "params": m.params} for m in matches],
@@ -56,6 +62,8 @@ def register(sub: Any) -> None:
     p.add_argument("arch", help='e.g. "[2*128, 4*64]" or 1*2048')
     p.add_argument("--match", type=positive_int, nargs="+", metavar="DEPTH",
                    help="also print the parameter-matched DEPTH*W net (equation 2)")
+    p.add_argument("--dataset", type=dataset_spec, default="mnist", metavar="NAME",
+                   help="the data set whose input size and class count the net has (default mnist: 784 and 10)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_arch)
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from psa.core.arch import ArchError, parse_arch
+from psa.core.arch import N_IN, N_OUT, ArchError, parse_arch
 from psa.core.device import canonical_device
 from psa.core.population import ConfigError, Layout, Member, Population
 
@@ -95,6 +95,8 @@ def save_population(path: str | os.PathLike, pop: Population, extra: dict[str, A
         "format": FORMAT,
         "kind": "population",
         "arch": str(pop.arch),
+        "n_in": pop.arch.n_in,  # the data set's input size and class count
+        "n_out": pop.arch.n_out,
         "members": [[m.mode, m.seed, m.weight_decay, m.dropout] for m in pop.members],
         "loop": pop.loop,
         "bounty_loop": pop.bounty_loop,
@@ -111,7 +113,7 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
     if meta.get("kind") != "population":
         raise CheckpointError(f"{path}: not a population checkpoint")
     try:
-        arch = parse_arch(meta["arch"])
+        arch = parse_arch(meta["arch"], int(meta.get("n_in", N_IN)), int(meta.get("n_out", N_OUT)))
         members = tuple(Member(str(a), int(b), float(c), float(d)) for a, b, c, d in meta["members"])
         layout = Layout.of(arch, len(members))
         lkg, correct = tensors["lkg"], tensors["lkg_correct"]

@@ -49,7 +49,7 @@ from psa.core.device import (
 )
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
-from psa.core.memory import FREE_MEMORY_FRACTION, stack_fits_kernel, working_bytes
+from psa.core.memory import FREE_MEMORY_FRACTION, stack_fits_kernel, stack_path_reason, working_bytes
 from psa.core.population import Layout, Member, Population
 from psa.core.precision import Matmul
 
@@ -114,6 +114,17 @@ class PendingLoop:
         return self._result
 
 
+_NOTED: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    """Warn with `message` the first time this process meets it (one line per architecture,
+    not one per population or chunk)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 class Engine:
     """Runs meta-loops on a Population with a Dataset already on the population's device."""
 
@@ -124,6 +135,10 @@ class Engine:
         CUDA stream the engine queues its work on (psa.study lends one per population in
         flight); None: a stream of its own on a CUDA device."""
         ex = execution or Execution(device=population.device)
+        arch = population.arch
+        if data.n_in != arch.n_in or data.n_classes != arch.n_out:
+            raise ConfigError(f"architecture {arch.short} has {arch.n_in} inputs and {arch.n_out} outputs, data set "
+                              f"{data.name} {data.n_in} and {data.n_classes} classes (build it with data.arch(...))")
         if data.train_x.device != population.lkg.device:
             raise ConfigError(f"data on {data.train_x.device} but population on {population.lkg.device}")
         if ex.device != population.device:
@@ -139,6 +154,9 @@ class Engine:
         self.precision = ex.precision
         self.triton = ex.triton
         self.fused = stack_fits_kernel(population.arch, ex)
+        if ex.triton and not self.fused and len(set(population.arch.hidden)) > 1:
+            note_once(f"psa: {population.arch.short} trains its hidden stack on the plain torch path: "
+                      f"{stack_path_reason(population.arch, ex)}")
         self.chunk_size = self._chunk_size()
         self.use_graphs = ex.graphs and self.chunk_size >= population.size
         if stream is None and dev.type == "cuda":

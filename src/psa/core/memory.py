@@ -50,14 +50,30 @@ def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
     return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
 
 
-def stack_fits_kernel(arch: Arch, ex: Execution) -> bool:
-    """Whether the hidden stack of `arch` runs through the Triton stack kernels under `ex`:
-    Triton on, equal widths, none wider than ex.stack_max_width (or the kernels' limit)."""
+def stack_path_reason(arch: Arch, ex: Execution) -> str:
+    """Why the hidden stack of `arch` takes the plain torch path under `ex`, or "" when the
+    Triton stack kernels run it: Triton on, one width, no wider than ex.stack_max_width (or
+    the kernels' limit)."""
     from psa.core import kernels
 
     hidden = arch.hidden
-    return (ex.triton and bool(hidden) and len(set(hidden)) == 1
-            and hidden[0] <= min(ex.stack_max_width, kernels.MAX_WIDTH))
+    if not ex.triton:
+        return "Triton kernels are off"
+    if not hidden:
+        return "no hidden layer"
+    if len(set(hidden)) > 1:
+        return (f"hidden layers of unequal widths ({', '.join(map(str, dict.fromkeys(hidden)))}); "
+                "the stack kernel runs stacks of one width")
+    limit = min(ex.stack_max_width, kernels.MAX_WIDTH)
+    if hidden[0] > limit:
+        return f"width {hidden[0]} above the stack kernel's limit of {limit} here"
+    return ""
+
+
+def stack_fits_kernel(arch: Arch, ex: Execution) -> bool:
+    """Whether the hidden stack of `arch` runs through the Triton stack kernels under `ex`
+    (stack_path_reason says why not)."""
+    return not stack_path_reason(arch, ex)
 
 
 def memory_paths(arch: Arch, ex: Execution) -> dict[str, Any]:

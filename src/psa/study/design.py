@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from psa.core.arch import ArchError, parse_arch, study_architectures
-from psa.core.data import N_TRAIN
+from psa.core.data import N_TRAIN, DataError, check_spec
 from psa.core.hparams import HParams
 from psa.core.population import MODES, ConfigError, Member
 
@@ -98,8 +98,10 @@ class StudyDesign:
             raise DesignError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.hparams, HParams):
             raise DesignError(f"hparams must be an HParams, got {type(self.hparams).__name__}")
-        if self.dataset != "mnist":
-            raise DesignError(f"unknown dataset {self.dataset!r} (available: mnist)")
+        try:
+            check_spec(self.dataset)
+        except DataError as e:
+            raise DesignError(str(e)) from None
         if "hidden" in self.modes:
             flat = [a for a in self.architectures if parse_arch(a).depth == 0]
             if flat:

@@ -41,6 +41,7 @@ from psa import __version__
 from psa.core import rng
 from psa.core.arch import parse_arch
 from psa.core.checkpoint import CheckpointError, load_population, save_population
+from psa.core.data import Dataset
 from psa.core.device import (
     Execution,
     describe_device,
@@ -60,7 +61,7 @@ from psa.study.plan import (
     make_plan,
 )
 from psa.study.progress import StudyProgress, work_done
-from psa.study.runner import PopulationState, local_events
+from psa.study.runner import PopulationState, cached_data, local_events
 from psa.study.store import StoreError
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +113,27 @@ def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
                 return f"{k}: {len(old)} entries there, {len(v)} here" if len(old) != len(v) else f"{k} differ"
             return f"{k}: {old!r} there, {v!r} here"
     return "the design"
+
+
+def dataset_record(data: Dataset) -> dict[str, Any]:
+    """The study_datasets row of the data a study trains on (before any train_subset cut)."""
+    return {"name": data.name, "checksum": data.checksum, "n_in": data.n_in, "n_classes": data.n_classes,
+            "n_train": int(data.train_y.numel()), "n_val": int(data.val_y.numel()),
+            "n_test": int(data.test_y.numel()), "zero_r": data.zero_r(),
+            "constant_acc": json.dumps(data.constant_predictor_accuracy())}
+
+
+def check_dataset(con: Any, study_id: int, name: str, data: Dataset) -> None:
+    """StudyError unless `data` is the data set the study was created with (same checksum);
+    a study from before psa recorded data sets gets its record now."""
+    row = store.study_dataset(con, study_id)
+    if row is None:
+        store.record_dataset(con, study_id, dataset_record(data))
+        return
+    if row["name"] != data.name or row["checksum"] != data.checksum:
+        raise StudyError(f"study {name!r} was created with data set {row['name']} (checksum {row['checksum'][:12]}), "
+                         f"but {data.name} from {data.source} has checksum {data.checksum[:12]}: "
+                         f"refusing to mix them (pass --name to start a new study)")
 
 
 def default_population_size(design: StudyDesign, opt: RunOptions, device: torch.device) -> int:
@@ -195,23 +217,28 @@ class Study:
         self.con.execute("PRAGMA synchronous=FULL")
         self._full_sync = True
         self.lock.acquire()
+        # the data the populations train on (cached: the local backend reuses it), recorded with
+        # a new study and checked against the record on a resume
+        data = cached_data(self.design.dataset, self.opt.data_dir,
+                           requested.device if self.opt.backend == "local" else torch.device("cpu"))
         row = store.get_study(self.con, self.name)
         if row is None:
-            row = self._create(device_desc, requested)
+            row = self._create(device_desc, requested, data)
         self.study_id = int(row["id"])
         stored = check_stored(row, self.name, self.db, self.design, self.opt, requested)
+        check_dataset(self.con, self.study_id, self.name, data)
         self.plan, self.precision = stored.plan, stored.precision
         self.execution = dataclasses.replace(requested, precision=stored.precision)
         self._load_populations()
 
-    def _create(self, device_desc: str, requested: Execution) -> Any:
+    def _create(self, device_desc: str, requested: Execution, data: Dataset) -> Any:
         """The studies row and trials of a new study (its plan and precision fixed here)."""
         plan = make_plan(self.design, default_population_size(self.design, self.opt, requested.device))
         engine = {"precision": requested.precision, "rng": rng.VERSION}
         doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
                "plan": {**plan.to_dict(), "engine": engine}}
         store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(), code_version(), device_desc,
-                           trial_rows(self.design))
+                           trial_rows(self.design), dataset_record(data))
         return store.get_study(self.con, self.name)
 
     def _load_populations(self) -> None:

@@ -4,6 +4,7 @@ first; the cost model behind the order, the progress bars and `psa study --dry-r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import Any
 
 import torch
 
-from psa.core.arch import parse_arch
-from psa.core.data import N_TRAIN, N_VAL, Dataset
+from psa.core.arch import Arch, parse_arch
+from psa.core.data import N_TRAIN, N_VAL, Dataset, dataset_shape
 from psa.core.device import Execution, describe_device, synchronize, total_memory
 from psa.core.engine import Engine
 from psa.core.memory import working_bytes
@@ -23,10 +24,24 @@ from psa.study.design import DesignError, StudyDesign
 # Cost model, population size and the plan
 
 
-def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
+@functools.lru_cache(maxsize=8)
+def _dataset_io(dataset: str) -> tuple[int, int]:
+    return dataset_shape(dataset)
+
+
+def design_arch(design: StudyDesign, arch: str) -> Arch:
+    """An architecture of `design` with its data set's input size and class count."""
+    return parse_arch(arch, *_dataset_io(design.dataset))
+
+
+def _arch(arch: str | Arch) -> Arch:
+    return arch if isinstance(arch, Arch) else parse_arch(arch)  # a string: MNIST's sizes
+
+
+def arch_flops(arch: str | Arch, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
     """FLOPs of one trial: per loop forward+backward (3x forward) over the training set and a
     forward over the validation set, plus the final test forward (10,000 images)."""
-    f = parse_arch(arch).flops_per_sample()
+    f = _arch(arch).flops_per_sample()
     return meta_loops * (3 * f * n_train + f * n_val) + f * 10_000
 
 
@@ -40,9 +55,9 @@ class Calibration:
     device: str
     method: str
 
-    def loop_seconds(self, arch: str, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
+    def loop_seconds(self, arch: str | Arch, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
         """Estimated wall seconds of one meta-loop of a population of `members` of `arch`."""
-        a = parse_arch(arch)
+        a = _arch(arch)
         steps = -(-n_train // batch_size)
         flops = members * a.flops_per_sample() * (3 * n_train + N_VAL)
         return self.seconds_per_flop * flops + self.seconds_per_layer_step * a.n_linear * steps
@@ -53,12 +68,12 @@ class Calibration:
 DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 
-def bytes_per_member(arch: str, batch_size: int = 256, fused: bool = False, precision: str = "fp32",
+def bytes_per_member(arch: str | Arch, batch_size: int = 256, fused: bool = False, precision: str = "fp32",
                      graphs: bool = False) -> int:
     """Device memory one member needs: what it trains with (memory.working_bytes: candidate,
     gradient, AdamW's moments, a step's activations, and with `fused` and `graphs` the Triton
     backward's partials and the graph's pool) plus its LKG and as much again as slack."""
-    a = parse_arch(arch)
+    a = _arch(arch)
     return working_bytes(a, batch_size, fused, precision, graphs) + a.params * 4 * 2
 
 
@@ -74,7 +89,7 @@ def device_budget(device: torch.device) -> int:
 def auto_population_size(design: StudyDesign, budget: int) -> int:
     """Members per population that fit `budget` for the design's largest architecture, capped at
     a whole architecture (all modes x all trials): the default population size."""
-    worst = max(bytes_per_member(a, design.hparams.batch_size) for a in design.architectures)
+    worst = max(bytes_per_member(design_arch(design, a), design.hparams.batch_size) for a in design.architectures)
     fit = max(1, budget // worst)
     cap = len(design.modes) * design.trials
     return int(min(cap, fit))
@@ -148,7 +163,8 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
             size = base + (1 if i < extra else 0)
             pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
             first += size
-    work = {p: calibration.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train) for p in pops}
+    work = {p: calibration.loop_seconds(design_arch(design, p.arch), p.size, design.hparams.batch_size, design.n_train)
+            for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
     return Plan(design, population_size, tuple(pops[i] for i in order))
 
@@ -174,7 +190,7 @@ def calibrate(ex: Execution, data: Dataset, design: StudyDesign, steps: int = 4)
     probes = [("1*512", 60 if device.type == "cuda" else 6), ("16*8", 6)]
     meas = []
     for arch, m in probes:
-        a = parse_arch(arch)
+        a = data.arch(arch)
         members = [design.hparams.member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
         pop = Population.create(a, members, device, n_val=data.val_y.numel())
         engine = Engine(pop, sub, design.hparams, ex)

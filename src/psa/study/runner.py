@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -18,7 +19,6 @@ from typing import Any
 
 import torch
 
-from psa.core.arch import parse_arch
 from psa.core.chunk import StepCallback
 from psa.core.data import Dataset
 from psa.core.device import (
@@ -85,7 +85,7 @@ class PopulationRun:
                 ex: Execution, prior_seconds: float = 0.0, where: str = "", stream: Any = None) -> "PopulationRun":
         """The run of population `pp` of a study: from `start` (a checkpoint) or from scratch."""
         if start is None:
-            start = Population.create(parse_arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel())
+            start = Population.create(data.arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel())
         return cls(pp.key, start, data, design.hparams, ex, prior_seconds, where, stream=stream)
 
     def started(self) -> Started:
@@ -164,17 +164,29 @@ def population_to(pop: Population, device: torch.device | str) -> Population:
 # The data populations train on
 
 
-_DATA_CACHE: dict[tuple[str, str | None, str], Dataset] = {}
+_DATA_CACHE: dict[tuple[Any, ...], Dataset] = {}
+
+
+def _file_stamp(name: str) -> tuple[int, int] | None:
+    """(size, mtime) of an npz data set's file: a file rewritten under the same name is not
+    served from the cache (the store's checksum check then sees the new contents)."""
+    if not name.startswith("npz:"):
+        return None
+    try:
+        st = os.stat(name[4:])
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def cached_data(name: str, data_dir: str | None, device: torch.device) -> Dataset:
     """The data set on `device`, loaded once per process (Ray reuses worker processes)."""
-    from psa.core.data import load
+    from psa.core.data import load_dataset
 
-    key = (name, data_dir, str(device))
+    key = (name, data_dir, str(device), _file_stamp(name))
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()
-        _DATA_CACHE[key] = load(name, data_dir, device)
+        _DATA_CACHE[key] = load_dataset(name, device, data_dir)
     return _DATA_CACHE[key]
 
 
@@ -246,7 +258,7 @@ def precompile_kernels(design: StudyDesign, todo: list[PopulationState], ex: Exe
             key = (st.plan.arch, st.plan.size, st.plan.modes)  # trials differ only in their seeds
             if key not in seen:
                 seen.add(key)
-                launches += kernel_launches(parse_arch(st.plan.arch), st.plan.members(design), data, design.hparams, ex)
+                launches += kernel_launches(data.arch(st.plan.arch), st.plan.members(design), data, design.hparams, ex)
         return kernels.precompile(launches, ex.device)
     except Exception as e:  # noqa: BLE001 - an optimisation; the study runs without it
         warnings.warn(f"psa: precompiling the Triton kernels failed ({type(e).__name__}: {e}); they compile at "
@@ -282,7 +294,7 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
     def need(st: PopulationState) -> int:
         a = st.plan.arch
         if a not in per_member:
-            per_member[a] = bytes_per_member(a, design.hparams.batch_size, **memory_paths(parse_arch(a), ex))
+            per_member[a] = bytes_per_member(data.arch(a), design.hparams.batch_size, **memory_paths(data.arch(a), ex))
         return st.plan.size * per_member[a]
 
     def retire(failed: PopulationFailed, stream: Any) -> Iterator[Event]:

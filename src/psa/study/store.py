@@ -13,6 +13,10 @@ Schema version 1:
 - runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
   work_at_start): one row per `psa study` invocation, for `psa status` (liveness, ETA). Added to
   version 1 without a version bump: it is only ever created, never required by readers.
+- study_datasets(study_id, name, checksum, n_in, n_classes, n_train, n_val, n_test, zero_r,
+  constant_acc JSON): the data set a study trains on, as it was when the study was created
+  (its checksum is checked on every resume). Added like `runs`: readers of older databases,
+  which lack it, take MNIST.
 
 Timestamps are UTC ISO 8601 strings. Writers (`psa study`) commit every change in short
 BEGIN IMMEDIATE transactions; readers (`psa status`, `psa export`, the report) open the file
@@ -99,7 +103,21 @@ CREATE TABLE IF NOT EXISTS runs (
     outcome TEXT,
     work_at_start REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS study_datasets (
+    study_id INTEGER PRIMARY KEY REFERENCES studies(id),
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    n_in INTEGER NOT NULL,
+    n_classes INTEGER NOT NULL,
+    n_train INTEGER NOT NULL,
+    n_val INTEGER NOT NULL,
+    n_test INTEGER NOT NULL,
+    zero_r REAL NOT NULL,
+    constant_acc TEXT NOT NULL
+);
 """
+
+DATASET_COLUMNS = ("name", "checksum", "n_in", "n_classes", "n_train", "n_val", "n_test", "zero_r", "constant_acc")
 
 
 class StoreError(RuntimeError):
@@ -235,8 +253,10 @@ def create_study(
     code_version: str,
     device: str,
     trials: Sequence[dict[str, Any]],
+    dataset: dict[str, Any] | None = None,
 ) -> int:
-    """Insert a study and all its trials (status 'pending') in one transaction; returns its id.
+    """Insert a study and all its trials (status 'pending'), and its data set's row when given
+    (DATASET_COLUMNS), in one transaction; returns its id.
 
     If another process created the same study meanwhile, returns that one's id unchanged (the
     caller compares designs).
@@ -256,7 +276,29 @@ def create_study(
             f"INSERT INTO trials (study_id, status, {cols}) VALUES (?, 'pending', {marks})",
             [(study_id, *(t[c] for c in TRIAL_INSERT_COLUMNS)) for t in trials],
         )
+        if dataset is not None:
+            _insert_dataset(con, study_id, dataset)
     return study_id
+
+
+def _insert_dataset(con: sqlite3.Connection, study_id: int, dataset: dict[str, Any]) -> None:
+    cols = ", ".join(DATASET_COLUMNS)
+    con.execute(f"INSERT INTO study_datasets (study_id, {cols}) VALUES (?, {', '.join('?' * len(DATASET_COLUMNS))})",
+                (study_id, *(dataset[c] for c in DATASET_COLUMNS)))
+
+
+def record_dataset(con: sqlite3.Connection, study_id: int, dataset: dict[str, Any]) -> None:
+    """The data set row of a study created before psa recorded them (DATASET_COLUMNS)."""
+    with transaction(con):
+        if study_dataset(con, study_id) is None:
+            _insert_dataset(con, study_id, dataset)
+
+
+def study_dataset(con: sqlite3.Connection, study_id: int) -> sqlite3.Row | None:
+    """The data set row of a study, or None (not recorded, or a database from before the table)."""
+    if "study_datasets" not in table_names(con):
+        return None
+    return con.execute("SELECT * FROM study_datasets WHERE study_id = ?", (study_id,)).fetchone()
 
 
 def study_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:

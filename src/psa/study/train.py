@@ -31,8 +31,7 @@ from psa.core.checkpoint import (
     restore_member,
     save_member,
 )
-from psa.core.data import Dataset
-from psa.core.data import load as load_data
+from psa.core.data import Dataset, load_dataset
 from psa.core.device import Execution, resolve_execution
 from psa.core.engine import LoopResult
 from psa.core.hparams import HParams
@@ -61,7 +60,7 @@ class TrialConfig:
     dropout: float | None = None  # the rate dropout mode uses (others use none)
     diverged: str | None = None  # how a diverged candidate is scored (HParams.diverged)
     device: str = "auto"  # auto: cuda, then mps, then cpu
-    dataset: str = "mnist"
+    dataset: str | None = None  # mnist, fashion-mnist, cifar10 or npz:PATH; default mnist, on resume the run's own
     data_dir: str | None = None  # else $PSA_DATA_DIR, the shipped copy, ./dataset
     out: str | None = None  # the run directory (default runs/ARCH-MODE-seedN)
     resume: str | None = None  # a run directory to continue
@@ -167,6 +166,21 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def trial_data(trial: Trial, cfg: TrialConfig, device: torch.device) -> Dataset:
+    """The data set the trial trains on, on `device`; the trial's architecture then takes its
+    input size and class count. A resumed run keeps its data set (same name and checksum)."""
+    stored = trial.meta.get("dataset") if trial.run_dir is not None else None
+    if stored is not None and cfg.dataset is not None and cfg.dataset != stored:
+        raise ConfigError(f"run {trial.run_dir} trained on {stored}, not {cfg.dataset}; resume it on its own data set")
+    data = load_dataset(cfg.dataset or stored or "mnist", device, cfg.data_dir)
+    checksum = trial.meta.get("dataset_checksum")
+    if checksum is not None and checksum != data.checksum:
+        raise ConfigError(f"run {trial.run_dir} trained on {stored} with checksum {checksum[:12]}, but {data.source} "
+                          f"has checksum {data.checksum[:12]}: not the same data")
+    trial.arch = data.arch(str(trial.arch))
+    return data
+
+
 def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
     """The run directory, created and checked writable: `out` if empty or new, else a fresh
     name under ./runs/."""
@@ -253,6 +267,9 @@ def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: 
         "member_weight_decay": member.weight_decay,
         "member_dropout": member.dropout,
         "dataset": data.name,
+        # MNIST runs keep the run.json they always had (its files are fixed by their SHA-256);
+        # other data sets record which files they were
+        **({} if data.name == "mnist" else {"dataset_checksum": data.checksum}),
         "device": str(ex.device),
         "train_seconds": train_seconds,
         "records": trial.records,
@@ -295,7 +312,7 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
         raise ConfigError("--meta-loops must be at least 1")
     member = trial.hparams.member(trial.mode, trial.seed)
     ex = resolve_execution(cfg.device, cfg.precision or trial.precision or "auto", cfg.kernels, cfg.graphs)
-    data = load_data(cfg.dataset, cfg.data_dir, ex.device)
+    data = trial_data(trial, cfg, ex.device)
     pop = build_population(trial, member, data, ex.device)
     if trial.run_dir is None:
         trial.run_dir = prepare_out(cfg.out, trial.arch.short, trial.mode, trial.seed)
