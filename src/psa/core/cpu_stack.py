@@ -4,8 +4,11 @@ On a CPU a stack of width 1-8 costs torch several operations per layer and direc
 few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
 operations per training step. Here one call carries a block of batch rows of one member
 through every middle layer (forward), or one member's batch back through them (backward,
-weight gradients summed in one fixed order), threads splitting the (member, row block) items.
-The contract is psa.core.kernels' Triton stack_forward / stack_backward's, in fp32 only.
+weight gradients summed in one fixed order), threads splitting the members and row blocks.
+The parameters and dropout masks are those psa.core.kernels' Triton stack kernels read, in
+fp32 only; the forward keeps only the last layer's activations and the backward recomputes the
+others a block at a time from hidden layer 0's pre-activation, in cache, instead of writing
+and reading back (depth x batch x width) floats per member each step.
 
 Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
 torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
@@ -34,7 +37,7 @@ from psa.core.arch import Arch
 from psa.core.device import Execution
 
 # Widest equal-width stack the compiled code takes (its template instantiations).
-MAX_WIDTH = 16
+MAX_WIDTH = 8
 SOURCE = Path(__file__).with_name("cpu_stack.cpp")
 
 _LOCK = threading.Lock()
@@ -89,11 +92,11 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     lib.psa_stack_forward.restype = ctypes.c_int
-    lib.psa_stack_forward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int,
-                                      _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.psa_stack_forward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                                      _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.psa_stack_backward.restype = ctypes.c_int
-    lib.psa_stack_backward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64,
-                                       _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.psa_stack_backward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                                       _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
     if lib.psa_stack_max_width() != MAX_WIDTH:
         raise RuntimeError(f"the built library takes widths up to {lib.psa_stack_max_width()}, not {MAX_WIDTH}")
     return lib
@@ -170,71 +173,76 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _check_input(name: str, t: torch.Tensor, width: int) -> tuple[int, int]:
+    _check(isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype == torch.float32 and t.device.type == "cpu",
+           f"{name} must be a 3-d (M, B, W) float32 CPU tensor")
+    _check(t.shape[2] == width, f"{name} has width {t.shape[2]}, expected {width}")
+    return t.shape[0], t.shape[1]
+
+
+def _check_drop(drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, members: int) -> tuple:
+    if drop is None:
+        return None, None, None
+    _check(isinstance(drop, tuple) and len(drop) == 3, "drop must be a tuple (ks, thr, sc)")
+    for name, t, dt in zip(("ks", "thr", "sc"), drop, (torch.int64, torch.int64, torch.float32)):
+        _check(isinstance(t, torch.Tensor) and tuple(t.shape) == (members,) and t.dtype == dt and t.is_contiguous()
+               and t.device.type == "cpu", f"drop {name} must be a contiguous ({members},) {dt} CPU tensor")
+    return drop
+
+
 def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
-                  n_layers: int, width: int, acts: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  n_layers: int, width: int, out: torch.Tensor | None = None,
                   drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   precision: str = "fp32") -> torch.Tensor:
-    """psa.core.kernels.stack_forward on the CPU: a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1}
-    + b_l)). Training: every a_l into `acts` (L, M, B, W), acts[L-1] returned; eval: only a_{L-1},
-    into `out` (M, B, W). fp32 only."""
+    """The hidden stack a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1} + b_l)) in one call;
+    returns a_{L-1} in `out` (contiguous (M, B, W), allocated if None).
+
+    z0 (M, B, W) float32, any strides; the middle layers' parameters in `flat` as psa.core.kernels
+    lays them out (w_off, b_off, layer_stride); `drop` None or (ks, thr, sc), each (M,), as
+    kernels.stack_forward takes them (threshold 0 and scale 1 for members without dropout). Only
+    a_{L-1} is kept: stack_backward recomputes the others from the same z0. fp32 only.
+    """
     _check(precision == "fp32", f"the fused CPU stack computes in fp32 only, not {precision}")
-    _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32
-           and z0.device.type == "cpu", "z0 must be a 3-d (M, B, W) float32 CPU tensor")
-    members, rows, w = z0.shape
-    _check(w == width, f"z0 has width {w}, expected {width}")
+    members, rows = _check_input("z0", z0, width)
     _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, "flat")
-    if acts is not None:
-        _check(out is None, "pass acts (training) or out (eval), not both")
-        _check_common(acts, "acts", (n_layers, members, rows, width))
-        target, store_all = acts, 1
-    else:
-        _check(drop is None, "dropout needs the training path: pass acts")
-        if out is None:
-            out = torch.empty(members, rows, width)
-        _check_common(out, "out", (members, rows, width))
-        target, store_all = out, 0
-    ks = thr = sc = None
-    if drop is not None:
-        ks, thr, sc = drop
-        for name, t, dt in (("ks", ks, torch.int64), ("thr", thr, torch.int64), ("sc", sc, torch.float32)):
-            _check(isinstance(t, torch.Tensor) and t.shape == (members,) and t.dtype == dt and t.is_contiguous()
-                   and t.device.type == "cpu", f"drop {name} must be a contiguous ({members},) {dt} CPU tensor")
+    ks, thr, sc = _check_drop(drop, members)
+    if out is None:
+        out = torch.empty(members, rows, width)
+    _check_common(out, "out", (members, rows, width))
     if members and rows:
-        rc = _lib().psa_stack_forward(z0.data_ptr(), z0.stride(0), z0.stride(1), z0.stride(2), flat.data_ptr(),
-                                      w_off, b_off, layer_stride, target.data_ptr(), members * rows * width,
-                                      store_all, _ptr(ks), _ptr(thr), _ptr(sc), members, rows, n_layers, width,
+        rc = _lib().psa_stack_forward(z0.data_ptr(), *z0.stride(), flat.data_ptr(), w_off, b_off, layer_stride,
+                                      _ptr(ks), _ptr(thr), _ptr(sc), out.data_ptr(), members, rows, n_layers, width,
                                       torch.get_num_threads())
         _check(rc == 0, f"the fused CPU stack does not take width {width}")
-    return acts[n_layers - 1] if acts is not None else target
+    return out
 
 
-def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
+def stack_backward(da: torch.Tensor, z0: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
                    w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
-                   dz0: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   dz0: torch.Tensor | None = None,
+                   drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    precision: str = "fp32") -> torch.Tensor:
-    """psa.core.kernels.stack_backward on the CPU: backpropagate da = dLoss/da_{L-1} (M, B, W)
-    through the stack; the middle layers' gradients are written over `grad` (the layout of
-    `flat`), dLoss/dz0 into `dz0` (returned). fp32 only; deterministic for any thread count."""
+    """Backpropagate da = dLoss/da_{L-1} (M, B, W, any strides) through the stack that
+    stack_forward ran on z0 with `drop` (recomputed here, bit for bit); returns dLoss/dz0 in
+    `dz0` (contiguous (M, B, W), allocated if None). The middle layers' weight and bias gradients
+    are written over `grad` (the layout of `flat`), nothing else of it. fp32 only; the same bits
+    for any thread count.
+    """
     _check(precision == "fp32", f"the fused CPU stack computes in fp32 only, not {precision}")
-    _check(isinstance(da, torch.Tensor) and da.dim() == 3 and da.dtype == torch.float32
-           and da.device.type == "cpu", "da must be a 3-d (M, B, W) float32 CPU tensor")
-    members, rows, w = da.shape
-    _check(w == width, f"da has width {w}, expected {width}")
+    members, rows = _check_input("da", da, width)
+    _check(tuple(z0.shape) == (members, rows, width) and z0.dtype == torch.float32 and z0.device.type == "cpu",
+           f"z0 must be a ({members}, {rows}, {width}) float32 CPU tensor")
     _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, "flat")
     _check_stack(grad, w_off, b_off, layer_stride, n_layers, width, members, "grad")
     _check(grad.numel() == flat.numel(), "grad must have the same layout (size) as flat")
-    _check_common(acts, "acts", (n_layers, members, rows, width))
-    if scale is not None:
-        _check(isinstance(scale, torch.Tensor) and scale.shape == (members,) and scale.dtype == torch.float32
-               and scale.is_contiguous(), f"scale must be a contiguous ({members},) float32 tensor")
+    ks, thr, sc = _check_drop(drop, members)
     if dz0 is None:
         dz0 = torch.empty(members, rows, width)
     _check_common(dz0, "dz0", (members, rows, width))
     if members:
-        # with no rows the middle gradients are zeros, as a sum over no rows
-        rc = _lib().psa_stack_backward(da.data_ptr(), da.stride(0), da.stride(1), da.stride(2), acts.data_ptr(),
-                                       flat.data_ptr(), w_off, layer_stride, grad.data_ptr(), w_off, b_off,
-                                       dz0.data_ptr(), _ptr(scale), members, rows, n_layers, width,
-                                       torch.get_num_threads())
+        # with no rows the middle gradients are zeros, a sum over no rows
+        rc = _lib().psa_stack_backward(z0.data_ptr(), *z0.stride(), flat.data_ptr(), w_off, b_off, layer_stride,
+                                       _ptr(ks), _ptr(thr), _ptr(sc), da.data_ptr(), *da.stride(), grad.data_ptr(),
+                                       dz0.data_ptr(), members, rows, n_layers, width, torch.get_num_threads())
         _check(rc == 0, f"the fused CPU stack does not take width {width}")
     return dz0

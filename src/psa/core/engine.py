@@ -327,10 +327,10 @@ class Engine:
             z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
         elif depth and self.cpu_stack:  # -- the fused CPU stack: the Triton contract, on the CPU
             width = self.pop.arch.hidden[0]
-            acts = buf("acts", (depth, m, b, width))
             drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
-            cpu_stack.stack_forward(z, ch.cand, *self._stack_geometry(ch.layout), depth, width, acts=acts, drop=drop)
-            hs = [acts[depth - 1]]
+            stack_in = (z, drop)  # the backward recomputes the middle activations from these
+            hs = [cpu_stack.stack_forward(z, ch.cand, *self._stack_geometry(ch.layout), depth, width,
+                                          out=buf("acts", (m, b, width)), drop=drop)]
             w, bias = views[depth]
             z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
         elif depth:
@@ -378,8 +378,8 @@ class Engine:
             torch.sum(dz, dim=1, out=gb)
             dh = mm.bmm(dz, w, out=buf(("dh", 0), (m, b, w.shape[2])))
             width = self.pop.arch.hidden[0]
-            dz = cpu_stack.stack_backward(dh, acts, ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth, width,
-                                          dz0=buf("dz0", (m, b, width)), scale=ch.drop_scale if ch.dropout else None)
+            dz = cpu_stack.stack_backward(dh, stack_in[0], ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth,
+                                          width, dz0=buf("dz0", (m, b, width)), drop=stack_in[1])
         else:
             for layer in range(depth, 0, -1):
                 h = hs[layer - 1]
