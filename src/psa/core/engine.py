@@ -325,7 +325,7 @@ class Engine:
             hs = [acts[depth - 1]]
             w, bias = views[depth]
             z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
-        elif depth and self.cpu_stack:  # -- the fused CPU stack: the Triton contract, on the CPU
+        elif depth and self.cpu_stack:  # -- the fused CPU stack: the middle layers in one call
             width = self.pop.arch.hidden[0]
             drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
             stack_in = (z, drop)  # the backward recomputes the middle activations from these
