@@ -13,6 +13,8 @@ How a loop runs, and why:
   forward, backward, AdamW) is therefore captured once as a CUDA graph and replayed.
 - Hidden stacks of equal width up to kernels.MAX_WIDTH run as one Triton kernel per direction
   when Triton is available (psa.core.kernels): a 2048-layer net is a few launches per step.
+  On a CPU, stacks of two or more hidden layers of one width up to 8 run the same way through
+  a small compiled C++ routine (psa.core.cpu_stack), where torch would pay per layer and op.
 - Data order and dropout masks are counter-based hashes (psa.core.rng), computed on the device.
 - Ablation, promotion and weight decay act on a handful of strided views (Layout.runs) with
   device-side masks: nothing waits for the device until a loop's results are read.
@@ -33,7 +35,7 @@ from typing import Any
 
 import torch
 
-from psa.core import rng
+from psa.core import cpu_stack, rng
 from psa.core.ablation import choose_neuron
 from psa.core.arch import Arch
 from psa.core.chunk import Chunk, StepCallback, batch_groups
@@ -157,6 +159,8 @@ class Engine:
         if ex.triton and not self.fused and len(set(population.arch.hidden)) > 1:
             note_once(f"psa: {population.arch.short} trains its hidden stack on the plain torch path: "
                       f"{stack_path_reason(population.arch, ex)}")
+        # the fused CPU stack (psa.core.cpu_stack): decided, and built on first use, there
+        self.cpu_stack = not self.fused and cpu_stack.stack_fits_cpu(population.arch, ex)
         self.chunk_size = self._chunk_size()
         self.use_graphs = ex.graphs and self.chunk_size >= population.size
         if stream is None and dev.type == "cuda":
@@ -341,6 +345,14 @@ class Engine:
             hs = [acts[depth - 1]]
             w, bias = views[depth]
             z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
+        elif depth and self.cpu_stack:  # -- the fused CPU stack: the middle layers in one call
+            width = self.pop.arch.hidden[0]
+            drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
+            stack_in = (z, drop)  # the backward recomputes the middle activations from these
+            hs = [cpu_stack.stack_forward(z, ch.cand, *self._stack_geometry(ch.layout), depth, width,
+                                          out=buf("acts", (m, b, width)), drop=drop)]
+            w, bias = views[depth]
+            z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
         elif depth:
             if ch.dropout:
                 noise = self._noise(ch, keys, b)
@@ -379,6 +391,15 @@ class Engine:
             dz = kernels.stack_backward(dh, acts, ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth, width,
                                         dz0=buf("dz0", (m, b, width)),
                                         scale=ch.drop_scale if ch.dropout else None, precision=self.precision)
+        elif depth and self.cpu_stack:  # -- the fused CPU stack
+            w, _ = views[depth]
+            gw, gb = gviews[depth]
+            mm.bmm(dz.transpose(1, 2), hs[0], out=gw)
+            torch.sum(dz, dim=1, out=gb)
+            dh = mm.bmm(dz, w, out=buf(("dh", 0), (m, b, w.shape[2])))
+            width = self.pop.arch.hidden[0]
+            dz = cpu_stack.stack_backward(dh, stack_in[0], ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth,
+                                          width, dz0=buf("dz0", (m, b, width)), drop=stack_in[1])
         else:
             for layer in range(depth, 0, -1):
                 h = hs[layer - 1]
@@ -443,6 +464,10 @@ class Engine:
 
                         h = kernels.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0],
                                                   precision=self.precision)
+                        w, bias = views[depth]
+                        z = mm.baddbmm(bias[m0:m1].unsqueeze(1), h, w[m0:m1].transpose(1, 2))
+                    elif depth and self.cpu_stack:  # -- the fused CPU stack
+                        h = cpu_stack.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0])
                         w, bias = views[depth]
                         z = mm.baddbmm(bias[m0:m1].unsqueeze(1), h, w[m0:m1].transpose(1, 2))
                     else:

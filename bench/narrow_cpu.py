@@ -1,0 +1,112 @@
+"""The narrow stacks on the CPU: one meta-loop of a 60-member population (6 modes x 10 seeds)
+on the plain torch path (`--kernels torch`, before) and with the fused CPU stack
+(`--kernels auto`, psa.core.cpu_stack, after), against the FLOP floor.
+
+FLOP floor of a meta-loop: 6 x parameters x 50,000 training images (forward 2, backward 4 per
+parameter and image) + 2 x parameters x 10,000 validation images, per member, at the GEMM rate
+this machine measures here (one large sgemm, best of 3, with the same threads).
+
+Both paths run in this process, alternating (old, new, old, new, ...), best of `--repeat`. A
+meta-loop is timed as `--steps` training steps (a prefix of the epoch, set-up included) scaled to
+the epoch's 196 steps, plus validation on all 10,000 images; the step count is the same for both
+paths. Architectures with one hidden layer have no middle stack: both paths are the same there.
+
+    python bench/narrow_cpu.py                      # every study architecture of width <= 8
+    python bench/narrow_cpu.py --arch 4*2 16*2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+MODES = ("none", "decay", "dropout", "full", "hidden", "output")
+SEEDS = range(10)
+EPOCH_STEPS = 196
+N_TRAIN, N_VAL = 50_000, 10_000
+
+
+def gemm_rate(n: int = 2048, repeat: int = 3) -> float:
+    """FLOP/s of one (n x n) @ (n x n) float32 matmul, best of `repeat` after a warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def floor_seconds(arch, rate: float, members: int = 60) -> float:
+    """The FLOP floor of one meta-loop of `members` members of `arch` at `rate` FLOP/s."""
+    return members * arch.params * (6 * N_TRAIN + 2 * N_VAL) / rate
+
+
+def engines(arch, ds, steps: int):
+    """(torch engine, fused engine) on populations of 60 members, trained on `steps` batches."""
+    from psa.core.data import Dataset
+    from psa.core.device import resolve_execution
+    from psa.core.engine import Engine
+    from psa.core.hparams import HParams
+    from psa.core.population import Population
+
+    hp = HParams()
+    n = steps * hp.batch_size
+    sub = Dataset(ds.name, ds.train_x[:n], ds.train_y[:n], ds.val_x, ds.val_y, ds.test_x, ds.test_y, ds.source)
+    out = []
+    for kernels in ("torch", "auto"):
+        members = [hp.member(m, s) for s in SEEDS for m in MODES]
+        pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
+        out.append(Engine(pop, sub, hp, resolve_execution("cpu", "fp32", kernels)))
+    return out
+
+
+def loop_seconds(eng, steps: int) -> float:
+    """One meta-loop of `eng`, its epoch of `steps` batches scaled to EPOCH_STEPS, validation whole."""
+    t0 = time.perf_counter()
+    eng.train_epoch(2)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eng.count_correct(eng.cand, eng.data.val_x, eng.data.val_y).tolist()
+    t_val = time.perf_counter() - t0
+    return t_train * EPOCH_STEPS / steps + t_val
+
+
+def main() -> None:
+    from psa.core import data
+    from psa.core.arch import parse_arch, study_architectures
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="*", help="architectures (default: every study architecture of width <= 8)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12, help="training steps timed per meta-loop (scaled to 196)")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    archs = ([parse_arch(a) for a in args.arch] if args.arch
+             else [a for a in study_architectures() if max(a.hidden) <= 8])
+    ds = data.load("mnist")
+    rate = gemm_rate()
+    print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
+          f"one meta-loop of 60 members = {args.steps} steps scaled to {EPOCH_STEPS} + validation on {N_VAL:,}")
+    print(f"| arch | params | fused | FLOP floor s | before s | after s | before/floor | after/floor | speed-up |")
+    print("|---|---:|:-:|---:|---:|---:|---:|---:|---:|")
+    for arch in archs:
+        old, new = engines(arch, ds, args.steps)
+        for eng in (old, new):  # warm-up: allocations, the library's first call
+            eng.train_epoch(1)
+        best = [float("inf"), float("inf")]
+        for _ in range(args.repeat):
+            for i, eng in enumerate((old, new)):
+                best[i] = min(best[i], loop_seconds(eng, args.steps))
+        fl = floor_seconds(arch, rate)
+        print(f"| {arch.short} | {arch.params:,} | {'yes' if new.cpu_stack else 'no'} | {fl:.3f} | {best[0]:.3f} | "
+              f"{best[1]:.3f} | {best[0] / fl:.1f} | {best[1] / fl:.1f} | {best[0] / best[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Where the CPU time of one meta-loop goes: a 60-member population (6 modes x 10 seeds) of
+4*2, 16*2, 64*1 and 18*18, on the plain torch path (`--kernels torch`) and on the default path
+(`--kernels auto`: the fused CPU stack for equal-width stacks up to width 8), phase by phase;
+then a tiny study's store writes and checkpoints.
+
+Phases are timed by wrapping the engine's own functions (nothing is re-implemented here):
+- begin:        Chunk.begin: candidate = LKG, ablation, data order, dropout keys, AdamW reset
+- gather+decay: a step's batch gather, weight decay and counter (the step minus the two below)
+- first layer:  the matmuls that read or write the 784-wide input (forward and weight gradient)
+- other mm:     the hidden and output layers' matmuls (torch path: one per layer and direction)
+- fused stack:  psa.core.cpu_stack's forward and backward calls (default path)
+- rest of f/b:  loss, softmax gradient, ReLU, dropout masks, bias gradients
+- AdamW:        the fused AdamW step
+- validation:   count_correct on the 10,000 validation images (the candidate's score)
+- promote etc.: promotion, the loop's outcome read back, everything else of the loop
+
+The epoch is `--steps` batches scaled to 196 (every per-step phase scaled alike); validation
+and the rest run in full.
+
+    python bench/profile_cpu.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODES = ("none", "decay", "dropout", "full", "hidden", "output")
+SEEDS = range(10)
+EPOCH_STEPS = 196
+PER_STEP = ("gather+decay", "first layer", "other mm", "fused stack", "rest of f/b", "AdamW")
+ORDER = ("begin", *PER_STEP, "validation", "promote etc.")
+
+
+class Timers:
+    """Seconds per phase, from wrappers around the engine's functions."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = collections.defaultdict(float)
+        self.depth = 0
+
+    def wrap(self, obj, name: str, phase, *, method: bool = False):
+        """Replace obj.name by a timed call that adds to `phase` (a str, or fn(args) -> str|None)."""
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            ph = phase(args) if callable(phase) else phase
+            if ph is None:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.t[ph] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+        return fn
+
+
+def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, float]:
+    from psa.core import chunk as chunk_mod
+    from psa.core import cpu_stack
+    from psa.core.arch import parse_arch
+    from psa.core.data import Dataset
+    from psa.core.device import resolve_execution
+    from psa.core.engine import Engine
+    from psa.core.hparams import HParams
+    from psa.core.population import Population
+
+    arch = parse_arch(arch_text)
+    hp = HParams()
+    n = steps * hp.batch_size
+    sub = Dataset(ds.name, ds.train_x[:n], ds.train_y[:n], ds.val_x, ds.val_y, ds.test_x, ds.test_y, ds.source)
+    members = [hp.member(m, s) for s in SEEDS for m in MODES]
+    pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
+    eng = Engine(pop, sub, hp, resolve_execution("cpu", "fp32", kernels))
+    eng.meta_loop()  # loop 1: allocations, the library's first call
+    tm = Timers()
+    n_in = arch.n_in
+    originals = []
+    in_step = [False]
+
+    def mm_phase(args):
+        if not in_step[0]:
+            return None  # validation's matmuls count as validation
+        return "first layer" if any(isinstance(a, torch.Tensor) and a.shape[-1] == n_in for a in args) else "other mm"
+
+    for name in ("bmm", "baddbmm", "addmm"):
+        originals.append((eng.mm, name, tm.wrap(eng.mm, name, mm_phase)))
+    for name in ("stack_forward", "stack_backward"):
+        originals.append((cpu_stack, name, tm.wrap(cpu_stack, name, lambda a: "fused stack" if in_step[0] else None)))
+    originals.append((torch.optim.AdamW, "step", tm.wrap(torch.optim.AdamW, "step", "AdamW")))
+    originals.append((chunk_mod.Chunk, "begin", tm.wrap(chunk_mod.Chunk, "begin", "begin")))
+    originals.append((eng, "count_correct", tm.wrap(eng, "count_correct", "validation")))
+    fb = eng._forward_backward
+    step = eng._step
+
+    def timed_fb(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fb(*a, **k)
+        finally:
+            tm.t["f/b"] += time.perf_counter() - t0
+
+    def timed_step(*a, **k):
+        in_step[0] = True
+        t0 = time.perf_counter()
+        try:
+            return step(*a, **k)
+        finally:
+            in_step[0] = False
+            tm.t["step"] += time.perf_counter() - t0
+
+    eng._forward_backward = timed_fb
+    eng._step = timed_step
+    t0 = time.perf_counter()
+    eng.meta_loop()
+    total = time.perf_counter() - t0
+    for obj, name, fn in originals:
+        setattr(obj, name, fn)
+    t = tm.t
+    t["rest of f/b"] = t["f/b"] - t["first layer"] - t["other mm"] - t["fused stack"]
+    t["gather+decay"] = t["step"] - t["f/b"] - t["AdamW"]
+    t["promote etc."] = total - t["begin"] - t["step"] - t["validation"]
+    scale = EPOCH_STEPS / steps
+    out = {k: t[k] * (scale if k in PER_STEP else 1.0) for k in ORDER}
+    out["total"] = sum(out.values())
+    return out
+
+
+def profile_study(threads: int) -> dict[str, float]:
+    """A tiny study in this process (4*2, 10 trials of 6 modes, 3 meta-loops on 2,560 images, a
+    checkpoint every loop): its wall time, and the time inside the store's writes and checkpoints."""
+    from psa.cli import main
+    from psa.study import driver, store
+
+    tm = Timers()
+    originals = [(store, n, tm.wrap(store, n, "store writes")) for n in
+                 ("record_loop", "finish_trials", "mark_running", "create_study", "start_run", "end_run")]
+    originals.append((driver, "save_population", tm.wrap(driver, "save_population", "checkpoints")))
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["study", "--arch", "4*2", "--trials", "10", "--meta-loops", "3", "--train-subset", "2560",
+                "--db", str(Path(tmp) / "p.db"), "--name", "profile", "--quiet", "--checkpoint-every", "1"]
+        t0 = time.perf_counter()
+        try:
+            main(argv)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+        total = time.perf_counter() - t0
+    for obj, name, fn in originals:
+        setattr(obj, name, fn)
+    return {"study wall": total, "store writes": tm.t["store writes"], "checkpoints": tm.t["checkpoints"]}
+
+
+def main() -> None:
+    from psa.core import data
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="*", default=["4*2", "16*2", "64*1", "18*18"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ds = data.load("mnist")
+    cols = [(a, k) for a in args.arch for k in ("torch", "auto")]
+    res = {c: profile_loop(c[0], c[1], ds, args.steps) for c in cols}
+    print(f"one meta-loop, 60 members, cpu {args.threads} threads, seconds ({args.steps} steps scaled to {EPOCH_STEPS})")
+    print("| phase | " + " | ".join(f"{a} {k}" for a, k in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for ph in (*ORDER, "total"):
+        print(f"| {ph} | " + " | ".join(f"{res[c][ph]:.3f}" for c in cols) + " |")
+    st = profile_study(args.threads)
+    print()
+    print("tiny study (4*2, 60 trials, 3 meta-loops on 2,560 images, checkpoint every loop), seconds")
+    print("| study wall | store writes | checkpoints |")
+    print("|---:|---:|---:|")
+    print(f"| {st['study wall']:.2f} | {st['store writes']:.3f} | {st['checkpoints']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The hidden stack of narrow MLPs on the CPU in one call per direction (psa.core.cpu_stack.cpp).
+
+On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each a
+few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
+operations per training step. Here one call carries a block of batch rows of one member
+through every middle layer (forward), or one member's batch back through them (backward,
+weight gradients summed in one fixed order), threads splitting the members and row blocks.
+The parameters and dropout masks are those psa.core.kernels' Triton stack kernels read, in
+fp32 only; the forward keeps only the last layer's activations and the backward recomputes the
+others a block at a time from hidden layer 0's pre-activation, in cache, instead of writing
+and reading back (depth x batch x width) floats per member each step.
+
+Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
+torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
+no torch headers and no ninja (a torch extension compiles torch's headers, 30-60 s; this file
+takes 5-10 s of CPU time, measured with g++ 12), and nothing is traced or recompiled per shape
+at run time (the stack is a loop over layers, which torch.compile would unroll per depth). The build is cached on disk by the hash of the
+source, compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a
+machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
+warning line and the engine runs its stacks through plain torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from psa.core.arch import Arch
+from psa.core.device import Execution
+
+# Widest equal-width stack the compiled code takes (its template instantiations).
+MAX_WIDTH = 8
+SOURCE = Path(__file__).with_name("cpu_stack.cpp")
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_FAILED: str | None = None  # why the build or load failed, once known
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+    # vector units torch itself found on this CPU: AVX2 and FMA where it dispatches to AVX2/AVX512
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: $PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa."""
+    if os.environ.get("PSA_CACHE_DIR"):
+        return Path(os.environ["PSA_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "psa"
+
+
+def _build() -> ctypes.CDLL:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    src = SOURCE.read_bytes()
+    flags = _flags()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode()])).hexdigest()[:16]
+    target = cache_dir() / f"cpu_stack-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # built under a temporary name and renamed: concurrent processes never load half a file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                raise RuntimeError(f"{Path(cxx).name} failed: {lines[0][:200] if lines else done.returncode}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.psa_stack_forward.restype = ctypes.c_int
+    lib.psa_stack_forward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                                      _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.psa_stack_backward.restype = ctypes.c_int
+    lib.psa_stack_backward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                                       _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    if lib.psa_stack_max_width() != MAX_WIDTH:
+        raise RuntimeError(f"the built library takes widths up to {lib.psa_stack_max_width()}, not {MAX_WIDTH}")
+    return lib
+
+
+def load(warn: bool = True) -> bool:
+    """Build (or find in the cache) and load the library; True if it is ready. On failure, one
+    warning line (once per process, if `warn`) and False: the caller runs plain torch ops."""
+    global _LIB, _FAILED
+    with _LOCK:
+        if _LIB is None and _FAILED is None:
+            try:
+                _LIB = _build()
+            except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
+                _FAILED = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                if warn:
+                    warnings.warn(f"psa: the fused CPU stack could not be built ({_FAILED}); hidden stacks run "
+                                  f"through plain torch ops", RuntimeWarning, stacklevel=2)
+        return _LIB is not None
+
+
+def stack_fits_cpu(arch: Arch, ex: Execution) -> bool:
+    """Whether the hidden stack of `arch` runs through the fused CPU stack under `ex`: asked for
+    (ex.cpu_stack_max_width, which `--kernels auto` sets on a CPU), on a CPU in fp32, two or more
+    hidden layers of one width up to that, and the library built here (else one warning and False).
+    One hidden layer has no middle stack: its ReLU stays torch's, so those nets keep their results."""
+    hidden = arch.hidden
+    if not (ex.cpu_stack_max_width and ex.device.type == "cpu" and ex.precision == "fp32" and len(hidden) >= 2
+            and len(set(hidden)) == 1 and hidden[0] <= min(ex.cpu_stack_max_width, MAX_WIDTH)):
+        return False
+    return load()
+
+
+def failure() -> str | None:
+    """Why load() failed in this process (None if it did not, or was not tried)."""
+    return _FAILED
+
+
+def _lib() -> ctypes.CDLL:
+    if _LIB is None and not load(warn=False):
+        raise RuntimeError(f"the fused CPU stack is not available ({_FAILED})")
+    assert _LIB is not None
+    return _LIB
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def _check_common(t: torch.Tensor, name: str, shape: tuple[int, ...], contiguous: bool = True) -> None:
+    _check(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu",
+           f"{name} must be a float32 CPU tensor")
+    _check(tuple(t.shape) == shape, f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if contiguous:
+        _check(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def _check_stack(flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
+                 members: int, name: str) -> None:
+    _check(isinstance(width, int) and 1 <= width <= MAX_WIDTH, f"width must be an int in [1, {MAX_WIDTH}]")
+    _check(isinstance(n_layers, int) and n_layers >= 1, "n_layers must be an int >= 1")
+    _check(isinstance(flat, torch.Tensor) and flat.dim() == 1 and flat.dtype == torch.float32
+           and flat.device.type == "cpu" and flat.is_contiguous(), f"{name} must be a contiguous 1-d float32 CPU tensor")
+    if n_layers > 1:
+        last = n_layers - 2
+        _check(min(w_off, b_off, layer_stride) >= 0
+               and w_off + last * layer_stride + members * width * width <= flat.numel()
+               and b_off + last * layer_stride + members * width <= flat.numel(),
+               f"the middle layers run past the end of {name}")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check_input(name: str, t: torch.Tensor, width: int) -> tuple[int, int]:
+    _check(isinstance(t, torch.Tensor) and t.dim() == 3 and t.dtype == torch.float32 and t.device.type == "cpu",
+           f"{name} must be a 3-d (M, B, W) float32 CPU tensor")
+    _check(t.shape[2] == width, f"{name} has width {t.shape[2]}, expected {width}")
+    return t.shape[0], t.shape[1]
+
+
+def _check_drop(drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, members: int) -> tuple:
+    if drop is None:
+        return None, None, None
+    _check(isinstance(drop, tuple) and len(drop) == 3, "drop must be a tuple (ks, thr, sc)")
+    for name, t, dt in zip(("ks", "thr", "sc"), drop, (torch.int64, torch.int64, torch.float32)):
+        _check(isinstance(t, torch.Tensor) and tuple(t.shape) == (members,) and t.dtype == dt and t.is_contiguous()
+               and t.device.type == "cpu", f"drop {name} must be a contiguous ({members},) {dt} CPU tensor")
+    return drop
+
+
+def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
+                  n_layers: int, width: int, out: torch.Tensor | None = None,
+                  drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  precision: str = "fp32") -> torch.Tensor:
+    """The hidden stack a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1} + b_l)) in one call;
+    returns a_{L-1} in `out` (contiguous (M, B, W), allocated if None).
+
+    z0 (M, B, W) float32, any strides; the middle layers' parameters in `flat` as psa.core.kernels
+    lays them out (w_off, b_off, layer_stride); `drop` None or (ks, thr, sc), each (M,), as
+    kernels.stack_forward takes them (threshold 0 and scale 1 for members without dropout). Only
+    a_{L-1} is kept: stack_backward recomputes the others from the same z0. fp32 only.
+    """
+    _check(precision == "fp32", f"the fused CPU stack computes in fp32 only, not {precision}")
+    members, rows = _check_input("z0", z0, width)
+    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, "flat")
+    ks, thr, sc = _check_drop(drop, members)
+    if out is None:
+        out = torch.empty(members, rows, width)
+    _check_common(out, "out", (members, rows, width))
+    if members and rows:
+        rc = _lib().psa_stack_forward(z0.data_ptr(), *z0.stride(), flat.data_ptr(), w_off, b_off, layer_stride,
+                                      _ptr(ks), _ptr(thr), _ptr(sc), out.data_ptr(), members, rows, n_layers, width,
+                                      torch.get_num_threads())
+        _check(rc == 0, f"the fused CPU stack does not take width {width}")
+    return out
+
+
+def stack_backward(da: torch.Tensor, z0: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
+                   w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
+                   dz0: torch.Tensor | None = None,
+                   drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   precision: str = "fp32") -> torch.Tensor:
+    """Backpropagate da = dLoss/da_{L-1} (M, B, W, any strides) through the stack that
+    stack_forward ran on z0 with `drop` (recomputed here, bit for bit); returns dLoss/dz0 in
+    `dz0` (contiguous (M, B, W), allocated if None). The middle layers' weight and bias gradients
+    are written over `grad` (the layout of `flat`), nothing else of it. fp32 only; the same bits
+    for any thread count.
+    """
+    _check(precision == "fp32", f"the fused CPU stack computes in fp32 only, not {precision}")
+    members, rows = _check_input("da", da, width)
+    _check(tuple(z0.shape) == (members, rows, width) and z0.dtype == torch.float32 and z0.device.type == "cpu",
+           f"z0 must be a ({members}, {rows}, {width}) float32 CPU tensor")
+    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, "flat")
+    _check_stack(grad, w_off, b_off, layer_stride, n_layers, width, members, "grad")
+    _check(grad.numel() == flat.numel(), "grad must have the same layout (size) as flat")
+    ks, thr, sc = _check_drop(drop, members)
+    if dz0 is None:
+        dz0 = torch.empty(members, rows, width)
+    _check_common(dz0, "dz0", (members, rows, width))
+    if members:
+        # with no rows the middle gradients are zeros, a sum over no rows
+        rc = _lib().psa_stack_backward(z0.data_ptr(), *z0.stride(), flat.data_ptr(), w_off, b_off, layer_stride,
+                                       _ptr(ks), _ptr(thr), _ptr(sc), da.data_ptr(), *da.stride(), grad.data_ptr(),
+                                       dz0.data_ptr(), members, rows, n_layers, width, torch.get_num_threads())
+        _check(rc == 0, f"the fused CPU stack does not take width {width}")
+    return dz0
