@@ -1,3 +1,17 @@
-"""psa: Persistent Stochastic Ablation and the Frustration Engine, on batched populations of MLPs."""
+"""psa: Persistent Stochastic Ablation and the Frustration Engine, on batched populations of MLPs
+and, through psa.fit, on any torch.nn.Module."""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # `import psa` stays light: psa.fit (and torch with it) loads on first use
+    if name in ("fit", "FitResult"):
+        from psa import library
+
+        return getattr(library, name)
+    raise AttributeError(f"module 'psa' has no attribute {name!r}")

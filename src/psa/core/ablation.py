@@ -12,6 +12,8 @@ population, on the device, or on library versions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -26,16 +28,27 @@ def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int
     Layer indices count Linear layers from 0; index `arch.depth` is the output layer. Loop 1
     trains the fresh model and never ablates.
     """
+    return choose_unit(arch.hidden, arch.n_out, mode, seed, loop)
+
+
+def choose_unit(hidden: Sequence[int], n_out: int, mode: str, seed: int, loop: int) -> tuple[int, int] | None:
+    """(layer index, unit index) that `mode` ablates at `loop` in a net whose hidden layers have
+    `hidden` units each and whose output layer has `n_out`; None for no ablation.
+
+    The draw of choose_neuron for any layered model (psa.core.generic's Linear and Conv
+    layers): an MLP given as a plain nn.Module gets exactly the neurons its SimpleMLP gets.
+    """
     if mode not in ABLATIVE_MODES or loop <= 1:
         return None
-    widths = arch.hidden + (arch.n_out,)
+    hidden = tuple(hidden)
+    widths = hidden + (n_out,)
     if mode == "full":
         layer = derive_seed(seed, "ablate-layer", loop) % len(widths)
         return layer, derive_seed(seed, "ablate-neuron", loop) % widths[layer]
     if mode == "output":
-        return arch.depth, derive_seed(seed, "ablate-neuron", loop) % arch.n_out
-    pooled = derive_seed(seed, "ablate-neuron", loop) % sum(arch.hidden)
-    for layer, w in enumerate(arch.hidden):
+        return len(hidden), derive_seed(seed, "ablate-neuron", loop) % n_out
+    pooled = derive_seed(seed, "ablate-neuron", loop) % sum(hidden)
+    for layer, w in enumerate(hidden):
         if pooled < w:
             return layer, pooled
         pooled -= w
