@@ -43,7 +43,7 @@ from psa.study.plan import Plan, PopulationPlan
 # average out, few enough that a dry run of the paper's 98 architectures stays minutes.
 PROBE_SECONDS = 0.6
 PROBE_REPEATS = 3
-EVAL_IMAGES = 2_000  # images a probe scores (scaled to the validation and test sets)
+EVAL_IMAGES = 1_000  # images a probe scores (scaled to the validation and test sets)
 # The estimate's uncertainty never drops below this: the model's error on bench/estimate.py's
 # architectures (bench/results/estimate-cpu.md), where the probes' own spread was small.
 MODEL_ERROR = 0.15
@@ -120,24 +120,24 @@ def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
                                   val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
         return Engine(Population.create(arch, members, device, n_val=n_eval), sub, design.hparams, ex)
 
-    steps = min(2, full_steps)
+    steps = first_steps = min(2, full_steps)
     t = time.perf_counter()
     eng = engine(steps)
     setup_s = time.perf_counter() - t
-    first = _timed(eng.meta_loop, device)
-    steady = _timed(lambda: eng.train_epoch(eng.pop.loop + 1), device)
-    # enough steps per timed epoch to fill `seconds` over the repeats
-    more = min(full_steps, max(steps, math.ceil(seconds / PROBE_REPEATS / max(steady / steps, 1e-6))))
+    first = _timed(eng.meta_loop, device)  # also warms up the scoring
+    # enough steps per timed epoch to fill `seconds` over the repeats (the first loop, slower
+    # than the rest, errs on the short side)
+    more = min(full_steps, max(steps, math.ceil(seconds / PROBE_REPEATS / max(first / steps, 1e-6))))
     if more != steps:
         eng, steps = engine(more), more
         eng.meta_loop()
     times = [_timed(lambda: eng.train_epoch(eng.pop.loop + 1), device) / steps for _ in range(PROBE_REPEATS)]
     step_s = statistics.median(times)
     x, y = eng.data.val_x, eng.data.val_y
-    eval_image_s = min(_timed(lambda: eng.count_correct(eng.pop.lkg, x, y), device) for _ in range(2)) / n_eval
+    eval_image_s = _timed(lambda: eng.count_correct(eng.pop.lkg, x, y), device) / n_eval
     loop = _timed(eng.meta_loop, device)
     loop_extra_s = max(0.0, loop - steps * step_s - n_eval * eval_image_s)
-    warmup_s = max(0.0, first - min(steps, 2) * step_s - n_eval * eval_image_s - loop_extra_s)
+    warmup_s = max(0.0, first - first_steps * step_s - n_eval * eval_image_s - loop_extra_s)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_s = _timed(lambda: save_population(Path(tmp) / "probe.safetensors", eng.pop, {}), device)
     return Probe(pp.arch, pp.size, setup_s, step_s, (max(times) - min(times)) / 2 / step_s, warmup_s, eval_image_s,
