@@ -219,7 +219,8 @@ def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
                      "'significant' differences, e.g. output ablation holding the majority class at ZeroR.")
     if und:
         lines.append(f"{len(und)} architectures: {n_trials} trials cannot decide any of their ablative-vs-baseline "
-                     "comparisons (fewer than 6 pairs differ at all, mostly cells stuck at ZeroR): "
+                     "comparisons (too few pairs differ for any outcome to survive Holm's correction, mostly cells "
+                     "stuck at ZeroR): "
                      f"{short_list(und, 20)}.")
     if verdicts["cannot decide"]:
         lines.append(f"{verdicts['cannot decide']} of {len(A.comparisons)} comparisons cannot be decided with these "
