@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--arch", nargs="+", default=ARCHS)
     ap.add_argument("--trials", type=int, default=10, help="trials per mode (default 10; 2 for the widest nets)")
     ap.add_argument("--meta-loops", type=int, default=2)
-    ap.add_argument("--train-subset", type=int, default=5120, help="training images per loop (default 5120: 20 steps)")
+    ap.add_argument("--train-subset", type=int, default=2560, help="training images per loop (default 2560: 10 steps)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(HERE / "results" / "estimate-cpu"), help="writes OUT.json and OUT.md")
     args = ap.parse_args()
