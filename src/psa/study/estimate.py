@@ -154,7 +154,7 @@ def population_seconds(p: Probe, design: StudyDesign, size: int, checkpoint_ever
     loop_s = scale * (steps * p.step_s + N_VAL * p.eval_image_s) + p.loop_extra_s
     train_s = loops * loop_s
     # the driver checkpoints after the first loop and then every `checkpoint_every` seconds
-    n_ckpt = 0 if loops <= 1 else 1 + int(train_s // checkpoint_every) if checkpoint_every > 0 else loops
+    n_ckpt = loops if checkpoint_every <= 0 else min(loops, 1 + int(train_s // checkpoint_every))
     return (p.setup_s + p.warmup_s) * scale + train_s + 10_000 * p.eval_image_s * scale + n_ckpt * p.checkpoint_s * scale
 
 
