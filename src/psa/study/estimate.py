@@ -57,7 +57,7 @@ class Probe:
     members: int
     setup_s: float  # Population.create + Engine
     step_s: float  # one training step (median of the repeats)
-    spread: float  # half the range of the repeated step timings, over their median
+    spread: float  # half the range of the repeated (longer) epochs' timings, over their median
     warmup_s: float  # the first epoch's extra time over the steady one (allocation, first touch)
     eval_image_s: float  # scoring every member on one image (validation and test)
     loop_extra_s: float  # a meta-loop's time beyond its steps and scoring
@@ -125,14 +125,25 @@ def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
     eng = engine(steps)
     setup_s = time.perf_counter() - t
     first = _timed(eng.meta_loop, device)  # also warms up the scoring
-    # enough steps per timed epoch to fill `seconds` over the repeats (the first loop, slower
-    # than the rest, errs on the short side)
-    more = min(full_steps, max(steps, math.ceil(seconds / PROBE_REPEATS / max(first / steps, 1e-6))))
-    if more != steps:
-        eng, steps = engine(more), more
-        eng.meta_loop()
-    times = [_timed(lambda: eng.train_epoch(eng.pop.loop + 1), device) / steps for _ in range(PROBE_REPEATS)]
-    step_s = statistics.median(times)
+    # Epochs of s1 and s2 = 2 x s1 steps, alternated: their difference is the cost of a step
+    # without an epoch's fixed cost (the candidate's clone, AdamW's reset, the data order),
+    # which a probe's few steps would otherwise inflate many times over. s2 is as many steps
+    # as fill `seconds` over the repeats (the first loop, slower than the rest, errs short).
+    s2 = min(full_steps, max(2 * steps, math.ceil(seconds / PROBE_REPEATS / max(first / steps, 1e-6))))
+    s1 = max(1, s2 // 2)
+    short = eng if s1 == steps else engine(s1)
+    long_ = engine(s2)
+    if short is not eng:
+        short.meta_loop()
+    long_.meta_loop()
+    t1, t2 = [], []
+    for _ in range(PROBE_REPEATS):
+        t1.append(_timed(lambda: short.train_epoch(short.pop.loop + 1), device))
+        t2.append(_timed(lambda: long_.train_epoch(long_.pop.loop + 1), device))
+    m1, m2 = statistics.median(t1), statistics.median(t2)
+    # a busy machine can make the difference meaningless: then the long epochs' mean step
+    step_s = (m2 - m1) / (s2 - s1) if s2 > s1 and m2 > m1 else m2 / s2
+    eng, steps = long_, s2
     x, y = eng.data.val_x, eng.data.val_y
     eval_image_s = _timed(lambda: eng.count_correct(eng.pop.lkg, x, y), device) / n_eval
     loop = _timed(eng.meta_loop, device)
@@ -140,7 +151,7 @@ def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
     warmup_s = max(0.0, first - first_steps * step_s - n_eval * eval_image_s - loop_extra_s)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_s = _timed(lambda: save_population(Path(tmp) / "probe.safetensors", eng.pop, {}), device)
-    return Probe(pp.arch, pp.size, setup_s, step_s, (max(times) - min(times)) / 2 / step_s, warmup_s, eval_image_s,
+    return Probe(pp.arch, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
                  loop_extra_s, checkpoint_s, time.perf_counter() - t_start)
 
 
