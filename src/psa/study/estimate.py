@@ -43,7 +43,7 @@ from psa.study.plan import Plan, PopulationPlan
 # average out, few enough that a dry run of the paper's 98 architectures stays minutes.
 PROBE_SECONDS = 0.6
 PROBE_REPEATS = 3
-EVAL_IMAGES = 1_000  # images a probe scores (scaled to the validation and test sets)
+EVAL_IMAGES = 1_000  # validation images of the probe's meta-loops
 # The estimate's uncertainty never drops below this: the model's error on bench/estimate.py's
 # architectures (bench/results/estimate-cpu.md), where the probes' own spread was small.
 MODEL_ERROR = 0.15
@@ -144,10 +144,13 @@ def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
     # a busy machine can make the difference meaningless: then the long epochs' mean step
     step_s = (m2 - m1) / (s2 - s1) if s2 > s1 and m2 > m1 else m2 / s2
     eng, steps = long_, s2
-    x, y = eng.data.val_x, eng.data.val_y
-    eval_image_s = _timed(lambda: eng.count_correct(eng.pop.lkg, x, y), device) / n_eval
+    # scoring the whole validation set, as every loop does (and the test set, as large): its
+    # cost is not proportional to the images (blocks of rows and members, a fixed cost per
+    # layer and block), so a part of it would not scale to the whole
+    x, y = data.val_x, data.val_y
+    eval_image_s = _timed(lambda: eng.count_correct(eng.pop.lkg, x, y), device) / x.shape[0]
     loop = _timed(eng.meta_loop, device)
-    loop_extra_s = max(0.0, loop - steps * step_s - n_eval * eval_image_s)
+    loop_extra_s = max(0.0, loop - steps * step_s - n_eval * eval_image_s)  # n_eval: the probe's own
     warmup_s = max(0.0, first - first_steps * step_s - n_eval * eval_image_s - loop_extra_s)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_s = _timed(lambda: save_population(Path(tmp) / "probe.safetensors", eng.pop, {}), device)
