@@ -271,6 +271,9 @@ def test_wide_gradient_over_row_blocks(W, L, M, B):
     check(case(fresh_seed(), M, B, W, L, dropout=True))
 
 
+# In Triton's interpreter (no GPU) tl.dot ignores input_precision: only psa's own operand
+# rounding makes these tf32 runs tf32 (test_stack_rounds_like_the_torch_path checks it); the
+# tolerance here could not tell them from plain fp32.
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("W,L,M,B", [(20, 2, 3, 33), (32, 5, 1, 40), (44, 3, 1, 70), (115, 2, 1, 37)])
 def test_reduced_precision(precision, W, L, M, B):
@@ -305,12 +308,17 @@ def emulated(c: Case, precision: str, acts: torch.Tensor):
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("W,M,B,seed", [(1, 3, 40, 11), (3, 2, 33, 12), (8, 3, 70, 13), (13, 1, 50, 14),
-                                        (16, 2, 40, 15)])
-def test_narrow_stack_rounds_like_the_torch_path(precision, W, M, B, seed):
-    """Widths up to 16 multiply without tl.dot; in tf32 and bf16 they must round their operands
-    as the torch path and its CPU emulation do, not silently compute in fp32. The forward is
-    checked layer by layer (4 layers); the backward on 2 layers, where every rounded operand is
-    one both sides share (deeper, an fp32 sum's last bit can tip a rounding either way)."""
+                                        (16, 2, 40, 15), (20, 2, 33, 16), (44, 1, 37, 17)])
+def test_stack_rounds_like_the_torch_path(precision, W, M, B, seed):
+    """In tf32 and bf16 the kernels must round their operands as the torch path and its CPU
+    emulation do, not silently compute in fp32: widths up to 16 multiply without tl.dot, wider
+    ones (20, 44) with it. Triton's interpreter ignores tl.dot's input_precision (its dot is
+    plain fp32), so on the CPU this is the only test that tells a tf32 or bf16 dot from an
+    fp32 one: it passes there because psa's _matmul rounds the operands itself before the dot
+    (test_reduced_precision's tf32 cases, against float64 with tf32's tolerance, would pass
+    in plain fp32 too). The forward is checked layer by layer (4 layers); the backward on 2
+    layers, where every rounded operand is one both sides share (deeper, an fp32 sum's last
+    bit can tip a rounding either way)."""
     tol = TOL["fp32"]
     for L in (4, 2):
         c = case(seed, M, B, W, L, dropout=True)

@@ -217,3 +217,30 @@ def test_collapsed_architectures_are_not_called_beneficial():
     plain = paired_comparisons(ts, ["C"], StatsConfig(n_boot=200))
     assert ablation_effects(plain)["C"]["effect"] == "beneficial"
 
+
+
+def test_cannot_decide_is_judged_after_holm():
+    """Every comparison of E differs in 6 of 10 pairs, all one way: uncorrected, its smallest
+    possible p (2/2^6 = 0.031) is below 0.05, but Holm over the 9 comparisons lifts even the
+    most extreme outcome to 9 x 2/2^6 = 0.28: no outcome could be significant, so 'cannot
+    decide' (the rule before judged p_min before the correction and said 'no detectable
+    difference'). In F the six comparisons of full and hidden differ in all 10 pairs, those of
+    output in 7: ranked after the six, output's three get Holm's factors 3, 2, 1, so their best
+    adjusted p is 3 x 2/2^7 = 0.047 and they are decidable (9 x 2/2^7 would say otherwise)."""
+    base = [90.0] * 10
+    six = [91.0] * 6 + [90.0] * 4
+    ts = trials_of("E", {"none": base, "decay": base, "dropout": base, "full": six, "hidden": six, "output": six})
+    comps = paired_comparisons(ts, ["E"], StatsConfig(n_boot=200))
+    assert len(comps) == 9
+    for c in comps:
+        assert c.n_nonzero == 6 and c.p == pytest.approx(2 / 64) and c.p_min == pytest.approx(2 / 64)
+        assert c.p_min < 0.05  # what the old rule looked at
+        assert c.p_min_holm == pytest.approx(9 * 2 / 64)
+        assert c.verdict == "cannot decide"
+    seven = [91.0] * 7 + [90.0] * 3
+    ten = [91.0 + 0.1 * i for i in range(10)]
+    ts = trials_of("F", {"none": base, "decay": base, "dropout": base, "full": ten, "hidden": ten, "output": seven})
+    got = {(c.ablative, c.baseline): c for c in paired_comparisons(ts, ["F"], StatsConfig(n_boot=200))}
+    c = got[("output", "none")]
+    assert c.n_nonzero == 7 and c.p_min_holm == pytest.approx(3 * 2 / 128) and c.p_min_holm < 0.05
+    assert c.verdict != "cannot decide"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from psa.core.hparams import HParams
 from psa.study.design import StudyDesign, preset, resolve_design
 from psa.study.plan import DEFAULT_CALIBRATION, arch_flops, auto_population_size, bytes_per_member, make_plan
 
@@ -186,3 +187,20 @@ def test_bad_arch_file(tmp_path: Path) -> None:
     rc, out, err = run_main(["study", "--arch-file", "archs.txt"], tmp_path)
     assert rc == 2
     assert "archs.txt:4" in one_line_error(err)
+
+
+def test_population_seconds_adds_the_measured_terms() -> None:
+    """A population's estimate from its probe, by hand: set-up and warm-up once, every loop its
+    steps, validation and the rest of a loop, the test set once, and a checkpoint after the
+    first loop and then every `checkpoint_every` seconds."""
+    from psa.study.estimate import Probe, population_seconds
+
+    d = StudyDesign(architectures=("1*8",), trials=2, hparams=HParams(meta_loops=10))  # 196 steps of 256
+    p = Probe("1*8", 12, setup_s=1.0, step_s=0.01, spread=0.0, warmup_s=2.0, eval_image_s=1e-5,
+              loop_extra_s=0.5, checkpoint_s=0.25, seconds=0.0)
+    loop = 196 * 0.01 + 10_000 * 1e-5 + 0.5  # 2.56 s
+    train = 10 * loop
+    want = 1.0 + 2.0 + train + 10_000 * 1e-5 + (1 + int(train // 60)) * 0.25
+    assert population_seconds(p, d, 12, checkpoint_every=60) == pytest.approx(want)
+    assert population_seconds(p, d, 12, checkpoint_every=10) == pytest.approx(want + 2 * 0.25)  # 25.6 s: 3
+    assert population_seconds(p, d, 12, checkpoint_every=0) == pytest.approx(want + 9 * 0.25)  # every loop

@@ -85,6 +85,25 @@ def test_dry_run_writes_nothing(reference: Path, tmp_path: Path) -> None:
     assert rc == 0 and not (tmp_path / "fresh.sqlite").exists()
 
 
+def test_dry_run_json_has_the_estimate_and_its_terms(tmp_path: Path) -> None:
+    """--dry-run --json: the plan and an estimate built from one probe per architecture (its
+    largest population), with its uncertainty; the table goes to stderr. --json alone is a
+    usage error."""
+    rc, out, err = run_main(["study", *TINY, "--db", "j.sqlite", "--dry-run", "--json"], tmp_path)
+    assert rc == 0 and "calibration:" in err and not (tmp_path / "j.sqlite").exists()
+    plan = json.loads(out)
+    probes = {p["arch"]: p for p in plan["probes"]}
+    assert sorted(probes) == ["1*8", "2*8"] and all(p["members"] == 6 for p in probes.values())
+    assert all(p["step_s"] > 0 and p["eval_image_s"] > 0 for p in plan["probes"])
+    assert plan["uncertainty"] >= 0.15 and plan["calibration_seconds"] > 0
+    assert plan["seconds"] == pytest.approx(plan["startup_seconds"] + sum(r["seconds"] for r in plan["architectures"]))
+    # 6 loops of 8 steps of 256 each (2,048 images) dominate each population's time
+    for r in plan["architectures"]:
+        assert r["seconds"] > 2 * 6 * 8 * probes[r["arch"]]["step_s"]
+    rc, out, err = run_main(["study", *TINY, "--db", "j.sqlite", "--json"], tmp_path)
+    assert rc == 2 and "--json applies to --dry-run" in err
+
+
 def test_dry_run_checks_an_existing_study_as_a_run_would(reference: Path, tmp_path: Path) -> None:
     """--dry-run of a study that exists refuses what the run itself would refuse; writes nothing."""
     db = tmp_path / "dry.sqlite"

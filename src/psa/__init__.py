@@ -3,9 +3,12 @@ and, through psa.fit, on any torch.nn.Module."""
 
 from __future__ import annotations
 
+import time as _time
 from typing import Any
 
 __version__ = "0.1.0"
+# when this process imported psa: `psa study --dry-run` counts a run's start-up from here
+STARTED = _time.perf_counter()
 
 
 def __getattr__(name: str) -> Any:

@@ -268,7 +268,8 @@ def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:
                      "'significant' differences, e.g. output ablation holding the majority class at ZeroR.")
     if und:
         lines.append(f"{len(und)} architectures: {n_trials} trials cannot decide any of their ablative-vs-baseline "
-                     "comparisons (fewer than 6 pairs differ at all, mostly cells stuck at ZeroR): "
+                     "comparisons (too few pairs differ for any outcome to survive Holm's correction, mostly cells "
+                     "stuck at ZeroR): "
                      f"{short_list(und, 20)}.")
     if verdicts["cannot decide"]:
         lines.append(f"{verdicts['cannot decide']} of {len(A.comparisons)} comparisons cannot be decided with these "
@@ -305,7 +306,7 @@ def convergence_statement(D: Dynamics, curves_note: str = "") -> list[str]:
     if t99:
         lines.append("Median loop at which the bounty has covered 99% of its rise: "
                      + ", ".join(f"{x.condition} {x.t99_gain_median:g}" for x in t99)
-                     + f" (99% of the final value itself: "
+                     + " (99% of the final value itself: "
                      + ", ".join(f"{x.condition} {x.t99_median:g}" for x in t99 if x.t99_median is not None) + ").")
     return lines + list(C.notes)
 

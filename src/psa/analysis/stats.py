@@ -268,6 +268,7 @@ class Comparison:
     p_min: float  # smallest p these pairs could give
     verdict: str
     collapsed: bool = False  # no trial of either mode beats ZeroR + margin: constant predictors only
+    p_min_holm: float = math.nan  # smallest Holm-adjusted p any outcome of these pairs could give
 
 
 def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
@@ -276,8 +277,14 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
     (trial k of every mode shares its seed). Holm's correction runs over the (up to) 9
     comparisons of one architecture: the family is the question "does ablation change this
     architecture's accuracy". Verdicts: 'cannot decide' when even the most extreme sign pattern
-    of these pairs could not reach alpha (fewer than 6 non-zero differences), else better/worse
-    when the Holm-adjusted p is below alpha, else 'no detectable difference'."""
+    of these pairs could not reach alpha after Holm's correction, else better/worse when the
+    Holm-adjusted p is below alpha, else 'no detectable difference'.
+
+    "Could not reach": Holm's adjusted p-values never fall when a raw p-value rises, so the
+    smallest adjusted p a comparison can get, over every outcome of its family, is its entry
+    of holm() applied to every comparison's smallest possible p (p_min_holm). When all 9
+    comparisons of an architecture differ in k of their pairs, k must be at least 9 (9 x 2/2^8
+    = 0.07); uncorrected, 6 would seem enough (2/2^6 = 0.03)."""
     peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     for t in data_trials:
         peaks[(t.arch, t.mode)][t.trial] = t.peak
@@ -301,14 +308,15 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
                                  d_z=cohens_dz(d), r_rb=rank_biserial(d), p_min=min_sign_flip_p(d),
                                  collapsed=bool(collapsed)))
         adj = holm([r["p"] for r in rows])
-        for r, ph in zip(rows, adj):
-            if r["p_min"] > cfg.alpha or r["n"] < 2:
+        adj_min = holm([r["p_min"] for r in rows])
+        for r, ph, ph_min in zip(rows, adj, adj_min):
+            if ph_min >= cfg.alpha or r["n"] < 2:
                 verdict = "cannot decide"
             elif ph < cfg.alpha:
                 verdict = "ablation better" if r["mean_diff"] > 0 else "ablation worse"
             else:
                 verdict = "no detectable difference"
-            out.append(Comparison(p_holm=float(ph), verdict=verdict, **r))
+            out.append(Comparison(p_holm=float(ph), verdict=verdict, p_min_holm=float(ph_min), **r))
     return out
 
 

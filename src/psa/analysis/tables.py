@@ -298,8 +298,9 @@ def table_tests(A: Analysis, alpha: float) -> Table:
     notes = [f"Paired by trial index: {pairing}.",
              "Test: exact two-sided sign-flip (randomisation) test of the mean paired difference over all 2^n sign "
              "assignments; Holm-corrected over the 9 comparisons of each architecture.",
-             f"Verdict at alpha = {alpha:g}: 'cannot decide' when fewer than 6 pairs differ, so that no outcome "
-             "could be significant (smallest possible p = 2/2^k for k differing pairs).",
+             f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
+             "correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over the "
+             "architecture's comparisons, is at least alpha).",
              "Effect sizes: Cohen's d_z (mean / sd of the differences; '-' when they do not vary) and the "
              "matched-pairs rank-biserial r. CI: 95% percentile bootstrap of the mean difference (pairs resampled).",
              "Difference = ablative minus baseline, in accuracy points.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -85,8 +86,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise DesignError("--address and --num-cpus apply to --backend ray")
     if args.backend == "ray" and args.device != "auto":
         raise DesignError("--device applies to the local backend; Ray tasks use the GPU they are given, else the CPU")
+    if args.json and not args.dry_run:
+        raise DesignError("--json applies to --dry-run")
     if args.dry_run:
-        dry_run(name, design, opt)
+        if args.json:
+            with contextlib.redirect_stdout(sys.stderr):
+                plan = dry_run(name, design, opt)
+            print(json.dumps(plan, indent=1))
+        else:
+            dry_run(name, design, opt)
         return 0
     result = run_study(name, design, opt)
     if result.failed:
@@ -323,6 +331,8 @@ def register(sub: Any) -> None:
                    help="seconds to wait for another writer's transaction (default 60)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan, FLOPs and a time estimate for this device; write nothing")
+    r.add_argument("--json", action="store_true",
+                   help="with --dry-run: the plan and the estimate as JSON on stdout (the table goes to stderr)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_study)
 

@@ -1,8 +1,10 @@
-"""`psa study --dry-run`: the plan, its FLOPs and a time estimate for this device; writes nothing."""
+"""`psa study --dry-run`: the plan, its FLOPs and a time estimate for this device (psa.study.estimate:
+every architecture's population timed here); writes nothing."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,17 +14,10 @@ from psa.core.device import Execution, resolve_device, resolve_execution
 from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size
+from psa.study.estimate import Estimate, estimate
 from psa.study.options import RunOptions
-from psa.study.plan import (
-    DEFAULT_CALIBRATION,
-    Calibration,
-    Plan,
-    arch_flops,
-    design_arch,
-    calibrate,
-    make_plan,
-)
-from psa.study.runner import cached_data
+from psa.study.plan import Plan, arch_flops, design_arch, make_plan
+from psa.study.runner import design_data
 
 
 @dataclass(frozen=True)
@@ -33,12 +28,14 @@ class Existing:
     status: dict[tuple[str, str, int], str]  # (arch, mode, trial) -> status
 
 
-def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: bool = True) -> dict[str, Any]:
+def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     """Print the plan (populations, FLOPs, time estimate) without writing anything; returns it.
     A study that exists already is checked as a run would check it (design, population size,
     precision), and what is left of it is estimated too."""
+    import psa
     from psa.study.console import out_console
 
+    entered = time.perf_counter()
     device = resolve_device(opt.device if opt.backend == "local" else "auto")
     requested = resolve_execution(device, opt.precision, opt.kernels, opt.graphs)
     existing = existing_study(name, design, opt, requested)
@@ -47,16 +44,21 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions, calibrate_device: b
     else:
         size, precision = default_population_size(design, opt, device), requested.precision
     ex = dataclasses.replace(requested, precision=precision)
-    cal = calibration(design, opt, ex) if calibrate_device else DEFAULT_CALIBRATION
-    plan = make_plan(design, size, cal)
-    table, rows = plan_table(name, plan, cal, existing.status if existing is not None else {})
+    plan = make_plan(design, size)  # the order the run will take
+    t = time.perf_counter()
+    data = design_data(design, opt.data_dir, ex.device)
+    # a run starts as this process did (imports) and then loads the data
+    startup = entered - psa.STARTED + time.perf_counter() - t
+    est = estimate(ex, data, plan, startup, opt.checkpoint_every)
+    table, rows = plan_table(name, plan, est, existing.status if existing is not None else {})
     out_console.print(table)
-    for line in summary(name, plan, cal, precision, rows, existing, Path(opt.db)):
+    for line in summary(name, plan, est, precision, rows, existing, Path(opt.db)):
         out_console.print(line, soft_wrap=True)
     return {"name": name, "population_size": plan.population_size,
             "populations": [dataclasses.asdict(p) | {"key": p.key} for p in plan.populations],
-            "architectures": rows, "flops": sum(r["flops"] for r in rows), "seconds": sum(r["seconds"] for r in rows),
-            "calibration": dataclasses.asdict(cal)}
+            "architectures": rows, "flops": sum(r["flops"] for r in rows), "seconds": est.total,
+            "uncertainty": est.uncertainty, "startup_seconds": est.startup_s,
+            "calibration_seconds": est.calibration_s, "probes": [dataclasses.asdict(p) for p in est.probes]}
 
 
 def existing_study(name: str, design: StudyDesign, opt: RunOptions, requested: Execution) -> Existing | None:
@@ -76,13 +78,7 @@ def existing_study(name: str, design: StudyDesign, opt: RunOptions, requested: E
         con.close()
 
 
-def calibration(design: StudyDesign, opt: RunOptions, ex: Execution) -> Calibration:
-    """Seconds per FLOP and per layer-step on this device, timed with the study's settings."""
-    data = cached_data(design.dataset, opt.data_dir, ex.device)
-    return calibrate(ex, data, design)
-
-
-def plan_table(name: str, plan: Plan, cal: Calibration, status: dict[tuple[str, str, int], str]
+def plan_table(name: str, plan: Plan, est: Estimate, status: dict[tuple[str, str, int], str]
                ) -> tuple[Any, list[dict[str, Any]]]:
     """The plan per architecture, as a table for people and as rows; trials not 'done' in
     `status` are still to do."""
@@ -100,8 +96,7 @@ def plan_table(name: str, plan: Plan, cal: Calibration, status: dict[tuple[str, 
         n_trials = len(design.modes) * design.trials
         a = design_arch(design, arch)
         f_trial = arch_flops(a, design.hparams.meta_loops, design.n_train)
-        t_arch = sum(cal.loop_seconds(a, p.size, design.hparams.batch_size, design.n_train) * design.hparams.meta_loops
-                     for p in pops)
+        t_arch = est.per_arch[arch]
         todo = sum(1 for m in design.modes for k in range(1, design.trials + 1)
                    if status.get((arch, m, k), "pending") != "done")
         sizes = sorted({p.size for p in pops})
@@ -113,15 +108,16 @@ def plan_table(name: str, plan: Plan, cal: Calibration, status: dict[tuple[str, 
     return table, rows
 
 
-def summary(name: str, plan: Plan, cal: Calibration, precision: str, rows: list[dict[str, Any]],
+def summary(name: str, plan: Plan, est: Estimate, precision: str, rows: list[dict[str, Any]],
             existing: Existing | None, db: Path) -> list[str]:
     """The lines under the table: trials, work, the estimate, and what is done already."""
     from psa.study.console import fmt_seconds
 
     design = plan.design
     n_todo = sum(r["todo"] for r in rows)
-    total_time = sum(r["seconds"] for r in rows)
-    todo_time = sum(r["seconds"] * r["todo"] / r["trials"] for r in rows)
+    total_time = est.total
+    todo_time = est.startup_s + sum(r["seconds"] * r["todo"] / r["trials"] for r in rows)
+    pm = f"+-{est.uncertainty * 100:.0f}%"
     lines = [
         f"{design.n_trials} trials ({len(design.architectures)} architectures x {len(design.modes)} modes x "
         f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
@@ -129,10 +125,10 @@ def summary(name: str, plan: Plan, cal: Calibration, precision: str, rows: list[
         f"{design.hparams.meta_loops} meta-loops each",
         f"work: {sum(r['flops'] for r in rows) / 1e15:.3g} PFLOP (forward+backward = 3 x forward over "
         f"{design.n_train:,} images + forward over {N_VAL:,} per meta-loop, + the test set once)",
-        f"estimate on {cal.device} in {precision}: {fmt_seconds(total_time)} for the whole study, "
-        f"one population at a time"
-        + (f", {fmt_seconds(todo_time)} for the {n_todo} trials still to do" if existing is not None else ""),
-        f"calibration: {cal.method}",
+        f"estimate on {est.device} in {precision}: {fmt_seconds(total_time)} {pm} for the whole "
+        f"study, one population at a time, {fmt_seconds(est.startup_s)} of it start-up (imports, data)"
+        + (f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do" if existing is not None else ""),
+        f"calibration: {est.describe()}",
     ]
     if existing is not None:
         lines.append(f"study {name} exists in {db}: {design.n_trials - n_todo} of {design.n_trials} trials done")

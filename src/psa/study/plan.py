@@ -1,23 +1,21 @@
 """Plans: a design's trials partitioned into populations that fit the device, largest work
-first; the cost model behind the order, the progress bars and `psa study --dry-run`'s estimate."""
+first; the rough cost model behind the order and the progress bars' ETAs (`psa study
+--dry-run`'s estimate times the populations themselves: psa.study.estimate)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from psa.core.arch import Arch, parse_arch
-from psa.core.data import N_TRAIN, N_VAL, Dataset, dataset_shape
-from psa.core.device import Execution, describe_device, synchronize, total_memory
-from psa.core.engine import Engine
+from psa.core.data import N_TRAIN, N_VAL, dataset_shape
+from psa.core.device import total_memory
 from psa.core.memory import working_bytes
-from psa.core.population import MODES, Member, Population
+from psa.core.population import Member
 from psa.study.design import DesignError, StudyDesign
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +46,8 @@ def arch_flops(arch: str | Arch, meta_loops: int, n_train: int = N_TRAIN, n_val:
 @dataclass(frozen=True)
 class Calibration:
     """Seconds per loop of a population ~ seconds_per_flop * FLOPs + seconds_per_layer_step *
-    (Linear layers x training steps): compute plus per-kernel overhead, fitted on this device."""
+    (Linear layers x training steps): compute plus per-kernel overhead. Only the ratios between
+    populations matter here (the order of a plan, the progress bars)."""
 
     seconds_per_flop: float
     seconds_per_layer_step: float
@@ -167,50 +166,3 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
             for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
     return Plan(design, population_size, tuple(pops[i] for i in order))
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration on the device
-
-
-def calibrate(ex: Execution, data: Dataset, design: StudyDesign, steps: int = 4) -> Calibration:
-    """Fit seconds/FLOP and seconds per (layer x step) on `device` from two short probes.
-
-    Probe A (compute-bound): a population of 1*512 nets (60 members on a GPU, 6 on a CPU);
-    probe B (overhead-bound): 6 members of 16*8. Each trains a warm-up epoch and then two timed
-    epochs (the faster counts) of `steps` batches of real MNIST with the design's
-    hyperparameters (and `ex`'s device, precision and kernels); the two timings solve
-    t = a * FLOPs + b * layers * steps.
-    """
-    device = ex.device
-    bs = design.hparams.batch_size
-    sub = dataclasses.replace(data, train_x=data.train_x[: steps * bs], train_y=data.train_y[: steps * bs])
-    n_img = sub.train_x.shape[0]
-    n_steps = -(-n_img // bs)
-    probes = [("1*512", 60 if device.type == "cuda" else 6), ("16*8", 6)]
-    meas = []
-    for arch, m in probes:
-        a = data.arch(arch)
-        members = [design.hparams.member(MODES[j % len(MODES)], j // len(MODES)) for j in range(m)]
-        pop = Population.create(a, members, device, n_val=data.val_y.numel())
-        engine = Engine(pop, sub, design.hparams, ex)
-        engine.train_epoch(1)
-        times = []
-        for loop in (2, 3):
-            synchronize(device)
-            t = time.perf_counter()
-            engine.train_epoch(loop)
-            synchronize(device)
-            times.append(time.perf_counter() - t)
-        meas.append((3.0 * m * a.flops_per_sample() * n_img, a.n_linear * n_steps, min(times)))
-    (fa, la, ta), (fb, lb, tb) = meas
-    det = fa * lb - fb * la
-    sec_flop = (ta * lb - tb * la) / det
-    sec_layer = (fa * tb - fb * ta) / det
-    if sec_flop <= 0 or sec_layer <= 0:  # noisy timings: fall back to one-parameter fits
-        sec_layer = max(tb - fb * (ta / fa), tb * 0.5) / lb
-        sec_flop = max(ta - sec_layer * la, ta * 0.5) / fa
-    method = (f"{steps} timed training steps each of 1*512 x {probes[0][1]} and 16*8 x 6 populations on this "
-              f"device; loop time = {sec_flop * 1e12:.3g} s/TFLOP x FLOPs + {sec_layer * 1e6:.3g} us x layers x "
-              f"steps (rough: ignores denormal slow-downs and memory effects)")
-    return Calibration(sec_flop, sec_layer, describe_device(device), method)
