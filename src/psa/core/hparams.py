@@ -9,6 +9,9 @@ from typing import Any
 from psa.core.population import ConfigError, Member, make_member
 
 
+BLOCK_DROPOUT = ("mode", "always")
+
+
 @dataclass(frozen=True)
 class HParams:
     """What every trial trains with, whatever its mode; a mode only decides whether the decay
@@ -21,9 +24,14 @@ class HParams:
     weight_decay: float = 1e-4  # `decay` mode's AdamW weight decay; every other mode uses exactly 0
     dropout: float = 0.1  # `dropout` mode's rate after every hidden ReLU; no other mode drops
     meta_loops: int = 100  # meta-loops per trial
+    # Research knobs, off by default (the paper's engine). They reproduce the two defects of
+    # the authors' first ResMLP runs: AdamW's default weight decay (0.01) in every mode but
+    # `decay` (whose own rate replaced it), and dropout inside the residual blocks in every mode.
+    base_weight_decay: float = 0.0  # decay of every mode except `decay`, which uses weight_decay
+    block_dropout: str = "mode"  # ResMLP's in-block dropout: "mode" (dropout mode only) or "always"
 
     def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "dropout"):
+        for name in ("lr", "eps", "weight_decay", "dropout", "base_weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a number, got {v!r}")
@@ -43,16 +51,30 @@ class HParams:
             raise ConfigError(f"weight decay must be a number >= 0, got {self.weight_decay}")
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.base_weight_decay) and self.base_weight_decay >= 0):
+            raise ConfigError(f"base weight decay must be a number >= 0, got {self.base_weight_decay}")
+        if self.block_dropout not in BLOCK_DROPOUT:
+            raise ConfigError(f"block dropout must be one of {', '.join(BLOCK_DROPOUT)}, got {self.block_dropout!r}")
 
     def member(self, mode: str, seed: int) -> Member:
-        """The trial of `mode` and `seed`: decay's rate in `decay` mode only, dropout's in
-        `dropout` mode only, exactly 0 elsewhere."""
-        return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout)
+        """The trial of `mode` and `seed`: decay's rate in `decay` mode only (the base weight
+        decay, 0 by default, elsewhere), dropout's in `dropout` mode only, exactly 0 elsewhere."""
+        return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout,
+                           base_decay=self.base_weight_decay)
+
+    def block_dropout_rate(self, member: Member) -> float:
+        """The dropout rate inside a ResMLP's residual blocks for `member`: its own (the
+        dropout mode's rate, else 0), or with block_dropout "always" this rate in every mode."""
+        return self.dropout if self.block_dropout == "always" else member.dropout
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (betas as a list), as checkpoints and run.json store them."""
+        """JSON-able fields (betas as a list), as checkpoints and run.json store them. The
+        research knobs are absent at their defaults: files of default runs are unchanged."""
         d = asdict(self)
         d["betas"] = list(self.betas)
+        for name, default in KNOB_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -70,3 +92,6 @@ class HParams:
         """A copy with the overrides that are not None (flags the user did not give are None)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+
+
+KNOB_DEFAULTS = {"base_weight_decay": HParams.base_weight_decay, "block_dropout": HParams.block_dropout}

@@ -16,6 +16,7 @@ from psa.core.data import N_TRAIN, N_VAL, Dataset
 from psa.core.device import Execution, describe_device, synchronize, total_memory
 from psa.core.engine import Engine
 from psa.core.memory import working_bytes
+from psa.core.model import DEFAULT_MODEL, param_count
 from psa.core.population import MODES, Member, Population
 from psa.study.design import DesignError, StudyDesign
 
@@ -54,12 +55,12 @@ DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 
 def bytes_per_member(arch: str, batch_size: int = 256, fused: bool = False, precision: str = "fp32",
-                     graphs: bool = False) -> int:
+                     graphs: bool = False, model: str = DEFAULT_MODEL) -> int:
     """Device memory one member needs: what it trains with (memory.working_bytes: candidate,
     gradient, AdamW's moments, a step's activations, and with `fused` and `graphs` the Triton
     backward's partials and the graph's pool) plus its LKG and as much again as slack."""
     a = parse_arch(arch)
-    return working_bytes(a, batch_size, fused, precision, graphs) + a.params * 4 * 2
+    return working_bytes(a, batch_size, fused, precision, graphs, model) + param_count(a, model) * 4 * 2
 
 
 def device_budget(device: torch.device) -> int:
@@ -74,7 +75,7 @@ def device_budget(device: torch.device) -> int:
 def auto_population_size(design: StudyDesign, budget: int) -> int:
     """Members per population that fit `budget` for the design's largest architecture, capped at
     a whole architecture (all modes x all trials): the default population size."""
-    worst = max(bytes_per_member(a, design.hparams.batch_size) for a in design.architectures)
+    worst = max(bytes_per_member(a, design.hparams.batch_size, model=design.model) for a in design.architectures)
     fit = max(1, budget // worst)
     cap = len(design.modes) * design.trials
     return int(min(cap, fit))

@@ -9,6 +9,9 @@ Schema version 1:
 - meta_loops(trial_id, loop, mode, candidate_acc, promoted, ablated_layer, ablated_index,
   lkg_score, train_loss, diverged); candidate_acc is NULL for a diverged candidate;
   ablated_layer counts Linear layers from 0 (== depth for the output layer).
+- trials.model: the net every architecture describes ('simplemlp', the paper's, or 'resmlp'),
+  added to version 1 without a version bump: connect() adds the column (default 'simplemlp')
+  to a database that lacks it, and readers of such a database read 'simplemlp'.
 - runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
   work_at_start): one row per `psa study` invocation, for `psa status` (liveness, ETA). Added to
   version 1 without a version bump: it is only ever created, never required by readers.
@@ -69,6 +72,7 @@ CREATE TABLE IF NOT EXISTS trials (
     test_acc REAL,
     wall_seconds REAL,
     loops_done INTEGER NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT 'simplemlp',
     UNIQUE (study_id, arch, mode, trial)
 );
 CREATE TABLE IF NOT EXISTS meta_loops (
@@ -129,6 +133,8 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
             con.execute("PRAGMA synchronous=NORMAL")
             check_version(con, path)
             con.executescript(SCHEMA)  # idempotent: IF NOT EXISTS throughout
+            if not has_model_column(con):  # a database from before trials.model
+                con.execute("ALTER TABLE trials ADD COLUMN model TEXT NOT NULL DEFAULT 'simplemlp'")
             con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             break
         except sqlite3.OperationalError as e:
@@ -223,7 +229,13 @@ def list_studies(con: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 TRIAL_INSERT_COLUMNS = ("arch", "mode", "trial", "seed", "meta_loops", "lr", "batch_size",
-                        "weight_decay", "dropout", "dataset")
+                        "weight_decay", "dropout", "dataset", "model")
+
+
+def has_model_column(con: sqlite3.Connection) -> bool:
+    """Whether the trials table has its `model` column (a database opened read-only from
+    before it was added does not: every trial there is a SimpleMLP)."""
+    return any(r[1] == "model" for r in con.execute("PRAGMA table_info(trials)"))
 
 
 def create_study(
