@@ -127,10 +127,10 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
     msg = data.notes + missing_report(data)
     sections = [("Nothing to report", bullets(msg, "warn") or paragraph("no finished trial"))]
     if data.design.archs:
-        fig = fg.design_space(list(data.design.archs), out.tmp / "figures")
+        fig = fg.design_space(list(data.design.archs), out.tmp / "figures", data.model)
         out.files += fig.files
         sections.append(("Design", figure(fig)))
-        write_table(out, table_iv(list(data.design.archs)))
+        write_table(out, table_iv(list(data.design.archs), data.model))
     out.write("index.html", page("PSA report", sections, paragraph(data.source)))
     summary = {"psa_report": 1, "source": data.source, "trials": 0, "notes": msg}
     out.write(MANIFEST, json.dumps(summary, indent=1))
@@ -141,8 +141,8 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
 
 def _write_tables(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], out: OutputDir) -> list[Table]:
     """Every table in its three forms, and the per-loop long CSVs beside them."""
-    tables = [table_iv(design_archs), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules), table_summary(A),
-              table_effects(A), table_tests(A, cfg.alpha)]
+    tables = [table_iv(design_archs, A.data.model), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules),
+              table_summary(A), table_effects(A), table_tests(A, cfg.alpha)]
     growth, conv, growth_long, conv_long = table_lkg(A)
     tables += [growth, conv, table_trials(A)]
     if A.missing or A.data.incomplete:
@@ -164,14 +164,14 @@ def _write_figures(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], 
     data, archs, figdir = A.data, A.archs, out.tmp / "figures"
     best = {a: best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
     figs = [
-        fg.design_space(design_archs, figdir),
+        fg.design_space(design_archs, figdir, data.model),
         fg.regime_map(archs, A.regimes[cfg.rules], figdir, cfg.rules),
         fg.winning_strategy(archs, best, figdir),
         fg.instability(archs, A.summ, figdir),
         fg.baseline_performance(archs, A.summ, A.zero_r, figdir),
         fg.ablation_effects_map(archs, A.summ, figdir),
         fg.ablation_significance(archs, A.effects, cfg.alpha, figdir),
-        fg.parameter_matching(design_archs, figdir),
+        fg.parameter_matching(design_archs, figdir, data.model),
     ]
     if conv_targets:
         figs.append(fg.convergence(conv_targets, data.curves, data.trials, A.zero_r, figdir))
