@@ -122,7 +122,8 @@ def _trial_weights(row: Any) -> dict[str, float] | None:
         return None
     out: dict[str, float] = {}
     for p in plan.populations:
-        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train) / p.size
+        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train,
+                                                       design.model) / p.size
     return out
 
 

@@ -173,6 +173,13 @@ def param_count(arch: Arch, model: str = DEFAULT_MODEL) -> int:
     return sum(o * (i + 1) for o, i in linear_shapes(arch, model))
 
 
+def flops_per_sample(arch: Arch, model: str = DEFAULT_MODEL) -> int:
+    """Multiply-adds x 2 of one forward pass of `model` for one image."""
+    if check_model_name(model) == "simplemlp":
+        return arch.flops_per_sample()
+    return sum(2 * o * i for o, i in linear_shapes(arch, model))
+
+
 def dropout_units(arch: Arch, model: str = DEFAULT_MODEL) -> int:
     """Units one training row draws dropout noise for: every hidden unit of a SimpleMLP; the
     output of every projection and of every block's first Linear of a ResMLP."""

@@ -10,6 +10,7 @@ from typing import Any
 from psa.core.arch import parse_arch
 from psa.core.data import N_VAL
 from psa.core.device import Execution, resolve_device, resolve_execution
+from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size
@@ -98,13 +99,14 @@ def plan_table(name: str, plan: Plan, cal: Calibration, status: dict[tuple[str, 
     for arch in design.architectures:
         pops = [p for p in plan.populations if p.arch == arch]
         n_trials = len(design.modes) * design.trials
-        f_trial = arch_flops(arch, design.hparams.meta_loops, design.n_train)
-        t_arch = sum(cal.loop_seconds(arch, p.size, design.hparams.batch_size, design.n_train) * design.hparams.meta_loops
+        f_trial = arch_flops(arch, design.hparams.meta_loops, design.n_train, model=design.model)
+        t_arch = sum(cal.loop_seconds(arch, p.size, design.hparams.batch_size, design.n_train, design.model)
+                     * design.hparams.meta_loops
                      for p in pops)
         todo = sum(1 for m in design.modes for k in range(1, design.trials + 1)
                    if status.get((arch, m, k), "pending") != "done")
         sizes = sorted({p.size for p in pops})
-        params = parse_arch(arch).params
+        params = param_count(parse_arch(arch), design.model)
         table.add_row(arch, f"{params:,}", str(n_trials), f"{len(pops)} x {'/'.join(map(str, sizes))}",
                       f"{f_trial / 1e12:.3g}", f"{f_trial * n_trials / 1e15:.3g}", fmt_seconds(t_arch), str(todo))
         rows.append({"arch": arch, "params": params, "trials": n_trials, "populations": len(pops),

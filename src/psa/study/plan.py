@@ -16,7 +16,7 @@ from psa.core.data import N_TRAIN, N_VAL, Dataset
 from psa.core.device import Execution, describe_device, synchronize, total_memory
 from psa.core.engine import Engine
 from psa.core.memory import working_bytes
-from psa.core.model import DEFAULT_MODEL, param_count
+from psa.core.model import DEFAULT_MODEL, flops_per_sample, linear_shapes, param_count
 from psa.core.population import MODES, Member, Population
 from psa.study.design import DesignError, StudyDesign
 
@@ -24,10 +24,11 @@ from psa.study.design import DesignError, StudyDesign
 # Cost model, population size and the plan
 
 
-def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
-    """FLOPs of one trial: per loop forward+backward (3x forward) over the training set and a
-    forward over the validation set, plus the final test forward (10,000 images)."""
-    f = parse_arch(arch).flops_per_sample()
+def arch_flops(arch: str, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL,
+               model: str = DEFAULT_MODEL) -> float:
+    """FLOPs of one trial of `model`: per loop forward+backward (3x forward) over the training
+    set and a forward over the validation set, plus the final test forward (10,000 images)."""
+    f = flops_per_sample(parse_arch(arch), model)
     return meta_loops * (3 * f * n_train + f * n_val) + f * 10_000
 
 
@@ -41,12 +42,13 @@ class Calibration:
     device: str
     method: str
 
-    def loop_seconds(self, arch: str, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
-        """Estimated wall seconds of one meta-loop of a population of `members` of `arch`."""
+    def loop_seconds(self, arch: str, members: int, batch_size: int = 256, n_train: int = N_TRAIN,
+                     model: str = DEFAULT_MODEL) -> float:
+        """Estimated wall seconds of one meta-loop of a population of `members` of `model` for `arch`."""
         a = parse_arch(arch)
         steps = -(-n_train // batch_size)
-        flops = members * a.flops_per_sample() * (3 * n_train + N_VAL)
-        return self.seconds_per_flop * flops + self.seconds_per_layer_step * a.n_linear * steps
+        flops = members * flops_per_sample(a, model) * (3 * n_train + N_VAL)
+        return self.seconds_per_flop * flops + self.seconds_per_layer_step * len(linear_shapes(a, model)) * steps
 
 
 # Uncalibrated weights for progress bars and ETAs: roughly a mid-range GPU (they only need
@@ -149,7 +151,8 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
             size = base + (1 if i < extra else 0)
             pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
             first += size
-    work = {p: calibration.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train) for p in pops}
+    work = {p: calibration.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train, design.model)
+            for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
     return Plan(design, population_size, tuple(pops[i] for i in order))
 

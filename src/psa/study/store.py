@@ -418,7 +418,7 @@ TRIAL_EXPORT = (
     ("seed", "INTEGER"), ("meta_loops", "INTEGER"), ("lr", "REAL"), ("batch_size", "INTEGER"),
     ("weight_decay", "REAL"), ("dropout", "REAL"), ("dataset", "TEXT"), ("status", "TEXT"),
     ("bounty", "REAL"), ("bounty_loop", "INTEGER"), ("test_acc", "REAL"), ("wall_seconds", "REAL"),
-    ("loops_done", "INTEGER"),
+    ("loops_done", "INTEGER"), ("model", "TEXT"),
 )
 META_LOOP_EXPORT = (
     ("study", "TEXT"), ("trial_id", "INTEGER"), ("arch", "TEXT"), ("mode", "TEXT"), ("trial", "INTEGER"),
@@ -428,10 +428,10 @@ META_LOOP_EXPORT = (
 )
 
 
-def _export_queries(study_ids: Sequence[int]) -> tuple[str, str]:
+def _export_queries(study_ids: Sequence[int], model_column: bool = True) -> tuple[str, str]:
     marks = ", ".join("?" * len(study_ids))
-    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else f"t.{c}")
-                       for c, _ in TRIAL_EXPORT)
+    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else (
+        "'simplemlp'" if c == "model" and not model_column else f"t.{c}")) for c, _ in TRIAL_EXPORT)
     m_cols = ", ".join(
         "s.name" if c == "study" else ("t.id" if c == "trial_id" else
                                        (f"t.{c}" if c in ("arch", "trial", "seed") else f"m.{c}"))
@@ -517,7 +517,7 @@ def export(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create {out}: {e.strerror}") from None
-    trials_q, loops_q = _export_queries(ids)
+    trials_q, loops_q = _export_queries(ids, has_model_column(con))
     counts: dict[str, int] = {}
     con.execute("BEGIN")  # one snapshot for every file
     try:
