@@ -339,4 +339,4 @@ def test_a_database_from_before_the_model_column_is_migrated(tmp_path):
     con.close()
     assert not store.has_model_column(store.connect(db, readonly=True))
     con = store.connect(db)
-    assert con.execute("SELECT model FROM trials").fetchall() == [("simplemlp",)]
+    assert [tuple(r) for r in con.execute("SELECT model FROM trials")] == [("simplemlp",)]
