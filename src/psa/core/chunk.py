@@ -109,7 +109,8 @@ class Chunk:
         if self.dropout:
             self.drop_scale, self.drop_thr = self._dropout_constants([m.dropout for m in self.members], dev)
             self.block_scale, self.block_thr = self.drop_scale, self.drop_thr
-            self.block_noise = bool(block_p) and block_p != [m.dropout for m in self.members]  # blocks draw their own noise
+            # the blocks draw their own noise only where their rates differ from the projections' rates
+            self.block_noise = bool(block_p) and block_p != [m.dropout for m in self.members]
             if self.block_noise:
                 self.block_scale, self.block_thr = self._dropout_constants(block_p, dev)
             self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)

@@ -147,7 +147,8 @@ def res_steps(arch: Arch) -> list[ResStep]:
     return steps
 
 
-def build(arch: Arch, model: str = DEFAULT_MODEL, dropout: float = 0.0, block_dropout: float | None = None) -> nn.Module:
+def build(arch: Arch, model: str = DEFAULT_MODEL, dropout: float = 0.0,
+          block_dropout: float | None = None) -> nn.Module:
     """The nn.Module of `model` for `arch` (dropout rates as SimpleMLP and ResMLP take them)."""
     if check_model_name(model) == "resmlp":
         return ResMLP(arch, dropout, block_dropout)

@@ -284,7 +284,8 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
     def need(st: PopulationState) -> int:
         a = st.plan.arch
         if a not in per_member:
-            per_member[a] = bytes_per_member(a, design.hparams.batch_size, **memory_paths(parse_arch(a), ex, design.model))
+            paths = memory_paths(parse_arch(a), ex, design.model)
+            per_member[a] = bytes_per_member(a, design.hparams.batch_size, **paths)
         return st.plan.size * per_member[a]
 
     def retire(failed: PopulationFailed, stream: Any) -> Iterator[Event]:
