@@ -93,7 +93,7 @@ def main() -> None:
     rate = gemm_rate()
     print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
           f"one meta-loop of 60 members = {args.steps} steps scaled to {EPOCH_STEPS} + validation on {N_VAL:,}")
-    print(f"| arch | params | fused | FLOP floor s | before s | after s | before/floor | after/floor | speed-up |")
+    print("| arch | params | fused | FLOP floor s | before s | after s | before/floor | after/floor | speed-up |")
     print("|---|---:|:-:|---:|---:|---:|---:|---:|---:|")
     for arch in archs:
         old, new = engines(arch, ds, args.steps)

@@ -78,6 +78,12 @@ def main() -> int:
         after = results_of(ROOT / "src", t / "after")
     print(f"{'result':<20} {'rows':>6}  same ({args.before} vs working tree)")
     same = True
+    # A column the working tree's schema adds is no difference in results: compare the rows on
+    # the columns both have, and print every value the new column takes.
+    old_cols = {c for row in before["trial rows"] for c, _ in row}
+    full = after["trial rows"]
+    added = sorted({(c, v) for row in full for c, v in row if c not in old_cols})
+    after["trial rows"] = [tuple((c, v) for c, v in row if c in old_cols) for row in full]
     for k in before:
         n = len(before[k]) if isinstance(before[k], list) else 1
         ok = before[k] == after[k]
@@ -87,6 +93,8 @@ def main() -> int:
             for key in sorted(set(before[k]) | set(after[k])):
                 if before[k].get(key) != after[k].get(key):
                     print(f"    {key}: {before[k].get(key)!r} -> {after[k].get(key)!r}"[:300])
+    for c, v in added:
+        print(f"new trials column {c}: {v!r} in {sum((c, v) in row for row in full)} of {len(full)} rows")
     return 0 if same else 1
 
 

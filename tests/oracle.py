@@ -1,4 +1,5 @@
-"""The oracle: one SimpleMLP trained the plain PyTorch way (nn.Module, autograd, torch AdamW).
+"""The oracle: one SimpleMLP or ResMLP trained the plain PyTorch way (nn.Module, autograd,
+torch AdamW).
 
 It draws the same randomness as the engine (initial weights from the seed, the data order,
 the ablated neuron and the dropout noise, all functions of (seed, loop), from psa.rng and
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from psa.core import rng
 from psa.core.ablation import choose_neuron
@@ -52,6 +54,60 @@ def forward(model: SimpleMLP, x: torch.Tensor, noise: torch.Tensor | None) -> to
     return lins[-1](h)
 
 
+class Block(nn.Module):
+    """One residual block; its parts named as psa.core.model.ResidualBlock names them."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, width)
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(width, width)
+
+
+class PlainResMLP(nn.Module):
+    """A ResMLP written out the plain way, independently of psa.core.model.ResMLP (whose
+    state_dict keys it shares): Linear -> ReLU -> Dropout projections wherever the width
+    changes, residual blocks ReLU(h + fc2(drop(ReLU(fc1(h))))), a Linear head."""
+
+    def __init__(self, arch: Arch) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = arch.n_in
+        self.units = 0  # dropout sites: every projection's and every block's inner units
+        for w in arch.hidden:
+            if w != width:
+                layers += [nn.Linear(width, w), nn.ReLU(), nn.Dropout(0.0)]
+                self.units += w
+            layers.append(Block(w))
+            self.units += w
+            width = w
+        layers.append(nn.Linear(width, arch.n_out))
+        self.net = nn.Sequential(*layers)
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                block_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; dropout as F.dropout with the multipliers `noise` (projections) and
+        `block_noise` (blocks), (rows, units) over the dropout sites in compute order."""
+        h, off = x.flatten(1), 0
+        for m in self.net:
+            if isinstance(m, Block):
+                a = torch.relu(m.fc1(h))
+                if block_noise is not None:
+                    a = a * block_noise[:, off : off + a.shape[1]]
+                off += a.shape[1]
+                h = torch.relu(h + m.fc2(a))
+            elif isinstance(m, nn.Dropout):
+                if noise is not None:
+                    h = h * noise[:, off : off + h.shape[1]]
+                off += h.shape[1]
+            else:
+                h = m(h)
+        return h
+
+
 def run(
     arch: Arch,
     ds: Dataset,
@@ -61,14 +117,17 @@ def run(
     cfg: HParams,
     persistent_optimizer: bool = False,
     adamw_weight_decay: float | None = None,
+    model_name: str = "simplemlp",
 ) -> OracleResult:
     """`loops` meta-loops of one trial, the way a plain PyTorch harness writes them."""
     torch.manual_seed(seed)
-    model = SimpleMLP(arch)
-    wd = cfg.weight_decay if mode == "decay" else 0.0
+    resmlp = model_name == "resmlp"
+    model = PlainResMLP(arch) if resmlp else SimpleMLP(arch)
+    wd = cfg.weight_decay if mode == "decay" else cfg.base_weight_decay
     if adamw_weight_decay is not None:
         wd = adamw_weight_decay
     drop = cfg.dropout if mode == "dropout" else 0.0
+    block_drop = cfg.dropout if cfg.block_dropout == "always" else drop
     lkg = {k: v.clone() for k, v in model.state_dict().items()}
     best = -1
     out = OracleResult(lkg, best)
@@ -76,7 +135,7 @@ def run(
     n = ds.train_x.shape[0]
     for loop in range(1, loops + 1):
         model.load_state_dict(lkg)
-        a = choose_neuron(arch, mode, seed, loop)
+        a = choose_neuron(arch, mode, seed, loop, model_name)
         if a is not None:
             layer, neuron = a
             lins = model.linears()
@@ -88,12 +147,17 @@ def run(
         if opt is None or not persistent_optimizer:
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
         perm = rng.data_order([seed], loop, n, "cpu")[0]
-        units = sum(arch.hidden)
+        units = model.units if resmlp else sum(arch.hidden)
         model.train()
         for step, s in enumerate(range(0, n, cfg.batch_size)):
             idx = perm[s : s + cfg.batch_size]
             noise = dropout_mask(seed, loop, step, len(idx), units, drop) if drop > 0 and units else None
-            loss = F.cross_entropy(forward(model, ds.train_x[idx], noise), ds.train_y[idx])
+            if resmlp:
+                bn = dropout_mask(seed, loop, step, len(idx), units, block_drop) if block_drop > 0 and units else None
+                logits = model(ds.train_x[idx], noise, bn)
+            else:
+                logits = forward(model, ds.train_x[idx], noise)
+            loss = F.cross_entropy(logits, ds.train_y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -27,6 +27,7 @@ from psa.analysis.reference import CellComparison  # noqa: E402
 from psa.analysis.regimes import REGIME_NAMES, REGIMES, Regime  # noqa: E402
 from psa.analysis.results import Curve, Trial, arch_params, arch_shape, is_heterogeneous, matching_label  # noqa: E402
 from psa.core.arch import N_IN, N_OUT  # noqa: E402
+from psa.core.model import DEFAULT_MODEL  # noqa: E402
 from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
 from psa.core.checkpoint import atomic_path  # noqa: E402
 from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
@@ -209,13 +210,15 @@ def _size(params: float) -> float:
     return 12 + 230 * max(math.log10(params) - 2.5, 0.1) / 4
 
 
-def design_space(archs: Sequence[str], out_dir: Path, io: tuple[int, int] = (N_IN, N_OUT)) -> Figure:
+def design_space(archs: Sequence[str], out_dir: Path, io: tuple[int, int] = (N_IN, N_OUT),
+                 model: str = DEFAULT_MODEL) -> Figure:
     """Fig. 2/3: every architecture by depth and width (log-log), circles for parameter-matched
-    and triangles for asymmetric nets, marker area growing with the parameter count (for a
-    data set of `io` = (inputs, classes), MNIST's by default)."""
+    and triangles for asymmetric nets, marker area growing with the parameter count (of `model`,
+    for a data set of `io` = (inputs, classes), MNIST's by default; the matching is the
+    SimpleMLP shape's)."""
     ok, _ = _points(archs)
     match = {a: matching_label(a) for a in ok}
-    params = {a: arch_params(a, io) for a in ok}
+    params = {a: arch_params(a, io, model) for a in ok}
     face = {a: "#1f77b4" if match[a] == "Matched" else "#d62728" for a in ok}
     marker = {a: "o" if match[a] == "Matched" else "^" for a in ok}
     n_m = sum(v == "Matched" for v in match.values())
@@ -359,11 +362,12 @@ def ablation_significance(archs: Sequence[str], effects: Mapping[str, Mapping], 
                   f"tests would only compare constant predictors.", files, data)
 
 
-def parameter_matching(archs: Sequence[str], out_dir: Path, io: tuple[int, int] = (N_IN, N_OUT)) -> Figure:
-    """Parameter-matching heatmap: colour = parameter count (log), so that the matched
-    families (1*W, 2*W', 4*W'' and the square with the same budget) share a colour."""
+def parameter_matching(archs: Sequence[str], out_dir: Path, io: tuple[int, int] = (N_IN, N_OUT),
+                       model: str = DEFAULT_MODEL) -> Figure:
+    """Parameter-matching heatmap: colour = parameter count (log) of `model`, so that the
+    matched families (1*W, 2*W', 4*W'' and the square with the same budget) share a colour."""
     ok, _ = _points(archs)
-    params = {a: arch_params(a, io) for a in ok}
+    params = {a: arch_params(a, io, model) for a in ok}
     match = {a: matching_label(a) for a in ok}
     vmin, vmax = min(params.values(), default=1), max(params.values(), default=10)
     sm = matplotlib.cm.ScalarMappable(norm=mcolors.LogNorm(vmin=vmin, vmax=max(vmax, vmin + 1)), cmap="plasma")

@@ -154,10 +154,10 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
     msg = data.notes + missing_report(data)
     sections = [("Nothing to report", bullets(msg, "warn") or paragraph("no finished trial"))]
     if data.design.archs:
-        fig = fg.design_space(list(data.design.archs), out.tmp / "figures", data.io)
+        fig = fg.design_space(list(data.design.archs), out.tmp / "figures", data.io, data.model)
         out.files += fig.files
         sections.append(("Design", figure(fig)))
-        write_table(out, table_iv(list(data.design.archs), data.io))
+        write_table(out, table_iv(list(data.design.archs), data.io, data.model))
     out.write("index.html", page("PSA report", sections, paragraph(data.source)))
     summary = {"psa_report": 1, "source": data.source, "trials": 0, "notes": msg}
     out.write(MANIFEST, json.dumps(summary, indent=1))
@@ -169,7 +169,8 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
 def _write_tables(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Sequence[str],
                   out: OutputDir) -> list[Table]:
     """Every table in its three forms, and the per-loop long CSVs beside them."""
-    tables = [table_iv(design_archs, A.data.io), table_v(A, cfg.tie_tolerance), table_regimes(A, cfg.rules)]
+    tables = [table_iv(design_archs, A.data.io, A.data.model), table_v(A, cfg.tie_tolerance),
+              table_regimes(A, cfg.rules)]
     if any(is_heterogeneous(a) for a in A.archs):
         tables.append(table_heterogeneous(A, cfg.rules))
     tables += [table_summary(A), table_effects(A), table_tests(A, cfg.alpha)]
@@ -201,14 +202,14 @@ def _write_figures(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Se
     data, archs, figdir = A.data, A.archs, out.tmp / "figures"
     best = {a: best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
     figs = [
-        fg.design_space(design_archs, figdir, data.io),
+        fg.design_space(design_archs, figdir, data.io, data.model),
         fg.regime_map(archs, A.regimes[cfg.rules], figdir, cfg.rules),
         fg.winning_strategy(archs, best, figdir),
         fg.instability(archs, A.summ, figdir),
         fg.baseline_performance(archs, A.summ, A.zero_r, figdir),
         fg.ablation_effects_map(archs, A.summ, figdir),
         fg.ablation_significance(archs, A.effects, cfg.alpha, figdir),
-        fg.parameter_matching(design_archs, figdir, data.io),
+        fg.parameter_matching(design_archs, figdir, data.io, data.model),
     ]
     if any(is_heterogeneous(a) for a in archs):
         figs.append(fg.accuracy_vs_params(archs, A.summ, figdir, data.io))

@@ -33,6 +33,8 @@ from psa.core.arch import (
     study_architectures,
     study_matching,
 )
+from psa.core.errors import ConfigError
+from psa.core.model import DEFAULT_MODEL, param_count
 from psa.core.population import MODES
 from psa.study import store
 
@@ -84,6 +86,7 @@ class StudyData:
     curves: dict[tuple[str, str, int], Curve]
     design: Design
     dataset: str = "mnist"
+    model: str = DEFAULT_MODEL  # the net the study's architectures describe (one per study)
     paired: bool = True  # trial k of every mode shares a seed
     incomplete: list[dict] = field(default_factory=list)  # trials not done: arch, mode, trial, status, loops_done
     notes: list[str] = field(default_factory=list)
@@ -145,12 +148,12 @@ def is_heterogeneous(arch: str) -> bool:
         return False
 
 
-def arch_params(arch: str, io: tuple[int, int] = (N_IN, N_OUT)) -> int | None:
-    """Trainable parameters of an architecture string for a data set's (inputs, classes)
-    (MNIST's by default); None if unparsable."""
+def arch_params(arch: str, io: tuple[int, int] = (N_IN, N_OUT), model: str = DEFAULT_MODEL) -> int | None:
+    """Trainable parameters of `model` for an architecture string and a data set's (inputs,
+    classes) (MNIST's by default); None if unparsable."""
     try:
-        return parse_arch(arch, *io).params
-    except ArchError:
+        return param_count(parse_arch(arch, *io), model)
+    except (ArchError, ConfigError):
         return None
 
 
@@ -326,8 +329,10 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
         raise ReportError(f"study {row['name']!r} mixes data sets ({', '.join(sorted(datasets))}); report them apart")
     dataset = datasets.pop() if datasets else (str(trows[0]["dataset"]) if trows else "mnist")
     info = store.study_dataset(con, sid)
+    model = _design_model(row["design"])
     return StudyData(
-        source=f"study {row['name']!r} in {path}",
+        source=f"study {row['name']!r} in {path}" + ("" if model == DEFAULT_MODEL else f" ({model})"),
+        model=model,
         trials=trials,
         curves=curves,
         design=design,
@@ -353,6 +358,17 @@ def _choose_study(studies: Sequence[sqlite3.Row], path: Path, study: str | None)
         return row, [f"the database holds {len(studies)} studies ({names}); this report reads the latest, "
                      f"{row['name']!r} (choose another with --study)"]
     return row, []
+
+
+def _design_model(text: str | None) -> str:
+    """The model a stored design names ('simplemlp' where it names none, as designs of the
+    paper's SimpleMLP do)."""
+    try:
+        d = json.loads(text) if text else {}
+    except ValueError:
+        return DEFAULT_MODEL
+    m = d.get("model", DEFAULT_MODEL) if isinstance(d, dict) else DEFAULT_MODEL
+    return m if isinstance(m, str) and m else DEFAULT_MODEL
 
 
 def _design_from_json(text: str | None, trials: list[Trial]) -> tuple[Design, list[str]]:

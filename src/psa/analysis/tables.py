@@ -18,6 +18,7 @@ from psa.analysis.harm import MEASURES, ArchHarm, Separation
 from psa.analysis.regimes import regime_counts
 from psa.analysis.results import Curve, arch_params, arch_shape, is_heterogeneous, matching_label
 from psa.core.arch import N_IN, N_OUT, parse_arch
+from psa.core.model import DEFAULT_MODEL
 from psa.analysis.stats import winners
 from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
 
@@ -149,17 +150,20 @@ def fp(p: float) -> str:
 # The report's tables
 
 
-def table_iv(archs: Sequence[str], io: tuple[int, int] = (N_IN, N_OUT)) -> Table:
-    """Table IV: parameters (equation 1, for a data set of `io` = (inputs, classes)) and
-    Matched/Asymmetric of every architecture."""
+def table_iv(archs: Sequence[str], io: tuple[int, int] = (N_IN, N_OUT), model: str = DEFAULT_MODEL) -> Table:
+    """Table IV: parameters (equation 1 for a data set of `io` = (inputs, classes); a ResMLP's
+    own count for `model` resmlp) and Matched/Asymmetric (of the SimpleMLP shape) of every
+    architecture."""
     rows, raw = [], []
     for a in archs:
-        p = arch_params(a, io)
+        p = arch_params(a, io, model)
         m = matching_label(a)
         rows.append([a, f"{p:,}" if p is not None else "?", m])
         raw.append({"arch": a, "params": p, "matching": m})
+    notes = [] if model == DEFAULT_MODEL else [
+        f"Parameters of the {model}; the matching label is that of the SimpleMLP of the same shape (equation 2)."]
     return Table("table_iv", "Table IV: parameters of the network architectures", ["Architecture", "Parameters",
-                 "Parameter matching"], rows, raw=raw)
+                 "Parameter matching"], rows, notes, raw=raw)
 
 
 def table_v(A: Analysis, tie_tolerance: float = 0.0) -> Table:
@@ -203,7 +207,7 @@ def table_summary(A: Analysis) -> Table:
     """Tables I-III for every architecture: n, mean, std, min, max per mode."""
     rows, raw = [], []
     for a in A.archs:
-        p = arch_params(a, A.data.io)
+        p = arch_params(a, A.data.io, A.data.model)
         for m in MODES:
             s = A.summ.get((a, m))
             if s is None:
@@ -235,7 +239,7 @@ def table_regimes(A: Analysis, rules: str) -> Table:
         r, o = A.regimes[rules][a], A.regimes[other][a]
         shape = arch_shape(a)
         prov = " (provisional)" if r.provisional else ""
-        params = arch_params(a, A.data.io)
+        params = arch_params(a, A.data.io, A.data.model)
         rows.append([a, f"{params or 0:,}", r.regime + prov, r.name, r.rule, o.regime, o.rule])
         raw.append({"arch": a, "depth": shape[0] if shape else None, "width": shape[1] if shape else None,
                     "params": params, f"regime_{rules}": r.regime, f"rule_{rules}": r.rule,

@@ -6,7 +6,9 @@ import argparse
 
 from psa.cli.argtypes import dataset_spec, positive_int, real
 from psa.core.device import AUTO_CPU_STACK_MAX_WIDTH, AUTO_STACK_MAX_WIDTH, KERNEL_CHOICES
-from psa.core.hparams import DIVERGED_CHOICES, HParams
+from psa.core.errors import ConfigError
+from psa.core.hparams import BLOCK_DROPOUT, DIVERGED_CHOICES, HParams
+from psa.core.model import MODELS, check_model_name
 from psa.core.precision import CHOICES as PRECISION_CHOICES
 
 PAPER = HParams()
@@ -30,6 +32,30 @@ def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--data-dir",
                    help="directory with the data set's files: the four idx files, or cifar-10-binary.tar.gz "
                         "(else $PSA_DATA_DIR, the shipped copy, ./dataset)")
+
+
+def model_name(text: str) -> str:
+    """argparse type of --model: one of psa.core.model.MODELS (check_model_name says which)."""
+    try:
+        return check_model_name(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_model_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, knobs: bool = True) -> None:
+    """--model (None unless given) and, with `knobs`, ResMLP's research knobs --block-dropout
+    and --base-weight-decay (None unless given)."""
+    p.add_argument("--model", type=model_name, metavar="{" + ",".join(MODELS) + "}",
+                   help="the net an architecture describes: simplemlp (the paper's, default) or resmlp "
+                        "(D*W = D residual blocks of width W)")
+    if not knobs:
+        return
+    p.add_argument("--block-dropout", choices=BLOCK_DROPOUT,
+                   help="resmlp: dropout inside the residual blocks in `dropout` mode only (mode, default) or in "
+                        "every mode at the --dropout rate (always; the authors' first ResMLP runs)")
+    p.add_argument("--base-weight-decay", type=real,
+                   help="AdamW weight decay of every mode except `decay`, which uses --weight-decay (default 0; "
+                        "the authors' first ResMLP runs had PyTorch's default 0.01)")
 
 
 def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, precision_default: str | None,

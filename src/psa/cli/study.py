@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from psa.cli.argtypes import nonneg_int, positive_int, seconds
-from psa.cli.flags import add_engine_flags, add_training_flags
+from psa.cli.flags import add_engine_flags, add_model_flags, add_training_flags
 from psa.core.population import MODES
 from psa.study import store
 from psa.study.design import (
@@ -78,7 +78,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         "architectures": archs, "modes": args.modes, "trials": args.trials, "meta_loops": args.meta_loops,
         "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "dropout": args.dropout, "diverged": args.diverged, "train_subset": args.train_subset,
-        "dataset": args.dataset,
+        "dataset": args.dataset, "model": args.model,
+        "block_dropout": args.block_dropout, "base_weight_decay": args.base_weight_decay,
     }
     name, design = resolve_design(args.preset, args.design, args.name, overrides)
     opt = _run_options(args)
@@ -130,7 +131,8 @@ def _trial_weights(row: Any) -> dict[str, float] | None:
         return None
     out: dict[str, float] = {}
     for p in plan.populations:
-        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train) / p.size
+        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train,
+                                                       design.model) / p.size
     return out
 
 
@@ -293,7 +295,8 @@ def register(sub: Any) -> None:
                                    "resumes it: finished trials are skipped, unfinished ones continue from their "
                                    "checkpoints.")
     p.add_argument("design", nargs="?", help="a TOML design file (see docs/study.md)")
-    p.add_argument("--preset", choices=PRESETS, help="paper: the authors' 98 x 6 x 10 x 100; smoke: a one-minute check")
+    p.add_argument("--preset", choices=PRESETS, help="paper: the authors' 98 x 6 x 10 x 100; resmlp: the same 98 "
+                   "shapes as ResMLPs; smoke: a one-minute check")
     p.add_argument("--name", help="study name (default: the preset's or file's, else derived from the design)")
     g = p.add_argument_group("design (overrides the preset or file)")
     g.add_argument("--arch", action="append", metavar="ARCH",
@@ -304,6 +307,7 @@ def register(sub: Any) -> None:
     g.add_argument("--meta-loops", type=positive_int, help="meta-loops per trial (default 100)")
     g.add_argument("--seed", type=nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
     add_training_flags(g)
+    add_model_flags(g)
     g.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N of the 50,000 training images: for tests and quick checks only, "
                         "not comparable with the paper (recorded in the trials' dataset column)")

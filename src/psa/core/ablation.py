@@ -6,6 +6,12 @@
           row, its bias and its outgoing column in the next layer ("full ablation").
 - output: one of the output neurons uniformly; zero its incoming row and its bias.
 
+A ResMLP (psa.core.model) counts its Linear layers in compute order: `full` picks any of them
+(input projection, either Linear of a block, transitions, head), `hidden` pools the neurons of
+all but the first and the last, and "the next layer" is the next Linear in compute order (for
+a block's second Linear this removes the branch's contribution only: the skip still carries
+the channel), as the authors' ResMLP harness does.
+
 The draw for (seed, loop) comes from a hash, so it does not depend on the rest of the
 population, on the device, or on library versions.
 """
@@ -18,16 +24,21 @@ import numpy as np
 import torch
 
 from psa.core.arch import Arch
+from psa.core.model import DEFAULT_MODEL, linear_shapes
 from psa.core.device import to_device
 from psa.core.population import ABLATIVE_MODES, Layout, derive_seed
 
 
-def choose_neuron(arch: Arch, mode: str, seed: int, loop: int) -> tuple[int, int] | None:
+def choose_neuron(arch: Arch, mode: str, seed: int, loop: int, model: str = DEFAULT_MODEL) -> tuple[int, int] | None:
     """(Linear layer index, neuron index) that `mode` ablates at `loop`, or None for no ablation.
 
-    Layer indices count Linear layers from 0; index `arch.depth` is the output layer. Loop 1
-    trains the fresh model and never ablates.
+    Layer indices count Linear layers from 0 in compute order; the last is the output layer
+    (`arch.depth` for a SimpleMLP). Loop 1 trains the fresh model and never ablates.
     """
+    if model != DEFAULT_MODEL:
+        if mode not in ABLATIVE_MODES or loop <= 1:
+            return None
+        return _choose_in(tuple(o for o, _ in linear_shapes(arch, model)), mode, seed, loop)
     return choose_unit(arch.hidden, arch.n_out, mode, seed, loop)
 
 
@@ -52,6 +63,22 @@ def choose_unit(hidden: Sequence[int], n_out: int, mode: str, seed: int, loop: i
         if pooled < w:
             return layer, pooled
         pooled -= w
+    raise AssertionError("unreachable: pooled index beyond the hidden neurons")
+
+
+def _choose_in(outs: tuple[int, ...], mode: str, seed: int, loop: int) -> tuple[int, int]:
+    """choose_neuron over Linear layers of `outs` neurons in compute order: `hidden` pools every
+    layer but the first and the last (a ResMLP's input projection and head)."""
+    if mode == "full":
+        layer = derive_seed(seed, "ablate-layer", loop) % len(outs)
+        return layer, derive_seed(seed, "ablate-neuron", loop) % outs[layer]
+    if mode == "output":
+        return len(outs) - 1, derive_seed(seed, "ablate-neuron", loop) % outs[-1]
+    pooled = derive_seed(seed, "ablate-neuron", loop) % sum(outs[1:-1])
+    for layer in range(1, len(outs) - 1):
+        if pooled < outs[layer]:
+            return layer, pooled
+        pooled -= outs[layer]
     raise AssertionError("unreachable: pooled index beyond the hidden neurons")
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 
 from psa.core.arch import N_IN, N_OUT, ArchError, parse_arch
 from psa.core.device import canonical_device
+from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.population import ConfigError, Layout, Member, Population
 
 FORMAT = "psa-checkpoint-1"
@@ -97,6 +98,7 @@ def save_population(path: str | os.PathLike, pop: Population, extra: dict[str, A
         "arch": str(pop.arch),
         "n_in": pop.arch.n_in,  # the data set's input size and class count
         "n_out": pop.arch.n_out,
+        **({} if pop.model == DEFAULT_MODEL else {"model": pop.model}),  # absent for the paper's SimpleMLP
         "members": [[m.mode, m.seed, m.weight_decay, m.dropout] for m in pop.members],
         "loop": pop.loop,
         "bounty_loop": pop.bounty_loop,
@@ -114,10 +116,11 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
         raise CheckpointError(f"{path}: not a population checkpoint")
     try:
         arch = parse_arch(meta["arch"], int(meta.get("n_in", N_IN)), int(meta.get("n_out", N_OUT)))
+        model = check_model_name(meta.get("model", DEFAULT_MODEL))
         members = tuple(Member(str(a), int(b), float(c), float(d)) for a, b, c, d in meta["members"])
-        layout = Layout.of(arch, len(members))
+        layout = Layout.of(arch, len(members), model)
         lkg, correct = tensors["lkg"], tensors["lkg_correct"]
-    except (KeyError, TypeError, ValueError, ArchError) as e:
+    except (KeyError, TypeError, ValueError, ArchError, ConfigError) as e:
         raise CheckpointError(f"{path}: incomplete population checkpoint ({e})") from None
     if lkg.shape != (layout.numel,) or correct.shape != (len(members),):
         raise CheckpointError(f"{path}: tensor sizes do not match architecture {arch}")
@@ -138,12 +141,12 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
 
 
 def save_member(path: str | os.PathLike, pop: Population, j: int, meta: dict[str, Any]) -> None:
-    """Member j's LKG as a SimpleMLP state_dict in safetensors, with `meta` in its header."""
+    """Member j's LKG as a state_dict of its model's nn.Module in safetensors, with `meta` in its header."""
     save_tensors(path, pop.member_state_dict(j), {"format": FORMAT, "kind": "member", **meta})
 
 
 def load_member(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A member checkpoint: (SimpleMLP state_dict, metadata)."""
+    """A member checkpoint: (state_dict of psa.core.model.SimpleMLP or ResMLP, metadata)."""
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "member":
         raise CheckpointError(f"{path}: not a single-trial checkpoint")
@@ -151,7 +154,7 @@ def load_member(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def restore_member(pop: Population, j: int, state: dict[str, torch.Tensor]) -> None:
-    """Load a SimpleMLP state_dict into population row j, as a CheckpointError if it does not fit."""
+    """Load a state_dict of the population's model into row j, as a CheckpointError if it does not fit."""
     try:
         pop.load_member_state_dict(j, state)
     except ConfigError as e:

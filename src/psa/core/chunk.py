@@ -77,7 +77,7 @@ class Chunk:
         self.members = pop.members[m0:m1]
         self.size = m1 - m0
         self.whole = m0 == 0 and m1 == pop.size
-        self.layout = Layout.of(pop.arch, self.size)
+        self.layout = Layout.of(pop.arch, self.size, pop.model)
         self.cand, self.grad = cand, grad
         self.cand.grad = grad  # read by the optimizer
         self.views = self.layout.views(cand)
@@ -101,20 +101,33 @@ class Chunk:
         # chunk's epoch, and a chunked population would lose all overlap.
         decay = torch.tensor([1.0 - hp.lr * m.weight_decay for m in self.members], dtype=torch.float32)
         self.decay = None if bool((decay == 1.0).all()) else to_device(decay, dev)
-        drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0] if pop.arch.depth else []
+        # A ResMLP's blocks may drop at another rate than its projections (HParams.block_dropout)
+        block_p = [hp.block_dropout_rate(m) for m in self.members] if pop.model == "resmlp" else []
+        drop_rows = [j for j, m in enumerate(self.members) if m.dropout > 0 or (block_p and block_p[j] > 0)]
+        drop_rows = drop_rows if pop.arch.depth else []
         self.dropout = bool(drop_rows)
         if self.dropout:
-            p = torch.tensor([m.dropout for m in self.members], dtype=torch.float32)
-            # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
-            self.drop_scale = to_device(torch.ones(self.size, dtype=torch.float32) / (1.0 - p), dev)
-            self.drop_thr = to_device(torch.tensor([rng.dropout_threshold(m.dropout) for m in self.members],
-                                                   dtype=torch.int64), dev)
+            self.drop_scale, self.drop_thr = self._dropout_constants([m.dropout for m in self.members], dev)
+            self.block_scale, self.block_thr = self.drop_scale, self.drop_thr
+            # the blocks draw their own noise only where their rates differ from the projections' rates
+            self.block_noise = bool(block_p) and block_p != [m.dropout for m in self.members]
+            if self.block_noise:
+                self.block_scale, self.block_thr = self._dropout_constants(block_p, dev)
             self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
             self.drop_rows = to_device(torch.tensor(drop_rows, dtype=torch.int64), dev)
             self.drop_rows_all = len(drop_rows) == self.size
         self.adamw: torch.optim.AdamW | None = None
         self.graphs: dict[int, Any] = {}
         self.work: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
+
+    @staticmethod
+    def _dropout_constants(rates: list[float], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, threshold) per member of dropout `rates`, on `dev`."""
+        p = torch.tensor(rates, dtype=torch.float32)
+        # F.dropout's scale 1 / (1 - p) in float32; exactly 1.0 for members without dropout
+        scale = to_device(torch.ones(len(rates), dtype=torch.float32) / (1.0 - p), dev)
+        thr = to_device(torch.tensor([rng.dropout_threshold(r) for r in rates], dtype=torch.int64), dev)
+        return scale, thr
 
     def buf(self, name: object, shape: tuple[int, ...]) -> torch.Tensor:
         """A reusable workspace tensor: large activations are written in place step after step

@@ -22,6 +22,9 @@ How a loop runs, and why:
   CUDA streams can keep one GPU busy together (psa.study runs several populations that way).
 - A population larger than the free memory of its device trains in chunks of whole seed
   groups, one chunk after another within each loop.
+- A ResMLP population (psa.core.model) runs the same step with a residual forward and
+  backward on the torch path (the Triton stack kernel computes a plain stack, so it never
+  takes a ResMLP: memory.stack_fits_kernel); graphs, chunks and the dropout kernel apply.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from psa.core.device import (
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.memory import FREE_MEMORY_FRACTION, stack_fits_kernel, stack_path_reason, working_bytes
+from psa.core.model import DEFAULT_MODEL, ResStep, dropout_units, res_steps
 from psa.core.population import Layout, Member, Population
 from psa.core.precision import Matmul
 
@@ -155,12 +159,14 @@ class Engine:
         self.mm = Matmul(ex.precision, dev)
         self.precision = ex.precision
         self.triton = ex.triton
-        self.fused = stack_fits_kernel(population.arch, ex)
+        self.fused = stack_fits_kernel(population.arch, ex, population.model)
         if ex.triton and not self.fused and len(set(population.arch.hidden)) > 1:
             note_once(f"psa: {population.arch.short} trains its hidden stack on the plain torch path: "
-                      f"{stack_path_reason(population.arch, ex)}")
-        # the fused CPU stack (psa.core.cpu_stack): decided, and built on first use, there
-        self.cpu_stack = not self.fused and cpu_stack.stack_fits_cpu(population.arch, ex)
+                      f"{stack_path_reason(population.arch, ex, population.model)}")
+        self.res_steps: list[ResStep] | None = res_steps(population.arch) if population.model == "resmlp" else None
+        # the fused CPU stack (psa.core.cpu_stack) runs a SimpleMLP's plain ReLU stack only
+        self.cpu_stack = (not self.fused and population.model == DEFAULT_MODEL
+                          and cpu_stack.stack_fits_cpu(population.arch, ex))
         self.chunk_size = self._chunk_size()
         self.use_graphs = ex.graphs and self.chunk_size >= population.size
         if stream is None and dev.type == "cuda":
@@ -184,10 +190,10 @@ class Engine:
             if free is None:
                 return m
             budget = free * FREE_MEMORY_FRACTION - ex.eval_bytes
-            per = working_bytes(pop.arch, self.hp.batch_size, self.fused, self.precision, ex.graphs)
+            per = working_bytes(pop.arch, self.hp.batch_size, self.fused, self.precision, ex.graphs, pop.model)
             limit = int(budget // per) if budget > 0 else 0
             if ex.graphs and limit < m:  # chunks train eagerly: no graph pool to hold
-                per = working_bytes(pop.arch, self.hp.batch_size, self.fused, self.precision)
+                per = working_bytes(pop.arch, self.hp.batch_size, self.fused, self.precision, model=pop.model)
                 limit = int(budget // per) if budget > 0 else 0
             if limit < 1:
                 raise ConfigError(
@@ -209,10 +215,10 @@ class Engine:
                                     torch.empty_like(self.pop.lkg))
             return self._whole
         # chunks share one candidate/gradient store; each gets a fresh optimizer and workspace
-        numel = Layout.of(self.pop.arch, self.chunk_size).numel
+        numel = Layout.of(self.pop.arch, self.chunk_size, self.pop.model).numel
         if self._storage is None or self._storage[0].numel() < numel:
             self._storage = (torch.empty(numel, device=self.pop.device), torch.empty(numel, device=self.pop.device))
-        n = Layout.of(self.pop.arch, m1 - m0).numel
+        n = Layout.of(self.pop.arch, m1 - m0, self.pop.model).numel
         return Chunk(self, m0, m1, self._storage[0][:n], self._storage[1][:n])
 
     def _shrink(self) -> None:
@@ -290,15 +296,17 @@ class Engine:
         w0, b0, _, _ = layout.blocks[1]
         return w0 + m0 * w * w, b0 + m0 * w, layout.size_m * w * (w + 1)
 
-    def _noise(self, ch: Chunk, keys: torch.Tensor, b: int) -> torch.Tensor:
-        """(D, b, units) dropout multipliers of the dropout members for this step."""
-        units = sum(self.pop.arch.hidden)
+    def _noise(self, ch: Chunk, keys: torch.Tensor, b: int, block: bool = False) -> torch.Tensor:
+        """(D, b, units) dropout multipliers of the dropout members for this step (`block`: at
+        the rates of a ResMLP's blocks; a unit's hash is the same, only the threshold differs)."""
+        units = dropout_units(self.pop.arch, self.pop.model)
+        thr, sc = (ch.block_thr, ch.block_scale) if block else (ch.drop_thr, ch.drop_scale)
         if ch.drop_rows_all:
-            ks, thr, sc = keys, ch.drop_thr, ch.drop_scale
+            ks = keys
         else:
             ks = keys.index_select(0, ch.drop_rows)
-            thr = ch.drop_thr.index_select(0, ch.drop_rows)
-            sc = ch.drop_scale.index_select(0, ch.drop_rows)
+            thr = thr.index_select(0, ch.drop_rows)
+            sc = sc.index_select(0, ch.drop_rows)
         if self.triton:
             from psa.core import kernels
 
@@ -310,6 +318,8 @@ class Engine:
 
         x: (G, b, n_in) one batch per batch group; y: (C, b) labels per member.
         """
+        if self.res_steps is not None:
+            return self._res_forward_backward(ch, x, y)
         mm = self.mm
         m = ch.size
         g, b = x.shape[0], x.shape[1]
@@ -427,6 +437,171 @@ class Engine:
         torch.sum(dz, dim=1, out=gb0)
         return loss
 
+
+    # ---------------------------------------------------------------- ResMLP
+    def _first_linear(self, ch: Chunk, x: torch.Tensor) -> torch.Tensor:
+        """(C, b, o0): the first Linear of every member, one matmul per batch group."""
+        mm, buf = self.mm, ch.buf
+        g, b = x.shape[0], x.shape[1]
+        k = ch.size // g
+        w0, b0 = ch.views[0]
+        o0 = w0.shape[1]
+        if k > 1:
+            zg = mm.baddbmm(b0.view(g, 1, k * o0), x, w0.view(g, k * o0, -1).transpose(1, 2),
+                            out=buf("z0g", (g, b, k * o0)))
+            z = buf(("z", 0), (ch.size, b, o0))
+            z.view(g, k, b, o0).copy_(zg.view(g, b, k, o0).transpose(1, 2))
+            return z
+        return mm.baddbmm(b0.unsqueeze(1), x, w0.transpose(1, 2), out=buf(("z", 0), (ch.size, b, o0)))
+
+    def _first_linear_grad(self, ch: Chunk, x: torch.Tensor, dz: torch.Tensor) -> None:
+        """The first Linear's weight and bias gradients from dz (C, b, o0)."""
+        mm = self.mm
+        g, b = x.shape[0], x.shape[1]
+        k = ch.size // g
+        gw0, gb0 = ch.grad_views[0]
+        o0 = gw0.shape[1]
+        if k > 1:
+            dzg = ch.buf("dz0g", (g, b, k * o0))
+            dzg.view(g, b, k, o0).copy_(dz.view(g, k, b, o0).transpose(1, 2))
+            mm.bmm(dzg.transpose(1, 2), x, out=gw0.view(g, k * o0, -1))
+        else:
+            mm.bmm(dz.transpose(1, 2), x, out=gw0)
+        torch.sum(dz, dim=1, out=gb0)
+
+    def _drop(self, ch: Chunk, h: torch.Tensor, noise: torch.Tensor | None, off: int) -> int:
+        """Multiply `h` (C, b, width) in place by its slice of `noise` from unit `off`; the next offset."""
+        width = h.shape[2]
+        if noise is None:
+            return off + width
+        sl = noise[:, :, off : off + width]
+        if ch.drop_rows_all:
+            h.mul_(sl)
+        else:
+            h.index_copy_(0, ch.drop_rows, h.index_select(0, ch.drop_rows) * sl)
+        return off + width
+
+    def _drop_grad(self, ch: Chunk, dz: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Dropout's backward after ReLU's (the dropped units are already 0): times 1 / (1 - p)."""
+        if scale is None:
+            return
+        sc = scale.view(-1, 1, 1)
+        if ch.drop_rows_all:
+            dz.mul_(sc)
+        else:
+            rows = ch.drop_rows
+            dz.index_copy_(0, rows, dz.index_select(0, rows) * sc.index_select(0, rows))
+
+    def _res_forward_backward(self, ch: Chunk, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """_forward_backward for a ResMLP: projections ReLU(Linear(h)) with the mode's dropout,
+        blocks ReLU(h + fc2(dropout(ReLU(fc1(h))))), a Linear head.
+
+        The backward keeps each step's input, its inner activation and its output: ReLU's
+        gradient after the sum is 0 exactly where the output is 0 (output = ReLU(sum)), and the
+        block's input gradient is the skip's (that gradient itself) plus the branch's.
+        """
+        mm, buf = self.mm, ch.buf
+        views, gviews = ch.views, ch.grad_views
+        b = x.shape[1]
+        steps = self.res_steps
+        assert steps is not None
+        noise = block_noise = None
+        if ch.dropout:
+            keys = rng.step_keys(ch.drop_keys, ch.step)
+            noise = self._noise(ch, keys, b)
+            block_noise = self._noise(ch, keys, b, block=True) if ch.block_noise else noise
+
+        def linear(layer: int, h: torch.Tensor | None, name: object) -> torch.Tensor:
+            if layer == 0:
+                return self._first_linear(ch, x)
+            w, bias = views[layer]
+            return mm.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2), out=buf(name, (ch.size, b, w.shape[1])))
+
+        # The input of the first step is x itself only when it is a block (the first stack is
+        # as wide as the input): batch_groups then gathers per member, so x is (C, b, n_in).
+        h: torch.Tensor | None = x if x.shape[0] == ch.size else None
+        saved: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []  # (input, inner, output)
+        off = 0
+        for i, st in enumerate(steps):
+            a = linear(st.first, h, ("a", i)).relu_()
+            off = self._drop(ch, a, noise if st.kind == "proj" else block_noise, off)
+            if st.kind == "proj":
+                saved.append((h, a, a))
+                h = a
+            else:
+                assert h is not None
+                out = linear(st.first + 1, a, ("s", i)).add_(h).relu_()
+                saved.append((h, a, out))
+                h = out
+        head = len(views) - 1
+        z = linear(head, h, "logits")
+
+        y3 = y.unsqueeze(2)
+        lse = torch.logsumexp(z, dim=2, keepdim=True)
+        loss = (lse - z.gather(2, y3)).mean(dim=(1, 2))
+        dz = torch.exp(z - lse)
+        dz.scatter_add_(2, y3, torch.full_like(y3, -1, dtype=dz.dtype))
+        dz.mul_(1.0 / b)
+
+        flip = 0
+
+        def grads(layer: int, d: torch.Tensor, inp: torch.Tensor, dinp: torch.Tensor | None) -> torch.Tensor:
+            """Weight and bias gradients of Linear `layer` from its output gradient `d`; returns
+            the gradient of its input (added to `dinp` if given) in a fresh buffer."""
+            nonlocal flip
+            w, _ = views[layer]
+            gw, gb = gviews[layer]
+            mm.bmm(d.transpose(1, 2), inp, out=gw)
+            torch.sum(d, dim=1, out=gb)
+            flip += 1
+            dest = buf(("dh", flip % 3), (ch.size, b, w.shape[2]))
+            if dinp is None:
+                return mm.bmm(d, w, out=dest)
+            return mm.baddbmm(dinp, d, w, out=dest)
+
+        if head == 0:  # no hidden layer: logistic regression
+            self._first_linear_grad(ch, x, dz)
+            return loss
+        dh = grads(head, dz, h, None)
+        for i in range(len(steps) - 1, -1, -1):
+            st = steps[i]
+            inp, a, out = saved[i]
+            if st.kind == "block":
+                ds = torch.ops.aten.threshold_backward.grad_input(dh, out, 0, grad_input=dh)
+                da = grads(st.first + 1, ds, a, None)
+            else:
+                ds, da = None, dh
+            da = torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=da)
+            if noise is not None:
+                self._drop_grad(ch, da, ch.drop_scale if st.kind == "proj" else ch.block_scale)
+            if st.first == 0:
+                self._first_linear_grad(ch, x, da)
+                break
+            assert inp is not None
+            dh = grads(st.first, da, inp, ds)
+        return loss
+
+    @torch.no_grad()
+    def _res_logits(self, views: list[tuple[torch.Tensor, torch.Tensor]], z0: torch.Tensor, x: torch.Tensor,
+                    m0: int, m1: int) -> torch.Tensor:
+        """Logits (members m0..m1, rows, n_out) of a ResMLP whose first Linear gave z0; x (rows,
+        n_in) is the input (the skip of a first block as wide as the input)."""
+        mm = self.mm
+        steps = self.res_steps
+        assert steps is not None
+
+        def linear(layer: int, h: torch.Tensor) -> torch.Tensor:
+            if layer == 0:
+                return z0
+            w, bias = views[layer]
+            return mm.baddbmm(bias[m0:m1].unsqueeze(1), h, w[m0:m1].transpose(1, 2))
+
+        h = x
+        for st in steps:
+            a = torch.relu(linear(st.first, h))
+            h = a if st.kind == "proj" else torch.relu(linear(st.first + 1, a) + h)
+        return linear(len(views) - 1, h)
+
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def count_correct(self, flat: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor,
@@ -459,7 +634,9 @@ class Engine:
                 for c0 in range(0, n, rows):
                     x = x_all[c0 : c0 + rows]
                     z = mm.addmm(b0, x, w0.t()).view(x.shape[0], m1 - m0, o0).transpose(0, 1)
-                    if depth and self.fused:
+                    if self.res_steps is not None:
+                        z = self._res_logits(views, z, x, m0, m1)
+                    elif depth and self.fused:
                         from psa.core import kernels
 
                         h = kernels.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0],
@@ -501,7 +678,7 @@ class Engine:
 
     def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
         pop = self.pop
-        return tuple(choose_neuron(pop.arch, mem.mode, mem.seed, loop) for mem in pop.members)
+        return tuple(choose_neuron(pop.arch, mem.mode, mem.seed, loop, pop.model) for mem in pop.members)
 
     def _run_chunks(self, loop: int, ablated: tuple[tuple[int, int] | None, ...], on_step: StepCallback | None,
                     validate: bool) -> dict[str, torch.Tensor]:
@@ -607,7 +784,7 @@ class Engine:
 
 
 def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data: Dataset, hparams: HParams,
-                    ex: Execution) -> list[Any]:
+                    ex: Execution, model: str = DEFAULT_MODEL) -> list[Any]:
     """The Triton launches (psa.core.kernels.Launch) that a meta-loop and the test of a population of
     `members` of `arch` would make under `ex` (trained whole, as one chunk), for
     kernels.precompile(). Found by running the step and the evaluations on the meta device with
@@ -622,7 +799,7 @@ def kernel_launches(arch: Arch, members: list[Member] | tuple[Member, ...], data
                                                         device=meta)
                                          for f in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
     members = tuple(sorted(members, key=lambda mem: mem.seed))  # as Population.create keeps them
-    layout = Layout.of(arch, len(members))
+    layout = Layout.of(arch, len(members), model)
     pop = Population(arch, members, meta, layout, torch.empty(layout.numel, device=meta),
                      torch.full((len(members),), -1, dtype=torch.int64, device=meta), mdata.val_y.numel(),
                      [0] * len(members))

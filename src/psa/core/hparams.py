@@ -11,6 +11,9 @@ from psa.core.population import ConfigError, Member, make_member
 DIVERGED_CHOICES = ("score", "discard")
 
 
+BLOCK_DROPOUT = ("mode", "always")
+
+
 @dataclass(frozen=True)
 class HParams:
     """What every trial trains with, whatever its mode; a mode only decides whether the decay
@@ -27,9 +30,14 @@ class HParams:
     # harness does, on whatever its (NaN) logits predict, and promoted like any other candidate;
     # "discard": never promoted, its accuracy recorded as missing (psa before 2026-11-26).
     diverged: str = "score"
+    # Research knobs, off by default (the paper's engine). They reproduce the two defects of
+    # the authors' first ResMLP runs: AdamW's default weight decay (0.01) in every mode but
+    # `decay` (whose own rate replaced it), and dropout inside the residual blocks in every mode.
+    base_weight_decay: float = 0.0  # decay of every mode except `decay`, which uses weight_decay
+    block_dropout: str = "mode"  # ResMLP's in-block dropout: "mode" (dropout mode only) or "always"
 
     def __post_init__(self) -> None:
-        for name in ("lr", "eps", "weight_decay", "dropout"):
+        for name in ("lr", "eps", "weight_decay", "dropout", "base_weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a number, got {v!r}")
@@ -51,16 +59,30 @@ class HParams:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.diverged not in DIVERGED_CHOICES:
             raise ConfigError(f"diverged must be one of {', '.join(DIVERGED_CHOICES)}, got {self.diverged!r}")
+        if not (math.isfinite(self.base_weight_decay) and self.base_weight_decay >= 0):
+            raise ConfigError(f"base weight decay must be a number >= 0, got {self.base_weight_decay}")
+        if self.block_dropout not in BLOCK_DROPOUT:
+            raise ConfigError(f"block dropout must be one of {', '.join(BLOCK_DROPOUT)}, got {self.block_dropout!r}")
 
     def member(self, mode: str, seed: int) -> Member:
-        """The trial of `mode` and `seed`: decay's rate in `decay` mode only, dropout's in
-        `dropout` mode only, exactly 0 elsewhere."""
-        return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout)
+        """The trial of `mode` and `seed`: decay's rate in `decay` mode only (the base weight
+        decay, 0 by default, elsewhere), dropout's in `dropout` mode only, exactly 0 elsewhere."""
+        return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout,
+                           base_decay=self.base_weight_decay)
+
+    def block_dropout_rate(self, member: Member) -> float:
+        """The dropout rate inside a ResMLP's residual blocks for `member`: its own (the
+        dropout mode's rate, else 0), or with block_dropout "always" this rate in every mode."""
+        return self.dropout if self.block_dropout == "always" else member.dropout
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able fields (betas as a list), as checkpoints and run.json store them."""
+        """JSON-able fields (betas as a list), as checkpoints and run.json store them. The
+        research knobs are absent at their defaults: files of default runs are unchanged."""
         d = asdict(self)
         d["betas"] = list(self.betas)
+        for name, default in KNOB_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -78,3 +100,9 @@ class HParams:
         """A copy with the overrides that are not None (flags the user did not give are None)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+
+
+# settings left out of saved hyperparameters and design digests at their defaults, so that runs
+# and studies from before they existed read and hash as they did
+KNOB_DEFAULTS = {"base_weight_decay": HParams.base_weight_decay, "block_dropout": HParams.block_dropout,
+                 "diverged": HParams.diverged}

@@ -6,6 +6,7 @@ from typing import Any
 
 from psa.core.arch import Arch
 from psa.core.device import Execution
+from psa.core.model import DEFAULT_MODEL, dropout_units, linear_shapes, param_count
 
 # Share of a device's free memory a population may plan to use; the rest absorbs the
 # allocator's fragmentation and what the estimate misses.
@@ -13,7 +14,7 @@ FREE_MEMORY_FRACTION = 0.8
 
 
 def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: str = "fp32",
-                  graphs: bool = False) -> int:
+                  graphs: bool = False, model: str = DEFAULT_MODEL) -> int:
     """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
     two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
     transient layer-sized buffers, dropout noise, the gathered batch).
@@ -24,6 +25,13 @@ def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: s
     adds the graph's private pool, which keeps every temporary of a captured step for as long
     as the graph lives and lends none of it to other engines: the labels, the loss's softmax
     buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
+    if model != DEFAULT_MODEL:  # a ResMLP keeps three activations a step (input, inner, output)
+        outs = [o for o, _ in linear_shapes(arch, model)]
+        acts = batch_size * (3 * sum(outs) + 3 * max(outs) + arch.n_in) * 4
+        total = param_count(arch, model) * 16 + acts
+        if graphs:
+            total += batch_size * (8 + 2 * 4 * arch.n_out + 16 * dropout_units(arch, model))
+        return total
     w = arch.widths
     acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
     total = arch.params * 16 + acts
@@ -50,13 +58,15 @@ def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
     return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
 
 
-def stack_path_reason(arch: Arch, ex: Execution) -> str:
+def stack_path_reason(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> str:
     """Why the hidden stack of `arch` takes the plain torch path under `ex`, or "" when the
-    Triton stack kernels run it: Triton on, one width, no wider than ex.stack_max_width (or
-    the kernels' limit)."""
+    Triton stack kernels run it: a SimpleMLP (the kernel computes a plain ReLU stack, no
+    residual), Triton on, one width, no wider than ex.stack_max_width (or the kernels' limit)."""
     from psa.core import kernels
 
     hidden = arch.hidden
+    if model != DEFAULT_MODEL:
+        return f"model {model}: the stack kernel runs a SimpleMLP's plain ReLU stack"
     if not ex.triton:
         return "Triton kernels are off"
     if not hidden:
@@ -70,13 +80,14 @@ def stack_path_reason(arch: Arch, ex: Execution) -> str:
     return ""
 
 
-def stack_fits_kernel(arch: Arch, ex: Execution) -> bool:
+def stack_fits_kernel(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> bool:
     """Whether the hidden stack of `arch` runs through the Triton stack kernels under `ex`
     (stack_path_reason says why not)."""
-    return not stack_path_reason(arch, ex)
+    return not stack_path_reason(arch, ex, model)
 
 
-def memory_paths(arch: Arch, ex: Execution) -> dict[str, Any]:
-    """The paths an engine for `arch` under `ex` takes that change its memory, as working_bytes'
-    keyword arguments (graphs: if the whole population fits)."""
-    return {"fused": stack_fits_kernel(arch, ex), "precision": ex.precision, "graphs": ex.graphs}
+def memory_paths(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """The paths an engine for `model` of `arch` under `ex` takes that change its memory, as
+    working_bytes' keyword arguments (graphs: if the whole population fits)."""
+    return {"fused": stack_fits_kernel(arch, ex, model), "precision": ex.precision, "graphs": ex.graphs,
+            "model": model}

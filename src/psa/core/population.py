@@ -22,7 +22,7 @@ import torch
 from psa.core.arch import Arch
 from psa.core.device import canonical_device
 from psa.core.errors import ConfigError
-from psa.core.model import init_weights, linear_keys
+from psa.core.model import DEFAULT_MODEL, check_model_name, init_weights, linear_keys, linear_shapes
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 BASELINE_MODES = ("none", "decay", "dropout")
@@ -50,12 +50,15 @@ class Member:
         return self.mode in ABLATIVE_MODES
 
 
-def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float) -> Member:
+def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float, base_decay: float = 0.0) -> Member:
     """The trial of `mode` and `seed`: `decay_rate` in decay mode only, `dropout_rate` in
-    dropout mode only, exactly 0 otherwise (HParams.member passes the paper's rates)."""
+    dropout mode only, exactly 0 otherwise (HParams.member passes the paper's rates).
+
+    `base_decay` (default 0) is the decay of every other mode: decay mode's own rate takes its
+    place, as AdamW(weight_decay=...) replaced AdamW's default 0.01 in the authors' harnesses."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    wd = decay_rate if mode == "decay" else 0.0
+    wd = decay_rate if mode == "decay" else base_decay
     p = dropout_rate if mode == "dropout" else 0.0
     if not (math.isfinite(wd) and wd >= 0):
         raise ConfigError(f"weight decay must be a finite number >= 0, got {wd}")
@@ -82,16 +85,16 @@ class Layout:
     size_m: int
     blocks: tuple[tuple[int, int, int, int], ...]  # (weight offset, bias offset, o, i)
     numel: int
+    model: str = DEFAULT_MODEL  # psa.core.model.MODELS: whose Linear layers these are
 
     @classmethod
-    def of(cls, arch: Arch, m: int) -> "Layout":
-        """The layout of `m` members of `arch`."""
+    def of(cls, arch: Arch, m: int, model: str = DEFAULT_MODEL) -> "Layout":
+        """The layout of `m` members of `model` for `arch`: its Linear layers in compute order."""
         blocks, off = [], 0
-        w = arch.widths
-        for i, o in zip(w[:-1], w[1:]):
+        for o, i in linear_shapes(arch, model):
             blocks.append((off, off + m * o * i, o, i))
             off += m * o * (i + 1)
-        return cls(arch, m, tuple(blocks), off)
+        return cls(arch, m, tuple(blocks), off, model)
 
     def views(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(weight (M, o, i), bias (M, o)) views of `flat`, one pair per Linear layer."""
@@ -136,11 +139,13 @@ class Population:
 
     @classmethod
     def create(
-        cls, arch: Arch, members: list[Member] | tuple[Member, ...], device: torch.device | str, n_val: int
+        cls, arch: Arch, members: list[Member] | tuple[Member, ...], device: torch.device | str, n_val: int,
+        model: str = DEFAULT_MODEL,
     ) -> "Population":
-        """Fresh members: each seed's PyTorch-default initialisation, LKG score -1."""
+        """Fresh members of `model`: each seed's PyTorch-default initialisation, LKG score -1."""
         if not members:
             raise ConfigError("a population needs at least one member")
+        check_model_name(model)
         for mem in members:
             if mem.mode not in MODES:
                 raise ConfigError(f"unknown mode {mem.mode!r}")
@@ -148,12 +153,12 @@ class Population:
                 raise ConfigError("mode 'hidden' needs at least one hidden layer")
         members = tuple(sorted(members, key=lambda mem: mem.seed))
         dev = canonical_device(device)
-        layout = Layout.of(arch, len(members))
+        layout = Layout.of(arch, len(members), model)
         lkg = torch.empty(layout.numel, dtype=torch.float32)
         views = layout.views(lkg)
         for seed in sorted({mem.seed for mem in members}):
             rows = [j for j, mem in enumerate(members) if mem.seed == seed]
-            for (w, b), (w0, b0) in zip(views, init_weights(arch, seed)):
+            for (w, b), (w0, b0) in zip(views, init_weights(arch, seed, model)):
                 w[rows] = w0
                 b[rows] = b0
         return cls(
@@ -169,6 +174,11 @@ class Population:
         )
 
     @property
+    def model(self) -> str:
+        """Which model the members are (psa.core.model.MODELS)."""
+        return self.layout.model
+
+    @property
     def size(self) -> int:
         """Number of members M."""
         return len(self.members)
@@ -182,16 +192,17 @@ class Population:
         return [c if c < 0 else 100.0 * c / self.n_val for c in self.lkg_correct.tolist()]
 
     def member_state_dict(self, j: int) -> dict[str, torch.Tensor]:
-        """Member j's LKG as a SimpleMLP state_dict (CPU tensors), loadable by plain PyTorch."""
+        """Member j's LKG as a state_dict of its model's nn.Module (psa.core.model.SimpleMLP or
+        ResMLP; CPU tensors), loadable by plain PyTorch."""
         out = {}
-        for (wk, bk), (w, b) in zip(linear_keys(self.arch), self.layout.views(self.lkg)):
+        for (wk, bk), (w, b) in zip(linear_keys(self.arch, self.model), self.layout.views(self.lkg)):
             out[wk] = w[j].detach().cpu().clone()
             out[bk] = b[j].detach().cpu().clone()
         return out
 
     def load_member_state_dict(self, j: int, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite member j's LKG weights from a SimpleMLP state_dict of the same architecture."""
-        keys = linear_keys(self.arch)
+        """Overwrite member j's LKG weights from a state_dict of its model and architecture."""
+        keys = linear_keys(self.arch, self.model)
         expected = {k for pair in keys for k in pair}
         if set(state) != expected:
             raise ConfigError("checkpoint tensors do not match the architecture's layers")

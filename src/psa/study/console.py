@@ -17,6 +17,7 @@ from rich.progress import (
 from rich.table import Table
 
 from psa.core.arch import Arch, is_parameter_matched
+from psa.core.model import DEFAULT_MODEL, layer_table, param_count
 
 # Piped into a file, rich would lay tables out for 80 columns and cut their cells short; a
 # wider page keeps them whole (COLUMNS, where set, still decides).
@@ -25,8 +26,11 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 
-def arch_table(arch: Arch, title: str | None = None) -> Table:
-    """The layer-by-layer summary of a SimpleMLP, with its parameter count (equation 1)."""
+def arch_table(arch: Arch, title: str | None = None, model: str = DEFAULT_MODEL) -> Table:
+    """The layer-by-layer summary of `model` for `arch`, with its parameter count (equation 1
+    for a SimpleMLP)."""
+    if model != DEFAULT_MODEL:
+        return _resmlp_table(arch, title)
     t = Table(title=title or f"SimpleMLP {arch}", title_justify="left")
     t.add_column("layer")
     t.add_column("shape", justify="right")
@@ -44,6 +48,33 @@ def arch_table(arch: Arch, title: str | None = None) -> Table:
     matched = "matched" if is_parameter_matched(arch) else "asymmetric"
     t.add_section()
     t.add_row("total", f"{arch.depth} hidden", matched if arch.is_homogeneous and arch.blocks else "", f"{arch.params:,}")
+    return t
+
+
+def _resmlp_table(arch: Arch, title: str | None) -> Table:
+    t = Table(title=title or f"ResMLP {arch}", title_justify="left")
+    t.add_column("layer")
+    t.add_column("shape", justify="right")
+    t.add_column("block")
+    t.add_column("parameters", justify="right")
+    rows = layer_table(arch, "resmlp")
+    shown = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]
+    for row in shown:
+        if row is None:
+            t.add_row("...", f"({len(rows) - 10} more)", "", "")
+            continue
+        name, a, b, p = row
+        if name == "output":
+            block = "Linear"
+        elif name.endswith("fc1"):
+            block = "Linear -> ReLU -> Dropout"
+        elif name.endswith("fc2"):
+            block = "Linear, ReLU(x + branch)"
+        else:
+            block = "Linear -> ReLU -> Dropout"
+        t.add_row(name, f"{a} -> {b}", block, f"{p:,}")
+    t.add_section()
+    t.add_row("total", f"{arch.depth} blocks", f"{len(rows)} Linear", f"{param_count(arch, 'resmlp'):,}")
     return t
 
 

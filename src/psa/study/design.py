@@ -16,7 +16,8 @@ from typing import Any
 
 from psa.core.arch import ArchError, parse_arch, study_architectures
 from psa.core.data import N_TRAIN, DataError, check_spec
-from psa.core.hparams import HParams
+from psa.core.hparams import KNOB_DEFAULTS, HParams
+from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.population import MODES, ConfigError, Member
 
 if sys.version_info >= (3, 11):
@@ -30,7 +31,8 @@ class DesignError(ConfigError):
 
 
 # the design's fields that are hyperparameters: flat in flags, TOML and the stored JSON
-HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout", "diverged")
+HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout", "diverged", "base_weight_decay",
+                 "block_dropout")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class StudyDesign:
     seed: int = 0
     hparams: HParams = HParams()  # what every trial trains with (Table VI)
     dataset: str = "mnist"
+    model: str = DEFAULT_MODEL  # psa.core.model.MODELS: which net every architecture describes
     # Train on only the first N of the 50,000 training images: for tests and quick checks of
     # the machinery only; results are not comparable with the paper's (trials record it).
     train_subset: int | None = None
@@ -56,7 +59,7 @@ class StudyDesign:
             v = hp.get(name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise DesignError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("lr", "weight_decay", "dropout"):
+        for name in ("lr", "weight_decay", "dropout", "base_weight_decay"):
             v = hp.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise DesignError(f"{name} must be a number, got {v!r}")
@@ -102,6 +105,12 @@ class StudyDesign:
             check_spec(self.dataset)
         except DataError as e:
             raise DesignError(str(e)) from None
+        try:
+            check_model_name(self.model)
+        except ConfigError as e:
+            raise DesignError(str(e)) from None
+        if self.model != "resmlp" and self.hparams.block_dropout != "mode":
+            raise DesignError("block_dropout applies to the residual blocks of model resmlp only")
         if "hidden" in self.modes:
             flat = [a for a in self.architectures if parse_arch(a).depth == 0]
             if flat:
@@ -121,7 +130,9 @@ class StudyDesign:
         d: dict[str, Any] = {"architectures": self.architectures, "modes": self.modes, "trials": self.trials,
                              "meta_loops": hp.meta_loops, "seed": self.seed, "lr": hp.lr,
                              "batch_size": hp.batch_size, "weight_decay": hp.weight_decay, "dropout": hp.dropout,
-                             "diverged": hp.diverged, "dataset": self.dataset, "train_subset": self.train_subset}
+                             "diverged": hp.diverged, "dataset": self.dataset, "train_subset": self.train_subset,
+                             "model": self.model, "base_weight_decay": hp.base_weight_decay,
+                             "block_dropout": hp.block_dropout}
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,8 +145,11 @@ class StudyDesign:
         d["modes"] = list(self.modes)
         if self.train_subset is None:
             del d["train_subset"]  # absent unless set: the digest of a full-data design has no such key
-        if d["diverged"] == "score":
-            del d["diverged"]  # likewise: designs written before the setting existed keep their digest
+        if self.model == DEFAULT_MODEL:
+            del d["model"]  # likewise: designs of the paper's SimpleMLP keep their digests
+        for name, default in KNOB_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @property
@@ -162,16 +176,19 @@ DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)} - {"hparams"} 
 
 
 def preset(name: str) -> StudyDesign:
-    """`paper`: the authors' 98 x 6 x 10 x 100. `smoke`: a tiny design that runs in about a
-    minute on a laptop CPU (real MNIST, a few meta-loops): a check that everything works."""
+    """`paper`: the authors' 98 x 6 x 10 x 100. `resmlp`: the same 98 shapes as ResMLPs (D
+    residual blocks of width W). `smoke`: a tiny design that runs in about a minute on a laptop
+    CPU (real MNIST, a few meta-loops): a check that everything works."""
     if name == "paper":
         return StudyDesign(architectures=tuple(a.short for a in study_architectures()))
+    if name == "resmlp":
+        return StudyDesign(architectures=tuple(a.short for a in study_architectures()), model="resmlp")
     if name == "smoke":
         return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, hparams=HParams(meta_loops=10))
-    raise DesignError(f"unknown preset {name!r}; choose from paper, smoke")
+    raise DesignError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 
-PRESETS = ("paper", "smoke")
+PRESETS = ("paper", "resmlp", "smoke")
 
 
 def read_arch_file(path: str | os.PathLike) -> tuple[str, ...]:
@@ -216,8 +233,8 @@ def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 TOML_KEYS = {"name", "preset", "architectures", "architectures_file", "modes", "trials", "meta_loops", "seed",
-             "dataset", "train_subset", "training"}
-TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout", "diverged"}
+             "dataset", "train_subset", "model", "training"}
+TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout", "diverged", "base_weight_decay", "block_dropout"}
 
 
 def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, dict[str, Any]]:
@@ -230,6 +247,7 @@ def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, d
         trials = 10
         meta_loops = 100
         seed = 0
+        model = "simplemlp"                                   # or "resmlp"
         [training]
         lr = 1e-4
     """
@@ -269,7 +287,7 @@ def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, d
             fields["modes"] = tuple(modes)
     except DesignError as e:
         raise DesignError(f"design file {p}: {e}") from None
-    for key in ("trials", "meta_loops", "seed", "dataset", "train_subset"):
+    for key in ("trials", "meta_loops", "seed", "dataset", "train_subset", "model"):
         if key in doc:
             fields[key] = doc[key]
     training = doc.get("training", {})

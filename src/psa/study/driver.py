@@ -91,7 +91,7 @@ def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
                 m = design.member(mode, k)
                 out.append({"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
                             "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
-                            "dropout": m.dropout, "dataset": design.dataset_label})
+                            "dropout": m.dropout, "dataset": design.dataset_label, "model": design.model})
     return out
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from psa.core.data import N_VAL
 from psa.core.device import Execution, resolve_device, resolve_execution
+from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size
@@ -95,12 +96,12 @@ def plan_table(name: str, plan: Plan, est: Estimate, status: dict[tuple[str, str
         pops = [p for p in plan.populations if p.arch == arch]
         n_trials = len(design.modes) * design.trials
         a = design_arch(design, arch)
-        f_trial = arch_flops(a, design.hparams.meta_loops, design.n_train)
+        f_trial = arch_flops(a, design.hparams.meta_loops, design.n_train, model=design.model)
         t_arch = est.per_arch[arch]
         todo = sum(1 for m in design.modes for k in range(1, design.trials + 1)
                    if status.get((arch, m, k), "pending") != "done")
         sizes = sorted({p.size for p in pops})
-        params = a.params
+        params = param_count(a, design.model)
         table.add_row(arch, f"{params:,}", str(n_trials), f"{len(pops)} x {'/'.join(map(str, sizes))}",
                       f"{f_trial / 1e12:.3g}", f"{f_trial * n_trials / 1e15:.3g}", fmt_seconds(t_arch), str(todo))
         rows.append({"arch": arch, "params": params, "trials": n_trials, "populations": len(pops),

@@ -118,7 +118,8 @@ def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
         n = min(design.n_train, steps * bs)
         sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
                                   val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
-        return Engine(Population.create(arch, members, device, n_val=n_eval), sub, design.hparams, ex)
+        return Engine(Population.create(arch, members, device, n_val=n_eval, model=design.model), sub,
+                      design.hparams, ex)
 
     steps = first_steps = min(2, full_steps)
     t = time.perf_counter()

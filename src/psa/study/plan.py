@@ -15,6 +15,7 @@ from psa.core.arch import Arch, parse_arch
 from psa.core.data import N_TRAIN, N_VAL, dataset_shape
 from psa.core.device import total_memory
 from psa.core.memory import working_bytes
+from psa.core.model import DEFAULT_MODEL, flops_per_sample, linear_shapes, param_count
 from psa.core.population import Member
 from psa.study.design import DesignError, StudyDesign
 
@@ -36,10 +37,11 @@ def _arch(arch: str | Arch) -> Arch:
     return arch if isinstance(arch, Arch) else parse_arch(arch)  # a string: MNIST's sizes
 
 
-def arch_flops(arch: str | Arch, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL) -> float:
-    """FLOPs of one trial: per loop forward+backward (3x forward) over the training set and a
-    forward over the validation set, plus the final test forward (10,000 images)."""
-    f = _arch(arch).flops_per_sample()
+def arch_flops(arch: str | Arch, meta_loops: int, n_train: int = N_TRAIN, n_val: int = N_VAL,
+               model: str = DEFAULT_MODEL) -> float:
+    """FLOPs of one trial of `model`: per loop forward+backward (3x forward) over the training
+    set and a forward over the validation set, plus the final test forward (10,000 images)."""
+    f = flops_per_sample(_arch(arch), model)
     return meta_loops * (3 * f * n_train + f * n_val) + f * 10_000
 
 
@@ -54,12 +56,13 @@ class Calibration:
     device: str
     method: str
 
-    def loop_seconds(self, arch: str | Arch, members: int, batch_size: int = 256, n_train: int = N_TRAIN) -> float:
-        """Estimated wall seconds of one meta-loop of a population of `members` of `arch`."""
+    def loop_seconds(self, arch: str | Arch, members: int, batch_size: int = 256, n_train: int = N_TRAIN,
+                     model: str = DEFAULT_MODEL) -> float:
+        """Estimated wall seconds of one meta-loop of a population of `members` of `model` for `arch`."""
         a = _arch(arch)
         steps = -(-n_train // batch_size)
-        flops = members * a.flops_per_sample() * (3 * n_train + N_VAL)
-        return self.seconds_per_flop * flops + self.seconds_per_layer_step * a.n_linear * steps
+        flops = members * flops_per_sample(a, model) * (3 * n_train + N_VAL)
+        return self.seconds_per_flop * flops + self.seconds_per_layer_step * len(linear_shapes(a, model)) * steps
 
 
 # Uncalibrated weights for progress bars and ETAs: roughly a mid-range GPU (they only need
@@ -68,12 +71,12 @@ DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 
 def bytes_per_member(arch: str | Arch, batch_size: int = 256, fused: bool = False, precision: str = "fp32",
-                     graphs: bool = False) -> int:
+                     graphs: bool = False, model: str = DEFAULT_MODEL) -> int:
     """Device memory one member needs: what it trains with (memory.working_bytes: candidate,
     gradient, AdamW's moments, a step's activations, and with `fused` and `graphs` the Triton
     backward's partials and the graph's pool) plus its LKG and as much again as slack."""
     a = _arch(arch)
-    return working_bytes(a, batch_size, fused, precision, graphs) + a.params * 4 * 2
+    return working_bytes(a, batch_size, fused, precision, graphs, model) + param_count(a, model) * 4 * 2
 
 
 def device_budget(device: torch.device) -> int:
@@ -88,7 +91,8 @@ def device_budget(device: torch.device) -> int:
 def auto_population_size(design: StudyDesign, budget: int) -> int:
     """Members per population that fit `budget` for the design's largest architecture, capped at
     a whole architecture (all modes x all trials): the default population size."""
-    worst = max(bytes_per_member(design_arch(design, a), design.hparams.batch_size) for a in design.architectures)
+    worst = max(bytes_per_member(design_arch(design, a), design.hparams.batch_size, model=design.model)
+                for a in design.architectures)
     fit = max(1, budget // worst)
     cap = len(design.modes) * design.trials
     return int(min(cap, fit))
@@ -162,7 +166,8 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
             size = base + (1 if i < extra else 0)
             pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
             first += size
-    work = {p: calibration.loop_seconds(design_arch(design, p.arch), p.size, design.hparams.batch_size, design.n_train)
+    work = {p: calibration.loop_seconds(design_arch(design, p.arch), p.size, design.hparams.batch_size, design.n_train,
+                                        design.model)
             for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
     return Plan(design, population_size, tuple(pops[i] for i in order))

@@ -85,7 +85,8 @@ class PopulationRun:
                 ex: Execution, prior_seconds: float = 0.0, where: str = "", stream: Any = None) -> "PopulationRun":
         """The run of population `pp` of a study: from `start` (a checkpoint) or from scratch."""
         if start is None:
-            start = Population.create(data.arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel())
+            start = Population.create(data.arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel(),
+                                      model=design.model)
         return cls(pp.key, start, data, design.hparams, ex, prior_seconds, where, stream=stream)
 
     def started(self) -> Started:
@@ -258,7 +259,8 @@ def precompile_kernels(design: StudyDesign, todo: list[PopulationState], ex: Exe
             key = (st.plan.arch, st.plan.size, st.plan.modes)  # trials differ only in their seeds
             if key not in seen:
                 seen.add(key)
-                launches += kernel_launches(data.arch(st.plan.arch), st.plan.members(design), data, design.hparams, ex)
+                launches += kernel_launches(data.arch(st.plan.arch), st.plan.members(design), data, design.hparams, ex,
+                                            design.model)
         return kernels.precompile(launches, ex.device)
     except Exception as e:  # noqa: BLE001 - an optimisation; the study runs without it
         warnings.warn(f"psa: precompiling the Triton kernels failed ({type(e).__name__}: {e}); they compile at "
@@ -294,7 +296,9 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
     def need(st: PopulationState) -> int:
         a = st.plan.arch
         if a not in per_member:
-            per_member[a] = bytes_per_member(data.arch(a), design.hparams.batch_size, **memory_paths(data.arch(a), ex))
+            arch = data.arch(a)
+            paths = memory_paths(arch, ex, design.model)
+            per_member[a] = bytes_per_member(arch, design.hparams.batch_size, **paths, model=design.model)
         return st.plan.size * per_member[a]
 
     def retire(failed: PopulationFailed, stream: Any) -> Iterator[Event]:

@@ -10,6 +10,9 @@ Schema version 1:
   lkg_score, train_loss, diverged); candidate_acc is NULL for a diverged candidate under the
   design's diverged = "discard" rule;
   ablated_layer counts Linear layers from 0 (== depth for the output layer).
+- trials.model: the net every architecture describes ('simplemlp', the paper's, or 'resmlp'),
+  added to version 1 without a version bump: connect() adds the column (default 'simplemlp')
+  to a database that lacks it, and readers of such a database read 'simplemlp'.
 - runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
   work_at_start): one row per `psa study` invocation, for `psa status` (liveness, ETA). Added to
   version 1 without a version bump: it is only ever created, never required by readers.
@@ -74,6 +77,7 @@ CREATE TABLE IF NOT EXISTS trials (
     test_acc REAL,
     wall_seconds REAL,
     loops_done INTEGER NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT 'simplemlp',
     UNIQUE (study_id, arch, mode, trial)
 );
 CREATE TABLE IF NOT EXISTS meta_loops (
@@ -148,6 +152,8 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
             con.execute("PRAGMA synchronous=NORMAL")
             check_version(con, path)
             con.executescript(SCHEMA)  # idempotent: IF NOT EXISTS throughout
+            if not has_model_column(con):  # a database from before trials.model
+                con.execute("ALTER TABLE trials ADD COLUMN model TEXT NOT NULL DEFAULT 'simplemlp'")
             con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             break
         except sqlite3.OperationalError as e:
@@ -242,7 +248,13 @@ def list_studies(con: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 TRIAL_INSERT_COLUMNS = ("arch", "mode", "trial", "seed", "meta_loops", "lr", "batch_size",
-                        "weight_decay", "dropout", "dataset")
+                        "weight_decay", "dropout", "dataset", "model")
+
+
+def has_model_column(con: sqlite3.Connection) -> bool:
+    """Whether the trials table has its `model` column (a database opened read-only from
+    before it was added does not: every trial there is a SimpleMLP)."""
+    return any(r[1] == "model" for r in con.execute("PRAGMA table_info(trials)"))
 
 
 def create_study(
@@ -449,7 +461,7 @@ TRIAL_EXPORT = (
     ("seed", "INTEGER"), ("meta_loops", "INTEGER"), ("lr", "REAL"), ("batch_size", "INTEGER"),
     ("weight_decay", "REAL"), ("dropout", "REAL"), ("dataset", "TEXT"), ("status", "TEXT"),
     ("bounty", "REAL"), ("bounty_loop", "INTEGER"), ("test_acc", "REAL"), ("wall_seconds", "REAL"),
-    ("loops_done", "INTEGER"),
+    ("loops_done", "INTEGER"), ("model", "TEXT"),
 )
 META_LOOP_EXPORT = (
     ("study", "TEXT"), ("trial_id", "INTEGER"), ("arch", "TEXT"), ("mode", "TEXT"), ("trial", "INTEGER"),
@@ -459,10 +471,10 @@ META_LOOP_EXPORT = (
 )
 
 
-def _export_queries(study_ids: Sequence[int]) -> tuple[str, str]:
+def _export_queries(study_ids: Sequence[int], model_column: bool = True) -> tuple[str, str]:
     marks = ", ".join("?" * len(study_ids))
-    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else f"t.{c}")
-                       for c, _ in TRIAL_EXPORT)
+    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else (
+        "'simplemlp'" if c == "model" and not model_column else f"t.{c}")) for c, _ in TRIAL_EXPORT)
     m_cols = ", ".join(
         "s.name" if c == "study" else ("t.id" if c == "trial_id" else
                                        (f"t.{c}" if c in ("arch", "trial", "seed") else f"m.{c}"))
@@ -548,7 +560,7 @@ def export(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create {out}: {e.strerror}") from None
-    trials_q, loops_q = _export_queries(ids)
+    trials_q, loops_q = _export_queries(ids, has_model_column(con))
     counts: dict[str, int] = {}
     con.execute("BEGIN")  # one snapshot for every file
     try:

@@ -35,6 +35,7 @@ from psa.core.data import Dataset, load_dataset
 from psa.core.device import Execution, resolve_execution
 from psa.core.engine import LoopResult
 from psa.core.hparams import HParams
+from psa.core.model import DEFAULT_MODEL, check_model_name, layer_table, param_count
 from psa.core.population import ConfigError, Member, Population
 from psa.study.console import arch_table, err_console, loop_progress
 from psa.study.events import PopulationDone
@@ -59,6 +60,9 @@ class TrialConfig:
     weight_decay: float | None = None  # the rate decay mode uses (others use exactly 0)
     dropout: float | None = None  # the rate dropout mode uses (others use none)
     diverged: str | None = None  # how a diverged candidate is scored (HParams.diverged)
+    model: str | None = None  # psa.core.model.MODELS; default simplemlp, on resume the run's own
+    block_dropout: str | None = None  # resmlp: "mode" (default) or "always"
+    base_weight_decay: float | None = None  # decay of every mode but decay's (default 0)
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dataset: str | None = None  # mnist, fashion-mnist, cifar10 or npz:PATH; default mnist, on resume the run's own
     data_dir: str | None = None  # else $PSA_DATA_DIR, the shipped copy, ./dataset
@@ -79,6 +83,7 @@ class Trial:
     mode: str
     hparams: HParams
     precision: str | None  # the run's own precision on resume, None for a fresh run
+    model: str = DEFAULT_MODEL
     done: int = 0  # meta-loops already trained
     run_dir: Path | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -96,15 +101,22 @@ class Trial:
 
 def _overrides(cfg: TrialConfig) -> dict[str, Any]:
     return {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout,
-            "diverged": cfg.diverged}
+            "diverged": cfg.diverged, "block_dropout": cfg.block_dropout, "base_weight_decay": cfg.base_weight_decay}
+
+
+def _check_knobs(model: str, hp: HParams) -> None:
+    if model != "resmlp" and hp.block_dropout != "mode":
+        raise ConfigError("--block-dropout applies to the residual blocks of --model resmlp only")
 
 
 def fresh_trial(cfg: TrialConfig) -> Trial:
     """A new trial as `cfg` asks for it."""
     if cfg.arch is None:
         raise ConfigError("--arch is required (or --resume RUN_DIR)")
+    model = check_model_name(cfg.model or DEFAULT_MODEL)
     hp = HParams().updated(**_overrides(cfg), meta_loops=cfg.meta_loops)
-    return Trial(parse_arch(cfg.arch), cfg.seed or 0, cfg.mode or "none", hp, precision=None)
+    _check_knobs(model, hp)
+    return Trial(parse_arch(cfg.arch), cfg.seed or 0, cfg.mode or "none", hp, precision=None, model=model)
 
 
 def resumed_trial(cfg: TrialConfig) -> Trial:
@@ -117,6 +129,12 @@ def resumed_trial(cfg: TrialConfig) -> Trial:
         raise CheckpointError(f"{run_dir / CHECKPOINT}: bad architecture in metadata ({e})") from None
     if cfg.arch is not None and parse_arch(cfg.arch) != arch:
         raise CheckpointError(f"checkpoint {run_dir} is architecture {arch}, not {parse_arch(cfg.arch)}")
+    try:
+        model = check_model_name(meta.get("model", DEFAULT_MODEL))
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from None
+    if cfg.model is not None and cfg.model != model:
+        raise CheckpointError(f"checkpoint {run_dir} is a {model}, not a {cfg.model}")
     if cfg.seed is not None and cfg.seed != meta["seed"]:
         raise ConfigError(f"checkpoint {run_dir} was trained with seed {meta['seed']}, not {cfg.seed}")
     done = int(meta["loop"])
@@ -129,7 +147,8 @@ def resumed_trial(cfg: TrialConfig) -> Trial:
     stored = meta["hyperparameters"]
     hp = HParams.from_dict(stored).updated(**_overrides(cfg), meta_loops=target)
     records = list(meta["records"]) if "records" in meta else read_records(run_dir / RECORDS, done)
-    trial = Trial(arch, int(meta["seed"]), cfg.mode or meta["mode"], hp,
+    _check_knobs(model, hp)
+    trial = Trial(arch, int(meta["seed"]), cfg.mode or meta["mode"], hp, model=model,
                   precision=stored.get("precision", "fp32"), done=done, run_dir=run_dir,
                   records=records, prior_seconds=float(meta.get("train_seconds", 0.0)),
                   mode_history=[(str(m), int(t)) for m, t in meta["mode_history"]], meta=meta, state=state)
@@ -212,7 +231,7 @@ def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
 
 def build_population(trial: Trial, member: Member, data: Dataset, device: torch.device) -> Population:
     """The trial's population of one: fresh weights, or the checkpoint's LKG and scores."""
-    pop = Population.create(trial.arch, [member], device, n_val=data.val_y.numel())
+    pop = Population.create(trial.arch, [member], device, n_val=data.val_y.numel(), model=trial.model)
     if trial.run_dir is None:
         return pop
     restore_member(pop, 0, trial.state)
@@ -247,7 +266,8 @@ def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: 
         "format": FORMAT,
         "psa_version": __version__,
         "arch": str(trial.arch),
-        "params": trial.arch.params,
+        **({} if trial.model == DEFAULT_MODEL else {"model": trial.model}),  # absent for the paper's SimpleMLP
+        "params": param_count(trial.arch, trial.model),
         "seed": trial.seed,
         "mode": trial.mode,
         "mode_history": [list(x) for x in pop.mode_history[0]],
@@ -276,16 +296,18 @@ def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: 
     }
 
 
-def _describe_ablation(arch_depth: int, a: tuple[int, int] | None) -> str:
+def _describe_ablation(trial: Trial, a: tuple[int, int] | None) -> str:
     if a is None:
         return "-"
     layer, neuron = a
-    return f"output #{neuron}" if layer == arch_depth else f"hidden {layer + 1} #{neuron}"
+    if trial.model != DEFAULT_MODEL:
+        return f"{layer_table(trial.arch, trial.model)[layer][0]} #{neuron}"
+    return f"output #{neuron}" if layer == trial.arch.depth else f"hidden {layer + 1} #{neuron}"
 
 
 def _print_header(trial: Trial, pop: Population, ex: Execution, data: Dataset) -> None:
     console = err_console
-    console.print(arch_table(trial.arch))
+    console.print(arch_table(trial.arch, model=trial.model))
     console.print(f"mode [bold]{trial.mode}[/]  seed {trial.seed}  device {ex.device}  precision {ex.precision}  "
                   f"meta-loops {trial.done + 1}..{trial.target}", soft_wrap=True)
     console.print(f"data {data.source}", soft_wrap=True)
@@ -301,7 +323,7 @@ def _loop_line(r: LoopResult, trial: Trial, pop: Population) -> str:
         ("PROMOTED", "green") if r.promoted[0] else ("DISCARDED", "yellow"))
     return (f"loop {r.loop:>4}/{trial.target}  [{colour}]{word:<9}[/]  candidate {r.candidate_acc[0]:6.2f}%  "
             f"bounty {pop.lkg_score()[0]:6.2f}% @ {pop.bounty_loop[0]:<4} "
-            f"ablated {_describe_ablation(trial.arch.depth, r.ablated[0]):<14} {r.seconds:5.1f}s")
+            f"ablated {_describe_ablation(trial, r.ablated[0]):<14} {r.seconds:5.1f}s")
 
 
 def train(cfg: TrialConfig) -> dict[str, Any]:
@@ -315,7 +337,8 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     data = trial_data(trial, cfg, ex.device)
     pop = build_population(trial, member, data, ex.device)
     if trial.run_dir is None:
-        trial.run_dir = prepare_out(cfg.out, trial.arch.short, trial.mode, trial.seed)
+        label = trial.arch.short if trial.model == DEFAULT_MODEL else f"{trial.model}-{trial.arch.short}"
+        trial.run_dir = prepare_out(cfg.out, label, trial.mode, trial.seed)
     run_dir = trial.run_dir
     run = PopulationRun(str(run_dir), pop, data, trial.hparams, ex, where=str(ex.device))
 
