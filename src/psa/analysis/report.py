@@ -42,6 +42,7 @@ from psa.analysis.tables import (
     table_tests,
     table_trials,
     table_v,
+    table_variants,
 )
 from psa.core.population import MODES
 from psa.study.options import DEFAULT_DB
@@ -145,6 +146,8 @@ def _write_tables(cfg: ReportConfig, A: Analysis, design_archs: Sequence[str], o
               table_effects(A), table_tests(A, cfg.alpha)]
     growth, conv, growth_long, conv_long = table_lkg(A)
     tables += [growth, conv, table_trials(A)]
+    if A.variants:
+        tables.append(table_variants(A, cfg.alpha))
     if A.missing or A.data.incomplete:
         tables.append(table_missing(A))
     for t in tables:

@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 from psa.core.arch import ArchError, parse_arch
 from psa.core.device import canonical_device
 from psa.core.population import ConfigError, Layout, Member, Population
+from psa.core.variant import Variant
 
 FORMAT = "psa-checkpoint-1"
 
@@ -95,14 +96,16 @@ def save_population(path: str | os.PathLike, pop: Population, extra: dict[str, A
         "format": FORMAT,
         "kind": "population",
         "arch": str(pop.arch),
-        "members": [[m.mode, m.seed, m.weight_decay, m.dropout] for m in pop.members],
+        # a fifth entry, the variant's settings, only for members that are not the paper's engine
+        "members": [[m.mode, m.seed, m.weight_decay, m.dropout, *([m.variant.settings()] if not m.variant.is_default
+                                                                  else [])] for m in pop.members],
         "loop": pop.loop,
         "bounty_loop": pop.bounty_loop,
         "n_val": pop.n_val,
         "mode_history": pop.mode_history,
         **(extra or {}),
     }
-    save_tensors(path, {"lkg": pop.lkg, "lkg_correct": pop.lkg_correct}, meta)
+    save_tensors(path, {"lkg": pop.lkg, "lkg_correct": pop.lkg_correct, **pop.variant_state()}, meta)
 
 
 def load_population(path: str | os.PathLike, device: torch.device | str) -> tuple[Population, dict[str, Any]]:
@@ -112,10 +115,11 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
         raise CheckpointError(f"{path}: not a population checkpoint")
     try:
         arch = parse_arch(meta["arch"])
-        members = tuple(Member(str(a), int(b), float(c), float(d)) for a, b, c, d in meta["members"])
+        members = tuple(Member(str(a), int(b), float(c), float(d), Variant.from_settings(v[0]) if v else Variant())
+                        for a, b, c, d, *v in meta["members"])
         layout = Layout.of(arch, len(members))
         lkg, correct = tensors["lkg"], tensors["lkg_correct"]
-    except (KeyError, TypeError, ValueError, ArchError) as e:
+    except (KeyError, TypeError, ValueError, ArchError) as e:  # ConfigError is a ValueError
         raise CheckpointError(f"{path}: incomplete population checkpoint ({e})") from None
     if lkg.shape != (layout.numel,) or correct.shape != (len(members),):
         raise CheckpointError(f"{path}: tensor sizes do not match architecture {arch}")
@@ -132,6 +136,15 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
         loop=int(meta["loop"]),
         mode_history=[[(str(m), int(t)) for m, t in h] for h in meta["mode_history"]],
     )
+    for name, t in tensors.items():
+        if name in ("bounty", "opt_avg", "opt_sq") and t.shape != (layout.numel,) or \
+                name in ("bounty_correct", "streak", "allowance", "opt_step") and t.shape != (len(members),):
+            raise CheckpointError(f"{path}: variant state {name} has the wrong size")
+        if name not in ("lkg", "lkg_correct"):
+            setattr(pop, name, t.to(dev))
+    pop.init_variant_state()
+    if set(pop.variant_state()) != set(tensors) - {"lkg", "lkg_correct"}:
+        raise CheckpointError(f"{path}: its variant state does not match its members")
     return pop, meta
 
 

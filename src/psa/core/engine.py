@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from psa.core import rng
-from psa.core.ablation import choose_neuron
+from psa.core.ablation import choose_neurons
 from psa.core.arch import Arch
 from psa.core.chunk import Chunk, StepCallback, batch_groups
 from psa.core.data import Dataset
@@ -66,6 +66,10 @@ class LoopResult:
     train_loss: tuple[float, ...]  # mean training loss over the epoch
     diverged: tuple[bool, ...]  # a non-finite loss occurred during the epoch
     seconds: float
+    # variants (psa.core.variant): every neuron ablated (ablated holds the first of them), and
+    # whether patience forced the candidate in (None for members without patience)
+    ablations: tuple[tuple[tuple[int, int], ...], ...] = ()
+    forced: tuple[bool | None, ...] = ()
 
 
 @dataclass
@@ -74,7 +78,7 @@ class PendingLoop:
 
     engine: "Engine"
     loop: int
-    ablated: tuple[tuple[int, int] | None, ...]
+    ablated: tuple[tuple[tuple[int, int], ...], ...]
     host: dict[str, torch.Tensor]
     event: Any
     t0: float
@@ -95,18 +99,21 @@ class PendingLoop:
         promoted = [bool(p) for p in self.host["promoted"].tolist()]
         diverged = [bool(d) for d in self.host["diverged"].tolist()]
         lkg = self.host["lkg_correct"].tolist()
-        for j, p in enumerate(promoted):
-            if p:
+        forced = [bool(f) for f in self.host["forced"].tolist()]
+        for j, b in enumerate(self.host["improved"].tolist()):
+            if b:
                 pop.bounty_loop[j] = self.loop
         self._result = LoopResult(
             loop=self.loop,
             candidate_acc=tuple(float("nan") if d else 100.0 * c / pop.n_val for c, d in zip(correct, diverged)),
             promoted=tuple(promoted),
-            ablated=self.ablated,
+            ablated=tuple(a[0] if a else None for a in self.ablated),
             lkg_score=tuple(c if c < 0 else 100.0 * c / pop.n_val for c in lkg),
             train_loss=tuple(self.host["loss"].tolist()),
             diverged=tuple(diverged),
             seconds=time.perf_counter() - self.t0,
+            ablations=self.ablated,
+            forced=tuple(f if mem.variant.patience > 0 else None for f, mem in zip(forced, pop.members)),
         )
         eng._pending = None
         return self._result
@@ -432,9 +439,9 @@ class Engine:
         return correct
 
     def test_accuracy(self) -> list[float]:
-        """Test-set accuracy (%) of every member's LKG."""
+        """Test-set accuracy (%) of every member's bounty model (its LKG, unless it has patience)."""
         with self._stream_context():
-            correct = self.count_correct(self.pop.lkg, self.data.test_x, self.data.test_y)
+            correct = self.count_correct(self.pop.bounty_model(), self.data.test_x, self.data.test_y)
             return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
 
     # ---------------------------------------------------------------- the meta-loop
@@ -454,11 +461,28 @@ class Engine:
         with on_device(self.pop.device), self.mm.context(), torch.no_grad():
             yield
 
-    def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
+    def _ablations(self, loop: int) -> tuple[tuple[tuple[int, int], ...], ...]:
         pop = self.pop
-        return tuple(choose_neuron(pop.arch, mem.mode, mem.seed, loop) for mem in pop.members)
+        return tuple(choose_neurons(pop.arch, mem.mode, mem.seed, loop, mem.variant, self.hp.meta_loops)
+                     for mem in pop.members)
 
-    def _run_chunks(self, loop: int, ablated: tuple[tuple[int, int] | None, ...], on_step: StepCallback | None,
+    def _follow_schedules(self, loop: int) -> None:
+        """Members on a mode schedule switch mode at a loop boundary, as `psa train --resume
+        --mode` does: the new mode's rates (HParams.member), a mode_history entry, and chunks
+        rebuilt for the new members (their dropout and decay are set up per chunk)."""
+        pop = self.pop
+        members = list(pop.members)
+        for j, mem in enumerate(members):
+            mode = mem.variant.mode_at(mem.mode, loop)
+            if mode != mem.mode:
+                members[j] = self.hp.member(mode, mem.seed, mem.variant)
+                pop.mode_history[j].append((mode, loop))
+        if members != list(pop.members):
+            pop.members = tuple(members)
+            self._whole = None
+            self._storage = None
+
+    def _run_chunks(self, loop: int, ablated: tuple[tuple[tuple[int, int], ...], ...], on_step: StepCallback | None,
                     validate: bool) -> dict[str, torch.Tensor]:
         """Train every chunk for one epoch of `loop` (and, if `validate`, score and promote it);
         per-member outcomes as device tensors."""
@@ -468,7 +492,9 @@ class Engine:
         out = {"correct": torch.zeros(m, dtype=torch.int64, device=dev),
                "promoted": torch.zeros(m, dtype=torch.bool, device=dev),
                "loss": torch.zeros(m, dtype=torch.float32, device=dev),
-               "diverged": torch.zeros(m, dtype=torch.bool, device=dev)}
+               "diverged": torch.zeros(m, dtype=torch.bool, device=dev),
+               "forced": torch.zeros(m, dtype=torch.bool, device=dev),
+               "improved": torch.zeros(m, dtype=torch.bool, device=dev)}
         m0 = 0
         while m0 < m:
             m1 = min(m, m0 + self.chunk_size)
@@ -476,10 +502,12 @@ class Engine:
             out_of_memory = retry = False
             try:
                 ch = self._chunk(m0, m1)
-                ablations = [(j - m0, pop.members[j].mode, *ablated[j]) for j in range(m0, m1)
-                             if ablated[j] is not None]
+                ablations = [(j - m0, pop.members[j].mode, *a) for j in range(m0, m1) for a in ablated[j]]
                 ch.begin(self, loop, ablations)
                 ch.train_epoch(self, on_step)
+                fixed = [a for a in ablations if pop.members[m0 + a[0]].variant.fixed]
+                if fixed:  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
+                    ch.refix(fixed)
                 out["loss"][m0:m1] = ch.loss_sum / len(ch.batch_sizes())
                 out["diverged"][m0:m1] = ch.diverged
                 if validate:
@@ -499,19 +527,55 @@ class Engine:
                     self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
                 continue
             if validate:
-                lkg_correct = pop.lkg_correct[m0:m1]
-                promote = ~ch.diverged & (correct > lkg_correct)
-                lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
-                p = promote.view(1, -1, 1)
-                for (cw, cb), (lw, lb) in zip(ch.cand_runs, pop.layout.runs(pop.lkg)):
-                    lw, lb = lw[:, m0:m1], lb[:, m0:m1]
-                    # in place (out= is the LKG itself): no temporary the size of a layer run
-                    torch.where(p, cw, lw, out=lw)
-                    torch.where(p, cb, lb, out=lb)
+                promote, forced, improved = self._promote(ch, correct)
                 out["correct"][m0:m1] = correct
                 out["promoted"][m0:m1] = promote
+                out["forced"][m0:m1] = forced
+                out["improved"][m0:m1] = improved
             m0 = m1
         return out
+
+    def _promote(self, ch: Chunk, correct: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The promotion decision for chunk `ch`'s candidates, applied in place: LKG weights and
+        scores, and the variants' state (bounty model, patience counters, AdamW state).
+
+        The paper's engine: promote iff the candidate did not diverge and its validation count
+        strictly beats the LKG's. With patience K (psa.core.variant): after `allowance`
+        discarded candidates in a row the next one that did not diverge is promoted whatever
+        its score (forced) and the allowance grows by the member's growth factor; a candidate
+        that beats the bounty is promoted and resets the allowance to K. Returns (promote,
+        forced, improved: the bounty was beaten) per member of the chunk."""
+        pop, m0, m1 = self.pop, ch.m0, ch.m1
+        lkg_correct = pop.lkg_correct[m0:m1]
+        beats = ~ch.diverged & (correct > lkg_correct)
+        promote, forced, improved = beats, torch.zeros_like(beats), beats
+        if pop.streak is not None:
+            assert pop.allowance is not None and pop.bounty_correct is not None and pop.bounty is not None
+            k = torch.tensor([m.variant.patience for m in ch.members], dtype=torch.int64).to(correct.device)
+            growth = torch.tensor([m.variant.patience_growth for m in ch.members], dtype=torch.int64).to(correct.device)
+            streak, allowance = pop.streak[m0:m1], pop.allowance[m0:m1]
+            bounty_correct = pop.bounty_correct[m0:m1]
+            improved = ~ch.diverged & (correct > bounty_correct)
+            forced = (k > 0) & ~ch.diverged & ~beats & (streak >= allowance)
+            promote = beats | forced
+            streak.copy_(torch.where(promote, torch.zeros_like(streak), streak + 1))
+            allowance.copy_(torch.where(improved, k, torch.where(forced, allowance * growth, allowance)))
+            bounty_correct.copy_(torch.where(improved, correct, bounty_correct))
+            self._copy_rows(ch.cand_runs, pop.bounty, improved, m0, m1)
+        lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
+        self._copy_rows(ch.cand_runs, pop.lkg, promote, m0, m1)
+        ch.keep_optimizer(self, promote)
+        return promote, forced, improved
+
+    def _copy_rows(self, cand_runs: list[tuple[torch.Tensor, torch.Tensor]], dest: torch.Tensor, mask: torch.Tensor,
+                   m0: int, m1: int) -> None:
+        """Members m0.. of the flat buffer `dest` take the candidate's weights where `mask`."""
+        p = mask.view(1, -1, 1)
+        for (cw, cb), (lw, lb) in zip(cand_runs, self.pop.layout.runs(dest)):
+            lw, lb = lw[:, m0:m1], lb[:, m0:m1]
+            # in place (out= is the destination itself): no temporary the size of a layer run
+            torch.where(p, cw, lw, out=lw)
+            torch.where(p, cb, lb, out=lb)
 
     def launch(self, on_step: StepCallback | None = None) -> PendingLoop:
         """Queue one meta-loop for every member and return without waiting for the device.
@@ -524,6 +588,7 @@ class Engine:
         t0 = time.perf_counter()
         pop = self.pop
         loop = pop.loop + 1
+        self._follow_schedules(loop)
         ablated = self._ablations(loop)
         with self._stream_context(), self._device_context():
             out = self._run_chunks(loop, ablated, on_step, validate=True)
@@ -548,7 +613,7 @@ class Engine:
         """One epoch of loop `loop` for every candidate (cloned from the LKG, not ablated, not
         scored or promoted): for calibration and benchmarks. Returns (mean loss, diverged)."""
         with self._stream_context(), self._device_context():
-            out = self._run_chunks(loop, (None,) * self.pop.size, on_step, validate=False)
+            out = self._run_chunks(loop, ((),) * self.pop.size, on_step, validate=False)
         return out["loss"], out["diverged"]
 
 

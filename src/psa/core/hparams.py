@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from psa.core.population import ConfigError, Member, make_member
+from psa.core.variant import DEFAULT, Variant
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ class HParams:
         if not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    def member(self, mode: str, seed: int) -> Member:
-        """The trial of `mode` and `seed`: decay's rate in `decay` mode only, dropout's in
-        `dropout` mode only, exactly 0 elsewhere."""
-        return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout)
+    def member(self, mode: str, seed: int, variant: Variant = DEFAULT) -> Member:
+        """The trial of `mode` and `seed` (and `variant`): decay's rate in `decay` mode only,
+        dropout's in `dropout` mode only, exactly 0 elsewhere."""
+        return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout, variant=variant)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (betas as a list), as checkpoints and run.json store them."""
