@@ -149,8 +149,9 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
 
 
 def save_member(path: str | os.PathLike, pop: Population, j: int, meta: dict[str, Any]) -> None:
-    """Member j's LKG as a SimpleMLP state_dict in safetensors, with `meta` in its header."""
-    save_tensors(path, pop.member_state_dict(j), {"format": FORMAT, "kind": "member", **meta})
+    """Member j's bounty model (its LKG, unless it has patience) as a SimpleMLP state_dict in
+    safetensors, with `meta` in its header."""
+    save_tensors(path, pop.member_state_dict(j, pop.bounty_model()), {"format": FORMAT, "kind": "member", **meta})
 
 
 def load_member(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -167,14 +167,14 @@ def parse_ablate(text: str) -> dict[str, Any]:
     """`--ablate N` or `--ablate P%` as Variant fields."""
     s = str(text).strip()
     try:
-        if s.endswith("%"):
-            p = float(s[:-1])
-            if not (0.0 < p <= 100.0):
-                raise ConfigError(f"--ablate {s}: a percentage must be in (0%, 100%]")
-            return {"ablate_percent": p}
-        n = int(s)
+        value = float(s[:-1]) if s.endswith("%") else int(s)
     except ValueError:
         raise ConfigError(f"--ablate {s!r}: give a number of neurons (e.g. 2) or a percentage (e.g. 5%)") from None
+    if s.endswith("%"):
+        if not (0.0 < value <= 100.0):
+            raise ConfigError(f"--ablate {s}: a percentage must be in (0%, 100%]")
+        return {"ablate_percent": value}
+    n = value
     if n < 1:
         raise ConfigError(f"--ablate {s}: at least 1 neuron per meta-loop")
     return {"ablate": n}
