@@ -106,7 +106,11 @@ class Variant:
         kw = dict(d)
         if "ablate_layers" in kw:
             v = kw["ablate_layers"]
-            kw["ablate_layers"] = tuple(str(x) for x in (v.split(",") if isinstance(v, str) else v))
+            if isinstance(v, (str, int)) and not isinstance(v, bool):
+                v = str(v).split(",")
+            if not isinstance(v, (list, tuple)):
+                raise ConfigError(f"ablate_layers must be a list of layers, got {v!r}")
+            kw["ablate_layers"] = tuple(str(x).strip() for x in v)
         if "schedule" in kw:
             v = kw["schedule"]
             kw["schedule"] = parse_schedule(v) if isinstance(v, str) else tuple((str(m), n) for m, n in v)

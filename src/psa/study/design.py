@@ -147,6 +147,11 @@ class StudyDesign:
             out += [(m, name, v) for m in self._variant_modes(v)]
         return tuple(out)
 
+    def conditions_text(self) -> str:
+        """"6 modes", or "1 modes + 5 variant conditions", for people."""
+        extra = len(self.conditions()) - len(self.modes)
+        return f"{len(self.modes)} modes" + (f" + {extra} variant conditions" if extra else "")
+
     def seed_of(self, trial: int) -> int:
         """The seed of trial k (1-based), shared by every mode: the paired design."""
         return self.seed + trial - 1

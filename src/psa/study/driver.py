@@ -446,7 +446,7 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
     design = study.design
     assert study.plan is not None
     progress.print(
-        f"study [bold]{study.name}[/]: {len(design.architectures)} architectures x {len(design.modes)} modes x "
+        f"study [bold]{study.name}[/]: {len(design.architectures)} architectures x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")
