@@ -47,6 +47,12 @@ def reset_adamw(opt: torch.optim.Optimizer) -> None:
                 v.zero_()
 
 
+def step_dtype(device: torch.device) -> torch.dtype:
+    """AdamW step counts per member: float64 (bias corrections as torch's AdamW computes them in
+    Python floats), float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class MemberAdamW:
     """AdamW over a chunk's flat buffer with a step count per member, for chunks where some
     member's optimizer state persists (so members are at different steps). The update is
@@ -57,7 +63,7 @@ class MemberAdamW:
         self.param = param
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
-        self.steps = torch.zeros(layout.size_m, dtype=torch.float64, device=param.device)
+        self.steps = torch.zeros(layout.size_m, dtype=step_dtype(param.device), device=param.device)
         self.lr, (self.beta1, self.beta2), self.eps = hp.lr, hp.betas, hp.eps
         self.runs = list(zip(layout.runs(param), layout.runs(param.grad), layout.runs(self.exp_avg),
                              layout.runs(self.exp_avg_sq)))

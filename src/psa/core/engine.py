@@ -20,6 +20,10 @@ How a loop runs, and why:
   CUDA streams can keep one GPU busy together (psa.study runs several populations that way).
 - A population larger than the free memory of its device trains in chunks of whole seed
   groups, one chunk after another within each loop.
+- Engine variants (psa.core.variant, docs/variants.md) are per-member settings on the same
+  path: which neurons are zeroed (choose_neurons), the promotion decision (`_promote`, the one
+  place it is made: patience, the bounty model), the AdamW state kept with the LKG
+  (Chunk.keep_optimizer) and mode schedules (`_follow_schedules`, at loop boundaries).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from psa.core.device import (
     on_device,
     release_cached,
     side_stream,
+    to_device,
 )
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
@@ -551,15 +556,18 @@ class Engine:
         promote, forced, improved = beats, torch.zeros_like(beats), beats
         if pop.streak is not None:
             assert pop.allowance is not None and pop.bounty_correct is not None and pop.bounty is not None
-            k = torch.tensor([m.variant.patience for m in ch.members], dtype=torch.int64).to(correct.device)
-            growth = torch.tensor([m.variant.patience_growth for m in ch.members], dtype=torch.int64).to(correct.device)
+            k = to_device(torch.tensor([m.variant.patience for m in ch.members], dtype=torch.int64), correct.device)
+            growth = to_device(torch.tensor([m.variant.patience_growth for m in ch.members], dtype=torch.int64),
+                               correct.device)
             streak, allowance = pop.streak[m0:m1], pop.allowance[m0:m1]
             bounty_correct = pop.bounty_correct[m0:m1]
             improved = ~ch.diverged & (correct > bounty_correct)
             forced = (k > 0) & ~ch.diverged & ~beats & (streak >= allowance)
             promote = beats | forced
             streak.copy_(torch.where(promote, torch.zeros_like(streak), streak + 1))
-            allowance.copy_(torch.where(improved, k, torch.where(forced, allowance * growth, allowance)))
+            # capped far beyond any run's length, so that K * G^n cannot overflow
+            grown = torch.clamp(allowance * growth, max=1 << 40)
+            allowance.copy_(torch.where(improved, k, torch.where(forced, grown, allowance)))
             bounty_correct.copy_(torch.where(improved, correct, bounty_correct))
             self._copy_rows(ch.cand_runs, pop.bounty, improved, m0, m1)
         lkg_correct.copy_(torch.where(promote, correct, lkg_correct))

@@ -213,7 +213,8 @@ class Population:
         if self.persistent and self.opt_avg is None:
             self.opt_avg = torch.zeros_like(self.lkg)
             self.opt_sq = torch.zeros_like(self.lkg)
-            self.opt_step = torch.zeros(m, dtype=torch.float64, device=dev)
+            # float64 (float32 on MPS, which has none), as psa.core.chunk.MemberAdamW counts
+            self.opt_step = torch.zeros(m, dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)
 
     def variant_state(self) -> dict[str, torch.Tensor]:
         """The variant state tensors by name (those present), for checkpoints."""
