@@ -165,9 +165,17 @@ def test_a_database_from_before_variants_reads_as_the_papers_engine(tmp_path: Pa
     assert "variant" not in old_schema and "forced" not in old_schema
     con = sqlite3.connect(db)
     con.executescript(old_schema)
+    con.execute("INSERT INTO studies (id, name, design, design_hash) VALUES (1, 'old', '{}', 'x')")
+    con.execute("INSERT INTO trials (study_id, arch, mode, trial, seed, meta_loops, lr, batch_size, weight_decay, "
+                "dropout, dataset, status) VALUES (1, '1*8', 'hidden', 1, 0, 1, 1e-4, 256, 0, 0, 'mnist', 'pending')")
+    con.commit()
     con.close()
     ro = store.connect(db, readonly=True)
-    assert store.load_trials(ro, 1) == []  # no variant column: read as NULL
+    (trial,) = store.load_trials(ro, 1)
+    assert trial["variant"] is None  # no variant column: read as the paper's engine
+    store.export(ro, tmp_path / "export")
+    header = (tmp_path / "export" / "trials.csv").read_text().splitlines()[0]
+    assert header.endswith(",variant,variant_settings")
     ro.close()
     rc, _, err = run_main(["study", "--arch", "1*8", "--modes", "hidden", "--trials", "1", "--meta-loops", "1",
                            "--train-subset", "256", "--quiet", "--db", str(db), "--variant", "p patience=2"])

@@ -441,13 +441,19 @@ META_LOOP_EXPORT = (
 )
 
 
-def _export_queries(study_ids: Sequence[int]) -> tuple[str, str]:
+def _export_queries(study_ids: Sequence[int], missing: set[str] = frozenset()) -> tuple[str, str]:
+    """The export's two queries; `missing` columns (ADDED_COLUMNS that a database from before
+    them lacks) export as NULL."""
     marks = ", ".join("?" * len(study_ids))
-    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else f"t.{c}")
+
+    def col(table: str, c: str) -> str:
+        return f"NULL AS {c}" if c in missing else f"{table}.{c}"
+
+    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else col("t", c))
                        for c, _ in TRIAL_EXPORT)
     m_cols = ", ".join(
         "s.name" if c == "study" else ("t.id" if c == "trial_id" else
-                                       (f"t.{c}" if c in ("arch", "trial", "seed") else f"m.{c}"))
+                                       (f"t.{c}" if c in ("arch", "trial", "seed") else col("m", c)))
         for c, _ in META_LOOP_EXPORT
     )
     trials_q = (f"SELECT {t_cols} FROM trials t JOIN studies s ON s.id = t.study_id "
@@ -530,7 +536,9 @@ def export(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create {out}: {e.strerror}") from None
-    trials_q, loops_q = _export_queries(ids)
+    missing = {c for table, c, _ in ADDED_COLUMNS
+               if c not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}}
+    trials_q, loops_q = _export_queries(ids, missing)
     counts: dict[str, int] = {}
     con.execute("BEGIN")  # one snapshot for every file
     try:
