@@ -9,6 +9,7 @@ training must reproduce it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from psa.core import rng
-from psa.core.ablation import choose_neuron
+from psa.core.ablation import choose_neuron, choose_neurons
 from psa.core.arch import Arch
 from psa.core.data import Dataset
 from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
+from psa.core.variant import Variant
 
 
 @dataclass
@@ -29,6 +31,11 @@ class OracleResult:
     lkg_correct: int
     accs: list[int] = field(default_factory=list)  # candidate correct counts per loop
     promoted: list[bool] = field(default_factory=list)
+    # variants: the bounty model and its score, forced acceptances, and the mode of each loop
+    bounty: dict[str, torch.Tensor] = field(default_factory=dict)
+    bounty_correct: int = -1
+    forced: list[bool] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
 
 
 def dropout_mask(seed: int, loop: int, step: int, rows: int, units: int, drop: float) -> torch.Tensor:
@@ -170,4 +177,80 @@ def run(
             best = correct
             lkg = {k: v.clone() for k, v in model.state_dict().items()}
     out.lkg, out.lkg_correct = lkg, best
+    return out
+
+
+def run_variant(arch: Arch, ds: Dataset, seed: int, mode: str, loops: int, cfg: HParams, variant: Variant) -> OracleResult:
+    """`loops` meta-loops of one trial of `mode` with an engine variant (psa.core.variant),
+    written plainly: patience with a bounty model apart from the LKG, the AdamW state kept with
+    the LKG, several or fixed neurons, a mode schedule. The neurons come from
+    psa.ablation.choose_neurons (randomness, like choose_neuron above); the rest is this loop."""
+    torch.manual_seed(seed)
+    model = SimpleMLP(arch)
+    lkg = {k: v.clone() for k, v in model.state_dict().items()}
+    lkg_correct, bounty_correct = -1, -1
+    out = OracleResult(lkg, -1, bounty=lkg)
+    lkg_opt = None  # the LKG's AdamW state_dict (optimizer_state = persist)
+    streak, allowance = 0, variant.patience
+    n = ds.train_x.shape[0]
+    units = sum(arch.hidden)
+    lins = model.linears()
+    for loop in range(1, loops + 1):
+        m = variant.mode_at(mode, loop)
+        out.modes.append(m)
+        wd = cfg.weight_decay if m == "decay" else 0.0
+        drop = cfg.dropout if m == "dropout" else 0.0
+        model.load_state_dict(lkg)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
+        if variant.optimizer_state == "persist" and lkg_opt is not None:
+            opt.load_state_dict(copy.deepcopy(lkg_opt))  # load_state_dict keeps the tensors it is given
+            for g in opt.param_groups:
+                g["weight_decay"] = wd  # the mode's, which a schedule may have changed
+        ablations = choose_neurons(arch, m, seed, loop, variant, cfg.meta_loops)
+
+        def kill() -> None:
+            with torch.no_grad():
+                for layer, neuron in ablations:
+                    rows = [(lins[layer].weight, (neuron,)), (lins[layer].bias, (neuron,))]
+                    if m == "hidden" and layer + 1 < len(lins):
+                        rows.append((lins[layer + 1].weight, (slice(None), neuron)))
+                    for p, idx in rows:
+                        p[idx] = 0.0
+                        st = opt.state.get(p)
+                        if st:  # the neuron's moments die with it
+                            st["exp_avg"][idx] = 0.0
+                            st["exp_avg_sq"][idx] = 0.0
+
+        kill()
+        perm = rng.data_order([seed], loop, n, "cpu")[0]
+        model.train()
+        for step, s in enumerate(range(0, n, cfg.batch_size)):
+            idx = perm[s : s + cfg.batch_size]
+            noise = dropout_mask(seed, loop, step, len(idx), units, drop) if drop > 0 and units else None
+            loss = F.cross_entropy(forward(model, ds.train_x[idx], noise), ds.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if variant.fixed:
+            kill()  # the fixed set is re-zeroed after every epoch
+        model.eval()
+        with torch.no_grad():
+            correct = int((model(ds.val_x).argmax(1) == ds.val_y).sum())
+        out.accs.append(correct)
+        beats = correct > lkg_correct
+        forced = variant.patience > 0 and not beats and streak >= allowance
+        promote = beats or forced
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if promote:
+            lkg, lkg_correct, streak = state, correct, 0
+            lkg_opt = copy.deepcopy(opt.state_dict())
+        else:
+            streak += 1
+        if correct > bounty_correct:
+            out.bounty, bounty_correct, allowance = state, correct, variant.patience
+        elif forced:
+            allowance *= variant.patience_growth
+        out.promoted.append(promote)
+        out.forced.append(forced)
+    out.lkg, out.lkg_correct, out.bounty_correct = lkg, lkg_correct, bounty_correct
     return out

@@ -108,6 +108,7 @@ def _write_compare(opt: CompareOptions, data: StudyData, out: OutputDir) -> Comp
         write_table(out, t)
     figs = _write_compare_figures(opt, data, cells, zero_r, ref_label, out)
     verdict, summary = _verdict(opt, data, published, cells, regimes, ref_label, zero_r, zsrc)
+    verdict += _variant_lines(data, opt.alpha, zero_r, opt.escape_margin)
     out.write("verdict.txt", "\n".join(verdict) + "\n")
     sections = [("Verdict", preformatted("\n".join(verdict))),
                 ("Cells", "".join(figure(f) for f in figs if f.name == "compare_means") + cell_table.html()),
@@ -198,6 +199,25 @@ def _write_compare_figures(opt: CompareOptions, data: StudyData, cells: Sequence
     for f in figs:
         write_figure_data(out, f.name, f.data)
     return figs
+
+
+def _variant_lines(data: StudyData, alpha: float, zero_r: float, margin: float) -> list[str]:
+    """The engine variants of `data` against the paper's engine in the same study (paired by
+    trial, Holm per architecture; stats.variant_comparisons), as verdict lines; none without variants."""
+    from psa.analysis.stats import StatsConfig, summaries, variant_comparisons
+
+    comps = variant_comparisons(data.trials, data.archs, data.design.modes,
+                                StatsConfig(alpha=alpha, zero_r=zero_r, escape_margin=margin))
+    if not comps:
+        return []
+    summ = summaries(data.trials)
+    lines = ["engine variants against the paper's engine in this study (paired by seed, Holm per architecture):",
+             f"  {'arch':<9}{'condition':<26}{'mean':>14}{'reference':>22}{'diff':>8}{'p (Holm)':>10}  verdict"]
+    for c in comps:
+        v, r = summ[(c.arch, c.ablative)], summ[(c.arch, c.baseline)]
+        lines.append(f"  {c.arch:<9}{c.ablative:<26}{v.mean:>7.2f} ± {v.std:<5.2f}{c.baseline:>9} {r.mean:>6.2f} ± "
+                     f"{r.std:<5.2f}{c.mean_diff:>+8.2f}{fp(c.p_holm):>10}  {c.verdict}")
+    return lines
 
 
 def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: Sequence[CellComparison],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psa.analysis.regimes import RULE_SETS, ClassifierConfig, Regime, classify_all
 from psa.analysis.results import StudyData, missing_report
@@ -13,6 +13,7 @@ from psa.analysis.stats import (
     ablation_effects,
     paired_comparisons,
     summaries,
+    variant_comparisons,
 )
 
 
@@ -29,6 +30,7 @@ class Analysis:
     comparisons: list[Comparison]
     effects: dict[str, dict]
     missing: list[str]
+    variants: list[Comparison] = field(default_factory=list)  # engine variants against the paper's engine
 
 
 def analyse(data: StudyData, zero_r: float, zero_r_source: str, alpha: float = 0.05, n_boot: int = 10_000,
@@ -38,7 +40,7 @@ def analyse(data: StudyData, zero_r: float, zero_r_source: str, alpha: float = 0
     summ = summaries(data.trials)
     cfg = ClassifierConfig(zero_r=zero_r)
     regimes = {r: classify_all(summ, archs, cfg, r, data.design.trials or None) for r in RULE_SETS}
-    comps = paired_comparisons(data.trials, archs, StatsConfig(alpha=alpha, n_boot=n_boot, seed=seed,
-                                                               zero_r=zero_r, escape_margin=escape_margin))
+    scfg = StatsConfig(alpha=alpha, n_boot=n_boot, seed=seed, zero_r=zero_r, escape_margin=escape_margin)
+    comps = paired_comparisons(data.trials, archs, scfg)
     return Analysis(data, zero_r, zero_r_source, archs, summ, regimes, comps, ablation_effects(comps),
-                    missing_report(data))
+                    missing_report(data), variant_comparisons(data.trials, archs, data.design.modes, scfg))

@@ -50,6 +50,7 @@ from psa.analysis.tables import (
     table_tests,
     table_trials,
     table_v,
+    table_variants,
 )
 from psa.core.population import MODES
 from psa.study.options import DEFAULT_DB
@@ -177,6 +178,8 @@ def _write_tables(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Seq
     growth, conv, growth_long, conv_long = table_lkg(A)
     tables += [growth, conv, table_still_improving(D.conv), table_bounty_convergence(D.conv), table_harm(D.harms),
                table_harm_separation(D.separation, D.rho), table_trials(A)]
+    if A.variants:
+        tables.append(table_variants(A, cfg.alpha))
     if A.missing or A.data.incomplete:
         tables.append(table_missing(A))
     for t in tables:

@@ -12,6 +12,8 @@ plotted convergence curve per cell, and the printed Table V.
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import json
@@ -54,6 +56,7 @@ class Trial:
     bounty_loop: int | None = None
     test_acc: float | None = None
     seed: int | None = None
+    variant: str = ""  # the engine variant's name ("": the paper's engine); `mode` then reads "hidden+name"
 
 
 @dataclass(frozen=True)
@@ -308,19 +311,24 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
     datasets = set()
     for r in trows:
         arch = _short(r["arch"])
+        label = condition_label(r["mode"], r["variant"])
         if r["status"] == "done" and r["bounty"] is not None:
-            trials.append(Trial(arch, r["mode"], int(r["trial"]), float(r["bounty"]),
+            trials.append(Trial(arch, label, int(r["trial"]), float(r["bounty"]),
                                 None if r["bounty_loop"] is None else int(r["bounty_loop"]),
                                 None if r["test_acc"] is None else float(r["test_acc"]),
-                                int(r["seed"])))
-            done_ids[r["id"]] = (arch, r["mode"], int(r["trial"]))
+                                int(r["seed"]), r["variant"] or ""))
+            done_ids[r["id"]] = (arch, label, int(r["trial"]))
             datasets.add(r["dataset"])
         else:
             status = r["status"] if r["status"] != "done" else "done without a bounty"
-            incomplete.append({"arch": arch, "mode": r["mode"], "trial": int(r["trial"]),
+            incomplete.append({"arch": arch, "mode": label, "trial": int(r["trial"]),
                                "status": status, "loops_done": int(r["loops_done"] or 0)})
     design, dnotes = _design_from_json(row["design"], trials)
     notes += dnotes
+    # each engine variant's condition is a column of its own, after the design's modes
+    labels = [condition_label(r["mode"], r["variant"]) for r in trows if r["variant"]]
+    if labels:
+        design = dataclasses.replace(design, modes=design.modes + tuple(dict.fromkeys(labels)))
     curves = _curves(store.load_meta_loops(con, sid), done_ids)
     paired = _seeds_paired(trials)
     if trials and not paired:
@@ -343,6 +351,12 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
         curves_note=f"per-loop records of {len(curves)} finished trials",
         dataset_info=None if info is None else dict(info),
     )
+
+
+def condition_label(mode: str, variant: str | None) -> str:
+    """How reports name a (mode, engine variant) condition: the mode for the paper's engine,
+    else "mode+variant" (e.g. "hidden+patience5")."""
+    return f"{mode}+{variant}" if variant else mode
 
 
 def _choose_study(studies: Sequence[sqlite3.Row], path: Path, study: str | None) -> tuple[sqlite3.Row, list[str]]:

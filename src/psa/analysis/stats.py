@@ -320,6 +320,52 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
     return out
 
 
+def variant_comparisons(data_trials: Iterable[Trial], archs: Sequence[str], modes: Sequence[str],
+                        cfg: StatsConfig = StatsConfig()) -> list[Comparison]:
+    """Every engine-variant condition (a trial with a `variant`, its mode "hidden+name") against
+    the paper's engine in its own mode, or, where the design ran that mode only as a variant (a
+    mode schedule starting in dropout), against the design's first plain mode: paired by trial
+    index (trial k of every condition shares its seed), Holm-corrected over the variant
+    conditions of one architecture. In the returned Comparisons `ablative` is the variant's
+    condition and `baseline` its reference; verdicts read "variant better/worse"."""
+    peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    variant_of: dict[str, str] = {}
+    for t in data_trials:
+        peaks[(t.arch, t.mode)][t.trial] = t.peak
+        if t.variant:
+            variant_of[t.mode] = t.mode[: -len(t.variant) - 1]
+    plain = [m for m in modes if "+" not in m]
+    out: list[Comparison] = []
+    for arch in archs:
+        rows = []
+        for label in sorted(variant_of, key=lambda x: (list(variant_of).index(x))):
+            ref = variant_of[label] if variant_of[label] in plain else (plain[0] if plain else None)
+            if ref is None:
+                continue
+            pa, pb = peaks.get((arch, label), {}), peaks.get((arch, ref), {})
+            keys = sorted(set(pa) & set(pb))
+            if not keys:
+                continue
+            d = np.array([pa[k] - pb[k] for k in keys])
+            collapsed = cfg.zero_r is not None and max(max(pa.values()), max(pb.values())) <= (
+                cfg.zero_r + cfg.escape_margin)
+            lo, hi = bootstrap_ci(d, cfg.n_boot, cfg.seed)
+            rows.append(dict(arch=arch, ablative=label, baseline=ref, n=len(keys),
+                             n_nonzero=int(np.count_nonzero(np.abs(d) > ACC_EPS)), mean_diff=float(d.mean()),
+                             ci_low=lo, ci_high=hi, p=sign_flip_test(d, cfg.max_exact, cfg.n_flips, cfg.seed),
+                             d_z=cohens_dz(d), r_rb=rank_biserial(d), p_min=min_sign_flip_p(d),
+                             collapsed=bool(collapsed)))
+        for r, ph in zip(rows, holm([r["p"] for r in rows])):
+            if r["p_min"] > cfg.alpha or r["n"] < 2:
+                verdict = "cannot decide"
+            elif ph < cfg.alpha:
+                verdict = "variant better" if r["mean_diff"] > 0 else "variant worse"
+            else:
+                verdict = "no detectable difference"
+            out.append(Comparison(p_holm=float(ph), verdict=verdict, **r))
+    return out
+
+
 ABLATION_EFFECTS = ("beneficial", "harmful", "mixed", "no detectable effect", "undecidable", "collapsed")
 
 

@@ -71,3 +71,35 @@ def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, preci
                         "triton: always Triton (needs a GPU or TRITON_INTERPRET=1)")
     p.add_argument("--no-graphs", action="store_true",
                    help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")
+
+
+def add_variant_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The engine variant's settings (psa.core.variant; each None unless given): the paper's
+    future work. docs/variants.md says what each does."""
+    p.add_argument("--patience", type=int, metavar="K",
+                   help="Frustration with Patience: after K discarded candidates in a row accept the next one "
+                        "even if worse (0 = the paper's greedy engine, the default)")
+    p.add_argument("--patience-growth", type=int, metavar="G",
+                   help="the allowance grows to K*G, K*G^2, ... after each forced acceptance (default 2)")
+    p.add_argument("--optimizer-state", choices=["reset", "persist"],
+                   help="reset: a fresh AdamW every meta-loop (the paper's); persist: its state travels with the LKG")
+    p.add_argument("--ablate", metavar="N|P%", help="neurons ablated per meta-loop, or a percentage of the eligible "
+                                                     "ones, at least one (default 1)")
+    p.add_argument("--ablate-layers", metavar="LAYERS",
+                   help="comma-separated Linear layers that may be ablated: indices (0 = first hidden), "
+                        "last-hidden, output (default: the mode's)")
+    p.add_argument("--ablate-schedule", metavar="SCHEDULE",
+                   help="constant (default), linear (decay to zero over the run) or step:L (stop at loop L)")
+    p.add_argument("--fixed-ablation", action="store_const", const=True, default=None,
+                   help="one seeded set of neurons, dead from loop 1 and re-zeroed after every epoch, instead of "
+                        "fresh draws every loop")
+    p.add_argument("--schedule", metavar="MODE:LOOPS,...",
+                   help='train in one mode, then another, e.g. "dropout:50,hidden:50" (the loops sum to the run\'s)')
+
+
+def variant_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The variant settings given on the command line (as Variant.from_settings reads them)."""
+    names = {"patience": "patience", "patience_growth": "patience_growth", "optimizer_state": "optimizer_state",
+             "ablate": "ablate", "ablate_layers": "ablate_layers", "ablate_schedule": "ablate_schedule",
+             "fixed_ablation": "fixed", "schedule": "schedule"}
+    return {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag, None) is not None}

@@ -22,6 +22,7 @@ from psa.study.design import (
     StudyDesign,
     arch_list,
     read_arch_file,
+    parse_variants,
     resolve_design,
 )
 from psa.study.driver import run_study, stored_design
@@ -43,6 +44,31 @@ def _modes(text: str) -> tuple[str, ...]:
         if m not in MODES:
             raise argparse.ArgumentTypeError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     return modes
+
+
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    """--variant "NAME key=value ...": one named engine variant (keys as in a design file's
+    [variants.NAME] table, e.g. "patience5 patience=5" or "sched schedule=dropout:50,hidden:50")."""
+    name, *pairs = text.split()
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME key=value ..., got {pair!r}")
+        low = value.lower()
+        if low in ("true", "false"):
+            settings[key.replace("-", "_")] = low == "true"
+            continue
+        try:
+            settings[key.replace("-", "_")] = int(value)
+        except ValueError:
+            try:
+                settings[key.replace("-", "_")] = float(value)
+            except ValueError:
+                settings[key.replace("-", "_")] = value
+    if not settings:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: give at least one key=value setting")
+    return name, settings
 
 
 def _formats(text: str) -> tuple[str, ...]:
@@ -80,6 +106,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         "dropout": args.dropout, "diverged": args.diverged, "train_subset": args.train_subset,
         "dataset": args.dataset, "model": args.model,
         "block_dropout": args.block_dropout, "base_weight_decay": args.base_weight_decay,
+        "variants": parse_variants(dict(args.variant)) if args.variant else None,
     }
     name, design = resolve_design(args.preset, args.design, args.name, overrides)
     opt = _run_options(args)
@@ -306,6 +333,9 @@ def register(sub: Any) -> None:
     g.add_argument("--trials", type=positive_int, help="trials per architecture and mode (default 10)")
     g.add_argument("--meta-loops", type=positive_int, help="meta-loops per trial (default 100)")
     g.add_argument("--seed", type=nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
+    g.add_argument("--variant", type=_variant, action="append", metavar='"NAME key=value ..."',
+                   help='an engine variant run beside the paper\'s engine, e.g. "patience5 patience=5"; repeatable; '
+                        "replaces the design file's [variants] (docs/variants.md)")
     add_training_flags(g)
     add_model_flags(g)
     g.add_argument("--train-subset", type=positive_int, metavar="N",

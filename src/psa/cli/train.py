@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 from psa.cli.argtypes import dataset_spec, nonneg_int, positive_int
-from psa.cli.flags import PAPER, add_engine_flags, add_model_flags, add_training_flags
+from psa.cli.flags import (
+    PAPER,
+    add_engine_flags,
+    add_model_flags,
+    add_training_flags,
+    add_variant_flags,
+    variant_settings,
+)
 from psa.core.arch import matched_arch, parse_arch
 from psa.core.model import DEFAULT_MODEL, layer_table, param_count
 from psa.core.population import MODES, ConfigError
@@ -54,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, model=args.model, block_dropout=args.block_dropout,
         base_weight_decay=args.base_weight_decay,
         dataset=args.dataset, data_dir=args.data_dir, out=args.out, resume=args.resume, quiet=args.json,
-        precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs,
+        precision=args.precision, kernels=args.kernels, graphs=not args.no_graphs, variant=variant_settings(args),
     )
     summary = train(cfg)
     if args.json:
@@ -82,6 +89,7 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=nonneg_int, help="seed of the initial weights and random streams (default 0)")
     add_training_flags(p)
     add_model_flags(p)
+    add_variant_flags(p.add_argument_group("engine variants (the paper's future work; docs/variants.md)"))
     p.add_argument("--out", help="run directory (must be new or empty; default runs/ARCH-MODE-seedN)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run, optionally in another --mode")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary instead of progress")

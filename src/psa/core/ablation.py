@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from psa.core.arch import Arch
+from psa.core.errors import ConfigError
 from psa.core.model import DEFAULT_MODEL, linear_shapes
 from psa.core.device import to_device
 from psa.core.population import ABLATIVE_MODES, Layout, derive_seed
+from psa.core.variant import Variant, ablation_count, eligible_layers
 
 
 def choose_neuron(arch: Arch, mode: str, seed: int, loop: int, model: str = DEFAULT_MODEL) -> tuple[int, int] | None:
@@ -82,6 +84,53 @@ def _choose_in(outs: tuple[int, ...], mode: str, seed: int, loop: int) -> tuple[
     raise AssertionError("unreachable: pooled index beyond the hidden neurons")
 
 
+def _draw(arch: Arch, mode: str, seed: int, key: object, n: int, layers: tuple[int, ...]) -> list[tuple[int, int]]:
+    """`n` distinct neurons of `layers` as `mode` draws them, for draw key `key` (a loop, or
+    "fixed"). Draw 0 uses the paper's tags, so one neuron from the mode's own layers is exactly
+    choose_neuron's; draw i > 0 adds i to the tags; a neuron drawn twice is drawn again."""
+    widths = arch.hidden + (arch.n_out,)
+    pool = sum(widths[i] for i in layers)
+    out: list[tuple[int, int]] = []
+    i = 0
+    while len(out) < min(n, pool):
+        tags = (key,) if i == 0 else (key, i)
+        i += 1
+        if mode == "full":
+            layer = layers[derive_seed(seed, "ablate-layer", *tags) % len(layers)]
+            pick = (layer, derive_seed(seed, "ablate-neuron", *tags) % widths[layer])
+        else:  # hidden and output: uniform over the neurons of the eligible layers, pooled
+            pooled = derive_seed(seed, "ablate-neuron", *tags) % pool
+            for layer in layers:
+                if pooled < widths[layer]:
+                    break
+                pooled -= widths[layer]
+            pick = (layer, pooled)
+        if pick not in out:
+            out.append(pick)
+    return out
+
+
+def choose_neurons(arch: Arch, mode: str, seed: int, loop: int, variant: Variant,
+                   meta_loops: int, model: str = DEFAULT_MODEL) -> tuple[tuple[int, int], ...]:
+    """Every (Linear layer, neuron) that a member of `mode` and `variant` ablates at `loop` of a
+    run of `meta_loops`: the paper's one neuron (choose_neuron) for the default variant; several
+    distinct ones, from restricted layers, on an ablation schedule or a fixed set otherwise."""
+    if mode not in ABLATIVE_MODES:
+        return ()
+    if model != DEFAULT_MODEL:
+        if not variant.is_default:  # the variants' draws count a SimpleMLP's layers
+            raise ConfigError(f"engine variants are not available for model {model} yet")
+        one = choose_neuron(arch, mode, seed, loop, model)
+        return () if one is None else (one,)
+    if variant.fixed:  # one set per seed, dead from loop 1
+        layers = eligible_layers(arch, mode, variant.ablate_layers)
+        return tuple(_draw(arch, mode, seed, "fixed", ablation_count(variant, arch, mode, 2, meta_loops), layers))
+    if loop <= 1:
+        return ()
+    n = ablation_count(variant, arch, mode, loop, meta_loops)
+    return tuple(_draw(arch, mode, seed, loop, n, eligible_layers(arch, mode, variant.ablate_layers)))
+
+
 def ablation_indices(layout: Layout, member: int, mode: str, layer: int, neuron: int) -> np.ndarray:
     """Offsets in the flat buffer of every parameter that `mode` zeroes when it ablates `neuron`
     of Linear `layer` in population row `member`: its incoming row and bias, and in `hidden`
@@ -89,7 +138,7 @@ def ablation_indices(layout: Layout, member: int, mode: str, layer: int, neuron:
     m = member
     w0, b0, o, i = layout.blocks[layer]
     parts = [w0 + (m * o + neuron) * i + np.arange(i), np.array([b0 + m * o + neuron])]
-    if mode == "hidden":
+    if mode == "hidden" and layer + 1 < len(layout.blocks):  # an output neuron has no outgoing column
         nw0, _, no, ni = layout.blocks[layer + 1]
         parts.append(nw0 + m * no * ni + np.arange(no) * ni + neuron)
     return np.concatenate(parts)

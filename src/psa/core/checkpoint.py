@@ -21,6 +21,7 @@ from psa.core.arch import N_IN, N_OUT, ArchError, parse_arch
 from psa.core.device import canonical_device
 from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.population import ConfigError, Layout, Member, Population
+from psa.core.variant import Variant
 
 FORMAT = "psa-checkpoint-1"
 
@@ -99,14 +100,16 @@ def save_population(path: str | os.PathLike, pop: Population, extra: dict[str, A
         "n_in": pop.arch.n_in,  # the data set's input size and class count
         "n_out": pop.arch.n_out,
         **({} if pop.model == DEFAULT_MODEL else {"model": pop.model}),  # absent for the paper's SimpleMLP
-        "members": [[m.mode, m.seed, m.weight_decay, m.dropout] for m in pop.members],
+        # a fifth entry, the variant's settings, only for members that are not the paper's engine
+        "members": [[m.mode, m.seed, m.weight_decay, m.dropout, *([m.variant.settings()] if not m.variant.is_default
+                                                                  else [])] for m in pop.members],
         "loop": pop.loop,
         "bounty_loop": pop.bounty_loop,
         "n_val": pop.n_val,
         "mode_history": pop.mode_history,
         **(extra or {}),
     }
-    save_tensors(path, {"lkg": pop.lkg, "lkg_correct": pop.lkg_correct}, meta)
+    save_tensors(path, {"lkg": pop.lkg, "lkg_correct": pop.lkg_correct, **pop.variant_state()}, meta)
 
 
 def load_population(path: str | os.PathLike, device: torch.device | str) -> tuple[Population, dict[str, Any]]:
@@ -117,7 +120,8 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
     try:
         arch = parse_arch(meta["arch"], int(meta.get("n_in", N_IN)), int(meta.get("n_out", N_OUT)))
         model = check_model_name(meta.get("model", DEFAULT_MODEL))
-        members = tuple(Member(str(a), int(b), float(c), float(d)) for a, b, c, d in meta["members"])
+        members = tuple(Member(str(a), int(b), float(c), float(d), Variant.from_settings(v[0]) if v else Variant())
+                        for a, b, c, d, *v in meta["members"])
         layout = Layout.of(arch, len(members), model)
         lkg, correct = tensors["lkg"], tensors["lkg_correct"]
     except (KeyError, TypeError, ValueError, ArchError, ConfigError) as e:
@@ -137,12 +141,22 @@ def load_population(path: str | os.PathLike, device: torch.device | str) -> tupl
         loop=int(meta["loop"]),
         mode_history=[[(str(m), int(t)) for m, t in h] for h in meta["mode_history"]],
     )
+    for name, t in tensors.items():
+        if name in ("bounty", "opt_avg", "opt_sq") and t.shape != (layout.numel,) or \
+                name in ("bounty_correct", "streak", "allowance", "opt_step") and t.shape != (len(members),):
+            raise CheckpointError(f"{path}: variant state {name} has the wrong size")
+        if name not in ("lkg", "lkg_correct"):
+            setattr(pop, name, t.to(dev))
+    pop.init_variant_state()
+    if set(pop.variant_state()) != set(tensors) - {"lkg", "lkg_correct"}:
+        raise CheckpointError(f"{path}: its variant state does not match its members")
     return pop, meta
 
 
 def save_member(path: str | os.PathLike, pop: Population, j: int, meta: dict[str, Any]) -> None:
-    """Member j's LKG as a state_dict of its model's nn.Module in safetensors, with `meta` in its header."""
-    save_tensors(path, pop.member_state_dict(j), {"format": FORMAT, "kind": "member", **meta})
+    """Member j's bounty model (its LKG, unless it has patience) as a state_dict of its model's
+    nn.Module in safetensors, with `meta` in its header."""
+    save_tensors(path, pop.member_state_dict(j, pop.bounty_model()), {"format": FORMAT, "kind": "member", **meta})
 
 
 def load_member(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -47,6 +47,47 @@ def reset_adamw(opt: torch.optim.Optimizer) -> None:
                 v.zero_()
 
 
+def step_dtype(device: torch.device) -> torch.dtype:
+    """AdamW step counts per member: float64 (bias corrections as torch's AdamW computes them in
+    Python floats), float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class MemberAdamW:
+    """AdamW over a chunk's flat buffer with a step count per member, for chunks where some
+    member's optimizer state persists (so members are at different steps). The update is
+    torch.optim.AdamW's (single-tensor, weight_decay=0) with the bias corrections per member;
+    its state sits at fixed addresses (graph-capturable: the step counts are device tensors)."""
+
+    def __init__(self, param: torch.Tensor, layout: Layout, hp: HParams) -> None:
+        self.param = param
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.steps = torch.zeros(layout.size_m, dtype=step_dtype(param.device), device=param.device)
+        self.lr, (self.beta1, self.beta2), self.eps = hp.lr, hp.betas, hp.eps
+        self.runs = list(zip(layout.runs(param), layout.runs(param.grad), layout.runs(self.exp_avg),
+                             layout.runs(self.exp_avg_sq)))
+
+    def reset(self) -> None:
+        """A fresh optimizer for every member, in place."""
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
+        self.steps.zero_()
+
+    def step(self) -> None:
+        """One AdamW step of every member."""
+        self.steps += 1
+        step_size = (self.lr / (1 - self.beta1 ** self.steps)).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1 - self.beta2 ** self.steps).to(torch.float32)
+        for pair_p, pair_g, pair_m, pair_v in self.runs:
+            for p, g, m, v, per in ((pair_p[0], pair_g[0], pair_m[0], pair_v[0], (1, -1, 1)),
+                                    (pair_p[1], pair_g[1], pair_m[1], pair_v[1], (1, -1, 1))):
+                m.lerp_(g, 1 - self.beta1)
+                v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                denom = (v.sqrt() / bc2_sqrt.view(per)).add_(self.eps)
+                p.sub_(step_size.view(per) * m / denom)
+
+
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
     """(G, k): G batch groups of k consecutive members that train on one gathered batch.
 
@@ -116,7 +157,11 @@ class Chunk:
             self.drop_keys = torch.zeros((self.size, 2), dtype=torch.int64, device=dev)
             self.drop_rows = to_device(torch.tensor(drop_rows, dtype=torch.int64), dev)
             self.drop_rows_all = len(drop_rows) == self.size
-        self.adamw: torch.optim.AdamW | None = None
+        self.adamw: torch.optim.AdamW | MemberAdamW | None = None
+        # members whose AdamW state travels with their LKG (psa.core.variant): the chunk then
+        # trains with MemberAdamW (a step count per member) instead of torch's fused AdamW
+        persist = [m.variant.optimizer_state == "persist" for m in self.members]
+        self.persist = to_device(torch.tensor(persist), dev) if any(persist) else None
         self.graphs: dict[int, Any] = {}
         self.work: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
 
@@ -140,7 +185,7 @@ class Chunk:
 
     def begin(self, eng: "Engine", loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
         """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
-        and AdamW state, all in place."""
+        and AdamW state (a fresh one, or the LKG's for members that persist it), all in place."""
         pop = eng.pop
         if eng.use_graphs and not self.graphs:
             self._capture(eng)
@@ -151,6 +196,11 @@ class Chunk:
                 cw.copy_(lw[:, self.m0 : self.m1])
                 cb.copy_(lb[:, self.m0 : self.m1])
         ablate(self.cand, self.layout, ablations)
+        self._reset_optimizer(eng)
+        if isinstance(self.adamw, MemberAdamW):
+            # an ablated neuron's moments die with its weights
+            ablate(self.adamw.exp_avg, self.layout, ablations)
+            ablate(self.adamw.exp_avg_sq, self.layout, ablations)
         self.order.copy_(rng.data_order(self.group_seeds, loop, self.n_train, pop.device))
         if self.dropout:
             keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in self.members], dtype=torch.int64)
@@ -158,10 +208,56 @@ class Chunk:
         self.step.zero_()
         self.loss_sum.zero_()
         self.diverged.zero_()
+
+    def new_optimizer(self, eng: "Engine") -> "torch.optim.AdamW | MemberAdamW":
+        """The chunk's optimizer: torch's fused AdamW, or MemberAdamW where some member persists."""
+        if self.persist is not None:
+            return MemberAdamW(self.cand, self.layout, eng.hp)
+        return new_adamw(self.cand, eng.hp)
+
+    def _reset_optimizer(self, eng: "Engine") -> None:
         if self.adamw is None:
-            self.adamw = new_adamw(self.cand, eng.hp)
+            self.adamw = self.new_optimizer(eng)
+        elif isinstance(self.adamw, MemberAdamW):
+            self.adamw.reset()
         else:
             reset_adamw(self.adamw)
+        if self.persist is not None:
+            assert isinstance(self.adamw, MemberAdamW)
+            pop, opt = eng.pop, self.adamw
+            assert pop.opt_avg is not None and pop.opt_sq is not None and pop.opt_step is not None
+            p = self.persist.view(1, -1, 1)
+            for src, dst in ((pop.opt_avg, opt.exp_avg), (pop.opt_sq, opt.exp_avg_sq)):
+                for (sw, sb), (dw, db) in zip(pop.layout.runs(src), self.layout.runs(dst)):
+                    torch.where(p, sw[:, self.m0 : self.m1], dw, out=dw)
+                    torch.where(p, sb[:, self.m0 : self.m1], db, out=db)
+            torch.where(self.persist, pop.opt_step[self.m0 : self.m1], opt.steps, out=opt.steps)
+
+    def keep_optimizer(self, eng: "Engine", promote: torch.Tensor) -> None:
+        """After the promotion decision: the promoted candidates' AdamW state becomes their
+        LKG's, for members that persist it (in place, with the same masks as the weights)."""
+        if self.persist is None:
+            return
+        pop, opt = eng.pop, self.adamw
+        assert isinstance(opt, MemberAdamW) and pop.opt_avg is not None and pop.opt_sq is not None
+        assert pop.opt_step is not None
+        keep = promote & self.persist
+        p = keep.view(1, -1, 1)
+        for src, dst in ((opt.exp_avg, pop.opt_avg), (opt.exp_avg_sq, pop.opt_sq)):
+            for (sw, sb), (dw, db) in zip(self.layout.runs(src), pop.layout.runs(dst)):
+                dw, db = dw[:, self.m0 : self.m1], db[:, self.m0 : self.m1]
+                torch.where(p, sw, dw, out=dw)
+                torch.where(p, sb, db, out=db)
+        lkg_step = pop.opt_step[self.m0 : self.m1]
+        torch.where(keep, opt.steps, lkg_step, out=lkg_step)
+
+    def refix(self, ablations: list[tuple[int, str, int, int]]) -> None:
+        """Zero a fixed ablation set again after the epoch (weights and, if kept, moments):
+        an output neuron's bias and row regrow under training."""
+        ablate(self.cand, self.layout, ablations)
+        if isinstance(self.adamw, MemberAdamW):
+            ablate(self.adamw.exp_avg, self.layout, ablations)
+            ablate(self.adamw.exp_avg_sq, self.layout, ablations)
 
     def batch_sizes(self) -> list[int]:
         """The batch size of every step of an epoch (the last, partial batch kept)."""
@@ -199,7 +295,7 @@ class Chunk:
         dev = eng.pop.device
         self.cand.copy_(eng.pop.lkg)
         if self.adamw is None:
-            self.adamw = new_adamw(self.cand, eng.hp)
+            self.adamw = self.new_optimizer(eng)
         sizes = sorted(set(self.batch_sizes()), reverse=True)
         side = side_stream(dev)
         with on_device(dev):

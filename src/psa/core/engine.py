@@ -25,6 +25,10 @@ How a loop runs, and why:
 - A ResMLP population (psa.core.model) runs the same step with a residual forward and
   backward on the torch path (the Triton stack kernel computes a plain stack, so it never
   takes a ResMLP: memory.stack_fits_kernel); graphs, chunks and the dropout kernel apply.
+- Engine variants (psa.core.variant, docs/variants.md) are per-member settings on the same
+  path: which neurons are zeroed (choose_neurons), the promotion decision (`_promote`, the one
+  place it is made: patience, the bounty model), the AdamW state kept with the LKG
+  (Chunk.keep_optimizer) and mode schedules (`_follow_schedules`, at loop boundaries).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any
 import torch
 
 from psa.core import cpu_stack, rng
-from psa.core.ablation import choose_neuron
+from psa.core.ablation import choose_neurons
 from psa.core.arch import Arch
 from psa.core.chunk import Chunk, StepCallback, batch_groups
 from psa.core.data import Dataset
@@ -51,6 +55,7 @@ from psa.core.device import (
     on_device,
     release_cached,
     side_stream,
+    to_device,
 )
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
@@ -72,6 +77,10 @@ class LoopResult:
     train_loss: tuple[float, ...]  # mean training loss over the epoch
     diverged: tuple[bool, ...]  # a non-finite loss occurred during the epoch
     seconds: float
+    # variants (psa.core.variant): every neuron ablated (ablated holds the first of them), and
+    # whether patience forced the candidate in (None for members without patience)
+    ablations: tuple[tuple[tuple[int, int], ...], ...] = ()
+    forced: tuple[bool | None, ...] = ()
 
 
 @dataclass
@@ -80,7 +89,7 @@ class PendingLoop:
 
     engine: "Engine"
     loop: int
-    ablated: tuple[tuple[int, int] | None, ...]
+    ablated: tuple[tuple[tuple[int, int], ...], ...]
     host: dict[str, torch.Tensor]
     event: Any
     t0: float
@@ -102,19 +111,22 @@ class PendingLoop:
         diverged = [bool(d) for d in self.host["diverged"].tolist()]
         lkg = self.host["lkg_correct"].tolist()
         discard = eng.hp.diverged == "discard"
-        for j, p in enumerate(promoted):
-            if p:
+        forced = [bool(f) for f in self.host["forced"].tolist()]
+        for j, b in enumerate(self.host["improved"].tolist()):
+            if b:
                 pop.bounty_loop[j] = self.loop
         self._result = LoopResult(
             loop=self.loop,
             candidate_acc=tuple(float("nan") if d and discard else 100.0 * c / pop.n_val
                                 for c, d in zip(correct, diverged)),
             promoted=tuple(promoted),
-            ablated=self.ablated,
+            ablated=tuple(a[0] if a else None for a in self.ablated),
             lkg_score=tuple(c if c < 0 else 100.0 * c / pop.n_val for c in lkg),
             train_loss=tuple(self.host["loss"].tolist()),
             diverged=tuple(diverged),
             seconds=time.perf_counter() - self.t0,
+            ablations=self.ablated,
+            forced=tuple(f if mem.variant.patience > 0 else None for f, mem in zip(forced, pop.members)),
         )
         eng._pending = None
         return self._result
@@ -654,9 +666,9 @@ class Engine:
         return correct
 
     def test_accuracy(self) -> list[float]:
-        """Test-set accuracy (%) of every member's LKG."""
+        """Test-set accuracy (%) of every member's bounty model (its LKG, unless it has patience)."""
         with self._stream_context():
-            correct = self.count_correct(self.pop.lkg, self.data.test_x, self.data.test_y)
+            correct = self.count_correct(self.pop.bounty_model(), self.data.test_x, self.data.test_y)
             return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
 
     # ---------------------------------------------------------------- the meta-loop
@@ -676,11 +688,28 @@ class Engine:
         with on_device(self.pop.device), self.mm.context(), torch.no_grad():
             yield
 
-    def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
+    def _ablations(self, loop: int) -> tuple[tuple[tuple[int, int], ...], ...]:
         pop = self.pop
-        return tuple(choose_neuron(pop.arch, mem.mode, mem.seed, loop, pop.model) for mem in pop.members)
+        return tuple(choose_neurons(pop.arch, mem.mode, mem.seed, loop, mem.variant, self.hp.meta_loops, pop.model)
+                     for mem in pop.members)
 
-    def _run_chunks(self, loop: int, ablated: tuple[tuple[int, int] | None, ...], on_step: StepCallback | None,
+    def _follow_schedules(self, loop: int) -> None:
+        """Members on a mode schedule switch mode at a loop boundary, as `psa train --resume
+        --mode` does: the new mode's rates (HParams.member), a mode_history entry, and chunks
+        rebuilt for the new members (their dropout and decay are set up per chunk)."""
+        pop = self.pop
+        members = list(pop.members)
+        for j, mem in enumerate(members):
+            mode = mem.variant.mode_at(mem.mode, loop)
+            if mode != mem.mode:
+                members[j] = self.hp.member(mode, mem.seed, mem.variant)
+                pop.mode_history[j].append((mode, loop))
+        if members != list(pop.members):
+            pop.members = tuple(members)
+            self._whole = None
+            self._storage = None
+
+    def _run_chunks(self, loop: int, ablated: tuple[tuple[tuple[int, int], ...], ...], on_step: StepCallback | None,
                     validate: bool) -> dict[str, torch.Tensor]:
         """Train every chunk for one epoch of `loop` (and, if `validate`, score and promote it);
         per-member outcomes as device tensors."""
@@ -690,7 +719,9 @@ class Engine:
         out = {"correct": torch.zeros(m, dtype=torch.int64, device=dev),
                "promoted": torch.zeros(m, dtype=torch.bool, device=dev),
                "loss": torch.zeros(m, dtype=torch.float32, device=dev),
-               "diverged": torch.zeros(m, dtype=torch.bool, device=dev)}
+               "diverged": torch.zeros(m, dtype=torch.bool, device=dev),
+               "forced": torch.zeros(m, dtype=torch.bool, device=dev),
+               "improved": torch.zeros(m, dtype=torch.bool, device=dev)}
         m0 = 0
         while m0 < m:
             m1 = min(m, m0 + self.chunk_size)
@@ -698,10 +729,12 @@ class Engine:
             out_of_memory = retry = False
             try:
                 ch = self._chunk(m0, m1)
-                ablations = [(j - m0, pop.members[j].mode, *ablated[j]) for j in range(m0, m1)
-                             if ablated[j] is not None]
+                ablations = [(j - m0, pop.members[j].mode, *a) for j in range(m0, m1) for a in ablated[j]]
                 ch.begin(self, loop, ablations)
                 ch.train_epoch(self, on_step)
+                fixed = [a for a in ablations if pop.members[m0 + a[0]].variant.fixed]
+                if fixed:  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
+                    ch.refix(fixed)
                 out["loss"][m0:m1] = ch.loss_sum / len(ch.batch_sizes())
                 out["diverged"][m0:m1] = ch.diverged
                 if validate:
@@ -721,28 +754,61 @@ class Engine:
                     self._shrink()  # nothing of this chunk was promoted yet: retry it smaller
                 continue
             if validate:
-                lkg_correct = pop.lkg_correct[m0:m1]
-                promote = self._promotion(ch, correct, lkg_correct)
-                lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
-                p = promote.view(1, -1, 1)
-                for (cw, cb), (lw, lb) in zip(ch.cand_runs, pop.layout.runs(pop.lkg)):
-                    lw, lb = lw[:, m0:m1], lb[:, m0:m1]
-                    # in place (out= is the LKG itself): no temporary the size of a layer run
-                    torch.where(p, cw, lw, out=lw)
-                    torch.where(p, cb, lb, out=lb)
+                promote, forced, improved = self._promote(ch, correct)
                 out["correct"][m0:m1] = correct
                 out["promoted"][m0:m1] = promote
+                out["forced"][m0:m1] = forced
+                out["improved"][m0:m1] = improved
             m0 = m1
         return out
 
-    def _promotion(self, ch: Chunk, correct: torch.Tensor, lkg_correct: torch.Tensor) -> torch.Tensor:
-        """Which candidates of chunk `ch` become their member's LKG: a strictly higher validation
-        score than the LKG's. A diverged candidate is scored like any other (the harness's
-        rule: NaN logits predict class 0, see README) unless hparams.diverged is "discard"."""
-        promote = correct > lkg_correct
-        if self.hp.diverged == "discard":
-            promote &= ~ch.diverged
-        return promote
+    def _promote(self, ch: Chunk, correct: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The promotion decision for chunk `ch`'s candidates, applied in place: LKG weights and
+        scores, and the variants' state (bounty model, patience counters, AdamW state).
+
+        The paper's engine: promote iff the candidate's validation count strictly beats the
+        LKG's; a diverged candidate is scored like any other (the harness's rule: NaN logits
+        predict class 0, see README) unless hparams.diverged is "discard", which never promotes it. With patience K (psa.core.variant): after `allowance`
+        discarded candidates in a row the next one that did not diverge is promoted whatever
+        its score (forced) and the allowance grows by the member's growth factor; a candidate
+        that beats the bounty is promoted and resets the allowance to K. Returns (promote,
+        forced, improved: the bounty was beaten) per member of the chunk."""
+        pop, m0, m1 = self.pop, ch.m0, ch.m1
+        lkg_correct = pop.lkg_correct[m0:m1]
+        # which candidates may be promoted at all: all of them under the harness's rule
+        ok = ~ch.diverged if self.hp.diverged == "discard" else torch.ones_like(ch.diverged)
+        beats = ok & (correct > lkg_correct)
+        promote, forced, improved = beats, torch.zeros_like(beats), beats
+        if pop.streak is not None:
+            assert pop.allowance is not None and pop.bounty_correct is not None and pop.bounty is not None
+            k = to_device(torch.tensor([m.variant.patience for m in ch.members], dtype=torch.int64), correct.device)
+            growth = to_device(torch.tensor([m.variant.patience_growth for m in ch.members], dtype=torch.int64),
+                               correct.device)
+            streak, allowance = pop.streak[m0:m1], pop.allowance[m0:m1]
+            bounty_correct = pop.bounty_correct[m0:m1]
+            improved = ok & (correct > bounty_correct)
+            forced = (k > 0) & ok & ~beats & (streak >= allowance)
+            promote = beats | forced
+            streak.copy_(torch.where(promote, torch.zeros_like(streak), streak + 1))
+            # capped far beyond any run's length, so that K * G^n cannot overflow
+            grown = torch.clamp(allowance * growth, max=1 << 40)
+            allowance.copy_(torch.where(improved, k, torch.where(forced, grown, allowance)))
+            bounty_correct.copy_(torch.where(improved, correct, bounty_correct))
+            self._copy_rows(ch.cand_runs, pop.bounty, improved, m0, m1)
+        lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
+        self._copy_rows(ch.cand_runs, pop.lkg, promote, m0, m1)
+        ch.keep_optimizer(self, promote)
+        return promote, forced, improved
+
+    def _copy_rows(self, cand_runs: list[tuple[torch.Tensor, torch.Tensor]], dest: torch.Tensor, mask: torch.Tensor,
+                   m0: int, m1: int) -> None:
+        """Members m0.. of the flat buffer `dest` take the candidate's weights where `mask`."""
+        p = mask.view(1, -1, 1)
+        for (cw, cb), (lw, lb) in zip(cand_runs, self.pop.layout.runs(dest)):
+            lw, lb = lw[:, m0:m1], lb[:, m0:m1]
+            # in place (out= is the destination itself): no temporary the size of a layer run
+            torch.where(p, cw, lw, out=lw)
+            torch.where(p, cb, lb, out=lb)
 
     def launch(self, on_step: StepCallback | None = None) -> PendingLoop:
         """Queue one meta-loop for every member and return without waiting for the device.
@@ -755,6 +821,7 @@ class Engine:
         t0 = time.perf_counter()
         pop = self.pop
         loop = pop.loop + 1
+        self._follow_schedules(loop)
         ablated = self._ablations(loop)
         with self._stream_context(), self._device_context():
             out = self._run_chunks(loop, ablated, on_step, validate=True)
@@ -779,7 +846,7 @@ class Engine:
         """One epoch of loop `loop` for every candidate (cloned from the LKG, not ablated, not
         scored or promoted): for calibration and benchmarks. Returns (mean loss, diverged)."""
         with self._stream_context(), self._device_context():
-            out = self._run_chunks(loop, (None,) * self.pop.size, on_step, validate=False)
+            out = self._run_chunks(loop, ((),) * self.pop.size, on_step, validate=False)
         return out["loss"], out["diverged"]
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from psa.core.population import ConfigError, Member, make_member
+from psa.core.variant import DEFAULT, Variant
 
 DIVERGED_CHOICES = ("score", "discard")
 
@@ -64,11 +65,12 @@ class HParams:
         if self.block_dropout not in BLOCK_DROPOUT:
             raise ConfigError(f"block dropout must be one of {', '.join(BLOCK_DROPOUT)}, got {self.block_dropout!r}")
 
-    def member(self, mode: str, seed: int) -> Member:
-        """The trial of `mode` and `seed`: decay's rate in `decay` mode only (the base weight
-        decay, 0 by default, elsewhere), dropout's in `dropout` mode only, exactly 0 elsewhere."""
+    def member(self, mode: str, seed: int, variant: Variant = DEFAULT) -> Member:
+        """The trial of `mode` and `seed` (and `variant`): decay's rate in `decay` mode only (the
+        base weight decay, 0 by default, elsewhere), dropout's in `dropout` mode only, exactly 0
+        elsewhere."""
         return make_member(mode, seed, decay_rate=self.weight_decay, dropout_rate=self.dropout,
-                           base_decay=self.base_weight_decay)
+                           base_decay=self.base_weight_decay, variant=variant)
 
     def block_dropout_rate(self, member: Member) -> float:
         """The dropout rate inside a ResMLP's residual blocks for `member`: its own (the

@@ -23,6 +23,7 @@ from psa.core.arch import Arch
 from psa.core.device import canonical_device
 from psa.core.errors import ConfigError
 from psa.core.model import DEFAULT_MODEL, check_model_name, init_weights, linear_keys, linear_shapes
+from psa.core.variant import DEFAULT, Variant
 
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 BASELINE_MODES = ("none", "decay", "dropout")
@@ -43,14 +44,21 @@ class Member:
     seed: int
     weight_decay: float = 0.0
     dropout: float = 0.0
+    variant: Variant = DEFAULT  # the engine's settings beyond the mode; the default is the paper's
 
     @property
     def ablative(self) -> bool:
         """True for the PSA modes that ablate a neuron every loop after the first."""
         return self.mode in ABLATIVE_MODES
 
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """What identifies the trial while its mode may change on a schedule: (the mode it
+        started in, its variant's settings JSON, seed)."""
+        return self.variant.start_mode(self.mode), self.variant.to_json(), self.seed
 
-def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float, base_decay: float = 0.0) -> Member:
+def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float, base_decay: float = 0.0,
+                variant: Variant = DEFAULT) -> Member:
     """The trial of `mode` and `seed`: `decay_rate` in decay mode only, `dropout_rate` in
     dropout mode only, exactly 0 otherwise (HParams.member passes the paper's rates).
 
@@ -64,7 +72,7 @@ def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float, ba
         raise ConfigError(f"weight decay must be a finite number >= 0, got {wd}")
     if not (0.0 <= p < 1.0):
         raise ConfigError(f"dropout must be in [0, 1), got {p}")
-    return Member(mode, int(seed), float(wd), float(p))
+    return Member(mode, int(seed), float(wd), float(p), variant)
 
 
 def seed_groups(members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
@@ -136,6 +144,17 @@ class Population:
     bounty_loop: list[int]  # loop of the last promotion, 0 before any
     loop: int = 0  # meta-loops completed
     mode_history: list[list[tuple[str, int]]] = field(default_factory=list)  # (mode, first loop)
+    # Variant state (psa.core.variant), present only when some member needs it, so the paper's
+    # engine allocates nothing more. Patience: the bounty model (best ever; the LKG may be
+    # worse), its score, and the discards in a row and the current allowance per member.
+    bounty: torch.Tensor | None = None  # flat, float32, as lkg
+    bounty_correct: torch.Tensor | None = None  # (M,) int64
+    streak: torch.Tensor | None = None  # (M,) int64
+    allowance: torch.Tensor | None = None  # (M,) int64
+    # Persistent optimizer: the LKG's AdamW moments (flat, as lkg) and step counts (M,) float64
+    opt_avg: torch.Tensor | None = None
+    opt_sq: torch.Tensor | None = None
+    opt_step: torch.Tensor | None = None
 
     @classmethod
     def create(
@@ -151,6 +170,8 @@ class Population:
                 raise ConfigError(f"unknown mode {mem.mode!r}")
             if mem.mode == "hidden" and arch.depth == 0:
                 raise ConfigError("mode 'hidden' needs at least one hidden layer")
+        for mem in members:
+            mem.variant.check(arch, mem.variant.start_mode(mem.mode))
         members = tuple(sorted(members, key=lambda mem: mem.seed))
         dev = canonical_device(device)
         layout = Layout.of(arch, len(members), model)
@@ -161,7 +182,7 @@ class Population:
             for (w, b), (w0, b0) in zip(views, init_weights(arch, seed, model)):
                 w[rows] = w0
                 b[rows] = b0
-        return cls(
+        pop = cls(
             arch=arch,
             members=members,
             device=dev,
@@ -172,6 +193,47 @@ class Population:
             bounty_loop=[0] * len(members),
             mode_history=[[(mem.mode, 1)] for mem in members],
         )
+        pop.init_variant_state()
+        return pop
+
+    @property
+    def patient(self) -> bool:
+        """True when some member promotes with patience (a bounty model apart from the LKG)."""
+        return any(m.variant.patience > 0 for m in self.members)
+
+    @property
+    def persistent(self) -> bool:
+        """True when some member's AdamW state travels with its LKG."""
+        return any(m.variant.optimizer_state == "persist" for m in self.members)
+
+    def init_variant_state(self) -> None:
+        """Allocate the variant state the members need, as a fresh population has it (the
+        bounty model = the LKG, no discards, the allowance = patience, zero moments)."""
+        m, dev = self.size, self.device
+        if self.patient and self.bounty is None:
+            self.bounty = self.lkg.clone()
+            self.bounty_correct = self.lkg_correct.clone()
+            self.streak = torch.zeros(m, dtype=torch.int64, device=dev)
+            self.allowance = torch.tensor([mem.variant.patience for mem in self.members], dtype=torch.int64).to(dev)
+        if self.persistent and self.opt_avg is None:
+            self.opt_avg = torch.zeros_like(self.lkg)
+            self.opt_sq = torch.zeros_like(self.lkg)
+            # float64 (float32 on MPS, which has none), as psa.core.chunk.MemberAdamW counts
+            self.opt_step = torch.zeros(m, dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)
+
+    def variant_state(self) -> dict[str, torch.Tensor]:
+        """The variant state tensors by name (those present), for checkpoints."""
+        names = ("bounty", "bounty_correct", "streak", "allowance", "opt_avg", "opt_sq", "opt_step")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def bounty_model(self) -> torch.Tensor:
+        """The flat weights of every member's bounty model (best ever): the LKG without patience."""
+        return self.lkg if self.bounty is None else self.bounty
+
+    def bounty_score(self) -> list[float]:
+        """Bounty (best validation accuracy, %) of every member; -1 before its first promotion."""
+        c = self.lkg_correct if self.bounty_correct is None else self.bounty_correct
+        return [x if x < 0 else 100.0 * x / self.n_val for x in c.tolist()]
 
     @property
     def model(self) -> str:
@@ -191,22 +253,24 @@ class Population:
         """LKG validation accuracy (%) of every member; -1 before its first promotion."""
         return [c if c < 0 else 100.0 * c / self.n_val for c in self.lkg_correct.tolist()]
 
-    def member_state_dict(self, j: int) -> dict[str, torch.Tensor]:
-        """Member j's LKG as a state_dict of its model's nn.Module (psa.core.model.SimpleMLP or
-        ResMLP; CPU tensors), loadable by plain PyTorch."""
+    def member_state_dict(self, j: int, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Member j's LKG (or its row of `flat`) as a state_dict of its model's nn.Module
+        (psa.core.model.SimpleMLP or ResMLP; CPU tensors), loadable by plain PyTorch."""
         out = {}
-        for (wk, bk), (w, b) in zip(linear_keys(self.arch, self.model), self.layout.views(self.lkg)):
+        for (wk, bk), (w, b) in zip(linear_keys(self.arch, self.model),
+                                    self.layout.views(self.lkg if flat is None else flat)):
             out[wk] = w[j].detach().cpu().clone()
             out[bk] = b[j].detach().cpu().clone()
         return out
 
-    def load_member_state_dict(self, j: int, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite member j's LKG weights from a state_dict of its model and architecture."""
+    def load_member_state_dict(self, j: int, state: dict[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        """Overwrite member j's LKG weights (or its row of `flat`) from a state_dict of its model
+        and architecture."""
         keys = linear_keys(self.arch, self.model)
         expected = {k for pair in keys for k in pair}
         if set(state) != expected:
             raise ConfigError("checkpoint tensors do not match the architecture's layers")
-        for (wk, bk), (w, b) in zip(keys, self.layout.views(self.lkg)):
+        for (wk, bk), (w, b) in zip(keys, self.layout.views(self.lkg if flat is None else flat)):
             if tuple(state[wk].shape) != tuple(w[j].shape) or tuple(state[bk].shape) != tuple(b[j].shape):
                 raise ConfigError(f"checkpoint tensor {wk} has shape {tuple(state[wk].shape)}, "
                                   f"architecture needs {tuple(w[j].shape)}")

@@ -19,6 +19,7 @@ from psa.core.data import N_TRAIN, DataError, check_spec
 from psa.core.hparams import KNOB_DEFAULTS, HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.population import MODES, ConfigError, Member
+from psa.core.variant import DEFAULT, VARIANT_NAME, Variant
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +50,10 @@ class StudyDesign:
     # Train on only the first N of the 50,000 training images: for tests and quick checks of
     # the machinery only; results are not comparable with the paper's (trials record it).
     train_subset: int | None = None
+    # Named engine variants (psa.core.variant), each run beside the paper's engine: crossed with
+    # the modes it applies to (a schedule runs once, in its own modes). Trial k of every
+    # condition shares one seed, so a variant pairs with its mode's paper-engine trials.
+    variants: tuple[tuple[str, Variant], ...] = ()
 
     @classmethod
     def from_fields(cls, **fields: Any) -> "StudyDesign":
@@ -115,14 +120,60 @@ class StudyDesign:
             flat = [a for a in self.architectures if parse_arch(a).depth == 0]
             if flat:
                 raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        if self.variants and self.model != DEFAULT_MODEL:
+            raise DesignError(f"engine variants are not available for model {self.model} yet")
+        names, settings = set(), {}
+        for name, v in self.variants:
+            if not isinstance(name, str) or not VARIANT_NAME.match(name) or name in MODES or name == "paper":
+                raise DesignError(f"bad variant name {name!r}: letters, digits, '_' or '-' (at most 32), "
+                                  f"not a mode's name or 'paper'")
+            if name in names:
+                raise DesignError(f"variant {name!r} is defined twice")
+            names.add(name)
+            if not isinstance(v, Variant) or v.is_default:
+                raise DesignError(f"variant {name!r} is the paper's engine: give it a setting")
+            if v.to_json() in settings:
+                raise DesignError(f"variants {settings[v.to_json()]!r} and {name!r} have the same settings")
+            settings[v.to_json()] = name
+            if not any(True for _ in self._variant_modes(v)):
+                raise DesignError(f"variant {name!r} applies to none of the design's modes "
+                                  f"({', '.join(self.modes)}): its ablation settings need an ablative mode")
+            for arch in self.architectures:
+                for mode in self._variant_modes(v):
+                    try:
+                        v.check(parse_arch(arch), mode, self.hparams.meta_loops)
+                    except ConfigError as e:
+                        raise DesignError(f"variant {name!r} on {arch} {mode}: {e}") from None
+
+    def _variant_modes(self, v: Variant) -> tuple[str, ...]:
+        if v.schedule:
+            return (v.schedule[0][0],)
+        ablation = v.ablate != 1 or v.ablate_percent or v.ablate_layers or v.fixed or v.ablate_schedule != "constant"
+        return tuple(m for m in self.modes if not ablation or m in ("full", "hidden", "output"))
+
+    def conditions(self) -> tuple[tuple[str, str, Variant], ...]:
+        """Every (mode, variant name, variant) a trial index runs: each mode with the paper's
+        engine (name ""), then each variant in each mode it applies to."""
+        out = [(m, "", DEFAULT) for m in self.modes]
+        for name, v in self.variants:
+            out += [(m, name, v) for m in self._variant_modes(v)]
+        return tuple(out)
+
+    def conditions_text(self) -> str:
+        """"6 modes", or "1 modes + 5 variant conditions", for people."""
+        extra = len(self.conditions()) - len(self.modes)
+        return f"{len(self.modes)} modes" + (f" + {extra} variant conditions" if extra else "")
 
     def seed_of(self, trial: int) -> int:
         """The seed of trial k (1-based), shared by every mode: the paired design."""
         return self.seed + trial - 1
 
-    def member(self, mode: str, trial: int) -> Member:
-        """The Member that trial k of `mode` is."""
-        return self.hparams.member(mode, self.seed_of(trial))
+    def member(self, mode: str, trial: int, variant: Variant = DEFAULT) -> Member:
+        """The Member that trial k of `mode` (and `variant`) is."""
+        return self.hparams.member(mode, self.seed_of(trial), variant)
 
     def fields(self) -> dict[str, Any]:
         """The design as flat fields (the inverse of from_fields)."""
@@ -133,6 +184,8 @@ class StudyDesign:
                              "diverged": hp.diverged, "dataset": self.dataset, "train_subset": self.train_subset,
                              "model": self.model, "base_weight_decay": hp.base_weight_decay,
                              "block_dropout": hp.block_dropout}
+        if self.variants:
+            d["variants"] = self.variants
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +203,8 @@ class StudyDesign:
         for name, default in KNOB_DEFAULTS.items():
             if d[name] == default:
                 del d[name]
+        if self.variants:  # absent unless set, likewise
+            d["variants"] = {name: v.settings() for name, v in self.variants}
         return d
 
     @property
@@ -169,7 +224,7 @@ class StudyDesign:
     @property
     def n_trials(self) -> int:
         """Trials in the whole study."""
-        return len(self.architectures) * len(self.modes) * self.trials
+        return len(self.architectures) * len(self.conditions()) * self.trials
 
 
 DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)} - {"hparams"} | set(HPARAM_FIELDS)
@@ -233,7 +288,7 @@ def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 TOML_KEYS = {"name", "preset", "architectures", "architectures_file", "modes", "trials", "meta_loops", "seed",
-             "dataset", "train_subset", "model", "training"}
+             "dataset", "train_subset", "model", "training", "variants"}
 TOML_TRAINING_KEYS = {"lr", "batch_size", "weight_decay", "dropout", "diverged", "base_weight_decay", "block_dropout"}
 
 
@@ -250,6 +305,8 @@ def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, d
         model = "simplemlp"                                   # or "resmlp"
         [training]
         lr = 1e-4
+        [variants.patience5]                                  # run beside the paper's engine
+        patience = 5
     """
     p = Path(path)
     try:
@@ -298,7 +355,29 @@ def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, d
         raise DesignError(f"design file {p}: unknown key training.{unknown[0]} "
                           f"(known: {', '.join(sorted(TOML_TRAINING_KEYS))})")
     fields.update(training)
+    if "variants" in doc:
+        try:
+            fields["variants"] = parse_variants(doc["variants"])
+        except ConfigError as e:
+            raise DesignError(f"design file {p}: {e}") from None
     return name, pre, fields
+
+
+def parse_variants(table: Any) -> tuple[tuple[str, Variant], ...]:
+    """Named variants from a TOML table {name: {setting: value}} (or a stored design's
+    {name: settings}); settings are Variant's fields, with `ablate` also "N" or "P%" and
+    `schedule` also "dropout:50,hidden:50"."""
+    if not isinstance(table, dict):
+        raise DesignError("[variants] must be a table of named variants, e.g. [variants.patience5]")
+    out = []
+    for name, settings in table.items():
+        if not isinstance(settings, dict):
+            raise DesignError(f"variants.{name} must be a table of settings")
+        try:
+            out.append((str(name), Variant.from_settings(settings)))
+        except (ConfigError, TypeError) as e:
+            raise DesignError(f"variants.{name}: {e}") from None
+    return tuple(out)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -42,6 +42,7 @@ from psa.core import rng
 from psa.core.arch import parse_arch
 from psa.core.checkpoint import CheckpointError, load_population, save_population
 from psa.core.data import Dataset
+from psa.core.variant import Variant
 from psa.core.device import (
     Execution,
     describe_device,
@@ -86,12 +87,15 @@ def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
     hp = design.hparams
     out = []
     for arch in design.architectures:
-        for mode in design.modes:
+        for mode, name, v in design.conditions():
             for k in range(1, design.trials + 1):
-                m = design.member(mode, k)
-                out.append({"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
-                            "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
-                            "dropout": m.dropout, "dataset": design.dataset_label, "model": design.model})
+                m = design.member(mode, k, v)
+                row = {"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
+                       "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
+                       "dropout": m.dropout, "dataset": design.dataset_label, "model": design.model}
+                if name:  # the paper's engine leaves both NULL: its rows are those of a study without variants
+                    row.update(variant=name, variant_settings=v.to_json())
+                out.append(row)
     return out
 
 
@@ -245,13 +249,14 @@ class Study:
         """Each population of the plan, with its trial ids and progress from the database."""
         assert self.plan is not None
         trials = store.study_trials(self.con, self.study_id)
-        by_key = {(t["arch"], t["mode"], t["trial"]): t for t in trials}
+        by_key = {(t["arch"], t["mode"], t["variant"] or "", t["trial"]): t for t in trials}
         if len(by_key) != self.design.n_trials:
             raise StudyError(f"study {self.name!r} in {self.db} has {len(by_key)} trials, "
                              f"its design {self.design.n_trials}")
         for pp in self.plan.populations:
-            rows = [by_key[(pp.arch, m, k)] for k in pp.trials for m in pp.modes]
-            ids = {(r["mode"], int(r["seed"])): int(r["id"]) for r in rows}
+            rows = [by_key[(pp.arch, m, name, k)] for k in pp.trials for m, name, _ in pp.conditions()]
+            ids = {(r["mode"], Variant.from_json(r["variant_settings"]).to_json(), int(r["seed"])): int(r["id"])
+                   for r in rows}
             done = all(r["status"] == "done" for r in rows)
             self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
 
@@ -289,8 +294,11 @@ class Study:
 
     def _check_checkpoint(self, st: PopulationState, pop: Any, meta: dict[str, Any]) -> None:
         """CheckpointError unless `pop` continues `st` in this study exactly."""
-        expected = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in st.plan.members(self.design)]
-        got = [(m.mode, m.seed, m.weight_decay, m.dropout) for m in pop.members]
+        hp = self.design.hparams
+        expected = [(m.key, m.weight_decay, m.dropout) for m in (
+            hp.member(m.variant.mode_at(m.mode, max(pop.loop, 1)), m.seed, m.variant)
+            for m in st.plan.members(self.design))]
+        got = [(m.key, m.weight_decay, m.dropout) for m in pop.members]
         if meta.get("study") != self.name or meta.get("design_hash") != self.design.digest():
             raise CheckpointError("it belongs to another study or design")
         if meta.get("rng") != rng.VERSION:
@@ -321,8 +329,8 @@ class Study:
         elif isinstance(ev, PopulationDone):
             self._durable(True)
             results = []
-            for (mode, seed), b, bl, t in zip(ev.members, ev.bounty, ev.bounty_loop, ev.test_acc):
-                results.append((st.trial_ids[(mode, seed)], b, bl, t, ev.seconds, self.design.hparams.meta_loops))
+            for key, b, bl, t in zip(ev.members, ev.bounty, ev.bounty_loop, ev.test_acc):
+                results.append((st.trial_ids[key], b, bl, t, ev.seconds, self.design.hparams.meta_loops))
             store.finish_trials(self.con, self.run_id, results)
             st.done = True
             with contextlib.suppress(FileNotFoundError):
@@ -342,7 +350,7 @@ class Study:
         else:
             due = ev.checkpoint and ev.population is not None
         self._durable(due)  # the commit before a checkpoint must be on disk first
-        rows = [(st.trial_ids[(mode, seed)], ev.loop, mode, *rest) for mode, seed, *rest in ev.rows]
+        rows = [(st.trial_ids[key], ev.loop, mode, *rest) for key, mode, *rest in ev.rows]
         store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
         st.loop = ev.loop
         if not due:
@@ -465,7 +473,7 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
     design = study.design
     assert study.plan is not None
     progress.print(
-        f"study [bold]{study.name}[/]: {len(design.architectures)} architectures x {len(design.modes)} modes x "
+        f"study [bold]{study.name}[/]: {len(design.architectures)} architectures x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")

@@ -73,7 +73,8 @@ def existing_study(name: str, design: StudyDesign, opt: RunOptions, requested: E
         if row is None:
             return None
         stored = check_stored(row, name, db, design, opt, requested)
-        status = {(t["arch"], t["mode"], int(t["trial"])): t["status"] for t in store.study_trials(con, int(row["id"]))}
+        status = {(t["arch"], t["mode"], t["variant"] or "", int(t["trial"])): t["status"]
+                  for t in store.study_trials(con, int(row["id"]))}
         return Existing(stored, status)
     finally:
         con.close()
@@ -94,12 +95,12 @@ def plan_table(name: str, plan: Plan, est: Estimate, status: dict[tuple[str, str
     rows = []
     for arch in design.architectures:
         pops = [p for p in plan.populations if p.arch == arch]
-        n_trials = len(design.modes) * design.trials
+        n_trials = len(design.conditions()) * design.trials
         a = design_arch(design, arch)
         f_trial = arch_flops(a, design.hparams.meta_loops, design.n_train, model=design.model)
         t_arch = est.per_arch[arch]
-        todo = sum(1 for m in design.modes for k in range(1, design.trials + 1)
-                   if status.get((arch, m, k), "pending") != "done")
+        todo = sum(1 for m, name, _ in design.conditions() for k in range(1, design.trials + 1)
+                   if status.get((arch, m, name, k), "pending") != "done")
         sizes = sorted({p.size for p in pops})
         params = param_count(a, design.model)
         table.add_row(arch, f"{params:,}", str(n_trials), f"{len(pops)} x {'/'.join(map(str, sizes))}",
@@ -120,7 +121,7 @@ def summary(name: str, plan: Plan, est: Estimate, precision: str, rows: list[dic
     todo_time = est.startup_s + sum(r["seconds"] * r["todo"] / r["trials"] for r in rows)
     pm = f"+-{est.uncertainty * 100:.0f}%"
     lines = [
-        f"{design.n_trials} trials ({len(design.architectures)} architectures x {len(design.modes)} modes x "
+        f"{design.n_trials} trials ({len(design.architectures)} architectures x {design.conditions_text()} x "
         f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
         f"{len(plan.populations)} populations of at most {plan.population_size} members, "
         f"{design.hparams.meta_loops} meta-loops each",

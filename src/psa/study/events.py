@@ -32,7 +32,8 @@ class LoopDone:
 
     key: str
     loop: int
-    rows: list[tuple]  # per member: (mode, seed, candidate_acc, promoted, layer, index, lkg_score, loss, diverged)
+    # per member: (Member.key, mode, candidate_acc, promoted, layer, index, lkg_score, loss, diverged, forced)
+    rows: list[tuple]
     population: Population | None
     seconds: float  # wall seconds of the population so far, over all sessions
     checkpoint: bool | None = None
@@ -43,7 +44,7 @@ class PopulationDone:
     """A population's final results, per member in population order."""
 
     key: str
-    members: list[tuple[str, int]]  # (mode, seed)
+    members: list[tuple[str, str, int]]  # Member.key: (start mode, variant settings JSON, seed)
     bounty: list[float | None]
     bounty_loop: list[int | None]
     test_acc: list[float]

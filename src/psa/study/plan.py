@@ -94,18 +94,20 @@ def auto_population_size(design: StudyDesign, budget: int) -> int:
     worst = max(bytes_per_member(design_arch(design, a), design.hparams.batch_size, model=design.model)
                 for a in design.architectures)
     fit = max(1, budget // worst)
-    cap = len(design.modes) * design.trials
+    cap = len(design.conditions()) * design.trials
     return int(min(cap, fit))
 
 
 @dataclass(frozen=True)
 class PopulationPlan:
-    """One population: consecutive trials of one architecture, in every mode of the design."""
+    """One population: consecutive trials of one architecture, in every mode of the design
+    (and every variant's conditions beside them)."""
 
     arch: str
     first: int  # first trial index (1-based)
     last: int  # last trial index, inclusive
     modes: tuple[str, ...]
+    variants: tuple[tuple[str, str, Any], ...] = ()  # (mode, variant name, Variant) beyond the plain modes
 
     @property
     def key(self) -> str:
@@ -121,11 +123,17 @@ class PopulationPlan:
     @property
     def size(self) -> int:
         """Number of members."""
-        return len(self.trials) * len(self.modes)
+        return len(self.trials) * (len(self.modes) + len(self.variants))
+
+    def conditions(self) -> list[tuple[str, str, Any]]:
+        """(mode, variant name, Variant) of each member of one trial index, in member order."""
+        from psa.core.variant import DEFAULT
+
+        return [(m, "", DEFAULT) for m in self.modes] + list(self.variants)
 
     def members(self, design: StudyDesign) -> list[Member]:
-        """The members, in the order Population.create keeps them (by seed, then mode)."""
-        return [design.member(m, k) for k in self.trials for m in self.modes]
+        """The members, in the order Population.create keeps them (by seed, then condition)."""
+        return [design.member(m, k, v) for k in self.trials for m, _, v in self.conditions()]
 
     def label(self) -> str:
         """For people: "1*2048 trials 1-10"."""
@@ -156,7 +164,8 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
     """
     if population_size < 1:
         raise DesignError(f"a population needs at least 1 member, got {population_size}")
-    per = max(1, population_size // len(design.modes))
+    per = max(1, population_size // len(design.conditions()))
+    beside = tuple(c for c in design.conditions() if c[1])
     pops = []
     for arch in design.architectures:
         n = -(-design.trials // per)
@@ -164,7 +173,7 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
         first = 1
         for i in range(n):
             size = base + (1 if i < extra else 0)
-            pops.append(PopulationPlan(arch, first, first + size - 1, design.modes))
+            pops.append(PopulationPlan(arch, first, first + size - 1, design.modes, beside))
             first += size
     work = {p: calibration.loop_seconds(design_arch(design, p.arch), p.size, design.hparams.batch_size, design.n_train,
                                         design.model)

@@ -95,7 +95,7 @@ class StudyProgress:
             if ev.key in self.rows:
                 self.progress.remove_task(self.rows.pop(ev.key))
             best: dict[str, float] = {}
-            for (mode, _), b in zip(ev.members, ev.bounty):
+            for (mode, *_), b in zip(ev.members, ev.bounty):
                 if b is not None:
                     best[mode] = max(best.get(mode, -1.0), b)
             bounties = "  ".join(f"{m} {best[m]:.2f}" if m in best else f"{m} -" for m in pp.modes)

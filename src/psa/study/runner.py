@@ -44,7 +44,7 @@ class PopulationState:
     starts it from `start` (a checkpoint) or from scratch."""
 
     plan: PopulationPlan
-    trial_ids: dict[tuple[str, int], int]  # (mode, seed) -> trial id
+    trial_ids: dict[tuple[str, str, int], int]  # Member.key -> trial id
     done: bool
     loops_done: int  # from the database: min over members
     start: Population | None = None
@@ -114,11 +114,13 @@ class PopulationRun:
         rows = []
         for j, mem in enumerate(self.pop.members):
             a = r.ablated[j]
+            forced = r.forced[j] if r.forced else None
             rows.append((
-                mem.mode, mem.seed,
+                mem.key, mem.mode,
                 _finite_or_none(r.candidate_acc[j]), int(r.promoted[j]),
                 None if a is None else int(a[0]), None if a is None else int(a[1]),
                 float(r.lkg_score[j]), _finite_or_none(r.train_loss[j]), int(r.diverged[j]),
+                None if forced is None else int(forced),
             ))
         events: list[LoopDone | PopulationDone] = [LoopDone(self.key, r.loop, rows, self.pop, self.seconds())]
         if self.to_go <= 0:
@@ -126,12 +128,12 @@ class PopulationRun:
         return events
 
     def finish(self) -> PopulationDone:
-        """Test accuracy of every LKG and the final results."""
+        """Test accuracy of every bounty model and the final results."""
         test = self.engine.test_accuracy()
-        scores = self.pop.lkg_score()
+        scores = self.pop.bounty_score()
         return PopulationDone(
             key=self.key,
-            members=[(m.mode, m.seed) for m in self.pop.members],
+            members=[m.key for m in self.pop.members],
             bounty=[s if s >= 0 else None for s in scores],
             bounty_loop=[bl if bl > 0 else None for bl in self.pop.bounty_loop],
             test_acc=list(test),
@@ -158,7 +160,8 @@ def population_to(pop: Population, device: torch.device | str) -> Population:
     lkg = pop.lkg.to(device)
     dev = lkg.device  # as tensors see it ("cuda" -> "cuda:0"), which is what the engine compares
     return dataclasses.replace(pop, device=dev, lkg=lkg, lkg_correct=pop.lkg_correct.to(dev),
-                               bounty_loop=list(pop.bounty_loop), mode_history=[list(h) for h in pop.mode_history])
+                               bounty_loop=list(pop.bounty_loop), mode_history=[list(h) for h in pop.mode_history],
+                               **{k: v.to(dev) for k, v in pop.variant_state().items()})
 
 
 # ---------------------------------------------------------------------------------------------

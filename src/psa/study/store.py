@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS trials (
     wall_seconds REAL,
     loops_done INTEGER NOT NULL DEFAULT 0,
     model TEXT NOT NULL DEFAULT 'simplemlp',
-    UNIQUE (study_id, arch, mode, trial)
+    variant TEXT,
+    variant_settings TEXT
 );
 CREATE TABLE IF NOT EXISTS meta_loops (
     trial_id INTEGER NOT NULL REFERENCES trials(id),
@@ -91,9 +92,11 @@ CREATE TABLE IF NOT EXISTS meta_loops (
     lkg_score REAL NOT NULL,
     train_loss REAL,
     diverged INTEGER NOT NULL,
+    forced INTEGER,
     PRIMARY KEY (trial_id, loop)
 );
 CREATE INDEX IF NOT EXISTS trials_by_cell ON trials (study_id, arch, mode);
+CREATE UNIQUE INDEX IF NOT EXISTS trials_unique ON trials (study_id, arch, mode, COALESCE(variant, ''), trial);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     study_id INTEGER NOT NULL REFERENCES studies(id),
@@ -151,6 +154,7 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA synchronous=NORMAL")
             check_version(con, path)
+            _add_variant_columns(con)  # before the schema's index on them
             con.executescript(SCHEMA)  # idempotent: IF NOT EXISTS throughout
             if not has_model_column(con):  # a database from before trials.model
                 con.execute("ALTER TABLE trials ADD COLUMN model TEXT NOT NULL DEFAULT 'simplemlp'")
@@ -170,6 +174,20 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
             raise StoreError(f"{path}: not a results database ({e})") from None
     con.row_factory = sqlite3.Row
     return con
+
+
+# Columns added to schema version 1 without a bump (NULL in older rows, read as the paper's
+# engine): trials.variant and trials.variant_settings (name and canonical settings JSON of a
+# psa.core.variant.Variant), meta_loops.forced (patience forced the candidate in).
+ADDED_COLUMNS = (("trials", "variant", "TEXT"), ("trials", "variant_settings", "TEXT"), ("meta_loops", "forced", "INTEGER"))
+
+
+def _add_variant_columns(con: sqlite3.Connection) -> None:
+    """Add ADDED_COLUMNS to a database created before them (a new one gets them from SCHEMA)."""
+    for table, column, kind in ADDED_COLUMNS:
+        cols = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+        if cols and column not in cols:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def check_version(con: sqlite3.Connection, path: str | Path) -> None:
@@ -248,7 +266,7 @@ def list_studies(con: sqlite3.Connection) -> list[sqlite3.Row]:
 
 
 TRIAL_INSERT_COLUMNS = ("arch", "mode", "trial", "seed", "meta_loops", "lr", "batch_size",
-                        "weight_decay", "dropout", "dataset", "model")
+                        "weight_decay", "dropout", "dataset", "model", "variant", "variant_settings")
 
 
 def has_model_column(con: sqlite3.Connection) -> bool:
@@ -284,10 +302,15 @@ def create_study(
         study_id = int(cur.lastrowid)
         cols = ", ".join(TRIAL_INSERT_COLUMNS)
         marks = ", ".join("?" * len(TRIAL_INSERT_COLUMNS))
-        con.executemany(
-            f"INSERT INTO trials (study_id, status, {cols}) VALUES (?, 'pending', {marks})",
-            [(study_id, *(t[c] for c in TRIAL_INSERT_COLUMNS)) for t in trials],
-        )
+        try:
+            con.executemany(
+                f"INSERT INTO trials (study_id, status, {cols}) VALUES (?, 'pending', {marks})",
+                [(study_id, *(t.get(c) for c in TRIAL_INSERT_COLUMNS)) for t in trials],
+            )
+        except sqlite3.IntegrityError:
+            # a database created before variants keeps one trial per (arch, mode, trial)
+            raise StoreError(f"{db_path(con)} was created by a psa without engine variants and cannot hold "
+                             f"this study's variant trials; give the study a new --db") from None
         if dataset is not None:
             _insert_dataset(con, study_id, dataset)
     return study_id
@@ -358,13 +381,13 @@ def record_loop(
     """One meta-loop of one population: its meta_loops rows and the trials' progress, atomically.
 
     rows: (trial_id, loop, mode, candidate_acc, promoted, ablated_layer, ablated_index,
-    lkg_score, train_loss, diverged). INSERT OR REPLACE keyed by (trial_id, loop): a loop
+    lkg_score, train_loss, diverged, forced). INSERT OR REPLACE keyed by (trial_id, loop): a loop
     recomputed after a crash overwrites its earlier copy instead of duplicating it.
     """
     with transaction(con):
         con.executemany(
             "INSERT OR REPLACE INTO meta_loops (trial_id, loop, mode, candidate_acc, promoted, ablated_layer, "
-            "ablated_index, lkg_score, train_loss, diverged) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "ablated_index, lkg_score, train_loss, diverged, forced) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             rows,
         )
         con.executemany(
@@ -439,9 +462,11 @@ def table_names(con: sqlite3.Connection) -> set[str]:
 
 def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
     """Every trial of a study, whatever its status, ordered by cell and trial index."""
+    # a database from before variants has no variant column: all its trials are the paper's engine
+    variant = "variant" if "variant" in {r[1] for r in con.execute("PRAGMA table_info(trials)")} else "NULL AS variant"
     return con.execute(
-        "SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset "
-        "FROM trials WHERE study_id=? ORDER BY arch, mode, trial", (study_id,)).fetchall()
+        f"SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset, {variant} "
+        "FROM trials WHERE study_id=? ORDER BY arch, mode, variant, trial", (study_id,)).fetchall()
 
 
 def load_meta_loops(con: sqlite3.Connection, study_id: int) -> Iterator[sqlite3.Row]:
@@ -461,23 +486,31 @@ TRIAL_EXPORT = (
     ("seed", "INTEGER"), ("meta_loops", "INTEGER"), ("lr", "REAL"), ("batch_size", "INTEGER"),
     ("weight_decay", "REAL"), ("dropout", "REAL"), ("dataset", "TEXT"), ("status", "TEXT"),
     ("bounty", "REAL"), ("bounty_loop", "INTEGER"), ("test_acc", "REAL"), ("wall_seconds", "REAL"),
-    ("loops_done", "INTEGER"), ("model", "TEXT"),
+    ("loops_done", "INTEGER"), ("model", "TEXT"), ("variant", "TEXT"), ("variant_settings", "TEXT"),
 )
 META_LOOP_EXPORT = (
     ("study", "TEXT"), ("trial_id", "INTEGER"), ("arch", "TEXT"), ("mode", "TEXT"), ("trial", "INTEGER"),
     ("seed", "INTEGER"), ("loop", "INTEGER"), ("candidate_acc", "REAL"), ("promoted", "INTEGER"),
     ("ablated_layer", "INTEGER"), ("ablated_index", "INTEGER"), ("lkg_score", "REAL"),
-    ("train_loss", "REAL"), ("diverged", "INTEGER"),
+    ("train_loss", "REAL"), ("diverged", "INTEGER"), ("forced", "INTEGER"),
 )
 
 
-def _export_queries(study_ids: Sequence[int], model_column: bool = True) -> tuple[str, str]:
+def _export_queries(study_ids: Sequence[int], missing: set[str] = frozenset()) -> tuple[str, str]:
+    """The export's two queries; `missing` columns (ADDED_COLUMNS that a database from before
+    them lacks) export as NULL, and a missing `model` as 'simplemlp'."""
     marks = ", ".join("?" * len(study_ids))
-    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else (
-        "'simplemlp'" if c == "model" and not model_column else f"t.{c}")) for c, _ in TRIAL_EXPORT)
+
+    def col(table: str, c: str) -> str:
+        if c in missing:
+            return "'simplemlp' AS model" if c == "model" else f"NULL AS {c}"
+        return f"{table}.{c}"
+
+    t_cols = ", ".join("s.name" if c == "study" else ("t.id" if c == "trial_id" else col("t", c))
+                       for c, _ in TRIAL_EXPORT)
     m_cols = ", ".join(
         "s.name" if c == "study" else ("t.id" if c == "trial_id" else
-                                       (f"t.{c}" if c in ("arch", "trial", "seed") else f"m.{c}"))
+                                       (f"t.{c}" if c in ("arch", "trial", "seed") else col("m", c)))
         for c, _ in META_LOOP_EXPORT
     )
     trials_q = (f"SELECT {t_cols} FROM trials t JOIN studies s ON s.id = t.study_id "
@@ -560,7 +593,9 @@ def export(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create {out}: {e.strerror}") from None
-    trials_q, loops_q = _export_queries(ids, has_model_column(con))
+    missing = {c for table, c, _ in (*ADDED_COLUMNS, ("trials", "model", "TEXT"))
+               if c not in {r[1] for r in con.execute(f"PRAGMA table_info({table})")}}
+    trials_q, loops_q = _export_queries(ids, missing)
     counts: dict[str, int] = {}
     con.execute("BEGIN")  # one snapshot for every file
     try:

@@ -28,8 +28,10 @@ from psa.core.checkpoint import (
     CheckpointError,
     atomic_write,
     load_member,
+    load_population,
     restore_member,
     save_member,
+    save_population,
 )
 from psa.core.data import Dataset, load_dataset
 from psa.core.device import Execution, resolve_execution
@@ -37,6 +39,7 @@ from psa.core.engine import LoopResult
 from psa.core.hparams import HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name, layer_table, param_count
 from psa.core.population import ConfigError, Member, Population
+from psa.core.variant import Variant, format_schedule
 from psa.study.console import arch_table, err_console, loop_progress
 from psa.study.events import PopulationDone
 from psa.study.runner import PopulationRun
@@ -44,6 +47,9 @@ from psa.study.runner import PopulationRun
 CHECKPOINT = "lkg.safetensors"
 SUMMARY = "run.json"
 RECORDS = "loops.jsonl"
+# A run with an engine variant also keeps its whole state here (the LKG apart from the bounty
+# model, patience counters, AdamW moments): lkg.safetensors then holds the bounty model.
+ENGINE_STATE = "population.safetensors"
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class TrialConfig:
     precision: str | None = None  # None: auto, or on resume the run's own
     kernels: str = "auto"  # auto | torch | triton
     graphs: bool = True  # CUDA graphs on a GPU
+    variant: dict[str, Any] | None = None  # engine variant settings given (psa.core.variant); on resume, must match
 
 
 @dataclass
@@ -90,6 +97,7 @@ class Trial:
     prior_seconds: float = 0.0
     mode_history: list[tuple[str, int]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's header on resume
+    variant: Variant = Variant()
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the checkpoint's LKG on resume
     notes: list[str] = field(default_factory=list)
 
@@ -116,7 +124,13 @@ def fresh_trial(cfg: TrialConfig) -> Trial:
     model = check_model_name(cfg.model or DEFAULT_MODEL)
     hp = HParams().updated(**_overrides(cfg), meta_loops=cfg.meta_loops)
     _check_knobs(model, hp)
-    return Trial(parse_arch(cfg.arch), cfg.seed or 0, cfg.mode or "none", hp, precision=None, model=model)
+    variant = Variant.from_settings(cfg.variant or {})
+    if model != DEFAULT_MODEL and not variant.is_default:
+        raise ConfigError(f"engine variants are not available for --model {model} yet")
+    arch = parse_arch(cfg.arch)
+    mode = cfg.mode or variant.start_mode("none")
+    variant.check(arch, mode, hp.meta_loops)
+    return Trial(arch, cfg.seed or 0, mode, hp, precision=None, model=model, variant=variant)
 
 
 def resumed_trial(cfg: TrialConfig) -> Trial:
@@ -152,6 +166,17 @@ def resumed_trial(cfg: TrialConfig) -> Trial:
                   precision=stored.get("precision", "fp32"), done=done, run_dir=run_dir,
                   records=records, prior_seconds=float(meta.get("train_seconds", 0.0)),
                   mode_history=[(str(m), int(t)) for m, t in meta["mode_history"]], meta=meta, state=state)
+    trial.variant = Variant.from_settings(meta.get("variant", {}))
+    if cfg.variant:
+        asked = Variant.from_settings({**trial.variant.settings(), **cfg.variant})
+        if asked != trial.variant:
+            raise ConfigError(f"run {run_dir} was started with engine variant {trial.variant.to_json()}, not "
+                              f"{asked.to_json()}; a resumed run keeps its variant")
+    if trial.variant.schedule:
+        if cfg.mode is not None:
+            raise ConfigError(f"run {run_dir} follows the schedule {format_schedule(trial.variant.schedule)}; "
+                              f"--mode cannot change it")
+        trial.mode = trial.variant.mode_at(meta["mode"], done + 1)
     if meta.get("rng") != rng.VERSION:
         trial.notes.append("this run was started by an older psa: its next meta-loops draw their data order and "
                            "dropout masks from psa's current random streams")
@@ -230,7 +255,17 @@ def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
 
 
 def build_population(trial: Trial, member: Member, data: Dataset, device: torch.device) -> Population:
-    """The trial's population of one: fresh weights, or the checkpoint's LKG and scores."""
+    """The trial's population of one: fresh weights, or the checkpoint's LKG and scores (and,
+    for a variant, its whole engine state)."""
+    if trial.run_dir is not None and not trial.variant.is_default:
+        pop, _ = load_population(trial.run_dir / ENGINE_STATE, device)
+        (mem,) = pop.members
+        if pop.loop != trial.done or (mem.seed, mem.variant) != (member.seed, member.variant):
+            raise CheckpointError(f"{trial.run_dir / ENGINE_STATE} does not match {trial.run_dir / CHECKPOINT}")
+        if not member.variant.schedule and mem.mode != member.mode:  # --resume --mode: as below
+            pop.members = (member,)
+            pop.mode_history[0].append((member.mode, trial.done + 1))
+        return pop  # a schedule switches modes in the engine
     pop = Population.create(trial.arch, [member], device, n_val=data.val_y.numel(), model=trial.model)
     if trial.run_dir is None:
         return pop
@@ -256,13 +291,18 @@ def loop_record(r: LoopResult, mode: str, j: int = 0) -> dict[str, Any]:
         "lkg_score": r.lkg_score[j],
         "train_loss": r.train_loss[j] if math.isfinite(r.train_loss[j]) else None,
         "diverged": r.diverged[j],
+        **({"forced": r.forced[j]} if r.forced and r.forced[j] is not None else {}),
     }
 
 
 def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: Dataset, final: bool,
             test_acc: float | None, train_seconds: float) -> dict[str, Any]:
     """The run's summary: the checkpoint's header and run.json."""
+    extra: dict[str, Any] = {}
+    if not trial.variant.is_default:  # absent for the paper's engine: its run.json is as it always was
+        extra = {"variant": trial.variant.settings(), "lkg_score": pop.lkg_score()[0]}
     return {
+        **extra,
         "format": FORMAT,
         "psa_version": __version__,
         "arch": str(trial.arch),
@@ -273,7 +313,7 @@ def summary(trial: Trial, pop: Population, member: Member, ex: Execution, data: 
         "mode_history": [list(x) for x in pop.mode_history[0]],
         "loop": pop.loop,
         "target_loops": trial.target,
-        "bounty": pop.lkg_score()[0],
+        "bounty": pop.bounty_score()[0],
         "bounty_loop": pop.bounty_loop[0],
         "lkg_correct": int(pop.lkg_correct[0]),
         "test_acc": test_acc,
@@ -313,16 +353,20 @@ def _print_header(trial: Trial, pop: Population, ex: Execution, data: Dataset) -
     console.print(f"data {data.source}", soft_wrap=True)
     console.print(f"run  {trial.run_dir}", soft_wrap=True)
     if trial.done:
-        console.print(f"resuming after meta-loop {trial.done}: bounty {pop.lkg_score()[0]:.2f}% @ loop {pop.bounty_loop[0]}")
+        console.print(f"resuming after meta-loop {trial.done}: bounty {pop.bounty_score()[0]:.2f}% @ loop "
+                      f"{pop.bounty_loop[0]}")
+    if not trial.variant.is_default:
+        console.print(f"engine variant {trial.variant.to_json()}", soft_wrap=True)
     for n in trial.notes:
         console.print(f"[yellow]note[/]: {n}", soft_wrap=True)
 
 
 def _loop_line(r: LoopResult, trial: Trial, pop: Population) -> str:
     word, colour = ("DIVERGED", "red") if r.diverged[0] else (
+        ("FORCED", "magenta") if r.forced and r.forced[0] else
         ("PROMOTED", "green") if r.promoted[0] else ("DISCARDED", "yellow"))
     return (f"loop {r.loop:>4}/{trial.target}  [{colour}]{word:<9}[/]  candidate {r.candidate_acc[0]:6.2f}%  "
-            f"bounty {pop.lkg_score()[0]:6.2f}% @ {pop.bounty_loop[0]:<4} "
+            f"bounty {pop.bounty_score()[0]:6.2f}% @ {pop.bounty_loop[0]:<4} "
             f"ablated {_describe_ablation(trial, r.ablated[0]):<14} {r.seconds:5.1f}s")
 
 
@@ -332,7 +376,7 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     trial = resumed_trial(cfg) if cfg.resume else fresh_trial(cfg)
     if trial.target - trial.done < 1:
         raise ConfigError("--meta-loops must be at least 1")
-    member = trial.hparams.member(trial.mode, trial.seed)
+    member = trial.hparams.member(trial.mode, trial.seed, trial.variant)
     ex = resolve_execution(cfg.device, cfg.precision or trial.precision or "auto", cfg.kernels, cfg.graphs)
     data = trial_data(trial, cfg, ex.device)
     pop = build_population(trial, member, data, ex.device)
@@ -343,8 +387,10 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     run = PopulationRun(str(run_dir), pop, data, trial.hparams, ex, where=str(ex.device))
 
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
-        s = summary(trial, pop, member, ex, data, final, test_acc,
+        s = summary(trial, pop, pop.members[0], ex, data, final, test_acc,
                     trial.prior_seconds + time.perf_counter() - t_start)
+        if not trial.variant.is_default:  # written first: a resume checks it against lkg.safetensors' loop
+            save_population(run_dir / ENGINE_STATE, pop)
         # between loops the records stay in loops.jsonl only: a fixed amount written per loop
         w = s if final else {**{k: v for k, v in s.items() if k != "records"}, "records_file": RECORDS}
         save_member(run_dir / CHECKPOINT, pop, 0, {k: v for k, v in w.items() if k != "format"})
@@ -369,6 +415,7 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
             run.launch(None if cfg.quiet else on_step)
             events = run.collect()
             assert run.last is not None
+            trial.mode = pop.members[0].mode  # a schedule may have switched it
             trial.records.append(loop_record(run.last, trial.mode))
             append_record(run_dir / RECORDS, trial.records[-1])
             checkpoint(False, None)
