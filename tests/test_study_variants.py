@@ -138,7 +138,7 @@ def test_train_resume_keeps_its_variant(tmp_path: Path) -> None:
     rc, _, err = run_main([*base, "--schedule", "dropout:1,hidden:1", "--patience", "1", "--out", "r"], cwd=tmp_path)
     assert rc == 0, err
     before = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert before == ["lkg.safetensors", "population.safetensors", "run.json"]
+    assert before == ["lkg.safetensors", "loops.jsonl", "population.safetensors", "run.json"]
     for flags, message in [(["--patience", "3"], "a resumed run keeps its variant"),
                            (["--mode", "none"], "--mode cannot change it")]:
         rc, _, err = run_main(["train", "--resume", "r", "--meta-loops", "1", *flags], cwd=tmp_path)
