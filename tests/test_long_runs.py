@@ -45,7 +45,7 @@ def test_meta_loop_rows_have_a_fixed_size(tmp_path: Path) -> None:
 
     marks, at = (250, 500, 1000), {0: size()}
     for loop in range(1, 1001):
-        rows = [(i, loop, m, 90.0 + loop * 1e-3, loop % 3 == 0, 0, loop % 2, 90.0 + loop * 1e-3, 0.25, False)
+        rows = [(i, loop, m, 90.0 + loop * 1e-3, loop % 3 == 0, 0, loop % 2, 90.0 + loop * 1e-3, 0.25, False, None)
                 for i, m in zip(ids, ("none", "hidden"))]
         store.record_loop(con, run, rows, loop, float(loop), ids)
         if loop in marks:

@@ -301,7 +301,7 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
         if a not in per_member:
             arch = data.arch(a)
             paths = memory_paths(arch, ex, design.model)
-            per_member[a] = bytes_per_member(arch, design.hparams.batch_size, **paths, model=design.model)
+            per_member[a] = bytes_per_member(arch, design.hparams.batch_size, **paths)
         return st.plan.size * per_member[a]
 
     def retire(failed: PopulationFailed, stream: Any) -> Iterator[Event]:

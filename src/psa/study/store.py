@@ -269,6 +269,10 @@ TRIAL_INSERT_COLUMNS = ("arch", "mode", "trial", "seed", "meta_loops", "lr", "ba
                         "weight_decay", "dropout", "dataset", "model", "variant", "variant_settings")
 
 
+# what a trial row holds where the caller leaves a column out: the paper's SimpleMLP, no variant
+TRIAL_DEFAULTS = {"model": "simplemlp"}
+
+
 def has_model_column(con: sqlite3.Connection) -> bool:
     """Whether the trials table has its `model` column (a database opened read-only from
     before it was added does not: every trial there is a SimpleMLP)."""
@@ -305,9 +309,11 @@ def create_study(
         try:
             con.executemany(
                 f"INSERT INTO trials (study_id, status, {cols}) VALUES (?, 'pending', {marks})",
-                [(study_id, *(t.get(c) for c in TRIAL_INSERT_COLUMNS)) for t in trials],
+                [(study_id, *(t.get(c, TRIAL_DEFAULTS.get(c)) for c in TRIAL_INSERT_COLUMNS)) for t in trials],
             )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as e:
+            if "UNIQUE" not in str(e):
+                raise
             # a database created before variants keeps one trial per (arch, mode, trial)
             raise StoreError(f"{db_path(con)} was created by a psa without engine variants and cannot hold "
                              f"this study's variant trials; give the study a new --db") from None
