@@ -340,3 +340,20 @@ def test_a_database_from_before_the_model_column_is_migrated(tmp_path):
     assert not store.has_model_column(store.connect(db, readonly=True))
     con = store.connect(db)
     assert [tuple(r) for r in con.execute("SELECT model FROM trials")] == [("simplemlp",)]
+
+
+def test_engine_variants_are_refused_for_resmlp_in_one_line(tmp_path) -> None:
+    """The variants' ablation draws count a SimpleMLP's layers: a ResMLP run or study asking for
+    one is refused before anything is written, not trained with the wrong draws."""
+    from psa.core.variant import Variant
+    from psa.study.design import DesignError, StudyDesign
+
+    from .conftest import one_line_error, run_main
+
+    with pytest.raises(DesignError, match="engine variants are not available for model resmlp"):
+        StudyDesign(architectures=("2*8",), modes=("hidden",), model="resmlp",
+                    variants=(("patience2", Variant(patience=2)),))
+    code, _, err = run_main(["train", "--arch", "2*8", "--model", "resmlp", "--mode", "hidden", "--patience", "2",
+                             "--out", "r"], cwd=tmp_path)
+    assert code == 2 and "engine variants are not available for --model resmlp" in one_line_error(err)
+    assert list(tmp_path.iterdir()) == []
