@@ -768,9 +768,9 @@ class Engine:
 
         The paper's engine: promote iff the candidate's validation count strictly beats the
         LKG's; a diverged candidate is scored like any other (the harness's rule: NaN logits
-        predict class 0, see README) unless hparams.diverged is "discard", which never promotes it. With patience K (psa.core.variant): after `allowance`
-        discarded candidates in a row the next one that did not diverge is promoted whatever
-        its score (forced) and the allowance grows by the member's growth factor; a candidate
+        predict class 0, see README) unless hparams.diverged is "discard", which never promotes
+        it. With patience K (psa.core.variant): after `allowance` discarded candidates in a row
+        the next one that did not diverge is promoted whatever its score (forced) and the allowance grows by the member's growth factor; a candidate
         that beats the bounty is promoted and resets the allowance to K. Returns (promote,
         forced, improved: the bounty was beaten) per member of the chunk."""
         pop, m0, m1 = self.pop, ch.m0, ch.m1
@@ -787,7 +787,9 @@ class Engine:
             streak, allowance = pop.streak[m0:m1], pop.allowance[m0:m1]
             bounty_correct = pop.bounty_correct[m0:m1]
             improved = ok & (correct > bounty_correct)
-            forced = (k > 0) & ok & ~beats & (streak >= allowance)
+            # a diverged candidate scores, but is never forced in: its NaN weights would stay the
+            # LKG for good (docs/variants.md)
+            forced = (k > 0) & ~ch.diverged & ~beats & (streak >= allowance)
             promote = beats | forced
             streak.copy_(torch.where(promote, torch.zeros_like(streak), streak + 1))
             # capped far beyond any run's length, so that K * G^n cannot overflow
