@@ -401,27 +401,24 @@ class Engine:
         dz.scatter_add_(2, y3, torch.full_like(y3, -1, dtype=dz.dtype))
         dz.mul_(1.0 / b)
 
-        if depth and self.fused:
-            from psa.core import kernels
+        if depth and (self.fused or self.cpu_stack):
+            # the head as a plain layer, then the middle stack in one fused call (Triton or CPU)
+            w, _ = views[depth]
+            gw, gb = gviews[depth]
+            mm.bmm(dz.transpose(1, 2), hs[0], out=gw)
+            torch.sum(dz, dim=1, out=gb)
+            dh = mm.bmm(dz, w, out=buf(("dh", 0), (m, b, w.shape[2])))
+            width = self.pop.arch.hidden[0]
+            geometry = self._stack_geometry(ch.layout)
+            dz0 = buf("dz0", (m, b, width))
+            if self.fused:
+                from psa.core import kernels
 
-            w, _ = views[depth]
-            gw, gb = gviews[depth]
-            mm.bmm(dz.transpose(1, 2), hs[0], out=gw)
-            torch.sum(dz, dim=1, out=gb)
-            dh = mm.bmm(dz, w, out=buf(("dh", 0), (m, b, w.shape[2])))
-            width = self.pop.arch.hidden[0]
-            dz = kernels.stack_backward(dh, acts, ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth, width,
-                                        dz0=buf("dz0", (m, b, width)),
-                                        scale=ch.drop_scale if ch.dropout else None, precision=self.precision)
-        elif depth and self.cpu_stack:  # -- the fused CPU stack
-            w, _ = views[depth]
-            gw, gb = gviews[depth]
-            mm.bmm(dz.transpose(1, 2), hs[0], out=gw)
-            torch.sum(dz, dim=1, out=gb)
-            dh = mm.bmm(dz, w, out=buf(("dh", 0), (m, b, w.shape[2])))
-            width = self.pop.arch.hidden[0]
-            dz = cpu_stack.stack_backward(dh, stack_in[0], ch.cand, ch.grad, *self._stack_geometry(ch.layout), depth,
-                                          width, dz0=buf("dz0", (m, b, width)), drop=stack_in[1])
+                dz = kernels.stack_backward(dh, acts, ch.cand, ch.grad, *geometry, depth, width, dz0=dz0,
+                                            scale=ch.drop_scale if ch.dropout else None, precision=self.precision)
+            else:
+                dz = cpu_stack.stack_backward(dh, stack_in[0], ch.cand, ch.grad, *geometry, depth, width, dz0=dz0,
+                                              drop=stack_in[1])
         else:
             for layer in range(depth, 0, -1):
                 h = hs[layer - 1]
