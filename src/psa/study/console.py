@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -29,52 +30,44 @@ out_console = Console(highlight=False, width=None if sys.stdout.isatty() else PI
 def arch_table(arch: Arch, title: str | None = None, model: str = DEFAULT_MODEL) -> Table:
     """The layer-by-layer summary of `model` for `arch`, with its parameter count (equation 1
     for a SimpleMLP)."""
-    if model != DEFAULT_MODEL:
-        return _resmlp_table(arch, title)
-    t = Table(title=title or f"SimpleMLP {arch}", title_justify="left")
+    if model == DEFAULT_MODEL:
+        rows = arch.layer_table()
+        matched = "matched" if is_parameter_matched(arch) else "asymmetric"
+        total = (f"{arch.depth} hidden", matched if arch.is_homogeneous and arch.blocks else "", arch.params)
+        return _layer_rows_table(title or f"SimpleMLP {arch}", rows, _simplemlp_block, total)
+    rows = layer_table(arch, model)
+    total = (f"{arch.depth} blocks", f"{len(rows)} Linear", param_count(arch, model))
+    return _layer_rows_table(title or f"ResMLP {arch}", rows, _resmlp_block, total)
+
+
+def _simplemlp_block(name: str) -> str:
+    return "Linear" if name == "output" else "Linear -> ReLU -> Dropout"
+
+
+def _resmlp_block(name: str) -> str:
+    if name == "output":
+        return "Linear"
+    return "Linear, ReLU(x + branch)" if name.endswith("fc2") else "Linear -> ReLU -> Dropout"
+
+
+def _layer_rows_table(title: str, rows: list[tuple[str, int, int, int]], block: Callable[[str], str],
+                      total: tuple[str, str, int]) -> Table:
+    """Layers (name, inputs, outputs, parameters) as a table, the middle of a long net elided,
+    and a total row (shape, block, parameters)."""
+    t = Table(title=title, title_justify="left")
     t.add_column("layer")
     t.add_column("shape", justify="right")
     t.add_column("block")
     t.add_column("parameters", justify="right")
-    rows = arch.layer_table()
     shown = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]
     for row in shown:
         if row is None:
             t.add_row("...", f"({len(rows) - 10} more)", "", "")
             continue
         name, a, b, p = row
-        block = "Linear -> ReLU -> Dropout" if name != "output" else "Linear"
-        t.add_row(name, f"{a} -> {b}", block, f"{p:,}")
-    matched = "matched" if is_parameter_matched(arch) else "asymmetric"
+        t.add_row(name, f"{a} -> {b}", block(name), f"{p:,}")
     t.add_section()
-    t.add_row("total", f"{arch.depth} hidden", matched if arch.is_homogeneous and arch.blocks else "", f"{arch.params:,}")
-    return t
-
-
-def _resmlp_table(arch: Arch, title: str | None) -> Table:
-    t = Table(title=title or f"ResMLP {arch}", title_justify="left")
-    t.add_column("layer")
-    t.add_column("shape", justify="right")
-    t.add_column("block")
-    t.add_column("parameters", justify="right")
-    rows = layer_table(arch, "resmlp")
-    shown = rows if len(rows) <= 12 else rows[:5] + [None] + rows[-5:]
-    for row in shown:
-        if row is None:
-            t.add_row("...", f"({len(rows) - 10} more)", "", "")
-            continue
-        name, a, b, p = row
-        if name == "output":
-            block = "Linear"
-        elif name.endswith("fc1"):
-            block = "Linear -> ReLU -> Dropout"
-        elif name.endswith("fc2"):
-            block = "Linear, ReLU(x + branch)"
-        else:
-            block = "Linear -> ReLU -> Dropout"
-        t.add_row(name, f"{a} -> {b}", block, f"{p:,}")
-    t.add_section()
-    t.add_row("total", f"{arch.depth} blocks", f"{len(rows)} Linear", f"{param_count(arch, 'resmlp'):,}")
+    t.add_row("total", total[0], total[1], f"{total[2]:,}")
     return t
 
 
