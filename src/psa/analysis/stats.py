@@ -7,6 +7,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -293,20 +294,9 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
         rows = []
         for a in ABLATIVE_MODES:
             for b in BASELINE_MODES:
-                pa, pb = peaks.get((arch, a), {}), peaks.get((arch, b), {})
-                keys = sorted(set(pa) & set(pb))
-                if not keys:
-                    continue
-                d = np.array([pa[k] - pb[k] for k in keys])
-                collapsed = cfg.zero_r is not None and max(max(pa.values()), max(pb.values())) <= (
-                    cfg.zero_r + cfg.escape_margin)
-                p = sign_flip_test(d, cfg.max_exact, cfg.n_flips, cfg.seed)
-                lo, hi = bootstrap_ci(d, cfg.n_boot, cfg.seed)
-                rows.append(dict(arch=arch, ablative=a, baseline=b, n=len(keys),
-                                 n_nonzero=int(np.count_nonzero(np.abs(d) > ACC_EPS)),
-                                 mean_diff=float(d.mean()), ci_low=lo, ci_high=hi, p=p,
-                                 d_z=cohens_dz(d), r_rb=rank_biserial(d), p_min=min_sign_flip_p(d),
-                                 collapsed=bool(collapsed)))
+                row = _paired_row(arch, a, b, peaks.get((arch, a), {}), peaks.get((arch, b), {}), cfg)
+                if row is not None:
+                    rows.append(row)
         adj = holm([r["p"] for r in rows])
         adj_min = holm([r["p_min"] for r in rows])
         for r, ph, ph_min in zip(rows, adj, adj_min):
@@ -318,6 +308,23 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
                 verdict = "no detectable difference"
             out.append(Comparison(p_holm=float(ph), verdict=verdict, p_min_holm=float(ph_min), **r))
     return out
+
+
+def _paired_row(arch: str, a: str, b: str, pa: dict[int, float], pb: dict[int, float],
+                cfg: StatsConfig) -> dict[str, Any] | None:
+    """Condition `a` against `b` on one architecture, paired by trial index (peaks `pa`, `pb`):
+    a Comparison's fields before Holm's correction; None when no trial index has both."""
+    keys = sorted(set(pa) & set(pb))
+    if not keys:
+        return None
+    d = np.array([pa[k] - pb[k] for k in keys])
+    collapsed = cfg.zero_r is not None and max(max(pa.values()), max(pb.values())) <= (
+        cfg.zero_r + cfg.escape_margin)
+    p = sign_flip_test(d, cfg.max_exact, cfg.n_flips, cfg.seed)
+    lo, hi = bootstrap_ci(d, cfg.n_boot, cfg.seed)
+    return dict(arch=arch, ablative=a, baseline=b, n=len(keys), n_nonzero=int(np.count_nonzero(np.abs(d) > ACC_EPS)),
+                mean_diff=float(d.mean()), ci_low=lo, ci_high=hi, p=p, d_z=cohens_dz(d), r_rb=rank_biserial(d),
+                p_min=min_sign_flip_p(d), collapsed=bool(collapsed))
 
 
 def variant_comparisons(data_trials: Iterable[Trial], archs: Sequence[str], modes: Sequence[str],
@@ -342,19 +349,9 @@ def variant_comparisons(data_trials: Iterable[Trial], archs: Sequence[str], mode
             ref = variant_of[label] if variant_of[label] in plain else (plain[0] if plain else None)
             if ref is None:
                 continue
-            pa, pb = peaks.get((arch, label), {}), peaks.get((arch, ref), {})
-            keys = sorted(set(pa) & set(pb))
-            if not keys:
-                continue
-            d = np.array([pa[k] - pb[k] for k in keys])
-            collapsed = cfg.zero_r is not None and max(max(pa.values()), max(pb.values())) <= (
-                cfg.zero_r + cfg.escape_margin)
-            lo, hi = bootstrap_ci(d, cfg.n_boot, cfg.seed)
-            rows.append(dict(arch=arch, ablative=label, baseline=ref, n=len(keys),
-                             n_nonzero=int(np.count_nonzero(np.abs(d) > ACC_EPS)), mean_diff=float(d.mean()),
-                             ci_low=lo, ci_high=hi, p=sign_flip_test(d, cfg.max_exact, cfg.n_flips, cfg.seed),
-                             d_z=cohens_dz(d), r_rb=rank_biserial(d), p_min=min_sign_flip_p(d),
-                             collapsed=bool(collapsed)))
+            row = _paired_row(arch, label, ref, peaks.get((arch, label), {}), peaks.get((arch, ref), {}), cfg)
+            if row is not None:
+                rows.append(row)
         for r, ph in zip(rows, holm([r["p"] for r in rows])):
             if r["p_min"] > cfg.alpha or r["n"] < 2:
                 verdict = "cannot decide"
