@@ -79,11 +79,12 @@ if torch.cuda.is_available():
 else: print('no CUDA device')
 from psa.core import kernels; print('psa kernels available:', kernels.available())
 "
-# the engine first (graphs against eager, GPU against CPU, the fixes' tests), then the kernels
+# the engine first (graphs against eager, GPU against CPU, the fixes' tests; ResMLP, the variants and
+# the torch.func population too), then the kernels
 # compiled (many variants: compile-bound); separate runs, so that -x in one hides nothing of
 # the other
 step engine 110 250 "$PY" -m pytest -x -q -p no:cacheprovider --durations=8 "${TIMEOUT_ARGS[@]}" \
-    "${TEST_SELECT[@]}" tests/test_engine_paths.py
+    "${TEST_SELECT[@]}" tests/test_engine_paths.py tests/test_gpu_paths.py
 step kernels 130 150 "$PY" -m pytest -x -q -p no:cacheprovider --durations=8 "${TIMEOUT_ARGS[@]}" \
     "${TEST_SELECT[@]}" tests/test_kernels.py
 # 700 images: two batches and a tail (the graph warm-up's short-epoch case); three populations in

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("db")
     args = ap.parse_args()
     con = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
-    studies = [r[0] for r in con.execute("SELECT name FROM studies WHERE name LIKE 'resmlp-deep-%' ORDER BY id")]
+    studies = [r[0] for r in con.execute("SELECT name FROM studies WHERE name LIKE 'resmlp-deep%' ORDER BY id")]
     published = load_published()
     cfg = StatsConfig(zero_r=ZERO_R)
     print("| arch | mode | ResMLP bounty (loops) | n | vs none: mean diff [95% CI], p (Holm), verdict "

@@ -21,6 +21,7 @@ from psa.analysis.stats import (
     sign_flip_test,
     summarize,
     validation_zero_r,
+    variant_comparisons,
     winners,
     zero_r_from_counts,
 )
@@ -244,3 +245,23 @@ def test_cannot_decide_is_judged_after_holm():
     c = got[("output", "none")]
     assert c.n_nonzero == 7 and c.p_min_holm == pytest.approx(3 * 2 / 128) and c.p_min_holm < 0.05
     assert c.verdict != "cannot decide"
+
+
+def test_variants_cannot_decide_is_judged_after_holm_too():
+    """Five variants of `hidden`, each ahead in 6 of 10 pairs: uncorrected the smallest possible
+    p (2/2^6 = 0.031) is below 0.05, after Holm over the five no outcome can reach it (5 x 0.031),
+    so every variant reads 'cannot decide', as the paper's comparisons do. With all 10 pairs
+    ahead (Holm's smallest p 5 x 2/2^10 = 0.0098) a variant is judged better."""
+    from psa.analysis.results import Trial
+
+    names = ["a", "b", "c", "d", "e"]
+    six = [91.0] * 6 + [90.0] * 4
+    ten = [91.0] * 10
+    for peaks, verdict in ((six, "cannot decide"), (ten, "variant better")):
+        ts = [Trial("4*4", "hidden", k + 1, 90.0) for k in range(10)]
+        ts += [Trial("4*4", f"hidden+{v}", k + 1, peaks[k], variant=v) for v in names for k in range(10)]
+        comps = variant_comparisons(ts, ["4*4"], ["hidden"], StatsConfig(n_boot=200))
+        assert [c.ablative for c in comps] == [f"hidden+{v}" for v in names]
+        for c in comps:
+            assert c.baseline == "hidden" and c.verdict == verdict
+            assert c.p_min_holm == pytest.approx(5 * c.p_min)

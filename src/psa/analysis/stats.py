@@ -297,16 +297,24 @@ def paired_comparisons(data_trials: Iterable[Trial], archs: Sequence[str],
                 row = _paired_row(arch, a, b, peaks.get((arch, a), {}), peaks.get((arch, b), {}), cfg)
                 if row is not None:
                     rows.append(row)
-        adj = holm([r["p"] for r in rows])
-        adj_min = holm([r["p_min"] for r in rows])
-        for r, ph, ph_min in zip(rows, adj, adj_min):
-            if ph_min >= cfg.alpha or r["n"] < 2:
-                verdict = "cannot decide"
-            elif ph < cfg.alpha:
-                verdict = "ablation better" if r["mean_diff"] > 0 else "ablation worse"
-            else:
-                verdict = "no detectable difference"
-            out.append(Comparison(p_holm=float(ph), verdict=verdict, p_min_holm=float(ph_min), **r))
+        out += _judged(rows, cfg, "ablation")
+    return out
+
+
+def _judged(rows: list[dict[str, Any]], cfg: StatsConfig, what: str) -> list[Comparison]:
+    """One family's rows (from _paired_row) Holm-corrected and judged: 'cannot decide' when no
+    outcome of its pairs could reach alpha after Holm (p_min_holm, see paired_comparisons), else
+    '<what> better/worse' when the Holm-adjusted p is below alpha, else 'no detectable
+    difference'."""
+    out = []
+    for r, ph, ph_min in zip(rows, holm([r["p"] for r in rows]), holm([r["p_min"] for r in rows])):
+        if ph_min >= cfg.alpha or r["n"] < 2:
+            verdict = "cannot decide"
+        elif ph < cfg.alpha:
+            verdict = f"{what} better" if r["mean_diff"] > 0 else f"{what} worse"
+        else:
+            verdict = "no detectable difference"
+        out.append(Comparison(p_holm=float(ph), verdict=verdict, p_min_holm=float(ph_min), **r))
     return out
 
 
@@ -333,7 +341,8 @@ def variant_comparisons(data_trials: Iterable[Trial], archs: Sequence[str], mode
     the paper's engine in its own mode, or, where the design ran that mode only as a variant (a
     mode schedule starting in dropout), against the design's first plain mode: paired by trial
     index (trial k of every condition shares its seed), Holm-corrected over the variant
-    conditions of one architecture. In the returned Comparisons `ablative` is the variant's
+    conditions of one architecture and judged as paired_comparisons judges (so "cannot decide"
+    also means: not after Holm). In the returned Comparisons `ablative` is the variant's
     condition and `baseline` its reference; verdicts read "variant better/worse"."""
     peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     variant_of: dict[str, str] = {}
@@ -352,14 +361,7 @@ def variant_comparisons(data_trials: Iterable[Trial], archs: Sequence[str], mode
             row = _paired_row(arch, label, ref, peaks.get((arch, label), {}), peaks.get((arch, ref), {}), cfg)
             if row is not None:
                 rows.append(row)
-        for r, ph in zip(rows, holm([r["p"] for r in rows])):
-            if r["p_min"] > cfg.alpha or r["n"] < 2:
-                verdict = "cannot decide"
-            elif ph < cfg.alpha:
-                verdict = "variant better" if r["mean_diff"] > 0 else "variant worse"
-            else:
-                verdict = "no detectable difference"
-            out.append(Comparison(p_holm=float(ph), verdict=verdict, **r))
+        out += _judged(rows, cfg, "variant")
     return out
 
 
