@@ -104,6 +104,22 @@ def test_dry_run_json_has_the_estimate_and_its_terms(tmp_path: Path) -> None:
     assert rc == 2 and "--json applies to --dry-run" in err
 
 
+def test_process_overhead_times_a_child_and_is_zero_when_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate's start-up counts the interpreter's start and shut-down around psa (a child
+    that imports torch, torch._dynamo and psa.cli): more than nothing, less than the child's
+    whole life; 0 when no child can run."""
+    import sys
+    import time
+
+    from psa.study import estimate
+
+    t = time.perf_counter()
+    overhead = estimate.process_overhead()
+    assert 0 < overhead < time.perf_counter() - t
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    assert estimate.process_overhead() == 0.0
+
+
 def test_dry_run_checks_an_existing_study_as_a_run_would(reference: Path, tmp_path: Path) -> None:
     """--dry-run of a study that exists refuses what the run itself would refuse; writes nothing."""
     db = tmp_path / "dry.sqlite"

@@ -15,7 +15,7 @@ from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size
-from psa.study.estimate import Estimate, estimate
+from psa.study.estimate import Estimate, estimate, process_overhead
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, arch_flops, design_arch, make_plan
 from psa.study.runner import design_data
@@ -48,8 +48,8 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     plan = make_plan(design, size)  # the order the run will take
     t = time.perf_counter()
     data = design_data(design, opt.data_dir, ex.device)
-    # a run starts as this process did (imports) and then loads the data
-    startup = entered - psa.STARTED + time.perf_counter() - t
+    # a run starts as this process did (imports), loads the data, and at the end shuts down
+    startup = entered - psa.STARTED + time.perf_counter() - t + process_overhead()
     est = estimate(ex, data, plan, startup, opt.checkpoint_every)
     table, rows = plan_table(name, plan, est, existing.status if existing is not None else {})
     out_console.print(table)
@@ -128,7 +128,7 @@ def summary(name: str, plan: Plan, est: Estimate, precision: str, rows: list[dic
         f"work: {sum(r['flops'] for r in rows) / 1e15:.3g} PFLOP (forward+backward = 3 x forward over "
         f"{design.n_train:,} images + forward over {N_VAL:,} per meta-loop, + the test set once)",
         f"estimate on {est.device} in {precision}: {fmt_seconds(total_time)} {pm} for the whole "
-        f"study, one population at a time, {fmt_seconds(est.startup_s)} of it start-up (imports, data)"
+        f"study, one population at a time, {fmt_seconds(est.startup_s)} of it the process's start-up and shut-down (imports, data, exit)"
         + (f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do" if existing is not None else ""),
         f"calibration: {est.describe()}",
     ]

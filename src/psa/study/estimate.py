@@ -9,7 +9,7 @@ distinct population shape of the plan trains a few real steps and scores real im
 design's hyperparameters and the run's execution (precision, kernels, graphs), and the
 estimate is
 
-    study = start-up (imports, data) + sum over populations of
+    study = start-up (imports, data) + the process's shut-down + sum over populations of
             set-up + first-loop warm-up + loops x (steps x step + validation + per-loop records)
             + the test set + checkpoints
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -70,7 +72,7 @@ class Estimate:
     """Seconds of a study on this device, per architecture, with the terms they came from."""
 
     device: str  # where the probes ran, for people
-    startup_s: float  # before the first population: imports, data loading
+    startup_s: float  # outside the populations: imports, data loading, the process's start and exit
     per_arch: dict[str, float]  # seconds of each architecture's populations
     probes: tuple[Probe, ...]
     uncertainty: float  # relative: the estimate is total x (1 +- uncertainty)
@@ -157,6 +159,26 @@ def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
         checkpoint_s = _timed(lambda: save_population(Path(tmp) / "probe.safetensors", eng.pop, {}), device)
     return Probe(pp.arch, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
                  loop_extra_s, checkpoint_s, time.perf_counter() - t_start)
+
+
+def process_overhead(timeout: float = 120.0) -> float:
+    """Seconds a `psa` process spends outside its own code: the interpreter's start before psa
+    is imported and its shut-down after psa returns. With torch loaded the shut-down is most of
+    a second on a small CPU (module teardown, thread pools), and more once torch.optim's first
+    optimizer has imported torch._dynamo (as every run's first AdamW does): the missing
+    0.6-1.7 s of bench/results/estimate-cpu-idle.md. Measured on a child process that imports
+    what a run imports, as the wall time of the child less its own import time; 0 if the child
+    cannot run."""
+    code = ("import sys, time; t = time.perf_counter(); import torch, torch._dynamo, psa.cli; "
+            "sys.stdout.write(repr(time.perf_counter() - t))")
+    t = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        inside = float(r.stdout) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        inside = None
+    wall = time.perf_counter() - t
+    return 0.0 if inside is None else max(0.0, wall - inside)
 
 
 def population_seconds(p: Probe, design: StudyDesign, size: int, checkpoint_every: float = 60.0) -> float:
