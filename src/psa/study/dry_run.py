@@ -14,11 +14,11 @@ from psa.core.device import Execution, resolve_device, resolve_execution
 from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
-from psa.study.driver import StoredPlan, check_stored, default_population_size
+from psa.study.driver import StoredPlan, check_stored, default_population_size, module_execution
 from psa.study.estimate import Estimate, estimate
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, arch_flops, design_arch, make_plan
-from psa.study.runner import design_data
+from psa.study.runner import design_data, design_data_view
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
 
     entered = time.perf_counter()
     device = resolve_device(opt.device if opt.backend == "local" else "auto")
-    requested = resolve_execution(device, opt.precision, opt.kernels, opt.graphs)
+    requested = module_execution(design, opt, resolve_execution(device, opt.precision, opt.kernels, opt.graphs))
+    if design.is_module:
+        return module_dry_run(name, design, opt, requested)
     existing = existing_study(name, design, opt, requested)
     if existing is not None:
         size, precision = existing.stored.plan.population_size, existing.stored.precision
@@ -136,3 +138,66 @@ def summary(name: str, plan: Plan, est: Estimate, precision: str, rows: list[dic
         lines.append(f"study {name} exists in {db}: {design.n_trials - n_todo} of {design.n_trials} trials done")
     lines.append("dry run: nothing was written")
     return lines
+
+
+def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: Execution) -> dict[str, Any]:
+    """The dry run of a design of your own model: every factory built and checked on the data,
+    its parameters and forward FLOPs counted (torch.utils.flop_counter), the plan; no time
+    estimate (the probes time psa's own engine). Writes nothing; returns what it printed."""
+    from rich.table import Table
+
+    from psa.study.console import out_console
+    from psa.study.modules import check_factories
+
+    from psa.study.runner import cached_data
+
+    data = design_data_view(design, cached_data(design.dataset, opt.data_dir, requested.device))
+    infos = check_factories(design, data)
+    existing = existing_study(name, design, opt, requested)
+    size = (existing.stored.plan.population_size if existing is not None
+            else default_population_size(design, opt, requested.device, infos))
+    plan = make_plan(design, size)
+    loops, n_train = design.hparams.meta_loops, design.n_train
+    table = Table(title=f"study {name}: plan", title_justify="left")
+    for col in ("model", "unit layers", "params", "trials", "pops", "MFLOP/example", "TFLOP/trial", "to do"):
+        table.add_column(col, justify="left" if col in ("model", "unit layers") else "right", no_wrap=col == "model")
+    rows = []
+    status = existing.status if existing is not None else {}
+    for spec, info in infos.items():
+        pops = [p for p in plan.populations if p.arch == spec]
+        n_trials = len(design.conditions()) * design.trials
+        # per loop: forward+backward (3 x forward) over the training images, a forward over the
+        # validation images; and the test set once
+        f_trial = None if info.flops is None else info.flops * (loops * (3 * n_train + data.val_y.numel())
+                                                                + data.test_y.numel())
+        todo = sum(1 for m, vname, _ in design.conditions() for k in range(1, design.trials + 1)
+                   if status.get((spec, m, vname, k), "pending") != "done")
+        table.add_row(spec, info.layers, f"{info.params:,}", str(n_trials),
+                      f"{len(pops)} x {'/'.join(map(str, sorted({p.size for p in pops})))}",
+                      "?" if info.flops is None else f"{info.flops / 1e6:.3g}",
+                      "?" if f_trial is None else f"{f_trial / 1e12:.3g}", str(todo))
+        rows.append({"arch": spec, "layers": info.layers, "params": info.params, "trials": n_trials,
+                     "populations": len(pops), "flops_per_example": info.flops, "flops_per_trial": f_trial,
+                     "flops": None if f_trial is None else f_trial * n_trials, "seconds": None, "todo": todo})
+    out_console.print(table)
+    flops = [r["flops"] for r in rows]
+    lines = [
+        f"{design.n_trials} trials ({len(design.architectures)} models x {design.conditions_text()} x "
+        f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
+        f"{len(plan.populations)} populations of at most {plan.population_size} members, {loops} meta-loops each; "
+        f"inputs {tuple(data.train_x.shape[1:])}, trained through torch.func in fp32",
+        ("work: " + (f"{sum(flops) / 1e15:.3g} PFLOP" if None not in flops else "not countable")
+         + " (torch's flop counter: matmuls and convolutions; forward+backward = 3 x forward)"),
+        "time estimate: not available for a model given as module:function (the probes time psa's own engine); "
+        "run a few meta-loops and read `psa status`'s ETA",
+    ]
+    if existing is not None:
+        lines.append(f"study {name} exists in {opt.db}: {design.n_trials - sum(r['todo'] for r in rows)} of "
+                     f"{design.n_trials} trials done")
+    lines.append("dry run: nothing was written")
+    for line in lines:
+        out_console.print(line, soft_wrap=True)
+    return {"name": name, "population_size": plan.population_size,
+            "populations": [dataclasses.asdict(p) | {"key": p.key} for p in plan.populations],
+            "architectures": rows, "flops": None if None in flops else sum(flops), "seconds": None,
+            "uncertainty": None, "startup_seconds": None, "calibration_seconds": None, "probes": []}
