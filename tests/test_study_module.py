@@ -200,3 +200,19 @@ def test_images_are_shaped_for_the_model(mnist: psa_data.Dataset) -> None:
     shaped = modules.module_data(mnist)
     assert shaped.train_x.shape[1:] == (1, 28, 28) and shaped.val_x.shape[1:] == (1, 28, 28)
     assert torch.equal(shaped.test_x.flatten(1), mnist.test_x) and shaped.train_x.data_ptr() == mnist.train_x.data_ptr()
+
+
+def test_a_design_file_names_its_models(tmp_path: Path) -> None:
+    (tmp_path / "mine.toml").write_text(f'model = ["{CNN}", "{MLP}"]\nmodes = ["none", "output"]\ntrials = 2\n'
+                                        f'meta_loops = 5\ntrain_subset = 256\n')
+    rc, out, err = run_main(["study", "mine.toml", "--db", "x.sqlite", "--dry-run", "--json"], tmp_path)
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["name"] == "mine" and [r["arch"] for r in plan["architectures"]] == [CNN, MLP]
+    assert [r["trials"] for r in plan["architectures"]] == [4, 4]
+
+
+def test_psa_train_points_a_module_model_to_a_study(tmp_path: Path) -> None:
+    rc, _, err = run_main(["train", "--model", MLP, "--arch", "1*8", "--out", "run"], tmp_path)
+    assert rc == 2 and f"psa study --model {MLP}" in one_line_error(err)
+    assert list(tmp_path.iterdir()) == []

@@ -36,6 +36,10 @@ def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def model_name(text: str) -> str:
     """argparse type of --model: one of psa.core.model.MODELS (check_model_name says which)."""
+    if ":" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text}: your own model (module:function) trains in a study, e.g. psa study --model {text} --modes "
+            f"none,hidden --trials 1, or with psa.fit (docs/module.md); psa train and psa arch take simplemlp or resmlp")
     try:
         return check_model_name(text)
     except ConfigError as e:
