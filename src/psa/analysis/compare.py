@@ -29,10 +29,10 @@ from psa.analysis.results import (
     published_curves,
     short_list,
 )
-from psa.study.design import MODULE_MODEL
 from psa.analysis.stats import base_dataset, resolve_zero_r, summaries, validation_zero_r
 from psa.analysis.tables import Table, fp
 from psa.core.population import MODES
+from psa.study.design import MODULE_MODEL
 
 REFERENCE_LABELS = {"published": "published per-trial data (final)", "seed": "printed Table V"}
 

@@ -33,7 +33,6 @@ from torch import nn
 from psa.core.checkpoint import FORMAT, CheckpointError, load_tensors, save_tensors
 from psa.core.data import Dataset
 from psa.core.engine import LoopResult
-from psa.core.errors import ConfigError
 from psa.core.generic import Factory, ModuleEngine, ModulePopulation, resolve_factory
 from psa.core.hparams import HParams
 from psa.core.population import Member
@@ -293,8 +292,3 @@ def load_module_population(path: str | os.PathLike) -> tuple[ModuleCheckpoint, d
         raise CheckpointError(f"{path}: tensor sizes do not match its {m} members")
     return ckpt, meta
 
-
-def check_no_module(design: StudyDesign, what: str) -> None:
-    """A ConfigError line where `what` (a feature of psa's own engine) meets a module design."""
-    if design.is_module:
-        raise ConfigError(f"{what} is not available for a model given as module:function")
