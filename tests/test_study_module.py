@@ -147,8 +147,11 @@ def test_dry_run_counts_the_built_module_and_writes_nothing(tmp_path: Path) -> N
     assert (cnn["arch"], mlp["arch"]) == (CNN, MLP)
     assert cnn["params"] == (4 * 25 + 4) + (6 * 4 * 25 + 6) + (96 * 10 + 10)
     assert mlp["flops_per_example"] == 2 * (784 * 12 + 12 * 10)  # torch's flop counter: 2 per multiply-add
-    assert cnn["layers"] == "0[4], 2[6], 6[10]" and plan["seconds"] is None
-    assert "time estimate: not available" in err  # the table goes to stderr with --json
+    assert cnn["layers"] == "0[4], 2[6], 6[10]"
+    # the estimate: each model's population timed here, every term positive
+    assert [p["arch"] for p in plan["probes"]] == [CNN, MLP] and all(p["step_s"] > 0 for p in plan["probes"])
+    assert plan["seconds"] > plan["startup_seconds"] > 0 and cnn["seconds"] > 0 and mlp["seconds"] > 0
+    assert "estimate on cpu" in err and "time" in err  # the table and lines go to stderr with --json
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from psa.core.data import N_VAL
-from psa.core.device import Execution, resolve_device, resolve_execution
+from psa.core.device import Execution, describe_device, resolve_device, resolve_execution
 from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size, module_execution
-from psa.study.estimate import Estimate, estimate
+from psa.study.estimate import MODEL_ERROR, Estimate, estimate
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, arch_flops, design_arch, make_plan
 from psa.study.runner import design_data, design_data_view
@@ -142,24 +142,38 @@ def summary(name: str, plan: Plan, est: Estimate, precision: str, rows: list[dic
 
 def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: Execution) -> dict[str, Any]:
     """The dry run of a design of your own model: every factory built and checked on the data,
-    its parameters and forward FLOPs counted (torch.utils.flop_counter), the plan; no time
-    estimate (the probes time psa's own engine). Writes nothing; returns what it printed."""
+    its parameters and forward FLOPs counted (torch.utils.flop_counter), its largest population
+    timed here for a few batches (psa.study.modules.probe_factory), the plan and the estimate.
+    Writes nothing; returns what it printed."""
+    import psa
     from rich.table import Table
 
-    from psa.study.console import out_console
-    from psa.study.modules import check_factories
-
+    from psa.study.console import fmt_seconds, out_console
+    from psa.study.modules import check_factories, probe_factory
     from psa.study.runner import cached_data
 
     data = design_data_view(design, cached_data(design.dataset, opt.data_dir, requested.device))
+    startup = time.perf_counter() - psa.STARTED  # a run starts as this process did: imports, data
     infos = check_factories(design, data)
     existing = existing_study(name, design, opt, requested)
     size = (existing.stored.plan.population_size if existing is not None
             else default_population_size(design, opt, requested.device, infos))
     plan = make_plan(design, size)
+    t0 = time.perf_counter()
+    probes = {}
+    for spec in design.architectures:
+        largest = max((p for p in plan.populations if p.arch == spec), key=lambda p: p.size)
+        probes[spec] = probe_factory(spec, design, data, largest.members(design), requested.device)
+    calibration_s = time.perf_counter() - t0
+    n_val, n_test = int(data.val_y.numel()), int(data.test_y.numel())
+    seconds = {spec: sum(probes[spec].population_seconds(design, p.size, n_val, n_test)
+                         for p in plan.populations if p.arch == spec) for spec in design.architectures}
+    spread = max(p.spread for p in probes.values())
+    uncertainty = max(MODEL_ERROR, spread)
     loops, n_train = design.hparams.meta_loops, design.n_train
     table = Table(title=f"study {name}: plan", title_justify="left")
-    for col in ("model", "unit layers", "params", "trials", "pops", "MFLOP/example", "TFLOP/trial", "to do"):
+    for col in ("model", "unit layers", "params", "trials", "pops", "MFLOP/example", "TFLOP/trial", "time",
+                "to do"):
         table.add_column(col, justify="left" if col in ("model", "unit layers") else "right", no_wrap=col == "model")
     rows = []
     status = existing.status if existing is not None else {}
@@ -175,10 +189,11 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
         table.add_row(spec, info.layers, f"{info.params:,}", str(n_trials),
                       f"{len(pops)} x {'/'.join(map(str, sorted({p.size for p in pops})))}",
                       "?" if info.flops is None else f"{info.flops / 1e6:.3g}",
-                      "?" if f_trial is None else f"{f_trial / 1e12:.3g}", str(todo))
+                      "?" if f_trial is None else f"{f_trial / 1e12:.3g}", fmt_seconds(seconds[spec]), str(todo))
         rows.append({"arch": spec, "layers": info.layers, "params": info.params, "trials": n_trials,
                      "populations": len(pops), "flops_per_example": info.flops, "flops_per_trial": f_trial,
-                     "flops": None if f_trial is None else f_trial * n_trials, "seconds": None, "todo": todo})
+                     "flops": None if f_trial is None else f_trial * n_trials, "seconds": seconds[spec],
+                     "todo": todo})
     out_console.print(table)
     flops = [r["flops"] for r in rows]
     lines = [
@@ -188,8 +203,14 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
         f"inputs {tuple(data.train_x.shape[1:])}, trained through torch.func in fp32",
         ("work: " + (f"{sum(flops) / 1e15:.3g} PFLOP" if None not in flops else "not countable")
          + " (torch's flop counter: matmuls and convolutions; forward+backward = 3 x forward)"),
-        "time estimate: not available for a model given as module:function (the probes time psa's own engine); "
-        "run a few meta-loops and read `psa status`'s ETA",
+        f"estimate on {describe_device(requested.device)}: {fmt_seconds(startup + sum(seconds.values()))} "
+        f"+-{uncertainty * 100:.0f}% for the whole study, one population at a time, {fmt_seconds(startup)} of it "
+        f"start-up (imports, data)",
+        f"calibration: each model's largest population timed here in {calibration_s:.1f} s (whole meta-loops on a "
+        f"few training batches and {min(1000, n_val):,} validation images; a step took "
+        + ", ".join(f"{p.step_s * 1e3:.3g} ms" for p in probes.values())
+        + f"); +-{uncertainty * 100:.0f}% is the probes' spread or {MODEL_ERROR * 100:.0f}%, whichever is larger, "
+        f"and assumes the machine stays as busy as now",
     ]
     if existing is not None:
         lines.append(f"study {name} exists in {opt.db}: {design.n_trials - sum(r['todo'] for r in rows)} of "
@@ -199,5 +220,7 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
         out_console.print(line, soft_wrap=True)
     return {"name": name, "population_size": plan.population_size,
             "populations": [dataclasses.asdict(p) | {"key": p.key} for p in plan.populations],
-            "architectures": rows, "flops": None if None in flops else sum(flops), "seconds": None,
-            "uncertainty": None, "startup_seconds": None, "calibration_seconds": None, "probes": []}
+            "architectures": rows, "flops": None if None in flops else sum(flops),
+            "seconds": startup + sum(seconds.values()), "uncertainty": uncertainty, "startup_seconds": startup,
+            "calibration_seconds": calibration_s,
+            "probes": [{"arch": spec, **dataclasses.asdict(p)} for spec, p in probes.items()]}

@@ -13,7 +13,8 @@ behind the runner's engine interface, their checkpoints, and what a plan needs t
 - check_factories: import, build and inspect every factory of a design on its data (one
   ConfigError line on bad input), before a study writes anything.
 - ModuleInfo: a factory's parameters, forward FLOPs (torch.utils.flop_counter) and activations
-  per example: the dry run's table and the memory a member needs.
+  per example: the dry run's table and the memory a member needs. ModuleProbe: a population
+  of it timed here, meta-loops on a few batches, for the dry run's time estimate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import statistics
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -292,3 +295,73 @@ def load_module_population(path: str | os.PathLike) -> tuple[ModuleCheckpoint, d
         raise CheckpointError(f"{path}: tensor sizes do not match its {m} members")
     return ckpt, meta
 
+
+# ---------------------------------------------------------------------------------------------
+# Timing (the dry run's estimate)
+
+EVAL_IMAGES = 1_000  # validation images of a probe's meta-loops
+
+
+@dataclass(frozen=True)
+class ModuleProbe:
+    """A population of one factory timed on this device by ModuleEngine itself."""
+
+    members: int
+    setup_s: float  # building the population and its engine
+    step_s: float  # one training step of every member
+    eval_image_s: float  # scoring every member on one image (validation and test)
+    loop_extra_s: float  # a meta-loop's time beyond its steps and scoring
+    spread: float  # half the range of the repeated loops' timings, over their median
+
+    def population_seconds(self, design: StudyDesign, size: int, n_val: int, n_test: int) -> float:
+        """Wall seconds of a population of `size` members (per-member terms scaled linearly)."""
+        scale = size / self.members
+        steps = -(-design.n_train // design.hparams.batch_size)
+        loop = scale * (steps * self.step_s + n_val * self.eval_image_s) + self.loop_extra_s
+        return scale * (self.setup_s + n_test * self.eval_image_s) + design.hparams.meta_loops * loop
+
+
+def probe_factory(spec: str, design: StudyDesign, data: Dataset, members: list[Member], device: torch.device,
+                  steps: tuple[int, int] = (2, 8), repeats: int = 3) -> ModuleProbe:
+    """Time a population of `members` of `spec` on `device` (data shaped by module_data): whole
+    meta-loops on the first s1 and s2 training batches and EVAL_IMAGES validation images, whose
+    difference is the cost of a step, and the scoring of those images."""
+    from psa.core.device import synchronize
+
+    bs = design.hparams.batch_size
+    n_eval = min(EVAL_IMAGES, int(data.val_y.numel()))
+    full = -(-design.n_train // bs)
+    s1, s2 = min(steps[0], full), min(steps[1], full)
+
+    def engine(s: int) -> ModuleEngine:
+        n = min(design.n_train, s * bs)
+        sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
+                                  val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
+        return ModuleEngine(new_population(spec, members, sub, device), sub, design.hparams)
+
+    def timed(fn: Any) -> float:
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - t
+
+    t = time.perf_counter()
+    short = engine(s1)
+    setup_s = time.perf_counter() - t
+    long_ = engine(s2) if s2 > s1 else short
+    short.meta_loop()  # warm-up (and vmap's check: a module it cannot batch falls back here)
+    if long_ is not short:
+        long_.meta_loop()
+    t1 = [timed(short.meta_loop) for _ in range(repeats)]
+    t2 = [timed(long_.meta_loop) for _ in range(repeats)] if long_ is not short else t1
+    m1, m2 = statistics.median(t1), statistics.median(t2)
+    eng = long_
+    eval_image_s = timed(lambda: eng.count_correct(eng.pop.params, eng.pop.buffers, eng.data.val_x,
+                                                   eng.data.val_y)) / n_eval
+    if s2 > s1 and m2 > m1:
+        step_s = (m2 - m1) / (s2 - s1)
+    else:  # a training set of a few batches (or a busy machine): the loop's time beyond scoring
+        step_s = max(0.0, m2 - n_eval * eval_image_s) / s2
+    extra = max(0.0, m1 - s1 * step_s - n_eval * eval_image_s)
+    return ModuleProbe(len(members), setup_s, step_s, eval_image_s, extra, (max(t2) - min(t2)) / 2 / m2)
