@@ -15,7 +15,7 @@ from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size, module_execution
-from psa.study.estimate import MODEL_ERROR, Estimate, estimate
+from psa.study.estimate import Estimate, estimate
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, arch_flops, design_arch, make_plan
 from psa.study.runner import design_data, design_data_view
@@ -149,6 +149,7 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
     from rich.table import Table
 
     from psa.study.console import fmt_seconds, out_console
+    from psa.study.estimate import MODEL_ERROR
     from psa.study.modules import check_factories, probe_factory
     from psa.study.runner import cached_data
 
