@@ -14,7 +14,7 @@ from psa.core.device import Execution, describe_device, resolve_device, resolve_
 from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
-from psa.study.driver import StoredPlan, check_stored, default_population_size, module_execution
+from psa.study.driver import StoredPlan, check_stored, default_population_size
 from psa.study.estimate import Estimate, estimate
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, arch_flops, design_arch, make_plan
@@ -35,6 +35,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     precision), and what is left of it is estimated too."""
     import psa
     from psa.study.console import out_console
+    from psa.study.driver import module_execution
 
     entered = time.perf_counter()
     device = resolve_device(opt.device if opt.backend == "local" else "auto")
