@@ -32,6 +32,7 @@ from psa.analysis.results import (
 from psa.analysis.stats import base_dataset, resolve_zero_r, summaries, validation_zero_r
 from psa.analysis.tables import Table, fp
 from psa.core.population import MODES
+from psa.study.design import MODULE_MODEL
 
 REFERENCE_LABELS = {"published": "published per-trial data (final)", "seed": "printed Table V"}
 
@@ -79,6 +80,9 @@ def build_compare(opt: CompareOptions) -> CompareResult:
     if opt.reference not in REFERENCES:
         raise ReportError(f"unknown reference {opt.reference!r} (choose published or seed)")
     data = load_published() if opt.ours_published else load_data(opt.db, None, opt.study)
+    if data.model == MODULE_MODEL:
+        raise ReportError(f"{data.source} trains models given as module:function, which have no published "
+                          f"counterpart (use psa report)")
     if base_dataset(data.dataset) != "mnist":
         raise ReportError(f"{data.source} trained on {data.dataset}; the {REFERENCE_LABELS[opt.reference]} is "
                           f"MNIST's, so only MNIST studies can be compared with it (use psa report)")

@@ -44,6 +44,7 @@ from psa.analysis.tables import (
     table_iv,
     table_lkg,
     table_missing,
+    table_models,
     table_regimes,
     table_still_improving,
     table_summary,
@@ -53,6 +54,7 @@ from psa.analysis.tables import (
     table_variants,
 )
 from psa.core.population import MODES
+from psa.study.design import MODULE_MODEL
 from psa.study.options import DEFAULT_DB
 
 RULE_LABELS = {"published": "published rules", "paper": "equations 6-8 as printed"}
@@ -128,6 +130,8 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
         return _write_empty_report(cfg, data, out)
     zero_r, zsrc = resolve_zero_r(data, cfg.zero_r)
     A = analyse(data, zero_r, zsrc, cfg.alpha, cfg.n_boot, cfg.seed, cfg.escape_margin)
+    if data.model == MODULE_MODEL:
+        return _write_module_report(cfg, A, out)
     design_archs = order_archs(set(data.design.archs) | set(A.archs), data.design.archs)
     conv_targets, conv_missing = fg.convergence_targets(cfg.convergence, data.curves, A.archs)
     D = dynamics(A, cfg.rules, cfg.seed, cfg.n_boot, conv_targets)
@@ -150,11 +154,76 @@ def _write_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportR
     return ReportResult(out.target, summary, lines, figs)
 
 
+MODULE_NOTE = ("Models given as module:function: the regimes, Tables IV and V, the depth x width maps and the "
+               "harm rate describe the paper's SimpleMLP architectures and are not drawn; the report has the bounty "
+               "of each model and mode, the paired tests and the convergence of the trials.")
+
+
+def _write_module_report(cfg: ReportConfig, A: Analysis, out: OutputDir) -> ReportResult:
+    """A study of your own models: tables per model and mode, the paired tests, convergence."""
+    data = A.data
+    conv_targets = [a for a in A.archs if any(k[0] == a for k in data.curves)]
+    conv = cv.analyse_convergence(data, A.archs, cfg.seed, cfg.n_boot, conv_targets)
+    growth, conv_table, growth_long, conv_long = table_lkg(A)
+    tables = [table_models(A), table_tests(A, cfg.alpha, unit="Model"), growth, conv_table,
+              table_still_improving(conv), table_bounty_convergence(conv), table_trials(A, unit="Model")]
+    if A.missing or data.incomplete:
+        tables.append(table_missing(A))
+    for t in tables:
+        write_table(out, t)
+    write_records(out, "tables/lkg_growth_per_loop.csv", growth_long, ["arch", "mode", "trial", "loop", "lkg_score"])
+    write_records(out, "tables/convergence_per_loop.csv", conv_long,
+                  ["arch", "mode", "loop", "n", "candidate_mean", "candidate_min", "candidate_max", "lkg_mean"])
+    figdir = out.tmp / "figures"
+    figs = []
+    if conv_targets:
+        figs.append(fg.convergence(conv_targets, data.curves, data.trials, A.zero_r, figdir))
+    figs.append(fg.bounty_progress(conv, figdir, A.zero_r))
+    for f in figs:
+        out.files += f.files
+        write_figure_data(out, f.name, f.data)
+    notes = [MODULE_NOTE, *data.notes]
+    overview = [
+        f"Source: {data.source}.",
+        f"{len(data.trials):,} finished trials over {len(A.archs)} models and {len({t.mode for t in data.trials})} "
+        f"modes.",
+        *([f"Data set: {_dataset_line(data)}."] if data.dataset_info is not None else []),
+        f"Validation ZeroR: {A.zero_r:.2f}% ({A.zero_r_source}).",
+    ]
+    tbl = {t.name: t for t in tables}
+    fig = {f.name: f for f in figs}
+    warn = A.missing + notes
+    sections = [
+        ("Overview", bullets(overview) + f'<div class="warn">{bullets(warn)}</div>'),
+        ("Bounty per model and mode", tbl["models"].html()),
+        ("Paired tests", tbl["paired_tests"].html()),
+        ("Convergence", (figure(fig["convergence"]) if "convergence" in fig else "")
+         + bullets(convergence_statement(Dynamics(conv, [], [], {}), data.curves_note))
+         + figure(fig["bounty_progress"]) + tbl["lkg_growth"].html() + tbl["convergence"].html()
+         + tbl["still_improving"].html() + tbl["bounty_convergence"].html()),
+        ("All tables", tbl["trials"].html() + (tbl["missing"].html() if "missing" in tbl else "")),
+    ]
+    out.write("index.html", page("PSA report", sections, paragraph(data.source)))
+    summary = {"psa_report": 1, "source": data.source, "trials": len(data.trials), "models": A.archs,
+               "zero_r": A.zero_r, "zero_r_source": A.zero_r_source, "dataset": data.dataset,
+               **({"dataset_record": data.dataset_info} if data.dataset_info is not None else {}),
+               "verdicts": dict(Counter(c.verdict for c in A.comparisons)), "convergence": cv.as_json(conv),
+               "missing": A.missing, "notes": notes, "tables": [t.name for t in tables],
+               "figures": {f.name: [p.name for p in f.files] for f in figs},
+               "config": {k: v for k, v in asdict(cfg).items()}}
+    out.write(MANIFEST, json.dumps(summary, indent=1, default=str))
+    lines = [f"psa report: {data.source}"] + [f"  {s}" for s in overview[1:]]
+    lines += [f"  missing: {m}" for m in A.missing] + [f"  note: {n}" for n in notes]
+    lines.append(f"wrote {Path(cfg.out) / 'index.html'}, {len(tables)} tables (md, csv, tex) "
+                 f"and {len(figs)} figures (png, pdf)")
+    return ReportResult(out.target, summary, lines, figs)
+
+
 def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> ReportResult:
     """A study without a finished trial: what is missing, and the design when there is one."""
     msg = data.notes + missing_report(data)
     sections = [("Nothing to report", bullets(msg, "warn") or paragraph("no finished trial"))]
-    if data.design.archs:
+    if data.design.archs and data.model != MODULE_MODEL:
         fig = fg.design_space(list(data.design.archs), out.tmp / "figures", data.io, data.model)
         out.files += fig.files
         sections.append(("Design", figure(fig)))

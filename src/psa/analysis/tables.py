@@ -219,15 +219,33 @@ def table_summary(A: Analysis) -> Table:
                  ["Std is the population standard deviation (ddof=0)."], raw, html_collapsed=True)
 
 
-def table_trials(A: Analysis) -> Table:
-    """Every finished trial."""
+def table_models(A: Analysis) -> Table:
+    """A study of your own models (module:function): the bounty of each model and mode (mean ±
+    population std, min, max over the trials) and the mean test accuracy of the trials' LKGs."""
+    rows, raw = [], []
+    for a in A.archs:
+        for m in A.data.design.modes:
+            s = A.summ.get((a, m))
+            if s is None:
+                continue
+            tests = [t.test_acc for t in A.data.cell(a, m) if t.test_acc is not None]
+            test = sum(tests) / len(tests) if tests else None
+            rows.append([a, m, str(s.n), f"{s.mean:.2f} ± {s.std:.2f}", f2(s.min), f2(s.max), f2(test)])
+            raw.append({**{k: v for k, v in asdict(s).items()}, "model": a, "test_mean": test})
+    return Table("models", "Bounty per model and mode: peak validation accuracy (%)",
+                 ["Model", "Mode", "N", "Bounty (mean ± std)", "Min", "Max", "Test acc. (mean)"], rows,
+                 ["Std is the population standard deviation (ddof=0); trial k of every mode shares its seed."], raw)
+
+
+def table_trials(A: Analysis, unit: str = "Architecture") -> Table:
+    """Every finished trial (`unit`: what the first column holds)."""
     order = {a: i for i, a in enumerate(A.archs)}
     ts = sorted(A.data.trials, key=lambda t: (order.get(t.arch, 1e9), MODES.index(t.mode) if t.mode in MODES else 9,
                                               t.trial))
     rows = [[t.arch, t.mode, str(t.trial), "-" if t.seed is None else str(t.seed), f2(t.peak),
              "-" if t.bounty_loop is None else str(t.bounty_loop), f2(t.test_acc)] for t in ts]
     raw = [asdict(t) for t in ts]
-    return Table("trials", "Per-trial results", ["Architecture", "Mode", "Trial", "Seed", "Peak val. acc.",
+    return Table("trials", "Per-trial results", [unit, "Mode", "Trial", "Seed", "Peak val. acc.",
                  "Bounty loop", "Test acc."], rows, raw=raw, html_collapsed=True)
 
 
@@ -288,8 +306,8 @@ def table_heterogeneous(A: Analysis, rules: str) -> Table:
                  raw)
 
 
-def table_tests(A: Analysis, alpha: float) -> Table:
-    """Every paired ablative-vs-baseline comparison."""
+def table_tests(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
+    """Every paired ablative-vs-baseline comparison (`unit`: what the first column holds)."""
     rows, raw = [], []
     for c in A.comparisons:
         rows.append([c.arch, c.ablative, c.baseline, str(c.n), f"{c.mean_diff:+.2f}",
@@ -301,7 +319,8 @@ def table_tests(A: Analysis, alpha: float) -> Table:
                else "pairs by trial index only (these trials were not seeded in pairs)")
     notes = [f"Paired by trial index: {pairing}.",
              "Test: exact two-sided sign-flip (randomisation) test of the mean paired difference over all 2^n sign "
-             "assignments; Holm-corrected over the 9 comparisons of each architecture.",
+             "assignments; Holm-corrected over the "
+             + ("9 comparisons of each architecture." if unit == "Architecture" else f"comparisons of each {unit.lower()}."),
              f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
              "correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over the "
              "architecture's comparisons, is at least alpha).",
@@ -311,8 +330,8 @@ def table_tests(A: Analysis, alpha: float) -> Table:
              "(collapsed): no trial of either mode beats ZeroR by the escape margin; the test then compares "
              "constant predictors (e.g. output ablation keeping the majority class at ZeroR), not learning."]
     return Table("paired_tests", "Ablative vs baseline modes: paired tests",
-                 ["Architecture", "Ablative", "Baseline", "Pairs", "Mean diff.", "95% CI", "p", "p (Holm)", "d_z",
-                  "r_rb", "Verdict"], rows, notes, raw, html_collapsed=True)
+                 [unit, "Ablative", "Baseline", "Pairs", "Mean diff.", "95% CI", "p", "p (Holm)", "d_z",
+                  "r_rb", "Verdict"], rows, notes, raw, html_collapsed=unit == "Architecture")
 
 
 def table_variants(A: Analysis, alpha: float) -> Table:

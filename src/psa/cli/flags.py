@@ -36,18 +36,42 @@ def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def model_name(text: str) -> str:
     """argparse type of --model: one of psa.core.model.MODELS (check_model_name says which)."""
+    if ":" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text}: your own model (module:function) trains in a study, e.g. psa study --model {text} --modes "
+            f"none,hidden --trials 1, or with psa.fit (docs/module.md); psa train and psa arch take simplemlp or resmlp")
     try:
         return check_model_name(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, knobs: bool = True) -> None:
+def model_or_factory(text: str) -> str:
+    """argparse type of psa study's --model: one of psa.core.model.MODELS, or your own model as
+    a factory module:function (imported when the study starts)."""
+    if ":" in text:
+        return text
+    try:
+        return check_model_name(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_model_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, knobs: bool = True,
+                    factories: bool = False) -> None:
     """--model (None unless given) and, with `knobs`, ResMLP's research knobs --block-dropout
-    and --base-weight-decay (None unless given)."""
-    p.add_argument("--model", type=model_name, metavar="{" + ",".join(MODELS) + "}",
-                   help="the net an architecture describes: simplemlp (the paper's, default) or resmlp "
-                        "(D*W = D residual blocks of width W)")
+    and --base-weight-decay (None unless given). With `factories`, --model also takes your own
+    model as module:function, repeatable (a list)."""
+    if factories:
+        p.add_argument("--model", type=model_or_factory, action="append",
+                       metavar="{" + ",".join(MODELS) + "} | MODULE:FUNCTION",
+                       help="the net an architecture describes: simplemlp (the paper's, default) or resmlp (D*W = D "
+                            "residual blocks of width W); or your own model, a function returning an nn.Module, e.g. "
+                            "mypkg.models:make_cnn, without --arch (repeatable: one cell per factory; docs/module.md)")
+    else:
+        p.add_argument("--model", type=model_name, metavar="{" + ",".join(MODELS) + "}",
+                       help="the net an architecture describes: simplemlp (the paper's, default) or resmlp "
+                            "(D*W = D residual blocks of width W)")
     if not knobs:
         return
     p.add_argument("--block-dropout", choices=BLOCK_DROPOUT,

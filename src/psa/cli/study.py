@@ -104,7 +104,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         "architectures": archs, "modes": args.modes, "trials": args.trials, "meta_loops": args.meta_loops,
         "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "dropout": args.dropout, "diverged": args.diverged, "train_subset": args.train_subset,
-        "dataset": args.dataset, "model": args.model,
+        "dataset": args.dataset, "model": None if args.model is None else args.model[0] if len(args.model) == 1 else tuple(args.model),
         "block_dropout": args.block_dropout, "base_weight_decay": args.base_weight_decay,
         "variants": parse_variants(dict(args.variant)) if args.variant else None,
     }
@@ -157,6 +157,8 @@ def _trial_weights(row: Any) -> dict[str, float] | None:
     except (DesignError, KeyError, TypeError, ValueError):
         return None
     out: dict[str, float] = {}
+    if design.is_module:  # a factory's cost is unknown here: every trial-loop weighs the same
+        return {a: 1.0 for a in design.architectures}
     for p in plan.populations:
         out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train,
                                                        design.model) / p.size
@@ -337,7 +339,7 @@ def register(sub: Any) -> None:
                    help='an engine variant run beside the paper\'s engine, e.g. "patience5 patience=5"; repeatable; '
                         "replaces the design file's [variants] (docs/variants.md)")
     add_training_flags(g)
-    add_model_flags(g)
+    add_model_flags(g, factories=True)
     g.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on the first N of the 50,000 training images: for tests and quick checks only, "
                         "not comparable with the paper (recorded in the trials' dataset column)")

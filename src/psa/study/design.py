@@ -31,6 +31,40 @@ class DesignError(ConfigError):
     """A study design (flags or TOML file) that cannot run."""
 
 
+# A study of your own model (psa.core.generic) names it `module:function`; its design's `model`
+# is then MODULE_MODEL and its architectures are the factories, one cell each.
+MODULE_MODEL = "module"
+_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_factory_spec(text: object) -> bool:
+    """True for a model given as `module:function` (a factory of an nn.Module)."""
+    return isinstance(text, str) and ":" in text
+
+
+def factory_specs(model: object) -> tuple[str, ...] | None:
+    """The factories a design's `model` names (`"pkg.mod:make"`, or a list of them), checked
+    for their form only (importing them is psa.study.modules' job); None for psa's own models."""
+    if isinstance(model, (list, tuple)):
+        if not model:
+            raise DesignError("model: give at least one model")
+        if len(model) == 1 and not is_factory_spec(model[0]):
+            return None
+        if not all(is_factory_spec(m) for m in model):
+            raise DesignError("give one of psa's models (simplemlp, resmlp) or one or more factories "
+                              "module:function, not both")
+    elif is_factory_spec(model):
+        model = (model,)
+    else:
+        return None
+    for m in model:
+        if not _FACTORY.match(m):
+            raise DesignError(f"model {m!r}: give a factory as module:function (e.g. mypkg.models:make_cnn)")
+    if len(set(model)) != len(model):
+        raise DesignError(f"model {sorted(m for m in model if model.count(m) > 1)[0]} is listed more than once")
+    return tuple(model)
+
+
 # the design's fields that are hyperparameters: flat in flags, TOML and the stored JSON
 HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout", "diverged", "base_weight_decay",
                  "block_dropout")
@@ -60,6 +94,21 @@ class StudyDesign:
         """A design from flat fields, as flags, TOML files and stored designs give them
         (`lr`, `meta_loops`... beside `architectures`, `modes`...)."""
         hp = {k: fields.pop(k) for k in HPARAM_FIELDS if k in fields}
+        specs = factory_specs(fields.get("model"))
+        if specs is not None:
+            # your own model: its factories are the study's cells, where architectures would be
+            if fields.get("architectures") not in (None, specs):
+                raise DesignError("--arch describes a SimpleMLP or ResMLP; a model given as module:function is its "
+                                  "own architecture (give --model once per factory, without --arch)")
+            fields.update(architectures=specs, model=MODULE_MODEL)
+        elif isinstance(fields.get("model"), (list, tuple)):
+            fields["model"] = fields["model"][0]
+        if fields.get("model") == MODULE_MODEL:
+            # psa.core.generic never promotes a candidate whose loss went non-finite
+            if hp.get("diverged") == "score":
+                raise DesignError("--diverged score is not available for a model given as module:function: psa "
+                                  "never promotes its diverged candidates (discard)")
+            hp["diverged"] = "discard"
         for name in ("meta_loops", "batch_size"):
             v = hp.get(name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -81,6 +130,11 @@ class StudyDesign:
             raise DesignError("a study needs at least one architecture")
         shorts = []
         for a in self.architectures:
+            if self.is_module:
+                if factory_specs(a) is None:
+                    raise DesignError(f"model {MODULE_MODEL}: {a!r} is not a factory module:function")
+                shorts.append(a)
+                continue
             try:
                 shorts.append(parse_arch(a).short)
             except ArchError as e:
@@ -110,19 +164,31 @@ class StudyDesign:
             check_spec(self.dataset)
         except DataError as e:
             raise DesignError(str(e)) from None
-        try:
-            check_model_name(self.model)
-        except ConfigError as e:
-            raise DesignError(str(e)) from None
+        if not self.is_module:
+            try:
+                check_model_name(self.model)
+            except ConfigError as e:
+                raise DesignError(str(e)) from None
+        elif self.hparams.diverged != "discard":
+            raise DesignError("a model given as module:function never promotes a diverged candidate: its design "
+                              "needs diverged = \"discard\"")
         if self.model != "resmlp" and self.hparams.block_dropout != "mode":
             raise DesignError("block_dropout applies to the residual blocks of model resmlp only")
-        if "hidden" in self.modes:
+        if "hidden" in self.modes and not self.is_module:  # a module's layers are checked when it is built
             flat = [a for a in self.architectures if parse_arch(a).depth == 0]
             if flat:
                 raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
         self._check_variants()
 
+    @property
+    def is_module(self) -> bool:
+        """True for a study of your own model: its architectures are `module:function` factories."""
+        return self.model == MODULE_MODEL
+
     def _check_variants(self) -> None:
+        if self.variants and self.is_module:
+            raise DesignError("engine variants are not available for a model given as module:function yet: run "
+                              "the paper's engine (no --variant)")
         if self.variants and self.model != DEFAULT_MODEL:
             raise DesignError(f"engine variants are not available for model {self.model} yet")
         names, settings = set(), {}
@@ -302,7 +368,9 @@ def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, d
         trials = 10
         meta_loops = 100
         seed = 0
-        model = "simplemlp"                                   # or "resmlp"
+        model = "simplemlp"                                   # or "resmlp", or your own model(s):
+                                                              # "mypkg.models:make_cnn" or a list of them,
+                                                              # without architectures
         [training]
         lr = 1e-4
         [variants.patience5]                                  # run beside the paper's engine
@@ -421,8 +489,9 @@ def resolve_design(
     if unknown:  # a programming error, not a user's
         raise ValueError(f"unknown design fields {sorted(unknown)}")
     fields = {**base_fields, **over}
-    if "architectures" not in fields:
-        raise DesignError("no architectures: pass --arch (repeatable), --arch-file, a design file or --preset")
+    if "architectures" not in fields and factory_specs(fields.get("model")) is None:
+        raise DesignError("no architectures: pass --arch (repeatable), --arch-file, a design file, --preset, or "
+                          "your own model as --model module:function")
     design = StudyDesign.from_fields(**fields)
     if name is None:
         unchanged = not over or all(base_fields.get(k) == (tuple(v) if isinstance(v, list) else v)

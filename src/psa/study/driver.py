@@ -62,7 +62,7 @@ from psa.study.plan import (
     make_plan,
 )
 from psa.study.progress import StudyProgress, work_done
-from psa.study.runner import PopulationState, cached_data, local_events
+from psa.study.runner import PopulationState, cached_data, design_data_view, local_events
 from psa.study.store import StoreError
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +92,8 @@ def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
                 m = design.member(mode, k, v)
                 row = {"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
                        "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
-                       "dropout": m.dropout, "dataset": design.dataset_label, "model": design.model}
+                       "dropout": m.dropout, "dataset": design.dataset_label,
+                       "model": arch if design.is_module else design.model}  # your own model: its factory
                 if name:  # the paper's engine leaves both NULL: its rows are those of a study without variants
                     row.update(variant=name, variant_settings=v.to_json())
                 out.append(row)
@@ -140,12 +141,31 @@ def check_dataset(con: Any, study_id: int, name: str, data: Dataset) -> None:
                          f"refusing to mix them (pass --name to start a new study)")
 
 
-def default_population_size(design: StudyDesign, opt: RunOptions, device: torch.device) -> int:
+def default_population_size(design: StudyDesign, opt: RunOptions, device: torch.device,
+                            modules: dict[str, Any] | None = None) -> int:
     """The population size a new study is planned with: opt's, else as many members as fit
-    the device (8 GiB per task with Ray)."""
+    the device (8 GiB per task with Ray). `modules`: a module design's ModuleInfo per factory
+    (psa.study.modules.check_factories)."""
     if opt.population_size is not None:
         return opt.population_size
-    return auto_population_size(design, 8 << 30 if opt.backend == "ray" else device_budget(device))
+    budget = 8 << 30 if opt.backend == "ray" else device_budget(device)
+    if design.is_module:
+        from psa.study.modules import auto_population_size as module_population_size
+
+        assert modules is not None
+        return module_population_size(design, budget, modules)
+    return auto_population_size(design, budget)
+
+
+def module_execution(design: StudyDesign, opt: RunOptions, requested: Execution) -> Execution:
+    """How a study trains: as `requested`, except that a model given as module:function trains
+    in fp32 through torch.func (psa's precisions, kernels and graphs are its own engine's)."""
+    if not design.is_module:
+        return requested
+    if opt.precision not in ("auto", "fp32"):
+        raise DesignError(f"--precision {opt.precision} applies to psa's own engine; a model given as "
+                          f"module:function trains in fp32")
+    return dataclasses.replace(requested, precision="fp32")
 
 
 @dataclass(frozen=True)
@@ -208,11 +228,19 @@ class Study:
         self.execution: Execution | None = None  # how this run trains the study's populations (open)
         self._saved_at: dict[str, float] = {}
         self._full_sync = True
+        self.modules: dict[str, Any] = {}  # a module design's ModuleInfo per factory (open)
 
     # ------------------------------------------------------------------ setup
     def open(self, device_desc: str, requested: Execution) -> None:
         """Connect, lock the study, create or check its row and trials, and load the plan; the
         study's populations then train under `requested` in the study's own precision."""
+        data = cached_data(self.design.dataset, self.opt.data_dir,
+                           requested.device if self.opt.backend == "local" else torch.device("cpu"))
+        if self.design.is_module:
+            # import, build and check every factory on the data before anything is written
+            from psa.study.modules import check_factories
+
+            self.modules = check_factories(self.design, design_data_view(self.design, data))
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
@@ -221,29 +249,44 @@ class Study:
         self.con.execute("PRAGMA synchronous=FULL")
         self._full_sync = True
         self.lock.acquire()
-        # the data the populations train on (cached: the local backend reuses it), recorded with
-        # a new study and checked against the record on a resume
-        data = cached_data(self.design.dataset, self.opt.data_dir,
-                           requested.device if self.opt.backend == "local" else torch.device("cpu"))
+        # the data the populations train on (loaded above, cached: the local backend reuses it),
+        # recorded with a new study and checked against the record on a resume
         row = store.get_study(self.con, self.name)
         if row is None:
             row = self._create(device_desc, requested, data)
         self.study_id = int(row["id"])
         stored = check_stored(row, self.name, self.db, self.design, self.opt, requested)
         check_dataset(self.con, self.study_id, self.name, data)
+        if self.design.is_module:
+            self._check_modules(stored_design(row))
         self.plan, self.precision = stored.plan, stored.precision
         self.execution = dataclasses.replace(requested, precision=stored.precision)
         self._load_populations()
 
     def _create(self, device_desc: str, requested: Execution, data: Dataset) -> Any:
         """The studies row and trials of a new study (its plan and precision fixed here)."""
-        plan = make_plan(self.design, default_population_size(self.design, self.opt, requested.device))
+        plan = make_plan(self.design, default_population_size(self.design, self.opt, requested.device,
+                                                              self.modules))
         engine = {"precision": requested.precision, "rng": rng.VERSION}
         doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
                "plan": {**plan.to_dict(), "engine": engine}}
+        if self.modules:  # what each factory built, checked on every resume (a factory is named, not stored)
+            doc["plan"]["modules"] = {spec: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint}
+                                      for spec, m in self.modules.items()}
         store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(), code_version(), device_desc,
                            trial_rows(self.design), dataset_record(data))
         return store.get_study(self.con, self.name)
+
+    def _check_modules(self, stored: dict[str, Any]) -> None:
+        """StudyError unless every factory builds the model it built when the study was created."""
+        built = stored.get("plan", {}).get("modules", {})
+        for spec, info in self.modules.items():
+            was = built.get(spec, {})
+            if was.get("fingerprint") != info.fingerprint:
+                raise StudyError(f"study {self.name!r}: {spec} now builds another model ({info.layers}, "
+                                 f"{info.params:,} parameters) than the study was created with "
+                                 f"({was.get('layers', '?')}, {was.get('params', '?')} parameters): refusing to mix "
+                                 f"them (pass --name to start a new study)")
 
     def _load_populations(self) -> None:
         """Each population of the plan, with its trial ids and progress from the database."""
@@ -282,7 +325,12 @@ class Study:
                     path.unlink()  # finished after its last checkpoint: nothing to resume
                 continue
             try:
-                pop, meta = load_population(path, "cpu")
+                if self.design.is_module:
+                    from psa.study.modules import load_module_population
+
+                    pop, meta = load_module_population(path)
+                else:
+                    pop, meta = load_population(path, "cpu")
                 self._check_checkpoint(st, pop, meta)
             except CheckpointError as e:
                 notes.append(f"restarting {st.plan.label()} from scratch: checkpoint {path.name} unusable ({e})")
@@ -305,7 +353,10 @@ class Study:
             raise CheckpointError("an older psa wrote it, whose data order and dropout were drawn differently")
         if meta.get("precision", "fp32") != self.precision:
             raise CheckpointError(f"it was trained in {meta.get('precision', 'fp32')}, the study is {self.precision}")
-        if got != expected or str(pop.arch) != str(parse_arch(st.plan.arch)):
+        if self.design.is_module:
+            if got != expected or pop.factory != st.plan.arch:
+                raise CheckpointError("its members or model differ from the plan's")
+        elif got != expected or str(pop.arch) != str(parse_arch(st.plan.arch)):
             raise CheckpointError("its members differ from the plan's")
         if not 0 <= pop.loop <= self.design.hparams.meta_loops:
             raise CheckpointError(f"it is at meta-loop {pop.loop}")
@@ -358,7 +409,12 @@ class Study:
         extra = {"study": self.name, "population": st.plan.key, "design_hash": self.design.digest(),
                  "seconds": ev.seconds, "rng": rng.VERSION, "precision": self.precision}
         try:
-            save_population(self._ckpt_path(st.plan), ev.population, extra)
+            if self.design.is_module:
+                from psa.study.modules import save_module_population
+
+                save_module_population(self._ckpt_path(st.plan), ev.population, st.plan.arch, extra)
+            else:
+                save_population(self._ckpt_path(st.plan), ev.population, extra)
         except OSError as e:
             raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
         self._saved_at[ev.key] = now
@@ -408,9 +464,12 @@ class StudyResult:
 def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = None) -> StudyResult:
     """Run (or resume) a study to completion; every result lands in opt.db as it happens."""
     t0 = time.perf_counter()
+    if design.is_module and opt.backend == "ray":
+        raise DesignError("--backend ray does not run a model given as module:function yet: run it with the local "
+                          "backend")
     device, device_desc = _backend_device(opt)
     # `auto` precision and kernels resolved once, here (a Ray worker resolves its own device's)
-    requested = resolve_execution(device, opt.precision, opt.kernels, opt.graphs)
+    requested = module_execution(design, opt, resolve_execution(device, opt.precision, opt.kernels, opt.graphs))
     study = Study(name, design, opt, console)
     outcome = "error"
     try:
@@ -473,7 +532,8 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
     design = study.design
     assert study.plan is not None
     progress.print(
-        f"study [bold]{study.name}[/]: {len(design.architectures)} architectures x {design.conditions_text()} x "
+        f"study [bold]{study.name}[/]: {len(design.architectures)} "
+        f"{'models' if design.is_module else 'architectures'} x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from psa.core.data import N_VAL
-from psa.core.device import Execution, resolve_device, resolve_execution
+from psa.core.device import Execution, describe_device, resolve_device, resolve_execution
 from psa.core.model import param_count
 from psa.study import store
 from psa.study.design import StudyDesign
@@ -18,7 +18,7 @@ from psa.study.driver import StoredPlan, check_stored, default_population_size
 from psa.study.estimate import Estimate, estimate, process_overhead
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, arch_flops, design_arch, make_plan
-from psa.study.runner import design_data
+from psa.study.runner import design_data, design_data_view
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,13 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     precision), and what is left of it is estimated too."""
     import psa
     from psa.study.console import out_console
+    from psa.study.driver import module_execution
 
     entered = time.perf_counter()
     device = resolve_device(opt.device if opt.backend == "local" else "auto")
-    requested = resolve_execution(device, opt.precision, opt.kernels, opt.graphs)
+    requested = module_execution(design, opt, resolve_execution(device, opt.precision, opt.kernels, opt.graphs))
+    if design.is_module:
+        return module_dry_run(name, design, opt, requested)
     existing = existing_study(name, design, opt, requested)
     if existing is not None:
         size, precision = existing.stored.plan.population_size, existing.stored.precision
@@ -136,3 +139,90 @@ def summary(name: str, plan: Plan, est: Estimate, precision: str, rows: list[dic
         lines.append(f"study {name} exists in {db}: {design.n_trials - n_todo} of {design.n_trials} trials done")
     lines.append("dry run: nothing was written")
     return lines
+
+
+def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: Execution) -> dict[str, Any]:
+    """The dry run of a design of your own model: every factory built and checked on the data,
+    its parameters and forward FLOPs counted (torch.utils.flop_counter), its largest population
+    timed here for a few batches (psa.study.modules.probe_factory), the plan and the estimate.
+    Writes nothing; returns what it printed."""
+    import psa
+    from rich.table import Table
+
+    from psa.study.console import fmt_seconds, out_console
+    from psa.study.estimate import MODEL_ERROR
+    from psa.study.modules import check_factories, probe_factory
+    from psa.study.runner import cached_data
+
+    data = design_data_view(design, cached_data(design.dataset, opt.data_dir, requested.device))
+    startup = time.perf_counter() - psa.STARTED  # a run starts as this process did: imports, data
+    infos = check_factories(design, data)
+    existing = existing_study(name, design, opt, requested)
+    size = (existing.stored.plan.population_size if existing is not None
+            else default_population_size(design, opt, requested.device, infos))
+    plan = make_plan(design, size)
+    t0 = time.perf_counter()
+    probes = {}
+    for spec in design.architectures:
+        largest = max((p for p in plan.populations if p.arch == spec), key=lambda p: p.size)
+        probes[spec] = probe_factory(spec, design, data, largest.members(design), requested.device)
+    calibration_s = time.perf_counter() - t0
+    n_val, n_test = int(data.val_y.numel()), int(data.test_y.numel())
+    seconds = {spec: sum(probes[spec].population_seconds(design, p.size, n_val, n_test)
+                         for p in plan.populations if p.arch == spec) for spec in design.architectures}
+    spread = max(p.spread for p in probes.values())
+    uncertainty = max(MODEL_ERROR, spread)
+    loops, n_train = design.hparams.meta_loops, design.n_train
+    table = Table(title=f"study {name}: plan", title_justify="left")
+    for col in ("model", "unit layers", "params", "trials", "pops", "MFLOP/example", "TFLOP/trial", "time",
+                "to do"):
+        table.add_column(col, justify="left" if col in ("model", "unit layers") else "right", no_wrap=col == "model")
+    rows = []
+    status = existing.status if existing is not None else {}
+    for spec, info in infos.items():
+        pops = [p for p in plan.populations if p.arch == spec]
+        n_trials = len(design.conditions()) * design.trials
+        # per loop: forward+backward (3 x forward) over the training images, a forward over the
+        # validation images; and the test set once
+        f_trial = None if info.flops is None else info.flops * (loops * (3 * n_train + data.val_y.numel())
+                                                                + data.test_y.numel())
+        todo = sum(1 for m, vname, _ in design.conditions() for k in range(1, design.trials + 1)
+                   if status.get((spec, m, vname, k), "pending") != "done")
+        table.add_row(spec, info.layers, f"{info.params:,}", str(n_trials),
+                      f"{len(pops)} x {'/'.join(map(str, sorted({p.size for p in pops})))}",
+                      "?" if info.flops is None else f"{info.flops / 1e6:.3g}",
+                      "?" if f_trial is None else f"{f_trial / 1e12:.3g}", fmt_seconds(seconds[spec]), str(todo))
+        rows.append({"arch": spec, "layers": info.layers, "params": info.params, "trials": n_trials,
+                     "populations": len(pops), "flops_per_example": info.flops, "flops_per_trial": f_trial,
+                     "flops": None if f_trial is None else f_trial * n_trials, "seconds": seconds[spec],
+                     "todo": todo})
+    out_console.print(table)
+    flops = [r["flops"] for r in rows]
+    lines = [
+        f"{design.n_trials} trials ({len(design.architectures)} models x {design.conditions_text()} x "
+        f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
+        f"{len(plan.populations)} populations of at most {plan.population_size} members, {loops} meta-loops each; "
+        f"inputs {tuple(data.train_x.shape[1:])}, trained through torch.func in fp32",
+        ("work: " + (f"{sum(flops) / 1e15:.3g} PFLOP" if None not in flops else "not countable")
+         + " (torch's flop counter: matmuls and convolutions; forward+backward = 3 x forward)"),
+        f"estimate on {describe_device(requested.device)}: {fmt_seconds(startup + sum(seconds.values()))} "
+        f"+-{uncertainty * 100:.0f}% for the whole study, one population at a time, {fmt_seconds(startup)} of it "
+        f"start-up (imports, data)",
+        f"calibration: each model's largest population timed here in {calibration_s:.1f} s (whole meta-loops on a "
+        f"few training batches and {min(1000, n_val):,} validation images; a step took "
+        + ", ".join(f"{p.step_s * 1e3:.3g} ms" for p in probes.values())
+        + f"); +-{uncertainty * 100:.0f}% is the probes' spread or {MODEL_ERROR * 100:.0f}%, whichever is larger, "
+        f"and assumes the machine stays as busy as now",
+    ]
+    if existing is not None:
+        lines.append(f"study {name} exists in {opt.db}: {design.n_trials - sum(r['todo'] for r in rows)} of "
+                     f"{design.n_trials} trials done")
+    lines.append("dry run: nothing was written")
+    for line in lines:
+        out_console.print(line, soft_wrap=True)
+    return {"name": name, "population_size": plan.population_size,
+            "populations": [dataclasses.asdict(p) | {"key": p.key} for p in plan.populations],
+            "architectures": rows, "flops": None if None in flops else sum(flops),
+            "seconds": startup + sum(seconds.values()), "uncertainty": uncertainty, "startup_seconds": startup,
+            "calibration_seconds": calibration_s,
+            "probes": [{"arch": spec, **dataclasses.asdict(p)} for spec, p in probes.items()]}

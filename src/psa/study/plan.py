@@ -90,7 +90,8 @@ def device_budget(device: torch.device) -> int:
 
 def auto_population_size(design: StudyDesign, budget: int) -> int:
     """Members per population that fit `budget` for the design's largest architecture, capped at
-    a whole architecture (all modes x all trials): the default population size."""
+    a whole architecture (all modes x all trials): the default population size. (A design of
+    your own model: psa.study.modules.auto_population_size, which builds it.)"""
     worst = max(bytes_per_member(design_arch(design, a), design.hparams.batch_size, model=design.model)
                 for a in design.architectures)
     fit = max(1, budget // worst)
@@ -175,8 +176,11 @@ def make_plan(design: StudyDesign, population_size: int, calibration: Calibratio
             size = base + (1 if i < extra else 0)
             pops.append(PopulationPlan(arch, first, first + size - 1, design.modes, beside))
             first += size
-    work = {p: calibration.loop_seconds(design_arch(design, p.arch), p.size, design.hparams.batch_size, design.n_train,
-                                        design.model)
-            for p in pops}
+    if design.is_module:  # a factory's cost is not known without building it: by members alone
+        work = {p: float(p.size) for p in pops}
+    else:
+        work = {p: calibration.loop_seconds(design_arch(design, p.arch), p.size, design.hparams.batch_size,
+                                            design.n_train, design.model)
+                for p in pops}
     order = sorted(range(len(pops)), key=lambda i: (-work[pops[i]], i))
     return Plan(design, population_size, tuple(pops[i] for i in order))

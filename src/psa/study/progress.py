@@ -11,7 +11,10 @@ from psa.study.runner import PopulationState
 
 
 def work_units(design: StudyDesign, pp: PopulationPlan, loops: int) -> float:
-    """Progress weight of `loops` meta-loops of a population (estimated seconds)."""
+    """Progress weight of `loops` meta-loops of a population (estimated seconds; for a model
+    given as module:function, whose cost is not modelled, its members)."""
+    if design.is_module:
+        return float(pp.size * loops)
     return DEFAULT_CALIBRATION.loop_seconds(pp.arch, pp.size, design.hparams.batch_size, design.n_train) * loops
 
 

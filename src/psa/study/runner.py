@@ -71,9 +71,10 @@ class PopulationRun:
     """
 
     def __init__(self, key: str, pop: Population, data: Dataset, hparams: HParams, ex: Execution,
-                 prior_seconds: float = 0.0, where: str = "", stream: Any = None) -> None:
+                 prior_seconds: float = 0.0, where: str = "", stream: Any = None, engine: Any = None) -> None:
+        """`engine`: what trains `pop` if not psa's Engine (a module model's, psa.study.modules)."""
         self.key, self.pop, self.hparams = key, pop, hparams
-        self.engine = Engine(pop, data, hparams, ex, stream=stream)
+        self.engine = engine if engine is not None else Engine(pop, data, hparams, ex, stream=stream)
         self.prior_seconds = prior_seconds
         self.where = where or str(pop.device)
         self.t0 = time.perf_counter()
@@ -81,9 +82,15 @@ class PopulationRun:
         self.last: LoopResult | None = None  # the latest collected loop, as the engine reported it
 
     @classmethod
-    def of_plan(cls, design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Population | None,
+    def of_plan(cls, design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Any,
                 ex: Execution, prior_seconds: float = 0.0, where: str = "", stream: Any = None) -> "PopulationRun":
         """The run of population `pp` of a study: from `start` (a checkpoint) or from scratch."""
+        if design.is_module:  # your own model: its factory is the plan's architecture
+            from psa.study import modules
+
+            pop = modules.new_population(pp.arch, pp.members(design), data, ex.device, start)
+            return ModulePopulationRun(pp.key, pop, data, design.hparams, ex, prior_seconds, where,  # type: ignore
+                                       engine=modules.new_engine(pop, data, design.hparams))
         if start is None:
             start = Population.create(data.arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel(),
                                       model=design.model)
@@ -127,10 +134,14 @@ class PopulationRun:
             events.append(self.finish())
         return events
 
+    def bounty_score(self) -> list[float]:
+        """Every member's bounty (%), -1 before its first promotion."""
+        return self.pop.bounty_score()
+
     def finish(self) -> PopulationDone:
         """Test accuracy of every bounty model and the final results."""
         test = self.engine.test_accuracy()
-        scores = self.pop.bounty_score()
+        scores = self.bounty_score()
         return PopulationDone(
             key=self.key,
             members=[m.key for m in self.pop.members],
@@ -139,6 +150,15 @@ class PopulationRun:
             test_acc=list(test),
             seconds=self.seconds(),
         )
+
+
+class ModulePopulationRun(PopulationRun):
+    """A population of a model given as module:function (psa.study.modules), whose members'
+    bounty is their LKG's score (the paper's engine: no variant keeps another)."""
+
+    def bounty_score(self) -> list[float]:
+        """Every member's LKG score (%), -1 before its first promotion."""
+        return self.pop.lkg_score()  # type: ignore[attr-defined]
 
 
 def population_events(design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Population | None,
@@ -196,10 +216,19 @@ def cached_data(name: str, data_dir: str | None, device: torch.device) -> Datase
 
 def design_data(design: StudyDesign, data_dir: str | None, device: torch.device) -> Dataset:
     """The data a design trains on: the data set, cut to `train_subset` images if it says so."""
-    data = cached_data(design.dataset, data_dir, device)
+    return design_data_view(design, cached_data(design.dataset, data_dir, device))
+
+
+def design_data_view(design: StudyDesign, data: Dataset) -> Dataset:
+    """`data` (the whole data set) as `design` trains on it: cut to `train_subset` images, and
+    for a model given as module:function with its images shaped as images."""
     if design.train_subset is not None:
         n = design.train_subset
         data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    if design.is_module:
+        from psa.study.modules import module_data
+
+        data = module_data(data)  # images as images
     return data
 
 
@@ -253,7 +282,7 @@ def precompile_kernels(design: StudyDesign, todo: list[PopulationState], ex: Exe
     Triton); a failure here only warns: the kernels then compile at their first launch."""
     from psa.core import kernels
 
-    if ex.device.type != "cuda" or not ex.triton:
+    if ex.device.type != "cuda" or not ex.triton or design.is_module:
         return 0
     launches: list[Any] = []
     seen: set[tuple[str, int, tuple[str, ...]]] = set()
@@ -298,6 +327,10 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
 
     def need(st: PopulationState) -> int:
         a = st.plan.arch
+        if a not in per_member and design.is_module:
+            from psa.study.modules import inspect_factory
+
+            per_member[a] = inspect_factory(a, design, data).bytes_per_member(design.hparams.batch_size)
         if a not in per_member:
             arch = data.arch(a)
             paths = memory_paths(arch, ex, design.model)
@@ -319,7 +352,9 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
             stream = streams.take()
             run = failed = None
             try:
-                start = population_to(st.start, device) if st.start is not None else None
+                start = st.start
+                if start is not None and not design.is_module:  # a module checkpoint is restored on the device
+                    start = population_to(start, device)
                 run = PopulationRun.of_plan(design, st.plan, data, start, ex, st.prior_seconds, where, stream)
                 yield run.started()
                 if run.to_go <= 0:

@@ -10,7 +10,8 @@ Schema version 1:
   lkg_score, train_loss, diverged); candidate_acc is NULL for a diverged candidate under the
   design's diverged = "discard" rule;
   ablated_layer counts Linear layers from 0 (== depth for the output layer).
-- trials.model: the net every architecture describes ('simplemlp', the paper's, or 'resmlp'),
+- trials.model: the net every architecture describes ('simplemlp', the paper's, or 'resmlp'; for
+  your own model, the factory `module:function`, which `arch` holds too),
   added to version 1 without a version bump: connect() adds the column (default 'simplemlp')
   to a database that lacks it, and readers of such a database read 'simplemlp'.
 - runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
