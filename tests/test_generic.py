@@ -83,48 +83,51 @@ def run(make, ds, hp, loops, members, **kw):
 # the engine's records for an MLP
 
 
+EQ_LOOPS = 5  # x 64 steps (63 of 32 images and a last partial batch of 24): 320 steps
+
+
 @pytest.fixture(scope="module")
-def mlp_runs(small):
-    """All six modes x two seeds, 4 loops x 64 steps, through psa's engine and the generic path;
-    every member's LKG after loop 2 and after loop 4."""
+def mlp_runs(mnist):
+    """All six modes x two seeds, 5 loops x 64 steps (the last batch partial), through psa's
+    engine and the generic path side by side; every member's LKG after every loop."""
+    ds = subset(mnist, 2040, 1000)
+    assert ds.train_x.shape[0] % ENGINE_HP.batch_size == 24
     members = [ENGINE_HP.member(m, s) for s in (11, 12) for m in MODES]
-    pop = Population.create(parse_arch("[2*24, 1*16]"), members, "cpu", n_val=small.val_y.numel())
-    eng = Engine(pop, small, ENGINE_HP)
-    gpop = ModulePopulation.create(plain_mlp, members, small)
-    geng = ModuleEngine(gpop, small, ENGINE_HP)
-    ref, got, states = [], [], []
-    for loop in range(1, 5):
+    pop = Population.create(parse_arch("[2*24, 1*16]"), members, "cpu", n_val=ds.val_y.numel())
+    eng = Engine(pop, ds, ENGINE_HP)
+    gpop = ModulePopulation.create(plain_mlp, members, ds)
+    geng = ModuleEngine(gpop, ds, ENGINE_HP)
+    ref, got, diffs = [], [], []
+    for _ in range(EQ_LOOPS):
         ref.append(eng.meta_loop())
         got.append(geng.meta_loop())
-        if loop in (2, 4):
-            states.append([(pop.member_state_dict(j), gpop.member_state_dict(j)) for j in range(len(members))])
-    return pop, ref, gpop, got, states
+        diffs.append([max(float((a - b).abs().max()) for a, b in zip(pop.member_state_dict(j).values(),
+                                                                      gpop.member_state_dict(j).values()))
+                      for j in range(len(members))])
+    return pop, ref, gpop, got, diffs
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_plain_mlp_gives_the_engines_records(mlp_runs, mode):
-    """Records over 256 steps; weights to 1e-5 over 128 steps. Beyond, vmap's batched matmul
-    (which rounds differently from the engine's) can meet a near-tie: one of these 12 members
-    (output, seed 11) jumps to 2e-4 at loop 3, while its records still agree."""
-    pop, ref, gpop, got, states = mlp_runs
+    """The generic path computes a plain MLP with the engine's own operations (baddbmm, its
+    gradients, its cross-entropy gradient, the same fused AdamW): over 320 steps every record is
+    the engine's and the weights stay within 1e-5 (on this CPU they are bit for bit equal)."""
+    pop, ref, gpop, got, diffs = mlp_runs
     assert gpop.spec.hidden == (24, 24, 16) and gpop.spec.dropout_units == 64
     rows = [j for j, m in enumerate(pop.members) if m.mode == mode]
     assert [gpop.members[j] for j in rows] == [pop.members[j] for j in rows]
-    one_image = 100.0 / pop.n_val  # a near-tie of two logits may round either way
-    for r, g in zip(ref, got):
+    for r, g, d in zip(ref, got, diffs):
         for j in rows:
-            assert abs(g.candidate_acc[j] - r.candidate_acc[j]) <= one_image + 1e-9
+            assert g.candidate_acc[j] == r.candidate_acc[j]
             assert g.promoted[j] == r.promoted[j]
             assert g.ablated[j] == r.ablated[j]
-            assert g.train_loss[j] == pytest.approx(r.train_loss[j], rel=2e-5)
-    for j in rows:
-        a, b = states[0][j]
-        assert len(a) == len(b) == 8
-        assert max(float((x - y).abs().max()) for x, y in zip(a.values(), b.values())) < 1e-5
-        a, b = states[1][j]
-        assert max(float((x - y).abs().max()) for x, y in zip(a.values(), b.values())) < 1e-2
+            assert g.train_loss[j] == pytest.approx(r.train_loss[j], rel=1e-6)
+            assert d[j] < 1e-5, (r.loop, j, d[j])
+    assert len(pop.member_state_dict(rows[0])) == len(gpop.member_state_dict(rows[0])) == 8
     if mode in ("full", "hidden", "output"):
-        assert all(got[k].ablated[j] is not None for k in (1, 2, 3) for j in rows)
+        assert all(got[k].ablated[j] is not None for k in range(1, EQ_LOOPS) for j in rows)
+    # the records are not trivially equal: candidates differ between loops and some are discarded
+    assert len({g.candidate_acc[rows[0]] for g in got}) > 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def test_hidden_mode_zeroes_the_consumers_columns(mnist):
     pop = ModulePopulation.create(small_cnn, [HP.member("hidden", 3)], ds)
     eng = ModuleEngine(pop, ds, HP)
     params = {k: v.clone() for k, v in pop.params.items()}
-    eng._ablate(params, {}, 0, ((1, 2),))
+    eng._ablate(params, 0, (((1, 2),),))
     assert params["2.weight"][0, 2].abs().sum() == 0 and params["2.bias"][0, 2] == 0
     head = params["6.weight"][0]
     assert head[:, 32:48].abs().sum() == 0
@@ -224,7 +227,7 @@ def test_ambiguous_consumer_is_said_once_and_zeroes_the_incoming_side():
     assert len(notes) == 2 and all(n.startswith("psa: ") for n in notes)
     eng = ModuleEngine(pop, ds, HP)
     params = {k: v.clone() for k, v in pop.params.items()}
-    eng._ablate(params, {}, 0, ((0, 3), None))
+    eng._ablate(params, 0, (((0, 3),), ()))
     assert params["a.weight"][0, 3].abs().sum() == 0
     assert torch.equal(params["b.weight"], pop.params["b.weight"])  # no outgoing side
     assert torch.equal(params["a.weight"][1], pop.params["a.weight"][1])
