@@ -110,6 +110,7 @@ def mlp_runs(mnist):
     return pop, ref, gpop, got, diffs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_plain_mlp_gives_the_engines_records(mlp_runs, mode):
     """The generic path computes a plain MLP with the engine's own operations (baddbmm, its
@@ -185,6 +186,7 @@ PERSIST_VARIANTS = [  # a member persists its AdamW state: the chunk trains with
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("specs,batched", [(GREEDY_VARIANTS, True), (PERSIST_VARIANTS, True),
                                            (PERSIST_VARIANTS, False)],
                          ids=["fused-adamw", "member-adamw", "member-adamw-one-at-a-time"])
@@ -226,6 +228,7 @@ def test_variants_on_a_cnn_match_the_reference_loop(mnist, specs, batched):
         assert test[j] == pytest.approx(acc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("specs", [GREEDY_VARIANTS, PERSIST_VARIANTS], ids=["fused-adamw", "member-adamw"])
 def test_variants_on_a_plain_mlp_give_the_engines_records(mnist, specs):
     """A plain nn.Sequential MLP with every variant through the generic path and its SimpleMLP
