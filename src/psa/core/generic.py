@@ -341,25 +341,43 @@ def _batch_front(info: Any, in_dims: tuple[int | None, ...], *ts: torch.Tensor) 
     return tuple(t.movedim(d, 0) if d is not None else t.expand(n, *t.shape) for t, d in zip(ts, in_dims))
 
 
-def _linear_grads(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(dL/dx, dL/dW, dL/db) of members' Linear layers, (C, b, o) dz and (C, b, i) x, as the engine."""
-    return torch.bmm(dz, w), torch.bmm(dz.transpose(1, 2), x), dz.sum(dim=1)
+def _linear_grads(dz: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dW, dL/db) of members' Linear layers from (C, b, o) dz and (C, b, i) x, as the engine."""
+    return torch.bmm(dz.transpose(1, 2), x), dz.sum(dim=1)
 
 
 class _LinearGrad(torch.autograd.Function):
-    """The gradients of _Linear (a Function of its own, so that vmap batches them by hand)."""
+    """The weight and bias gradients of _Linear (a Function of its own, so that vmap batches
+    them by hand)."""
 
     @staticmethod
-    def forward(dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return tuple(t[0] for t in _linear_grads(dz.unsqueeze(0), x.unsqueeze(0), w.unsqueeze(0)))
+    def forward(dz: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(t[0] for t in _linear_grads(dz.unsqueeze(0), x.unsqueeze(0)))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         pass
 
     @staticmethod
-    def vmap(info: Any, in_dims: Any, dz: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> Any:
-        return _linear_grads(*_batch_front(info, in_dims, dz, x, w)), (0, 0, 0)
+    def vmap(info: Any, in_dims: Any, dz: torch.Tensor, x: torch.Tensor) -> Any:
+        return _linear_grads(*_batch_front(info, in_dims, dz, x)), (0, 0)
+
+
+class _LinearInputGrad(torch.autograd.Function):
+    """The input gradient of _Linear, bmm(dz, W); computed only where the input needs one (the
+    engine never computes it for the first layer)."""
+
+    @staticmethod
+    def forward(dz: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.bmm(dz.unsqueeze(0), w.unsqueeze(0))[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, dz: torch.Tensor, w: torch.Tensor) -> Any:
+        return torch.bmm(*_batch_front(info, in_dims, dz, w)), 0
 
 
 class _Linear(torch.autograd.Function):
@@ -377,8 +395,8 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dz: torch.Tensor) -> Any:  # type: ignore[override]
         x, w = ctx.saved_tensors
-        gx, gw, gb = _LinearGrad.apply(dz, x, w)
-        return (gx if ctx.needs_input_grad[0] else None), gw, gb
+        gw, gb = _LinearGrad.apply(dz, x)
+        return (_LinearInputGrad.apply(dz, w) if ctx.needs_input_grad[0] else None), gw, gb
 
     @staticmethod
     def vmap(info: Any, in_dims: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> Any:
