@@ -2,9 +2,10 @@
 `output`, and the population's speed against the one-at-a-time loop.
 
 The CNN: Conv2d(1->8, 5x5, stride 2) -> ReLU -> Conv2d(8->16, 5x5, stride 2) -> ReLU ->
-Flatten -> Linear(256 -> 10). Data: the four idx files of each set (--data-root/<set>/), the
-paper's split (50,000 / 10,000 by random_split with seed 1337, the official test set),
-pixels standardised with the training mean and std of the set (MNIST: 0.1307, 0.3081).
+Flatten -> Linear(256 -> 10). Data: psa's own loader (psa.core.data.load: the copies that ship
+with the package, or --data-dir / $PSA_DATA_DIR), so it runs on a fresh clone: the paper's split
+(50,000 / 10,000 by random_split with seed 1337, the official test set), pixels standardised as
+psa standardises them (MNIST: 0.1307, 0.3081; Fashion-MNIST: its training pixels' mean and std).
 
 1. Speed: `--speed-loops` meta-loops of the same population (all modes x trials) trained
    together (vmap) and one member at a time (plain autograd), side by side in this run, on
@@ -17,13 +18,11 @@ pixels standardised with the training mean and std of the set (MNIST: 0.1307, 0.
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,9 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import psa  # noqa: E402
-from psa.core.data import split_indices  # noqa: E402
+from psa.core.data import NORMALISATION, load_dataset  # noqa: E402
 
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MODES = ("none", "hidden", "output")
 
 
@@ -46,37 +44,21 @@ def small_cnn() -> nn.Module:
     )
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An idx file (gzip or not) as a numpy array."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+def load_set(name: str, data_dir: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """train / val / test of one data set through psa's loader, as (N, 1, 28, 28) images."""
+    ds = load_dataset(name, "cpu", data_dir)
 
+    def img(x: torch.Tensor) -> torch.Tensor:
+        return x.view(-1, 1, 28, 28)
 
-def load_set(root: Path, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """train / val / test of one idx data set as (N, 1, 28, 28) float32 and int64 labels."""
-    d = root / name
-    arrays = [read_idx(next(d.glob(f + "*"))) for f in FILES]
-    images = torch.from_numpy(arrays[0].astype(np.float32) / 255.0)
-    labels = torch.from_numpy(arrays[1].astype(np.int64))
-    tr, va = split_indices(images.shape[0])
-    mean, std = images[tr].mean().item(), images[tr].std().item()
-
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        return ((x - mean) / std).unsqueeze(1).contiguous()
-
-    test_x = torch.from_numpy(arrays[2].astype(np.float32) / 255.0)
-    return {"train": (norm(images[tr]), labels[tr]), "val": (norm(images[va]), labels[va]),
-            "test": (norm(test_x), torch.from_numpy(arrays[3].astype(np.int64))),
-            "stats": (mean, std)}  # type: ignore[dict-item]
+    mean, std = NORMALISATION[name]
+    return {"train": (img(ds.train_x), ds.train_y), "val": (img(ds.val_x), ds.val_y),
+            "test": (img(ds.test_x), ds.test_y), "stats": (mean, std)}  # type: ignore[dict-item]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default="/work/shared/data")
+    ap.add_argument("--data-dir", default=None, help="idx files of the set (default: the shipped copies)")
     ap.add_argument("--sets", nargs="+", default=["mnist", "fashion-mnist"])
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--loops", type=int, default=20)
@@ -97,7 +79,7 @@ def main() -> None:
 
     say(f"# generic_cnn: torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC")
-    sets = {name: load_set(Path(args.data_root), name) for name in args.sets}
+    sets = {name: load_set(name, args.data_dir) for name in args.sets}
     if args.val_subset:
         for s in sets.values():
             s["val"] = (s["val"][0][: args.val_subset], s["val"][1][: args.val_subset])

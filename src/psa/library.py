@@ -7,15 +7,17 @@
 
 `make_model` is any function that returns a torch.nn.Module mapping a batch of inputs to
 (N, classes) logits. Trial k of every mode starts from the same weights (the factory called
-under seed + k - 1) and sees the same data order: the paper's paired design. All members
-train together (psa.core.generic). This module sits above psa's layers: it uses the core
-engine and the analysis statistics.
+under seed + k - 1) and sees the same data order: the paper's paired design. Engine variants
+(psa.core.variant: patience, the persistent optimizer, ablation strategies, mode schedules)
+run beside the paper's engine as named conditions, `variants={"patience5": {"patience": 5}}`,
+as in a study design. All members train together (psa.core.generic). This module sits above
+psa's layers: it uses the core engine and the analysis statistics.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from psa.analysis.results import Trial
-from psa.analysis.stats import StatsConfig, paired_comparisons, summarize
+from psa.analysis.stats import StatsConfig, paired_comparisons, summarize, variant_comparisons
 from psa.core.checkpoint import FORMAT, save_tensors
 from psa.core.data import Dataset
 from psa.core.device import canonical_device
@@ -32,6 +34,7 @@ from psa.core.errors import ConfigError
 from psa.core.generic import ModelSpec, ModuleEngine, ModulePopulation, factory_name
 from psa.core.hparams import HParams
 from psa.core.population import ABLATIVE_MODES, MODES
+from psa.core.variant import VARIANT_NAME, Variant, format_schedule
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -40,20 +43,24 @@ Split = tuple[torch.Tensor, torch.Tensor]
 class LoopRecord:
     """One meta-loop of one trial, as psa's studies record it."""
 
-    mode: str
+    mode: str  # the condition: a mode, or "mode+name" for a named variant
     trial: int
     seed: int
     loop: int
-    candidate_acc: float  # validation accuracy (%), NaN for a diverged candidate
+    candidate_acc: float  # validation accuracy (%); NaN for a diverged one under diverged="discard"
     promoted: bool
-    ablated: tuple[str, int] | None  # (unit layer's module name, unit)
+    ablated: tuple[str, int] | None  # (unit layer's module name, unit): the first of `ablations`
     lkg_score: float
     train_loss: float
+    forced: bool | None = None  # patience forced the candidate in (None without patience)
+    ablations: tuple[tuple[str, int], ...] = ()  # every unit ablated (variants may ablate several)
 
 
 @dataclass
 class FitResult:
-    """What psa.fit ran: per-loop records, each trial's bounty, and each trial's LKG weights."""
+    """What psa.fit ran: per-loop records, each trial's bounty, and each trial's bounty model
+    (its LKG, unless a variant with patience keeps them apart). Results are keyed by condition:
+    a mode, or "mode+name" for a named variant."""
 
     model: str  # the factory as module:qualname
     spec: ModelSpec
@@ -66,17 +73,20 @@ class FitResult:
     bounty_loop: dict[tuple[str, int], int]
     test_acc: dict[tuple[str, int], float]  # empty without a test split
     seconds: float
+    conditions: tuple[str, ...] = ()  # the modes, then every "mode+name" a variant ran in
+    variants: dict[str, Variant] = field(default_factory=dict)
     _states: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def state_dict(self, mode: str, trial: int) -> dict[str, torch.Tensor]:
-        """Trial k's (1-based) LKG of `mode` as a state_dict of your factory's module."""
+        """Trial k's (1-based) bounty model of condition `mode` (its LKG unless it has patience)
+        as a state_dict of your factory's module."""
         key = (mode, trial)
         if key not in self._states:
             raise KeyError(f"no trial {trial} of mode {mode!r}")
         return {k: v.clone() for k, v in self._states[key].items()}
 
     def save(self, directory: str | Path) -> list[Path]:
-        """Each trial's LKG as `<mode>-trial<k>.safetensors` (a state_dict, loadable with
+        """Each trial's bounty model as `<mode>-trial<k>.safetensors` (a state_dict, loadable with
         safetensors.torch.load_file and model.load_state_dict), with psa's metadata in the
         header; written atomically. Returns the paths."""
         d = Path(directory)
@@ -87,6 +97,9 @@ class FitResult:
             meta = {"format": FORMAT, "kind": "module-member", "model": self.model, "mode": mode, "trial": k,
                     "seed": self.seed + k - 1, "bounty": self.bounty[(mode, k)],
                     "bounty_loop": self.bounty_loop[(mode, k)], "hparams": self.hparams.to_dict()}
+            name = mode.partition("+")[2]
+            if name:
+                meta["variant"] = {"name": name, **self.variants[name].settings()}
             if (mode, k) in self.test_acc:
                 meta["test_acc"] = self.test_acc[(mode, k)]
             save_tensors(p, state, meta)
@@ -94,23 +107,27 @@ class FitResult:
         return paths
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per mode: the bounty's n, mean, population std (as the paper), min, max, and
+        """One row per condition: the bounty's n, mean, population std (as the paper), min, max;
         for ablative modes the paired sign-flip test against `none` (Holm-adjusted over the
-        ablative modes, psa.analysis.stats)."""
-        trials = [Trial("model", mode, k, self.bounty[(mode, k)], self.bounty_loop[(mode, k)],
-                        self.test_acc.get((mode, k)), self.seed + k - 1)
-                  for mode in self.modes for k in range(1, self.trials + 1)]
-        tests = {c.ablative: c for c in paired_comparisons(trials, ["model"], StatsConfig())
+        ablative modes), for a variant the test against its own mode with the paper's engine
+        (Holm-adjusted over the variants; psa.analysis.stats). `vs` names the reference."""
+        conditions = self.conditions or self.modes
+        trials = [Trial("model", c, k, self.bounty[(c, k)], self.bounty_loop[(c, k)], self.test_acc.get((c, k)),
+                        self.seed + k - 1, c.partition("+")[2])
+                  for c in conditions for k in range(1, self.trials + 1)]
+        tests = {c.ablative: c for c in paired_comparisons([t for t in trials if not t.variant], ["model"],
+                                                           StatsConfig())
                  if c.baseline == "none"} if "none" in self.modes else {}
+        tests.update({c.ablative: c for c in variant_comparisons(trials, ["model"], list(conditions), StatsConfig())})
         rows = []
-        for mode in self.modes:
-            s = summarize([self.bounty[(mode, k)] for k in range(1, self.trials + 1)], "model", mode)
-            row: dict[str, Any] = {"mode": mode, "n": s.n, "mean": s.mean, "std": s.std, "min": s.min, "max": s.max}
+        for cond in conditions:
+            s = summarize([self.bounty[(cond, k)] for k in range(1, self.trials + 1)], "model", cond)
+            row: dict[str, Any] = {"mode": cond, "n": s.n, "mean": s.mean, "std": s.std, "min": s.min, "max": s.max}
             if self.test_acc:
-                row["test_mean"] = sum(self.test_acc[(mode, k)] for k in range(1, self.trials + 1)) / self.trials
-            c = tests.get(mode)
+                row["test_mean"] = sum(self.test_acc[(cond, k)] for k in range(1, self.trials + 1)) / self.trials
+            c = tests.get(cond)
             if c is not None:
-                row.update(diff=c.mean_diff, p=c.p, p_holm=c.p_holm, verdict=c.verdict)
+                row.update(vs=c.baseline, diff=c.mean_diff, p=c.p, p_holm=c.p_holm, verdict=c.verdict)
             rows.append(row)
         return rows
 
@@ -122,13 +139,13 @@ class FitResult:
         rows = self.summary()
         t = Table(title=f"PSA on {self.model}: {self.trials} trials x {self.hparams.meta_loops} meta-loops, "
                         f"peak validation accuracy (%)")
-        for col in ("mode", "bounty", "min", "max", *(("test",) if self.test_acc else ()),
-                    "vs none", "p (Holm)", "verdict"):
-            t.add_column(col, justify="left" if col in ("mode", "verdict") else "right")
+        for col in ("condition", "bounty", "min", "max", *(("test",) if self.test_acc else ()),
+                    "vs", "diff", "p (Holm)", "verdict"):
+            t.add_column(col, justify="left" if col in ("condition", "vs", "verdict") else "right")
         for r in rows:
             tested = "diff" in r
             t.add_row(r["mode"], f"{r['mean']:.2f} ± {r['std']:.2f}", f"{r['min']:.2f}", f"{r['max']:.2f}",
-                      *((f"{r['test_mean']:.2f}",) if self.test_acc else ()),
+                      *((f"{r['test_mean']:.2f}",) if self.test_acc else ()), r.get("vs", ""),
                       f"{r['diff']:+.2f}" if tested else "", f"{r['p_holm']:.3f}" if tested else "",
                       r.get("verdict", ""))
         Console().print(t)
@@ -149,6 +166,45 @@ def _split(name: str, value: Any) -> Split:
     return x, y.to(torch.int64)
 
 
+def _variants(variants: Mapping[str, Variant | Mapping[str, Any]] | None, modes: tuple[str, ...],
+              meta_loops: int) -> list[tuple[str, Variant, tuple[str, ...]]]:
+    """(name, Variant, the modes it runs in) of each named variant, checked as a study design
+    checks its [variants] table."""
+    if variants is None:
+        return []
+    if not isinstance(variants, Mapping):
+        raise ConfigError("variants must be a dict of named variants, e.g. {'patience5': {'patience': 5}}")
+    out: list[tuple[str, Variant, tuple[str, ...]]] = []
+    seen: dict[str, str] = {}
+    for name, value in variants.items():
+        if not isinstance(name, str) or not VARIANT_NAME.match(name):
+            raise ConfigError(f"bad variant name {name!r}: letters, digits, '_' or '-' (at most 32), "
+                              f"starting with a letter or digit")
+        if isinstance(value, Variant):
+            v = value
+        elif isinstance(value, Mapping):
+            try:
+                v = Variant.from_settings(dict(value))
+            except ConfigError as e:
+                raise ConfigError(f"variant {name!r}: {e}") from None
+        else:
+            raise ConfigError(f"variant {name!r} must be a Variant or a dict of its settings")
+        if v.is_default:
+            raise ConfigError(f"variant {name!r} is the paper's engine: give it a setting")
+        if v.to_json() in seen:
+            raise ConfigError(f"variants {seen[v.to_json()]!r} and {name!r} have the same settings")
+        seen[v.to_json()] = name
+        if v.schedule and sum(n for _, n in v.schedule) != meta_loops:
+            raise ConfigError(f"variant {name!r}: schedule {format_schedule(v.schedule)} covers "
+                              f"{sum(n for _, n in v.schedule)} meta-loops, the run has {meta_loops}")
+        runs_in = v.modes_in(modes)
+        if not runs_in:
+            raise ConfigError(f"variant {name!r} applies to none of the modes {', '.join(modes)} "
+                              f"(its ablation settings need full, hidden or output)")
+        out.append((name, v, runs_in))
+    return out
+
+
 def fit(
     make_model: Callable[[], nn.Module],
     train: Split,
@@ -167,6 +223,7 @@ def fit(
     device: str | torch.device = "cpu",
     batched: bool = True,
     max_members: int | None = None,
+    variants: Mapping[str, Variant | Mapping[str, Any]] | None = None,
     on_loop: Callable[[int, float], None] | None = None,
 ) -> FitResult:
     """Run PSA's meta-loop on `trials` x `modes` trials of `make_model`, all trained together.
@@ -176,7 +233,11 @@ def fit(
     `weight_decay` (decay mode only), `dropout` (the rate of every nn.Dropout, dropout mode
     only): the paper's values by default. `n_classes`: default 1 + the largest label.
     `batched=False` trains one member at a time (what psa falls back to where vmap cannot
-    batch the model). `max_members`: members trained at once (default all). `on_loop(loop,
+    batch the model). `max_members`: members trained at once (default all). `variants`: named
+    engine variants run beside the paper's engine, {name: Variant or its settings}, e.g.
+    {"patience5": {"patience": 5}, "persist": {"optimizer_state": "persist"}, "dh": {"schedule":
+    "dropout:50,hidden:50"}}: each in every mode it applies to (a schedule once, in its first
+    mode), as condition "mode+name", paired with the same seeds (docs/variants.md). `on_loop(loop,
     seconds)` is called after every meta-loop. Returns a FitResult.
     """
     if not callable(make_model):
@@ -199,27 +260,33 @@ def fit(
     classes = n_classes or 1 + max(int(ty.max()), int(vy.max()), int(sy.max()) if sy.numel() else 0)
     data = Dataset("tensors", tx.to(dev, torch.float32), ty.to(dev), vx.to(dev, torch.float32), vy.to(dev),
                    sx.to(dev, torch.float32), sy.to(dev), "given")
-    members = [hp.member(mode, seed + k) for k in range(trials) for mode in modes]
+    named = _variants(variants, modes, meta_loops)
+    # the conditions: every mode with the paper's engine, then each variant in its modes
+    conditions = [(mode, mode, Variant()) for mode in modes]
+    conditions += [(f"{mode}+{name}", mode, v) for name, v, runs_in in named for mode in runs_in]
+    members = [hp.member(mode, seed + k, v) for k in range(trials) for _, mode, v in conditions]
     pop = ModulePopulation.create(make_model, members, data, dev, n_classes=classes)
     eng = ModuleEngine(pop, data, hp, batched=batched, max_members=max_members)
-    index = {(m.mode, m.seed): j for j, m in enumerate(pop.members)}
+    index = {m.key: j for j, m in enumerate(pop.members)}
+    keys = {(label, k): index[(mode, v.to_json(), seed + k - 1)]
+            for label, mode, v in conditions for k in range(1, trials + 1)}
     records: list[LoopRecord] = []
     seconds = 0.0
+
+    def unit(a: tuple[int, int]) -> tuple[str, int]:
+        return pop.spec.layers[a[0]].name, a[1]
+
     for _ in range(meta_loops):
         r = eng.meta_loop()
         seconds += r.seconds
-        for mode in modes:
-            for k in range(1, trials + 1):
-                j = index[(mode, seed + k - 1)]
-                a = r.ablated[j]
-                records.append(LoopRecord(mode, k, seed + k - 1, r.loop, r.candidate_acc[j], r.promoted[j],
-                                          None if a is None else (pop.spec.layers[a[0]].name, a[1]),
-                                          r.lkg_score[j], r.train_loss[j]))
+        for (label, k), j in keys.items():
+            records.append(LoopRecord(label, k, seed + k - 1, r.loop, r.candidate_acc[j], r.promoted[j],
+                                      None if r.ablated[j] is None else unit(r.ablated[j]), r.lkg_score[j],
+                                      r.train_loss[j], r.forced[j], tuple(unit(a) for a in r.ablations[j])))
         if on_loop is not None:
             on_loop(r.loop, r.seconds)
     test_acc = eng.test_accuracy() if test is not None else []
-    keys = {(mode, k): index[(mode, seed + k - 1)] for mode in modes for k in range(1, trials + 1)}
-    score = pop.lkg_score()
+    score = pop.bounty_score()
     return FitResult(
         model=factory_name(make_model), spec=pop.spec, modes=modes, trials=trials, seed=seed, hparams=hp,
         records=records,
@@ -227,8 +294,10 @@ def fit(
         bounty_loop={key: pop.bounty_loop[j] for key, j in keys.items()},
         test_acc={key: test_acc[j] for key, j in keys.items()} if test_acc else {},
         seconds=seconds,
-        _states={key: pop.member_state_dict(j) for key, j in keys.items()},
+        conditions=tuple(label for label, _, _ in conditions),
+        variants={name: v for name, v, _ in named},
+        _states={key: pop.member_state_dict(j, bounty=True) for key, j in keys.items()},
     )
 
 
-__all__ = ["ABLATIVE_MODES", "FitResult", "LoopRecord", "fit"]
+__all__ = ["ABLATIVE_MODES", "FitResult", "LoopRecord", "Variant", "fit"]

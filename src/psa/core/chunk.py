@@ -80,12 +80,20 @@ class MemberAdamW:
         step_size = (self.lr / (1 - self.beta1 ** self.steps)).to(torch.float32)
         bc2_sqrt = torch.sqrt(1 - self.beta2 ** self.steps).to(torch.float32)
         for pair_p, pair_g, pair_m, pair_v in self.runs:
-            for p, g, m, v, per in ((pair_p[0], pair_g[0], pair_m[0], pair_v[0], (1, -1, 1)),
-                                    (pair_p[1], pair_g[1], pair_m[1], pair_v[1], (1, -1, 1))):
-                m.lerp_(g, 1 - self.beta1)
-                v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                denom = (v.sqrt() / bc2_sqrt.view(per)).add_(self.eps)
-                p.sub_(step_size.view(per) * m / denom)
+            for p, g, m, v in zip(pair_p, pair_g, pair_m, pair_v):
+                adamw_update(p, g, m, v, step_size.view(1, -1, 1), bc2_sqrt.view(1, -1, 1), self.beta1, self.beta2,
+                             self.eps)
+
+
+def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step_size: torch.Tensor,
+                 bc2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """One step of torch.optim.AdamW (single-tensor, weight_decay=0) in place, with per-member
+    `step_size` = lr / (1 - beta1^t) and `bc2_sqrt` = sqrt(1 - beta2^t) shaped to broadcast
+    over p: MemberAdamW's arithmetic, shared by psa.core.generic's persistent optimizer."""
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    p.sub_(step_size * m / denom)
 
 
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:

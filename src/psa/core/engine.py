@@ -132,6 +132,27 @@ class PendingLoop:
         return self._result
 
 
+def patience_decision(correct: torch.Tensor, beats: torch.Tensor, ok: torch.Tensor, diverged: torch.Tensor,
+                      k: torch.Tensor, growth: torch.Tensor, streak: torch.Tensor, allowance: torch.Tensor,
+                      bounty_correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patience's promotion decision (psa.core.variant) for candidates scoring `correct`, of
+    which `beats` beat their LKG and `ok` may be promoted at all; updates the discards in a row
+    (`streak`), the `allowance` and `bounty_correct` in place. Returns (promote, forced,
+    improved: the bounty was beaten). The one place it is written: Engine._promote and
+    psa.core.generic's ModuleEngine both call it."""
+    improved = ok & (correct > bounty_correct)
+    # a diverged candidate scores, but is never forced in: its NaN weights would stay the
+    # LKG for good (docs/variants.md)
+    forced = (k > 0) & ~diverged & ~beats & (streak >= allowance)
+    promote = beats | forced
+    streak.copy_(torch.where(promote, torch.zeros_like(streak), streak + 1))
+    # capped far beyond any run's length, so that K * G^n cannot overflow
+    grown = torch.clamp(allowance * growth, max=1 << 40)
+    allowance.copy_(torch.where(improved, k, torch.where(forced, grown, allowance)))
+    bounty_correct.copy_(torch.where(improved, correct, bounty_correct))
+    return promote, forced, improved
+
+
 _NOTED: set[str] = set()
 
 
@@ -783,16 +804,8 @@ class Engine:
                                correct.device)
             streak, allowance = pop.streak[m0:m1], pop.allowance[m0:m1]
             bounty_correct = pop.bounty_correct[m0:m1]
-            improved = ok & (correct > bounty_correct)
-            # a diverged candidate scores, but is never forced in: its NaN weights would stay the
-            # LKG for good (docs/variants.md)
-            forced = (k > 0) & ~ch.diverged & ~beats & (streak >= allowance)
-            promote = beats | forced
-            streak.copy_(torch.where(promote, torch.zeros_like(streak), streak + 1))
-            # capped far beyond any run's length, so that K * G^n cannot overflow
-            grown = torch.clamp(allowance * growth, max=1 << 40)
-            allowance.copy_(torch.where(improved, k, torch.where(forced, grown, allowance)))
-            bounty_correct.copy_(torch.where(improved, correct, bounty_correct))
+            promote, forced, improved = patience_decision(correct, beats, ok, ch.diverged, k, growth, streak,
+                                                          allowance, bounty_correct)
             self._copy_rows(ch.cand_runs, pop.bounty, improved, m0, m1)
         lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
         self._copy_rows(ch.cand_runs, pop.lkg, promote, m0, m1)

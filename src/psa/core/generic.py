@@ -36,10 +36,12 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from psa.core import rng
-from psa.core.ablation import choose_unit
+from psa.core.ablation import choose_neurons, choose_unit
+from psa.core.arch import Arch
+from psa.core.chunk import adamw_update, step_dtype
 from psa.core.data import Dataset
 from psa.core.device import canonical_device, is_out_of_memory
-from psa.core.engine import LoopResult
+from psa.core.engine import LoopResult, patience_decision
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.population import ABLATIVE_MODES, MODES, Member
@@ -160,6 +162,12 @@ class ModelSpec:
     def choose(self, mode: str, seed: int, loop: int) -> tuple[int, int] | None:
         """(layer index, unit) that `mode` ablates at `loop` (psa.core.ablation.choose_unit)."""
         return choose_unit(self.hidden, self.n_out, mode, seed, loop)
+
+    @property
+    def arch(self) -> Arch:
+        """The unit layers' widths as a SimpleMLP shape: what psa.core.variant and
+        psa.core.ablation.choose_neurons draw over (unit layer i is Linear layer i there)."""
+        return Arch(tuple((1, w) for w in self.hidden), n_in=1, n_out=self.n_out)
 
     def describe(self) -> str:
         """One line: the unit layers and their widths."""
@@ -314,6 +322,157 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int, nam
 
 
 # ---------------------------------------------------------------------------------------------
+# The engine's arithmetic under vmap
+#
+# psa's engine computes a Linear layer as one baddbmm (the bias accumulated inside the matrix
+# product), its gradients as bmm(dz^T, h), bmm(dz, W) and sum(dz), and the loss's gradient as
+# (exp(z - logsumexp(z)) - onehot) / b. vmap of F.linear instead runs bmm and then adds the
+# bias, and autograd's cross-entropy goes through log_softmax's backward: the same numbers
+# up to the last bit, but AdamW's first steps turn a last-bit difference in a near-zero
+# gradient into an lr-sized one, and over hundreds of steps a member drifts apart (2e-4 after
+# 256 steps, docs/module.md). So every plain nn.Linear and the loss run the engine's own
+# operations, batched by hand under vmap (each Function's `vmap` rule) and for one member as a
+# batch of one: the batched path, the one-at-a-time path and the engine round alike.
+
+
+def _batch_front(info: Any, in_dims: tuple[int | None, ...], *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors of a vmap rule with the vmapped dimension first (expanded where absent)."""
+    n = info.batch_size
+    return tuple(t.movedim(d, 0) if d is not None else t.expand(n, *t.shape) for t, d in zip(ts, in_dims))
+
+
+def _linear_grads(dz: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dW, dL/db) of members' Linear layers from (C, b, o) dz and (C, b, i) x, as the engine."""
+    return torch.bmm(dz.transpose(1, 2), x), dz.sum(dim=1)
+
+
+class _LinearGrad(torch.autograd.Function):
+    """The weight and bias gradients of _Linear (a Function of its own, so that vmap batches
+    them by hand)."""
+
+    @staticmethod
+    def forward(dz: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(t[0] for t in _linear_grads(dz.unsqueeze(0), x.unsqueeze(0)))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, dz: torch.Tensor, x: torch.Tensor) -> Any:
+        return _linear_grads(*_batch_front(info, in_dims, dz, x)), (0, 0)
+
+
+class _LinearInputGrad(torch.autograd.Function):
+    """The input gradient of _Linear, bmm(dz, W); computed only where the input needs one (the
+    engine never computes it for the first layer)."""
+
+    @staticmethod
+    def forward(dz: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.bmm(dz.unsqueeze(0), w.unsqueeze(0))[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, dz: torch.Tensor, w: torch.Tensor) -> Any:
+        return torch.bmm(*_batch_front(info, in_dims, dz, w)), 0
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear of a (b, i) input as the engine computes it: baddbmm, bias inside the product."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.baddbmm(b.view(1, 1, -1), x.unsqueeze(0), w.t().unsqueeze(0))[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, dz: torch.Tensor) -> Any:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gw, gb = _LinearGrad.apply(dz, x)
+        return (_LinearInputGrad.apply(dz, w) if ctx.needs_input_grad[0] else None), gw, gb
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> Any:
+        x, w, b = _batch_front(info, in_dims, x, w, b)
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)), 0
+
+
+class _EngineLinear(nn.Linear):
+    """nn.Linear whose forward and backward are the engine's operations (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """F.linear, by the engine's arithmetic for a (batch, features) input with a bias."""
+        if x.dim() != 2 or self.bias is None:
+            return F.linear(x, self.weight, self.bias)
+        return _Linear.apply(x, self.weight, self.bias)
+
+
+def _ce_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(C,) mean cross-entropy of members' (C, b, n) logits, as the engine."""
+    y3 = y.unsqueeze(2)
+    lse = torch.logsumexp(z, dim=2, keepdim=True)
+    return (lse - z.gather(2, y3)).mean(dim=(1, 2))
+
+
+def _ce_grad(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(C, b, n) gradient of _ce_loss times the incoming (C,) gradient `g`, as the engine."""
+    y3 = y.unsqueeze(2)
+    dz = torch.exp(z - torch.logsumexp(z, dim=2, keepdim=True))
+    dz.scatter_add_(2, y3, torch.full_like(y3, -1, dtype=dz.dtype))
+    dz.mul_(1.0 / z.shape[1])
+    return dz * g.view(-1, 1, 1)
+
+
+class _CrossEntropyGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _ce_grad(z.unsqueeze(0), y.unsqueeze(0), g.unsqueeze(0))[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, z: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> Any:
+        return _ce_grad(*_batch_front(info, in_dims, z, y, g)), 0
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """F.cross_entropy of (b, n) logits (mean over the batch) by the engine's arithmetic."""
+
+    @staticmethod
+    def forward(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _ce_loss(z.unsqueeze(0), y.unsqueeze(0))[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
+        z, y = ctx.saved_tensors
+        return _CrossEntropyGrad.apply(z, y, g), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, z: torch.Tensor, y: torch.Tensor) -> Any:
+        return _ce_loss(*_batch_front(info, in_dims, z, y)), 0
+
+
+def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (b, n) logits against (b,) labels, rounded as psa's engine rounds it."""
+    if z.dim() != 2:
+        return F.cross_entropy(z, y)
+    return _CrossEntropy.apply(z, y)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dropout with psa's masks
 
 
@@ -341,8 +500,9 @@ class _MaskedDropout(nn.Module):
         return x * noise[:, self.offset : self.offset + self.units].reshape(x.shape)
 
 
-def _with_masked_dropout(module: nn.Module, spec: ModelSpec, holder: _Noise) -> nn.Module:
-    """A copy of `module` whose nn.Dropout modules draw psa's masks from `holder`."""
+def _engine_template(module: nn.Module, spec: ModelSpec, holder: _Noise) -> nn.Module:
+    """A copy of `module` that computes as psa's engine: its nn.Dropout modules draw psa's masks
+    from `holder`, its plain nn.Linear modules run the engine's arithmetic (_EngineLinear)."""
     template = copy.deepcopy(module)
     off = 0
     for name, units in spec.dropouts:
@@ -350,6 +510,9 @@ def _with_masked_dropout(module: nn.Module, spec: ModelSpec, holder: _Noise) -> 
         parent = template.get_submodule(parent_name) if parent_name else template
         setattr(parent, attr, _MaskedDropout(holder, off, units))
         off += units
+    for m in template.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = _EngineLinear  # same parameters and state; only the forward differs
     return template
 
 
@@ -357,29 +520,45 @@ def _with_masked_dropout(module: nn.Module, spec: ModelSpec, holder: _Noise) -> 
 # The population
 
 
+TensorDict = dict[str, torch.Tensor]
+
+
 @dataclass
 class ModulePopulation:
     """The persistent state of M trials of one model factory: LKG parameters and buffers
-    stacked (M, ...), LKG scores, bounty loops, loops done."""
+    stacked (M, ...), LKG scores, bounty loops, loops done; and the engine variants' state
+    (psa.core.variant), present only where some member needs it, as in psa's Population."""
 
     factory: Factory
     spec: ModelSpec
     members: tuple[Member, ...]
     device: torch.device
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
+    params: TensorDict
+    buffers: TensorDict
     state_keys: tuple[str, ...]  # the module's state_dict keys (what a checkpoint holds)
     lkg_correct: torch.Tensor
     n_val: int
     bounty_loop: list[int]
     loop: int = 0
     template: nn.Module | None = field(default=None, repr=False)
+    # patience: the bounty model (best ever, parameters and buffers), its score, the discards
+    # in a row and the current allowance per member
+    bounty: TensorDict | None = field(default=None, repr=False)
+    bounty_correct: torch.Tensor | None = None
+    streak: torch.Tensor | None = None
+    allowance: torch.Tensor | None = None
+    # optimizer_state "persist": the LKG's AdamW moments (per parameter) and step counts
+    opt_avg: TensorDict | None = field(default=None, repr=False)
+    opt_sq: TensorDict | None = field(default=None, repr=False)
+    opt_step: torch.Tensor | None = None
+    mode_history: list[list[tuple[str, int]]] = field(default_factory=list)  # (mode, from loop) per member
 
     @classmethod
     def create(cls, factory: Factory, members: list[Member] | tuple[Member, ...], data: Dataset,
                device: torch.device | str = "cpu", n_classes: int | None = None) -> "ModulePopulation":
         """Fresh members (sorted by seed): each seed's initialisation by the factory, LKG score -1.
-        The model is checked on a batch of the training data first (ConfigError if it cannot run)."""
+        The model is checked on a batch of the training data first (ConfigError if it cannot run),
+        and every member's mode and variant against the model's units."""
         if not members:
             raise ConfigError("a population needs at least one member")
         members = tuple(sorted(members, key=lambda mem: mem.seed))
@@ -390,12 +569,18 @@ class ModulePopulation:
         first = next(iter(models.values()))
         spec = inspect_model(first, data.train_x[:2].cpu(), n_classes, name)
         for mem in members:
-            if mem.mode not in MODES:
-                raise ConfigError(f"unknown mode {mem.mode!r}")
-            if mem.mode == "hidden" and not spec.hidden:
-                raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
-            if mem.dropout > 0 and not spec.dropouts:
-                raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
+            modes = [m for m, _ in mem.variant.schedule] or [mem.mode]
+            for mode in modes:
+                if mode not in MODES:
+                    raise ConfigError(f"unknown mode {mode!r}")
+                if mode == "hidden" and not spec.hidden:
+                    raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
+                if mode == "dropout" and not spec.dropouts:
+                    raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
+            try:
+                mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
+            except ConfigError as e:
+                raise ConfigError(f"{name} (unit layers {spec.describe()}): {e}") from None
         for note in spec.notes:
             warnings.warn(f"psa: {note}", RuntimeWarning, stacklevel=2)
         params = {k: torch.stack([dict(models[m.seed].named_parameters())[k].detach() for m in members]).to(dev)
@@ -405,25 +590,63 @@ class ModulePopulation:
         for k, v in params.items():
             if not v.is_floating_point():
                 raise ConfigError(f"{name}: parameter {k} is not floating point")
-        return cls(factory, spec, members, dev, params, buffers, tuple(first.state_dict().keys()),
-                   torch.full((len(members),), -1, dtype=torch.int64, device=dev), data.val_y.numel(),
-                   [0] * len(members), template=first)
+        pop = cls(factory, spec, members, dev, params, buffers, tuple(first.state_dict().keys()),
+                  torch.full((len(members),), -1, dtype=torch.int64, device=dev), data.val_y.numel(),
+                  [0] * len(members), template=first,
+                  mode_history=[[(m.variant.start_mode(m.mode), 1)] for m in members])
+        pop.init_variant_state()
+        return pop
 
     @property
     def size(self) -> int:
         """Number of members M."""
         return len(self.members)
 
+    @property
+    def patient(self) -> bool:
+        """True when some member promotes with patience (a bounty model apart from the LKG)."""
+        return any(m.variant.patience > 0 for m in self.members)
+
+    @property
+    def persistent(self) -> bool:
+        """True when some member's AdamW state travels with its LKG."""
+        return any(m.variant.optimizer_state == "persist" for m in self.members)
+
+    def init_variant_state(self) -> None:
+        """Allocate the variant state the members need, as a fresh population has it (the
+        bounty model = the LKG, no discards, the allowance = patience, zero moments)."""
+        dev, m = self.device, self.size
+        if self.patient and self.bounty is None:
+            self.bounty = {k: v.clone() for k, v in {**self.params, **self.buffers}.items()}
+            self.bounty_correct = self.lkg_correct.clone()
+            self.streak = torch.zeros(m, dtype=torch.int64, device=dev)
+            self.allowance = torch.tensor([mem.variant.patience for mem in self.members], dtype=torch.int64).to(dev)
+        if self.persistent and self.opt_avg is None:
+            self.opt_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
+            self.opt_sq = {k: torch.zeros_like(v) for k, v in self.params.items()}
+            self.opt_step = torch.zeros(m, dtype=step_dtype(dev), device=dev)
+
     def lkg_score(self) -> list[float]:
         """LKG validation accuracy (%) of every member; -1 before its first promotion."""
         return [c if c < 0 else 100.0 * c / self.n_val for c in self.lkg_correct.tolist()]
 
-    def member_state_dict(self, j: int) -> dict[str, torch.Tensor]:
-        """Member j's LKG as the factory's module's state_dict (CPU tensors, buffers included)."""
-        both = {**self.params, **self.buffers}
+    def bounty_score(self) -> list[float]:
+        """Bounty (best validation accuracy, %) of every member: the LKG's without patience."""
+        c = self.lkg_correct if self.bounty_correct is None else self.bounty_correct
+        return [x if x < 0 else 100.0 * x / self.n_val for x in c.tolist()]
+
+    def bounty_model(self) -> TensorDict:
+        """Every member's bounty model (best ever; the LKG without patience), parameters and
+        buffers stacked (M, ...)."""
+        return {**self.params, **self.buffers} if self.bounty is None else self.bounty
+
+    def member_state_dict(self, j: int, bounty: bool = False) -> TensorDict:
+        """Member j's LKG (`bounty`: its bounty model) as the factory's module's state_dict (CPU
+        tensors, buffers included)."""
+        both = self.bounty_model() if bounty else {**self.params, **self.buffers}
         return {k: both[k][j].detach().cpu().clone() for k in self.state_keys if k in both}
 
-    def load_member_state_dict(self, j: int, state: dict[str, torch.Tensor]) -> None:
+    def load_member_state_dict(self, j: int, state: TensorDict) -> None:
         """Overwrite member j's LKG from a state_dict of the factory's module."""
         both = {**self.params, **self.buffers}
         expected = {k for k in self.state_keys if k in both}
@@ -441,8 +664,33 @@ def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
+class _MemberAdamW:
+    """AdamW over stacked (C, ...) parameters with a step count per member: the update of psa's
+    MemberAdamW (psa.core.chunk.adamw_update), for chunks where some member's optimizer state
+    persists. `rows` steps a slice of the members (the one-at-a-time path)."""
+
+    def __init__(self, params: TensorDict, hp: HParams) -> None:
+        self.exp_avg = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in params.items()}
+        dev = next(iter(params.values())).device
+        self.steps = torch.zeros(next(iter(params.values())).shape[0], dtype=step_dtype(dev), device=dev)
+        self.hp = hp
+
+    def step(self, params: TensorDict, grads: TensorDict, rows: slice = slice(None)) -> None:
+        """One AdamW step of members `rows` (params and grads hold just those rows)."""
+        hp = self.hp
+        steps = self.steps[rows]
+        steps += 1
+        step_size = (hp.lr / (1 - hp.betas[0] ** steps)).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1 - hp.betas[1] ** steps).to(torch.float32)
+        for k, p in params.items():
+            adamw_update(p, grads[k], self.exp_avg[k][rows], self.exp_avg_sq[k][rows], _per_member(step_size, p),
+                         _per_member(bc2_sqrt, p), hp.betas[0], hp.betas[1], hp.eps)
+
+
 class ModuleEngine:
-    """The Frustration Engine on a ModulePopulation: every member's meta-loop, in lockstep."""
+    """The Frustration Engine on a ModulePopulation: every member's meta-loop, in lockstep,
+    engine variants included (psa.core.variant; docs/variants.md)."""
 
     def __init__(self, pop: ModulePopulation, data: Dataset, hparams: HParams, batched: bool = True,
                  max_members: int | None = None, eval_rows: int = 2048) -> None:
@@ -457,16 +705,32 @@ class ModuleEngine:
         self.eval_rows = eval_rows
         self.holder = _Noise()
         assert pop.template is not None
-        self.model = _with_masked_dropout(pop.template, pop.spec, self.holder).to(pop.device)
+        self.model = _engine_template(pop.template, pop.spec, self.holder).to(pop.device)
         units = pop.spec.dropout_units
         self.pos_hash = rng.position_hash(hparams.batch_size, units, pop.device) if units else None
         self.ablated_last: tuple[tuple[int, int] | None, ...] = ()
 
     # ------------------------------------------------------------ member settings
-    # Everything a member's settings decide is read here, so that a setting (a variant) is added
-    # in one place: its ablation, optimizer, weight decay and dropout rate.
-    def _ablations(self, loop: int) -> tuple[tuple[int, int] | None, ...]:
-        return tuple(self.pop.spec.choose(m.mode, m.seed, loop) for m in self.pop.members)
+    # Everything a member's settings decide is read here: its ablations, optimizer, weight
+    # decay, dropout rate, and (_follow_schedules) its mode.
+    def _ablations(self, loop: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Every (unit layer, unit) each member ablates at `loop` (psa.core.ablation.choose_neurons
+        over the model's unit layers: a plain MLP gets its SimpleMLP's neurons)."""
+        arch = self.pop.spec.arch
+        return tuple(choose_neurons(arch, m.mode, m.seed, loop, m.variant, self.hp.meta_loops)
+                     for m in self.pop.members)
+
+    def _follow_schedules(self, loop: int) -> None:
+        """Members on a mode schedule switch mode at a loop boundary, as psa's engine does: the
+        new mode's rates (HParams.member) and a mode_history entry."""
+        pop = self.pop
+        members = list(pop.members)
+        for j, mem in enumerate(members):
+            mode = mem.variant.mode_at(mem.mode, loop)
+            if mode != mem.mode:
+                members[j] = self.hp.member(mode, mem.seed, mem.variant)
+                pop.mode_history[j].append((mode, loop))
+        pop.members = tuple(members)
 
     def _new_optimizer(self, params: list[torch.Tensor]) -> torch.optim.AdamW:
         """A fresh AdamW (fused where available), as the engine's every loop; weight decay is
@@ -495,51 +759,49 @@ class ModuleEngine:
 
     # ------------------------------------------------------------ ablation
     @torch.no_grad()
-    def _ablate(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], m0: int,
-                ablated: tuple[tuple[int, int] | None, ...]) -> None:
+    def _ablate(self, tensors: TensorDict, m0: int, ablated: tuple[tuple[tuple[int, int], ...], ...]) -> None:
+        """Zero in `tensors` (a chunk's parameters, or AdamW moments keyed alike) what each member
+        j's ablations name: the unit's incoming weights and bias, its BatchNorm scale and shift,
+        and in `hidden` mode its columns (or input channel) in the consumer."""
         spec = self.pop.spec
-        for j, a in enumerate(ablated):
-            if a is None:
-                continue
+        for j, units in enumerate(ablated):
             mode = self.pop.members[m0 + j].mode
-            layer = spec.layers[a[0]]
-            u = a[1]
-            params[f"{layer.name}.weight"][j, u].zero_()
-            if layer.has_bias:
-                params[f"{layer.name}.bias"][j, u].zero_()
-            if layer.norm is not None:
-                for k in ("weight", "bias"):
-                    t = params.get(f"{layer.norm}.{k}")
+            for layer_index, u in units:
+                layer = spec.layers[layer_index]
+                names = [(f"{layer.name}.weight", u), (f"{layer.name}.bias", u)]
+                if layer.norm is not None:
+                    names += [(f"{layer.norm}.weight", u), (f"{layer.norm}.bias", u)]
+                for key, idx in names:
+                    t = tensors.get(key)
                     if t is not None:
-                        t[j, u].zero_()
-            if mode == "hidden" and layer.consumer is not None:
-                c = layer.consumer
-                w = params[f"{c.name}.weight"][j]
-                w[:, u * c.block : (u + 1) * c.block].zero_()
+                        t[j, idx].zero_()
+                if mode == "hidden" and layer.consumer is not None:
+                    c = layer.consumer
+                    tensors[f"{c.name}.weight"][j][:, u * c.block : (u + 1) * c.block].zero_()
 
     # ------------------------------------------------------------ one loop
-    def _loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-              y: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, params: TensorDict, buffers: TensorDict, x: torch.Tensor, y: torch.Tensor,
+              noise: torch.Tensor | None) -> torch.Tensor:
         self.holder.noise = noise
         try:
             out = functional_call(self.model, (params, buffers), (x,))
         finally:
             self.holder.noise = None
-        return F.cross_entropy(out, y)
+        return cross_entropy(out, y)
 
     def _steps(self) -> list[int]:
         bs, n = self.hp.batch_size, self.data.train_x.shape[0]
         full, tail = divmod(n, bs)
         return [bs] * full + ([tail] if tail else [])
 
-    def _train_batched(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                       members: tuple[Member, ...], loop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_batched(self, params: TensorDict, buffers: TensorDict, members: tuple[Member, ...], loop: int,
+                       member_adamw: _MemberAdamW | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One epoch of the members in `params` (C, ...) together; (loss sum, diverged) (C,)."""
         dev, data, hp = self.pop.device, self.data, self.hp
         c = len(members)
         order = rng.data_order([m.seed for m in members], loop, data.train_x.shape[0], dev)
         names = list(params)
-        opt = self._new_optimizer([params[k] for k in names])
+        opt = self._new_optimizer([params[k] for k in names]) if member_adamw is None else None
         decay = self._decay(members)
         drop = self._dropout(members, loop)
         loss_sum = torch.zeros(c, device=dev)
@@ -562,15 +824,19 @@ class ModuleEngine:
                 if decay is not None:
                     for k in names:
                         params[k].mul_(_per_member(decay, params[k]))
+                if member_adamw is not None:
+                    member_adamw.step(params, grads)
+                    continue
                 for k in names:
                     params[k].grad = grads[k]
+                assert opt is not None
                 opt.step()
         for k in names:
             params[k].grad = None
         return loss_sum, diverged
 
-    def _train_single(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                      members: tuple[Member, ...], loop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_single(self, params: TensorDict, buffers: TensorDict, members: tuple[Member, ...], loop: int,
+                      member_adamw: _MemberAdamW | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The same epoch one member after another with plain autograd (modules vmap cannot batch)."""
         dev, data, hp = self.pop.device, self.data, self.hp
         c = len(members)
@@ -580,9 +846,10 @@ class ModuleEngine:
         self.model.train()
         for j, mem in enumerate(members):
             order = rng.data_order([mem.seed], loop, data.train_x.shape[0], dev)[0]
-            p_j = {k: v[j].detach().requires_grad_() for k, v in params.items()}
+            # (1, ...) rows of the chunk's tensors: trained in place, stepped like a chunk of one
+            p_j = {k: v[j : j + 1].detach().requires_grad_() for k, v in params.items()}
             b_j = {k: v[j] for k, v in buffers.items()}
-            opt = self._new_optimizer(list(p_j.values()))
+            opt = self._new_optimizer(list(p_j.values())) if member_adamw is None else None
             drop = self._dropout((mem,), loop)
             for s, b in enumerate(self._steps()):
                 idx = order[s * hp.batch_size : s * hp.batch_size + b]
@@ -591,8 +858,10 @@ class ModuleEngine:
                     assert self.pos_hash is not None
                     keys = rng.step_keys(drop[0], torch.tensor(s, dtype=torch.int64, device=dev))
                     noise = rng.dropout_noise(self.pos_hash[:b], keys, drop[1], drop[2])[0]
-                loss = self._loss(p_j, b_j, data.train_x[idx], data.train_y[idx], noise)
-                opt.zero_grad(set_to_none=True)
+                loss = self._loss({k: v[0] for k, v in p_j.items()}, b_j, data.train_x[idx], data.train_y[idx],
+                                  noise)
+                for v in p_j.values():
+                    v.grad = None
                 loss.backward()
                 loss_sum[j] += loss.detach()
                 diverged[j] |= ~torch.isfinite(loss.detach())
@@ -600,12 +869,18 @@ class ModuleEngine:
                     if decay is not None:
                         for v in p_j.values():
                             v.mul_(decay[j])
-                opt.step()
+                    if member_adamw is not None:
+                        member_adamw.step(p_j, {k: v.grad for k, v in p_j.items()}, slice(j, j + 1))
+                    else:
+                        assert opt is not None
+                        opt.step()
+            for v in p_j.values():
+                v.grad = None
         return loss_sum, diverged
 
     @torch.no_grad()
-    def count_correct(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                      x_all: torch.Tensor, y_all: torch.Tensor) -> torch.Tensor:
+    def count_correct(self, params: TensorDict, buffers: TensorDict, x_all: torch.Tensor,
+                      y_all: torch.Tensor) -> torch.Tensor:
         """(C,) correct predictions of each member (eval mode) on (x_all, y_all)."""
         c = next(iter(params.values())).shape[0]
         correct = torch.zeros(c, dtype=torch.int64, device=self.pop.device)
@@ -624,17 +899,38 @@ class ModuleEngine:
             self.model.train()
         return correct
 
-    def _run_chunk(self, m0: int, m1: int, loop: int, ablated: tuple[tuple[int, int] | None, ...]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _begin(self, m0: int, m1: int, ablated: tuple[tuple[tuple[int, int], ...], ...]
+               ) -> tuple[TensorDict, TensorDict, _MemberAdamW | None]:
+        """A chunk's candidates (the LKG rows, ablated) and, where some member persists its
+        optimizer state, its per-member AdamW (the LKG's state for those members, fresh for the
+        rest, the ablated units' moments zeroed)."""
         pop = self.pop
-        members = pop.members[m0:m1]
         params = {k: v[m0:m1].clone() for k, v in pop.params.items()}
         buffers = {k: v[m0:m1].clone() for k, v in pop.buffers.items()}
-        self._ablate(params, buffers, m0, ablated[m0:m1])
+        self._ablate(params, m0, ablated[m0:m1])
+        members = pop.members[m0:m1]
+        if not any(m.variant.optimizer_state == "persist" for m in members):
+            return params, buffers, None
+        assert pop.opt_avg is not None and pop.opt_sq is not None and pop.opt_step is not None
+        opt = _MemberAdamW(params, self.hp)
+        keep = torch.tensor([m.variant.optimizer_state == "persist" for m in members], device=pop.device)
+        for src, dst in ((pop.opt_avg, opt.exp_avg), (pop.opt_sq, opt.exp_avg_sq)):
+            for k, v in dst.items():
+                v.copy_(torch.where(_per_member(keep, v), src[k][m0:m1], v))
+        opt.steps.copy_(torch.where(keep, pop.opt_step[m0:m1], opt.steps))
+        self._ablate(opt.exp_avg, m0, ablated[m0:m1])  # an ablated unit's moments die with it
+        self._ablate(opt.exp_avg_sq, m0, ablated[m0:m1])
+        return params, buffers, opt
+
+    def _run_chunk(self, m0: int, m1: int, loop: int, ablated: tuple[tuple[tuple[int, int], ...], ...]
+                   ) -> tuple[torch.Tensor, ...]:
+        pop = self.pop
+        members = pop.members[m0:m1]
         while True:
+            params, buffers, member_adamw = self._begin(m0, m1, ablated)
             try:
                 train = self._train_batched if self.batched else self._train_single
-                loss, diverged = train(params, buffers, members, loop)
+                loss, diverged = train(params, buffers, members, loop, member_adamw)
                 break
             except Exception as e:  # noqa: BLE001 - only vmap's limits fall back
                 if not self.batched or is_out_of_memory(e):
@@ -643,25 +939,64 @@ class ModuleEngine:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); training its members "
                               f"one at a time", RuntimeWarning, stacklevel=3)
                 self.batched = False
-                params = {k: v[m0:m1].clone() for k, v in pop.params.items()}
-                buffers = {k: v[m0:m1].clone() for k, v in pop.buffers.items()}
-                self._ablate(params, buffers, m0, ablated[m0:m1])
+        fixed = tuple(a if m.variant.fixed else () for a, m in zip(ablated[m0:m1], members))
+        if any(fixed):  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
+            self._ablate(params, m0, fixed)
+            if member_adamw is not None:
+                self._ablate(member_adamw.exp_avg, m0, fixed)
+                self._ablate(member_adamw.exp_avg_sq, m0, fixed)
         correct = self.count_correct(params, buffers, self.data.val_x, self.data.val_y)
         with torch.no_grad():
-            lkg_correct = pop.lkg_correct[m0:m1]
-            promote = ~diverged & (correct > lkg_correct)
-            lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
+            promote, forced, improved = self._promote(m0, m1, correct, diverged)
             for store, cand in ((pop.params, params), (pop.buffers, buffers)):
                 for k, v in cand.items():
                     dst = store[k][m0:m1]
                     dst.copy_(torch.where(_per_member(promote, v), v, dst))
-        return correct, promote, loss / len(self._steps()), diverged
+            if pop.bounty is not None:
+                for k, v in {**params, **buffers}.items():
+                    dst = pop.bounty[k][m0:m1]
+                    dst.copy_(torch.where(_per_member(improved, v), v, dst))
+            if member_adamw is not None:
+                assert pop.opt_avg is not None and pop.opt_sq is not None and pop.opt_step is not None
+                persist = torch.tensor([m.variant.optimizer_state == "persist" for m in members], device=pop.device)
+                keep = promote & persist
+                for src, store in ((member_adamw.exp_avg, pop.opt_avg), (member_adamw.exp_avg_sq, pop.opt_sq)):
+                    for k, v in src.items():
+                        dst = store[k][m0:m1]
+                        dst.copy_(torch.where(_per_member(keep, v), v, dst))
+                lkg_step = pop.opt_step[m0:m1]
+                lkg_step.copy_(torch.where(keep, member_adamw.steps, lkg_step))
+        return correct, promote, loss / len(self._steps()), diverged, forced, improved
+
+    def _promote(self, m0: int, m1: int, correct: torch.Tensor, diverged: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The promotion decision of members m0..m1, as psa's engine makes it (Engine._promote):
+        strictly better than the LKG (a diverged candidate scored like any other unless
+        hparams.diverged is "discard"), or forced in by patience. Updates the LKG scores and the
+        patience state; returns (promote, forced, improved: the bounty was beaten)."""
+        pop = self.pop
+        lkg_correct = pop.lkg_correct[m0:m1]
+        ok = ~diverged if self.hp.diverged == "discard" else torch.ones_like(diverged)
+        beats = ok & (correct > lkg_correct)
+        promote, forced, improved = beats, torch.zeros_like(beats), beats
+        if pop.streak is not None:
+            assert pop.allowance is not None and pop.bounty_correct is not None
+            members = pop.members[m0:m1]
+            dev = correct.device
+            k = torch.tensor([m.variant.patience for m in members], dtype=torch.int64, device=dev)
+            growth = torch.tensor([m.variant.patience_growth for m in members], dtype=torch.int64, device=dev)
+            promote, forced, improved = patience_decision(correct, beats, ok, diverged, k, growth,
+                                                          pop.streak[m0:m1], pop.allowance[m0:m1],
+                                                          pop.bounty_correct[m0:m1])
+        lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
+        return promote, forced, improved
 
     def meta_loop(self) -> LoopResult:
         """One meta-loop for every member; the population's LKG state moves forward by one loop."""
         t0 = time.perf_counter()
         pop = self.pop
         loop = pop.loop + 1
+        self._follow_schedules(loop)
         ablated = self._ablations(loop)
         outs: list[tuple[torch.Tensor, ...]] = []
         m0 = 0
@@ -675,28 +1010,34 @@ class ModuleEngine:
                 self.chunk_size = max(1, self.chunk_size // 2)  # nothing of this chunk was promoted yet
                 continue
             m0 = m1
-        correct, promoted, loss, diverged = (torch.cat(t).tolist() for t in zip(*outs))
-        for j, p in enumerate(promoted):
-            if p:
+        correct, promoted, loss, diverged, forced, improved = (torch.cat(t).tolist() for t in zip(*outs))
+        for j, b in enumerate(improved):
+            if b:
                 pop.bounty_loop[j] = loop
         pop.loop = loop
         n = pop.n_val
+        discard = self.hp.diverged == "discard"
         return LoopResult(
             loop=loop,
-            candidate_acc=tuple(math.nan if d else 100.0 * c / n for c, d in zip(correct, diverged)),
+            candidate_acc=tuple(math.nan if d and discard else 100.0 * c / n for c, d in zip(correct, diverged)),
             promoted=tuple(bool(p) for p in promoted),
-            ablated=ablated,
+            ablated=tuple(a[0] if a else None for a in ablated),
             lkg_score=tuple(pop.lkg_score()),
             train_loss=tuple(float(v) for v in loss),
             diverged=tuple(bool(d) for d in diverged),
             seconds=time.perf_counter() - t0,
+            ablations=ablated,
+            forced=tuple(bool(f) if m.variant.patience > 0 else None for f, m in zip(forced, pop.members)),
         )
 
     def test_accuracy(self) -> list[float]:
-        """Test-set accuracy (%) of every member's LKG."""
-        correct = self.count_correct(self.pop.params, self.pop.buffers, self.data.test_x, self.data.test_y)
+        """Test-set accuracy (%) of every member's bounty model (its LKG, unless it has patience)."""
+        model = self.pop.bounty_model()
+        params = {k: model[k] for k in self.pop.params}
+        buffers = {k: model[k] for k in self.pop.buffers}
+        correct = self.count_correct(params, buffers, self.data.test_x, self.data.test_y)
         return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
 
 
 __all__ = ["ABLATIVE_MODES", "Consumer", "ModelSpec", "ModuleEngine", "ModulePopulation", "UnitLayer", "build",
-           "factory_name", "inspect_model", "resolve_factory"]
+           "cross_entropy", "factory_name", "inspect_model", "resolve_factory"]

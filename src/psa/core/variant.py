@@ -155,6 +155,15 @@ class Variant:
         """The mode a member of this variant starts in."""
         return self.schedule[0][0] if self.schedule else mode
 
+    def modes_in(self, modes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """The modes of `modes` this variant runs in beside the paper's engine: a schedule once,
+        in its own first mode; ablation settings in the ablative modes; anything else in all."""
+        if self.schedule:
+            return (self.schedule[0][0],)
+        ablation = (self.ablate != 1 or self.ablate_percent or self.ablate_layers or self.fixed
+                    or self.ablate_schedule != "constant")
+        return tuple(m for m in modes if not ablation or m in ABLATIVE)
+
 
 
 def schedule_stop(spec: str) -> int | None:
