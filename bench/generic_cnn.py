@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--speed-loops", type=int, default=2)
     ap.add_argument("--speed-train", type=int, default=5000)
     ap.add_argument("--skip-study", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="no population-vs-one-at-a-time timing")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--out", default=None, help="also append the printed lines to this file")
     args = ap.parse_args()
     out = open(args.out, "a") if args.out else None
@@ -88,22 +90,23 @@ def main() -> None:
             f"test {tuple(s['test'][0].shape)}; standardised with mean {s['stats'][0]:.4f} std {s['stats'][1]:.4f}")
 
     # 1. the population against the one-at-a-time loop, side by side
-    s = sets[args.sets[0]]
-    n = args.speed_train
-    tr = (s["train"][0][:n], s["train"][1][:n])
-    secs = {}
-    res = {}
-    for batched in (True, False):
-        t0 = time.perf_counter()
-        res[batched] = psa.fit(small_cnn, tr, s["val"], modes=MODES, trials=args.trials,
-                               meta_loops=args.speed_loops, batched=batched)
-        secs[batched] = time.perf_counter() - t0
-    same = max(abs(a.candidate_acc - b.candidate_acc) for a, b in zip(res[True].records, res[False].records))
-    say(f"speed ({args.sets[0]}, first {n} training images, {s['val'][0].shape[0]} validation images, "
-        f"{len(MODES) * args.trials} members, "
-        f"{args.speed_loops} meta-loops incl. validation): population {secs[True]:.1f} s, one at a time "
-        f"{secs[False]:.1f} s, ratio {secs[False] / secs[True]:.2f}x; max candidate-accuracy difference "
-        f"{same:.3f} points")
+    if not args.skip_speed:
+        s = sets[args.sets[0]]
+        n = args.speed_train
+        tr = (s["train"][0][:n], s["train"][1][:n])
+        secs = {}
+        res = {}
+        for batched in (True, False):
+            t0 = time.perf_counter()
+            res[batched] = psa.fit(small_cnn, tr, s["val"], modes=MODES, trials=args.trials, device=args.device,
+                                   meta_loops=args.speed_loops, batched=batched)
+            secs[batched] = time.perf_counter() - t0
+        same = max(abs(a.candidate_acc - b.candidate_acc) for a, b in zip(res[True].records, res[False].records))
+        say(f"speed ({args.sets[0]}, first {n} training images, {s['val'][0].shape[0]} validation images, "
+            f"{len(MODES) * args.trials} members, "
+            f"{args.speed_loops} meta-loops incl. validation): population {secs[True]:.1f} s, one at a time "
+            f"{secs[False]:.1f} s, ratio {secs[False] / secs[True]:.2f}x; max candidate-accuracy difference "
+            f"{same:.3f} points")
 
     # 2. the study on each set
     if args.skip_study:
@@ -118,6 +121,7 @@ def main() -> None:
             say(f"  {name} loop {loop}: {seconds:.1f} s")
 
         r = psa.fit(small_cnn, train, s["val"], s["test"], modes=MODES, trials=args.trials, meta_loops=args.loops,
+                    device=args.device,
                     on_loop=on_loop)
         say(f"{name}: {args.trials} trials x {args.loops} meta-loops x {len(MODES)} modes on "
             f"{train[0].shape[0]} training images, {s['val'][0].shape[0]} validation images, "

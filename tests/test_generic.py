@@ -510,3 +510,24 @@ def test_factory_is_imported_from_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     f = resolve_factory("my_models_generic:make")
     assert isinstance(f(), nn.Linear)
+
+
+def test_module_engine_computes_in_fp32_and_restores_the_flags():
+    """cuDNN's TF32 (on by default in torch) and a user's cuBLAS TF32 are off while the module
+    engine computes, its algorithms deterministic; the user's settings come back after."""
+    from psa.core.generic import fp32_arithmetic
+
+    cublas, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic)
+    try:
+        cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = True, True, False
+        with fp32_arithmetic():
+            inside = (cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic)
+        assert inside == (False, False, True)
+        assert (cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic) == (True, True, False)
+        with pytest.raises(RuntimeError, match="inside"):
+            with fp32_arithmetic():
+                raise RuntimeError("inside")
+        assert (cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic) == (True, True, False)
+    finally:
+        cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = saved

@@ -19,14 +19,16 @@ trained through torch.func.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib
 import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -688,6 +690,30 @@ class _MemberAdamW:
                          _per_member(bc2_sqrt, p), hp.betas[0], hp.betas[1], hp.eps)
 
 
+@contextlib.contextmanager
+def fp32_arithmetic() -> Iterator[None]:
+    """fp32 as written and the same sums on every run: cuDNN runs fp32 convolutions in TF32
+    unless told not to (torch's default `cudnn.allow_tf32 = True`: a small CNN was 3e-4 away
+    from the CPU after one loop on an H200) and may pick algorithms that add in any order; a
+    user may have turned cuBLAS's TF32 on. Both are set for psa's work and restored after."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
+                                        deterministic=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _in_fp32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        with fp32_arithmetic():
+            return fn(*args, **kwargs)
+    return inner
+
+
 class ModuleEngine:
     """The Frustration Engine on a ModulePopulation: every member's meta-loop, in lockstep,
     engine variants included (psa.core.variant; docs/variants.md)."""
@@ -991,6 +1017,7 @@ class ModuleEngine:
         lkg_correct.copy_(torch.where(promote, correct, lkg_correct))
         return promote, forced, improved
 
+    @_in_fp32
     def meta_loop(self) -> LoopResult:
         """One meta-loop for every member; the population's LKG state moves forward by one loop."""
         t0 = time.perf_counter()
@@ -1030,6 +1057,7 @@ class ModuleEngine:
             forced=tuple(bool(f) if m.variant.patience > 0 else None for f, m in zip(forced, pop.members)),
         )
 
+    @_in_fp32
     def test_accuracy(self) -> list[float]:
         """Test-set accuracy (%) of every member's bounty model (its LKG, unless it has patience)."""
         model = self.pop.bounty_model()
@@ -1040,4 +1068,4 @@ class ModuleEngine:
 
 
 __all__ = ["ABLATIVE_MODES", "Consumer", "ModelSpec", "ModuleEngine", "ModulePopulation", "UnitLayer", "build",
-           "cross_entropy", "factory_name", "inspect_model", "resolve_factory"]
+           "cross_entropy", "factory_name", "fp32_arithmetic", "inspect_model", "resolve_factory"]

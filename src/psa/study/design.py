@@ -103,12 +103,6 @@ class StudyDesign:
             fields.update(architectures=specs, model=MODULE_MODEL)
         elif isinstance(fields.get("model"), (list, tuple)):
             fields["model"] = fields["model"][0]
-        if fields.get("model") == MODULE_MODEL:
-            # psa.core.generic never promotes a candidate whose loss went non-finite
-            if hp.get("diverged") == "score":
-                raise DesignError("--diverged score is not available for a model given as module:function: psa "
-                                  "never promotes its diverged candidates (discard)")
-            hp["diverged"] = "discard"
         for name in ("meta_loops", "batch_size"):
             v = hp.get(name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -169,9 +163,6 @@ class StudyDesign:
                 check_model_name(self.model)
             except ConfigError as e:
                 raise DesignError(str(e)) from None
-        elif self.hparams.diverged != "discard":
-            raise DesignError("a model given as module:function never promotes a diverged candidate: its design "
-                              "needs diverged = \"discard\"")
         if self.model != "resmlp" and self.hparams.block_dropout != "mode":
             raise DesignError("block_dropout applies to the residual blocks of model resmlp only")
         if "hidden" in self.modes and not self.is_module:  # a module's layers are checked when it is built
