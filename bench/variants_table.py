@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--zero-r", type=float, default=11.02, help="validation ZeroR, for the collapsed mark")
     args = ap.parse_args()
     con = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
-    trials = con.execute("SELECT id, arch, mode, variant, trial, seed, status, bounty, loops_done FROM trials").fetchall()
+    trials = con.execute("SELECT id, arch, mode, variant, trial, seed, status, bounty, loops_done, meta_loops FROM trials").fetchall()
     curves: dict[int, list[float]] = defaultdict(list)
     for tid, loop, acc in con.execute("SELECT trial_id, loop, candidate_acc FROM meta_loops ORDER BY trial_id, loop"):
         curves[tid].append(math.nan if acc is None else acc)
@@ -43,7 +43,7 @@ def main() -> int:
             print(f"{arch}: no meta-loop recorded yet\n")
             continue
         ours = []
-        for tid, _, mode, variant, k, seed, status, bounty, done in rows:
+        for tid, _, mode, variant, k, seed, status, bounty, _done, _loops in rows:
             best = max((a for a in curves[tid][:loop] if not math.isnan(a)), default=-1.0)
             if status == "done" and loop == len(curves[tid]):
                 assert abs(best - bounty) < 1e-9, (tid, best, bounty)
@@ -52,7 +52,7 @@ def main() -> int:
         comps = variant_comparisons(ours, [arch], modes, StatsConfig(zero_r=args.zero_r))
         summ = summaries(ours)
         n_done = sum(1 for t in rows if t[6] == "done")
-        print(f"**{arch}**, bounty after meta-loop {loop} of {max(t[8] for t in rows) if rows else 0} "
+        print(f"**{arch}**, bounty after meta-loop {loop} of {max(t[9] for t in rows) if rows else 0} "
               f"({n_done}/{len(rows)} trials finished)\n")
         print("| Condition | Trials | Bounty (mean ± std) | Reference | Reference bounty | Diff. | 95% CI | p | "
               "p (Holm) | Verdict |")
