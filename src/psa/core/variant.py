@@ -165,7 +165,6 @@ class Variant:
         return tuple(m for m in modes if not ablation or m in ABLATIVE)
 
 
-
 def schedule_stop(spec: str) -> int | None:
     """The loop where a `step:L` ablation schedule stops ablating (None for constant and linear)."""
     if spec in ("constant", "linear"):

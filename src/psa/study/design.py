@@ -195,28 +195,22 @@ class StudyDesign:
             if v.to_json() in settings:
                 raise DesignError(f"variants {settings[v.to_json()]!r} and {name!r} have the same settings")
             settings[v.to_json()] = name
-            if not any(True for _ in self._variant_modes(v)):
+            if not any(True for _ in v.modes_in(self.modes)):
                 raise DesignError(f"variant {name!r} applies to none of the design's modes "
                                   f"({', '.join(self.modes)}): its ablation settings need an ablative mode")
             for arch in self.architectures:
-                for mode in self._variant_modes(v):
+                for mode in v.modes_in(self.modes):
                     try:
                         v.check(parse_arch(arch), mode, self.hparams.meta_loops)
                     except ConfigError as e:
                         raise DesignError(f"variant {name!r} on {arch} {mode}: {e}") from None
-
-    def _variant_modes(self, v: Variant) -> tuple[str, ...]:
-        if v.schedule:
-            return (v.schedule[0][0],)
-        ablation = v.ablate != 1 or v.ablate_percent or v.ablate_layers or v.fixed or v.ablate_schedule != "constant"
-        return tuple(m for m in self.modes if not ablation or m in ("full", "hidden", "output"))
 
     def conditions(self) -> tuple[tuple[str, str, Variant], ...]:
         """Every (mode, variant name, variant) a trial index runs: each mode with the paper's
         engine (name ""), then each variant in each mode it applies to."""
         out = [(m, "", DEFAULT) for m in self.modes]
         for name, v in self.variants:
-            out += [(m, name, v) for m in self._variant_modes(v)]
+            out += [(m, name, v) for m in v.modes_in(self.modes)]
         return tuple(out)
 
     def conditions_text(self) -> str:
