@@ -16,6 +16,7 @@ from psa.core.generic import ModuleEngine, ModulePopulation
 from psa.core.population import MODES, Population
 
 from .conftest import ENGINE_HP, engine, subset
+from .test_engine_paths import on
 from .test_generic import bn_mlp, image_subset, plain_mlp, small_cnn
 from .test_variants import GREEDY_CHUNK, PERSIST_CHUNK
 
@@ -23,12 +24,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 LOOPS = 3
 HP = dataclasses.replace(ENGINE_HP, meta_loops=8)  # the variants' schedules sum to 8 loops
-
-
-def on(ds, device):
-    """The data set on `device`."""
-    return dataclasses.replace(ds, **{f: getattr(ds, f).to(device) for f in
-                                      ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
 
 
 def records(results):
