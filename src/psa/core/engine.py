@@ -153,6 +153,20 @@ def patience_decision(correct: torch.Tensor, beats: torch.Tensor, ok: torch.Tens
     return promote, forced, improved
 
 
+def scheduled_members(members: tuple[Member, ...], hp: HParams, loop: int,
+                      mode_history: list[list[tuple[str, int]]]) -> tuple[Member, ...]:
+    """The members for meta-loop `loop`: a member on a mode schedule whose mode changes there
+    becomes the new mode's member (HParams.member: its rates) and gets a mode_history entry.
+    The one place it is written: Engine and psa.core.generic's ModuleEngine both call it."""
+    out = list(members)
+    for j, mem in enumerate(out):
+        mode = mem.variant.mode_at(mem.mode, loop)
+        if mode != mem.mode:
+            out[j] = hp.member(mode, mem.seed, mem.variant)
+            mode_history[j].append((mode, loop))
+    return tuple(out)
+
+
 _NOTED: set[str] = set()
 
 
@@ -716,14 +730,9 @@ class Engine:
         --mode` does: the new mode's rates (HParams.member), a mode_history entry, and chunks
         rebuilt for the new members (their dropout and decay are set up per chunk)."""
         pop = self.pop
-        members = list(pop.members)
-        for j, mem in enumerate(members):
-            mode = mem.variant.mode_at(mem.mode, loop)
-            if mode != mem.mode:
-                members[j] = self.hp.member(mode, mem.seed, mem.variant)
-                pop.mode_history[j].append((mode, loop))
-        if members != list(pop.members):
-            pop.members = tuple(members)
+        members = scheduled_members(tuple(pop.members), self.hp, loop, pop.mode_history)
+        if members != tuple(pop.members):
+            pop.members = members
             self._whole = None
             self._storage = None
 

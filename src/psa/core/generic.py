@@ -43,7 +43,7 @@ from psa.core.arch import Arch
 from psa.core.chunk import adamw_update, step_dtype
 from psa.core.data import Dataset
 from psa.core.device import canonical_device, is_out_of_memory
-from psa.core.engine import LoopResult, patience_decision
+from psa.core.engine import LoopResult, patience_decision, scheduled_members
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.population import ABLATIVE_MODES, MODES, Member
@@ -750,13 +750,7 @@ class ModuleEngine:
         """Members on a mode schedule switch mode at a loop boundary, as psa's engine does: the
         new mode's rates (HParams.member) and a mode_history entry."""
         pop = self.pop
-        members = list(pop.members)
-        for j, mem in enumerate(members):
-            mode = mem.variant.mode_at(mem.mode, loop)
-            if mode != mem.mode:
-                members[j] = self.hp.member(mode, mem.seed, mem.variant)
-                pop.mode_history[j].append((mode, loop))
-        pop.members = tuple(members)
+        pop.members = scheduled_members(pop.members, self.hp, loop, pop.mode_history)
 
     def _new_optimizer(self, params: list[torch.Tensor]) -> torch.optim.AdamW:
         """A fresh AdamW (fused where available), as the engine's every loop; weight decay is
