@@ -23,7 +23,7 @@ from psa.study.design import StudyDesign, preset
 
 from . import oracle
 from .conftest import ENGINE_HP as CFG
-from .conftest import run_main, subset
+from .conftest import one_line_error, run_main, subset
 
 HOMOGENEOUS = parse_arch("[3*12]")
 HETEROGENEOUS = parse_arch("[2*12, 1*8]")  # a transition Linear 12 -> 8 between the stacks
@@ -324,6 +324,11 @@ def test_study_records_the_model(tmp_path):
     assert con.execute("SELECT DISTINCT model FROM trials").fetchall() == [("resmlp",)]
     design = json.loads(con.execute("SELECT design FROM studies").fetchone()[0])
     assert design["model"] == "resmlp"
+    # the published trials are SimpleMLPs of the same names: psa compare refuses, psa report runs
+    for ref in ("published", "seed"):
+        rc, _, err = run_main(["compare", "--db", str(db), "--reference", ref, "--out", str(tmp_path / ref)])
+        assert rc == 2 and "only simplemlp studies can be compared" in one_line_error(err), err
+        assert not (tmp_path / ref).exists()
 
 
 def test_a_database_from_before_the_model_column_is_migrated(tmp_path):

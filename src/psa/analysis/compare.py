@@ -31,6 +31,7 @@ from psa.analysis.results import (
 )
 from psa.analysis.stats import base_dataset, resolve_zero_r, summaries, validation_zero_r
 from psa.analysis.tables import Table, fp
+from psa.core.model import DEFAULT_MODEL
 from psa.core.population import MODES
 from psa.study.design import MODULE_MODEL
 
@@ -83,6 +84,11 @@ def build_compare(opt: CompareOptions) -> CompareResult:
     if data.model == MODULE_MODEL:
         raise ReportError(f"{data.source} trains models given as module:function, which have no published "
                           f"counterpart (use psa report)")
+    if data.model != DEFAULT_MODEL:
+        # the published trials are SimpleMLPs: a ResMLP "18*18" is another net with the same name
+        raise ReportError(f"{data.source} trains {data.model} nets; the {REFERENCE_LABELS[opt.reference]} is "
+                          f"of the paper's {DEFAULT_MODEL}, so only {DEFAULT_MODEL} studies can be compared "
+                          f"with it (use psa report)")
     if base_dataset(data.dataset) != "mnist":
         raise ReportError(f"{data.source} trained on {data.dataset}; the {REFERENCE_LABELS[opt.reference]} is "
                           f"MNIST's, so only MNIST studies can be compared with it (use psa report)")
