@@ -89,7 +89,8 @@ def test_ray_backend_gives_the_local_rows_and_survives_a_lost_worker(tmp_path: P
     assert leftover_checkpoints(db) == []
 
 
-def _worker_events(monkeypatch, checkpoint_every: float) -> list:
+def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
+                   data: tuple[str, str | None] = ("mnist", None), worker_cwd: Path | None = None) -> list:
     """The events of ray_backend's population task run in this process (a stand-in `ray`
     module answers its one question: no GPU here)."""
     import sys
@@ -100,11 +101,34 @@ def _worker_events(monkeypatch, checkpoint_every: float) -> list:
     from psa.study.ray import _population_task
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
+    subset = 512 if dataset == "mnist" else None
     design = StudyDesign.from_fields(architectures=("1*8",), modes=("none", "hidden"), trials=2, meta_loops=4,
-                                     train_subset=512)
+                                     train_subset=subset, dataset=dataset)
     pp = make_plan(design, 4).populations[0]
     engine = {"precision": "fp32", "kernels": "auto", "graphs": True}
-    return list(_population_task(design, pp, None, 0.0, None, 1, engine, checkpoint_every))
+    if worker_cwd is not None:  # the plan is the driver's; the task runs where the worker is
+        monkeypatch.chdir(worker_cwd)
+    return list(_population_task(design, pp, None, 0.0, data, 1, engine, checkpoint_every))
+
+
+def test_a_ray_worker_reads_a_relative_npz_path_from_the_drivers_directory(tmp_path, monkeypatch) -> None:
+    """Ray starts workers in its own directories: the driver hands them absolute paths."""
+    from psa.study.events import LoopDone
+    from psa.study.ray import worker_data_paths
+
+    from .test_datasets import write_npz
+
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "worker").mkdir()
+    write_npz(tmp_path / "driver" / "mine.npz")
+    monkeypatch.chdir(tmp_path / "driver")
+    paths = worker_data_paths("npz:mine.npz", "data")
+    assert paths == (f"npz:{tmp_path / 'driver' / 'mine.npz'}", str(tmp_path / "driver" / "data"))
+    assert worker_data_paths("fashion-mnist", None) == ("fashion-mnist", None)
+    # the task runs where the relative path names no file
+    events = _worker_events(monkeypatch, 0.0, "npz:mine.npz", paths, worker_cwd=tmp_path / "worker")
+    loops = [ev for ev in events if isinstance(ev, LoopDone)]
+    assert [ev.loop for ev in loops] == [1, 2, 3, 4] and all(len(ev.rows) > 0 for ev in loops)
 
 
 def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeypatch) -> None:

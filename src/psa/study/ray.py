@@ -35,7 +35,8 @@ from psa.study.options import RunOptions, StudyError
 from psa.study.plan import PopulationPlan
 from psa.study.runner import (
     PopulationState,
-    design_data,
+    cached_data,
+    design_data_view,
     population_events,
     population_to,
 )
@@ -50,8 +51,17 @@ def import_ray() -> Any:
     return ray
 
 
+def worker_data_paths(dataset: str, data_dir: str | None) -> tuple[str, str | None]:
+    """The data set spec and data directory as a Ray worker must read them: relative paths
+    made absolute here, on the driver, since a worker's working directory is not the driver's
+    (Ray starts workers in its own session directories)."""
+    if dataset.startswith("npz:"):
+        dataset = "npz:" + os.path.abspath(os.path.expanduser(dataset[len("npz:"):]))
+    return dataset, (os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+
+
 def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_seconds: float,
-                     data_dir: str | None, threads: int, engine: dict[str, Any], checkpoint_every: float
+                     data: tuple[str, str | None], threads: int, engine: dict[str, Any], checkpoint_every: float
                      ) -> Iterator[Event]:
     """Runs on a Ray worker: train one population, yielding its events; a loop's event carries a
     CPU copy of the population only when a checkpoint is due (every `checkpoint_every` seconds,
@@ -63,7 +73,8 @@ def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_
     torch.set_num_threads(max(1, threads))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
     ex = resolve_execution(device, **engine)
-    data = design_data(design, data_dir, device)
+    dataset, data_dir = data  # absolute paths (worker_data_paths)
+    data = design_data_view(design, cached_data(dataset, data_dir, device))
     if start is not None:
         start = population_to(start, device)
     where = f"{socket.gethostname()}:{device} (pid {os.getpid()})"
@@ -112,12 +123,13 @@ def ray_events(design: StudyDesign, todo: list[PopulationState], precision: str,
         threads = cpus
     remote = ray.remote(max_retries=0)(_population_task)
     engine = {"precision": precision, "kernels": opt.kernels, "graphs": opt.graphs}
+    data_paths = worker_data_paths(design.dataset, opt.data_dir)
     pending: dict[Any, PopulationState] = {}
     latest: dict[str, tuple[Any, float]] = {}
 
     def submit(st: PopulationState) -> None:
         start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
-        gen = remote.options(**task_opts).remote(design, st.plan, start, prior, opt.data_dir, threads, engine,
+        gen = remote.options(**task_opts).remote(design, st.plan, start, prior, data_paths, threads, engine,
                                                  opt.checkpoint_every)
         pending[gen] = st
 
