@@ -323,6 +323,23 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int, nam
     return ModelSpec(tuple(layers), dropouts, tuple(notes))
 
 
+def check_member(spec: ModelSpec, mem: Member, name: str = "the model") -> None:
+    """ConfigError unless `mem` can train on a model of `spec`: every mode it runs in (its
+    schedule's) has what it needs, and its variant's ablation settings fit the unit layers."""
+    modes = [m for m, _ in mem.variant.schedule] or [mem.mode]
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}")
+        if mode == "hidden" and not spec.hidden:
+            raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
+        if mode == "dropout" and not spec.dropouts:
+            raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
+    try:
+        mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
+    except ConfigError as e:
+        raise ConfigError(f"{name} (unit layers {spec.describe()}): {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine's arithmetic under vmap
 #
@@ -571,18 +588,7 @@ class ModulePopulation:
         first = next(iter(models.values()))
         spec = inspect_model(first, data.train_x[:2].cpu(), n_classes, name)
         for mem in members:
-            modes = [m for m, _ in mem.variant.schedule] or [mem.mode]
-            for mode in modes:
-                if mode not in MODES:
-                    raise ConfigError(f"unknown mode {mode!r}")
-                if mode == "hidden" and not spec.hidden:
-                    raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
-                if mode == "dropout" and not spec.dropouts:
-                    raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
-            try:
-                mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
-            except ConfigError as e:
-                raise ConfigError(f"{name} (unit layers {spec.describe()}): {e}") from None
+            check_member(spec, mem, name)
         for note in spec.notes:
             warnings.warn(f"psa: {note}", RuntimeWarning, stacklevel=2)
         params = {k: torch.stack([dict(models[m.seed].named_parameters())[k].detach() for m in members]).to(dev)

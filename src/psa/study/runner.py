@@ -89,7 +89,7 @@ class PopulationRun:
             from psa.study import modules
 
             pop = modules.new_population(pp.arch, pp.members(design), data, ex.device, start)
-            return ModulePopulationRun(pp.key, pop, data, design.hparams, ex, prior_seconds, where,  # type: ignore
+            return cls(pp.key, pop, data, design.hparams, ex, prior_seconds, where,  # type: ignore[arg-type]
                                        engine=modules.new_engine(pop, data, design.hparams))
         if start is None:
             start = Population.create(data.arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel(),
@@ -150,15 +150,6 @@ class PopulationRun:
             test_acc=list(test),
             seconds=self.seconds(),
         )
-
-
-class ModulePopulationRun(PopulationRun):
-    """A population of a model given as module:function (psa.study.modules), whose members'
-    bounty is their LKG's score (the paper's engine: no variant keeps another)."""
-
-    def bounty_score(self) -> list[float]:
-        """Every member's LKG score (%), -1 before its first promotion."""
-        return self.pop.lkg_score()  # type: ignore[attr-defined]
 
 
 def population_events(design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Population | None,
