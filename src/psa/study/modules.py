@@ -37,7 +37,15 @@ from psa.core.checkpoint import FORMAT, CheckpointError, load_tensors, save_tens
 from psa.core.data import Dataset
 from psa.core.engine import LoopResult
 from psa.core.errors import ConfigError
-from psa.core.generic import Factory, ModuleEngine, ModulePopulation, check_member, resolve_factory
+from psa.core.generic import (
+    Factory,
+    ModuleEngine,
+    ModulePopulation,
+    auto_batched,
+    check_member,
+    convolutions,
+    resolve_factory,
+)
 from psa.core.hparams import HParams
 from psa.core.population import Member
 from psa.core.variant import Variant
@@ -91,6 +99,7 @@ class ModuleInfo:
     activations: int  # output elements of every leaf module per example: what a step keeps
     fingerprint: str  # SHA-256 of its state_dict's names, shapes and dtypes and its unit layers
     notes: tuple[str, ...] = ()
+    convolutions: tuple[str, ...] = ()  # its convolution modules (what batched="auto" looks at)
 
     def bytes_per_member(self, batch_size: int, eval_rows: int = 2048) -> int:
         """Device memory one member needs, roughly: LKG, candidate, gradient and AdamW's two
@@ -158,7 +167,7 @@ def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo
     fingerprint = hashlib.sha256(json.dumps([shapes, pop.spec.describe()]).encode()).hexdigest()
     return ModuleInfo(spec, pop.spec.describe(), sum(layer.units for layer in pop.spec.layers),
                       sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
-                      _flops(model, x), _activations(model, x), fingerprint, notes)
+                      _flops(model, x), _activations(model, x), fingerprint, notes, convolutions(model))
 
 
 def check_factories(design: StudyDesign, data: Dataset) -> dict[str, ModuleInfo]:
@@ -169,6 +178,27 @@ def check_factories(design: StudyDesign, data: Dataset) -> dict[str, ModuleInfo]
         for note in info.notes:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
     return infos
+
+
+BATCHED_FLAGS = ("auto", "yes", "no")
+
+
+def choose_batching(infos: dict[str, ModuleInfo], device: torch.device, requested: str = "auto"
+                    ) -> dict[str, tuple[bool, str]]:
+    """How a new study trains each factory's members: (together through vmap, why), as
+    `--batched` asks (yes, no), or by psa.core.generic.auto_batched's rule (auto) on `device`.
+    The study stores it, so that a resume on another device trains on the same path."""
+    if requested not in BATCHED_FLAGS:
+        raise DesignError(f"--batched must be one of {', '.join(BATCHED_FLAGS)}, got {requested!r}")
+    if requested != "auto":
+        return {spec: (requested == "yes", f"--batched {requested}") for spec in infos}
+    return {spec: (b, f"auto: {why}") for spec, (b, why) in
+            ((spec, auto_batched(info.convolutions, device)) for spec, info in infos.items())}
+
+
+def batching_text(batched: bool, why: str) -> str:
+    """For people: "the members together (vmap): why" or "one member at a time: why"."""
+    return f"{'the members together (vmap)' if batched else 'one member at a time'} ({why})"
 
 
 def auto_population_size(design: StudyDesign, budget: int, infos: dict[str, ModuleInfo]) -> int:
@@ -229,9 +259,10 @@ def new_population(spec: str, members: list[Member], data: Dataset, device: torc
     return pop
 
 
-def new_engine(pop: ModulePopulation, data: Dataset, hparams: HParams) -> ModuleRunEngine:
-    """The engine of a module population, as the runner drives it."""
-    return ModuleRunEngine(ModuleEngine(pop, data, hparams))
+def new_engine(pop: ModulePopulation, data: Dataset, hparams: HParams, batched: bool) -> ModuleRunEngine:
+    """The engine of a module population, as the runner drives it: its members trained
+    together (`batched`, vmap) or one at a time, as the study chose (choose_batching)."""
+    return ModuleRunEngine(ModuleEngine(pop, data, hparams, batched=batched))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,10 +400,11 @@ class ModuleProbe:
 
 
 def probe_factory(spec: str, design: StudyDesign, data: Dataset, members: list[Member], device: torch.device,
-                  steps: tuple[int, int] = (2, 8), repeats: int = 3) -> ModuleProbe:
-    """Time a population of `members` of `spec` on `device` (data shaped by module_data): whole
-    meta-loops on the first s1 and s2 training batches and EVAL_IMAGES validation images, whose
-    difference is the cost of a step, and the scoring of those images."""
+                  batched: bool, steps: tuple[int, int] = (2, 8), repeats: int = 3) -> ModuleProbe:
+    """Time a population of `members` of `spec` on `device` (data shaped by module_data), on
+    the path the study trains it (`batched`): whole meta-loops on the first s1 and s2 training
+    batches and EVAL_IMAGES validation images, whose difference is the cost of a step, and the
+    scoring of those images."""
     from psa.core.device import synchronize
 
     bs = design.hparams.batch_size
@@ -384,7 +416,7 @@ def probe_factory(spec: str, design: StudyDesign, data: Dataset, members: list[M
         n = min(design.n_train, s * bs)
         sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
                                   val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
-        return ModuleEngine(new_population(spec, members, sub, device), sub, design.hparams)
+        return ModuleEngine(new_population(spec, members, sub, device), sub, design.hparams, batched=batched)
 
     def timed(fn: Any) -> float:
         synchronize(device)
