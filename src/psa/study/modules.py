@@ -6,12 +6,15 @@ behind the runner's engine interface, their checkpoints, and what a plan needs t
 - ModuleRunEngine: psa.core.generic.ModuleEngine with psa.core.engine.Engine's face, launch()
   and PendingLoop.result(), so that PopulationRun, the local backend and the driver run it
   unchanged. torch.func trains synchronously: launch() runs the whole meta-loop.
-- Checkpoints: the population's stacked parameters and buffers (its LKGs) and LKG scores as
-  safetensors; members, loop, bounty loops and the factory's name as JSON. Everything
-  ModuleEngine continues from: AdamW is fresh every loop, and data order, dropout masks and
-  ablations are functions of (seed, loop). The factory is named, never stored.
-- check_factories: import, build and inspect every factory of a design on its data (one
-  ConfigError line on bad input), before a study writes anything.
+- Checkpoints: the population's stacked parameters and buffers (its LKGs), LKG scores and
+  engine variants' state (bounty model, patience counters, persistent AdamW moments and steps)
+  as safetensors; members (with their variants), loop, bounty loops, mode histories and the
+  factory's name as JSON. Everything ModuleEngine continues from: data order, dropout masks
+  and ablations are functions of (seed, loop). The factory is named, never stored.
+- check_factories: import, build and inspect every factory of a design on its data, its
+  variants included (one ConfigError line on bad input), before a study writes anything.
+- choose_batching: whether a new study trains each factory's members together (vmap) or one
+  at a time (--batched, or psa.core.generic.auto_batched's rule); the study stores it.
 - ModuleInfo: a factory's parameters, forward FLOPs (torch.utils.flop_counter) and activations
   per example: the dry run's table and the memory a member needs. ModuleProbe: a population
   of it timed here, meta-loops on a few batches, for the dry run's time estimate.
@@ -145,7 +148,7 @@ def _activations(model: nn.Module, x: torch.Tensor) -> int:
 def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo:
     """Build `spec`'s model for trial 1 of every mode of `design` and check it on `data` (a
     ConfigError line if it cannot be imported, is no nn.Module, has no Linear/Conv layer, does
-    not map a batch to the data's classes, or lacks what a mode needs); what it is."""
+    not map a batch to the data's classes, or lacks what a mode or a variant needs); what it is."""
     data = module_data(data)
     sample = dataclasses.replace(data, train_x=data.train_x[:2].cpu(), train_y=data.train_y[:2].cpu(),
                                  val_x=data.val_x[:1].cpu(), val_y=data.val_y[:1].cpu(),
