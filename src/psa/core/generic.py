@@ -734,11 +734,12 @@ def auto_batched(convs: tuple[str, ...] | list[str], device: torch.device | str)
 
     A rule of the model's structure and the device's type, never of a timing, so the same
     command on the same device always trains on the same path (the two paths round
-    differently). Measured on a 2-core CPU (bench/results/batching-cpu.md): under vmap each
-    convolution becomes one grouped convolution, which the CPU's kernels run slower than the
-    members' plain ones one after another (the small CNNs: the population 2-3x slower), while
-    an MLP's population is 2-3x faster than its members one at a time. On a GPU the population
-    fills the device; psa does not time it there and keeps it.
+    differently). Measured on a quiet 2-core CPU (bench/results/batching-cpu.md): under vmap
+    each convolution becomes one grouped convolution, which the CPU's kernels run slower than
+    the members' plain ones one after another (CNNs of tens of members: the population 2-4x
+    slower, a tiny one even), while an MLP's population is about 1.9x faster than its members
+    one at a time. On a GPU the population fills the device; psa does not time it there and
+    keeps it.
     """
     kind = torch.device(device).type
     if kind == "cpu" and convs:
