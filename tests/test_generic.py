@@ -360,8 +360,8 @@ def test_a_module_vmap_cannot_batch_falls_back_once_with_a_reason():
 def test_batched_members_do_not_depend_on_chunking(mnist):
     ds = image_subset(mnist, 96)
     members = [HP.member(m, s) for s in (1, 2) for m in ("none", "dropout", "hidden")]
-    a, _, ra = run(small_cnn, ds, HP, 2, members)
-    b, _, rb = run(small_cnn, ds, HP, 2, members, max_members=2)
+    a, _, ra = run(small_cnn, ds, HP, 2, members, batched=True)  # (auto would train a CNN on a CPU one at a time)
+    b, _, rb = run(small_cnn, ds, HP, 2, members, batched=True, max_members=2)
     assert [r.candidate_acc for r in ra] == [r.candidate_acc for r in rb]
     assert max_diff(a.params, b.params) < 1e-6
 

@@ -176,7 +176,6 @@ def test_a_factory_that_builds_another_model_is_not_resumed(tmp_path: Path, monk
     (["--model", "tests.factories:no_dropout", "--modes", "dropout"], "has none"),
     (["--model", MLP, "--arch", "1*8"], "is its own architecture"),
     (["--model", MLP, "--model", "resmlp"], "not both"),
-    (["--model", MLP, "--variant", "p patience=2"], "engine variants are not available"),
     (["--model", MLP, "--backend", "ray"], "--backend ray does not run"),
     (["--model", MLP, "--precision", "bf16"], "trains in fp32"),
 ])

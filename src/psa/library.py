@@ -75,6 +75,8 @@ class FitResult:
     seconds: float
     conditions: tuple[str, ...] = ()  # the modes, then every "mode+name" a variant ran in
     variants: dict[str, Variant] = field(default_factory=dict)
+    batched: bool = True  # the members trained together (vmap), or one at a time
+    batching: str = ""  # why: "auto: <the rule's reason>", the explicit argument, or vmap's failure
     _states: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def state_dict(self, mode: str, trial: int) -> dict[str, torch.Tensor]:
@@ -221,7 +223,7 @@ def fit(
     dropout: float = 0.1,
     n_classes: int | None = None,
     device: str | torch.device = "cpu",
-    batched: bool = True,
+    batched: bool | str = "auto",
     max_members: int | None = None,
     variants: Mapping[str, Variant | Mapping[str, Any]] | None = None,
     on_loop: Callable[[int, float], None] | None = None,
@@ -232,9 +234,12 @@ def fit(
     `modes`: any of none, decay, dropout, full, hidden, output. `lr`, `batch_size`,
     `weight_decay` (decay mode only), `dropout` (the rate of every nn.Dropout, dropout mode
     only): the paper's values by default. `n_classes`: default 1 + the largest label.
-    `batched=False` trains one member at a time (what psa falls back to where vmap cannot
-    batch the model). `max_members`: members trained at once (default all). `variants`: named
-    engine variants run beside the paper's engine, {name: Variant or its settings}, e.g.
+    `batched`: True trains the members together (vmap), False one at a time (what psa falls
+    back to where vmap cannot batch the model), "auto" (default) by a fixed rule of the model
+    and device: one at a time for a model with convolutions on a CPU, else together
+    (psa.core.generic.auto_batched; said once as a warning, and in `result.batching`).
+    `max_members`: members trained at once (default all). `variants`: named engine variants
+    run beside the paper's engine, {name: Variant or its settings}, e.g.
     {"patience5": {"patience": 5}, "persist": {"optimizer_state": "persist"}, "dh": {"schedule":
     "dropout:50,hidden:50"}}: each in every mode it applies to (a schedule once, in its first
     mode), as condition "mode+name", paired with the same seeds (docs/variants.md). `on_loop(loop,
@@ -296,6 +301,7 @@ def fit(
         seconds=seconds,
         conditions=tuple(label for label, _, _ in conditions),
         variants={name: v for name, v, _ in named},
+        batched=eng.batched, batching=eng.batching,
         _states={key: pop.member_state_dict(j, bounty=True) for key, j in keys.items()},
     )
 

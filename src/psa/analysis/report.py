@@ -167,6 +167,8 @@ def _write_module_report(cfg: ReportConfig, A: Analysis, out: OutputDir) -> Repo
     growth, conv_table, growth_long, conv_long = table_lkg(A)
     tables = [table_models(A), table_tests(A, cfg.alpha, unit="Model"), growth, conv_table,
               table_still_improving(conv), table_bounty_convergence(conv), table_trials(A, unit="Model")]
+    if A.variants:
+        tables.append(table_variants(A, cfg.alpha, unit="Model"))
     if A.missing or data.incomplete:
         tables.append(table_missing(A))
     for t in tables:
@@ -197,6 +199,7 @@ def _write_module_report(cfg: ReportConfig, A: Analysis, out: OutputDir) -> Repo
         ("Overview", bullets(overview) + f'<div class="warn">{bullets(warn)}</div>'),
         ("Bounty per model and mode", tbl["models"].html()),
         ("Paired tests", tbl["paired_tests"].html()),
+        *([("Engine variants", tbl["variant_tests"].html())] if "variant_tests" in tbl else []),
         ("Convergence", (figure(fig["convergence"]) if "convergence" in fig else "")
          + bullets(convergence_statement(Dynamics(conv, [], [], {}), data.curves_note))
          + figure(fig["bounty_progress"]) + tbl["lkg_growth"].html() + tbl["convergence"].html()

@@ -334,8 +334,9 @@ def table_tests(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
                   "r_rb", "Verdict"], rows, notes, raw, html_collapsed=unit == "Architecture")
 
 
-def table_variants(A: Analysis, alpha: float) -> Table:
-    """Every engine variant against the paper's engine (psa.analysis.stats.variant_comparisons)."""
+def table_variants(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
+    """Every engine variant against the paper's engine (psa.analysis.stats.variant_comparisons);
+    `unit` names the first column ("Model" for a study of your own models)."""
     rows, raw = [], []
     for c in A.variants:
         mv, mr = A.summ.get((c.arch, c.ablative)), A.summ.get((c.arch, c.baseline))
@@ -348,10 +349,10 @@ def table_variants(A: Analysis, alpha: float) -> Table:
     notes = ["Peak validation accuracy (the bounty), mean ± population std over the trials.",
              "Paired by trial index: trial k of every condition shares its seed (initial weights, data order).",
              "Test: exact two-sided sign-flip test of the mean paired difference (variant minus reference); "
-             "Holm-corrected over the variant conditions of each architecture.",
+             f"Holm-corrected over the variant conditions of each {unit.lower()}.",
              f"Verdict at alpha = {alpha:g}; 'cannot decide' when fewer than 6 pairs differ."]
     return Table("variant_tests", "Engine variants vs the paper's engine: paired tests",
-                 ["Architecture", "Condition", "Reference", "Pairs", "Condition mean", "Reference mean",
+                 [unit, "Condition", "Reference", "Pairs", "Condition mean", "Reference mean",
                   "Mean diff.", "95% CI", "p", "p (Holm)", "Verdict"], rows, notes, raw)
 
 

@@ -197,6 +197,11 @@ def study_status(con: Any, db: Path, row: Any) -> dict[str, Any]:
         "started_at": row["started_at"], "finished_at": row["finished_at"], "device": row["device"],
         "code_version": row["code_version"], "architectures": archs, "eta_seconds": None,
     }
+    plan = stored_design(row).get("plan")
+    modules = plan.get("modules") if isinstance(plan, dict) else None
+    if isinstance(modules, dict) and modules:  # a study of your own models: the path each one's members train on
+        out["models"] = {spec: {"batched": m.get("batched", True), "batching": m.get("batching", "")}
+                         for spec, m in modules.items()}
     if run is not None:
         out["run"] = {k: run[k] for k in run.keys()}
     if state == "running":
@@ -264,6 +269,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{info['failed']} failed of {info['trials']} ({100.0 * info['done'] / n:.0f}%); meta-loops "
             f"{info['loops_done']:,} of {info['loops_total']:,} "
             f"({100.0 * info['loops_done'] / max(1, info['loops_total']):.0f}%)", soft_wrap=True)
+        for spec, m in info.get("models", {}).items():
+            out_console.print(f"  {spec}: {'the members together (vmap)' if m['batched'] else 'one member at a time'}"
+                              f"{' (' + m['batching'] + ')' if m['batching'] else ''}", soft_wrap=True, markup=False)
         if info["state"] == "running":
             eta = "unknown yet" if info["eta_seconds"] is None else fmt_seconds(info["eta_seconds"], rough=True)
             out_console.print(f"  eta: {eta} (from this run's pace so far)")
@@ -358,6 +366,10 @@ def register(sub: Any) -> None:
     r.add_argument("--max-retries", type=nonneg_int, default=3,
                    help="ray: resubmissions of a population whose worker died (default 3)")
     add_engine_flags(r, "auto", "fixed when the study is created")
+    r.add_argument("--batched", choices=("auto", "yes", "no"), default="auto",
+                   help="a model given as module:function: train its members together through vmap (yes), one at "
+                        "a time (no), or auto (default): one at a time for a model with convolutions on a CPU, "
+                        "else together; fixed when the study is created")
     r.add_argument("--concurrency", type=positive_int,
                    help="populations in flight at once on one device (default 8 on a GPU, 1 elsewhere)")
     r.add_argument("--checkpoint-every", type=seconds, default=60.0, metavar="SECONDS",

@@ -43,7 +43,7 @@ from psa.core.arch import Arch
 from psa.core.chunk import adamw_update, step_dtype
 from psa.core.data import Dataset
 from psa.core.device import canonical_device, is_out_of_memory
-from psa.core.engine import LoopResult, patience_decision, scheduled_members
+from psa.core.engine import LoopResult, note_once, patience_decision, scheduled_members
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.population import ABLATIVE_MODES, MODES, Member
@@ -323,6 +323,23 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int, nam
     return ModelSpec(tuple(layers), dropouts, tuple(notes))
 
 
+def check_member(spec: ModelSpec, mem: Member, name: str = "the model") -> None:
+    """ConfigError unless `mem` can train on a model of `spec`: every mode it runs in (its
+    schedule's) has what it needs, and its variant's ablation settings fit the unit layers."""
+    modes = [m for m, _ in mem.variant.schedule] or [mem.mode]
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}")
+        if mode == "hidden" and not spec.hidden:
+            raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
+        if mode == "dropout" and not spec.dropouts:
+            raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
+    try:
+        mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
+    except ConfigError as e:
+        raise ConfigError(f"{name} (unit layers {spec.describe()}): {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine's arithmetic under vmap
 #
@@ -571,18 +588,7 @@ class ModulePopulation:
         first = next(iter(models.values()))
         spec = inspect_model(first, data.train_x[:2].cpu(), n_classes, name)
         for mem in members:
-            modes = [m for m, _ in mem.variant.schedule] or [mem.mode]
-            for mode in modes:
-                if mode not in MODES:
-                    raise ConfigError(f"unknown mode {mode!r}")
-                if mode == "hidden" and not spec.hidden:
-                    raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
-                if mode == "dropout" and not spec.dropouts:
-                    raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
-            try:
-                mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
-            except ConfigError as e:
-                raise ConfigError(f"{name} (unit layers {spec.describe()}): {e}") from None
+            check_member(spec, mem, name)
         for note in spec.notes:
             warnings.warn(f"psa: {note}", RuntimeWarning, stacklevel=2)
         params = {k: torch.stack([dict(models[m.seed].named_parameters())[k].detach() for m in members]).to(dev)
@@ -714,19 +720,64 @@ def _in_fp32(fn: Callable[..., Any]) -> Callable[..., Any]:
     return inner
 
 
+# ---------------------------------------------------------------------------------------------
+# batched="auto": which path trains a population faster, by a fixed rule
+
+
+def convolutions(model: nn.Module) -> tuple[str, ...]:
+    """The names of `model`'s convolution modules (nn.Conv1d/2d/3d and the transposed ones)."""
+    return tuple(n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd))
+
+
+def auto_batched(convs: tuple[str, ...] | list[str], device: torch.device | str) -> tuple[bool, str]:
+    """batched="auto" for a model with convolution modules `convs` on `device`: (batched, why).
+
+    A rule of the model's structure and the device's type, never of a timing, so the same
+    command on the same device always trains on the same path (the two paths round
+    differently). Measured on a quiet 2-core CPU (bench/results/batching-cpu.md): under vmap
+    each convolution becomes one grouped convolution, which the CPU's kernels run slower than
+    the members' plain ones one after another (CNNs of tens of members: the population 2-4x
+    slower, a tiny one even), while an MLP's population is about 1.9x faster than its members
+    one at a time. On a GPU the population fills the device; psa does not time it there and
+    keeps it.
+    """
+    kind = torch.device(device).type
+    if kind == "cpu" and convs:
+        return False, (f"it has {len(convs)} convolution{'s' if len(convs) > 1 else ''}, which a CPU runs slower "
+                       f"under vmap (as grouped convolutions)")
+    if kind == "cpu":
+        return True, "it has no convolution, and on a CPU its population (vmap) is faster"
+    return True, f"on {kind} the population (vmap) fills the device"
+
+
+BATCHED = (True, False, "auto")
+
+
 class ModuleEngine:
     """The Frustration Engine on a ModulePopulation: every member's meta-loop, in lockstep,
     engine variants included (psa.core.variant; docs/variants.md)."""
 
-    def __init__(self, pop: ModulePopulation, data: Dataset, hparams: HParams, batched: bool = True,
+    def __init__(self, pop: ModulePopulation, data: Dataset, hparams: HParams, batched: bool | str = "auto",
                  max_members: int | None = None, eval_rows: int = 2048) -> None:
-        """`batched`: vmap the members together (False: one at a time, plain autograd, the
-        fallback and the reference for speed); `max_members`: members trained at once (None:
+        """`batched`: True vmaps the members together, False trains them one at a time with
+        plain autograd (the fallback where vmap cannot batch the model), "auto" picks by
+        auto_batched's rule and says so once; `max_members`: members trained at once (None:
         all, halved on out-of-memory); `eval_rows`: validation images per evaluation block."""
         if data.train_x.device != pop.device:
             raise ConfigError(f"data on {data.train_x.device} but population on {pop.device}")
+        if not any(batched is b for b in BATCHED) and batched != "auto":
+            raise ConfigError(f"batched must be True, False or 'auto', got {batched!r}")
         self.pop, self.data, self.hp = pop, data, hparams
-        self.batched = batched
+        if batched == "auto":
+            assert pop.template is not None
+            batched, why = auto_batched(convolutions(pop.template), pop.device)
+            note_once(f"psa: {factory_name(pop.factory)} on {pop.device.type}: batched='auto' chose "
+                      f"{'the population (vmap)' if batched else 'one member at a time'}: {why}")
+            self.batching = f"auto: {why}"
+        else:
+            self.batching = "batched=True: the members together (vmap)" if batched else \
+                "batched=False: one member at a time"
+        self.batched = bool(batched)
         self.chunk_size = max_members or pop.size
         self.eval_rows = eval_rows
         self.holder = _Noise()
@@ -955,10 +1006,11 @@ class ModuleEngine:
             except Exception as e:  # noqa: BLE001 - only vmap's limits fall back
                 if not self.batched or is_out_of_memory(e):
                     raise
-                warnings.warn(f"psa: torch.func.vmap cannot batch {factory_name(pop.factory)} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); training its members "
-                              f"one at a time", RuntimeWarning, stacklevel=3)
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"psa: torch.func.vmap cannot batch {factory_name(pop.factory)} ({why}); training "
+                              f"its members one at a time", RuntimeWarning, stacklevel=3)
                 self.batched = False
+                self.batching = f"vmap cannot batch it ({why}): one member at a time"
         fixed = tuple(a if m.variant.fixed else () for a, m in zip(ablated[m0:m1], members))
         if any(fixed):  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
             self._ablate(params, m0, fixed)
@@ -1061,5 +1113,6 @@ class ModuleEngine:
         return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
 
 
-__all__ = ["ABLATIVE_MODES", "Consumer", "ModelSpec", "ModuleEngine", "ModulePopulation", "UnitLayer", "build",
-           "cross_entropy", "factory_name", "fp32_arithmetic", "inspect_model", "resolve_factory"]
+__all__ = ["ABLATIVE_MODES", "BATCHED", "Consumer", "ModelSpec", "ModuleEngine", "ModulePopulation", "UnitLayer",
+           "auto_batched", "build", "convolutions", "cross_entropy", "factory_name", "fp32_arithmetic",
+           "inspect_model", "resolve_factory"]

@@ -19,7 +19,7 @@ from psa.core.data import N_TRAIN, DataError, check_spec
 from psa.core.hparams import KNOB_DEFAULTS, HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.population import MODES, ConfigError, Member
-from psa.core.variant import DEFAULT, VARIANT_NAME, Variant
+from psa.core.variant import DEFAULT, VARIANT_NAME, Variant, format_schedule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,10 +177,7 @@ class StudyDesign:
         return self.model == MODULE_MODEL
 
     def _check_variants(self) -> None:
-        if self.variants and self.is_module:
-            raise DesignError("engine variants are not available for a model given as module:function yet: run "
-                              "the paper's engine (no --variant)")
-        if self.variants and self.model != DEFAULT_MODEL:
+        if self.variants and self.model not in (DEFAULT_MODEL, MODULE_MODEL):
             raise DesignError(f"engine variants are not available for model {self.model} yet")
         names, settings = set(), {}
         for name, v in self.variants:
@@ -198,6 +195,14 @@ class StudyDesign:
             if not any(True for _ in v.modes_in(self.modes)):
                 raise DesignError(f"variant {name!r} applies to none of the design's modes "
                                   f"({', '.join(self.modes)}): its ablation settings need an ablative mode")
+            if self.is_module:
+                # a factory's unit layers are known once it is built: psa.study.modules checks the
+                # variant against them (inspect_factory); what needs no model is checked here
+                if v.schedule and sum(n for _, n in v.schedule) != self.hparams.meta_loops:
+                    raise DesignError(f"variant {name!r}: schedule {format_schedule(v.schedule)} covers "
+                                      f"{sum(n for _, n in v.schedule)} meta-loops, the run has "
+                                      f"{self.hparams.meta_loops}")
+                continue
             for arch in self.architectures:
                 for mode in v.modes_in(self.modes):
                     try:

@@ -161,6 +161,9 @@ def module_execution(design: StudyDesign, opt: RunOptions, requested: Execution)
     """How a study trains: as `requested`, except that a model given as module:function trains
     in fp32 through torch.func (psa's precisions, kernels and graphs are its own engine's)."""
     if not design.is_module:
+        if opt.batched != "auto":
+            raise DesignError("--batched applies to a model given as module:function (psa's own engine batches its "
+                              "populations itself)")
         return requested
     if opt.precision not in ("auto", "fp32"):
         raise DesignError(f"--precision {opt.precision} applies to psa's own engine; a model given as "
@@ -174,6 +177,28 @@ class StoredPlan:
 
     plan: Plan
     precision: str
+    # a module design: each factory's (members trained together, why), as the study was created
+    batching: dict[str, tuple[bool, str]] = field(default_factory=dict)
+
+
+# studies created before batched="auto" trained every module model's members together
+BATCHED_BEFORE_AUTO = (True, "created before batched='auto', when every module model trained this way")
+
+
+def stored_batching(stored_plan: dict[str, Any], design: StudyDesign, name: str, opt: RunOptions
+                    ) -> dict[str, tuple[bool, str]]:
+    """Each factory's stored path, or StudyError where `--batched` asks for another."""
+    if not design.is_module:
+        return {}
+    modules = stored_plan.get("modules", {})
+    out = {}
+    for spec in design.architectures:
+        m = modules.get(spec, {})
+        out[spec] = (bool(m["batched"]), str(m.get("batching", ""))) if "batched" in m else BATCHED_BEFORE_AUTO
+        if opt.batched != "auto" and out[spec][0] != (opt.batched == "yes"):
+            raise StudyError(f"study {name!r} trains {spec} with --batched {'yes' if out[spec][0] else 'no'} "
+                             f"({out[spec][1]}); resume it with the same (or omit --batched)")
+    return out
 
 
 def check_stored(row: Any, name: str, db: Path, design: StudyDesign, opt: RunOptions,
@@ -199,7 +224,7 @@ def check_stored(row: Any, name: str, db: Path, design: StudyDesign, opt: RunOpt
     stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
     if stored_pops and stored_pops != sorted((p.arch, p.first, p.last) for p in plan.populations):
         raise StudyError(f"study {name!r}: the stored plan does not match this version's planner")
-    return StoredPlan(plan, precision)
+    return StoredPlan(plan, precision, stored_batching(stored_plan, design, name, opt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +254,7 @@ class Study:
         self._saved_at: dict[str, float] = {}
         self._full_sync = True
         self.modules: dict[str, Any] = {}  # a module design's ModuleInfo per factory (open)
+        self.batching: dict[str, tuple[bool, str]] = {}  # and its members' path per factory (open)
 
     # ------------------------------------------------------------------ setup
     def open(self, device_desc: str, requested: Execution) -> None:
@@ -259,7 +285,7 @@ class Study:
         check_dataset(self.con, self.study_id, self.name, data)
         if self.design.is_module:
             self._check_modules(stored_design(row))
-        self.plan, self.precision = stored.plan, stored.precision
+        self.plan, self.precision, self.batching = stored.plan, stored.precision, stored.batching
         self.execution = dataclasses.replace(requested, precision=stored.precision)
         self._load_populations()
 
@@ -270,8 +296,13 @@ class Study:
         engine = {"precision": requested.precision, "rng": rng.VERSION}
         doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
                "plan": {**plan.to_dict(), "engine": engine}}
-        if self.modules:  # what each factory built, checked on every resume (a factory is named, not stored)
-            doc["plan"]["modules"] = {spec: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint}
+        if self.modules:  # what each factory built, checked on every resume (a factory is named, not stored),
+            # and the path its members train on, kept by every resume (the paths round differently)
+            from psa.study.modules import choose_batching
+
+            batching = choose_batching(self.modules, requested.device, self.opt.batched)
+            doc["plan"]["modules"] = {spec: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint,
+                                             "batched": batching[spec][0], "batching": batching[spec][1]}
                                       for spec, m in self.modules.items()}
         store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(), code_version(), device_desc,
                            trial_rows(self.design), dataset_record(data))
@@ -301,7 +332,8 @@ class Study:
             ids = {(r["mode"], Variant.from_json(r["variant_settings"]).to_json(), int(r["seed"])): int(r["id"])
                    for r in rows}
             done = all(r["status"] == "done" for r in rows)
-            self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows))
+            self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows),
+                                                batched=self.batching.get(pp.arch, BATCHED_BEFORE_AUTO)[0])
 
     def _ckpt_path(self, pp: PopulationPlan) -> Path:
         return self.ckpt_dir / f"{pp.key}.safetensors"
@@ -537,6 +569,13 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")
+    if design.is_module:
+        from rich.markup import escape
+
+        from psa.study.modules import batching_text
+
+        for spec, (batched, why) in study.batching.items():
+            progress.print(escape(f"{spec}: {batching_text(batched, why)}"))
     for n in notes:
         progress.print(f"[yellow]note[/]: {n}")
     resumed = [st for st in todo if st.start is not None]

@@ -151,7 +151,7 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
 
     from psa.study.console import fmt_seconds, out_console
     from psa.study.estimate import MODEL_ERROR
-    from psa.study.modules import check_factories, probe_factory
+    from psa.study.modules import batching_text, check_factories, choose_batching, probe_factory
     from psa.study.runner import cached_data
 
     data = design_data_view(design, cached_data(design.dataset, opt.data_dir, requested.device))
@@ -161,11 +161,15 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
     size = (existing.stored.plan.population_size if existing is not None
             else default_population_size(design, opt, requested.device, infos))
     plan = make_plan(design, size)
+    # the path each model's members train on: the existing study's, else the one it would store
+    batching = (existing.stored.batching if existing is not None
+                else choose_batching(infos, requested.device, opt.batched))
     t0 = time.perf_counter()
     probes = {}
     for spec in design.architectures:
         largest = max((p for p in plan.populations if p.arch == spec), key=lambda p: p.size)
-        probes[spec] = probe_factory(spec, design, data, largest.members(design), requested.device)
+        probes[spec] = probe_factory(spec, design, data, largest.members(design), requested.device,
+                                     batching[spec][0])
     calibration_s = time.perf_counter() - t0
     n_val, n_test = int(data.val_y.numel()), int(data.test_y.numel())
     seconds = {spec: sum(probes[spec].population_seconds(design, p.size, n_val, n_test)
@@ -195,7 +199,7 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
         rows.append({"arch": spec, "layers": info.layers, "params": info.params, "trials": n_trials,
                      "populations": len(pops), "flops_per_example": info.flops, "flops_per_trial": f_trial,
                      "flops": None if f_trial is None else f_trial * n_trials, "seconds": seconds[spec],
-                     "todo": todo})
+                     "todo": todo, "batched": batching[spec][0], "batching": batching[spec][1]})
     out_console.print(table)
     flops = [r["flops"] for r in rows]
     lines = [
@@ -203,6 +207,7 @@ def module_dry_run(name: str, design: StudyDesign, opt: RunOptions, requested: E
         f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
         f"{len(plan.populations)} populations of at most {plan.population_size} members, {loops} meta-loops each; "
         f"inputs {tuple(data.train_x.shape[1:])}, trained through torch.func in fp32",
+        *(f"{spec}: {batching_text(*batching[spec])}" for spec in design.architectures),
         ("work: " + (f"{sum(flops) / 1e15:.3g} PFLOP" if None not in flops else "not countable")
          + " (torch's flop counter: matmuls and convolutions; forward+backward = 3 x forward)"),
         f"estimate on {describe_device(requested.device)}: {fmt_seconds(startup + sum(seconds.values()))} "

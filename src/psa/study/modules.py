@@ -6,12 +6,15 @@ behind the runner's engine interface, their checkpoints, and what a plan needs t
 - ModuleRunEngine: psa.core.generic.ModuleEngine with psa.core.engine.Engine's face, launch()
   and PendingLoop.result(), so that PopulationRun, the local backend and the driver run it
   unchanged. torch.func trains synchronously: launch() runs the whole meta-loop.
-- Checkpoints: the population's stacked parameters and buffers (its LKGs) and LKG scores as
-  safetensors; members, loop, bounty loops and the factory's name as JSON. Everything
-  ModuleEngine continues from: AdamW is fresh every loop, and data order, dropout masks and
-  ablations are functions of (seed, loop). The factory is named, never stored.
-- check_factories: import, build and inspect every factory of a design on its data (one
-  ConfigError line on bad input), before a study writes anything.
+- Checkpoints: the population's stacked parameters and buffers (its LKGs), LKG scores and
+  engine variants' state (bounty model, patience counters, persistent AdamW moments and steps)
+  as safetensors; members (with their variants), loop, bounty loops, mode histories and the
+  factory's name as JSON. Everything ModuleEngine continues from: data order, dropout masks
+  and ablations are functions of (seed, loop). The factory is named, never stored.
+- check_factories: import, build and inspect every factory of a design on its data, its
+  variants included (one ConfigError line on bad input), before a study writes anything.
+- choose_batching: whether a new study trains each factory's members together (vmap) or one
+  at a time (--batched, or psa.core.generic.auto_batched's rule); the study stores it.
 - ModuleInfo: a factory's parameters, forward FLOPs (torch.utils.flop_counter) and activations
   per example: the dry run's table and the memory a member needs. ModuleProbe: a population
   of it timed here, meta-loops on a few batches, for the dry run's time estimate.
@@ -36,10 +39,20 @@ from torch import nn
 from psa.core.checkpoint import FORMAT, CheckpointError, load_tensors, save_tensors
 from psa.core.data import Dataset
 from psa.core.engine import LoopResult
-from psa.core.generic import Factory, ModuleEngine, ModulePopulation, resolve_factory
+from psa.core.errors import ConfigError
+from psa.core.generic import (
+    Factory,
+    ModuleEngine,
+    ModulePopulation,
+    auto_batched,
+    check_member,
+    convolutions,
+    resolve_factory,
+)
 from psa.core.hparams import HParams
 from psa.core.population import Member
-from psa.study.design import StudyDesign
+from psa.core.variant import Variant
+from psa.study.design import DesignError, StudyDesign
 
 # The shape of one example of the data sets psa ships or reads, for models that take images.
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -89,6 +102,7 @@ class ModuleInfo:
     activations: int  # output elements of every leaf module per example: what a step keeps
     fingerprint: str  # SHA-256 of its state_dict's names, shapes and dtypes and its unit layers
     notes: tuple[str, ...] = ()
+    convolutions: tuple[str, ...] = ()  # its convolution modules (what batched="auto" looks at)
 
     def bytes_per_member(self, batch_size: int, eval_rows: int = 2048) -> int:
         """Device memory one member needs, roughly: LKG, candidate, gradient and AdamW's two
@@ -134,7 +148,7 @@ def _activations(model: nn.Module, x: torch.Tensor) -> int:
 def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo:
     """Build `spec`'s model for trial 1 of every mode of `design` and check it on `data` (a
     ConfigError line if it cannot be imported, is no nn.Module, has no Linear/Conv layer, does
-    not map a batch to the data's classes, or lacks what a mode needs); what it is."""
+    not map a batch to the data's classes, or lacks what a mode or a variant needs); what it is."""
     data = module_data(data)
     sample = dataclasses.replace(data, train_x=data.train_x[:2].cpu(), train_y=data.train_y[:2].cpu(),
                                  val_x=data.val_x[:1].cpu(), val_y=data.val_y[:1].cpu(),
@@ -144,6 +158,11 @@ def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo
         warnings.simplefilter("always")
         pop = ModulePopulation.create(factory(spec), members, sample, "cpu", n_classes=data.n_classes)
     notes = tuple(str(w.message) for w in caught)
+    for name, mode, v in ((name, mode, v) for mode, name, v in design.conditions() if name):
+        try:
+            check_member(pop.spec, design.member(mode, 1, v), spec)
+        except ConfigError as e:
+            raise DesignError(f"variant {name!r} in mode {mode}: {e}") from None
     assert pop.template is not None
     model = pop.template.eval()
     x = sample.train_x[:1]
@@ -151,7 +170,7 @@ def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo
     fingerprint = hashlib.sha256(json.dumps([shapes, pop.spec.describe()]).encode()).hexdigest()
     return ModuleInfo(spec, pop.spec.describe(), sum(layer.units for layer in pop.spec.layers),
                       sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
-                      _flops(model, x), _activations(model, x), fingerprint, notes)
+                      _flops(model, x), _activations(model, x), fingerprint, notes, convolutions(model))
 
 
 def check_factories(design: StudyDesign, data: Dataset) -> dict[str, ModuleInfo]:
@@ -162,6 +181,27 @@ def check_factories(design: StudyDesign, data: Dataset) -> dict[str, ModuleInfo]
         for note in info.notes:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
     return infos
+
+
+BATCHED_FLAGS = ("auto", "yes", "no")
+
+
+def choose_batching(infos: dict[str, ModuleInfo], device: torch.device, requested: str = "auto"
+                    ) -> dict[str, tuple[bool, str]]:
+    """How a new study trains each factory's members: (together through vmap, why), as
+    `--batched` asks (yes, no), or by psa.core.generic.auto_batched's rule (auto) on `device`.
+    The study stores it, so that a resume on another device trains on the same path."""
+    if requested not in BATCHED_FLAGS:
+        raise DesignError(f"--batched must be one of {', '.join(BATCHED_FLAGS)}, got {requested!r}")
+    if requested != "auto":
+        return {spec: (requested == "yes", f"--batched {requested}") for spec in infos}
+    return {spec: (b, f"auto: {why}") for spec, (b, why) in
+            ((spec, auto_batched(info.convolutions, device)) for spec, info in infos.items())}
+
+
+def batching_text(batched: bool, why: str) -> str:
+    """For people: "the members together (vmap): why" or "one member at a time: why"."""
+    return f"{'the members together (vmap)' if batched else 'one member at a time'} ({why})"
 
 
 def auto_population_size(design: StudyDesign, budget: int, infos: dict[str, ModuleInfo]) -> int:
@@ -222,9 +262,10 @@ def new_population(spec: str, members: list[Member], data: Dataset, device: torc
     return pop
 
 
-def new_engine(pop: ModulePopulation, data: Dataset, hparams: HParams) -> ModuleRunEngine:
-    """The engine of a module population, as the runner drives it."""
-    return ModuleRunEngine(ModuleEngine(pop, data, hparams))
+def new_engine(pop: ModulePopulation, data: Dataset, hparams: HParams, batched: bool) -> ModuleRunEngine:
+    """The engine of a module population, as the runner drives it: its members trained
+    together (`batched`, vmap) or one at a time, as the study chose (choose_batching)."""
+    return ModuleRunEngine(ModuleEngine(pop, data, hparams, batched=batched))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,16 +273,40 @@ def new_engine(pop: ModulePopulation, data: Dataset, hparams: HParams) -> Module
 
 
 def _member_rows(members: tuple[Member, ...] | list[Member]) -> list[list[Any]]:
-    return [[m.mode, m.seed, m.weight_decay, m.dropout] for m in members]
+    # a fifth entry, the variant's settings, only for members that are not the paper's engine
+    # (as psa.core.checkpoint.save_population writes them)
+    return [[m.mode, m.seed, m.weight_decay, m.dropout, *([m.variant.settings()] if not m.variant.is_default else [])]
+            for m in members]
+
+
+# The variant state (psa.core.generic.ModulePopulation) in a checkpoint, under the names of
+# psa.core.population.Population.variant_state: per-member tensors as they are, per-tensor
+# dicts (the bounty model's parameters and buffers, AdamW's moments) as "name.<state_dict key>".
+VARIANT_VECTORS = ("bounty_correct", "streak", "allowance", "opt_step")
+VARIANT_DICTS = ("bounty", "opt_avg", "opt_sq")
+
+
+def variant_tensors(pop: ModulePopulation) -> dict[str, torch.Tensor]:
+    """The variant state `pop` holds (bounty model, patience counters, persistent AdamW state),
+    flat, by checkpoint name."""
+    out: dict[str, torch.Tensor] = {}
+    for name in VARIANT_DICTS:
+        d = getattr(pop, name)
+        if d is not None:
+            out.update({f"{name}.{k}": v for k, v in d.items()})
+    out.update({name: getattr(pop, name) for name in VARIANT_VECTORS if getattr(pop, name) is not None})
+    return out
 
 
 def save_module_population(path: str | os.PathLike, pop: ModulePopulation, spec: str,
                            extra: dict[str, Any] | None = None) -> None:
-    """Everything ModuleEngine needs to continue `pop` exactly, written atomically."""
+    """Everything ModuleEngine needs to continue `pop` exactly, written atomically: its LKGs,
+    and its variant state where some member has one."""
     tensors = {**{f"param.{k}": v for k, v in pop.params.items()},
-               **{f"buffer.{k}": v for k, v in pop.buffers.items()}, "lkg_correct": pop.lkg_correct}
+               **{f"buffer.{k}": v for k, v in pop.buffers.items()}, "lkg_correct": pop.lkg_correct,
+               **variant_tensors(pop)}
     meta = {"format": FORMAT, "kind": KIND, "factory": spec, "members": _member_rows(pop.members), "loop": pop.loop,
-            "bounty_loop": pop.bounty_loop, "n_val": pop.n_val, **(extra or {})}
+            "bounty_loop": pop.bounty_loop, "n_val": pop.n_val, "mode_history": pop.mode_history, **(extra or {})}
     save_tensors(path, tensors, meta)
 
 
@@ -250,28 +315,37 @@ class ModuleCheckpoint:
     """A module population's checkpoint, read (CPU tensors), to be restored into a fresh one."""
 
     factory: str
-    members: tuple[Member, ...]
+    members: tuple[Member, ...]  # in the modes of the checkpoint's loop (a schedule may have moved them)
     loop: int
     bounty_loop: list[int]
     n_val: int
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     lkg_correct: torch.Tensor
+    mode_history: list[list[tuple[str, int]]]
+    variant: dict[str, torch.Tensor]  # variant_tensors' names
 
     def restore(self, pop: ModulePopulation) -> None:
         """Overwrite `pop` (built fresh from the same factory and members) with this state."""
-        if tuple(pop.members) != self.members or pop.n_val != self.n_val:
+        if [m.key for m in pop.members] != [m.key for m in self.members] or pop.n_val != self.n_val:
             raise CheckpointError("its members differ from the population's")
         for mine, theirs, what in ((self.params, pop.params, "parameters"), (self.buffers, pop.buffers, "buffers")):
             if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
                 raise CheckpointError(f"its {what} do not match what the factory {self.factory} builds now")
+        fresh = variant_tensors(pop)  # what the members need, allocated by create()
+        if set(fresh) != set(self.variant) or any(fresh[k].shape != v.shape for k, v in self.variant.items()):
+            raise CheckpointError("its variant state does not match its members")
         with torch.no_grad():
             for store, saved in ((pop.params, self.params), (pop.buffers, self.buffers)):
                 for k, v in saved.items():
                     store[k].copy_(v)
             pop.lkg_correct.copy_(self.lkg_correct)
+            for k, v in self.variant.items():
+                fresh[k].copy_(v)  # views of the population's own tensors: dtypes and device kept
         pop.bounty_loop = list(self.bounty_loop)
         pop.loop = self.loop
+        pop.members = self.members
+        pop.mode_history = [list(h) for h in self.mode_history]
 
 
 def load_module_population(path: str | os.PathLike) -> tuple[ModuleCheckpoint, dict[str, Any]]:
@@ -280,18 +354,25 @@ def load_module_population(path: str | os.PathLike) -> tuple[ModuleCheckpoint, d
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a module population checkpoint")
     try:
-        members = tuple(Member(str(a), int(b), float(c), float(d)) for a, b, c, d in meta["members"])
+        members = tuple(Member(str(a), int(b), float(c), float(d), Variant.from_settings(v[0]) if v else Variant())
+                        for a, b, c, d, *v in meta["members"])
+        history = meta.get("mode_history")  # absent in checkpoints from before variants: one mode each
         ckpt = ModuleCheckpoint(
             factory=str(meta["factory"]), members=members, loop=int(meta["loop"]),
             bounty_loop=[int(x) for x in meta["bounty_loop"]], n_val=int(meta["n_val"]),
             params={k[6:]: v for k, v in tensors.items() if k.startswith("param.")},
             buffers={k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
-            lkg_correct=tensors["lkg_correct"].to(torch.int64))
-    except (KeyError, TypeError, ValueError) as e:
+            lkg_correct=tensors["lkg_correct"].to(torch.int64),
+            mode_history=([[(str(m), int(t)) for m, t in h] for h in history] if history is not None
+                          else [[(m.mode, 1)] for m in members]),
+            variant={k: v for k, v in tensors.items()
+                     if k in VARIANT_VECTORS or k.partition(".")[0] in VARIANT_DICTS})
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{path}: incomplete module population checkpoint ({e})") from None
     m = len(members)
-    if ckpt.lkg_correct.shape != (m,) or len(ckpt.bounty_loop) != m or any(
-            v.dim() == 0 or v.shape[0] != m for v in (*ckpt.params.values(), *ckpt.buffers.values())):
+    if ckpt.lkg_correct.shape != (m,) or len(ckpt.bounty_loop) != m or len(ckpt.mode_history) != m or any(
+            v.dim() == 0 or v.shape[0] != m for v in (*ckpt.params.values(), *ckpt.buffers.values(),
+                                                      *ckpt.variant.values())):
         raise CheckpointError(f"{path}: tensor sizes do not match its {m} members")
     return ckpt, meta
 
@@ -322,10 +403,11 @@ class ModuleProbe:
 
 
 def probe_factory(spec: str, design: StudyDesign, data: Dataset, members: list[Member], device: torch.device,
-                  steps: tuple[int, int] = (2, 8), repeats: int = 3) -> ModuleProbe:
-    """Time a population of `members` of `spec` on `device` (data shaped by module_data): whole
-    meta-loops on the first s1 and s2 training batches and EVAL_IMAGES validation images, whose
-    difference is the cost of a step, and the scoring of those images."""
+                  batched: bool, steps: tuple[int, int] = (2, 8), repeats: int = 3) -> ModuleProbe:
+    """Time a population of `members` of `spec` on `device` (data shaped by module_data), on
+    the path the study trains it (`batched`): whole meta-loops on the first s1 and s2 training
+    batches and EVAL_IMAGES validation images, whose difference is the cost of a step, and the
+    scoring of those images."""
     from psa.core.device import synchronize
 
     bs = design.hparams.batch_size
@@ -337,7 +419,7 @@ def probe_factory(spec: str, design: StudyDesign, data: Dataset, members: list[M
         n = min(design.n_train, s * bs)
         sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
                                   val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
-        return ModuleEngine(new_population(spec, members, sub, device), sub, design.hparams)
+        return ModuleEngine(new_population(spec, members, sub, device), sub, design.hparams, batched=batched)
 
     def timed(fn: Any) -> float:
         synchronize(device)

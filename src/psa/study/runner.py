@@ -51,6 +51,7 @@ class PopulationState:
     prior_seconds: float = 0.0
     loop: int = 0
     attempts: int = 0
+    batched: bool = True  # a module model's members trained together (vmap), as the study chose
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,14 +84,16 @@ class PopulationRun:
 
     @classmethod
     def of_plan(cls, design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Any,
-                ex: Execution, prior_seconds: float = 0.0, where: str = "", stream: Any = None) -> "PopulationRun":
-        """The run of population `pp` of a study: from `start` (a checkpoint) or from scratch."""
+                ex: Execution, prior_seconds: float = 0.0, where: str = "", stream: Any = None,
+                batched: bool = True) -> "PopulationRun":
+        """The run of population `pp` of a study: from `start` (a checkpoint) or from scratch;
+        `batched`: a module model's path (the study's choice, psa.study.modules.choose_batching)."""
         if design.is_module:  # your own model: its factory is the plan's architecture
             from psa.study import modules
 
             pop = modules.new_population(pp.arch, pp.members(design), data, ex.device, start)
-            return ModulePopulationRun(pp.key, pop, data, design.hparams, ex, prior_seconds, where,  # type: ignore
-                                       engine=modules.new_engine(pop, data, design.hparams))
+            return cls(pp.key, pop, data, design.hparams, ex, prior_seconds, where,  # type: ignore[arg-type]
+                       engine=modules.new_engine(pop, data, design.hparams, batched))
         if start is None:
             start = Population.create(data.arch(pp.arch), pp.members(design), ex.device, n_val=data.val_y.numel(),
                                       model=design.model)
@@ -150,15 +153,6 @@ class PopulationRun:
             test_acc=list(test),
             seconds=self.seconds(),
         )
-
-
-class ModulePopulationRun(PopulationRun):
-    """A population of a model given as module:function (psa.study.modules), whose members'
-    bounty is their LKG's score (the paper's engine: no variant keeps another)."""
-
-    def bounty_score(self) -> list[float]:
-        """Every member's LKG score (%), -1 before its first promotion."""
-        return self.pop.lkg_score()  # type: ignore[attr-defined]
 
 
 def population_events(design: StudyDesign, pp: PopulationPlan, data: Dataset, start: Population | None,
@@ -355,7 +349,8 @@ def local_events(design: StudyDesign, todo: list[PopulationState], ex: Execution
                 start = st.start
                 if start is not None and not design.is_module:  # a module checkpoint is restored on the device
                     start = population_to(start, device)
-                run = PopulationRun.of_plan(design, st.plan, data, start, ex, st.prior_seconds, where, stream)
+                run = PopulationRun.of_plan(design, st.plan, data, start, ex, st.prior_seconds, where, stream,
+                                            st.batched)
                 yield run.started()
                 if run.to_go <= 0:
                     yield run.finish()
