@@ -101,6 +101,35 @@ inline void activate(float* a, const float* z, int64_t r0, uint32_t unit, uint32
     }
 }
 
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+inline vu vmix32(vu x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+inline vu viota() {
+    vu v{};
+    for (int i = 0; i < VL; ++i) v[i] = static_cast<uint32_t>(i);
+    return v;
+}
+
+// activate, VL rows at once (rows row0 .. row0 + VL - 1), bit for bit the same
+template <bool DROP>
+inline vf vactivate(vf z, int64_t row0, uint32_t unit, uint32_t n_units, uint32_t key, uint32_t thr, float sc) {
+    vf v = z <= 0.0f ? vf{} : z;
+    if (DROP) {
+        const vu c = (viota() + static_cast<uint32_t>(row0)) * n_units + unit;
+        const vu h = vmix32(vmix32(c) ^ key);
+        v = v * (h >= thr ? vbroadcast(sc) : vf{});
+    }
+    return v;
+}
+
 struct Stack {
     const float* z0; int64_t s_zm, s_zb, s_zw;  // hidden layer 0's pre-activation (M, B, W)
     const float* flat; int64_t w_off, b_off, layer_stride;
@@ -128,38 +157,35 @@ void forward_block(const Stack& p, int64_t m, int64_t r0, float (*save)[W][ROWS]
     }
     const uint32_t n_units = static_cast<uint32_t>(p.n_units);
     const float* z0 = p.z0 + m * p.s_zm + r0 * p.s_zb;
+    // a_l goes straight to save[l] when saving, else the two buffers take turns
+    float (*cur)[ROWS] = save ? save[0] : a;
     for (int u = 0; u < W; ++u) {
         for (int64_t r = 0; r < nr; ++r) z[u][r] = z0[r * p.s_zb + u * p.s_zw];
         for (int64_t r = nr; r < ROWS; ++r) z[u][r] = 0.0f;  // rows past the batch: computed, never stored
-        activate<DROP>(a[u], z[u], r0, u, n_units, key, thr, sc);
+        activate<DROP>(cur[u], z[u], r0, u, n_units, key, thr, sc);
     }
-    auto keep = [&](int64_t l) {
-        if (save)
-            for (int u = 0; u < W; ++u)
-                for (int64_t r = 0; r < ROWS; ++r) save[l][u][r] = a[u][r];
-    };
-    keep(0);
     const float* wm = p.flat + p.w_off + m * W * W;
     const float* bm = p.flat + p.b_off + m * W;
     for (int64_t l = 1; l < p.n_layers; ++l) {
         const float* w = wm + (l - 1) * p.layer_stride;
         const float* b = bm + (l - 1) * p.layer_stride;
+        float (*nxt)[ROWS] = save ? save[l] : (cur == a ? z : a);
         for (int64_t r = 0; r < ROWS; r += VL) {  // in registers, VL rows at a time
             vf av[W];
-            for (int i = 0; i < W; ++i) av[i] = vload(a[i] + r);
+            for (int i = 0; i < W; ++i) av[i] = vload(cur[i] + r);
             for (int o = 0; o < W; ++o) {
                 // products summed over the input units in order, then the bias, as a small GEMM does
                 vf t = av[0] * w[o * W];
                 for (int i = 1; i < W; ++i) t += av[i] * w[o * W + i];
-                vstore(z[o] + r, t + b[o]);
+                t += b[o];
+                vstore(nxt[o] + r, vactivate<DROP>(t, r0 + r, static_cast<uint32_t>(l * W + o), n_units, key, thr, sc));
             }
         }
-        for (int o = 0; o < W; ++o) activate<DROP>(a[o], z[o], r0, static_cast<uint32_t>(l * W + o), n_units, key, thr, sc);
-        keep(l);
+        cur = nxt;
     }
     if (out)
         for (int64_t r = 0; r < nr; ++r)
-            for (int u = 0; u < W; ++u) out[(r0 + r) * W + u] = a[u][r];
+            for (int u = 0; u < W; ++u) out[(r0 + r) * W + u] = cur[u][r];
 }
 
 template <int W>
@@ -211,23 +237,25 @@ void bwd_member(const Stack& p, const Grad& q, int64_t m, float (*save)[W][ROWS]
         for (int64_t l = L - 1; l >= 0; --l) {
             // ReLU's backward (0 where the activation is <= 0, as torch's threshold_backward),
             // then dropout's scale (exactly 1 for a member without dropout)
-            for (int o = 0; o < W; ++o)
-                for (int64_t r = 0; r < ROWS; ++r) dz[o][r] = ((save[l][o][r] <= 0.0f) ? 0.0f : g[o][r]) * sc;
+            const float* wl = l ? p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W : nullptr;
+            for (int64_t r = 0; r < ROWS; r += VL) {  // dz, and the next g = W_l^T dz, VL rows at a time
+                vf dv[W];
+                for (int o = 0; o < W; ++o) {
+                    dv[o] = (vload(save[l][o] + r) <= 0.0f ? vf{} : vload(g[o] + r)) * sc;
+                    vstore(dz[o] + r, dv[o]);
+                }
+                if (l)
+                    for (int i = 0; i < W; ++i) {
+                        vf t = dv[0] * wl[i];
+                        for (int o = 1; o < W; ++o) t += dv[o] * wl[o * W + i];
+                        vstore(g[i] + r, t);
+                    }
+            }
             if (l == 0) break;
             vf* gl = acc + (l - 1) * per;
-            const float* wl = p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W;
             for (int o = 0; o < W; ++o) {
                 for (int i = 0; i < W; ++i) gl[o * W + i] += block_sum<true>(dz[o], save[l - 1][i]);
                 gl[W * W + o] += block_sum<false>(dz[o], nullptr);
-            }
-            for (int64_t r = 0; r < ROWS; r += VL) {
-                vf dv[W];
-                for (int o = 0; o < W; ++o) dv[o] = vload(dz[o] + r);
-                for (int i = 0; i < W; ++i) {
-                    vf t = dv[0] * wl[i];
-                    for (int o = 1; o < W; ++o) t += dv[o] * wl[o * W + i];
-                    vstore(g[i] + r, t);
-                }
             }
         }
         float* dz0 = q.dz0 + (m * B + r0) * W;
