@@ -1,4 +1,12 @@
-"""The hidden stack of narrow MLPs on the CPU in one call per direction (psa.core.cpu_stack.cpp).
+"""Narrow MLPs on the CPU: the whole training step in one call (train_step), and the hidden
+stack in one call per direction (stack_forward, stack_backward), from psa.core.cpu_stack.cpp.
+
+train_step does a SimpleMLP's forward and backward for a population whose hidden layers are all
+one width up to 8: per seed group (threads split the groups), the batch rows read straight from
+the training set by index (no gathered copy of 8 MB a step), the first layer for the group's
+members while the rows are in cache, the middle stack (the code below), the head, the mean
+cross-entropy and its gradient, the backward, and the first layer's gradients from the same rows.
+What is left of a narrow net's step is then memory (the rows) and arithmetic.
 
 On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each a
 few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
@@ -13,9 +21,10 @@ and reading back (depth x batch x width) floats per member each step.
 Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
 torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
 no torch headers and no ninja (a torch extension compiles torch's headers, 30-60 s; this file
-takes 5-10 s of CPU time, measured with g++ 12), and nothing is traced or recompiled per shape
-at run time (the stack is a loop over layers, which torch.compile would unroll per depth). The build is cached on disk by the hash of the
-source, compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a
+takes about 9 s of CPU time, measured with g++ 12 and the AVX-512 flags), and nothing is traced
+or recompiled per shape at run time (the stack is a loop over layers, which torch.compile would
+unroll per depth; nor would it fuse a gather by index into a GEMM's operand, the step's largest
+saving). The build is cached on disk by the hash of the source, compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a
 machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
 warning line and the engine runs its stacks through plain torch ops.
 """

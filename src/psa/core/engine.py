@@ -13,8 +13,9 @@ How a loop runs, and why:
   forward, backward, AdamW) is therefore captured once as a CUDA graph and replayed.
 - Hidden stacks of equal width up to kernels.MAX_WIDTH run as one Triton kernel per direction
   when Triton is available (psa.core.kernels): a 2048-layer net is a few launches per step.
-  On a CPU, stacks of two or more hidden layers of one width up to 8 run the same way through
-  a small compiled C++ routine (psa.core.cpu_stack), where torch would pay per layer and op.
+  On a CPU, a net whose hidden layers are all one width up to 8 trains each step in one call
+  to a small compiled C++ routine (psa.core.cpu_stack.train_step: batch rows read by index,
+  first layer, stack, head, loss and every gradient), where torch would pay per layer and op.
 - Data order and dropout masks are counter-based hashes (psa.core.rng), computed on the device.
 - Ablation, promotion and weight decay act on a handful of strided views (Layout.runs) with
   device-side masks: nothing waits for the device until a loop's results are read.
