@@ -182,3 +182,24 @@ def test_validation(small):
                           (dict(step=torch.tensor(64)), "past the end"), (dict(order=ch.order[:1]), "order must")]:
         with pytest.raises(ValueError, match=match):
             cpu_stack.train_step(**{**args, **change})
+
+
+def test_odd_input_and_class_counts_and_uneven_seeds():
+    """37 inputs (vector tails), 3 classes, random data, and seed groups of unequal size (every
+    member then gathers its own batch: k = 1)."""
+    from psa.core.data import Dataset
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(300, 37, generator=g), torch.randint(0, 3, (300,), generator=g)
+    data = Dataset("random", x[:200], y[:200], x[200:], y[200:], x[200:], y[200:], "random", n_classes=3)
+    specs = [("dropout", 1), ("none", 1), ("full", 2)]
+    for text in ("1*5", "3*2"):
+        arch = data.arch(f"[{text}]")
+        fused = engine(population(arch, data, specs), data)
+        plain = engine(population(arch, data, specs), data, kernels="torch")
+        assert fused.cpu_step and fused._chunk(0, 3).groups == (3, 1)
+        got, loss, _ = one_step(fused, 2, 1, 32)
+        ref, ref_loss, _ = one_step(plain, 2, 1, 32)
+        assert_close_grads(fused, got, ref, f"seed={seed} {text}")
+        assert (loss - ref_loss).abs().max().item() < 1e-5, f"seed={seed} {text}"
