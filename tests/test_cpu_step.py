@@ -179,7 +179,9 @@ def test_validation(small):
     cpu_stack.train_step(**args)
     for change, match in [(dict(k=5), "k must divide"), (dict(b=33), "past the end"),
                           (dict(x=small.train_x[:, :700]), "x must be"), (dict(loss=torch.empty(3)), "loss must"),
-                          (dict(step=torch.tensor(64)), "past the end"), (dict(order=ch.order[:1]), "order must")]:
+                          (dict(step=torch.tensor(64)), "past the end"), (dict(order=ch.order[:1]), "order must"),
+                          (dict(y=torch.full_like(small.train_y, 10)), "a label outside 0..9"),
+                          (dict(order=torch.full_like(ch.order, -1)), "index outside the training set")]:
         with pytest.raises(ValueError, match=match):
             cpu_stack.train_step(**{**args, **change})
 

@@ -16,6 +16,7 @@
 // ranges, one per thread; no item's result depends on another's or on the thread count.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <thread>
@@ -442,6 +443,7 @@ struct Step {
     int64_t hw_off, hb_off, n_out;                    // head (M, n_out, W) and (M, n_out)
     const int64_t* dkeys; const int64_t* thr; const float* sc;  // dropout: loop keys (M, 2), or null
     float* loss;                                      // (M,) mean cross-entropy of each member
+    std::atomic<int>* bad;                            // set by a group with a label or index out of range
 };
 
 // Per thread: every buffer one group needs, reused from group to group and from step to step.
@@ -465,6 +467,10 @@ void step_group(const Step& s, int64_t g, Work& wk) {
     wk.yf.assign(bp, -1.0f);
     for (int64_t r = 0; r < b; ++r) {
         const int64_t idx = s.order[g * s.n_train + pos0 + r];
+        if (idx < 0 || idx >= s.n_train || s.y[idx] < 0 || s.y[idx] >= n_out) {
+            s.bad->store(1);  // never read outside the data: the caller raises
+            return;
+        }
         wk.rows[r] = s.x + idx * n_in;
         wk.labels[r] = s.y[idx];
         wk.yf[r] = static_cast<float>(s.y[idx]);
@@ -641,11 +647,12 @@ int psa_train_step(const float* x, const int64_t* y, int64_t n_in, const int64_t
                    int64_t layer_stride, int64_t n_layers, int64_t hw_off, int64_t hb_off, int64_t n_out,
                    const int64_t* dkeys, const int64_t* thr, const float* sc, float* loss, int64_t width,
                    int threads) {
+    std::atomic<int> bad{0};
     Step s{x, y, n_in, order, n_train, step, batch_size, b, flat, grad, members, k, w0_off, b0_off, w_off, b_off,
-           layer_stride, n_layers, hw_off, hb_off, n_out, dkeys, thr, sc, loss};
+           layer_stride, n_layers, hw_off, hb_off, n_out, dkeys, thr, sc, loss, &bad};
     if (members <= 0 || k <= 0 || members % k || b <= 0) return 2;
     switch (width) {
-#define PSA_STEP(N) case N: train_step<N>(s, threads); return 0;
+#define PSA_STEP(N) case N: train_step<N>(s, threads); return bad.load() ? 3 : 0;
         PSA_WIDTHS(PSA_STEP)
 #undef PSA_STEP
         default: return 1;

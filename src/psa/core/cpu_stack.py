@@ -24,8 +24,8 @@ no torch headers and no ninja (a torch extension compiles torch's headers, 30-60
 takes about 9 s of CPU time, measured with g++ 12 and the AVX-512 flags), and nothing is traced
 or recompiled per shape at run time (the stack is a loop over layers, which torch.compile would
 unroll per depth; nor would it fuse a gather by index into a GEMM's operand, the step's largest
-saving). The build is cached on disk by the hash of the source, compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a
-machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
+saving). The build is cached on disk by the hash of the source, compiler and flags
+($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
 warning line and the engine runs its stacks through plain torch ops.
 """
 
@@ -316,13 +316,15 @@ def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.
     _check_common(loss, "loss", (m,))
     if drop is not None:
         keys, thr, sc = drop
-        _check(tuple(keys.shape) == (m, 2) and keys.dtype == torch.int64 and keys.is_contiguous()
-               and keys.device.type == "cpu", f"drop keys must be a contiguous ({m}, 2) int64 CPU tensor")
-        _check_drop((thr, thr, sc), m)
+        for name, t, shape, dt in (("keys", keys, (m, 2), torch.int64), ("thr", thr, (m,), torch.int64),
+                                   ("sc", sc, (m,), torch.float32)):
+            _check(tuple(t.shape) == shape and t.dtype == dt and t.is_contiguous() and t.device.type == "cpu",
+                   f"drop {name} must be a contiguous {shape} {dt} CPU tensor")
     ks, thr, sc = drop if drop is not None else (None, None, None)
     rc = _lib().psa_train_step(x.data_ptr(), y.data_ptr(), n_in, order.data_ptr(), n, step.data_ptr(), batch_size, b,
                                flat.data_ptr(), grad.data_ptr(), m, k, w0_off, b0_off, w_off, b_off,
                                m * width * (width + 1), depth, hw_off, hb_off, n_out, _ptr(ks), _ptr(thr), _ptr(sc),
                                loss.data_ptr(), width, torch.get_num_threads())
+    _check(rc != 3, f"a label outside 0..{n_out - 1} or a data order index outside the training set")
     _check(rc == 0, f"the fused CPU step failed (code {rc})")
     return loss
