@@ -6,7 +6,10 @@ in one call), against the FLOP floor.
 
 FLOP floor of a meta-loop: 6 x parameters x 50,000 training images (forward 2, backward 4 per
 parameter and image) + 2 x parameters x 10,000 validation images, per member, at the GEMM rate
-this machine measures here (one large sgemm, best of 3, with the same threads).
+this machine measures here (one large sgemm, best of 3, with the same threads), measured again
+right before and after each architecture (the higher of the two: the stricter floor): on a
+shared machine the rate moves with the load, and each row's ratios are against the rate of its
+own minutes.
 
 All paths run in this process, alternating (torch, stack, step, torch, ...), best of
 `--repeat`. A meta-loop is timed as `--steps` training steps (a prefix of the epoch, set-up
@@ -103,10 +106,11 @@ def main() -> None:
     rate = gemm_rate()
     print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
           f"one meta-loop of 60 members = {args.steps} steps scaled to {EPOCH_STEPS} + validation on {N_VAL:,}")
-    print("| arch | params | FLOP floor s | " + " | ".join(f"{p} s" for p in paths) + " | "
+    print("| arch | params | GEMM GFLOP/s | FLOP floor s | " + " | ".join(f"{p} s" for p in paths) + " | "
           + " | ".join(f"{p}/floor" for p in paths) + " | step vs stack |")
-    print("|---|---:|---:|" + "---:|" * (2 * len(paths) + 1))
+    print("|---|---:|---:|---:|" + "---:|" * (2 * len(paths) + 1))
     for arch in archs:
+        rate = gemm_rate()
         engs = engines(arch, ds, args.steps, paths)
         for eng in engs:  # warm-up: allocations, the library's first call
             eng.train_epoch(1)
@@ -114,9 +118,11 @@ def main() -> None:
         for _ in range(args.repeat):
             for i, eng in enumerate(engs):
                 best[i] = min(best[i], loop_seconds(eng, args.steps))
+        rate = max(rate, gemm_rate())
         fl = floor_seconds(arch, rate)
-        print(f"| {arch.short} | {arch.params:,} | {fl:.3f} | " + " | ".join(f"{t:.3f}" for t in best) + " | "
-              + " | ".join(f"{t / fl:.1f}" for t in best) + f" | {best[-2] / best[-1]:.2f}x |", flush=True)
+        print(f"| {arch.short} | {arch.params:,} | {rate / 1e9:.0f} | {fl:.3f} | "
+              + " | ".join(f"{t:.3f}" for t in best) + " | " + " | ".join(f"{t / fl:.1f}" for t in best)
+              + f" | {best[-2] / best[-1]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
