@@ -101,9 +101,15 @@ def time_architecture(arch_text: str, ds: psa_data.Dataset, ex: Execution, loops
     val = best_seconds(lambda: eng.count_correct(pop.lkg, ds.val_x, ds.val_y), device, 1)
     if steps is not None and steps < EPOCH_STEPS:
         # a loop's training scales with its steps; loop 1's extra (capture, compilation,
-        # allocation) is paid once and does not
+        # allocation) is paid once and does not. The training is timed on its own: a loop
+        # minus a separately timed validation is noise once a few steps take milliseconds
         once = first - loop
-        loop = (loop - val) * EPOCH_STEPS / steps + val
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            eng.train_epoch(pop.loop + 1)
+        synchronize(device)
+        train = (time.perf_counter() - t0) / loops
+        loop += train * (EPOCH_STEPS / steps - 1)
         first = loop + once
     flops = arch_flops(arch_text, 1) - arch_flops(arch_text, 0)  # one loop of one member
     est = first + (META_LOOPS - 1) * loop

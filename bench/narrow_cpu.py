@@ -1,15 +1,22 @@
-"""The narrow stacks on the CPU: one meta-loop of a 60-member population (6 modes x 10 seeds)
-on the plain torch path (`--kernels torch`, before) and with the fused CPU stack
-(`--kernels auto`, psa.core.cpu_stack, after), against the FLOP floor.
+"""The narrow nets on the CPU: one meta-loop of a 60-member population (6 modes x 10 seeds)
+on the plain torch path (`--kernels torch`), with the fused CPU stack only (the hidden stack
+in one call per direction, the rest torch ops: the default before the fused step), and with the
+fused CPU step (`--kernels auto`: psa.core.cpu_stack.train_step, the whole forward and backward
+in one call), against the FLOP floor.
 
 FLOP floor of a meta-loop: 6 x parameters x 50,000 training images (forward 2, backward 4 per
 parameter and image) + 2 x parameters x 10,000 validation images, per member, at the GEMM rate
-this machine measures here (one large sgemm, best of 3, with the same threads).
+this machine measures here (one large sgemm, best of 3, with the same threads), measured again
+right before and after each architecture (the higher of the two: the stricter floor): on a
+shared machine the rate moves with the load, and each row's ratios are against the rate of its
+own minutes.
 
-Both paths run in this process, alternating (old, new, old, new, ...), best of `--repeat`. A
-meta-loop is timed as `--steps` training steps (a prefix of the epoch, set-up included) scaled to
-the epoch's 196 steps, plus validation on all 10,000 images; the step count is the same for both
-paths. Architectures with one hidden layer have no middle stack: both paths are the same there.
+All paths run in this process, alternating (torch, stack, step, torch, ...), best of
+`--repeat`. A meta-loop is timed as `--steps` training steps (a prefix of the epoch, set-up
+included) scaled to the epoch's 196 steps, plus validation on all 10,000 images; the step count
+is the same for every path. Architectures with one hidden layer have no middle stack: the
+"stack" path is the torch path there. `--no-torch` leaves the torch path out (minutes a loop on
+the deepest nets).
 
     python bench/narrow_cpu.py                      # every study architecture of width <= 8
     python bench/narrow_cpu.py --arch 4*2 16*2 --threads 2
@@ -46,8 +53,9 @@ def floor_seconds(arch, rate: float, members: int = 60) -> float:
     return members * arch.params * (6 * N_TRAIN + 2 * N_VAL) / rate
 
 
-def engines(arch, ds, steps: int):
-    """(torch engine, fused engine) on populations of 60 members, trained on `steps` batches."""
+def engines(arch, ds, steps: int, paths: tuple[str, ...]):
+    """One engine per path ("torch", "stack", "step") on populations of 60 members, trained on
+    `steps` batches. "stack" is the default engine with its fused step turned off."""
     from psa.core.data import Dataset
     from psa.core.device import resolve_execution
     from psa.core.engine import Engine
@@ -58,10 +66,13 @@ def engines(arch, ds, steps: int):
     n = steps * hp.batch_size
     sub = Dataset(ds.name, ds.train_x[:n], ds.train_y[:n], ds.val_x, ds.val_y, ds.test_x, ds.test_y, ds.source)
     out = []
-    for kernels in ("torch", "auto"):
+    for path in paths:
         members = [hp.member(m, s) for s in SEEDS for m in MODES]
         pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
-        out.append(Engine(pop, sub, hp, resolve_execution("cpu", "fp32", kernels)))
+        eng = Engine(pop, sub, hp, resolve_execution("cpu", "fp32", "torch" if path == "torch" else "auto"))
+        if path == "stack":
+            eng.cpu_step = False
+        out.append(eng)
     return out
 
 
@@ -85,7 +96,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12, help="training steps timed per meta-loop (scaled to 196)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-torch", action="store_true", help="leave the plain torch path out")
     args = ap.parse_args()
+    paths = ("stack", "step") if args.no_torch else ("torch", "stack", "step")
     torch.set_num_threads(args.threads)
     archs = ([parse_arch(a) for a in args.arch] if args.arch
              else [a for a in study_architectures() if max(a.hidden) <= 8])
@@ -93,19 +106,23 @@ def main() -> None:
     rate = gemm_rate()
     print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
           f"one meta-loop of 60 members = {args.steps} steps scaled to {EPOCH_STEPS} + validation on {N_VAL:,}")
-    print("| arch | params | fused | FLOP floor s | before s | after s | before/floor | after/floor | speed-up |")
-    print("|---|---:|:-:|---:|---:|---:|---:|---:|---:|")
+    print("| arch | params | GEMM GFLOP/s | FLOP floor s | " + " | ".join(f"{p} s" for p in paths) + " | "
+          + " | ".join(f"{p}/floor" for p in paths) + " | step vs stack |")
+    print("|---|---:|---:|---:|" + "---:|" * (2 * len(paths) + 1))
     for arch in archs:
-        old, new = engines(arch, ds, args.steps)
-        for eng in (old, new):  # warm-up: allocations, the library's first call
+        rate = gemm_rate()
+        engs = engines(arch, ds, args.steps, paths)
+        for eng in engs:  # warm-up: allocations, the library's first call
             eng.train_epoch(1)
-        best = [float("inf"), float("inf")]
+        best = [float("inf")] * len(engs)
         for _ in range(args.repeat):
-            for i, eng in enumerate((old, new)):
+            for i, eng in enumerate(engs):
                 best[i] = min(best[i], loop_seconds(eng, args.steps))
+        rate = max(rate, gemm_rate())
         fl = floor_seconds(arch, rate)
-        print(f"| {arch.short} | {arch.params:,} | {'yes' if new.cpu_stack else 'no'} | {fl:.3f} | {best[0]:.3f} | "
-              f"{best[1]:.3f} | {best[0] / fl:.1f} | {best[1] / fl:.1f} | {best[0] / best[1]:.2f} |", flush=True)
+        print(f"| {arch.short} | {arch.params:,} | {rate / 1e9:.0f} | {fl:.3f} | "
+              + " | ".join(f"{t:.3f}" for t in best) + " | " + " | ".join(f"{t / fl:.1f}" for t in best)
+              + f" | {best[-2] / best[-1]:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

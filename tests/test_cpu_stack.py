@@ -275,7 +275,7 @@ def test_a_failed_build_falls_back_with_one_warning(small, monkeypatch, tmp_path
     pop = population(arch, small, specs)
     with pytest.warns(RuntimeWarning, match=r"fused CPU stack could not be built \(RuntimeError: .*failed"):
         eng = engine(pop, small)
-    assert not eng.cpu_stack
+    assert not eng.cpu_stack and not eng.cpu_step
     assert [eng.meta_loop().candidate_acc] == ref
     assert torch.equal(pop.lkg, ref_pop.lkg)
     # the failure is remembered: no second attempt, no second warning

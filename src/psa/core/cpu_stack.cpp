@@ -1,21 +1,27 @@
-// The hidden stack of narrow MLPs on the CPU: every middle layer of one member and one block of
-// 64 batch rows in one pass, the activations in a few KB of stack (L1), a layer's weights (at
-// most 8 x 8) read once per block. psa.core.cpu_stack builds this file with the system's C++
-// compiler and calls it through ctypes. The flat-buffer layout and the dropout hashes are
+// Narrow MLPs on the CPU: the whole training step of a population (psa_train_step, below the
+// stack) and the hidden stack: every middle layer of one member and one block of 64 batch rows in
+// one pass, the activations in a few KB of stack (L1), a layer's weights (at most 8 x 8) read
+// once per block. psa.core.cpu_stack builds this file with the system's C++ compiler and calls
+// it through ctypes. The flat-buffer layout and the dropout hashes are
 // psa.core.kernels' (described there); unlike the Triton kernels, the forward keeps only the last
 // layer's activations, and the backward recomputes the others block by block from hidden layer
 // 0's pre-activation (see forward_block).
 //
 // Arithmetic: each product is accumulated in float32 over the input units in order, then the
-// bias added, as a small fp32 GEMM does (a BLAS's blocking differs by rounding only). ReLU keeps
+// bias added, as a small fp32 GEMM does (a BLAS's blocking differs by rounding only); sums over
+// batch rows and the first layer's inputs run lane-wise in vectors, then across the lanes, in one
+// fixed order. ReLU keeps
 // NaN (a diverged member stays detectable); its backward passes the gradient where the
 // activation is not <= 0, as torch's threshold_backward does. Dropout multiplies by 0 or the
 // member's scale, bit for bit psa.core.rng.dropout_noise's multiplier.
 //
-// Threads: work items (forward: member and row block; backward: member) are split into contiguous
-// ranges, one per thread; no item's result depends on another's or on the thread count.
+// Threads: work items (forward: member and row block; backward: member; the training step: seed
+// group) are split into contiguous ranges, one per thread; no item's result depends on another's
+// or on the thread count.
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -26,6 +32,39 @@ namespace {
 // loop of fixed length over contiguous floats, which the compiler turns into vector instructions
 // (the hash of the dropout masks included); a block of 8 x 64 floats is 2 KB.
 constexpr int64_t ROWS = 64;
+
+// Vectors: GCC/Clang vector extensions of the widest unit the build targets (AVX-512: 16 floats,
+// AVX2: 8, else 4); a product a * b + c contracts to an FMA where the flags allow (-ffp-contract).
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+constexpr int RB = 4;  // rows per block of the first layer's forward (RB x NB accumulators)
+constexpr int IB = 4;  // input vectors per block of its weight gradient (NB x IB accumulators)
+#elif defined(__AVX2__)
+constexpr int VL = 8;
+constexpr int RB = 2;
+constexpr int IB = 2;
+#else
+constexpr int VL = 4;
+constexpr int RB = 2;
+constexpr int IB = 2;
+#endif
+constexpr int NB = 6;  // outputs per block of the first layer
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));  // for unaligned loads and stores
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf vbroadcast(float x) { return vf{} + x; }
+
+// sum of the VL lanes in one fixed pairwise order
+inline float hsum(vf v) {
+    alignas(64) float t[VL];
+    vstore(t, v);
+    for (int h = VL / 2; h >= 1; h /= 2)
+        for (int i = 0; i < h; ++i) t[i] += t[i + h];
+    return t[0];
+}
+
 
 inline uint32_t mix32(uint32_t x) {
     // lowbias32, as psa.core.rng.mix32 (uint32 arithmetic wraps)
@@ -67,6 +106,35 @@ inline void activate(float* a, const float* z, int64_t r0, uint32_t unit, uint32
     }
 }
 
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+inline vu vmix32(vu x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+inline vu viota() {
+    vu v{};
+    for (int i = 0; i < VL; ++i) v[i] = static_cast<uint32_t>(i);
+    return v;
+}
+
+// activate, VL rows at once (rows row0 .. row0 + VL - 1), bit for bit the same
+template <bool DROP>
+inline vf vactivate(vf z, int64_t row0, uint32_t unit, uint32_t n_units, uint32_t key, uint32_t thr, float sc) {
+    vf v = z <= 0.0f ? vf{} : z;
+    if (DROP) {
+        const vu c = (viota() + static_cast<uint32_t>(row0)) * n_units + unit;
+        const vu h = vmix32(vmix32(c) ^ key);
+        v = v * (h >= thr ? vbroadcast(sc) : vf{});
+    }
+    return v;
+}
+
 struct Stack {
     const float* z0; int64_t s_zm, s_zb, s_zw;  // hidden layer 0's pre-activation (M, B, W)
     const float* flat; int64_t w_off, b_off, layer_stride;
@@ -94,38 +162,35 @@ void forward_block(const Stack& p, int64_t m, int64_t r0, float (*save)[W][ROWS]
     }
     const uint32_t n_units = static_cast<uint32_t>(p.n_units);
     const float* z0 = p.z0 + m * p.s_zm + r0 * p.s_zb;
+    // a_l goes straight to save[l] when saving, else the two buffers take turns
+    float (*cur)[ROWS] = save ? save[0] : a;
     for (int u = 0; u < W; ++u) {
         for (int64_t r = 0; r < nr; ++r) z[u][r] = z0[r * p.s_zb + u * p.s_zw];
         for (int64_t r = nr; r < ROWS; ++r) z[u][r] = 0.0f;  // rows past the batch: computed, never stored
-        activate<DROP>(a[u], z[u], r0, u, n_units, key, thr, sc);
+        activate<DROP>(cur[u], z[u], r0, u, n_units, key, thr, sc);
     }
-    auto keep = [&](int64_t l) {
-        if (save)
-            for (int u = 0; u < W; ++u)
-                for (int64_t r = 0; r < ROWS; ++r) save[l][u][r] = a[u][r];
-    };
-    keep(0);
     const float* wm = p.flat + p.w_off + m * W * W;
     const float* bm = p.flat + p.b_off + m * W;
     for (int64_t l = 1; l < p.n_layers; ++l) {
         const float* w = wm + (l - 1) * p.layer_stride;
         const float* b = bm + (l - 1) * p.layer_stride;
-        for (int o = 0; o < W; ++o) {
-            // products summed over the input units in order, then the bias, as a small GEMM does
-            for (int64_t r = 0; r < ROWS; ++r) z[o][r] = 0.0f;
-            for (int i = 0; i < W; ++i) {
-                const float wi = w[o * W + i];
-                for (int64_t r = 0; r < ROWS; ++r) z[o][r] += a[i][r] * wi;
+        float (*nxt)[ROWS] = save ? save[l] : (cur == a ? z : a);
+        for (int64_t r = 0; r < ROWS; r += VL) {  // in registers, VL rows at a time
+            vf av[W];
+            for (int i = 0; i < W; ++i) av[i] = vload(cur[i] + r);
+            for (int o = 0; o < W; ++o) {
+                // products summed over the input units in order, then the bias, as a small GEMM does
+                vf t = av[0] * w[o * W];
+                for (int i = 1; i < W; ++i) t += av[i] * w[o * W + i];
+                t += b[o];
+                vstore(nxt[o] + r, vactivate<DROP>(t, r0 + r, static_cast<uint32_t>(l * W + o), n_units, key, thr, sc));
             }
-            const float bo = b[o];
-            for (int64_t r = 0; r < ROWS; ++r) z[o][r] += bo;
         }
-        for (int o = 0; o < W; ++o) activate<DROP>(a[o], z[o], r0, static_cast<uint32_t>(l * W + o), n_units, key, thr, sc);
-        keep(l);
+        cur = nxt;
     }
     if (out)
         for (int64_t r = 0; r < nr; ++r)
-            for (int u = 0; u < W; ++u) out[(r0 + r) * W + u] = a[u][r];
+            for (int u = 0; u < W; ++u) out[(r0 + r) * W + u] = cur[u][r];
 }
 
 template <int W>
@@ -141,11 +206,14 @@ void fwd(const Stack& p, float* out, int threads) {
     });
 }
 
-// sum of x[0..ROWS) in one fixed pairwise order (vectorisable, unlike a running sum)
-inline float lane_sum(float* x) {
-    for (int64_t h = ROWS / 2; h >= 1; h /= 2)
-        for (int64_t r = 0; r < h; ++r) x[r] += x[r + h];
-    return x[0];
+// sum over a block's rows of x[r] * y[r] (y null: of x[r]), as one vector of VL lane sums (lane l
+// holds rows l, l + VL, ...): added to a layer's gradient accumulator, reduced across lanes once
+// per member (hsum), so every sum has one fixed order whatever the threads
+template <bool Y>
+inline vf block_sum(const float* x, const float* y) {
+    vf t = Y ? vload(x) * vload(y) : vload(x);
+    for (int64_t r = VL; r < ROWS; r += VL) t += Y ? vload(x + r) * vload(y + r) : vload(x + r);
+    return t;
 }
 
 struct Grad {
@@ -154,15 +222,15 @@ struct Grad {
 };
 
 template <int W, bool DROP>
-void bwd_member(const Stack& p, const Grad& q, int64_t m, float (*save)[W][ROWS], float* acc) {
-    // acc (n_layers - 1, W * W + W): this member's middle-layer gradients, summed block after
-    // block in order (within a block, over its rows pairwise): one fixed order, whatever the threads
+void bwd_member(const Stack& p, const Grad& q, int64_t m, float (*save)[W][ROWS], vf* acc) {
+    // acc (n_layers - 1, W * W + W) vectors: this member's middle-layer gradients as lane sums,
+    // block after block in order, reduced across lanes at the end: one fixed order, whatever the threads
     const int64_t B = p.rows;
     const int64_t L = p.n_layers;
     const int64_t per = W * W + W;
     const float sc = DROP ? p.sc[m] : 1.0f;
-    std::fill(acc, acc + (L - 1) * per, 0.0f);
-    alignas(64) float g[W][ROWS], dz[W][ROWS], t[ROWS];
+    std::fill(acc, acc + (L - 1) * per, vf{});
+    alignas(64) float g[W][ROWS], dz[W][ROWS];
     for (int64_t r0 = 0; r0 < B; r0 += ROWS) {
         const int64_t nr = std::min(ROWS, B - r0);
         forward_block<W, DROP>(p, m, r0, save, nullptr);
@@ -174,25 +242,25 @@ void bwd_member(const Stack& p, const Grad& q, int64_t m, float (*save)[W][ROWS]
         for (int64_t l = L - 1; l >= 0; --l) {
             // ReLU's backward (0 where the activation is <= 0, as torch's threshold_backward),
             // then dropout's scale (exactly 1 for a member without dropout)
-            for (int o = 0; o < W; ++o)
-                for (int64_t r = 0; r < ROWS; ++r) dz[o][r] = ((save[l][o][r] <= 0.0f) ? 0.0f : g[o][r]) * sc;
-            if (l == 0) break;
-            float* gl = acc + (l - 1) * per;
-            const float* wl = p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W;
-            for (int o = 0; o < W; ++o) {
-                for (int i = 0; i < W; ++i) {
-                    for (int64_t r = 0; r < ROWS; ++r) t[r] = dz[o][r] * save[l - 1][i][r];
-                    gl[o * W + i] += lane_sum(t);
-                }
-                for (int64_t r = 0; r < ROWS; ++r) t[r] = dz[o][r];
-                gl[W * W + o] += lane_sum(t);
-            }
-            for (int i = 0; i < W; ++i) {
-                for (int64_t r = 0; r < ROWS; ++r) g[i][r] = 0.0f;
+            const float* wl = l ? p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W : nullptr;
+            for (int64_t r = 0; r < ROWS; r += VL) {  // dz, and the next g = W_l^T dz, VL rows at a time
+                vf dv[W];
                 for (int o = 0; o < W; ++o) {
-                    const float woi = wl[o * W + i];
-                    for (int64_t r = 0; r < ROWS; ++r) g[i][r] += dz[o][r] * woi;
+                    dv[o] = (vload(save[l][o] + r) <= 0.0f ? vf{} : vload(g[o] + r)) * sc;
+                    vstore(dz[o] + r, dv[o]);
                 }
+                if (l)
+                    for (int i = 0; i < W; ++i) {
+                        vf t = dv[0] * wl[i];
+                        for (int o = 1; o < W; ++o) t += dv[o] * wl[o * W + i];
+                        vstore(g[i] + r, t);
+                    }
+            }
+            if (l == 0) break;
+            vf* gl = acc + (l - 1) * per;
+            for (int o = 0; o < W; ++o) {
+                for (int i = 0; i < W; ++i) gl[o * W + i] += block_sum<true>(dz[o], save[l - 1][i]);
+                gl[W * W + o] += block_sum<false>(dz[o], nullptr);
             }
         }
         float* dz0 = q.dz0 + (m * B + r0) * W;
@@ -200,11 +268,11 @@ void bwd_member(const Stack& p, const Grad& q, int64_t m, float (*save)[W][ROWS]
             for (int u = 0; u < W; ++u) dz0[r * W + u] = dz[u][r];
     }
     for (int64_t l = 1; l < L; ++l) {
-        const float* gl = acc + (l - 1) * per;
+        const vf* gl = acc + (l - 1) * per;
         float* gw = q.grad + p.w_off + (l - 1) * p.layer_stride + m * W * W;
         float* gb = q.grad + p.b_off + (l - 1) * p.layer_stride + m * W;
-        for (int k = 0; k < W * W; ++k) gw[k] = gl[k];
-        for (int o = 0; o < W; ++o) gb[o] = gl[W * W + o];
+        for (int k = 0; k < W * W; ++k) gw[k] = hsum(gl[k]);
+        for (int o = 0; o < W; ++o) gb[o] = hsum(gl[W * W + o]);
     }
 }
 
@@ -212,12 +280,332 @@ template <int W>
 void bwd(const Stack& p, const Grad& q, int threads) {
     parallel(p.members, threads, [&](int64_t lo, int64_t hi) {
         std::vector<float> save(static_cast<size_t>(p.n_layers) * W * ROWS);
-        std::vector<float> acc(static_cast<size_t>(std::max<int64_t>(p.n_layers - 1, 1)) * (W * W + W));
+        std::vector<vf> acc(static_cast<size_t>(std::max<int64_t>(p.n_layers - 1, 1)) * (W * W + W));
         auto* s = reinterpret_cast<float (*)[W][ROWS]>(save.data());
         for (int64_t m = lo; m < hi; ++m) {
             if (p.ks) bwd_member<W, true>(p, q, m, s, acc.data());
             else bwd_member<W, false>(p, q, m, s, acc.data());
         }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole training step of a SimpleMLP population whose hidden layers are all one width <= 8:
+// per seed group (k members that share the batch), the batch rows read straight from the
+// training set by index, the first layer's forward for the group's k members while those rows are
+// in cache, the middle stack (forward_block / bwd_member above), the head, the mean cross-entropy
+// and its gradient, the backward of head and stack, and the first layer's weight and bias
+// gradients from the same rows, now in L2. Threads split the seed groups; every sum runs in one
+// fixed order within its group, so the bits do not depend on the thread count.
+//
+
+// sum_r a[r] * b[r] (b null: sum_r a[r]) over n floats, lane-wise then across lanes: one fixed order
+inline float dot(const float* a, const float* b, int64_t n) {
+    vf acc{};
+    int64_t r = 0;
+    for (; r + VL <= n; r += VL) acc += b ? vload(a + r) * vload(b + r) : vload(a + r);
+    float s = hsum(acc);
+    for (; r < n; ++r) s += b ? a[r] * b[r] : a[r];
+    return s;
+}
+
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+// exp(x) for x <= 0 (or NaN, which stays NaN), VL at a time: Cephes' expf (x = n ln2 + r, n the
+// nearest integer, a degree-6 polynomial in r, times 2^n), within 2 ulp of expf; below -87 it
+// gives exp(-87), ~1.6e-38, where expf gives a denormal or 0 (a difference of at most 1.6e-38
+// in a probability).
+inline vf exp_neg(vf x) {
+    x = x < -87.0f ? vbroadcast(-87.0f) : x;
+    const vf big = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    const vf n = (x * 1.44269504088896341f + big) - big;
+    vf r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf y = vbroadcast(1.9875691500e-4f);
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return y * (vf)e;  // the bits of e as floats: 2^n
+}
+
+// Z[r][n] = bias[n] + sum_i X_r[i] W[n][i] for RB_ rows and NB_ outputs (a register block).
+// `ahead` (null or RB_ row pointers): rows to prefetch meanwhile, one cache line per row and step;
+// the batch rows sit at random places in the training set, where the hardware prefetcher
+// cannot guess the next one: without this the first read of each row waits for memory.
+template <int RB_, int NB_>
+void first_fwd_block(const float* const* rows, const float* const* ahead, const float* w, int64_t n_in,
+                     const float* bias, float* z, int64_t ldz) {
+    vf acc[RB_][NB_] = {};
+    int64_t i = 0;
+    for (; i + VL <= n_in; i += VL) {
+        if (ahead && i % 16 == 0)  // one line (16 floats) per row
+            for (int a = 0; a < RB_; ++a) __builtin_prefetch(ahead[a] + i, 0, 3);
+        vf x[RB_];
+        for (int a = 0; a < RB_; ++a) x[a] = vload(rows[a] + i);
+        for (int n = 0; n < NB_; ++n) {
+            const vf wv = vload(w + n * n_in + i);
+            for (int a = 0; a < RB_; ++a) acc[a][n] += x[a] * wv;
+        }
+    }
+    for (int a = 0; a < RB_; ++a)
+        for (int n = 0; n < NB_; ++n) {
+            float s = hsum(acc[a][n]);
+            for (int64_t j = i; j < n_in; ++j) s += rows[a][j] * w[n * n_in + j];
+            z[a * ldz + n] = s + bias[n];
+        }
+}
+
+template <int RB_>
+void first_fwd_rows(const float* const* rows, const float* const* ahead, const float* w, int64_t n_in,
+                    const float* bias, float* z, int64_t ldz, int64_t n_out) {
+    int64_t n0 = 0;
+    for (; n0 + NB <= n_out; n0 += NB) {
+        first_fwd_block<RB_, NB>(rows, ahead, w + n0 * n_in, n_in, bias + n0, z + n0, ldz);
+        ahead = nullptr;  // fetched once, by the first block of outputs
+    }
+    const float* wr = w + n0 * n_in;
+    switch (n_out - n0) {
+        case 1: first_fwd_block<RB_, 1>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
+        case 2: first_fwd_block<RB_, 2>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
+        case 3: first_fwd_block<RB_, 3>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
+        case 4: first_fwd_block<RB_, 4>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
+        case 5: first_fwd_block<RB_, 5>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
+        default: break;
+    }
+}
+
+// Rows (of RB) ahead that the first layer's forward prefetches
+constexpr int64_t AHEAD = 8 * RB;
+
+// The first layer's forward: Z (b, n_out) row-major from the b rows and W (n_out, n_in)
+void first_forward(const float* const* rows, int64_t b, const float* w, int64_t n_in, const float* bias, float* z,
+                   int64_t n_out) {
+    int64_t r = 0;
+    for (; r + RB <= b; r += RB)
+        first_fwd_rows<RB>(rows + r, r + AHEAD + RB <= b ? rows + r + AHEAD : nullptr, w, n_in, bias,
+                           z + r * n_out, n_out, n_out);
+    for (; r < b; ++r) first_fwd_rows<1>(rows + r, nullptr, w, n_in, bias, z + r * n_out, n_out, n_out);
+}
+
+// G[n][i0 + q VL + l] = sum_r D[n][r] X_r[i0 + ...] for NB_ outputs and IB_ input vectors, rows in order
+template <int NB_, int IB_>
+void first_grad_block(const float* const* rows, int64_t b, const float* d, float* g, int64_t n_in, int64_t i0) {
+    vf acc[NB_][IB_] = {};
+    for (int64_t r = 0; r < b; ++r) {
+        vf x[IB_];
+        for (int q = 0; q < IB_; ++q) x[q] = vload(rows[r] + i0 + q * VL);
+        for (int n = 0; n < NB_; ++n) {
+            const vf dv = vbroadcast(d[n * b + r]);
+            for (int q = 0; q < IB_; ++q) acc[n][q] += dv * x[q];
+        }
+    }
+    for (int n = 0; n < NB_; ++n)
+        for (int q = 0; q < IB_; ++q) vstore(g + n * n_in + i0 + q * VL, acc[n][q]);
+}
+
+template <int NB_>
+void first_grad_outputs(const float* const* rows, int64_t b, const float* d, float* g, int64_t n_in) {
+    int64_t i = 0;
+    for (; i + IB * VL <= n_in; i += IB * VL) first_grad_block<NB_, IB>(rows, b, d, g, n_in, i);
+    for (; i + VL <= n_in; i += VL) first_grad_block<NB_, 1>(rows, b, d, g, n_in, i);
+    for (; i < n_in; ++i)
+        for (int n = 0; n < NB_; ++n) {
+            float s = 0.0f;
+            for (int64_t r = 0; r < b; ++r) s += d[n * b + r] * rows[r][i];
+            g[n * n_in + i] = s;
+        }
+}
+
+// The first layer's weight gradient G (n_out, n_in) from D (n_out, b), output-major, and the rows
+void first_grad(const float* const* rows, int64_t b, const float* d, float* g, int64_t n_in, int64_t n_out) {
+    int64_t n0 = 0;
+    for (; n0 + NB <= n_out; n0 += NB) first_grad_outputs<NB>(rows, b, d + n0 * b, g + n0 * n_in, n_in);
+    const float* dr = d + n0 * b;
+    float* gr = g + n0 * n_in;
+    switch (n_out - n0) {
+        case 1: first_grad_outputs<1>(rows, b, dr, gr, n_in); break;
+        case 2: first_grad_outputs<2>(rows, b, dr, gr, n_in); break;
+        case 3: first_grad_outputs<3>(rows, b, dr, gr, n_in); break;
+        case 4: first_grad_outputs<4>(rows, b, dr, gr, n_in); break;
+        case 5: first_grad_outputs<5>(rows, b, dr, gr, n_in); break;
+        default: break;
+    }
+}
+
+struct Step {
+    const float* x; const int64_t* y; int64_t n_in;  // the training set (N, n_in), labels (N,)
+    const int64_t* order; int64_t n_train;            // (G, N) every group's data order
+    const int64_t* step; int64_t batch_size, b;       // this step reads positions step * batch_size + [0, b)
+    const float* flat; float* grad;                   // parameters and gradients of the members
+    int64_t members, k;                               // k consecutive members share a group's batch
+    int64_t w0_off, b0_off;                           // first layer (M, W, n_in) and (M, W)
+    int64_t w_off, b_off, layer_stride, n_layers;     // the middle stack, as Stack above; n_layers hidden
+    int64_t hw_off, hb_off, n_out;                    // head (M, n_out, W) and (M, n_out)
+    const int64_t* dkeys; const int64_t* thr; const float* sc;  // dropout: loop keys (M, 2), or null
+    float* loss;                                      // (M,) mean cross-entropy of each member
+    std::atomic<int>* bad;                            // set by a group with a label or index out of range
+};
+
+// Per thread: every buffer one group needs, reused from group to group and from step to step.
+struct Work {
+    std::vector<const float*> rows;
+    std::vector<int64_t> labels;
+    std::vector<float> yf;  // the labels as floats, padded with -1 to whole vectors
+    std::vector<float> z, a, at, logits, dl, mx, sm, da, dz, d, save;
+    std::vector<vf> acc;  // the stack's gradient lane sums
+    void fit(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
+};
+
+template <int W>
+void step_group(const Step& s, int64_t g, Work& wk) {
+    const int64_t b = s.b, k = s.k, n_in = s.n_in, n_out = s.n_out, L = s.n_layers;
+    const int64_t N = k * W;                // the group's first-layer outputs
+    const int64_t bp = (b + VL - 1) / VL * VL;  // rows padded to whole vectors (unit-major arrays)
+    const int64_t pos0 = *s.step * s.batch_size;
+    wk.rows.resize(b);
+    wk.labels.resize(b);
+    wk.yf.assign(bp, -1.0f);
+    for (int64_t r = 0; r < b; ++r) {
+        const int64_t idx = s.order[g * s.n_train + pos0 + r];
+        if (idx < 0 || idx >= s.n_train || s.y[idx] < 0 || s.y[idx] >= n_out) {
+            s.bad->store(1);  // never read outside the data: the caller raises
+            return;
+        }
+        wk.rows[r] = s.x + idx * n_in;
+        wk.labels[r] = s.y[idx];
+        wk.yf[r] = static_cast<float>(s.y[idx]);
+    }
+    wk.fit(wk.z, b * N);
+    wk.fit(wk.a, static_cast<size_t>(b) * W);
+    wk.fit(wk.at, W * bp);
+    wk.fit(wk.mx, bp);
+    wk.fit(wk.sm, bp);
+    wk.fit(wk.logits, n_out * bp);
+    wk.fit(wk.dl, n_out * bp);
+    wk.fit(wk.da, W * bp);
+    wk.fit(wk.dz, static_cast<size_t>(k) * b * W);
+    wk.fit(wk.d, N * b);
+    wk.fit(wk.save, static_cast<size_t>(L) * W * ROWS);
+    if (wk.acc.size() < static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * (W * W + W))
+        wk.acc.resize(static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * (W * W + W));
+    const float* const* rows = wk.rows.data();
+    const int64_t m0 = g * k;
+    // first layer, forward: Z (b, k W), member j's units at columns [j W, (j + 1) W)
+    first_forward(rows, b, s.flat + s.w0_off + m0 * W * n_in, n_in, s.flat + s.b0_off + m0 * W, wk.z.data(), N);
+    const float inv_b = static_cast<float>(1.0 / static_cast<double>(b));
+    for (int64_t j = 0; j < k; ++j) {
+        const int64_t m = m0 + j;
+        // a member without dropout (threshold 0: every unit kept, times exactly 1) skips the hashes
+        const bool drop = s.dkeys && s.thr[m] > 0;
+        uint32_t key = 0;
+        if (drop) {
+            // rng.step_keys: mix32(mix32(step ^ k0) ^ k1)
+            key = mix32(mix32(static_cast<uint32_t>(*s.step ^ s.dkeys[2 * m])) ^ static_cast<uint32_t>(s.dkeys[2 * m + 1]));
+        }
+        const int64_t key64 = key;
+        Stack st{wk.z.data() + j * W, 0, N, 1, s.flat, s.w_off + m * W * W, s.b_off + m * W, s.layer_stride,
+                 drop ? &key64 : nullptr, drop ? s.thr + m : nullptr, drop ? s.sc + m : nullptr,
+                 1, b, L, L * W};
+        // the stack, forward: the last hidden layer's activations A (b, W) row-major
+        float* A = wk.a.data();
+        for (int64_t r0 = 0; r0 < b; r0 += ROWS) {
+            if (drop) forward_block<W, true>(st, 0, r0, nullptr, A);
+            else forward_block<W, false>(st, 0, r0, nullptr, A);
+        }
+        // the head, unit-major over the rows (padded to whole vectors): logits[c][r] = A[r] . hw[c] + hb[c]
+        float* at = wk.at.data();
+        for (int u = 0; u < W; ++u) {
+            for (int64_t r = 0; r < b; ++r) at[u * bp + r] = A[r * W + u];
+            for (int64_t r = b; r < bp; ++r) at[u * bp + r] = 0.0f;
+        }
+        const float* hw = s.flat + s.hw_off + m * n_out * W;
+        const float* hb = s.flat + s.hb_off + m * n_out;
+        float* lg = wk.logits.data();
+        float* dl = wk.dl.data();
+        for (int64_t c = 0; c < n_out; ++c)
+            for (int64_t r = 0; r < bp; r += VL) {
+                vf t{};
+                for (int u = 0; u < W; ++u) t += vload(at + u * bp + r) * hw[c * W + u];
+                vstore(lg + c * bp + r, t + hb[c]);
+            }
+        // mean cross-entropy; its gradient (softmax - onehot) / b into dl
+        float* sm = wk.sm.data();
+        const float* yf = wk.yf.data();
+        for (int64_t r = 0; r < bp; r += VL) {
+            vf mx = vload(lg + r);
+            for (int64_t c = 1; c < n_out; ++c) {
+                const vf l = vload(lg + c * bp + r);
+                mx = l > mx ? l : mx;
+            }
+            for (int64_t c = 0; c < n_out; ++c) {  // a NaN logit makes its row's loss and gradient NaN
+                const vf l = vload(lg + c * bp + r);
+                mx = l != l ? l : mx;
+            }
+            vf sum{};
+            for (int64_t c = 0; c < n_out; ++c) {
+                const vf e = exp_neg(vload(lg + c * bp + r) - mx);
+                vstore(dl + c * bp + r, e);
+                sum += e;
+            }
+            vstore(wk.mx.data() + r, mx);
+            vstore(sm + r, sum);
+        }
+        double loss = 0.0;
+        for (int64_t r = 0; r < b; ++r) {
+            const float lse = wk.mx[r] + std::log(sm[r]);
+            loss += static_cast<double>(lse - lg[wk.labels[r] * bp + r]);
+        }
+        s.loss[m] = static_cast<float>(loss / static_cast<double>(b));
+        for (int64_t r = 0; r < bp; r += VL) {
+            const vf inv = vbroadcast(1.0f) / vload(sm + r);
+            const vf y = vload(yf + r);
+            for (int64_t c = 0; c < n_out; ++c) {
+                const vf one = y == static_cast<float>(c) ? vbroadcast(1.0f) : vf{};
+                vstore(dl + c * bp + r, (vload(dl + c * bp + r) * inv - one) * inv_b);
+            }
+        }
+        // the head's gradients, and dLoss/dA unit-major (da[u][r])
+        float* ghw = s.grad + s.hw_off + m * n_out * W;
+        float* ghb = s.grad + s.hb_off + m * n_out;
+        for (int64_t c = 0; c < n_out; ++c) {
+            for (int u = 0; u < W; ++u) ghw[c * W + u] = dot(dl + c * bp, at + u * bp, b);
+            ghb[c] = dot(dl + c * bp, nullptr, b);
+        }
+        float* da = wk.da.data();
+        for (int u = 0; u < W; ++u) {
+            float* du = da + u * bp;
+            for (int64_t r = 0; r < bp; r += VL) {
+                vf t{};
+                for (int64_t c = 0; c < n_out; ++c) t += vload(dl + c * bp + r) * hw[c * W + u];
+                vstore(du + r, t);
+            }
+        }
+        // the stack, backward: middle gradients into grad, dLoss/dz0 (b, W) row-major
+        Grad q{da, 0, 1, bp, s.grad, wk.dz.data() + j * b * W};
+        auto* save = reinterpret_cast<float (*)[W][ROWS]>(wk.save.data());
+        if (drop) bwd_member<W, true>(st, q, 0, save, wk.acc.data());
+        else bwd_member<W, false>(st, q, 0, save, wk.acc.data());
+        // output-major for the first layer: d[j W + u][r]
+        const float* dzj = wk.dz.data() + j * b * W;
+        for (int u = 0; u < W; ++u)
+            for (int64_t r = 0; r < b; ++r) wk.d[(j * W + u) * b + r] = dzj[r * W + u];
+    }
+    // first layer, backward: weight gradients from the same rows, bias gradients
+    first_grad(rows, b, wk.d.data(), s.grad + s.w0_off + m0 * W * n_in, n_in, N);
+    float* gb0 = s.grad + s.b0_off + m0 * W;
+    for (int64_t n = 0; n < N; ++n) gb0[n] = dot(wk.d.data() + n * b, nullptr, b);
+}
+
+template <int W>
+void train_step(const Step& s, int threads) {
+    const int64_t groups = s.members / s.k;
+    parallel(groups, threads, [&](int64_t lo, int64_t hi) {
+        thread_local Work wk;
+        for (int64_t g = lo; g < hi; ++g) step_group<W>(s, g, wk);
     });
 }
 
@@ -253,6 +641,24 @@ int psa_stack_backward(const float* z0, int64_t s_zm, int64_t s_zb, int64_t s_zw
 #define PSA_BWD(N) case N: bwd<N>(p, q, threads); return 0;
         PSA_WIDTHS(PSA_BWD)
 #undef PSA_BWD
+        default: return 1;
+    }
+}
+
+int psa_train_step(const float* x, const int64_t* y, int64_t n_in, const int64_t* order, int64_t n_train,
+                   const int64_t* step, int64_t batch_size, int64_t b, const float* flat, float* grad,
+                   int64_t members, int64_t k, int64_t w0_off, int64_t b0_off, int64_t w_off, int64_t b_off,
+                   int64_t layer_stride, int64_t n_layers, int64_t hw_off, int64_t hb_off, int64_t n_out,
+                   const int64_t* dkeys, const int64_t* thr, const float* sc, float* loss, int64_t width,
+                   int threads) {
+    std::atomic<int> bad{0};
+    Step s{x, y, n_in, order, n_train, step, batch_size, b, flat, grad, members, k, w0_off, b0_off, w_off, b_off,
+           layer_stride, n_layers, hw_off, hb_off, n_out, dkeys, thr, sc, loss, &bad};
+    if (members <= 0 || k <= 0 || members % k || b <= 0) return 2;
+    switch (width) {
+#define PSA_STEP(N) case N: train_step<N>(s, threads); return bad.load() ? 3 : 0;
+        PSA_WIDTHS(PSA_STEP)
+#undef PSA_STEP
         default: return 1;
     }
 }

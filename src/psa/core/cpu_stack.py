@@ -1,4 +1,12 @@
-"""The hidden stack of narrow MLPs on the CPU in one call per direction (psa.core.cpu_stack.cpp).
+"""Narrow MLPs on the CPU: the whole training step in one call (train_step), and the hidden
+stack in one call per direction (stack_forward, stack_backward), from psa.core.cpu_stack.cpp.
+
+train_step does a SimpleMLP's forward and backward for a population whose hidden layers are all
+one width up to 8: per seed group (threads split the groups), the batch rows read straight from
+the training set by index (no gathered copy of 8 MB a step), the first layer for the group's
+members while the rows are in cache, the middle stack (the code below), the head, the mean
+cross-entropy and its gradient, the backward, and the first layer's gradients from the same rows.
+What is left of a narrow net's step is then memory (the rows) and arithmetic.
 
 On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each a
 few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
@@ -13,10 +21,11 @@ and reading back (depth x batch x width) floats per member each step.
 Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
 torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
 no torch headers and no ninja (a torch extension compiles torch's headers, 30-60 s; this file
-takes 5-10 s of CPU time, measured with g++ 12), and nothing is traced or recompiled per shape
-at run time (the stack is a loop over layers, which torch.compile would unroll per depth). The build is cached on disk by the hash of the
-source, compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a
-machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
+takes about 9 s of CPU time, measured with g++ 12 and the AVX-512 flags), and nothing is traced
+or recompiled per shape at run time (the stack is a loop over layers, which torch.compile would
+unroll per depth; nor would it fuse a gather by index into a GEMM's operand, the step's largest
+saving). The build is cached on disk by the hash of the source, compiler and flags
+($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
 warning line and the engine runs its stacks through plain torch ops.
 """
 
@@ -36,6 +45,7 @@ import torch
 
 from psa.core.arch import Arch
 from psa.core.device import Execution
+from psa.core.population import Layout
 
 # Widest equal-width stack the compiled code takes (its template instantiations).
 MAX_WIDTH = 8
@@ -54,10 +64,15 @@ def _compiler() -> str | None:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
-    # vector units torch itself found on this CPU: AVX2 and FMA where it dispatches to AVX2/AVX512
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    # -ffp-contract=fast: a * b + c is one FMA where the CPU has them (one rounding, not two)
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=fast"]
+    # vector units torch itself found on this CPU: AVX2 and FMA where it dispatches to AVX2/AVX512,
+    # and AVX-512 where it dispatches to that (torch checks the CPU): twice the floats per instruction
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512":
+        flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mprefer-vector-width=512"]
     return flags
 
 
@@ -98,6 +113,10 @@ def _build() -> ctypes.CDLL:
     lib.psa_stack_backward.restype = ctypes.c_int
     lib.psa_stack_backward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                        _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.psa_train_step.restype = ctypes.c_int
+    lib.psa_train_step.argtypes = [_PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
+                                   _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64,
+                                   ctypes.c_int]
     if lib.psa_stack_max_width() != MAX_WIDTH:
         raise RuntimeError(f"the built library takes widths up to {lib.psa_stack_max_width()}, not {MAX_WIDTH}")
     return lib
@@ -126,6 +145,17 @@ def stack_fits_cpu(arch: Arch, ex: Execution) -> bool:
     One hidden layer has no middle stack: its ReLU stays torch's, so those nets keep their results."""
     hidden = arch.hidden
     if not (ex.cpu_stack_max_width and ex.device.type == "cpu" and ex.precision == "fp32" and len(hidden) >= 2
+            and len(set(hidden)) == 1 and hidden[0] <= min(ex.cpu_stack_max_width, MAX_WIDTH)):
+        return False
+    return load()
+
+
+def step_fits_cpu(arch: Arch, ex: Execution) -> bool:
+    """Whether a SimpleMLP of `arch` trains through train_step under `ex`: asked for
+    (ex.cpu_stack_max_width, which `--kernels auto` sets on a CPU), on a CPU in fp32, one or more
+    hidden layers of one width up to that, and the library built here (else one warning and False)."""
+    hidden = arch.hidden
+    if not (ex.cpu_stack_max_width and ex.device.type == "cpu" and ex.precision == "fp32" and hidden
             and len(set(hidden)) == 1 and hidden[0] <= min(ex.cpu_stack_max_width, MAX_WIDTH)):
         return False
     return load()
@@ -247,3 +277,54 @@ def stack_backward(da: torch.Tensor, z0: torch.Tensor, flat: torch.Tensor, grad:
                                        dz0.data_ptr(), members, rows, n_layers, width, torch.get_num_threads())
         _check(rc == 0, f"the fused CPU stack does not take width {width}")
     return dz0
+
+
+def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               order: torch.Tensor, step: torch.Tensor, batch_size: int, b: int, k: int,
+               drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, loss: torch.Tensor) -> torch.Tensor:
+    """One training step's forward and backward of every member of `flat` (a SimpleMLP of
+    `layout`, hidden layers of one width up to MAX_WIDTH) in one call: writes every gradient into
+    `grad` (the layout of `flat`) and each member's mean cross-entropy into `loss` (M,); returns it.
+
+    Member m trains on the rows x[order[m // k, step * batch_size + r]] for r < b, labels from y
+    (k consecutive members share a seed group's data order); `step` a 0-d int64 tensor (read here),
+    `drop` None or (keys (M, 2) from rng.loop_keys(seed, "dropout", loop), threshold (M,), scale
+    (M,)), the step's dropout keys derived as rng.step_keys does. fp32 only; the same bits for any
+    thread count (threads split the seed groups).
+    """
+    blocks = layout.blocks
+    m, depth = layout.size_m, len(blocks) - 1
+    _check(depth >= 1 and layout.model == "simplemlp", "the fused CPU step takes a SimpleMLP with hidden layers")
+    w0_off, b0_off, width, n_in = blocks[0]
+    hw_off, hb_off, n_out, head_in = blocks[-1]
+    _check(1 <= width <= MAX_WIDTH and head_in == width and all(o == width == i for _, _, o, i in blocks[1:-1]),
+           f"the fused CPU step takes hidden layers of one width up to {MAX_WIDTH}")
+    w_off, b_off = (blocks[1][0], blocks[1][1]) if depth > 1 else (0, 0)
+    for name, t in (("flat", flat), ("grad", grad)):
+        _check(t.dim() == 1 and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               and t.numel() == layout.numel, f"{name} must be a contiguous ({layout.numel},) float32 CPU tensor")
+    _check(x.dim() == 2 and x.shape[1] == n_in and x.dtype == torch.float32 and x.device.type == "cpu"
+           and x.is_contiguous(), f"x must be a contiguous (N, {n_in}) float32 CPU tensor")
+    n = x.shape[0]
+    _check(tuple(y.shape) == (n,) and y.dtype == torch.int64 and y.is_contiguous() and y.device.type == "cpu",
+           f"y must be a contiguous ({n},) int64 CPU tensor")
+    _check(isinstance(k, int) and k >= 1 and m % k == 0, f"k must divide the {m} members")
+    _check(tuple(order.shape) == (m // k, n) and order.dtype == torch.int64 and order.is_contiguous()
+           and order.device.type == "cpu", f"order must be a contiguous ({m // k}, {n}) int64 CPU tensor")
+    _check(step.dim() == 0 and step.dtype == torch.int64 and step.device.type == "cpu", "step must be a 0-d int64 tensor")
+    _check(1 <= b <= batch_size and int(step) * batch_size + b <= n, "the batch runs past the end of the data order")
+    _check_common(loss, "loss", (m,))
+    if drop is not None:
+        keys, thr, sc = drop
+        for name, t, shape, dt in (("keys", keys, (m, 2), torch.int64), ("thr", thr, (m,), torch.int64),
+                                   ("sc", sc, (m,), torch.float32)):
+            _check(tuple(t.shape) == shape and t.dtype == dt and t.is_contiguous() and t.device.type == "cpu",
+                   f"drop {name} must be a contiguous {shape} {dt} CPU tensor")
+    ks, thr, sc = drop if drop is not None else (None, None, None)
+    rc = _lib().psa_train_step(x.data_ptr(), y.data_ptr(), n_in, order.data_ptr(), n, step.data_ptr(), batch_size, b,
+                               flat.data_ptr(), grad.data_ptr(), m, k, w0_off, b0_off, w_off, b_off,
+                               m * width * (width + 1), depth, hw_off, hb_off, n_out, _ptr(ks), _ptr(thr), _ptr(sc),
+                               loss.data_ptr(), width, torch.get_num_threads())
+    _check(rc != 3, f"a label outside 0..{n_out - 1} or a data order index outside the training set")
+    _check(rc == 0, f"the fused CPU step failed (code {rc})")
+    return loss

@@ -13,8 +13,9 @@ How a loop runs, and why:
   forward, backward, AdamW) is therefore captured once as a CUDA graph and replayed.
 - Hidden stacks of equal width up to kernels.MAX_WIDTH run as one Triton kernel per direction
   when Triton is available (psa.core.kernels): a 2048-layer net is a few launches per step.
-  On a CPU, stacks of two or more hidden layers of one width up to 8 run the same way through
-  a small compiled C++ routine (psa.core.cpu_stack), where torch would pay per layer and op.
+  On a CPU, a net whose hidden layers are all one width up to 8 trains each step in one call
+  to a small compiled C++ routine (psa.core.cpu_stack.train_step: batch rows read by index,
+  first layer, stack, head, loss and every gradient), where torch would pay per layer and op.
 - Data order and dropout masks are counter-based hashes (psa.core.rng), computed on the device.
 - Ablation, promotion and weight decay act on a handful of strided views (Layout.runs) with
   device-side masks: nothing waits for the device until a loop's results are read.
@@ -214,6 +215,11 @@ class Engine:
         # the fused CPU stack (psa.core.cpu_stack) runs a SimpleMLP's plain ReLU stack only
         self.cpu_stack = (not self.fused and population.model == DEFAULT_MODEL
                           and cpu_stack.stack_fits_cpu(population.arch, ex))
+        # ... and its whole training step (cpu_stack.train_step) reads the batch straight from the
+        # training set, which must then be one contiguous block of rows
+        self.cpu_step = (not self.fused and population.model == DEFAULT_MODEL
+                         and data.train_x.is_contiguous() and data.train_y.is_contiguous()
+                         and cpu_stack.step_fits_cpu(population.arch, ex))
         self.chunk_size = self._chunk_size()
         self.use_graphs = ex.graphs and self.chunk_size >= population.size
         if stream is None and dev.type == "cuda":
@@ -317,12 +323,17 @@ class Engine:
         decay, AdamW, counter. Reads its inputs from device tensors only (graph-capturable)."""
         data = self.data
         g, k = ch.groups
-        pos = ch.step * self.hp.batch_size + ch.arange[:b]
-        flat_idx = ch.order.index_select(1, pos).reshape(-1)
-        x = torch.index_select(data.train_x, 0, flat_idx, out=ch.buf("x", (g * b, data.train_x.shape[1])))
-        x = x.view(g, b, -1)
-        y = data.train_y.index_select(0, flat_idx).view(g, 1, b).expand(g, k, b).reshape(ch.size, b)
-        loss = self._forward_backward(ch, x, y)
+        if self.cpu_step:  # -- the fused CPU step: gather, forward and backward in one call
+            drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
+            loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, data.train_x, data.train_y, ch.order, ch.step,
+                                        self.hp.batch_size, b, k, drop, ch.buf("loss", (ch.size,)))
+        else:
+            pos = ch.step * self.hp.batch_size + ch.arange[:b]
+            flat_idx = ch.order.index_select(1, pos).reshape(-1)
+            x = torch.index_select(data.train_x, 0, flat_idx, out=ch.buf("x", (g * b, data.train_x.shape[1])))
+            x = x.view(g, b, -1)
+            y = data.train_y.index_select(0, flat_idx).view(g, 1, b).expand(g, k, b).reshape(ch.size, b)
+            loss = self._forward_backward(ch, x, y)
         ch.loss_sum += loss
         ch.diverged |= ~torch.isfinite(loss)
         if ch.decay is not None:

@@ -1,0 +1,207 @@
+"""psa.core.cpu_stack.train_step (the fused CPU training step) against the engine's torch path.
+
+One step's gradients and losses are compared on the same candidate, chunk and batch: the torch
+path (`--kernels torch`: gathered batch, torch matmuls, autograd-free backward) is the reference.
+Tolerances: gradients within 2e-5 of the largest gradient of their layer (fp32 sums over a batch
+and 784 inputs in another order: measured differences are ~5e-7 of it, up to 5e-6 for width 1,
+whose sums cancel more), losses within 1e-5 (of ~2.3; measured 2.4e-7). Meta-loops (ablations, promotion, the last partial batch) then follow the torch path's
+LKG to 1e-5, as tests/test_cpu_stack.py holds the fused stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from psa.core import cpu_stack
+from psa.core.arch import parse_arch
+from psa.core.device import resolve_execution
+from psa.core.population import MODES
+
+from .conftest import ENGINE_HP as HP
+from .conftest import engine, fresh_seed, population
+
+if not cpu_stack.load(warn=False):
+    pytest.skip(f"the fused CPU stack cannot be built here ({cpu_stack.failure()})", allow_module_level=True)
+
+SPECS = [(m, s) for s in (1, 2) for m in MODES]  # every mode: dropout, decay, ablations; two seed groups
+
+
+def pair(arch_text: str, data, specs=SPECS, hp=HP):
+    """(fused engine, torch engine) on two populations with the same initial weights."""
+    arch = parse_arch(arch_text)
+    fused = engine(population(arch, data, specs, hp), data, hp)
+    plain = engine(population(arch, data, specs, hp), data, hp, kernels="torch")
+    assert fused.cpu_step and not plain.cpu_step and not plain.cpu_stack
+    assert torch.equal(fused.pop.lkg, plain.pop.lkg)
+    return fused, plain
+
+
+def one_step(eng, loop: int, step: int, b: int, ablate: bool = True):
+    """Gradients and losses of one training step of the whole population (no update)."""
+    ch = eng._chunk(0, eng.pop.size)
+    ablations = []
+    if ablate:
+        ablated = eng._ablations(loop)
+        ablations = [(j, eng.pop.members[j].mode, *a) for j in range(eng.pop.size) for a in ablated[j]]
+    ch.begin(eng, loop, ablations)
+    ch.step.fill_(step)
+    g, k = ch.groups
+    if eng.cpu_step:
+        drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
+        loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, eng.data.train_x, eng.data.train_y, ch.order,
+                                    ch.step, eng.hp.batch_size, b, k, drop, torch.full((ch.size,), float("nan")))
+    else:
+        pos = ch.step * eng.hp.batch_size + torch.arange(b)
+        idx = ch.order.index_select(1, pos).reshape(-1)
+        x = eng.data.train_x.index_select(0, idx).view(g, b, -1)
+        y = eng.data.train_y.index_select(0, idx).view(g, 1, b).expand(g, k, b).reshape(ch.size, b)
+        loss = eng._forward_backward(ch, x, y)
+    return ch.grad.clone(), loss.clone(), ch
+
+
+def assert_close_grads(eng, got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    for layer, ((gw, gb), (rw, rb)) in enumerate(zip(eng.pop.layout.views(got), eng.pop.layout.views(ref))):
+        for name, a, r in (("weight", gw, rw), ("bias", gb, rb)):
+            assert torch.isfinite(a).all(), f"{what}: layer {layer} {name} not finite"
+            scale = max(r.abs().max().item(), 1e-6)
+            err = (a - r).abs().max().item()
+            assert err <= 2e-5 * scale, f"{what}: layer {layer} {name}: {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["1*1", "1*2", "1*4", "1*8", "2*1", "2*2", "3*4", "2*8", "4*3", "5*5", "7*7"])
+@pytest.mark.parametrize("b", [32, 11])  # a full batch, and a last partial one
+def test_step_matches_the_torch_path(small, arch, b):
+    """Every mode (members with and without dropout in one chunk, decay members), ablated units
+    (loop 2 ablates in the ablative modes), depth 1 (no middle stack) and deeper, widths 1-8."""
+    fused, plain = pair(arch, small)
+    n_steps = small.train_x.shape[0] // HP.batch_size
+    step = n_steps - 1 if b < HP.batch_size else 3
+    got, loss, ch = one_step(fused, 2, step, b)
+    ref, ref_loss, ref_ch = one_step(plain, 2, step, b)
+    assert torch.equal(ch.cand, ref_ch.cand)  # the same ablated candidate
+    assert ch.dropout and any(m.dropout == 0 for m in ch.members)
+    what = f"{arch} b={b}"
+    assert_close_grads(fused, got, ref, what)
+    assert (loss - ref_loss).abs().max().item() < 1e-5, what
+
+
+def test_an_ablated_unit_stays_dead(small):
+    """A zeroed hidden unit gets zero gradient into and out of it, as on the torch path."""
+    fused, _ = pair("3*4", small, [("hidden", 1)])
+    ch = fused._chunk(0, 1)
+    ch.begin(fused, 2, [(0, "hidden", 1, 2)])  # Linear 1's unit 2: its row, bias and the next layer's column
+    cpu_stack.train_step(ch.layout, ch.cand, ch.grad, small.train_x, small.train_y, ch.order, ch.step, 32, 32, 1,
+                         None, torch.empty(1))
+    views = ch.layout.views(ch.grad)
+    assert torch.equal(views[1][0][0, 2], torch.zeros(4)) and views[1][1][0, 2].item() == 0.0
+    assert torch.equal(views[2][0][0, :, 2], torch.zeros(4))
+    assert views[0][0].abs().sum().item() > 0 and views[2][0].abs().sum().item() > 0  # the rest trains
+
+
+def test_meta_loops_follow_the_torch_path(small):
+    """Three meta-loops of every mode (ablation, promotion, a last partial batch of 10)."""
+    data = dataclasses.replace(small, train_x=small.train_x[:330], train_y=small.train_y[:330])
+    for arch in ("1*4", "2*2", "4*1"):
+        fused, plain = pair(arch, data)
+        res = [(fused.meta_loop(), plain.meta_loop()) for _ in range(3)]
+        diff = (fused.pop.lkg - plain.pop.lkg).abs().max().item()
+        assert diff < 1e-5, (arch, diff)
+        for a, b in res:
+            assert a.promoted == b.promoted and a.diverged == b.diverged and a.ablated == b.ablated, arch
+            assert max(abs(x - y) for x, y in zip(a.train_loss, b.train_loss)) < 1e-5, arch
+
+
+def test_divergence_is_flagged_per_member(small):
+    """Members with NaN weights (3) or an infinite logit (4) get a non-finite loss (diverged) on
+    both paths; the other members' losses stay finite and equal to the torch path's."""
+    fused, plain = pair("2*2", small)
+    outs = []
+    for eng in (fused, plain):
+        views = eng.pop.layout.views(eng.pop.lkg)
+        views[0][0][3, 1, 100] = float("nan")
+        views[-1][1][4, 0] = float("inf")
+        ch = eng._chunk(0, eng.pop.size)
+        ch.begin(eng, 1, [])
+        eng._step(ch, 32)
+        outs.append((ch.diverged.clone(), ch.loss_sum.clone()))
+    (div, loss), (ref_div, ref_loss) = outs
+    assert div.tolist() == ref_div.tolist() == [j in (3, 4) for j in range(len(SPECS))]
+    keep = ~ref_div
+    assert (loss[keep] - ref_loss[keep]).abs().max().item() < 1e-5
+
+
+def test_same_inputs_same_bits_for_any_thread_count(small):
+    fused, _ = pair("3*4", small)
+    out = []
+    for threads in (1, 2, 3, 1):
+        torch.set_num_threads(threads)
+        grad, loss, _ = one_step(fused, 2, 5, 32)
+        out.append((grad, loss))
+    for grad, loss in out[1:]:
+        assert torch.equal(grad, out[0][0]) and torch.equal(loss, out[0][1])
+
+
+def test_random_inputs_against_the_torch_path(small):
+    """Random weights (scaled so that units are on and off) on random widths and depths."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        w = int(torch.randint(1, 9, (1,), generator=g))
+        d = int(torch.randint(1, 5, (1,), generator=g))
+        fused, plain = pair(f"{d}*{w}", small)
+        noise = torch.randn(fused.pop.lkg.shape, generator=g) * 0.5
+        fused.pop.lkg.add_(noise)
+        plain.pop.lkg.add_(noise)
+        got, loss, _ = one_step(fused, 3, 2, 32)
+        ref, ref_loss, _ = one_step(plain, 3, 2, 32)
+        assert_close_grads(fused, got, ref, f"seed={seed} {d}*{w}")
+        assert (loss - ref_loss).abs().max().item() < 1e-5, f"seed={seed} {d}*{w}"
+
+
+def test_where_the_engine_uses_it():
+    cpu = torch.device("cpu")
+    auto = resolve_execution(cpu, "auto", "auto")
+    for text, fits in [("1*1", True), ("1*8", True), ("4*2", True), ("64*1", True), ("8*8", True),
+                       ("1*16", False), ("2*16", False), ("[2*4, 2*2]", False), ("[]", False)]:
+        assert cpu_stack.step_fits_cpu(parse_arch(text), auto) is fits, text
+    assert not cpu_stack.step_fits_cpu(parse_arch("4*2"), resolve_execution(cpu, "auto", "torch"))
+
+
+def test_validation(small):
+    fused, _ = pair("2*2", small)
+    ch = fused._chunk(0, fused.pop.size)
+    ch.begin(fused, 1, [])
+    args = dict(layout=ch.layout, flat=ch.cand, grad=ch.grad, x=small.train_x, y=small.train_y, order=ch.order,
+                step=ch.step, batch_size=32, b=32, k=6, drop=None, loss=torch.empty(ch.size))
+    cpu_stack.train_step(**args)
+    for change, match in [(dict(k=5), "k must divide"), (dict(b=33), "past the end"),
+                          (dict(x=small.train_x[:, :700]), "x must be"), (dict(loss=torch.empty(3)), "loss must"),
+                          (dict(step=torch.tensor(64)), "past the end"), (dict(order=ch.order[:1]), "order must"),
+                          (dict(y=torch.full_like(small.train_y, 10)), "a label outside 0..9"),
+                          (dict(order=torch.full_like(ch.order, -1)), "index outside the training set")]:
+        with pytest.raises(ValueError, match=match):
+            cpu_stack.train_step(**{**args, **change})
+
+
+def test_odd_input_and_class_counts_and_uneven_seeds():
+    """37 inputs (vector tails), 3 classes, random data, and seed groups of unequal size (every
+    member then gathers its own batch: k = 1)."""
+    from psa.core.data import Dataset
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(300, 37, generator=g), torch.randint(0, 3, (300,), generator=g)
+    data = Dataset("random", x[:200], y[:200], x[200:], y[200:], x[200:], y[200:], "random", n_classes=3)
+    specs = [("dropout", 1), ("none", 1), ("full", 2)]
+    for text in ("1*5", "3*2"):
+        arch = data.arch(f"[{text}]")
+        fused = engine(population(arch, data, specs), data)
+        plain = engine(population(arch, data, specs), data, kernels="torch")
+        assert fused.cpu_step and fused._chunk(0, 3).groups == (3, 1)
+        got, loss, _ = one_step(fused, 2, 1, 32)
+        ref, ref_loss, _ = one_step(plain, 2, 1, 32)
+        assert_close_grads(fused, got, ref, f"seed={seed} {text}")
+        assert (loss - ref_loss).abs().max().item() < 1e-5, f"seed={seed} {text}"
