@@ -66,8 +66,10 @@ inline float hsum(vf v) {
 }
 
 
-inline uint32_t mix32(uint32_t x) {
-    // lowbias32, as psa.core.rng.mix32 (uint32 arithmetic wraps)
+// lowbias32, as psa.core.rng.mix32 (uint32 arithmetic wraps), on one uint32 or on a vector of
+// them (vu below: GCC's vector extension takes the same operators lane by lane)
+template <typename U>
+inline U mix32(U x) {
     x ^= x >> 16;
     x *= 0x7FEB352Du;
     x ^= x >> 15;
@@ -108,15 +110,6 @@ inline void activate(float* a, const float* z, int64_t r0, uint32_t unit, uint32
 
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 
-inline vu vmix32(vu x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x846CA68Bu;
-    x ^= x >> 16;
-    return x;
-}
-
 inline vu viota() {
     vu v{};
     for (int i = 0; i < VL; ++i) v[i] = static_cast<uint32_t>(i);
@@ -129,7 +122,7 @@ inline vf vactivate(vf z, int64_t row0, uint32_t unit, uint32_t n_units, uint32_
     vf v = z <= 0.0f ? vf{} : z;
     if (DROP) {
         const vu c = (viota() + static_cast<uint32_t>(row0)) * n_units + unit;
-        const vu h = vmix32(vmix32(c) ^ key);
+        const vu h = mix32(mix32(c) ^ key);
         v = v * (h >= thr ? vbroadcast(sc) : vf{});
     }
     return v;
