@@ -13,8 +13,10 @@ own minutes.
 
 All paths run in this process, alternating (torch, stack, step, torch, ...), best of
 `--repeat`. A meta-loop is timed as `--steps` training steps (a prefix of the epoch, set-up
-included) scaled to the epoch's 196 steps, plus validation on all 10,000 images; the step count
-is the same for every path. Architectures with one hidden layer have no middle stack: the
+included, on a training set of just those `--steps` x 256 images) scaled to the epoch's 196
+steps, plus validation on all 10,000 images; the step count is the same for every path.
+`--steps 0` times whole meta-loops on the whole 50,000-image training set instead: slower, but
+the batch rows then come from memory as in a study (a 3,072-image training set stays in cache). Architectures with one hidden layer have no middle stack: the
 "stack" path is the torch path there. `--no-torch` leaves the torch path out (minutes a loop on
 the deepest nets).
 
@@ -63,7 +65,7 @@ def engines(arch, ds, steps: int, paths: tuple[str, ...]):
     from psa.core.population import Population
 
     hp = HParams()
-    n = steps * hp.batch_size
+    n = steps * hp.batch_size if steps else ds.train_x.shape[0]
     sub = Dataset(ds.name, ds.train_x[:n], ds.train_y[:n], ds.val_x, ds.val_y, ds.test_x, ds.test_y, ds.source)
     out = []
     for path in paths:
@@ -77,10 +79,13 @@ def engines(arch, ds, steps: int, paths: tuple[str, ...]):
 
 
 def loop_seconds(eng, steps: int) -> float:
-    """One meta-loop of `eng`, its epoch of `steps` batches scaled to EPOCH_STEPS, validation whole."""
+    """One meta-loop of `eng`, its epoch of `steps` batches scaled to EPOCH_STEPS (0: the whole
+    epoch, unscaled), validation whole."""
     t0 = time.perf_counter()
     eng.train_epoch(2)
     t_train = time.perf_counter() - t0
+    if not steps:
+        steps = EPOCH_STEPS
     t0 = time.perf_counter()
     eng.count_correct(eng.cand, eng.data.val_x, eng.data.val_y).tolist()
     t_val = time.perf_counter() - t0
@@ -94,7 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="*", help="architectures (default: every study architecture of width <= 8)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12, help="training steps timed per meta-loop (scaled to 196)")
+    ap.add_argument("--steps", type=int, default=12,
+                    help="training steps timed per meta-loop (scaled to 196); 0: whole epochs on all 50,000 images")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="leave the plain torch path out")
     args = ap.parse_args()
@@ -104,8 +110,10 @@ def main() -> None:
              else [a for a in study_architectures() if max(a.hidden) <= 8])
     ds = data.load("mnist")
     rate = gemm_rate()
+    epoch = (f"{args.steps} steps scaled to {EPOCH_STEPS}" if args.steps
+             else f"a whole epoch ({EPOCH_STEPS} steps, {N_TRAIN:,} images)")
     print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
-          f"one meta-loop of 60 members = {args.steps} steps scaled to {EPOCH_STEPS} + validation on {N_VAL:,}")
+          f"one meta-loop of 60 members = {epoch} + validation on {N_VAL:,}")
     print("| arch | params | GEMM GFLOP/s | FLOP floor s | " + " | ".join(f"{p} s" for p in paths) + " | "
           + " | ".join(f"{p}/floor" for p in paths) + " | step vs stack |")
     print("|---|---:|---:|---:|" + "---:|" * (2 * len(paths) + 1))

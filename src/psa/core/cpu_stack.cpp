@@ -23,8 +23,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -56,7 +61,30 @@ inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf vbroadcast(float x) { return vf{} + x; }
 
-// sum of the VL lanes in one fixed pairwise order
+// sum of the VL lanes in one fixed pairwise order: lane i += lane i + h for h = VL/2, ..., 1, i.e.
+// the lower half plus the upper half until one lane is left (shuffles where the compiler has them:
+// the deep stacks reduce (W W + W) x depth accumulators per member and step)
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define PSA_HAVE_SHUFFLE 1
+#endif
+#endif
+#ifdef PSA_HAVE_SHUFFLE
+typedef float vf2 __attribute__((vector_size(8)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+inline float hsum_v(vf2 v) { return v[0] + v[1]; }
+inline float hsum_v(vf4 v) { return hsum_v(__builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3)); }
+inline float hsum_v(vf8 v) {
+    return hsum_v(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+}
+inline float hsum_v(vf16 v) {
+    return hsum_v(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+inline float hsum(vf v) { return hsum_v(v); }
+#else
 inline float hsum(vf v) {
     alignas(64) float t[VL];
     vstore(t, v);
@@ -64,7 +92,7 @@ inline float hsum(vf v) {
         for (int i = 0; i < h; ++i) t[i] += t[i + h];
     return t[0];
 }
-
+#endif
 
 // lowbias32, as psa.core.rng.mix32 (uint32 arithmetic wraps), on one uint32 or on a vector of
 // them (vu below: GCC's vector extension takes the same operators lane by lane)
@@ -109,6 +137,7 @@ inline void activate(float* a, const float* z, int64_t r0, uint32_t unit, uint32
 }
 
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
 inline vu viota() {
     vu v{};
@@ -302,8 +331,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
-
 // exp(x) for x <= 0 (or NaN, which stays NaN), VL at a time: Cephes' expf (x = n ln2 + r, n the
 // nearest integer, a degree-6 polynomial in r, times 2^n), within 2 ulp of expf; below -87 it
 // gives exp(-87), ~1.6e-38, where expf gives a denormal or 0 (a difference of at most 1.6e-38
@@ -325,20 +352,49 @@ inline vf exp_neg(vf x) {
     return y * (vf)e;  // the bits of e as floats: 2^n
 }
 
-// Z[r][n] = bias[n] + sum_i X_r[i] W[n][i] for RB_ rows and NB_ outputs (a register block).
+// The first layer reads its rows either as floats or as 8-bit codes c with x = alpha c + beta
+// (psa.core.cpu_stack.input_codes: a data set of 8-bit images normalised by one scalar mean and
+// std, e.g. MNIST, whose floats are alpha c + beta within 2 ulp). Codes are a quarter of the
+// bytes: a width-1 net's step is otherwise bound by reading 800 KB of rows per seed group from
+// memory. With codes the sums run over c, and the affine map is applied once per output:
+// sum_i w_i x_i = alpha sum_i w_i c_i + beta sum_i w_i.
+inline vf xload(const float* p) { return vload(p); }
+inline vf xload(const uint8_t* p) {
+    // zero-extend to int32, then convert: one instruction each (GCC turns the vector extension's
+    // uint8 -> float conversion into one scalar conversion per lane)
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__SSE2__)
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i w16 = _mm_unpacklo_epi8(_mm_cvtsi32_si128(four), zero);
+    return (vf)_mm_cvtepi32_ps(_mm_unpacklo_epi16(w16, zero));
+#else
+    vf v;
+    for (int i = 0; i < VL; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+#endif
+}
+
+// Z[r][n] = alpha S + shift[n], S = sum_i X_r[i] W[n][i], for RB_ rows and NB_ outputs (a register
+// block); for float rows alpha = 1 and shift = the bias (1 S is S: the same bits as S + bias).
 // `ahead` (null or RB_ row pointers): rows to prefetch meanwhile, one cache line per row and step;
 // the batch rows sit at random places in the training set, where the hardware prefetcher
 // cannot guess the next one: without this the first read of each row waits for memory.
-template <int RB_, int NB_>
-void first_fwd_block(const float* const* rows, const float* const* ahead, const float* w, int64_t n_in,
-                     const float* bias, float* z, int64_t ldz) {
+template <int RB_, int NB_, typename T>
+void first_fwd_block(const T* const* rows, const T* const* ahead, const float* w, int64_t n_in, float alpha,
+                     const float* shift, float* z, int64_t ldz) {
+    constexpr int64_t LINE = 64 / sizeof(T);  // elements per cache line
     vf acc[RB_][NB_] = {};
     int64_t i = 0;
     for (; i + VL <= n_in; i += VL) {
-        if (ahead && i % 16 == 0)  // one line (16 floats) per row
+        if (ahead && i % LINE == 0)
             for (int a = 0; a < RB_; ++a) __builtin_prefetch(ahead[a] + i, 0, 3);
         vf x[RB_];
-        for (int a = 0; a < RB_; ++a) x[a] = vload(rows[a] + i);
+        for (int a = 0; a < RB_; ++a) x[a] = xload(rows[a] + i);
         for (int n = 0; n < NB_; ++n) {
             const vf wv = vload(w + n * n_in + i);
             for (int a = 0; a < RB_; ++a) acc[a][n] += x[a] * wv;
@@ -347,26 +403,26 @@ void first_fwd_block(const float* const* rows, const float* const* ahead, const 
     for (int a = 0; a < RB_; ++a)
         for (int n = 0; n < NB_; ++n) {
             float s = hsum(acc[a][n]);
-            for (int64_t j = i; j < n_in; ++j) s += rows[a][j] * w[n * n_in + j];
-            z[a * ldz + n] = s + bias[n];
+            for (int64_t j = i; j < n_in; ++j) s += static_cast<float>(rows[a][j]) * w[n * n_in + j];
+            z[a * ldz + n] = alpha * s + shift[n];
         }
 }
 
-template <int RB_>
-void first_fwd_rows(const float* const* rows, const float* const* ahead, const float* w, int64_t n_in,
-                    const float* bias, float* z, int64_t ldz, int64_t n_out) {
+template <int RB_, typename T>
+void first_fwd_rows(const T* const* rows, const T* const* ahead, const float* w, int64_t n_in, float alpha,
+                    const float* shift, float* z, int64_t ldz, int64_t n_out) {
     int64_t n0 = 0;
     for (; n0 + NB <= n_out; n0 += NB) {
-        first_fwd_block<RB_, NB>(rows, ahead, w + n0 * n_in, n_in, bias + n0, z + n0, ldz);
+        first_fwd_block<RB_, NB>(rows, ahead, w + n0 * n_in, n_in, alpha, shift + n0, z + n0, ldz);
         ahead = nullptr;  // fetched once, by the first block of outputs
     }
     const float* wr = w + n0 * n_in;
     switch (n_out - n0) {
-        case 1: first_fwd_block<RB_, 1>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
-        case 2: first_fwd_block<RB_, 2>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
-        case 3: first_fwd_block<RB_, 3>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
-        case 4: first_fwd_block<RB_, 4>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
-        case 5: first_fwd_block<RB_, 5>(rows, ahead, wr, n_in, bias + n0, z + n0, ldz); break;
+        case 1: first_fwd_block<RB_, 1>(rows, ahead, wr, n_in, alpha, shift + n0, z + n0, ldz); break;
+        case 2: first_fwd_block<RB_, 2>(rows, ahead, wr, n_in, alpha, shift + n0, z + n0, ldz); break;
+        case 3: first_fwd_block<RB_, 3>(rows, ahead, wr, n_in, alpha, shift + n0, z + n0, ldz); break;
+        case 4: first_fwd_block<RB_, 4>(rows, ahead, wr, n_in, alpha, shift + n0, z + n0, ldz); break;
+        case 5: first_fwd_block<RB_, 5>(rows, ahead, wr, n_in, alpha, shift + n0, z + n0, ldz); break;
         default: break;
     }
 }
@@ -375,62 +431,77 @@ void first_fwd_rows(const float* const* rows, const float* const* ahead, const f
 constexpr int64_t AHEAD = 8 * RB;
 
 // The first layer's forward: Z (b, n_out) row-major from the b rows and W (n_out, n_in)
-void first_forward(const float* const* rows, int64_t b, const float* w, int64_t n_in, const float* bias, float* z,
-                   int64_t n_out) {
+template <typename T>
+void first_forward(const T* const* rows, int64_t b, const float* w, int64_t n_in, float alpha, const float* shift,
+                   float* z, int64_t n_out) {
     int64_t r = 0;
     for (; r + RB <= b; r += RB)
-        first_fwd_rows<RB>(rows + r, r + AHEAD + RB <= b ? rows + r + AHEAD : nullptr, w, n_in, bias,
+        first_fwd_rows<RB>(rows + r, r + AHEAD + RB <= b ? rows + r + AHEAD : nullptr, w, n_in, alpha, shift,
                            z + r * n_out, n_out, n_out);
-    for (; r < b; ++r) first_fwd_rows<1>(rows + r, nullptr, w, n_in, bias, z + r * n_out, n_out, n_out);
+    for (; r < b; ++r)
+        first_fwd_rows<1>(rows + r, static_cast<const T* const*>(nullptr), w, n_in, alpha, shift, z + r * n_out, n_out,
+                          n_out);
 }
 
-// G[n][i0 + q VL + l] = sum_r D[n][r] X_r[i0 + ...] for NB_ outputs and IB_ input vectors, rows in order
-template <int NB_, int IB_>
-void first_grad_block(const float* const* rows, int64_t b, const float* d, float* g, int64_t n_in, int64_t i0) {
+// G[n][i0 + q VL + l] = alpha sum_r D[n][r] X_r[i0 + ...] + off[n] for NB_ outputs and IB_ input
+// vectors, rows in order (float rows: no alpha or off, the sums as they are)
+template <int NB_, int IB_, typename T>
+void first_grad_block(const T* const* rows, int64_t b, const float* d, float* g, int64_t n_in, int64_t i0,
+                      float alpha, const float* off) {
     vf acc[NB_][IB_] = {};
     for (int64_t r = 0; r < b; ++r) {
         vf x[IB_];
-        for (int q = 0; q < IB_; ++q) x[q] = vload(rows[r] + i0 + q * VL);
+        for (int q = 0; q < IB_; ++q) x[q] = xload(rows[r] + i0 + q * VL);
         for (int n = 0; n < NB_; ++n) {
             const vf dv = vbroadcast(d[n * b + r]);
             for (int q = 0; q < IB_; ++q) acc[n][q] += dv * x[q];
         }
     }
     for (int n = 0; n < NB_; ++n)
-        for (int q = 0; q < IB_; ++q) vstore(g + n * n_in + i0 + q * VL, acc[n][q]);
-}
-
-template <int NB_>
-void first_grad_outputs(const float* const* rows, int64_t b, const float* d, float* g, int64_t n_in) {
-    int64_t i = 0;
-    for (; i + IB * VL <= n_in; i += IB * VL) first_grad_block<NB_, IB>(rows, b, d, g, n_in, i);
-    for (; i + VL <= n_in; i += VL) first_grad_block<NB_, 1>(rows, b, d, g, n_in, i);
-    for (; i < n_in; ++i)
-        for (int n = 0; n < NB_; ++n) {
-            float s = 0.0f;
-            for (int64_t r = 0; r < b; ++r) s += d[n * b + r] * rows[r][i];
-            g[n * n_in + i] = s;
+        for (int q = 0; q < IB_; ++q) {
+            if (std::is_same<T, float>::value) vstore(g + n * n_in + i0 + q * VL, acc[n][q]);
+            else vstore(g + n * n_in + i0 + q * VL, alpha * acc[n][q] + off[n]);
         }
 }
 
-// The first layer's weight gradient G (n_out, n_in) from D (n_out, b), output-major, and the rows
-void first_grad(const float* const* rows, int64_t b, const float* d, float* g, int64_t n_in, int64_t n_out) {
+template <int NB_, typename T>
+void first_grad_outputs(const T* const* rows, int64_t b, const float* d, float* g, int64_t n_in, float alpha,
+                        const float* off) {
+    int64_t i = 0;
+    for (; i + IB * VL <= n_in; i += IB * VL) first_grad_block<NB_, IB>(rows, b, d, g, n_in, i, alpha, off);
+    for (; i + VL <= n_in; i += VL) first_grad_block<NB_, 1>(rows, b, d, g, n_in, i, alpha, off);
+    for (; i < n_in; ++i)
+        for (int n = 0; n < NB_; ++n) {
+            float s = 0.0f;
+            for (int64_t r = 0; r < b; ++r) s += d[n * b + r] * static_cast<float>(rows[r][i]);
+            g[n * n_in + i] = std::is_same<T, float>::value ? s : alpha * s + off[n];
+        }
+}
+
+// The first layer's weight gradient G (n_out, n_in) from D (n_out, b), output-major, and the rows;
+// for coded rows off[n] = beta sum_r D[n][r]
+template <typename T>
+void first_grad(const T* const* rows, int64_t b, const float* d, float* g, int64_t n_in, int64_t n_out, float alpha,
+                const float* off) {
     int64_t n0 = 0;
-    for (; n0 + NB <= n_out; n0 += NB) first_grad_outputs<NB>(rows, b, d + n0 * b, g + n0 * n_in, n_in);
+    for (; n0 + NB <= n_out; n0 += NB)
+        first_grad_outputs<NB>(rows, b, d + n0 * b, g + n0 * n_in, n_in, alpha, off + n0);
     const float* dr = d + n0 * b;
     float* gr = g + n0 * n_in;
+    const float* o = off + n0;
     switch (n_out - n0) {
-        case 1: first_grad_outputs<1>(rows, b, dr, gr, n_in); break;
-        case 2: first_grad_outputs<2>(rows, b, dr, gr, n_in); break;
-        case 3: first_grad_outputs<3>(rows, b, dr, gr, n_in); break;
-        case 4: first_grad_outputs<4>(rows, b, dr, gr, n_in); break;
-        case 5: first_grad_outputs<5>(rows, b, dr, gr, n_in); break;
+        case 1: first_grad_outputs<1>(rows, b, dr, gr, n_in, alpha, o); break;
+        case 2: first_grad_outputs<2>(rows, b, dr, gr, n_in, alpha, o); break;
+        case 3: first_grad_outputs<3>(rows, b, dr, gr, n_in, alpha, o); break;
+        case 4: first_grad_outputs<4>(rows, b, dr, gr, n_in, alpha, o); break;
+        case 5: first_grad_outputs<5>(rows, b, dr, gr, n_in, alpha, o); break;
         default: break;
     }
 }
 
 struct Step {
     const float* x; const int64_t* y; int64_t n_in;  // the training set (N, n_in), labels (N,)
+    const uint8_t* xc; float alpha, beta;             // or null, or its 8-bit codes: x = alpha xc + beta
     const int64_t* order; int64_t n_train;            // (G, N) every group's data order
     const int64_t* step; int64_t batch_size, b;       // this step reads positions step * batch_size + [0, b)
     const float* flat; float* grad;                   // parameters and gradients of the members
@@ -443,154 +514,322 @@ struct Step {
     std::atomic<int>* bad;                            // set by a group with a label or index out of range
 };
 
+// ---------------------------------------------------------------------------------------------
+// One member's share of the fused step, a block of ROWS batch rows at a time: the stack's forward
+// saving every layer's activations (ROWS x W x depth floats: at most ~0.6 MB for the study's
+// deepest stacks, in L2), the head, the loss and its gradient for those rows, and the stack's
+// backward from the saved activations, so the forward runs once. Within the stack, RV vectors of
+// rows per unit stay in registers from layer to layer (rows outer, layers inner): a narrow layer
+// is a handful of instructions, and a round trip through memory per layer would cost more than
+// its arithmetic.
+
+// Row vectors per unit carried in registers: W x RV vectors of state, leaving room for the
+// next layer's and the backward's (at most ~24 of AVX-512's 32 registers).
+template <int W>
+constexpr int row_vectors() { return W <= 2 ? 4 : W <= 4 ? 2 : 1; }
+
+// save[l][u][r] = a_l of unit u for the block's row r, l = 0 .. L-1, from zt[u][r] = z_0 (the
+// first layer's pre-activation); rows past the batch are carried (zeros in, ignored later)
+template <int W, bool DROP, bool SAVE = true>
+void stack_forward_saved(const float (*zt)[ROWS], float (*save)[W][ROWS], const float* wm, const float* bm,
+                         int64_t layer_stride, int64_t L, int64_t r0, uint32_t key, uint32_t thr, float sc) {
+    // SAVE false (an evaluation): only a_{L-1}, into save[0]
+    constexpr int RV = row_vectors<W>();
+    const uint32_t n_units = static_cast<uint32_t>(L * W);
+    for (int64_t v0 = 0; v0 < ROWS; v0 += RV * VL) {
+        vf a[W][RV];
+        for (int u = 0; u < W; ++u)
+            for (int v = 0; v < RV; ++v) {
+                const int64_t r = v0 + v * VL;
+                a[u][v] = vactivate<DROP>(vload(zt[u] + r), r0 + r, static_cast<uint32_t>(u), n_units, key, thr, sc);
+                if (SAVE || L == 1) vstore(save[0][u] + r, a[u][v]);
+            }
+        for (int64_t l = 1; l < L; ++l) {
+            const float* w = wm + (l - 1) * layer_stride;
+            const float* b = bm + (l - 1) * layer_stride;
+            vf t[W][RV];
+            for (int o = 0; o < W; ++o)
+                for (int v = 0; v < RV; ++v) {
+                    // products summed over the input units in order, then the bias, as a small GEMM does
+                    vf s = a[0][v] * w[o * W];
+                    for (int i = 1; i < W; ++i) s += a[i][v] * w[o * W + i];
+                    t[o][v] = s + b[o];
+                }
+            for (int o = 0; o < W; ++o)
+                for (int v = 0; v < RV; ++v) {
+                    const int64_t r = v0 + v * VL;
+                    a[o][v] = vactivate<DROP>(t[o][v], r0 + r, static_cast<uint32_t>(l * W + o), n_units, key, thr, sc);
+                    if (SAVE) vstore(save[l][o] + r, a[o][v]);
+                    else if (l == L - 1) vstore(save[0][o] + r, a[o][v]);
+                }
+        }
+    }
+}
+
+// The stack's backward for VL x RV rows (from row v0 of the block) from dat[u][r] = dLoss/da_{L-1}
+// (zero past the batch): dz0[u][r] = dLoss/dz_0, and every middle layer's weight and bias gradient
+// added, as lane sums, to acc ((L - 1) x (W W + W) vectors), row vectors in order: one fixed order
+// whatever the threads. INIT: the member's first rows, whose sums start acc (rather than zeroing
+// it first: a 632*4 member's acc is 0.8 MB)
+template <int W, bool DROP, bool INIT>
+void stack_backward_rows(const float (*save)[W][ROWS], const float (*dat)[ROWS], const float* wm,
+                         int64_t layer_stride, int64_t L, float sc, vf* acc, float (*dz0)[ROWS], int64_t v0) {
+    constexpr int RV = row_vectors<W>();
+    constexpr int per = W * W + W;
+    vf g[W][RV], a[W][RV];
+    for (int u = 0; u < W; ++u)
+        for (int v = 0; v < RV; ++v) {
+            g[u][v] = vload(dat[u] + v0 + v * VL);
+            a[u][v] = vload(save[L - 1][u] + v0 + v * VL);
+        }
+    for (int64_t l = L - 1;; --l) {
+        // ReLU's backward (0 where the activation is <= 0, as torch's threshold_backward), then
+        // dropout's scale
+        vf dz[W][RV];
+        for (int o = 0; o < W; ++o)
+            for (int v = 0; v < RV; ++v) {
+                dz[o][v] = a[o][v] <= 0.0f ? vf{} : g[o][v];
+                if (DROP) dz[o][v] *= sc;
+            }
+        if (l == 0) {
+            for (int u = 0; u < W; ++u)
+                for (int v = 0; v < RV; ++v) vstore(dz0[u] + v0 + v * VL, dz[u][v]);
+            return;
+        }
+        for (int i = 0; i < W; ++i)
+            for (int v = 0; v < RV; ++v) a[i][v] = vload(save[l - 1][i] + v0 + v * VL);
+        vf* gl = acc + (l - 1) * per;
+        for (int o = 0; o < W; ++o) {
+            for (int i = 0; i < W; ++i) {
+                vf t = INIT ? dz[o][0] * a[i][0] : gl[o * W + i] + dz[o][0] * a[i][0];
+                for (int v = 1; v < RV; ++v) t += dz[o][v] * a[i][v];
+                gl[o * W + i] = t;
+            }
+            vf t = INIT ? dz[o][0] : gl[W * W + o] + dz[o][0];
+            for (int v = 1; v < RV; ++v) t += dz[o][v];
+            gl[W * W + o] = t;
+        }
+        const float* w = wm + (l - 1) * layer_stride;
+        for (int i = 0; i < W; ++i)
+            for (int v = 0; v < RV; ++v) {
+                vf t = dz[0][v] * w[i];
+                for (int o = 1; o < W; ++o) t += dz[o][v] * w[o * W + i];
+                g[i][v] = t;
+            }
+    }
+}
+
+// stack_backward_rows over a block; `first`: the member's first block (its sums start acc)
+template <int W, bool DROP>
+void stack_backward_saved(const float (*save)[W][ROWS], const float (*dat)[ROWS], const float* wm,
+                          int64_t layer_stride, int64_t L, float sc, vf* acc, float (*dz0)[ROWS], bool first) {
+    constexpr int RV = row_vectors<W>();
+    for (int64_t v0 = 0; v0 < ROWS; v0 += RV * VL) {
+        if (first && v0 == 0) stack_backward_rows<W, DROP, true>(save, dat, wm, layer_stride, L, sc, acc, dz0, v0);
+        else stack_backward_rows<W, DROP, false>(save, dat, wm, layer_stride, L, sc, acc, dz0, v0);
+    }
+}
+
 // Per thread: every buffer one group needs, reused from group to group and from step to step.
 struct Work {
     std::vector<const float*> rows;
+    std::vector<const uint8_t*> crows;  // the rows' codes, where the step reads codes
+    std::vector<float> shift, off;      // per first-layer output: the forward's and the gradient's constant
     std::vector<int64_t> labels;
-    std::vector<float> yf;  // the labels as floats, padded with -1 to whole vectors
-    std::vector<float> z, a, at, logits, dl, mx, sm, da, dz, d, save;
-    std::vector<vf> acc;  // the stack's gradient lane sums
+    std::vector<float> yf;     // the labels as floats, -1 past the batch (rows padded to whole blocks)
+    std::vector<float> valid;  // 1 for a batch row, 0 past the batch
+    std::vector<float> z, d, save, lg, dl;  // lg, dl: (n_out, ROWS) logits and their gradient
+    std::vector<float> pw;  // one member's middle layers, packed: per layer W x W weights, then W biases
+    std::vector<vf> acc;   // the stack's gradient lane sums
+    std::vector<vf> hacc;  // the head's
     void fit(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
 };
+
+// The head (logits = A hw^T + hb), the mean cross-entropy's terms and gradient for one block of
+// rows (at[u][r] = the last hidden layer's activations), the head's gradients added to hacc as
+// lane sums, dLoss/dA into dat; returns the block's sum of per-row losses (rows in order)
+template <int W>
+double head_block(const float (*at)[ROWS], const float* hw, const float* hb, int64_t n_out, const float* yf,
+                  const float* valid, const int64_t* labels, int64_t nr, float inv_b, float (*lg)[ROWS], float (*dl)[ROWS],
+                  vf* hacc, float (*dat)[ROWS]) {
+    alignas(64) float mxs[ROWS], sms[ROWS];
+    for (int64_t c = 0; c < n_out; ++c)
+        for (int64_t r = 0; r < ROWS; r += VL) {
+            vf t = vload(at[0] + r) * hw[c * W];
+            for (int u = 1; u < W; ++u) t += vload(at[u] + r) * hw[c * W + u];
+            vstore(lg[c] + r, t + hb[c]);
+        }
+    for (int64_t r = 0; r < ROWS; r += VL) {
+        vf mx = vload(lg[0] + r);
+        for (int64_t c = 1; c < n_out; ++c) {
+            const vf l = vload(lg[c] + r);
+            mx = l > mx ? l : mx;
+        }
+        for (int64_t c = 0; c < n_out; ++c) {  // a NaN logit makes its row's loss and gradient NaN
+            const vf l = vload(lg[c] + r);
+            mx = l != l ? l : mx;
+        }
+        vf sum{};
+        for (int64_t c = 0; c < n_out; ++c) {
+            const vf e = exp_neg(vload(lg[c] + r) - mx);
+            vstore(dl[c] + r, e);
+            sum += e;
+        }
+        vstore(mxs + r, mx);
+        vstore(sms + r, sum);
+    }
+    double loss = 0.0;
+    for (int64_t r = 0; r < nr; ++r) {
+        const float lse = mxs[r] + std::log(sms[r]);
+        loss += static_cast<double>(lse - lg[labels[r]][r]);
+    }
+    for (int64_t r = 0; r < ROWS; r += VL) {
+        const vf inv = vbroadcast(1.0f) / vload(sms + r);
+        const vf y = vload(yf + r);
+        const vf ok = vload(valid + r);
+        for (int64_t c = 0; c < n_out; ++c) {
+            const vf one = y == static_cast<float>(c) ? vbroadcast(1.0f) : vf{};
+            // rows past the batch contribute exactly 0 (a select, not a product: their activations
+            // are computed from zeros and never checked)
+            vstore(dl[c] + r, ok > 0.0f ? (vload(dl[c] + r) * inv - one) * inv_b : vf{});
+        }
+    }
+    for (int64_t c = 0; c < n_out; ++c) {
+        vf* h = hacc + c * (W + 1);
+        for (int64_t r = 0; r < ROWS; r += VL) {
+            const vf dv = vload(dl[c] + r);
+            for (int u = 0; u < W; ++u) h[u] += dv * vload(at[u] + r);
+            h[W] += dv;
+        }
+    }
+    for (int u = 0; u < W; ++u)
+        for (int64_t r = 0; r < ROWS; r += VL) {
+            vf t = vload(dl[0] + r) * hw[u];
+            for (int64_t c = 1; c < n_out; ++c) t += vload(dl[c] + r) * hw[c * W + u];
+            vstore(dat[u] + r, t);
+        }
+    return loss;
+}
 
 template <int W>
 void step_group(const Step& s, int64_t g, Work& wk) {
     const int64_t b = s.b, k = s.k, n_in = s.n_in, n_out = s.n_out, L = s.n_layers;
-    const int64_t N = k * W;                // the group's first-layer outputs
-    const int64_t bp = (b + VL - 1) / VL * VL;  // rows padded to whole vectors (unit-major arrays)
+    const int64_t N = k * W;                          // the group's first-layer outputs
+    const int64_t bpr = (b + ROWS - 1) / ROWS * ROWS;  // rows padded to whole blocks
     const int64_t pos0 = *s.step * s.batch_size;
-    wk.rows.resize(b);
-    wk.labels.resize(b);
-    wk.yf.assign(bp, -1.0f);
+    if (s.xc) wk.crows.resize(b);
+    else wk.rows.resize(b);
+    wk.labels.resize(bpr);
+    wk.yf.assign(bpr, -1.0f);
+    wk.valid.assign(bpr, 0.0f);
     for (int64_t r = 0; r < b; ++r) {
         const int64_t idx = s.order[g * s.n_train + pos0 + r];
         if (idx < 0 || idx >= s.n_train || s.y[idx] < 0 || s.y[idx] >= n_out) {
             s.bad->store(1);  // never read outside the data: the caller raises
             return;
         }
-        wk.rows[r] = s.x + idx * n_in;
+        if (s.xc) wk.crows[r] = s.xc + idx * n_in;
+        else wk.rows[r] = s.x + idx * n_in;
         wk.labels[r] = s.y[idx];
         wk.yf[r] = static_cast<float>(s.y[idx]);
+        wk.valid[r] = 1.0f;
     }
+    constexpr int64_t per = W * W + W;
     wk.fit(wk.z, b * N);
-    wk.fit(wk.a, static_cast<size_t>(b) * W);
-    wk.fit(wk.at, W * bp);
-    wk.fit(wk.mx, bp);
-    wk.fit(wk.sm, bp);
-    wk.fit(wk.logits, n_out * bp);
-    wk.fit(wk.dl, n_out * bp);
-    wk.fit(wk.da, W * bp);
-    wk.fit(wk.dz, static_cast<size_t>(k) * b * W);
     wk.fit(wk.d, N * b);
     wk.fit(wk.save, static_cast<size_t>(L) * W * ROWS);
-    if (wk.acc.size() < static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * (W * W + W))
-        wk.acc.resize(static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * (W * W + W));
-    const float* const* rows = wk.rows.data();
+    wk.fit(wk.lg, n_out * ROWS);
+    wk.fit(wk.pw, static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * per);
+    wk.fit(wk.dl, n_out * ROWS);
+    if (wk.acc.size() < static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * per)
+        wk.acc.resize(static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * per);
+    if (wk.hacc.size() < static_cast<size_t>(n_out * (W + 1))) wk.hacc.resize(n_out * (W + 1));
     const int64_t m0 = g * k;
     // first layer, forward: Z (b, k W), member j's units at columns [j W, (j + 1) W)
-    first_forward(rows, b, s.flat + s.w0_off + m0 * W * n_in, n_in, s.flat + s.b0_off + m0 * W, wk.z.data(), N);
+    const float* w0 = s.flat + s.w0_off + m0 * W * n_in;
+    const float* b0 = s.flat + s.b0_off + m0 * W;
+    if (s.xc) {
+        wk.fit(wk.shift, N);  // beta sum_i w_i + bias: the codes' offset, once per output
+        for (int64_t n = 0; n < N; ++n) wk.shift[n] = s.beta * dot(w0 + n * n_in, nullptr, n_in) + b0[n];
+        first_forward(wk.crows.data(), b, w0, n_in, s.alpha, wk.shift.data(), wk.z.data(), N);
+    } else {
+        first_forward(wk.rows.data(), b, w0, n_in, 1.0f, b0, wk.z.data(), N);
+    }
     const float inv_b = static_cast<float>(1.0 / static_cast<double>(b));
+    auto* save = reinterpret_cast<float (*)[W][ROWS]>(wk.save.data());
+    alignas(64) float zt[W][ROWS], dat[W][ROWS], dz0[W][ROWS];
     for (int64_t j = 0; j < k; ++j) {
         const int64_t m = m0 + j;
         // a member without dropout (threshold 0: every unit kept, times exactly 1) skips the hashes
         const bool drop = s.dkeys && s.thr[m] > 0;
-        uint32_t key = 0;
+        uint32_t key = 0, thr = 0;
+        float sc = 1.0f;
         if (drop) {
             // rng.step_keys: mix32(mix32(step ^ k0) ^ k1)
             key = mix32(mix32(static_cast<uint32_t>(*s.step ^ s.dkeys[2 * m])) ^ static_cast<uint32_t>(s.dkeys[2 * m + 1]));
+            thr = static_cast<uint32_t>(s.thr[m]);
+            sc = s.sc[m];
         }
-        const int64_t key64 = key;
-        Stack st{wk.z.data() + j * W, 0, N, 1, s.flat, s.w_off + m * W * W, s.b_off + m * W, s.layer_stride,
-                 drop ? &key64 : nullptr, drop ? s.thr + m : nullptr, drop ? s.sc + m : nullptr,
-                 1, b, L, L * W};
-        // the stack, forward: the last hidden layer's activations A (b, W) row-major
-        float* A = wk.a.data();
-        for (int64_t r0 = 0; r0 < b; r0 += ROWS) {
-            if (drop) forward_block<W, true>(st, 0, r0, nullptr, A);
-            else forward_block<W, false>(st, 0, r0, nullptr, A);
+        // the member's middle layers side by side (16-80 KB for the study's deepest stacks, in L1/L2):
+        // in the population's layout each layer's few floats sit in its own cache line, which every
+        // block's forward and backward would fetch again
+        float* pw = wk.pw.data();
+        for (int64_t l = 1; l < L; ++l) {
+            const float* w = s.flat + s.w_off + (l - 1) * s.layer_stride + m * W * W;
+            const float* bb = s.flat + s.b_off + (l - 1) * s.layer_stride + m * W;
+            std::copy(w, w + W * W, pw + (l - 1) * per);
+            std::copy(bb, bb + W, pw + (l - 1) * per + W * W);
         }
-        // the head, unit-major over the rows (padded to whole vectors): logits[c][r] = A[r] . hw[c] + hb[c]
-        float* at = wk.at.data();
-        for (int u = 0; u < W; ++u) {
-            for (int64_t r = 0; r < b; ++r) at[u * bp + r] = A[r * W + u];
-            for (int64_t r = b; r < bp; ++r) at[u * bp + r] = 0.0f;
-        }
+        const float* wm = pw;
+        const float* bm = pw + W * W;
         const float* hw = s.flat + s.hw_off + m * n_out * W;
         const float* hb = s.flat + s.hb_off + m * n_out;
-        float* lg = wk.logits.data();
-        float* dl = wk.dl.data();
-        for (int64_t c = 0; c < n_out; ++c)
-            for (int64_t r = 0; r < bp; r += VL) {
-                vf t{};
-                for (int u = 0; u < W; ++u) t += vload(at + u * bp + r) * hw[c * W + u];
-                vstore(lg + c * bp + r, t + hb[c]);
-            }
-        // mean cross-entropy; its gradient (softmax - onehot) / b into dl
-        float* sm = wk.sm.data();
-        const float* yf = wk.yf.data();
-        for (int64_t r = 0; r < bp; r += VL) {
-            vf mx = vload(lg + r);
-            for (int64_t c = 1; c < n_out; ++c) {
-                const vf l = vload(lg + c * bp + r);
-                mx = l > mx ? l : mx;
-            }
-            for (int64_t c = 0; c < n_out; ++c) {  // a NaN logit makes its row's loss and gradient NaN
-                const vf l = vload(lg + c * bp + r);
-                mx = l != l ? l : mx;
-            }
-            vf sum{};
-            for (int64_t c = 0; c < n_out; ++c) {
-                const vf e = exp_neg(vload(lg + c * bp + r) - mx);
-                vstore(dl + c * bp + r, e);
-                sum += e;
-            }
-            vstore(wk.mx.data() + r, mx);
-            vstore(sm + r, sum);
-        }
+        vf* acc = wk.acc.data();
+        vf* hacc = wk.hacc.data();
+        std::fill(hacc, hacc + n_out * (W + 1), vf{});
         double loss = 0.0;
-        for (int64_t r = 0; r < b; ++r) {
-            const float lse = wk.mx[r] + std::log(sm[r]);
-            loss += static_cast<double>(lse - lg[wk.labels[r] * bp + r]);
+        for (int64_t r0 = 0; r0 < b; r0 += ROWS) {
+            const int64_t nr = std::min(ROWS, b - r0);
+            for (int u = 0; u < W; ++u) {
+                for (int64_t r = 0; r < nr; ++r) zt[u][r] = wk.z[(r0 + r) * N + j * W + u];
+                for (int64_t r = nr; r < ROWS; ++r) zt[u][r] = 0.0f;  // rows past the batch: computed, never used
+            }
+            if (drop) stack_forward_saved<W, true>(zt, save, wm, bm, per, L, r0, key, thr, sc);
+            else stack_forward_saved<W, false>(zt, save, wm, bm, per, L, r0, key, thr, sc);
+            loss += head_block<W>(save[L - 1], hw, hb, n_out, wk.yf.data() + r0, wk.valid.data() + r0,
+                                  wk.labels.data() + r0, nr, inv_b, reinterpret_cast<float (*)[ROWS]>(wk.lg.data()),
+                                  reinterpret_cast<float (*)[ROWS]>(wk.dl.data()), hacc, dat);
+            if (drop) stack_backward_saved<W, true>(save, dat, wm, per, L, sc, acc, dz0, r0 == 0);
+            else stack_backward_saved<W, false>(save, dat, wm, per, L, sc, acc, dz0, r0 == 0);
+            // output-major for the first layer: d[j W + u][r]
+            for (int u = 0; u < W; ++u)
+                for (int64_t r = 0; r < nr; ++r) wk.d[(j * W + u) * b + r0 + r] = dz0[u][r];
         }
         s.loss[m] = static_cast<float>(loss / static_cast<double>(b));
-        for (int64_t r = 0; r < bp; r += VL) {
-            const vf inv = vbroadcast(1.0f) / vload(sm + r);
-            const vf y = vload(yf + r);
-            for (int64_t c = 0; c < n_out; ++c) {
-                const vf one = y == static_cast<float>(c) ? vbroadcast(1.0f) : vf{};
-                vstore(dl + c * bp + r, (vload(dl + c * bp + r) * inv - one) * inv_b);
-            }
-        }
-        // the head's gradients, and dLoss/dA unit-major (da[u][r])
         float* ghw = s.grad + s.hw_off + m * n_out * W;
         float* ghb = s.grad + s.hb_off + m * n_out;
         for (int64_t c = 0; c < n_out; ++c) {
-            for (int u = 0; u < W; ++u) ghw[c * W + u] = dot(dl + c * bp, at + u * bp, b);
-            ghb[c] = dot(dl + c * bp, nullptr, b);
+            for (int u = 0; u < W; ++u) ghw[c * W + u] = hsum(hacc[c * (W + 1) + u]);
+            ghb[c] = hsum(hacc[c * (W + 1) + W]);
         }
-        float* da = wk.da.data();
-        for (int u = 0; u < W; ++u) {
-            float* du = da + u * bp;
-            for (int64_t r = 0; r < bp; r += VL) {
-                vf t{};
-                for (int64_t c = 0; c < n_out; ++c) t += vload(dl + c * bp + r) * hw[c * W + u];
-                vstore(du + r, t);
-            }
+        for (int64_t l = 1; l < L; ++l) {
+            const vf* gl = acc + (l - 1) * per;
+            float* gw = s.grad + s.w_off + (l - 1) * s.layer_stride + m * W * W;
+            float* gb = s.grad + s.b_off + (l - 1) * s.layer_stride + m * W;
+            for (int q = 0; q < W * W; ++q) gw[q] = hsum(gl[q]);
+            for (int o = 0; o < W; ++o) gb[o] = hsum(gl[W * W + o]);
         }
-        // the stack, backward: middle gradients into grad, dLoss/dz0 (b, W) row-major
-        Grad q{da, 0, 1, bp, s.grad, wk.dz.data() + j * b * W};
-        auto* save = reinterpret_cast<float (*)[W][ROWS]>(wk.save.data());
-        if (drop) bwd_member<W, true>(st, q, 0, save, wk.acc.data());
-        else bwd_member<W, false>(st, q, 0, save, wk.acc.data());
-        // output-major for the first layer: d[j W + u][r]
-        const float* dzj = wk.dz.data() + j * b * W;
-        for (int u = 0; u < W; ++u)
-            for (int64_t r = 0; r < b; ++r) wk.d[(j * W + u) * b + r] = dzj[r * W + u];
     }
     // first layer, backward: weight gradients from the same rows, bias gradients
-    first_grad(rows, b, wk.d.data(), s.grad + s.w0_off + m0 * W * n_in, n_in, N);
     float* gb0 = s.grad + s.b0_off + m0 * W;
     for (int64_t n = 0; n < N; ++n) gb0[n] = dot(wk.d.data() + n * b, nullptr, b);
+    if (s.xc) {
+        wk.fit(wk.off, N);
+        for (int64_t n = 0; n < N; ++n) wk.off[n] = s.beta * gb0[n];
+        first_grad(wk.crows.data(), b, wk.d.data(), s.grad + s.w0_off + m0 * W * n_in, n_in, N, s.alpha, wk.off.data());
+    } else {
+        first_grad(wk.rows.data(), b, wk.d.data(), s.grad + s.w0_off + m0 * W * n_in, n_in, N, 1.0f, gb0);
+    }
 }
 
 template <int W>
@@ -599,6 +838,69 @@ void train_step(const Step& s, int threads) {
     parallel(groups, threads, [&](int64_t lo, int64_t hi) {
         thread_local Work wk;
         for (int64_t g = lo; g < hi; ++g) step_group<W>(s, g, wk);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation: correct predictions of each member from its first layer's pre-activation z0
+// (M, B, W, any strides): the stack (no dropout: evaluation), the head, and torch.argmax's choice
+// per row (the first largest logit; a NaN counts as the largest, the first NaN wins), compared
+// with the label. Threads split the members; a member's count is an integer, in any order the same.
+template <int W>
+void count_member(const Stack& p, const float* hw, const float* hb, int64_t n_out, const int64_t* y, int64_t m,
+                  int64_t* correct, std::vector<float>& pw, std::vector<float>& lg) {
+    constexpr int64_t per = W * W + W;
+    const int64_t L = p.n_layers;
+    if (pw.size() < static_cast<size_t>(std::max<int64_t>(L - 1, 1) * per)) pw.resize(std::max<int64_t>(L - 1, 1) * per);
+    if (lg.size() < static_cast<size_t>(n_out * ROWS)) lg.resize(n_out * ROWS);
+    for (int64_t l = 1; l < L; ++l) {  // packed, as in the training step
+        const float* w = p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W;
+        const float* bb = p.flat + p.b_off + (l - 1) * p.layer_stride + m * W;
+        std::copy(w, w + W * W, pw.data() + (l - 1) * per);
+        std::copy(bb, bb + W, pw.data() + (l - 1) * per + W * W);
+    }
+    const float* hwm = hw + m * n_out * W;
+    const float* hbm = hb + m * n_out;
+    alignas(64) float zt[W][ROWS], at[1][W][ROWS];
+    int64_t count = 0;
+    const float* z0 = p.z0 + m * p.s_zm;
+    for (int64_t r0 = 0; r0 < p.rows; r0 += ROWS) {
+        const int64_t nr = std::min(ROWS, p.rows - r0);
+        for (int u = 0; u < W; ++u) {
+            for (int64_t r = 0; r < nr; ++r) zt[u][r] = z0[(r0 + r) * p.s_zb + u * p.s_zw];
+            for (int64_t r = nr; r < ROWS; ++r) zt[u][r] = 0.0f;
+        }
+        stack_forward_saved<W, false, false>(zt, at, pw.data(), pw.data() + W * W, per, L, r0, 0, 0, 1.0f);
+        float* l = lg.data();
+        for (int64_t c = 0; c < n_out; ++c)
+            for (int64_t r = 0; r < ROWS; r += VL) {
+                // summed over the units in order, then the bias, as the training step's head
+                vf t = vload(at[0][0] + r) * hwm[c * W];
+                for (int u = 1; u < W; ++u) t += vload(at[0][u] + r) * hwm[c * W + u];
+                vstore(l + c * ROWS + r, t + hbm[c]);
+            }
+        for (int64_t r = 0; r < nr; ++r) {
+            float best = l[r];
+            int64_t arg = 0;
+            for (int64_t c = 1; c < n_out; ++c) {
+                const float v = l[c * ROWS + r];
+                if (best == best && (v > best || v != v)) {
+                    best = v;
+                    arg = c;
+                }
+            }
+            count += arg == y[r0 + r];
+        }
+    }
+    correct[m] = count;
+}
+
+template <int W>
+void count_correct(const Stack& p, const float* hw, const float* hb, int64_t n_out, const int64_t* y,
+                   int64_t* correct, int threads) {
+    parallel(p.members, threads, [&](int64_t lo, int64_t hi) {
+        std::vector<float> pw, lg;
+        for (int64_t m = lo; m < hi; ++m) count_member<W>(p, hw, hb, n_out, y, m, correct, pw, lg);
     });
 }
 
@@ -638,14 +940,29 @@ int psa_stack_backward(const float* z0, int64_t s_zm, int64_t s_zb, int64_t s_zw
     }
 }
 
-int psa_train_step(const float* x, const int64_t* y, int64_t n_in, const int64_t* order, int64_t n_train,
+int psa_count_correct(const float* z0, int64_t s_zm, int64_t s_zb, int64_t s_zw, const float* flat, int64_t w_off,
+                      int64_t b_off, int64_t layer_stride, int64_t n_layers, int64_t width, const float* hw,
+                      const float* hb, int64_t n_out, const int64_t* y, int64_t* correct, int64_t members,
+                      int64_t rows, int threads) {
+    Stack p{z0, s_zm, s_zb, s_zw, flat, w_off, b_off, layer_stride, nullptr, nullptr, nullptr, members, rows, n_layers,
+            n_layers * width};
+    if (n_out <= 0 || n_layers <= 0) return 2;
+    switch (width) {
+#define PSA_COUNT(N) case N: count_correct<N>(p, hw, hb, n_out, y, correct, threads); return 0;
+        PSA_WIDTHS(PSA_COUNT)
+#undef PSA_COUNT
+        default: return 1;
+    }
+}
+
+int psa_train_step(const float* x, const uint8_t* xc, float alpha, float beta, const int64_t* y, int64_t n_in, const int64_t* order, int64_t n_train,
                    const int64_t* step, int64_t batch_size, int64_t b, const float* flat, float* grad,
                    int64_t members, int64_t k, int64_t w0_off, int64_t b0_off, int64_t w_off, int64_t b_off,
                    int64_t layer_stride, int64_t n_layers, int64_t hw_off, int64_t hb_off, int64_t n_out,
                    const int64_t* dkeys, const int64_t* thr, const float* sc, float* loss, int64_t width,
                    int threads) {
     std::atomic<int> bad{0};
-    Step s{x, y, n_in, order, n_train, step, batch_size, b, flat, grad, members, k, w0_off, b0_off, w_off, b_off,
+    Step s{x, y, n_in, xc, alpha, beta, order, n_train, step, batch_size, b, flat, grad, members, k, w0_off, b0_off, w_off, b_off,
            layer_stride, n_layers, hw_off, hb_off, n_out, dkeys, thr, sc, loss, &bad};
     if (members <= 0 || k <= 0 || members % k || b <= 0) return 2;
     switch (width) {

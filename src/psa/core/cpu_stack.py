@@ -39,6 +39,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -113,8 +114,11 @@ def _build() -> ctypes.CDLL:
     lib.psa_stack_backward.restype = ctypes.c_int
     lib.psa_stack_backward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                        _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.psa_count_correct.restype = ctypes.c_int
+    lib.psa_count_correct.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64,
+                                      _PTR, _PTR, _I64, _I64, ctypes.c_int]
     lib.psa_train_step.restype = ctypes.c_int
-    lib.psa_train_step.argtypes = [_PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
+    lib.psa_train_step.argtypes = [_PTR, _PTR, ctypes.c_float, ctypes.c_float, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
                                    _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64,
                                    ctypes.c_int]
     if lib.psa_stack_max_width() != MAX_WIDTH:
@@ -279,9 +283,99 @@ def stack_backward(da: torch.Tensor, z0: torch.Tensor, flat: torch.Tensor, grad:
     return dz0
 
 
+def count_correct(z0: torch.Tensor, flat: torch.Tensor, layout: Layout, m0: int, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions (M,) int64 of members m0 .. m0 + M - 1 of `flat` (a SimpleMLP of
+    `layout`, hidden layers of one width up to MAX_WIDTH) from their first layer's
+    pre-activation z0 (M, B, W) float32, any strides, against labels y (B,): the hidden stack,
+    the head and torch.argmax's choice (the first largest logit; a NaN counts as the largest) in
+    one call, as the engine's evaluation does. The logits are those of the training step's
+    arithmetic, so a near tie can go the other way than on the torch path (by rounding). fp32 only.
+    """
+    blocks = layout.blocks
+    depth = len(blocks) - 1
+    _check(depth >= 1 and layout.model == "simplemlp", "count_correct takes a SimpleMLP with hidden layers")
+    width = blocks[0][2]
+    hw_off, hb_off, n_out, head_in = blocks[-1]
+    _check(1 <= width <= MAX_WIDTH and head_in == width and all(o == width == i for _, _, o, i in blocks[1:-1]),
+           f"count_correct takes hidden layers of one width up to {MAX_WIDTH}")
+    members, rows = _check_input("z0", z0, width)
+    _check(0 <= m0 and m0 + members <= layout.size_m, "the members run past the layout")
+    _check(flat.dim() == 1 and flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.is_contiguous()
+           and flat.numel() == layout.numel, f"flat must be a contiguous ({layout.numel},) float32 CPU tensor")
+    _check(tuple(y.shape) == (rows,) and y.dtype == torch.int64 and y.device.type == "cpu",
+           f"y must be a ({rows},) int64 CPU tensor")
+    y = y.contiguous()
+    size_m = layout.size_m
+    w_off, b_off = (blocks[1][0] + m0 * width * width, blocks[1][1] + m0 * width) if depth > 1 else (0, 0)
+    base = flat.data_ptr()
+    correct = torch.zeros(members, dtype=torch.int64)
+    if members and rows:
+        rc = _lib().psa_count_correct(z0.data_ptr(), *z0.stride(), base, w_off, b_off, size_m * width * (width + 1),
+                                      depth, width, base + 4 * (hw_off + m0 * n_out * width), base + 4 * (hb_off + m0 * n_out),
+                                      n_out, y.data_ptr(), correct.data_ptr(), members, rows, torch.get_num_threads())
+        _check(rc == 0, f"the fused CPU evaluation failed (code {rc})")
+    return correct
+
+
+# input_codes' answers by id of the training-set tensor: (a weak reference to it, its version
+# then, the answer); an entry goes with its tensor, and an in-place change asks again
+_CODES: dict[int, tuple[weakref.ref, int, tuple[torch.Tensor, float, float] | None]] = {}
+_CODES_LOCK = threading.Lock()
+
+
+def input_codes(x: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, float, float] | None:
+    """`x` as 8-bit codes, if it is one: (codes (N, n_in) uint8, alpha, beta) with every element of
+    x within 4 float32 ulps (of x's largest magnitude) of alpha * code + beta, both float32
+    numbers; else None. A data set of 8-bit images normalised by one scalar mean and std (MNIST,
+    Fashion-MNIST, CIFAR-10 in psa.core.data) is one: its floats take at most 256 values, evenly
+    spaced. train_step then reads a quarter of the bytes per batch row.
+
+    Found from x alone (its minimum is code 0, its maximum code 255), so a subset, a copy or a
+    user's tensor qualifies or not by its values, never by where it came from; the answer is
+    kept per tensor (until it is changed in place). Reads x once or twice, `rows` rows at a time.
+    """
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous() and x.numel() > 0):
+        return None
+    with _CODES_LOCK:
+        hit = _CODES.get(id(x))
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2]
+    version = x._version
+    lo, hi = float(x.min()), float(x.max())
+    out = None
+    if torch.isfinite(torch.tensor([lo, hi])).all() and hi > lo:
+        # the float32 numbers the C++ step multiplies and adds; the check below holds for them
+        alpha = float(torch.tensor((hi - lo) / 255.0, dtype=torch.float32))
+        beta = float(torch.tensor(lo, dtype=torch.float32))
+        tol = 4 * torch.finfo(torch.float32).eps * max(abs(lo), abs(hi))
+        codes = torch.empty(x.shape, dtype=torch.uint8)
+        ok = True
+        for r0 in range(0, x.shape[0], rows):
+            block = x[r0:r0 + rows].double()
+            c = ((block - beta) / alpha).round_()
+            if c.min() < 0 or c.max() > 255 or (c * alpha + beta - block).abs().max() > tol:
+                ok = False
+                break
+            codes[r0:r0 + rows] = c.to(torch.uint8)
+        if ok:
+            out = (codes, alpha, beta)
+    key = id(x)
+
+    def forget(_: weakref.ref) -> None:
+        with _CODES_LOCK:
+            if key in _CODES and _CODES[key][0]() is None:
+                del _CODES[key]
+
+    with _CODES_LOCK:
+        _CODES[key] = (weakref.ref(x, forget), version, out)
+    return out
+
+
 def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                order: torch.Tensor, step: torch.Tensor, batch_size: int, b: int, k: int,
-               drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, loss: torch.Tensor) -> torch.Tensor:
+               drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, loss: torch.Tensor,
+               codes: tuple[torch.Tensor, float, float] | None = None) -> torch.Tensor:
     """One training step's forward and backward of every member of `flat` (a SimpleMLP of
     `layout`, hidden layers of one width up to MAX_WIDTH) in one call: writes every gradient into
     `grad` (the layout of `flat`) and each member's mean cross-entropy into `loss` (M,); returns it.
@@ -289,8 +383,10 @@ def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.
     Member m trains on the rows x[order[m // k, step * batch_size + r]] for r < b, labels from y
     (k consecutive members share a seed group's data order); `step` a 0-d int64 tensor (read here),
     `drop` None or (keys (M, 2) from rng.loop_keys(seed, "dropout", loop), threshold (M,), scale
-    (M,)), the step's dropout keys derived as rng.step_keys does. fp32 only; the same bits for any
-    thread count (threads split the seed groups).
+    (M,)), the step's dropout keys derived as rng.step_keys does. `codes`: None, or x as 8-bit
+    codes (input_codes(x)), which the first layer then reads instead of x's floats (the products
+    then differ from x's by float32 rounding). fp32 only; the same bits for any thread count
+    (threads split the seed groups).
     """
     blocks = layout.blocks
     m, depth = layout.size_m, len(blocks) - 1
@@ -321,7 +417,12 @@ def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.
             _check(tuple(t.shape) == shape and t.dtype == dt and t.is_contiguous() and t.device.type == "cpu",
                    f"drop {name} must be a contiguous {shape} {dt} CPU tensor")
     ks, thr, sc = drop if drop is not None else (None, None, None)
-    rc = _lib().psa_train_step(x.data_ptr(), y.data_ptr(), n_in, order.data_ptr(), n, step.data_ptr(), batch_size, b,
+    xc, alpha, beta = codes if codes is not None else (None, 1.0, 0.0)
+    if xc is not None:
+        _check(isinstance(xc, torch.Tensor) and xc.dtype == torch.uint8 and tuple(xc.shape) == tuple(x.shape)
+               and xc.is_contiguous() and xc.device.type == "cpu", f"codes must be a contiguous {tuple(x.shape)} "
+               "uint8 CPU tensor")
+    rc = _lib().psa_train_step(x.data_ptr(), _ptr(xc), alpha, beta, y.data_ptr(), n_in, order.data_ptr(), n, step.data_ptr(), batch_size, b,
                                flat.data_ptr(), grad.data_ptr(), m, k, w0_off, b0_off, w_off, b_off,
                                m * width * (width + 1), depth, hw_off, hb_off, n_out, _ptr(ks), _ptr(thr), _ptr(sc),
                                loss.data_ptr(), width, torch.get_num_threads())

@@ -220,6 +220,9 @@ class Engine:
         self.cpu_step = (not self.fused and population.model == DEFAULT_MODEL
                          and data.train_x.is_contiguous() and data.train_y.is_contiguous()
                          and cpu_stack.step_fits_cpu(population.arch, ex))
+        # 8-bit images (MNIST's) as codes: a quarter of the bytes per batch row, where a narrow
+        # net's step is bound by reading the rows from memory
+        self.cpu_codes = cpu_stack.input_codes(data.train_x) if self.cpu_step else None
         self.chunk_size = self._chunk_size()
         self.use_graphs = ex.graphs and self.chunk_size >= population.size
         if stream is None and dev.type == "cuda":
@@ -326,7 +329,7 @@ class Engine:
         if self.cpu_step:  # -- the fused CPU step: gather, forward and backward in one call
             drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
             loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, data.train_x, data.train_y, ch.order, ch.step,
-                                        self.hp.batch_size, b, k, drop, ch.buf("loss", (ch.size,)))
+                                        self.hp.batch_size, b, k, drop, ch.buf("loss", (ch.size,)), self.cpu_codes)
         else:
             pos = ch.step * self.hp.batch_size + ch.arange[:b]
             flat_idx = ch.order.index_select(1, pos).reshape(-1)
@@ -698,6 +701,9 @@ class Engine:
                                                   precision=self.precision)
                         w, bias = views[depth]
                         z = mm.baddbmm(bias[m0:m1].unsqueeze(1), h, w[m0:m1].transpose(1, 2))
+                    elif depth and self.cpu_step:  # -- the fused CPU evaluation: stack, head, argmax
+                        correct[m0:m1] += cpu_stack.count_correct(z, flat, layout, m0, y_all[c0 : c0 + rows])
+                        continue
                     elif depth and self.cpu_stack:  # -- the fused CPU stack
                         h = cpu_stack.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0])
                         w, bias = views[depth]
