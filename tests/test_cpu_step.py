@@ -299,3 +299,27 @@ def test_fused_evaluation_takes_argmax_of_nan_as_torch_does(small):
     ref = plain.count_correct(flat, small.val_x, small.val_y)
     assert got.tolist() == ref.tolist()
     assert got[0].item() == (small.val_y == 3).sum().item() and got[1].item() == (small.val_y == 2).sum().item()
+
+
+def test_a_dead_layer_stops_the_gradient_as_on_the_torch_path(small):
+    """A member whose middle layer 6 is off for every row (bias -10, weights 0) gets exactly zero
+    gradients below it (the step stops carrying zeros down), while the members before it in its
+    seed group leave nonzero sums in the reused buffers: the torch path's gradients, within the
+    usual tolerance, and exact zeros below the dead layer."""
+    fused, plain = pair("12*2", small)
+    for eng in (fused, plain):
+        views = eng.pop.layout.views(eng.pop.lkg)
+        for w, b in views[1:-1]:  # every member alive: each middle layer passes its input on
+            w.copy_(torch.eye(2).expand_as(w))
+            b.fill_(0.1)
+        views[6][0][3].zero_()
+        views[6][1][3].fill_(-10.0)
+    got, loss, _ = one_step(fused, 1, 2, 32, ablate=False)
+    ref, ref_loss, _ = one_step(plain, 1, 2, 32, ablate=False)
+    assert_close_grads(fused, got, ref, "dead layer")
+    assert (loss - ref_loss).abs().max().item() < 1e-5
+    views = fused.pop.layout.views(got)
+    for layer in range(6):
+        assert views[layer][0][3].abs().max().item() == 0.0 and views[layer][1][3].abs().max().item() == 0.0, layer
+        assert views[layer][0][2].abs().max().item() > 0.0  # the member before it: a live gradient
+    assert views[7][1][3].abs().max().item() > 0.0 and views[8][0][3].abs().max().item() > 0.0  # above: trains

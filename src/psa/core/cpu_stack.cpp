@@ -94,6 +94,15 @@ inline float hsum(vf v) {
 }
 #endif
 
+// whether every lane of every vector of g is 0 (or -0)
+template <int W, int RV>
+inline bool all_zero(const vf (&g)[W][RV]) {
+    vf m{};  // 1 in the lanes where some g is not 0
+    for (int i = 0; i < W; ++i)
+        for (int v = 0; v < RV; ++v) m = g[i][v] != 0.0f ? vbroadcast(1.0f) : m;
+    return hsum(m) == 0.0f;
+}
+
 // lowbias32, as psa.core.rng.mix32 (uint32 arithmetic wraps), on one uint32 or on a vector of
 // them (vu below: GCC's vector extension takes the same operators lane by lane)
 template <typename U>
@@ -568,12 +577,14 @@ void stack_forward_saved(const float (*zt)[ROWS], float (*save)[W][ROWS], const 
 
 // The stack's backward for VL x RV rows (from row v0 of the block) from dat[u][r] = dLoss/da_{L-1}
 // (zero past the batch): dz0[u][r] = dLoss/dz_0, and every middle layer's weight and bias gradient
-// added, as lane sums, to acc ((L - 1) x (W W + W) vectors), row vectors in order: one fixed order
-// whatever the threads. INIT: the member's first rows, whose sums start acc (rather than zeroing
-// it first: a 632*4 member's acc is 0.8 MB)
-template <int W, bool DROP, bool INIT>
+// added, as lane sums, to acc ((L - 1) x (W W + W) vectors; layer l's at l - 1), row vectors in
+// order: one fixed order whatever the threads. `floor`: acc's layers below it hold nothing yet
+// (they are 0), so rows that reach them write their sums rather than add them (no pass to zero
+// acc first: a 632*4 member's is 0.8 MB); lowered to the last layer these rows wrote.
+template <int W, bool DROP>
 void stack_backward_rows(const float (*save)[W][ROWS], const float (*dat)[ROWS], const float* wm,
-                         int64_t layer_stride, int64_t L, float sc, vf* acc, float (*dz0)[ROWS], int64_t v0) {
+                         int64_t layer_stride, int64_t L, float sc, vf* acc, float (*dz0)[ROWS], int64_t v0,
+                         int64_t& floor) {
     constexpr int RV = row_vectors<W>();
     constexpr int per = W * W + W;
     vf g[W][RV], a[W][RV];
@@ -594,18 +605,20 @@ void stack_backward_rows(const float (*save)[W][ROWS], const float (*dat)[ROWS],
         if (l == 0) {
             for (int u = 0; u < W; ++u)
                 for (int v = 0; v < RV; ++v) vstore(dz0[u] + v0 + v * VL, dz[u][v]);
+            floor = 0;
             return;
         }
         for (int i = 0; i < W; ++i)
             for (int v = 0; v < RV; ++v) a[i][v] = vload(save[l - 1][i] + v0 + v * VL);
         vf* gl = acc + (l - 1) * per;
+        const bool fresh = l - 1 < floor;
         for (int o = 0; o < W; ++o) {
             for (int i = 0; i < W; ++i) {
-                vf t = INIT ? dz[o][0] * a[i][0] : gl[o * W + i] + dz[o][0] * a[i][0];
+                vf t = fresh ? dz[o][0] * a[i][0] : gl[o * W + i] + dz[o][0] * a[i][0];
                 for (int v = 1; v < RV; ++v) t += dz[o][v] * a[i][v];
                 gl[o * W + i] = t;
             }
-            vf t = INIT ? dz[o][0] : gl[W * W + o] + dz[o][0];
+            vf t = fresh ? dz[o][0] : gl[W * W + o] + dz[o][0];
             for (int v = 1; v < RV; ++v) t += dz[o][v];
             gl[W * W + o] = t;
         }
@@ -616,18 +629,26 @@ void stack_backward_rows(const float (*save)[W][ROWS], const float (*dat)[ROWS],
                 for (int o = 1; o < W; ++o) t += dz[o][v] * w[o * W + i];
                 g[i][v] = t;
             }
+        if (l % 4 == 0 && all_zero(g)) {
+            // These rows' gradient is exactly 0 from here down (a deep narrow net's units die: a
+            // layer whose every row is off stops it), so every lower layer's sums would gain +0
+            // from them, and dz0 is 0: stop. The one difference from carrying on: 0 x an infinite
+            // activation would give NaN.
+            for (int u = 0; u < W; ++u)
+                for (int v = 0; v < RV; ++v) vstore(dz0[u] + v0 + v * VL, vf{});
+            floor = std::min(floor, l - 1);
+            return;
+        }
     }
 }
 
-// stack_backward_rows over a block; `first`: the member's first block (its sums start acc)
+// stack_backward_rows over a block
 template <int W, bool DROP>
 void stack_backward_saved(const float (*save)[W][ROWS], const float (*dat)[ROWS], const float* wm,
-                          int64_t layer_stride, int64_t L, float sc, vf* acc, float (*dz0)[ROWS], bool first) {
+                          int64_t layer_stride, int64_t L, float sc, vf* acc, float (*dz0)[ROWS], int64_t& floor) {
     constexpr int RV = row_vectors<W>();
-    for (int64_t v0 = 0; v0 < ROWS; v0 += RV * VL) {
-        if (first && v0 == 0) stack_backward_rows<W, DROP, true>(save, dat, wm, layer_stride, L, sc, acc, dz0, v0);
-        else stack_backward_rows<W, DROP, false>(save, dat, wm, layer_stride, L, sc, acc, dz0, v0);
-    }
+    for (int64_t v0 = 0; v0 < ROWS; v0 += RV * VL)
+        stack_backward_rows<W, DROP>(save, dat, wm, layer_stride, L, sc, acc, dz0, v0, floor);
 }
 
 // Per thread: every buffer one group needs, reused from group to group and from step to step.
@@ -639,7 +660,8 @@ struct Work {
     std::vector<float> yf;     // the labels as floats, -1 past the batch (rows padded to whole blocks)
     std::vector<float> valid;  // 1 for a batch row, 0 past the batch
     std::vector<float> z, d, save, lg, dl;  // lg, dl: (n_out, ROWS) logits and their gradient
-    std::vector<float> pw;  // one member's middle layers, packed: per layer W x W weights, then W biases
+    std::vector<float> pw;  // the group's middle layers, packed: per member and layer W x W weights, then W biases
+    std::vector<float> pg;  // their gradients, the same way
     std::vector<vf> acc;   // the stack's gradient lane sums
     std::vector<vf> hacc;  // the head's
     void fit(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
@@ -739,7 +761,8 @@ void step_group(const Step& s, int64_t g, Work& wk) {
     wk.fit(wk.d, N * b);
     wk.fit(wk.save, static_cast<size_t>(L) * W * ROWS);
     wk.fit(wk.lg, n_out * ROWS);
-    wk.fit(wk.pw, static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * per);
+    wk.fit(wk.pw, static_cast<size_t>(k) * std::max<int64_t>(L - 1, 1) * per);
+    wk.fit(wk.pg, static_cast<size_t>(k) * std::max<int64_t>(L - 1, 1) * per);
     wk.fit(wk.dl, n_out * ROWS);
     if (wk.acc.size() < static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * per)
         wk.acc.resize(static_cast<size_t>(std::max<int64_t>(L - 1, 1)) * per);
@@ -757,6 +780,19 @@ void step_group(const Step& s, int64_t g, Work& wk) {
     }
     const float inv_b = static_cast<float>(1.0 / static_cast<double>(b));
     auto* save = reinterpret_cast<float (*)[W][ROWS]>(wk.save.data());
+    // the group's middle layers, member by member (16-80 KB a member for the study's deepest stacks,
+    // in L1/L2): in the population's layout a layer's k members share a cache line or two, which
+    // each member's every block would fetch again
+    const int64_t mper = std::max<int64_t>(L - 1, 1) * per;  // floats per member
+    for (int64_t l = 1; l < L; ++l) {
+        const float* w = s.flat + s.w_off + (l - 1) * s.layer_stride + m0 * W * W;
+        const float* bb = s.flat + s.b_off + (l - 1) * s.layer_stride + m0 * W;
+        for (int64_t j = 0; j < k; ++j) {
+            float* dst = wk.pw.data() + j * mper + (l - 1) * per;
+            std::copy(w + j * W * W, w + (j + 1) * W * W, dst);
+            std::copy(bb + j * W, bb + (j + 1) * W, dst + W * W);
+        }
+    }
     alignas(64) float zt[W][ROWS], dat[W][ROWS], dz0[W][ROWS];
     for (int64_t j = 0; j < k; ++j) {
         const int64_t m = m0 + j;
@@ -770,16 +806,7 @@ void step_group(const Step& s, int64_t g, Work& wk) {
             thr = static_cast<uint32_t>(s.thr[m]);
             sc = s.sc[m];
         }
-        // the member's middle layers side by side (16-80 KB for the study's deepest stacks, in L1/L2):
-        // in the population's layout each layer's few floats sit in its own cache line, which every
-        // block's forward and backward would fetch again
-        float* pw = wk.pw.data();
-        for (int64_t l = 1; l < L; ++l) {
-            const float* w = s.flat + s.w_off + (l - 1) * s.layer_stride + m * W * W;
-            const float* bb = s.flat + s.b_off + (l - 1) * s.layer_stride + m * W;
-            std::copy(w, w + W * W, pw + (l - 1) * per);
-            std::copy(bb, bb + W, pw + (l - 1) * per + W * W);
-        }
+        const float* pw = wk.pw.data() + j * mper;
         const float* wm = pw;
         const float* bm = pw + W * W;
         const float* hw = s.flat + s.hw_off + m * n_out * W;
@@ -788,6 +815,7 @@ void step_group(const Step& s, int64_t g, Work& wk) {
         vf* hacc = wk.hacc.data();
         std::fill(hacc, hacc + n_out * (W + 1), vf{});
         double loss = 0.0;
+        int64_t floor = L - 1;  // acc holds nothing yet
         for (int64_t r0 = 0; r0 < b; r0 += ROWS) {
             const int64_t nr = std::min(ROWS, b - r0);
             for (int u = 0; u < W; ++u) {
@@ -799,8 +827,8 @@ void step_group(const Step& s, int64_t g, Work& wk) {
             loss += head_block<W>(save[L - 1], hw, hb, n_out, wk.yf.data() + r0, wk.valid.data() + r0,
                                   wk.labels.data() + r0, nr, inv_b, reinterpret_cast<float (*)[ROWS]>(wk.lg.data()),
                                   reinterpret_cast<float (*)[ROWS]>(wk.dl.data()), hacc, dat);
-            if (drop) stack_backward_saved<W, true>(save, dat, wm, per, L, sc, acc, dz0, r0 == 0);
-            else stack_backward_saved<W, false>(save, dat, wm, per, L, sc, acc, dz0, r0 == 0);
+            if (drop) stack_backward_saved<W, true>(save, dat, wm, per, L, sc, acc, dz0, floor);
+            else stack_backward_saved<W, false>(save, dat, wm, per, L, sc, acc, dz0, floor);
             // output-major for the first layer: d[j W + u][r]
             for (int u = 0; u < W; ++u)
                 for (int64_t r = 0; r < nr; ++r) wk.d[(j * W + u) * b + r0 + r] = dz0[u][r];
@@ -812,12 +840,18 @@ void step_group(const Step& s, int64_t g, Work& wk) {
             for (int u = 0; u < W; ++u) ghw[c * W + u] = hsum(hacc[c * (W + 1) + u]);
             ghb[c] = hsum(hacc[c * (W + 1) + W]);
         }
-        for (int64_t l = 1; l < L; ++l) {
-            const vf* gl = acc + (l - 1) * per;
-            float* gw = s.grad + s.w_off + (l - 1) * s.layer_stride + m * W * W;
-            float* gb = s.grad + s.b_off + (l - 1) * s.layer_stride + m * W;
-            for (int q = 0; q < W * W; ++q) gw[q] = hsum(gl[q]);
-            for (int o = 0; o < W; ++o) gb[o] = hsum(gl[W * W + o]);
+        // the middle layers' gradients, packed as pw; below the floor no row reached: 0
+        float* pg = wk.pg.data() + j * mper;
+        std::fill(pg, pg + floor * per, 0.0f);
+        for (int64_t q = floor * per; q < (L - 1) * per; ++q) pg[q] = hsum(acc[q]);
+    }
+    for (int64_t l = 1; l < L; ++l) {  // ... into the population's layout, a layer's k members at once
+        float* gw = s.grad + s.w_off + (l - 1) * s.layer_stride + m0 * W * W;
+        float* gb = s.grad + s.b_off + (l - 1) * s.layer_stride + m0 * W;
+        for (int64_t j = 0; j < k; ++j) {
+            const float* src = wk.pg.data() + j * mper + (l - 1) * per;
+            std::copy(src, src + W * W, gw + j * W * W);
+            std::copy(src + W * W, src + per, gb + j * W);
         }
     }
     // first layer, backward: weight gradients from the same rows, bias gradients
