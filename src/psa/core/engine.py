@@ -46,7 +46,7 @@ import torch
 from psa.core import cpu_stack, rng
 from psa.core.ablation import choose_neurons
 from psa.core.arch import Arch
-from psa.core.chunk import Chunk, StepCallback, batch_groups
+from psa.core.chunk import Chunk, StepCallback, adamw_step, batch_groups
 from psa.core.data import Dataset
 from psa.core.device import (
     Execution,
@@ -345,7 +345,7 @@ class Engine:
                 w.mul_(f)
                 bias.mul_(f)
         assert ch.adamw is not None
-        ch.adamw.step()
+        adamw_step(ch.adamw)
         ch.step += 1
 
     def _stack_geometry(self, layout: Layout, m0: int = 0) -> tuple[int, int, int]:
