@@ -39,7 +39,7 @@ def new_adamw(param: torch.Tensor, hp: HParams) -> torch.optim.AdamW:
         return torch.optim.AdamW([param], **kw)
 
 
-def adamw_step(opt: "torch.optim.Optimizer | MemberAdamW") -> None:
+def adamw_step(opt: torch.optim.Optimizer | MemberAdamW) -> None:
     """opt.step(). For new_adamw's fused AdamW on a CPU, the two calls that step makes (the step
     count, then torch._fused_adamw_ over the one flat buffer) without torch.optim's per-call
     Python, about 0.1 ms: a third of a width-1 net's step on one CPU thread. The first step of an
@@ -57,8 +57,8 @@ def adamw_step(opt: "torch.optim.Optimizer | MemberAdamW") -> None:
                     and torch.is_tensor(st["step"]) and isinstance(group["lr"], float)):
                 beta1, beta2 = group["betas"]
                 opt._psa_direct = (p, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                                   dict(amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False))
+                                   {"amsgrad": False, "lr": group["lr"], "beta1": beta1, "beta2": beta2,
+                                    "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": False})
         return
     p, exp_avg, exp_avg_sq, step, kw = direct
     torch._foreach_add_([step], 1)

@@ -1,23 +1,28 @@
-// Narrow MLPs on the CPU: the whole training step of a population (psa_train_step, below the
-// stack) and the hidden stack: every middle layer of one member and one block of 64 batch rows in
-// one pass, the activations in a few KB of stack (L1), a layer's weights (at most 8 x 8) read
-// once per block. psa.core.cpu_stack builds this file with the system's C++ compiler and calls
-// it through ctypes. The flat-buffer layout and the dropout hashes are
-// psa.core.kernels' (described there); unlike the Triton kernels, the forward keeps only the last
-// layer's activations, and the backward recomputes the others block by block from hidden layer
-// 0's pre-activation (see forward_block).
+// Narrow MLPs on the CPU, called by psa.core.cpu_stack through ctypes (it builds this file with
+// the system's C++ compiler):
+// - psa_train_step: the whole training step of a population whose hidden layers are all one
+//   width <= 8. Per seed group: the batch rows read by index from the training set (as floats,
+//   or as 8-bit codes x = alpha c + beta), the first layer for the group's members, then per
+//   member and block of 64 rows the stack's forward with every layer's activations saved
+//   (depth x 64 x W floats, in L2), the head and the loss for those rows, and the stack's
+//   backward from the saved activations, rows carried in registers from layer to layer; then
+//   the first layer's gradients from the same rows.
+// - psa_count_correct: the evaluation's stack, head and argmax from the first layer's output.
+// - psa_stack_forward / psa_stack_backward: the hidden stack alone (every middle layer of one
+//   member and one block of 64 rows in one pass); the forward keeps only the last layer's
+//   activations, and the backward recomputes the others block by block (see forward_block).
+// The flat-buffer layout and the dropout hashes are psa.core.kernels' (described there).
 //
 // Arithmetic: each product is accumulated in float32 over the input units in order, then the
 // bias added, as a small fp32 GEMM does (a BLAS's blocking differs by rounding only); sums over
 // batch rows and the first layer's inputs run lane-wise in vectors, then across the lanes, in one
-// fixed order. ReLU keeps
-// NaN (a diverged member stays detectable); its backward passes the gradient where the
-// activation is not <= 0, as torch's threshold_backward does. Dropout multiplies by 0 or the
-// member's scale, bit for bit psa.core.rng.dropout_noise's multiplier.
+// fixed order. ReLU keeps NaN (a diverged member stays detectable); its backward passes the
+// gradient where the activation is not <= 0, as torch's threshold_backward does. Dropout
+// multiplies by 0 or the member's scale, bit for bit psa.core.rng.dropout_noise's multiplier.
 //
 // Threads: work items (forward: member and row block; backward: member; the training step: seed
-// group) are split into contiguous ranges, one per thread; no item's result depends on another's
-// or on the thread count.
+// group; the evaluation: member) are split into contiguous ranges, one per thread; no item's
+// result depends on another's or on the thread count.
 
 #include <algorithm>
 #include <atomic>

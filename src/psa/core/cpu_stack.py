@@ -1,22 +1,28 @@
-"""Narrow MLPs on the CPU: the whole training step in one call (train_step), and the hidden
-stack in one call per direction (stack_forward, stack_backward), from psa.core.cpu_stack.cpp.
+"""Narrow MLPs on the CPU: the whole training step in one call (train_step), the evaluation's
+stack, head and argmax in one call (count_correct), and the hidden stack in one call per
+direction (stack_forward, stack_backward), from psa.core.cpu_stack.cpp.
 
 train_step does a SimpleMLP's forward and backward for a population whose hidden layers are all
 one width up to 8: per seed group (threads split the groups), the batch rows read straight from
 the training set by index (no gathered copy of 8 MB a step), the first layer for the group's
-members while the rows are in cache, the middle stack (the code below), the head, the mean
-cross-entropy and its gradient, the backward, and the first layer's gradients from the same rows.
-What is left of a narrow net's step is then memory (the rows) and arithmetic.
+members while the rows are in cache, then per member and block of 64 rows the middle stack's
+forward saving every layer's activations (at most ~0.6 MB a member for the study's deepest
+stacks: L2), the head, the mean cross-entropy and its gradient, and the stack's backward from
+the saved activations; then the first layer's gradients from the same rows. A block's rows stay
+in registers from layer to layer (a narrow layer is a few instructions; a round trip through
+memory per layer would cost more). Where a block's gradient is exactly zero from some layer down
+(deep narrow nets die), the backward stops there. A training set of 8-bit images normalised by
+one scalar mean and std (MNIST's) is read as its 8-bit codes (input_codes): a quarter of the
+bytes, where a width-1 net's step is otherwise bound by reading the rows from memory.
 
 On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each a
 few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
-operations per training step. Here one call carries a block of batch rows of one member
-through every middle layer (forward), or one member's batch back through them (backward,
-weight gradients summed in one fixed order), threads splitting the members and row blocks.
+operations per training step. stack_forward and stack_backward (the stack alone, for the
+engine's other uses) carry a block of batch rows of one member through every middle layer, or
+one member's batch back through them; their forward keeps only the last layer's activations
+and the backward recomputes the others a block at a time from hidden layer 0's pre-activation.
 The parameters and dropout masks are those psa.core.kernels' Triton stack kernels read, in
-fp32 only; the forward keeps only the last layer's activations and the backward recomputes the
-others a block at a time from hidden layer 0's pre-activation, in cache, instead of writing
-and reading back (depth x batch x width) floats per member each step.
+fp32 only.
 
 Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
 torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
