@@ -67,6 +67,7 @@ class Timers:
 def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, float]:
     from psa.core import chunk as chunk_mod
     from psa.core import cpu_stack
+    from psa.core import engine as engine_mod
     from psa.core.arch import parse_arch
     from psa.core.data import Dataset
     from psa.core.device import resolve_execution
@@ -100,7 +101,9 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
         originals.append((cpu_stack, name, tm.wrap(cpu_stack, name, lambda a: "fused stack" if in_step[0] else None)))
     originals.append((cpu_stack, "train_step", tm.wrap(cpu_stack, "train_step",
                                                          lambda a: "fused step" if in_step[0] else None)))
-    originals.append((torch.optim.AdamW, "step", tm.wrap(torch.optim.AdamW, "step", "AdamW")))
+    # the engine's AdamW step (psa.core.chunk.adamw_step, as the engine module imported it): after its
+    # first step it calls the fused kernel without torch.optim.AdamW.step
+    originals.append((engine_mod, "adamw_step", tm.wrap(engine_mod, "adamw_step", "AdamW")))
     originals.append((chunk_mod.Chunk, "begin", tm.wrap(chunk_mod.Chunk, "begin", "begin")))
     originals.append((eng, "count_correct", tm.wrap(eng, "count_correct", "validation")))
     fb = eng._forward_backward
