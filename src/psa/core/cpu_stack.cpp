@@ -368,7 +368,7 @@ inline vf exp_neg(vf x) {
 
 // The first layer reads its rows either as floats or as 8-bit codes c with x = alpha c + beta
 // (psa.core.cpu_stack.input_codes: a data set of 8-bit images normalised by one scalar mean and
-// std, e.g. MNIST, whose floats are alpha c + beta within 2 ulp). Codes are a quarter of the
+// std, e.g. MNIST, whose floats are alpha c + beta within 4 ulp). Codes are a quarter of the
 // bytes: a width-1 net's step is otherwise bound by reading 800 KB of rows per seed group from
 // memory. With codes the sums run over c, and the affine map is applied once per output:
 // sum_i w_i x_i = alpha sum_i w_i c_i + beta sum_i w_i.
@@ -515,7 +515,7 @@ void first_grad(const T* const* rows, int64_t b, const float* d, float* g, int64
 
 struct Step {
     const float* x; const int64_t* y; int64_t n_in;  // the training set (N, n_in), labels (N,)
-    const uint8_t* xc; float alpha, beta;             // or null, or its 8-bit codes: x = alpha xc + beta
+    const uint8_t* xc; float alpha, beta;             // null, or the training set as 8-bit codes: x = alpha xc + beta
     const int64_t* order; int64_t n_train;            // (G, N) every group's data order
     const int64_t* step; int64_t batch_size, b;       // this step reads positions step * batch_size + [0, b)
     const float* flat; float* grad;                   // parameters and gradients of the members
