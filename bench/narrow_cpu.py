@@ -16,8 +16,9 @@ All paths run in this process, alternating (torch, stack, step, torch, ...), bes
 included, on a training set of just those `--steps` x 256 images) scaled to the epoch's 196
 steps, plus validation on all 10,000 images; the step count is the same for every path.
 `--steps 0` times whole meta-loops on the whole 50,000-image training set instead: slower, but
-the batch rows then come from memory as in a study (a 3,072-image training set stays in cache). Architectures with one hidden layer have no middle stack: the
-"stack" path is the torch path there. `--no-torch` leaves the torch path out (minutes a loop on
+the batch rows then come from memory as in a study (a 3,072-image training set stays in cache).
+Architectures with one hidden layer have no middle stack: the "stack" path is the torch path
+there. `--no-torch` leaves the torch path out (minutes a loop on
 the deepest nets).
 
     python bench/narrow_cpu.py                      # every study architecture of width <= 8
