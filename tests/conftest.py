@@ -124,6 +124,35 @@ def run_main(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[int
     return rc, out.getvalue(), err.getvalue()
 
 
+@contextlib.contextmanager
+def on_each_loop(fn):
+    """While inside: after a study handles each LoopDone event (psa.study.driver.Study.handle),
+    fn(study, event) runs; it may raise KeyboardInterrupt to stop the study there, as Ctrl-C
+    would. The handler is restored on leaving."""
+    from psa.study import driver
+    from psa.study.events import LoopDone
+
+    handle = driver.Study.handle
+
+    def patched(self, ev):
+        handle(self, ev)
+        if isinstance(ev, LoopDone):
+            fn(self, ev)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver.Study, "handle", patched)
+        yield
+
+
+def study_db(tmp_path_factory: pytest.TempPathFactory, name: str, argv: list[str]) -> Path:
+    """`psa study ARGV --db ref.sqlite` in this process, in a fresh temporary folder named after
+    `name`; checked to succeed; returns the database's path."""
+    d = tmp_path_factory.mktemp(name)
+    rc, _, err = run_main(["study", *argv, "--db", "ref.sqlite"], d)
+    assert rc == 0, err
+    return d / "ref.sqlite"
+
+
 def one_line_error(err: str) -> str:
     """The one line of a user error (exit status 2), checked to be one line without a traceback."""
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]

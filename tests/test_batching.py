@@ -18,11 +18,9 @@ from psa.core import engine as psa_engine
 from psa.core.errors import ConfigError
 from psa.core.generic import ModuleEngine, ModulePopulation, auto_batched, convolutions
 from psa.core.hparams import HParams
-from psa.study import driver
-from psa.study.events import LoopDone
 
 from . import factories
-from .conftest import one_line_error, run_main
+from .conftest import on_each_loop, one_line_error, run_main
 
 CNN, MLP = "tests.factories:small_cnn", "tests.factories:small_mlp"
 
@@ -93,20 +91,15 @@ def test_a_study_stores_its_choice_shows_it_and_resumes_on_it(tmp_path: Path, mo
     rows = {r["arch"]: r for r in json.loads(out)["architectures"]}
     assert (rows[CNN]["batched"], rows[MLP]["batched"]) == (False, True)
     assert f"{CNN}: one member at a time (auto: it has 2 convolutions" in err
-    handle = driver.Study.handle
+    def interrupt(study, ev):
+        raise KeyboardInterrupt
 
-    def interrupt(self, ev):
-        handle(self, ev)
-        if isinstance(ev, LoopDone):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(driver.Study, "handle", interrupt)
-    rc, _, err = run_main([*STUDY, "--batched", "yes", "--checkpoint-every", "0"], tmp_path)
+    with on_each_loop(interrupt):
+        rc, _, err = run_main([*STUDY, "--batched", "yes", "--checkpoint-every", "0"], tmp_path)
     assert rc == 130
     stored = _stored(tmp_path / "b.sqlite")
     assert {s: (m["batched"], m["batching"]) for s, m in stored.items()} == {
         CNN: (True, "--batched yes"), MLP: (True, "--batched yes")}
-    monkeypatch.setattr(driver.Study, "handle", handle)
     rc, _, err = run_main([*STUDY, "--batched", "no"], tmp_path)
     assert rc == 2 and f"trains {CNN} with --batched yes" in one_line_error(err)
     paths: list[bool] = []

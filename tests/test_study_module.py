@@ -15,12 +15,11 @@ import torch
 
 import psa
 from psa.core import data as psa_data
-from psa.study import driver, modules
+from psa.study import modules
 from psa.study.design import StudyDesign, resolve_design
-from psa.study.events import LoopDone
 
 from . import factories
-from .conftest import one_line_error, rows, run_main
+from .conftest import on_each_loop, one_line_error, rows, run_main, study_db
 
 CNN, MLP = "tests.factories:small_cnn", "tests.factories:small_mlp"
 MODES = ("none", "dropout", "hidden", "output")
@@ -41,10 +40,7 @@ def _trials(db: Path) -> list[sqlite3.Row]:
 @pytest.fixture(scope="module")
 def module_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run of STUDY, in this process."""
-    d = tmp_path_factory.mktemp("module")
-    rc, _, err = run_main(["study", *STUDY, "--db", "ref.sqlite"], d)
-    assert rc == 0, err
-    return d / "ref.sqlite"
+    return study_db(tmp_path_factory, "module", STUDY)
 
 
 def test_a_module_study_records_what_psa_fit_computes(module_db: Path, mnist: psa_data.Dataset) -> None:
@@ -83,28 +79,23 @@ def test_a_module_study_records_what_psa_fit_computes(module_db: Path, mnist: ps
 
 
 @pytest.mark.parametrize("every", ["0", "1000"])
-def test_an_interrupted_module_study_resumes_to_the_same_rows(every: str, module_db: Path, tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_an_interrupted_module_study_resumes_to_the_same_rows(every: str, module_db: Path, tmp_path: Path) -> None:
     """Ctrl-C after the second loop of the first population: with checkpoints after every loop,
     or only after the first (the database then runs a loop ahead and the resume recomputes it)."""
-    handle = driver.Study.handle
     seen: list[int] = []
 
-    def interrupt(self, ev):
-        handle(self, ev)
-        if isinstance(ev, LoopDone):
-            seen.append(ev.loop)
-            if len(seen) == 2:
-                ckpt = next((tmp_path / "k.ckpt" / "mine").glob("*.safetensors"))
-                _, meta = modules.load_module_population(ckpt)
-                assert meta["loop"] == (2 if every == "0" else 1) and meta["factory"] == CNN
-                raise KeyboardInterrupt
+    def interrupt(study, ev):
+        seen.append(ev.loop)
+        if len(seen) == 2:
+            ckpt = next((tmp_path / "k.ckpt" / "mine").glob("*.safetensors"))
+            _, meta = modules.load_module_population(ckpt)
+            assert meta["loop"] == (2 if every == "0" else 1) and meta["factory"] == CNN
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(driver.Study, "handle", interrupt)
     argv = ["study", *STUDY, "--db", "k.sqlite", "--checkpoint-every", every]
-    rc, _, err = run_main(argv, tmp_path)
+    with on_each_loop(interrupt):
+        rc, _, err = run_main(argv, tmp_path)
     assert rc == 130 and seen == [1, 2]
-    monkeypatch.setattr(driver.Study, "handle", handle)
     rc, _, err = run_main(["status", "--db", "k.sqlite"], tmp_path)
     assert rc == 0
     rc, _, err = run_main([a for a in argv if a != "--quiet"], tmp_path)

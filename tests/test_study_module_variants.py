@@ -16,11 +16,10 @@ import torch
 import psa
 from psa.core import data as psa_data
 from psa.core.checkpoint import load_tensors
-from psa.study import driver, modules
-from psa.study.events import LoopDone
+from psa.study import modules
 
 from . import factories
-from .conftest import one_line_error, run_main
+from .conftest import on_each_loop, one_line_error, run_main, study_db
 
 CNN, MLP = "tests.factories:small_cnn", "tests.factories:small_mlp"
 # every kind of variant: patience, the persistent optimizer, N units per loop, a fixed output
@@ -53,10 +52,7 @@ def full_rows(db: Path) -> dict[str, list[tuple]]:
 
 @pytest.fixture(scope="module")
 def variant_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("module-variants")
-    rc, _, err = run_main(["study", *STUDY, "--db", "v.sqlite"], d)
-    assert rc == 0, err
-    return d / "v.sqlite"
+    return study_db(tmp_path_factory, "module-variants", STUDY)
 
 
 def test_every_kind_of_variant_runs_on_a_module_and_records_what_psa_fit_computes(
@@ -119,18 +115,16 @@ RESUME = ["--model", CNN, "--model", MLP, "--modes", "hidden", "--trials", "2", 
           "--variant", "keep optimizer_state=persist patience=2", "--variant", "sched schedule=dropout:2,hidden:2"]
 
 
-def _last_checkpoints(monkeypatch, keep: Path) -> None:
-    """Copy every population's checkpoint aside after its last meta-loop (the study deletes it
-    once the population is done)."""
-    handle = driver.Study.handle
+def _keeping_last_checkpoints(keep: Path):
+    """A context in which every population's checkpoint is copied to `keep` after its last
+    meta-loop (the study deletes it once the population is done)."""
 
-    def copying(self, ev):
-        handle(self, ev)
-        if isinstance(ev, LoopDone) and ev.loop == self.design.hparams.meta_loops:
-            path = self._ckpt_path(self.pops[ev.key].plan)
+    def copying(study, ev):
+        if ev.loop == study.design.hparams.meta_loops:
+            path = study._ckpt_path(study.pops[ev.key].plan)
             shutil.copy(path, keep / path.name)
 
-    monkeypatch.setattr(driver.Study, "handle", copying)
+    return on_each_loop(copying)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +132,7 @@ def resume_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     """An uninterrupted run of RESUME, checkpointing every loop: (database, last checkpoints)."""
     d = tmp_path_factory.mktemp("module-variants-ref")
     (d / "last").mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        _last_checkpoints(mp, d / "last")
+    with _keeping_last_checkpoints(d / "last"):
         rc, _, err = run_main(["study", *RESUME, "--db", "ref.sqlite", "--checkpoint-every", "0"], d)
     assert rc == 0, err
     return d / "ref.sqlite", d / "last"
@@ -147,36 +140,33 @@ def resume_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
 
 @pytest.mark.parametrize("every", ["0", "1000"])
 def test_an_interrupted_module_variant_study_resumes_byte_for_byte(every: str, resume_reference: tuple[Path, Path],
-                                                                   tmp_path: Path, monkeypatch) -> None:
+                                                                   tmp_path: Path) -> None:
     """Ctrl-C after the third loop of the first population (past the schedule's switch to
     hidden), with checkpoints after every loop or only after the first; the resume's rows and
     its populations' final state (LKGs, bounty models, patience counters, AdamW moments and
     steps, mode histories) are the uninterrupted run's."""
     ref_db, ref_last = resume_reference
-    handle = driver.Study.handle
     seen: list[int] = []
 
-    def interrupt(self, ev):
-        handle(self, ev)
-        if isinstance(ev, LoopDone):
-            seen.append(ev.loop)
-            if len(seen) == 3:
-                ckpt = next((tmp_path / "k.ckpt" / "r").glob("*.safetensors"))
-                tensors, meta = load_tensors(ckpt)
-                assert meta["loop"] == (3 if every == "0" else 1)
-                assert {"bounty_correct", "streak", "allowance", "opt_step"} <= set(tensors)
-                assert any(k.startswith("bounty.") for k in tensors) and any(k.startswith("opt_avg.") for k in tensors)
-                raise KeyboardInterrupt
+    def interrupt(study, ev):
+        seen.append(ev.loop)
+        if len(seen) == 3:
+            ckpt = next((tmp_path / "k.ckpt" / "r").glob("*.safetensors"))
+            tensors, meta = load_tensors(ckpt)
+            assert meta["loop"] == (3 if every == "0" else 1)
+            assert {"bounty_correct", "streak", "allowance", "opt_step"} <= set(tensors)
+            assert any(k.startswith("bounty.") for k in tensors) and any(k.startswith("opt_avg.") for k in tensors)
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(driver.Study, "handle", interrupt)
     argv = ["study", *RESUME, "--db", "k.sqlite", "--checkpoint-every", every]
-    rc, _, err = run_main(argv, tmp_path)
+    with on_each_loop(interrupt):
+        rc, _, err = run_main(argv, tmp_path)
     assert rc == 130 and seen == [1, 2, 3]
     (tmp_path / "last").mkdir()
-    _last_checkpoints(monkeypatch, tmp_path / "last")
     # the resume checkpoints every loop, so that its last state can be compared
     resume = [a for a in argv if a != "--quiet"][:-1] + ["0"]
-    rc, _, err = run_main(resume, tmp_path)
+    with _keeping_last_checkpoints(tmp_path / "last"):
+        rc, _, err = run_main(resume, tmp_path)
     assert rc == 0, err
     assert "1 populations continue from their checkpoints" in err
     assert full_rows(tmp_path / "k.sqlite") == full_rows(ref_db)
