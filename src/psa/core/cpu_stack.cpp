@@ -171,6 +171,16 @@ inline vf vactivate(vf z, int64_t row0, uint32_t unit, uint32_t n_units, uint32_
     return v;
 }
 
+// zt[u][r] = z[(r0 + r) s_row + u s_unit] for a block's nr rows, zeros past them (rows past the
+// batch are carried through the stack and never used)
+template <int W>
+void load_block(const float* z, int64_t s_row, int64_t s_unit, int64_t r0, int64_t nr, float (*zt)[ROWS]) {
+    for (int u = 0; u < W; ++u) {
+        for (int64_t r = 0; r < nr; ++r) zt[u][r] = z[(r0 + r) * s_row + u * s_unit];
+        for (int64_t r = nr; r < ROWS; ++r) zt[u][r] = 0.0f;
+    }
+}
+
 struct Stack {
     const float* z0; int64_t s_zm, s_zb, s_zw;  // hidden layer 0's pre-activation (M, B, W)
     const float* flat; int64_t w_off, b_off, layer_stride;
@@ -197,14 +207,10 @@ void forward_block(const Stack& p, int64_t m, int64_t r0, float (*save)[W][ROWS]
         sc = p.sc[m];
     }
     const uint32_t n_units = static_cast<uint32_t>(p.n_units);
-    const float* z0 = p.z0 + m * p.s_zm + r0 * p.s_zb;
     // a_l goes straight to save[l] when saving, else the two buffers take turns
     float (*cur)[ROWS] = save ? save[0] : a;
-    for (int u = 0; u < W; ++u) {
-        for (int64_t r = 0; r < nr; ++r) z[u][r] = z0[r * p.s_zb + u * p.s_zw];
-        for (int64_t r = nr; r < ROWS; ++r) z[u][r] = 0.0f;  // rows past the batch: computed, never stored
-        activate<DROP>(cur[u], z[u], r0, u, n_units, key, thr, sc);
-    }
+    load_block<W>(p.z0 + m * p.s_zm, p.s_zb, p.s_zw, r0, nr, z);
+    for (int u = 0; u < W; ++u) activate<DROP>(cur[u], z[u], r0, u, n_units, key, thr, sc);
     const float* wm = p.flat + p.w_off + m * W * W;
     const float* bm = p.flat + p.b_off + m * W;
     for (int64_t l = 1; l < p.n_layers; ++l) {
@@ -672,6 +678,38 @@ struct Work {
     void fit(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
 };
 
+// Members m0 .. m0 + k - 1's middle layers packed side by side into dst, member after member:
+// per layer W x W weights, then W biases (16-80 KB a member for the study's deepest stacks, in
+// L1/L2). In the population's layout a layer's members share a cache line or two, which each
+// member's every block would otherwise fetch again.
+template <int W>
+void pack_layers(const float* flat, int64_t w_off, int64_t b_off, int64_t layer_stride, int64_t L, int64_t m0,
+                 int64_t k, float* dst) {
+    constexpr int64_t per = W * W + W;
+    const int64_t mper = std::max<int64_t>(L - 1, 1) * per;  // floats per member
+    for (int64_t l = 1; l < L; ++l) {
+        const float* w = flat + w_off + (l - 1) * layer_stride + m0 * W * W;
+        const float* bb = flat + b_off + (l - 1) * layer_stride + m0 * W;
+        for (int64_t j = 0; j < k; ++j) {
+            float* d = dst + j * mper + (l - 1) * per;
+            std::copy(w + j * W * W, w + (j + 1) * W * W, d);
+            std::copy(bb + j * W, bb + (j + 1) * W, d + W * W);
+        }
+    }
+}
+
+// the head's logits for a block: lg[c][r] = sum_u at[u][r] hw[c][u] (units in order), then + hb[c];
+// the training step's and the evaluation's, so both score the same arithmetic
+template <int W>
+void head_logits(const float (*at)[ROWS], const float* hw, const float* hb, int64_t n_out, float (*lg)[ROWS]) {
+    for (int64_t c = 0; c < n_out; ++c)
+        for (int64_t r = 0; r < ROWS; r += VL) {
+            vf t = vload(at[0] + r) * hw[c * W];
+            for (int u = 1; u < W; ++u) t += vload(at[u] + r) * hw[c * W + u];
+            vstore(lg[c] + r, t + hb[c]);
+        }
+}
+
 // The head (logits = A hw^T + hb), the mean cross-entropy's terms and gradient for one block of
 // rows (at[u][r] = the last hidden layer's activations), the head's gradients added to hacc as
 // lane sums, dLoss/dA into dat; returns the block's sum of per-row losses (rows in order)
@@ -680,12 +718,7 @@ double head_block(const float (*at)[ROWS], const float* hw, const float* hb, int
                   const float* valid, const int64_t* labels, int64_t nr, float inv_b, float (*lg)[ROWS], float (*dl)[ROWS],
                   vf* hacc, float (*dat)[ROWS]) {
     alignas(64) float mxs[ROWS], sms[ROWS];
-    for (int64_t c = 0; c < n_out; ++c)
-        for (int64_t r = 0; r < ROWS; r += VL) {
-            vf t = vload(at[0] + r) * hw[c * W];
-            for (int u = 1; u < W; ++u) t += vload(at[u] + r) * hw[c * W + u];
-            vstore(lg[c] + r, t + hb[c]);
-        }
+    head_logits<W>(at, hw, hb, n_out, lg);
     for (int64_t r = 0; r < ROWS; r += VL) {
         vf mx = vload(lg[0] + r);
         for (int64_t c = 1; c < n_out; ++c) {
@@ -785,19 +818,8 @@ void step_group(const Step& s, int64_t g, Work& wk) {
     }
     const float inv_b = static_cast<float>(1.0 / static_cast<double>(b));
     auto* save = reinterpret_cast<float (*)[W][ROWS]>(wk.save.data());
-    // the group's middle layers, member by member (16-80 KB a member for the study's deepest stacks,
-    // in L1/L2): in the population's layout a layer's k members share a cache line or two, which
-    // each member's every block would fetch again
-    const int64_t mper = std::max<int64_t>(L - 1, 1) * per;  // floats per member
-    for (int64_t l = 1; l < L; ++l) {
-        const float* w = s.flat + s.w_off + (l - 1) * s.layer_stride + m0 * W * W;
-        const float* bb = s.flat + s.b_off + (l - 1) * s.layer_stride + m0 * W;
-        for (int64_t j = 0; j < k; ++j) {
-            float* dst = wk.pw.data() + j * mper + (l - 1) * per;
-            std::copy(w + j * W * W, w + (j + 1) * W * W, dst);
-            std::copy(bb + j * W, bb + (j + 1) * W, dst + W * W);
-        }
-    }
+    const int64_t mper = std::max<int64_t>(L - 1, 1) * per;  // floats per member in pw and pg
+    pack_layers<W>(s.flat, s.w_off, s.b_off, s.layer_stride, L, m0, k, wk.pw.data());
     alignas(64) float zt[W][ROWS], dat[W][ROWS], dz0[W][ROWS];
     for (int64_t j = 0; j < k; ++j) {
         const int64_t m = m0 + j;
@@ -823,10 +845,7 @@ void step_group(const Step& s, int64_t g, Work& wk) {
         int64_t floor = L - 1;  // acc holds nothing yet
         for (int64_t r0 = 0; r0 < b; r0 += ROWS) {
             const int64_t nr = std::min(ROWS, b - r0);
-            for (int u = 0; u < W; ++u) {
-                for (int64_t r = 0; r < nr; ++r) zt[u][r] = wk.z[(r0 + r) * N + j * W + u];
-                for (int64_t r = nr; r < ROWS; ++r) zt[u][r] = 0.0f;  // rows past the batch: computed, never used
-            }
+            load_block<W>(wk.z.data() + j * W, N, 1, r0, nr, zt);
             if (drop) stack_forward_saved<W, true>(zt, save, wm, bm, per, L, r0, key, thr, sc);
             else stack_forward_saved<W, false>(zt, save, wm, bm, per, L, r0, key, thr, sc);
             loss += head_block<W>(save[L - 1], hw, hb, n_out, wk.yf.data() + r0, wk.valid.data() + r0,
@@ -892,12 +911,7 @@ void count_member(const Stack& p, const float* hw, const float* hb, int64_t n_ou
     const int64_t L = p.n_layers;
     if (pw.size() < static_cast<size_t>(std::max<int64_t>(L - 1, 1) * per)) pw.resize(std::max<int64_t>(L - 1, 1) * per);
     if (lg.size() < static_cast<size_t>(n_out * ROWS)) lg.resize(n_out * ROWS);
-    for (int64_t l = 1; l < L; ++l) {  // packed, as in the training step
-        const float* w = p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W;
-        const float* bb = p.flat + p.b_off + (l - 1) * p.layer_stride + m * W;
-        std::copy(w, w + W * W, pw.data() + (l - 1) * per);
-        std::copy(bb, bb + W, pw.data() + (l - 1) * per + W * W);
-    }
+    pack_layers<W>(p.flat, p.w_off, p.b_off, p.layer_stride, L, m, 1, pw.data());
     const float* hwm = hw + m * n_out * W;
     const float* hbm = hb + m * n_out;
     alignas(64) float zt[W][ROWS], at[1][W][ROWS];
@@ -905,19 +919,10 @@ void count_member(const Stack& p, const float* hw, const float* hb, int64_t n_ou
     const float* z0 = p.z0 + m * p.s_zm;
     for (int64_t r0 = 0; r0 < p.rows; r0 += ROWS) {
         const int64_t nr = std::min(ROWS, p.rows - r0);
-        for (int u = 0; u < W; ++u) {
-            for (int64_t r = 0; r < nr; ++r) zt[u][r] = z0[(r0 + r) * p.s_zb + u * p.s_zw];
-            for (int64_t r = nr; r < ROWS; ++r) zt[u][r] = 0.0f;
-        }
+        load_block<W>(z0, p.s_zb, p.s_zw, r0, nr, zt);
         stack_forward_saved<W, false, false>(zt, at, pw.data(), pw.data() + W * W, per, L, r0, 0, 0, 1.0f);
         float* l = lg.data();
-        for (int64_t c = 0; c < n_out; ++c)
-            for (int64_t r = 0; r < ROWS; r += VL) {
-                // summed over the units in order, then the bias, as the training step's head
-                vf t = vload(at[0][0] + r) * hwm[c * W];
-                for (int u = 1; u < W; ++u) t += vload(at[0][u] + r) * hwm[c * W + u];
-                vstore(l + c * ROWS + r, t + hbm[c]);
-            }
+        head_logits<W>(at[0], hwm, hbm, n_out, reinterpret_cast<float (*)[ROWS]>(l));
         for (int64_t r = 0; r < nr; ++r) {
             float best = l[r];
             int64_t arg = 0;
