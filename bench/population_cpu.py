@@ -87,6 +87,7 @@ def truncated(ds, steps: int):
 
 
 def time_engine(arch, ds, steps):
+    from psa.core.device import resolve_execution
     from psa.core.engine import Engine
     from psa.core.hparams import HParams
     from psa.core.population import Population
@@ -94,7 +95,9 @@ def time_engine(arch, ds, steps):
     hp = HParams()
     members = [hp.member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
-    eng = Engine(pop, truncated(ds, steps), hp)
+    # as `psa study` and `psa train` resolve it by default (--kernels auto: the fused CPU step for
+    # nets of one width up to 8); a bare Execution would be the plain torch path
+    eng = Engine(pop, truncated(ds, steps), hp, resolve_execution("cpu", "fp32", "auto"))
     eng.meta_loop()  # warm-up (loop 1): allocations, kernels
     t0 = time.perf_counter()
     eng.meta_loop()  # loop 2: clone, ablate, train, validate, promote
