@@ -353,7 +353,7 @@ _CODES: dict[int, tuple[weakref.ref, int, tuple[torch.Tensor, float, float] | No
 _CODES_LOCK = threading.Lock()
 
 
-def input_codes(x: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, float, float] | None:
+def input_codes(x: torch.Tensor, rows: int = 512) -> tuple[torch.Tensor, float, float] | None:
     """`x` as 8-bit codes, if it is one: (codes (N, n_in) uint8, alpha, beta) with every element of
     x within 4 float32 ulps (of x's largest magnitude) of alpha * code + beta, both float32
     numbers; else None. A data set of 8-bit images normalised by one scalar mean and std (MNIST,
