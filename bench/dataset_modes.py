@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from psa.analysis.stats import holm, sign_flip_test  # noqa: E402
-from psa.core.population import MODES  # noqa: E402
+from psa.core.member import MODES  # noqa: E402
 
 
 def study_bounties(db: Path, arch: str, loop: int | None) -> tuple[dict[str, dict[int, float]], int, str, int]:

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import psa  # noqa: E402
-from psa.core.generic import auto_batched, convolutions  # noqa: E402
+from psa.core.module.engine import auto_batched, convolutions  # noqa: E402
 from psa.core.data import NORMALISATION, load_dataset  # noqa: E402
 
 MODES = ("none", "hidden", "output")

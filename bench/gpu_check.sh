@@ -77,7 +77,7 @@ if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(i)
         print(f'cuda:{i}', p.name, f'{p.total_memory / 2**30:.1f} GiB', f'sm_{p.major}{p.minor}')
 else: print('no CUDA device')
-from psa.core import kernels; print('psa kernels available:', kernels.available())
+from psa.core.kernels import triton_stack; print('psa kernels available:', triton_stack.available())
 "
 # the engine first (graphs against eager, GPU against CPU, the fixes' tests; ResMLP, the variants and
 # the torch.func population too), then the kernels

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from psa.core import data as psa_data  # noqa: E402
-from psa.core import kernels  # noqa: E402
+from psa.core.kernels import triton_stack as kernels  # noqa: E402
 from psa.core.arch import parse_arch, study_architectures  # noqa: E402
 from psa.core.device import (  # noqa: E402
     Execution,
@@ -47,12 +47,13 @@ from psa.core.device import (  # noqa: E402
     resolve_execution,
     synchronize,
 )
-from psa.core.engine import Engine, kernel_launches  # noqa: E402
+from psa.core.mlp.engine import Engine, kernel_launches  # noqa: E402
 from psa.core.hparams import HParams  # noqa: E402
-from psa.core.population import MODES, Population  # noqa: E402
-from psa.core.selftest import matmul_peak  # noqa: E402
+from psa.core.member import MODES  # noqa: E402
+from psa.core.mlp.population import Population  # noqa: E402
+from psa.core.mlp.selftest import matmul_peak  # noqa: E402
 from psa.study.console import fmt_seconds  # noqa: E402
-from psa.study.plan import arch_flops  # noqa: E402
+from psa.study.cost import arch_flops  # noqa: E402
 
 HP = HParams()  # the paper's
 

@@ -61,9 +61,9 @@ def engines(arch, ds, steps: int, paths: tuple[str, ...]):
     `steps` batches. "stack" is the default engine with its fused step turned off."""
     from psa.core.data import Dataset
     from psa.core.device import resolve_execution
-    from psa.core.engine import Engine
+    from psa.core.mlp.engine import Engine
     from psa.core.hparams import HParams
-    from psa.core.population import Population
+    from psa.core.mlp.population import Population
 
     hp = HParams()
     n = steps * hp.batch_size if steps else ds.train_x.shape[0]

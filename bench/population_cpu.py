@@ -88,9 +88,9 @@ def truncated(ds, steps: int):
 
 def time_engine(arch, ds, steps):
     from psa.core.device import resolve_execution
-    from psa.core.engine import Engine
+    from psa.core.mlp.engine import Engine
     from psa.core.hparams import HParams
-    from psa.core.population import Population
+    from psa.core.mlp.population import Population
 
     hp = HParams()
     members = [hp.member(m, s) for s in SEEDS for m in MODES]

@@ -34,9 +34,10 @@ from psa.analysis.stats import holm, sign_flip_test  # noqa: E402
 from psa.core import data as psa_data  # noqa: E402
 from psa.core.arch import parse_arch  # noqa: E402
 from psa.core.device import describe_device, resolve_execution  # noqa: E402
-from psa.core.engine import Engine  # noqa: E402
+from psa.core.mlp.engine import Engine  # noqa: E402
 from psa.core.hparams import HParams  # noqa: E402
-from psa.core.population import MODES, Population  # noqa: E402
+from psa.core.member import MODES  # noqa: E402
+from psa.core.mlp.population import Population  # noqa: E402
 
 HP = HParams()  # the paper's
 

@@ -65,15 +65,15 @@ class Timers:
 
 
 def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, float]:
-    from psa.core import chunk as chunk_mod
+    from psa.core.mlp import chunk as chunk_mod
     from psa.core import cpu_stack
-    from psa.core import engine as engine_mod
+    from psa.core.mlp import engine as engine_mod
     from psa.core.arch import parse_arch
     from psa.core.data import Dataset
     from psa.core.device import resolve_execution
-    from psa.core.engine import Engine
+    from psa.core.mlp.engine import Engine
     from psa.core.hparams import HParams
-    from psa.core.population import Population
+    from psa.core.mlp.population import Population
 
     arch = parse_arch(arch_text)
     hp = HParams()

@@ -28,9 +28,9 @@ from psa.analysis.stats import summaries  # noqa: E402
 from psa.cli import main  # noqa: E402
 from psa.core import data as psa_data  # noqa: E402
 from psa.core.device import resolve_execution  # noqa: E402
-from psa.core.engine import Engine  # noqa: E402
+from psa.core.mlp.engine import Engine  # noqa: E402
 from psa.core.hparams import HParams  # noqa: E402
-from psa.core.population import Population  # noqa: E402
+from psa.core.mlp.population import Population  # noqa: E402
 
 from .report_helpers import make_db  # noqa: E402
 
@@ -87,6 +87,14 @@ def engine(pop: Population, ds: psa_data.Dataset, hp: HParams = ENGINE_HP, strea
     """An Engine for `pop` on `ds`, its execution resolved from `how` (precision, kernels, graphs,
     max_members) as the command line resolves its flags: `auto` unless given."""
     return Engine(pop, ds, hp, resolve_execution(pop.device, **how), stream=stream)
+
+
+def set_paths(eng: Engine, **paths: bool) -> None:
+    """Force an engine's paths (as kernels=auto picks them elsewhere: Triton on a GPU, ...)."""
+    import dataclasses
+
+    eng.paths = dataclasses.replace(eng.paths, **paths)
+    eng.step = dataclasses.replace(eng.step, paths=eng.paths)
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import numpy as np
 from psa.study import store
 from psa.analysis.results import Trial
 from psa.cli import main
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:

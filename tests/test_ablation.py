@@ -7,11 +7,12 @@ from collections import Counter
 import pytest
 import torch
 
-from psa.core.ablation import ablate, choose_neuron
+from psa.core.mlp.population import ablate
+from psa.core.ablation import choose_neuron
 from psa.core.arch import parse_arch
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 from psa.core.hparams import HParams
-from psa.core.population import Population
+from psa.core.mlp.population import Population
 
 ARCH = parse_arch("[2*5, 1*3]")  # Linear layers: 784->5, 5->5, 5->3, 3->10
 
@@ -82,7 +83,7 @@ def test_ablated_hidden_neuron_stays_dead_through_training(small):
     r = eng.meta_loop()
     layer, neuron = r.ablated[0]
     assert layer == 0
-    (w0, b0), (w1, _) = eng.pop.layout.views(eng.cand)
+    (w0, b0), (w1, _) = eng.population.layout.views(eng.cand)
     # the trained candidate (promoted or not) kept the neuron dead: ReLU's gradient at 0 is 0
     assert torch.count_nonzero(w0[0, neuron]) == 0 and b0[0, neuron] == 0
     assert torch.count_nonzero(w1[0, :, neuron]) == 0

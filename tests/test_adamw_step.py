@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from psa.core.chunk import adamw_step, new_adamw, reset_adamw
+from psa.core.optim import adamw_step, new_adamw, reset_adamw
 from psa.core.hparams import HParams
 
 from .conftest import fresh_seed

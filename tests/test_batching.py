@@ -14,9 +14,10 @@ import torch
 
 import psa
 from psa.core import data as psa_data
-from psa.core import engine as psa_engine
+from psa.core.mlp import engine as psa_engine
 from psa.core.errors import ConfigError
-from psa.core.generic import ModuleEngine, ModulePopulation, auto_batched, convolutions
+from psa.core.module.engine import ModuleEngine, auto_batched, convolutions
+from psa.core.module.population import ModulePopulation
 from psa.core.hparams import HParams
 
 from . import factories

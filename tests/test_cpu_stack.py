@@ -16,7 +16,7 @@ import torch
 from psa.core import cpu_stack, rng
 from psa.core.arch import parse_arch
 from psa.core.device import Execution, resolve_execution
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 from . import oracle
 from .conftest import ENGINE_HP as HP
@@ -228,7 +228,7 @@ def test_engine_matches_the_torch_path_and_the_oracle(small):
     torch_res = [torch_eng.meta_loop() for _ in range(3)]
     pop = population(arch, data, specs)
     eng = engine(pop, data)
-    assert eng.cpu_stack and not eng.fused
+    assert eng.cpu_stack and not eng.paths.triton_stack
     res = [eng.meta_loop() for _ in range(3)]
     diff = (pop.lkg - torch_pop.lkg).abs().max().item()
     assert diff < 1e-5, diff
@@ -275,7 +275,7 @@ def test_a_failed_build_falls_back_with_one_warning(small, monkeypatch, tmp_path
     pop = population(arch, small, specs)
     with pytest.warns(RuntimeWarning, match=r"fused CPU stack could not be built \(RuntimeError: .*failed"):
         eng = engine(pop, small)
-    assert not eng.cpu_stack and not eng.cpu_step
+    assert not eng.cpu_stack and not eng.paths.cpu_step
     assert [eng.meta_loop().candidate_acc] == ref
     assert torch.equal(pop.lkg, ref_pop.lkg)
     # the failure is remembered: no second attempt, no second warning

@@ -18,7 +18,7 @@ import torch
 from psa.core import cpu_stack
 from psa.core.arch import parse_arch
 from psa.core.device import resolve_execution
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 from .conftest import ENGINE_HP as HP
 from .conftest import engine, fresh_seed, population
@@ -41,15 +41,15 @@ def pair(arch_text: str, data, specs=SPECS, hp=HP):
 
 def one_step(eng, loop: int, step: int, b: int, ablate: bool = True):
     """Gradients and losses of one training step of the whole population (no update)."""
-    ch = eng._chunk(0, eng.pop.size)
+    ch = eng._chunk(0, eng.population.size)
     ablations = []
     if ablate:
         ablated = eng._ablations(loop)
-        ablations = [(j, eng.pop.members[j].mode, *a) for j in range(eng.pop.size) for a in ablated[j]]
+        ablations = [(j, eng.population.members[j].mode, *a) for j in range(eng.population.size) for a in ablated[j]]
     ch.begin(eng, loop, ablations)
     ch.step.fill_(step)
     g, k = ch.groups
-    if eng.cpu_step:
+    if eng.paths.cpu_step:
         drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
         loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, eng.data.train_x, eng.data.train_y, ch.order,
                                     ch.step, eng.hp.batch_size, b, k, drop, torch.full((ch.size,), float("nan")))
@@ -58,12 +58,12 @@ def one_step(eng, loop: int, step: int, b: int, ablate: bool = True):
         idx = ch.order.index_select(1, pos).reshape(-1)
         x = eng.data.train_x.index_select(0, idx).view(g, b, -1)
         y = eng.data.train_y.index_select(0, idx).view(g, 1, b).expand(g, k, b).reshape(ch.size, b)
-        loss = eng._forward_backward(ch, x, y)
+        loss = eng.step.forward_backward(ch, x, y)
     return ch.grad.clone(), loss.clone(), ch
 
 
 def assert_close_grads(eng, got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    for layer, ((gw, gb), (rw, rb)) in enumerate(zip(eng.pop.layout.views(got), eng.pop.layout.views(ref))):
+    for layer, ((gw, gb), (rw, rb)) in enumerate(zip(eng.population.layout.views(got), eng.population.layout.views(ref))):
         for name, a, r in (("weight", gw, rw), ("bias", gb, rb)):
             assert torch.isfinite(a).all(), f"{what}: layer {layer} {name} not finite"
             scale = max(r.abs().max().item(), 1e-6)
@@ -120,12 +120,12 @@ def test_divergence_is_flagged_per_member(small):
     fused, plain = pair("2*2", small)
     outs = []
     for eng in (fused, plain):
-        views = eng.pop.layout.views(eng.pop.lkg)
+        views = eng.population.layout.views(eng.population.lkg)
         views[0][0][3, 1, 100] = float("nan")
         views[-1][1][4, 0] = float("inf")
-        ch = eng._chunk(0, eng.pop.size)
+        ch = eng._chunk(0, eng.population.size)
         ch.begin(eng, 1, [])
-        eng._step(ch, 32)
+        eng.step(ch, 32)
         outs.append((ch.diverged.clone(), ch.loss_sum.clone()))
     (div, loss), (ref_div, ref_loss) = outs
     assert div.tolist() == ref_div.tolist() == [j in (3, 4) for j in range(len(SPECS))]
@@ -308,7 +308,7 @@ def test_a_dead_layer_stops_the_gradient_as_on_the_torch_path(small):
     usual tolerance, and exact zeros below the dead layer."""
     fused, plain = pair("12*2", small)
     for eng in (fused, plain):
-        views = eng.pop.layout.views(eng.pop.lkg)
+        views = eng.population.layout.views(eng.population.lkg)
         for w, b in views[1:-1]:  # every member alive: each middle layer passes its input on
             w.copy_(torch.eye(2).expand_as(w))
             b.fill_(0.1)

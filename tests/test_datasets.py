@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from psa.core import data as D
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 
 from . import oracle
 from .conftest import ENGINE_HP, fresh_seed, one_line_error, population, run_main

@@ -9,11 +9,11 @@ import torch
 
 from psa.core.arch import parse_arch
 from psa.core.device import Execution
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 from . import oracle
 from .conftest import ENGINE_HP as CFG
@@ -286,7 +286,7 @@ def test_same_population_twice_is_identical(small):
 
 
 def test_hidden_mode_needs_a_hidden_layer(small):
-    from psa.core.population import ConfigError
+    from psa.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="hidden"):
         population(parse_arch("[]"), small, [("hidden", 0)])

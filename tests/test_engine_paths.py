@@ -12,12 +12,14 @@ import torch
 
 from psa.core.arch import parse_arch
 from psa.core.device import Execution, resolve_execution
-from psa.core.engine import Engine
-from psa.core.population import MODES, Population
+from psa.core.mlp.engine import Engine
+from psa.core.member import MODES
+from psa.core.mlp.population import Population
+from psa.core.mlp.step import TrainStep
 
 from . import oracle
 from .conftest import ENGINE_HP as HP
-from .conftest import engine, population
+from .conftest import engine, population, set_paths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -77,8 +79,7 @@ def test_chunked_population_gives_the_same_records(small, reference, max_members
     """Chunks of whole seed groups (6, 12) or single members (7: groups cannot split evenly)."""
     ref_pop, _, ref = reference
     pop, eng, res = run(ARCH, small, SPECS, 3, max_members=max_members)
-    assert eng.chunk_size == max_members if max_members != 7 else eng.chunk_size == 6
-    assert len(eng._chunks()) == -(-pop.size // eng.chunk_size)
+    assert eng.members_at_once == max_members if max_members != 7 else eng.members_at_once == 6
     ok, diff = close_states(pop, ref_pop, 1e-6)
     assert ok, diff
     for a, b in zip(res, ref):
@@ -91,7 +92,7 @@ def test_out_of_memory_retries_in_smaller_chunks(small, reference, monkeypatch):
     ref_pop, _, ref = reference
     pop = population(ARCH, small, SPECS)
     eng = engine(pop, small)
-    real = Engine._step
+    real = TrainStep.__call__
     calls = {"n": 0}
 
     def flaky(self, ch, b):
@@ -100,9 +101,9 @@ def test_out_of_memory_retries_in_smaller_chunks(small, reference, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, ch, b)
 
-    monkeypatch.setattr(Engine, "_step", flaky)
+    monkeypatch.setattr(TrainStep, "__call__", flaky)
     res = [eng.meta_loop() for _ in range(3)]
-    assert eng.chunk_size == 6
+    assert eng.members_at_once == 6
     ok, diff = close_states(pop, ref_pop, 1e-6)
     assert ok, diff
     assert [r.promoted for r in res] == [r.promoted for r in ref]
@@ -182,7 +183,7 @@ def test_precision_check_rejects_another_learning_rate(small, fp32_run, factor):
 
 
 def test_precision_is_validated():
-    from psa.core.population import ConfigError
+    from psa.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="precision"):
         resolve_execution("cpu", precision="fp16")
@@ -236,7 +237,7 @@ def test_fused_stack_matches_the_torch_path_and_the_oracle(small):
     pop = population(arch, dev_data, specs, device=DEVICE)
     eng = engine(pop, dev_data, precision="fp32", graphs=False, kernels="triton")
     res = [eng.meta_loop() for _ in range(2)]
-    assert eng.fused and eng.triton
+    assert eng.paths.triton_stack and eng.paths.triton
     ok, diff = close_states(pop, torch_pop, 1e-5)
     assert ok, diff
     for a, b in zip(res, torch_res):
@@ -260,7 +261,7 @@ def test_the_gpu_engine_trains_like_the_cpu_engine(small, text):
     gpu_data = on(small, "cuda")
     gpu_pop = population(arch, gpu_data, specs, device="cuda")
     eng = engine(gpu_pop, gpu_data, precision="fp32")
-    assert eng.use_graphs and eng.fused  # kernels=auto: the stack kernels up to width 128
+    assert eng.use_graphs and eng.paths.triton_stack  # kernels=auto: the stack kernels up to width 128
     gpu_res = [eng.meta_loop() for _ in range(2)]
     assert (gpu_pop.lkg.cpu() - cpu_pop.lkg).abs().max().item() < 1e-5
     for a, b in zip(gpu_res, cpu_res):
@@ -270,15 +271,15 @@ def test_the_gpu_engine_trains_like_the_cpu_engine(small, text):
 def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monkeypatch):
     """kernels=auto picked Triton (forced here: a CPU never picks it), and the kernel fails: the
     engine warns once, drops the kernels and trains the same loop on the torch path."""
-    from psa.core import kernels
+    from psa.core.kernels import triton_stack as kernels
 
     arch = parse_arch("[3*4]")
     specs = [(m, 1) for m in MODES]
     ref_pop, _, ref = run(arch, small, specs, 2, kernels="torch")
     pop = population(arch, small, specs)
     eng = engine(pop, small)
-    eng.triton = eng.fused = True
-    eng.cpu_stack = eng.cpu_step = False  # an engine that picked Triton never also picks the fused CPU path
+    # an engine that picked Triton never also picks the fused CPU step
+    set_paths(eng, triton=True, triton_stack=True, cpu_step=False)
 
     def broken(*a, **k):
         raise RuntimeError("PTX compilation failed (simulated)")
@@ -286,7 +287,7 @@ def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monk
     monkeypatch.setattr(kernels, "stack_forward", broken)
     with pytest.warns(RuntimeWarning, match="Triton kernels failed .*simulated"):
         res = [eng.meta_loop() for _ in range(2)]
-    assert not eng.triton and not eng.fused
+    assert not eng.paths.triton and not eng.paths.triton_stack
     assert records(res) == records(ref)
     assert torch.equal(pop.lkg, ref_pop.lkg)
     # an explicit choice is not second-guessed
@@ -319,7 +320,7 @@ def test_graph_warm_up_stays_inside_a_short_epoch(small, monkeypatch):
     batches and a tail of 188, fewer than its four steps walk through unless every step starts
     the epoch again. The warm-up leaves nothing behind: the loops after it are those of an
     engine that never warmed up."""
-    from psa.core.chunk import new_adamw
+    from psa.core.optim import new_adamw
 
     data = dataclasses.replace(small, train_x=small.train_x[:700], train_y=small.train_y[:700])
     hp = dataclasses.replace(HP, batch_size=256)
@@ -330,16 +331,16 @@ def test_graph_warm_up_stays_inside_a_short_epoch(small, monkeypatch):
     ch = eng._chunk(0, pop.size)
     assert ch.batch_sizes() == [256, 256, 188]
     ch.cand.copy_(pop.lkg)
-    ch.adamw = new_adamw(ch.cand, hp)
+    ch.adamw = new_adamw([ch.cand], hp)
     ends = []
-    real = Engine._step
+    real = TrainStep.__call__
 
     def spy(self, chunk, b):
         ends.append(int(chunk.step) * hp.batch_size + b)  # one past the last position read
         return real(self, chunk, b)
 
-    monkeypatch.setattr(Engine, "_step", spy)
-    ch._warm_up(eng, [256, 188])
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    ch._warm_up(eng.step, [256, 188])
     assert ends == [256, 256, 188, 188]
     res = [eng.meta_loop() for _ in range(2)]
     assert max(ends) <= 700 and len(ends) == 4 + 2 * 3
@@ -362,15 +363,15 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
     import warnings
     import weakref
 
-    from psa.core import engine as engine_mod
+    from psa.core.mlp import engine as engine_mod
 
     pytest.importorskip("triton")
     data = on(dataclasses.replace(small, train_x=small.train_x[:64], train_y=small.train_y[:64],
                                   val_x=small.val_x[:100], val_y=small.val_y[:100]), DEVICE)
     pop = population(ARCH, data, SPECS, device=DEVICE)
     eng = engine(pop, data)
-    eng.triton = eng.fused = True  # as kernels=auto picks them on a GPU (there with graphs too)
-    real = Engine._step
+    set_paths(eng, triton=True, triton_stack=True)  # as kernels=auto picks them on a GPU (there with graphs too)
+    real = TrainStep.__call__
     seen: dict = {}
 
     def flaky(self, ch, b):
@@ -383,7 +384,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
         seen["alive"] = [r() is not None for r in seen["refs"]]
         seen["handling"] = sys.exc_info()[0]
 
-    monkeypatch.setattr(Engine, "_step", flaky)
+    monkeypatch.setattr(TrainStep, "__call__", flaky)
     monkeypatch.setattr(engine_mod, "release_cached", release)
     gc.disable()  # what is alive must be freed by reference counting, as on the GPU
     try:
@@ -395,7 +396,7 @@ def test_out_of_memory_frees_the_failed_chunk_before_retrying(small, monkeypatch
     assert len(seen["refs"]) > 4
     assert seen["alive"] == [False] * len(seen["refs"])
     assert seen["handling"] is None
-    assert eng.chunk_size == 6 and eng.triton and eng.fused
+    assert eng.members_at_once == 6 and eng.paths.triton and eng.paths.triton_stack
 
 
 def test_is_out_of_memory_tells_memory_from_other_failures():
@@ -435,7 +436,7 @@ def test_new_streams_are_distinct_in_torchs_round_robin_pool(monkeypatch):
 
 
 def test_a_cuda_stream_needs_a_cuda_population(small):
-    from psa.core.population import ConfigError
+    from psa.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stream"):
         engine(population(ARCH, small, [("none", 1)]), small, stream=object())
@@ -471,7 +472,7 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
     from torch.overrides import TorchFunctionMode
 
     from psa.core import ablation as ablation_mod
-    from psa.core import chunk as chunk_mod
+    from psa.core.mlp import chunk as chunk_mod
     from psa.core import rng as rng_mod
 
     depth = {"n": 0}
@@ -504,7 +505,7 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
     specs = [(m, s) for s in (1, 2) for m in MODES]  # decay and dropout members: every constant exists
     pop = population(ARCH, small, specs, hp)
     eng, _ = meta_twin(pop, small, hp, max_members=6)
-    assert eng.chunk_size == 6
+    assert eng.members_at_once == 6
     with Watch():
         ch = eng._chunk(6, 12)
         ch.begin(eng, 2, [(0, "full", 0, 3), (1, "hidden", 1, 2)])
@@ -518,8 +519,8 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monke
     are in working_bytes for a fused engine: 16 row blocks at width 20, four times the 16
     bytes a parameter that the estimate otherwise counts for the middle layers."""
     pytest.importorskip("triton")
-    from psa.core import kernels
-    from psa.core.memory import stack_partial_bytes, working_bytes
+    from psa.core.kernels import triton_stack as kernels
+    from psa.core.mlp.memory import stack_partial_bytes, working_bytes
 
     arch = parse_arch(text)
     hp = dataclasses.replace(HP, batch_size=256)
@@ -527,7 +528,7 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monke
                                   val_x=small.val_x[:64], val_y=small.val_y[:64]), DEVICE)
     pop = population(arch, data, [(m, 1) for m in MODES], hp, device=DEVICE)
     eng = engine(pop, data, hp, kernels="triton", precision="fp32")
-    assert eng.fused
+    assert eng.paths.triton_stack
     seen = []
     real = kernels._write_grad
 
@@ -573,8 +574,8 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     the run needs: the stack kernels (3*4, 2*20, training with a tail batch, validation and
     test in blocks) and the dropout kernel of an unfused stack (1*9, 1*5)."""
     pytest.importorskip("triton")
-    from psa.core import kernels
-    from psa.core.engine import kernel_launches
+    from psa.core.kernels import triton_stack as kernels
+    from psa.core.mlp.engine import kernel_launches
 
     arch = parse_arch(text)
     data = on(dataclasses.replace(small, train_x=small.train_x[:80], train_y=small.train_y[:80],
@@ -599,13 +600,13 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     eng.test_accuracy()
     monkeypatch.setattr(kernels, "_launch", real)
     foreseen = kernel_launches(arch, pop.members, data, HP, ex)
-    assert len(set(made)) >= (2 if eng.fused else 1)
+    assert len(set(made)) >= (2 if eng.paths.triton_stack else 1)
     assert set(foreseen) == set(made)
     assert kernels.precompile(foreseen) == len(set(made))  # interpreted: nothing to compile, but every launch taken
 
 
 def test_kernel_launches_are_none_without_triton(small):
-    from psa.core.engine import kernel_launches
+    from psa.core.mlp.engine import kernel_launches
 
     plain = resolve_execution("cpu", kernels="torch")
     assert kernel_launches(parse_arch("[3*4]"), [HP.member("none", 1)], small, HP, plain) == []

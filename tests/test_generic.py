@@ -18,11 +18,15 @@ import psa
 from psa.core.ablation import choose_neurons
 from psa.core.arch import parse_arch
 from psa.core.data import Dataset
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 from psa.core.errors import ConfigError
-from psa.core.generic import Consumer, ModuleEngine, ModulePopulation, inspect_model, resolve_factory
+from psa.core.module.units import Consumer, inspect_model
+from psa.core.module.engine import ModuleEngine
+from psa.core.module.population import ModulePopulation
+from psa.core.module.factory import resolve_factory
 from psa.core.hparams import HParams
-from psa.core.population import MODES, Population
+from psa.core.member import MODES
+from psa.core.mlp.population import Population
 from psa.core.variant import Variant
 
 from . import module_oracle
@@ -515,7 +519,7 @@ def test_factory_is_imported_from_the_current_directory(tmp_path, monkeypatch):
 def test_module_engine_computes_in_fp32_and_restores_the_flags():
     """cuDNN's TF32 (on by default in torch) and a user's cuBLAS TF32 are off while the module
     engine computes, its algorithms deterministic; the user's settings come back after."""
-    from psa.core.generic import fp32_arithmetic
+    from psa.core.module.functional import fp32_arithmetic
 
     cublas, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = (cublas.allow_tf32, cudnn.allow_tf32, cudnn.deterministic)

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from psa.core.arch import parse_arch
-from psa.core.generic import ModuleEngine, ModulePopulation
-from psa.core.population import MODES, Population
+from psa.core.module.engine import ModuleEngine
+from psa.core.module.population import ModulePopulation
+from psa.core.member import MODES
+from psa.core.mlp.population import Population
 
 from .conftest import ENGINE_HP, engine, subset
 from .test_engine_paths import on

@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from psa.core import kernels, rng  # noqa: E402
+from psa.core import rng  # noqa: E402
+from psa.core.kernels import triton_stack as kernels  # noqa: E402
 from psa.core.precision import Matmul  # noqa: E402
 
 from .conftest import fresh_seed  # noqa: E402

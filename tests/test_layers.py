@@ -1,12 +1,15 @@
 """psa's layers: core < study < analysis < cli. A module imports only its own layer or lower
-ones, and no modules import each other in a circle (imports inside functions count too).
+ones, and no modules import each other in a circle (imports inside functions and under
+`if TYPE_CHECKING:` count too: a cycle a type checker needs is still a design cycle). Within
+core, the two kinds of model (core/mlp, core/module) never import each other, core's shared
+modules import neither, and the kernels (core/kernels) know nothing of populations. No module
+is longer than MAX_LINES.
 
 The import graph is read from the source with `ast`, not by importing: an edge A -> B for
 every `import psa.B` / `from psa.B import x` in A (B's submodule when x is one). An import
 of a package's submodule runs the package's __init__ too; that implicit edge is not counted
 (a package's __init__ importing its own submodules is no circle). psa/__init__.py and
-psa/__main__.py stand above the layers and are left out, and so are imports under
-`if TYPE_CHECKING:`, which only a type checker runs.
+psa/__main__.py stand above the layers and are left out.
 """
 
 from __future__ import annotations
@@ -53,14 +56,8 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
         return name or None
 
     tree = ast.parse(path.read_text(), str(path))
-    # imports for type checkers only (`if TYPE_CHECKING:`) never run, so they make no circle
-    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                 and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-                 for stmt in block.body for n in ast.walk(stmt)}
     out: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -153,6 +150,49 @@ def test_no_import_circles() -> None:
     assert not found, "modules that import each other in a circle:\n" + "\n".join(lines)
 
 
+# core's parts: its shared modules, and the packages that build on them
+CORE_PARTS = ("psa.core.mlp", "psa.core.module", "psa.core.kernels")
+MAX_LINES = 600
+
+
+def core_part(module: str) -> str | None:
+    """The core package a module belongs to (psa.core.mlp, ...), "shared" for core's own
+    modules, None outside core."""
+    if not module.startswith("psa.core"):
+        return None
+    return next((p for p in CORE_PARTS if module == p or module.startswith(p + ".")), "shared")
+
+
+def core_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that break core's inner layering: shared -> a part, mlp <-> module, kernels -> a kind."""
+    out = []
+    for a, targets in graph.items():
+        pa = core_part(a)
+        for b in targets:
+            pb = core_part(b)
+            if pa is None or pb is None or pa == pb:
+                continue
+            if pa == "shared" and pb != "psa.core.kernels":
+                out.append(f"{a} (shared core) imports {b} ({pb})")
+            elif {pa, pb} == {"psa.core.mlp", "psa.core.module"}:
+                out.append(f"{a} ({pa}) imports {b} ({pb}): the two kinds of model never depend on each other")
+            elif pa == "psa.core.kernels" and pb in ("psa.core.mlp", "psa.core.module"):
+                out.append(f"{a} (kernels) imports {b} ({pb}): kernels know nothing of populations")
+    return sorted(out)
+
+
+def test_core_keeps_its_inner_layers() -> None:
+    bad = core_violations(import_graph())
+    assert not bad, "imports that break core's inner layers:\n  " + "\n  ".join(bad)
+
+
+def test_no_module_is_longer_than_the_limit() -> None:
+    long = sorted((len(p.read_text().splitlines()), name) for name, p in module_names().items()
+                  if len(p.read_text().splitlines()) > MAX_LINES)
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): " + ", ".join(
+        f"{name} ({n})" for n, name in long)
+
+
 def test_the_checks_see_what_they_should(tmp_path: Path) -> None:
     """A package with a planted upward import and a circle (inside a function) is caught."""
     pkg = tmp_path / "psa"
@@ -164,8 +204,20 @@ def test_the_checks_see_what_they_should(tmp_path: Path) -> None:
     (pkg / "study" / "b.py").write_text("from psa.core.a import f\nfrom . import c\n")
     (pkg / "study" / "c.py").write_text("import psa.core\n")
     (pkg / "cli" / "d.py").write_text("from psa.study.b import x\nfrom psa.core import a\n")
+    # a cycle through a type-only import is a cycle
+    (pkg / "core" / "e.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from psa.core.f import F\n")
+    (pkg / "core" / "f.py").write_text("from psa.core import e\n")
+    for part in ("mlp", "module", "kernels"):
+        (pkg / "core" / part).mkdir()
+        (pkg / "core" / part / "__init__.py").write_text("")
+    (pkg / "core" / "mlp" / "g.py").write_text("from psa.core.module import h\n")
+    (pkg / "core" / "module" / "h.py").write_text("from psa.core import a\n")
+    (pkg / "core" / "kernels" / "k.py").write_text("from psa.core.mlp import g\n")
     graph = import_graph(pkg)
     assert graph["psa.study.b"] == {"psa.core.a", "psa.study.c"}
     assert graph["psa.cli.d"] == {"psa.study.b", "psa.core.a"}
     assert upward_edges(graph) == {("psa.core.a", "psa.study.b")}
-    assert cycles(graph) == [["psa.core.a", "psa.study.b"]]
+    assert cycles(graph) == [["psa.core.a", "psa.study.b"], ["psa.core.e", "psa.core.f"]]
+    bad = core_violations(graph)
+    assert len(bad) == 2 and "psa.core.mlp.g (psa.core.mlp) imports psa.core.module.h" in bad[1]
+    assert "psa.core.kernels.k (kernels) imports psa.core.mlp.g" in bad[0]

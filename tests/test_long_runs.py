@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from psa.core.arch import parse_arch
-from psa.core.checkpoint import load_population, save_population
-from psa.core.population import Population, make_member
+from psa.core.mlp.checkpoint import load_population, save_population
+from psa.core.mlp.population import Population
+from psa.core.member import make_member
 from psa.study import store
 from psa.study import train as train_mod
 from psa.study.runner import PopulationRun

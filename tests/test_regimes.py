@@ -9,7 +9,7 @@ import pytest
 from psa.analysis.regimes import REGIMES, ClassifierConfig, classify, classify_all
 from psa.analysis.results import ReportError
 from psa.analysis.stats import CellSummary, validation_zero_r
-from psa.core.population import BASELINE_MODES, MODES
+from psa.core.member import BASELINE_MODES, MODES
 
 Z = 11.02
 

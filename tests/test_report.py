@@ -15,7 +15,7 @@ import pytest
 
 from psa.study import store
 from psa.core.arch import parse_arch, study_architectures
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 from .report_helpers import fig_data, make_db, published_peaks, read_csv, run
 

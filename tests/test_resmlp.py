@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from psa.core.ablation import choose_neuron
 from psa.core.arch import parse_arch
 from psa.core.device import Execution
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
-from psa.core.memory import stack_fits_kernel
+from psa.core.mlp.memory import stack_fits_kernel
 from psa.core.model import ResMLP, check_model_name, layer_table, linear_keys, linear_shapes, param_count
-from psa.core.population import MODES, Population
+from psa.core.member import MODES
+from psa.core.mlp.population import Population
 from psa.study.design import StudyDesign, preset
 
 from . import oracle
@@ -119,7 +120,7 @@ def test_one_step_gradients_are_autograds(small):
     idx = ch.order[:, :32]
     x = small.train_x[idx]
     y = small.train_y[idx].repeat_interleave(k, dim=0)
-    loss = eng._forward_backward(ch, x, y)
+    loss = eng.step.forward_backward(ch, x, y)
     for j, mem in enumerate(pop.members):
         net = oracle.PlainResMLP(HETEROGENEOUS)
         net.load_state_dict(pop.member_state_dict(j))
@@ -145,7 +146,7 @@ def res_paired_run(small):
 
 def test_every_mode_reproduces_the_oracle(res_paired_run):
     pop, eng, results, data = res_paired_run
-    assert eng.groups == (2, 6) and not eng.fused
+    assert eng.groups == (2, 6) and not eng.paths.triton_stack
     check_against_oracle(pop, data, results, HOMOGENEOUS)
 
 
@@ -237,7 +238,7 @@ def test_ablation_choices_follow_compute_order():
 def test_hidden_ablation_of_a_block_output_keeps_the_skip(small):
     """Ablating neuron c of a block's second Linear zeroes its row, its bias and column c of the
     next Linear; the channel still flows through the skip to the block after."""
-    from psa.core.ablation import ablate
+    from psa.core.mlp.population import ablate
 
     pop = res_population(HOMOGENEOUS, small, [("hidden", 1)])
     flat = pop.lkg.clone()

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from psa.core import kernels
-from psa.core.engine import Engine
+from psa.core.kernels import triton_stack as kernels
+from psa.core.mlp.engine import Engine
 
 from .conftest import one_line_error, run_main
 
@@ -124,7 +124,7 @@ def test_reference_loop_differs_from_an_untrained_member():
     check could pass on an engine that never steps)."""
     from psa.core.arch import parse_arch
     from psa.core.model import SimpleMLP
-    from psa.core.selftest import CHECK_HP, reference_loop, synthetic_data
+    from psa.core.mlp.selftest import CHECK_HP, reference_loop, synthetic_data
 
     arch = parse_arch("[3*4]")
     data = synthetic_data(64, 20, 0, torch.device("cpu"))
@@ -143,7 +143,7 @@ def test_bad_seed_is_a_usage_error():
 
 def test_a_json_path_that_cannot_be_written_is_refused_before_the_checks(tmp_path, monkeypatch):
     """One line and exit 2, before any check runs, and nothing written."""
-    from psa.core import selftest
+    from psa.core.mlp import selftest
 
     ran = []
     monkeypatch.setattr(selftest, "run", lambda *a, **k: ran.append(1))

@@ -25,7 +25,7 @@ from psa.analysis.stats import (
     winners,
     zero_r_from_counts,
 )
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 from .report_helpers import trials_of
 

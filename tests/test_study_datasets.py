@@ -15,8 +15,8 @@ import pytest
 from psa.analysis.results import load_db
 from psa.core import data as D
 from psa.core.arch import parse_arch
-from psa.core.memory import stack_path_reason
-from psa.core.population import MODES
+from psa.core.mlp.memory import stack_path_reason
+from psa.core.member import MODES
 
 from .conftest import engine, one_line_error, population, run_main
 from .test_datasets import write_npz
@@ -143,7 +143,7 @@ def test_heterogeneous_stacks_take_the_torch_path_with_the_reason_once(small):
     notes = [str(w.message) for w in caught if "plain torch path" in str(w.message)]
     assert notes == ["psa: [2*12, 1*8] trains its hidden stack on the plain torch path: hidden layers of unequal "
                      "widths (12, 8); the stack kernel runs stacks of one width"]
-    assert not any(e.fused for e in engines) and fused.fused
+    assert not any(e.paths.triton_stack for e in engines) and fused.paths.triton_stack
     assert stack_path_reason(homo, fused.ex) == ""
 
 
@@ -166,7 +166,7 @@ def test_the_funnel_example_is_a_design_of_heterogeneous_nets():
 
 
 def test_an_engine_refuses_an_architecture_sized_for_other_data(small, tmp_path):
-    from psa.core.population import ConfigError
+    from psa.core.errors import ConfigError
 
     ds = D.load_dataset(f"npz:{write_npz(tmp_path / 'd.npz')}")
     with pytest.raises(ConfigError, match="784 inputs and 10 outputs, data set npz:.* 20 and 3 classes"):

@@ -9,7 +9,8 @@ import pytest
 
 from psa.core.hparams import HParams
 from psa.study.design import StudyDesign, preset, resolve_design
-from psa.study.plan import DEFAULT_CALIBRATION, arch_flops, auto_population_size, bytes_per_member, make_plan
+from psa.study.cost import DEFAULT_CALIBRATION, arch_flops, auto_population_size, bytes_per_member
+from psa.study.plan import make_plan
 
 from .conftest import one_line_error, run_main
 

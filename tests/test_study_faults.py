@@ -188,7 +188,7 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
         with pytest.raises(Crash):
             run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
     (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
-    from psa.core.checkpoint import load_population, save_population
+    from psa.core.mlp.checkpoint import load_population, save_population
 
     pop, meta = load_population(ckpt, "cpu")
     del meta["rng"]

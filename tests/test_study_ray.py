@@ -98,7 +98,7 @@ def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
 
     from psa.study.design import StudyDesign
     from psa.study.plan import make_plan
-    from psa.study.ray import _population_task
+    from psa.study.backends.ray import _population_task
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
     subset = 512 if dataset == "mnist" else None
@@ -114,7 +114,7 @@ def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
 def test_a_ray_worker_reads_a_relative_npz_path_from_the_drivers_directory(tmp_path, monkeypatch) -> None:
     """Ray starts workers in its own directories: the driver hands them absolute paths."""
     from psa.study.events import LoopDone
-    from psa.study.ray import worker_data_paths
+    from psa.study.backends.ray import worker_data_paths
 
     from .test_datasets import write_npz
 

@@ -312,11 +312,11 @@ def test_kernels_are_compiled_up_front_once_per_population_shape(monkeypatch) ->
 
     import torch
 
-    from psa.core import kernels
+    from psa.core.kernels import triton_stack as kernels
     from psa.core.arch import parse_arch
     from psa.core.data import Dataset
     from psa.core.device import AUTO_STACK_MAX_WIDTH, Execution
-    from psa.core.engine import kernel_launches
+    from psa.core.mlp.engine import kernel_launches
     from psa.study import runner
     from psa.study.design import StudyDesign
     from psa.study.plan import make_plan

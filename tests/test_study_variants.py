@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from psa.core.arch import parse_arch
-from psa.core.checkpoint import load_population, save_population
-from psa.core.engine import Engine
-from psa.core.population import Population
+from psa.core.mlp.checkpoint import load_population, save_population
+from psa.core.mlp.engine import Engine
+from psa.core.mlp.population import Population
 from psa.core.variant import Variant
 from psa.study import store
+from psa.study.export import export
 
 from .conftest import ENGINE_HP, one_line_error, run_main, subset
 
@@ -173,7 +174,7 @@ def test_a_database_from_before_variants_reads_as_the_papers_engine(tmp_path: Pa
     ro = store.connect(db, readonly=True)
     (trial,) = store.load_trials(ro, 1)
     assert trial["variant"] is None  # no variant column: read as the paper's engine
-    store.export(ro, tmp_path / "export")
+    export(ro, tmp_path / "export")
     header = (tmp_path / "export" / "trials.csv").read_text().splitlines()[0]
     assert header.endswith(",variant,variant_settings")
     ro.close()

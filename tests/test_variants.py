@@ -10,9 +10,9 @@ import torch
 
 from psa.core.ablation import choose_neuron, choose_neurons
 from psa.core.arch import parse_arch
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 from psa.core.errors import ConfigError
-from psa.core.population import Population
+from psa.core.mlp.population import Population
 from psa.core.variant import Variant, ablation_count, parse_ablate, parse_schedule
 
 from . import oracle

@@ -10,7 +10,7 @@
 under seed + k - 1) and sees the same data order: the paper's paired design. Engine variants
 (psa.core.variant: patience, the persistent optimizer, ablation strategies, mode schedules)
 run beside the paper's engine as named conditions, `variants={"patience5": {"patience": 5}}`,
-as in a study design. All members train together (psa.core.generic). This module sits above
+as in a study design. All members train together (psa.core.module). This module sits above
 psa's layers: it uses the core engine and the analysis statistics.
 """
 
@@ -31,9 +31,13 @@ from psa.core.checkpoint import FORMAT, save_tensors
 from psa.core.data import Dataset
 from psa.core.device import canonical_device
 from psa.core.errors import ConfigError
-from psa.core.generic import ModelSpec, ModuleEngine, ModulePopulation, factory_name
 from psa.core.hparams import HParams
-from psa.core.population import ABLATIVE_MODES, MODES
+from psa.core.loop import meta_loop, note_once
+from psa.core.member import ABLATIVE_MODES, MODES
+from psa.core.module.engine import ModuleEngine, choose_batching, convolutions
+from psa.core.module.factory import factory_name
+from psa.core.module.population import ModulePopulation
+from psa.core.module.units import ModelSpec
 from psa.core.variant import VARIANT_NAME, Variant, format_schedule
 
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -215,12 +219,13 @@ def fit(
     *,
     modes: Sequence[str] = ("none", "hidden", "output"),
     trials: int = 10,
-    meta_loops: int = 100,
+    meta_loops: int | None = None,
     seed: int = 0,
-    lr: float = 1e-4,
-    batch_size: int = 256,
-    weight_decay: float = 1e-4,
-    dropout: float = 0.1,
+    hparams: HParams | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    dropout: float | None = None,
     n_classes: int | None = None,
     device: str | torch.device = "cpu",
     batched: bool | str = "auto",
@@ -231,13 +236,15 @@ def fit(
     """Run PSA's meta-loop on `trials` x `modes` trials of `make_model`, all trained together.
 
     `train`/`val`/`test`: (inputs, integer labels) tensors; inputs as the model takes them.
-    `modes`: any of none, decay, dropout, full, hidden, output. `lr`, `batch_size`,
-    `weight_decay` (decay mode only), `dropout` (the rate of every nn.Dropout, dropout mode
-    only): the paper's values by default. `n_classes`: default 1 + the largest label.
+    `modes`: any of none, decay, dropout, full, hidden, output. `hparams`: what every trial
+    trains with (psa.core.hparams.HParams; default the paper's Table VI); `meta_loops`, `lr`,
+    `batch_size`, `weight_decay` (decay mode only) and `dropout` (the rate of every nn.Dropout,
+    dropout mode only), where given, override its fields. `n_classes`: default 1 + the largest
+    label.
     `batched`: True trains the members together (vmap), False one at a time (what psa falls
     back to where vmap cannot batch the model), "auto" (default) by a fixed rule of the model
     and device: one at a time for a model with convolutions on a CPU, else together
-    (psa.core.generic.auto_batched; said once as a warning, and in `result.batching`).
+    (psa.core.module.engine.auto_batched; said once as a warning, and in `result.batching`).
     `max_members`: members trained at once (default all). `variants`: named engine variants
     run beside the paper's engine, {name: Variant or its settings}, e.g.
     {"patience5": {"patience": 5}, "persist": {"optimizer_state": "persist"}, "dh": {"schedule":
@@ -258,7 +265,11 @@ def fit(
         raise ConfigError(f"trials must be a positive integer, got {trials!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-    hp = HParams(lr=lr, batch_size=batch_size, weight_decay=weight_decay, dropout=dropout, meta_loops=meta_loops)
+    if hparams is not None and not isinstance(hparams, HParams):
+        raise ConfigError(f"hparams must be a psa.core.hparams.HParams, got {type(hparams).__name__}")
+    hp = (hparams or HParams()).updated(meta_loops=meta_loops, lr=lr, batch_size=batch_size,
+                                        weight_decay=weight_decay, dropout=dropout)
+    meta_loops = hp.meta_loops
     dev = canonical_device(device)
     (tx, ty), (vx, vy) = _split("train", train), _split("val", val)
     sx, sy = _split("test", test) if test is not None else (vx[:0], vy[:0])
@@ -271,7 +282,12 @@ def fit(
     conditions += [(f"{mode}+{name}", mode, v) for name, v, runs_in in named for mode in runs_in]
     members = [hp.member(mode, seed + k, v) for k in range(trials) for _, mode, v in conditions]
     pop = ModulePopulation.create(make_model, members, data, dev, n_classes=classes)
-    eng = ModuleEngine(pop, data, hp, batched=batched, max_members=max_members)
+    assert pop.template is not None
+    together, why = choose_batching(batched, convolutions(pop.template), dev)
+    if batched == "auto":
+        note_once(f"psa: {pop.factory} on {dev.type}: batched='auto' chose "
+                  f"{'the population (vmap)' if together else 'one member at a time'}: {why[len('auto: '):]}")
+    eng = ModuleEngine(pop, data, hp, batched=together, batching=why, max_members=max_members)
     index = {m.key: j for j, m in enumerate(pop.members)}
     keys = {(label, k): index[(mode, v.to_json(), seed + k - 1)]
             for label, mode, v in conditions for k in range(1, trials + 1)}
@@ -282,7 +298,7 @@ def fit(
         return pop.spec.layers[a[0]].name, a[1]
 
     for _ in range(meta_loops):
-        r = eng.meta_loop()
+        r = meta_loop(eng)
         seconds += r.seconds
         for (label, k), j in keys.items():
             records.append(LoopRecord(label, k, seed + k - 1, r.loop, r.candidate_acc[j], r.promoted[j],

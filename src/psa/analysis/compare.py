@@ -32,7 +32,7 @@ from psa.analysis.results import (
 from psa.analysis.stats import base_dataset, resolve_zero_r, summaries, validation_zero_r
 from psa.analysis.tables import Table, fp
 from psa.core.model import DEFAULT_MODEL
-from psa.core.population import MODES
+from psa.core.member import MODES
 from psa.study.design import MODULE_MODEL
 
 REFERENCE_LABELS = {"published": "published per-trial data (final)", "seed": "printed Table V"}

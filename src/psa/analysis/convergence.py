@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from psa.analysis.results import Curve, StudyData, Trial
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 TARGET = 0.99  # the share of the final bounty (or of its gain) a trial must reach
 TAIL = 0.10  # the last share of the loops in which "still improving" looks for a rise

@@ -30,7 +30,7 @@ from psa.core.arch import N_IN, N_OUT  # noqa: E402
 from psa.core.model import DEFAULT_MODEL  # noqa: E402
 from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
 from psa.core.checkpoint import atomic_path  # noqa: E402
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
 
 MODE_COLORS = {
     "none": "#4d4d4d",

@@ -35,7 +35,7 @@ import numpy as np
 from psa.analysis.convergence import condition, trial_condition
 from psa.analysis.regimes import REGIMES, Regime
 from psa.analysis.results import Curve, StudyData, arch_params
-from psa.core.population import ABLATIVE_MODES
+from psa.core.member import ABLATIVE_MODES
 
 CONTROL = "none"
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from psa.analysis.results import ReportError, Trial, load_published, load_seed_table
 from psa.analysis.stats import ACC_EPS, holm, summarize
 from psa.core.arch import study_architectures
-from psa.core.population import MODES
+from psa.core.member import MODES
 
 REFERENCES = ("published", "seed")
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from psa.analysis.results import ReportError
 from psa.analysis.stats import ACC_EPS, CellSummary
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 REGIME_NAMES = {
     "I": "Beneficial Regularization",

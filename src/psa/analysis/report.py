@@ -53,7 +53,7 @@ from psa.analysis.tables import (
     table_v,
     table_variants,
 )
-from psa.core.population import MODES
+from psa.core.member import MODES
 from psa.study.design import MODULE_MODEL
 from psa.study.options import DEFAULT_DB
 

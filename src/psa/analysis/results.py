@@ -37,7 +37,7 @@ from psa.core.arch import (
 )
 from psa.core.errors import ConfigError
 from psa.core.model import DEFAULT_MODEL, param_count
-from psa.core.population import MODES
+from psa.core.member import MODES
 from psa.study import store
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from psa.analysis.results import ReportError, StudyData, Trial
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 # Accuracies are multiples of 0.01 (100 * correct / 10,000) but arrive as floats computed in
 # different ways (100.0 * 1102 / 10000 == 11.02, yet 1102 / 10000 * 100 == 11.020000000000001):

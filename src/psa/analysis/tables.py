@@ -20,7 +20,7 @@ from psa.analysis.results import Curve, arch_params, arch_shape, is_heterogeneou
 from psa.core.arch import N_IN, N_OUT, parse_arch
 from psa.core.model import DEFAULT_MODEL
 from psa.analysis.stats import winners
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES
 
 
 @dataclass

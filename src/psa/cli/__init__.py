@@ -14,7 +14,7 @@ from psa.cli.train import register as register_train
 from psa.core.arch import ArchError
 from psa.core.checkpoint import CheckpointError
 from psa.core.data import DataError
-from psa.core.population import ConfigError
+from psa.core.errors import ConfigError
 from psa.study.options import StudyError
 from psa.study.store import StoreError
 

@@ -1,4 +1,4 @@
-"""`psa selftest`: flags onto a SelftestConfig, the checks of psa.core.selftest, the verdict table."""
+"""`psa selftest`: flags onto a SelftestConfig, the checks of psa.core.mlp.selftest, the verdict table."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _interpret_off_gpu(device: Any) -> None:
     import sys
     from importlib.util import find_spec
 
-    if device.type != "cuda" and "psa.core.kernel_programs" not in sys.modules and find_spec("triton"):
+    if device.type != "cuda" and "psa.core.kernels.programs" not in sys.modules and find_spec("triton"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -54,7 +54,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"--json {cfg.json}: {parent} is not a writable directory")
     _interpret_off_gpu(device)
-    from psa.core import selftest
+    from psa.core.mlp import selftest
     from psa.core.checkpoint import atomic_write
     from psa.core.device import describe_device
     from psa.study.console import err_console, out_console

@@ -13,7 +13,7 @@ from typing import Any
 
 from psa.cli.argtypes import nonneg_int, positive_int, seconds
 from psa.cli.flags import add_engine_flags, add_model_flags, add_training_flags
-from psa.core.population import MODES
+from psa.core.member import MODES
 from psa.study import store
 from psa.study.design import (
     DESIGN_FIELDS,
@@ -29,7 +29,9 @@ from psa.study.driver import run_study, stored_design
 from psa.study.dry_run import dry_run
 from psa.study.lock import checkpoint_root, lock_held, lock_owner
 from psa.study.options import DEFAULT_DB, RunOptions
-from psa.study.plan import DEFAULT_CALIBRATION, make_plan
+from psa.study.kinds import model_kind
+from psa.study.plan import make_plan
+from psa.study.export import export
 from psa.study.store import StoreError
 
 
@@ -148,21 +150,17 @@ def _parse_time(text: str | None) -> datetime.datetime | None:
 
 
 def _trial_weights(row: Any) -> dict[str, float] | None:
-    """Estimated seconds per trial-loop of each architecture, from the stored design and plan."""
+    """The relative work of a trial-loop of each net (its kind's loop cost), from the stored
+    design and plan."""
     d = stored_design(row)
     try:
         design = StudyDesign.from_fields(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
                                             if k in DESIGN_FIELDS})
+        kind = model_kind(design)
         plan = make_plan(design, int(d["plan"]["chunk"]))  # the population size, under its old name
     except (DesignError, KeyError, TypeError, ValueError):
         return None
-    out: dict[str, float] = {}
-    if design.is_module:  # a factory's cost is unknown here: every trial-loop weighs the same
-        return {a: 1.0 for a in design.architectures}
-    for p in plan.populations:
-        out[p.arch] = DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size, design.hparams.batch_size, design.n_train,
-                                                       design.model) / p.size
-    return out
+    return {p.net: kind.loop_cost(p) / p.size for p in plan.populations}
 
 
 def study_status(con: Any, db: Path, row: Any) -> dict[str, Any]:
@@ -311,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             note = 'parquet skipped: pyarrow is not installed (pip install -e ".[parquet]")'
     con = store.connect(db, readonly=True)
     try:
-        counts = store.export(con, args.out, formats, args.study)
+        counts = export(con, args.out, formats, args.study)
     finally:
         con.close()
     for path, n in counts.items():

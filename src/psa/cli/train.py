@@ -17,7 +17,8 @@ from psa.cli.flags import (
 )
 from psa.core.arch import matched_arch, parse_arch
 from psa.core.model import DEFAULT_MODEL, layer_table, param_count
-from psa.core.population import MODES, ConfigError
+from psa.core.errors import ConfigError
+from psa.core.member import MODES
 
 
 def cmd_arch(args: argparse.Namespace) -> int:

@@ -13,21 +13,19 @@ a block's second Linear this removes the branch's contribution only: the skip st
 the channel), as the authors' ResMLP harness does.
 
 The draw for (seed, loop) comes from a hash, so it does not depend on the rest of the
-population, on the device, or on library versions.
+population, on the device, or on library versions. The zeroing itself is each kind's own: a
+flat buffer's offsets (psa.core.mlp.population.ablate) or a module's tensors
+(psa.core.module.engine).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
 from psa.core.arch import Arch
 from psa.core.errors import ConfigError
 from psa.core.model import DEFAULT_MODEL, linear_shapes
-from psa.core.device import to_device
-from psa.core.population import ABLATIVE_MODES, Layout, derive_seed
+from psa.core.member import ABLATIVE_MODES, derive_seed
 from psa.core.variant import Variant, ablation_count, eligible_layers
 
 
@@ -48,7 +46,7 @@ def choose_unit(hidden: Sequence[int], n_out: int, mode: str, seed: int, loop: i
     """(layer index, unit index) that `mode` ablates at `loop` in a net whose hidden layers have
     `hidden` units each and whose output layer has `n_out`; None for no ablation.
 
-    The draw of choose_neuron for any layered model (psa.core.generic's Linear and Conv
+    The draw of choose_neuron for any layered model (psa.core.module's Linear and Conv
     layers): an MLP given as a plain nn.Module gets exactly the neurons its SimpleMLP gets.
     """
     if mode not in ABLATIVE_MODES or loop <= 1:
@@ -129,25 +127,3 @@ def choose_neurons(arch: Arch, mode: str, seed: int, loop: int, variant: Variant
         return ()
     n = ablation_count(variant, arch, mode, loop, meta_loops)
     return tuple(_draw(arch, mode, seed, loop, n, eligible_layers(arch, mode, variant.ablate_layers)))
-
-
-def ablation_indices(layout: Layout, member: int, mode: str, layer: int, neuron: int) -> np.ndarray:
-    """Offsets in the flat buffer of every parameter that `mode` zeroes when it ablates `neuron`
-    of Linear `layer` in population row `member`: its incoming row and bias, and in `hidden`
-    mode its outgoing column in the next layer."""
-    m = member
-    w0, b0, o, i = layout.blocks[layer]
-    parts = [w0 + (m * o + neuron) * i + np.arange(i), np.array([b0 + m * o + neuron])]
-    if mode == "hidden" and layer + 1 < len(layout.blocks):  # an output neuron has no outgoing column
-        nw0, _, no, ni = layout.blocks[layer + 1]
-        parts.append(nw0 + m * no * ni + np.arange(no) * ni + neuron)
-    return np.concatenate(parts)
-
-
-@torch.no_grad()
-def ablate(flat: torch.Tensor, layout: Layout, ablations: list[tuple[int, str, int, int]]) -> None:
-    """Zero, in place and in one kernel, what each (member, mode, layer, neuron) ablation names."""
-    if not ablations:
-        return
-    idx = np.concatenate([ablation_indices(layout, *a) for a in ablations]).astype(np.int64)
-    flat.index_fill_(0, to_device(torch.from_numpy(idx), flat.device), 0.0)

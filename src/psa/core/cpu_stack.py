@@ -53,7 +53,7 @@ import torch
 
 from psa.core.arch import Arch
 from psa.core.device import Execution
-from psa.core.population import Layout
+from psa.core.mlp.population import Layout
 
 # Widest equal-width stack the compiled code takes (its template instantiations).
 MAX_WIDTH = 8

@@ -95,7 +95,7 @@ def resolve_execution(device: str | torch.device = "auto", precision: str = "aut
     (stacks up to AUTO_STACK_MAX_WIDTH); on a CPU in fp32, `auto` runs stacks up to
     AUTO_CPU_STACK_MAX_WIDTH through the fused CPU stack (psa.core.cpu_stack; `torch` never does),
     and `graphs` apply on CUDA devices only."""
-    from psa.core import kernels as triton_kernels
+    from psa.core.kernels import triton_stack as triton_kernels
 
     dev = resolve_device(device) if isinstance(device, str) else canonical_device(device)
     if kernels not in KERNEL_CHOICES:

@@ -6,7 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from psa.core.population import ConfigError, Member, make_member
+from psa.core.errors import ConfigError
+from psa.core.member import Member, make_member
 from psa.core.variant import DEFAULT, Variant
 
 DIVERGED_CHOICES = ("score", "discard")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from psa.core.device import to_device
-from psa.core.population import derive_seed
+from psa.core.member import derive_seed
 
 # Names the streams below; recorded with studies and checkpoints, so that a run is never
 # continued with other random streams than it started with.

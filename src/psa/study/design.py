@@ -18,7 +18,8 @@ from psa.core.arch import ArchError, parse_arch, study_architectures
 from psa.core.data import N_TRAIN, DataError, check_spec
 from psa.core.hparams import KNOB_DEFAULTS, HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name
-from psa.core.population import MODES, ConfigError, Member
+from psa.core.errors import ConfigError
+from psa.core.member import MODES, Member
 from psa.core.variant import DEFAULT, VARIANT_NAME, Variant, format_schedule
 
 if sys.version_info >= (3, 11):
@@ -31,8 +32,8 @@ class DesignError(ConfigError):
     """A study design (flags or TOML file) that cannot run."""
 
 
-# A study of your own model (psa.core.generic) names it `module:function`; its design's `model`
-# is then MODULE_MODEL and its architectures are the factories, one cell each.
+# A study of your own model (psa.core.module) names it `module:function`; its design's `model`
+# is then MODULE_MODEL and its nets are the factories, one cell each.
 MODULE_MODEL = "module"
 _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -72,9 +73,13 @@ HPARAM_FIELDS = ("meta_loops", "lr", "batch_size", "weight_decay", "dropout", "d
 
 @dataclass(frozen=True)
 class StudyDesign:
-    """What a study runs. Validated on construction; architectures are stored in short form."""
+    """What a study runs. Validated on construction; architectures are stored in short form.
 
-    architectures: tuple[str, ...]
+    `nets` are what the study trains, one cell each: architecture strings of psa's own nets
+    ("2*16"), or, for a model of your own (model MODULE_MODEL), its factories (module:function).
+    Flags, design files and the stored design call the field "architectures"."""
+
+    nets: tuple[str, ...]
     modes: tuple[str, ...] = MODES  # canonical order, so "hidden,none" and "none,hidden" are one design
     trials: int = 10  # per (architecture, mode); trial k of every mode trains with seed + k - 1
     seed: int = 0
@@ -94,13 +99,15 @@ class StudyDesign:
         """A design from flat fields, as flags, TOML files and stored designs give them
         (`lr`, `meta_loops`... beside `architectures`, `modes`...)."""
         hp = {k: fields.pop(k) for k in HPARAM_FIELDS if k in fields}
-        specs = factory_specs(fields.get("model"))
-        if specs is not None:
+        if "architectures" in fields:
+            fields["nets"] = fields.pop("architectures")
+        factories = factory_specs(fields.get("model"))
+        if factories is not None:
             # your own model: its factories are the study's cells, where architectures would be
-            if fields.get("architectures") not in (None, specs):
+            if fields.get("nets") not in (None, factories):
                 raise DesignError("--arch describes a SimpleMLP or ResMLP; a model given as module:function is its "
                                   "own architecture (give --model once per factory, without --arch)")
-            fields.update(architectures=specs, model=MODULE_MODEL)
+            fields.update(nets=factories, model=MODULE_MODEL)
         elif isinstance(fields.get("model"), (list, tuple)):
             fields["model"] = fields["model"][0]
         for name in ("meta_loops", "batch_size"):
@@ -120,10 +127,10 @@ class StudyDesign:
         return cls(**fields, hparams=hparams)
 
     def __post_init__(self) -> None:
-        if not self.architectures:
+        if not self.nets:
             raise DesignError("a study needs at least one architecture")
         shorts = []
-        for a in self.architectures:
+        for a in self.nets:
             if self.is_module:
                 if factory_specs(a) is None:
                     raise DesignError(f"model {MODULE_MODEL}: {a!r} is not a factory module:function")
@@ -136,7 +143,7 @@ class StudyDesign:
         dup = sorted({s for s in shorts if shorts.count(s) > 1})
         if dup:
             raise DesignError(f"architecture {dup[0]} is listed more than once")
-        object.__setattr__(self, "architectures", tuple(shorts))
+        object.__setattr__(self, "nets", tuple(shorts))
         if not self.modes:
             raise DesignError("a study needs at least one mode")
         for m in self.modes:
@@ -166,7 +173,7 @@ class StudyDesign:
         if self.model != "resmlp" and self.hparams.block_dropout != "mode":
             raise DesignError("block_dropout applies to the residual blocks of model resmlp only")
         if "hidden" in self.modes and not self.is_module:  # a module's layers are checked when it is built
-            flat = [a for a in self.architectures if parse_arch(a).depth == 0]
+            flat = [a for a in self.nets if parse_arch(a).depth == 0]
             if flat:
                 raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
         self._check_variants()
@@ -197,13 +204,13 @@ class StudyDesign:
                                   f"({', '.join(self.modes)}): its ablation settings need an ablative mode")
             if self.is_module:
                 # a factory's unit layers are known once it is built: psa.study.modules checks the
-                # variant against them (inspect_factory); what needs no model is checked here
+                # variant against them; what needs no model is checked here
                 if v.schedule and sum(n for _, n in v.schedule) != self.hparams.meta_loops:
                     raise DesignError(f"variant {name!r}: schedule {format_schedule(v.schedule)} covers "
                                       f"{sum(n for _, n in v.schedule)} meta-loops, the run has "
                                       f"{self.hparams.meta_loops}")
                 continue
-            for arch in self.architectures:
+            for arch in self.nets:
                 for mode in v.modes_in(self.modes):
                     try:
                         v.check(parse_arch(arch), mode, self.hparams.meta_loops)
@@ -234,7 +241,7 @@ class StudyDesign:
     def fields(self) -> dict[str, Any]:
         """The design as flat fields (the inverse of from_fields)."""
         hp = self.hparams
-        d: dict[str, Any] = {"architectures": self.architectures, "modes": self.modes, "trials": self.trials,
+        d: dict[str, Any] = {"architectures": self.nets, "modes": self.modes, "trials": self.trials,
                              "meta_loops": hp.meta_loops, "seed": self.seed, "lr": hp.lr,
                              "batch_size": hp.batch_size, "weight_decay": hp.weight_decay, "dropout": hp.dropout,
                              "diverged": hp.diverged, "dataset": self.dataset, "train_subset": self.train_subset,
@@ -250,7 +257,7 @@ class StudyDesign:
         AdamW's betas and eps are not a factor of studies: every study trains with the paper's.
         """
         d = self.fields()
-        d["architectures"] = list(self.architectures)
+        d["architectures"] = list(self.nets)
         d["modes"] = list(self.modes)
         if self.train_subset is None:
             del d["train_subset"]  # absent unless set: the digest of a full-data design has no such key
@@ -280,10 +287,12 @@ class StudyDesign:
     @property
     def n_trials(self) -> int:
         """Trials in the whole study."""
-        return len(self.architectures) * len(self.conditions()) * self.trials
+        return len(self.nets) * len(self.conditions()) * self.trials
 
 
-DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)} - {"hparams"} | set(HPARAM_FIELDS)
+# the fields flags and design files give (`architectures` is the field `nets`)
+DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)} - {"hparams", "nets"} | {"architectures"} | set(
+    HPARAM_FIELDS)
 
 
 def preset(name: str) -> StudyDesign:
@@ -291,11 +300,11 @@ def preset(name: str) -> StudyDesign:
     residual blocks of width W). `smoke`: a tiny design that runs in about a minute on a laptop
     CPU (real MNIST, a few meta-loops): a check that everything works."""
     if name == "paper":
-        return StudyDesign(architectures=tuple(a.short for a in study_architectures()))
+        return StudyDesign(nets=tuple(a.short for a in study_architectures()))
     if name == "resmlp":
-        return StudyDesign(architectures=tuple(a.short for a in study_architectures()), model="resmlp")
+        return StudyDesign(nets=tuple(a.short for a in study_architectures()), model="resmlp")
     if name == "smoke":
-        return StudyDesign(architectures=("1*32", "2*16", "4*8"), trials=2, hparams=HParams(meta_loops=10))
+        return StudyDesign(nets=("1*32", "2*16", "4*8"), trials=2, hparams=HParams(meta_loops=10))
     raise DesignError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 

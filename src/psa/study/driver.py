@@ -1,7 +1,7 @@
 """Run a study into SQLite: open or create it, resume its populations, record their events.
 
 A design (design.StudyDesign) says what to run; a plan (plan.Plan) partitions its trials into
-populations; a backend (runner.local_events, ray.ray_events) trains them and yields events
+populations; a backend (backends.local, backends.ray) trains them and yields events
 (psa.study.events); this module records every meta-loop in the results database as it happens.
 
 Invariants that make a killed study resume to exactly the rows of an uninterrupted one:
@@ -24,12 +24,12 @@ Invariants that make a killed study resume to exactly the rows of an uninterrupt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import math
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,30 +39,21 @@ import torch
 
 from psa import __version__
 from psa.core import rng
-from psa.core.arch import parse_arch
-from psa.core.checkpoint import CheckpointError, load_population, save_population
+from psa.core.checkpoint import CheckpointError, load_tensors, save_tensors
 from psa.core.data import Dataset
+from psa.core.device import Execution, describe_device, resolve_device, resolve_execution
 from psa.core.variant import Variant
-from psa.core.device import (
-    Execution,
-    describe_device,
-    resolve_device,
-    resolve_execution,
-)
 from psa.study import store
+from psa.study.backends.local import local_events
+from psa.study.cost import device_budget
 from psa.study.design import DesignError, StudyDesign
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
+from psa.study.kinds import ModelKind, model_kind
 from psa.study.lock import StudyLock, checkpoint_root
 from psa.study.options import RunOptions, StudyError
-from psa.study.plan import (
-    Plan,
-    PopulationPlan,
-    auto_population_size,
-    device_budget,
-    make_plan,
-)
+from psa.study.plan import Plan, PopulationPlan, make_plan
 from psa.study.progress import StudyProgress, work_done
-from psa.study.runner import PopulationState, cached_data, design_data_view, local_events
+from psa.study.runner import PopulationProgress, cached_data, design_data_view
 from psa.study.store import StoreError
 
 # ---------------------------------------------------------------------------------------------
@@ -82,18 +73,18 @@ def code_version() -> str:
     return __version__
 
 
-def trial_rows(design: StudyDesign) -> list[dict[str, Any]]:
-    """The trials table rows of a design, in design order (architecture, mode, trial)."""
+def trial_rows(kind: ModelKind) -> list[dict[str, Any]]:
+    """The trials table rows of a design, in design order (net, mode, trial)."""
+    design = kind.design
     hp = design.hparams
     out = []
-    for arch in design.architectures:
+    for net in design.nets:
         for mode, name, v in design.conditions():
             for k in range(1, design.trials + 1):
                 m = design.member(mode, k, v)
-                row = {"arch": arch, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
+                row = {"arch": net, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
                        "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
-                       "dropout": m.dropout, "dataset": design.dataset_label,
-                       "model": arch if design.is_module else design.model}  # your own model: its factory
+                       "dropout": m.dropout, "dataset": design.dataset_label, "model": kind.trial_model(net)}
                 if name:  # the paper's engine leaves both NULL: its rows are those of a study without variants
                     row.update(variant=name, variant_settings=v.to_json())
                 out.append(row)
@@ -141,34 +132,12 @@ def check_dataset(con: Any, study_id: int, name: str, data: Dataset) -> None:
                          f"refusing to mix them (pass --name to start a new study)")
 
 
-def default_population_size(design: StudyDesign, opt: RunOptions, device: torch.device,
-                            modules: dict[str, Any] | None = None) -> int:
+def default_population_size(kind: ModelKind, opt: RunOptions, device: torch.device) -> int:
     """The population size a new study is planned with: opt's, else as many members as fit
-    the device (8 GiB per task with Ray). `modules`: a module design's ModuleInfo per factory
-    (psa.study.modules.check_factories)."""
+    the device (8 GiB per task with Ray)."""
     if opt.population_size is not None:
         return opt.population_size
-    budget = 8 << 30 if opt.backend == "ray" else device_budget(device)
-    if design.is_module:
-        from psa.study.modules import auto_population_size as module_population_size
-
-        assert modules is not None
-        return module_population_size(design, budget, modules)
-    return auto_population_size(design, budget)
-
-
-def module_execution(design: StudyDesign, opt: RunOptions, requested: Execution) -> Execution:
-    """How a study trains: as `requested`, except that a model given as module:function trains
-    in fp32 through torch.func (psa's precisions, kernels and graphs are its own engine's)."""
-    if not design.is_module:
-        if opt.batched != "auto":
-            raise DesignError("--batched applies to a model given as module:function (psa's own engine batches its "
-                              "populations itself)")
-        return requested
-    if opt.precision not in ("auto", "fp32"):
-        raise DesignError(f"--precision {opt.precision} applies to psa's own engine; a model given as "
-                          f"module:function trains in fp32")
-    return dataclasses.replace(requested, precision="fp32")
+    return kind.population_size(8 << 30 if opt.backend == "ray" else device_budget(device))
 
 
 @dataclass(frozen=True)
@@ -177,34 +146,13 @@ class StoredPlan:
 
     plan: Plan
     precision: str
-    # a module design: each factory's (members trained together, why), as the study was created
-    batching: dict[str, tuple[bool, str]] = field(default_factory=dict)
 
 
-# studies created before batched="auto" trained every module model's members together
-BATCHED_BEFORE_AUTO = (True, "created before batched='auto', when every module model trained this way")
-
-
-def stored_batching(stored_plan: dict[str, Any], design: StudyDesign, name: str, opt: RunOptions
-                    ) -> dict[str, tuple[bool, str]]:
-    """Each factory's stored path, or StudyError where `--batched` asks for another."""
-    if not design.is_module:
-        return {}
-    modules = stored_plan.get("modules", {})
-    out = {}
-    for spec in design.architectures:
-        m = modules.get(spec, {})
-        out[spec] = (bool(m["batched"]), str(m.get("batching", ""))) if "batched" in m else BATCHED_BEFORE_AUTO
-        if opt.batched != "auto" and out[spec][0] != (opt.batched == "yes"):
-            raise StudyError(f"study {name!r} trains {spec} with --batched {'yes' if out[spec][0] else 'no'} "
-                             f"({out[spec][1]}); resume it with the same (or omit --batched)")
-    return out
-
-
-def check_stored(row: Any, name: str, db: Path, design: StudyDesign, opt: RunOptions,
-                 requested: Execution) -> StoredPlan:
+def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions, precision: str) -> StoredPlan:
     """The stored plan and precision of a studies row, or StudyError where this run may not
-    continue it: another design, another population size or precision, another planner."""
+    continue it: another design, another population size or precision (`precision`: what this
+    run asks for), another planner, or what the model kind stored (kind.restore)."""
+    design = kind.design
     if row["design_hash"] != design.digest():
         raise StudyError(f"study {name!r} in {db} was created with a different design "
                          f"({_design_difference(stored_design(row), design)}); pass --name to start a new study")
@@ -216,15 +164,16 @@ def check_stored(row: Any, name: str, db: Path, design: StudyDesign, opt: RunOpt
         raise StudyError(f"study {name!r} was planned with --population-size {size}; resume it with the same "
                          f"population size (or omit --population-size)")
     # studies from before the field ran in strict fp32
-    precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))
-    if opt.precision != "auto" and requested.precision != precision:
-        raise StudyError(f"study {name!r} was created with --precision {precision}; resume it with "
+    stored_precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))
+    if opt.precision != "auto" and precision != stored_precision:
+        raise StudyError(f"study {name!r} was created with --precision {stored_precision}; resume it with "
                          f"the same precision (or omit --precision)")
-    plan = make_plan(design, size)
+    plan = make_plan(design, size, kind.loop_cost)
     stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
-    if stored_pops and stored_pops != sorted((p.arch, p.first, p.last) for p in plan.populations):
+    if stored_pops and stored_pops != sorted((p.net, p.first, p.last) for p in plan.populations):
         raise StudyError(f"study {name!r}: the stored plan does not match this version's planner")
-    return StoredPlan(plan, precision, stored_batching(stored_plan, design, name, opt))
+    kind.restore(stored_plan, name, opt)
+    return StoredPlan(plan, stored_precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +183,12 @@ def check_stored(row: Any, name: str, db: Path, design: StudyDesign, opt: RunOpt
 class Study:
     """A study bound to a database: plans, resumes, runs, and records."""
 
-    def __init__(self, name: str, design: StudyDesign, options: RunOptions, console: Any = None) -> None:
+    def __init__(self, name: str, kind: ModelKind, options: RunOptions, console: Any = None) -> None:
         from psa.study.console import err_console
 
         self.name = name
-        self.design = design
+        self.kind = kind
+        self.design = kind.design
         self.opt = options
         self.db = Path(options.db)
         self.console = console or err_console
@@ -248,25 +198,25 @@ class Study:
         self.study_id = 0
         self.run_id = 0
         self.plan: Plan | None = None
-        self.pops: dict[str, PopulationState] = {}
+        self.pops: dict[str, PopulationProgress] = {}
         self.precision = "fp32"
         self.execution: Execution | None = None  # how this run trains the study's populations (open)
+        self.notes: list[str] = []  # what checking the design's nets found (open)
         self._saved_at: dict[str, float] = {}
         self._full_sync = True
-        self.modules: dict[str, Any] = {}  # a module design's ModuleInfo per factory (open)
-        self.batching: dict[str, tuple[bool, str]] = {}  # and its members' path per factory (open)
 
     # ------------------------------------------------------------------ setup
-    def open(self, device_desc: str, requested: Execution) -> None:
+    def open(self, execution: Execution, device_desc: str) -> None:
         """Connect, lock the study, create or check its row and trials, and load the plan; the
-        study's populations then train under `requested` in the study's own precision."""
+        study's populations then train under `execution` (resolved for the study's own
+        precision: study_precision)."""
+        device, precision = execution.device, execution.precision
         data = cached_data(self.design.dataset, self.opt.data_dir,
-                           requested.device if self.opt.backend == "local" else torch.device("cpu"))
-        if self.design.is_module:
-            # import, build and check every factory on the data before anything is written
-            from psa.study.modules import check_factories
-
-            self.modules = check_factories(self.design, design_data_view(self.design, data))
+                           device if self.opt.backend == "local" else torch.device("cpu"))
+        # build and check every net on the data before anything is written; its notes said once
+        self.notes = self.kind.check(design_data_view(self.kind, data))
+        for note in self.notes:
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
@@ -279,45 +229,23 @@ class Study:
         # recorded with a new study and checked against the record on a resume
         row = store.get_study(self.con, self.name)
         if row is None:
-            row = self._create(device_desc, requested, data)
+            row = self._create(device, device_desc, precision, data)
         self.study_id = int(row["id"])
-        stored = check_stored(row, self.name, self.db, self.design, self.opt, requested)
+        stored = check_stored(row, self.name, self.db, self.kind, self.opt, precision)
         check_dataset(self.con, self.study_id, self.name, data)
-        if self.design.is_module:
-            self._check_modules(stored_design(row))
-        self.plan, self.precision, self.batching = stored.plan, stored.precision, stored.batching
-        self.execution = dataclasses.replace(requested, precision=stored.precision)
+        self.plan, self.precision = stored.plan, stored.precision
+        self.execution = execution
         self._load_populations()
 
-    def _create(self, device_desc: str, requested: Execution, data: Dataset) -> Any:
+    def _create(self, device: torch.device, device_desc: str, precision: str, data: Dataset) -> Any:
         """The studies row and trials of a new study (its plan and precision fixed here)."""
-        plan = make_plan(self.design, default_population_size(self.design, self.opt, requested.device,
-                                                              self.modules))
-        engine = {"precision": requested.precision, "rng": rng.VERSION}
+        plan = make_plan(self.design, default_population_size(self.kind, self.opt, device), self.kind.loop_cost)
+        numerics = {"precision": precision, "rng": rng.VERSION}  # stored as the plan's "engine"
         doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
-               "plan": {**plan.to_dict(), "engine": engine}}
-        if self.modules:  # what each factory built, checked on every resume (a factory is named, not stored),
-            # and the path its members train on, kept by every resume (the paths round differently)
-            from psa.study.modules import choose_batching
-
-            batching = choose_batching(self.modules, requested.device, self.opt.batched)
-            doc["plan"]["modules"] = {spec: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint,
-                                             "batched": batching[spec][0], "batching": batching[spec][1]}
-                                      for spec, m in self.modules.items()}
+               "plan": {**plan.to_dict(), "engine": numerics, **self.kind.record(device, self.opt)}}
         store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(), code_version(), device_desc,
-                           trial_rows(self.design), dataset_record(data))
+                           trial_rows(self.kind), dataset_record(data))
         return store.get_study(self.con, self.name)
-
-    def _check_modules(self, stored: dict[str, Any]) -> None:
-        """StudyError unless every factory builds the model it built when the study was created."""
-        built = stored.get("plan", {}).get("modules", {})
-        for spec, info in self.modules.items():
-            was = built.get(spec, {})
-            if was.get("fingerprint") != info.fingerprint:
-                raise StudyError(f"study {self.name!r}: {spec} now builds another model ({info.layers}, "
-                                 f"{info.params:,} parameters) than the study was created with "
-                                 f"({was.get('layers', '?')}, {was.get('params', '?')} parameters): refusing to mix "
-                                 f"them (pass --name to start a new study)")
 
     def _load_populations(self) -> None:
         """Each population of the plan, with its trial ids and progress from the database."""
@@ -328,12 +256,11 @@ class Study:
             raise StudyError(f"study {self.name!r} in {self.db} has {len(by_key)} trials, "
                              f"its design {self.design.n_trials}")
         for pp in self.plan.populations:
-            rows = [by_key[(pp.arch, m, name, k)] for k in pp.trials for m, name, _ in pp.conditions()]
+            rows = [by_key[(pp.net, m, name, k)] for k in pp.trials for m, name, _ in pp.conditions()]
             ids = {(r["mode"], Variant.from_json(r["variant_settings"]).to_json(), int(r["seed"])): int(r["id"])
                    for r in rows}
             done = all(r["status"] == "done" for r in rows)
-            self.pops[pp.key] = PopulationState(pp, ids, done, min(int(r["loops_done"]) for r in rows),
-                                                batched=self.batching.get(pp.arch, BATCHED_BEFORE_AUTO)[0])
+            self.pops[pp.key] = PopulationProgress(pp, ids, done, min(int(r["loops_done"]) for r in rows))
 
     def _ckpt_path(self, pp: PopulationPlan) -> Path:
         return self.ckpt_dir / f"{pp.key}.safetensors"
@@ -357,22 +284,18 @@ class Study:
                     path.unlink()  # finished after its last checkpoint: nothing to resume
                 continue
             try:
-                if self.design.is_module:
-                    from psa.study.modules import load_module_population
-
-                    pop, meta = load_module_population(path)
-                else:
-                    pop, meta = load_population(path, "cpu")
-                self._check_checkpoint(st, pop, meta)
+                tensors, meta = load_tensors(path)
+                start = self.kind.parse_checkpoint(tensors, meta)
+                self._check_checkpoint(st, start, meta)
             except CheckpointError as e:
                 notes.append(f"restarting {st.plan.label()} from scratch: checkpoint {path.name} unusable ({e})")
                 continue
-            st.start = pop
+            st.start = start
             st.prior_seconds = float(meta.get("seconds", 0.0))
-            st.loop = pop.loop
+            st.loop = start.loop
         return notes
 
-    def _check_checkpoint(self, st: PopulationState, pop: Any, meta: dict[str, Any]) -> None:
+    def _check_checkpoint(self, st: PopulationProgress, pop: Any, meta: dict[str, Any]) -> None:
         """CheckpointError unless `pop` continues `st` in this study exactly."""
         hp = self.design.hparams
         expected = [(m.key, m.weight_decay, m.dropout) for m in (
@@ -385,11 +308,8 @@ class Study:
             raise CheckpointError("an older psa wrote it, whose data order and dropout were drawn differently")
         if meta.get("precision", "fp32") != self.precision:
             raise CheckpointError(f"it was trained in {meta.get('precision', 'fp32')}, the study is {self.precision}")
-        if self.design.is_module:
-            if got != expected or pop.factory != st.plan.arch:
-                raise CheckpointError("its members or model differ from the plan's")
-        elif got != expected or str(pop.arch) != str(parse_arch(st.plan.arch)):
-            raise CheckpointError("its members differ from the plan's")
+        if got != expected or self.kind.start_net(pop) != st.plan.net:
+            raise CheckpointError(f"its members or {self.kind.noun[:-1]} differ from the plan's")
         if not 0 <= pop.loop <= self.design.hparams.meta_loops:
             raise CheckpointError(f"it is at meta-loop {pop.loop}")
         if st.loops_done < pop.loop:
@@ -421,7 +341,7 @@ class Study:
         elif isinstance(ev, PopulationFailed):
             store.fail_trials(self.con, list(st.trial_ids.values()))
 
-    def _record_loop(self, st: PopulationState, ev: LoopDone) -> None:
+    def _record_loop(self, st: PopulationProgress, ev: LoopDone) -> None:
         if ev.loop <= st.loop:
             return  # a replay (retried task) of a loop already recorded
         # Checkpoints are written every opt.checkpoint_every seconds, not every loop: a big
@@ -431,7 +351,7 @@ class Study:
         if ev.checkpoint is None:
             due = now - self._saved_at.get(ev.key, -math.inf) >= self.opt.checkpoint_every
         else:
-            due = ev.checkpoint and ev.population is not None
+            due = bool(ev.checkpoint) and ev.state is not None
         self._durable(due)  # the commit before a checkpoint must be on disk first
         rows = [(st.trial_ids[key], ev.loop, mode, *rest) for key, mode, *rest in ev.rows]
         store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
@@ -440,13 +360,11 @@ class Study:
             return
         extra = {"study": self.name, "population": st.plan.key, "design_hash": self.design.digest(),
                  "seconds": ev.seconds, "rng": rng.VERSION, "precision": self.precision}
+        state = ev.checkpoint_state()
+        assert state is not None
+        tensors, meta = state
         try:
-            if self.design.is_module:
-                from psa.study.modules import save_module_population
-
-                save_module_population(self._ckpt_path(st.plan), ev.population, st.plan.arch, extra)
-            else:
-                save_population(self._ckpt_path(st.plan), ev.population, extra)
+            save_tensors(self._ckpt_path(st.plan), tensors, {**meta, **extra})
         except OSError as e:
             raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
         self._saved_at[ev.key] = now
@@ -496,16 +414,18 @@ class StudyResult:
 def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = None) -> StudyResult:
     """Run (or resume) a study to completion; every result lands in opt.db as it happens."""
     t0 = time.perf_counter()
-    if design.is_module and opt.backend == "ray":
+    kind = model_kind(design)  # the one place a study's kind of model is chosen
+    if kind.noun == "models" and opt.backend == "ray":
         raise DesignError("--backend ray does not run a model given as module:function yet: run it with the local "
                           "backend")
     device, device_desc = _backend_device(opt)
-    # `auto` precision and kernels resolved once, here (a Ray worker resolves its own device's)
-    requested = module_execution(design, opt, resolve_execution(device, opt.precision, opt.kernels, opt.graphs))
-    study = Study(name, design, opt, console)
+    # how the study trains, resolved once, before anything is written (a Ray worker resolves
+    # its own device's kernels for the same precision)
+    execution = resolve_execution(device, study_precision(name, kind, opt, device), opt.kernels, opt.graphs)
+    study = Study(name, kind, opt, console)
     outcome = "error"
     try:
-        result = _run(study, requested, device_desc, t0)
+        result = _run(study, execution, device_desc, t0)
         outcome = "complete" if result.complete else f"failed: {len(result.failed)} populations"
         return result
     except KeyboardInterrupt:
@@ -518,12 +438,34 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
         study.close(outcome)
 
 
+def study_precision(name: str, kind: ModelKind, opt: RunOptions, device: torch.device) -> str:
+    """The precision study `name` trains in: the one it was created with (a study's precision is
+    fixed then; check_stored refuses a --precision that differs), else what `opt` asks of a new
+    study on `device` (kind.precision)."""
+    asked = kind.precision(opt, device)
+    db = Path(opt.db)
+    if not db.is_file():
+        return asked
+    try:
+        con = store.connect(db, readonly=True)
+    except (StoreError, OSError):
+        return asked  # the run itself reports what is wrong with the database
+    try:
+        row = store.get_study(con, name)
+    finally:
+        con.close()
+    if row is None:
+        return asked
+    # studies from before the field ran in strict fp32
+    return str(stored_design(row).get("plan", {}).get("engine", {}).get("precision", "fp32"))
+
+
 def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
     """The device the driver plans for, and how the run describes where it trains."""
     if opt.backend not in ("local", "ray"):
         raise DesignError(f"unknown backend {opt.backend!r}; choose local or ray")
     if opt.backend == "ray":
-        from psa.study.ray import import_ray
+        from psa.study.backends.ray import import_ray
 
         import_ray()  # a missing Ray is a clear error before anything is written
         return torch.device("cpu"), f"ray ({opt.address or 'local instance'})"
@@ -531,13 +473,13 @@ def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
     return device, describe_device(device)
 
 
-def _run(study: Study, requested: Execution, device_desc: str, t0: float) -> StudyResult:
+def _run(study: Study, execution: Execution, device_desc: str, t0: float) -> StudyResult:
     """Open the study, train what is left, and end its run row."""
     design, opt = study.design, study.opt
-    study.open(device_desc, requested)
+    study.open(execution, device_desc)
     notes = study.load_checkpoints()
     todo = [st for st in study.pops.values() if not st.done]
-    progress = StudyProgress(study.name, design, study.pops, study.console, opt.quiet)
+    progress = StudyProgress(study.name, study.kind, study.pops, study.console, opt.quiet)
     _announce(study, progress, device_desc, notes, todo)
     if not todo:
         store.end_run(study.con, store.start_run(study.con, study.study_id, opt.backend, device_desc, 0.0),
@@ -545,7 +487,7 @@ def _run(study: Study, requested: Execution, device_desc: str, t0: float) -> Stu
         progress.print(f"study {study.name} is complete ({design.n_trials} trials); nothing to do")
         return StudyResult(study.name, design.n_trials, design.n_trials, complete=True)
     study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc,
-                                   work_done(design, study.pops))
+                                   work_done(study.kind, study.pops))
     failed = _record(study, progress, _events(study, todo))
     done = study.trials_done()
     complete = done == design.n_trials
@@ -559,23 +501,20 @@ def _run(study: Study, requested: Execution, device_desc: str, t0: float) -> Stu
 
 
 def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: list[str],
-              todo: list[PopulationState]) -> None:
+              todo: list[PopulationProgress]) -> None:
     """What the study is, where it runs, and what a resume continues."""
+    from rich.markup import escape
+
     design = study.design
     assert study.plan is not None
     progress.print(
-        f"study [bold]{study.name}[/]: {len(design.architectures)} "
-        f"{'models' if design.is_module else 'architectures'} x {design.conditions_text()} x "
+        f"study [bold]{study.name}[/]: {len(design.nets)} "
+        f"{study.kind.noun} x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")
-    if design.is_module:
-        from rich.markup import escape
-
-        from psa.study.modules import batching_text
-
-        for spec, (batched, why) in study.batching.items():
-            progress.print(escape(f"{spec}: {batching_text(batched, why)}"))
+    for line in study.kind.announce():
+        progress.print(escape(line))
     for n in notes:
         progress.print(f"[yellow]note[/]: {n}")
     resumed = [st for st in todo if st.start is not None]
@@ -585,14 +524,14 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
                        f"their checkpoints, {len(todo) - len(resumed)} start fresh")
 
 
-def _events(study: Study, todo: list[PopulationState]) -> Iterator[Event]:
+def _events(study: Study, todo: list[PopulationProgress]) -> Iterator[Event]:
     """The backend's events for the populations `todo`."""
     if study.opt.backend == "ray":
-        from psa.study.ray import ray_events
+        from psa.study.backends.ray import ray_events
 
-        return ray_events(study.design, todo, study.precision, study.opt, study.console)
+        return ray_events(study.kind, todo, study.precision, study.opt, study.console)
     assert study.execution is not None
-    return local_events(study.design, todo, study.execution, study.opt.data_dir, study.opt.concurrency)
+    return local_events(study.kind, todo, study.execution, study.opt.data_dir, study.opt.concurrency)
 
 
 def _record(study: Study, progress: StudyProgress, events: Iterator[Event]) -> list[str]:

@@ -32,19 +32,18 @@ from pathlib import Path
 
 import torch
 
-from psa.core.checkpoint import save_population
-from psa.core.data import N_VAL, Dataset
+from psa.core.checkpoint import save_tensors
+from psa.core.data import Dataset
 from psa.core.device import Execution, describe_device, synchronize
-from psa.core.engine import Engine
-from psa.core.population import Population
+from psa.core.loop import Trainer, meta_loop
 from psa.study.design import StudyDesign
+from psa.study.kinds import ModelKind
 from psa.study.plan import Plan, PopulationPlan
 
 # How long one probe's timed training may take: enough steps that a busy machine's hiccups
 # average out, few enough that a dry run of the paper's 98 architectures stays minutes.
 PROBE_SECONDS = 0.6
 PROBE_REPEATS = 3
-EVAL_IMAGES = 1_000  # validation images of the probe's meta-loops
 # The estimate's uncertainty never drops below this: the model's error on bench/estimate.py's
 # architectures where the probes' own spread was small (up to 17%, 64*1, on a busy 2-core CPU:
 # bench/results/estimate-cpu.md, whose +- column was printed with 15%).
@@ -55,9 +54,9 @@ MODEL_ERROR = 0.20
 class Probe:
     """One population shape (architecture x members) timed on this device."""
 
-    arch: str
+    net: str
     members: int
-    setup_s: float  # Population.create + Engine
+    setup_s: float  # the population and its trainer
     step_s: float  # one training step (median of the repeats)
     spread: float  # half the range of the repeated (longer) epochs' timings, over their median
     warmup_s: float  # the first epoch's extra time over the steady one (allocation, first touch)
@@ -73,7 +72,7 @@ class Estimate:
 
     device: str  # where the probes ran, for people
     startup_s: float  # outside the populations: imports, data loading, the process's start and exit
-    per_arch: dict[str, float]  # seconds of each architecture's populations
+    per_net: dict[str, float]  # seconds of each net's populations
     probes: tuple[Probe, ...]
     uncertainty: float  # relative: the estimate is total x (1 +- uncertainty)
     calibration_s: float  # how long the probes took
@@ -81,7 +80,7 @@ class Estimate:
     @property
     def total(self) -> float:
         """The whole study, populations one after another."""
-        return self.startup_s + sum(self.per_arch.values())
+        return self.startup_s + sum(self.per_net.values())
 
     def describe(self) -> str:
         """How the estimate was made, for the dry run's last lines."""
@@ -101,63 +100,55 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def probe(ex: Execution, data: Dataset, design: StudyDesign, pp: PopulationPlan,
-          seconds: float = PROBE_SECONDS) -> Probe:
-    """Time population `pp` of `design` on `ex`'s device, on the first few training batches
-    and EVAL_IMAGES validation images: its set-up, a first meta-loop (the warm-up), the
-    training steps (PROBE_REPEATS epochs of as many steps as fit `seconds`), the scoring, one
-    more whole meta-loop (for what a loop costs beyond its steps and scoring: ablations,
-    promotion, results to the host) and one checkpoint."""
+def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, seconds: float = PROBE_SECONDS) -> Probe:
+    """Time population `pp` of a study on `ex`'s device through its kind's trainer, on the first
+    few training batches: its set-up, a first meta-loop (the warm-up), whole meta-loops of s1 and
+    s2 training steps scoring one validation image (PROBE_REPEATS each: their difference is the
+    cost of a step without a loop's fixed cost), one of s1 steps scoring the whole validation
+    set (the cost of scoring an image: a part of the set would not scale, as blocks of rows and
+    members have a fixed cost), and one checkpoint."""
     t_start = time.perf_counter()
     device = ex.device
+    design = kind.design
     bs = design.hparams.batch_size
-    arch = data.arch(pp.arch)  # sized for the data set
-    members = pp.members(design)
     full_steps = -(-design.n_train // bs)
-    n_eval = min(EVAL_IMAGES, data.val_y.numel())
 
-    def engine(steps: int) -> Engine:
+    def trainer(steps: int, n_val: int = 1) -> Trainer:
         n = min(design.n_train, steps * bs)
         sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
-                                  val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
-        return Engine(Population.create(arch, members, device, n_val=n_eval, model=design.model), sub,
-                      design.hparams, ex)
+                                  val_x=data.val_x[:n_val], val_y=data.val_y[:n_val])
+        return kind.new_trainer(pp, sub, ex)
 
     steps = first_steps = min(2, full_steps)
     t = time.perf_counter()
-    eng = engine(steps)
+    first_trainer = trainer(steps)
     setup_s = time.perf_counter() - t
-    first = _timed(eng.meta_loop, device)  # also warms up the scoring
-    # Epochs of s1 and s2 = 2 x s1 steps, alternated: their difference is the cost of a step
-    # without an epoch's fixed cost (the candidate's clone, AdamW's reset, the data order),
-    # which a probe's few steps would otherwise inflate many times over. s2 is as many steps
-    # as fill `seconds` over the repeats (the first loop, slower than the rest, errs short).
+    first = _timed(lambda: meta_loop(first_trainer), device)
+    # s2 is as many steps as fill `seconds` over the repeats (the first loop, slower than the
+    # rest, errs short); s1 half of them
     s2 = min(full_steps, max(2 * steps, math.ceil(seconds / PROBE_REPEATS / max(first / steps, 1e-6))))
     s1 = max(1, s2 // 2)
-    short = eng if s1 == steps else engine(s1)
-    long_ = engine(s2)
-    if short is not eng:
-        short.meta_loop()
-    long_.meta_loop()
+    short = first_trainer if s1 == steps else trainer(s1)
+    long_ = trainer(s2)
+    if short is not first_trainer:
+        meta_loop(short)
+    meta_loop(long_)
     t1, t2 = [], []
     for _ in range(PROBE_REPEATS):
-        t1.append(_timed(lambda: short.train_epoch(short.pop.loop + 1), device))
-        t2.append(_timed(lambda: long_.train_epoch(long_.pop.loop + 1), device))
+        t1.append(_timed(lambda: meta_loop(short), device))
+        t2.append(_timed(lambda: meta_loop(long_), device))
     m1, m2 = statistics.median(t1), statistics.median(t2)
-    # a busy machine can make the difference meaningless: then the long epochs' mean step
+    # a busy machine can make the difference meaningless: then the long loops' mean step
     step_s = (m2 - m1) / (s2 - s1) if s2 > s1 and m2 > m1 else m2 / s2
-    eng, steps = long_, s2
-    # scoring the whole validation set, as every loop does (and the test set, as large): its
-    # cost is not proportional to the images (blocks of rows and members, a fixed cost per
-    # layer and block), so a part of it would not scale to the whole
-    x, y = data.val_x, data.val_y
-    eval_image_s = _timed(lambda: eng.count_correct(eng.pop.lkg, x, y), device) / x.shape[0]
-    loop = _timed(eng.meta_loop, device)
-    loop_extra_s = max(0.0, loop - steps * step_s - n_eval * eval_image_s)  # n_eval: the probe's own
-    warmup_s = max(0.0, first - first_steps * step_s - n_eval * eval_image_s - loop_extra_s)
+    n_val = int(data.val_y.numel())
+    scoring = trainer(s1, n_val)
+    meta_loop(scoring)
+    eval_image_s = max(0.0, _timed(lambda: meta_loop(scoring), device) - m1) / n_val
+    loop_extra_s = max(0.0, m1 - s1 * step_s)
+    warmup_s = max(0.0, first - first_steps * step_s - loop_extra_s)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_s = _timed(lambda: save_population(Path(tmp) / "probe.safetensors", eng.pop, {}), device)
-    return Probe(pp.arch, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
+        checkpoint_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", *long_.checkpoint()), device)
+    return Probe(pp.net, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
                  loop_extra_s, checkpoint_s, time.perf_counter() - t_start)
 
 
@@ -181,35 +172,37 @@ def process_overhead(timeout: float = 120.0) -> float:
     return 0.0 if inside is None else max(0.0, wall - inside)
 
 
-def population_seconds(p: Probe, design: StudyDesign, size: int, checkpoint_every: float = 60.0) -> float:
+def population_seconds(p: Probe, design: StudyDesign, size: int, n_val: int, n_test: int,
+                       checkpoint_every: float = 60.0) -> float:
     """Wall seconds of one population of `size` members from its probe (measured at p.members;
     another size scales the per-member terms linearly, a rough correction for the few
     populations that are a trial or so smaller than the probed one)."""
     scale = size / p.members
     loops = design.hparams.meta_loops
     steps = -(-design.n_train // design.hparams.batch_size)
-    loop_s = scale * (steps * p.step_s + N_VAL * p.eval_image_s) + p.loop_extra_s
+    loop_s = scale * (steps * p.step_s + n_val * p.eval_image_s) + p.loop_extra_s
     train_s = loops * loop_s
     # the driver checkpoints after the first loop and then every `checkpoint_every` seconds
     n_ckpt = loops if checkpoint_every <= 0 else min(loops, 1 + int(train_s // checkpoint_every))
-    return (p.setup_s + p.warmup_s) * scale + train_s + 10_000 * p.eval_image_s * scale + n_ckpt * p.checkpoint_s * scale
+    return ((p.setup_s + p.warmup_s) * scale + train_s + n_test * p.eval_image_s * scale
+            + n_ckpt * p.checkpoint_s * scale)
 
 
-def estimate(ex: Execution, data: Dataset, plan: Plan, startup_s: float, checkpoint_every: float = 60.0) -> Estimate:
-    """Probe every distinct population shape of `plan` (an architecture's largest population)
-    and add up the study."""
+def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_s: float,
+             checkpoint_every: float = 60.0) -> Estimate:
+    """Probe every distinct population shape of `plan` (a net's largest population) and add up
+    the study."""
     design = plan.design
     t0 = time.perf_counter()
     largest: dict[str, PopulationPlan] = {}
     for pp in plan.populations:
-        if pp.arch not in largest or pp.size > largest[pp.arch].size:
-            largest[pp.arch] = pp
-    probes: dict[str, Probe] = {}
-    for arch, pp in largest.items():
-        probes[arch] = probe(ex, data, design, pp)
-    per_arch = {a: 0.0 for a in design.architectures}
+        if pp.net not in largest or pp.size > largest[pp.net].size:
+            largest[pp.net] = pp
+    probes = {net: probe(kind, ex, data, pp) for net, pp in largest.items()}
+    n_val, n_test = int(data.val_y.numel()), int(data.test_y.numel())
+    per_net = {a: 0.0 for a in design.nets}
     for pp in plan.populations:
-        per_arch[pp.arch] += population_seconds(probes[pp.arch], design, pp.size, checkpoint_every=checkpoint_every)
+        per_net[pp.net] += population_seconds(probes[pp.net], design, pp.size, n_val, n_test, checkpoint_every)
     spread = max(p.spread for p in probes.values()) if probes else 0.0
-    return Estimate(describe_device(ex.device), startup_s, per_arch, tuple(probes.values()), max(MODEL_ERROR, spread),
+    return Estimate(describe_device(ex.device), startup_s, per_net, tuple(probes.values()), max(MODEL_ERROR, spread),
                     time.perf_counter() - t0)

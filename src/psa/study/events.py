@@ -6,9 +6,14 @@ or PopulationFailed at any point. The driver (psa.study.driver) records them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from psa.core.population import Population
+import torch
+
+# A population's checkpoint: (tensors, JSON-able metadata), as psa.core.loop.Trainer.checkpoint gives it
+CheckpointState = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 @dataclass
@@ -22,21 +27,26 @@ class Started:
 
 @dataclass
 class LoopDone:
-    """One meta-loop of a population: a row per member, and the population after it.
+    """One meta-loop of a population: a row per member, and its checkpoint after it.
 
-    `checkpoint` says who decides whether this loop's population is checkpointed: None, the
-    recorder by its own clock (a local run, which always attaches the live population); True or
-    False, the runner (a Ray worker ships a CPU copy of its population, hundreds of MB for a
-    big one, only when a checkpoint is due, and None in its place otherwise).
+    `checkpoint` says who decides whether this loop is checkpointed: None, the recorder by its
+    own clock (a local run, whose `state` is the live trainer's checkpoint(), to call before the
+    population's next loop); True or False, the runner (a Ray worker ships the state's tensors,
+    on the CPU and hundreds of MB for a big population, only when a checkpoint is due, and None
+    in its place otherwise).
     """
 
     key: str
     loop: int
     # per member: (Member.key, mode, candidate_acc, promoted, layer, index, lkg_score, loss, diverged, forced)
     rows: list[tuple]
-    population: Population | None
+    state: Callable[[], CheckpointState] | CheckpointState | None
     seconds: float  # wall seconds of the population so far, over all sessions
     checkpoint: bool | None = None
+
+    def checkpoint_state(self) -> CheckpointState | None:
+        """The population's checkpoint after this loop, if the event carries one."""
+        return self.state() if callable(self.state) else self.state
 
 
 @dataclass

@@ -1,23 +1,14 @@
-"""Studies of your own model: populations of a `module:function` factory (psa.core.generic)
-behind the runner's engine interface, their checkpoints, and what a plan needs to know of them.
+"""Studies of your own model (`--model module:function`): the model kind (psa.study.kinds) whose
+nets are factories, trained by psa.core.module.engine.ModuleEngine.
 
-- Data: a module model sees its data set's images as images: (N, 1, 28, 28) for MNIST and
+- Data: a model of your own sees its data set's images as images: (N, 1, 28, 28) for MNIST and
   Fashion-MNIST, (N, 3, 32, 32) for CIFAR-10; an npz data set's rows stay flat (N, features).
-- ModuleRunEngine: psa.core.generic.ModuleEngine with psa.core.engine.Engine's face, launch()
-  and PendingLoop.result(), so that PopulationRun, the local backend and the driver run it
-  unchanged. torch.func trains synchronously: launch() runs the whole meta-loop.
-- Checkpoints: the population's stacked parameters and buffers (its LKGs), LKG scores and
-  engine variants' state (bounty model, patience counters, persistent AdamW moments and steps)
-  as safetensors; members (with their variants), loop, bounty loops, mode histories and the
-  factory's name as JSON. Everything ModuleEngine continues from: data order, dropout masks
-  and ablations are functions of (seed, loop). The factory is named, never stored.
-- check_factories: import, build and inspect every factory of a design on its data, its
-  variants included (one ConfigError line on bad input), before a study writes anything.
-- choose_batching: whether a new study trains each factory's members together (vmap) or one
-  at a time (--batched, or psa.core.generic.auto_batched's rule); the study stores it.
-- ModuleInfo: a factory's parameters, forward FLOPs (torch.utils.flop_counter) and activations
-  per example: the dry run's table and the memory a member needs. ModuleProbe: a population
-  of it timed here, meta-loops on a few batches, for the dry run's time estimate.
+- Checked before anything is written: every factory is imported, built and inspected on the
+  data (its unit layers, its variants' settings), one DesignError line where it cannot train.
+- Stored with the study: what each factory built (its unit layers, parameters and a fingerprint,
+  checked on every resume) and whether its members train together through vmap or one at a time
+  (--batched, or psa.core.module.engine's rule), which every resume keeps: the two paths round
+  differently.
 """
 
 from __future__ import annotations
@@ -26,9 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -36,31 +24,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from psa.core.checkpoint import FORMAT, CheckpointError, load_tensors, save_tensors
 from psa.core.data import Dataset
-from psa.core.engine import LoopResult
+from psa.core.device import Execution
 from psa.core.errors import ConfigError
-from psa.core.generic import (
-    Factory,
-    ModuleEngine,
-    ModulePopulation,
-    auto_batched,
-    check_member,
-    convolutions,
-    resolve_factory,
-)
-from psa.core.hparams import HParams
-from psa.core.population import Member
-from psa.core.variant import Variant
+from psa.core.loop import EVAL_ROWS
+from psa.core.module.checkpoint import ModuleCheckpoint, module_checkpoint_from
+from psa.core.module.engine import ModuleEngine, batching_text, choose_batching, convolutions
+from psa.core.module.factory import MakeModel, resolve_factory
+from psa.core.module.population import ModulePopulation
+from psa.core.module.units import check_member
 from psa.study.design import DesignError, StudyDesign
+from psa.study.options import RunOptions, StudyError
+from psa.study.plan import PopulationPlan
 
 # The shape of one example of the data sets psa ships or reads, for models that take images.
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-KIND = "module-population"
+BATCHED_FLAGS = ("auto", "yes", "no")
+# studies created before batched="auto" trained every model's members together
+BATCHED_BEFORE_AUTO = (True, "created before batched='auto', when every module model trained this way")
 
 
 def input_shape(data: Dataset) -> tuple[int, ...]:
-    """The shape of one example as a module model receives it (without the batch dimension)."""
+    """The shape of one example as a model of your own receives it (without the batch dimension)."""
     shape = IMAGE_SHAPES.get(data.name)
     n = int(data.train_x[0].numel())
     return shape if shape is not None and math.prod(shape) == n else tuple(data.train_x.shape[1:])
@@ -75,25 +60,21 @@ def module_data(data: Dataset) -> Dataset:
                                         for k in ("train_x", "val_x", "test_x")})
 
 
-_FACTORIES: dict[str, Factory] = {}
+_FACTORIES: dict[str, MakeModel] = {}
 
 
-def factory(spec: str) -> Factory:
-    """The function `spec` (module:function) names, imported once per process."""
-    if spec not in _FACTORIES:
-        _FACTORIES[spec] = resolve_factory(spec)
-    return _FACTORIES[spec]
-
-
-# ---------------------------------------------------------------------------------------------
-# What a factory builds
+def make_model(factory: str) -> MakeModel:
+    """The function `factory` (module:function) names, imported once per process."""
+    if factory not in _FACTORIES:
+        _FACTORIES[factory] = resolve_factory(factory)
+    return _FACTORIES[factory]
 
 
 @dataclass(frozen=True)
 class ModuleInfo:
     """A factory's model, as built for trial 1 and checked on the data."""
 
-    spec: str  # module:function
+    factory: str  # module:function
     layers: str  # its unit layers and their widths ("0[8], 2[16], 5[10]")
     units: int  # ablatable units (output features and channels)
     params: int  # trainable parameters
@@ -104,7 +85,7 @@ class ModuleInfo:
     notes: tuple[str, ...] = ()
     convolutions: tuple[str, ...] = ()  # its convolution modules (what batched="auto" looks at)
 
-    def bytes_per_member(self, batch_size: int, eval_rows: int = 2048) -> int:
+    def bytes_per_member(self, batch_size: int, eval_rows: int = EVAL_ROWS) -> int:
         """Device memory one member needs, roughly: LKG, candidate, gradient and AdamW's two
         moments (fp32), its buffers twice, and a step's (or an evaluation block's) activations,
         with as much again as slack."""
@@ -145,8 +126,8 @@ def _activations(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo:
-    """Build `spec`'s model for trial 1 of every mode of `design` and check it on `data` (a
+def inspect_factory(factory: str, design: StudyDesign, data: Dataset) -> ModuleInfo:
+    """Build `factory`'s model for trial 1 of every mode of `design` and check it on `data` (a
     ConfigError line if it cannot be imported, is no nn.Module, has no Linear/Conv layer, does
     not map a batch to the data's classes, or lacks what a mode or a variant needs); what it is."""
     data = module_data(data)
@@ -156,11 +137,12 @@ def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo
     members = [design.member(m, 1) for m in design.modes]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pop = ModulePopulation.create(factory(spec), members, sample, "cpu", n_classes=data.n_classes)
+        pop = ModulePopulation.create(make_model(factory), members, sample, "cpu", n_classes=data.n_classes,
+                                      factory=factory)
     notes = tuple(str(w.message) for w in caught)
     for name, mode, v in ((name, mode, v) for mode, name, v in design.conditions() if name):
         try:
-            check_member(pop.spec, design.member(mode, 1, v), spec)
+            check_member(pop.spec, design.member(mode, 1, v), factory)
         except ConfigError as e:
             raise DesignError(f"variant {name!r} in mode {mode}: {e}") from None
     assert pop.template is not None
@@ -168,282 +150,120 @@ def inspect_factory(spec: str, design: StudyDesign, data: Dataset) -> ModuleInfo
     x = sample.train_x[:1]
     shapes = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
     fingerprint = hashlib.sha256(json.dumps([shapes, pop.spec.describe()]).encode()).hexdigest()
-    return ModuleInfo(spec, pop.spec.describe(), sum(layer.units for layer in pop.spec.layers),
+    return ModuleInfo(factory, pop.spec.describe(), sum(layer.units for layer in pop.spec.layers),
                       sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
                       _flops(model, x), _activations(model, x), fingerprint, notes, convolutions(model))
 
 
-def check_factories(design: StudyDesign, data: Dataset) -> dict[str, ModuleInfo]:
-    """Every factory of a module design checked on its data (inspect_factory), its notes
-    printed once as warnings."""
-    infos = {spec: inspect_factory(spec, design, data) for spec in design.architectures}
-    for info in infos.values():
-        for note in info.notes:
-            warnings.warn(note, RuntimeWarning, stacklevel=2)
-    return infos
+class ModuleModels:
+    """A model of your own: the design's nets are factories (module:function), each checked on
+    the data once (check) and trained by ModuleEngine on the path the study stored."""
 
+    noun = "models"
 
-BATCHED_FLAGS = ("auto", "yes", "no")
+    def __init__(self, design: StudyDesign) -> None:
+        self.design = design
+        self.infos: dict[str, ModuleInfo] = {}  # per factory, once check() has run
+        self.batching: dict[str, tuple[bool, str]] = {}  # per factory: (members together, why)
 
+    def data_view(self, data: Dataset) -> Dataset:
+        """Images as images (module_data)."""
+        return module_data(data)
 
-def choose_batching(infos: dict[str, ModuleInfo], device: torch.device, requested: str = "auto"
-                    ) -> dict[str, tuple[bool, str]]:
-    """How a new study trains each factory's members: (together through vmap, why), as
-    `--batched` asks (yes, no), or by psa.core.generic.auto_batched's rule (auto) on `device`.
-    The study stores it, so that a resume on another device trains on the same path."""
-    if requested not in BATCHED_FLAGS:
-        raise DesignError(f"--batched must be one of {', '.join(BATCHED_FLAGS)}, got {requested!r}")
-    if requested != "auto":
-        return {spec: (requested == "yes", f"--batched {requested}") for spec in infos}
-    return {spec: (b, f"auto: {why}") for spec, (b, why) in
-            ((spec, auto_batched(info.convolutions, device)) for spec, info in infos.items())}
+    def check(self, data: Dataset) -> list[str]:
+        """Import, build and inspect every factory on `data` (already data_view'd); their notes."""
+        self.infos = {f: inspect_factory(f, self.design, data) for f in self.design.nets}
+        return [note for info in self.infos.values() for note in info.notes]
 
+    def precision(self, opt: RunOptions, device: torch.device) -> str:
+        """fp32 through torch.func: psa's precisions, kernels and graphs are its own engine's."""
+        if opt.precision not in ("auto", "fp32"):
+            raise DesignError(f"--precision {opt.precision} applies to psa's own engine; a model given as "
+                              f"module:function trains in fp32")
+        if opt.batched not in BATCHED_FLAGS:
+            raise DesignError(f"--batched must be one of {', '.join(BATCHED_FLAGS)}, got {opt.batched!r}")
+        return "fp32"
 
-def batching_text(batched: bool, why: str) -> str:
-    """For people: "the members together (vmap): why" or "one member at a time: why"."""
-    return f"{'the members together (vmap)' if batched else 'one member at a time'} ({why})"
+    def record(self, device: torch.device, opt: RunOptions) -> dict[str, Any]:
+        """What each factory built, checked on every resume (a factory is named, not stored), and
+        the path its members train on (--batched, else the rule on `device`), kept by every resume."""
+        asked: bool | str = "auto" if opt.batched == "auto" else opt.batched == "yes"
+        self.batching = {}
+        for f, info in self.infos.items():
+            together, why = choose_batching(asked, info.convolutions, device)
+            self.batching[f] = (together, why if opt.batched == "auto" else f"--batched {opt.batched}")
+        return {"modules": {f: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint,
+                                "batched": self.batching[f][0], "batching": self.batching[f][1]}
+                            for f, m in self.infos.items()}}
 
+    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions) -> None:
+        """Every factory must build what it built when the study was created, and keeps its path
+        (StudyError where --batched asks for another)."""
+        built = stored_plan.get("modules", {})
+        for f in self.design.nets:
+            was = built.get(f, {})
+            info = self.infos.get(f)
+            if info is not None and was.get("fingerprint") != info.fingerprint:
+                raise StudyError(f"study {name!r}: {f} now builds another model ({info.layers}, "
+                                 f"{info.params:,} parameters) than the study was created with "
+                                 f"({was.get('layers', '?')}, {was.get('params', '?')} parameters): refusing to mix "
+                                 f"them (pass --name to start a new study)")
+            self.batching[f] = ((bool(was["batched"]), str(was.get("batching", ""))) if "batched" in was
+                                else BATCHED_BEFORE_AUTO)
+            if opt.batched != "auto" and self.batching[f][0] != (opt.batched == "yes"):
+                raise StudyError(f"study {name!r} trains {f} with --batched {'yes' if self.batching[f][0] else 'no'} "
+                                 f"({self.batching[f][1]}); resume it with the same (or omit --batched)")
 
-def auto_population_size(design: StudyDesign, budget: int, infos: dict[str, ModuleInfo]) -> int:
-    """Members per population that fit `budget` for the design's largest model, capped at a
-    whole factory (all modes x all trials)."""
-    worst = max(info.bytes_per_member(design.hparams.batch_size) for info in infos.values())
-    return int(min(len(design.conditions()) * design.trials, max(1, budget // worst)))
+    def announce(self) -> list[str]:
+        """Each factory's path."""
+        return [f"{f}: {batching_text(*self.batching[f])}" for f in self.design.nets if f in self.batching]
 
+    def trial_model(self, net: str) -> str:
+        """The factory itself."""
+        return net
 
-# ---------------------------------------------------------------------------------------------
-# The engine the runner drives
+    def population_size(self, budget: int) -> int:
+        """Members per population that fit `budget` for the design's largest model, capped at a
+        whole factory (all modes x all trials)."""
+        worst = max(info.bytes_per_member(self.design.hparams.batch_size) for info in self.infos.values())
+        return int(min(len(self.design.conditions()) * self.design.trials, max(1, budget // worst)))
 
+    def bytes_per_member(self, net: str, data: Dataset, ex: Execution) -> int:
+        """From what the factory built (ModuleInfo)."""
+        info = self.infos.get(net) or inspect_factory(net, self.design, data)
+        return info.bytes_per_member(self.design.hparams.batch_size)
 
-@dataclass
-class DoneLoop:
-    """A meta-loop ModuleEngine has already run: PendingLoop's face for the runner."""
+    def loop_cost(self, pp: PopulationPlan) -> float:
+        """A factory's cost is not modelled: by members."""
+        return float(pp.size)
 
-    loop_result: LoopResult
+    def facts(self, net: str, data: Dataset) -> dict[str, Any]:
+        """What the factory built: parameters, forward FLOPs (torch's counter) and unit layers."""
+        info = self.infos.get(net) or inspect_factory(net, self.design, data)
+        return {"params": info.params, "flops_per_example": info.flops, "layers": info.layers}
 
-    def ready(self) -> bool:
-        """Always True: the loop ran in launch()."""
-        return True
+    def new_trainer(self, pp: PopulationPlan, data: Dataset, ex: Execution, start: ModuleCheckpoint | None = None,
+                    stream: Any = None) -> ModuleEngine:
+        """A ModuleEngine on a fresh population of `pp`'s factory, continued from `start` if given,
+        on the path the study stored."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its notes were said once, when the study was checked
+            pop = ModulePopulation.create(make_model(pp.net), pp.members(self.design), data, ex.device,
+                                          n_classes=data.n_classes, factory=pp.net)
+        if start is not None:
+            start.restore(pop)
+        batched, why = self.batching.get(pp.net, BATCHED_BEFORE_AUTO)
+        return ModuleEngine(pop, data, self.design.hparams, batched=batched, batching=why)
 
-    def result(self) -> LoopResult:
-        """The loop's LoopResult."""
-        return self.loop_result
+    def parse_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ModuleCheckpoint:
+        """A module population's checkpoint, to be restored into a fresh population."""
+        return module_checkpoint_from(tensors, meta)
 
+    def start_net(self, start: ModuleCheckpoint) -> str:
+        """The factory the checkpoint was trained from."""
+        return start.factory
 
-class ModuleRunEngine:
-    """A ModuleEngine as the runner sees an Engine: launch() -> result(), test_accuracy()."""
+    def precompile(self, plans: list[PopulationPlan], ex: Execution, data: Dataset) -> list[Any]:
+        """torch.func launches no Triton kernel of psa's."""
+        return []
 
-    def __init__(self, engine: ModuleEngine) -> None:
-        self.engine = engine
-        self.pop = engine.pop
-
-    def launch(self, on_step: Any = None) -> DoneLoop:
-        """Run the next meta-loop (torch.func trains synchronously; `on_step` is not called)."""
-        return DoneLoop(self.engine.meta_loop())
-
-    def meta_loop(self, on_step: Any = None) -> LoopResult:
-        """One meta-loop: launch().result()."""
-        return self.launch(on_step).result()
-
-    def test_accuracy(self) -> list[float]:
-        """Test accuracy (%) of every member's LKG."""
-        return self.engine.test_accuracy()
-
-
-def new_population(spec: str, members: list[Member], data: Dataset, device: torch.device,
-                   start: "ModuleCheckpoint | None" = None) -> ModulePopulation:
-    """A population of `spec`'s model on `device` (data already shaped by module_data): fresh,
-    or continued from a checkpoint."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its notes were said once, when the study was checked
-        pop = ModulePopulation.create(factory(spec), members, data, device, n_classes=data.n_classes)
-    if start is not None:
-        start.restore(pop)
-    return pop
-
-
-def new_engine(pop: ModulePopulation, data: Dataset, hparams: HParams, batched: bool) -> ModuleRunEngine:
-    """The engine of a module population, as the runner drives it: its members trained
-    together (`batched`, vmap) or one at a time, as the study chose (choose_batching)."""
-    return ModuleRunEngine(ModuleEngine(pop, data, hparams, batched=batched))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _member_rows(members: tuple[Member, ...] | list[Member]) -> list[list[Any]]:
-    # a fifth entry, the variant's settings, only for members that are not the paper's engine
-    # (as psa.core.checkpoint.save_population writes them)
-    return [[m.mode, m.seed, m.weight_decay, m.dropout, *([m.variant.settings()] if not m.variant.is_default else [])]
-            for m in members]
-
-
-# The variant state (psa.core.generic.ModulePopulation) in a checkpoint, under the names of
-# psa.core.population.Population.variant_state: per-member tensors as they are, per-tensor
-# dicts (the bounty model's parameters and buffers, AdamW's moments) as "name.<state_dict key>".
-VARIANT_VECTORS = ("bounty_correct", "streak", "allowance", "opt_step")
-VARIANT_DICTS = ("bounty", "opt_avg", "opt_sq")
-
-
-def variant_tensors(pop: ModulePopulation) -> dict[str, torch.Tensor]:
-    """The variant state `pop` holds (bounty model, patience counters, persistent AdamW state),
-    flat, by checkpoint name."""
-    out: dict[str, torch.Tensor] = {}
-    for name in VARIANT_DICTS:
-        d = getattr(pop, name)
-        if d is not None:
-            out.update({f"{name}.{k}": v for k, v in d.items()})
-    out.update({name: getattr(pop, name) for name in VARIANT_VECTORS if getattr(pop, name) is not None})
-    return out
-
-
-def save_module_population(path: str | os.PathLike, pop: ModulePopulation, spec: str,
-                           extra: dict[str, Any] | None = None) -> None:
-    """Everything ModuleEngine needs to continue `pop` exactly, written atomically: its LKGs,
-    and its variant state where some member has one."""
-    tensors = {**{f"param.{k}": v for k, v in pop.params.items()},
-               **{f"buffer.{k}": v for k, v in pop.buffers.items()}, "lkg_correct": pop.lkg_correct,
-               **variant_tensors(pop)}
-    meta = {"format": FORMAT, "kind": KIND, "factory": spec, "members": _member_rows(pop.members), "loop": pop.loop,
-            "bounty_loop": pop.bounty_loop, "n_val": pop.n_val, "mode_history": pop.mode_history, **(extra or {})}
-    save_tensors(path, tensors, meta)
-
-
-@dataclass
-class ModuleCheckpoint:
-    """A module population's checkpoint, read (CPU tensors), to be restored into a fresh one."""
-
-    factory: str
-    members: tuple[Member, ...]  # in the modes of the checkpoint's loop (a schedule may have moved them)
-    loop: int
-    bounty_loop: list[int]
-    n_val: int
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-    lkg_correct: torch.Tensor
-    mode_history: list[list[tuple[str, int]]]
-    variant: dict[str, torch.Tensor]  # variant_tensors' names
-
-    def restore(self, pop: ModulePopulation) -> None:
-        """Overwrite `pop` (built fresh from the same factory and members) with this state."""
-        if [m.key for m in pop.members] != [m.key for m in self.members] or pop.n_val != self.n_val:
-            raise CheckpointError("its members differ from the population's")
-        for mine, theirs, what in ((self.params, pop.params, "parameters"), (self.buffers, pop.buffers, "buffers")):
-            if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
-                raise CheckpointError(f"its {what} do not match what the factory {self.factory} builds now")
-        fresh = variant_tensors(pop)  # what the members need, allocated by create()
-        if set(fresh) != set(self.variant) or any(fresh[k].shape != v.shape for k, v in self.variant.items()):
-            raise CheckpointError("its variant state does not match its members")
-        with torch.no_grad():
-            for store, saved in ((pop.params, self.params), (pop.buffers, self.buffers)):
-                for k, v in saved.items():
-                    store[k].copy_(v)
-            pop.lkg_correct.copy_(self.lkg_correct)
-            for k, v in self.variant.items():
-                fresh[k].copy_(v)  # views of the population's own tensors: dtypes and device kept
-        pop.bounty_loop = list(self.bounty_loop)
-        pop.loop = self.loop
-        pop.members = self.members
-        pop.mode_history = [list(h) for h in self.mode_history]
-
-
-def load_module_population(path: str | os.PathLike) -> tuple[ModuleCheckpoint, dict[str, Any]]:
-    """Read a checkpoint written by save_module_population: (checkpoint, metadata)."""
-    tensors, meta = load_tensors(path)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"{path}: not a module population checkpoint")
-    try:
-        members = tuple(Member(str(a), int(b), float(c), float(d), Variant.from_settings(v[0]) if v else Variant())
-                        for a, b, c, d, *v in meta["members"])
-        history = meta.get("mode_history")  # absent in checkpoints from before variants: one mode each
-        ckpt = ModuleCheckpoint(
-            factory=str(meta["factory"]), members=members, loop=int(meta["loop"]),
-            bounty_loop=[int(x) for x in meta["bounty_loop"]], n_val=int(meta["n_val"]),
-            params={k[6:]: v for k, v in tensors.items() if k.startswith("param.")},
-            buffers={k[7:]: v for k, v in tensors.items() if k.startswith("buffer.")},
-            lkg_correct=tensors["lkg_correct"].to(torch.int64),
-            mode_history=([[(str(m), int(t)) for m, t in h] for h in history] if history is not None
-                          else [[(m.mode, 1)] for m in members]),
-            variant={k: v for k, v in tensors.items()
-                     if k in VARIANT_VECTORS or k.partition(".")[0] in VARIANT_DICTS})
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"{path}: incomplete module population checkpoint ({e})") from None
-    m = len(members)
-    if ckpt.lkg_correct.shape != (m,) or len(ckpt.bounty_loop) != m or len(ckpt.mode_history) != m or any(
-            v.dim() == 0 or v.shape[0] != m for v in (*ckpt.params.values(), *ckpt.buffers.values(),
-                                                      *ckpt.variant.values())):
-        raise CheckpointError(f"{path}: tensor sizes do not match its {m} members")
-    return ckpt, meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing (the dry run's estimate)
-
-EVAL_IMAGES = 1_000  # validation images of a probe's meta-loops
-
-
-@dataclass(frozen=True)
-class ModuleProbe:
-    """A population of one factory timed on this device by ModuleEngine itself."""
-
-    members: int
-    setup_s: float  # building the population and its engine
-    step_s: float  # one training step of every member
-    eval_image_s: float  # scoring every member on one image (validation and test)
-    loop_extra_s: float  # a meta-loop's time beyond its steps and scoring
-    spread: float  # half the range of the repeated loops' timings, over their median
-
-    def population_seconds(self, design: StudyDesign, size: int, n_val: int, n_test: int) -> float:
-        """Wall seconds of a population of `size` members (per-member terms scaled linearly)."""
-        scale = size / self.members
-        steps = -(-design.n_train // design.hparams.batch_size)
-        loop = scale * (steps * self.step_s + n_val * self.eval_image_s) + self.loop_extra_s
-        return scale * (self.setup_s + n_test * self.eval_image_s) + design.hparams.meta_loops * loop
-
-
-def probe_factory(spec: str, design: StudyDesign, data: Dataset, members: list[Member], device: torch.device,
-                  batched: bool, steps: tuple[int, int] = (2, 8), repeats: int = 3) -> ModuleProbe:
-    """Time a population of `members` of `spec` on `device` (data shaped by module_data), on
-    the path the study trains it (`batched`): whole meta-loops on the first s1 and s2 training
-    batches and EVAL_IMAGES validation images, whose difference is the cost of a step, and the
-    scoring of those images."""
-    from psa.core.device import synchronize
-
-    bs = design.hparams.batch_size
-    n_eval = min(EVAL_IMAGES, int(data.val_y.numel()))
-    full = -(-design.n_train // bs)
-    s1, s2 = min(steps[0], full), min(steps[1], full)
-
-    def engine(s: int) -> ModuleEngine:
-        n = min(design.n_train, s * bs)
-        sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
-                                  val_x=data.val_x[:n_eval], val_y=data.val_y[:n_eval])
-        return ModuleEngine(new_population(spec, members, sub, device), sub, design.hparams, batched=batched)
-
-    def timed(fn: Any) -> float:
-        synchronize(device)
-        t = time.perf_counter()
-        fn()
-        synchronize(device)
-        return time.perf_counter() - t
-
-    t = time.perf_counter()
-    short = engine(s1)
-    setup_s = time.perf_counter() - t
-    long_ = engine(s2) if s2 > s1 else short
-    short.meta_loop()  # warm-up (and vmap's check: a module it cannot batch falls back here)
-    if long_ is not short:
-        long_.meta_loop()
-    t1 = [timed(short.meta_loop) for _ in range(repeats)]
-    t2 = [timed(long_.meta_loop) for _ in range(repeats)] if long_ is not short else t1
-    m1, m2 = statistics.median(t1), statistics.median(t2)
-    eng = long_
-    eval_image_s = timed(lambda: eng.count_correct(eng.pop.params, eng.pop.buffers, eng.data.val_x,
-                                                   eng.data.val_y)) / n_eval
-    if s2 > s1 and m2 > m1:
-        step_s = (m2 - m1) / (s2 - s1)
-    else:  # a training set of a few batches (or a busy machine): the loop's time beyond scoring
-        step_s = max(0.0, m2 - n_eval * eval_image_s) / s2
-    extra = max(0.0, m1 - s1 * step_s - n_eval * eval_image_s)
-    return ModuleProbe(len(members), setup_s, step_s, eval_image_s, extra, (max(t2) - min(t2)) / 2 / m2)

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from psa.study.design import StudyDesign
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
-from psa.study.plan import DEFAULT_CALIBRATION, PopulationPlan
-from psa.study.runner import PopulationState
+from psa.study.kinds import ModelKind
+from psa.study.plan import PopulationPlan
+from psa.study.runner import PopulationProgress
 
 
-def work_units(design: StudyDesign, pp: PopulationPlan, loops: int) -> float:
-    """Progress weight of `loops` meta-loops of a population (estimated seconds; for a model
-    given as module:function, whose cost is not modelled, its members)."""
-    if design.is_module:
-        return float(pp.size * loops)
-    return DEFAULT_CALIBRATION.loop_seconds(pp.arch, pp.size, design.hparams.batch_size, design.n_train) * loops
+def work_units(kind: ModelKind, pp: PopulationPlan, loops: int) -> float:
+    """Progress weight of `loops` meta-loops of a population (the kind's loop cost)."""
+    return kind.loop_cost(pp) * loops
 
 
-def work_done(design: StudyDesign, pops: dict[str, PopulationState]) -> float:
+def work_done(kind: ModelKind, pops: dict[str, PopulationProgress]) -> float:
     """Progress weight of what the populations have recorded so far."""
-    return sum(work_units(design, st.plan, design.hparams.meta_loops if st.done else st.loop) for st in pops.values())
+    loops = kind.design.hparams.meta_loops
+    return sum(work_units(kind, st.plan, loops if st.done else st.loop) for st in pops.values())
 
 
 class StudyProgress:
     """A rich progress bar over the whole study (weighted by estimated work, so its ETA means
     something), a line per running population, and a one-line summary per finished one."""
 
-    def __init__(self, name: str, design: StudyDesign, pops: dict[str, PopulationState], console: Any,
+    def __init__(self, name: str, kind: ModelKind, pops: dict[str, PopulationProgress], console: Any,
                  quiet: bool) -> None:
         from rich.progress import (
             BarColumn,
@@ -37,11 +35,12 @@ class StudyProgress:
             TimeRemainingColumn,
         )
 
-        self.design = design
+        self.kind = kind
+        design = self.design = kind.design
         self.pops = pops
         self.quiet = quiet
         self.console = console
-        total = sum(work_units(design, st.plan, design.hparams.meta_loops) for st in pops.values())
+        total = sum(work_units(kind, st.plan, design.hparams.meta_loops) for st in pops.values())
         self.trials_total = design.n_trials
         self.trials_done = sum(st.plan.size for st in pops.values() if st.done)
         self.progress = Progress(
@@ -56,7 +55,7 @@ class StudyProgress:
             speed_estimate_period=3600.0,
             disable=quiet or not self.console.is_terminal,
         )
-        self.main = self.progress.add_task(f"study {name}", total=max(total, 1e-9), completed=work_done(design, pops),
+        self.main = self.progress.add_task(f"study {name}", total=max(total, 1e-9), completed=work_done(kind, pops),
                                            info=self._trials_info())
         self.rows: dict[str, Any] = {}
 
@@ -89,7 +88,7 @@ class StudyProgress:
                 self.rows[ev.key] = self.progress.add_task(f"  {pp.label()}", total=loops, completed=ev.loop,
                                                            info=f"{pp.size} members on {ev.where}")
         elif isinstance(ev, LoopDone):
-            self.progress.advance(self.main, work_units(self.design, pp, 1))
+            self.progress.advance(self.main, work_units(self.kind, pp, 1))
             if ev.key in self.rows:
                 self.progress.update(self.rows[ev.key], completed=ev.loop)
         elif isinstance(ev, PopulationDone):

@@ -23,22 +23,17 @@ import torch
 from psa import __version__
 from psa.core import rng
 from psa.core.arch import Arch, ArchError, parse_arch
-from psa.core.checkpoint import (
-    FORMAT,
-    CheckpointError,
-    atomic_write,
-    load_member,
-    load_population,
-    restore_member,
-    save_member,
-    save_population,
-)
+from psa.core.checkpoint import FORMAT, CheckpointError, atomic_write
 from psa.core.data import Dataset, load_dataset
 from psa.core.device import Execution, resolve_execution
-from psa.core.engine import LoopResult
+from psa.core.errors import ConfigError
+from psa.core.loop import LoopResult
+from psa.core.member import Member
+from psa.core.mlp.checkpoint import load_member, load_population, restore_member, save_member, save_population
+from psa.core.mlp.engine import Engine
+from psa.core.mlp.population import Population
 from psa.core.hparams import HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name, layer_table, param_count
-from psa.core.population import ConfigError, Member, Population
 from psa.core.variant import Variant, format_schedule
 from psa.study.console import arch_table, err_console, loop_progress
 from psa.study.events import PopulationDone
@@ -384,7 +379,8 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
         label = trial.arch.short if trial.model == DEFAULT_MODEL else f"{trial.model}-{trial.arch.short}"
         trial.run_dir = prepare_out(cfg.out, label, trial.mode, trial.seed)
     run_dir = trial.run_dir
-    run = PopulationRun(str(run_dir), pop, data, trial.hparams, ex, where=str(ex.device))
+    run = PopulationRun(str(run_dir), Engine(pop, data, trial.hparams, ex), trial.hparams.meta_loops,
+                        where=str(ex.device))
 
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
         s = summary(trial, pop, pop.members[0], ex, data, final, test_acc,

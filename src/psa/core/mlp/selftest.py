@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from psa.core import kernels, rng
+from psa.core import rng
+from psa.core.kernels import triton_stack as kernels
 from psa.core.ablation import choose_neuron
 from psa.core.arch import N_IN, N_OUT, Arch, parse_arch
 from psa.core.data import Dataset
@@ -32,10 +33,11 @@ from psa.core.device import (
     resolve_execution,
     synchronize,
 )
-from psa.core.engine import Engine
+from psa.core.mlp.engine import Engine
 from psa.core.hparams import HParams
 from psa.core.model import SimpleMLP
-from psa.core.population import MODES, Member, Population
+from psa.core.member import MODES, Member
+from psa.core.mlp.population import Population
 from psa.core.precision import Matmul
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -111,7 +113,7 @@ class Report:
 
 
 def _triton_version() -> str | None:
-    from psa.core.kernel_programs import triton
+    from psa.core.kernels.programs import triton
 
     return getattr(triton, "__version__", None) if triton is not None else None
 
@@ -214,7 +216,7 @@ def _stack_reference(c: _Stack, acts: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _kernels_missing() -> str | None:
     """Why the Triton kernels cannot run here, or None."""
-    from psa.core.kernel_programs import triton
+    from psa.core.kernels.programs import triton
 
     if triton is None:
         return "Triton is not installed: the engine runs the torch path"
@@ -369,9 +371,9 @@ def _engine_execution(device: torch.device, graphs: bool = True) -> Execution:
 
 def _paths(eng: Engine) -> str:
     """What the engine runs now: precision, kernels, graphs."""
-    stack = ("triton stack" if eng.fused else "triton" if eng.triton else "cpu step" if eng.cpu_step
-             else "cpu stack" if eng.cpu_stack else "torch")
-    return "+".join([eng.precision, stack,
+    p = eng.paths
+    stack = "triton stack" if p.triton_stack else "triton" if p.triton else "cpu step" if p.cpu_step else "torch"
+    return "+".join([p.precision, stack,
                      *(["graphs"] if eng.use_graphs else [])])
 
 

@@ -1,107 +1,42 @@
 """Members trained at once (a chunk of a population): their candidate, gradient, AdamW state,
-data order, step counter and workspace at fixed addresses, and the captured training step."""
+data order, step counter and workspace at fixed addresses, and the captured training step.
+
+A chunk knows nothing of the engine that trains it: it is given the population, the
+hyperparameters and the step to run (psa.core.mlp.step.TrainStep), a callable `step(chunk, b)`.
+"""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from psa.core import rng
-from psa.core.ablation import ablate
 from psa.core.arch import Arch
 from psa.core.device import on_device, side_stream, to_device
 from psa.core.hparams import HParams
-from psa.core.population import Layout, Member, seed_groups
+from psa.core.loop import StepCallback, batch_sizes
+from psa.core.member import Member, seed_groups
+from psa.core.mlp.population import Layout, Population, ablate
+from psa.core.optim import member_adamw_step, new_adamw, reset_adamw, step_dtype
 
-if TYPE_CHECKING:
-    from psa.core.engine import Engine
-
-StepCallback = Callable[[int, int], None]
-
-
-def new_adamw(param: torch.Tensor, hp: HParams) -> torch.optim.AdamW:
-    """AdamW over a flat buffer, fused where this torch and device have it (and capturable in
-    a CUDA graph on a GPU).
-
-    The fused kernel makes one pass over parameters, gradients and moments instead of a dozen;
-    it rounds differently from the reference loop by about 1e-7 relative, far below what the
-    oracle tests allow. Weight decay is applied per member by the engine, not here.
-    """
-    kw: dict[str, Any] = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=0.0)
-    if param.device.type == "cuda":
-        kw["capturable"] = True  # its step count lives on the device: no host sync, graph-safe
-    try:
-        return torch.optim.AdamW([param], fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW([param], **kw)
-
-
-def adamw_step(opt: torch.optim.Optimizer | MemberAdamW) -> None:
-    """opt.step(). For new_adamw's fused AdamW on a CPU, the two calls that step makes (the step
-    count, then torch._fused_adamw_ over the one flat buffer) without torch.optim's per-call
-    Python, about 0.1 ms: a third of a width-1 net's step on one CPU thread. The first step of an
-    optimizer (which creates its state) and any other optimizer take opt.step(); so does every
-    step after the direct call once failed (another torch's signature)."""
-    direct = getattr(opt, "_psa_direct", None)
-    if direct is None:
-        opt.step()
-        if isinstance(opt, torch.optim.AdamW) and not getattr(opt, "_psa_failed", False):
-            group = opt.param_groups[0]
-            (p,) = group["params"]
-            st = opt.state.get(p, {})
-            if (p.device.type == "cpu" and group.get("fused") and not group.get("amsgrad") and not group.get("maximize")
-                    and len(opt.param_groups) == 1 and {"step", "exp_avg", "exp_avg_sq"} <= set(st)
-                    and torch.is_tensor(st["step"]) and isinstance(group["lr"], float)):
-                beta1, beta2 = group["betas"]
-                opt._psa_direct = (p, st["exp_avg"], st["exp_avg_sq"], st["step"],
-                                   {"amsgrad": False, "lr": group["lr"], "beta1": beta1, "beta2": beta2,
-                                    "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": False})
-        return
-    p, exp_avg, exp_avg_sq, step, kw = direct
-    torch._foreach_add_([step], 1)
-    try:
-        torch._fused_adamw_([p], [p.grad], [exp_avg], [exp_avg_sq], [], [step], **kw)
-    except (RuntimeError, TypeError) as e:
-        # the direct call rejected its arguments (checked before anything is written): undo the
-        # count and take the documented path from now on
-        step.sub_(1)
-        opt._psa_direct = None
-        opt._psa_failed = True
-        warnings.warn(f"psa: AdamW's direct step failed ({type(e).__name__}); using optimizer.step()",
-                      RuntimeWarning, stacklevel=2)
-        opt.step()
-
-
-def reset_adamw(opt: torch.optim.Optimizer) -> None:
-    """Zero the step count and both moments in place: the state of a freshly built AdamW,
-    at the same addresses (which a captured graph relies on)."""
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                v.zero_()
-
-
-def step_dtype(device: torch.device) -> torch.dtype:
-    """AdamW step counts per member: float64 (bias corrections as torch's AdamW computes them in
-    Python floats), float32 on MPS, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
+# step(chunk, b): one training step of the chunk on its next batch of b images
+Step = Callable[["Chunk", int], None]
 
 
 class MemberAdamW:
     """AdamW over a chunk's flat buffer with a step count per member, for chunks where some
-    member's optimizer state persists (so members are at different steps). The update is
-    torch.optim.AdamW's (single-tensor, weight_decay=0) with the bias corrections per member;
-    its state sits at fixed addresses (graph-capturable: the step counts are device tensors)."""
+    member's optimizer state persists (so members are at different steps): psa.core.optim's
+    member_adamw_step over the buffer's layer runs. Its state sits at fixed addresses (the step
+    counts are device tensors), so a CUDA graph can capture it."""
 
     def __init__(self, param: torch.Tensor, layout: Layout, hp: HParams) -> None:
         self.param = param
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
         self.steps = torch.zeros(layout.size_m, dtype=step_dtype(param.device), device=param.device)
-        self.lr, (self.beta1, self.beta2), self.eps = hp.lr, hp.betas, hp.eps
+        self.hp = hp
         self.runs = list(zip(layout.runs(param), layout.runs(param.grad), layout.runs(self.exp_avg),
                              layout.runs(self.exp_avg_sq)))
 
@@ -112,25 +47,8 @@ class MemberAdamW:
         self.steps.zero_()
 
     def step(self) -> None:
-        """One AdamW step of every member."""
-        self.steps += 1
-        step_size = (self.lr / (1 - self.beta1 ** self.steps)).to(torch.float32)
-        bc2_sqrt = torch.sqrt(1 - self.beta2 ** self.steps).to(torch.float32)
-        for pair_p, pair_g, pair_m, pair_v in self.runs:
-            for p, g, m, v in zip(pair_p, pair_g, pair_m, pair_v):
-                adamw_update(p, g, m, v, step_size.view(1, -1, 1), bc2_sqrt.view(1, -1, 1), self.beta1, self.beta2,
-                             self.eps)
-
-
-def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step_size: torch.Tensor,
-                 bc2_sqrt: torch.Tensor, beta1: float, beta2: float, eps: float) -> None:
-    """One step of torch.optim.AdamW (single-tensor, weight_decay=0) in place, with per-member
-    `step_size` = lr / (1 - beta1^t) and `bc2_sqrt` = sqrt(1 - beta2^t) shaped to broadcast
-    over p: MemberAdamW's arithmetic, shared by psa.core.generic's persistent optimizer."""
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.sub_(step_size * m / denom)
+        """One AdamW step of every member (runs hold the members along axis 1)."""
+        member_adamw_step((quad for run in self.runs for quad in zip(*run)), self.steps, self.hp, member_dim=1)
 
 
 def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
@@ -152,13 +70,14 @@ class Chunk:
     """Members [m0, m1) of a population, trained together: their candidate, gradient and AdamW
     state, data order, dropout keys, step counter and workspace, all at fixed addresses.
 
-    It keeps no reference to its Engine (the methods take it): an engine that owned a chunk
-    that pointed back would be a reference cycle, and its buffers (gigabytes for a big
-    population) would outlive it until the garbage collector ran."""
+    It keeps no reference to its engine or population (the methods take what they need): an
+    engine that owned a chunk that pointed back would be a reference cycle, and its buffers
+    (gigabytes for a big population) would outlive it until the garbage collector ran."""
 
-    def __init__(self, engine: "Engine", m0: int, m1: int, cand: torch.Tensor, grad: torch.Tensor) -> None:
-        pop, hp = engine.pop, engine.hp
+    def __init__(self, pop: Population, hp: HParams, n_train: int, m0: int, m1: int, cand: torch.Tensor,
+                 grad: torch.Tensor) -> None:
         dev = pop.device
+        self.hp = hp
         self.m0, self.m1 = m0, m1
         self.members = pop.members[m0:m1]
         self.size = m1 - m0
@@ -172,7 +91,7 @@ class Chunk:
         self.groups = batch_groups(pop.arch, self.members)
         g, k = self.groups
         self.group_seeds = [self.members[j * k].seed for j in range(g)]
-        n = self.n_train = engine.data.train_x.shape[0]
+        n = self.n_train = n_train
         self.batch_size = hp.batch_size
         # valid indices from the start: the warm-up before a graph capture gathers with them
         self.order = torch.arange(n, device=dev).repeat(g, 1)
@@ -228,12 +147,13 @@ class Chunk:
             t = self.work[key] = torch.empty(shape, dtype=torch.float32, device=self.cand.device)
         return t
 
-    def begin(self, eng: "Engine", loop: int, ablations: list[tuple[int, str, int, int]]) -> None:
+    def begin(self, pop: Population, loop: int, ablations: list[tuple[int, str, int, int]], step: Step,
+              graphs: bool) -> None:
         """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
-        and AdamW state (a fresh one, or the LKG's for members that persist it), all in place."""
-        pop = eng.pop
-        if eng.use_graphs and not self.graphs:
-            self._capture(eng)
+        and AdamW state (a fresh one, or the LKG's for members that persist it), all in place;
+        with `graphs`, the step is captured as CUDA graphs first (once)."""
+        if graphs and not self.graphs:
+            self._capture(pop, step)
         if self.whole:
             self.cand.copy_(pop.lkg)
         else:
@@ -241,7 +161,7 @@ class Chunk:
                 cw.copy_(lw[:, self.m0 : self.m1])
                 cb.copy_(lb[:, self.m0 : self.m1])
         ablate(self.cand, self.layout, ablations)
-        self._reset_optimizer(eng)
+        self._reset_optimizer(pop)
         if isinstance(self.adamw, MemberAdamW):
             # an ablated neuron's moments die with its weights
             ablate(self.adamw.exp_avg, self.layout, ablations)
@@ -254,22 +174,22 @@ class Chunk:
         self.loss_sum.zero_()
         self.diverged.zero_()
 
-    def new_optimizer(self, eng: "Engine") -> "torch.optim.AdamW | MemberAdamW":
+    def new_optimizer(self) -> torch.optim.AdamW | MemberAdamW:
         """The chunk's optimizer: torch's fused AdamW, or MemberAdamW where some member persists."""
         if self.persist is not None:
-            return MemberAdamW(self.cand, self.layout, eng.hp)
-        return new_adamw(self.cand, eng.hp)
+            return MemberAdamW(self.cand, self.layout, self.hp)
+        return new_adamw([self.cand], self.hp, capturable=self.cand.device.type == "cuda")
 
-    def _reset_optimizer(self, eng: "Engine") -> None:
+    def _reset_optimizer(self, pop: Population) -> None:
         if self.adamw is None:
-            self.adamw = self.new_optimizer(eng)
+            self.adamw = self.new_optimizer()
         elif isinstance(self.adamw, MemberAdamW):
             self.adamw.reset()
         else:
             reset_adamw(self.adamw)
         if self.persist is not None:
             assert isinstance(self.adamw, MemberAdamW)
-            pop, opt = eng.pop, self.adamw
+            opt = self.adamw
             assert pop.opt_avg is not None and pop.opt_sq is not None and pop.opt_step is not None
             p = self.persist.view(1, -1, 1)
             for src, dst in ((pop.opt_avg, opt.exp_avg), (pop.opt_sq, opt.exp_avg_sq)):
@@ -278,12 +198,12 @@ class Chunk:
                     torch.where(p, sb[:, self.m0 : self.m1], db, out=db)
             torch.where(self.persist, pop.opt_step[self.m0 : self.m1], opt.steps, out=opt.steps)
 
-    def keep_optimizer(self, eng: "Engine", promote: torch.Tensor) -> None:
+    def keep_optimizer(self, pop: Population, promote: torch.Tensor) -> None:
         """After the promotion decision: the promoted candidates' AdamW state becomes their
         LKG's, for members that persist it (in place, with the same masks as the weights)."""
         if self.persist is None:
             return
-        pop, opt = eng.pop, self.adamw
+        opt = self.adamw
         assert isinstance(opt, MemberAdamW) and pop.opt_avg is not None and pop.opt_sq is not None
         assert pop.opt_step is not None
         keep = promote & self.persist
@@ -306,22 +226,20 @@ class Chunk:
 
     def batch_sizes(self) -> list[int]:
         """The batch size of every step of an epoch (the last, partial batch kept)."""
-        bs = self.batch_size
-        full, tail = divmod(self.n_train, bs)
-        return [bs] * full + ([tail] if tail else [])
+        return batch_sizes(self.n_train, self.batch_size)
 
-    def train_epoch(self, eng: "Engine", on_step: StepCallback | None) -> None:
+    def train_epoch(self, step: Step, on_step: StepCallback | None) -> None:
         """Every step of one epoch: graph replays on a GPU, the same step run eagerly elsewhere."""
         sizes = self.batch_sizes()
         for s, b in enumerate(sizes):
             if self.graphs:
                 self.graphs[b].replay()
             else:
-                eng._step(self, b)
+                step(self, b)
             if on_step is not None:
                 on_step(s + 1, len(sizes))
 
-    def _warm_up(self, eng: "Engine", sizes: list[int]) -> None:
+    def _warm_up(self, step: Step, sizes: list[int]) -> None:
         """Two training steps per batch size in `sizes`, each as the first step of an epoch.
 
         The counter is reset before every step: left to advance, four warm-up steps read data
@@ -331,22 +249,22 @@ class Chunk:
         for b in sizes:
             for _ in range(2):
                 self.step.zero_()
-                eng._step(self, b)
+                step(self, b)
 
-    def _capture(self, eng: "Engine") -> None:
+    def _capture(self, pop: Population, step: Step) -> None:
         """Record the training step (one graph per batch size) after a warm-up on a side stream
         that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
         trains on a copy of the LKG; begin() then resets everything it touched."""
-        dev = eng.pop.device
-        self.cand.copy_(eng.pop.lkg)
+        dev = pop.device
+        self.cand.copy_(pop.lkg)
         if self.adamw is None:
-            self.adamw = self.new_optimizer(eng)
+            self.adamw = self.new_optimizer()
         sizes = sorted(set(self.batch_sizes()), reverse=True)
         side = side_stream(dev)
         with on_device(dev):
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                self._warm_up(eng, sizes)
+                self._warm_up(step, sizes)
             torch.cuda.current_stream(dev).wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
             for b in sizes:
@@ -354,5 +272,5 @@ class Chunk:
                 # captured on the side stream too: torch's default capture stream is one more
                 # pooled stream, which may be some engine's
                 with torch.cuda.graph(g, pool=pool, stream=side):
-                    eng._step(self, b)
+                    step(self, b)
                 self.graphs[b] = g

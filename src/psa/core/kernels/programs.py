@@ -1,6 +1,6 @@
-"""The Triton programs behind psa.core.kernels: the stack forward and backward (one program per
+"""The Triton programs behind psa.core.kernels.triton_stack: the stack forward and backward (one program per
 member and block of batch rows, every middle layer in registers or pipelined through shared
-memory) and the dropout noise. psa.core.kernels sizes and launches them; the layout of the
+memory) and the dropout noise. triton_stack sizes and launches them; the layout of the
 flat parameter buffer they read is described there.
 
 Without triton installed this module defines no program (the package runs without them).

@@ -6,7 +6,7 @@ almost no work. Here one program owns one member and one block of batch rows and
 activations through the whole middle stack in registers: the forward is one launch, the
 backward is one launch plus one torch sum over row blocks of the weight gradients.
 
-Parameters live in psa's flat, layer-major buffer (psa.core.population): for the middle layer l
+Parameters live in psa's flat, layer-major buffer (psa.core.mlp.population): for the middle layer l
 (1 <= l <= L-1) of member m, weight[o, i] is at w_off + (l-1)*layer_stride + m*W*W + o*W + i
 and bias[o] at b_off + (l-1)*layer_stride + m*W + o. Gradients use the same layout.
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from psa.core import kernel_programs as programs
-from psa.core.kernel_programs import triton
+from psa.core.kernels import programs
+from psa.core.kernels.programs import triton
 
 MAX_WIDTH: int = 128
 
@@ -141,9 +141,9 @@ def _for_loops_ok() -> bool:
 
 def _require_triton() -> None:
     if triton is None:
-        raise RuntimeError("psa.core.kernels needs triton (pip install triton); it is not installed")
+        raise RuntimeError("psa.core.kernels.triton_stack needs triton (pip install triton); it is not installed")
     if not available():
-        raise RuntimeError("psa.core.kernels needs a CUDA GPU, or TRITON_INTERPRET=1 set before import "
+        raise RuntimeError("psa.core.kernels.triton_stack needs a CUDA GPU, or TRITON_INTERPRET=1 set before import "
                            "to run on the CPU in Triton's interpreter")
 
 

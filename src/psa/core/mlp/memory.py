@@ -13,13 +13,13 @@ from psa.core.model import DEFAULT_MODEL, dropout_units, linear_shapes, param_co
 FREE_MEMORY_FRACTION = 0.8
 
 
-def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: str = "fp32",
+def working_bytes(arch: Arch, batch_size: int, triton_stack: bool = False, precision: str = "fp32",
                   graphs: bool = False, model: str = DEFAULT_MODEL) -> int:
     """Device memory one member needs to train, besides its LKG: candidate, gradient and AdamW's
     two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
     transient layer-sized buffers, dropout noise, the gathered batch).
 
-    `fused` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
+    `triton_stack` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
     gradient partials: as many copies of the middle stack's parameters as a batch has row
     blocks (16 at widths 17-32, four times the 16 bytes a parameter counted above). `graphs`
     adds the graph's private pool, which keeps every temporary of a captured step for as long
@@ -35,10 +35,10 @@ def working_bytes(arch: Arch, batch_size: int, fused: bool = False, precision: s
     w = arch.widths
     acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
     total = arch.params * 16 + acts
-    if fused:
+    if triton_stack:
         total += stack_partial_bytes(arch, batch_size, precision)
     if graphs:
-        per_row = 8 + 2 * 4 * arch.n_out + (0 if fused else 16 * sum(arch.hidden))
+        per_row = 8 + 2 * 4 * arch.n_out + (0 if triton_stack else 16 * sum(arch.hidden))
         total += batch_size * per_row
     return total
 
@@ -47,7 +47,7 @@ def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
     """Per member, the Triton stack backward's weight-gradient partials for a batch of
     `batch_size` rows: one copy of the middle layers' parameters per row block, none when one
     block covers the batch (the kernel then writes the gradient directly)."""
-    from psa.core import kernels
+    from psa.core.kernels import triton_stack as kernels
 
     hidden = arch.hidden
     if len(hidden) < 2 or kernels.triton is None:
@@ -62,7 +62,7 @@ def stack_path_reason(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> 
     """Why the hidden stack of `arch` takes the plain torch path under `ex`, or "" when the
     Triton stack kernels run it: a SimpleMLP (the kernel computes a plain ReLU stack, no
     residual), Triton on, one width, no wider than ex.stack_max_width (or the kernels' limit)."""
-    from psa.core import kernels
+    from psa.core.kernels import triton_stack as kernels
 
     hidden = arch.hidden
     if model != DEFAULT_MODEL:
@@ -89,5 +89,5 @@ def stack_fits_kernel(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> 
 def memory_paths(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     """The paths an engine for `model` of `arch` under `ex` takes that change its memory, as
     working_bytes' keyword arguments (graphs: if the whole population fits)."""
-    return {"fused": stack_fits_kernel(arch, ex, model), "precision": ex.precision, "graphs": ex.graphs,
+    return {"triton_stack": stack_fits_kernel(arch, ex, model), "precision": ex.precision, "graphs": ex.graphs,
             "model": model}

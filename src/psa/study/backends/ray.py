@@ -29,17 +29,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from psa.core.device import resolve_execution
-from psa.study.design import StudyDesign
 from psa.study.events import Event, LoopDone, PopulationFailed, Started
+from psa.study.kinds import ModelKind
 from psa.study.options import RunOptions, StudyError
 from psa.study.plan import PopulationPlan
-from psa.study.runner import (
-    PopulationState,
-    cached_data,
-    design_data_view,
-    population_events,
-    population_to,
-)
+from psa.study.runner import PopulationProgress, cached_data, design_data_view, population_events
 
 
 def import_ray() -> Any:
@@ -60,40 +54,37 @@ def worker_data_paths(dataset: str, data_dir: str | None) -> tuple[str, str | No
     return dataset, (os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
 
 
-def _population_task(design: StudyDesign, pp: PopulationPlan, start: Any, prior_seconds: float,
-                     data: tuple[str, str | None], threads: int, engine: dict[str, Any], checkpoint_every: float
+def _population_task(kind: ModelKind, pp: PopulationPlan, start: Any, prior_seconds: float,
+                     data: tuple[str, str | None], threads: int, execution: dict[str, Any], checkpoint_every: float
                      ) -> Iterator[Event]:
-    """Runs on a Ray worker: train one population, yielding its events; a loop's event carries a
-    CPU copy of the population only when a checkpoint is due (every `checkpoint_every` seconds,
-    and after the first loop), as the local backend checkpoints. `engine` holds the study's
-    precision and the run's kernels and graphs choices, resolved here for the worker's device."""
+    """Runs on a Ray worker: train one population, yielding its events; a loop's event carries
+    the population's checkpoint (CPU tensors) only when one is due (every `checkpoint_every`
+    seconds, and after the first loop), as the local backend checkpoints. `execution` holds the
+    study's precision and the run's kernels and graphs choices, resolved here for the worker's
+    device."""
     import ray
     import torch
 
     torch.set_num_threads(max(1, threads))
     device = torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    ex = resolve_execution(device, **engine)
+    ex = resolve_execution(device, **execution)
     dataset, data_dir = data  # absolute paths (worker_data_paths)
-    data = design_data_view(design, cached_data(dataset, data_dir, device))
-    if start is not None:
-        start = population_to(start, device)
+    data = design_data_view(kind, cached_data(dataset, data_dir, device))
     where = f"{socket.gethostname()}:{device} (pid {os.getpid()})"
     shipped_at = -math.inf
-    for ev in population_events(design, pp, data, start, ex, prior_seconds, where):
+    for ev in population_events(kind, pp, data, start, ex, prior_seconds, where):
         if isinstance(ev, LoopDone):
-            # the copy must be taken before the generator queues the next loop, i.e. here
+            # the state must be taken before the generator queues the next loop, i.e. here
             now = time.monotonic()
             ev.checkpoint = now - shipped_at >= checkpoint_every
+            state = ev.checkpoint_state() if ev.checkpoint else None
+            ev.state = None if state is None else ({k: v.detach().cpu() for k, v in state[0].items()}, state[1])
             if ev.checkpoint:
-                assert ev.population is not None
-                ev.population = population_to(ev.population, "cpu")
                 shipped_at = now
-            else:
-                ev.population = None
         yield ev
 
 
-def ray_events(design: StudyDesign, todo: list[PopulationState], precision: str, opt: RunOptions,
+def ray_events(kind: ModelKind, todo: list[PopulationProgress], precision: str, opt: RunOptions,
                console: Any) -> Iterator[Event]:
     """Submit every unfinished population (largest work first) and yield their events as they
     come; `console` tells of lost workers and resubmissions."""
@@ -122,18 +113,18 @@ def ray_events(design: StudyDesign, todo: list[PopulationState], precision: str,
         task_opts = {"num_cpus": cpus}
         threads = cpus
     remote = ray.remote(max_retries=0)(_population_task)
-    engine = {"precision": precision, "kernels": opt.kernels, "graphs": opt.graphs}
-    data_paths = worker_data_paths(design.dataset, opt.data_dir)
-    pending: dict[Any, PopulationState] = {}
+    execution = {"precision": precision, "kernels": opt.kernels, "graphs": opt.graphs}
+    data_paths = worker_data_paths(kind.design.dataset, opt.data_dir)
+    pending: dict[Any, PopulationProgress] = {}
     latest: dict[str, tuple[Any, float]] = {}
 
-    def submit(st: PopulationState) -> None:
+    def submit(st: PopulationProgress) -> None:
         start, prior = latest.get(st.plan.key, (st.start, st.prior_seconds))
-        gen = remote.options(**task_opts).remote(design, st.plan, start, prior, data_paths, threads, engine,
+        gen = remote.options(**task_opts).remote(kind, st.plan, start, prior, data_paths, threads, execution,
                                                  opt.checkpoint_every)
         pending[gen] = st
 
-    def lost(st: PopulationState, err: BaseException) -> Iterator[Any]:
+    def lost(st: PopulationProgress, err: BaseException) -> Iterator[Any]:
         st.attempts += 1
         msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if st.attempts > opt.max_retries:
@@ -163,8 +154,9 @@ def ray_events(design: StudyDesign, todo: list[PopulationState], precision: str,
                     del pending[gen]
                     yield from lost(st, e)
                     continue
-                if isinstance(ev, LoopDone) and ev.population is not None:
-                    latest[st.plan.key] = (ev.population, ev.seconds)
+                state = ev.checkpoint_state() if isinstance(ev, LoopDone) else None
+                if state is not None:  # a resubmission continues from here
+                    latest[st.plan.key] = (kind.parse_checkpoint(*state), ev.seconds)
                 if isinstance(ev, Started) and st.attempts:
                     ev.loop = max(ev.loop, st.loop)
                 yield ev

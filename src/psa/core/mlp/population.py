@@ -12,78 +12,17 @@ matmul per group.
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from psa.core.arch import Arch
-from psa.core.device import canonical_device
+from psa.core.device import canonical_device, to_device
 from psa.core.errors import ConfigError
+from psa.core.member import MODES, Member, seed_groups
 from psa.core.model import DEFAULT_MODEL, check_model_name, init_weights, linear_keys, linear_shapes
-from psa.core.variant import DEFAULT, Variant
-
-MODES = ("none", "decay", "dropout", "full", "hidden", "output")
-BASELINE_MODES = ("none", "decay", "dropout")
-ABLATIVE_MODES = ("full", "hidden", "output")
-
-
-def derive_seed(seed: int, *tags: object) -> int:
-    """A 63-bit seed for one purpose (`tags`) of one trial, independent of everything else."""
-    text = ":".join(str(t) for t in (seed, *tags)).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-
-
-@dataclass(frozen=True)
-class Member:
-    """One trial: its mode, seed and the regularisation rates it trains with."""
-
-    mode: str
-    seed: int
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    variant: Variant = DEFAULT  # the engine's settings beyond the mode; the default is the paper's
-
-    @property
-    def ablative(self) -> bool:
-        """True for the PSA modes that ablate a neuron every loop after the first."""
-        return self.mode in ABLATIVE_MODES
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """What identifies the trial while its mode may change on a schedule: (the mode it
-        started in, its variant's settings JSON, seed)."""
-        return self.variant.start_mode(self.mode), self.variant.to_json(), self.seed
-
-def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float, base_decay: float = 0.0,
-                variant: Variant = DEFAULT) -> Member:
-    """The trial of `mode` and `seed`: `decay_rate` in decay mode only, `dropout_rate` in
-    dropout mode only, exactly 0 otherwise (HParams.member passes the paper's rates).
-
-    `base_decay` (default 0) is the decay of every other mode: decay mode's own rate takes its
-    place, as AdamW(weight_decay=...) replaced AdamW's default 0.01 in the authors' harnesses."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    wd = decay_rate if mode == "decay" else base_decay
-    p = dropout_rate if mode == "dropout" else 0.0
-    if not (math.isfinite(wd) and wd >= 0):
-        raise ConfigError(f"weight decay must be a finite number >= 0, got {wd}")
-    if not (0.0 <= p < 1.0):
-        raise ConfigError(f"dropout must be in [0, 1), got {p}")
-    return Member(mode, int(seed), float(wd), float(p), variant)
-
-
-def seed_groups(members: tuple[Member, ...] | list[Member]) -> tuple[int, int]:
-    """(G, k): G groups of k consecutive members sharing a seed (members sorted by seed), or
-    (M, 1) if the seeds have uneven counts."""
-    counts = Counter(m.seed for m in members)
-    k = next(iter(counts.values()))
-    if all(c == k for c in counts.values()):
-        return len(counts), k
-    return len(members), 1
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -130,6 +69,11 @@ class Layout:
         return out
 
 
+# The variant state's checkpoint names (the bounty model is stored as "bounty") -> attributes
+VARIANT_STATE = {"bounty": "bounty_state", "bounty_correct": "bounty_correct", "streak": "streak",
+                 "allowance": "allowance", "opt_avg": "opt_avg", "opt_sq": "opt_sq", "opt_step": "opt_step"}
+
+
 @dataclass
 class Population:
     """The persistent state of M trials: LKG weights, LKG scores, bounty loops, loop count."""
@@ -147,7 +91,7 @@ class Population:
     # Variant state (psa.core.variant), present only when some member needs it, so the paper's
     # engine allocates nothing more. Patience: the bounty model (best ever; the LKG may be
     # worse), its score, and the discards in a row and the current allowance per member.
-    bounty: torch.Tensor | None = None  # flat, float32, as lkg
+    bounty_state: torch.Tensor | None = None  # the bounty model's weights: flat, float32, as lkg
     bounty_correct: torch.Tensor | None = None  # (M,) int64
     streak: torch.Tensor | None = None  # (M,) int64
     allowance: torch.Tensor | None = None  # (M,) int64
@@ -196,6 +140,14 @@ class Population:
         pop.init_variant_state()
         return pop
 
+    def to(self, device: torch.device | str) -> "Population":
+        """A copy on another device (the CPU for shipping, a worker's device to train)."""
+        lkg = self.lkg.to(device)
+        dev = lkg.device  # as tensors see it ("cuda" -> "cuda:0"), which is what the engine compares
+        return dataclasses.replace(self, device=dev, lkg=lkg, lkg_correct=self.lkg_correct.to(dev),
+                                   bounty_loop=list(self.bounty_loop), mode_history=[list(h) for h in self.mode_history],
+                                   **{VARIANT_STATE[k]: v.to(dev) for k, v in self.variant_state().items()})
+
     @property
     def patient(self) -> bool:
         """True when some member promotes with patience (a bounty model apart from the LKG)."""
@@ -210,25 +162,24 @@ class Population:
         """Allocate the variant state the members need, as a fresh population has it (the
         bounty model = the LKG, no discards, the allowance = patience, zero moments)."""
         m, dev = self.size, self.device
-        if self.patient and self.bounty is None:
-            self.bounty = self.lkg.clone()
+        if self.patient and self.bounty_state is None:
+            self.bounty_state = self.lkg.clone()
             self.bounty_correct = self.lkg_correct.clone()
             self.streak = torch.zeros(m, dtype=torch.int64, device=dev)
             self.allowance = torch.tensor([mem.variant.patience for mem in self.members], dtype=torch.int64).to(dev)
         if self.persistent and self.opt_avg is None:
             self.opt_avg = torch.zeros_like(self.lkg)
             self.opt_sq = torch.zeros_like(self.lkg)
-            # float64 (float32 on MPS, which has none), as psa.core.chunk.MemberAdamW counts
+            # float64 (float32 on MPS, which has none), as psa.core.mlp.chunk.MemberAdamW counts
             self.opt_step = torch.zeros(m, dtype=torch.float32 if dev.type == "mps" else torch.float64, device=dev)
 
     def variant_state(self) -> dict[str, torch.Tensor]:
         """The variant state tensors by name (those present), for checkpoints."""
-        names = ("bounty", "bounty_correct", "streak", "allowance", "opt_avg", "opt_sq", "opt_step")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, VARIANT_STATE[n]) for n in VARIANT_STATE if getattr(self, VARIANT_STATE[n]) is not None}
 
     def bounty_model(self) -> torch.Tensor:
         """The flat weights of every member's bounty model (best ever): the LKG without patience."""
-        return self.lkg if self.bounty is None else self.bounty
+        return self.lkg if self.bounty_state is None else self.bounty_state
 
     def bounty_score(self) -> list[float]:
         """Bounty (best validation accuracy, %) of every member; -1 before its first promotion."""
@@ -276,3 +227,25 @@ class Population:
                                   f"architecture needs {tuple(w[j].shape)}")
             w[j].copy_(state[wk])
             b[j].copy_(state[bk])
+
+
+def ablation_indices(layout: Layout, member: int, mode: str, layer: int, neuron: int) -> np.ndarray:
+    """Offsets in the flat buffer of every parameter that `mode` zeroes when it ablates `neuron`
+    of Linear `layer` in population row `member`: its incoming row and bias, and in `hidden`
+    mode its outgoing column in the next layer."""
+    m = member
+    w0, b0, o, i = layout.blocks[layer]
+    parts = [w0 + (m * o + neuron) * i + np.arange(i), np.array([b0 + m * o + neuron])]
+    if mode == "hidden" and layer + 1 < len(layout.blocks):  # an output neuron has no outgoing column
+        nw0, _, no, ni = layout.blocks[layer + 1]
+        parts.append(nw0 + m * no * ni + np.arange(no) * ni + neuron)
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def ablate(flat: torch.Tensor, layout: Layout, ablations: list[tuple[int, str, int, int]]) -> None:
+    """Zero, in place and in one kernel, what each (member, mode, layer, neuron) ablation names."""
+    if not ablations:
+        return
+    idx = np.concatenate([ablation_indices(layout, *a) for a in ablations]).astype(np.int64)
+    flat.index_fill_(0, to_device(torch.from_numpy(idx), flat.device), 0.0)

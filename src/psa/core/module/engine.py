@@ -1,0 +1,431 @@
+"""The Frustration Engine on a ModulePopulation: every member's meta-loop in lockstep, engine
+variants included (psa.core.variant; docs/variants.md), through torch.func.
+
+The members train together as vmap over torch.func.functional_call (one AdamW over the stacked
+parameters), or, where vmap cannot batch the model, one at a time with plain autograd. Which
+path is decided once (choose_batching) and then kept for the whole run: the two paths round
+differently.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from psa.core import rng
+from psa.core.ablation import choose_neurons
+from psa.core.data import Dataset
+from psa.core.device import is_out_of_memory
+from psa.core.errors import ConfigError
+from psa.core.hparams import HParams
+from psa.core.loop import (
+    EVAL_ROWS,
+    Ablations,
+    FinishedLoop,
+    LoopResult,
+    StepCallback,
+    batch_sizes,
+    loop_result,
+    promotion,
+    scheduled_members,
+)
+from psa.core.member import Member
+from psa.core.module.checkpoint import module_checkpoint
+from psa.core.module.functional import Noise, cross_entropy, engine_template, in_fp32
+from psa.core.module.population import ModulePopulation, TensorDict
+from psa.core.optim import adamw_step, member_adamw_step, new_adamw, step_dtype
+
+BATCHED = (True, False, "auto")
+
+
+def convolutions(model: nn.Module) -> tuple[str, ...]:
+    """The names of `model`'s convolution modules (nn.Conv1d/2d/3d and the transposed ones)."""
+    return tuple(n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd))
+
+
+def auto_batched(convs: tuple[str, ...] | list[str], device: torch.device | str) -> tuple[bool, str]:
+    """batched="auto" for a model with convolution modules `convs` on `device`: (batched, why).
+
+    A rule of the model's structure and the device's type, never of a timing, so the same
+    command on the same device always trains on the same path (the two paths round
+    differently). Measured on a quiet 2-core CPU (bench/results/batching-cpu.md): under vmap
+    each convolution becomes one grouped convolution, which the CPU's kernels run slower than
+    the members' plain ones one after another (CNNs of tens of members: the population 2-4x
+    slower, a tiny one even), while an MLP's population is about 1.9x faster than its members
+    one at a time. On a GPU the population fills the device; psa does not time it there and
+    keeps it.
+    """
+    kind = torch.device(device).type
+    if kind == "cpu" and convs:
+        return False, (f"it has {len(convs)} convolution{'s' if len(convs) > 1 else ''}, which a CPU runs slower "
+                       f"under vmap (as grouped convolutions)")
+    if kind == "cpu":
+        return True, "it has no convolution, and on a CPU its population (vmap) is faster"
+    return True, f"on {kind} the population (vmap) fills the device"
+
+
+def choose_batching(batched: bool | str, convs: tuple[str, ...] | list[str], device: torch.device | str
+                    ) -> tuple[bool, str]:
+    """(members trained together through vmap, why) for the `batched` argument of psa.fit and
+    `psa study --batched`: True or False as asked, "auto" by auto_batched's rule. The one place
+    the choice is made; the engine is given its result."""
+    if batched == "auto":
+        together, why = auto_batched(convs, device)
+        return together, f"auto: {why}"
+    if not any(batched is b for b in (True, False)):
+        raise ConfigError(f"batched must be True, False or 'auto', got {batched!r}")
+    return bool(batched), ("batched=True: the members together (vmap)" if batched
+                           else "batched=False: one member at a time")
+
+
+def batching_text(batched: bool, why: str) -> str:
+    """For people: "the members together (vmap) (why)" or "one member at a time (why)"."""
+    return f"{'the members together (vmap)' if batched else 'one member at a time'} ({why})"
+
+
+def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) per-member values shaped to broadcast over a stacked (C, ...) tensor."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+class MemberMoments:
+    """AdamW's moments of stacked (C, ...) parameters with a step count per member, for a slice
+    of members where some member's optimizer state persists (psa.core.optim.member_adamw_step).
+    `rows` steps some of the members (the one-at-a-time path)."""
+
+    def __init__(self, params: TensorDict, hp: HParams) -> None:
+        self.exp_avg = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in params.items()}
+        first = next(iter(params.values()))
+        self.steps = torch.zeros(first.shape[0], dtype=step_dtype(first.device), device=first.device)
+        self.hp = hp
+
+    def step(self, params: TensorDict, grads: TensorDict, rows: slice = slice(None)) -> None:
+        """One AdamW step of members `rows` (params and grads hold just those rows)."""
+        member_adamw_step(((p, grads[k], self.exp_avg[k][rows], self.exp_avg_sq[k][rows]) for k, p in params.items()),
+                          self.steps[rows], self.hp, member_dim=0)
+
+
+class ModuleEngine:
+    """The Frustration Engine on a ModulePopulation (psa.core.loop.Trainer)."""
+
+    def __init__(self, population: ModulePopulation, data: Dataset, hparams: HParams, batched: bool = True,
+                 batching: str = "", max_members: int | None = None, eval_rows: int = EVAL_ROWS) -> None:
+        """`batched`: True vmaps the members together, False trains them one at a time with
+        plain autograd (choose_batching decides it; `batching` says why); `max_members`: members
+        trained at once (None: all, halved on out-of-memory); `eval_rows`: validation images per
+        evaluation block."""
+        if data.train_x.device != population.device:
+            raise ConfigError(f"data on {data.train_x.device} but population on {population.device}")
+        if not any(batched is b for b in (True, False)):
+            raise ConfigError(f"batched must be True or False here (choose_batching resolves 'auto'), got {batched!r}")
+        self.population, self.data, self.hp = population, data, hparams
+        self.batched = batched
+        self.batching = batching or choose_batching(batched, (), population.device)[1]
+        self.members_at_once = max_members or population.size
+        self.eval_rows = eval_rows
+        self.holder = Noise()
+        assert population.template is not None
+        self.model = engine_template(population.template, population.spec, self.holder).to(population.device)
+        units = population.spec.dropout_units
+        self.pos_hash = rng.position_hash(hparams.batch_size, units, population.device) if units else None
+
+    # ------------------------------------------------------------ member settings
+    # Everything a member's settings decide is read here: its ablations, weight decay, dropout
+    # rate, and (_follow_schedules) its mode.
+    def _ablations(self, loop: int) -> Ablations:
+        """Every (unit layer, unit) each member ablates at `loop` (psa.core.ablation.choose_neurons
+        over the model's unit layers: a plain MLP gets its SimpleMLP's neurons)."""
+        arch = self.population.spec.arch
+        return tuple(choose_neurons(arch, m.mode, m.seed, loop, m.variant, self.hp.meta_loops)
+                     for m in self.population.members)
+
+    def _follow_schedules(self, loop: int) -> None:
+        """Members on a mode schedule switch mode at a loop boundary, as psa's engine does: the
+        new mode's rates (HParams.member) and a mode_history entry."""
+        pop = self.population
+        pop.members = scheduled_members(pop.members, self.hp, loop, pop.mode_history)
+
+    def _decay(self, members: tuple[Member, ...]) -> torch.Tensor | None:
+        """(C,) AdamW's decoupled decay factor 1 - lr*wd per member (float32), or None if 1."""
+        f = torch.tensor([1.0 - self.hp.lr * m.weight_decay for m in members], dtype=torch.float32)
+        return None if bool((f == 1.0).all()) else f.to(self.population.device)
+
+    def _dropout(self, members: tuple[Member, ...], loop: int) -> tuple[torch.Tensor, ...] | None:
+        """(keys (C, 2), thresholds (C,), scales (C,)) of the members' dropout, or None."""
+        if not any(m.dropout > 0 for m in members) or self.pos_hash is None:
+            return None
+        dev = self.population.device
+        keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in members], dtype=torch.int64)
+        thr = torch.tensor([rng.dropout_threshold(m.dropout) for m in members], dtype=torch.int64)
+        p = torch.tensor([m.dropout for m in members], dtype=torch.float32)
+        return keys.to(dev), thr.to(dev), (torch.ones(len(members)) / (1.0 - p)).to(dev)
+
+    # ------------------------------------------------------------ ablation
+    @torch.no_grad()
+    def _ablate(self, tensors: TensorDict, m0: int, ablated: Ablations) -> None:
+        """Zero in `tensors` (a slice's parameters, or AdamW moments keyed alike) what each
+        member j's ablations name: the unit's incoming weights and bias, its BatchNorm scale and
+        shift, and in `hidden` mode its columns (or input channel) in the consumer."""
+        spec = self.population.spec
+        for j, units in enumerate(ablated):
+            mode = self.population.members[m0 + j].mode
+            for layer_index, u in units:
+                layer = spec.layers[layer_index]
+                names = [(f"{layer.name}.weight", u), (f"{layer.name}.bias", u)]
+                if layer.norm is not None:
+                    names += [(f"{layer.norm}.weight", u), (f"{layer.norm}.bias", u)]
+                for key, idx in names:
+                    t = tensors.get(key)
+                    if t is not None:
+                        t[j, idx].zero_()
+                if mode == "hidden" and layer.consumer is not None:
+                    c = layer.consumer
+                    tensors[f"{c.name}.weight"][j][:, u * c.block : (u + 1) * c.block].zero_()
+
+    # ------------------------------------------------------------ one loop
+    def _loss(self, params: TensorDict, buffers: TensorDict, x: torch.Tensor, y: torch.Tensor,
+              noise: torch.Tensor | None) -> torch.Tensor:
+        self.holder.noise = noise
+        try:
+            out = functional_call(self.model, (params, buffers), (x,))
+        finally:
+            self.holder.noise = None
+        return cross_entropy(out, y)
+
+    def _steps(self) -> list[int]:
+        return batch_sizes(self.data.train_x.shape[0], self.hp.batch_size)
+
+    def _train_batched(self, params: TensorDict, buffers: TensorDict, members: tuple[Member, ...], loop: int,
+                       moments: MemberMoments | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch of the members in `params` (C, ...) together; (loss sum, diverged) (C,)."""
+        dev, data, hp = self.population.device, self.data, self.hp
+        c = len(members)
+        order = rng.data_order([m.seed for m in members], loop, data.train_x.shape[0], dev)
+        names = list(params)
+        opt = new_adamw([params[k] for k in names], hp) if moments is None else None
+        decay = self._decay(members)
+        drop = self._dropout(members, loop)
+        loss_sum = torch.zeros(c, device=dev)
+        diverged = torch.zeros(c, dtype=torch.bool, device=dev)
+        step_grad = vmap(grad_and_value(self._loss), in_dims=(0, 0, 0, 0, 0 if drop else None))
+        self.model.train()
+        for s, b in enumerate(self._steps()):
+            idx = order[:, s * hp.batch_size : s * hp.batch_size + b]
+            x = data.train_x[idx.reshape(-1)].view(c, b, *data.train_x.shape[1:])
+            y = data.train_y[idx]
+            noise = None
+            if drop is not None:
+                assert self.pos_hash is not None
+                keys = rng.step_keys(drop[0], torch.tensor(s, dtype=torch.int64, device=dev))
+                noise = rng.dropout_noise(self.pos_hash[:b], keys, drop[1], drop[2])
+            grads, loss = step_grad(params, buffers, x, y, noise)
+            loss_sum += loss.detach()
+            diverged |= ~torch.isfinite(loss.detach())
+            with torch.no_grad():
+                if decay is not None:
+                    for k in names:
+                        params[k].mul_(_per_member(decay, params[k]))
+                if moments is not None:
+                    moments.step(params, grads)
+                    continue
+                for k in names:
+                    params[k].grad = grads[k]
+                assert opt is not None
+                adamw_step(opt)
+        for k in names:
+            params[k].grad = None
+        return loss_sum, diverged
+
+    def _train_single(self, params: TensorDict, buffers: TensorDict, members: tuple[Member, ...], loop: int,
+                      moments: MemberMoments | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same epoch one member after another with plain autograd (models vmap cannot batch)."""
+        dev, data, hp = self.population.device, self.data, self.hp
+        c = len(members)
+        loss_sum = torch.zeros(c, device=dev)
+        diverged = torch.zeros(c, dtype=torch.bool, device=dev)
+        decay = self._decay(members)
+        self.model.train()
+        for j, mem in enumerate(members):
+            order = rng.data_order([mem.seed], loop, data.train_x.shape[0], dev)[0]
+            # (1, ...) rows of the slice's tensors: trained in place, stepped like a slice of one
+            p_j = {k: v[j : j + 1].detach().requires_grad_() for k, v in params.items()}
+            b_j = {k: v[j] for k, v in buffers.items()}
+            opt = new_adamw(list(p_j.values()), hp) if moments is None else None
+            drop = self._dropout((mem,), loop)
+            for s, b in enumerate(self._steps()):
+                idx = order[s * hp.batch_size : s * hp.batch_size + b]
+                noise = None
+                if drop is not None:
+                    assert self.pos_hash is not None
+                    keys = rng.step_keys(drop[0], torch.tensor(s, dtype=torch.int64, device=dev))
+                    noise = rng.dropout_noise(self.pos_hash[:b], keys, drop[1], drop[2])[0]
+                loss = self._loss({k: v[0] for k, v in p_j.items()}, b_j, data.train_x[idx], data.train_y[idx],
+                                  noise)
+                for v in p_j.values():
+                    v.grad = None
+                loss.backward()
+                loss_sum[j] += loss.detach()
+                diverged[j] |= ~torch.isfinite(loss.detach())
+                with torch.no_grad():
+                    if decay is not None:
+                        for v in p_j.values():
+                            v.mul_(decay[j])
+                    if moments is not None:
+                        moments.step(p_j, {k: v.grad for k, v in p_j.items()}, slice(j, j + 1))
+                    else:
+                        assert opt is not None
+                        adamw_step(opt)
+            for v in p_j.values():
+                v.grad = None
+        return loss_sum, diverged
+
+    @torch.no_grad()
+    def count_correct(self, params: TensorDict, buffers: TensorDict, x_all: torch.Tensor,
+                      y_all: torch.Tensor) -> torch.Tensor:
+        """(C,) correct predictions of each member (eval mode) on (x_all, y_all)."""
+        c = next(iter(params.values())).shape[0]
+        correct = torch.zeros(c, dtype=torch.int64, device=self.population.device)
+        self.model.eval()
+        try:
+            for r0 in range(0, x_all.shape[0], self.eval_rows):
+                x, y = x_all[r0 : r0 + self.eval_rows], y_all[r0 : r0 + self.eval_rows]
+                if self.batched:
+                    out = vmap(lambda p, b: functional_call(self.model, (p, b), (x,)))(params, buffers)
+                else:
+                    out = torch.stack([functional_call(self.model, ({k: v[j] for k, v in params.items()},
+                                                                    {k: v[j] for k, v in buffers.items()}), (x,))
+                                       for j in range(c)])
+                correct += (out.argmax(dim=2) == y).sum(dim=1)
+        finally:
+            self.model.train()
+        return correct
+
+    def _begin(self, m0: int, m1: int, ablated: Ablations) -> tuple[TensorDict, TensorDict, MemberMoments | None]:
+        """A slice's candidates (the LKG rows, ablated) and, where some member persists its
+        optimizer state, its per-member AdamW state (the LKG's for those members, fresh for the
+        rest, the ablated units' moments zeroed)."""
+        pop = self.population
+        params = {k: v[m0:m1].clone() for k, v in pop.params.items()}
+        buffers = {k: v[m0:m1].clone() for k, v in pop.buffers.items()}
+        self._ablate(params, m0, ablated[m0:m1])
+        members = pop.members[m0:m1]
+        if not any(m.variant.optimizer_state == "persist" for m in members):
+            return params, buffers, None
+        assert pop.opt_avg is not None and pop.opt_sq is not None and pop.opt_step is not None
+        moments = MemberMoments(params, self.hp)
+        keep = torch.tensor([m.variant.optimizer_state == "persist" for m in members], device=pop.device)
+        for src, dst in ((pop.opt_avg, moments.exp_avg), (pop.opt_sq, moments.exp_avg_sq)):
+            for k, v in dst.items():
+                v.copy_(torch.where(_per_member(keep, v), src[k][m0:m1], v))
+        moments.steps.copy_(torch.where(keep, pop.opt_step[m0:m1], moments.steps))
+        self._ablate(moments.exp_avg, m0, ablated[m0:m1])  # an ablated unit's moments die with it
+        self._ablate(moments.exp_avg_sq, m0, ablated[m0:m1])
+        return params, buffers, moments
+
+    def _run_slice(self, m0: int, m1: int, loop: int, ablated: Ablations) -> tuple[torch.Tensor, ...]:
+        pop = self.population
+        members = pop.members[m0:m1]
+        while True:
+            params, buffers, moments = self._begin(m0, m1, ablated)
+            try:
+                train = self._train_batched if self.batched else self._train_single
+                loss, diverged = train(params, buffers, members, loop, moments)
+                break
+            except Exception as e:  # noqa: BLE001 - only vmap's limits fall back
+                if not self.batched or is_out_of_memory(e):
+                    raise
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"psa: torch.func.vmap cannot batch {pop.factory} ({why}); training its members one "
+                              f"at a time", RuntimeWarning, stacklevel=3)
+                self.batched = False
+                self.batching = f"vmap cannot batch it ({why}): one member at a time"
+        fixed = tuple(a if m.variant.fixed else () for a, m in zip(ablated[m0:m1], members))
+        if any(fixed):  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
+            self._ablate(params, m0, fixed)
+            if moments is not None:
+                self._ablate(moments.exp_avg, m0, fixed)
+                self._ablate(moments.exp_avg_sq, m0, fixed)
+        correct = self.count_correct(params, buffers, self.data.val_x, self.data.val_y)
+        with torch.no_grad():
+            promote, forced, improved = self._promote(m0, m1, correct, diverged)
+            for store, cand in ((pop.params, params), (pop.buffers, buffers)):
+                for k, v in cand.items():
+                    dst = store[k][m0:m1]
+                    dst.copy_(torch.where(_per_member(promote, v), v, dst))
+            if pop.bounty_state is not None:
+                for k, v in {**params, **buffers}.items():
+                    dst = pop.bounty_state[k][m0:m1]
+                    dst.copy_(torch.where(_per_member(improved, v), v, dst))
+            if moments is not None:
+                assert pop.opt_avg is not None and pop.opt_sq is not None and pop.opt_step is not None
+                persist = torch.tensor([m.variant.optimizer_state == "persist" for m in members], device=pop.device)
+                keep = promote & persist
+                for src, store in ((moments.exp_avg, pop.opt_avg), (moments.exp_avg_sq, pop.opt_sq)):
+                    for k, v in src.items():
+                        dst = store[k][m0:m1]
+                        dst.copy_(torch.where(_per_member(keep, v), v, dst))
+                lkg_step = pop.opt_step[m0:m1]
+                lkg_step.copy_(torch.where(keep, moments.steps, lkg_step))
+        return correct, promote, loss / len(self._steps()), diverged, forced, improved
+
+    def _promote(self, m0: int, m1: int, correct: torch.Tensor, diverged: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The promotion decision of members m0..m1 (psa.core.loop.promotion): updates the LKG
+        scores and the patience state; returns (promote, forced, improved)."""
+        pop = self.population
+        patience = None
+        if pop.streak is not None:
+            assert pop.allowance is not None and pop.bounty_correct is not None
+            patience = (pop.streak[m0:m1], pop.allowance[m0:m1], pop.bounty_correct[m0:m1])
+        return promotion(correct, diverged, pop.lkg_correct[m0:m1], self.hp, pop.members[m0:m1], patience)
+
+    @in_fp32
+    def launch(self, on_step: StepCallback | None = None) -> FinishedLoop:
+        """Run the next meta-loop of every member (torch.func trains synchronously, so the loop
+        is done when this returns; `on_step` is not called). The population moves forward by
+        one loop."""
+        t0 = time.perf_counter()
+        pop = self.population
+        loop = pop.loop + 1
+        self._follow_schedules(loop)
+        ablated = self._ablations(loop)
+        outs: list[tuple[torch.Tensor, ...]] = []
+        m0 = 0
+        while m0 < pop.size:
+            m1 = min(pop.size, m0 + self.members_at_once)
+            try:
+                outs.append(self._run_slice(m0, m1, loop, ablated))
+            except Exception as e:  # noqa: BLE001
+                if not is_out_of_memory(e) or self.members_at_once <= 1:
+                    raise
+                self.members_at_once = max(1, self.members_at_once // 2)  # nothing of this slice was promoted yet
+                continue
+            m0 = m1
+        names = ("correct", "promoted", "loss", "diverged", "forced", "improved")
+        outcome: dict[str, list[Any]] = {n: torch.cat(t).tolist() for n, t in zip(names, zip(*outs))}
+        outcome["lkg_correct"] = pop.lkg_correct.tolist()
+        pop.loop = loop
+        return FinishedLoop(loop_result(pop, self.hp, loop, ablated, outcome, t0))
+
+    def meta_loop(self, on_step: StepCallback | None = None) -> LoopResult:
+        """One meta-loop for every member: launch(...).result()."""
+        return self.launch(on_step).result()
+
+    @in_fp32
+    def test_accuracy(self) -> list[float]:
+        """Test-set accuracy (%) of every member's bounty model (its LKG, unless it has patience)."""
+        model = self.population.bounty_model()
+        params = {k: model[k] for k in self.population.params}
+        buffers = {k: model[k] for k in self.population.buffers}
+        correct = self.count_correct(params, buffers, self.data.test_x, self.data.test_y)
+        return [100.0 * c / self.data.test_y.numel() for c in correct.tolist()]
+
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The population's whole state as (tensors, metadata) (psa.core.module.checkpoint)."""
+        return module_checkpoint(self.population)
