@@ -278,7 +278,7 @@ def test_an_automatic_fast_path_that_fails_falls_back_with_a_warning(small, monk
     pop = population(arch, small, specs)
     eng = engine(pop, small)
     eng.triton = eng.fused = True
-    eng.cpu_stack = eng.cpu_step = False  # an engine that picked Triton never also picks the fused CPU path
+    eng.cpu_step = False  # an engine that picked Triton never also picks the fused CPU path
 
     def broken(*a, **k):
         raise RuntimeError("PTX compilation failed (simulated)")

@@ -26,7 +26,7 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 # all they take. On an H200 (Triton 3.6, tf32) they beat cuBLAS's batched GEMMs a layer at a
 # time on every deep square measured (bench/results/gpu_study-h200-kernels.md).
 AUTO_STACK_MAX_WIDTH = 128
-# Widest equal-width hidden stack that kernels="auto" runs through the fused CPU stack
+# Widest equal-width hidden stack that kernels="auto" trains through the fused CPU step
 # (psa.core.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op cost to
 # pay off (bench/results/narrow_cpu.md).
 AUTO_CPU_STACK_MAX_WIDTH = 8
@@ -93,7 +93,7 @@ def resolve_execution(device: str | torch.device = "auto", precision: str = "aut
     """The concrete Execution for what a command was asked: `auto` precision is tf32 on a CUDA
     GPU and fp32 elsewhere; `auto` kernels are Triton's on a CUDA GPU where Triton is installed
     (stacks up to AUTO_STACK_MAX_WIDTH); on a CPU in fp32, `auto` runs stacks up to
-    AUTO_CPU_STACK_MAX_WIDTH through the fused CPU stack (psa.core.cpu_stack; `torch` never does),
+    AUTO_CPU_STACK_MAX_WIDTH through the fused CPU step (psa.core.cpu_stack; `torch` never does),
     and `graphs` apply on CUDA devices only."""
     from psa.core import kernels as triton_kernels
 

@@ -212,11 +212,9 @@ class Engine:
             note_once(f"psa: {population.arch.short} trains its hidden stack on the plain torch path: "
                       f"{stack_path_reason(population.arch, ex, population.model)}")
         self.res_steps: list[ResStep] | None = res_steps(population.arch) if population.model == "resmlp" else None
-        # the fused CPU stack (psa.core.cpu_stack) runs a SimpleMLP's plain ReLU stack only
-        self.cpu_stack = (not self.fused and population.model == DEFAULT_MODEL
-                          and cpu_stack.stack_fits_cpu(population.arch, ex))
-        # ... and its whole training step (cpu_stack.train_step) reads the batch straight from the
-        # training set, which must then be one contiguous block of rows
+        # the fused CPU step (psa.core.cpu_stack.train_step) runs a SimpleMLP's plain ReLU stack
+        # only, and reads the batch straight from the training set, which must then be one
+        # contiguous block of rows; anything else takes the torch path
         self.cpu_step = (not self.fused and population.model == DEFAULT_MODEL
                          and data.train_x.is_contiguous() and data.train_y.is_contiguous()
                          and cpu_stack.step_fits_cpu(population.arch, ex))
@@ -416,14 +414,6 @@ class Engine:
             hs = [acts[depth - 1]]
             w, bias = views[depth]
             z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
-        elif depth and self.cpu_stack:  # -- the fused CPU stack: the middle layers in one call
-            width = self.pop.arch.hidden[0]
-            drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
-            stack_in = (z, drop)  # the backward recomputes the middle activations from these
-            hs = [cpu_stack.stack_forward(z, ch.cand, *self._stack_geometry(ch.layout), depth, width,
-                                          out=buf("acts", (m, b, width)), drop=drop)]
-            w, bias = views[depth]
-            z = mm.baddbmm(bias.unsqueeze(1), hs[0], w.transpose(1, 2), out=buf(("z", depth), (m, b, w.shape[1])))
         elif depth:
             if ch.dropout:
                 noise = self._noise(ch, keys, b)
@@ -450,8 +440,8 @@ class Engine:
         dz.scatter_add_(2, y3, torch.full_like(y3, -1, dtype=dz.dtype))
         dz.mul_(1.0 / b)
 
-        if depth and (self.fused or self.cpu_stack):
-            # the head as a plain layer, then the middle stack in one fused call (Triton or CPU)
+        if depth and self.fused:
+            # the head as a plain layer, then the middle stack in one Triton call
             w, _ = views[depth]
             gw, gb = gviews[depth]
             mm.bmm(dz.transpose(1, 2), hs[0], out=gw)
@@ -460,14 +450,10 @@ class Engine:
             width = self.pop.arch.hidden[0]
             geometry = self._stack_geometry(ch.layout)
             dz0 = buf("dz0", (m, b, width))
-            if self.fused:
-                from psa.core import kernels
+            from psa.core import kernels
 
-                dz = kernels.stack_backward(dh, acts, ch.cand, ch.grad, *geometry, depth, width, dz0=dz0,
-                                            scale=ch.drop_scale if ch.dropout else None, precision=self.precision)
-            else:
-                dz = cpu_stack.stack_backward(dh, stack_in[0], ch.cand, ch.grad, *geometry, depth, width, dz0=dz0,
-                                              drop=stack_in[1])
+            dz = kernels.stack_backward(dh, acts, ch.cand, ch.grad, *geometry, depth, width, dz0=dz0,
+                                        scale=ch.drop_scale if ch.dropout else None, precision=self.precision)
         else:
             for layer in range(depth, 0, -1):
                 h = hs[layer - 1]
@@ -704,10 +690,6 @@ class Engine:
                     elif depth and self.cpu_step:  # -- the fused CPU evaluation: stack, head, argmax
                         correct[m0:m1] += cpu_stack.count_correct(z, flat, layout, m0, y_all[c0 : c0 + rows])
                         continue
-                    elif depth and self.cpu_stack:  # -- the fused CPU stack
-                        h = cpu_stack.stack_forward(z, flat, *self._stack_geometry(layout, m0), depth, arch.hidden[0])
-                        w, bias = views[depth]
-                        z = mm.baddbmm(bias[m0:m1].unsqueeze(1), h, w[m0:m1].transpose(1, 2))
                     else:
                         for w, bias in views[1:]:
                             z = mm.baddbmm(bias[m0:m1].unsqueeze(1), torch.relu(z), w[m0:m1].transpose(1, 2))

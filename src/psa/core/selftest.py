@@ -369,8 +369,7 @@ def _engine_execution(device: torch.device, graphs: bool = True) -> Execution:
 
 def _paths(eng: Engine) -> str:
     """What the engine runs now: precision, kernels, graphs."""
-    stack = ("triton stack" if eng.fused else "triton" if eng.triton else "cpu step" if eng.cpu_step
-             else "cpu stack" if eng.cpu_stack else "torch")
+    stack = "triton stack" if eng.fused else "triton" if eng.triton else "cpu step" if eng.cpu_step else "torch"
     return "+".join([eng.precision, stack,
                      *(["graphs"] if eng.use_graphs else [])])
 
