@@ -1,8 +1,7 @@
 """The narrow nets on the CPU: one meta-loop of a 60-member population (6 modes x 10 seeds)
-on the plain torch path (`--kernels torch`), with the fused CPU stack only (the hidden stack
-in one call per direction, the rest torch ops: the default before the fused step), and with the
-fused CPU step (`--kernels auto`: psa.core.cpu_stack.train_step, the whole forward and backward
-in one call), against the FLOP floor.
+on the plain torch path (`--kernels torch`) and with the fused CPU step (`--kernels auto`:
+psa.core.kernels.cpu_stack.train_step, the whole forward and backward in one call), against the FLOP
+floor.
 
 FLOP floor of a meta-loop: 6 x parameters x 50,000 training images (forward 2, backward 4 per
 parameter and image) + 2 x parameters x 10,000 validation images, per member, at the GEMM rate
@@ -11,15 +10,13 @@ right before and after each architecture (the higher of the two: the stricter fl
 shared machine the rate moves with the load, and each row's ratios are against the rate of its
 own minutes.
 
-All paths run in this process, alternating (torch, stack, step, torch, ...), best of
+Both paths run in this process, alternating (torch, step, torch, ...), best of
 `--repeat`. A meta-loop is timed as `--steps` training steps (a prefix of the epoch, set-up
 included, on a training set of just those `--steps` x 256 images) scaled to the epoch's 196
 steps, plus validation on all 10,000 images; the step count is the same for every path.
 `--steps 0` times whole meta-loops on the whole 50,000-image training set instead: slower, but
 the batch rows then come from memory as in a study (a 3,072-image training set stays in cache).
-Architectures with one hidden layer have no middle stack: the "stack" path is the torch path
-there. `--no-torch` leaves the torch path out (minutes a loop on
-the deepest nets).
+`--no-torch` leaves the torch path out (minutes a loop on the deepest nets).
 
     python bench/narrow_cpu.py                      # every study architecture of width <= 8
     python bench/narrow_cpu.py --arch 4*2 16*2 --threads 2
@@ -57,8 +54,8 @@ def floor_seconds(arch, rate: float, members: int = 60) -> float:
 
 
 def engines(arch, ds, steps: int, paths: tuple[str, ...]):
-    """One engine per path ("torch", "stack", "step") on populations of 60 members, trained on
-    `steps` batches. "stack" is the default engine with its fused step turned off."""
+    """One engine per path ("torch", "step") on populations of 60 members, trained on `steps`
+    batches."""
     from psa.core.data import Dataset
     from psa.core.device import resolve_execution
     from psa.core.mlp.engine import Engine
@@ -73,8 +70,6 @@ def engines(arch, ds, steps: int, paths: tuple[str, ...]):
         members = [hp.member(m, s) for s in SEEDS for m in MODES]
         pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
         eng = Engine(pop, sub, hp, resolve_execution("cpu", "fp32", "torch" if path == "torch" else "auto"))
-        if path == "stack":
-            eng.cpu_step = False
         out.append(eng)
     return out
 
@@ -105,7 +100,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="leave the plain torch path out")
     args = ap.parse_args()
-    paths = ("stack", "step") if args.no_torch else ("torch", "stack", "step")
+    paths = ("step",) if args.no_torch else ("torch", "step")
     torch.set_num_threads(args.threads)
     archs = ([parse_arch(a) for a in args.arch] if args.arch
              else [a for a in study_architectures() if max(a.hidden) <= 8])
@@ -116,8 +111,8 @@ def main() -> None:
     print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
           f"one meta-loop of 60 members = {epoch} + validation on {N_VAL:,}")
     print("| arch | params | GEMM GFLOP/s | FLOP floor s | " + " | ".join(f"{p} s" for p in paths) + " | "
-          + " | ".join(f"{p}/floor" for p in paths) + " | step vs stack |")
-    print("|---|---:|---:|---:|" + "---:|" * (2 * len(paths) + 1))
+          + " | ".join(f"{p}/floor" for p in paths) + " |" + (" step vs torch |" if len(paths) > 1 else ""))
+    print("|---|---:|---:|---:|" + "---:|" * (2 * len(paths) + (len(paths) > 1)))
     for arch in archs:
         rate = gemm_rate()
         engs = engines(arch, ds, args.steps, paths)
@@ -131,7 +126,7 @@ def main() -> None:
         fl = floor_seconds(arch, rate)
         print(f"| {arch.short} | {arch.params:,} | {rate / 1e9:.0f} | {fl:.3f} | "
               + " | ".join(f"{t:.3f}" for t in best) + " | " + " | ".join(f"{t / fl:.1f}" for t in best)
-              + f" | {best[-2] / best[-1]:.2f}x |", flush=True)
+              + " |" + (f" {best[0] / best[-1]:.2f}x |" if len(best) > 1 else ""), flush=True)
 
 
 if __name__ == "__main__":

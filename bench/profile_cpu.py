@@ -1,16 +1,14 @@
 """Where the CPU time of one meta-loop goes: a 60-member population (6 modes x 10 seeds) of
-4*2, 16*2, 64*1 and 18*18, on the plain torch path (`--kernels torch`), with the fused CPU
-stack only ("stack": the default before the fused step; equal-width stacks up to width 8) and
-on the default path (`--kernels auto`: the fused CPU step for those nets), phase by phase;
-then a tiny study's store writes and checkpoints.
+4*2, 16*2, 64*1 and 18*18, on the plain torch path (`--kernels torch`) and on the default
+path (`--kernels auto`: the fused CPU step for nets whose hidden layers are one width up to 8),
+phase by phase; then a tiny study's store writes and checkpoints.
 
 Phases are timed by wrapping the engine's own functions (nothing is re-implemented here):
 - begin:        Chunk.begin: candidate = LKG, ablation, data order, dropout keys, AdamW reset
 - gather+decay: a step's batch gather, weight decay and counter (the step minus the phases below)
 - first layer:  the matmuls that read or write the 784-wide input (forward and weight gradient)
 - other mm:     the hidden and output layers' matmuls (torch path: one per layer and direction)
-- fused stack:  psa.core.cpu_stack's forward and backward calls ("stack" path)
-- fused step:   psa.core.cpu_stack.train_step: gather, forward and backward in one call (default path)
+- fused step:   psa.core.kernels.cpu_stack.train_step: gather, forward and backward in one call (default path)
 - rest of f/b:  loss, softmax gradient, ReLU, dropout masks, bias gradients
 - AdamW:        the fused AdamW step
 - validation:   count_correct on the 10,000 validation images (the candidate's score)
@@ -35,7 +33,7 @@ import torch
 MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 SEEDS = range(10)
 EPOCH_STEPS = 196
-PER_STEP = ("gather+decay", "first layer", "other mm", "fused stack", "fused step", "rest of f/b", "AdamW")
+PER_STEP = ("gather+decay", "first layer", "other mm", "fused step", "rest of f/b", "AdamW")
 ORDER = ("begin", *PER_STEP, "validation", "promote etc.")
 
 
@@ -66,7 +64,7 @@ class Timers:
 
 def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, float]:
     from psa.core.mlp import chunk as chunk_mod
-    from psa.core import cpu_stack
+    from psa.core.kernels import cpu_stack
     from psa.core.mlp import engine as engine_mod
     from psa.core.arch import parse_arch
     from psa.core.data import Dataset
@@ -82,8 +80,6 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
     members = [hp.member(m, s) for s in SEEDS for m in MODES]
     pop = Population.create(arch, members, "cpu", n_val=ds.val_y.numel())
     eng = Engine(pop, sub, hp, resolve_execution("cpu", "fp32", "torch" if kernels == "torch" else "auto"))
-    if kernels == "stack":
-        eng.cpu_step = False
     eng.meta_loop()  # loop 1: allocations, the library's first call
     tm = Timers()
     n_in = arch.n_in
@@ -97,8 +93,6 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
 
     for name in ("bmm", "baddbmm", "addmm"):
         originals.append((eng.mm, name, tm.wrap(eng.mm, name, mm_phase)))
-    for name in ("stack_forward", "stack_backward"):
-        originals.append((cpu_stack, name, tm.wrap(cpu_stack, name, lambda a: "fused stack" if in_step[0] else None)))
     originals.append((cpu_stack, "train_step", tm.wrap(cpu_stack, "train_step",
                                                          lambda a: "fused step" if in_step[0] else None)))
     # the engine's AdamW step (psa.core.chunk.adamw_step, as the engine module imported it): after its
@@ -133,7 +127,7 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
     for obj, name, fn in originals:
         setattr(obj, name, fn)
     t = tm.t
-    t["rest of f/b"] = t["f/b"] - t["first layer"] - t["other mm"] - t["fused stack"]
+    t["rest of f/b"] = t["f/b"] - t["first layer"] - t["other mm"]
     t["gather+decay"] = t["step"] - t["f/b"] - t["fused step"] - t["AdamW"]
     t["promote etc."] = total - t["begin"] - t["step"] - t["validation"]
     scale = EPOCH_STEPS / steps
@@ -177,7 +171,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = data.load("mnist")
-    cols = [(a, k) for a in args.arch for k in ("torch", "stack", "auto")]
+    cols = [(a, k) for a in args.arch for k in ("torch", "auto")]
     res = {c: profile_loop(c[0], c[1], ds, args.steps) for c in cols}
     print(f"one meta-loop, 60 members, cpu {args.threads} threads, seconds ({args.steps} steps scaled to {EPOCH_STEPS})")
     print("| phase | " + " | ".join(f"{a} {k}" for a, k in cols) + " |")

@@ -1,11 +1,12 @@
-"""psa.core.cpu_stack.train_step (the fused CPU training step) against the engine's torch path.
+"""psa.core.kernels.cpu_stack.train_step (the fused CPU training step) against the engine's torch path.
 
 One step's gradients and losses are compared on the same candidate, chunk and batch: the torch
 path (`--kernels torch`: gathered batch, torch matmuls, autograd-free backward) is the reference.
 Tolerances: gradients within 2e-5 of the largest gradient of their layer (fp32 sums over a batch
 and 784 inputs in another order: measured differences are ~5e-7 of it, up to 5e-6 for width 1,
 whose sums cancel more), losses within 1e-5 (of ~2.3; measured 2.4e-7). Meta-loops (ablations, promotion, the last partial batch) then follow the torch path's
-LKG to 1e-5, as tests/test_cpu_stack.py holds the fused stack.
+LKG to 1e-5; tests/test_cpu_stack.py takes the stack itself through every width, deeper
+stacks, larger batches, NaN and the build.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 
-from psa.core import cpu_stack
+from psa.core.kernels import cpu_stack
 from psa.core.arch import parse_arch
 from psa.core.device import resolve_execution
 from psa.core.member import MODES
@@ -34,8 +35,8 @@ def pair(arch_text: str, data, specs=SPECS, hp=HP):
     arch = parse_arch(arch_text)
     fused = engine(population(arch, data, specs, hp), data, hp)
     plain = engine(population(arch, data, specs, hp), data, hp, kernels="torch")
-    assert fused.cpu_step and not plain.cpu_step and not plain.cpu_stack
-    assert torch.equal(fused.pop.lkg, plain.pop.lkg)
+    assert fused.cpu_step and not plain.cpu_step
+    assert torch.equal(fused.population.lkg, plain.population.lkg)
     return fused, plain
 
 
@@ -46,7 +47,7 @@ def one_step(eng, loop: int, step: int, b: int, ablate: bool = True):
     if ablate:
         ablated = eng._ablations(loop)
         ablations = [(j, eng.population.members[j].mode, *a) for j in range(eng.population.size) for a in ablated[j]]
-    ch.begin(eng, loop, ablations)
+    ch.begin(eng.population, loop, ablations, eng.step, eng.use_graphs)
     ch.step.fill_(step)
     g, k = ch.groups
     if eng.paths.cpu_step:
@@ -92,7 +93,7 @@ def test_an_ablated_unit_stays_dead(small):
     """A zeroed hidden unit gets zero gradient into and out of it, as on the torch path."""
     fused, _ = pair("3*4", small, [("hidden", 1)])
     ch = fused._chunk(0, 1)
-    ch.begin(fused, 2, [(0, "hidden", 1, 2)])  # Linear 1's unit 2: its row, bias and the next layer's column
+    ch.begin(fused.population, 2, [(0, "hidden", 1, 2)], fused.step, fused.use_graphs)  # Linear 1's unit 2: its row, bias and the next layer's column
     cpu_stack.train_step(ch.layout, ch.cand, ch.grad, small.train_x, small.train_y, ch.order, ch.step, 32, 32, 1,
                          None, torch.empty(1))
     views = ch.layout.views(ch.grad)
@@ -107,7 +108,7 @@ def test_meta_loops_follow_the_torch_path(small):
     for arch in ("1*4", "2*2", "4*1"):
         fused, plain = pair(arch, data)
         res = [(fused.meta_loop(), plain.meta_loop()) for _ in range(3)]
-        diff = (fused.pop.lkg - plain.pop.lkg).abs().max().item()
+        diff = (fused.population.lkg - plain.population.lkg).abs().max().item()
         assert diff < 1e-5, (arch, diff)
         for a, b in res:
             assert a.promoted == b.promoted and a.diverged == b.diverged and a.ablated == b.ablated, arch
@@ -124,7 +125,7 @@ def test_divergence_is_flagged_per_member(small):
         views[0][0][3, 1, 100] = float("nan")
         views[-1][1][4, 0] = float("inf")
         ch = eng._chunk(0, eng.population.size)
-        ch.begin(eng, 1, [])
+        ch.begin(eng.population, 1, [], eng.step, eng.use_graphs)
         eng.step(ch, 32)
         outs.append((ch.diverged.clone(), ch.loss_sum.clone()))
     (div, loss), (ref_div, ref_loss) = outs
@@ -152,9 +153,9 @@ def test_random_inputs_against_the_torch_path(small):
         w = int(torch.randint(1, 9, (1,), generator=g))
         d = int(torch.randint(1, 5, (1,), generator=g))
         fused, plain = pair(f"{d}*{w}", small)
-        noise = torch.randn(fused.pop.lkg.shape, generator=g) * 0.5
-        fused.pop.lkg.add_(noise)
-        plain.pop.lkg.add_(noise)
+        noise = torch.randn(fused.population.lkg.shape, generator=g) * 0.5
+        fused.population.lkg.add_(noise)
+        plain.population.lkg.add_(noise)
         got, loss, _ = one_step(fused, 3, 2, 32)
         ref, ref_loss, _ = one_step(plain, 3, 2, 32)
         assert_close_grads(fused, got, ref, f"seed={seed} {d}*{w}")
@@ -174,8 +175,8 @@ def test_where_the_engine_uses_it():
 
 def test_validation(small):
     fused, _ = pair("2*2", small)
-    ch = fused._chunk(0, fused.pop.size)
-    ch.begin(fused, 1, [])
+    ch = fused._chunk(0, fused.population.size)
+    ch.begin(fused.population, 1, [], fused.step, fused.use_graphs)
     args = dict(layout=ch.layout, flat=ch.cand, grad=ch.grad, x=small.train_x, y=small.train_y, order=ch.order,
                 step=ch.step, batch_size=32, b=32, k=6, drop=None, loss=torch.empty(ch.size))
     cpu_stack.train_step(**args)
@@ -245,9 +246,9 @@ def test_step_on_codes_matches_the_torch_path(small, arch):
     for b, step in ((32, 3), (11, small.train_x.shape[0] // HP.batch_size - 1)):
         fused, plain = pair(arch, small)
         assert fused.cpu_codes is codes  # the engine reads codes
-        ch = fused._chunk(0, fused.pop.size)
-        ch.begin(fused, 2, [(j, fused.pop.members[j].mode, *a) for j in range(fused.pop.size)
-                            for a in fused._ablations(2)[j]])
+        ch = fused._chunk(0, fused.population.size)
+        ch.begin(fused.population, 2, [(j, fused.population.members[j].mode, *a) for j in range(fused.population.size)
+                            for a in fused._ablations(2)[j]], fused.step, fused.use_graphs)
         ch.step.fill_(step)
         drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
         loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, small.train_x, small.train_y, ch.order, ch.step,
@@ -265,10 +266,10 @@ def test_fused_evaluation_counts_what_the_logits_say(small):
     for text in ("1*3", "2*1", "4*4", "3*8"):
         fused, plain = pair(text, small)
         assert fused.cpu_step
-        flat = fused.pop.lkg + torch.randn(fused.pop.lkg.shape, generator=g) * 0.3
-        views = fused.pop.layout.views(flat.double())
+        flat = fused.population.lkg + torch.randn(fused.population.lkg.shape, generator=g) * 0.3
+        views = fused.population.layout.views(flat.double())
         x = small.val_x.double()
-        m = fused.pop.size
+        m = fused.population.size
         h = torch.einsum("bi,moi->mbo", x, views[0][0]) + views[0][1].unsqueeze(1)
         for w, b in views[1:]:
             h = torch.einsum("mbi,moi->mbo", torch.relu(h), w) + b.unsqueeze(1)
@@ -290,8 +291,8 @@ def test_fused_evaluation_takes_argmax_of_nan_as_torch_does(small):
     """A NaN logit is the largest (the first NaN wins), as torch.argmax decides on the torch path:
     a member whose head bias for class 3 is NaN predicts 3 everywhere; one with NaN at 7 and 2, 2."""
     fused, plain = pair("2*2", small)
-    flat = fused.pop.lkg.clone()
-    head_bias = fused.pop.layout.views(flat)[-1][1]
+    flat = fused.population.lkg.clone()
+    head_bias = fused.population.layout.views(flat)[-1][1]
     head_bias[0, 3] = float("nan")
     head_bias[1, 7] = float("nan")
     head_bias[1, 2] = float("nan")
@@ -318,7 +319,7 @@ def test_a_dead_layer_stops_the_gradient_as_on_the_torch_path(small):
     ref, ref_loss, _ = one_step(plain, 1, 2, 32, ablate=False)
     assert_close_grads(fused, got, ref, "dead layer")
     assert (loss - ref_loss).abs().max().item() < 1e-5
-    views = fused.pop.layout.views(got)
+    views = fused.population.layout.views(got)
     for layer in range(6):
         assert views[layer][0][3].abs().max().item() == 0.0 and views[layer][1][3].abs().max().item() == 0.0, layer
         assert views[layer][0][2].abs().max().item() > 0.0  # the member before it: a live gradient

@@ -508,7 +508,7 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
     assert eng.members_at_once == 6
     with Watch():
         ch = eng._chunk(6, 12)
-        ch.begin(eng, 2, [(0, "full", 0, 3), (1, "hidden", 1, 2)])
+        ch.begin(eng.population, 2, [(0, "full", 0, 3), (1, "hidden", 1, 2)], eng.step, eng.use_graphs)
     assert ch.decay is not None and ch.dropout and not ch.drop_rows_all
     assert stray == []
 

@@ -115,7 +115,7 @@ def test_one_step_gradients_are_autograds(small):
     pop = res_population(HETEROGENEOUS, small, [(m, 5) for m in MODES], hp)
     eng = Engine(pop, small, hp)
     ch = eng._chunk(0, pop.size)
-    ch.begin(eng, 2, [])
+    ch.begin(eng.population, 2, [], eng.step, eng.use_graphs)
     g, k = ch.groups
     idx = ch.order[:, :32]
     x = small.train_x[idx]

@@ -90,8 +90,9 @@ def add_engine_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, preci
                         f"CUDA GPU, fp32 elsewhere; {precision_note}")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
                    help="auto: on a CUDA GPU with Triton installed, Triton kernels for dropout and for hidden "
-                        f"stacks of one width up to {AUTO_STACK_MAX_WIDTH}; on a CPU in fp32, the fused CPU stack "
-                        f"(compiled C++) for stacks of one width up to {AUTO_CPU_STACK_MAX_WIDTH}; torch: neither; "
+                        f"stacks of one width up to {AUTO_STACK_MAX_WIDTH}; on a CPU in fp32, the fused CPU step "
+                        f"(compiled C++) for nets whose hidden layers are one width up to {AUTO_CPU_STACK_MAX_WIDTH}; "
+                        "torch: neither; "
                         "triton: always Triton (needs a GPU or TRITON_INTERPRET=1)")
     p.add_argument("--no-graphs", action="store_true",
                    help="on a GPU, run every training step eagerly instead of replaying a captured CUDA graph")

@@ -26,8 +26,8 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 # all they take. On an H200 (Triton 3.6, tf32) they beat cuBLAS's batched GEMMs a layer at a
 # time on every deep square measured (bench/results/gpu_study-h200-kernels.md).
 AUTO_STACK_MAX_WIDTH = 128
-# Widest equal-width hidden stack that kernels="auto" runs through the fused CPU stack
-# (psa.core.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op cost to
+# Widest equal-width hidden stack that kernels="auto" trains through the fused CPU step
+# (psa.core.kernels.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op cost to
 # pay off (bench/results/narrow_cpu.md).
 AUTO_CPU_STACK_MAX_WIDTH = 8
 
@@ -41,7 +41,7 @@ class Execution:
     triton: bool = False  # Triton kernels for dropout noise and narrow hidden stacks
     stack_max_width: int = 0  # widest equal-width hidden stack run through the stack kernels
     kernels_fall_back: bool = False  # chosen automatically: a failure warns and turns them off
-    cpu_stack_max_width: int = 0  # widest equal-width hidden stack run by psa.core.cpu_stack (0: none)
+    cpu_stack_max_width: int = 0  # widest equal-width hidden stack run by psa.core.kernels.cpu_stack (0: none)
     graphs: bool = False  # capture each training step as a CUDA graph (CUDA devices only)
     max_members: int | None = None  # members trained at once; None: as many as free memory holds
     eval_bytes: int = 256 << 20  # activation memory one block of validation may use
@@ -93,7 +93,7 @@ def resolve_execution(device: str | torch.device = "auto", precision: str = "aut
     """The concrete Execution for what a command was asked: `auto` precision is tf32 on a CUDA
     GPU and fp32 elsewhere; `auto` kernels are Triton's on a CUDA GPU where Triton is installed
     (stacks up to AUTO_STACK_MAX_WIDTH); on a CPU in fp32, `auto` runs stacks up to
-    AUTO_CPU_STACK_MAX_WIDTH through the fused CPU stack (psa.core.cpu_stack; `torch` never does),
+    AUTO_CPU_STACK_MAX_WIDTH through the fused CPU step (psa.core.kernels.cpu_stack; `torch` never does),
     and `graphs` apply on CUDA devices only."""
     from psa.core.kernels import triton_stack as triton_kernels
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from psa.core import cpu_stack
+from psa.core.kernels import cpu_stack
 from psa.core.ablation import choose_neurons
 from psa.core.arch import Arch
 from psa.core.data import Dataset

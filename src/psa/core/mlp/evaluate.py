@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from psa.core import cpu_stack, ops
+from psa.core import ops
+from psa.core.kernels import cpu_stack
 from psa.core.mlp.population import Layout
 from psa.core.mlp.step import Paths
 

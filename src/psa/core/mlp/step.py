@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from psa.core import cpu_stack, ops, rng
+from psa.core import ops, rng
+from psa.core.kernels import cpu_stack
 from psa.core.arch import Arch
 from psa.core.data import Dataset
 from psa.core.hparams import HParams

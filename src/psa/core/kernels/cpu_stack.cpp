@@ -1,5 +1,5 @@
-// Narrow MLPs on the CPU, called by psa.core.cpu_stack through ctypes (it builds this file with
-// the system's C++ compiler):
+// Narrow MLPs on the CPU, called by psa.core.kernels.cpu_stack through ctypes (it builds this file with
+// the system's C++ compiler; cpu_stack.h holds the vector, hash, thread and load helpers):
 // - psa_train_step: the whole training step of a population whose hidden layers are all one
 //   width <= 8. Per seed group: the batch rows read by index from the training set (as floats,
 //   or as 8-bit codes x = alpha c + beta), the first layer for the group's members, then per
@@ -7,10 +7,8 @@
 //   (depth x 64 x W floats, in L2), the head and the loss for those rows, and the stack's
 //   backward from the saved activations, rows carried in registers from layer to layer; then
 //   the first layer's gradients from the same rows.
-// - psa_count_correct: the evaluation's stack, head and argmax from the first layer's output.
-// - psa_stack_forward / psa_stack_backward: the hidden stack alone (every middle layer of one
-//   member and one block of 64 rows in one pass); the forward keeps only the last layer's
-//   activations, and the backward recomputes the others block by block (see forward_block).
+// - psa_count_correct: the evaluation's stack, head and argmax from the first layer's output,
+//   through the training step's stack forward and head (one implementation of each).
 // The flat-buffer layout and the dropout hashes are psa.core.kernels' (described there).
 //
 // Arithmetic: each product is accumulated in float32 over the input units in order, then the
@@ -20,384 +18,26 @@
 // gradient where the activation is not <= 0, as torch's threshold_backward does. Dropout
 // multiplies by 0 or the member's scale, bit for bit psa.core.rng.dropout_noise's multiplier.
 //
-// Threads: work items (forward: member and row block; backward: member; the training step: seed
-// group; the evaluation: member) are split into contiguous ranges, one per thread; no item's
-// result depends on another's or on the thread count.
+// Threads: work items (the training step: seed group; the evaluation: member) are split into
+// contiguous ranges, one per thread; no item's result depends on another's or on the thread
+// count.
 
-#include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <thread>
 #include <type_traits>
-#include <vector>
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
+
+#include "cpu_stack.h"
 
 namespace {
-
-// Rows per block. Activations are held unit-major, (W, ROWS), so that every loop over rows is a
-// loop of fixed length over contiguous floats, which the compiler turns into vector instructions
-// (the hash of the dropout masks included); a block of 8 x 64 floats is 2 KB.
-constexpr int64_t ROWS = 64;
-
-// Vectors: GCC/Clang vector extensions of the widest unit the build targets (AVX-512: 16 floats,
-// AVX2: 8, else 4); a product a * b + c contracts to an FMA where the flags allow (-ffp-contract).
-#if defined(__AVX512F__)
-constexpr int VL = 16;
-constexpr int RB = 4;  // rows per block of the first layer's forward (RB x NB accumulators)
-constexpr int IB = 4;  // input vectors per block of its weight gradient (NB x IB accumulators)
-#elif defined(__AVX2__)
-constexpr int VL = 8;
-constexpr int RB = 2;
-constexpr int IB = 2;
-#else
-constexpr int VL = 4;
-constexpr int RB = 2;
-constexpr int IB = 2;
-#endif
-constexpr int NB = 6;  // outputs per block of the first layer
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));  // for unaligned loads and stores
-
-inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-inline void vstore(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf vbroadcast(float x) { return vf{} + x; }
-
-// sum of the VL lanes in one fixed pairwise order: lane i += lane i + h for h = VL/2, ..., 1, i.e.
-// the lower half plus the upper half until one lane is left (shuffles where the compiler has them:
-// the deep stacks reduce (W W + W) x depth accumulators per member and step)
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define PSA_HAVE_SHUFFLE 1
-#endif
-#endif
-#ifdef PSA_HAVE_SHUFFLE
-typedef float vf2 __attribute__((vector_size(8)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf16 __attribute__((vector_size(64)));
-inline float hsum_v(vf2 v) { return v[0] + v[1]; }
-inline float hsum_v(vf4 v) { return hsum_v(__builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3)); }
-inline float hsum_v(vf8 v) {
-    return hsum_v(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
-}
-inline float hsum_v(vf16 v) {
-    return hsum_v(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-}
-inline float hsum(vf v) { return hsum_v(v); }
-#else
-inline float hsum(vf v) {
-    alignas(64) float t[VL];
-    vstore(t, v);
-    for (int h = VL / 2; h >= 1; h /= 2)
-        for (int i = 0; i < h; ++i) t[i] += t[i + h];
-    return t[0];
-}
-#endif
-
-// whether every lane of every vector of g is 0 (or -0)
-template <int W, int RV>
-inline bool all_zero(const vf (&g)[W][RV]) {
-    vf m{};  // 1 in the lanes where some g is not 0
-    for (int i = 0; i < W; ++i)
-        for (int v = 0; v < RV; ++v) m = g[i][v] != 0.0f ? vbroadcast(1.0f) : m;
-    return hsum(m) == 0.0f;
-}
-
-// lowbias32, as psa.core.rng.mix32 (uint32 arithmetic wraps), on one uint32 or on a vector of
-// them (vu below: GCC's vector extension takes the same operators lane by lane)
-template <typename U>
-inline U mix32(U x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x846CA68Bu;
-    x ^= x >> 16;
-    return x;
-}
-
-template <typename F>
-void parallel(int64_t n, int threads, F f) {
-    int t = static_cast<int>(std::min<int64_t>(std::max(threads, 1), n));
-    if (t <= 1) {
-        if (n > 0) f(0, n);
-        return;
-    }
-    std::vector<std::thread> pool;
-    for (int k = 1; k < t; ++k) pool.emplace_back(f, n * k / t, n * (k + 1) / t);
-    f(0, n / t);
-    for (auto& th : pool) th.join();
-}
-
-// ReLU (NaN stays NaN) and dropout of one unit over a block of rows starting at row r0: the
-// multiplier is 0 or the member's scale, from the hash of (row * n_units + unit) and the key.
-template <bool DROP>
-inline void activate(float* a, const float* z, int64_t r0, uint32_t unit, uint32_t n_units, uint32_t key,
-                     uint32_t thr, float sc) {
-    for (int64_t r = 0; r < ROWS; ++r) {
-        float v = (z[r] <= 0.0f) ? 0.0f : z[r];
-        if (DROP) {
-            // rng.position_hash wraps r * units + u to 32 bits; uint32 arithmetic does the same
-            uint32_t c = static_cast<uint32_t>(r0 + r) * n_units + unit;
-            uint32_t h = mix32(mix32(c) ^ key);
-            v = v * (h >= thr ? sc : 0.0f);
-        }
-        a[r] = v;
-    }
-}
-
-typedef uint32_t vu __attribute__((vector_size(VL * 4)));
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
-
-inline vu viota() {
-    vu v{};
-    for (int i = 0; i < VL; ++i) v[i] = static_cast<uint32_t>(i);
-    return v;
-}
-
-// activate, VL rows at once (rows row0 .. row0 + VL - 1), bit for bit the same
-template <bool DROP>
-inline vf vactivate(vf z, int64_t row0, uint32_t unit, uint32_t n_units, uint32_t key, uint32_t thr, float sc) {
-    vf v = z <= 0.0f ? vf{} : z;
-    if (DROP) {
-        const vu c = (viota() + static_cast<uint32_t>(row0)) * n_units + unit;
-        const vu h = mix32(mix32(c) ^ key);
-        v = v * (h >= thr ? vbroadcast(sc) : vf{});
-    }
-    return v;
-}
-
-// zt[u][r] = z[(r0 + r) s_row + u s_unit] for a block's nr rows, zeros past them (rows past the
-// batch are carried through the stack and never used)
-template <int W>
-void load_block(const float* z, int64_t s_row, int64_t s_unit, int64_t r0, int64_t nr, float (*zt)[ROWS]) {
-    for (int u = 0; u < W; ++u) {
-        for (int64_t r = 0; r < nr; ++r) zt[u][r] = z[(r0 + r) * s_row + u * s_unit];
-        for (int64_t r = nr; r < ROWS; ++r) zt[u][r] = 0.0f;
-    }
-}
-
-struct Stack {
-    const float* z0; int64_t s_zm, s_zb, s_zw;  // hidden layer 0's pre-activation (M, B, W)
-    const float* flat; int64_t w_off, b_off, layer_stride;
-    const int64_t* ks; const int64_t* thr; const float* sc;  // dropout (null: none)
-    int64_t members, rows, n_layers, n_units;
-};
-
-// One member's block of rows through the whole stack: a_0 = drop(relu(z0)), a_l = drop(relu(W_l
-// a_{l-1} + b_l)). `save` (n_layers, W, ROWS) receives every a_l if not null; `out` (row-major
-// (rows, W) of this member) receives a_{L-1} if not null. The backward calls this again to get the
-// activations back (the same code, so the same bits), rather than storing them: for a deep stack
-// they would be hundreds of MB a step, written once and read twice, where this recomputation
-// costs a forward pass in L1/L2.
-template <int W, bool DROP>
-void forward_block(const Stack& p, int64_t m, int64_t r0, float (*save)[W][ROWS], float* out) {
-    const int64_t nr = std::min(ROWS, p.rows - r0);
-    alignas(64) float a[W][ROWS];
-    alignas(64) float z[W][ROWS];
-    uint32_t key = 0, thr = 0;
-    float sc = 1.0f;
-    if (DROP) {
-        key = static_cast<uint32_t>(p.ks[m]);
-        thr = static_cast<uint32_t>(p.thr[m]);
-        sc = p.sc[m];
-    }
-    const uint32_t n_units = static_cast<uint32_t>(p.n_units);
-    // a_l goes straight to save[l] when saving, else the two buffers take turns
-    float (*cur)[ROWS] = save ? save[0] : a;
-    load_block<W>(p.z0 + m * p.s_zm, p.s_zb, p.s_zw, r0, nr, z);
-    for (int u = 0; u < W; ++u) activate<DROP>(cur[u], z[u], r0, u, n_units, key, thr, sc);
-    const float* wm = p.flat + p.w_off + m * W * W;
-    const float* bm = p.flat + p.b_off + m * W;
-    for (int64_t l = 1; l < p.n_layers; ++l) {
-        const float* w = wm + (l - 1) * p.layer_stride;
-        const float* b = bm + (l - 1) * p.layer_stride;
-        float (*nxt)[ROWS] = save ? save[l] : (cur == a ? z : a);
-        for (int64_t r = 0; r < ROWS; r += VL) {  // in registers, VL rows at a time
-            vf av[W];
-            for (int i = 0; i < W; ++i) av[i] = vload(cur[i] + r);
-            for (int o = 0; o < W; ++o) {
-                // products summed over the input units in order, then the bias, as a small GEMM does
-                vf t = av[0] * w[o * W];
-                for (int i = 1; i < W; ++i) t += av[i] * w[o * W + i];
-                t += b[o];
-                vstore(nxt[o] + r, vactivate<DROP>(t, r0 + r, static_cast<uint32_t>(l * W + o), n_units, key, thr, sc));
-            }
-        }
-        cur = nxt;
-    }
-    if (out)
-        for (int64_t r = 0; r < nr; ++r)
-            for (int u = 0; u < W; ++u) out[(r0 + r) * W + u] = cur[u][r];
-}
-
-template <int W>
-void fwd(const Stack& p, float* out, int threads) {
-    const int64_t blocks = (p.rows + ROWS - 1) / ROWS;
-    parallel(p.members * blocks, threads, [&](int64_t lo, int64_t hi) {
-        for (int64_t it = lo; it < hi; ++it) {
-            const int64_t m = it / blocks, r0 = it % blocks * ROWS;
-            float* o = out + m * p.rows * W;
-            if (p.ks) forward_block<W, true>(p, m, r0, nullptr, o);
-            else forward_block<W, false>(p, m, r0, nullptr, o);
-        }
-    });
-}
-
-// sum over a block's rows of x[r] * y[r] (y null: of x[r]), as one vector of VL lane sums (lane l
-// holds rows l, l + VL, ...): added to a layer's gradient accumulator, reduced across lanes once
-// per member (hsum), so every sum has one fixed order whatever the threads
-template <bool Y>
-inline vf block_sum(const float* x, const float* y) {
-    vf t = Y ? vload(x) * vload(y) : vload(x);
-    for (int64_t r = VL; r < ROWS; r += VL) t += Y ? vload(x + r) * vload(y + r) : vload(x + r);
-    return t;
-}
-
-struct Grad {
-    const float* da; int64_t s_dm, s_db, s_dw;  // dLoss/da_{L-1} (M, B, W)
-    float* grad; float* dz0;
-};
-
-template <int W, bool DROP>
-void bwd_member(const Stack& p, const Grad& q, int64_t m, float (*save)[W][ROWS], vf* acc) {
-    // acc (n_layers - 1, W * W + W) vectors: this member's middle-layer gradients as lane sums,
-    // block after block in order, reduced across lanes at the end: one fixed order, whatever the threads
-    const int64_t B = p.rows;
-    const int64_t L = p.n_layers;
-    const int64_t per = W * W + W;
-    const float sc = DROP ? p.sc[m] : 1.0f;
-    std::fill(acc, acc + (L - 1) * per, vf{});
-    alignas(64) float g[W][ROWS], dz[W][ROWS];
-    for (int64_t r0 = 0; r0 < B; r0 += ROWS) {
-        const int64_t nr = std::min(ROWS, B - r0);
-        forward_block<W, DROP>(p, m, r0, save, nullptr);
-        const float* da = q.da + m * q.s_dm + r0 * q.s_db;
-        for (int u = 0; u < W; ++u) {
-            for (int64_t r = 0; r < nr; ++r) g[u][r] = da[r * q.s_db + u * q.s_dw];
-            for (int64_t r = nr; r < ROWS; ++r) g[u][r] = 0.0f;  // rows past the batch add nothing
-        }
-        for (int64_t l = L - 1; l >= 0; --l) {
-            // ReLU's backward (0 where the activation is <= 0, as torch's threshold_backward),
-            // then dropout's scale (exactly 1 for a member without dropout)
-            const float* wl = l ? p.flat + p.w_off + (l - 1) * p.layer_stride + m * W * W : nullptr;
-            for (int64_t r = 0; r < ROWS; r += VL) {  // dz, and the next g = W_l^T dz, VL rows at a time
-                vf dv[W];
-                for (int o = 0; o < W; ++o) {
-                    dv[o] = (vload(save[l][o] + r) <= 0.0f ? vf{} : vload(g[o] + r)) * sc;
-                    vstore(dz[o] + r, dv[o]);
-                }
-                if (l)
-                    for (int i = 0; i < W; ++i) {
-                        vf t = dv[0] * wl[i];
-                        for (int o = 1; o < W; ++o) t += dv[o] * wl[o * W + i];
-                        vstore(g[i] + r, t);
-                    }
-            }
-            if (l == 0) break;
-            vf* gl = acc + (l - 1) * per;
-            for (int o = 0; o < W; ++o) {
-                for (int i = 0; i < W; ++i) gl[o * W + i] += block_sum<true>(dz[o], save[l - 1][i]);
-                gl[W * W + o] += block_sum<false>(dz[o], nullptr);
-            }
-        }
-        float* dz0 = q.dz0 + (m * B + r0) * W;
-        for (int64_t r = 0; r < nr; ++r)
-            for (int u = 0; u < W; ++u) dz0[r * W + u] = dz[u][r];
-    }
-    for (int64_t l = 1; l < L; ++l) {
-        const vf* gl = acc + (l - 1) * per;
-        float* gw = q.grad + p.w_off + (l - 1) * p.layer_stride + m * W * W;
-        float* gb = q.grad + p.b_off + (l - 1) * p.layer_stride + m * W;
-        for (int k = 0; k < W * W; ++k) gw[k] = hsum(gl[k]);
-        for (int o = 0; o < W; ++o) gb[o] = hsum(gl[W * W + o]);
-    }
-}
-
-template <int W>
-void bwd(const Stack& p, const Grad& q, int threads) {
-    parallel(p.members, threads, [&](int64_t lo, int64_t hi) {
-        std::vector<float> save(static_cast<size_t>(p.n_layers) * W * ROWS);
-        std::vector<vf> acc(static_cast<size_t>(std::max<int64_t>(p.n_layers - 1, 1)) * (W * W + W));
-        auto* s = reinterpret_cast<float (*)[W][ROWS]>(save.data());
-        for (int64_t m = lo; m < hi; ++m) {
-            if (p.ks) bwd_member<W, true>(p, q, m, s, acc.data());
-            else bwd_member<W, false>(p, q, m, s, acc.data());
-        }
-    });
-}
 
 // ---------------------------------------------------------------------------------------------
 // The whole training step of a SimpleMLP population whose hidden layers are all one width <= 8:
 // per seed group (k members that share the batch), the batch rows read straight from the
 // training set by index, the first layer's forward for the group's k members while those rows are
-// in cache, the middle stack (forward_block / bwd_member above), the head, the mean cross-entropy
-// and its gradient, the backward of head and stack, and the first layer's weight and bias
-// gradients from the same rows, now in L2. Threads split the seed groups; every sum runs in one
-// fixed order within its group, so the bits do not depend on the thread count.
-//
-
-// sum_r a[r] * b[r] (b null: sum_r a[r]) over n floats, lane-wise then across lanes: one fixed order
-inline float dot(const float* a, const float* b, int64_t n) {
-    vf acc{};
-    int64_t r = 0;
-    for (; r + VL <= n; r += VL) acc += b ? vload(a + r) * vload(b + r) : vload(a + r);
-    float s = hsum(acc);
-    for (; r < n; ++r) s += b ? a[r] * b[r] : a[r];
-    return s;
-}
-
-// exp(x) for x <= 0 (or NaN, which stays NaN), VL at a time: Cephes' expf (x = n ln2 + r, n the
-// nearest integer, a degree-6 polynomial in r, times 2^n), within 2 ulp of expf; below -87 it
-// gives exp(-87), ~1.6e-38, where expf gives a denormal or 0 (a difference of at most 1.6e-38
-// in a probability).
-inline vf exp_neg(vf x) {
-    x = x < -87.0f ? vbroadcast(-87.0f) : x;
-    const vf big = vbroadcast(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    const vf n = (x * 1.44269504088896341f + big) - big;
-    vf r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    vf y = vbroadcast(1.9875691500e-4f);
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return y * (vf)e;  // the bits of e as floats: 2^n
-}
-
-// The first layer reads its rows either as floats or as 8-bit codes c with x = alpha c + beta
-// (psa.core.cpu_stack.input_codes: a data set of 8-bit images normalised by one scalar mean and
-// std, e.g. MNIST, whose floats are alpha c + beta within 4 ulp). Codes are a quarter of the
-// bytes: a width-1 net's step is otherwise bound by reading 800 KB of rows per seed group from
-// memory. With codes the sums run over c, and the affine map is applied once per output:
-// sum_i w_i x_i = alpha sum_i w_i c_i + beta sum_i w_i.
-inline vf xload(const float* p) { return vload(p); }
-inline vf xload(const uint8_t* p) {
-    // zero-extend to int32, then convert: one instruction each (GCC turns the vector extension's
-    // uint8 -> float conversion into one scalar conversion per lane)
-#if defined(__AVX512F__)
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__SSE2__)
-    int32_t four;
-    std::memcpy(&four, p, 4);
-    const __m128i zero = _mm_setzero_si128();
-    const __m128i w16 = _mm_unpacklo_epi8(_mm_cvtsi32_si128(four), zero);
-    return (vf)_mm_cvtepi32_ps(_mm_unpacklo_epi16(w16, zero));
-#else
-    vf v;
-    for (int i = 0; i < VL; ++i) v[i] = static_cast<float>(p[i]);
-    return v;
-#endif
-}
+// in cache, the middle stack, the head, the mean cross-entropy and its gradient, the backward of
+// head and stack, and the first layer's weight and bias gradients from the same rows, now in L2.
+// Threads split the seed groups; every sum runs in one fixed order within its group, so the bits
+// do not depend on the thread count.
 
 // Z[r][n] = alpha S + shift[n], S = sum_i X_r[i] W[n][i], for RB_ rows and NB_ outputs (a register
 // block); for float rows alpha = 1 and shift = the bias (1 S is S: the same bits as S + bias).
@@ -527,7 +167,7 @@ struct Step {
     const float* flat; float* grad;                   // parameters and gradients of the members
     int64_t members, k;                               // k consecutive members share a group's batch
     int64_t w0_off, b0_off;                           // first layer (M, W, n_in) and (M, W)
-    int64_t w_off, b_off, layer_stride, n_layers;     // the middle stack, as Stack above; n_layers hidden
+    int64_t w_off, b_off, layer_stride, n_layers;     // the middle stack: Linear 1's, + layer_stride per layer; n_layers hidden
     int64_t hw_off, hb_off, n_out;                    // head (M, n_out, W) and (M, n_out)
     const int64_t* dkeys; const int64_t* thr; const float* sc;  // dropout: loop keys (M, 2), or null
     float* loss;                                      // (M,) mean cross-entropy of each member
@@ -904,8 +544,14 @@ void train_step(const Step& s, int threads) {
 // (M, B, W, any strides): the stack (no dropout: evaluation), the head, and torch.argmax's choice
 // per row (the first largest logit; a NaN counts as the largest, the first NaN wins), compared
 // with the label. Threads split the members; a member's count is an integer, in any order the same.
+struct Eval {
+    const float* z0; int64_t s_zm, s_zb, s_zw;  // hidden layer 0's pre-activation (M, B, W)
+    const float* flat; int64_t w_off, b_off, layer_stride;  // the middle stack, as Step's
+    int64_t members, rows, n_layers;
+};
+
 template <int W>
-void count_member(const Stack& p, const float* hw, const float* hb, int64_t n_out, const int64_t* y, int64_t m,
+void count_member(const Eval& p, const float* hw, const float* hb, int64_t n_out, const int64_t* y, int64_t m,
                   int64_t* correct, std::vector<float>& pw, std::vector<float>& lg) {
     constexpr int64_t per = W * W + W;
     const int64_t L = p.n_layers;
@@ -940,7 +586,7 @@ void count_member(const Stack& p, const float* hw, const float* hb, int64_t n_ou
 }
 
 template <int W>
-void count_correct(const Stack& p, const float* hw, const float* hb, int64_t n_out, const int64_t* y,
+void count_correct(const Eval& p, const float* hw, const float* hb, int64_t n_out, const int64_t* y,
                    int64_t* correct, int threads) {
     parallel(p.members, threads, [&](int64_t lo, int64_t hi) {
         std::vector<float> pw, lg;
@@ -956,40 +602,11 @@ extern "C" {
 
 int psa_stack_max_width() { return 8; }
 
-int psa_stack_forward(const float* z0, int64_t s_zm, int64_t s_zb, int64_t s_zw, const float* flat, int64_t w_off,
-                      int64_t b_off, int64_t layer_stride, const int64_t* ks, const int64_t* thr, const float* sc,
-                      float* out, int64_t members, int64_t rows, int64_t n_layers, int64_t width, int threads) {
-    Stack p{z0, s_zm, s_zb, s_zw, flat, w_off, b_off, layer_stride, ks, thr, sc, members, rows, n_layers,
-            n_layers * width};
-    switch (width) {
-#define PSA_FWD(N) case N: fwd<N>(p, out, threads); return 0;
-        PSA_WIDTHS(PSA_FWD)
-#undef PSA_FWD
-        default: return 1;
-    }
-}
-
-int psa_stack_backward(const float* z0, int64_t s_zm, int64_t s_zb, int64_t s_zw, const float* flat, int64_t w_off,
-                       int64_t b_off, int64_t layer_stride, const int64_t* ks, const int64_t* thr, const float* sc,
-                       const float* da, int64_t s_dm, int64_t s_db, int64_t s_dw, float* grad, float* dz0,
-                       int64_t members, int64_t rows, int64_t n_layers, int64_t width, int threads) {
-    Stack p{z0, s_zm, s_zb, s_zw, flat, w_off, b_off, layer_stride, ks, thr, sc, members, rows, n_layers,
-            n_layers * width};
-    Grad q{da, s_dm, s_db, s_dw, grad, dz0};
-    switch (width) {
-#define PSA_BWD(N) case N: bwd<N>(p, q, threads); return 0;
-        PSA_WIDTHS(PSA_BWD)
-#undef PSA_BWD
-        default: return 1;
-    }
-}
-
 int psa_count_correct(const float* z0, int64_t s_zm, int64_t s_zb, int64_t s_zw, const float* flat, int64_t w_off,
                       int64_t b_off, int64_t layer_stride, int64_t n_layers, int64_t width, const float* hw,
                       const float* hb, int64_t n_out, const int64_t* y, int64_t* correct, int64_t members,
                       int64_t rows, int threads) {
-    Stack p{z0, s_zm, s_zb, s_zw, flat, w_off, b_off, layer_stride, nullptr, nullptr, nullptr, members, rows, n_layers,
-            n_layers * width};
+    Eval p{z0, s_zm, s_zb, s_zw, flat, w_off, b_off, layer_stride, members, rows, n_layers};
     if (n_out <= 0 || n_layers <= 0) return 2;
     switch (width) {
 #define PSA_COUNT(N) case N: count_correct<N>(p, hw, hb, n_out, y, correct, threads); return 0;

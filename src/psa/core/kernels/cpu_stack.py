@@ -1,6 +1,6 @@
-"""Narrow MLPs on the CPU: the whole training step in one call (train_step), the evaluation's
-stack, head and argmax in one call (count_correct), and the hidden stack in one call per
-direction (stack_forward, stack_backward), from psa.core.cpu_stack.cpp.
+"""Narrow MLPs on the CPU: the whole training step in one call (train_step) and the
+evaluation's stack, head and argmax in one call (count_correct), from psa.core.kernels.cpu_stack.cpp
+(with its helpers in cpu_stack.h).
 
 train_step does a SimpleMLP's forward and backward for a population whose hidden layers are all
 one width up to 8: per seed group (threads split the groups), the batch rows read straight from
@@ -17,12 +17,13 @@ bytes, where a width-1 net's step is otherwise bound by reading the rows from me
 
 On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each a
 few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
-operations per training step. stack_forward and stack_backward (the stack alone, for the
-engine's other uses) carry a block of batch rows of one member through every middle layer, or
-one member's batch back through them; their forward keeps only the last layer's activations
-and the backward recomputes the others a block at a time from hidden layer 0's pre-activation.
-The parameters and dropout masks are those psa.core.kernels' Triton stack kernels read, in
-fp32 only.
+operations per training step.
+
+count_correct starts from the first layer's output (the engine's one torch GEMM for a block of
+members, who all see the same images) and runs the stack and head through the step's own
+forward code: each piece of arithmetic has one implementation here, so a member is scored by
+the arithmetic it trained with. The parameters and dropout masks are laid out as
+psa.core.kernels' Triton kernels read them; fp32 only.
 
 Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
 torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
@@ -30,9 +31,10 @@ no torch headers and no ninja (a torch extension compiles torch's headers, 30-60
 takes about 9 s of CPU time, measured with g++ 12 and the AVX-512 flags), and nothing is traced
 or recompiled per shape at run time (the stack is a loop over layers, which torch.compile would
 unroll per depth; nor would it fuse a gather by index into a GEMM's operand, the step's largest
-saving). The build is cached on disk by the hash of the source, compiler and flags
-($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
-warning line and the engine runs its stacks through plain torch ops.
+saving). The build is cached on disk by the hash of the sources (the .cpp and every header it
+includes), compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so
+a machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
+warning line and the engine trains on the plain torch path.
 """
 
 from __future__ import annotations
@@ -48,16 +50,28 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from psa.core.arch import Arch
 from psa.core.device import Execution
-from psa.core.mlp.population import Layout
+
+
+class Layout(Protocol):
+    """Where a population's flat buffer keeps each Linear layer (psa.core.mlp.population.Layout):
+    the kernels read it, and know nothing else of populations."""
+
+    blocks: tuple[tuple[int, int, int, int], ...]  # (weight offset, bias offset, out, in) per Linear layer
+    size_m: int  # members
+    numel: int  # floats in the buffer
+    model: str  # psa.core.model.MODELS
 
 # Widest equal-width stack the compiled code takes (its template instantiations).
 MAX_WIDTH = 8
 SOURCE = Path(__file__).with_name("cpu_stack.cpp")
+# the files SOURCE includes ("..."): part of the build's cache key, so editing one rebuilds
+HEADERS = (Path(__file__).with_name("cpu_stack.h"),)
 
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -91,15 +105,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "psa"
 
 
+def _cache_key(flags: list[str], version: str) -> str:
+    """The build's name in the cache: a hash of every file compiled (SOURCE and HEADERS, each
+    with its name), the flags and the compiler's version."""
+    parts = [b"%s\0%s" % (f.name.encode(), f.read_bytes()) for f in (SOURCE, *HEADERS)]
+    return hashlib.sha256(b"\0".join([*parts, " ".join(flags).encode(), version.encode()])).hexdigest()[:16]
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    src = SOURCE.read_bytes()
     flags = _flags()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode()])).hexdigest()[:16]
-    target = cache_dir() / f"cpu_stack-{digest}.so"
+    target = cache_dir() / f"cpu_stack-{_cache_key(flags, version)}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # built under a temporary name and renamed: concurrent processes never load half a file
@@ -115,12 +134,6 @@ def _build() -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
-    lib.psa_stack_forward.restype = ctypes.c_int
-    lib.psa_stack_forward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
-                                      _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
-    lib.psa_stack_backward.restype = ctypes.c_int
-    lib.psa_stack_backward.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
-                                       _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.psa_count_correct.restype = ctypes.c_int
     lib.psa_count_correct.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64,
                                       _PTR, _PTR, _I64, _I64, ctypes.c_int]
@@ -144,21 +157,9 @@ def load(warn: bool = True) -> bool:
             except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
                 _FAILED = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 if warn:
-                    warnings.warn(f"psa: the fused CPU stack could not be built ({_FAILED}); hidden stacks run "
-                                  f"through plain torch ops", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"psa: the fused CPU stack could not be built ({_FAILED}); narrow nets train "
+                                  f"on the plain torch path", RuntimeWarning, stacklevel=2)
         return _LIB is not None
-
-
-def stack_fits_cpu(arch: Arch, ex: Execution) -> bool:
-    """Whether the hidden stack of `arch` runs through the fused CPU stack under `ex`: asked for
-    (ex.cpu_stack_max_width, which `--kernels auto` sets on a CPU), on a CPU in fp32, two or more
-    hidden layers of one width up to that, and the library built here (else one warning and False).
-    One hidden layer has no middle stack: its ReLU stays torch's, so those nets keep their results."""
-    hidden = arch.hidden
-    if not (ex.cpu_stack_max_width and ex.device.type == "cpu" and ex.precision == "fp32" and len(hidden) >= 2
-            and len(set(hidden)) == 1 and hidden[0] <= min(ex.cpu_stack_max_width, MAX_WIDTH)):
-        return False
-    return load()
 
 
 def step_fits_cpu(arch: Arch, ex: Execution) -> bool:
@@ -189,26 +190,11 @@ def _check(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _check_common(t: torch.Tensor, name: str, shape: tuple[int, ...], contiguous: bool = True) -> None:
+def _check_common(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
     _check(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu",
            f"{name} must be a float32 CPU tensor")
     _check(tuple(t.shape) == shape, f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if contiguous:
-        _check(t.is_contiguous(), f"{name} must be contiguous")
-
-
-def _check_stack(flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
-                 members: int, name: str) -> None:
-    _check(isinstance(width, int) and 1 <= width <= MAX_WIDTH, f"width must be an int in [1, {MAX_WIDTH}]")
-    _check(isinstance(n_layers, int) and n_layers >= 1, "n_layers must be an int >= 1")
-    _check(isinstance(flat, torch.Tensor) and flat.dim() == 1 and flat.dtype == torch.float32
-           and flat.device.type == "cpu" and flat.is_contiguous(), f"{name} must be a contiguous 1-d float32 CPU tensor")
-    if n_layers > 1:
-        last = n_layers - 2
-        _check(min(w_off, b_off, layer_stride) >= 0
-               and w_off + last * layer_stride + members * width * width <= flat.numel()
-               and b_off + last * layer_stride + members * width <= flat.numel(),
-               f"the middle layers run past the end of {name}")
+    _check(t.is_contiguous(), f"{name} must be contiguous")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -220,74 +206,6 @@ def _check_input(name: str, t: torch.Tensor, width: int) -> tuple[int, int]:
            f"{name} must be a 3-d (M, B, W) float32 CPU tensor")
     _check(t.shape[2] == width, f"{name} has width {t.shape[2]}, expected {width}")
     return t.shape[0], t.shape[1]
-
-
-def _check_drop(drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, members: int) -> tuple:
-    if drop is None:
-        return None, None, None
-    _check(isinstance(drop, tuple) and len(drop) == 3, "drop must be a tuple (ks, thr, sc)")
-    for name, t, dt in zip(("ks", "thr", "sc"), drop, (torch.int64, torch.int64, torch.float32)):
-        _check(isinstance(t, torch.Tensor) and tuple(t.shape) == (members,) and t.dtype == dt and t.is_contiguous()
-               and t.device.type == "cpu", f"drop {name} must be a contiguous ({members},) {dt} CPU tensor")
-    return drop
-
-
-def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
-                  n_layers: int, width: int, out: torch.Tensor | None = None,
-                  drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  precision: str = "fp32") -> torch.Tensor:
-    """The hidden stack a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1} + b_l)) in one call;
-    returns a_{L-1} in `out` (contiguous (M, B, W), allocated if None).
-
-    z0 (M, B, W) float32, any strides; the middle layers' parameters in `flat` as psa.core.kernels
-    lays them out (w_off, b_off, layer_stride); `drop` None or (ks, thr, sc), each (M,), as
-    kernels.stack_forward takes them (threshold 0 and scale 1 for members without dropout). Only
-    a_{L-1} is kept: stack_backward recomputes the others from the same z0. fp32 only.
-    """
-    _check(precision == "fp32", f"the fused CPU stack computes in fp32 only, not {precision}")
-    members, rows = _check_input("z0", z0, width)
-    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, "flat")
-    ks, thr, sc = _check_drop(drop, members)
-    if out is None:
-        out = torch.empty(members, rows, width)
-    _check_common(out, "out", (members, rows, width))
-    if members and rows:
-        rc = _lib().psa_stack_forward(z0.data_ptr(), *z0.stride(), flat.data_ptr(), w_off, b_off, layer_stride,
-                                      _ptr(ks), _ptr(thr), _ptr(sc), out.data_ptr(), members, rows, n_layers, width,
-                                      torch.get_num_threads())
-        _check(rc == 0, f"the fused CPU stack does not take width {width}")
-    return out
-
-
-def stack_backward(da: torch.Tensor, z0: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
-                   w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
-                   dz0: torch.Tensor | None = None,
-                   drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   precision: str = "fp32") -> torch.Tensor:
-    """Backpropagate da = dLoss/da_{L-1} (M, B, W, any strides) through the stack that
-    stack_forward ran on z0 with `drop` (recomputed here, bit for bit); returns dLoss/dz0 in
-    `dz0` (contiguous (M, B, W), allocated if None). The middle layers' weight and bias gradients
-    are written over `grad` (the layout of `flat`), nothing else of it. fp32 only; the same bits
-    for any thread count.
-    """
-    _check(precision == "fp32", f"the fused CPU stack computes in fp32 only, not {precision}")
-    members, rows = _check_input("da", da, width)
-    _check(tuple(z0.shape) == (members, rows, width) and z0.dtype == torch.float32 and z0.device.type == "cpu",
-           f"z0 must be a ({members}, {rows}, {width}) float32 CPU tensor")
-    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, "flat")
-    _check_stack(grad, w_off, b_off, layer_stride, n_layers, width, members, "grad")
-    _check(grad.numel() == flat.numel(), "grad must have the same layout (size) as flat")
-    ks, thr, sc = _check_drop(drop, members)
-    if dz0 is None:
-        dz0 = torch.empty(members, rows, width)
-    _check_common(dz0, "dz0", (members, rows, width))
-    if members:
-        # with no rows the middle gradients are zeros, a sum over no rows
-        rc = _lib().psa_stack_backward(z0.data_ptr(), *z0.stride(), flat.data_ptr(), w_off, b_off, layer_stride,
-                                       _ptr(ks), _ptr(thr), _ptr(sc), da.data_ptr(), *da.stride(), grad.data_ptr(),
-                                       dz0.data_ptr(), members, rows, n_layers, width, torch.get_num_threads())
-        _check(rc == 0, f"the fused CPU stack does not take width {width}")
-    return dz0
 
 
 def count_correct(z0: torch.Tensor, flat: torch.Tensor, layout: Layout, m0: int, y: torch.Tensor) -> torch.Tensor:
