@@ -114,8 +114,8 @@ def time_architecture(arch_text: str, ds: psa_data.Dataset, ex: Execution, loops
         first = loop + once
     flops = arch_flops(arch_text, 1) - arch_flops(arch_text, 0)  # one loop of one member
     est = first + (META_LOOPS - 1) * loop
-    return {"arch": arch_text, "params": arch.params, "members": pop.size, "precision": eng.precision,
-            "fused": eng.fused, "graphs": eng.use_graphs, "first_loop_s": first, "loop_s": loop, "val_s": val,
+    return {"arch": arch_text, "params": arch.params, "members": pop.size, "precision": eng.paths.precision,
+            "triton_stack": eng.paths.triton_stack, "graphs": eng.use_graphs, "first_loop_s": first, "loop_s": loop, "val_s": val,
             "tflops": flops * pop.size / loop / 1e12, "est_100_loops_s": est, "steps_timed": steps or EPOCH_STEPS}
 
 
@@ -188,7 +188,7 @@ def main() -> None:
         rows.append(r)
         console.print(f"{a:>9} {r['loop_s'] * 1e3:9.1f} ms/loop  {r['tflops']:7.3g} TFLOP/s  "
                       f"first {r['first_loop_s']:6.2f} s  est {fmt_seconds(r['est_100_loops_s']):>8}"
-                      f"{'  fused' if r['fused'] else ''}{'  graphs' if r['graphs'] else ''}")
+                      f"{'  triton-stack' if r['triton_stack'] else ''}{'  graphs' if r['graphs'] else ''}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     total = sum(r["est_100_loops_s"] for r in rows)

@@ -57,7 +57,7 @@ def train(arch: str, precision: str, loops: int, ds: psa_data.Dataset, kernels: 
     out: dict[str, list[float]] = {m: [] for m in MODES}
     for mem, s in sorted(zip(pop.members, scores), key=lambda t: t[0].seed):
         out[mem.mode].append(s)
-    return {"bounty": out, "seconds": seconds, "precision": eng.precision}
+    return {"bounty": out, "seconds": seconds, "precision": eng.paths.precision}
 
 
 def compare(cache: dict, archs: list[str], precisions: list[str]) -> list[dict]:

@@ -92,7 +92,7 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
         return "first layer" if any(isinstance(a, torch.Tensor) and a.shape[-1] == n_in for a in args) else "other mm"
 
     for name in ("bmm", "baddbmm", "addmm"):
-        originals.append((eng.mm, name, tm.wrap(eng.mm, name, mm_phase)))
+        originals.append((eng.paths.mm, name, tm.wrap(eng.paths.mm, name, mm_phase)))
     originals.append((cpu_stack, "train_step", tm.wrap(cpu_stack, "train_step",
                                                          lambda a: "fused step" if in_step[0] else None)))
     # the engine's AdamW step (psa.core.chunk.adamw_step, as the engine module imported it): after its

@@ -20,7 +20,7 @@ def twins(seed: int, n: int = 1000):
     p = torch.randn(n, generator=g)
     q = p.clone()
     hp = HParams(lr=1e-3)
-    a, b = new_adamw(p, hp), new_adamw(q, hp)
+    a, b = new_adamw([p], hp), new_adamw([q], hp)
     if not a.param_groups[0].get("fused"):
         pytest.skip("this torch has no fused AdamW on the CPU")
     p.grad, q.grad = torch.empty_like(p), torch.empty_like(q)

@@ -14,9 +14,9 @@ import torch
 
 import psa
 from psa.core import data as psa_data
-from psa.core.mlp import engine as psa_engine
+from psa.core import loop as psa_loop
 from psa.core.errors import ConfigError
-from psa.core.module.engine import ModuleEngine, auto_batched, convolutions
+from psa.core.module.engine import ModuleEngine, auto_batched, choose_batching, convolutions
 from psa.core.module.population import ModulePopulation
 from psa.core.hparams import HParams
 
@@ -45,7 +45,7 @@ def _split(mnist: psa_data.Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]
 def test_auto_gives_the_chosen_paths_records_and_says_so_once(mnist: psa_data.Dataset, make, chosen: bool) -> None:
     train, val = _split(mnist, 256), (mnist.val_x[:500].view(-1, 1, 28, 28), mnist.val_y[:500])
     kw = dict(modes=("none", "dropout", "hidden"), trials=2, meta_loops=3, variants={"p1": {"patience": 1}})
-    psa_engine._NOTED.clear()
+    psa_loop._NOTED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         auto = psa.fit(make, train, val, **kw)
@@ -68,7 +68,11 @@ def test_a_bad_batched_argument_is_a_config_error(mnist: psa_data.Dataset) -> No
     pop = ModulePopulation.create(factories.small_mlp, [HParams().member("none", 1)], ds)
     for bad in ("yes", 1, None):
         with pytest.raises(ConfigError, match="batched must be True, False or 'auto'"):
+            choose_batching(bad, (), "cpu")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="batched must be True or False here"):
             ModuleEngine(pop, ds, HParams(), batched=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="choose_batching resolves 'auto'"):
+        ModuleEngine(pop, ds, HParams(), batched="auto")  # type: ignore[arg-type]
 
 
 STUDY = ["study", "--model", CNN, "--model", MLP, "--modes", "none,hidden", "--trials", "2", "--meta-loops", "2",

@@ -49,7 +49,7 @@ def live_stack(engines, seed: int) -> None:
     small biases): a deep narrow stack then passes most rows on instead of dying (a width-1
     weight is 1 +- 0.2: below 0, which would turn the unit off, it is 5 sigma away)."""
     g = torch.Generator().manual_seed(seed)
-    views = [e.pop.layout.views(e.pop.lkg) for e in engines]
+    views = [e.population.layout.views(e.population.lkg) for e in engines]
     for layer in range(1, len(views[0]) - 1):
         w, b = views[0][layer]
         width = w.shape[-1]
@@ -69,7 +69,7 @@ def poisoned_step(eng, loop: int, step: int, b: int):
     ch.grad.fill_(NAN)
     drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
     loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, eng.data.train_x, eng.data.train_y, ch.order, ch.step,
-                                eng.hp.batch_size, b, ch.groups[1], drop, torch.full((ch.size,), NAN), eng.cpu_codes)
+                                eng.hp.batch_size, b, ch.groups[1], drop, torch.full((ch.size,), NAN), eng.step.cpu_codes)
     return ch.grad.clone(), loss.clone(), ch
 
 
@@ -179,7 +179,7 @@ def test_count_correct_takes_any_block_of_members_and_strides(small):
         assert torch.equal(cpu_stack.count_correct(z[m0:m1], flat, layout, m0, y), whole[m0:m1]), (seed, m0)
     assert whole.sum().item() > 0 and len(set(whole.tolist())) > 1, seed  # members differ: offsets matter
     tiny = Engine(fused.population, small, HP, dataclasses.replace(fused.ex, eval_bytes=8 * 4 * 300))
-    assert tiny.cpu_step
+    assert tiny.paths.cpu_step
     assert torch.equal(tiny.count_correct(flat, small.val_x, small.val_y),
                        fused.count_correct(flat, small.val_x, small.val_y))
 
@@ -224,10 +224,10 @@ def test_train_step_checks_its_buffers(small):
     m = ch.size
     drop = (ch.drop_keys, ch.drop_thr, ch.drop_scale)
     args = dict(layout=ch.layout, flat=ch.cand, grad=ch.grad, x=small.train_x, y=small.train_y, order=ch.order,
-                step=ch.step, batch_size=32, b=32, k=6, drop=drop, loss=torch.empty(m), codes=fused.cpu_codes)
+                step=ch.step, batch_size=32, b=32, k=6, drop=drop, loss=torch.empty(m), codes=fused.step.cpu_codes)
     cpu_stack.train_step(**args)
     wide = population(parse_arch("2*9"), small, [("none", 1)])
-    codes = fused.cpu_codes
+    codes = fused.step.cpu_codes
     assert codes is not None
     for change, match in [
         (dict(layout=wide.layout), "one width up to 8"),
@@ -336,7 +336,7 @@ def test_the_cache_key_covers_every_file_compiled(monkeypatch, tmp_path):
     assert shipped, "pyproject.toml's package-data for psa"
     globs = re.findall(r'"([^"]+)"', shipped.group(1))
     for f in copies:
-        assert any(fnmatch.fnmatch(f"core/{f.name}", g) for g in globs), f"{f.name} is not shipped"
+        assert any(fnmatch.fnmatch(f"core/kernels/{f.name}", g) for g in globs), f"{f.name} is not shipped"
 
 
 def test_a_failed_build_falls_back_with_one_warning(small, monkeypatch, tmp_path):
@@ -361,7 +361,7 @@ def test_a_failed_build_falls_back_with_one_warning(small, monkeypatch, tmp_path
     # the failure is remembered: no second attempt, no second warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not engine(population(arch, small, specs), small).cpu_step
+        assert not engine(population(arch, small, specs), small).paths.cpu_step
     monkeypatch.setattr(cpu_stack, "_FAILED", None)
     monkeypatch.setattr(cpu_stack, "_compiler", lambda: None)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):

@@ -35,7 +35,7 @@ def pair(arch_text: str, data, specs=SPECS, hp=HP):
     arch = parse_arch(arch_text)
     fused = engine(population(arch, data, specs, hp), data, hp)
     plain = engine(population(arch, data, specs, hp), data, hp, kernels="torch")
-    assert fused.cpu_step and not plain.cpu_step
+    assert fused.paths.cpu_step and not plain.paths.cpu_step
     assert torch.equal(fused.population.lkg, plain.population.lkg)
     return fused, plain
 
@@ -203,7 +203,7 @@ def test_odd_input_and_class_counts_and_uneven_seeds():
         arch = data.arch(f"[{text}]")
         fused = engine(population(arch, data, specs), data)
         plain = engine(population(arch, data, specs), data, kernels="torch")
-        assert fused.cpu_step and fused._chunk(0, 3).groups == (3, 1)
+        assert fused.paths.cpu_step and fused._chunk(0, 3).groups == (3, 1)
         got, loss, _ = one_step(fused, 2, 1, 32)
         ref, ref_loss, _ = one_step(plain, 2, 1, 32)
         assert_close_grads(fused, got, ref, f"seed={seed} {text}")
@@ -245,7 +245,7 @@ def test_step_on_codes_matches_the_torch_path(small, arch):
     assert codes is not None
     for b, step in ((32, 3), (11, small.train_x.shape[0] // HP.batch_size - 1)):
         fused, plain = pair(arch, small)
-        assert fused.cpu_codes is codes  # the engine reads codes
+        assert fused.step.cpu_codes is codes  # the engine reads codes
         ch = fused._chunk(0, fused.population.size)
         ch.begin(fused.population, 2, [(j, fused.population.members[j].mode, *a) for j in range(fused.population.size)
                             for a in fused._ablations(2)[j]], fused.step, fused.use_graphs)
@@ -265,7 +265,7 @@ def test_fused_evaluation_counts_what_the_logits_say(small):
     g = torch.Generator().manual_seed(seed)
     for text in ("1*3", "2*1", "4*4", "3*8"):
         fused, plain = pair(text, small)
-        assert fused.cpu_step
+        assert fused.paths.cpu_step
         flat = fused.population.lkg + torch.randn(fused.population.lkg.shape, generator=g) * 0.3
         views = fused.population.layout.views(flat.double())
         x = small.val_x.double()

@@ -171,7 +171,7 @@ def test_dropout_only_in_dropout_mode_and_only_while_training(paired_run, small)
     ch = eng._chunk(0, pop.size)
     assert ch.dropout and ch.drop_rows.tolist() == [j for j, d in enumerate(drop) if d]
     ch.drop_keys.copy_(torch.tensor([rng.loop_keys(m.seed, "dropout", 7) for m in pop.members]))
-    noise = eng._noise(ch, rng.step_keys(ch.drop_keys, torch.tensor(3)), 32)
+    noise = eng.step.noise(ch, rng.step_keys(ch.drop_keys, torch.tensor(3)), 32)
     assert noise.shape == (sum(drop), 32, sum(ARCH.hidden))
     assert abs((noise > 0).float().mean().item() - 0.7) < 0.02
     values = noise.unique().tolist()

@@ -166,7 +166,7 @@ def test_reduced_precision_trains_like_fp32(small, fp32_run, precision):
     the tensor cores round them, psa.core.precision) move the weights by about their rounding
     error, and the candidates score within a point of fp32's."""
     plo, elo, rlo = run(ARCH, small, [(m, 8) for m in MODES], 2, precision=precision)
-    assert elo.precision == precision
+    assert elo.paths.precision == precision
     assert (fp32_run[0].lkg - plo.lkg).abs().max().item() > 1e-7  # it did round
     ok, why = trains_like(fp32_run, (plo, rlo))
     assert ok, why
@@ -471,8 +471,8 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
     the meta device: any other host-to-device transfer is caught."""
     from torch.overrides import TorchFunctionMode
 
-    from psa.core import ablation as ablation_mod
     from psa.core.mlp import chunk as chunk_mod
+    from psa.core.mlp import population as population_mod
     from psa.core import rng as rng_mod
 
     depth = {"n": 0}
@@ -485,7 +485,7 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
         finally:
             depth["n"] -= 1
 
-    for mod in (chunk_mod, rng_mod, ablation_mod):
+    for mod in (chunk_mod, rng_mod, population_mod):
         monkeypatch.setattr(mod, "to_device", counted)
     stray = []
 
@@ -540,7 +540,7 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monke
     monkeypatch.setattr(kernels, "_write_grad", spy)
     eng.train_epoch(1)
     measured = max(seen, default=0) / pop.size
-    extra = working_bytes(arch, 256, fused=True) - working_bytes(arch, 256)
+    extra = working_bytes(arch, 256, triton_stack=True) - working_bytes(arch, 256)
     assert extra == stack_partial_bytes(arch, 256) >= measured
     assert extra == measured  # exactly what the kernel allocates: the estimate is not padded
     if text == "[3*20]":

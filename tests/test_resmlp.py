@@ -192,7 +192,7 @@ def test_block_dropout_always_drops_in_the_blocks_only(small):
 
     ch.drop_keys.copy_(torch.tensor([rng.loop_keys(m.seed, "dropout", 2) for m in pop.members]))
     keys = rng.step_keys(ch.drop_keys, torch.tensor(0))
-    proj, block = eng._noise(ch, keys, 32), eng._noise(ch, keys, 32, block=True)
+    proj, block = eng.step.noise(ch, keys, 32), eng.step.noise(ch, keys, 32, block=True)
     none = 0 if pop.members[0].mode == "none" else 1
     assert torch.equal(proj[none], torch.ones_like(proj[none]))  # no projection dropout outside dropout mode
     assert abs((block[none] > 0).float().mean().item() - 0.7) < 0.03  # the blocks drop in every mode
@@ -267,14 +267,14 @@ def test_member_state_dict_uses_the_modules_keys(res_paired_run):
 
 
 def test_design_default_model_keeps_digests():
-    d = StudyDesign(architectures=("1*8",))
+    d = StudyDesign(nets=("1*8",))
     assert "model" not in d.to_dict() and "block_dropout" not in d.to_dict()
-    r = StudyDesign(architectures=("1*8",), model="resmlp")
+    r = StudyDesign(nets=("1*8",), model="resmlp")
     assert r.to_dict()["model"] == "resmlp" and r.digest() != d.digest()
     assert preset("resmlp").model == "resmlp"
-    assert preset("resmlp").architectures == preset("paper").architectures
+    assert preset("resmlp").nets == preset("paper").nets
     with pytest.raises(ConfigError, match="unknown model"):
-        StudyDesign(architectures=("1*8",), model="mlp")
+        StudyDesign(nets=("1*8",), model="mlp")
     with pytest.raises(ConfigError, match="resmlp only"):
         StudyDesign.from_fields(architectures=("1*8",), block_dropout="always")
 
@@ -357,7 +357,7 @@ def test_engine_variants_are_refused_for_resmlp_in_one_line(tmp_path) -> None:
     from .conftest import one_line_error, run_main
 
     with pytest.raises(DesignError, match="engine variants are not available for model resmlp"):
-        StudyDesign(architectures=("2*8",), modes=("hidden",), model="resmlp",
+        StudyDesign(nets=("2*8",), modes=("hidden",), model="resmlp",
                     variants=(("patience2", Variant(patience=2)),))
     code, _, err = run_main(["train", "--arch", "2*8", "--model", "resmlp", "--mode", "hidden", "--patience", "2",
                              "--out", "r"], cwd=tmp_path)

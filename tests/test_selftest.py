@@ -54,7 +54,7 @@ def test_a_planted_engine_mismatch_fails_the_engine_check(tmp_path, monkeypatch)
 
     def off(self, *a, **k):
         res = real(self, *a, **k)
-        self.pop.lkg.add_(1e-4)  # a bug that moves every weight a little
+        self.population.lkg.add_(1e-4)  # a bug that moves every weight a little
         return res
 
     monkeypatch.setattr(Engine, "meta_loop", off)

@@ -156,7 +156,7 @@ def test_the_funnel_example_is_a_design_of_heterogeneous_nets():
     name, _, fields = read_design_file(path)
     design = StudyDesign.from_fields(**fields)
     assert name == "funnel" and design.dataset == "mnist"
-    het = [a for a in design.architectures if len(set(parse_arch(a).hidden)) > 1]
+    het = [a for a in design.nets if len(set(parse_arch(a).hidden)) > 1]
     assert len(het) >= 3
     # the parameter counts its comments quote
     import re
@@ -171,4 +171,4 @@ def test_an_engine_refuses_an_architecture_sized_for_other_data(small, tmp_path)
     ds = D.load_dataset(f"npz:{write_npz(tmp_path / 'd.npz')}")
     with pytest.raises(ConfigError, match="784 inputs and 10 outputs, data set npz:.* 20 and 3 classes"):
         engine(population(parse_arch("1*8"), ds, [("none", 0)]), ds)
-    assert engine(population(ds.arch("1*8"), ds, [("none", 0)]), ds).pop.arch.n_in == 20
+    assert engine(population(ds.arch("1*8"), ds, [("none", 0)]), ds).population.arch.n_in == 20

@@ -10,6 +10,7 @@ import pytest
 from psa.core.hparams import HParams
 from psa.study.design import StudyDesign, preset, resolve_design
 from psa.study.cost import DEFAULT_CALIBRATION, arch_flops, auto_population_size, bytes_per_member
+from psa.study.kinds import model_kind
 from psa.study.plan import make_plan
 
 from .conftest import one_line_error, run_main
@@ -20,22 +21,22 @@ from .conftest import one_line_error, run_main
 
 
 def test_design_is_paired_and_canonical() -> None:
-    d = StudyDesign(architectures=("[1*8]", "2*16"), modes=("hidden", "none"), trials=3, seed=7)
-    assert d.architectures == ("1*8", "2*16")
+    d = StudyDesign(nets=("[1*8]", "2*16"), modes=("hidden", "none"), trials=3, seed=7)
+    assert d.nets == ("1*8", "2*16")
     assert d.modes == ("none", "hidden")
     assert [d.seed_of(k) for k in (1, 2, 3)] == [7, 8, 9]
     assert {d.member(m, 2).seed for m in d.modes} == {8}
     assert d.member("decay", 1).weight_decay == 1e-4 and d.member("none", 1).weight_decay == 0.0
     assert d.member("dropout", 1).dropout == 0.1 and d.member("hidden", 1).dropout == 0.0
     # mode order does not change the design
-    assert d.digest() == StudyDesign(architectures=("1*8", "2*16"), modes=("none", "hidden"), trials=3,
+    assert d.digest() == StudyDesign(nets=("1*8", "2*16"), modes=("none", "hidden"), trials=3,
                                      seed=7).digest()
-    assert d.digest() != StudyDesign(architectures=("1*8", "2*16"), modes=("none", "hidden"), trials=3,
+    assert d.digest() != StudyDesign(nets=("1*8", "2*16"), modes=("none", "hidden"), trials=3,
                                      seed=8).digest()
 
 
 def test_diverged_rule_is_part_of_a_design_only_when_it_is_not_the_harnesss() -> None:
-    base = StudyDesign(architectures=("1*8",), trials=2)
+    base = StudyDesign(nets=("1*8",), trials=2)
     # the default (the harness's rule) leaves the stored design, and so every digest, as before
     assert "diverged" not in base.to_dict()
     assert base.digest() == StudyDesign.from_fields(architectures=("1*8",), trials=2, diverged="score").digest()
@@ -57,10 +58,10 @@ def test_bad_diverged_rule_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_paper_preset_is_the_authors_design() -> None:
     d = preset("paper")
-    assert len(d.architectures) == 98 and d.architectures[0] == "1*2048"
+    assert len(d.nets) == 98 and d.nets[0] == "1*2048"
     assert d.modes == ("none", "decay", "dropout", "full", "hidden", "output")
     assert (d.trials, d.hparams.meta_loops, d.n_trials) == (10, 100, 5880)
-    total = sum(arch_flops(a, d.hparams.meta_loops) * 60 for a in d.architectures)
+    total = sum(arch_flops(a, d.hparams.meta_loops) * 60 for a in d.nets)
     assert total / 1e15 == pytest.approx(27.2, abs=0.15)  # NOTES.md: about 27.2 PFLOP
     big = sum(arch_flops(a, d.hparams.meta_loops) * 60 for a in ("4*632", "2*939", "1*2048", "115*115"))
     assert big / 1e15 == pytest.approx(12.6, abs=0.1)
@@ -71,12 +72,12 @@ def test_paper_preset_is_the_authors_design() -> None:
 
 @pytest.mark.parametrize("trials,chunk", [(10, 60), (10, 24), (10, 7), (7, 18), (3, 1), (5, 6)])
 def test_plan_is_a_pure_even_partition(trials: int, chunk: int) -> None:
-    d = StudyDesign(architectures=("1*2048", "4*4", "64*1", "[2*16, 1*8]"), trials=trials)
-    plan = make_plan(d, chunk)
-    assert plan == make_plan(d, chunk)  # a pure function: resumes rebuild the same populations
+    d = StudyDesign(nets=("1*2048", "4*4", "64*1", "[2*16, 1*8]"), trials=trials)
+    plan = make_plan(d, chunk, model_kind(d).loop_cost)
+    assert plan == make_plan(d, chunk, model_kind(d).loop_cost)  # a pure function: resumes rebuild the same populations
     per = max(1, chunk // 6)
-    for arch in d.architectures:
-        pops = [p for p in plan.populations if p.arch == arch]
+    for arch in d.nets:
+        pops = [p for p in plan.populations if p.net == arch]
         covered = sorted(k for p in pops for k in p.trials)
         assert covered == list(range(1, trials + 1))
         sizes = [len(p.trials) for p in pops]
@@ -84,13 +85,13 @@ def test_plan_is_a_pure_even_partition(trials: int, chunk: int) -> None:
         assert all(p.modes == d.modes for p in pops)
     keys = [p.key for p in plan.populations]
     assert len(set(keys)) == len(keys)
-    work = [DEFAULT_CALIBRATION.loop_seconds(p.arch, p.size) for p in plan.populations]
+    work = [DEFAULT_CALIBRATION.loop_seconds(p.net, p.size) for p in plan.populations]
     assert work == sorted(work, reverse=True)  # largest work first
 
 
 def test_auto_population_size_fits_the_budget() -> None:
     d = preset("paper")
-    worst = max(bytes_per_member(a) for a in d.architectures)
+    worst = max(bytes_per_member(a) for a in d.nets)
     assert auto_population_size(d, 10 * worst) == 10
     assert auto_population_size(d, 1) == 1
     assert auto_population_size(d, 1 << 40) == 60
@@ -99,7 +100,7 @@ def test_auto_population_size_fits_the_budget() -> None:
 def test_the_stored_plan_keeps_the_old_key() -> None:
     """The stored plan names the population size "chunk", as studies before the rename did: a
     design's studies row stays the same, and databases written before the rename still open."""
-    d = StudyDesign(architectures=("1*8",), trials=3)
+    d = StudyDesign(nets=("1*8",), trials=3)
     plan = make_plan(d, 12)
     assert plan.population_size == 12
     assert plan.to_dict() == {"chunk": 12, "populations": [["1*8", 1, 2], ["1*8", 3, 3]]}
@@ -124,7 +125,7 @@ def test_toml_design_and_names(tmp_path: Path) -> None:
     # the paper's list by name, in a file and on the command line
     g = tmp_path / "p.toml"
     g.write_text('architectures = "paper"\ntrials = 1\n')
-    assert len(resolve_design(design_file=str(g))[1].architectures) == 98
+    assert len(resolve_design(design_file=str(g))[1].nets) == 98
 
 
 def test_modes_all_is_the_default_design(tmp_path: Path) -> None:
@@ -196,12 +197,12 @@ def test_population_seconds_adds_the_measured_terms() -> None:
     first loop and then every `checkpoint_every` seconds."""
     from psa.study.estimate import Probe, population_seconds
 
-    d = StudyDesign(architectures=("1*8",), trials=2, hparams=HParams(meta_loops=10))  # 196 steps of 256
+    d = StudyDesign(nets=("1*8",), trials=2, hparams=HParams(meta_loops=10))  # 196 steps of 256
     p = Probe("1*8", 12, setup_s=1.0, step_s=0.01, spread=0.0, warmup_s=2.0, eval_image_s=1e-5,
               loop_extra_s=0.5, checkpoint_s=0.25, seconds=0.0)
     loop = 196 * 0.01 + 10_000 * 1e-5 + 0.5  # 2.56 s
     train = 10 * loop
     want = 1.0 + 2.0 + train + 10_000 * 1e-5 + (1 + int(train // 60)) * 0.25
-    assert population_seconds(p, d, 12, checkpoint_every=60) == pytest.approx(want)
-    assert population_seconds(p, d, 12, checkpoint_every=10) == pytest.approx(want + 2 * 0.25)  # 25.6 s: 3
-    assert population_seconds(p, d, 12, checkpoint_every=0) == pytest.approx(want + 9 * 0.25)  # every loop
+    assert population_seconds(p, d, 12, 10_000, 10_000, checkpoint_every=60) == pytest.approx(want)
+    assert population_seconds(p, d, 12, 10_000, 10_000, checkpoint_every=10) == pytest.approx(want + 2 * 0.25)  # 25.6 s: 3
+    assert population_seconds(p, d, 12, 10_000, 10_000, checkpoint_every=0) == pytest.approx(want + 9 * 0.25)  # every loop

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from psa.study import driver, runner, store
+from psa.study.backends import local
 from psa.study.lock import checkpoint_root
 
 from .conftest import TINY, TINY_LOOP_ROWS, file_digest, integrity, leftover_checkpoints, one_line_error, rows, run_main
@@ -81,15 +82,15 @@ def _fail_on_call(monkeypatch, target: object, name: str, n: int, exc: BaseExcep
 
 
 @pytest.mark.parametrize("where,n", [
-    ("save_population", 3),  # killed after a loop's rows committed, before its checkpoint
+    ("save_tensors", 3),  # killed after a loop's rows committed, before its checkpoint
     ("unlink", 1),  # killed after a population's final commit, before its checkpoint went away
     ("finish_trials", 2),  # killed before a population's final commit
 ])
 def test_crash_between_steps_then_resume(where: str, n: int, reference: Path, tmp_path: Path, monkeypatch) -> None:
     db = tmp_path / "c.sqlite"
     with monkeypatch.context() as m:
-        if where == "save_population":
-            _fail_on_call(m, driver, "save_population", n, Crash())
+        if where == "save_tensors":
+            _fail_on_call(m, driver, "save_tensors", n, Crash())
         elif where == "finish_trials":
             _fail_on_call(m, store, "finish_trials", n, Crash())
         else:
@@ -138,7 +139,7 @@ def test_disk_full_in_the_database(reference: Path, tmp_path: Path, monkeypatch)
 
 def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeypatch) -> None:
     db = tmp_path / "nospace.sqlite"
-    real_write = driver.save_population.__globals__["save_tensors"]
+    real_write = driver.save_tensors
     calls = {"n": 0}
 
     def save_tensors(*a, **k):
@@ -148,7 +149,7 @@ def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeyp
         return real_write(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setitem(driver.save_population.__globals__, "save_tensors", save_tensors)
+        m.setattr(driver, "save_tensors", save_tensors)
         rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
     line = one_line_error(err)
     assert rc == 2 and "no space left on device" in line and "rerun the same command" in line
@@ -168,7 +169,7 @@ def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: P
             super().__init__(key, *a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(runner, "PopulationRun", FailingRun)
+        m.setattr(local, "PopulationRun", FailingRun)
         rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
     assert rc == 1
     assert "1 population(s) failed: 2*8 trial 1: RuntimeError: CUDA out of memory (simulated)" in err
@@ -184,7 +185,7 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
     """A checkpoint written before the counter-based streams restarts its population from loop 1."""
     db = tmp_path / "old.sqlite"
     with monkeypatch.context() as m:
-        _fail_on_call(m, driver, "save_population", 2, Crash())
+        _fail_on_call(m, driver, "save_tensors", 2, Crash())
         with pytest.raises(Crash):
             run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
     (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))

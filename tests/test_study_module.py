@@ -15,6 +15,7 @@ import torch
 
 import psa
 from psa.core import data as psa_data
+from psa.core.module.checkpoint import load_module_population
 from psa.study import modules
 from psa.study.design import StudyDesign, resolve_design
 
@@ -88,7 +89,7 @@ def test_an_interrupted_module_study_resumes_to_the_same_rows(every: str, module
         seen.append(ev.loop)
         if len(seen) == 2:
             ckpt = next((tmp_path / "k.ckpt" / "mine").glob("*.safetensors"))
-            _, meta = modules.load_module_population(ckpt)
+            _, meta = load_module_population(ckpt)
             assert meta["loop"] == (2 if every == "0" else 1) and meta["factory"] == CNN
             raise KeyboardInterrupt
 
@@ -185,7 +186,7 @@ def test_existing_designs_keep_their_digests() -> None:
     assert tiny.digest() == "5dd8623d8ff7ab4644bf410868344cf92bb8fa6d3dc6386aa5ae7c132781e645"
     assert resolve_design("paper")[1].digest() == "de349b1f368be291d4f80cf3c4d23ae88addcd2c605c7487736eb0f59d17a273"
     _, mine = resolve_design(None, None, None, {"model": MLP})
-    assert mine.architectures == (MLP,) and mine.is_module and "model" in mine.to_dict()
+    assert mine.nets == (MLP,) and mine.is_module and "model" in mine.to_dict()
     assert StudyDesign.from_fields(**mine.fields()) == mine  # a stored design reads back
 
 

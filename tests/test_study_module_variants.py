@@ -214,9 +214,12 @@ def test_a_checkpoint_of_the_papers_engine_reads_as_before(tmp_path: Path, mnist
                                                 mnist.val_y[:32], mnist.test_x[:8], mnist.test_y[:8], "given"))
     from psa.core.hparams import HParams
 
+    from psa.core.module.checkpoint import load_module_population, save_module_population
+    from psa.core.module.population import ModulePopulation
+
     members = [HParams().member(m, 3) for m in ("none", "hidden")]
-    pop = modules.new_population(MLP, members, data, torch.device("cpu"))
-    modules.save_module_population(tmp_path / "p.safetensors", pop, MLP)
+    pop = ModulePopulation.create(modules.make_model(MLP), members, data, "cpu", factory=MLP)
+    save_module_population(tmp_path / "p.safetensors", pop)
     tensors, meta = load_tensors(tmp_path / "p.safetensors")
     assert all(len(m) == 4 for m in meta["members"])
     assert set(tensors) == {"lkg_correct", *(f"param.{k}" for k in pop.params)}
@@ -224,5 +227,5 @@ def test_a_checkpoint_of_the_papers_engine_reads_as_before(tmp_path: Path, mnist
     from psa.core.checkpoint import save_tensors
 
     save_tensors(tmp_path / "old.safetensors", tensors, meta)
-    ckpt, _ = modules.load_module_population(tmp_path / "old.safetensors")
+    ckpt, _ = load_module_population(tmp_path / "old.safetensors")
     assert ckpt.mode_history == [[("none", 1)], [("hidden", 1)]] and ckpt.variant == {}

@@ -99,6 +99,7 @@ def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
     from psa.study.design import StudyDesign
     from psa.study.plan import make_plan
     from psa.study.backends.ray import _population_task
+    from psa.study.kinds import model_kind
 
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
     subset = 512 if dataset == "mnist" else None
@@ -108,7 +109,7 @@ def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
     engine = {"precision": "fp32", "kernels": "auto", "graphs": True}
     if worker_cwd is not None:  # the plan is the driver's; the task runs where the worker is
         monkeypatch.chdir(worker_cwd)
-    return list(_population_task(design, pp, None, 0.0, data, 1, engine, checkpoint_every))
+    return list(_population_task(model_kind(design), pp, None, 0.0, data, 1, engine, checkpoint_every))
 
 
 def test_a_ray_worker_reads_a_relative_npz_path_from_the_drivers_directory(tmp_path, monkeypatch) -> None:
@@ -138,11 +139,11 @@ def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeyp
     assert [ev.loop for ev in rare] == [1, 2, 3, 4]
     # the first loop's copy (as the local backend checkpoints its first loop), then rows only
     assert [ev.checkpoint for ev in rare] == [True, False, False, False]
-    assert rare[0].population is not None and rare[0].population.device.type == "cpu"
-    assert rare[0].population.loop == 1
-    assert all(ev.population is None for ev in rare[1:])
+    tensors, meta = rare[0].checkpoint_state()
+    assert all(t.device.type == "cpu" for t in tensors.values()) and meta["loop"] == 1
+    assert all(ev.state is None for ev in rare[1:])
 
     every = [ev for ev in _worker_events(monkeypatch, 0.0) if isinstance(ev, LoopDone)]
     assert [ev.checkpoint for ev in every] == [True] * 4
-    assert [ev.population.loop for ev in every] == [1, 2, 3, 4]  # copies, not the live population
+    assert [ev.checkpoint_state()[1]["loop"] for ev in every] == [1, 2, 3, 4]  # copies, not the live population
     assert [ev.rows for ev in every] == [ev.rows for ev in rare]

@@ -205,16 +205,16 @@ def test_populations_in_flight_together_write_the_same_rows(reference: Path, tmp
 def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: Path, monkeypatch) -> None:
     """0: a checkpoint after every meta-loop; a long interval: only after each population's first."""
     db = tmp_path / f"every{every}.sqlite"
-    real = driver.save_population
+    real = driver.save_tensors
     calls: list[int] = []
 
-    def save_population(path, pop, extra):
-        calls.append(pop.loop)
-        assert extra["rng"] == driver.rng.VERSION and extra["precision"] == "fp32"
-        return real(path, pop, extra)
+    def save_tensors(path, tensors, meta):
+        calls.append(meta["loop"])
+        assert meta["rng"] == driver.rng.VERSION and meta["precision"] == "fp32"
+        return real(path, tensors, meta)
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "save_population", save_population)
+        m.setattr(driver, "save_tensors", save_tensors)
         rc, out, err = run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", every], tmp_path)
     assert rc == 0, err
     assert len(calls) == saves
@@ -245,7 +245,7 @@ def test_populations_in_flight_hold_distinct_streams_and_a_failed_one_is_drained
     the stream goes to another population (its queued writes would land in freed memory)."""
     import weakref
 
-    from psa.study import runner
+    from psa.study.backends import local as runner
 
     log: list = []
     made: list = []
@@ -274,15 +274,17 @@ def test_populations_in_flight_hold_distinct_streams_and_a_failed_one_is_drained
     failing = "2x8-t02-02"
 
     class Run(real_run):
-        def __init__(self, *a, stream=None, **k):
+        @classmethod
+        def of_plan(cls, kind, pp, data, start, ex, prior_seconds=0.0, where="", stream=None):
             assert stream is not None and stream.in_use
-            super().__init__(*a, **k)  # the CPU engine takes no CUDA stream
-            lent.append((self.key, stream.cuda_stream))
-            weakref.finalize(self.engine, log.append, ("freed", self.key))
-            self.stream = stream
+            run = super().of_plan(kind, pp, data, start, ex, prior_seconds, where)  # the CPU engine takes no stream
+            lent.append((run.key, stream.cuda_stream))
+            weakref.finalize(run.trainer, log.append, ("freed", run.key))
+            run.stream = stream
+            return run
 
         def launch(self, on_step=None):
-            if self.key == failing and self.pop.loop == 2:
+            if self.key == failing and self.population.loop == 2:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
             super().launch(on_step)
 
@@ -317,15 +319,17 @@ def test_kernels_are_compiled_up_front_once_per_population_shape(monkeypatch) ->
     from psa.core.data import Dataset
     from psa.core.device import AUTO_STACK_MAX_WIDTH, Execution
     from psa.core.mlp.engine import kernel_launches
-    from psa.study import runner
+    from psa.study.backends import local
     from psa.study.design import StudyDesign
+    from psa.study.kinds import model_kind
     from psa.study.plan import make_plan
+    from psa.study.runner import PopulationProgress
 
     pytest.importorskip("triton")
     d = StudyDesign.from_fields(architectures=("2*8", "1*300", "3*4"), trials=4, meta_loops=2, train_subset=300)
     plan = make_plan(d, 12)  # two populations of 2 trials per architecture
     assert len(plan.populations) == 6
-    todo = [runner.PopulationState(p, {}, False, 0) for p in plan.populations]
+    todo = [PopulationProgress(p, {}, False, 0) for p in plan.populations]
 
     def split(n):
         return torch.empty(n, 784), torch.empty(n, dtype=torch.int64)
@@ -335,13 +339,13 @@ def test_kernels_are_compiled_up_front_once_per_population_shape(monkeypatch) ->
     monkeypatch.setattr(kernels, "precompile", lambda launches, device=None: got.append(list(launches)) or 7)
     cuda = Execution(torch.device("cuda", 0), precision="tf32", triton=True, stack_max_width=AUTO_STACK_MAX_WIDTH,
                      kernels_fall_back=True)
-    assert runner.precompile_kernels(d, todo, cuda, data) == 7
+    assert local.precompile_kernels(model_kind(d), todo, cuda, data) == 7
     want = []
-    for arch in d.architectures:  # 1*300: too wide for the stack kernels, but the dropout kernel
-        pp = next(p for p in plan.populations if p.arch == arch)
+    for arch in d.nets:  # 1*300: too wide for the stack kernels, but the dropout kernel
+        pp = next(p for p in plan.populations if p.net == arch)
         one = kernel_launches(parse_arch(arch), pp.members(d), data, d.hparams, cuda)
         assert one
         want += one
     assert len(got) == 1 and sorted(map(repr, got[0])) == sorted(map(repr, want))
     cpu = dataclasses.replace(cuda, device=torch.device("cpu"))
-    assert runner.precompile_kernels(d, todo, cpu, data) == 0  # nothing to compile there
+    assert local.precompile_kernels(model_kind(d), todo, cpu, data) == 0  # nothing to compile there

@@ -100,7 +100,7 @@ def test_population_checkpoint_resumes_a_variant_exactly(small, tmp_path: Path) 
     second = run(resumed, 3)
     strip = lambda rs: [(r.candidate_acc, r.promoted, r.forced, r.ablations, r.lkg_score) for r in rs]  # noqa: E731
     assert strip(first + second) == strip(ref)
-    assert torch.equal(resumed.lkg, whole.lkg) and torch.equal(resumed.bounty, whole.bounty)
+    assert torch.equal(resumed.lkg, whole.lkg) and torch.equal(resumed.bounty_state, whole.bounty_state)
     assert torch.equal(resumed.opt_avg, whole.opt_avg) and torch.equal(resumed.opt_step, whole.opt_step)
     assert resumed.mode_history == whole.mode_history
 

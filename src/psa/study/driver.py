@@ -210,7 +210,7 @@ class Study:
         """Connect, lock the study, create or check its row and trials, and load the plan; the
         study's populations then train under `execution` (resolved for the study's own
         precision: study_precision)."""
-        device, precision = execution.device, execution.precision
+        device = execution.device
         data = cached_data(self.design.dataset, self.opt.data_dir,
                            device if self.opt.backend == "local" else torch.device("cpu"))
         # build and check every net on the data before anything is written; its notes said once
@@ -229,9 +229,9 @@ class Study:
         # recorded with a new study and checked against the record on a resume
         row = store.get_study(self.con, self.name)
         if row is None:
-            row = self._create(device, device_desc, precision, data)
+            row = self._create(device, device_desc, execution.precision, data)
         self.study_id = int(row["id"])
-        stored = check_stored(row, self.name, self.db, self.kind, self.opt, precision)
+        stored = check_stored(row, self.name, self.db, self.kind, self.opt, self.kind.precision(self.opt, device))
         check_dataset(self.con, self.study_id, self.name, data)
         self.plan, self.precision = stored.plan, stored.precision
         self.execution = execution

@@ -6,7 +6,7 @@ or PopulationFailed at any point. The driver (psa.study.driver) records them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,23 +30,27 @@ class LoopDone:
     """One meta-loop of a population: a row per member, and its checkpoint after it.
 
     `checkpoint` says who decides whether this loop is checkpointed: None, the recorder by its
-    own clock (a local run, whose `state` is the live trainer's checkpoint(), to call before the
-    population's next loop); True or False, the runner (a Ray worker ships the state's tensors,
-    on the CPU and hundreds of MB for a big population, only when a checkpoint is due, and None
-    in its place otherwise).
+    own clock (a local run, whose `state` is a weak reference to the live trainer's
+    checkpoint(), to call before the population's next loop); True or False, the runner (a Ray
+    worker ships the state's tensors, on the CPU and hundreds of MB for a big population, only
+    when a checkpoint is due, and None in its place otherwise).
     """
 
     key: str
     loop: int
     # per member: (Member.key, mode, candidate_acc, promoted, layer, index, lkg_score, loss, diverged, forced)
     rows: list[tuple]
-    state: Callable[[], CheckpointState] | CheckpointState | None
+    state: weakref.WeakMethod | CheckpointState | None
     seconds: float  # wall seconds of the population so far, over all sessions
     checkpoint: bool | None = None
 
     def checkpoint_state(self) -> CheckpointState | None:
-        """The population's checkpoint after this loop, if the event carries one."""
-        return self.state() if callable(self.state) else self.state
+        """The population's checkpoint after this loop, if the event carries one (and, from a
+        local run, its trainer is still alive)."""
+        if isinstance(self.state, weakref.WeakMethod):
+            checkpoint = self.state()
+            return None if checkpoint is None else checkpoint()
+        return self.state
 
 
 @dataclass

@@ -240,7 +240,9 @@ class ModuleModels:
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """What the factory built: parameters, forward FLOPs (torch's counter) and unit layers."""
         info = self.infos.get(net) or inspect_factory(net, self.design, data)
-        return {"params": info.params, "flops_per_example": info.flops, "layers": info.layers}
+        batched, why = self.batching.get(net, BATCHED_BEFORE_AUTO)
+        return {"params": info.params, "flops_per_example": info.flops, "layers": info.layers, "batched": batched,
+                "batching": why}
 
     def new_trainer(self, pp: PopulationPlan, data: Dataset, ex: Execution, start: ModuleCheckpoint | None = None,
                     stream: Any = None) -> ModuleEngine:

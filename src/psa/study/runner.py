@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -104,7 +105,10 @@ class PopulationRun:
                 float(r.lkg_score[j]), _finite_or_none(r.train_loss[j]), int(r.diverged[j]),
                 None if forced is None else int(forced),
             ))
-        events: list[LoopDone | PopulationDone] = [LoopDone(self.key, r.loop, rows, self.trainer.checkpoint,
+        # the event reaches the trainer's checkpoint weakly: a consumer that keeps the event must
+        # not keep a finished or failed population's memory alive
+        events: list[LoopDone | PopulationDone] = [LoopDone(self.key, r.loop, rows,
+                                                            weakref.WeakMethod(self.trainer.checkpoint),
                                                             self.seconds())]
         if self.to_go <= 0:
             events.append(self.finish())

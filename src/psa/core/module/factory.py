@@ -21,24 +21,24 @@ def resolve_factory(factory: str) -> MakeModel:
 
     Any failure is one ConfigError line: the factory is named, never unpickled or serialised.
     """
-    mod_name, sep, fn_name = spec.partition(":")
+    mod_name, sep, fn_name = factory.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise ConfigError(f"--model {spec!r}: give the factory as module:function (e.g. mypkg.models:make_cnn)")
+        raise ConfigError(f"--model {factory!r}: give the factory as module:function (e.g. mypkg.models:make_cnn)")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - whatever the user's module raises is one line
-        raise ConfigError(f"--model {spec}: cannot import {mod_name} ({type(e).__name__}: "
+        raise ConfigError(f"--model {factory}: cannot import {mod_name} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     fn = mod
     for part in fn_name.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ConfigError(f"--model {spec}: module {mod_name} has no {fn_name}")
+            raise ConfigError(f"--model {factory}: module {mod_name} has no {fn_name}")
     if not callable(fn):
-        raise ConfigError(f"--model {spec}: {fn_name} is not callable")
+        raise ConfigError(f"--model {factory}: {fn_name} is not callable")
     return fn  # type: ignore[return-value]
 
 
