@@ -1,7 +1,8 @@
-"""Do two versions of psa compute the same thing? Runs one small study and one `psa train` with
-the code of a git revision (default: HEAD) and with this working tree, and compares the trial
-rows, the meta-loop rows, the stored design and run.json byte for byte (wall-clock fields
-aside). Prints a table; exits 1 on any difference.
+"""Do two versions of psa compute the same thing? Runs one small study of psa's own nets, one
+study of a model of your own (a CNN and an MLP given as module:function, every mode) and one
+`psa train` with the code of a git revision (default: HEAD) and with this working tree, and
+compares the trial rows, the meta-loop rows, the stored designs and run.json byte for byte
+(wall-clock fields aside). Prints a table; exits 1 on any difference.
 
     python bench/same_results.py                 # HEAD against the working tree
     python bench/same_results.py --before 3105e58
@@ -23,6 +24,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ["study", "--arch", "1*8", "--arch", "[2*16, 1*8]", "--trials", "2", "--meta-loops", "5",
          "--train-subset", "4096", "--name", "same", "--quiet"]
+# a model of your own: the factories are written into the work directory (the study imports
+# them from there), so that both versions train the very same modules
+FACTORIES = """from torch import nn
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Conv2d(4, 6, 5, stride=2), nn.ReLU(),
+                         nn.Flatten(), nn.Dropout(), nn.Linear(6 * 4 * 4, 10))
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 12), nn.ReLU(), nn.Dropout(), nn.Linear(12, 10))
+"""
+MODULE_STUDY = ["study", "--model", "samefactories:cnn", "--model", "samefactories:mlp", "--trials", "2",
+                "--meta-loops", "3", "--train-subset", "1024", "--name", "same-module", "--quiet"]
 TRAIN = ["train", "--arch", "1*8", "--mode", "hidden", "--seed", "3", "--meta-loops", "3", "--json"]
 # columns that hold wall-clock time, ids of runs or the code's version, not results
 TIMING = {"wall_seconds", "train_seconds", "timing", "run_dir", "psa_version", "code_version", "started_at",
@@ -47,11 +63,8 @@ def run_psa(src: Path, args: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
-def results_of(src: Path, work: Path) -> dict[str, object]:
-    """Trial rows, meta-loop rows, stored design and run.json of one version."""
-    work.mkdir(parents=True)
-    db = work / "study.sqlite"
-    run_psa(src, [*STUDY, "--db", str(db)], work)
+def study_rows(db: Path) -> tuple[list[dict], list[dict], dict]:
+    """(trial rows, meta-loop rows, stored design) of the one study in `db`."""
     con = sqlite3.connect(db)
     con.row_factory = sqlite3.Row
     trials = [{k: r[k] for k in r.keys() if k not in TIMING} for r in con.execute("SELECT * FROM trials ORDER BY id")]
@@ -59,10 +72,22 @@ def results_of(src: Path, work: Path) -> dict[str, object]:
     design = json.loads(con.execute("SELECT design FROM studies").fetchone()[0])
     design.get("plan", {}).pop("calibration", None)  # a timing on this machine
     con.close()
+    return trials, loops, design
+
+
+def results_of(src: Path, work: Path) -> dict[str, object]:
+    """Trial rows, meta-loop rows, stored design of both studies, and run.json of one version."""
+    work.mkdir(parents=True)
+    run_psa(src, [*STUDY, "--db", str(work / "study.sqlite")], work)
+    trials, loops, design = study_rows(work / "study.sqlite")
+    (work / "samefactories.py").write_text(FACTORIES)
+    run_psa(src, [*MODULE_STUDY, "--db", str(work / "module.sqlite")], work)
+    m_trials, m_loops, m_design = study_rows(work / "module.sqlite")
     out = json.loads(run_psa(src, [*TRAIN, "--out", str(work / "run")], work))
     run_json = json.loads((work / "run" / "run.json").read_text())
     strip = lambda d: {k: v for k, v in d.items() if k not in TIMING}  # noqa: E731
     return {"trial rows": trials, "meta-loop rows": loops, "stored design": design,
+            "module trial rows": m_trials, "module loop rows": m_loops, "module design": m_design,
             "psa train summary": strip(out), "run.json": strip(run_json)}
 
 
@@ -80,7 +105,7 @@ def main() -> int:
     # A column that only the working tree's schema has is the same result iff it holds one value
     # in every row: NULL (trials.variant for a study of the paper's engine) or the value every
     # earlier row stands for (trials.model = 'simplemlp'); it is then left out of the comparison.
-    for k in ("trial rows", "meta-loop rows"):
+    for k in ("trial rows", "meta-loop rows", "module trial rows", "module loop rows"):
         rows_b, rows_a = before[k], after[k]
         added = sorted({c for r in rows_a for c in r} - {c for r in rows_b for c in r})
         for c in added:
