@@ -13,6 +13,7 @@ import numpy as np
 from psa.analysis import convergence as cv
 from psa.analysis import figures as fg
 from psa.analysis import harm as hm
+from psa.analysis import maps
 from psa.analysis.figures import Figure
 from psa.analysis.findings import Analysis, analyse
 from psa.analysis.outdir import (
@@ -227,7 +228,7 @@ def _write_empty_report(cfg: ReportConfig, data: StudyData, out: OutputDir) -> R
     msg = data.notes + missing_report(data)
     sections = [("Nothing to report", bullets(msg, "warn") or paragraph("no finished trial"))]
     if data.design.archs and data.model != MODULE_MODEL:
-        fig = fg.design_space(list(data.design.archs), out.tmp / "figures", data.io, data.model)
+        fig = maps.design_space(list(data.design.archs), out.tmp / "figures", data.io, data.model)
         out.files += fig.files
         sections.append(("Design", figure(fig)))
         write_table(out, table_iv(list(data.design.archs), data.io, data.model))
@@ -277,14 +278,14 @@ def _write_figures(cfg: ReportConfig, A: Analysis, D: Dynamics, design_archs: Se
     data, archs, figdir = A.data, A.archs, out.tmp / "figures"
     best = {a: best_trial_winners({m: [t.peak for t in data.cell(a, m)] for m in MODES}) for a in archs}
     figs = [
-        fg.design_space(design_archs, figdir, data.io, data.model),
-        fg.regime_map(archs, A.regimes[cfg.rules], figdir, cfg.rules),
-        fg.winning_strategy(archs, best, figdir),
-        fg.instability(archs, A.summ, figdir),
-        fg.baseline_performance(archs, A.summ, A.zero_r, figdir),
-        fg.ablation_effects_map(archs, A.summ, figdir),
-        fg.ablation_significance(archs, A.effects, cfg.alpha, figdir),
-        fg.parameter_matching(design_archs, figdir, data.io, data.model),
+        maps.design_space(design_archs, figdir, data.io, data.model),
+        maps.regime_map(archs, A.regimes[cfg.rules], figdir, cfg.rules),
+        maps.winning_strategy(archs, best, figdir),
+        maps.instability(archs, A.summ, figdir),
+        maps.baseline_performance(archs, A.summ, A.zero_r, figdir),
+        maps.ablation_effects_map(archs, A.summ, figdir),
+        maps.ablation_significance(archs, A.effects, cfg.alpha, figdir),
+        maps.parameter_matching(design_archs, figdir, data.io, data.model),
     ]
     if any(is_heterogeneous(a) for a in archs):
         figs.append(fg.accuracy_vs_params(archs, A.summ, figdir, data.io))
