@@ -19,7 +19,7 @@ from psa.core.mlp.population import Population
 
 from .conftest import ENGINE_HP, engine, subset
 from .test_engine_paths import on
-from .test_generic import bn_mlp, image_subset, plain_mlp, small_cnn
+from .test_module import bn_mlp, image_subset, plain_mlp, small_cnn
 from .test_variants import GREEDY_CHUNK, PERSIST_CHUNK
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -97,7 +97,7 @@ def test_the_module_population_trains_alike_on_both_devices(small, make):
     against the same population on the CPU, and twice on the GPU bit for bit. psa runs a
     module's convolutions in fp32 (cuDNN would take TF32 by default: 3e-4 apart after one loop
     on an H200) and deterministically (cuDNN may pick algorithms that add in any order)."""
-    # noise for the BatchNorm MLP: see test_generic (a constant pixel's weights before a
+    # noise for the BatchNorm MLP: see test_module (a constant pixel's weights before a
     # BatchNorm have a gradient that is rounding noise, which AdamW turns into lr-sized steps)
     ds = image_subset(small, 1000, n_val=1000, noise=0.1 if make is bn_mlp else 0.0)
     members = [HP.member(mode, s) for s in (31, 32) for mode in MODES]
