@@ -485,7 +485,7 @@ def no_dropout():
     (no_module, "none", "returned str, not a torch.nn.Module"),
     (no_units, "none", "has no nn.Linear or nn.Conv layer"),
     (wrong_classes, "none", "the data has 10 classes, so it must give (2, 10) logits"),
-    (no_dropout, "dropout", "sets the rate of every nn.Dropout of the model"),
+    (no_dropout, "dropout", "sets the rate of every dropout of the model"),
     (no_dropout, "hidden", "mode 'hidden' needs a hidden unit layer"),
 ])
 def test_bad_models_are_one_clear_line(mnist, factory, mode, message):

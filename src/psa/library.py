@@ -34,7 +34,7 @@ from psa.core.errors import ConfigError
 from psa.core.hparams import HParams
 from psa.core.loop import meta_loop, note_once
 from psa.core.member import ABLATIVE_MODES, MODES
-from psa.core.module.engine import ModuleEngine, choose_batching, convolutions
+from psa.core.module.engine import ModuleEngine, choose_batching, convolutions, vmap_check
 from psa.core.module.factory import factory_name
 from psa.core.module.population import ModulePopulation
 from psa.core.module.units import ModelSpec
@@ -158,18 +158,36 @@ class FitResult:
 
 
 def _split(name: str, value: Any) -> Split:
+    """(inputs, int64 labels) of a data split, checked: a pair of tensors of one length, labels
+    1-d integers, inputs numbers (floating point, or integers such as token ids), every input
+    finite (ConfigError naming the split and the first bad index)."""
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(torch.is_tensor(v) for v in value)):
         raise ConfigError(f"{name} must be a pair of tensors (inputs, labels)")
     x, y = value
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ConfigError(f"{name} labels must be a 1-d integer tensor, got {tuple(y.shape)} {y.dtype}")
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ConfigError(f"{name}: {x.shape[0]} inputs but {y.shape[0]} labels")
-    if not x.is_floating_point():
-        raise ConfigError(f"{name} inputs must be floating point, got {x.dtype}")
-    if int(y.min()) < 0:
-        raise ConfigError(f"{name} labels must be >= 0")
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise ConfigError(f"{name} inputs must be real numbers (floating point, or integers such as token ids), "
+                          f"got {x.dtype}")
+    if x.is_floating_point():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            what = "NaN" if bool(torch.isnan(x[where])) else "inf"
+            raise ConfigError(f"{name} inputs hold {what} at index {where if len(where) > 1 else where[0]}: "
+                              f"every input must be finite")
     return x, y.to(torch.int64)
+
+
+def _check_labels(name: str, y: torch.Tensor, classes: int) -> None:
+    """ConfigError unless every label of `y` is a class of the model, in [0, classes)."""
+    bad = (y < 0) | (y >= classes)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ConfigError(f"{name} labels must be in [0, {classes}) (the model gives {classes} logits): label "
+                          f"{int(y[i])} at index {i}")
 
 
 def _variants(variants: Mapping[str, Variant | Mapping[str, Any]] | None, modes: tuple[str, ...],
@@ -239,8 +257,8 @@ def fit(
     `modes`: any of none, decay, dropout, full, hidden, output. `hparams`: what every trial
     trains with (psa.core.hparams.HParams; default the paper's Table VI); `meta_loops`, `lr`,
     `batch_size`, `weight_decay` (decay mode only) and `dropout` (the rate of every nn.Dropout,
-    dropout mode only), where given, override its fields. `n_classes`: default 1 + the largest
-    label.
+    dropout mode only), where given, override its fields. `n_classes`: the logits the model
+    must give (default: its own output width); every label must be one of them.
     `batched`: True trains the members together (vmap), False one at a time (what psa falls
     back to where vmap cannot batch the model), "auto" (default) by a fixed rule of the model
     and device: one at a time for a model with convolutions on a CPU, else together
@@ -273,17 +291,24 @@ def fit(
     dev = canonical_device(device)
     (tx, ty), (vx, vy) = _split("train", train), _split("val", val)
     sx, sy = _split("test", test) if test is not None else (vx[:0], vy[:0])
-    classes = n_classes or 1 + max(int(ty.max()), int(vy.max()), int(sy.max()) if sy.numel() else 0)
-    data = Dataset("tensors", tx.to(dev, torch.float32), ty.to(dev), vx.to(dev, torch.float32), vy.to(dev),
-                   sx.to(dev, torch.float32), sy.to(dev), "given")
+    if len({x.dtype.is_floating_point for x in (tx, vx, sx)}) > 1:
+        raise ConfigError("train, val and test inputs must all be floating point, or all integers")
+
+    def inputs(x: torch.Tensor) -> torch.Tensor:  # integers (token ids) stay integers
+        return x.to(dev, torch.float32) if x.is_floating_point() else x.to(dev, torch.int64)
+
+    data = Dataset("tensors", inputs(tx), ty.to(dev), inputs(vx), vy.to(dev), inputs(sx), sy.to(dev), "given")
     named = _variants(variants, modes, meta_loops)
     # the conditions: every mode with the paper's engine, then each variant in its modes
     conditions = [(mode, mode, Variant()) for mode in modes]
     conditions += [(f"{mode}+{name}", mode, v) for name, v, runs_in in named for mode in runs_in]
     members = [hp.member(mode, seed + k, v) for k in range(trials) for _, mode, v in conditions]
-    pop = ModulePopulation.create(make_model, members, data, dev, n_classes=classes)
+    pop = ModulePopulation.create(make_model, members, data, dev, n_classes=n_classes)
+    for split, y in (("train", ty), ("val", vy), ("test", sy)):
+        _check_labels(split, y, pop.spec.classes)
     assert pop.template is not None
-    together, why = choose_batching(batched, convolutions(pop.template), dev)
+    check = vmap_check(pop, data) if batched is not False else None
+    together, why = choose_batching(batched, convolutions(pop.template), dev, check, pop.factory)
     if batched == "auto":
         note_once(f"psa: {pop.factory} on {dev.type}: batched='auto' chose "
                   f"{'the population (vmap)' if together else 'one member at a time'}: {why[len('auto: '):]}")

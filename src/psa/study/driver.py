@@ -140,18 +140,29 @@ def default_population_size(kind: ModelKind, opt: RunOptions, device: torch.devi
     return kind.population_size(8 << 30 if opt.backend == "ray" else device_budget(device))
 
 
+def recorded_loops(con: Any, study_id: int) -> dict[str, int]:
+    """The most meta-loops any trial of each net has recorded."""
+    out: dict[str, int] = {}
+    for t in store.study_trials(con, study_id):
+        out[t["arch"]] = max(out.get(t["arch"], 0), int(t["loops_done"] or 0))
+    return out
+
+
 @dataclass(frozen=True)
 class StoredPlan:
     """What a study was created with, checked against how it is asked to run now."""
 
     plan: Plan
     precision: str
+    updates: dict[str, Any] = field(default_factory=dict)  # the plan's keys a run stores anew (kind.restore)
 
 
-def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions, precision: str) -> StoredPlan:
+def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions, precision: str,
+                 recorded: dict[str, int]) -> StoredPlan:
     """The stored plan and precision of a studies row, or StudyError where this run may not
     continue it: another design, another population size or precision (`precision`: what this
-    run asks for), another planner, or what the model kind stored (kind.restore)."""
+    run asks for), another planner, or what the model kind stored (kind.restore; `recorded`: the
+    meta-loops each net has recorded)."""
     design = kind.design
     if row["design_hash"] != design.digest():
         raise StudyError(f"study {name!r} in {db} was created with a different design "
@@ -172,8 +183,7 @@ def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions
     stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
     if stored_pops and stored_pops != sorted((p.net, p.first, p.last) for p in plan.populations):
         raise StudyError(f"study {name!r}: the stored plan does not match this version's planner")
-    kind.restore(stored_plan, name, opt)
-    return StoredPlan(plan, stored_precision)
+    return StoredPlan(plan, stored_precision, kind.restore(stored_plan, name, opt, recorded))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +241,11 @@ class Study:
         if row is None:
             row = self._create(device, device_desc, execution.precision, data)
         self.study_id = int(row["id"])
-        stored = check_stored(row, self.name, self.db, self.kind, self.opt, self.kind.precision(self.opt, device))
+        stored = check_stored(row, self.name, self.db, self.kind, self.opt, self.kind.precision(self.opt, device),
+                              recorded_loops(self.con, self.study_id))
         check_dataset(self.con, self.study_id, self.name, data)
+        if stored.updates:
+            store.update_plan(self.con, self.study_id, stored.updates)
         self.plan, self.precision = stored.plan, stored.precision
         self.execution = execution
         self._load_populations()

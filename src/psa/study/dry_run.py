@@ -12,7 +12,7 @@ from typing import Any
 from psa.core.device import resolve_device, resolve_execution
 from psa.study import store
 from psa.study.design import StudyDesign
-from psa.study.driver import StoredPlan, check_stored, default_population_size, study_precision
+from psa.study.driver import StoredPlan, check_stored, default_population_size, recorded_loops, study_precision
 from psa.study.estimate import Estimate, estimate, process_overhead
 from psa.study.kinds import ModelKind, model_kind
 from psa.study.options import RunOptions
@@ -77,7 +77,7 @@ def existing_study(name: str, kind: ModelKind, opt: RunOptions, precision: str) 
         row = store.get_study(con, name)
         if row is None:
             return None
-        stored = check_stored(row, name, db, kind, opt, precision)
+        stored = check_stored(row, name, db, kind, opt, precision, recorded_loops(con, int(row["id"])))
         status = {(t["arch"], t["mode"], t["variant"] or "", int(t["trial"])): t["status"]
                   for t in store.study_trials(con, int(row["id"]))}
         return Existing(stored, status)

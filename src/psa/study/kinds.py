@@ -36,7 +36,9 @@ class ModelKind(Protocol):
     - `precision(opt, device)` is the precision a new study on `device` trains in (its matrix
       products'), or a refusal (DesignError) where a flag of `opt` does not apply to this kind.
     - `record(device, opt)` is what the kind stores in a new study's plan (JSON); `restore(stored,
-      name, opt)` reads it back on every later run and refuses (StudyError) to mix what changed.
+      name, opt, recorded)` reads it back on every later run (`recorded`: the meta-loops each net
+      has recorded so far) and refuses (StudyError) to mix what changed, or returns what the
+      stored plan must now say instead (a net that trained nothing yet may change its path).
     - `new_trainer(pp, data, ex, start, stream)` is the Trainer (psa.core.loop) of population `pp`
       on `data` (already data_view'd), from `start` (parse_checkpoint's result) or from scratch.
     - `parse_checkpoint(tensors, meta)` turns a checkpoint's contents (a Trainer's checkpoint()) back
@@ -61,8 +63,10 @@ class ModelKind(Protocol):
     def record(self, device: torch.device, opt: RunOptions) -> dict[str, Any]:
         """What a new study's plan stores of this kind (JSON)."""
 
-    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions) -> None:
-        """Read a stored plan's record back; StudyError where this run may not continue it."""
+    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions,
+                recorded: dict[str, int]) -> dict[str, Any]:
+        """Read a stored plan's record back; StudyError where this run may not continue it; the
+        plan's keys to store anew (empty: nothing changes)."""
 
     def announce(self) -> list[str]:
         """Lines for the study's start, beside its plan."""
@@ -129,8 +133,10 @@ class OwnNets:
         """Nothing beyond the design and the plan."""
         return {}
 
-    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions) -> None:
+    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions,
+                recorded: dict[str, int]) -> dict[str, Any]:
         """Nothing to read back."""
+        return {}
 
     def announce(self) -> list[str]:
         """No lines of its own."""

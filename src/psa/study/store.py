@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 import sqlite3
@@ -356,6 +357,16 @@ def start_run(con: sqlite3.Connection, study_id: int, backend: str, device: str,
             (study_id, os.getpid(), socket.gethostname(), backend, device, now, now, work_at_start),
         )
         return int(cur.lastrowid)
+
+
+def update_plan(con: sqlite3.Connection, study_id: int, updates: dict[str, Any]) -> None:
+    """Merge `updates` into the stored design's plan (what a resume may change there: a model
+    kind's record), in one transaction; the design's digest is not affected."""
+    with transaction(con):
+        (text,) = con.execute("SELECT design FROM studies WHERE id = ?", (study_id,)).fetchone()
+        doc = json.loads(text)
+        doc.setdefault("plan", {}).update(updates)
+        con.execute("UPDATE studies SET design = ? WHERE id = ?", (json.dumps(doc), study_id))
 
 
 def end_run(con: sqlite3.Connection, run_id: int, outcome: str, study_id: int | None = None) -> None:
