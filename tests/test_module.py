@@ -484,7 +484,7 @@ def no_dropout():
 @pytest.mark.parametrize("factory,mode,message", [
     (no_module, "none", "returned str, not a torch.nn.Module"),
     (no_units, "none", "has no nn.Linear or nn.Conv layer"),
-    (wrong_classes, "none", "the data has 10 classes, so it must give (2, 10) logits"),
+    (wrong_classes, "none", "train labels must be in [0, 7) (the model gives 7 logits): label 9 at index 2"),
     (no_dropout, "dropout", "sets the rate of every dropout of the model"),
     (no_dropout, "hidden", "mode 'hidden' needs a hidden unit layer"),
 ])
