@@ -27,7 +27,7 @@ from psa.analysis.results import arch_params, arch_shape, is_heterogeneous, matc
 from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
 from psa.core.arch import N_IN, N_OUT  # noqa: E402
 from psa.core.model import DEFAULT_MODEL  # noqa: E402
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
 
 EFFECT_COLORS = {
     "beneficial": "#1a9850",
