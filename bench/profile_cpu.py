@@ -95,7 +95,7 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
         originals.append((eng.paths.mm, name, tm.wrap(eng.paths.mm, name, mm_phase)))
     originals.append((cpu_stack, "train_step", tm.wrap(cpu_stack, "train_step",
                                                          lambda a: "fused step" if in_step[0] else None)))
-    # the engine's AdamW step (psa.core.chunk.adamw_step, as the engine module imported it): after its
+    # the engine's AdamW step (psa.core.optim.adamw_step, as the module that calls it imported it): after its
     # first step it calls the fused kernel without torch.optim.AdamW.step
     originals.append((engine_mod, "adamw_step", tm.wrap(engine_mod, "adamw_step", "AdamW")))
     originals.append((chunk_mod.Chunk, "begin", tm.wrap(chunk_mod.Chunk, "begin", "begin")))
