@@ -10,7 +10,7 @@ bounty) is compared, per architecture and mode, between fp32 and every reduced p
 
 Holm's correction runs over all cells of one precision and test. Results are cached per
 (architecture, precision) in the JSON output as they finish, so a long CPU run can be resumed.
-Off a GPU, tf32 and bf16 are emulated (operands rounded, fp32 products: psa.precision).
+Off a GPU, tf32 and bf16 are emulated (operands rounded, fp32 products: psa.core.precision).
 
     python bench/precision.py --arch 8*8 1*128 --device cpu
     python bench/precision.py                     # 1*2048, 1*128, 8*8 on the GPU

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 # Without a GPU, the Triton kernels run in Triton's interpreter. It is chosen when a kernel
-# is decorated, so the variable must be set before psa.kernels is first imported.
+# is decorated, so the variable must be set before psa.core.kernels.programs is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,4 +1,4 @@
-"""PSA on any nn.Module (psa.core.generic, psa.fit): the same records as psa's engine for an MLP,
+"""PSA on any nn.Module (psa.core.module, psa.fit): the same records as psa's engine for an MLP,
 a CNN and a BatchNorm MLP against a one-at-a-time reference loop, unit and consumer discovery,
 the vmap fallback, checkpoints and bad input."""
 
@@ -96,7 +96,7 @@ EQ_LOOPS = 5  # x 64 steps (63 of 32 images and a last partial batch of 24): 320
 @pytest.fixture(scope="module")
 def mlp_runs(mnist):
     """All six modes x two seeds, 5 loops x 64 steps (the last batch partial), through psa's
-    engine and the generic path side by side; every member's LKG after every loop."""
+    engine and the module engine (psa.core.module) side by side; every member's LKG after every loop."""
     ds = subset(mnist, 2040, 1000)
     assert ds.train_x.shape[0] % ENGINE_HP.batch_size == 24
     members = [ENGINE_HP.member(m, s) for s in (11, 12) for m in MODES]
@@ -117,7 +117,7 @@ def mlp_runs(mnist):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_plain_mlp_gives_the_engines_records(mlp_runs, mode):
-    """The generic path computes a plain MLP with the engine's own operations (baddbmm, its
+    """The module engine computes a plain MLP with the engine's own operations (baddbmm, its
     gradients, its cross-entropy gradient, the same fused AdamW): over 320 steps every record is
     the engine's and the weights stay within 1e-5 (on this CPU they are bit for bit equal)."""
     pop, ref, gpop, got, diffs = mlp_runs
@@ -235,7 +235,7 @@ def test_variants_on_a_cnn_match_the_reference_loop(mnist, specs, batched):
 @pytest.mark.slow
 @pytest.mark.parametrize("specs", [GREEDY_VARIANTS, PERSIST_VARIANTS], ids=["fused-adamw", "member-adamw"])
 def test_variants_on_a_plain_mlp_give_the_engines_records(mnist, specs):
-    """A plain nn.Sequential MLP with every variant through the generic path and its SimpleMLP
+    """A plain nn.Sequential MLP with every variant through the module engine and its SimpleMLP
     through psa's engine: the same units ablated, the same (forced) promotions and candidate
     accuracies, weights and bounty models within 1e-5, over 10 loops x 32 steps of 1,000 images
     (the last batch of 8)."""

@@ -91,7 +91,7 @@ def test_ray_backend_gives_the_local_rows_and_survives_a_lost_worker(tmp_path: P
 
 def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
                    data: tuple[str, str | None] = ("mnist", None), worker_cwd: Path | None = None) -> list:
-    """The events of ray_backend's population task run in this process (a stand-in `ray`
+    """The events of psa.study.backends.ray's population task run in this process (a stand-in `ray`
     module answers its one question: no GPU here)."""
     import sys
     import types

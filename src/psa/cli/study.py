@@ -106,7 +106,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         "architectures": archs, "modes": args.modes, "trials": args.trials, "meta_loops": args.meta_loops,
         "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "dropout": args.dropout, "diverged": args.diverged, "train_subset": args.train_subset,
-        "dataset": args.dataset, "model": None if args.model is None else args.model[0] if len(args.model) == 1 else tuple(args.model),
+        "dataset": args.dataset,
+        "model": None if args.model is None else args.model[0] if len(args.model) == 1 else tuple(args.model),
         "block_dropout": args.block_dropout, "base_weight_decay": args.base_weight_decay,
         "variants": parse_variants(dict(args.variant)) if args.variant else None,
     }

@@ -23,12 +23,12 @@ from psa.core.precision import resolve as resolve_precision
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 # Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels:
-# all they take. On an H200 (Triton 3.6, tf32) they beat cuBLAS's batched GEMMs a layer at a
-# time on every deep square measured (bench/results/gpu_study-h200-kernels.md).
+# all they take, since they beat cuBLAS's batched GEMMs a layer at a time on every deep square
+# timed on a card (docs/gpu.md, bench/results/gpu_study-h200.md).
 AUTO_STACK_MAX_WIDTH = 128
 # Widest equal-width hidden stack that kernels="auto" trains through the fused CPU step
-# (psa.core.kernels.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op cost to
-# pay off (bench/results/narrow_cpu.md).
+# (psa.core.kernels.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op
+# cost to pay off (bench/results/narrow_cpu.md).
 AUTO_CPU_STACK_MAX_WIDTH = 8
 
 
@@ -156,7 +156,8 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int) ->
 
 
 def describe_device(device: torch.device) -> str:
-    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    """`device` for people: "cpu (N threads)" with torch's thread count, "cuda:K (the GPU's name)",
+    anything else as torch names it."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":

@@ -179,7 +179,8 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
 # Columns added to schema version 1 without a bump (NULL in older rows, read as the paper's
 # engine): trials.variant and trials.variant_settings (name and canonical settings JSON of a
 # psa.core.variant.Variant), meta_loops.forced (patience forced the candidate in).
-ADDED_COLUMNS = (("trials", "variant", "TEXT"), ("trials", "variant_settings", "TEXT"), ("meta_loops", "forced", "INTEGER"))
+ADDED_COLUMNS = (("trials", "variant", "TEXT"), ("trials", "variant_settings", "TEXT"),
+                 ("meta_loops", "forced", "INTEGER"))
 
 
 def _add_variant_columns(con: sqlite3.Connection) -> None:
@@ -486,7 +487,8 @@ def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
 
 
 def load_meta_loops(con: sqlite3.Connection, study_id: int) -> Iterator[sqlite3.Row]:
-    """(trial_id, loop, candidate_acc, lkg_score, promoted, diverged) of a study's finished trials, by trial and loop."""
+    """(trial_id, loop, candidate_acc, lkg_score, promoted, diverged) of a study's finished trials, by trial and
+    loop."""
     # a cursor, not a list: a whole study holds millions of meta-loops
     return con.execute(
         "SELECT m.trial_id, m.loop, m.candidate_acc, m.lkg_score, m.promoted, m.diverged FROM meta_loops m "

@@ -53,16 +53,16 @@ def convolutions(model: nn.Module) -> tuple[str, ...]:
 
 
 def auto_batched(convs: tuple[str, ...] | list[str], device: torch.device | str) -> tuple[bool, str]:
-    """batched="auto" for a model with convolution modules `convs` on `device`: (batched, why).
+    """batched="auto" for a model with convolution modules `convs` on `device`: (batched, why),
+    `why` one clause for people.
 
-    A rule of the model's structure and the device's type, never of a timing, so the same
-    command on the same device always trains on the same path (the two paths round
-    differently). Measured on a quiet 2-core CPU (bench/results/batching-cpu.md): under vmap
-    each convolution becomes one grouped convolution, which the CPU's kernels run slower than
-    the members' plain ones one after another (CNNs of tens of members: the population 2-4x
-    slower, a tiny one even), while an MLP's population is about 1.9x faster than its members
-    one at a time. On a GPU the population fills the device; psa does not time it there and
-    keeps it.
+    On a CPU: one member at a time (False) if the model has a convolution, the population (True)
+    if it has none; on any other device the population. A rule of the model's structure and the
+    device's type, never of a timing, so the same command on the same device always trains on
+    the same path (the two paths round differently). The reason: under vmap each convolution
+    becomes one grouped convolution, which a CPU runs slower than the members' own convolutions
+    one after another, while an MLP's population beats its members one at a time
+    (docs/module.md#populations); on a GPU the population fills the device (not timed there).
     """
     kind = torch.device(device).type
     if kind == "cpu" and convs:

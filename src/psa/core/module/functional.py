@@ -6,8 +6,8 @@ rule) and, for one member, as a batch of one; nn.Dropout modules draw psa's coun
 Why: vmap of F.linear runs bmm and then adds the bias, and autograd's cross-entropy goes through
 log_softmax's backward: the same numbers up to the last bit, but AdamW's first steps turn a
 last-bit difference in a near-zero gradient into an lr-sized one, and over hundreds of steps a
-member drifts apart (2e-4 after 256 steps, docs/module.md). With the engine's operations the
-batched path, the one-at-a-time path and psa's own engine round alike.
+member drifts apart (docs/module.md#arithmetic-the-engines-bit-for-bit). With the engine's
+operations the batched path, the one-at-a-time path and psa's own engine round alike.
 """
 
 from __future__ import annotations
@@ -235,10 +235,15 @@ def engine_template(module: nn.Module, spec: ModelSpec, holder: Noise) -> nn.Mod
 
 @contextlib.contextmanager
 def fp32_arithmetic() -> Iterator[None]:
-    """fp32 as written and the same sums on every run: cuDNN runs fp32 convolutions in TF32
-    unless told not to (torch's default `cudnn.allow_tf32 = True`: a small CNN was 3e-4 away
-    from the CPU after one loop on an H200) and may pick algorithms that add in any order; a
-    user may have turned cuBLAS's TF32 on. Both are set for psa's work and restored after."""
+    """A context in which fp32 is computed as written, with the same sums on every run: cuBLAS's
+    TF32 off, and cuDNN with TF32 off, deterministic algorithms and no benchmarking (cuDNN left
+    enabled or disabled as it was). The previous settings are restored on exit, also when the
+    body raises.
+
+    Why: cuDNN runs fp32 convolutions in TF32 unless told not to (torch's default
+    `cudnn.allow_tf32 = True`; what that did to a small CNN on a GPU:
+    bench/results/gpu-paths-h200.md) and may pick algorithms that add in any order, and a user
+    may have turned cuBLAS's TF32 on."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     # a Transformer layer's fused inference path would compute its evaluation otherwise than its
