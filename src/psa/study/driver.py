@@ -428,9 +428,6 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
     """Run (or resume) a study to completion; every result lands in opt.db as it happens."""
     t0 = time.perf_counter()
     kind = model_kind(design)  # the one place a study's kind of model is chosen
-    if kind.noun == "models" and opt.backend == "ray":
-        raise DesignError("--backend ray does not run a model given as module:function yet: run it with the local "
-                          "backend")
     device, device_desc = _backend_device(opt)
     # how the study trains, resolved once, before anything is written (a Ray worker resolves
     # its own device's kernels for the same precision)
