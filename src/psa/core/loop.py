@@ -104,7 +104,9 @@ class Trainer(Protocol):
       loop, so there is no generator state to save). Call it between loops.
     """
 
-    population: Any  # a PopulationState; each engine names its own class
+    @property
+    def population(self) -> PopulationState:
+        """The state this trainer moves forward (each engine's own population class)."""
 
     def launch(self, on_step: StepCallback | None = None) -> PendingLoop:
         """Start the next meta-loop of every member."""
