@@ -2,10 +2,12 @@
 its own population, timed as `psa study --dry-run` times a study's (psa.study.estimate).
 
 The population is the run's, built by the factory and on the run's path (vmap or one at a
-time) and device. Its trainer runs whole meta-loops on the first s1 and s2 training batches,
-PROBE_REPEATS times each: their difference is the cost of a step without a loop's fixed cost;
-one more loop scoring more validation images gives the cost of scoring an image (a slow
-loop is repeated less: a dry run of a few long loops stays shorter than the run). Then
+time) and device. Its trainer runs whole meta-loops on the first s1 and s2 training batches
+(their difference is the cost of a step without a loop's fixed cost) and s1 batches scoring
+more validation images (the cost of scoring an image), up to PROBE_REPEATS times each, at
+least twice (a slow loop is repeated less: a dry run of a few long loops stays shorter than
+the run). The fastest repeat counts: the first psa.fit of a process warms up for more than
+one loop. Then
 
     run = set-up + first-loop warm-up + meta_loops x (steps x step + validation + the loop's rest)
           + the test set
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -129,11 +130,11 @@ def estimate_fit(pop: ModulePopulation, data: Dataset, hp: HParams, batched: boo
     short = engine(first_steps)
     first = loop(short)  # the warm-up: allocations, torch's first calls
     # s2 is as many steps as fill `seconds` over the repeats (the first loop, slower than the
-    # rest, errs short); s1 half of them. A slow loop is timed fewer times: the dry run of a
-    # run of a few long loops must not take longer than the run.
+    # rest, errs short); s1 half of them. A slow loop is timed fewer times (twice at least), so
+    # that the dry run of a few long loops stays shorter than the run.
     s2 = min(full_steps, max(2 * first_steps, math.ceil(seconds / PROBE_REPEATS / max(first / first_steps, 1e-6))))
     s1 = max(1, s2 // 2)
-    repeats = max(1, min(PROBE_REPEATS, round(seconds / max(first, 1e-6))))
+    repeats = max(2, min(PROBE_REPEATS, round(seconds / max(first, 1e-6))))
     if s1 != first_steps:
         short = engine(s1)
         loop(short)
@@ -141,20 +142,24 @@ def estimate_fit(pop: ModulePopulation, data: Dataset, hp: HParams, batched: boo
     if s2 > s1:
         long_ = engine(s2)
         loop(long_)
-    t1, t2 = [], []
+    n_score = min(n_val, SCORE_IMAGES)
+    scoring = engine(s1, n_score)
+    t1, t2, t3 = [], [], []
     for _ in range(repeats):
         t1.append(loop(short))
         if long_ is not None:
             t2.append(loop(long_))
-    m1 = statistics.median(t1)
-    m2 = statistics.median(t2) if t2 else m1
+        t3.append(loop(scoring))
+    # the fastest of the repeats: the first psa.fit of a process still warms up after its first
+    # loop (4.5 s, then 2.0 s, against the run's 2.1 and 1.6 s for a small CNN here), and a busy
+    # machine's hiccups only ever add
+    m1 = min(t1)
+    m2 = min(t2) if t2 else m1
     # the difference is a step's cost without the loop's fixed cost; where there is no
     # difference to take (an epoch of a batch or two), or a busy machine made it meaningless,
     # the loops' mean step
     step_s = (m2 - m1) / (s2 - s1) if t2 and m2 > m1 else m2 / s2
-    n_score = min(n_val, SCORE_IMAGES)
-    scoring = engine(s1, n_score)
-    eval_image_s = max(0.0, loop(scoring) - m1) / max(1, n_score - 1)
+    eval_image_s = max(0.0, min(t3) - m1) / max(1, n_score - 1)
     loop_extra_s = max(0.0, m1 - s1 * step_s)
     warmup_s = max(0.0, first - first_steps * step_s - loop_extra_s)
     loop_s = full_steps * step_s + n_val * eval_image_s + loop_extra_s
