@@ -92,7 +92,7 @@ def _split(name: str, value: Any) -> Split:
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             where = tuple(int(i) for i in bad.nonzero()[0])
-            what = "NaN" if bool(torch.isnan(x[where])) else "inf"
+            what = "NaN" if bool(torch.isnan(x[where])) else ("-inf" if float(x[where]) < 0 else "inf")
             raise ConfigError(f"{name} inputs hold {what} at index {where if len(where) > 1 else where[0]}: "
                               f"every input must be finite")
     return x, y.to(torch.int64)
