@@ -207,6 +207,7 @@ class ModuleEngine:
         self.population, self.data, self.hp = population, data, hparams
         self.batched = batched
         self.batching = batching or choose_batching(batched, (), population.device)[1]
+        self._on_step: StepCallback | None = None  # launch's callback, while it runs
         self.members_at_once = max_members or population.size
         self.eval_rows = eval_rows
         self.holder = Noise()
@@ -326,11 +327,13 @@ class ModuleEngine:
                         params[k].mul_(_per_member(decay, params[k]))
                 if moments is not None:
                     moments.step(params, grads)
-                    continue
-                for k in names:
-                    params[k].grad = grads[k]
-                assert opt is not None
-                adamw_step(opt)
+                else:
+                    for k in names:
+                        params[k].grad = grads[k]
+                    assert opt is not None
+                    adamw_step(opt)
+            if self._on_step is not None:
+                self._on_step(s + 1, len(self._steps()))
         for k in names:
             params[k].grad = None
         return loss_sum, diverged
@@ -374,6 +377,9 @@ class ModuleEngine:
                     else:
                         assert opt is not None
                         adamw_step(opt)
+                if self._on_step is not None:  # the slice's steps, member after member
+                    n = len(self._steps())
+                    self._on_step(j * n + s + 1, c * n)
             for v in p_j.values():
                 v.grad = None
         return loss_sum, diverged
@@ -483,8 +489,9 @@ class ModuleEngine:
     @in_fp32
     def launch(self, on_step: StepCallback | None = None) -> FinishedLoop:
         """Run the next meta-loop of every member (torch.func trains synchronously, so the loop
-        is done when this returns; `on_step` is not called). The population moves forward by
-        one loop."""
+        is done when this returns). `on_step(step, steps)` is called after every training step of
+        each slice of members trained at once (one member at a time: the slice's members' steps
+        one after another). The population moves forward by one loop."""
         t0 = time.perf_counter()
         pop = self.population
         loop = pop.loop + 1
@@ -492,6 +499,7 @@ class ModuleEngine:
         ablated = self._ablations(loop)
         outs: list[tuple[torch.Tensor, ...]] = []
         m0 = 0
+        self._on_step = on_step
         while m0 < pop.size:
             m1 = min(pop.size, m0 + self.members_at_once)
             try:
@@ -502,6 +510,7 @@ class ModuleEngine:
                 self.members_at_once = max(1, self.members_at_once // 2)  # nothing of this slice was promoted yet
                 continue
             m0 = m1
+        self._on_step = None
         names = ("correct", "promoted", "loss", "diverged", "forced", "improved")
         outcome: dict[str, list[Any]] = {n: torch.cat(t).tolist() for n, t in zip(names, zip(*outs))}
         outcome["lkg_correct"] = pop.lkg_correct.tolist()
