@@ -421,8 +421,50 @@ STUDY = ["study", "--modes", "none,hidden", "--trials", "1", "--meta-loops", "1"
     # a study shows the model images: the token model fails on them, in one line
     (["--model", "tests.zoo:embedding"], "tests.zoo:embedding fails on a batch of the data of shape (2, 1, 28, 28)"),
     (["--model", "tests.zoo:gru"], "mode 'hidden' needs a hidden unit layer; tests.zoo:gru has only head[10]"),
+    # refused before the database and the checkpoint are written (it once left both behind)
+    (["--model", "tests.zoo:gru", "--modes", "none", "--batched", "yes"],
+     "--batched yes: torch.func.vmap cannot batch tests.zoo:gru (RuntimeError: Batching rule not implemented for "
+     "aten::gru.input"),
+    (["--model", "tests.zoo:lstm", "--modes", "none", "--batched", "yes"], "train it with --batched no (or auto)"),
 ])
 def test_bad_zoo_studies_are_one_line_and_write_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
     rc, _, err = run_main([*STUDY, *flags], tmp_path)
     assert rc == 2 and message in one_line_error(err)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
+# 8. progress within a loop
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_module_engine_reports_every_training_step(mnist, batched: bool) -> None:
+    """launch(on_step) calls on_step(step, steps) after every step of each slice of members
+    trained at once, as psa's own engine does per chunk; one at a time, a slice's members' steps
+    are counted one after another. The callback changes nothing that is computed."""
+    from psa.core.data import Dataset
+    from psa.core.hparams import HParams
+    from psa.core.module.engine import ModuleEngine
+    from psa.core.module.population import ModulePopulation
+
+    z = BY_NAME["mlp"]
+    (tx, ty), (vx, vy), (sx, sy) = splits(mnist, z)
+    ds = Dataset("m", tx, ty, vx, vy, sx, sy, "given")
+    hp = HParams(batch_size=BATCH, lr=LR)
+    steps = N_TRAIN // BATCH
+    runs = []
+    for callback in (True, False):
+        members = [hp.member(m, SEED) for m in ("none", "dropout", "hidden")]
+        pop = ModulePopulation.create(z.factory, members, ds)
+        eng = ModuleEngine(pop, ds, hp, batched=batched, max_members=2)
+        calls: list[tuple[int, int]] = []
+        on_step = (lambda s, n: calls.append((s, n))) if callback else None
+        results = [eng.meta_loop(on_step) for _ in range(2)]
+        runs.append(([(r.candidate_acc, r.promoted, r.ablated, r.train_loss) for r in results], pop.params))
+        if callback:
+            # slices of 2 and 1 members, each loop
+            one = [(s, steps) for s in range(1, steps + 1)]
+            per_slice = one * 2 if batched else [(s, 2 * steps) for s in range(1, 2 * steps + 1)] + one
+            assert calls == per_slice * 2
+    (a, pa), (b, pb) = runs
+    assert a == b and all(torch.equal(pa[k], pb[k]) for k in pa)

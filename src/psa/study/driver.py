@@ -233,6 +233,9 @@ class Study:
         self.notes = self.kind.check(design_data_view(self.kind, data))
         for note in self.notes:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
+        # the paths the nets would train on, chosen now: one that cannot train (--batched yes on a
+        # model vmap cannot batch) is refused before the database and the checkpoint are written
+        self.kind.record(device, self.opt)
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:

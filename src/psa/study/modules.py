@@ -211,8 +211,9 @@ class ModuleModels:
         for f, info in self.infos.items():
             try:
                 together, why = choose_batching(asked, info.convolutions, device, info.vmap, f)
-            except ConfigError as e:
-                raise DesignError(f"--batched yes: {str(e).partition(': ')[2]}") from None
+            except ConfigError:
+                raise DesignError(f"--batched yes: torch.func.vmap cannot batch {f} ({info.vmap_error}); train it with "
+                                  f"--batched no (or auto)") from None
             self.batching[f] = (together, why if opt.batched == "auto" else f"--batched {opt.batched}")
         return {"modules": {f: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint,
                                 "batched": self.batching[f][0], "batching": self.batching[f][1]}
