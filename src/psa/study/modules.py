@@ -276,6 +276,10 @@ class ModuleModels:
         """A factory's cost is not modelled: by members."""
         return float(pp.size)
 
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float]:
+        """By members, one term."""
+        return (float(pp.size),)
+
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """What the factory built: parameters, forward FLOPs (torch's counter) and unit layers."""
         info = self.infos.get(net) or inspect_factory(net, self.design, data)
