@@ -11,7 +11,7 @@ bench/results/paper-study-<device>/, they are what `merge` turns into the compar
 published trials, `psa report`, and one record per device (bench/results/paper-study-<device>.json).
 The total wall time is a sum of slices, not one command: `merge` says so in the record.
 
-    python bench/paper_study.py slices [--slice-seconds 300] [--check]   # (re)cut paper-slices.json
+    python bench/paper_study.py slices [--slice-seconds 150] [--check]   # (re)cut paper-slices.json
     python bench/paper_study.py run --out DIR --budget SECONDS [--device cuda] [--precision auto|fp32]
                                     [--slice s01 ...] [--arch A ...] [--concurrency N]
     python bench/paper_study.py collect FILES_AT        # a device call's files into bench/results/
@@ -58,10 +58,11 @@ sys.path.insert(0, str(SRC))
 RESULTS = HERE / "results"
 SLICES_FILE = "paper-slices.json"
 TIMINGS_FILE = "gpu_study-h200.json"
-# A slice's estimate must leave room in a call (at most 600 s, 550 of them for slices) for the
-# slice's dry run, for a device slower than the H200 the estimates come from, and, in a first call,
-# for the Ray check: 300 s makes 7 slices, each of them fits a call whatever the concurrency gains.
-SLICE_SECONDS = 300.0
+# Small slices pack a call (550 s of slices) well whatever the device's factor turns out to be:
+# at 150 s, 13 slices (115*115 and 91*91 alone), three a call at the estimates' pace, more if
+# concurrency beats them; at 300 s (7 slices) a call would fit one slice at that pace and idle
+# for the rest. The price is 30 s of overhead a slice (2,033 s estimated in all against 1,853).
+SLICE_SECONDS = 150.0
 # a slice's cost beyond its populations' loops: the process's start, MNIST onto the card, the
 # Triton kernels compiled, psa export and gzip
 OVERHEAD_S = 30.0
@@ -76,6 +77,8 @@ DRY_RUN_S_PER_ARCH = {"cuda": 3.0, "cpu": 15.0}  # the dry run's own time, befor
 TINY_SLICES = (("1*8",), ("2*4",))
 TINY_FLAGS = ("--trials", "1", "--meta-loops", "1", "--train-subset", "256")
 TINY_SLICE_S = 30.0
+# a call's meta-loops file up to this size is committed with its trials (see `ignore`)
+LOOPS_COMMIT_BYTES = 1 << 20
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back
 
 
@@ -91,25 +94,30 @@ def arch_estimates(path: Path = RESULTS / TIMINGS_FILE) -> dict[str, float]:
 
 def cut_slices(estimates: dict[str, float], archs: Sequence[str], slice_seconds: float,
                overhead: float = OVERHEAD_S) -> list[dict]:
-    """The fewest slices whose estimates (overhead + their architectures' times) fit
-    `slice_seconds`, balanced: longest first into the least loaded slice (ties: the lower
-    index), so every slice mixes a few long nets with many short ones, which keeps populations
-    in flight together. Deterministic: a fixed order in, the same slices out."""
+    """Slices whose estimates (overhead + their architectures' times) fit `slice_seconds`, the
+    fewest that do, balanced: longest first into the least loaded slice (ties: the lower index),
+    so every slice mixes a few long nets with many short ones, which keeps populations in flight
+    together. An architecture that alone exceeds `slice_seconds` (115*115) is a slice of its own,
+    first: the cap is what packs the other slices several to a call, and one net cannot be split.
+    Deterministic: a fixed order in, the same slices out."""
     order = sorted(archs, key=lambda a: (-estimates[a], archs.index(a)))
-    if overhead + estimates[order[0]] > slice_seconds:
-        raise SystemExit(f"{order[0]} alone ({estimates[order[0]]:.0f} s + {overhead:.0f} s) exceeds "
-                         f"--slice-seconds {slice_seconds:g}")
-    k = max(1, math.ceil(sum(estimates.values()) / (slice_seconds - overhead)))
-    while True:
-        loads = [overhead] * k
-        bins: list[list[str]] = [[] for _ in range(k)]
-        for a in order:
-            i = min(range(k), key=lambda j: (loads[j], j))
-            loads[i] += estimates[a]
-            bins[i].append(a)
-        if max(loads) <= slice_seconds:
-            break
-        k += 1
+    alone = [a for a in order if overhead + estimates[a] > slice_seconds]
+    rest = [a for a in order if a not in alone]
+    bins: list[list[str]] = [[a] for a in alone]
+    loads = [overhead + estimates[a] for a in alone]
+    if rest:
+        k = max(1, math.ceil(sum(estimates[a] for a in rest) / (slice_seconds - overhead)))
+        while True:
+            rl = [overhead] * k
+            rb: list[list[str]] = [[] for _ in range(k)]
+            for a in rest:
+                i = min(range(k), key=lambda j: (rl[j], j))
+                rl[i] += estimates[a]
+                rb[i].append(a)
+            if max(rl) <= slice_seconds:
+                break
+            k += 1
+        bins, loads = bins + rb, loads + rl
     return [{"slice": f"s{i + 1:02d}", "archs": sorted(b, key=archs.index), "estimate_s": round(load, 1)}
             for i, (b, load) in enumerate(zip(bins, loads))]
 
@@ -145,7 +153,7 @@ def cmd_slices(args: argparse.Namespace) -> int:
         same = path.exists() and json.loads(path.read_text()) == doc
         print(f"{path}: {'the same slices' if same else 'DIFFERS from a new cut'}")
         return 0 if same else 1
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
     for s in doc["slices"]:
         print(f"{s['slice']}: {len(s['archs']):2d} architectures, estimate {s['estimate_s']:6.1f} s")
     print(f"wrote {path}: {len(doc['slices'])} slices, {doc['estimate_s']:.0f} s estimated in all")
@@ -280,6 +288,13 @@ def with_columns(path: Path, extra: dict[str, str]) -> tuple[list[str], list[lis
     return rows[0] + list(extra), [r + list(extra.values()) for r in rows[1:]]
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Under a temporary name, then renamed: a run cut off leaves the previous file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_gzip_csv(path: Path, header: Sequence[str], parts: Iterable[Sequence[Sequence[str]]]) -> None:
     """One gzipped CSV from several slices' rows, written under a temporary name and renamed
     (a call cut off while writing leaves the previous pack). mtime 0: the same rows give the same bytes."""
@@ -410,12 +425,18 @@ def arch_slices(archs: Sequence[str], records: Sequence[dict], estimates: dict[s
     return out
 
 
-def rerun_list(results: Path, device: str) -> list[str]:
-    """The architectures `merge` found disagreeing on this device (for --precision fp32)."""
-    path = results / f"paper-study-{device}.json"
-    if not path.exists():
-        raise SystemExit(f"no {path}: run `merge` first, or name the architectures with --arch")
-    return json.loads(path.read_text()).get("rerun_fp32", [])
+def rerun_list(results: Path, out: Path, device: str, work: Path) -> list[str]:
+    """The architectures to rerun in fp32: those with a cell or regime disagreeing with the
+    published trials in this device's tf32 slices exported so far, committed and in `out`.
+    Computed here, by `merge`'s comparison, rather than read from the committed record, so that a
+    call can rerun what its own earlier steps or the session's earlier calls found without a
+    merge in between (the card idles, on the session's time, while one runs)."""
+    files = packs(results, device, "auto") + packs(out, device, "auto", flat=True)
+    if not files:
+        raise SystemExit(f"no exported tf32 slice of {device} yet (in {device_dir(results, device)} or {out}): "
+                         "nothing to rerun in fp32; name architectures with --arch")
+    cells, regimes = disagreeing(compare(files, work / "compare-auto", 0.01), 0.01)
+    return list(dict.fromkeys(cells + regimes))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -430,9 +451,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="psa-paper-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.arch or flag == "fp32":
-        archs = args.arch or ([] if args.tiny else rerun_list(results, device))
-        if args.tiny and not archs:
-            archs = [a for s in TINY_SLICES for a in s]
+        archs = args.arch or rerun_list(results, out, device, work)
         estimates = {a: TINY_SLICE_S for s in TINY_SLICES for a in s} if args.tiny else arch_estimates()
         todo = arch_slices(archs, records, estimates, "f" if flag == "fp32" else "a", args.slice_seconds)
     else:
@@ -490,7 +509,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 if recs:
                     tags[f.name.removesuffix(".slices.jsonl")] = recs[0]["device"]
         for f in files:
-            if not f.is_file():
+            if not f.is_file() or f.name.endswith(".tmp"):  # a write cut off by the call's end
                 continue
             tag = next((t for t in tags if f.name.startswith(t + ".")), None)
             if tag is not None:
@@ -503,16 +522,35 @@ def cmd_collect(args: argparse.Namespace) -> int:
             else:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dest)
-            print(f"{f} -> {dest}")
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copyfile(f, tmp)
+            tmp.replace(dest)
+            note = ""
+            if f.name.endswith(".meta_loops.csv.gz") and f.stat().st_size > LOOPS_COMMIT_BYTES:
+                ignore(dest)
+                note = f" (ignored by git: {f.stat().st_size / 2**20:.1f} MiB)"
+            print(f"{f} -> {dest}{note}")
             n += 1
     print(f"{n} files collected")
     return 0 if n else 1
 
 
-def packs(results: Path, device: str, flag: str) -> list[Path]:
-    """The trials files of a device's slices in one precision flag."""
-    return sorted(device_dir(results, device).glob(f"paper-{device}-{flag}-*.trials.csv.gz"))
+def ignore(path: Path) -> None:
+    """List `path` in its folder's .gitignore. The whole study's meta-loops, 5.9 million rows,
+    are about 110 MB gzipped; committed, they would push the working tree past the 64 MiB that a
+    device call carries. So only small meta-loops files are committed; the others stay beside
+    their trials here, for merge's report and its curves, and out of git."""
+    gi = path.parent / ".gitignore"
+    lines = gi.read_text().splitlines() if gi.exists() else []
+    if path.name not in lines:
+        gi.write_text("\n".join([*lines, path.name]) + "\n")
+
+
+def packs(results: Path, device: str, flag: str, flat: bool = False) -> list[Path]:
+    """The trials files of a device's slices in one precision flag: in its folder under
+    `results`, or (flat) in `results` itself, as a device call leaves them in $OUT."""
+    where = results if flat else device_dir(results, device)
+    return sorted(where.glob(f"paper-{device}-{flag}-*.trials.csv.gz"))
 
 
 def psa_run(*argv: str) -> None:
@@ -641,8 +679,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         doc["fp32"] = fp32
     out_json = results / f"paper-study-{device}.json"
     out_md = results / f"paper-study-{device}-verdict.md"
-    out_json.write_text(json.dumps(doc, indent=1) + "\n")
-    out_md.write_text(verdict_markdown(doc, cmp, work, fp32))
+    write_atomic(out_json, json.dumps(doc, indent=1) + "\n")
+    write_atomic(out_md, verdict_markdown(doc, cmp, work, fp32))
     print((work / "compare" / "verdict.txt").read_text().rstrip())
     print(f"\ncells consistent {doc['cells_consistent']}/{doc['cells_total']}, regimes {doc['regimes_agree']}/"
           f"{doc['regimes_total']}, {doc['trials_done']} trials, wall {doc['wall_s']:.0f} s (a sum of "
@@ -724,7 +762,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
     except ImportError as e:
         doc["ray"] = None
         doc["error"] = f"no Ray here: {e}"
-        (out / f"paper-ray-{info['device']}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_atomic(out / f"paper-ray-{info['device']}.json", json.dumps(doc, indent=1) + "\n")
         print(doc["error"])
         return 1
     rows = {}
@@ -757,7 +795,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
             doc[f"{k}_differing"] = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
     doc["rows_equal"] = len(rows) == 2 and all(doc[f"{k}_equal"] for k in ROW_QUERIES)
     path = out / f"paper-ray-{info['device']}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
     print(f"rows equal: {doc['rows_equal']}; wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if doc["rows_equal"] else 1

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The paper's study on a lent card, one device call at a time (bench/paper_study.py; docs/gpu.md,
 # "The paper's whole study on a card"). What the call must bring back goes to $OUT: the slices'
-# trials and meta-loops (CSV.gz), their timings (JSON lines), the Ray check's JSON, and logs.
+# trials and meta-loops (CSV.gz), their timings (JSON lines), the Ray check's JSON, and one log.
 #
-#   bash bench/paper_study.sh [run] [ARGS]  # the next slices, all within PSA_PAPER_SECONDS (550) s
-#   bash bench/paper_study.sh fp32 [ARGS]   # the architectures `merge` found disagreeing, in fp32
-#   bash bench/paper_study.sh ray           # --backend ray on a local Ray instance against local
-#   bash bench/paper_study.sh ray run       # both in one call: Ray first (at most PSA_RAY_SECONDS,
-#                                           # 180), then slices in the time left
-#   bash bench/paper_study.sh ray-pack      # HERE, not on the card: Ray for the card, in .ray/
-#   PSA_PAPER_CPU=1 PY=.venv/bin/python bash bench/paper_study.sh   # the same on a CPU, tiny sizes
+#   bash bench/paper_study.sh [STEP...] [ARGS]   # the steps in the order given, default `run`:
+#     run    the next slices (tf32, psa's default) within what is left of PSA_PAPER_SECONDS (550)
+#     fp32   the architectures whose cells or regime disagree with the published ones in the
+#            slices exported so far (committed and in $OUT), rerun in fp32 (`--arch A B` names others)
+#     ray    --backend ray on a local Ray instance against local (at most PSA_RAY_SECONDS, 180)
+#   bash bench/paper_study.sh ray-pack           # HERE, not on the card: Ray for the card, in .ray/
+#   PSA_PAPER_CPU=1 PY=.venv/bin/python bash bench/paper_study.sh run   # the same on a CPU, tiny sizes
 #
-# ARGS go to `bench/paper_study.py run` (e.g. `--slice s03`, `--concurrency 4`, `--no-dry-run`);
-# PSA_RAY_ARGS to `bench/paper_study.py ray`. The device call's timeout_s must exceed
-# PSA_PAPER_SECONDS (590 for 550): the script starts a slice only if it is predicted to end in
-# time and stops it if it does not, so what finished is in $OUT even then.
+# ARGS go to every `bench/paper_study.py run` (e.g. `--slice s03`, `--concurrency 4`,
+# `--no-dry-run`); PSA_RAY_ARGS to `bench/paper_study.py ray`. All steps share one deadline,
+# PSA_PAPER_SECONDS from the script's start; the device call's timeout_s must exceed it (590 for
+# 550): a slice starts only if it is predicted to end in time and `timeout` stops one that does
+# not, so every slice that finished is in $OUT even then. $OUT gets at most 8 files (the device
+# tool's limit): per precision run, a trials CSV.gz, a meta-loops CSV.gz and a JSON-lines file;
+# the Ray JSON; paper_study.log. Exit 0 when every step succeeded, 2 for a usage error.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 STEPS=()
@@ -60,46 +63,42 @@ timed() {  # timed LIMIT COMMAND...: under `timeout`, at most LIMIT s and never 
     timeout --kill-after=5 "$limit" "$@"
 }
 
-need_out() {
-    : "${OUT:?set OUT: the folder the device tool brings back}"
-    mkdir -p "$OUT"
-}
-
 slices() {  # slices auto|fp32 ARGS...: the next slices of that precision within the time left
     local flag="$1"
     shift
-    need_out
-    {
-        date -u +"start %Y-%m-%dT%H:%M:%SZ"
-        versions
-        # slices are started only if predicted to end inside the budget; `timeout` ends one that overruns
-        timed "$(left)" "$PY" bench/paper_study.py run --out "$OUT" --budget $(($(left) - 5)) \
-            --precision "$flag" "${SIZE[@]}" "$@"
-        local st=$?
-        echo "exit $st after $SECONDS s"
-        ls -l "$OUT"
-        exit $st
-    } 2>&1 | tee "$OUT/paper_study-$flag.log"
+    date -u +"== $flag: start %Y-%m-%dT%H:%M:%SZ"
+    # slices are started only if predicted to end inside the budget; `timeout` ends one that overruns
+    timed "$(left)" "$PY" bench/paper_study.py run --out "$OUT" --budget $(($(left) - 5)) \
+        --precision "$flag" "${SIZE[@]}" "$@"
+    local st=$?
+    echo "== $flag: exit $st after $SECONDS s"
+    return $st
 }
 
 ray_check() {
-    need_out
-    {
-        versions
-        if ! "$PY" -c "import ray" 2>/dev/null; then
-            if [ -f .ray/ray.tar.xz ]; then
-                # carried by the call (carry: [".ray"]), made by `ray-pack` on the session's machine
-                mkdir -p /tmp/raysite && tar -xJf .ray/ray.tar.xz -C /tmp/raysite
-                export PYTHONPATH="$PYTHONPATH:/tmp/raysite"
-            else
-                echo "no Ray here and no .ray/ray.tar.xz carried: run 'bash bench/paper_study.sh ray-pack' first"
-            fi
+    echo "== ray"
+    if ! "$PY" -c "import ray" 2>/dev/null; then
+        if [ -f .ray/ray.tar.xz ]; then
+            # carried by the call (carry: [".ray"]), made by `ray-pack` on the session's machine
+            mkdir -p /tmp/raysite && tar -xJf .ray/ray.tar.xz -C /tmp/raysite
+            export PYTHONPATH="$PYTHONPATH:/tmp/raysite"
+        else
+            echo "no Ray here and no .ray/ray.tar.xz carried: run 'bash bench/paper_study.sh ray-pack' first"
         fi
-        timed "$RAY_SECONDS" "$PY" bench/paper_study.py ray --out "$OUT" "${SIZE[@]}" "${RAY_ARGS[@]}"
-        local st=$?
-        echo "exit $st after $SECONDS s"
-        exit $st
-    } 2>&1 | tee "$OUT/paper_study-ray.log"
+    fi
+    timed "$RAY_SECONDS" "$PY" bench/paper_study.py ray --out "$OUT" "${SIZE[@]}" "${RAY_ARGS[@]}"
+    local st=$?
+    echo "== ray: exit $st after $SECONDS s"
+    return $st
+}
+
+out_check() {  # what the device tool brings back: at most 8 files of at most 16 MiB
+    local n big
+    n=$(find "$OUT" -type f | wc -l)
+    big=$(find "$OUT" -type f -size +16M)
+    ls -l "$OUT"
+    echo "$n files in \$OUT (the device tool brings back 8 at most)${big:+; over 16 MiB, left behind: $big}"
+    [ "$n" -le 8 ] && [ -z "$big" ]
 }
 
 ray_pack() {
@@ -139,17 +138,38 @@ EOF
     [ $((tree + pack)) -lt $((64 * 1048576)) ] || { echo "too large to carry"; return 1; }
 }
 
+for step in "${STEPS[@]}"; do
+    case "$step" in
+    run | fp32 | ray) ;;
+    ray-pack)
+        [ ${#STEPS[@]} -eq 1 ] || { echo "ray-pack runs here, on its own, not on the card" >&2; exit 2; }
+        ray_pack
+        exit $?
+        ;;
+    *)
+        echo "usage: bash bench/paper_study.sh [run|fp32|ray]... [ARGS] | ray-pack" >&2
+        exit 2
+        ;;
+    esac
+done
+: "${OUT:?set OUT: the folder the device tool brings back}"
+mkdir -p "$OUT"
+# One log for the whole call, whatever its steps: with a pack of three files per precision and
+# the Ray check's JSON, `run fp32 ray` brings back 8 files, the device tool's most.
+exec > >(tee -a "$OUT/paper_study.log") 2>&1
+TEE=$!
+date -u +"start %Y-%m-%dT%H:%M:%SZ; steps: ${STEPS[*]}; deadline ${DEADLINE} s"
+versions
 rc=0
 for step in "${STEPS[@]}"; do
     case "$step" in
     run) slices auto "$@" || rc=1 ;;
     fp32) slices fp32 "$@" || rc=1 ;;
     ray) ray_check || rc=1 ;;
-    ray-pack) ray_pack || rc=1 ;;
-    *)
-        echo "usage: bash bench/paper_study.sh [run|fp32|ray|ray-pack]... [ARGS]" >&2
-        exit 2
-        ;;
     esac
 done
+out_check || rc=1
+echo "exit $rc after $SECONDS s"
+exec >&- 2>&-  # tee ends at the end of its input: wait for it, so the log is whole when the call returns
+wait "$TEE" 2>/dev/null
 exit $rc
