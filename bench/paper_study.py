@@ -508,6 +508,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
                 if recs:
                     tags[f.name.removesuffix(".slices.jsonl")] = recs[0]["device"]
+        rays = [f for f in files if f.name.startswith("paper-ray-") and f.suffix == ".json"]
         for f in files:
             if not f.is_file() or f.name.endswith(".tmp"):  # a write cut off by the call's end
                 continue
@@ -519,6 +520,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
             elif f.suffix == ".log" and tags:
                 first = sorted(tags)[0]
                 dest = device_dir(results, tags[first]) / f"{first}.{f.name}"
+            elif f.suffix == ".log" and rays:  # a call that only made the Ray check
+                dest = results / f"{rays[0].stem}.{f.name}"
             else:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -288,6 +288,16 @@ def test_collect_leaves_large_meta_loops_out_of_git(tmp_path: Path) -> None:
     # collected twice: the same files, the ignore list unchanged
     assert run_bench("collect", str(got), "--results", str(tmp_path / "res")).returncode == 0
     assert (d / ".gitignore").read_text() == f"{tag}.meta_loops.csv.gz\n"
+    # a call that only made the Ray check: its log goes beside the Ray JSON
+    ray_only = tmp_path / "files_at2"
+    ray_only.mkdir()
+    (ray_only / "paper-ray-h200.json").write_text("{}\n")
+    (ray_only / "paper_study.log").write_text("ray log\n")
+    assert run_bench("collect", str(ray_only), "--results", str(tmp_path / "res")).returncode == 0
+    assert (tmp_path / "res" / "paper-ray-h200.paper_study.log").read_text() == "ray log\n"
+    # nothing of a device call in a folder: one line, exit 1
+    p = run_bench("collect", str(tmp_path / "res" / "paper-study-h100" / ".gitignore"), "--results", str(tmp_path / "r2"))
+    assert p.returncode == 1 and p.stdout.strip().splitlines()[-1] == "0 files collected"
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
