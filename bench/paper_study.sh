@@ -152,8 +152,14 @@ for step in "${STEPS[@]}"; do
         ;;
     esac
 done
-: "${OUT:?set OUT: the folder the device tool brings back}"
-mkdir -p "$OUT"
+usage_error() {
+    echo "bench/paper_study.sh: $*" >&2
+    exit 2
+}
+[ -n "${OUT:-}" ] || usage_error "set OUT: the folder the device tool brings back"
+[[ "$DEADLINE" =~ ^[0-9]+$ ]] || usage_error "PSA_PAPER_SECONDS must be whole seconds, not '$DEADLINE'"
+[[ "$RAY_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_RAY_SECONDS must be whole seconds, not '$RAY_SECONDS'"
+mkdir -p "$OUT" || usage_error "cannot make OUT=$OUT"
 # One log for the whole call, whatever its steps: with a pack of three files per precision and
 # the Ray check's JSON, `run fp32 ray` brings back 8 files, the device tool's most.
 exec > >(tee -a "$OUT/paper_study.log") 2>&1

@@ -320,3 +320,7 @@ def test_the_device_script_is_valid_bash() -> None:
     p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "nonsense"], capture_output=True, text=True,
                        env={**os.environ, "OUT": "/nonexistent"})
     assert p.returncode == 2 and "usage" in p.stderr
+    for env_, says in (({}, "set OUT"), ({"OUT": "/tmp/x", "PSA_PAPER_SECONDS": "9m"}, "PSA_PAPER_SECONDS")):
+        e = {k: v for k, v in os.environ.items() if k != "OUT"} | env_
+        p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "run"], capture_output=True, text=True, env=e)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
