@@ -198,13 +198,23 @@ def device_dir(results: Path, device: str) -> Path:
     return results / f"paper-study-{device}"
 
 
+def cache_dir(results: Path) -> Path:
+    """Where `run` keeps a copy of its packs' trials and records (ignored by git): a device
+    call's $OUT starts empty, while this folder lasts as long as the warm machine."""
+    return results / ".paper-cache"
+
+
 def read_records(dirs: Iterable[Path], device: str, flag: str | None = None) -> list[dict]:
     """The slice records (JSON lines) of `device` in `dirs`, of precision flag `flag` (all: None)."""
     out = []
+    seen: set[str] = set()
     for d in dirs:
         if not d.is_dir():
             continue
         for f in sorted(d.glob(f"paper-{device}-*.slices.jsonl")):
+            if f.name in seen:  # the same pack collected here and still in the call's cache
+                continue
+            seen.add(f.name)
             for line in f.read_text().splitlines():
                 if line.strip():
                     r = json.loads(line)
@@ -315,8 +325,8 @@ class Pack:
     meta-loops CSV.gz and one JSON-lines file, rewritten after each slice (the device tool
     brings back at most 8 files)."""
 
-    def __init__(self, out: Path, device: str, flag: str) -> None:
-        self.out, self.device, self.flag = out, device, flag
+    def __init__(self, out: Path, device: str, flag: str, cache: Path | None = None) -> None:
+        self.out, self.device, self.flag, self.cache = out, device, flag, cache
         self.slices: list[str] = []
         self.trials: list[list[list[str]]] = []
         self.loops: list[list[list[str]]] = []
@@ -349,6 +359,22 @@ class Pack:
         tmp = self.out / f"{self.tag}.slices.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         tmp.replace(self.out / f"{self.tag}.slices.jsonl")
+        if self.cache is not None:
+            self.keep(old)
+
+    def keep(self, old: str) -> None:
+        """The pack's trials and records, also in the cache: the device tool empties $OUT for
+        each call, and the next call on the same warm machine must see this call's slices (not
+        to run them again, and for fp32 to rerun what they disagree on) before they are committed."""
+        self.cache.mkdir(parents=True, exist_ok=True)
+        for suffix in (".trials.csv.gz", ".slices.jsonl"):
+            if old and old != self.tag:
+                (self.cache / f"{old}{suffix}").unlink(missing_ok=True)
+            src = self.out / f"{self.tag}{suffix}"
+            if src.exists():
+                tmp = self.cache / f"{self.tag}{suffix}.tmp"
+                shutil.copyfile(src, tmp)
+                tmp.replace(self.cache / f"{self.tag}{suffix}")
 
 
 def run_slice(sl: dict, args: argparse.Namespace, info: dict, precision: str, work: Path) -> tuple[dict, tuple | None,
@@ -431,7 +457,11 @@ def rerun_list(results: Path, out: Path, device: str, work: Path) -> list[str]:
     Computed here, by `merge`'s comparison, rather than read from the committed record, so that a
     call can rerun what its own earlier steps or the session's earlier calls found without a
     merge in between (the card idles, on the session's time, while one runs)."""
-    files = packs(results, device, "auto") + packs(out, device, "auto", flat=True)
+    found: dict[str, Path] = {}
+    for f in [*packs(results, device, "auto"), *packs(cache_dir(results), device, "auto", flat=True),
+              *packs(out, device, "auto", flat=True)]:
+        found.setdefault(f.name, f)  # a pack collected, cached and in $OUT is one pack
+    files = list(found.values())
     if not files:
         raise SystemExit(f"no exported tf32 slice of {device} yet (in {device_dir(results, device)} or {out}): "
                          "nothing to rerun in fp32; name architectures with --arch")
@@ -447,7 +477,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     info = device_info(args.device, args.tiny)
     device, flag = info["device"], args.precision
     precision = resolved_precision(args.device, flag)
-    records = read_records([device_dir(results, device), out], device, flag)
+    records = read_records([device_dir(results, device), cache_dir(results), out], device, flag)
     work = Path(args.work or tempfile.mkdtemp(prefix="psa-paper-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.arch or flag == "fp32":
@@ -464,7 +494,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not todo:
         print("nothing to run: every slice asked for is exported (see `merge`)")
         return 0
-    pack = Pack(out, device, flag)
+    pack = Pack(out, device, flag, cache_dir(results))
     failed = 0
     for sl in todo:
         left = args.budget - (time.perf_counter() - t_start)

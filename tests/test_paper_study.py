@@ -242,14 +242,23 @@ def test_tiny_run_on_the_cpu_then_merge(tmp_path: Path) -> None:
     f32 = [json.loads(x) for x in (out / f"{ftag}.slices.jsonl").read_text().splitlines()]
     assert [(r["slice"], r["archs"], r["precision_flag"], r["ok"]) for r in f32] == [("f01", ["1*8", "2*4"], "fp32", True)]
     assert len(_csv_gz(out / f"{ftag}.trials.csv.gz")) == 12
-    # a second call finds every slice done (in --results once collected) and runs nothing
+    # a next call on the same machine gets an empty $OUT: it finds every slice done in the cache
+    # the run kept, and runs nothing; once collected, the next session finds them committed
+    def nothing_to_run(out_dir: Path) -> None:
+        for step in ("auto", "fp32"):
+            again = run_bench("run", "--tiny", "--device", "cpu", "--budget", "600", "--precision", step, "--out",
+                              str(out_dir), "--results", str(res))
+            assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout + again.stderr
+        assert not list(out_dir.iterdir())
+
+    assert sorted(f.name for f in (res / ".paper-cache").iterdir()) == sorted(
+        f"{t}.{x}" for t in (tag, ftag) for x in ("slices.jsonl", "trials.csv.gz"))
+    nothing_to_run(tmp_path / "out2")
     assert run_bench("collect", str(out), "--results", str(res)).returncode == 0
     assert (res / "paper-study-cpu-tiny" / f"{tag}.paper_study.log").exists()
     assert not (res / "paper-study-cpu-tiny" / ".gitignore").exists()  # small meta-loops are committed
-    for step in ("auto", "fp32"):
-        again = run_bench("run", "--tiny", "--device", "cpu", "--budget", "600", "--precision", step, "--out",
-                          str(tmp_path / "out2"), "--results", str(res))
-        assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout + again.stderr
+    shutil.rmtree(res / ".paper-cache")  # a fresh machine
+    nothing_to_run(tmp_path / "out3")
     m = run_bench("merge", "--results", str(res), "--work", str(tmp_path / "work"))
     assert m.returncode == 0, m.stderr[-3000:]
     doc = json.loads((res / "paper-study-cpu-tiny.json").read_text())
