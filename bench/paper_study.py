@@ -859,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precision", choices=("auto", "fp32"), default="auto")
     p.add_argument("--slice", nargs="+", help="only these slices (e.g. s03)")
     p.add_argument("--arch", nargs="+", help="these architectures, as slices of their own making "
-                                             "(default with --precision fp32: merge's rerun_fp32)")
+                                             "(default with --precision fp32: those disagreeing in the tf32 slices so far)")
     p.add_argument("--slice-seconds", type=float, default=SLICE_SECONDS, help="for --arch's slices")
     p.add_argument("--concurrency", type=int, help="populations in flight (psa study's default: 8 on a card)")
     p.add_argument("--no-dry-run", action="store_true", help="skip each slice's dry run")
