@@ -152,6 +152,16 @@ def test_same_results_runs_small(tmp_path: Path) -> None:
     assert [ln.split()[-1] for ln in out.splitlines()[1:]] == ["yes", "yes", "yes"]
 
 
+def test_paper_study_checks_its_slices(tmp_path: Path) -> None:
+    # the committed cut still the one the script makes; its runs, collect, merge and Ray check on
+    # the CPU, and the device script, are tests/test_paper_study.py's
+    out = smoke("paper_study.py", "slices", "--check", cwd=tmp_path)
+    assert "the same slices" in out
+    p = subprocess.run([sys.executable, str(BENCH / "paper_study.py"), "run", "--budget", "1"], env=env(),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--out" in p.stderr.splitlines()[-1]
+
+
 def test_same_results_help(tmp_path: Path) -> None:
     out = smoke("same_results.py", "--help", cwd=tmp_path)
     assert "--before" in out and "--parts" in out

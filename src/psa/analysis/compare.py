@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from psa.analysis import figures as fg
+from psa.analysis.exported import load_source
 from psa.analysis.figures import Figure
 from psa.analysis.outdir import MANIFEST, OutputDir, write_figure_data, write_table
 from psa.analysis.page import figure, page, paragraph, preformatted
@@ -22,7 +23,6 @@ from psa.analysis.regimes import OUTCOMES, ClassifierConfig, Regime, classify_al
 from psa.analysis.results import (
     ReportError,
     StudyData,
-    load_data,
     load_published,
     load_seed_table,
     missing_report,
@@ -53,6 +53,7 @@ class CompareOptions:
     escape_margin: float = 0.5
     convergence: tuple[str, ...] | None = None  # None: see figures.convergence_targets
     worst: int = 10
+    export: tuple[str, ...] = ()  # psa export's files or directories, read instead of `db`
 
 
 @dataclass
@@ -80,7 +81,7 @@ def build_compare(opt: CompareOptions) -> CompareResult:
     return the one-screen verdict."""
     if opt.reference not in REFERENCES:
         raise ReportError(f"unknown reference {opt.reference!r} (choose published or seed)")
-    data = load_published() if opt.ours_published else load_data(opt.db, None, opt.study)
+    data = load_published() if opt.ours_published else load_source(opt.db, None, opt.study, opt.export)
     if data.model == MODULE_MODEL:
         raise ReportError(f"{data.source} trains models given as module:function, which have no published "
                           f"counterpart (use psa report)")

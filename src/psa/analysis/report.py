@@ -14,6 +14,7 @@ from psa.analysis import convergence as cv
 from psa.analysis import figures as fg
 from psa.analysis import harm as hm
 from psa.analysis import maps
+from psa.analysis.exported import load_source
 from psa.analysis.figures import Figure
 from psa.analysis.findings import Analysis, analyse
 from psa.analysis.outdir import (
@@ -28,7 +29,6 @@ from psa.analysis.regimes import RULE_SETS, regime_counts
 from psa.analysis.results import (
     ReportError,
     StudyData,
-    load_data,
     missing_report,
     order_archs,
     is_heterogeneous,
@@ -77,6 +77,7 @@ class ReportConfig:
     convergence: tuple[str, ...] | None = None  # None: see figures.convergence_targets
     escape_margin: float = 0.5  # points above ZeroR for a trial to count as escaped
     tie_tolerance: float = 0.0  # Table V: rounded means this close tie
+    export: tuple[str, ...] = ()  # psa export's files or directories, read instead of `db`
 
 
 @dataclass
@@ -109,7 +110,7 @@ class ReportResult:
 
 def build_report(cfg: ReportConfig) -> ReportResult:
     """Load, analyse and write the whole report into cfg.out (atomically)."""
-    data = load_data(cfg.db, cfg.reference, cfg.study)
+    data = load_source(cfg.db, cfg.reference, cfg.study, cfg.export)
     if cfg.rules not in RULE_SETS:
         raise ReportError(f"unknown rule set {cfg.rules!r}")
     out = OutputDir(cfg.out)

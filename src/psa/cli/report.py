@@ -36,7 +36,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from psa.analysis.report import ReportConfig, build_report
 
     cfg = ReportConfig(
-        db=None if args.reference else args.db,
+        db=None if args.reference or args.export else args.db,
         reference=args.reference,
         study=args.study,
         out=args.out,
@@ -48,6 +48,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         convergence=args.convergence,
         escape_margin=args.escape_margin,
         tie_tolerance=args.tie_tolerance,
+        export=tuple(args.export or ()),
     )
     res = build_report(cfg)
     print("\n".join(res.lines))
@@ -59,7 +60,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from psa.analysis.compare import CompareOptions, build_compare
 
     opt = CompareOptions(
-        db=None if args.published else args.db,
+        db=None if args.published or args.export else args.db,
         ours_published=args.published,
         reference=args.reference,
         study=args.study,
@@ -69,6 +70,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         escape_margin=args.escape_margin,
         convergence=args.convergence,
+        export=tuple(args.export or ()),
     )
     res = build_compare(opt)
     print("\n".join(res.verdict))
@@ -82,7 +84,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
     src.add_argument("--reference", choices=["published"], help="report on the authors' published data instead")
-    p.add_argument("--study", help="study name, when the database holds several (default: the latest)")
+    src.add_argument("--export", nargs="+", metavar="PATH",
+                     help="psa export's output instead of a database: directories or trials CSVs (.csv.gz too), "
+                          "their meta_loops files beside them; several are concatenated (a study run in slices)")
+    p.add_argument("--study", help="study name, when the database holds several (default: the latest; "
+                                   "with --export: every exported study)")
     p.add_argument("--out", default="report", help="output directory (default report/)")
     p.add_argument("--rules", choices=["published", "paper"], default="published",
                    help="regime rules: those that drew the published map (default) or eqs. 6-8 as printed")
@@ -104,9 +110,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--db", default=str(DEFAULT_DB), help=f"results database (default {DEFAULT_DB})")
     src.add_argument("--published", action="store_true",
                      help="compare the published data itself (e.g. against --reference seed)")
+    src.add_argument("--export", nargs="+", metavar="PATH",
+                     help="psa export's output instead of a database: directories or trials CSVs (.csv.gz too), "
+                          "their meta_loops files beside them; several are concatenated (a study run in slices)")
     p.add_argument("--reference", choices=["published", "seed"], default="published",
                    help="published (default): the authors' final per-trial data; seed: the paper's printed Table V")
-    p.add_argument("--study", help="study name, when the database holds several (default: the latest)")
+    p.add_argument("--study", help="study name, when the database holds several (default: the latest; "
+                                   "with --export: every exported study)")
     p.add_argument("--out", default="compare", help="output directory (default compare/)")
     p.add_argument("--rules", choices=["published", "paper"], default="published",
                    help="regime rules: those that drew the published map (default) or eqs. 6-8 as printed")

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import math
+import sqlite3
 import subprocess
 import time
 import warnings
@@ -66,20 +67,17 @@ from psa.study.store import StoreError
 def code_version() -> str:
     """psa's version, plus the git commit when running from a checkout."""
     here = Path(__file__).resolve().parent
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git, or not a checkout
         out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
                              text=True, timeout=5, check=False)
         if out.returncode == 0 and out.stdout.strip():
             return f"{__version__}+{out.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
     return __version__
 
 
 def trial_rows(kind: ModelKind) -> list[dict[str, Any]]:
     """The trials table rows of a design, in design order (net, mode, trial)."""
-    design = kind.design
-    hp = design.hparams
+    design, hp = kind.design, kind.design.hparams
     out = []
     for net in design.nets:
         for mode, name, v in design.conditions():
@@ -499,6 +497,8 @@ def study_precision(name: str, kind: ModelKind, opt: RunOptions, device: torch.d
         return asked  # the run itself reports what is wrong with the database
     try:
         row = store.get_study(con, name)
+    except sqlite3.DatabaseError:  # killed while being created: no tables yet, the run makes them
+        return asked
     finally:
         con.close()
     if row is None:
