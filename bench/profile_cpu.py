@@ -136,9 +136,10 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
     return out
 
 
-def profile_study(threads: int) -> dict[str, float]:
-    """A tiny study in this process (4*2, 10 trials of 6 modes, 3 meta-loops on 2,560 images, a
-    checkpoint every loop): its wall time, and the time inside the store's writes and checkpoints."""
+def profile_study(trials: int = 10, meta_loops: int = 3, train_subset: int = 2560) -> dict[str, float]:
+    """A tiny study in this process (4*2, `trials` trials of 6 modes, `meta_loops` meta-loops on
+    `train_subset` images, a checkpoint every loop): its wall time, and the time inside the
+    store's writes and checkpoints."""
     from psa.cli import main
     from psa.study import driver, store
 
@@ -147,14 +148,16 @@ def profile_study(threads: int) -> dict[str, float]:
                  ("record_loop", "finish_trials", "mark_running", "create_study", "start_run", "end_run")]
     originals.append((driver, "save_tensors", tm.wrap(driver, "save_tensors", "checkpoints")))
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["study", "--arch", "4*2", "--trials", "10", "--meta-loops", "3", "--train-subset", "2560",
+        argv = ["study", "--arch", "4*2", "--trials", str(trials), "--meta-loops", str(meta_loops),
+                "--train-subset", str(train_subset),
                 "--db", str(Path(tmp) / "p.db"), "--name", "profile", "--quiet", "--checkpoint-every", "1"]
         t0 = time.perf_counter()
         try:
-            main(argv)
+            rc = main(argv)
         except SystemExit as e:
-            if e.code not in (0, None):
-                raise
+            rc = e.code
+        if rc not in (0, None):  # psa reports a user error by its status: timings of a failed study mean nothing
+            raise SystemExit(f"the tiny study failed (psa exit status {rc})")
         total = time.perf_counter() - t0
     for obj, name, fn in originals:
         setattr(obj, name, fn)
@@ -168,6 +171,9 @@ def main() -> None:
     ap.add_argument("--arch", nargs="*", default=["4*2", "16*2", "64*1", "18*18"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=10, help="the tiny study's trials per mode")
+    ap.add_argument("--meta-loops", type=int, default=3, help="the tiny study's meta-loops")
+    ap.add_argument("--train-subset", type=int, default=2560, help="the tiny study's training images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = data.load("mnist")
@@ -178,9 +184,10 @@ def main() -> None:
     print("|---|" + "---:|" * len(cols))
     for ph in (*ORDER, "total"):
         print(f"| {ph} | " + " | ".join(f"{res[c][ph]:.3f}" for c in cols) + " |")
-    st = profile_study(args.threads)
+    st = profile_study(args.trials, args.meta_loops, args.train_subset)
     print()
-    print("tiny study (4*2, 60 trials, 3 meta-loops on 2,560 images, checkpoint every loop), seconds")
+    print(f"tiny study (4*2, {6 * args.trials} trials, {args.meta_loops} meta-loops on {args.train_subset:,} images, "
+          "checkpoint every loop), seconds")
     print("| study wall | store writes | checkpoints |")
     print("|---:|---:|---:|")
     print(f"| {st['study wall']:.2f} | {st['store writes']:.3f} | {st['checkpoints']:.3f} |")

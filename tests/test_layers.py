@@ -21,7 +21,7 @@ import psa
 
 SRC = Path(psa.__file__).resolve().parent
 LAYERS = ("core", "study", "analysis", "cli")  # lowest first
-TOP = {"psa", "psa.__main__", "psa.library"}  # psa.library (psa.fit) uses core and analysis
+TOP = {"psa", "psa.__main__", "psa.library", "psa.results", "psa.estimate", "psa.progress"}  # psa.fit and its result, estimate and progress bar use core and analysis
 # Edges that break the layering, each with the change that would remove it. An entry that no
 # longer matches an import fails the test, so that the list only ever shrinks.
 WAIVED: set[tuple[str, str]] = set()

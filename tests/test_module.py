@@ -374,7 +374,7 @@ def test_batched_members_do_not_depend_on_chunking(mnist):
 # psa.fit
 
 
-def test_psa_fit_table_and_checkpoints_load_into_the_factory(mnist, tmp_path, capsys):
+def test_psa_fit_table_and_checkpoints_load_into_the_factory(mnist, tmp_path):
     ds = image_subset(mnist, 128, 200)
     r = psa.fit(small_cnn, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), (ds.test_x, ds.test_y),
                 modes=["output", "none", "hidden"], trials=3, meta_loops=2, batch_size=32, lr=1e-3)
@@ -386,8 +386,7 @@ def test_psa_fit_table_and_checkpoints_load_into_the_factory(mnist, tmp_path, ca
         peaks = [r.bounty[(mode, k)] - r.bounty[("none", k)] for k in (1, 2, 3)]
         assert rows[mode]["diff"] == pytest.approx(sum(peaks) / 3)
         assert rows[mode]["verdict"] == "cannot decide"  # 3 pairs can never reach 0.05
-    r.table()
-    printed = capsys.readouterr().out
+    printed = str(r.table())
     assert "hidden" in printed and "±" in printed
     paths = r.save(tmp_path)
     assert len(paths) == 9

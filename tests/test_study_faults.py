@@ -45,6 +45,18 @@ def test_not_a_database(tmp_path: Path) -> None:
     assert rc == 2 and "no results database" in one_line_error(err)
 
 
+def test_a_database_killed_before_its_tables_is_started_afresh(reference: Path, tmp_path: Path) -> None:
+    # a kill between SQLite creating the file and psa creating its tables leaves an empty database
+    import sqlite3
+
+    db = tmp_path / "k.sqlite"
+    sqlite3.connect(db).close()
+    assert db.is_file()
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
+
+
 def test_unusable_database_path(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     rc, out, err = run_main(["study", *TINY, "--db", "afile/psa.sqlite"], tmp_path)

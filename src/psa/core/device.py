@@ -61,26 +61,35 @@ class Execution:
         return "triton" if self.triton else "torch"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
-    if name == "auto":
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist (else one
+    ConfigError line saying why it is not available, never torch's own error)."""
+    if isinstance(name, str) and name.strip().lower() == "auto":
         if torch.cuda.is_available():
             return canonical_device("cuda")
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}") from None
+        dev = torch.device(name.strip() if isinstance(name, str) else name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}: give 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    what = f"device {str(dev)!r} is not available"
     if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ConfigError(f"{what}: this torch ({torch.__version__}) was built without CUDA")
         if not torch.cuda.is_available():
-            raise ConfigError("device cuda requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s)")
+            raise ConfigError(f"{what}: torch {torch.__version__} finds no CUDA device (check the driver and "
+                              f"CUDA_VISIBLE_DEVICES)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{what}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                              f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})")
     if dev.type == "mps" and not _mps_available():
-        raise ConfigError("device mps requested but MPS is not available")
+        mps = getattr(torch.backends, "mps", None)
+        built = mps is not None and mps.is_built()
+        raise ConfigError(f"{what}: " + ("this machine has no MPS device" if built
+                                         else f"this torch ({torch.__version__}) was built without MPS"))
     return canonical_device(dev)
 
 

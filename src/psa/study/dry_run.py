@@ -154,7 +154,7 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
          f"{int(data.val_y.numel()):,} per meta-loop, + the test set once)"),
         f"estimate on {est.device} in {precision}: {fmt_seconds(est.total)} {pm} for the whole "
         f"study, one population at a time, {fmt_seconds(est.startup_s)} of it the process's start-up and "
-        f"shut-down (imports, data, exit)"
+        f"shut-down (imports, data, first-use costs, exit)"
         + (f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do" if existing is not None else ""),
         f"calibration: {est.describe()}",
     ]

@@ -45,7 +45,9 @@ class ModelKind(Protocol):
       into a start (CheckpointError if they are not this kind's); `start_net(start)` is the net a
       start trains, in the form of a PopulationPlan's `net`.
     - Sizes and costs: `population_size(budget)`, `bytes_per_member(net, data, ex)` (device
-      memory), `loop_cost(pp)` (a loop's relative work: the plan's order and the progress bars).
+      memory), `loop_cost(pp)` (a loop's relative work, analytic: the plan's order) and
+      `cost_terms(pp)` (its positive terms, which add up to it: what a study's calibration
+      fits to the shapes it probed, for those it did not, psa.study.calibration).
     """
 
     design: StudyDesign
@@ -81,7 +83,10 @@ class ModelKind(Protocol):
         """Device memory one member of `net` needs to train under `ex`."""
 
     def loop_cost(self, pp: PopulationPlan) -> float:
-        """A meta-loop's relative work."""
+        """A meta-loop's relative work (positive)."""
+
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float, ...]:
+        """loop_cost's terms, one per kind of cost the kind models."""
 
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """What the dry run shows of a net: params, flops_per_example (forward, None if not
@@ -161,6 +166,13 @@ class OwnNets:
         d = self.design
         return DEFAULT_CALIBRATION.loop_seconds(design_arch(d, pp.net), pp.size, d.hparams.batch_size, d.n_train,
                                                 d.model)
+
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float, float]:
+        """The time model's compute (FLOPs) and per-layer-step terms: a deep narrow net is all
+        the second, a wide one all the first, and a device prices them differently."""
+        d = self.design
+        return DEFAULT_CALIBRATION.loop_terms(design_arch(d, pp.net), pp.size, d.hparams.batch_size, d.n_train,
+                                              d.model)
 
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """Parameters and forward FLOPs of the architecture."""

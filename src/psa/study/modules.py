@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +65,13 @@ def module_data(data: Dataset) -> Dataset:
 _FACTORIES: dict[str, MakeModel] = {}
 
 
-def make_model(factory: str) -> MakeModel:
-    """The function `factory` (module:function) names, imported once per process."""
+def make_model(factory: str, root: str | None = None) -> MakeModel:
+    """The function `factory` (module:function) names, imported once per process; `root`: a
+    directory its module may live in (the study's driver's working directory: a Ray worker
+    runs elsewhere), searched after sys.path."""
     if factory not in _FACTORIES:
+        if root is not None and root not in sys.path:
+            sys.path.append(root)
         _FACTORIES[factory] = resolve_factory(factory)
     return _FACTORIES[factory]
 
@@ -174,6 +180,10 @@ class ModuleModels:
         self.design = design
         self.infos: dict[str, ModuleInfo] = {}  # per factory, once check() has run
         self.batching: dict[str, tuple[bool, str]] = {}  # per factory: (members together, why)
+        # where the factories are imported from: the command's working directory, which a Ray
+        # worker (started in a directory of Ray's) adds to its path (a cluster's nodes need the
+        # module at the same path, or installed)
+        self.import_root = os.getcwd()
 
     def data_view(self, data: Dataset) -> Dataset:
         """Images as images (module_data)."""
@@ -266,6 +276,10 @@ class ModuleModels:
         """A factory's cost is not modelled: by members."""
         return float(pp.size)
 
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float]:
+        """By members, one term."""
+        return (float(pp.size),)
+
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """What the factory built: parameters, forward FLOPs (torch's counter) and unit layers."""
         info = self.infos.get(net) or inspect_factory(net, self.design, data)
@@ -279,8 +293,8 @@ class ModuleModels:
         on the path the study stored."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its notes were said once, when the study was checked
-            pop = ModulePopulation.create(make_model(pp.net), pp.members(self.design), data, ex.device,
-                                          n_classes=data.n_classes, factory=pp.net)
+            pop = ModulePopulation.create(make_model(pp.net, self.import_root), pp.members(self.design), data,
+                                          ex.device, n_classes=data.n_classes, factory=pp.net)
         if start is not None:
             start.restore(pop)
         batched, why = self.batching.get(pp.net, BATCHED_BEFORE_AUTO)

@@ -62,10 +62,21 @@ class Layout(Protocol):
     """Where a population's flat buffer keeps each Linear layer (psa.core.mlp.population.Layout):
     the kernels read it, and know nothing else of populations."""
 
-    blocks: tuple[tuple[int, int, int, int], ...]  # (weight offset, bias offset, out, in) per Linear layer
-    size_m: int  # members
-    numel: int  # floats in the buffer
-    model: str  # psa.core.model.MODELS
+    @property
+    def blocks(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(weight offset, bias offset, out, in) of every Linear layer."""
+
+    @property
+    def size_m(self) -> int:
+        """Members."""
+
+    @property
+    def numel(self) -> int:
+        """Floats in the buffer."""
+
+    @property
+    def model(self) -> str:
+        """psa.core.model.MODELS."""
 
 # Widest equal-width stack the compiled code takes (its template instantiations).
 MAX_WIDTH = 8
