@@ -31,7 +31,7 @@ from psa.analysis.stats import StatsConfig, paired_comparisons, summarize, varia
 from psa.core.checkpoint import FORMAT, CheckpointError, atomic_write, load_tensors, save_tensors
 from psa.core.errors import MissingDependency
 from psa.core.hparams import HParams
-from psa.core.module.units import Consumer, ModelSpec, UnitLayer
+from psa.core.module.units import Consumer, Cut, ModelSpec, UnitLayer
 from psa.core.variant import Variant
 
 RESULT_FORMAT = "psa-fit-1"
@@ -293,10 +293,13 @@ def _spec_of(d: dict[str, Any]) -> ModelSpec:
         return cls(**{k: convert[k](v) if k in convert else v for k, v in values.items() if k in names})
 
     def layer(v: dict[str, Any]) -> UnitLayer:
-        return build(UnitLayer, v, consumer=lambda c: None if c is None else build(Consumer, c))
+        # JSON gives lists where the spec holds tuples: converted back, so that a loaded result == the saved one
+        return build(UnitLayer, v, consumer=lambda c: None if c is None else build(Consumer, c),
+                     incoming=lambda cs: tuple(build(Cut, c) for c in cs))
 
     return build(ModelSpec, d, layers=lambda ls: tuple(layer(x) for x in ls),
-                 dropouts=lambda ds: tuple((str(n), int(u)) for n, u in ds), notes=tuple)
+                 dropouts=lambda ds: tuple((str(n), int(u)) for n, u in ds), notes=tuple,
+                 tied=lambda ts: tuple((str(p), tuple(str(r) for r in readers)) for p, readers in ts))
 
 
 def _unit(a: Any) -> tuple[str, int] | None:
