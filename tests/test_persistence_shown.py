@@ -1,7 +1,8 @@
-"""Whether an ablation persists, shown where a user looks (docs/module.md#persistence): psa.fit's
-result table (and its saved result.json), `psa study --model module:function`'s start lines, and
-the report of a module study (read from the study's stored plan). The zoo's mlp ablates for real
-(behind a ReLU); ln_mlp's hidden ablation regrows (its LayerNorm mixes the units)."""
+"""Whether an ablation persists, shown where a user looks (docs/module.md#what-it-does-precisely,
+"Where the verdicts appear"): psa.fit's result table (and its saved result.json), the start
+lines of `psa study --model module:function`, and the report of a module study (read from the
+study's stored plan). The zoo's mlp ablates for real (behind a ReLU); ln_mlp's hidden ablation
+regrows (its LayerNorm mixes the units)."""
 
 from __future__ import annotations
 

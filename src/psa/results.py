@@ -208,7 +208,8 @@ class FitResult:
         `layer`, `kind`, `units`, `role`, whether an ablation there persists under `full`,
         `hidden` and `output` ("persists", "regrows", "cannot tell"; "" where the mode never picks
         the layer), and `why`. Where it regrows, training brings the zeroed weights back: a result
-        of that mode on that layer is no lasting ablation (docs/module.md#persistence)."""
+        of that mode on that layer is no lasting ablation (docs/module.md#what-it-does-precisely,
+        "Persistence")."""
         return self.spec.summary_rows()
 
     def table(self) -> SummaryTable:

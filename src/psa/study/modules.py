@@ -260,8 +260,8 @@ class ModuleModels:
 
     def announce(self) -> list[str]:
         """Each factory's path, then once per factory whether an ablation persists in each of its
-        unit layers (docs/module.md#persistence): where it regrows, a `hidden` result is no
-        lasting ablation, which a reader of the study's results needs to know from the start."""
+        unit layers (docs/module.md#what-it-does-precisely, "Persistence"): where it regrows, a
+        `hidden` result is no lasting ablation, which a reader of the results needs to know."""
         lines = [f"{f}: {batching_text(*self.batching[f])}" for f in self.design.nets if f in self.batching]
         for f in self.design.nets:
             info = self.infos.get(f)

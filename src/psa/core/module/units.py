@@ -1,5 +1,5 @@
 """What PSA can ablate in a model of your own, found once by running and tracing it
-(docs/module.md#units):
+(docs/module.md#what-it-does-precisely, "Units"):
 
 - its unit layers, in the order the forward first calls them: the output features of every
   nn.Linear, the output channels of every nn.Conv1d/2d/3d, the heads of every
