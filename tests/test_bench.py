@@ -122,6 +122,17 @@ def test_generic_cnn_runs_small(tmp_path: Path) -> None:
     assert [ln.split()[0] for ln in out.splitlines()[-3:]] == ["none", "hidden", "output"]
 
 
+def test_zoo_runs_runs_small(tmp_path: Path) -> None:
+    out_file = tmp_path / "zoo.md"
+    out = smoke("zoo_runs.py", "--family", "mlp", "gru", "--trials", "1", "--meta-loops", "1", "--train", "128",
+                "--out", str(out_file), cwd=tmp_path)
+    assert "| family | path | unit layers | none (bounty %) |" in out
+    rows = {ln.split("|")[1].strip(): ln for ln in out.splitlines() if ln.startswith("| mlp") or ln.startswith("| gru")}
+    assert "vmap" in rows["mlp"] and "one at a time" in rows["gru"]
+    assert "hidden" in rows["gru"].split("|")[6]  # a GRU with a Linear head has no hidden unit layer: not run
+    assert out_file.read_text() in out
+
+
 @pytest.mark.slow
 def test_long_runs_runs_small(tmp_path: Path) -> None:
     # six loops: the kill at loop 3 must land while the study still has loops to run
