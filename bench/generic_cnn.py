@@ -11,7 +11,7 @@ psa standardises them (MNIST: 0.1307, 0.3081; Fashion-MNIST: its training pixels
    together (vmap) and one member at a time (plain autograd), side by side in this run, on
    the first `--speed-train` training images, for each of `--speed-models` (the CNN below,
    tests/factories.py's, a wider CNN, an MLP); whether both paths gave the same records, and
-   which path batched="auto" picks for the model on this device (psa.core.generic.auto_batched).
+   which path batched="auto" picks for the model on this device (psa.core.module.engine.auto_batched).
 2. The study: `--trials` x `--loops` on each set, the summary table of each.
 
     python bench/generic_cnn.py --out bench/results/generic_cnn-cpu.txt

@@ -135,6 +135,9 @@ def study_part(args: argparse.Namespace, tmp: Path, doc: dict) -> None:
         print(f"| {s['loops']} | {s['rows']} | {s['db_bytes']:,} | {per:.1f} | {ck} |")
         prev = s
     killed, _ = run_polled(args.loops, [], tmp / "b.sqlite", kill_at=args.loops // 2)
+    if not killed or killed[0]["loops"] >= args.loops:
+        # the study outran the polling: there was nothing to resume, so nothing to compare
+        raise SystemExit(f"the study finished before loop {args.loops // 2} could be killed: give it more --loops")
     p = subprocess.run(psa(*study_args(args.loops, tmp / "b.sqlite")), cwd=tmp, capture_output=True, text=True)
     same = p.returncode == 0 and rows_of(tmp / "a.sqlite") == rows_of(tmp / "b.sqlite")
     doc["study"]["resume"] = {"killed_at_loop": killed[0]["loops"], "rerun_rc": p.returncode,

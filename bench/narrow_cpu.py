@@ -99,22 +99,25 @@ def main() -> None:
                     help="training steps timed per meta-loop (scaled to 196); 0: whole epochs on all 50,000 images")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="leave the plain torch path out")
+    ap.add_argument("--gemm-size", type=int, default=2048,
+                    help="n of the n x n sgemm that measures the GEMM rate (default 2048; smaller: a quicker, "
+                         "lower rate)")
     args = ap.parse_args()
     paths = ("step",) if args.no_torch else ("torch", "step")
     torch.set_num_threads(args.threads)
     archs = ([parse_arch(a) for a in args.arch] if args.arch
              else [a for a in study_architectures() if max(a.hidden) <= 8])
     ds = data.load("mnist")
-    rate = gemm_rate()
+    rate = gemm_rate(args.gemm_size)
     epoch = (f"{args.steps} steps scaled to {EPOCH_STEPS}" if args.steps
              else f"a whole epoch ({EPOCH_STEPS} steps, {N_TRAIN:,} images)")
-    print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s (2048^3 sgemm, best of 3); "
+    print(f"cpu, {args.threads} threads; GEMM rate {rate / 1e9:.1f} GFLOP/s ({args.gemm_size}^3 sgemm, best of 3); "
           f"one meta-loop of 60 members = {epoch} + validation on {N_VAL:,}")
     print("| arch | params | GEMM GFLOP/s | FLOP floor s | " + " | ".join(f"{p} s" for p in paths) + " | "
           + " | ".join(f"{p}/floor" for p in paths) + " |" + (" step vs torch |" if len(paths) > 1 else ""))
     print("|---|---:|---:|---:|" + "---:|" * (2 * len(paths) + (len(paths) > 1)))
     for arch in archs:
-        rate = gemm_rate()
+        rate = gemm_rate(args.gemm_size)
         engs = engines(arch, ds, args.steps, paths)
         for eng in engs:  # warm-up: allocations, the library's first call
             eng.train_epoch(1)
@@ -122,7 +125,7 @@ def main() -> None:
         for _ in range(args.repeat):
             for i, eng in enumerate(engs):
                 best[i] = min(best[i], loop_seconds(eng, args.steps))
-        rate = max(rate, gemm_rate())
+        rate = max(rate, gemm_rate(args.gemm_size))
         fl = floor_seconds(arch, rate)
         print(f"| {arch.short} | {arch.params:,} | {rate / 1e9:.0f} | {fl:.3f} | "
               + " | ".join(f"{t:.3f}" for t in best) + " | " + " | ".join(f"{t / fl:.1f}" for t in best)

@@ -70,13 +70,16 @@ def peak_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def plan(arch) -> tuple[int, int]:
-    """(timed steps, sampled one-by-one models): whole epochs while that stays quick."""
+def plan(arch, steps: int | None = None, sampled: int | None = None) -> tuple[int, int]:
+    """(timed steps, sampled one-by-one models): whole epochs while that stays quick; `steps` and
+    `sampled` override the choice by size."""
     if arch.params <= 30_000:
-        return EPOCH_STEPS, 12
-    if arch.params <= 200_000:
-        return 48, 6
-    return 12, 6
+        auto = EPOCH_STEPS, 12
+    elif arch.params <= 200_000:
+        auto = 48, 6
+    else:
+        auto = 12, 6
+    return (auto[0] if steps is None else steps), (auto[1] if sampled is None else sampled)
 
 
 def truncated(ds, steps: int):
@@ -230,13 +233,13 @@ def time_vmap(arch, ds, steps):
     return t_train, t_val
 
 
-def measure(arch_text: str, method: str) -> dict:
+def measure(arch_text: str, method: str, steps: int | None = None, sampled: int | None = None) -> dict:
     from psa.core import data
     from psa.core.arch import parse_arch
 
     arch = parse_arch(arch_text)
     ds = data.load()
-    steps, sampled = plan(arch)
+    steps, sampled = plan(arch, steps, sampled)
     base = reset_peak()
     timer = {
         "engine": time_engine,
@@ -259,23 +262,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=ARCHS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--steps", type=int, help="training steps timed per meta-loop, scaled to 196 (default: a whole "
+                    "epoch up to 30,000 parameters, 48 steps up to 200,000, else 12)")
+    ap.add_argument("--sampled", type=int, help="one-by-one models timed of the 60 (default 12 up to 30,000 "
+                    "parameters, else 6)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--one", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps is not None and not 1 <= args.steps <= EPOCH_STEPS:
+        ap.error(f"--steps must be in 1..{EPOCH_STEPS}")
+    if args.sampled is not None and not 1 <= args.sampled <= len(MODES) * len(SEEDS):
+        ap.error(f"--sampled must be in 1..{len(MODES) * len(SEEDS)}")
     if args.one:
-        print(json.dumps(measure(*args.one)))
+        print(json.dumps(measure(*args.one, args.steps, args.sampled)))
         return
+    # the child measures with the same overrides
+    sizes = [*(["--steps", str(args.steps)] if args.steps is not None else []),
+             *(["--sampled", str(args.sampled)] if args.sampled is not None else [])]
 
     from rich.console import Console
     from rich.table import Table
 
     rows = []
+    failed = 0
     console = Console(width=160)
     for a in args.arch:
         for method in args.methods:
-            p = subprocess.run([sys.executable, __file__, "--one", a, method], capture_output=True, text=True)
+            p = subprocess.run([sys.executable, __file__, "--one", a, method, *sizes], capture_output=True, text=True)
             if p.returncode != 0:
                 console.print(f"[red]{a} {method} failed[/]\n{p.stderr[-2000:]}")
+                failed += 1
                 continue
             row = json.loads(p.stdout.strip().splitlines()[-1])
             rows.append(row)
@@ -302,6 +318,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, fh, indent=1)
+    if failed:  # the table shows what did run; the status says that some did not
+        sys.exit(f"{failed} measurement(s) failed")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ bounty) is compared, per architecture and mode, between fp32 and every reduced p
 
 Holm's correction runs over all cells of one precision and test. Results are cached per
 (architecture, precision) in the JSON output as they finish, so a long CPU run can be resumed.
-Off a GPU, tf32 and bf16 are emulated (operands rounded, fp32 products: psa.precision).
+Off a GPU, tf32 and bf16 are emulated (operands rounded, fp32 products: psa.core.precision).
 
     python bench/precision.py --arch 8*8 1*128 --device cpu
     python bench/precision.py                     # 1*2048, 1*128, 8*8 on the GPU
@@ -19,6 +19,7 @@ Off a GPU, tf32 and bf16 are emulated (operands rounded, fp32 products: psa.prec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["1*2048", "1*128", "8*8"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16"])
     ap.add_argument("--meta-loops", type=int, default=100)
+    ap.add_argument("--train-subset", type=int, help="train on the first N training images only (default all); "
+                    "validation stays whole")
     ap.add_argument("--kernels", default="auto", choices=("auto", "torch", "triton"))
     ap.add_argument("--out", help="JSON results and cache (default bench/results/precision-<device>.json)")
     args = ap.parse_args()
@@ -116,20 +119,26 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.exists() else {}
     cache = doc.get("runs", {})
     ds = psa_data.load("mnist", device=device)
+    if args.train_subset:
+        ds = dataclasses.replace(ds, train_x=ds.train_x[: args.train_subset], train_y=ds.train_y[: args.train_subset])
     for a in args.arch:
         for p in args.precisions:
             key = f"{a}|{p}"
-            if key in cache and cache[key].get("meta_loops") == args.meta_loops:
+            # a cached run counts only if it trained as this one would (a cache from before --train-subset
+            # trained on every image: no train_subset, as the default)
+            cached = cache.get(key, {})
+            if cached.get("meta_loops") == args.meta_loops and cached.get("train_subset") == args.train_subset:
                 continue
             r = train(a, p, args.meta_loops, ds, args.kernels)
-            cache[key] = {**r, "meta_loops": args.meta_loops}
+            cache[key] = {**r, "meta_loops": args.meta_loops, "train_subset": args.train_subset}
             console.print(f"{a:>7} {p:<5} {r['seconds']:8.1f} s  " + "  ".join(
                 f"{m} {np.mean(v):.2f}" for m, v in r["bounty"].items()))
             doc = {"device": desc, "torch": torch.__version__, "runs": cache}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(doc, indent=1))
     rows = compare(cache, args.arch, args.precisions)
-    t = Table(title=f"peak validation accuracy, 10 trials per cell, {args.meta_loops} meta-loops, on {desc}")
+    subset = f", first {args.train_subset:,} training images" if args.train_subset else ""
+    t = Table(title=f"peak validation accuracy, 10 trials per cell, {args.meta_loops} meta-loops{subset}, on {desc}")
     for col in ("arch", "mode", "prec", "fp32 mean±std", "low mean±std", "Δ mean", "p sign-flip", "p MWU", "p KS",
                 "Holm min"):
         t.add_column(col, justify="right")
@@ -139,8 +148,8 @@ def main() -> None:
                   f"{r['p_mann_whitney']:.3f}", f"{r['p_ks']:.3f}",
                   f"{min(r['p_sign_flip_holm'], r['p_mann_whitney_holm'], r['p_ks_holm']):.3f}")
     console.print(t)
-    doc = {"device": desc, "torch": torch.__version__, "meta_loops": args.meta_loops, "runs": cache,
-           "comparison": rows}
+    doc = {"device": desc, "torch": torch.__version__, "meta_loops": args.meta_loops,
+           "train_subset": args.train_subset, "runs": cache, "comparison": rows}
     out.write_text(json.dumps(doc, indent=1))
     console.print(f"wrote {out}")
 

@@ -63,14 +63,14 @@ class Timers:
 
 
 def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, float]:
-    from psa.core.mlp import chunk as chunk_mod
-    from psa.core.kernels import cpu_stack
-    from psa.core.mlp import engine as engine_mod
     from psa.core.arch import parse_arch
     from psa.core.data import Dataset
     from psa.core.device import resolve_execution
     from psa.core.mlp.engine import Engine
     from psa.core.hparams import HParams
+    from psa.core.kernels import cpu_stack
+    from psa.core.mlp import chunk as chunk_mod
+    from psa.core.mlp import step as step_mod
     from psa.core.mlp.population import Population
 
     arch = parse_arch(arch_text)
@@ -95,13 +95,13 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
         originals.append((eng.paths.mm, name, tm.wrap(eng.paths.mm, name, mm_phase)))
     originals.append((cpu_stack, "train_step", tm.wrap(cpu_stack, "train_step",
                                                          lambda a: "fused step" if in_step[0] else None)))
-    # the engine's AdamW step (psa.core.chunk.adamw_step, as the engine module imported it): after its
-    # first step it calls the fused kernel without torch.optim.AdamW.step
-    originals.append((engine_mod, "adamw_step", tm.wrap(engine_mod, "adamw_step", "AdamW")))
+    # the engine's AdamW step (psa.core.optim.adamw_step, as the step module that calls it imported it):
+    # after its first step it calls the fused kernel without torch.optim.AdamW.step
+    originals.append((step_mod, "adamw_step", tm.wrap(step_mod, "adamw_step", "AdamW")))
     originals.append((chunk_mod.Chunk, "begin", tm.wrap(chunk_mod.Chunk, "begin", "begin")))
     originals.append((eng, "count_correct", tm.wrap(eng, "count_correct", "validation")))
-    fb = eng._forward_backward
-    step = eng._step
+    fb = eng.step.forward_backward
+    step = eng.step
 
     def timed_fb(*a, **k):
         t0 = time.perf_counter()
@@ -119,8 +119,8 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
             in_step[0] = False
             tm.t["step"] += time.perf_counter() - t0
 
-    eng._forward_backward = timed_fb
-    eng._step = timed_step
+    step.forward_backward = timed_fb  # type: ignore[method-assign]
+    eng.step = timed_step  # type: ignore[assignment]  # the chunks call what the engine hands them
     t0 = time.perf_counter()
     eng.meta_loop()
     total = time.perf_counter() - t0
@@ -136,25 +136,28 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
     return out
 
 
-def profile_study(threads: int) -> dict[str, float]:
-    """A tiny study in this process (4*2, 10 trials of 6 modes, 3 meta-loops on 2,560 images, a
-    checkpoint every loop): its wall time, and the time inside the store's writes and checkpoints."""
+def profile_study(trials: int = 10, meta_loops: int = 3, train_subset: int = 2560) -> dict[str, float]:
+    """A tiny study in this process (4*2, `trials` trials of 6 modes, `meta_loops` meta-loops on
+    `train_subset` images, a checkpoint every loop): its wall time, and the time inside the
+    store's writes and checkpoints."""
     from psa.cli import main
     from psa.study import driver, store
 
     tm = Timers()
     originals = [(store, n, tm.wrap(store, n, "store writes")) for n in
                  ("record_loop", "finish_trials", "mark_running", "create_study", "start_run", "end_run")]
-    originals.append((driver, "save_population", tm.wrap(driver, "save_population", "checkpoints")))
+    originals.append((driver, "save_tensors", tm.wrap(driver, "save_tensors", "checkpoints")))
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["study", "--arch", "4*2", "--trials", "10", "--meta-loops", "3", "--train-subset", "2560",
+        argv = ["study", "--arch", "4*2", "--trials", str(trials), "--meta-loops", str(meta_loops),
+                "--train-subset", str(train_subset),
                 "--db", str(Path(tmp) / "p.db"), "--name", "profile", "--quiet", "--checkpoint-every", "1"]
         t0 = time.perf_counter()
         try:
-            main(argv)
+            rc = main(argv)
         except SystemExit as e:
-            if e.code not in (0, None):
-                raise
+            rc = e.code
+        if rc not in (0, None):  # psa reports a user error by its status: timings of a failed study mean nothing
+            raise SystemExit(f"the tiny study failed (psa exit status {rc})")
         total = time.perf_counter() - t0
     for obj, name, fn in originals:
         setattr(obj, name, fn)
@@ -168,6 +171,9 @@ def main() -> None:
     ap.add_argument("--arch", nargs="*", default=["4*2", "16*2", "64*1", "18*18"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=10, help="the tiny study's trials per mode")
+    ap.add_argument("--meta-loops", type=int, default=3, help="the tiny study's meta-loops")
+    ap.add_argument("--train-subset", type=int, default=2560, help="the tiny study's training images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = data.load("mnist")
@@ -178,9 +184,10 @@ def main() -> None:
     print("|---|" + "---:|" * len(cols))
     for ph in (*ORDER, "total"):
         print(f"| {ph} | " + " | ".join(f"{res[c][ph]:.3f}" for c in cols) + " |")
-    st = profile_study(args.threads)
+    st = profile_study(args.trials, args.meta_loops, args.train_subset)
     print()
-    print("tiny study (4*2, 60 trials, 3 meta-loops on 2,560 images, checkpoint every loop), seconds")
+    print(f"tiny study (4*2, {6 * args.trials} trials, {args.meta_loops} meta-loops on {args.train_subset:,} images, "
+          "checkpoint every loop), seconds")
     print("| study wall | store writes | checkpoints |")
     print("|---:|---:|---:|")
     print(f"| {st['study wall']:.2f} | {st['store writes']:.3f} | {st['checkpoints']:.3f} |")

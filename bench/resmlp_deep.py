@@ -17,7 +17,7 @@ from collections import defaultdict
 from psa.analysis.results import Trial, load_published
 from psa.analysis.stats import StatsConfig, paired_comparisons, summaries
 
-ZERO_R = 11.02  # the validation ZeroR of the MNIST split (README)
+ZERO_R = 11.02  # the validation ZeroR of the MNIST split (docs/datasets.md)
 
 
 def study_trials(con: sqlite3.Connection, study: str) -> tuple[list[Trial], int]:

@@ -6,6 +6,7 @@ compares the trial rows, the meta-loop rows, the stored designs and run.json byt
 
     python bench/same_results.py                 # HEAD against the working tree
     python bench/same_results.py --before 3105e58
+    python bench/same_results.py --parts study --trials 1 --meta-loops 1 --train-subset 256   # a quick look
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -75,37 +77,86 @@ def study_rows(db: Path) -> tuple[list[dict], list[dict], dict]:
     return trials, loops, design
 
 
-def results_of(src: Path, work: Path) -> dict[str, object]:
-    """Trial rows, meta-loop rows, stored design of both studies, and run.json of one version."""
-    work.mkdir(parents=True)
-    run_psa(src, [*STUDY, "--db", str(work / "study.sqlite")], work)
+def with_value(argv: list[str], flag: str, value: int | None) -> list[str]:
+    """`argv` with `flag`'s value replaced by `value` (kept where `value` is None)."""
+    if value is None:
+        return argv
+    out = list(argv)
+    out[out.index(flag) + 1] = str(value)
+    return out
+
+
+def sized(argv: list[str], args: argparse.Namespace) -> list[str]:
+    """A run's arguments at the sizes asked for (each flag where the run has it)."""
+    for flag, value in (("--trials", args.trials), ("--meta-loops", args.meta_loops),
+                        ("--train-subset", args.train_subset)):
+        if flag in argv:
+            argv = with_value(argv, flag, value)
+    return argv
+
+
+def own_study(src: Path, work: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The study of psa's own nets: its trial and meta-loop rows and stored design."""
+    run_psa(src, [*sized(STUDY, args), "--db", str(work / "study.sqlite")], work)
     trials, loops, design = study_rows(work / "study.sqlite")
+    return {"trial rows": trials, "meta-loop rows": loops, "stored design": design}
+
+
+def module_study(src: Path, work: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The study of a model of your own: its trial and meta-loop rows and stored design."""
     (work / "samefactories.py").write_text(FACTORIES)
-    run_psa(src, [*MODULE_STUDY, "--db", str(work / "module.sqlite")], work)
+    run_psa(src, [*sized(MODULE_STUDY, args), "--db", str(work / "module.sqlite")], work)
     m_trials, m_loops, m_design = study_rows(work / "module.sqlite")
-    out = json.loads(run_psa(src, [*TRAIN, "--out", str(work / "run")], work))
+    return {"module trial rows": m_trials, "module loop rows": m_loops, "module design": m_design}
+
+
+def train_run(src: Path, work: Path, args: argparse.Namespace) -> dict[str, object]:
+    """One `psa train`: its printed summary and run.json."""
+    out = json.loads(run_psa(src, [*sized(TRAIN, args), "--out", str(work / "run")], work))
     run_json = json.loads((work / "run" / "run.json").read_text())
     strip = lambda d: {k: v for k, v in d.items() if k not in TIMING}  # noqa: E731
-    return {"trial rows": trials, "meta-loop rows": loops, "stored design": design,
-            "module trial rows": m_trials, "module loop rows": m_loops, "module design": m_design,
-            "psa train summary": strip(out), "run.json": strip(run_json)}
+    return {"psa train summary": strip(out), "run.json": strip(run_json)}
+
+
+PARTS: dict[str, Callable[[Path, Path, argparse.Namespace], dict[str, object]]] = {
+    "study": own_study, "module": module_study, "train": train_run}
+
+
+def results_of(src: Path, work: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Trial rows, meta-loop rows, stored design of both studies, and run.json of one version
+    (of the parts in args.parts)."""
+    work.mkdir(parents=True)
+    out: dict[str, object] = {}
+    for part in args.parts:
+        out.update(PARTS[part](src, work, args))
+    return out
 
 
 def main() -> int:
     """Compare the two versions and print one line per kind of result."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", default="HEAD", help="git revision to compare against (default HEAD)")
+    ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS),
+                    help="what to run: the study of psa's nets, the study of a model of your own, psa train "
+                         "(default all three)")
+    ap.add_argument("--trials", type=int, help="trials per cell of both studies (default 2)")
+    ap.add_argument("--meta-loops", type=int, help="meta-loops of every run (default 5 for the study of psa's nets, "
+                    "3 for the others)")
+    ap.add_argument("--train-subset", type=int, help="training images of both studies (default 4096 for psa's "
+                    "nets, 1024 for the model of your own; psa train takes all)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        before = results_of(export_tree(args.before, t / "before-tree"), t / "before")
-        after = results_of(ROOT / "src", t / "after")
+        before = results_of(export_tree(args.before, t / "before-tree"), t / "before", args)
+        after = results_of(ROOT / "src", t / "after", args)
     print(f"{'result':<20} {'rows':>6}  same ({args.before} vs working tree)")
     same = True
     # A column that only the working tree's schema has is the same result iff it holds one value
     # in every row: NULL (trials.variant for a study of the paper's engine) or the value every
     # earlier row stands for (trials.model = 'simplemlp'); it is then left out of the comparison.
     for k in ("trial rows", "meta-loop rows", "module trial rows", "module loop rows"):
+        if k not in before:
+            continue
         rows_b, rows_a = before[k], after[k]
         added = sorted({c for r in rows_a for c in r} - {c for r in rows_b for c in r})
         for c in added:

@@ -1,5 +1,5 @@
 """A small CNN for `psa study --model examples.cnn:small_cnn` (run from the repository root):
-README, "Your own model". The CNN of bench/generic_cnn.py with an nn.Dropout before its head,
+docs/module.md, "Studies". The CNN of bench/generic_cnn.py with an nn.Dropout before its head,
 which psa drives in `dropout` mode only (an identity in every other mode)."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import sqlite3
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 # Without a GPU, the Triton kernels run in Triton's interpreter. It is chosen when a kernel
-# is decorated, so the variable must be set before psa.kernels is first imported.
+# is decorated, so the variable must be set before psa.core.kernels.programs is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -228,13 +229,22 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "ref.sqlite"
 
 
+def _without_calibration(design: str) -> str:
+    """A stored design without plan.calibration: probe timings of this machine, not results."""
+    doc = json.loads(design)
+    doc.get("plan", {}).pop("calibration", None)
+    return json.dumps(doc)
+
+
 def rows(db: Path) -> dict[str, list[tuple]]:
-    """Every row that results carry, keyed by natural keys, without wall-clock columns or ids."""
+    """Every row that results carry, keyed by natural keys, without wall-clock columns (the
+    design's calibration among them) or ids."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return {
-            "studies": con.execute("SELECT name, design, design_hash, finished_at IS NOT NULL FROM studies "
-                                   "ORDER BY name").fetchall(),
+            "studies": [(name, _without_calibration(design), digest, finished) for name, design, digest, finished in
+                        con.execute("SELECT name, design, design_hash, finished_at IS NOT NULL FROM studies "
+                                    "ORDER BY name")],
             "trials": con.execute(
                 "SELECT s.name, t.arch, t.mode, t.trial, t.seed, t.meta_loops, t.lr, t.batch_size, t.weight_decay, "
                 "t.dropout, t.dataset, t.status, t.bounty, t.bounty_loop, t.test_acc, t.loops_done "

@@ -2,8 +2,8 @@
 torch AdamW).
 
 It draws the same randomness as the engine (initial weights from the seed, the data order,
-the ablated neuron and the dropout noise, all functions of (seed, loop), from psa.rng and
-psa.ablation) and uses nothing else of the product: the engine's batched hand-written
+the ablated neuron and the dropout noise, all functions of (seed, loop), from psa.core.rng and
+psa.core.ablation) and uses nothing else of the product: the engine's batched hand-written
 training must reproduce it.
 """
 
@@ -39,7 +39,7 @@ class OracleResult:
 
 
 def dropout_mask(seed: int, loop: int, step: int, rows: int, units: int, drop: float) -> torch.Tensor:
-    """(rows, units) F.dropout's multiplier for one step of one trial, from psa.rng's hash:
+    """(rows, units) F.dropout's multiplier for one step of one trial, from psa.core.rng's hash:
     one draw per hidden unit of the whole net per step, layers taking consecutive slices."""
     keys = torch.tensor([rng.loop_keys(seed, "dropout", loop)], dtype=torch.int64)
     ks = rng.step_keys(keys, torch.tensor(step, dtype=torch.int64))
@@ -184,7 +184,7 @@ def run_variant(arch: Arch, ds: Dataset, seed: int, mode: str, loops: int, cfg: 
     """`loops` meta-loops of one trial of `mode` with an engine variant (psa.core.variant),
     written plainly: patience with a bounty model apart from the LKG, the AdamW state kept with
     the LKG, several or fixed neurons, a mode schedule. The neurons come from
-    psa.ablation.choose_neurons (randomness, like choose_neuron above); the rest is this loop."""
+    psa.core.ablation.choose_neurons (randomness, like choose_neuron above); the rest is this loop."""
     torch.manual_seed(seed)
     model = SimpleMLP(arch)
     lkg = {k: v.clone() for k, v in model.state_dict().items()}

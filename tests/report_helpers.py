@@ -1,6 +1,6 @@
 """Helpers of the report tests: small results databases built with plain SQL.
 
-The databases follow the schema of `psa.store` (the contract with the study runner) and are
+The databases follow the schema of `psa.study.store` (the contract with the study runner) and are
 filled from the authors' published per-trial peaks, with synthetic meta-loops that reach each
 peak at a known loop, so the tests need neither the study runner nor any training.
 """

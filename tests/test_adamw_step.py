@@ -1,4 +1,4 @@
-"""psa.core.chunk.adamw_step: the fused AdamW's step without torch.optim's per-call Python gives
+"""psa.core.optim.adamw_step: the fused AdamW's step without torch.optim's per-call Python gives
 opt.step()'s bits, across a reset of the state, and falls back to opt.step() when the direct
 call is refused."""
 

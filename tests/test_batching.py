@@ -1,5 +1,5 @@
 """batched="auto": a fixed rule of the model and the device picks the population (vmap) or one
-member at a time (psa.core.generic.auto_batched); its records are the chosen path's, it is said
+member at a time (psa.core.module.engine.auto_batched); its records are the chosen path's, it is said
 once, and a study stores the choice so that a resume trains on the same path."""
 
 from __future__ import annotations

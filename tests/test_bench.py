@@ -1,29 +1,43 @@
-"""The GPU benchmarks run end to end (on the CPU, tiny settings) and write what they promise.
-No timing is asserted here: speed lives in the benchmarks' own output."""
+"""Every script under bench/ runs end to end on a tiny setting (on the CPU) and prints its
+table; the GPU benchmarks also write what they promise. No timing is asserted here: speed lives
+in the benchmarks' own output. The scripts import psa's modules by name, so a reorganisation
+that moves one breaks a script only at run time: these runs are what notices."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import env
+import pytest
+
+from .conftest import env, run_main, study_db
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def run(script: str, *args: str, tmp: Path) -> dict:
-    out = tmp / "out.json"
-    p = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], env=env(), cwd=tmp,
-                       capture_output=True, text=True, timeout=600)
+def smoke(script: str, *args: str, cwd: Path, timeout: float = 300) -> str:
+    """bench/SCRIPT ARGS in a fresh process, checked to exit 0; its stdout."""
+    p = subprocess.run([sys.executable, str(BENCH / script), *args], env=env(), cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(out.read_text())
+    return p.stdout
 
 
+def run(script: str, *args: str, tmp: Path) -> tuple[dict, str]:
+    """bench/SCRIPT ARGS --out JSON, checked to exit 0: the JSON it wrote, its stdout."""
+    out = tmp / "out.json"
+    stdout = smoke(script, *args, "--out", str(out), cwd=tmp, timeout=600)
+    return json.loads(out.read_text()), stdout
+
+
+@pytest.mark.slow
 def test_gpu_study_bench_times_and_extrapolates(tmp_path: Path) -> None:
-    doc = run("gpu_study.py", "--device", "cpu", "--arch", "1*8", "4*2", "--steps", "2", "--loops", "1",
-              tmp=tmp_path)
+    doc, out = run("gpu_study.py", "--device", "cpu", "--arch", "1*8", "4*2", "--steps", "2", "--loops", "1",
+                   tmp=tmp_path)
+    assert "gpu_study on cpu" in out and "est 100 loops" in out
     assert doc["device"].startswith("cpu") and doc["steps_timed"] == 2
     assert {"matmul_fp32_tflops", "copy_gbps"} <= set(doc["peaks"])
     assert [r["arch"] for r in doc["architectures"]] == ["1*8", "4*2"]
@@ -34,9 +48,12 @@ def test_gpu_study_bench_times_and_extrapolates(tmp_path: Path) -> None:
     assert abs(doc["estimate_s"] - sum(r["est_100_loops_s"] for r in doc["architectures"])) < 1e-6
 
 
+@pytest.mark.slow
 def test_precision_bench_compares_every_mode(tmp_path: Path) -> None:
-    doc = run("precision.py", "--device", "cpu", "--arch", "1*4", "--precisions", "fp32", "bf16",
-              "--meta-loops", "1", tmp=tmp_path)
+    doc, out = run("precision.py", "--device", "cpu", "--arch", "1*4", "--precisions", "fp32", "bf16",
+                   "--meta-loops", "1", "--train-subset", "512", tmp=tmp_path)
+    assert "peak validation accuracy, 10 trials per cell, 1 meta-loops, first 512 training images" in out
+    assert doc["train_subset"] == 512 and all(r["train_subset"] == 512 for r in doc["runs"].values())
     assert set(doc["runs"]) == {"1*4|fp32", "1*4|bf16"}
     rows = doc["comparison"]
     assert [r["mode"] for r in rows] == ["none", "decay", "dropout", "full", "hidden", "output"]
@@ -44,3 +61,154 @@ def test_precision_bench_compares_every_mode(tmp_path: Path) -> None:
         assert r["precision"] == "bf16"
         for test in ("p_sign_flip", "p_mann_whitney", "p_ks"):
             assert 0.0 <= r[test] <= r[test + "_holm"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# the CPU benchmarks: each on one tiny net, one or two steps
+
+
+@pytest.mark.slow
+def test_profile_cpu_runs_small(tmp_path: Path) -> None:
+    out = smoke("profile_cpu.py", "--arch", "1*2", "--steps", "1", "--threads", "1", "--trials", "1",
+                "--meta-loops", "1", "--train-subset", "256", cwd=tmp_path)
+    assert "| phase | 1*2 torch | 1*2 auto |" in out
+    assert "| fused step |" in out and "| AdamW |" in out
+    assert "tiny study (4*2, 6 trials, 1 meta-loops on 256 images" in out
+    assert "| study wall | store writes | checkpoints |" in out
+
+
+@pytest.mark.slow
+def test_narrow_cpu_runs_small(tmp_path: Path) -> None:
+    out = smoke("narrow_cpu.py", "--arch", "1*2", "--steps", "1", "--repeat", "1", "--gemm-size", "256",
+                cwd=tmp_path)
+    assert "(256^3 sgemm, best of 3)" in out
+    assert "| arch | params | GEMM GFLOP/s | FLOP floor s | torch s | step s |" in out
+    assert "| 1*2 | 1,600 |" in out
+
+
+@pytest.mark.slow
+def test_population_cpu_runs_small(tmp_path: Path) -> None:
+    # every method, each in its own process as the script runs them
+    out = smoke("population_cpu.py", "--arch", "1*2", "--steps", "1", "--sampled", "1", "--json",
+                str(tmp_path / "rows.json"), cwd=tmp_path)
+    assert "One meta-loop of 60 members on this CPU" in out and "peer / engine" in out
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["engine", "one-by-one", "one-by-one-fused", "vmap"]
+    # no sign is asserted: one step, extrapolated from the difference of two prefixes, is noise
+    assert all(r["steps"] == 1 and r["arch"] == "1*2" for r in rows)
+
+
+# ------------------------------------------------------------------------------------------
+# the scripts that run psa itself
+
+
+@pytest.mark.slow
+def test_estimate_runs_small(tmp_path: Path) -> None:
+    out = smoke("estimate.py", "--arch", "1*2", "--trials", "1", "--meta-loops", "1", "--train-subset", "256",
+                "--out", str(tmp_path / "est"), cwd=tmp_path)
+    assert out.splitlines()[0].split()[:6] == ["arch", "members", "estimate", "s", "+-", "measured"]
+    (row,) = json.loads((tmp_path / "est.json").read_text())["rows"]
+    assert row["arch"] == "1*2" and row["members"] == 6 and row["estimate_s"] > 0 and row["measured_s"] > 0
+    assert "| arch | members | estimate (s) |" in (tmp_path / "est.md").read_text()
+
+
+@pytest.mark.slow
+def test_generic_cnn_runs_small(tmp_path: Path) -> None:
+    out = smoke("generic_cnn.py", "--sets", "mnist", "--trials", "2", "--loops", "1", "--train-subset", "256",
+                "--val-subset", "256", "--speed-train", "256", "--speed-loops", "1", "--speed-repeats", "1",
+                "--speed-models", "small_cnn", "mlp", cwd=tmp_path)
+    assert "records identical" in out
+    assert "mode     bounty mean" in out
+    assert [ln.split()[0] for ln in out.splitlines()[-3:]] == ["none", "hidden", "output"]
+
+
+@pytest.mark.slow
+def test_long_runs_runs_small(tmp_path: Path) -> None:
+    # six loops: the kill at loop 3 must land while the study still has loops to run
+    out = smoke("long_runs.py", "--loops", "6", "--marks", "3", "6", "--train-loops", "1", "--out",
+                str(tmp_path / "long.json"), cwd=tmp_path)
+    assert "| loops | meta_loops rows | database bytes |" in out
+    assert "rows identical to the uninterrupted run: True" in out
+    assert "| psa train 1*2, batch 50000 | meta-loops |" in out
+    doc = json.loads((tmp_path / "long.json").read_text())
+    assert doc["study"]["resume"]["rows_identical"] and doc["train"][0]["records"] == 1
+
+
+def in_git_checkout() -> bool:
+    """Whether bench/ sits in a git checkout (same_results.py exports a revision from it)."""
+    return subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not in_git_checkout(), reason="same_results.py compares against a git revision")
+def test_same_results_runs_small(tmp_path: Path) -> None:
+    # HEAD against the working tree: the same code in a clean checkout. Only the study of psa's
+    # nets: the module study and psa train, even at their smallest, would add about a minute and
+    # a half on a 2-core CPU. An uncommitted change to what psa computes fails here, as the
+    # script means it to.
+    out = smoke("same_results.py", "--before", "HEAD", "--parts", "study", "--trials", "1", "--meta-loops", "1",
+                "--train-subset", "256", cwd=tmp_path)
+    assert "same (HEAD vs working tree)" in out
+    assert [ln.split()[-1] for ln in out.splitlines()[1:]] == ["yes", "yes", "yes"]
+
+
+def test_same_results_help(tmp_path: Path) -> None:
+    out = smoke("same_results.py", "--help", cwd=tmp_path)
+    assert "--before" in out and "--parts" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
+                    reason="torch_pruning is not importable (PYTHONPATH=/tmp/tp: see bench/depgraph_compare.py)")
+def test_depgraph_compare_runs_small(tmp_path: Path) -> None:
+    out = smoke("depgraph_compare.py", "--only", "mlp", "cnn", cwd=tmp_path)
+    assert "| model | input | psa unit layers |" in out
+    assert "| model | layer | type | units psa / DG |" in out
+    assert "| mlp | rows |" in out and "| cnn | images |" in out
+
+
+# ------------------------------------------------------------------------------------------
+# the tables read from a study database: tiny real studies, written by this checkout
+
+STUDY = ["--trials", "2", "--meta-loops", "2", "--train-subset", "256", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def modes_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One database: a SimpleMLP study of 1*2 and a ResMLP study of 2*2 named as
+    examples/resmlp-deep.toml names its studies, every mode, two trials."""
+    db = study_db(tmp_path_factory, "bench-modes", ["--arch", "1*2", "--name", "plain", *STUDY])
+    rc, _, err = run_main(["study", "--arch", "2*2", "--model", "resmlp", "--name", "resmlp-deep-smoke", *STUDY,
+                           "--db", str(db)], db.parent)
+    assert rc == 0, err
+    return db
+
+
+@pytest.fixture(scope="module")
+def variants_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A study of 1*2 with one engine variant beside the paper's engine, every mode, two trials."""
+    return study_db(tmp_path_factory, "bench-variants",
+                    ["--arch", "1*2", "--name", "var", "--variant", "p1 patience=1", *STUDY])
+
+
+def test_dataset_modes_reads_a_study(modes_db: Path, tmp_path: Path) -> None:
+    out = smoke("dataset_modes.py", "--db", str(modes_db), "--arch", "1*2", "--out", str(tmp_path / "t.md"),
+                cwd=tmp_path)
+    assert "1*2 on mnist[train:256]: bounty (peak validation accuracy, %) after meta-loop 2 of 2, 2 trials" in out
+    assert "| mode | mnist[train:256] (n=2) | minus none: mean [min, max] |" in out
+    assert [ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("| ") and "±" in ln] == \
+        ["none", "decay", "dropout", "full", "hidden", "output"]
+    assert (tmp_path / "t.md").read_text() == out
+
+
+def test_resmlp_deep_reads_a_study(modes_db: Path, tmp_path: Path) -> None:
+    out = smoke("resmlp_deep.py", str(modes_db), cwd=tmp_path)
+    assert out.startswith("| arch | mode | ResMLP bounty (loops) | n |")
+    rows = [ln for ln in out.splitlines()[2:] if ln.startswith("| ")]
+    assert len(rows) == 6 and all(r.startswith("| 2*2 |") and "(2) | 2 |" in r for r in rows)
+
+
+def test_variants_table_reads_a_study(variants_db: Path, tmp_path: Path) -> None:
+    out = smoke("variants_table.py", "--db", str(variants_db), cwd=tmp_path)
+    assert "**1*2**, bounty after meta-loop 2 of 2 (24/24 trials finished)" in out
+    assert "| Condition | Trials | Bounty (mean ± std) | Reference |" in out
+    assert "| hidden+p1 | 2 |" in out

@@ -55,7 +55,7 @@ def test_fashion_mnist_ships_verified_and_splits_like_mnist():
     assert (ds.n_in, ds.n_classes) == (784, 10)
     assert ds.train_x.shape == (50_000, 784) and ds.val_x.shape == (10_000, 784) and ds.test_x.shape == (10_000, 784)
     assert ds.source == str(shipped)
-    # its validation ZeroR (README, docs/datasets.md): class 1 (trouser), 1,031 of 10,000
+    # its validation ZeroR (docs/datasets.md): class 1 (trouser), 1,031 of 10,000
     assert torch.bincount(ds.val_y, minlength=10).tolist() == [996, 1031, 1002, 1008, 990, 1009, 1019, 983, 988, 974]
     assert ds.zero_r() == pytest.approx(10.31)
     assert ds.checksum != D.load_dataset("mnist").checksum

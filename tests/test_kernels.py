@@ -1,4 +1,4 @@
-"""psa.kernels against a float64 torch reference, in Triton's interpreter when there is no GPU.
+"""psa.core.kernels.triton_stack against a float64 torch reference, in Triton's interpreter when there is no GPU.
 
 Every check draws fresh random inputs from a seed printed in its assertion message, so a
 failure can be replayed with `case(seed=...)`. Output buffers start poisoned with NaN, so an
@@ -35,7 +35,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class OnDevice:
-    """psa.kernels with every tensor argument copied to DEVICE and every tensor copied back
+    """psa.core.kernels.triton_stack with every tensor argument copied to DEVICE and every tensor copied back
     after the call (outputs are written in place), so that the tests build inputs and check
     results on the CPU while the kernels run where they run: compiled on a GPU, interpreted on
     a CPU (where the copies are the tensors themselves)."""
@@ -118,7 +118,7 @@ class Case:
         return self.flat[start:start + self.M * self.W].view(self.M, self.W)
 
     def noise(self) -> torch.Tensor | None:
-        """(M, B, L*W) dropout multipliers from psa.rng, the definition the kernels must match."""
+        """(M, B, L*W) dropout multipliers from psa.core.rng, the definition the kernels must match."""
         if not self.dropout:
             return None
         return rng.dropout_noise(rng.position_hash(self.B, self.L * self.W, "cpu"), self.ks, self.thr, self.sc)
@@ -293,7 +293,7 @@ def test_reduced_precision(precision, W, L, M, B):
 
 
 def emulated(c: Case, precision: str, acts: torch.Tensor):
-    """The engine's torch path in `precision` on the CPU (psa.precision.Matmul: operands rounded
+    """The engine's torch path in `precision` on the CPU (psa.core.precision.Matmul: operands rounded
     to tf32 or bf16, products in fp32), one layer at a time from the kernel's own activations
     `acts`, so that both sides round the very same operands and can differ only in the order of
     fp32 sums: (activations, {l: weight grad}, {l: bias grad}, dz0), float32."""

@@ -1,4 +1,4 @@
-"""PSA on any nn.Module (psa.core.generic, psa.fit): the same records as psa's engine for an MLP,
+"""PSA on any nn.Module (psa.core.module, psa.fit): the same records as psa's engine for an MLP,
 a CNN and a BatchNorm MLP against a one-at-a-time reference loop, unit and consumer discovery,
 the vmap fallback, checkpoints and bad input."""
 
@@ -108,7 +108,7 @@ EQ_LOOPS = 5  # x 64 steps (63 of 32 images and a last partial batch of 24): 320
 @pytest.fixture(scope="module")
 def mlp_runs(mnist):
     """All six modes x two seeds, 5 loops x 64 steps (the last batch partial), through psa's
-    engine and the generic path side by side; every member's LKG after every loop."""
+    engine and the module engine (psa.core.module) side by side; every member's LKG after every loop."""
     ds = subset(mnist, 2040, 1000)
     assert ds.train_x.shape[0] % ENGINE_HP.batch_size == 24
     members = [ENGINE_HP.member(m, s) for s in (11, 12) for m in MODES]
@@ -133,7 +133,7 @@ def mlp_runs(mnist):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_plain_mlp_gives_the_engines_records(mlp_runs, mode):
-    """The generic path computes a plain MLP with the engine's own operations (baddbmm, its
+    """The module engine computes a plain MLP with the engine's own operations (baddbmm, its
     gradients, its cross-entropy gradient, the same fused AdamW): over 320 steps every record is
     the engine's, the losses within a pass's rounding and the weights within a training run's
     (tests/tolerance.py; where vmap batches as the engine does, they are bit for bit equal)."""
@@ -269,7 +269,7 @@ def test_variants_on_a_cnn_match_the_reference_loop(mnist, specs, batched):
 @pytest.mark.slow
 @pytest.mark.parametrize("specs", [GREEDY_VARIANTS, PERSIST_VARIANTS], ids=["fused-adamw", "member-adamw"])
 def test_variants_on_a_plain_mlp_give_the_engines_records(mnist, specs):
-    """A plain nn.Sequential MLP with every variant through the generic path and its SimpleMLP
+    """A plain nn.Sequential MLP with every variant through the module engine and its SimpleMLP
     through psa's engine: the same units ablated, the same (forced) promotions and candidate
     accuracies, losses, weights and bounty models within rounding (tests/tolerance.py), over 10
     loops x 32 steps of 1,000 images (the last batch of 8)."""
@@ -413,7 +413,7 @@ def test_batched_members_do_not_depend_on_chunking(mnist):
 # psa.fit
 
 
-def test_psa_fit_table_and_checkpoints_load_into_the_factory(mnist, tmp_path, capsys):
+def test_psa_fit_table_and_checkpoints_load_into_the_factory(mnist, tmp_path):
     ds = image_subset(mnist, 128, 200)
     r = psa.fit(small_cnn, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), (ds.test_x, ds.test_y),
                 modes=["output", "none", "hidden"], trials=3, meta_loops=2, batch_size=32, lr=1e-3)
@@ -425,8 +425,7 @@ def test_psa_fit_table_and_checkpoints_load_into_the_factory(mnist, tmp_path, ca
         peaks = [r.bounty[(mode, k)] - r.bounty[("none", k)] for k in (1, 2, 3)]
         assert rows[mode]["diff"] == pytest.approx(sum(peaks) / 3)
         assert rows[mode]["verdict"] == "cannot decide"  # 3 pairs can never reach 0.05
-    r.table()
-    printed = capsys.readouterr().out
+    printed = str(r.table())
     assert "hidden" in printed and "±" in printed
     paths = r.save(tmp_path)
     assert len(paths) == 9
@@ -523,8 +522,8 @@ def no_dropout():
 @pytest.mark.parametrize("factory,mode,message", [
     (no_module, "none", "returned str, not a torch.nn.Module"),
     (no_units, "none", "has no nn.Linear or nn.Conv layer"),
-    (wrong_classes, "none", "the data has 10 classes, so it must give (2, 10) logits"),
-    (no_dropout, "dropout", "sets the rate of every nn.Dropout of the model"),
+    (wrong_classes, "none", "train labels must be in [0, 7) (the model gives 7 logits): label 9 at index 2"),
+    (no_dropout, "dropout", "sets the rate of every dropout of the model"),
     (no_dropout, "hidden", "mode 'hidden' needs a hidden unit layer"),
 ])
 def test_bad_models_are_one_clear_line(mnist, factory, mode, message):

@@ -71,13 +71,16 @@ def test_durations_for_people() -> None:
 
 def test_status_weights_read_the_stored_hyperparameters() -> None:
     """psa status weighs an architecture's trial-loops by the stored design, its batch size
-    included (a quarter of the batch is four times the steps of an epoch)."""
-    from psa.cli.study import _trial_weights
+    included (a quarter of the batch is four times the steps of an epoch), where the study
+    stored no calibration (the analytic weights)."""
+    from psa.cli.study import stored_study_costs
     from psa.study.design import StudyDesign
 
     def weights(**hp) -> dict:
         d = StudyDesign.from_fields(architectures=("1*8", "4*4"), trials=2, meta_loops=3, **hp)
-        return _trial_weights({"design": json.dumps({**d.to_dict(), "plan": {"chunk": 12}})})
+        costs, _ = stored_study_costs({"design": json.dumps({**d.to_dict(), "plan": {"chunk": 12}})})
+        assert not costs.measured
+        return costs.trial_loop
 
     paper, small = weights(), weights(batch_size=64)
     assert set(paper) == set(small) == {"1*8", "4*4"}

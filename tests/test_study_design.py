@@ -195,7 +195,7 @@ def test_population_seconds_adds_the_measured_terms() -> None:
     """A population's estimate from its probe, by hand: set-up and warm-up once, every loop its
     steps, validation and the rest of a loop, the test set once, and a checkpoint after the
     first loop and then every `checkpoint_every` seconds."""
-    from psa.study.estimate import Probe, population_seconds
+    from psa.study.calibration import Probe, population_seconds
 
     d = StudyDesign(nets=("1*8",), trials=2, hparams=HParams(meta_loops=10))  # 196 steps of 256
     p = Probe("1*8", 12, setup_s=1.0, step_s=0.01, spread=0.0, warmup_s=2.0, eval_image_s=1e-5,

@@ -168,7 +168,6 @@ def test_a_factory_that_builds_another_model_is_not_resumed(tmp_path: Path, monk
     (["--model", "tests.factories:no_dropout", "--modes", "dropout"], "has none"),
     (["--model", MLP, "--arch", "1*8"], "is its own architecture"),
     (["--model", MLP, "--model", "resmlp"], "not both"),
-    (["--model", MLP, "--backend", "ray"], "--backend ray does not run"),
     (["--model", MLP, "--precision", "bf16"], "trains in fp32"),
 ])
 def test_bad_module_input_is_one_line_and_writes_nothing(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -91,7 +91,7 @@ def test_ray_backend_gives_the_local_rows_and_survives_a_lost_worker(tmp_path: P
 
 def _worker_events(monkeypatch, checkpoint_every: float, dataset: str = "mnist",
                    data: tuple[str, str | None] = ("mnist", None), worker_cwd: Path | None = None) -> list:
-    """The events of ray_backend's population task run in this process (a stand-in `ray`
+    """The events of psa.study.backends.ray's population task run in this process (a stand-in `ray`
     module answers its one question: no GPU here)."""
     import sys
     import types
@@ -147,3 +147,67 @@ def test_a_ray_worker_ships_its_population_only_when_a_checkpoint_is_due(monkeyp
     assert [ev.checkpoint for ev in every] == [True] * 4
     assert [ev.checkpoint_state()[1]["loop"] for ev in every] == [1, 2, 3, 4]  # copies, not the live population
     assert [ev.rows for ev in every] == [ev.rows for ev in rare]
+
+
+def test_a_ray_worker_trains_a_model_of_your_own_from_the_drivers_directory(tmp_path, monkeypatch) -> None:
+    """A module study's population task, run where the worker runs (not the driver's directory):
+    it imports the factory from the directory the study was started in, and its rows are those
+    of the local backend's run of the same population."""
+    import sys
+    import types
+
+    from psa.study.backends.ray import _population_task
+    from psa.study.design import StudyDesign
+    from psa.study.events import LoopDone
+    from psa.study.kinds import model_kind
+    from psa.study.plan import make_plan
+    from psa.study.runner import design_data, population_events
+    from psa.core.device import resolve_execution
+
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    (driver / "raymodels.py").write_text(
+        "from torch import nn\n\n\ndef mlp():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Linear(8, 10))\n")
+    monkeypatch.chdir(driver)
+    design = StudyDesign.from_fields(model="raymodels:mlp", modes=("none", "hidden"), trials=2, meta_loops=2,
+                                     train_subset=256)
+    kind = model_kind(design)
+    data = design_data(kind, None, torch.device("cpu"))
+    kind.check(data)
+    kind.record(torch.device("cpu"), __import__("psa.study.options", fromlist=["RunOptions"]).RunOptions())
+    pp = make_plan(design, 4).populations[0]
+    local = [ev.rows for ev in population_events(kind, pp, data, None, resolve_execution("cpu"))
+             if isinstance(ev, LoopDone)]
+    # the worker: elsewhere, and without the factory's module imported yet
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    monkeypatch.chdir(worker)
+    monkeypatch.delitem(sys.modules, "raymodels")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in (str(driver), "")])
+    from psa.study import modules
+
+    monkeypatch.setattr(modules, "_FACTORIES", {})
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: []))
+    execution = {"precision": "fp32", "kernels": "auto", "graphs": True}
+    events = list(_population_task(kind, pp, None, 0.0, ("mnist", None), 1, execution, 0.0))
+    assert [ev.rows for ev in events if isinstance(ev, LoopDone)] == local
+
+
+@pytest.mark.slow
+def test_a_module_study_on_ray_gives_the_local_rows(tmp_path: Path) -> None:
+    """`psa study --model ... --backend ray` on a local Ray instance: the rows, design and plan
+    of the local backend's run."""
+    (tmp_path / "raymodels.py").write_text(
+        "from torch import nn\n\n\ndef mlp():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 10))\n")
+    argv = ["study", "--model", "raymodels:mlp", "--modes", "none,dropout,hidden", "--trials", "2",
+            "--meta-loops", "3", "--train-subset", "512", "--name", "mod", "--quiet"]
+    one_thread = dict(env(), OMP_NUM_THREADS="1")  # as each Ray worker trains (--cpus-per-task 1)
+    for db, extra in (("local.sqlite", []), ("ray.sqlite", ["--backend", "ray", "--num-cpus", "2"])):
+        done = subprocess.run(psa_cmd(*argv, "--db", db, *extra), cwd=tmp_path, env=one_thread, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    local, viaray = rows(tmp_path / "local.sqlite"), rows(tmp_path / "ray.sqlite")
+    assert viaray["trials"] == local["trials"] and viaray["meta_loops"] == local["meta_loops"]
+    assert viaray["studies"] == local["studies"]

@@ -331,5 +331,6 @@ def as_json(C: Convergence) -> Mapping:
     """The manifest's summary of the convergence analysis."""
     return {"loops": C.loops, "tail_loops": C.tail_loops,
             "conditions": {x.condition: {"trials": x.trials, "improving": x.improving, "judged": x.judged,
-                                         "improving_share": x.improving_share, "rising": x.rising, "t99_median": x.t99_median,
-                                         "t99_gain_median": x.t99_gain_median} for x in C.conditions}}
+                                         "improving_share": x.improving_share, "rising": x.rising,
+                                         "t99_median": x.t99_median, "t99_gain_median": x.t99_gain_median}
+                           for x in C.conditions}}

@@ -203,7 +203,8 @@ def convergence(archs: Sequence[str], curves: Mapping[tuple[str, str, int], Curv
             data["cells"][f"{a}/{m}"] = cell
     fig.tight_layout()
     files = save(fig, out_dir, name)
-    what = "our trials (thin), our best trial (bold)" + (f", {ref_label} plotted trial (black dashes)" if reference else "")
+    what = ("our trials (thin), our best trial (bold)"
+            + (f", {ref_label} plotted trial (black dashes)" if reference else ""))
     return Figure(name, "Convergence" if not reference else "Convergence against the reference",
                   f"Per-loop candidate validation accuracy for {', '.join(rows)}: {what}. Dotted: ZeroR.", files, data)
 

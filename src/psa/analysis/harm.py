@@ -14,13 +14,14 @@ Per architecture:
 
 How well a measure separates the regimes (`separation`): for each regime R against the rest,
 over the architectures with a regime in I-IV, and for II against I alone (the capacity question:
-optimally sized or over-sized, among nets that learn and that ablation does not help), the area under the ROC curve (the Mann-Whitney
-probability that an R net scores higher than another, ties counted half: 0.5 is no separation,
-0 or 1 perfect) and the best single threshold (either direction): its in-sample accuracy, its
-leave-one-out accuracy (threshold refitted without each net in turn), and the accuracy of always
-answering "not R" (the majority) to beat. Regimes come from the classifier, which reads the same
-mode means, so on regime II ("ablative mean well below the baselines") the harm rate is partly
-circular: the log10 parameter count, which the classifier never reads, is scored alongside.
+optimally sized or over-sized, among nets that learn and that ablation does not help), the area
+under the ROC curve (the Mann-Whitney probability that an R net scores higher than another, ties
+counted half: 0.5 is no separation, 0 or 1 perfect) and the best single threshold (either
+direction): its in-sample accuracy, its leave-one-out accuracy (threshold refitted without each
+net in turn), and the accuracy of always answering "not R" (the majority) to beat. Regimes come
+from the classifier, which reads the same mode means, so on regime II ("ablative mean well below
+the baselines") the harm rate is partly circular: the log10 parameter count, which the
+classifier never reads, is scored alongside.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from psa.analysis.results import arch_params, arch_shape, is_heterogeneous, matc
 from psa.analysis.stats import ABLATION_EFFECTS, CellSummary  # noqa: E402
 from psa.core.arch import N_IN, N_OUT  # noqa: E402
 from psa.core.model import DEFAULT_MODEL  # noqa: E402
-from psa.core.population import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
+from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES  # noqa: E402
 
 EFFECT_COLORS = {
     "beneficial": "#1a9850",
@@ -88,7 +88,8 @@ def _label_points(ax: plt.Axes, archs: Sequence[str], fontsize: float = 6.5) -> 
             ax.annotate(a, (d, w), xytext=(5, 2), textcoords="offset points", fontsize=fontsize, color="#333333")
 
 
-def _square_strip(ax: plt.Axes, archs: Sequence[str], face: Mapping[str, object], marker: Mapping[str, str]) -> list[str]:
+def _square_strip(ax: plt.Axes, archs: Sequence[str], face: Mapping[str, object],
+                  marker: Mapping[str, str]) -> list[str]:
     """The square nets (L*L) in a row, in size order: the diagonal of the map, readable."""
     squares = sorted((a for a in archs if arch_shape(a)[0] == arch_shape(a)[1]), key=lambda a: arch_shape(a)[0])
     ax.set_xlim(-0.6, max(len(squares), 1) - 0.4)

@@ -83,7 +83,8 @@ class Table:
                     f"\\caption{{{_tex(self.title)}}}\\label{{{label}}}\\\\\n\\toprule\n{head}\n\\midrule\n\\endfirsthead\n"
                     f"\\toprule\n{head}\n\\midrule\n\\endhead\n\\bottomrule\n\\endfoot\n"
                     + "\n".join(body) + "\n\\end{longtable}\n")
-        return (f"% {self.title}\n{notes}\\begin{{table}}[htbp]\n\\centering\n\\caption{{{_tex(self.title)}}}\\label{{{label}}}\n"
+        return (f"% {self.title}\n{notes}\\begin{{table}}[htbp]\n\\centering\n"
+                f"\\caption{{{_tex(self.title)}}}\\label{{{label}}}\n"
                 f"\\begin{{tabular}}{{{align}}}\n\\toprule\n{head}\n\\midrule\n" + "\n".join(body)
                 + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
 
@@ -320,7 +321,8 @@ def table_tests(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
     notes = [f"Paired by trial index: {pairing}.",
              "Test: exact two-sided sign-flip (randomisation) test of the mean paired difference over all 2^n sign "
              "assignments; Holm-corrected over the "
-             + ("9 comparisons of each architecture." if unit == "Architecture" else f"comparisons of each {unit.lower()}."),
+             + ("9 comparisons of each architecture." if unit == "Architecture"
+                else f"comparisons of each {unit.lower()}."),
              f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
              "correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over the "
              "architecture's comparisons, is at least alpha).",
@@ -535,8 +537,8 @@ def table_still_improving(C: Convergence) -> Table:
              "Loop to 99% (of the final bounty, and of its gain): medians over the mode's trials (of its gain: "
              "over the trials whose bounty rose at all)."]
     return Table("still_improving", "Which modes still improve in their last 10% of meta-loops",
-                 ["Mode", "Trials", "Still improving", "Share", "Of rising trials", "Cells (majority)", "Mean last-10% rise",
-                  "Median loop to 99%", "Median loop to 99% of gain"], rows, notes + C.notes, raw)
+                 ["Mode", "Trials", "Still improving", "Share", "Of rising trials", "Cells (majority)",
+                  "Mean last-10% rise", "Median loop to 99%", "Median loop to 99% of gain"], rows, notes + C.notes, raw)
 
 
 def table_harm(harms: Sequence[ArchHarm], ablative: Sequence[str] = ABLATIVE_MODES) -> Table:
@@ -568,8 +570,8 @@ def table_harm_separation(seps: Sequence[Separation], rho: Mapping[str, tuple[fl
     for s in seps:
         side = ">" if s.direction == 1 else "<"
         rows.append([MEASURES[s.measure][0], s.regime, f"{s.n_regime}/{s.n}", f"{s.auc:.3f}",
-                     "none (majority)" if s.constant else f"{side} {s.threshold:.4g}", f"{100 * s.accuracy:.1f}%", f"{100 * s.loo_accuracy:.1f}%",
-                     f"{100 * s.majority_accuracy:.1f}%"])
+                     "none (majority)" if s.constant else f"{side} {s.threshold:.4g}", f"{100 * s.accuracy:.1f}%",
+                     f"{100 * s.loo_accuracy:.1f}%", f"{100 * s.majority_accuracy:.1f}%"])
         raw.append(asdict(s))
     notes = ["Each regime against the other three, over the architectures classified I-IV; 'II vs I': the "
              "optimally sized nets against the over-sized ones, those two regimes only.",

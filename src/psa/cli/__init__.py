@@ -34,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
-    parser = _Parser(prog="psa", description="Persistent Stochastic Ablation: the Frustration Engine on populations of MLPs.")
+    parser = _Parser(prog="psa",
+                     description="Persistent Stochastic Ablation: the Frustration Engine on populations of MLPs.")
     from psa import __version__
 
     parser.add_argument("--version", action="version", version=f"psa {__version__}")

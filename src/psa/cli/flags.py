@@ -15,7 +15,8 @@ PAPER = HParams()
 
 
 def add_training_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--lr, --batch-size, --weight-decay, --dropout, --diverged (each None unless given), --device, --dataset, --data-dir."""
+    """--lr, --batch-size, --weight-decay, --dropout, --diverged (each None unless given), --device, --dataset,
+    --data-dir."""
     p.add_argument("--lr", type=real, help=f"AdamW learning rate (default {PAPER.lr:g})")
     p.add_argument("--batch-size", type=positive_int, help=f"training batch size (default {PAPER.batch_size})")
     p.add_argument("--weight-decay", type=real,
@@ -39,7 +40,8 @@ def model_name(text: str) -> str:
     if ":" in text:
         raise argparse.ArgumentTypeError(
             f"{text}: your own model (module:function) trains in a study, e.g. psa study --model {text} --modes "
-            f"none,hidden --trials 1, or with psa.fit (docs/module.md); psa train and psa arch take simplemlp or resmlp")
+            f"none,hidden --trials 1, or with psa.fit (docs/module.md); psa train and psa arch take simplemlp or "
+            f"resmlp")
     try:
         return check_model_name(text)
     except ConfigError as e:

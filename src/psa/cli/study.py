@@ -25,12 +25,14 @@ from psa.study.design import (
     parse_variants,
     resolve_design,
 )
+from psa.study.calibration import StudyCosts, stored_costs
 from psa.study.driver import run_study, stored_design
 from psa.study.dry_run import dry_run
 from psa.study.lock import checkpoint_root, lock_held, lock_owner
 from psa.study.options import DEFAULT_DB, RunOptions
 from psa.study.kinds import model_kind
-from psa.study.plan import make_plan
+from psa.study.eta import status_eta
+from psa.study.plan import Plan, make_plan
 from psa.study.export import export
 from psa.study.store import StoreError
 
@@ -106,7 +108,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         "architectures": archs, "modes": args.modes, "trials": args.trials, "meta_loops": args.meta_loops,
         "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
         "dropout": args.dropout, "diverged": args.diverged, "train_subset": args.train_subset,
-        "dataset": args.dataset, "model": None if args.model is None else args.model[0] if len(args.model) == 1 else tuple(args.model),
+        "dataset": args.dataset,
+        "model": None if args.model is None else args.model[0] if len(args.model) == 1 else tuple(args.model),
         "block_dropout": args.block_dropout, "base_weight_decay": args.base_weight_decay,
         "variants": parse_variants(dict(args.variant)) if args.variant else None,
     }
@@ -149,9 +152,9 @@ def _parse_time(text: str | None) -> datetime.datetime | None:
         return None
 
 
-def _trial_weights(row: Any) -> dict[str, float] | None:
-    """The relative work of a trial-loop of each net (its kind's loop cost), from the stored
-    design and plan."""
+def stored_study_costs(row: Any) -> tuple[StudyCosts, Plan] | None:
+    """Each population's cost (psa.study.calibration: from the stored calibration, else the
+    analytic weights) and the plan, from a studies row's stored design; None if unreadable."""
     d = stored_design(row)
     try:
         design = StudyDesign.from_fields(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
@@ -160,7 +163,7 @@ def _trial_weights(row: Any) -> dict[str, float] | None:
         plan = make_plan(design, int(d["plan"]["chunk"]))  # the population size, under its old name
     except (DesignError, KeyError, TypeError, ValueError):
         return None
-    return {p.net: kind.loop_cost(p) / p.size for p in plan.populations}
+    return stored_costs(kind, plan, d["plan"].get("calibration")), plan
 
 
 def study_status(con: Any, db: Path, row: Any) -> dict[str, Any]:
@@ -205,15 +208,9 @@ def study_status(con: Any, db: Path, row: Any) -> dict[str, Any]:
     if state == "running":
         owner = lock_owner(ckpt / "lock") or {}
         out["owner"] = owner
-        weights = _trial_weights(row)
-        started = _parse_time(run["started_at"]) if run is not None else None
-        if weights and started is not None and run is not None:
-            work_now = sum(weights.get(a["arch"], 0.0) * int(a["loops_done"] or 0) for a in archs)
-            work_total = sum(weights.get(a["arch"], 0.0) * int(a["loops_total"] or 0) for a in archs)
-            gained = work_now - float(run["work_at_start"] or 0.0)
-            elapsed = (now - started).total_seconds()
-            if gained > 0 and elapsed > 0:
-                out["eta_seconds"] = elapsed * (work_total - work_now) / gained
+        costs = stored_study_costs(row)
+        if costs is not None and run is not None:
+            out["eta_seconds"] = status_eta(*costs, archs, dict(run), now)
     elif state == "stopped" and run is not None:
         out["outcome"] = run["outcome"]
     return out
@@ -272,7 +269,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                               f"{' (' + m['batching'] + ')' if m['batching'] else ''}", soft_wrap=True, markup=False)
         if info["state"] == "running":
             eta = "unknown yet" if info["eta_seconds"] is None else fmt_seconds(info["eta_seconds"], rough=True)
-            out_console.print(f"  eta: {eta} (from this run's pace so far)")
+            out_console.print(f"  eta: {eta} (the study's costs left x this run's pace so far)")
         t = Table(show_edge=False, pad_edge=False, box=None)
         for col in ("arch", "trials", "done", "running", "pending", "failed", "meta-loops", "best bounty"):
             t.add_column(col, justify="left" if col == "arch" else "right")

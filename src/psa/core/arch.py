@@ -154,7 +154,8 @@ def matched_arch(reference: Arch, depth: int) -> Arch:
     """The depth*W net whose parameter count is closest to `reference`'s."""
     guess = max(1, round(solve_width(reference.params, depth, reference.n_in, reference.n_out)))
     candidates = [w for w in (guess - 1, guess, guess + 1) if w >= 1]
-    best = min(candidates, key=lambda w: abs(param_count([w] * depth, reference.n_in, reference.n_out) - reference.params))
+    best = min(candidates,
+               key=lambda w: abs(param_count([w] * depth, reference.n_in, reference.n_out) - reference.params))
     return Arch(((depth, best),), reference.n_in, reference.n_out)
 
 

@@ -23,12 +23,12 @@ from psa.core.precision import resolve as resolve_precision
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 # Widest equal-width hidden stack that kernels="auto" runs through the Triton stack kernels:
-# all they take. On an H200 (Triton 3.6, tf32) they beat cuBLAS's batched GEMMs a layer at a
-# time on every deep square measured (bench/results/gpu_study-h200-kernels.md).
+# all they take, since they beat cuBLAS's batched GEMMs a layer at a time on every deep square
+# timed on a card (docs/gpu.md, bench/results/gpu_study-h200.md).
 AUTO_STACK_MAX_WIDTH = 128
 # Widest equal-width hidden stack that kernels="auto" trains through the fused CPU step
-# (psa.core.kernels.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op cost to
-# pay off (bench/results/narrow_cpu.md).
+# (psa.core.kernels.cpu_stack) on a CPU in fp32: where a layer is too narrow for torch's per-op
+# cost to pay off (bench/results/narrow_cpu.md).
 AUTO_CPU_STACK_MAX_WIDTH = 8
 
 
@@ -61,26 +61,35 @@ class Execution:
         return "triton" if self.triton else "torch"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must exist."""
-    if name == "auto":
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must exist (else one
+    ConfigError line saying why it is not available, never torch's own error)."""
+    if isinstance(name, str) and name.strip().lower() == "auto":
         if torch.cuda.is_available():
             return canonical_device("cuda")
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}") from None
+        dev = torch.device(name.strip() if isinstance(name, str) else name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}: give 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    what = f"device {str(dev)!r} is not available"
     if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ConfigError(f"{what}: this torch ({torch.__version__}) was built without CUDA")
         if not torch.cuda.is_available():
-            raise ConfigError("device cuda requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name} requested but this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s)")
+            raise ConfigError(f"{what}: torch {torch.__version__} finds no CUDA device (check the driver and "
+                              f"CUDA_VISIBLE_DEVICES)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{what}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                              f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})")
     if dev.type == "mps" and not _mps_available():
-        raise ConfigError("device mps requested but MPS is not available")
+        mps = getattr(torch.backends, "mps", None)
+        built = mps is not None and mps.is_built()
+        raise ConfigError(f"{what}: " + ("this machine has no MPS device" if built
+                                         else f"this torch ({torch.__version__}) was built without MPS"))
     return canonical_device(dev)
 
 
@@ -156,7 +165,8 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int) ->
 
 
 def describe_device(device: torch.device) -> str:
-    """"cpu (2 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    """`device` for people: "cpu (N threads)" with torch's thread count, "cuda:K (the GPU's name)",
+    anything else as torch names it."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":

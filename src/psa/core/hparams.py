@@ -30,7 +30,8 @@ class HParams:
     meta_loops: int = 100  # meta-loops per trial
     # How a candidate whose training loss went non-finite is scored. "score": as the authors'
     # harness does, on whatever its (NaN) logits predict, and promoted like any other candidate;
-    # "discard": never promoted, its accuracy recorded as missing (psa before 2026-11-26).
+    # "discard": never promoted, its accuracy recorded as missing (psa's earlier rule,
+    # docs/engine.md#a-diverged-candidate).
     diverged: str = "score"
     # Research knobs, off by default (the paper's engine). They reproduce the two defects of
     # the authors' first ResMLP runs: AdamW's default weight decay (0.01) in every mode but

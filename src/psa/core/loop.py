@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from psa.core.device import to_device
+from psa.core.errors import warn
 from psa.core.hparams import HParams
 from psa.core.member import Member
 
@@ -104,7 +105,9 @@ class Trainer(Protocol):
       loop, so there is no generator state to save). Call it between loops.
     """
 
-    population: Any  # a PopulationState; each engine names its own class
+    @property
+    def population(self) -> PopulationState:
+        """The state this trainer moves forward (each engine's own population class)."""
 
     def launch(self, on_step: StepCallback | None = None) -> PendingLoop:
         """Start the next meta-loop of every member."""
@@ -229,9 +232,13 @@ def loop_result(pop: PopulationState, hp: HParams, loop: int, ablated: Ablations
 _NOTED: set[str] = set()
 
 
-def note_once(message: str, stacklevel: int = 3) -> None:
+def note_once(message: str, stacklevel: int | None = None) -> None:
     """Warn with `message` the first time this process meets it (one line per architecture or
-    model, not one per population or chunk)."""
+    model, not one per population or chunk), at the line of the caller's code that called into
+    psa (psa.core.errors.warn), or at `stacklevel` counted from here where given."""
     if message not in _NOTED:
         _NOTED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+        if stacklevel is None:
+            warn(message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)

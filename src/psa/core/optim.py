@@ -23,9 +23,9 @@ def new_adamw(params: list[torch.Tensor], hp: HParams, capturable: bool = False)
     """A fresh AdamW over `params` (weight_decay 0), fused where this torch and device have it.
 
     The fused kernel makes one pass over parameters, gradients and moments instead of a dozen;
-    it rounds differently from the reference loop by about 1e-7 relative, far below what the
-    oracle tests allow. `capturable`: its step count lives on the device (no host sync), as a
-    CUDA graph needs.
+    it rounds differently from the reference loop in the last bits only, within what the oracle
+    tests allow. `capturable`: its step count lives on the device (no host sync), as a CUDA graph
+    needs. Where this torch or device refuses the fused kernel, torch's default AdamW instead.
     """
     kw: dict[str, Any] = dict(lr=hp.lr, betas=hp.betas, eps=hp.eps, weight_decay=0.0)
     if capturable:
@@ -37,11 +37,13 @@ def new_adamw(params: list[torch.Tensor], hp: HParams, capturable: bool = False)
 
 
 def adamw_step(opt: torch.optim.Optimizer) -> None:
-    """opt.step(). For a fused AdamW over one flat CPU buffer, the two calls that step makes
-    (the step count, then torch._fused_adamw_) without torch.optim's per-call Python, about
-    0.1 ms: a third of a width-1 net's step on one CPU thread. The first step of an optimizer
-    (which creates its state) and any other optimizer take opt.step(); so does every step after
-    the direct call once failed (another torch's signature)."""
+    """One step of `opt`, the same update as opt.step(). For a fused AdamW over one flat CPU
+    buffer, every step after the first makes the two calls opt.step() makes (the step count,
+    then torch._fused_adamw_) directly, without torch.optim's per-call Python, which is a
+    noticeable share of a narrow net's step on a CPU (bench/results/narrow_cpu.md). The first
+    step of an optimizer (which creates its state) and any other optimizer take opt.step(); so
+    does every step after the direct call once failed (another torch's signature: one warning,
+    the step count restored, nothing else written)."""
     direct = getattr(opt, "_psa_direct", None)
     if direct is None:
         opt.step()

@@ -8,8 +8,9 @@ generator state to carry between replays), and whatever other members share the 
 The hash is `lowbias32` (a 32-bit xorshift-multiply finaliser, a bijection on 32-bit words).
 Words travel in int64 tensors. torch has no unsigned 32-bit multiply, so on accelerators the
 multiply is done exactly in 16-bit halves; on the CPU numpy's uint32 arithmetic (which wraps by
-definition) is about 25x faster than that; the Triton kernels (psa.core.kernels) use native uint32.
-All three compute the same bits, and the tests hold them to it.
+definition) computes it, faster there (docs/engine.md); the Triton programs
+(psa.core.kernels.programs) use native uint32. All three compute the same bits, and the tests
+hold them to it.
 """
 
 from __future__ import annotations
@@ -80,9 +81,8 @@ def data_order(seeds: Sequence[int], loop: int, n: int, device: torch.device | s
     i = torch.arange(n, dtype=torch.int64, device=keys.device).unsqueeze(0)
     h = mix32(mix32(i ^ keys[:, :1]) ^ keys[:, 1:])
     if h.device.type == "cpu":
-        # the keys are distinct, so any sort gives this permutation; numpy's of 32-bit keys
-        # takes ~8 ms for 10 x 50,000 where torch.sort of int64 takes ~30 (a tenth of a narrow
-        # net's meta-loop on a CPU)
+        # the keys are distinct, so any sort gives this permutation; numpy sorts 32-bit keys
+        # faster than torch.sort sorts int64 ones (docs/engine.md)
         return torch.from_numpy(np.argsort(h.numpy().astype(np.uint32), axis=1).astype(np.int64))
     return torch.sort(h, dim=1).indices
 

@@ -1,6 +1,7 @@
 """What a population of psa's own nets costs: FLOPs, device memory and a rough time model. The
-time model orders a plan (largest work first) and weights the progress bars; `psa study
---dry-run` times the populations themselves (psa.study.estimate)."""
+time model orders a plan (largest work first) and stands in for the shapes a study's
+calibration did not probe; the dry run, the progress bar and `psa status` weigh populations by
+their probes (psa.study.calibration)."""
 
 from __future__ import annotations
 
@@ -43,24 +44,30 @@ def arch_flops(arch: str | Arch, meta_loops: int, n_train: int = N_TRAIN, n_val:
 class Calibration:
     """Seconds per loop of a population ~ seconds_per_flop * FLOPs + seconds_per_layer_step *
     (Linear layers x training steps): compute plus per-kernel overhead. Only the ratios between
-    populations matter here (the order of a plan, the progress bars)."""
+    populations matter here (the order of a plan, the shapes a calibration left unprobed)."""
 
     seconds_per_flop: float
     seconds_per_layer_step: float
     device: str
     method: str
 
-    def loop_seconds(self, arch: str | Arch, members: int, batch_size: int = 256, n_train: int = N_TRAIN,
-                     model: str = DEFAULT_MODEL) -> float:
-        """Estimated wall seconds of one meta-loop of a population of `members` of `model` for `arch`."""
+    def loop_terms(self, arch: str | Arch, members: int, batch_size: int = 256, n_train: int = N_TRAIN,
+                   model: str = DEFAULT_MODEL) -> tuple[float, float]:
+        """loop_seconds' two terms: (compute, per-kernel overhead)."""
         a = _arch(arch)
         steps = -(-n_train // batch_size)
         flops = members * flops_per_sample(a, model) * (3 * n_train + N_VAL)
-        return self.seconds_per_flop * flops + self.seconds_per_layer_step * len(linear_shapes(a, model)) * steps
+        return self.seconds_per_flop * flops, self.seconds_per_layer_step * len(linear_shapes(a, model)) * steps
+
+    def loop_seconds(self, arch: str | Arch, members: int, batch_size: int = 256, n_train: int = N_TRAIN,
+                     model: str = DEFAULT_MODEL) -> float:
+        """Estimated wall seconds of one meta-loop of a population of `members` of `model` for `arch`."""
+        compute, overhead = self.loop_terms(arch, members, batch_size, n_train, model)
+        return compute + overhead
 
 
-# Uncalibrated weights for progress bars and ETAs: roughly a mid-range GPU (they only need
-# the right ratios between populations).
+# Uncalibrated weights: roughly a mid-range GPU (they only need the right ratios between
+# populations; on a CPU they misjudge deep narrow nets, which the probes correct).
 DEFAULT_CALIBRATION = Calibration(1.0 / 5e12, 60e-6, "default", "fixed guess")
 
 

@@ -35,7 +35,8 @@ class DesignError(ConfigError):
 # A study of your own model (psa.core.module) names it `module:function`; its design's `model`
 # is then MODULE_MODEL and its nets are the factories, one cell each.
 MODULE_MODEL = "module"
-_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+                      r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def is_factory_spec(text: object) -> bool:
@@ -296,9 +297,12 @@ DESIGN_FIELDS = {f.name for f in dataclasses.fields(StudyDesign)} - {"hparams", 
 
 
 def preset(name: str) -> StudyDesign:
-    """`paper`: the authors' 98 x 6 x 10 x 100. `resmlp`: the same 98 shapes as ResMLPs (D
-    residual blocks of width W). `smoke`: a tiny design that runs in about a minute on a laptop
-    CPU (real MNIST, a few meta-loops): a check that everything works."""
+    """The design of preset `name` (one of PRESETS); DesignError for any other name.
+
+    `paper`: the authors' 98 architectures x 6 modes x 10 trials x 100 meta-loops. `resmlp`: the
+    same 98 shapes as ResMLPs (D residual blocks of width W). `smoke`: 1*32, 2*16 and 4*8 x 6
+    modes x 2 trials x 10 meta-loops on real MNIST, a check that everything works (how long it
+    takes: docs/study.md)."""
     if name == "paper":
         return StudyDesign(nets=tuple(a.short for a in study_architectures()))
     if name == "resmlp":

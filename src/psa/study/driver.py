@@ -45,14 +45,17 @@ from psa.core.device import Execution, describe_device, resolve_device, resolve_
 from psa.core.variant import Variant
 from psa.study import store
 from psa.study.backends.local import local_events
+from psa.study.calibration import StudyCosts, describe_calibration, stored_costs
 from psa.study.cost import device_budget
 from psa.study.design import DesignError, StudyDesign
+from psa.study.estimate import calibrate
+from psa.study.eta import RunPace
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
 from psa.study.kinds import ModelKind, model_kind
 from psa.study.lock import StudyLock, checkpoint_root
 from psa.study.options import RunOptions, StudyError
 from psa.study.plan import Plan, PopulationPlan, make_plan
-from psa.study.progress import StudyProgress, work_done
+from psa.study.progress import StudyProgress
 from psa.study.runner import PopulationProgress, cached_data, design_data_view
 from psa.study.store import StoreError
 
@@ -140,18 +143,29 @@ def default_population_size(kind: ModelKind, opt: RunOptions, device: torch.devi
     return kind.population_size(8 << 30 if opt.backend == "ray" else device_budget(device))
 
 
+def recorded_loops(con: Any, study_id: int) -> dict[str, int]:
+    """The most meta-loops any trial of each net has recorded."""
+    out: dict[str, int] = {}
+    for t in store.study_trials(con, study_id):
+        out[t["arch"]] = max(out.get(t["arch"], 0), int(t["loops_done"] or 0))
+    return out
+
+
 @dataclass(frozen=True)
 class StoredPlan:
     """What a study was created with, checked against how it is asked to run now."""
 
     plan: Plan
     precision: str
+    updates: dict[str, Any] = field(default_factory=dict)  # the plan's keys a run stores anew (kind.restore)
 
 
-def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions, precision: str) -> StoredPlan:
+def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions, precision: str,
+                 recorded: dict[str, int]) -> StoredPlan:
     """The stored plan and precision of a studies row, or StudyError where this run may not
     continue it: another design, another population size or precision (`precision`: what this
-    run asks for), another planner, or what the model kind stored (kind.restore)."""
+    run asks for), another planner, or what the model kind stored (kind.restore; `recorded`: the
+    meta-loops each net has recorded)."""
     design = kind.design
     if row["design_hash"] != design.digest():
         raise StudyError(f"study {name!r} in {db} was created with a different design "
@@ -172,8 +186,7 @@ def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions
     stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
     if stored_pops and stored_pops != sorted((p.net, p.first, p.last) for p in plan.populations):
         raise StudyError(f"study {name!r}: the stored plan does not match this version's planner")
-    kind.restore(stored_plan, name, opt)
-    return StoredPlan(plan, stored_precision)
+    return StoredPlan(plan, stored_precision, kind.restore(stored_plan, name, opt, recorded))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +215,9 @@ class Study:
         self.precision = "fp32"
         self.execution: Execution | None = None  # how this run trains the study's populations (open)
         self.notes: list[str] = []  # what checking the design's nets found (open)
+        self.costs: StudyCosts | None = None  # each population's cost, from the stored calibration (open)
+        self.calibrated: dict[str, Any] | None = None  # the calibration this run made and stored, if it made one
+        self.pace: RunPace | None = None  # this run's work and pace (run_study)
         self._saved_at: dict[str, float] = {}
         self._full_sync = True
 
@@ -229,23 +245,51 @@ class Study:
         # recorded with a new study and checked against the record on a resume
         row = store.get_study(self.con, self.name)
         if row is None:
-            row = self._create(device, device_desc, execution.precision, data)
+            row = self._create(device, device_desc, execution, data)
         self.study_id = int(row["id"])
-        stored = check_stored(row, self.name, self.db, self.kind, self.opt, self.kind.precision(self.opt, device))
+        stored = check_stored(row, self.name, self.db, self.kind, self.opt, self.kind.precision(self.opt, device),
+                              recorded_loops(self.con, self.study_id))
         check_dataset(self.con, self.study_id, self.name, data)
+        if stored.updates:
+            store.update_plan(self.con, self.study_id, stored.updates)
         self.plan, self.precision = stored.plan, stored.precision
         self.execution = execution
         self._load_populations()
+        self.costs = self._costs(row, data)
 
-    def _create(self, device: torch.device, device_desc: str, precision: str, data: Dataset) -> Any:
-        """The studies row and trials of a new study (its plan and precision fixed here)."""
+    def _create(self, device: torch.device, device_desc: str, execution: Execution, data: Dataset) -> Any:
+        """The studies row and trials of a new study (its plan, precision and calibration fixed here)."""
         plan = make_plan(self.design, default_population_size(self.kind, self.opt, device), self.kind.loop_cost)
-        numerics = {"precision": precision, "rng": rng.VERSION}  # stored as the plan's "engine"
+        numerics = {"precision": execution.precision, "rng": rng.VERSION}  # stored as the plan's "engine"
         doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
                "plan": {**plan.to_dict(), "engine": numerics, **self.kind.record(device, self.opt)}}
+        # after kind.record: a model of your own is probed on the path the study records
+        self.calibrated = self._calibrate(plan, execution, data)
+        if self.calibrated is not None:
+            doc["plan"]["calibration"] = self.calibrated
         store.create_study(self.con, self.name, json.dumps(doc), self.design.digest(), code_version(), device_desc,
                            trial_rows(self.kind), dataset_record(data))
         return store.get_study(self.con, self.name)
+
+    def _calibrate(self, plan: Plan, execution: Execution, data: Dataset) -> dict[str, Any] | None:
+        """Light probes of the plan's shapes on this run's device (estimate.calibrate); None with
+        Ray, whose tasks train on devices this process does not see."""
+        if self.opt.backend != "local":
+            return None
+        return calibrate(self.kind, execution, design_data_view(self.kind, data), plan, self.opt.checkpoint_every)
+
+    def _costs(self, row: Any, data: Dataset) -> StudyCosts:
+        """Each population's cost from the stored calibration; a study created without one (by
+        an older psa, or on Ray) is calibrated now, if it has work left, and keeps it."""
+        assert self.plan is not None and self.execution is not None
+        doc = stored_design(row)
+        record = doc.get("plan", {}).get("calibration")
+        if record is None and not all(st.done for st in self.pops.values()):
+            record = self.calibrated = self._calibrate(self.plan, self.execution, data)
+            if record is not None:
+                doc.setdefault("plan", {})["calibration"] = record
+                store.update_design(self.con, self.study_id, json.dumps(doc))
+        return stored_costs(self.kind, self.plan, record)
 
     def _load_populations(self) -> None:
         """Each population of the plan, with its trial ids and progress from the database."""
@@ -325,6 +369,8 @@ class Study:
     def handle(self, ev: Event) -> None:
         """Record one event: rows first, then the checkpoint (see the module docstring)."""
         st = self.pops[ev.key]
+        if self.pace is not None:
+            self.pace.event(ev)
         if isinstance(ev, Started):
             store.mark_running(self.con, list(st.trial_ids.values()))
         elif isinstance(ev, LoopDone):
@@ -354,7 +400,8 @@ class Study:
             due = bool(ev.checkpoint) and ev.state is not None
         self._durable(due)  # the commit before a checkpoint must be on disk first
         rows = [(st.trial_ids[key], ev.loop, mode, *rest) for key, mode, *rest in ev.rows]
-        store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()))
+        anchor = None if self.pace is None or self.pace.anchor is None else self.pace.anchor[1]
+        store.record_loop(self.con, self.run_id, rows, ev.loop, ev.seconds, list(st.trial_ids.values()), anchor)
         st.loop = ev.loop
         if not due:
             return
@@ -415,9 +462,6 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
     """Run (or resume) a study to completion; every result lands in opt.db as it happens."""
     t0 = time.perf_counter()
     kind = model_kind(design)  # the one place a study's kind of model is chosen
-    if kind.noun == "models" and opt.backend == "ray":
-        raise DesignError("--backend ray does not run a model given as module:function yet: run it with the local "
-                          "backend")
     device, device_desc = _backend_device(opt)
     # how the study trains, resolved once, before anything is written (a Ray worker resolves
     # its own device's kernels for the same precision)
@@ -479,15 +523,16 @@ def _run(study: Study, execution: Execution, device_desc: str, t0: float) -> Stu
     study.open(execution, device_desc)
     notes = study.load_checkpoints()
     todo = [st for st in study.pops.values() if not st.done]
-    progress = StudyProgress(study.name, study.kind, study.pops, study.console, opt.quiet)
+    assert study.costs is not None
+    study.pace = RunPace(study.costs, study.pops)
+    progress = StudyProgress(study.name, study.kind, study.pops, study.console, opt.quiet, study.costs, study.pace)
     _announce(study, progress, device_desc, notes, todo)
     if not todo:
         store.end_run(study.con, store.start_run(study.con, study.study_id, opt.backend, device_desc, 0.0),
                       "complete", study.study_id)
         progress.print(f"study {study.name} is complete ({design.n_trials} trials); nothing to do")
         return StudyResult(study.name, design.n_trials, design.n_trials, complete=True)
-    study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc,
-                                   work_done(study.kind, study.pops))
+    study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc, study.pace.work_at_start)
     failed = _record(study, progress, _events(study, todo))
     done = study.trials_done()
     complete = done == design.n_trials
@@ -515,6 +560,8 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
         f"{device_desc}; {study.db}")
     for line in study.kind.announce():
         progress.print(escape(line))
+    if study.calibrated is not None:
+        progress.print(escape(describe_calibration(study.calibrated, len(design.nets))))
     for n in notes:
         progress.print(f"[yellow]note[/]: {n}")
     resumed = [st for st in todo if st.start is not None]

@@ -12,7 +12,7 @@ from typing import Any
 from psa.core.device import resolve_device, resolve_execution
 from psa.study import store
 from psa.study.design import StudyDesign
-from psa.study.driver import StoredPlan, check_stored, default_population_size, study_precision
+from psa.study.driver import StoredPlan, check_stored, default_population_size, recorded_loops, study_precision
 from psa.study.estimate import Estimate, estimate, process_overhead
 from psa.study.kinds import ModelKind, model_kind
 from psa.study.options import RunOptions
@@ -77,7 +77,7 @@ def existing_study(name: str, kind: ModelKind, opt: RunOptions, precision: str) 
         row = store.get_study(con, name)
         if row is None:
             return None
-        stored = check_stored(row, name, db, kind, opt, precision)
+        stored = check_stored(row, name, db, kind, opt, precision, recorded_loops(con, int(row["id"])))
         status = {(t["arch"], t["mode"], t["variant"] or "", int(t["trial"])): t["status"]
                   for t in store.study_trials(con, int(row["id"]))}
         return Existing(stored, status)
@@ -154,7 +154,7 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
          f"{int(data.val_y.numel()):,} per meta-loop, + the test set once)"),
         f"estimate on {est.device} in {precision}: {fmt_seconds(est.total)} {pm} for the whole "
         f"study, one population at a time, {fmt_seconds(est.startup_s)} of it the process's start-up and "
-        f"shut-down (imports, data, exit)"
+        f"shut-down (imports, data, first-use costs, exit)"
         + (f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do" if existing is not None else ""),
         f"calibration: {est.describe()}",
     ]

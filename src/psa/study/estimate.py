@@ -1,5 +1,5 @@
-"""The time estimate of `psa study --dry-run`: every architecture's population timed on this
-device by the engine itself, then scaled to the whole study.
+"""Populations timed on this device by their own trainers: the dry run's estimate, and the
+calibration a new study stores (psa.study.calibration turns probes into seconds).
 
 A study's wall time is more than its training FLOPs. On a CPU, a small net's step costs
 dozens of small operations whose fixed cost dwarfs the arithmetic, and on a busy machine
@@ -9,9 +9,9 @@ distinct population shape of the plan trains a few real steps and scores real im
 design's hyperparameters and the run's execution (precision, kernels, graphs), and the
 estimate is
 
-    study = start-up (imports, data) + the process's shut-down + sum over populations of
-            set-up + first-loop warm-up + loops x (steps x step + validation + per-loop records)
-            + the test set + checkpoints
+    study = start-up (imports, data, the process's first-use costs) + the process's shut-down
+            + sum over populations of set-up + first-loop warm-up
+            + loops x (steps x step + validation + per-loop records) + the test set + checkpoints
 
 with every term measured here. A change to the engine (a fused CPU path, say) changes the
 probes and so the estimate; the estimate assumes the machine stays as busy as it is now.
@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,9 +37,11 @@ from psa.core.checkpoint import save_tensors
 from psa.core.data import Dataset
 from psa.core.device import Execution, describe_device, synchronize
 from psa.core.loop import Trainer, meta_loop
-from psa.study.design import StudyDesign
+from psa.study.backends.local import precompile_kernels
+from psa.study.calibration import Probe, calibration_record, probe_costs
 from psa.study.kinds import ModelKind
 from psa.study.plan import Plan, PopulationPlan
+from psa.study.runner import PopulationProgress
 
 # How long one probe's timed training may take: enough steps that a busy machine's hiccups
 # average out, few enough that a dry run of the paper's 98 architectures stays minutes.
@@ -48,22 +51,12 @@ PROBE_REPEATS = 3
 # architectures where the probes' own spread was small (up to 17%, 64*1, on a busy 2-core CPU:
 # bench/results/estimate-cpu.md, whose +- column was printed with 15%).
 MODEL_ERROR = 0.20
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One population shape (architecture x members) timed on this device."""
-
-    net: str
-    members: int
-    setup_s: float  # the population and its trainer
-    step_s: float  # one training step (median of the repeats)
-    spread: float  # half the range of the repeated (longer) epochs' timings, over their median
-    warmup_s: float  # the first epoch's extra time over the steady one (allocation, first touch)
-    eval_image_s: float  # scoring every member on one image (validation and test)
-    loop_extra_s: float  # a meta-loop's time beyond its steps and scoring
-    checkpoint_s: float  # one checkpoint of the population (safetensors + JSON, to a temp dir)
-    seconds: float  # wall time of this probe
+# A new study's calibration: one repeat of a shorter probe per shape (LIGHT_PROBE_SECONDS of
+# timed steps), shapes probed while the time spent stays under both limits (at least one is).
+LIGHT_PROBE_SECONDS = 0.2
+CALIBRATION_BUDGET_S = 60.0
+CALIBRATION_SHARE = 0.03  # of the study's estimated time: a small study is not made much longer
+LIGHT_SCORED = (500, 2500)  # test images a light probe scores, on its two trainers
 
 
 @dataclass(frozen=True)
@@ -100,56 +93,135 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, seconds: float = PROBE_SECONDS) -> Probe:
+def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, seconds: float = PROBE_SECONDS,
+          light: bool = False) -> Probe:
     """Time population `pp` of a study on `ex`'s device through its kind's trainer, on the first
     few training batches: its set-up, a first meta-loop (the warm-up), whole meta-loops of s1 and
     s2 training steps scoring one validation image (PROBE_REPEATS each: their difference is the
     cost of a step without a loop's fixed cost), one of s1 steps scoring the whole validation
     set (the cost of scoring an image: a part of the set would not scale, as blocks of rows and
-    members have a fixed cost), and one checkpoint."""
+    members have a fixed cost), and one checkpoint.
+
+    `light` (a new study's calibration, about half the time for a wide net, a third for a
+    narrow one): one repeat, a first loop of s1 = 1 step (the short loop's trainer), and the
+    scoring timed on the two trainers' test sets, cut to LIGHT_SCORED images (the difference:
+    a call's fixed cost cancels), instead of a third trainer scoring the whole validation set."""
     t_start = time.perf_counter()
     device = ex.device
     design = kind.design
     bs = design.hparams.batch_size
     full_steps = -(-design.n_train // bs)
+    repeats = 1 if light else PROBE_REPEATS
+    prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def trainer(steps: int, n_val: int = 1) -> Trainer:
+    def trainer(steps: int, n_val: int = 1, n_test: int | None = None) -> Trainer:
         n = min(design.n_train, steps * bs)
-        sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
-                                  val_x=data.val_x[:n_val], val_y=data.val_y[:n_val])
+        # one tensor per length: the fused CPU step finds a training set's 8-bit codes once per
+        # tensor (cpu_stack.input_codes), which would otherwise be most of a small probe
+        if n not in prefixes:
+            prefixes[n] = (data.train_x[:n], data.train_y[:n])
+        x, y = prefixes[n]
+        sub = dataclasses.replace(data, train_x=x, train_y=y, val_x=data.val_x[:n_val], val_y=data.val_y[:n_val],
+                                  test_x=data.test_x[:n_test], test_y=data.test_y[:n_test])
         return kind.new_trainer(pp, sub, ex)
 
-    steps = first_steps = min(2, full_steps)
+    n_scored = [min(n, int(data.test_y.numel())) for n in LIGHT_SCORED]
+    steps = first_steps = 1 if light else min(2, full_steps)
     t = time.perf_counter()
-    first_trainer = trainer(steps)
+    first_trainer = trainer(steps, n_test=n_scored[0] if light else None)
     setup_s = time.perf_counter() - t
     first = _timed(lambda: meta_loop(first_trainer), device)
     # s2 is as many steps as fill `seconds` over the repeats (the first loop, slower than the
-    # rest, errs short); s1 half of them
-    s2 = min(full_steps, max(2 * steps, math.ceil(seconds / PROBE_REPEATS / max(first / steps, 1e-6))))
-    s1 = max(1, s2 // 2)
+    # rest, errs short); s1 half of them (light: 1, so that a wide net's few steps differ by 3)
+    s2 = min(full_steps, max(4 if light else 2 * steps, math.ceil(seconds / repeats / max(first / steps, 1e-6))))
+    s1 = 1 if light else max(1, s2 // 2)
     short = first_trainer if s1 == steps else trainer(s1)
-    long_ = trainer(s2)
+    long_ = trainer(s2, n_test=n_scored[1] if light else None)
     if short is not first_trainer:
         meta_loop(short)
     meta_loop(long_)
     t1, t2 = [], []
-    for _ in range(PROBE_REPEATS):
+    for _ in range(repeats):
         t1.append(_timed(lambda: meta_loop(short), device))
         t2.append(_timed(lambda: meta_loop(long_), device))
     m1, m2 = statistics.median(t1), statistics.median(t2)
     # a busy machine can make the difference meaningless: then the long loops' mean step
     step_s = (m2 - m1) / (s2 - s1) if s2 > s1 and m2 > m1 else m2 / s2
-    n_val = int(data.val_y.numel())
-    scoring = trainer(s1, n_val)
-    meta_loop(scoring)
-    eval_image_s = max(0.0, _timed(lambda: meta_loop(scoring), device) - m1) / n_val
+    if light:
+        (n_a, n_b), t_a, t_b = n_scored, _timed(short.test_accuracy, device), _timed(long_.test_accuracy, device)
+        eval_image_s = (t_b - t_a) / (n_b - n_a) if n_b > n_a and t_b > t_a else t_b / n_b
+    else:
+        n_val = int(data.val_y.numel())
+        scoring = trainer(s1, n_val)
+        meta_loop(scoring)
+        eval_image_s = max(0.0, _timed(lambda: meta_loop(scoring), device) - m1) / n_val
     loop_extra_s = max(0.0, m1 - s1 * step_s)
     warmup_s = max(0.0, first - first_steps * step_s - loop_extra_s)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", *long_.checkpoint()), device)
     return Probe(pp.net, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
                  loop_extra_s, checkpoint_s, time.perf_counter() - t_start)
+
+
+def warm_up(kind: ModelKind, ex: Execution, data: Dataset, shapes: list[PopulationPlan]) -> float:
+    """The Triton kernels of `shapes` compiled (on a CUDA device) and one meta-loop of one step of
+    the first, untimed by any probe; returns their seconds. A process's first loop pays costs no
+    population owns (torch's lazy imports and thread pools, the first optimizer's import of
+    torch._dynamo, the fused CPU step's library, Triton's compilation, which a run does up front
+    for all its populations): a run pays them once, as start-up, and a probe that paid them would
+    charge them to every population of its shape."""
+    t = time.perf_counter()
+    precompile_kernels(kind, [PopulationProgress(pp, {}, False, 0) for pp in shapes], ex, data)
+    n = min(kind.design.n_train, kind.design.hparams.batch_size)
+    sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n], val_x=data.val_x[:1],
+                              val_y=data.val_y[:1])
+    meta_loop(kind.new_trainer(shapes[0], sub, ex))
+    synchronize(ex.device)
+    return time.perf_counter() - t
+
+
+def largest_populations(plan: Plan) -> list[PopulationPlan]:
+    """Each net's largest population (the shape its probe times), in plan order."""
+    largest: dict[str, PopulationPlan] = {}
+    for pp in plan.populations:
+        if pp.net not in largest or pp.size > largest[pp.net].size:
+            largest[pp.net] = pp
+    return list(largest.values())
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 as the first, the last, then the middles of the gaps between those taken, halving
+    them: stopped anywhere, the indices taken are spread over the whole range."""
+    order = [0, n - 1][:n]
+    gaps = [(0, n - 1)]
+    while gaps:
+        lo, hi = gaps.pop(0)
+        if hi - lo >= 2:
+            mid = (lo + hi) // 2
+            order.append(mid)
+            gaps += [(lo, mid), (mid, hi)]
+    return order
+
+
+def calibrate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, checkpoint_every: float = 60.0,
+              budget_s: float = CALIBRATION_BUDGET_S) -> dict[str, Any]:
+    """What a new study stores of its costs (calibration.calibration_record): light probes of its
+    shapes, the cheapest first, then the dearest, then those between them (spread_order), while
+    the time spent stays under `budget_s` and CALIBRATION_SHARE of the study's estimated time;
+    one at least. The shapes left out cost what calibration.probe_costs interpolates."""
+    t0 = time.perf_counter()
+    shapes = sorted(largest_populations(plan), key=kind.loop_cost)
+    n_val, n_test = int(data.val_y.numel()), int(data.test_y.numel())
+    warm_up(kind, ex, data, shapes)
+    probes: dict[str, Probe] = {}
+    for i in spread_order(len(shapes)):
+        if probes:
+            study_s = probe_costs(kind, plan, probes, n_val, n_test, checkpoint_every).total
+            if time.perf_counter() - t0 >= min(budget_s, CALIBRATION_SHARE * study_s):
+                break
+        probes[shapes[i].net] = probe(kind, ex, data, shapes[i], LIGHT_PROBE_SECONDS, light=True)
+    return calibration_record(probes, describe_device(ex.device), n_val, n_test, checkpoint_every,
+                              time.perf_counter() - t0)
 
 
 def process_overhead(timeout: float = 120.0) -> float:
@@ -172,37 +244,15 @@ def process_overhead(timeout: float = 120.0) -> float:
     return 0.0 if inside is None else max(0.0, wall - inside)
 
 
-def population_seconds(p: Probe, design: StudyDesign, size: int, n_val: int, n_test: int,
-                       checkpoint_every: float = 60.0) -> float:
-    """Wall seconds of one population of `size` members from its probe (measured at p.members;
-    another size scales the per-member terms linearly, a rough correction for the few
-    populations that are a trial or so smaller than the probed one)."""
-    scale = size / p.members
-    loops = design.hparams.meta_loops
-    steps = -(-design.n_train // design.hparams.batch_size)
-    loop_s = scale * (steps * p.step_s + n_val * p.eval_image_s) + p.loop_extra_s
-    train_s = loops * loop_s
-    # the driver checkpoints after the first loop and then every `checkpoint_every` seconds
-    n_ckpt = loops if checkpoint_every <= 0 else min(loops, 1 + int(train_s // checkpoint_every))
-    return ((p.setup_s + p.warmup_s) * scale + train_s + n_test * p.eval_image_s * scale
-            + n_ckpt * p.checkpoint_s * scale)
-
-
 def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_s: float,
              checkpoint_every: float = 60.0) -> Estimate:
     """Probe every distinct population shape of `plan` (a net's largest population) and add up
-    the study."""
-    design = plan.design
+    the study (calibration.probe_costs: the costs a run's progress bar and `psa status` use)."""
     t0 = time.perf_counter()
-    largest: dict[str, PopulationPlan] = {}
-    for pp in plan.populations:
-        if pp.net not in largest or pp.size > largest[pp.net].size:
-            largest[pp.net] = pp
-    probes = {net: probe(kind, ex, data, pp) for net, pp in largest.items()}
-    n_val, n_test = int(data.val_y.numel()), int(data.test_y.numel())
-    per_net = {a: 0.0 for a in design.nets}
-    for pp in plan.populations:
-        per_net[pp.net] += population_seconds(probes[pp.net], design, pp.size, n_val, n_test, checkpoint_every)
+    shapes = largest_populations(plan)
+    warm_s = warm_up(kind, ex, data, shapes) if shapes else 0.0
+    probes = {pp.net: probe(kind, ex, data, pp) for pp in shapes}
+    costs = probe_costs(kind, plan, probes, int(data.val_y.numel()), int(data.test_y.numel()), checkpoint_every)
     spread = max(p.spread for p in probes.values()) if probes else 0.0
-    return Estimate(describe_device(ex.device), startup_s, per_net, tuple(probes.values()), max(MODEL_ERROR, spread),
-                    time.perf_counter() - t0)
+    return Estimate(describe_device(ex.device), startup_s + warm_s, costs.per_net(plan), tuple(probes.values()),
+                    max(MODEL_ERROR, spread), time.perf_counter() - t0)

@@ -36,14 +36,18 @@ class ModelKind(Protocol):
     - `precision(opt, device)` is the precision a new study on `device` trains in (its matrix
       products'), or a refusal (DesignError) where a flag of `opt` does not apply to this kind.
     - `record(device, opt)` is what the kind stores in a new study's plan (JSON); `restore(stored,
-      name, opt)` reads it back on every later run and refuses (StudyError) to mix what changed.
+      name, opt, recorded)` reads it back on every later run (`recorded`: the meta-loops each net
+      has recorded so far) and refuses (StudyError) to mix what changed, or returns what the
+      stored plan must now say instead (a net that trained nothing yet may change its path).
     - `new_trainer(pp, data, ex, start, stream)` is the Trainer (psa.core.loop) of population `pp`
       on `data` (already data_view'd), from `start` (parse_checkpoint's result) or from scratch.
     - `parse_checkpoint(tensors, meta)` turns a checkpoint's contents (a Trainer's checkpoint()) back
       into a start (CheckpointError if they are not this kind's); `start_net(start)` is the net a
       start trains, in the form of a PopulationPlan's `net`.
     - Sizes and costs: `population_size(budget)`, `bytes_per_member(net, data, ex)` (device
-      memory), `loop_cost(pp)` (a loop's relative work: the plan's order and the progress bars).
+      memory), `loop_cost(pp)` (a loop's relative work, analytic: the plan's order) and
+      `cost_terms(pp)` (its positive terms, which add up to it: what a study's calibration
+      fits to the shapes it probed, for those it did not, psa.study.calibration).
     """
 
     design: StudyDesign
@@ -61,8 +65,10 @@ class ModelKind(Protocol):
     def record(self, device: torch.device, opt: RunOptions) -> dict[str, Any]:
         """What a new study's plan stores of this kind (JSON)."""
 
-    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions) -> None:
-        """Read a stored plan's record back; StudyError where this run may not continue it."""
+    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions,
+                recorded: dict[str, int]) -> dict[str, Any]:
+        """Read a stored plan's record back; StudyError where this run may not continue it; the
+        plan's keys to store anew (empty: nothing changes)."""
 
     def announce(self) -> list[str]:
         """Lines for the study's start, beside its plan."""
@@ -77,7 +83,10 @@ class ModelKind(Protocol):
         """Device memory one member of `net` needs to train under `ex`."""
 
     def loop_cost(self, pp: PopulationPlan) -> float:
-        """A meta-loop's relative work."""
+        """A meta-loop's relative work (positive)."""
+
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float, ...]:
+        """loop_cost's terms, one per kind of cost the kind models."""
 
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """What the dry run shows of a net: params, flops_per_example (forward, None if not
@@ -129,8 +138,10 @@ class OwnNets:
         """Nothing beyond the design and the plan."""
         return {}
 
-    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions) -> None:
+    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions,
+                recorded: dict[str, int]) -> dict[str, Any]:
         """Nothing to read back."""
+        return {}
 
     def announce(self) -> list[str]:
         """No lines of its own."""
@@ -155,6 +166,13 @@ class OwnNets:
         d = self.design
         return DEFAULT_CALIBRATION.loop_seconds(design_arch(d, pp.net), pp.size, d.hparams.batch_size, d.n_train,
                                                 d.model)
+
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float, float]:
+        """The time model's compute (FLOPs) and per-layer-step terms: a deep narrow net is all
+        the second, a wide one all the first, and a device prices them differently."""
+        d = self.design
+        return DEFAULT_CALIBRATION.loop_terms(design_arch(d, pp.net), pp.size, d.hparams.batch_size, d.n_train,
+                                              d.model)
 
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """Parameters and forward FLOPs of the architecture."""

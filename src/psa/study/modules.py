@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,7 @@ from psa.core.device import Execution
 from psa.core.errors import ConfigError
 from psa.core.loop import EVAL_ROWS
 from psa.core.module.checkpoint import ModuleCheckpoint, module_checkpoint_from
-from psa.core.module.engine import ModuleEngine, batching_text, choose_batching, convolutions
+from psa.core.module.engine import ModuleEngine, VmapCheck, batching_text, choose_batching, convolutions, vmap_check
 from psa.core.module.factory import MakeModel, resolve_factory
 from psa.core.module.population import ModulePopulation
 from psa.core.module.units import check_member
@@ -63,9 +65,13 @@ def module_data(data: Dataset) -> Dataset:
 _FACTORIES: dict[str, MakeModel] = {}
 
 
-def make_model(factory: str) -> MakeModel:
-    """The function `factory` (module:function) names, imported once per process."""
+def make_model(factory: str, root: str | None = None) -> MakeModel:
+    """The function `factory` (module:function) names, imported once per process; `root`: a
+    directory its module may live in (the study's driver's working directory: a Ray worker
+    runs elsewhere), searched after sys.path."""
     if factory not in _FACTORIES:
+        if root is not None and root not in sys.path:
+            sys.path.append(root)
         _FACTORIES[factory] = resolve_factory(factory)
     return _FACTORIES[factory]
 
@@ -84,6 +90,13 @@ class ModuleInfo:
     fingerprint: str  # SHA-256 of its state_dict's names, shapes and dtypes and its unit layers
     notes: tuple[str, ...] = ()
     convolutions: tuple[str, ...] = ()  # its convolution modules (what batched="auto" looks at)
+    vmap_error: str | None = None  # why torch.func.vmap cannot batch it (psa.core.module.engine.vmap_check)
+    vmap_slow: str | None = None  # an operation vmap batches only by looping over the members
+
+    @property
+    def vmap(self) -> VmapCheck:
+        """What trying vmap on the model found."""
+        return VmapCheck(self.vmap_error, self.vmap_slow)
 
     def bytes_per_member(self, batch_size: int, eval_rows: int = EVAL_ROWS) -> int:
         """Device memory one member needs, roughly: LKG, candidate, gradient and AdamW's two
@@ -150,9 +163,11 @@ def inspect_factory(factory: str, design: StudyDesign, data: Dataset) -> ModuleI
     x = sample.train_x[:1]
     shapes = sorted((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
     fingerprint = hashlib.sha256(json.dumps([shapes, pop.spec.describe()]).encode()).hexdigest()
+    check = vmap_check(pop, sample)
     return ModuleInfo(factory, pop.spec.describe(), sum(layer.units for layer in pop.spec.layers),
                       sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
-                      _flops(model, x), _activations(model, x), fingerprint, notes, convolutions(model))
+                      _flops(model, x), _activations(model, x), fingerprint, notes, convolutions(model),
+                      check.error, check.slow)
 
 
 class ModuleModels:
@@ -165,6 +180,10 @@ class ModuleModels:
         self.design = design
         self.infos: dict[str, ModuleInfo] = {}  # per factory, once check() has run
         self.batching: dict[str, tuple[bool, str]] = {}  # per factory: (members together, why)
+        # where the factories are imported from: the command's working directory, which a Ray
+        # worker (started in a directory of Ray's) adds to its path (a cluster's nodes need the
+        # module at the same path, or installed)
+        self.import_root = os.getcwd()
 
     def data_view(self, data: Dataset) -> Dataset:
         """Images as images (module_data)."""
@@ -190,16 +209,23 @@ class ModuleModels:
         asked: bool | str = "auto" if opt.batched == "auto" else opt.batched == "yes"
         self.batching = {}
         for f, info in self.infos.items():
-            together, why = choose_batching(asked, info.convolutions, device)
+            try:
+                together, why = choose_batching(asked, info.convolutions, device, info.vmap, f)
+            except ConfigError as e:
+                raise DesignError(f"--batched yes: {str(e).partition(': ')[2]}") from None
             self.batching[f] = (together, why if opt.batched == "auto" else f"--batched {opt.batched}")
         return {"modules": {f: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint,
                                 "batched": self.batching[f][0], "batching": self.batching[f][1]}
                             for f, m in self.infos.items()}}
 
-    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions) -> None:
-        """Every factory must build what it built when the study was created, and keeps its path
-        (StudyError where --batched asks for another)."""
+    def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions,
+                recorded: dict[str, int]) -> dict[str, Any]:
+        """Every factory must build what it built when the study was created, and keeps its path:
+        --batched may ask for the other one only where the factory has recorded no meta-loop yet
+        (a study that failed on one path resumes on the other), which the stored plan then says;
+        else StudyError (the two paths round differently: no factory mixes them)."""
         built = stored_plan.get("modules", {})
+        changed = False
         for f in self.design.nets:
             was = built.get(f, {})
             info = self.infos.get(f)
@@ -210,9 +236,22 @@ class ModuleModels:
                                  f"them (pass --name to start a new study)")
             self.batching[f] = ((bool(was["batched"]), str(was.get("batching", ""))) if "batched" in was
                                 else BATCHED_BEFORE_AUTO)
-            if opt.batched != "auto" and self.batching[f][0] != (opt.batched == "yes"):
+            if opt.batched == "auto" or self.batching[f][0] == (opt.batched == "yes"):
+                continue
+            if recorded.get(f, 0) > 0:
                 raise StudyError(f"study {name!r} trains {f} with --batched {'yes' if self.batching[f][0] else 'no'} "
-                                 f"({self.batching[f][1]}); resume it with the same (or omit --batched)")
+                                 f"({self.batching[f][1]}) and has recorded {recorded[f]} meta-loops so; resume it "
+                                 f"with the same (or omit --batched)")
+            info = self.infos.get(f)
+            if opt.batched == "yes" and info is not None and info.vmap_error is not None:
+                raise StudyError(f"--batched yes: torch.func.vmap cannot batch {f} ({info.vmap_error})")
+            self.batching[f] = (opt.batched == "yes", f"--batched {opt.batched} on a resume, before any meta-loop "
+                                                      f"of it was recorded")
+            changed = True
+        if not changed:
+            return {}
+        return {"modules": {f: {**built.get(f, {}), "batched": self.batching[f][0], "batching": self.batching[f][1]}
+                            for f in self.design.nets}}
 
     def announce(self) -> list[str]:
         """Each factory's path."""
@@ -237,6 +276,10 @@ class ModuleModels:
         """A factory's cost is not modelled: by members."""
         return float(pp.size)
 
+    def cost_terms(self, pp: PopulationPlan) -> tuple[float]:
+        """By members, one term."""
+        return (float(pp.size),)
+
     def facts(self, net: str, data: Dataset) -> dict[str, Any]:
         """What the factory built: parameters, forward FLOPs (torch's counter) and unit layers."""
         info = self.infos.get(net) or inspect_factory(net, self.design, data)
@@ -250,8 +293,8 @@ class ModuleModels:
         on the path the study stored."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its notes were said once, when the study was checked
-            pop = ModulePopulation.create(make_model(pp.net), pp.members(self.design), data, ex.device,
-                                          n_classes=data.n_classes, factory=pp.net)
+            pop = ModulePopulation.create(make_model(pp.net, self.import_root), pp.members(self.design), data,
+                                          ex.device, n_classes=data.n_classes, factory=pp.net)
         if start is not None:
             start.restore(pop)
         batched, why = self.batching.get(pp.net, BATCHED_BEFORE_AUTO)

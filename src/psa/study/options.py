@@ -34,5 +34,5 @@ class RunOptions:
     concurrency: int | None = None  # populations in flight on one GPU; None: 8 on a GPU, 1 elsewhere
     checkpoint_every: float = 60.0  # seconds between a population's checkpoints (0: every meta-loop)
     # a model given as module:function: its members trained together (yes), one at a time (no),
-    # or by psa.core.generic.auto_batched's rule (auto); fixed when the study is created
+    # or by psa.core.module.engine.auto_batched's rule (auto); fixed when the study is created
     batched: str = "auto"

@@ -1,62 +1,75 @@
-"""A running study on the terminal: one bar weighted by estimated work, a line per population."""
+"""A running study on the terminal: one bar weighted by the study's costs (psa.study.calibration)
+with their ETA (psa.study.eta), a line per population."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from psa.study.calibration import StudyCosts
+from psa.study.eta import RunPace
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
 from psa.study.kinds import ModelKind
-from psa.study.plan import PopulationPlan
 from psa.study.runner import PopulationProgress
 
 
-def work_units(kind: ModelKind, pp: PopulationPlan, loops: int) -> float:
-    """Progress weight of `loops` meta-loops of a population (the kind's loop cost)."""
-    return kind.loop_cost(pp) * loops
+def clock_text(seconds: float | None) -> str:
+    """h:mm:ss, as rich's time columns write it; -:--:-- for unknown."""
+    if seconds is None:
+        return "-:--:--"
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def work_done(kind: ModelKind, pops: dict[str, PopulationProgress]) -> float:
-    """Progress weight of what the populations have recorded so far."""
-    loops = kind.design.hparams.meta_loops
-    return sum(work_units(kind, st.plan, loops if st.done else st.loop) for st in pops.values())
+def eta_column(pace: RunPace, main: list[Any]) -> Any:
+    """A rich column: the study's ETA (RunPace.eta) on the study's bar (`main` holds its task id
+    once it exists), rich's own estimate from each population's recent loops on its line."""
+    from rich.progress import TimeRemainingColumn
+    from rich.text import Text
+
+    class EtaColumn(TimeRemainingColumn):
+        def render(self, task: Any) -> Text:
+            if main and task.id == main[0]:
+                return Text(clock_text(0.0 if task.finished else pace.eta()), style="progress.remaining")
+            return super().render(task)
+
+    return EtaColumn()
 
 
 class StudyProgress:
-    """A rich progress bar over the whole study (weighted by estimated work, so its ETA means
-    something), a line per running population, and a one-line summary per finished one."""
+    """A rich progress bar over the whole study (weighted by its costs) with the run's ETA, a
+    line per running population, and a one-line summary per finished one."""
 
     def __init__(self, name: str, kind: ModelKind, pops: dict[str, PopulationProgress], console: Any,
-                 quiet: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+                 quiet: bool, costs: StudyCosts, pace: RunPace) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.kind = kind
         design = self.design = kind.design
         self.pops = pops
         self.quiet = quiet
         self.console = console
-        total = sum(work_units(kind, st.plan, design.hparams.meta_loops) for st in pops.values())
+        self.costs = costs
+        loops = design.hparams.meta_loops
         self.trials_total = design.n_trials
         self.trials_done = sum(st.plan.size for st in pops.values() if st.done)
+        main: list[Any] = []
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            eta_column(pace, main),
             console=self.console,
             transient=False,
-            speed_estimate_period=3600.0,
             disable=quiet or not self.console.is_terminal,
         )
-        self.main = self.progress.add_task(f"study {name}", total=max(total, 1e-9), completed=work_done(kind, pops),
+        # the bar shows the loops trained this run, recomputed ones included (the ETA counts
+        # only new ones, as psa status does)
+        done = sum(costs.loop(st.plan) * (loops if st.done else st.loop) for st in pops.values())
+        self.main = self.progress.add_task(f"study {name}", total=max(costs.total, 1e-9), completed=done,
                                            info=self._trials_info())
+        main.append(self.main)
         self.rows: dict[str, Any] = {}
 
     def _trials_info(self) -> str:
@@ -70,7 +83,7 @@ class StudyProgress:
         self.progress.__exit__(*exc)
 
     def finish(self) -> None:
-        """Fill the study bar (its work units are estimates; their float sum may fall short)."""
+        """Fill the study bar (its float sum of costs may fall short)."""
         task = self.progress.tasks[0]
         self.progress.update(self.main, completed=task.total)
 
@@ -88,7 +101,7 @@ class StudyProgress:
                 self.rows[ev.key] = self.progress.add_task(f"  {pp.label()}", total=loops, completed=ev.loop,
                                                            info=f"{pp.size} members on {ev.where}")
         elif isinstance(ev, LoopDone):
-            self.progress.advance(self.main, work_units(self.kind, pp, 1))
+            self.progress.advance(self.main, self.costs.loop(pp))
             if ev.key in self.rows:
                 self.progress.update(self.rows[ev.key], completed=ev.loop)
         elif isinstance(ev, PopulationDone):

@@ -15,8 +15,11 @@ Schema version 1:
   added to version 1 without a version bump: connect() adds the column (default 'simplemlp')
   to a database that lacks it, and readers of such a database read 'simplemlp'.
 - runs(id, study_id, pid, host, backend, device, started_at, heartbeat_at, finished_at, outcome,
-  work_at_start): one row per `psa study` invocation, for `psa status` (liveness, ETA). Added to
-  version 1 without a version bump: it is only ever created, never required by readers.
+  work_at_start, pace_at, work_at_pace): one row per `psa study` invocation, for `psa status`
+  (liveness, ETA: the work done at the start, and the time and work of the run's first recorded
+  meta-loop, from which its pace is measured; work in the study's costs, psa.study.calibration).
+  Added to version 1 without a version bump: it is only ever created, never required by
+  readers; pace_at and work_at_pace were added later still (ADDED_COLUMNS).
 - study_datasets(study_id, name, checksum, n_in, n_classes, n_train, n_val, n_test, zero_r,
   constant_acc JSON): the data set a study trains on, as it was when the study was created
   (its checksum is checked on every resume). Added like `runs`: readers of older databases,
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import socket
 import sqlite3
@@ -107,7 +111,9 @@ CREATE TABLE IF NOT EXISTS runs (
     heartbeat_at TEXT,
     finished_at TEXT,
     outcome TEXT,
-    work_at_start REAL NOT NULL DEFAULT 0
+    work_at_start REAL NOT NULL DEFAULT 0,
+    pace_at TEXT,
+    work_at_pace REAL
 );
 CREATE TABLE IF NOT EXISTS study_datasets (
     study_id INTEGER PRIMARY KEY REFERENCES studies(id),
@@ -177,8 +183,10 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
 
 # Columns added to schema version 1 without a bump (NULL in older rows, read as the paper's
 # engine): trials.variant and trials.variant_settings (name and canonical settings JSON of a
-# psa.core.variant.Variant), meta_loops.forced (patience forced the candidate in).
-ADDED_COLUMNS = (("trials", "variant", "TEXT"), ("trials", "variant_settings", "TEXT"), ("meta_loops", "forced", "INTEGER"))
+# psa.core.variant.Variant), meta_loops.forced (patience forced the candidate in); runs.pace_at
+# and runs.work_at_pace (NULL: a run paced from its start, as psa status did before them).
+ADDED_COLUMNS = (("trials", "variant", "TEXT"), ("trials", "variant_settings", "TEXT"),
+                 ("meta_loops", "forced", "INTEGER"), ("runs", "pace_at", "TEXT"), ("runs", "work_at_pace", "REAL"))
 
 
 def _add_variant_columns(con: sqlite3.Connection) -> None:
@@ -341,6 +349,13 @@ def study_dataset(con: sqlite3.Connection, study_id: int) -> sqlite3.Row | None:
     return con.execute("SELECT * FROM study_datasets WHERE study_id = ?", (study_id,)).fetchone()
 
 
+def update_design(con: sqlite3.Connection, study_id: int, design_json: str) -> None:
+    """Replace a study's design JSON (a resume that adds what the study was created without:
+    its calibration); its digest, and so the design, stay as they were."""
+    with transaction(con):
+        con.execute("UPDATE studies SET design = ? WHERE id = ?", (design_json, study_id))
+
+
 def study_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
     """All trials of a study in insertion (design) order."""
     return con.execute("SELECT * FROM trials WHERE study_id = ? ORDER BY id", (study_id,)).fetchall()
@@ -356,6 +371,16 @@ def start_run(con: sqlite3.Connection, study_id: int, backend: str, device: str,
             (study_id, os.getpid(), socket.gethostname(), backend, device, now, now, work_at_start),
         )
         return int(cur.lastrowid)
+
+
+def update_plan(con: sqlite3.Connection, study_id: int, updates: dict[str, Any]) -> None:
+    """Merge `updates` into the stored design's plan (what a resume may change there: a model
+    kind's record), in one transaction; the design's digest is not affected."""
+    with transaction(con):
+        (text,) = con.execute("SELECT design FROM studies WHERE id = ?", (study_id,)).fetchone()
+        doc = json.loads(text)
+        doc.setdefault("plan", {}).update(updates)
+        con.execute("UPDATE studies SET design = ? WHERE id = ?", (json.dumps(doc), study_id))
 
 
 def end_run(con: sqlite3.Connection, run_id: int, outcome: str, study_id: int | None = None) -> None:
@@ -382,12 +407,15 @@ def record_loop(
     loops_done: int,
     wall_seconds: float,
     trial_ids: Sequence[int],
+    work_at_pace: float | None = None,
 ) -> None:
     """One meta-loop of one population: its meta_loops rows and the trials' progress, atomically.
 
     rows: (trial_id, loop, mode, candidate_acc, promoted, ablated_layer, ablated_index,
     lkg_score, train_loss, diverged, forced). INSERT OR REPLACE keyed by (trial_id, loop): a loop
     recomputed after a crash overwrites its earlier copy instead of duplicating it.
+    `work_at_pace`: the work done at the run's first recorded loop; the run's row keeps the
+    first it is given, with this commit's time (psa.study.eta).
     """
     with transaction(con):
         con.executemany(
@@ -400,7 +428,10 @@ def record_loop(
             "UPDATE trials SET status = 'running', loops_done = MAX(loops_done, ?), wall_seconds = ? WHERE id = ?",
             [(loops_done, wall_seconds, i) for i in trial_ids],
         )
-        con.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (utc_now(), run_id))
+        now = utc_now()
+        con.execute("UPDATE runs SET heartbeat_at = ?, pace_at = COALESCE(pace_at, ?), "
+                    "work_at_pace = COALESCE(work_at_pace, ?) WHERE id = ?",
+                    (now, None if work_at_pace is None else now, work_at_pace, run_id))
 
 
 def finish_trials(con: sqlite3.Connection, run_id: int, results: Sequence[tuple]) -> None:
@@ -475,7 +506,8 @@ def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
 
 
 def load_meta_loops(con: sqlite3.Connection, study_id: int) -> Iterator[sqlite3.Row]:
-    """(trial_id, loop, candidate_acc, lkg_score, promoted, diverged) of a study's finished trials, by trial and loop."""
+    """(trial_id, loop, candidate_acc, lkg_score, promoted, diverged) of a study's finished trials, by trial and
+    loop."""
     # a cursor, not a list: a whole study holds millions of meta-loops
     return con.execute(
         "SELECT m.trial_id, m.loop, m.candidate_acc, m.lkg_score, m.promoted, m.diverged FROM meta_loops m "

@@ -9,7 +9,7 @@
 //   the first layer's gradients from the same rows.
 // - psa_count_correct: the evaluation's stack, head and argmax from the first layer's output,
 //   through the training step's stack forward and head (one implementation of each).
-// The flat-buffer layout and the dropout hashes are psa.core.kernels' (described there).
+// The flat-buffer layout and the dropout hashes are psa.core.kernels.triton_stack's (described there).
 //
 // Arithmetic: each product is accumulated in float32 over the input units in order, then the
 // bias added, as a small fp32 GEMM does (a BLAS's blocking differs by rounding only); sums over

@@ -15,26 +15,26 @@ memory per layer would cost more). Where a block's gradient is exactly zero from
 one scalar mean and std (MNIST's) is read as its 8-bit codes (input_codes): a quarter of the
 bytes, where a width-1 net's step is otherwise bound by reading the rows from memory.
 
-On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each a
-few microseconds of dispatch for a few hundred multiply-adds: a 64-layer net is ~800 such
-operations per training step.
+On a CPU a stack of width 1-8 costs torch several operations per layer and direction, each
+costing more in dispatch than its few hundred multiply-adds: a 64-layer net is ~800 such
+operations per training step (docs/architecture.md#the-fused-cpu-step).
 
 count_correct starts from the first layer's output (the engine's one torch GEMM for a block of
 members, who all see the same images) and runs the stack and head through the step's own
 forward code: each piece of arithmetic has one implementation here, so a member is scored by
 the arithmetic it trained with. The parameters and dropout masks are laid out as
-psa.core.kernels' Triton kernels read them; fp32 only.
+psa.core.kernels.triton_stack's Triton kernels read them; fp32 only.
 
-Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a
-torch C++ extension or torch.compile): it needs no new dependency (numba and llvmlite are ~50 MB),
-no torch headers and no ninja (a torch extension compiles torch's headers, 30-60 s; this file
-takes about 9 s of CPU time, measured with g++ 12 and the AVX-512 flags), and nothing is traced
-or recompiled per shape at run time (the stack is a loop over layers, which torch.compile would
-unroll per depth; nor would it fuse a gather by index into a GEMM's operand, the step's largest
-saving). The build is cached on disk by the hash of the sources (the .cpp and every header it
-includes), compiler and flags ($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so
-a machine compiles it once. Without a compiler, or if the build fails, `load()` says so in one
-warning line and the engine trains on the plain torch path.
+Why a C++ file built by the system compiler and loaded with ctypes (rather than numba, a torch
+C++ extension or torch.compile): it needs no new dependency (numba, llvmlite), no torch headers
+and no ninja (a torch extension compiles torch's headers, far longer than this one file builds:
+docs/architecture.md#the-fused-cpu-step), and nothing is traced or recompiled per shape at run
+time (the stack is a loop over layers, which torch.compile would unroll per depth; nor would it
+fuse a gather by index into a GEMM's operand, the step's largest saving). The build is cached on
+disk by the hash of the sources (the .cpp and every header it includes), compiler and flags
+($PSA_CACHE_DIR, else $XDG_CACHE_HOME/psa, else ~/.cache/psa), so a machine compiles it once.
+Without a compiler, or if the build fails, `load()` says so in one warning line and the engine
+trains on the plain torch path.
 """
 
 from __future__ import annotations
@@ -62,10 +62,21 @@ class Layout(Protocol):
     """Where a population's flat buffer keeps each Linear layer (psa.core.mlp.population.Layout):
     the kernels read it, and know nothing else of populations."""
 
-    blocks: tuple[tuple[int, int, int, int], ...]  # (weight offset, bias offset, out, in) per Linear layer
-    size_m: int  # members
-    numel: int  # floats in the buffer
-    model: str  # psa.core.model.MODELS
+    @property
+    def blocks(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(weight offset, bias offset, out, in) of every Linear layer."""
+
+    @property
+    def size_m(self) -> int:
+        """Members."""
+
+    @property
+    def numel(self) -> int:
+        """Floats in the buffer."""
+
+    @property
+    def model(self) -> str:
+        """psa.core.model.MODELS."""
 
 # Widest equal-width stack the compiled code takes (its template instantiations).
 MAX_WIDTH = 8
@@ -138,7 +149,8 @@ def _build() -> ctypes.CDLL:
     lib.psa_count_correct.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64,
                                       _PTR, _PTR, _I64, _I64, ctypes.c_int]
     lib.psa_train_step.restype = ctypes.c_int
-    lib.psa_train_step.argtypes = [_PTR, _PTR, ctypes.c_float, ctypes.c_float, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64,
+    lib.psa_train_step.argtypes = [_PTR, _PTR, ctypes.c_float, ctypes.c_float, _PTR, _I64, _PTR, _I64, _PTR, _I64,
+                                   _I64, _PTR, _PTR, _I64, _I64, _I64,
                                    _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64,
                                    ctypes.c_int]
     if lib.psa_stack_max_width() != MAX_WIDTH:
@@ -236,8 +248,9 @@ def count_correct(z0: torch.Tensor, flat: torch.Tensor, layout: Layout, m0: int,
     correct = torch.zeros(members, dtype=torch.int64)
     if members and rows:
         rc = _lib().psa_count_correct(z0.data_ptr(), *z0.stride(), base, w_off, b_off, size_m * width * (width + 1),
-                                      depth, width, base + 4 * (hw_off + m0 * n_out * width), base + 4 * (hb_off + m0 * n_out),
-                                      n_out, y.data_ptr(), correct.data_ptr(), members, rows, torch.get_num_threads())
+                                      depth, width, base + 4 * (hw_off + m0 * n_out * width),
+                                      base + 4 * (hb_off + m0 * n_out), n_out, y.data_ptr(), correct.data_ptr(),
+                                      members, rows, torch.get_num_threads())
         _check(rc == 0, f"the fused CPU evaluation failed (code {rc})")
     return correct
 
@@ -249,8 +262,9 @@ def _huge_page_tensor(n: int) -> torch.Tensor:
     """An uninitialised uint8 tensor of n bytes that Linux backs with 2 MB pages where it can
     (madvise MADV_HUGEPAGE before the first write, as transparent huge pages in `madvise` mode
     ask). The step reads 256 rows a step at random places of the training set's codes: with 4 KB
-    pages each row is a TLB miss, which the prefetches do not hide (measured: a width-1 net's
-    first layer 68 -> 40 us a group and step on MNIST). Elsewhere, or if refused: ordinary pages."""
+    pages each row is a TLB miss, which the prefetches do not hide (bench/results/narrow_cpu.md).
+    Below 8 MB (four huge pages) or off Linux: ordinary pages; where madvise is refused or
+    missing, the same 2 MB-aligned slice on ordinary pages."""
     if n < 4 * _HUGE or not sys.platform.startswith("linux"):
         return torch.empty(n, dtype=torch.uint8)
     buf = torch.empty(n + _HUGE, dtype=torch.uint8)
@@ -355,7 +369,8 @@ def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.
     _check(isinstance(k, int) and k >= 1 and m % k == 0, f"k must divide the {m} members")
     _check(tuple(order.shape) == (m // k, n) and order.dtype == torch.int64 and order.is_contiguous()
            and order.device.type == "cpu", f"order must be a contiguous ({m // k}, {n}) int64 CPU tensor")
-    _check(step.dim() == 0 and step.dtype == torch.int64 and step.device.type == "cpu", "step must be a 0-d int64 tensor")
+    _check(step.dim() == 0 and step.dtype == torch.int64 and step.device.type == "cpu",
+           "step must be a 0-d int64 tensor")
     _check(1 <= b <= batch_size and int(step) * batch_size + b <= n, "the batch runs past the end of the data order")
     _check_common(loss, "loss", (m,))
     if drop is not None:
@@ -370,10 +385,10 @@ def train_step(layout: Layout, flat: torch.Tensor, grad: torch.Tensor, x: torch.
         _check(isinstance(xc, torch.Tensor) and xc.dtype == torch.uint8 and tuple(xc.shape) == tuple(x.shape)
                and xc.is_contiguous() and xc.device.type == "cpu", f"codes must be a contiguous {tuple(x.shape)} "
                "uint8 CPU tensor")
-    rc = _lib().psa_train_step(x.data_ptr(), _ptr(xc), alpha, beta, y.data_ptr(), n_in, order.data_ptr(), n, step.data_ptr(), batch_size, b,
-                               flat.data_ptr(), grad.data_ptr(), m, k, w0_off, b0_off, w_off, b_off,
-                               m * width * (width + 1), depth, hw_off, hb_off, n_out, _ptr(ks), _ptr(thr), _ptr(sc),
-                               loss.data_ptr(), width, torch.get_num_threads())
+    rc = _lib().psa_train_step(x.data_ptr(), _ptr(xc), alpha, beta, y.data_ptr(), n_in, order.data_ptr(), n,
+                               step.data_ptr(), batch_size, b, flat.data_ptr(), grad.data_ptr(), m, k, w0_off, b0_off,
+                               w_off, b_off, m * width * (width + 1), depth, hw_off, hb_off, n_out, _ptr(ks), _ptr(thr),
+                               _ptr(sc), loss.data_ptr(), width, torch.get_num_threads())
     _check(rc != 3, f"a label outside 0..{n_out - 1} or a data order index outside the training set")
     _check(rc == 0, f"the fused CPU step failed (code {rc})")
     return loss

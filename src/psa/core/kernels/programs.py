@@ -77,7 +77,7 @@ if triton is not None:
                 return tl.dot(x, y, input_precision="tf32")
             elif PREC == 1:
                 # rounded to nearest first: the tensor cores' tf32 dot drops the low mantissa
-                # bits (seen on an H200: 9e-4 off psa.core.precision's rounding at width 16)
+                # bits instead of rounding them (by how much on a card: docs/gpu.md)
                 x = _round_tf32(x)
                 y = _round_tf32(y)
                 return tl.dot(x, y, input_precision="tf32")

@@ -43,12 +43,13 @@ MAX_WIDTH: int = 128
 # cheap. Those round their operands in tf32 and bf16 exactly as psa.core.precision does, so that a
 # precision means one arithmetic on every path (the products of rounded operands are exact in
 # fp32). At a padded width of 16 the broadcast form is not safe: Triton's compiler rewrites
-# sum(x[:, :, None] * y[None, :, :]) into a dot of its default (tf32) precision (seen on an
-# H200 with Triton 3.6: fp32 stacks of width 9-16 were 5e-4 off), so 16 takes the explicit dot.
+# sum(x[:, :, None] * y[None, :, :]) into a dot of its default (tf32) precision, which the
+# interpreter never does (what it did to fp32 stacks on a card: docs/gpu.md), so 16 takes the
+# explicit dot.
 _DOT_MIN_WIDTH = 16
 # Rows per program: at most 512 / Wpad (the (rows, W) activation tiles) and 2048 / Wpad**2
-# (the (rows, W, W) product tiles), which keeps both directions near 80 registers a thread at
-# 4 warps on sm_90 with no spills (measured with ptxas for W = 1..32).
+# (the (rows, W, W) product tiles), so that both directions compile for sm_90 at 4 warps with
+# no spills (the registers ptxas reported: docs/gpu.md#launch-configurations).
 _ROW_BUDGET = 512
 _TILE_BUDGET = 2048
 # Padded widths from here on stream their weights through shared memory (see the module doc).
@@ -57,12 +58,11 @@ _WIDE_MIN_WIDTH = 64
 # for the backward. Every program re-reads each layer's weight tile (16 KB at 64, 64 KB at 128,
 # fp32) from L2 for its own rows, so each weight fetched serves `rows` multiply-adds: larger row
 # blocks reuse the tile better (at 16 rows a 128-wide layer moves 0.25 byte per multiply-add).
-# Each entry is the most rows that compile for sm_90 without spills (Triton 3.6's ptxas; 8 warps
-# to spread the (W, W) operands; shared memory <= 208 KB). The fp32 ("ieee") dot runs on FMA
-# units and holds whole K-slices of its operands in registers, bf16 rounds them in registers,
-# and the backward has two products a layer: those get fewer rows. Registers a thread (forward
-# training with dropout / forward eval / backward): width 64 fp32 166/80/128, tf32 171/80/200,
-# bf16 212/105/204; width 128 fp32 184/109/168, tf32 194/124/172, bf16 182/154/176.
+# Each entry is the most rows that compile for sm_90 without spills (8 warps to spread the
+# (W, W) operands; shared memory <= 208 KB; the registers ptxas reported for each:
+# docs/gpu.md#launch-configurations). The fp32 ("ieee") dot runs on FMA units and holds whole
+# K-slices of its operands in registers, bf16 rounds them in registers, and the backward has two
+# products a layer: those get fewer rows.
 _WIDE_CONFIG = {
     (64, "fp32"): ((64, 8), (32, 8)),
     (64, "tf32"): ((64, 8), (64, 8)),
@@ -94,15 +94,17 @@ def launch_config(width: int, rows: int, precision: str = "fp32",
     The one place the launch heuristics live, so they can be tuned on the target GPU. Each
     layer is a serial step whatever the tile, so rows per program only trade registers (and
     occupancy) against programs re-reading the same weights; the budgets keep a program small.
-    `backward` picks the backward kernel's setting, which differs for widths above 32.
+    `backward` picks the backward kernel's setting, which differs for widths above 32. `width`
+    must be at most MAX_WIDTH and `precision` one of fp32, tf32 and bf16 (the launchers check
+    both); needs Triton installed.
     """
     wp = triton.next_power_of_2(width)
     want = max(16, triton.next_power_of_2(rows))
     if wp >= _WIDE_MIN_WIDTH:
         block_r, num_warps = _WIDE_CONFIG[wp, precision][backward]
         # fewer rows for a small batch, but not below 32 where the table has more: the 16-row
-        # fp32 forward at width 128 is the one variant ptxas spills (4 bytes), and only 2 block
-        # sizes per setting need compiling (and checking)
+        # fp32 forward at width 128 is the one variant ptxas spills (docs/gpu.md), and only 2
+        # block sizes per setting need compiling (and checking)
         return wp, max(min(block_r, want), min(block_r, 32)), num_warps
     if wp > _DOT_MIN_WIDTH:
         # tl.dot's minimum of 16 rows; the fp32 ("ieee") dot runs on FMA units and needs twice
@@ -435,5 +437,6 @@ def dropout_noise(rows: int, units: int, ks: torch.Tensor, thr: torch.Tensor,
     if n == 0 or n_members == 0:
         return out
     block = 1024
-    _launch(programs._dropout_noise_kernel, (triton.cdiv(n, block), n_members), out, ks, thr, sc, n, BLOCK=block, num_warps=4)
+    _launch(programs._dropout_noise_kernel, (triton.cdiv(n, block), n_members), out, ks, thr, sc, n, BLOCK=block,
+            num_warps=4)
     return out

@@ -145,7 +145,8 @@ class Population:
         lkg = self.lkg.to(device)
         dev = lkg.device  # as tensors see it ("cuda" -> "cuda:0"), which is what the engine compares
         return dataclasses.replace(self, device=dev, lkg=lkg, lkg_correct=self.lkg_correct.to(dev),
-                                   bounty_loop=list(self.bounty_loop), mode_history=[list(h) for h in self.mode_history],
+                                   bounty_loop=list(self.bounty_loop),
+                                   mode_history=[list(h) for h in self.mode_history],
                                    **{VARIANT_STATE[k]: v.to(dev) for k, v in self.variant_state().items()})
 
     @property
@@ -175,7 +176,8 @@ class Population:
 
     def variant_state(self) -> dict[str, torch.Tensor]:
         """The variant state tensors by name (those present), for checkpoints."""
-        return {n: getattr(self, VARIANT_STATE[n]) for n in VARIANT_STATE if getattr(self, VARIANT_STATE[n]) is not None}
+        return {n: getattr(self, VARIANT_STATE[n]) for n in VARIANT_STATE
+                if getattr(self, VARIANT_STATE[n]) is not None}
 
     def bounty_model(self) -> torch.Tensor:
         """The flat weights of every member's bounty model (best ever): the LKG without patience."""

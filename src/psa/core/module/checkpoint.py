@@ -28,8 +28,9 @@ from psa.core.module.population import ModulePopulation
 
 KIND = "module-population"
 
-# The variant state in a checkpoint, under the names of psa.core.mlp.population's: per-member tensors as they are, per-tensor
-# dicts (the bounty model's parameters and buffers, AdamW's moments) as "name.<state_dict key>".
+# The variant state in a checkpoint, under the names of psa.core.mlp.population's: per-member tensors
+# as they are, per-tensor dicts (the bounty model's parameters and buffers, AdamW's moments) as
+# "name.<state_dict key>".
 VARIANT_VECTORS = ("bounty_correct", "streak", "allowance", "opt_step")
 VARIANT_DICTS = {"bounty": "bounty_state", "opt_avg": "opt_avg", "opt_sq": "opt_sq"}  # name -> attribute
 

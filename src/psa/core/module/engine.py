@@ -3,14 +3,17 @@ variants included (psa.core.variant; docs/variants.md), through torch.func.
 
 The members train together as vmap over torch.func.functional_call (one AdamW over the stacked
 parameters), or, where vmap cannot batch the model, one at a time with plain autograd. Which
-path is decided once (choose_batching) and then kept for the whole run: the two paths round
-differently.
+path is decided once, before the first loop (choose_batching, which tries vmap on the model:
+vmap_blocker), and kept for the whole meta-loop, training and scoring alike, and for the whole
+run: the two paths round differently. Every random draw of a member's forward comes from its
+own seeded streams (psa.core.module.noise), on either path.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +39,8 @@ from psa.core.loop import (
 )
 from psa.core.member import Member
 from psa.core.module.checkpoint import module_checkpoint
-from psa.core.module.functional import Noise, cross_entropy, engine_template, in_fp32
+from psa.core.module.functional import cross_entropy, engine_template, fp32_arithmetic, in_fp32
+from psa.core.module.noise import MemberRandomness, Noise, StepDropout, member_forward, member_generator, step_key
 from psa.core.module.population import ModulePopulation, TensorDict
 from psa.core.optim import adamw_step, member_adamw_step, new_adamw, step_dtype
 
@@ -49,16 +53,16 @@ def convolutions(model: nn.Module) -> tuple[str, ...]:
 
 
 def auto_batched(convs: tuple[str, ...] | list[str], device: torch.device | str) -> tuple[bool, str]:
-    """batched="auto" for a model with convolution modules `convs` on `device`: (batched, why).
+    """batched="auto" for a model with convolution modules `convs` on `device`: (batched, why),
+    `why` one clause for people.
 
-    A rule of the model's structure and the device's type, never of a timing, so the same
-    command on the same device always trains on the same path (the two paths round
-    differently). Measured on a quiet 2-core CPU (bench/results/batching-cpu.md): under vmap
-    each convolution becomes one grouped convolution, which the CPU's kernels run slower than
-    the members' plain ones one after another (CNNs of tens of members: the population 2-4x
-    slower, a tiny one even), while an MLP's population is about 1.9x faster than its members
-    one at a time. On a GPU the population fills the device; psa does not time it there and
-    keeps it.
+    On a CPU: one member at a time (False) if the model has a convolution, the population (True)
+    if it has none; on any other device the population. A rule of the model's structure and the
+    device's type, never of a timing, so the same command on the same device always trains on
+    the same path (the two paths round differently). The reason: under vmap each convolution
+    becomes one grouped convolution, which a CPU runs slower than the members' own convolutions
+    one after another, while an MLP's population beats its members one at a time
+    (docs/module.md#populations); on a GPU the population fills the device (not timed there).
     """
     kind = torch.device(device).type
     if kind == "cpu" and convs:
@@ -69,16 +73,81 @@ def auto_batched(convs: tuple[str, ...] | list[str], device: torch.device | str)
     return True, f"on {kind} the population (vmap) fills the device"
 
 
-def choose_batching(batched: bool | str, convs: tuple[str, ...] | list[str], device: torch.device | str
-                    ) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class VmapCheck:
+    """What trying vmap on a model found: `error`, why it cannot batch it at all; `slow`, an
+    operation it batches only by looping over the members (torch's batching fallback)."""
+
+    error: str | None = None
+    slow: str | None = None
+
+
+def vmap_check(population: ModulePopulation, data: Dataset) -> VmapCheck:
+    """Try what the batched path runs, on two copies of the first member and two training
+    examples: a training step (gradients of the loss, dropout drawn as the engine draws it) and
+    a scoring in eval mode. Any error (a missing batching rule, a random operation psa cannot
+    draw per member) means vmap cannot batch the model for the whole meta-loop."""
+    assert population.template is not None
+    holder, randomness = Noise(), MemberRandomness()
+    model = engine_template(population.template, population.spec, holder).to(population.device)
+
+    def two(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v[:1].expand(2, *v.shape[1:]).clone() for k, v in t.items()}
+
+    params, buffers = two(population.params), two(population.buffers)
+    x = data.train_x[:2].unsqueeze(0).expand(2, *data.train_x[:2].shape)
+    y = data.train_y[:2].unsqueeze(0).expand(2, 2)
+    units = population.spec.dropout_units
+    noise = torch.ones(2, 2, units, device=population.device) if units else None
+    # the members' functional dropout as a dropout member draws it (a threshold of 2**31: p = 1/2)
+    key = torch.zeros(2, dtype=torch.int64, device=population.device)
+    threshold = torch.full((2,), 1 << 31, dtype=torch.int64, device=population.device)
+    scale = torch.full((2,), 2.0, device=population.device)
+
+    def loss(p: TensorDict, b: TensorDict, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None,
+             key: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        holder.noise = noise
+        with member_forward(randomness, StepDropout(key, threshold, scale)):
+            return cross_entropy(functional_call(model, (p, b), (x,)), y)
+
+    with warnings.catch_warnings(record=True) as caught, fp32_arithmetic():
+        warnings.simplefilter("always")
+        try:
+            model.train()
+            vmap(grad_and_value(loss), in_dims=(0, 0, 0, 0, 0 if units else None, 0, 0, 0))(
+                params, buffers, x, y, noise, key, threshold, scale)
+            model.eval()
+            with torch.no_grad():
+                vmap(lambda p, b: functional_call(model, (p, b), (x[0],)))(params, buffers)
+        except Exception as e:  # noqa: BLE001 - whatever vmap refuses means: one at a time
+            return VmapCheck(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            holder.noise = None
+    slow = next((str(w.message) for w in caught if "batching rule" in str(w.message)), None)
+    if slow is not None:
+        op = slow.partition("batching rule for ")[2].split(".")[0] or "an operation"
+        slow = f"vmap has no batching rule for {op} and would loop over the members"
+    return VmapCheck(slow=slow)
+
+
+def choose_batching(batched: bool | str, convs: tuple[str, ...] | list[str], device: torch.device | str,
+                    check: VmapCheck | None = None, name: str = "the model") -> tuple[bool, str]:
     """(members trained together through vmap, why) for the `batched` argument of psa.fit and
-    `psa study --batched`: True or False as asked, "auto" by auto_batched's rule. The one place
-    the choice is made; the engine is given its result."""
+    `psa study --batched`: True or False as asked, "auto" by auto_batched's rule. `check`
+    (vmap_check's finding on the model) turns "auto" to one member at a time where vmap cannot
+    batch the model or only by looping, and refuses True where it cannot (ConfigError). The one
+    place the choice is made; the engine is given its result."""
+    if not any(batched is b for b in (True, False)) and batched != "auto":
+        raise ConfigError(f"batched must be True, False or 'auto', got {batched!r}")
+    check = check or VmapCheck()
+    if batched is True and check.error is not None:
+        raise ConfigError(f"batched=True: torch.func.vmap cannot batch {name} ({check.error}); train it with "
+                          f"batched=False (or 'auto')")
     if batched == "auto":
+        if check.error is not None or check.slow is not None:
+            return False, f"auto: vmap cannot batch it ({check.error or check.slow})"
         together, why = auto_batched(convs, device)
         return together, f"auto: {why}"
-    if not any(batched is b for b in (True, False)):
-        raise ConfigError(f"batched must be True, False or 'auto', got {batched!r}")
     return bool(batched), ("batched=True: the members together (vmap)" if batched
                            else "batched=False: one member at a time")
 
@@ -86,6 +155,17 @@ def choose_batching(batched: bool | str, convs: tuple[str, ...] | list[str], dev
 def batching_text(batched: bool, why: str) -> str:
     """For people: "the members together (vmap) (why)" or "one member at a time (why)"."""
     return f"{'the members together (vmap)' if batched else 'one member at a time'} ({why})"
+
+
+@dataclass(frozen=True)
+class LoopDropout:
+    """The dropout of a slice's members for one meta-loop: the keys of their nn.Dropout masks
+    and of their functional dropout (C, 2) each, and their rates' thresholds and scales (C,)."""
+
+    keys: torch.Tensor
+    fkeys: torch.Tensor
+    threshold: torch.Tensor
+    scale: torch.Tensor
 
 
 def _per_member(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -130,6 +210,7 @@ class ModuleEngine:
         self.members_at_once = max_members or population.size
         self.eval_rows = eval_rows
         self.holder = Noise()
+        self.randomness = MemberRandomness()
         assert population.template is not None
         self.model = engine_template(population.template, population.spec, self.holder).to(population.device)
         units = population.spec.dropout_units
@@ -156,15 +237,24 @@ class ModuleEngine:
         f = torch.tensor([1.0 - self.hp.lr * m.weight_decay for m in members], dtype=torch.float32)
         return None if bool((f == 1.0).all()) else f.to(self.population.device)
 
-    def _dropout(self, members: tuple[Member, ...], loop: int) -> tuple[torch.Tensor, ...] | None:
-        """(keys (C, 2), thresholds (C,), scales (C,)) of the members' dropout, or None."""
-        if not any(m.dropout > 0 for m in members) or self.pos_hash is None:
+    def _dropout(self, members: tuple[Member, ...], loop: int) -> LoopDropout | None:
+        """The members' dropout at `loop`, or None where none of them drops."""
+        if not any(m.dropout > 0 for m in members):
             return None
         dev = self.population.device
         keys = torch.tensor([rng.loop_keys(m.seed, "dropout", loop) for m in members], dtype=torch.int64)
+        fkeys = torch.tensor([rng.loop_keys(m.seed, "functional-dropout", loop) for m in members],
+                             dtype=torch.int64)
         thr = torch.tensor([rng.dropout_threshold(m.dropout) for m in members], dtype=torch.int64)
         p = torch.tensor([m.dropout for m in members], dtype=torch.float32)
-        return keys.to(dev), thr.to(dev), (torch.ones(len(members)) / (1.0 - p)).to(dev)
+        return LoopDropout(keys.to(dev), fkeys.to(dev), thr.to(dev), (torch.ones(len(members)) / (1.0 - p)).to(dev))
+
+    def _noise(self, drop: LoopDropout | None, step: int, rows: int) -> torch.Tensor | None:
+        """(C, rows, units) multipliers of the nn.Dropout modules at `step`, or None."""
+        if drop is None or self.pos_hash is None:
+            return None
+        keys = rng.step_keys(drop.keys, torch.tensor(step, dtype=torch.int64, device=self.population.device))
+        return rng.dropout_noise(self.pos_hash[:rows], keys, drop.threshold, drop.scale)
 
     # ------------------------------------------------------------ ablation
     @torch.no_grad()
@@ -190,10 +280,15 @@ class ModuleEngine:
 
     # ------------------------------------------------------------ one loop
     def _loss(self, params: TensorDict, buffers: TensorDict, x: torch.Tensor, y: torch.Tensor,
-              noise: torch.Tensor | None) -> torch.Tensor:
+              noise: torch.Tensor | None, key: torch.Tensor | None, threshold: torch.Tensor | None,
+              scale: torch.Tensor | None) -> torch.Tensor:
+        """A member's mean loss on (x, y); `noise` its nn.Dropout modules' multipliers; `key`,
+        `threshold` and `scale` its functional dropout at this step (None: no member drops)."""
         self.holder.noise = noise
+        step = None if key is None else StepDropout(key, threshold, scale)  # type: ignore[arg-type]
         try:
-            out = functional_call(self.model, (params, buffers), (x,))
+            with member_forward(self.randomness, step):
+                out = functional_call(self.model, (params, buffers), (x,))
         finally:
             self.holder.noise = None
         return cross_entropy(out, y)
@@ -211,20 +306,18 @@ class ModuleEngine:
         opt = new_adamw([params[k] for k in names], hp) if moments is None else None
         decay = self._decay(members)
         drop = self._dropout(members, loop)
+        noisy = None if drop is None else 0
+        step_grad = vmap(grad_and_value(self._loss),
+                         in_dims=(0, 0, 0, 0, 0 if self.pos_hash is not None and drop else None, noisy, noisy, noisy))
         loss_sum = torch.zeros(c, device=dev)
         diverged = torch.zeros(c, dtype=torch.bool, device=dev)
-        step_grad = vmap(grad_and_value(self._loss), in_dims=(0, 0, 0, 0, 0 if drop else None))
         self.model.train()
         for s, b in enumerate(self._steps()):
             idx = order[:, s * hp.batch_size : s * hp.batch_size + b]
             x = data.train_x[idx.reshape(-1)].view(c, b, *data.train_x.shape[1:])
             y = data.train_y[idx]
-            noise = None
-            if drop is not None:
-                assert self.pos_hash is not None
-                keys = rng.step_keys(drop[0], torch.tensor(s, dtype=torch.int64, device=dev))
-                noise = rng.dropout_noise(self.pos_hash[:b], keys, drop[1], drop[2])
-            grads, loss = step_grad(params, buffers, x, y, noise)
+            f = (None, None, None) if drop is None else (step_key(drop.fkeys, s), drop.threshold, drop.scale)
+            grads, loss = step_grad(params, buffers, x, y, self._noise(drop, s, b), *f)
             loss_sum += loss.detach()
             diverged |= ~torch.isfinite(loss.detach())
             with torch.no_grad():
@@ -260,16 +353,16 @@ class ModuleEngine:
             drop = self._dropout((mem,), loop)
             for s, b in enumerate(self._steps()):
                 idx = order[s * hp.batch_size : s * hp.batch_size + b]
-                noise = None
-                if drop is not None:
-                    assert self.pos_hash is not None
-                    keys = rng.step_keys(drop[0], torch.tensor(s, dtype=torch.int64, device=dev))
-                    noise = rng.dropout_noise(self.pos_hash[:b], keys, drop[1], drop[2])[0]
-                loss = self._loss({k: v[0] for k, v in p_j.items()}, b_j, data.train_x[idx], data.train_y[idx],
-                                  noise)
+                noise = self._noise(drop, s, b)
+                f = (None, None, None) if drop is None else (step_key(drop.fkeys, s)[0], drop.threshold[0],
+                                                             drop.scale[0])
                 for v in p_j.values():
                     v.grad = None
-                loss.backward()
+                # what the model draws beyond psa's dropouts comes from the member's own generator
+                with member_generator(mem.seed, loop, s, dev):
+                    loss = self._loss({k: v[0] for k, v in p_j.items()}, b_j, data.train_x[idx], data.train_y[idx],
+                                      None if noise is None else noise[0], *f)
+                    loss.backward()
                 loss_sum[j] += loss.detach()
                 diverged[j] |= ~torch.isfinite(loss.detach())
                 with torch.no_grad():
@@ -331,27 +424,29 @@ class ModuleEngine:
     def _run_slice(self, m0: int, m1: int, loop: int, ablated: Ablations) -> tuple[torch.Tensor, ...]:
         pop = self.population
         members = pop.members[m0:m1]
+        fixed = tuple(a if m.variant.fixed else () for a, m in zip(ablated[m0:m1], members))
         while True:
             params, buffers, moments = self._begin(m0, m1, ablated)
             try:
                 train = self._train_batched if self.batched else self._train_single
                 loss, diverged = train(params, buffers, members, loop, moments)
+                if any(fixed):  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
+                    self._ablate(params, m0, fixed)
+                    if moments is not None:
+                        self._ablate(moments.exp_avg, m0, fixed)
+                        self._ablate(moments.exp_avg_sq, m0, fixed)
+                correct = self.count_correct(params, buffers, self.data.val_x, self.data.val_y)
                 break
             except Exception as e:  # noqa: BLE001 - only vmap's limits fall back
                 if not self.batched or is_out_of_memory(e):
                     raise
+                # vmap_check tries the model before the first loop; this catches what only some
+                # data or a later loop reaches. The slice starts over on the other path, whole.
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 warnings.warn(f"psa: torch.func.vmap cannot batch {pop.factory} ({why}); training its members one "
                               f"at a time", RuntimeWarning, stacklevel=3)
                 self.batched = False
                 self.batching = f"vmap cannot batch it ({why}): one member at a time"
-        fixed = tuple(a if m.variant.fixed else () for a, m in zip(ablated[m0:m1], members))
-        if any(fixed):  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
-            self._ablate(params, m0, fixed)
-            if moments is not None:
-                self._ablate(moments.exp_avg, m0, fixed)
-                self._ablate(moments.exp_avg_sq, m0, fixed)
-        correct = self.count_correct(params, buffers, self.data.val_x, self.data.val_y)
         with torch.no_grad():
             promote, forced, improved = self._promote(m0, m1, correct, diverged)
             for store, cand in ((pop.params, params), (pop.buffers, buffers)):

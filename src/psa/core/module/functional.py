@@ -6,8 +6,8 @@ rule) and, for one member, as a batch of one; nn.Dropout modules draw psa's coun
 Why: vmap of F.linear runs bmm and then adds the bias, and autograd's cross-entropy goes through
 log_softmax's backward: the same numbers up to the last bit, but AdamW's first steps turn a
 last-bit difference in a near-zero gradient into an lr-sized one, and over hundreds of steps a
-member drifts apart (2e-4 after 256 steps, docs/module.md). With the engine's operations the
-batched path, the one-at-a-time path and psa's own engine round alike.
+member drifts apart (docs/module.md#arithmetic-the-engines-bit-for-bit). With the engine's
+operations the batched path, the one-at-a-time path and psa's own engine round alike.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psa.core import ops
+from psa.core.module.noise import MaskedDropout, Noise
 from psa.core.module.units import ModelSpec
 
 
@@ -151,33 +152,71 @@ def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _CrossEntropy.apply(z, y)
 
 
-class Noise:
-    """The dropout multipliers of the current step, shared by every MaskedDropout of a model:
-    (batch, units) for one member (vmap gives each its own), or None for no dropout."""
+class Attention(nn.MultiheadAttention):
+    """nn.MultiheadAttention computed step by step (projections, scores, softmax, dropout on the
+    attention weights, values, output projection) instead of by torch's fused kernels: its
+    dropout is F.dropout, which psa draws from the member's own stream (psa.core.module.noise),
+    and vmap batches every step (torch's fused attention has no batching rule on a CPU). Same
+    parameters and attributes; engine_template gives this class to the attention modules it
+    can compute (supported())."""
 
-    def __init__(self) -> None:
-        self.noise: torch.Tensor | None = None
+    @staticmethod
+    def supported(m: nn.MultiheadAttention) -> bool:
+        """Whether this forward computes `m`: no bias_k/bias_v, no zero attention."""
+        return m.bias_k is None and m.bias_v is None and not m.add_zero_attn
 
-
-class MaskedDropout(nn.Module):
-    """nn.Dropout with given multipliers: units [offset, offset + units) of the step's noise,
-    shaped as this module's input. Identity in eval() or when the step draws no noise."""
-
-    def __init__(self, holder: Noise, offset: int, units: int) -> None:
-        super().__init__()
-        self.holder, self.offset, self.units = holder, offset, units
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x times its slice of the noise (training with noise), else x."""
-        noise = self.holder.noise
-        if not self.training or noise is None:
-            return x
-        return x * noise[:, self.offset : self.offset + self.units].reshape(x.shape)
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """nn.MultiheadAttention.forward's arguments and results."""
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        tgt, n, e = query.shape  # (L, N, E) from here on
+        src = key.shape[0]
+        h, d = self.num_heads, self.head_dim
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = self.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, wq, bq).reshape(tgt, n * h, d).transpose(0, 1)
+        k = F.linear(key, wk, bk).reshape(src, n * h, d).transpose(0, 1)
+        v = F.linear(value, wv, bv).reshape(src, n * h, d).transpose(0, 1)
+        scores = torch.bmm(q * (d ** -0.5), k.transpose(1, 2))  # (N*H, L, S)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=query.device).triu(1)
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 3 else attn_mask.unsqueeze(0)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        if key_padding_mask is not None:
+            pad = key_padding_mask.view(n, 1, 1, src).expand(n, h, 1, src).reshape(n * h, 1, src)
+            scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else scores + pad
+        weights = torch.softmax(scores, dim=-1)
+        if self.dropout > 0.0:  # a dropout site of the model's (psa.core.module.noise)
+            weights = F.dropout(weights, p=self.dropout, training=self.training)
+        out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt, n, e)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(1)
+        if not need_weights:
+            return out, None
+        w = weights.view(n, h, tgt, src)
+        w = w.mean(dim=1) if average_attn_weights else w
+        return out, (w if batched else w.squeeze(0))
 
 
 def engine_template(module: nn.Module, spec: ModelSpec, holder: Noise) -> nn.Module:
     """A copy of `module` that computes as psa's engine: its nn.Dropout modules draw psa's masks
-    from `holder`, its plain nn.Linear modules run the engine's arithmetic (_EngineLinear)."""
+    from `holder`, its plain nn.Linear modules run the engine's arithmetic (_EngineLinear), and
+    its attention computes step by step with the member's own dropout (Attention)."""
     template = copy.deepcopy(module)
     off = 0
     for name, units in spec.dropouts:
@@ -186,25 +225,41 @@ def engine_template(module: nn.Module, spec: ModelSpec, holder: Noise) -> nn.Mod
         setattr(parent, attr, MaskedDropout(holder, off, units))
         off += units
     for m in template.modules():
+        # same parameters and state; only the forward differs
         if type(m) is nn.Linear:
-            m.__class__ = _EngineLinear  # same parameters and state; only the forward differs
+            m.__class__ = _EngineLinear
+        elif type(m) is nn.MultiheadAttention and Attention.supported(m):
+            m.__class__ = Attention
     return template
 
 
 @contextlib.contextmanager
 def fp32_arithmetic() -> Iterator[None]:
-    """fp32 as written and the same sums on every run: cuDNN runs fp32 convolutions in TF32
-    unless told not to (torch's default `cudnn.allow_tf32 = True`: a small CNN was 3e-4 away
-    from the CPU after one loop on an H200) and may pick algorithms that add in any order; a
-    user may have turned cuBLAS's TF32 on. Both are set for psa's work and restored after."""
+    """A context in which fp32 is computed as written, with the same sums on every run: cuBLAS's
+    TF32 off, and cuDNN with TF32 off, deterministic algorithms and no benchmarking (cuDNN left
+    enabled or disabled as it was). The previous settings are restored on exit, also when the
+    body raises.
+
+    Why: cuDNN runs fp32 convolutions in TF32 unless told not to (torch's default
+    `cudnn.allow_tf32 = True`; what that did to a small CNN on a GPU:
+    bench/results/gpu-paths-h200.md) and may pick algorithms that add in any order, and a user
+    may have turned cuBLAS's TF32 on."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    # a Transformer layer's fused inference path would compute its evaluation otherwise than its
+    # training (and has no batching rule under vmap)
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
     try:
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False,
                                         deterministic=True, allow_tf32=False):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def in_fp32(fn: Callable[..., Any]) -> Callable[..., Any]:

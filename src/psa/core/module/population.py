@@ -57,14 +57,14 @@ class ModulePopulation:
                factory: str | None = None) -> "ModulePopulation":
         """Fresh members (sorted by seed): each seed's initialisation by `make_model`, LKG score -1.
         The model is checked on a batch of the training data first (ConfigError if it cannot run),
-        and every member's mode and variant against the model's units. `factory`: its name as
-        module:function (default: its module and qualified name)."""
+        and every member's mode and variant against the model's units. `n_classes`: the logits
+        the model must give (None: its own output width). `factory`: its name as module:function
+        (default: its module and qualified name)."""
         if not members:
             raise ConfigError("a population needs at least one member")
         members = tuple(sorted(members, key=lambda mem: mem.seed))
         dev = canonical_device(device)
         name = factory or factory_name(make_model)
-        n_classes = n_classes or int(max(int(data.train_y.max()), int(data.val_y.max()))) + 1
         models = {s: build(make_model, s) for s in sorted({mem.seed for mem in members})}
         first = next(iter(models.values()))
         spec = inspect_model(first, data.train_x[:2].cpu(), n_classes, name)

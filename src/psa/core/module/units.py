@@ -59,11 +59,14 @@ class UnitLayer:
 @dataclass(frozen=True)
 class ModelSpec:
     """What psa found in a model: its unit layers (call order), its nn.Dropout modules with the
-    units each drops per example (call order), and notes to print once."""
+    units each drops per example (call order), its other dropout sites (functional and attention
+    dropout, psa.core.module.noise), and notes to print once."""
 
     layers: tuple[UnitLayer, ...]
     dropouts: tuple[tuple[str, int], ...]
     notes: tuple[str, ...] = ()
+    functional_dropouts: int = 0
+    classes: int = 0  # the width of the model's logits
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -200,9 +203,11 @@ def _follow(node: Any, mods: dict[str, nn.Module]) -> tuple[Consumer | None, str
         return None, norm, f"it passes through {u.op} {getattr(u.target, '__name__', u.target)}"
 
 
-def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int, name: str = "the model") -> ModelSpec:
+def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | None,
+                  name: str = "the model") -> ModelSpec:
     """The unit layers, consumers and dropouts of `module`, checked on a batch of the data:
-    it must have a Linear or Conv layer, and map (N, ...) inputs to (N, n_classes) logits."""
+    it must have a Linear or Conv layer, and map (N, ...) inputs to (N, n_classes) logits
+    (n_classes None: any (N, C) logits, the model's C classes)."""
     for n, m in module.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and type(m) is not nn.Dropout:
             raise ConfigError(f"{name}: {n} is a {type(m).__name__}; psa drives nn.Dropout modules only")
@@ -213,6 +218,8 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int, nam
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{name} fails on a batch of the data of shape {tuple(sample_x.shape)}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    if torch.is_tensor(out) and out.dim() == 2 and n_classes is None:
+        n_classes = out.shape[1]  # the model's own width: the labels are checked against it
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape != (sample_x.shape[0], n_classes):
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ConfigError(f"{name} maps a batch of {sample_x.shape[0]} to {shape}; the data has {n_classes} "
@@ -239,7 +246,30 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int, nam
                          f"incoming weights")
         layers.append(UnitLayer(n, units, m.bias is not None, consumer, norm))
     dropouts = tuple((n, drop[n]) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop)
-    return ModelSpec(tuple(layers), dropouts, tuple(notes))
+    return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]))
+
+
+def _functional_dropouts(module: nn.Module, x: torch.Tensor) -> int:
+    """The dropout sites a training forward of `module` calls besides its nn.Dropout modules:
+    F.dropout in its own code, and attention whose dropout is on (psa computes it with
+    F.dropout: psa.core.module.functional.Attention). Counted on a copy: a training forward
+    moves a BatchNorm's running statistics."""
+    import copy
+
+    from psa.core.module.noise import MemberRandomness, member_forward
+
+    twin = copy.deepcopy(module).train()
+    for m in twin.modules():
+        if type(m) is nn.Dropout:
+            m.forward = lambda t: t  # type: ignore[method-assign]  # counted apart, as modules
+    mode = MemberRandomness()
+    try:  # attention's own dropout draws here: from a forked generator, so the caller's is untouched
+        with torch.random.fork_rng(devices=[]), member_forward(mode, None), torch.no_grad():
+            twin(x)
+    except Exception:  # noqa: BLE001 - the model ran in eval mode: a count of 0 only forgoes dropout mode
+        return 0
+    attention = sum(1 for m in twin.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
+    return mode.sites + attention
 
 
 def check_member(spec: ModelSpec, mem: Member, name: str = "the model") -> None:
@@ -251,8 +281,9 @@ def check_member(spec: ModelSpec, mem: Member, name: str = "the model") -> None:
             raise ConfigError(f"unknown mode {mode!r}")
         if mode == "hidden" and not spec.hidden:
             raise ConfigError(f"mode 'hidden' needs a hidden unit layer; {name} has only {spec.describe()}")
-        if mode == "dropout" and not spec.dropouts:
-            raise ConfigError(f"mode 'dropout' sets the rate of every nn.Dropout of the model; {name} has none")
+        if mode == "dropout" and not spec.dropouts and not spec.functional_dropouts:
+            raise ConfigError(f"mode 'dropout' sets the rate of every dropout of the model (nn.Dropout, F.dropout, "
+                              f"attention dropout); {name} has none")
     try:
         mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
     except ConfigError as e:
