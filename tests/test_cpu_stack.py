@@ -108,7 +108,7 @@ def test_every_width_against_the_torch_path(small, width, depth):
         got, loss, ch = poisoned_step(fused, 2, step, b)
         ref, ref_loss, ref_ch = one_step(plain, 2, step, b)
         assert torch.equal(ch.cand, ref_ch.cand) and ch.dropout, what
-        assert_close_grads(fused, got, ref, what, b)  # finite: every element written
+        assert_close_grads(fused, got, ref, what, b, ch=ch)  # finite: every element written
         assert torch.isfinite(loss).all(), what
         assert_close_losses(fused, loss, ref_loss, what, b)
         # the test has teeth: the lowest middle layer (the stack's last gradient) trains in

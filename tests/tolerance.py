@@ -24,8 +24,9 @@ unless a test names the quantity's natural scale, and c one of two constants:
   tests' BatchNorm MLP, tests/test_module.py); 32 leaves 4x above it, and a step left out of a
   run still lands 30x or more above the bound (tests/test_tolerance.py).
 
-Set PSA_TOLERANCE_LOG=<file> to append every comparison's ratio (observed / bound), its test and
-its bound to <file>: the measurement the constants come from, to redo on a new machine.
+Set PSA_TOLERANCE_LOG=<file> to append every comparison's ratio (observed / bound), its kind
+(close: must be <= 1; apart: must be > 1; compare: the test decides), its test and its bound to
+<file>: the measurement the constants come from, to redo on a new machine.
 """
 
 from __future__ import annotations
@@ -116,10 +117,12 @@ def _entries(x: Tensors) -> dict[str, torch.Tensor]:
     return dict(x) if isinstance(x, Mapping) else {"": x}
 
 
-def compare(what: str, got: Tensors, ref: Tensors, b: Bound, scale: float | None = None) -> Comparison:
+def compare(what: str, got: Tensors, ref: Tensors, b: Bound, scale: float | None = None,
+            kind: str = "compare") -> Comparison:
     """`got` against `ref` (tensors, or dicts of them compared key by key) under bound `b`,
     relative to `scale`, or else to each reference tensor's largest |value|. Integer tensors
-    must be equal; NaN and infinities must sit where the reference has them."""
+    must be equal; NaN and infinities must sit where the reference has them. `kind` (close,
+    apart, compare) goes to the log only."""
     g, r = _entries(got), _entries(ref)
     assert g.keys() == r.keys(), f"{what}: keys {sorted(g)} != {sorted(r)}"
     worst, message = 0.0, f"{what}: within {b}"
@@ -146,18 +149,18 @@ def compare(what: str, got: Tensors, ref: Tensors, b: Bound, scale: float | None
     log = os.environ.get("PSA_TOLERANCE_LOG")
     if log:
         with open(log, "a") as f:
-            f.write(f"{worst:.4g}\t{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{what}\t{b}\n")
+            f.write(f"{worst:.4g}\t{kind}\t{os.environ.get('PYTEST_CURRENT_TEST', '?')}\t{what}\t{b}\n")
     return Comparison(worst, message)
 
 
 def assert_close(what: str, got: Tensors, ref: Tensors, b: Bound, scale: float | None = None) -> None:
     """compare(...), failing with its message where the difference exceeds the bound."""
-    c = compare(what, got, ref, b, scale)
+    c = compare(what, got, ref, b, scale, "close")
     assert c.ratio <= 1, c.message
 
 
 def assert_apart(what: str, got: Tensors, ref: Tensors, b: Bound, scale: float | None = None) -> None:
     """The opposite: `got` is a different computation (another learning rate, optimizer, decay),
     and the bound must tell it from `ref`."""
-    c = compare(what, got, ref, b, scale)
+    c = compare(what, got, ref, b, scale, "apart")
     assert c.ratio > 1, f"{what}: a different computation passes as rounding: {c.message}"
