@@ -20,9 +20,10 @@ unless a test names the quantity's natural scale, and c one of two constants:
   by its own running magnitude, so an element whose gradient is a small difference of large
   terms (a first layer in front of batch normalization; a pixel that few images light) takes
   lr-sized steps whose rounding is relative to that small gradient, not to the layer. The
-  largest difference measured is 6 eps sqrt(n) on AVX2 and about 8 on AVX-512 (the module
-  tests' BatchNorm MLP, tests/test_module.py); 32 leaves 4x above it, and a step left out of a
-  run still lands 30x or more above the bound (tests/test_tolerance.py).
+  largest difference measured is 6 eps sqrt(n) on AVX2, 3.4 on torch's default kernels and
+  about 8 on AVX-512 (estimated from a report there), all in the module tests' BatchNorm MLP
+  (tests/test_module.py); 32 leaves 4x above it, and a step left out of a run still lands 30x
+  or more above the bound (tests/test_tolerance.py).
 
 Set PSA_TOLERANCE_LOG=<file> to append every comparison's ratio (observed / bound), its kind
 (close: must be <= 1; apart: must be > 1; compare: the test decides), its test and its bound to
