@@ -113,8 +113,9 @@ def assert_close_grads(eng, got: torch.Tensor, ref: torch.Tensor, what: str, b: 
     `ch`, a member's layers at and below a ReLU near tie (relu_ties) are left out."""
     pop = eng.population
     ours, theirs = layers(pop, got), layers(pop, ref)
+    chosen = list(range(pop.size)) if members is None else members
     for key, a in ours.items():
-        assert torch.isfinite(a).all(), f"{what}: {key} not finite"
+        assert torch.isfinite(a[chosen]).all(), f"{what}: {key} not finite"
     if ch is not None:
         ours, ties = {key: a.clone() for key, a in ours.items()}, relu_ties(eng, ch, b)
         if ties:
