@@ -52,9 +52,17 @@ def sample(db: Path) -> dict | None:
             con.close()
     except sqlite3.Error:
         return None
-    ckpts = [p for p in db.with_name(db.stem + ".ckpt").rglob("*.safetensors")]
     return {"loops": int(loops), "rows": int(rows), "db_bytes": int(size),
-            "ckpt_bytes": max((p.stat().st_size for p in ckpts), default=0)}
+            "ckpt_bytes": max(map(file_size, db.with_name(db.stem + ".ckpt").rglob("*.safetensors")), default=0)}
+
+
+def file_size(path: Path) -> int:
+    """Its size, or 0 where the running study removed it between the listing and this look (a
+    population's checkpoint goes when the population finishes: psa.study.driver)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def run_polled(loops: int, marks: list[int], db: Path, kill_at: int | None = None) -> tuple[list[dict], float]:

@@ -90,6 +90,13 @@ def engine(pop: Population, ds: psa_data.Dataset, hp: HParams = ENGINE_HP, strea
     return Engine(pop, ds, hp, resolve_execution(pop.device, **how), stream=stream)
 
 
+def layers(pop: Population, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The population's LKG (or `flat`) as one weight and one bias tensor per Linear layer, all
+    members stacked: what tests/tolerance.py compares, each layer against its own scale."""
+    views = pop.layout.views(pop.lkg if flat is None else flat)
+    return {f"layer {i} {name}": t for i, (w, b) in enumerate(views) for name, t in (("weight", w), ("bias", b))}
+
+
 def set_paths(eng: Engine, **paths: bool) -> None:
     """Force an engine's paths (as kernels=auto picks them elsewhere: Triton on a GPU, ...)."""
     import dataclasses

@@ -2,11 +2,12 @@
 
 One step's gradients and losses are compared on the same candidate, chunk and batch: the torch
 path (`--kernels torch`: gathered batch, torch matmuls, autograd-free backward) is the reference.
-Tolerances: gradients within 2e-5 of the largest gradient of their layer (fp32 sums over a batch
-and 784 inputs in another order: measured differences are ~5e-7 of it, up to 5e-6 for width 1,
-whose sums cancel more), losses within 1e-5 (of ~2.3; measured 2.4e-7). Meta-loops (ablations, promotion, the last partial batch) then follow the torch path's
-LKG to 1e-5; tests/test_cpu_stack.py takes the stack itself through every width, deeper
-stacks, larger batches, NaN and the build.
+Tolerances are tests/tolerance.py's: gradients relative to the largest gradient of their layer
+and losses to the largest loss, within one pass's rounding (fp32 sums over a batch and 784
+inputs in another order: ~1e-5 of it; measured differences are ~5e-7, up to 5e-6 for width 1,
+whose sums cancel more). Meta-loops (ablations, promotion, the last partial batch) then follow
+the torch path's LKG within a training run's rounding; tests/test_cpu_stack.py takes the stack
+itself through every width, deeper stacks, larger batches, NaN and the build.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import dataclasses
 import pytest
 import torch
 
+from psa.core import rng
 from psa.core.kernels import cpu_stack
 from psa.core.arch import parse_arch
 from psa.core.device import resolve_execution
 from psa.core.member import MODES
 
 from .conftest import ENGINE_HP as HP
-from .conftest import engine, fresh_seed, population
+from .conftest import engine, fresh_seed, layers, population
+from .tolerance import ONE_PASS, assert_close, epoch_steps, pass_bound, training_bound
 
 if not cpu_stack.load(warn=False):
     pytest.skip(f"the fused CPU stack cannot be built here ({cpu_stack.failure()})", allow_module_level=True)
@@ -63,15 +66,74 @@ def one_step(eng, loop: int, step: int, b: int, ablate: bool = True):
     return ch.grad.clone(), loss.clone(), ch
 
 
-def assert_close_grads(eng, got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    for layer, ((gw, gb), (rw, rb)) in enumerate(zip(eng.population.layout.views(got), eng.population.layout.views(ref))):
-        for name, a, r in (("weight", gw, rw), ("bias", gb, rb)):
-            assert torch.isfinite(a).all(), f"{what}: layer {layer} {name} not finite"
-            scale = max(r.abs().max().item(), 1e-6)
-            err = (a - r).abs().max().item()
-            assert err <= 2e-5 * scale, f"{what}: layer {layer} {name}: {err:.3g} vs scale {scale:.3g}"
+def relu_ties(eng, ch, b: int) -> dict[int, int]:
+    """{member: its highest layer with a near tie} for step ch.step's b rows: a live hidden unit
+    whose pre-activation lies as close to 0 as float32 rounding reaches. There the fused step and
+    the torch path may put the row on either side of the ReLU, and the gradients of that layer
+    and below then differ by the row's whole contribution, not by rounding: a discontinuity, like
+    a near tie between two logits that moves a count by one. Layers above it do not see it (the
+    unit's output is ~0 either way). The forward (dropout included) runs in float64 and in
+    float32 side by side; the rounding reached is, per member and layer, the largest difference
+    of the two (the first layer's error carried up the stack included), and a tie is within
+    ONE_PASS times that: the other path's float32 rounds as much again, in another order."""
+    pop = eng.population
+    k = ch.groups[1]
+    pos = ch.step * eng.hp.batch_size + torch.arange(b)
+    x = eng.data.train_x[ch.order.index_select(1, pos)].repeat_interleave(k, 0)  # (C, b, n_in)
+    noise = eng.step.noise(ch, rng.step_keys(ch.drop_keys, ch.step), b) if ch.dropout else None
+    ties: dict[int, int] = {}
+    hs, off = {torch.float64: x.double(), torch.float32: x.float()}, 0
+    for layer in range(len(pop.layout.views(ch.cand)) - 1):
+        zs = {}
+        for dtype, h in hs.items():
+            w, bias = pop.layout.views(ch.cand.to(dtype))[layer]
+            zs[dtype] = torch.einsum("mbi,moi->mbo", h, w) + bias.unsqueeze(1)
+        z = zs[torch.float64]
+        reach = (zs[torch.float32].double() - z).abs().flatten(1).amax(1).view(-1, 1, 1)
+        near = (z != 0) & (z.abs() <= ONE_PASS * reach)
+        for j in near.flatten(1).any(1).nonzero().flatten().tolist():
+            ties[j] = layer
+        for dtype, zd in zs.items():
+            h = zd.relu()
+            if noise is not None:
+                sl = noise[:, :, off:off + h.shape[2]].to(dtype)
+                if ch.drop_rows_all:
+                    h = h * sl
+                else:
+                    h[ch.drop_rows] = h[ch.drop_rows] * sl
+            hs[dtype] = h
+        off += z.shape[2]
+    return ties
 
 
+def assert_close_grads(eng, got: torch.Tensor, ref: torch.Tensor, what: str, b: int = 32,
+                       members: list[int] | None = None, ch=None) -> None:
+    """One step's gradients of batch `b` (of `members` only, if given) against the torch path's,
+    each layer's relative to its largest, within one pass's rounding; given the step's chunk
+    `ch`, a member's layers at and below a ReLU near tie (relu_ties) are left out."""
+    pop = eng.population
+    ours, theirs = layers(pop, got), layers(pop, ref)
+    chosen = list(range(pop.size)) if members is None else members
+    for key, a in ours.items():
+        assert torch.isfinite(a[chosen]).all(), f"{what}: {key} not finite"
+    if ch is not None:
+        ours, ties = {key: a.clone() for key, a in ours.items()}, relu_ties(eng, ch, b)
+        if ties:
+            what = f"{what} (ReLU ties left out, member: top layer {ties})"
+        for j, top in ties.items():
+            for layer in range(top + 1):
+                for name in ("weight", "bias"):
+                    ours[f"layer {layer} {name}"][j] = theirs[f"layer {layer} {name}"][j]
+    if members is not None:
+        ours, theirs = ({k: v[members] for k, v in d.items()} for d in (ours, theirs))
+    assert_close(f"{what} gradient", ours, theirs, pass_bound(pop.arch.widths, b))
+
+
+def assert_close_losses(eng, loss: torch.Tensor, ref: torch.Tensor, what: str, b: int = 32) -> None:
+    assert_close(f"{what} loss", loss, ref, pass_bound(eng.population.arch.widths, b))
+
+
+@pytest.mark.numeric
 @pytest.mark.parametrize("arch", ["1*1", "1*2", "1*4", "1*8", "2*1", "2*2", "3*4", "2*8", "4*3", "5*5", "7*7"])
 @pytest.mark.parametrize("b", [32, 11])  # a full batch, and a last partial one
 def test_step_matches_the_torch_path(small, arch, b):
@@ -85,8 +147,8 @@ def test_step_matches_the_torch_path(small, arch, b):
     assert torch.equal(ch.cand, ref_ch.cand)  # the same ablated candidate
     assert ch.dropout and any(m.dropout == 0 for m in ch.members)
     what = f"{arch} b={b}"
-    assert_close_grads(fused, got, ref, what)
-    assert (loss - ref_loss).abs().max().item() < 1e-5, what
+    assert_close_grads(fused, got, ref, what, b, ch=ch)
+    assert_close_losses(fused, loss, ref_loss, what, b)
 
 
 def test_an_ablated_unit_stays_dead(small):
@@ -102,17 +164,21 @@ def test_an_ablated_unit_stays_dead(small):
     assert views[0][0].abs().sum().item() > 0 and views[2][0].abs().sum().item() > 0  # the rest trains
 
 
+@pytest.mark.numeric
 def test_meta_loops_follow_the_torch_path(small):
     """Three meta-loops of every mode (ablation, promotion, a last partial batch of 10)."""
     data = dataclasses.replace(small, train_x=small.train_x[:330], train_y=small.train_y[:330])
+    steps = epoch_steps(330, HP.batch_size)
     for arch in ("1*4", "2*2", "4*1"):
         fused, plain = pair(arch, data)
         res = [(fused.meta_loop(), plain.meta_loop()) for _ in range(3)]
-        diff = (fused.population.lkg - plain.population.lkg).abs().max().item()
-        assert diff < 1e-5, (arch, diff)
+        widths = fused.population.arch.widths
+        assert_close(f"{arch} LKG", layers(fused.population), layers(plain.population),
+                     training_bound(3 * steps, widths, HP.batch_size))
         for a, b in res:
             assert a.promoted == b.promoted and a.diverged == b.diverged and a.ablated == b.ablated, arch
-            assert max(abs(x - y) for x, y in zip(a.train_loss, b.train_loss)) < 1e-5, arch
+            assert_close(f"{arch} loop {a.loop} train loss", torch.tensor(a.train_loss), torch.tensor(b.train_loss),
+                         training_bound(a.loop * steps, widths, HP.batch_size, c=ONE_PASS))
 
 
 def test_divergence_is_flagged_per_member(small):
@@ -131,7 +197,7 @@ def test_divergence_is_flagged_per_member(small):
     (div, loss), (ref_div, ref_loss) = outs
     assert div.tolist() == ref_div.tolist() == [j in (3, 4) for j in range(len(SPECS))]
     keep = ~ref_div
-    assert (loss[keep] - ref_loss[keep]).abs().max().item() < 1e-5
+    assert_close_losses(fused, loss[keep], ref_loss[keep], "finite members'")
 
 
 def test_same_inputs_same_bits_for_any_thread_count(small):
@@ -145,6 +211,7 @@ def test_same_inputs_same_bits_for_any_thread_count(small):
         assert torch.equal(grad, out[0][0]) and torch.equal(loss, out[0][1])
 
 
+@pytest.mark.numeric
 def test_random_inputs_against_the_torch_path(small):
     """Random weights (scaled so that units are on and off) on random widths and depths."""
     seed = fresh_seed()
@@ -156,12 +223,10 @@ def test_random_inputs_against_the_torch_path(small):
         noise = torch.randn(fused.population.lkg.shape, generator=g) * 0.5
         fused.population.lkg.add_(noise)
         plain.population.lkg.add_(noise)
-        got, loss, _ = one_step(fused, 3, 2, 32)
+        got, loss, ch = one_step(fused, 3, 2, 32)
         ref, ref_loss, _ = one_step(plain, 3, 2, 32)
-        assert_close_grads(fused, got, ref, f"seed={seed} {d}*{w}")
-        # these weights give losses up to ~60: 1e-5 of the loss (1e-5 absolute for losses ~2 elsewhere)
-        tol = 1e-5 * max(1.0, ref_loss.abs().max().item())
-        assert (loss - ref_loss).abs().max().item() < tol, f"seed={seed} {d}*{w}"
+        assert_close_grads(fused, got, ref, f"seed={seed} {d}*{w}", ch=ch)
+        assert_close_losses(fused, loss, ref_loss, f"seed={seed} {d}*{w}")  # up to ~60 with these weights
 
 
 def test_where_the_engine_uses_it():
@@ -204,10 +269,10 @@ def test_odd_input_and_class_counts_and_uneven_seeds():
         fused = engine(population(arch, data, specs), data)
         plain = engine(population(arch, data, specs), data, kernels="torch")
         assert fused.paths.cpu_step and fused._chunk(0, 3).groups == (3, 1)
-        got, loss, _ = one_step(fused, 2, 1, 32)
+        got, loss, ch = one_step(fused, 2, 1, 32)
         ref, ref_loss, _ = one_step(plain, 2, 1, 32)
-        assert_close_grads(fused, got, ref, f"seed={seed} {text}")
-        assert (loss - ref_loss).abs().max().item() < 1e-5, f"seed={seed} {text}"
+        assert_close_grads(fused, got, ref, f"seed={seed} {text}", ch=ch)
+        assert_close_losses(fused, loss, ref_loss, f"seed={seed} {text}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,6 +302,7 @@ def test_mnist_is_found_as_8_bit_codes_and_other_data_is_not(small):
     assert cpu_stack.input_codes(small.train_x[:, :10].contiguous()[:, :0]) is None  # empty
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("arch", ["1*1", "2*1", "3*4", "1*8", "5*5"])
 def test_step_on_codes_matches_the_torch_path(small, arch):
     """The first layer reading 8-bit codes (alpha sum w c + beta sum w) gives the torch path's
@@ -254,8 +320,8 @@ def test_step_on_codes_matches_the_torch_path(small, arch):
         loss = cpu_stack.train_step(ch.layout, ch.cand, ch.grad, small.train_x, small.train_y, ch.order, ch.step,
                                     HP.batch_size, b, ch.groups[1], drop, torch.empty(ch.size), codes)
         ref, ref_loss, _ = one_step(plain, 2, step, b)
-        assert_close_grads(fused, ch.grad, ref, f"{arch} b={b} codes")
-        assert (loss - ref_loss).abs().max().item() < 1e-5, arch
+        assert_close_grads(fused, ch.grad, ref, f"{arch} b={b} codes", b, ch=ch)
+        assert_close_losses(fused, loss, ref_loss, f"{arch} b={b} codes", b)
 
 
 def test_fused_evaluation_counts_what_the_logits_say(small):
@@ -302,6 +368,7 @@ def test_fused_evaluation_takes_argmax_of_nan_as_torch_does(small):
     assert got[0].item() == (small.val_y == 3).sum().item() and got[1].item() == (small.val_y == 2).sum().item()
 
 
+@pytest.mark.numeric
 def test_a_dead_layer_stops_the_gradient_as_on_the_torch_path(small):
     """A member whose middle layer 6 is off for every row (bias -10, weights 0) gets exactly zero
     gradients below it (the step stops carrying zeros down), while the members before it in its
@@ -315,10 +382,10 @@ def test_a_dead_layer_stops_the_gradient_as_on_the_torch_path(small):
             b.fill_(0.1)
         views[6][0][3].zero_()
         views[6][1][3].fill_(-10.0)
-    got, loss, _ = one_step(fused, 1, 2, 32, ablate=False)
+    got, loss, ch = one_step(fused, 1, 2, 32, ablate=False)
     ref, ref_loss, _ = one_step(plain, 1, 2, 32, ablate=False)
-    assert_close_grads(fused, got, ref, "dead layer")
-    assert (loss - ref_loss).abs().max().item() < 1e-5
+    assert_close_grads(fused, got, ref, "dead layer", ch=ch)
+    assert_close_losses(fused, loss, ref_loss, "dead layer")
     views = fused.population.layout.views(got)
     for layer in range(6):
         assert views[layer][0][3].abs().max().item() == 0.0 and views[layer][1][3].abs().max().item() == 0.0, layer

@@ -18,6 +18,7 @@ from psa.core.member import MODES
 from . import oracle
 from .conftest import ENGINE_HP as CFG
 from .conftest import population, subset
+from .tolerance import Bound, assert_apart, assert_close, epoch_steps, training_bound
 
 ARCH = parse_arch("[2*24, 1*16]")
 LOOPS = 4  # 4 x 64 steps
@@ -33,6 +34,11 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def trained(loops: int, n: int, arch=ARCH, hp=CFG) -> Bound:
+    """The rounding a member may carry after `loops` epochs of `n` images (tests/tolerance.py)."""
+    return training_bound(loops * epoch_steps(n, hp.batch_size), arch.widths, hp.batch_size)
+
+
 @pytest.fixture(scope="module")
 def paired_run(small):
     """All six modes x two seeds as one population (grouped first layer), LOOPS meta-loops."""
@@ -41,14 +47,16 @@ def paired_run(small):
     return pop, eng, results
 
 
-@pytest.mark.parametrize("mode", MODES)
+# numeric (CI's second run): two modes of 256 steps, an ablative one and one with dropout
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.numeric) if m in ("dropout", "hidden") else m
+                                  for m in MODES])
 def test_member_reproduces_oracle(paired_run, small, mode):
     pop, _, results = paired_run
     assert pop.groups() == (2, 6)
     for seed in (11, 12):
         j = next(i for i, m in enumerate(pop.members) if m.mode == mode and m.seed == seed)
         ref = oracle.run(ARCH, small, seed, mode, LOOPS, CFG)
-        assert max_diff(pop.member_state_dict(j), ref.lkg) < 1e-5
+        assert_close(f"{mode} {seed} LKG", pop.member_state_dict(j), ref.lkg, trained(LOOPS, 2048))
         assert [r.promoted[j] for r in results] == ref.promoted
         ours = [round(r.candidate_acc[j] * small.val_y.numel() / 100) for r in results]
         assert all(abs(a - b) <= 1 for a, b in zip(ours, ref.accs)), (ours, ref.accs)
@@ -64,7 +72,7 @@ def test_member_reproduces_oracle_with_a_last_partial_batch(small, mode):
     _, results = run_loops(pop, data, 3)
     for j, mem in enumerate(pop.members):
         ref = oracle.run(ARCH, data, mem.seed, mem.mode, 3, CFG)
-        assert max_diff(pop.member_state_dict(j), ref.lkg) < 1e-5
+        assert_close(f"{mem.mode} {mem.seed} LKG", pop.member_state_dict(j), ref.lkg, trained(3, 2000))
         assert [r.promoted[j] for r in results] == ref.promoted
 
 
@@ -75,7 +83,7 @@ def test_wide_first_layer_gathers_per_member_and_still_matches(small):
     assert pop.groups() == (2, 2) and eng.groups == (4, 1)
     for j, mem in enumerate(pop.members):
         ref = oracle.run(arch, small, mem.seed, mem.mode, 2, CFG)
-        assert max_diff(pop.member_state_dict(j), ref.lkg) < 1e-5
+        assert_close(f"{mem.mode} {mem.seed} LKG", pop.member_state_dict(j), ref.lkg, trained(2, 2048, arch))
 
 
 def test_validation_blocks_do_not_change_counts(paired_run, small):
@@ -124,8 +132,8 @@ def test_optimizer_is_reset_every_loop(paired_run, small):
     j = next(i for i, m in enumerate(pop.members) if m.mode == "none" and m.seed == 11)
     reset = oracle.run(ARCH, small, 11, "none", LOOPS, CFG)
     kept = oracle.run(ARCH, small, 11, "none", LOOPS, CFG, persistent_optimizer=True)
-    assert max_diff(pop.member_state_dict(j), reset.lkg) < 1e-5
-    assert max_diff(pop.member_state_dict(j), kept.lkg) > 1e-3
+    assert_close("LKG against a reset optimizer", pop.member_state_dict(j), reset.lkg, trained(LOOPS, 2048))
+    assert_apart("LKG against a kept optimizer", pop.member_state_dict(j), kept.lkg, trained(LOOPS, 2048))
 
 
 def test_weight_decay_exactly_zero_outside_decay(paired_run, small):
@@ -137,9 +145,9 @@ def test_weight_decay_exactly_zero_outside_decay(paired_run, small):
     j = next(i for i, m in enumerate(pop.members) if m.mode == "none" and m.seed == 12)
     # PyTorch's AdamW defaults to weight_decay=0.01: a harness that forgets to pass 0 differs
     default_wd = oracle.run(ARCH, small, 12, "none", LOOPS, CFG, adamw_weight_decay=0.01)
-    assert max_diff(pop.member_state_dict(j), default_wd.lkg) > 1e-5
+    assert_apart("none against AdamW's default decay", pop.member_state_dict(j), default_wd.lkg, trained(LOOPS, 2048))
     k = next(i for i, m in enumerate(pop.members) if m.mode == "decay" and m.seed == 12)
-    assert max_diff(pop.member_state_dict(j), pop.member_state_dict(k)) > 1e-4
+    assert_apart("none against decay", pop.member_state_dict(j), pop.member_state_dict(k), trained(LOOPS, 2048))
 
 
 def test_paper_decay_rate_is_below_float32_resolution(small):
@@ -148,9 +156,12 @@ def test_paper_decay_rate_is_below_float32_resolution(small):
     pop = population(ARCH, small, [("none", 5), ("decay", 5)], cfg)
     eng, _ = run_loops(pop, small, 1, cfg)
     assert eng._chunk(0, pop.size).decay is None
-    assert max_diff(pop.member_state_dict(0), pop.member_state_dict(1)) < 1e-6
+    # no decay step at all, so the two members run the same arithmetic: only where their
+    # elements fall in AdamW's vectorised loop differs (test_member_is_independent_of_its_population)
+    tol = trained(1, 2048, hp=cfg)
+    assert_close("decay against none", pop.member_state_dict(1), pop.member_state_dict(0), tol)
     ref = oracle.run(ARCH, small, 5, "decay", 1, cfg)
-    assert max_diff(pop.member_state_dict(1), ref.lkg) < 1e-5
+    assert_close("decay LKG", pop.member_state_dict(1), ref.lkg, tol)
 
 
 def test_dropout_only_in_dropout_mode_and_only_while_training(paired_run, small):
@@ -181,12 +192,13 @@ def test_dropout_only_in_dropout_mode_and_only_while_training(paired_run, small)
 
 
 def test_member_is_independent_of_its_population(small):
-    """A member's trajectory does not depend on who else trains beside it (within 1e-6).
+    """A member's trajectory does not depend on who else trains beside it, to rounding.
 
     Not bitwise: the batched matmuls and reductions give every member identical bits (checked
     below), but AdamW runs elementwise over the one flat buffer, and where a member's elements
     fall relative to the vectorised body, the scalar tail and the thread chunks moves with
-    the population size; the two paths round differently (fused multiply-add), by an ulp.
+    the population size; the two paths round differently (fused multiply-add), by an ulp, and
+    the training carries that ulp on (tests/tolerance.py's bound for a training run).
     """
     target = ("hidden", 21)
     alone = population(ARCH, small, [target])
@@ -200,7 +212,7 @@ def test_member_is_independent_of_its_population(small):
     for pop in (crowd, uneven):
         j = next(i for i, m in enumerate(pop.members) if (m.mode, m.seed) == target)
         b = pop.member_state_dict(j)
-        assert max_diff(a, b) < 1e-6
+        assert_close(f"beside {pop.size - 1} others", b, a, trained(LOOPS, 2048))
         assert int(pop.lkg_correct[j]) == int(alone.lkg_correct[0])
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from psa.core.ablation import choose_neuron, choose_neurons
 from psa.core.arch import parse_arch
@@ -17,6 +16,7 @@ from psa.core.variant import Variant, ablation_count, parse_ablate, parse_schedu
 
 from . import oracle
 from .conftest import ENGINE_HP, subset
+from .tolerance import assert_close, epoch_steps, training_bound
 
 ARCH = parse_arch("[2*8]")
 LOOPS = 8  # 8 x 32 steps of 1,000 images in batches of 32: 31 full and a last batch of 8
@@ -42,11 +42,6 @@ PERSIST_CHUNK = [  # a member that persists its AdamW state: the chunk trains wi
 ]
 
 
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def run_population(data, specs, seeds=(31, 32)):
     members = [HP.member(mode, s, v) for s in seeds for mode, v in specs]
     pop = Population.create(ARCH, members, "cpu", n_val=data.val_y.numel())
@@ -65,13 +60,14 @@ def data(small):
 def test_variants_reproduce_the_oracle(data, specs):
     pop, eng, results = run_population(data, specs)
     forced_total = 0
+    tol = training_bound(LOOPS * epoch_steps(1000, HP.batch_size), ARCH.widths, HP.batch_size)
     for j, mem in enumerate(pop.members):
         start = mem.variant.start_mode(mem.mode)
         ref = oracle.run_variant(ARCH, data, mem.seed, start, LOOPS, HP, mem.variant)
         what = f"{start} {mem.variant.to_json()} seed {mem.seed}"
         assert [r.promoted[j] for r in results] == ref.promoted, what
-        assert max_diff(pop.member_state_dict(j), ref.lkg) < 1e-5, what
-        assert max_diff(pop.member_state_dict(j, pop.bounty_model()), ref.bounty) < 1e-5, what
+        assert_close(f"{what} LKG", pop.member_state_dict(j), ref.lkg, tol)
+        assert_close(f"{what} bounty", pop.member_state_dict(j, pop.bounty_model()), ref.bounty, tol)
         ours = [round(r.candidate_acc[j] * data.val_y.numel() / 100) for r in results]
         assert all(abs(a - b) <= 1 for a, b in zip(ours, ref.accs)), (what, ours, ref.accs)
         assert pop.bounty_score()[j] == pytest.approx(100.0 * ref.bounty_correct / data.val_y.numel())

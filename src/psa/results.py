@@ -31,7 +31,7 @@ from psa.analysis.stats import StatsConfig, paired_comparisons, summarize, varia
 from psa.core.checkpoint import FORMAT, CheckpointError, atomic_write, load_tensors, save_tensors
 from psa.core.errors import MissingDependency
 from psa.core.hparams import HParams
-from psa.core.module.units import Consumer, ModelSpec, UnitLayer
+from psa.core.module.units import Consumer, Cut, ModelSpec, UnitLayer
 from psa.core.variant import Variant
 
 RESULT_FORMAT = "psa-fit-1"
@@ -62,14 +62,19 @@ class LoopRecord:
 
 
 class SummaryTable:
-    """FitResult.table(): the summary as a table. `print(t)` or `str(t)` gives it as text (and
-    a REPL or notebook shows that text); rich renders it in colour (`rich.print(t)`, or a rich
-    Console), through `t.rich`, the rich.table.Table itself. `t.rows` are summary()'s rows."""
+    """FitResult.table(): the summary as a table, and under it the model's unit layers with
+    whether an ablation there persists. `print(t)` or `str(t)` gives it as text (and a REPL or
+    notebook shows that text); rich renders it in colour (`rich.print(t)`, or a rich Console),
+    through `t.rich`, a rich.table.Table holding `t.bounty` (the summary's table) and `t.units`
+    (the unit layers' table; None without unit rows). `t.rows` are summary()'s rows, `t.unit_rows`
+    persistence()'s."""
 
-    def __init__(self, rows: list[dict[str, Any]], title: str, with_test: bool) -> None:
+    def __init__(self, rows: list[dict[str, Any]], title: str, with_test: bool,
+                 unit_rows: list[dict[str, Any]] | None = None, units_title: str = "") -> None:
         from rich.table import Table
 
         self.rows = rows
+        self.unit_rows = unit_rows or []
         t = Table(title=title)
         for col in ("condition", "bounty", "min", "max", *(("test",) if with_test else ()),
                     "vs", "diff", "p (Holm)", "verdict"):
@@ -80,7 +85,14 @@ class SummaryTable:
                       *((f"{r['test_mean']:.2f}",) if with_test else ()), r.get("vs", ""),
                       f"{r['diff']:+.2f}" if tested else "", f"{r['p_holm']:.3f}" if tested else "",
                       r.get("verdict", ""))
-        self.rich = t
+        self.bounty = t
+        self.units = _units_table(self.unit_rows, units_title) if self.unit_rows else None
+        # one rich renderable for both (a borderless grid: the bounty table first, then the units)
+        self.rich = Table.grid()
+        self.rich.add_row(t)
+        if self.units is not None:
+            self.rich.add_row("")
+            self.rich.add_row(self.units)
 
     def __rich__(self) -> Any:
         return self.rich
@@ -95,6 +107,19 @@ class SummaryTable:
         return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())  # type: ignore[attr-defined]
 
     __repr__ = __str__
+
+
+def _units_table(rows: list[dict[str, Any]], title: str) -> Any:
+    """The unit layers (ModelSpec.summary_rows) as a rich table: whether an ablation persists in
+    each ablative mode ("" where the mode never picks the layer), and why."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("layer", "kind", "units", "full", "hidden", "output", "why"):
+        t.add_column(col, justify="right" if col == "units" else "left")
+    for r in rows:
+        t.add_row(str(r["layer"]), str(r["kind"]), str(r["units"]), r["full"], r["hidden"], r["output"], r["why"])
+    return t
 
 
 @dataclass(repr=False)
@@ -178,11 +203,22 @@ class FitResult:
             rows.append(row)
         return rows
 
+    def persistence(self) -> list[dict[str, Any]]:
+        """One row per unit layer of the model (psa.core.module.units.ModelSpec.summary_rows):
+        `layer`, `kind`, `units`, `role`, whether an ablation there persists under `full`,
+        `hidden` and `output` ("persists", "regrows", "cannot tell"; "" where the mode never picks
+        the layer), and `why`. Where it regrows, training brings the zeroed weights back: a result
+        of that mode on that layer is no lasting ablation (docs/module.md#what-it-does-precisely,
+        "Persistence")."""
+        return self.spec.summary_rows()
+
     def table(self) -> SummaryTable:
         """The summary as a table: bounty per condition (mean ± std, min, max, the test
-        accuracy), paired tests against none (or a variant's own mode). Print it, or str() it."""
+        accuracy), paired tests against none (or a variant's own mode); under it the unit
+        layers and whether an ablation there persists. Print it, or str() it."""
         return SummaryTable(self.summary(), f"PSA on {self.model}: {self.trials} trials x {self.meta_loops} "
-                                            f"meta-loops, peak validation accuracy (%)", bool(self.test_acc))
+                                            f"meta-loops, peak validation accuracy (%)", bool(self.test_acc),
+                            self.persistence(), f"Unit layers of {self.model}: does an ablation persist?")
 
     def to_records(self) -> list[dict[str, Any]]:
         """Every meta-loop of every trial as a plain dict (RECORD_COLUMNS, in order): `condition`
@@ -254,7 +290,7 @@ class FitResult:
                "seed": self.seed, "hparams": self.hparams.to_dict(),
                "variants": {n: v.settings() for n, v in self.variants.items()}, "batched": self.batched,
                "batching": self.batching, "device": self.device, "seconds": self.seconds, "results": rows,
-               "summary": self.summary()}
+               "summary": self.summary(), "units": self.persistence()}  # units: for readers; load uses spec
         # written last: a directory without it holds no (whole) result, and load says so
         atomic_write(d / RESULT_FILE, json.dumps(run, indent=1) + "\n")
         for stale in before - {p.name for p in paths}:
@@ -293,10 +329,13 @@ def _spec_of(d: dict[str, Any]) -> ModelSpec:
         return cls(**{k: convert[k](v) if k in convert else v for k, v in values.items() if k in names})
 
     def layer(v: dict[str, Any]) -> UnitLayer:
-        return build(UnitLayer, v, consumer=lambda c: None if c is None else build(Consumer, c))
+        # JSON gives lists where the spec holds tuples: converted back, so that a loaded result == the saved one
+        return build(UnitLayer, v, consumer=lambda c: None if c is None else build(Consumer, c),
+                     incoming=lambda cs: tuple(build(Cut, c) for c in cs))
 
     return build(ModelSpec, d, layers=lambda ls: tuple(layer(x) for x in ls),
-                 dropouts=lambda ds: tuple((str(n), int(u)) for n, u in ds), notes=tuple)
+                 dropouts=lambda ds: tuple((str(n), int(u)) for n, u in ds), notes=tuple,
+                 tied=lambda ts: tuple((str(p), tuple(str(r) for r in readers)) for p, readers in ts))
 
 
 def _unit(a: Any) -> tuple[str, int] | None:

@@ -25,6 +25,7 @@ from psa.analysis.outdir import (
     write_table,
 )
 from psa.analysis.page import bullets, figure, page, paragraph
+from psa.analysis.persistence import stored_unit_layers, table_unit_layers
 from psa.analysis.regimes import RULE_SETS, regime_counts
 from psa.analysis.results import (
     ReportError,
@@ -169,6 +170,10 @@ def _write_module_report(cfg: ReportConfig, A: Analysis, out: OutputDir) -> Repo
     growth, conv_table, growth_long, conv_long = table_lkg(A)
     tables = [table_models(A), table_tests(A, cfg.alpha, unit="Model"), growth, conv_table,
               table_still_improving(conv), table_bounty_convergence(conv), table_trials(A, unit="Model")]
+    # whether each unit layer's ablation persists, as the study stored it: which results were real ablations
+    units, unit_notes = stored_unit_layers(data.design_text, A.archs)
+    if units:
+        tables.append(table_unit_layers(units, A.archs))
     if A.variants:
         tables.append(table_variants(A, cfg.alpha, unit="Model"))
     if A.missing or data.incomplete:
@@ -186,7 +191,7 @@ def _write_module_report(cfg: ReportConfig, A: Analysis, out: OutputDir) -> Repo
     for f in figs:
         out.files += f.files
         write_figure_data(out, f.name, f.data)
-    notes = [MODULE_NOTE, *data.notes]
+    notes = [MODULE_NOTE, *data.notes, *unit_notes]
     overview = [
         f"Source: {data.source}.",
         f"{len(data.trials):,} finished trials over {len(A.archs)} models and {len({t.mode for t in data.trials})} "
@@ -201,6 +206,7 @@ def _write_module_report(cfg: ReportConfig, A: Analysis, out: OutputDir) -> Repo
         ("Overview", bullets(overview) + f'<div class="warn">{bullets(warn)}</div>'),
         ("Bounty per model and mode", tbl["models"].html()),
         ("Paired tests", tbl["paired_tests"].html()),
+        *([("Unit layers", tbl["unit_layers"].html())] if "unit_layers" in tbl else []),
         *([("Engine variants", tbl["variant_tests"].html())] if "variant_tests" in tbl else []),
         ("Convergence", (figure(fig["convergence"]) if "convergence" in fig else "")
          + bullets(convergence_statement(Dynamics(conv, [], [], {}), data.curves_note))

@@ -97,6 +97,9 @@ class StudyData:
     # the study's study_datasets row (name, checksum, n_in, n_classes, zero_r, ...); None for
     # the published data and for databases from before psa recorded data sets (MNIST)
     dataset_info: dict | None = None
+    # the study's stored design JSON as text: its plan holds what a module study built (the
+    # persistence verdicts psa.analysis.persistence reads); None for the published data
+    design_text: str | None = None
 
     @property
     def io(self) -> tuple[int, int]:
@@ -350,6 +353,7 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
         notes=notes,
         curves_note=f"per-loop records of {len(curves)} finished trials",
         dataset_info=None if info is None else dict(info),
+        design_text=row["design"],
     )
 
 

@@ -92,6 +92,9 @@ class ModuleInfo:
     convolutions: tuple[str, ...] = ()  # its convolution modules (what batched="auto" looks at)
     vmap_error: str | None = None  # why torch.func.vmap cannot batch it (psa.core.module.engine.vmap_check)
     vmap_slow: str | None = None  # an operation vmap batches only by looping over the members
+    # per unit layer, whether an ablation there persists (ModelSpec.summary_rows), and as lines
+    persistence: tuple[dict[str, Any], ...] = ()
+    persistence_lines: tuple[str, ...] = ()
 
     @property
     def vmap(self) -> VmapCheck:
@@ -167,7 +170,7 @@ def inspect_factory(factory: str, design: StudyDesign, data: Dataset) -> ModuleI
     return ModuleInfo(factory, pop.spec.describe(), sum(layer.units for layer in pop.spec.layers),
                       sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
                       _flops(model, x), _activations(model, x), fingerprint, notes, convolutions(model),
-                      check.error, check.slow)
+                      check.error, check.slow, tuple(pop.spec.summary_rows()), tuple(pop.spec.persistence_lines()))
 
 
 class ModuleModels:
@@ -215,8 +218,10 @@ class ModuleModels:
                 raise DesignError(f"--batched yes: torch.func.vmap cannot batch {f} ({info.vmap_error}); train it with "
                                   f"--batched no (or auto)") from None
             self.batching[f] = (together, why if opt.batched == "auto" else f"--batched {opt.batched}")
+        # the persistence verdicts are stored for the report, which reads them without importing the factory
         return {"modules": {f: {"layers": m.layers, "params": m.params, "fingerprint": m.fingerprint,
-                                "batched": self.batching[f][0], "batching": self.batching[f][1]}
+                                "batched": self.batching[f][0], "batching": self.batching[f][1],
+                                "units": list(m.persistence)}
                             for f, m in self.infos.items()}}
 
     def restore(self, stored_plan: dict[str, Any], name: str, opt: RunOptions,
@@ -255,8 +260,16 @@ class ModuleModels:
                             for f in self.design.nets}}
 
     def announce(self) -> list[str]:
-        """Each factory's path."""
-        return [f"{f}: {batching_text(*self.batching[f])}" for f in self.design.nets if f in self.batching]
+        """Each factory's path, then once per factory whether an ablation persists in each of its
+        unit layers (docs/module.md#what-it-does-precisely, "Persistence"): where it regrows, a
+        `hidden` result is no lasting ablation, which a reader of the results needs to know."""
+        lines = [f"{f}: {batching_text(*self.batching[f])}" for f in self.design.nets if f in self.batching]
+        for f in self.design.nets:
+            info = self.infos.get(f)
+            if info is not None and info.persistence_lines:
+                lines.append(f"{f}: does an ablation persist? (per unit layer)")
+                lines += [f"  {line}" for line in info.persistence_lines]
+        return lines
 
     def trial_model(self, net: str) -> str:
         """The factory itself."""

@@ -261,23 +261,13 @@ class ModuleEngine:
     @torch.no_grad()
     def _ablate(self, tensors: TensorDict, m0: int, ablated: Ablations) -> None:
         """Zero in `tensors` (a slice's parameters, or AdamW moments keyed alike) what each
-        member j's ablations name: the unit's incoming weights and bias, its BatchNorm scale and
-        shift, and in `hidden` mode its columns (or input channel) in the consumer."""
-        spec = self.population.spec
+        member j's ablations name, in its mode (psa.core.module.units.UnitLayer.zeroes)."""
+        layers = self.population.spec.layers
         for j, units in enumerate(ablated):
             mode = self.population.members[m0 + j].mode
             for layer_index, u in units:
-                layer = spec.layers[layer_index]
-                names = [(f"{layer.name}.weight", u), (f"{layer.name}.bias", u)]
-                if layer.norm is not None:
-                    names += [(f"{layer.norm}.weight", u), (f"{layer.norm}.bias", u)]
-                for key, idx in names:
-                    t = tensors.get(key)
-                    if t is not None:
-                        t[j, idx].zero_()
-                if mode == "hidden" and layer.consumer is not None:
-                    c = layer.consumer
-                    tensors[f"{c.name}.weight"][j][:, u * c.block : (u + 1) * c.block].zero_()
+                for key, index in layers[layer_index].zeroes(u, mode):
+                    tensors[key][j][index].zero_()
 
     # ------------------------------------------------------------ one loop
     def _loss(self, params: TensorDict, buffers: TensorDict, x: torch.Tensor, y: torch.Tensor,

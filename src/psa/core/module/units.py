@@ -1,12 +1,17 @@
-"""What PSA can ablate in a model of your own, found once by running and tracing it: its unit
-layers (the output features of every nn.Linear and the output channels of every nn.Conv the
-forward calls, in the order it first calls them; the last is the output layer), the one layer
-that consumes each unit (through elementwise and per-channel operations: `hidden` mode zeroes
-the unit's weights there too), a BatchNorm that normalises a unit (its scale and shift are
-zeroed with it, or the unit would output the constant shift), and the nn.Dropout modules.
+"""What PSA can ablate in a model of your own, found once by running and tracing it
+(docs/module.md#what-it-does-precisely, "Units"):
 
-Where the consumer is ambiguous (a residual add, a concatenation, a module fx cannot trace) the
-model gets one note and `hidden` mode zeroes only the incoming side.
+- its unit layers, in the order the forward first calls them: the output features of every
+  nn.Linear, the output channels of every nn.Conv1d/2d/3d, the heads of every
+  nn.MultiheadAttention, and the rows of a logits layer computed as F.linear(h, W) on a
+  parameter (a tied output layer); the last is the output layer. Recurrent, embedding and
+  transposed-convolution weights are never units (a note says so);
+- what an ablation zeroes for unit u (`UnitLayer.zeroes`): its incoming weights and bias, the
+  scale and shift of a norm that belongs to it (BatchNorm, or a LayerNorm/GroupNorm right after
+  it), and in `hidden` mode its columns in the one layer that reads it (psa.core.module.trace);
+- whether an ablation there persists under training, and why (`UnitLayer.persists`,
+  `ModelSpec.summary_rows`), decided from the gradients by psa.core.module.trace;
+- the model's nn.Dropout modules and other dropout sites, and notes to print once.
 """
 
 from __future__ import annotations
@@ -15,58 +20,107 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from psa.core.ablation import choose_unit
 from psa.core.arch import Arch
 from psa.core.errors import ConfigError
 from psa.core.member import MODES, Member
+from psa.core.module.trace import (  # noqa: F401 - the pass-through sets are re-exported for callers
+    NEVER_UNITS,
+    NORM_TYPES,
+    OUTPUT_REGROWS,
+    PASS_FUNCTIONS,
+    PASS_METHODS,
+    PASS_MODULES,
+    UNIT_TYPES,
+    Consumer,
+    Graph,
+    Wiring,
+    trace,
+)
 
-UNIT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# modules that map each unit (feature or channel) to itself: a chain through them keeps the unit
-PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish,
-                nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-PASS_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh, torch.sigmoid,
-                  F.mish, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
-                  F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
+Index = tuple[slice, ...]
 
 
 @dataclass(frozen=True)
-class Consumer:
-    """Where `hidden` mode also zeroes a unit: `block` consecutive input columns (Linear, after a
-    Flatten of `block` positions per channel) or one input channel (Conv) of module `name`."""
+class Cut:
+    """The entries of parameter `param` that belong to each unit: unit u owns indices
+    [offset + u*block, offset + (u+1)*block) along dimension `dim`."""
 
-    name: str
-    block: int
+    param: str
+    dim: int = 0
+    block: int = 1
+    offset: int = 0
+
+    def index(self, unit: int) -> Index:
+        """Unit `unit`'s entries, as an index of the parameter."""
+        a = self.offset + unit * self.block
+        return (slice(None),) * self.dim + (slice(a, a + self.block),)
 
 
 @dataclass(frozen=True)
 class UnitLayer:
-    """A Linear or Conv layer whose output units PSA can ablate."""
+    """A layer whose units PSA can ablate: what a unit is, what its ablation zeroes, and whether
+    that ablation persists under training.
 
-    name: str  # module path in the model ("features.0")
-    units: int  # out_features or out_channels
+    `persists` is the verdict for `full` mode (the incoming side: also what `output` zeroes on the
+    output layer), `persists_hidden` for `hidden` mode (None on the output layer, which `hidden`
+    never picks); each is True (the zeroed entries get exactly zero gradient and stay zero), False
+    (they regrow) or None (psa cannot tell: a model torch.fx cannot trace, an operation psa does
+    not follow). `persistence` says why, in one clause."""
+
+    name: str  # module path in the model ("features.0"); for a functional output layer, its weight's path
+    units: int  # out_features, out_channels, heads, or the weight's rows
     has_bias: bool
     consumer: Consumer | None  # None for the output layer, or where it is ambiguous
-    norm: str | None  # a BatchNorm that directly normalises this layer's output
+    norm: str | None  # a norm that directly normalises this layer's units (its scale and shift are theirs)
+    kind: str = "Linear"  # the module's type, or "F.linear" for a functional output layer
+    incoming: tuple[Cut, ...] = ()  # what every ablative mode zeroes for a unit
+    persists: bool | None = None
+    persists_hidden: bool | None = None
+    persistence: str = ""
+
+    @property
+    def outgoing(self) -> tuple[Cut, ...]:
+        """What `hidden` mode zeroes besides `incoming`: the unit's columns in its consumer."""
+        c = self.consumer
+        return () if c is None else (Cut(c.weight, 1, c.block),)
+
+    def zeroes(self, unit: int, mode: str) -> tuple[tuple[str, Index], ...]:
+        """(parameter, index) of every entry that ablating `unit` in `mode` zeroes: the
+        incoming cuts in every ablative mode, and the outgoing ones in `hidden` mode."""
+        cuts = self.incoming + (self.outgoing if mode == "hidden" else ())
+        return tuple((c.param, c.index(unit)) for c in cuts)
+
+    def persists_in(self, mode: str) -> bool | None:
+        """Whether an ablation of this layer in `mode` persists (True), regrows (False) or psa
+        cannot tell (None); None too where `mode` never ablates this layer."""
+        return self.persists_hidden if mode == "hidden" else self.persists if mode in ("full", "output") else None
+
+    def verdict(self) -> str:
+        """For people: "persists", "regrows", "cannot tell", or per mode where they differ
+        ("full regrows, hidden persists")."""
+        def word(v: bool | None) -> str:
+            return "persists" if v else "regrows" if v is False else "cannot tell"
+
+        if self.persists_hidden is None or self.persists_hidden == self.persists:
+            return word(self.persists)
+        return f"full {word(self.persists)}, hidden {word(self.persists_hidden)}"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """What psa found in a model: its unit layers (call order), its nn.Dropout modules with the
     units each drops per example (call order), its other dropout sites (functional and attention
-    dropout, psa.core.module.noise), and notes to print once."""
+    dropout, psa.core.module.noise), its tied parameters, and notes to print once."""
 
     layers: tuple[UnitLayer, ...]
     dropouts: tuple[tuple[str, int], ...]
     notes: tuple[str, ...] = ()
     functional_dropouts: int = 0
     classes: int = 0  # the width of the model's logits
+    tied: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (parameter, the operations that read it)
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -97,22 +151,56 @@ class ModelSpec:
         """One line: the unit layers and their widths."""
         return ", ".join(f"{layer.name}[{layer.units}]" for layer in self.layers)
 
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per unit layer, for tables: layer, kind, units, role ("hidden" or "output"),
+        the verdict of each mode that ablates it ("persists", "regrows", "cannot tell"; "" where
+        the mode never picks the layer) under `full`, `hidden` and `output`, and `why`."""
+        def word(v: bool | None) -> str:
+            return "persists" if v else "regrows" if v is False else "cannot tell"
+
+        rows = []
+        for i, layer in enumerate(self.layers):
+            output = i == len(self.layers) - 1
+            rows.append({"layer": layer.name, "kind": layer.kind, "units": layer.units,
+                         "role": "output" if output else "hidden", "full": word(layer.persists),
+                         "hidden": "" if output else word(layer.persists_hidden),
+                         "output": word(layer.persists) if output else "", "why": layer.persistence})
+        return rows
+
+    def persistence_lines(self) -> list[str]:
+        """For people, one line per unit layer: "fc (Linear, 32 units, hidden): persists
+        (relu (ReLU) stops its gradient at 0)"."""
+        lines = []
+        for i, layer in enumerate(self.layers):
+            role = "output" if i == len(self.layers) - 1 else "hidden"
+            lines.append(f"{layer.name} ({layer.kind}, {layer.units} {_unit_word(layer)}, {role}): "
+                         f"{layer.verdict()} ({layer.persistence})")
+        return lines
+
+
+def _unit_word(layer: UnitLayer) -> str:
+    if layer.kind == "MultiheadAttention":
+        return "heads"
+    return "channels" if layer.kind.startswith("Conv") else "units"
+
 
 def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int], torch.Tensor]:
-    """Run `module` (eval) on `x`: the unit layers in the order first called, the per-example
-    output size of every nn.Dropout, and the output."""
+    """Run `module` (eval) on `x`: its unit layers (Linear, Conv, attention) in the order first
+    called (a module's hook runs when it returns), the per-example output size of every
+    nn.Dropout, and the output."""
     names = {id(m): n for n, m in module.named_modules()}
     order: list[str] = []
     drop: dict[str, int] = {}
+    kinds = (*UNIT_TYPES, nn.MultiheadAttention)
 
     def hook(m: nn.Module, inp: Any, out: Any) -> None:
         n = names[id(m)]
-        if isinstance(m, UNIT_TYPES) and n not in order:
+        if isinstance(m, kinds) and n not in order:
             order.append(n)
         if type(m) is nn.Dropout and torch.is_tensor(out):
             drop.setdefault(n, out[0].numel())
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (*UNIT_TYPES, nn.Dropout))]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (*kinds, nn.Dropout))]
     was = module.training
     try:
         module.eval()
@@ -125,93 +213,41 @@ def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str
     return order, drop, out
 
 
-def _trace_consumers(module: nn.Module, layers: list[str]) -> tuple[dict[str, tuple[Consumer | None, str | None, str]],
-                                                                      str | None]:
-    """For each unit layer: (consumer or None, directly following BatchNorm or None, why no
-    consumer); or a note why the model cannot be traced at all."""
-    import torch.fx as fx
+def _incoming(m: nn.Module | None, weight: str, bias: str | None, norm: nn.Module | None,
+              canonical: dict[int, str]) -> tuple[Cut, ...]:
+    """What every ablative mode zeroes for a unit of a layer: for a Linear or Conv its row (or
+    filter) and bias; for attention a head's query, key and value rows and biases (and its
+    slice of bias_k and bias_v); for a functional output layer its weight's row and bias; and
+    the unit's entries in the scale and shift of its norm. Parameters by their first name."""
+    def name(p: torch.Tensor) -> str:
+        return canonical[id(p)]
 
-    try:
-        gm = fx.symbolic_trace(module)
-    except Exception as e:  # noqa: BLE001 - dynamic control flow etc.: incoming side only
-        return {}, f"torch.fx cannot trace the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    mods = dict(module.named_modules())
-    out: dict[str, tuple[Consumer | None, str | None, str]] = {}
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in layers]
-    for name in layers:
-        nodes = [n for n in calls if n.target == name]
-        if len(nodes) != 1:
-            out[name] = (None, None, "it is called more than once")
-            continue
-        out[name] = _follow(nodes[0], mods)
-    return out, None
-
-
-def _follow(node: Any, mods: dict[str, nn.Module]) -> tuple[Consumer | None, str | None, str]:
-    """Walk from a unit layer's output through unit-preserving operations to the one Linear or
-    Conv that reads it."""
-    src = mods[node.target]
-    units = src.out_features if isinstance(src, nn.Linear) else src.out_channels
-    norm = None
-    flattened = False
-    cur = node
-    first = True
-    while True:
-        users = list(cur.users)
-        if len(users) != 1:
-            return None, norm, f"its output is used {len(users)} times" if users else "its output is unused"
-        u = users[0]
-        if not u.args or u.args[0] is not cur or any(a is cur for a in u.args[1:]) or any(
-                v is cur for v in u.kwargs.values()):
-            return None, norm, f"it flows into {u.op} {u.target} other than as its input"
-        if u.op == "call_module":
-            m = mods[str(u.target)]
-            if isinstance(m, nn.Linear):
-                if isinstance(src, nn.Linear) and not flattened and m.in_features == units:
-                    return Consumer(str(u.target), 1), norm, ""
-                if flattened and m.in_features % units == 0:
-                    return Consumer(str(u.target), m.in_features // units), norm, ""
-                return None, norm, f"{u.target} reads it in an unknown layout"
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                if not flattened and m.in_channels == units and m.groups == 1:
-                    return Consumer(str(u.target), 1), norm, ""
-                return None, norm, f"{u.target} reads it in an unknown layout"
-            if isinstance(m, NORM_TYPES):
-                if first and m.num_features == units:
-                    norm = str(u.target)
-                    cur, first = u, False
-                    continue
-                return None, norm, f"{u.target} normalises it after other operations"
-            if isinstance(m, PASS_MODULES) or type(m).__name__ == "MaskedDropout":
-                cur, first = u, False
-                continue
-            if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1 and not flattened:
-                flattened, cur, first = True, u, False
-                continue
-            return None, norm, f"it passes through {type(m).__name__}"
-        if u.op == "call_function" and u.target in PASS_FUNCTIONS:
-            cur, first = u, False
-            continue
-        if u.op == "call_method" and u.target in PASS_METHODS:
-            cur, first = u, False
-            continue
-        is_flatten = (u.op == "call_function" and u.target is torch.flatten) or (
-            u.op == "call_method" and u.target == "flatten")
-        if is_flatten and not flattened and tuple(u.args[1:]) in ((1,), (1, -1)) and not u.kwargs:
-            flattened, cur, first = True, u, False
-            continue
-        return None, norm, f"it passes through {u.op} {getattr(u.target, '__name__', u.target)}"
+    cuts: list[Cut] = []
+    if isinstance(m, nn.MultiheadAttention):
+        d, e = m.head_dim, m.embed_dim
+        if m._qkv_same_embed_dim:  # q, k and v stacked in one (3E, E) weight: head u's rows in each
+            cuts += [Cut(name(m.in_proj_weight), 0, d, off) for off in (0, e, 2 * e)]
+        else:
+            cuts += [Cut(name(p), 0, d) for p in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)]
+        if m.in_proj_bias is not None:
+            cuts += [Cut(name(m.in_proj_bias), 0, d, off) for off in (0, e, 2 * e)]
+        cuts += [Cut(name(p), 2, d) for p in (m.bias_k, m.bias_v) if p is not None]  # (1, 1, E) each
+    else:
+        cuts += [Cut(weight)] + ([Cut(bias)] if bias is not None else [])
+    if norm is not None:
+        cuts += [Cut(name(p)) for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
+    return tuple(cuts)
 
 
 def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | None,
                   name: str = "the model") -> ModelSpec:
-    """The unit layers, consumers and dropouts of `module`, checked on a batch of the data:
-    it must have a Linear or Conv layer, and map (N, ...) inputs to (N, n_classes) logits
-    (n_classes None: any (N, C) logits, the model's C classes)."""
+    """The unit layers, consumers, persistence and dropouts of `module`, checked on a batch of
+    the data: it must have a Linear, Conv or attention layer, and map (N, ...) inputs to
+    (N, n_classes) logits (n_classes None: any (N, C) logits, the model's C classes)."""
     for n, m in module.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and type(m) is not nn.Dropout:
             raise ConfigError(f"{name}: {n} is a {type(m).__name__}; psa drives nn.Dropout modules only")
-    if not any(isinstance(m, UNIT_TYPES) for m in module.modules()):
+    if not any(isinstance(m, (*UNIT_TYPES, nn.MultiheadAttention)) for m in module.modules()):
         raise ConfigError(f"{name} has no nn.Linear or nn.Conv layer: PSA has no unit to ablate")
     try:
         order, drop, out = _call_order(module, sample_x)
@@ -226,27 +262,118 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
                           f"classes, so it must give ({sample_x.shape[0]}, {n_classes}) logits")
     if not order:
         raise ConfigError(f"{name}'s forward calls no nn.Linear or nn.Conv layer: PSA has no unit to ablate")
-    mods = dict(module.named_modules())
+    graph, untraced = trace(module)
+    g = Graph(module, graph) if graph is not None else None
     notes = []
-    unused = [n for n, m in module.named_modules() if isinstance(m, UNIT_TYPES) and n not in order]
+    mods = dict(module.named_modules())
+    # an attention's out_proj is no layer of its own: it is the heads' outgoing side
+    heads_out = {f"{n}.out_proj" if n else "out_proj" for n, m in mods.items() if isinstance(m, nn.MultiheadAttention)}
+    unused = [n for n, m in mods.items() if isinstance(m, (*UNIT_TYPES, nn.MultiheadAttention))
+              and n not in order and n not in heads_out]
     if unused:
         notes.append(f"{name}: {', '.join(unused)} never run in forward and are not ablated")
-    traced, why = _trace_consumers(module, order)
-    if why:
-        notes.append(f"{name}: {why}; `hidden` mode zeroes only the incoming weights of a unit")
-    layers = []
-    for i, n in enumerate(order):
-        m = mods[n]
-        units = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        consumer, norm, reason = traced.get(n, (None, None, ""))
-        if i == len(order) - 1:
-            consumer = None  # the output layer: no mode zeroes its outgoing side
-        elif consumer is None and not why:
-            notes.append(f"{name}: no unambiguous consumer of {n} ({reason}); `hidden` mode zeroes only its "
-                         f"incoming weights")
-        layers.append(UnitLayer(n, units, m.bias is not None, consumer, norm))
+    if untraced:
+        notes.append(f"{name}: {untraced}; `hidden` mode zeroes only the incoming weights of a unit, and psa cannot "
+                     f"tell whether an ablation persists")
+    layers, ambiguous = _unit_layers(module, order, g)
+    notes += [f"{name}: no unambiguous consumer of {n} ({why}); `hidden` mode zeroes only its incoming weights"
+              for n, why in ambiguous]
+    tied = g.tied() if g is not None else {}
+    notes += _unit_notes(name, module, layers, tied, traced=g is not None)
     dropouts = tuple((n, drop[n]) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop)
-    return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]))
+    return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]),
+                     tuple((p, tuple(r)) for p, r in tied.items()))
+
+
+def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
+                 ) -> tuple[list[UnitLayer], list[tuple[str, str]]]:
+    """The unit layers of `module`: the ones it calls in `order` (Linear, Conv, attention), then
+    a functional logits layer the graph `g` shows; and (layer, why) for each hidden layer of a
+    traced model that has no unambiguous consumer."""
+    mods = dict(module.named_modules())
+    params = dict(module.named_parameters())
+    canonical = {id(p): n for n, p in module.named_parameters()}  # a shared parameter's first name
+    found: list[tuple[str, nn.Module | None, str, str | None]] = []  # (name, module, weight, bias)
+    for n in order:
+        m = mods[n]
+        found.append((n, m, "", None) if isinstance(m, nn.MultiheadAttention) else
+                     (n, m, canonical[id(m.weight)], None if m.bias is None else canonical[id(m.bias)]))
+    functional = g.functional_output() if g is not None else None
+    if functional is not None:
+        found.append((functional[0], None, *functional))
+    layers, ambiguous = [], []
+    for i, (n, m, weight, bias) in enumerate(found):
+        output = i == len(found) - 1
+        if isinstance(m, nn.MultiheadAttention):
+            units = m.num_heads
+        elif m is not None:
+            units = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        else:  # a functional output layer: its weight's rows
+            units = params[n].shape[0]
+        if g is not None:
+            own = _incoming(m, weight, bias, None, canonical)
+            w = g.wiring(n, units, output, tuple(c.param for c in own))
+        else:  # the logits are in the loss whatever the graph
+            w = Wiring(persists=False, why=OUTPUT_REGROWS) if output else Wiring(why="torch.fx cannot trace the model")
+        consumer = None if output else w.consumer  # the output layer: no mode zeroes its outgoing side
+        if consumer is None and not output and g is not None:
+            ambiguous.append((n, w.no_consumer))
+        norm = mods[w.norm] if w.norm is not None else None
+        has_bias = m.in_proj_bias is not None if isinstance(m, nn.MultiheadAttention) else bias is not None
+        layers.append(UnitLayer(n, units, has_bias, consumer, w.norm, type(m).__name__ if m is not None else "F.linear",
+                                _incoming(m, weight, bias, norm, canonical), w.persists,
+                                None if output else w.persists_hidden, w.why))
+    return layers, ambiguous
+
+
+def _unit_notes(name: str, module: nn.Module, layers: list[UnitLayer], tied: dict[str, list[str]],
+                traced: bool) -> list[str]:
+    """The notes about what a unit is in this model: its attention heads, the weights that are
+    never units, its tied weights, and the layers where an ablation regrows (or psa cannot tell:
+    a model fx cannot trace has its own note)."""
+    notes = []
+    owned = {c.param for layer in layers for c in layer.incoming}
+    for layer in layers:
+        if layer.kind == "MultiheadAttention":
+            notes.append(f"{name}: the units of {layer.name} (MultiheadAttention) are its {layer.units} heads: an "
+                         f"ablation zeroes a head's query, key and value rows and biases, and `hidden` mode also its "
+                         f"out_proj columns")
+    never = [f"{n} ({type(m).__name__})" for n, m in module.named_modules()
+             if isinstance(m, NEVER_UNITS) and not any(f"{n}.{p}" in owned for p, _ in m.named_parameters())]
+    if never:
+        notes.append(f"{name}: {', '.join(never)} {'is' if len(never) == 1 else 'are'} never ablated: psa's units are "
+                     f"the outputs of Linear and Conv layers and attention heads; recurrent, embedding and "
+                     f"transposed-convolution weights are never units")
+    out = layers[-1]
+    for p, readers in tied.items():
+        if not (out.incoming and out.incoming[0].param == p):
+            notes.append(f"{name}: {p} is read by {', '.join(readers)} (tied weights): an ablation that zeroes part "
+                         f"of it zeroes it for all of them")
+            continue
+        others = [r for r in readers if not r.startswith(f"{out.name} ") and r != "F.linear"]
+        embeds = [r.split(" ")[0] for r in others if r.endswith("(Embedding)")]
+        if out.kind == "F.linear":
+            logits = f"F.linear(h, {p}), so the output layer's units are its rows"
+        else:
+            logits = f"{out.name} ({out.kind}), whose weight is {p}"
+        also = f"token u's embedding in {embeds[0]}" if embeds else f"row u of {p} where {', '.join(others)} read it"
+        notes.append(f"{name}: the logits are {logits}, shared with {', '.join(others)} (tied weights): an `output` "
+                     f"or `full` ablation of output unit u also zeroes {also}")
+    regrow, unknown = [], []
+    for layer in layers[:-1]:  # the output layer regrows as in psa's own nets: its logit is in the loss
+        if not traced:
+            break
+        modes = [m for m in ("full", "hidden") if layer.persists_in(m) is False]
+        if modes:
+            regrow.append(f"{layer.name} ({', '.join(modes)}: {layer.persistence})")
+        if any(layer.persists_in(m) is None for m in ("full", "hidden")):
+            unknown.append(f"{layer.name} ({layer.persistence})")
+    if regrow:
+        notes.append(f"{name}: an ablation does not persist (training regrows the zeroed weights) in "
+                     f"{'; '.join(regrow)}")
+    if unknown:
+        notes.append(f"{name}: psa cannot tell whether an ablation persists in {'; '.join(unknown)}")
+    return notes
 
 
 def _functional_dropouts(module: nn.Module, x: torch.Tensor) -> int:
