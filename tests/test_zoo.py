@@ -10,6 +10,8 @@ Each family is fitted once per path (module-scoped cache) and the fits are share
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from psa.core.errors import ConfigError
 from psa.core.member import ABLATIVE_MODES, MODES
 from psa.results import FitResult
 
-from .conftest import one_line_error, run_main
+from .conftest import env, one_line_error, psa_cmd, run_main
 from .zoo import BY_NAME, ZOO, ZooModel
 
 N_TRAIN, N_VAL, N_TEST = 256, 128, 64  # 8 steps of 32 per epoch; one validation image = 0.78 points
@@ -40,11 +42,11 @@ ONE_IMAGE = 100.0 / N_VAL  # a validation accuracy's resolution, in points
 
 # What each family can run: `dropout` needs a dropout in the model (the transformer's attention
 # and feed-forward dropout, the MLP's nn.Dropout), `hidden` a hidden unit layer (a GRU or LSTM
-# holds none: their only unit layer is the head).
+# holds none: the recurrent layer holds no units, and their only unit layer is the head).
 REFUSED: dict[tuple[str, str], str] = {
     **{(name, "dropout"): "sets the rate of every dropout of the model"
        for name in ("cnn", "bn_mlp", "ln_mlp", "residual_mlp", "gru", "lstm", "mha", "embedding", "tied")},
-    **{(name, "hidden"): "needs a hidden unit layer" for name in ("gru", "lstm", "tied")},
+    **{(name, "hidden"): "needs a hidden unit layer" for name in ("gru", "lstm")},
 }
 
 
@@ -318,24 +320,80 @@ def test_promoted_ablations_stay_zero_in_the_lkg(fitted, name: str, mode: str) -
     assert checked > 0  # the seed gives promoted hidden ablations to check (a test that checks nothing fails)
 
 
+# psa's persistence verdict of every unit layer (UnitLayer.verdict(): full and hidden mode), as
+# docs/module.md's zoo table gives them
+VERDICTS: dict[str, dict[str, str]] = {
+    "mlp": {"1": "persists", "4": "persists", "7": "regrows"},
+    "cnn": {"0": "persists", "2": "persists", "5": "regrows"},
+    "bn_mlp": {"1": "persists", "4": "regrows"},
+    "ln_mlp": {"1": "regrows", "4": "regrows"},  # LayerNorm mixes the zeroed unit into the others' statistics
+    "residual_mlp": {"inp": "persists", "fc1": "persists", "fc2": "regrows", "head": "regrows"},
+    "gru": {"head": "regrows"},
+    "lstm": {"head": "regrows"},
+    "transformer": {"proj": "regrows", "encoder.self_attn": "full regrows, hidden persists",
+                    "encoder.linear1": "persists", "encoder.linear2": "regrows", "head": "regrows"},
+    "mha": {"proj": "full regrows, hidden persists", "attn": "full regrows, hidden persists", "head": "regrows"},
+    "embedding": {"fc": "persists", "head": "regrows"},
+    "tied": {"fc": "persists", "embed.weight": "regrows"},
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_promoted_ablation_persists_or_regrows_as_psa_says(fitted, name: str) -> None:
+    """The verdicts, then training: in the final LKG of every trial, each unit ablated in a
+    promoted loop has every entry its ablation zeroed (UnitLayer.zeroes) still exactly 0 where
+    psa says it persists in that mode, and some of them nonzero where it says it regrows (the
+    candidate trained an epoch after the ablation). Both paths."""
+    layers = {layer.name: layer for layer in fitted(name, "auto").result.spec.layers}
+    assert {n: la.verdict() for n, la in layers.items()} == VERDICTS[name]
+    seen: dict[bool, int] = {True: 0, False: 0}
+    for path in ("auto", "other") if name not in RECURRENT else ("auto",):
+        r = fitted(name, path).result
+        for rec in r.records:
+            if not rec.promoted or rec.ablated is None:
+                continue
+            layer, u = layers[rec.ablated[0]], rec.ablated[1]
+            state = r.state_dict(rec.mode, rec.trial)
+            entries = [state[p][i] for p, i in layer.zeroes(u, rec.mode)]
+            verdict = layer.persists_in(rec.mode)
+            assert verdict is not None
+            if verdict:
+                assert all(not e.any() for e in entries), (path, rec)
+            else:
+                assert any(e.any() for e in entries), (path, rec)
+            seen[verdict] += 1
+    assert seen[False] > 0  # every family has a promoted output ablation at least
+
+
 # ------------------------------------------------------------------------------------------
 # 5. the notes
 
 
 AUTO_POPULATION = "batched='auto' chose the population (vmap): it has no convolution"
+REGROWS = "an ablation does not persist (training regrows the zeroed weights) in "
+NEVER_UNITS = ("is never ablated: psa's units are the outputs of Linear and Conv layers and attention heads; "
+               "recurrent, embedding and transposed-convolution weights are never units")
 NOTES: dict[str, list[str]] = {
     "mlp": [AUTO_POPULATION],
     "cnn": ["batched='auto' chose one member at a time: it has 2 convolutions, which a CPU runs slower under vmap"],
     "bn_mlp": [AUTO_POPULATION],
-    "ln_mlp": ["no unambiguous consumer of 1 (it passes through LayerNorm)", AUTO_POPULATION],
+    "ln_mlp": [REGROWS + "1 (full, hidden: 2 (LayerNorm) normalises it with the other units)", AUTO_POPULATION],
     "residual_mlp": ["no unambiguous consumer of inp (its output is used 2 times)",
-                     "no unambiguous consumer of fc2", AUTO_POPULATION],
-    "gru": ["batched='auto' chose one member at a time: vmap cannot batch it", "aten::gru"],
-    "lstm": ["batched='auto' chose one member at a time: vmap cannot batch it", "aten::lstm"],
-    "transformer": ["no unambiguous consumer of proj", AUTO_POPULATION],
-    "mha": ["no unambiguous consumer of proj", AUTO_POPULATION],
-    "embedding": [AUTO_POPULATION],
-    "tied": [AUTO_POPULATION],
+                     "no unambiguous consumer of fc2", REGROWS + "fc2 (full, hidden: it reaches a sum",
+                     AUTO_POPULATION],
+    # the recurrent layer holds no units, and vmap has no batching rule for it
+    "gru": ["rnn (GRU) " + NEVER_UNITS,
+            "batched='auto' chose one member at a time: vmap cannot batch it (RuntimeError: Batching rule not "
+            "implemented for aten::gru"],
+    "lstm": ["rnn (LSTM) " + NEVER_UNITS,
+             "batched='auto' chose one member at a time: vmap cannot batch it (RuntimeError: Batching rule not "
+             "implemented for aten::lstm"],
+    "transformer": ["the units of encoder.self_attn (MultiheadAttention) are its 2 heads",
+                    "no unambiguous consumer of proj", REGROWS + "proj (full, hidden:", AUTO_POPULATION],
+    "mha": ["the units of attn (MultiheadAttention) are its 2 heads", REGROWS + "proj (full:", AUTO_POPULATION],
+    "embedding": ["embed (Embedding) " + NEVER_UNITS, AUTO_POPULATION],
+    "tied": ["the logits are F.linear(h, embed.weight), so the output layer's units are its rows",
+             "also zeroes token u's embedding in embed", AUTO_POPULATION],
 }
 
 
@@ -350,7 +408,7 @@ def test_the_notes_say_what_psa_did_with_the_model(fitted, name: str) -> None:
     assert all(w.category is RuntimeWarning and w.filename == __file__ for w in notes)
     for expected in NOTES[name]:
         assert any(expected in t for t in texts), (expected, texts)
-    if name in ("mlp", "cnn", "bn_mlp", "embedding"):  # plain chains: nothing to say but the path
+    if name in ("mlp", "cnn", "bn_mlp"):  # plain chains of unit layers: nothing to say but the path
         assert len(texts) == 1, texts
 
 
@@ -431,6 +489,18 @@ def test_bad_zoo_studies_are_one_line_and_write_nothing(tmp_path: Path, flags: l
     rc, _, err = run_main([*STUDY, *flags], tmp_path)
     assert rc == 2 and message in one_line_error(err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_study_prints_its_one_line_only(tmp_path: Path) -> None:
+    """As a process (warnings reach stderr): the GRU's note (its recurrent layer holds no units)
+    is not printed before the refusal of --batched yes; stderr is the one line."""
+    (tmp_path / "work").mkdir()
+    e = env()
+    e["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parents[1])  # tests.zoo, from the checkout
+    out = subprocess.run(psa_cmd(*STUDY, "--modes", "none", "--model", "tests.zoo:gru", "--batched", "yes"),
+                         cwd=tmp_path / "work", env=e, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "train it with --batched no" in one_line_error(out.stderr)
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------

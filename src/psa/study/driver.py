@@ -229,11 +229,12 @@ class Study:
                            device if self.opt.backend == "local" else torch.device("cpu"))
         # build and check every net on the data before anything is written; its notes said once
         self.notes = self.kind.check(design_data_view(self.kind, data))
+        # the paths the nets would train on, chosen now: one that cannot train (--batched yes on a
+        # model vmap cannot batch) is refused before anything is written, and before the notes
+        # (a refused run prints its one line only)
+        self.kind.record(device, self.opt)
         for note in self.notes:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
-        # the paths the nets would train on, chosen now: one that cannot train (--batched yes on a
-        # model vmap cannot batch) is refused before the database and the checkpoint are written
-        self.kind.record(device, self.opt)
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
