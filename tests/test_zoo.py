@@ -1,9 +1,10 @@
 """End to end: every model family of tests/zoo.py through `psa.fit` on a few hundred MNIST
 images, in every mode that applies (a mode that cannot apply refused in one line); the
 population (vmap) and one member at a time giving the same records; no dependence on the global
-random generator; promoted ablations of ReLU-guarded units still exactly zero in the LKG; the
-notes psa gives about each model; bad input as one clear error (library) or one line and exit 2
-(CLI), nothing written.
+random generator; promoted ablations of ReLU-guarded units still exactly zero in the LKG (by a
+hand-written map of each model), and every promoted ablation persisting or regrowing as psa's
+verdict says; the notes psa gives about each model; bad input as one clear error (library) or
+one line and exit 2 (CLI), nothing written; the module engine's per-step callback.
 
 Each family is fitted once per path (module-scoped cache) and the fits are shared by the tests."""
 
