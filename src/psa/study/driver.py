@@ -175,8 +175,7 @@ def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions
     if opt.population_size is not None and opt.population_size != size:
         raise StudyError(f"study {name!r} was planned with --population-size {size}; resume it with the same "
                          f"population size (or omit --population-size)")
-    # studies from before the field ran in strict fp32
-    stored_precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))
+    stored_precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))  # older studies: fp32
     if opt.precision != "auto" and precision != stored_precision:
         raise StudyError(f"study {name!r} was created with --precision {stored_precision}; resume it with "
                          f"the same precision (or omit --precision)")
@@ -229,9 +228,8 @@ class Study:
                            device if self.opt.backend == "local" else torch.device("cpu"))
         # build and check every net on the data before anything is written; its notes said once
         self.notes = self.kind.check(design_data_view(self.kind, data))
-        # the paths the nets would train on, chosen now: one that cannot train (--batched yes on a
-        # model vmap cannot batch) is refused before anything is written, and before the notes
-        # (a refused run prints its one line only)
+        # the paths chosen now: one that cannot train (--batched yes where vmap cannot batch) is
+        # refused before anything is written and before the notes (a refusal is its one line)
         self.kind.record(device, self.opt)
         for note in self.notes:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
@@ -411,9 +409,8 @@ class Study:
                  "seconds": ev.seconds, "rng": rng.VERSION, "precision": self.precision}
         state = ev.checkpoint_state()
         assert state is not None
-        tensors, meta = state
         try:
-            save_tensors(self._ckpt_path(st.plan), tensors, {**meta, **extra})
+            save_tensors(self._ckpt_path(st.plan), state[0], {**state[1], **extra})
         except OSError as e:
             raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
         self._saved_at[ev.key] = now
@@ -504,8 +501,7 @@ def study_precision(name: str, kind: ModelKind, opt: RunOptions, device: torch.d
         con.close()
     if row is None:
         return asked
-    # studies from before the field ran in strict fp32
-    return str(stored_design(row).get("plan", {}).get("engine", {}).get("precision", "fp32"))
+    return str(stored_design(row).get("plan", {}).get("engine", {}).get("precision", "fp32"))  # older: fp32
 
 
 def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
