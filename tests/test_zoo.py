@@ -25,6 +25,7 @@ from torch import nn
 
 import psa
 from psa.core import data as psa_data
+from psa.core import loop as psa_loop
 from psa.core.errors import ConfigError
 from psa.core.member import ABLATIVE_MODES, MODES
 from psa.results import FitResult
@@ -88,6 +89,9 @@ NOISE = {"bn_mlp": 0.1}
 
 def fit(make: Callable[[], nn.Module], data: tuple, modes: tuple[str, ...], batched: bool | str,
         **kw: object) -> Fit:
+    # psa says a note once per process: another test of the suite may have fitted this factory
+    # already, so start from a process that has said nothing
+    psa_loop._NOTED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = psa.fit(make, *data, modes=modes, trials=TRIALS, meta_loops=META_LOOPS, batch_size=BATCH, seed=SEED, lr=LR,
