@@ -230,7 +230,7 @@ class Study:
         self.notes = self.kind.check(design_data_view(self.kind, data))
         # the paths chosen now: one that cannot train (--batched yes where vmap cannot batch) is
         # refused before anything is written and before the notes (a refusal is its one line)
-        self.kind.record(device, self.opt)
+        paths = self.kind.record(device, self.opt)  # stored by a new study (_create)
         for note in self.notes:
             warnings.warn(note, RuntimeWarning, stacklevel=2)
         try:
@@ -245,7 +245,7 @@ class Study:
         # recorded with a new study and checked against the record on a resume
         row = store.get_study(self.con, self.name)
         if row is None:
-            row = self._create(device, device_desc, execution, data)
+            row = self._create(device_desc, execution, data, paths)
         self.study_id = int(row["id"])
         stored = check_stored(row, self.name, self.db, self.kind, self.opt, self.kind.precision(self.opt, device),
                               recorded_loops(self.con, self.study_id))
@@ -257,13 +257,13 @@ class Study:
         self._load_populations()
         self.costs = self._costs(row, data)
 
-    def _create(self, device: torch.device, device_desc: str, execution: Execution, data: Dataset) -> Any:
+    def _create(self, device_desc: str, execution: Execution, data: Dataset, paths: dict[str, Any]) -> Any:
         """The studies row and trials of a new study (its plan, precision and calibration fixed here)."""
-        plan = make_plan(self.design, default_population_size(self.kind, self.opt, device), self.kind.loop_cost)
+        size = default_population_size(self.kind, self.opt, execution.device)
+        plan = make_plan(self.design, size, self.kind.loop_cost)
         numerics = {"precision": execution.precision, "rng": rng.VERSION}  # stored as the plan's "engine"
         doc = {**self.design.to_dict(), "seeds": "trial k of every mode: seed + k - 1",
-               "plan": {**plan.to_dict(), "engine": numerics, **self.kind.record(device, self.opt)}}
-        # after kind.record: a model of your own is probed on the path the study records
+               "plan": {**plan.to_dict(), "engine": numerics, **paths}}  # kind.record's: probed on those paths
         self.calibrated = self._calibrate(plan, execution, data)
         if self.calibrated is not None:
             doc["plan"]["calibration"] = self.calibrated
