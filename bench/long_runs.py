@@ -4,8 +4,9 @@
    a checkpoint after every loop) to `--loops` meta-loops, polled while it runs: the database's
    logical size (page_count x page_size, WAL included), its meta_loops rows and the population
    checkpoint's size when the study passes each of `--marks`.
-2. The same study killed (SIGKILL) half-way and rerun: it resumes, and its rows must equal the
-   uninterrupted run's.
+2. The same study killed (SIGKILL) part-way and rerun: it resumes, and its rows must equal the
+   uninterrupted run's. The kill lands while this script holds the database's write lock, so the
+   study cannot commit another loop between the look and the kill.
 3. `psa train` (1*2) for each of `--train-loops`, with this tree and, given `--baseline-src`,
    another tree's psa (e.g. /work/main/src): bytes the process wrote (/proc/self/io wchar) per
    meta-loop, and the run directory's final size.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -65,18 +67,14 @@ def file_size(path: Path) -> int:
         return 0
 
 
-def run_polled(loops: int, marks: list[int], db: Path, kill_at: int | None = None) -> tuple[list[dict], float]:
-    """Run the study, sampling it at each mark; with kill_at, SIGKILL it there instead."""
+def run_polled(loops: int, marks: list[int], db: Path) -> tuple[list[dict], float]:
+    """Run the study to the end, sampling it at each mark."""
     t0 = time.perf_counter()
     p = subprocess.Popen(psa(*study_args(loops, db)), cwd=db.parent, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     seen, todo = [], list(marks)
     while p.poll() is None:
         s = sample(db) if db.exists() else None
-        if s and kill_at is not None and s["loops"] >= kill_at:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            return [s], time.perf_counter() - t0
         while s and todo and s["loops"] >= todo[0]:
             if not seen or seen[-1]["loops"] != s["loops"]:
                 seen.append(s)
@@ -88,6 +86,39 @@ def run_polled(loops: int, marks: list[int], db: Path, kill_at: int | None = Non
     if final and (not seen or seen[-1]["loops"] != final["loops"]):
         seen.append(final)
     return seen, time.perf_counter() - t0
+
+
+def run_killed(loops: int, kill_at: int, db: Path) -> dict | None:
+    """Run the study and SIGKILL it at the first look that finds kill_at or more of its loops
+    done, but not all of them; what the database held then (None where the study outran every look).
+
+    Each look takes the database's write lock (BEGIN IMMEDIATE; the study waits on it, psa's busy
+    timeout): the study cannot commit a loop between the look and the kill, however fast it runs."""
+    p = subprocess.Popen(psa(*study_args(loops, db)), cwd=db.parent, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        while p.poll() is None:
+            # only once the study has made its tables: a lock on a bare file would be the study's problem
+            if db.exists() and sample(db) is not None:
+                con = sqlite3.connect(db, timeout=0.5, isolation_level=None)
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    s = sample(db)
+                    if s and kill_at <= s["loops"] < loops:
+                        p.send_signal(signal.SIGKILL)
+                        p.wait()
+                        return s
+                    con.execute("ROLLBACK")
+                except sqlite3.OperationalError:
+                    pass  # the study holds the lock: look again
+                finally:
+                    con.close()
+            time.sleep(0.01)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return None
 
 
 def rows_of(db: Path) -> list[tuple]:
@@ -142,15 +173,25 @@ def study_part(args: argparse.Namespace, tmp: Path, doc: dict) -> None:
         ck = f"{s['ckpt_bytes']:,}" if s["ckpt_bytes"] else "- (removed: done)"
         print(f"| {s['loops']} | {s['rows']} | {s['db_bytes']:,} | {per:.1f} | {ck} |")
         prev = s
-    killed, _ = run_polled(args.loops, [], tmp / "b.sqlite", kill_at=args.loops // 2)
-    if not killed or killed[0]["loops"] >= args.loops:
-        # the study outran the polling: there was nothing to resume, so nothing to compare
-        raise SystemExit(f"the study finished before loop {args.loops // 2} could be killed: give it more --loops")
+    killed = None
+    for _ in range(3):
+        # a tiny study can run all its loops between two looks; it then starts again from nothing
+        for f in tmp.glob("b.*"):
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+        killed = run_killed(args.loops, max(1, args.loops // 2), tmp / "b.sqlite")
+        if killed:
+            break
+    if not killed:
+        raise SystemExit(f"the study finished before loop {max(1, args.loops // 2)} could be killed, three times: "
+                         "give it more --loops")
     p = subprocess.run(psa(*study_args(args.loops, tmp / "b.sqlite")), cwd=tmp, capture_output=True, text=True)
     same = p.returncode == 0 and rows_of(tmp / "a.sqlite") == rows_of(tmp / "b.sqlite")
-    doc["study"]["resume"] = {"killed_at_loop": killed[0]["loops"], "rerun_rc": p.returncode,
+    doc["study"]["resume"] = {"killed_at_loop": killed["loops"], "rerun_rc": p.returncode,
                               "rows_identical": same}
-    print(f"killed at loop {killed[0]['loops']} and rerun: rc {p.returncode}, rows identical to the "
+    print(f"killed at loop {killed['loops']} and rerun: rc {p.returncode}, rows identical to the "
           f"uninterrupted run: {same}")
 
 

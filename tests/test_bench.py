@@ -137,8 +137,8 @@ def test_zoo_runs_runs_small(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_long_runs_runs_small(tmp_path: Path) -> None:
-    # six loops: the kill at loop 3 must land while the study still has loops to run
-    out = smoke("long_runs.py", "--loops", "6", "--marks", "3", "6", "--train-loops", "1", "--out",
+    # eight loops: the kill, at loop 4 or later, must land while the study still has loops to run
+    out = smoke("long_runs.py", "--loops", "8", "--marks", "4", "8", "--train-loops", "1", "--out",
                 str(tmp_path / "long.json"), cwd=tmp_path)
     assert "| loops | meta_loops rows | database bytes |" in out
     assert "rows identical to the uninterrupted run: True" in out
