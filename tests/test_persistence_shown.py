@@ -7,7 +7,9 @@ regrows (its LayerNorm mixes the units)."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 import psa
 from psa.core import data as psa_data
 
-from .conftest import run_main, subset
+from .conftest import env, psa_cmd, run_main, subset
 from .zoo import BY_NAME
 
 MLP, LN = "tests.zoo:mlp", "tests.zoo:ln_mlp"
@@ -111,3 +113,26 @@ def test_unreadable_stored_verdicts_are_a_note(bad: str | None) -> None:
 
     rows, notes = stored_unit_layers(bad, [LN])
     assert rows == {} and len(notes) == 1 and LN in notes[0]
+
+
+def test_a_study_says_each_note_once_in_one_line(tmp_path: Path) -> None:
+    # the command's own output, as a user sees it: a subprocess, whose warnings no pytest records
+    e = env()
+    # tests.zoo importable from tmp_path
+    e["PYTHONPATH"] = f"{Path(__file__).resolve().parents[1]}{os.pathsep}{e['PYTHONPATH']}"
+    study = ["study", "--model", LN, "--model", "tests.zoo:mha", "--modes", "none,hidden", "--trials", "1",
+             "--meta-loops", "1", "--train-subset", "128"]
+    heads = "tests.zoo:mha: the units of attn (MultiheadAttention) are its 2 heads"
+    loud = subprocess.run(psa_cmd(*study, "--db", "loud.sqlite"), cwd=tmp_path, env=e, capture_output=True,
+                          text=True, timeout=600)
+    assert loud.returncode == 0, loud.stderr
+    said = loud.stdout + loud.stderr
+    (note,) = [line for line in said.splitlines() if heads in line]
+    assert note.startswith(f"note: {heads}")
+    assert said.count(LN_HIDDEN) == 1  # ln_mlp's regrowth: its line of the table, and no note besides
+    assert "does not persist" not in said and "Warning" not in said
+    quiet = subprocess.run(psa_cmd(*study, "--db", "quiet.sqlite", "--quiet"), cwd=tmp_path, env=e,
+                           capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    # a quiet study still says what it found in the user's model: as warnings, each one line
+    assert quiet.stdout == "" and quiet.stderr.splitlines() == [f"psa: {note.removeprefix('note: ')}"]

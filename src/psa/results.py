@@ -334,7 +334,7 @@ def _spec_of(d: dict[str, Any]) -> ModelSpec:
                      incoming=lambda cs: tuple(build(Cut, c) for c in cs))
 
     return build(ModelSpec, d, layers=lambda ls: tuple(layer(x) for x in ls),
-                 dropouts=lambda ds: tuple((str(n), int(u)) for n, u in ds), notes=tuple,
+                 dropouts=lambda ds: tuple((str(n), int(u)) for n, u in ds), notes=tuple, persistence_notes=tuple,
                  tied=lambda ts: tuple((str(p), tuple(str(r) for r in readers)) for p, readers in ts))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from psa.analysis import ReportError
@@ -48,9 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              line: str | None = None) -> str:
+    """psa's own notes as the one line they are (a command has no caller's line to point at);
+    any other warning as Python prints it."""
+    if str(message).startswith("psa: "):
+        return f"{message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `psa` and `python -m psa`."""
     parser = build_parser()
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line  # type: ignore[assignment]
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -67,3 +82,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("psa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown

@@ -231,8 +231,6 @@ class Study:
         # the paths chosen now: one that cannot train (--batched yes where vmap cannot batch) is
         # refused before anything is written and before the notes (a refusal is its one line)
         paths = self.kind.record(device, self.opt)  # stored by a new study (_create)
-        for note in self.notes:
-            warnings.warn(note, RuntimeWarning, stacklevel=2)
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
@@ -553,8 +551,7 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
     design = study.design
     assert study.plan is not None
     progress.print(
-        f"study [bold]{study.name}[/]: {len(design.nets)} "
-        f"{study.kind.noun} x {design.conditions_text()} x "
+        f"study [bold]{study.name}[/]: {len(design.nets)} {study.kind.noun} x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")
@@ -562,8 +559,11 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
         progress.print(escape(line))
     if study.calibrated is not None:
         progress.print(escape(describe_calibration(study.calibrated, len(design.nets))))
-    for n in notes:
-        progress.print(f"[yellow]note[/]: {n}")
+    for n in [*study.notes, *notes]:
+        progress.print(f"[yellow]note[/]: {escape(n.removeprefix('psa: '))}")
+    if study.opt.quiet:
+        for n in study.notes:  # what the nets' check found is about the user's model: said even so
+            warnings.warn(n, RuntimeWarning, stacklevel=3)
     resumed = [st for st in todo if st.start is not None]
     done_trials = study.trials_done()
     if todo and (done_trials or resumed):

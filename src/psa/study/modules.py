@@ -155,7 +155,9 @@ def inspect_factory(factory: str, design: StudyDesign, data: Dataset) -> ModuleI
         warnings.simplefilter("always")
         pop = ModulePopulation.create(make_model(factory), members, sample, "cpu", n_classes=data.n_classes,
                                       factory=factory)
-    notes = tuple(str(w.message) for w in caught)
+    # the persistence notes are said by the study's table of verdicts (ModuleModels.announce)
+    tabled = {f"psa: {n}" for n in pop.spec.persistence_notes}
+    notes = tuple(str(w.message) for w in caught if str(w.message) not in tabled)
     for name, mode, v in ((name, mode, v) for mode, name, v in design.conditions() if name):
         try:
             check_member(pop.spec, design.member(mode, 1, v), factory)

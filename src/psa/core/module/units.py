@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,7 @@ class ModelSpec:
     functional_dropouts: int = 0
     classes: int = 0  # the width of the model's logits
     tied: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (parameter, the operations that read it)
+    persistence_notes: tuple[str, ...] = ()  # those of `notes` that persistence_lines() states per layer
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -279,10 +281,11 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
     notes += [f"{name}: no unambiguous consumer of {n} ({why}); `hidden` mode zeroes only its incoming weights"
               for n, why in ambiguous]
     tied = g.tied() if g is not None else {}
-    notes += _unit_notes(name, module, layers, tied, traced=g is not None)
+    persistence = persistence_notes(name, layers, traced=g is not None)
+    notes += _unit_notes(name, module, layers, tied) + persistence
     dropouts = tuple((n, drop[n]) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop)
     return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]),
-                     tuple((p, tuple(r)) for p, r in tied.items()))
+                     tuple((p, tuple(r)) for p, r in tied.items()), tuple(persistence))
 
 
 def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
@@ -326,11 +329,9 @@ def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
     return layers, ambiguous
 
 
-def _unit_notes(name: str, module: nn.Module, layers: list[UnitLayer], tied: dict[str, list[str]],
-                traced: bool) -> list[str]:
+def _unit_notes(name: str, module: nn.Module, layers: list[UnitLayer], tied: dict[str, list[str]]) -> list[str]:
     """The notes about what a unit is in this model: its attention heads, the weights that are
-    never units, its tied weights, and the layers where an ablation regrows (or psa cannot tell:
-    a model fx cannot trace has its own note)."""
+    never units and its tied weights."""
     notes = []
     owned = {c.param for layer in layers for c in layer.incoming}
     for layer in layers:
@@ -359,7 +360,13 @@ def _unit_notes(name: str, module: nn.Module, layers: list[UnitLayer], tied: dic
         also = f"token u's embedding in {embeds[0]}" if embeds else f"row u of {p} where {', '.join(others)} read it"
         notes.append(f"{name}: the logits are {logits}, shared with {', '.join(others)} (tied weights): an `output` "
                      f"or `full` ablation of output unit u also zeroes {also}")
-    regrow, unknown = [], []
+    return notes
+
+
+def persistence_notes(name: str, layers: Sequence[UnitLayer], traced: bool) -> list[str]:
+    """The notes on the hidden layers where an ablation regrows, or where psa cannot tell (a model
+    fx cannot trace has its own note): what a study's table of verdicts states layer by layer."""
+    notes, regrow, unknown = [], [], []
     for layer in layers[:-1]:  # the output layer regrows as in psa's own nets: its logit is in the loss
         if not traced:
             break
