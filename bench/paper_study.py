@@ -164,6 +164,12 @@ def cmd_slices(args: argparse.Namespace) -> int:
 # The device and what ran on it
 
 
+def short_device(name: str) -> str:
+    """A card's short name from its full one ("NVIDIA H200" -> h200); "cpu" stays "cpu"."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in ("nvidia", "tesla")]
+    return words[0] if words else "cuda"
+
+
 def device_info(device: str, tiny: bool) -> dict:
     """The device's short name (h100, h200, cpu; '-tiny' for the tiny setting) and versions."""
     import torch
@@ -171,12 +177,8 @@ def device_info(device: str, tiny: bool) -> dict:
     from psa.core.device import resolve_device
 
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in ("nvidia", "tesla")]
-        short = words[0] if words else "cuda"
-    else:
-        name, short = dev.type, dev.type
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    short = short_device(name)
     try:
         import triton
 
@@ -539,6 +541,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 if recs:
                     tags[f.name.removesuffix(".slices.jsonl")] = recs[0]["device"]
         rays = [f for f in files if f.name.startswith("paper-ray-") and f.suffix == ".json"]
+        profiles = [f for f in files if f.name == "gpu-profile.json"]
         for f in files:
             if not f.is_file() or f.name.endswith(".tmp"):  # a write cut off by the call's end
                 continue
@@ -547,11 +550,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 dest = device_dir(results, tags[tag]) / f.name
             elif f.name.startswith("paper-ray-") and f.suffix == ".json":
                 dest = results / f.name
+            elif f.name == "gpu-profile.json":  # bench/gpu_profile.py, named here after its card
+                dest = results / f"gpu-profile-{short_device(json.loads(f.read_text())['device'])}.json"
             elif f.suffix == ".log" and tags:
                 first = sorted(tags)[0]
                 dest = device_dir(results, tags[first]) / f"{first}.{f.name}"
             elif f.suffix == ".log" and rays:  # a call that only made the Ray check
                 dest = results / f"{rays[0].stem}.{f.name}"
+            elif f.suffix == ".log" and profiles:  # a call that only profiled
+                dest = results / f"gpu-profile-{short_device(json.loads(profiles[0].read_text())['device'])}.{f.name}"
             else:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)

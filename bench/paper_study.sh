@@ -8,6 +8,8 @@
 #     fp32   the architectures whose cells or regime disagree with the published ones in the
 #            slices exported so far (committed and in $OUT), rerun in fp32 (`--arch A B` names others)
 #     ray    --backend ray on a local Ray instance against local (at most PSA_RAY_SECONDS, 180)
+#     profile  bench/gpu_profile.py: where a loop's time goes in each class of net, and what
+#            populations in flight buy (at most PSA_PROFILE_SECONDS, 150; one file, gpu-profile.json)
 #   bash bench/paper_study.sh ray-pack           # HERE, not on the card: Ray for the card, in .ray/
 #   PSA_PAPER_CPU=1 PY=.venv/bin/python bash bench/paper_study.sh run   # the same on a CPU, tiny sizes
 #
@@ -31,9 +33,14 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 DEADLINE="${PSA_PAPER_SECONDS:-550}"
 RAY_SECONDS="${PSA_RAY_SECONDS:-180}"
+PROFILE_SECONDS="${PSA_PROFILE_SECONDS:-150}"
 RESERVE=10  # seconds kept for the last lines of the log
 SIZE=()
-[ "${PSA_PAPER_CPU:-0}" = "1" ] && SIZE=(--tiny --device cpu)
+PROFILE_SIZE=()
+if [ "${PSA_PAPER_CPU:-0}" = "1" ]; then
+    SIZE=(--tiny --device cpu)
+    PROFILE_SIZE=(--device cpu --arch 1*8 --small 1*2 --k 1 2 --steps 2 --members 2 --loops 1)
+fi
 read -r -a RAY_ARGS <<<"${PSA_RAY_ARGS:-}"
 
 versions() {
@@ -92,6 +99,14 @@ ray_check() {
     return $st
 }
 
+profile_check() {
+    echo "== profile"
+    timed "$PROFILE_SECONDS" "$PY" bench/gpu_profile.py --out "$OUT/gpu-profile.json" "${PROFILE_SIZE[@]}"
+    local st=$?
+    echo "== profile: exit $st after $SECONDS s"
+    return $st
+}
+
 out_check() {  # what the device tool brings back: at most 8 files of at most 16 MiB
     local n big
     n=$(find "$OUT" -type f | wc -l)
@@ -140,14 +155,14 @@ EOF
 
 for step in "${STEPS[@]}"; do
     case "$step" in
-    run | fp32 | ray) ;;
+    run | fp32 | ray | profile) ;;
     ray-pack)
         [ ${#STEPS[@]} -eq 1 ] || { echo "ray-pack runs here, on its own, not on the card" >&2; exit 2; }
         ray_pack
         exit $?
         ;;
     *)
-        echo "usage: bash bench/paper_study.sh [run|fp32|ray]... [ARGS] | ray-pack" >&2
+        echo "usage: bash bench/paper_study.sh [run|fp32|ray|profile]... [ARGS] | ray-pack" >&2
         exit 2
         ;;
     esac
@@ -159,6 +174,7 @@ usage_error() {
 [ -n "${OUT:-}" ] || usage_error "set OUT: the folder the device tool brings back"
 [[ "$DEADLINE" =~ ^[0-9]+$ ]] || usage_error "PSA_PAPER_SECONDS must be whole seconds, not '$DEADLINE'"
 [[ "$RAY_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_RAY_SECONDS must be whole seconds, not '$RAY_SECONDS'"
+[[ "$PROFILE_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_PROFILE_SECONDS must be whole seconds, not '$PROFILE_SECONDS'"
 mkdir -p "$OUT" || usage_error "cannot make OUT=$OUT"
 # One log for the whole call, whatever its steps: with a pack of three files per precision and
 # the Ray check's JSON, `run fp32 ray` brings back 8 files, the device tool's most.
@@ -172,6 +188,7 @@ for step in "${STEPS[@]}"; do
     run) slices auto "$@" || rc=1 ;;
     fp32) slices fp32 "$@" || rc=1 ;;
     ray) ray_check || rc=1 ;;
+    profile) profile_check || rc=1 ;;
     esac
 done
 out_check || rc=1

@@ -333,3 +333,40 @@ def test_the_device_script_is_valid_bash() -> None:
         e = {k: v for k, v in os.environ.items() if k != "OUT"} | env_
         p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "run"], capture_output=True, text=True, env=e)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_the_profile_step_brings_back_one_file_that_collect_names_after_its_card(tmp_path: Path) -> None:
+    out, res = tmp_path / "out", tmp_path / "results"
+    e = {**env(), "PSA_PAPER_CPU": "1", "OUT": str(out), "PY": sys.executable}
+    p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "profile"], env=e, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(f.name for f in out.iterdir()) == ["gpu-profile.json", "paper_study.log"]
+    doc = json.loads((out / "gpu-profile.json").read_text())
+    (prof,) = doc["profile"]
+    assert doc["device"] == "cpu" and prof["arch"] == "1*8" and prof["members"] == 2 and prof["steps"] == 2
+    # on a CPU the categories are operators' self times: the population's matmuls and AdamW are there
+    assert prof["category_s"]["gemm"] > 0 and prof["category_s"]["adamw/elementwise"] > 0
+    assert prof["loop_s"] > 0 and prof["busy_s"] is None and prof["launches_per_step"] is None
+    assert [(r["arch"], r["k"]) for r in doc["concurrency"]] == [("1*2", 1), ("1*2", 2)]
+    assert doc["concurrency"][0]["gain"] == 1.0 and all(r["loops_per_s"] > 0 for r in doc["concurrency"])
+    assert run_bench("collect", str(out), "--results", str(res)).returncode == 0
+    assert sorted(f.name for f in res.iterdir()) == ["gpu-profile-cpu.json", "gpu-profile-cpu.paper_study.log"]
+
+
+def test_profile_categories_and_busy_time() -> None:
+    spec = importlib.util.spec_from_file_location("gpu_profile", BENCH / "gpu_profile.py")
+    assert spec is not None and spec.loader is not None
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    names = {"sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32": "gemm", "_stack_fwd_kernel": "triton stack",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "adamw/elementwise",
+             "multi_tensor_apply_kernel<...FusedAdamMathFunctor...>": "adamw/elementwise",
+             "void at::native::reduce_kernel<512, 1>": "reduction", "Memcpy DtoH (Device -> Pinned)": "copy",
+             "aten::baddbmm": "gemm", "aten::_fused_adamw_": "adamw/elementwise", "aten::argmax": "reduction",
+             "some_unknown_kernel": "other"}
+    assert {n: gp.category(n) for n in names} == names
+    # overlapping, nested and disjoint kernels (microseconds): their union, in seconds
+    assert gp.busy_seconds([(0, 10), (5, 15), (6, 7), (20, 25)]) == pytest.approx(20e-6)
+    assert gp.busy_seconds([]) == 0.0
