@@ -265,6 +265,26 @@ def test_weights_tied_by_module_are_zeroed_under_their_one_name():
     assert params["embed.weight"][0, 2].abs().max() == 0
 
 
+def row_linear() -> nn.Module:
+    """A Linear on each of 3 rows of 4, flattened: unit u's columns in the head are every 8th,
+    not a block of 3."""
+    return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
+
+
+@pytest.mark.parametrize("make, why", [
+    (row_linear, "4 reads it in an unknown layout"),
+])
+def test_no_consumer_where_its_columns_are_not_the_units(make, why):
+    """`hidden` mode zeroes a unit's columns only where they read that unit alone: not a block
+    of a Linear's flattened multi-row output (its units are strided)."""
+    ds = toy()
+    spec = inspect_model(make(), ds.train_x[:2], 3)
+    assert spec.layers[0].consumer is None and any(f"of {spec.layers[0].name} ({why})" in n for n in spec.notes)
+    plan = every_mode(spec)
+    pop, _ = ablate_and_train(make, ds, plan)
+    assert check_persistence(pop, plan) == []
+
+
 class InEncoder(nn.Module):
     """A TransformerEncoder, which fx cannot enter: its layers run inside one opaque call."""
 

@@ -290,7 +290,9 @@ class Graph:
                 if isinstance(m, nn.Linear):
                     if linear and not flattened and m.in_features == units:
                         return Consumer(str(u.target), 1), norm, "", u
-                    if flattened and m.in_features % units == 0:
+                    # a channel flattens to a block of columns; a Linear's unit is its last dimension,
+                    # which flattens to every `units`-th column (a block only where it is all there is)
+                    if flattened and m.in_features % units == 0 and (not linear or m.in_features == units):
                         return Consumer(str(u.target), m.in_features // units), norm, "", u
                     return None, norm, f"{u.target} reads it in an unknown layout", None
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
