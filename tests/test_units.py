@@ -271,12 +271,25 @@ def row_linear() -> nn.Module:
     return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
 
 
+class CalledTwice(nn.Module):
+    """fc reads inp's units and then its own output: its columns also read fc's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.head = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(F.relu(self.fc(F.relu(self.inp(x)))))))
+
+
 @pytest.mark.parametrize("make, why", [
     (row_linear, "4 reads it in an unknown layout"),
+    (CalledTwice, "its reader fc is called more than once"),
 ])
 def test_no_consumer_where_its_columns_are_not_the_units(make, why):
     """`hidden` mode zeroes a unit's columns only where they read that unit alone: not a block
-    of a Linear's flattened multi-row output (its units are strided)."""
+    of a Linear's flattened multi-row output (its units are strided) and not in a reader called
+    on other inputs too (their gradient regrows the columns)."""
     ds = toy()
     spec = inspect_model(make(), ds.train_x[:2], 3)
     assert spec.layers[0].consumer is None and any(f"of {spec.layers[0].name} ({why})" in n for n in spec.notes)

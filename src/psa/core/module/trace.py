@@ -259,6 +259,9 @@ class Graph:
             if len(users) != 1:
                 return None, norm, f"its output is used {len(users)} times" if users else "its output is unused", None
             u = users[0]
+            if u.op == "call_module" and isinstance(mods[str(u.target)], (*UNIT_TYPES, nn.MultiheadAttention)) and len(
+                    self._nodes(str(u.target))) > 1:  # its columns also read its other calls' inputs, which regrow them
+                return None, norm, f"its reader {u.target} is called more than once", None
             if u.op == "call_module" and isinstance(mods[str(u.target)], nn.MultiheadAttention):
                 m = mods[str(u.target)]
                 if (u.args[:3] == (cur, cur, cur) and all(v is not cur for v in u.kwargs.values()) and linear
@@ -275,6 +278,8 @@ class Graph:
                 p = self.canonical.get(id(self._attr(str(w.target)))) if is_param else None  # type: ignore[union-attr]
                 if p is None:
                     return None, norm, "F.linear reads it with a weight that is no parameter", None
+                if len(self.uses.get(p, ())) > 1 and not self._shared(p):
+                    return None, norm, f"its reader F.linear(·, {p}) is called more than once", None
                 if self._shared(p):
                     others = ", ".join(x for x in dict.fromkeys(self.uses[p]) if x != "F.linear")
                     why = f"its reader F.linear(·, {p}) shares that weight with {others} (tied weights)"
