@@ -519,12 +519,30 @@ def no_dropout():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
 
 
+def raises_two_lines():
+    raise ValueError("bad width\nsee the docs")
+
+
+class TwoOutputs(nn.Module):
+    """Logits and features: psa does not guess which of a tuple are the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.fc(x)
+        return z, x
+
+
 @pytest.mark.parametrize("factory,mode,message", [
     (no_module, "none", "returned str, not a torch.nn.Module"),
     (no_units, "none", "has no nn.Linear or nn.Conv layer"),
     (wrong_classes, "none", "train labels must be in [0, 7) (the model gives 7 logits): label 9 at index 2"),
     (no_dropout, "dropout", "sets the rate of every dropout of the model"),
     (no_dropout, "hidden", "mode 'hidden' needs a hidden unit layer"),
+    (raises_two_lines, "none", "raises_two_lines failed: ValueError: bad width"),
+    (TwoOutputs, "none", "TwoOutputs maps a batch of 2 to a tuple; it must return one tensor of (2, classes) logits"),
 ])
 def test_bad_models_are_one_clear_line(mnist, factory, mode, message):
     ds = subset(mnist, 64, 64, 64)

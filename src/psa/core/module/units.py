@@ -259,9 +259,14 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
     if torch.is_tensor(out) and out.dim() == 2 and n_classes is None:
         n_classes = out.shape[1]  # the model's own width: the labels are checked against it
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape != (sample_x.shape[0], n_classes):
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ConfigError(f"{name} maps a batch of {sample_x.shape[0]} to {shape}; the data has {n_classes} "
-                          f"classes, so it must give ({sample_x.shape[0]}, {n_classes}) logits")
+        n = sample_x.shape[0]
+        if not torch.is_tensor(out):  # a tuple or dict of outputs: psa does not guess which are the logits
+            raise ConfigError(f"{name} maps a batch of {n} to a {type(out).__name__}; it must return one tensor "
+                              f"of ({n}, {n_classes or 'classes'}) logits")
+        # n_classes None here: not 2-d, so the model's own width is unknown
+        need = f"the data has {n_classes} classes, so it" if n_classes is not None else "it"
+        raise ConfigError(f"{name} maps a batch of {n} to {tuple(out.shape)}; {need} must give "
+                          f"({n}, {n_classes or 'classes'}) logits")
     if not order:
         raise ConfigError(f"{name}'s forward calls no nn.Linear or nn.Conv layer: PSA has no unit to ablate")
     graph, untraced = trace(module)
