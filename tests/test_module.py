@@ -382,6 +382,26 @@ def test_ambiguous_consumer_is_said_once_and_zeroes_the_incoming_side():
     assert torch.equal(params["a.weight"][1], pop.params["a.weight"][1])
 
 
+def frozen_first() -> nn.Module:
+    m = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    m[0].requires_grad_(False)
+    return m
+
+
+def test_frozen_parameters_are_trained_and_a_note_says_so():
+    """psa trains every parameter: a layer frozen with requires_grad=False is not left alone
+    silently."""
+    ds = toy()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pop, _, _ = run(frozen_first, ds, HP, 1, [HP.member("none", 1)])
+    notes = [str(x.message) for x in w if "requires_grad=False" in str(x.message)]
+    assert notes == ["psa: tests.test_module:frozen_first: psa trains every parameter, requires_grad=False ones "
+                     "too: 0.weight, 0.bias will be trained"]
+    torch.manual_seed(1)
+    assert not torch.equal(pop.params["0.weight"][0], frozen_first()[0].weight)
+
+
 def test_a_module_vmap_cannot_batch_falls_back_once_with_a_reason():
     ds = toy()
     members = [HP.member(m, s) for s in (1, 2) for m in ("none", "full", "hidden")]
