@@ -271,6 +271,13 @@ def row_linear() -> nn.Module:
     return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
 
 
+def linear_into_conv() -> nn.Module:
+    """A Linear on each of 3 rows (its units: the last dimension) read by a Conv1d whose 3
+    channels are the rows."""
+    return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 3), nn.ReLU(), nn.Conv1d(3, 2, 2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
 class CalledTwice(nn.Module):
     """fc reads inp's units and then its own output: its columns also read fc's units."""
 
@@ -285,11 +292,13 @@ class CalledTwice(nn.Module):
 @pytest.mark.parametrize("make, why", [
     (row_linear, "4 reads it in an unknown layout"),
     (CalledTwice, "its reader fc is called more than once"),
+    (linear_into_conv, "3 reads it in an unknown layout"),
 ])
 def test_no_consumer_where_its_columns_are_not_the_units(make, why):
     """`hidden` mode zeroes a unit's columns only where they read that unit alone: not a block
-    of a Linear's flattened multi-row output (its units are strided) and not in a reader called
-    on other inputs too (their gradient regrows the columns)."""
+    of a Linear's flattened multi-row output (its units are strided), not a Conv's input
+    channels after a Linear (its units are the last dimension, the channels dimension 1), and
+    not in a reader called on other inputs too (their gradient regrows the columns)."""
     ds = toy()
     spec = inspect_model(make(), ds.train_x[:2], 3)
     assert spec.layers[0].consumer is None and any(f"of {spec.layers[0].name} ({why})" in n for n in spec.notes)

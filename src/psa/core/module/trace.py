@@ -301,7 +301,8 @@ class Graph:
                         return Consumer(str(u.target), m.in_features // units), norm, "", u
                     return None, norm, f"{u.target} reads it in an unknown layout", None
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                    if not flattened and m.in_channels == units and m.groups == 1:
+                    # a Conv's channels are dimension 1, a Linear's units the last: only a Conv's are those
+                    if not linear and not flattened and m.in_channels == units and m.groups == 1:
                         return Consumer(str(u.target), 1), norm, "", u
                     return None, norm, f"{u.target} reads it in an unknown layout", None
                 if self._unit_norm(m, src, units):
