@@ -307,6 +307,22 @@ def test_no_consumer_where_its_columns_are_not_the_units(make, why):
     assert check_persistence(pop, plan) == []
 
 
+def pooled_units() -> nn.Module:
+    """AvgPool1d over a Linear's output averages neighbouring units: unit 1's zero is no
+    longer a zero at the ReLU, whose gradient then regrows it."""
+    return nn.Sequential(nn.Linear(12, 8), nn.AvgPool1d(2), nn.ReLU(), nn.Linear(4, 3))
+
+
+def test_pooling_a_linears_units_is_not_taken_for_a_channel_pooling():
+    ds = toy()
+    spec = inspect_model(pooled_units(), ds.train_x[:2], 3)
+    first = spec.layers[0]
+    assert first.consumer is None and first.verdict() == "cannot tell"
+    assert any("1 (AvgPool1d) pools the dimensions that hold its units" in n for n in spec.notes)
+    pop, _ = ablate_and_train(pooled_units, ds, [("full", 0)])
+    assert pop.params["0.weight"][0, UNIT].abs().max() > 0  # psa once said it persists
+
+
 class InEncoder(nn.Module):
     """A TransformerEncoder, which fx cannot enter: its layers run inside one opaque call."""
 

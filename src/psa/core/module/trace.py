@@ -33,14 +33,18 @@ PER_UNIT_NORMS = (*NORM_TYPES, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.Instance
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 # modules whose weights psa never ablates, said in a note
 NEVER_UNITS = (nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvTransposeNd)
+# pooling: over a Conv's spatial dimensions it keeps each channel apart; over a Linear's output
+# it pools the last dimensions, which hold the Linear's units, and mixes them
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 # modules that map each unit (feature or channel) to itself: a chain through them keeps the unit
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish,
-                nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+                nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, *POOL_MODULES)
 PASS_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh, torch.sigmoid,
-                  F.mish, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
-                  F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+                  F.mish, F.dropout, *POOL_FUNCTIONS}
 PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 # of those, the ones whose derivative at 0 is 0 (torch's backward: grad * (x > 0)) ...
 BLOCK_MODULES = (nn.ReLU, nn.ReLU6)
@@ -311,6 +315,8 @@ class Graph:
                         cur, first = u, False
                         continue
                     return None, norm, f"{u.target} normalises it after other operations", None
+                if linear and isinstance(m, POOL_MODULES):
+                    return None, norm, f"{u.target} ({type(m).__name__}) pools the dimensions that hold its units", None
                 if isinstance(m, PASS_MODULES) or type(m).__name__ == "MaskedDropout":
                     cur, first = u, False
                     continue
@@ -318,6 +324,8 @@ class Graph:
                     flattened, cur, first = True, u, False
                     continue
                 return None, norm, f"it passes through {type(m).__name__}", None
+            if u.op == "call_function" and linear and u.target in POOL_FUNCTIONS:
+                return None, norm, f"{u.target.__name__} pools the dimensions that hold its units", None  # type: ignore[union-attr]
             if u.op == "call_function" and u.target in PASS_FUNCTIONS:
                 cur, first = u, False
                 continue
@@ -358,6 +366,7 @@ class Graph:
         # (node, whether the unit's entries there are still exactly 0: True, or None for unknown)
         stack: list[tuple[fx.Node, bool | None]] = [(n, True) for n in starts]
         seen: set[tuple[fx.Node, bool | None]] = set()
+        linear = any(n.op == "call_module" and isinstance(self.mods[str(n.target)], nn.Linear) for n in starts)
         while stack:
             cur, zero = stack.pop()
             if (cur, zero) in seen:
@@ -371,6 +380,8 @@ class Graph:
                     reaches.append("the logits")
                     continue
                 kind = "reader" if u is reader else self._kind(u, cur, norm)
+                if kind == "pass" and linear and _pools(u, self.mods):
+                    kind = "reduce"  # a Linear's units pooled together: the unit's 0 need not stay 0
                 if kind in ("block", "reader") and zero:
                     blockers.append(what)
                 elif kind in ("block", "reader"):
@@ -460,6 +471,13 @@ class Graph:
                 return "reduce"
             return "unknown"
         return "unknown"
+
+
+def _pools(u: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Whether `u` is a pooling (module or function)."""
+    if u.op == "call_module":
+        return isinstance(mods[str(u.target)], POOL_MODULES)
+    return u.op == "call_function" and u.target in POOL_FUNCTIONS
 
 
 def _per_unit_groups(m: nn.Module) -> bool:
