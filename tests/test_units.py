@@ -213,6 +213,18 @@ def bn_gelu() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 8, bias=False), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3))
 
 
+class GatedRelu(nn.Module):
+    """a's units scaled by a gate and a buffer before a ReLU: 0 times anything stays 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g, self.b = nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(8, 3)
+        self.register_buffer("scale", torch.full((8,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.a(x) * torch.sigmoid(self.g(x)) / 2 * self.scale))
+
+
 class ModuleTied(nn.Module):
     """The output Linear's weight is the embedding's (`head.weight = embed.weight`)."""
 
@@ -239,6 +251,7 @@ def toy(tokens: bool = False, n: int = 96) -> Dataset:
     (tanh_relu, P, P),  # tanh keeps the 0, the ReLU stops the gradient
     (bn_gelu, R, P),  # its BatchNorm's zeroed shift gets GELU's gradient
     (ModuleTied, P, P),
+    (GatedRelu, P, P),  # multiplied by a tensor, its 0 stays 0: the ReLU still stops it (it said regrows)
 ])
 def test_rules_agree_with_training(make, full, hidden):
     ds = toy(tokens=make is ModuleTied)

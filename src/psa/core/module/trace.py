@@ -439,8 +439,8 @@ class Graph:
         if u.op == "call_function":
             if u.target in (operator.add, operator.sub, torch.add, torch.sub, operator.iadd):
                 return "pass" if all(a is cur for a in tensors) else "sum"
-            if u.target in (operator.mul, torch.mul, operator.truediv, torch.div) and tensors == [cur]:
-                return "pass"  # scaled by a constant: 0 stays 0, the gradient passes
+            if _scales(u, cur, u.target in (operator.mul, torch.mul), u.target in (operator.truediv, torch.div)):
+                return "pass"
             if u.target in LAYOUT_FUNCTIONS:
                 return "layout"
             if not as_input:
@@ -457,7 +457,7 @@ class Graph:
         if u.op == "call_method":
             if u.target in ("add", "sub", "add_", "sub_"):
                 return "pass" if all(a is cur for a in tensors) else "sum"
-            if u.target in ("mul", "div") and tensors == [cur]:
+            if _scales(u, cur, u.target == "mul", u.target == "div"):
                 return "pass"
             if not as_input:
                 return "reads"
@@ -471,6 +471,15 @@ class Graph:
                 return "reduce"
             return "unknown"
         return "unknown"
+
+
+def _scales(u: fx.Node, cur: fx.Node, mul: bool, div: bool) -> bool:
+    """Whether `u` (a product if `mul`, a quotient if `div`) scales `cur` elementwise, by a
+    constant or another tensor (a buffer, a gate): cur's 0 stays 0, and its gradient (the
+    incoming one times the factor) passes on. Not a division by `cur`."""
+    if mul:
+        return any(a is cur for a in u.args[:2])
+    return div and bool(u.args) and u.args[0] is cur and not any(a is cur for a in u.args[1:])
 
 
 def _pools(u: fx.Node, mods: dict[str, nn.Module]) -> bool:
