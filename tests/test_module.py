@@ -571,6 +571,22 @@ def test_bad_models_are_one_clear_line(mnist, factory, mode, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def random_width() -> nn.Module:
+    w = int(torch.randint(4, 12, ()))  # drawn from the seed: another model per trial
+    return nn.Sequential(nn.Linear(12, w), nn.ReLU(), nn.Linear(w, 3))
+
+
+def test_a_factory_building_other_models_per_seed_is_one_line():
+    """The members are stacked: a factory whose architecture depends on the seed is refused in
+    one line (it was torch.stack's error)."""
+    ds = toy()
+    with pytest.raises(ConfigError) as e:
+        psa.fit(random_width, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), modes=["none"], trials=3,
+                meta_loops=1)
+    assert "random_width builds another model for seed 1 than for seed 0 (0.weight: (" in str(e.value)
+    assert "the factory must build the same architecture every call" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("nomodule_xyz:make", "cannot import nomodule_xyz (ModuleNotFoundError"),
     ("os.path", "give the factory as module:function"),
