@@ -587,6 +587,26 @@ def test_a_factory_building_other_models_per_seed_is_one_line():
     assert "the factory must build the same architecture every call" in str(e.value) and "\n" not in str(e.value)
 
 
+def bn_small() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_model_failing_in_training_is_one_line_not_a_vmap_fallback(batched):
+    """A BatchNorm on a last partial batch of 1 fails in training: one line that says where, on
+    either path; not first a warning that vmap cannot batch the model (it can), then torch's
+    traceback."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(81, 12, generator=g), torch.randint(0, 3, (81,), generator=g)
+    with warnings.catch_warnings(record=True) as w, pytest.raises(ConfigError) as e:
+        warnings.simplefilter("always")
+        psa.fit(bn_small, (x[:65], y[:65]), (x[65:], y[65:]), modes=["none"], trials=1, meta_loops=1,
+                batch_size=32, batched=batched, progress=False)
+    assert str(e.value).startswith("tests.test_module:bn_small fails in training on a batch of 1 example (step 3 of "
+                                   "loop 1): ValueError: Expected more than 1 value per channel when training")
+    assert "\n" not in str(e.value) and not any("vmap cannot batch" in str(m.message) for m in w)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("nomodule_xyz:make", "cannot import nomodule_xyz (ModuleNotFoundError"),
     ("os.path", "give the factory as module:function"),
