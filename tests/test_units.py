@@ -336,6 +336,26 @@ def test_pooling_a_linears_units_is_not_taken_for_a_channel_pooling():
     assert pop.params["0.weight"][0, UNIT].abs().max() > 0  # psa once said it persists
 
 
+class ViewBySize(nn.Module):
+    """The classic CNN flatten, h.view(h.size(0), -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(1, 4, 3), nn.Linear(40, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x.unsqueeze(1)))
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_reading_the_shape_is_not_a_second_use():
+    """h.size(0) reads no unit: the note names the view psa does not follow, not two uses."""
+    spec = inspect_model(ViewBySize(), toy().train_x[:2], 3)
+    assert [n.split(": ", 1)[1] for n in spec.notes if "consumer" in n] == [
+        "no unambiguous consumer of conv (it passes through call_method view); `hidden` mode zeroes only its "
+        "incoming weights"]
+
+
 class InEncoder(nn.Module):
     """A TransformerEncoder, which fx cannot enter: its layers run inside one opaque call."""
 

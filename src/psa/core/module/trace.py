@@ -259,7 +259,8 @@ class Graph:
         mods, norm, flattened, cur, first = self.mods, None, False, node, True
         linear = isinstance(src, nn.Linear)
         while True:
-            users = list(cur.users)
+            # x.size(0) in x.view(x.size(0), -1) reads the shape, not the units: not a second use
+            users = [u for u in cur.users if (u.op, u.target) not in NO_GRADIENT]
             if len(users) != 1:
                 return None, norm, f"its output is used {len(users)} times" if users else "its output is unused", None
             u = users[0]
