@@ -30,7 +30,7 @@ from psa.core.mlp.population import Population
 from psa.core.variant import Variant
 
 from . import module_oracle
-from .conftest import ENGINE_HP, SRC, subset
+from .conftest import ENGINE_HP, SRC, one_line_error, run_main, subset
 from .module_oracle import Units
 from .tolerance import ONE_PASS, Bound, assert_apart, assert_close, compare, epoch_steps, training_bound
 
@@ -585,6 +585,13 @@ def test_a_factory_building_other_models_per_seed_is_one_line():
                 meta_loops=1)
     assert "random_width builds another model for seed 1 than for seed 0 (0.weight: (" in str(e.value)
     assert "the factory must build the same architecture every call" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_study_of_a_factory_building_other_models_per_seed_writes_nothing(tmp_path):
+    rc, _, err = run_main(["study", "--model", "tests.test_module:random_width", "--modes", "none", "--trials", "2",
+                           "--meta-loops", "1", "--train-subset", "256", "--quiet", "--db", "x.sqlite"], tmp_path)
+    assert rc == 2 and "random_width builds another model for seed 1 than for seed 0" in one_line_error(err)
+    assert list(tmp_path.iterdir()) == []
 
 
 def bn_small() -> nn.Module:
