@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -592,6 +593,49 @@ def test_a_study_of_a_factory_building_other_models_per_seed_writes_nothing(tmp_
                            "--meta-loops", "1", "--train-subset", "256", "--quiet", "--db", "x.sqlite"], tmp_path)
     assert rc == 2 and "random_width builds another model for seed 1 than for seed 0" in one_line_error(err)
     assert list(tmp_path.iterdir()) == []
+
+
+class Dropouts(nn.Module):
+    """Two dropout places of different widths: `self.drop` at both (a common idiom; "reused"),
+    the same module under a second name ("aliased"), or two modules ("two")."""
+
+    def __init__(self, kind: str = "two") -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(12, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.drop = nn.Dropout()
+        if kind != "reused":
+            self.drop2 = self.drop if kind == "aliased" else nn.Dropout()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        second = self.drop if self.kind == "reused" else self.drop2
+        return self.head(second(F.relu(self.b(self.drop(F.relu(self.a(x)))))))
+
+
+def reused_dropout() -> nn.Module:
+    return Dropouts("reused")
+
+
+def aliased_dropout() -> nn.Module:
+    return Dropouts("aliased")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("make", [reused_dropout, aliased_dropout])
+def test_a_dropout_module_called_twice_is_two_sites(make, batched):
+    """Each call of a reused nn.Dropout draws its own slice of the step's noise, under any of
+    its names: the same records and models as two modules (reused, it failed: the second call
+    reshaped the first call's slice; aliased, its second name dropped with other masks)."""
+    ds = toy()
+    kw = dict(modes=["none", "dropout"], trials=2, meta_loops=2, batched=batched, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        once = psa.fit(make, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), **kw)
+        twice = psa.fit(Dropouts, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), **kw)
+    strip = [{k: v for k, v in r.items() if k != "model"} for r in once.to_records()]
+    assert strip == [{k: v for k, v in r.items() if k != "model"} for r in twice.to_records()]
+    for k in (1, 2):
+        assert all(torch.equal(v, twice.state_dict("dropout", k)[n]) for n, v in once.state_dict("dropout", k).items())
 
 
 def bn_small() -> nn.Module:

@@ -113,8 +113,9 @@ class UnitLayer:
 @dataclass(frozen=True)
 class ModelSpec:
     """What psa found in a model: its unit layers (call order), its nn.Dropout modules with the
-    units each drops per example (call order), its other dropout sites (functional and attention
-    dropout, psa.core.module.noise), its tied parameters, and notes to print once."""
+    units each drops per example (call order; a module called k times has k entries), its other
+    dropout sites (functional and attention dropout, psa.core.module.noise), its tied
+    parameters, and notes to print once."""
 
     layers: tuple[UnitLayer, ...]
     dropouts: tuple[tuple[str, int], ...]
@@ -186,13 +187,13 @@ def _unit_word(layer: UnitLayer) -> str:
     return "channels" if layer.kind.startswith("Conv") else "units"
 
 
-def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int], torch.Tensor]:
+def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, list[int]], torch.Tensor]:
     """Run `module` (eval) on `x`: its unit layers (Linear, Conv, attention) in the order first
-    called (a module's hook runs when it returns), the per-example output size of every
-    nn.Dropout, and the output."""
+    called (a module's hook runs when it returns), the per-example output size of every call of
+    every nn.Dropout, and the output."""
     names = {id(m): n for n, m in module.named_modules()}
     order: list[str] = []
-    drop: dict[str, int] = {}
+    drop: dict[str, list[int]] = {}
     kinds = (*UNIT_TYPES, nn.MultiheadAttention)
 
     def hook(m: nn.Module, inp: Any, out: Any) -> None:
@@ -200,7 +201,7 @@ def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str
         if isinstance(m, kinds) and n not in order:
             order.append(n)
         if type(m) is nn.Dropout and torch.is_tensor(out):
-            drop.setdefault(n, out[0].numel())
+            drop.setdefault(n, []).append(out[0].numel())
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (*kinds, nn.Dropout))]
     was = module.training
@@ -294,7 +295,8 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
     tied = g.tied() if g is not None else {}
     persistence = persistence_notes(name, layers, traced=g is not None)
     notes += _unit_notes(name, module, layers, tied) + persistence
-    dropouts = tuple((n, drop[n]) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop)
+    dropouts = tuple((n, u) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop
+                     for u in drop[n])
     return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]),
                      tuple((p, tuple(r)) for p, r in tied.items()), tuple(persistence))
 
