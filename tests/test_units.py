@@ -356,6 +356,25 @@ def test_reading_the_shape_is_not_a_second_use():
         "incoming weights"]
 
 
+class TemperatureAfterHead(nn.Module):
+    """A learned temperature computed after the logits layer: the last Linear called is 1 wide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head, self.temp = nn.Linear(12, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        return self.head(h) * F.softplus(self.temp(h))
+
+
+def test_the_output_layer_is_the_logits_layer_not_the_last_called():
+    spec = inspect_model(TemperatureAfterHead(), toy().train_x[:2], 3)
+    assert spec.describe() == "a[8], temp[1], head[3]" and spec.n_out == 3 and spec.hidden == (8, 1)
+    assert spec.layers[-1].persistence == "the output layer: its logits are in the loss"
+    assert spec.layers[-1].zeroes(2, "output") == (("head.weight", (slice(2, 3),)), ("head.bias", (slice(2, 3),)))
+
+
 class InEncoder(nn.Module):
     """A TransformerEncoder, which fx cannot enter: its layers run inside one opaque call."""
 

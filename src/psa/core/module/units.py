@@ -289,7 +289,7 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
     if untraced:
         notes.append(f"{name}: {untraced}; `hidden` mode zeroes only the incoming weights of a unit, and psa cannot "
                      f"tell whether an ablation persists")
-    layers, ambiguous = _unit_layers(module, order, g)
+    layers, ambiguous = _unit_layers(module, order, g, int(out.shape[1]))
     notes += [f"{name}: no unambiguous consumer of {n} ({why}); `hidden` mode zeroes only its incoming weights"
               for n, why in ambiguous]
     tied = g.tied() if g is not None else {}
@@ -301,11 +301,12 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
                      tuple((p, tuple(r)) for p, r in tied.items()), tuple(persistence))
 
 
-def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
+def _unit_layers(module: nn.Module, order: list[str], g: Graph | None, classes: int
                  ) -> tuple[list[UnitLayer], list[tuple[str, str]]]:
     """The unit layers of `module`: the ones it calls in `order` (Linear, Conv, attention), then
-    a functional logits layer the graph `g` shows; and (layer, why) for each hidden layer of a
-    traced model that has no unambiguous consumer."""
+    a functional logits layer the graph `g` shows, the output layer last (`classes` wide: the
+    logits' width); and (layer, why) for each hidden layer of a traced model that has no
+    unambiguous consumer."""
     mods = dict(module.named_modules())
     params = dict(module.named_parameters())
     canonical = {id(p): n for n, p in module.named_parameters()}  # a shared parameter's first name
@@ -317,15 +318,23 @@ def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
     functional = g.functional_output() if g is not None else None
     if functional is not None:
         found.append((functional[0], None, *functional))
+
+    def units_of(n: str, m: nn.Module | None) -> int:
+        if isinstance(m, nn.MultiheadAttention):
+            return m.num_heads
+        if m is not None:
+            return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        return params[n].shape[0]  # a functional output layer: its weight's rows
+
+    # a layer called after the logits layer (a learned temperature or gate) is not the output
+    # layer: the last one as wide as the logits is
+    wide = [i for i, (n, m, _, _) in enumerate(found) if units_of(n, m) == classes]
+    if found and units_of(*found[-1][:2]) != classes and wide:
+        found.append(found.pop(wide[-1]))
     layers, ambiguous = [], []
     for i, (n, m, weight, bias) in enumerate(found):
         output = i == len(found) - 1
-        if isinstance(m, nn.MultiheadAttention):
-            units = m.num_heads
-        elif m is not None:
-            units = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        else:  # a functional output layer: its weight's rows
-            units = params[n].shape[0]
+        units = units_of(n, m)
         if g is not None:
             own = _incoming(m, weight, bias, None, canonical)
             w = g.wiring(n, units, output, tuple(c.param for c in own))
