@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -30,7 +31,7 @@ from psa.core.mlp.population import Population
 from psa.core.variant import Variant
 
 from . import module_oracle
-from .conftest import ENGINE_HP, SRC, subset
+from .conftest import ENGINE_HP, SRC, one_line_error, run_main, subset
 from .module_oracle import Units
 from .tolerance import ONE_PASS, Bound, assert_apart, assert_close, compare, epoch_steps, training_bound
 
@@ -382,6 +383,26 @@ def test_ambiguous_consumer_is_said_once_and_zeroes_the_incoming_side():
     assert torch.equal(params["a.weight"][1], pop.params["a.weight"][1])
 
 
+def frozen_first() -> nn.Module:
+    m = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    m[0].requires_grad_(False)
+    return m
+
+
+def test_frozen_parameters_are_trained_and_a_note_says_so():
+    """psa trains every parameter: a layer frozen with requires_grad=False is not left alone
+    silently."""
+    ds = toy()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pop, _, _ = run(frozen_first, ds, HP, 1, [HP.member("none", 1)])
+    notes = [str(x.message) for x in w if "requires_grad=False" in str(x.message)]
+    assert notes == ["psa: tests.test_module:frozen_first: psa trains every parameter, requires_grad=False ones "
+                     "too: 0.weight, 0.bias will be trained"]
+    torch.manual_seed(1)
+    assert not torch.equal(pop.params["0.weight"][0], frozen_first()[0].weight)
+
+
 def test_a_module_vmap_cannot_batch_falls_back_once_with_a_reason():
     ds = toy()
     members = [HP.member(m, s) for s in (1, 2) for m in ("none", "full", "hidden")]
@@ -519,18 +540,122 @@ def no_dropout():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
 
 
+def raises_two_lines():
+    raise ValueError("bad width\nsee the docs")
+
+
+class TwoOutputs(nn.Module):
+    """Logits and features: psa does not guess which of a tuple are the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.fc(x)
+        return z, x
+
+
 @pytest.mark.parametrize("factory,mode,message", [
     (no_module, "none", "returned str, not a torch.nn.Module"),
     (no_units, "none", "has no nn.Linear or nn.Conv layer"),
     (wrong_classes, "none", "train labels must be in [0, 7) (the model gives 7 logits): label 9 at index 2"),
     (no_dropout, "dropout", "sets the rate of every dropout of the model"),
     (no_dropout, "hidden", "mode 'hidden' needs a hidden unit layer"),
+    (raises_two_lines, "none", "raises_two_lines failed: ValueError: bad width"),
+    (TwoOutputs, "none", "TwoOutputs maps a batch of 2 to a tuple; it must return one tensor of (2, classes) logits"),
 ])
 def test_bad_models_are_one_clear_line(mnist, factory, mode, message):
     ds = subset(mnist, 64, 64, 64)
     with pytest.raises(ConfigError) as e:
         psa.fit(factory, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), modes=[mode], trials=1, meta_loops=1)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def random_width() -> nn.Module:
+    w = int(torch.randint(4, 12, ()))  # drawn from the seed: another model per trial
+    return nn.Sequential(nn.Linear(12, w), nn.ReLU(), nn.Linear(w, 3))
+
+
+def test_a_factory_building_other_models_per_seed_is_one_line():
+    """The members are stacked: a factory whose architecture depends on the seed is refused in
+    one line (it was torch.stack's error)."""
+    ds = toy()
+    with pytest.raises(ConfigError) as e:
+        psa.fit(random_width, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), modes=["none"], trials=3,
+                meta_loops=1)
+    assert "random_width builds another model for seed 1 than for seed 0 (0.weight: (" in str(e.value)
+    assert "the factory must build the same architecture every call" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_study_of_a_factory_building_other_models_per_seed_writes_nothing(tmp_path):
+    rc, _, err = run_main(["study", "--model", "tests.test_module:random_width", "--modes", "none", "--trials", "2",
+                           "--meta-loops", "1", "--train-subset", "256", "--quiet", "--db", "x.sqlite"], tmp_path)
+    assert rc == 2 and "random_width builds another model for seed 1 than for seed 0" in one_line_error(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+class Dropouts(nn.Module):
+    """Two dropout places of different widths: `self.drop` at both (a common idiom; "reused"),
+    the same module under a second name ("aliased"), or two modules ("two")."""
+
+    def __init__(self, kind: str = "two") -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(12, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.drop = nn.Dropout()
+        if kind != "reused":
+            self.drop2 = self.drop if kind == "aliased" else nn.Dropout()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        second = self.drop if self.kind == "reused" else self.drop2
+        return self.head(second(F.relu(self.b(self.drop(F.relu(self.a(x)))))))
+
+
+def reused_dropout() -> nn.Module:
+    return Dropouts("reused")
+
+
+def aliased_dropout() -> nn.Module:
+    return Dropouts("aliased")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("make", [reused_dropout, aliased_dropout])
+def test_a_dropout_module_called_twice_is_two_sites(make, batched):
+    """Each call of a reused nn.Dropout draws its own slice of the step's noise, under any of
+    its names: the same records and models as two modules (reused, it failed: the second call
+    reshaped the first call's slice; aliased, its second name dropped with other masks)."""
+    ds = toy()
+    kw = dict(modes=["none", "dropout"], trials=2, meta_loops=2, batched=batched, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        once = psa.fit(make, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), **kw)
+        twice = psa.fit(Dropouts, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), **kw)
+    strip = [{k: v for k, v in r.items() if k != "model"} for r in once.to_records()]
+    assert strip == [{k: v for k, v in r.items() if k != "model"} for r in twice.to_records()]
+    for k in (1, 2):
+        assert all(torch.equal(v, twice.state_dict("dropout", k)[n]) for n, v in once.state_dict("dropout", k).items())
+
+
+def bn_small() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_model_failing_in_training_is_one_line_not_a_vmap_fallback(batched):
+    """A BatchNorm on a last partial batch of 1 fails in training: one line that says where, on
+    either path; not first a warning that vmap cannot batch the model (it can), then torch's
+    traceback."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(81, 12, generator=g), torch.randint(0, 3, (81,), generator=g)
+    with warnings.catch_warnings(record=True) as w, pytest.raises(ConfigError) as e:
+        warnings.simplefilter("always")
+        psa.fit(bn_small, (x[:65], y[:65]), (x[65:], y[65:]), modes=["none"], trials=1, meta_loops=1,
+                batch_size=32, batched=batched, progress=False)
+    assert str(e.value).startswith("tests.test_module:bn_small fails in training on a batch of 1 example (step 3 of "
+                                   "loop 1): ValueError: Expected more than 1 value per channel when training")
+    assert "\n" not in str(e.value) and not any("vmap cannot batch" in str(m.message) for m in w)
 
 
 @pytest.mark.parametrize("spec,message", [

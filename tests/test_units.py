@@ -213,6 +213,18 @@ def bn_gelu() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 8, bias=False), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3))
 
 
+class GatedRelu(nn.Module):
+    """a's units scaled by a gate and a buffer before a ReLU: 0 times anything stays 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g, self.b = nn.Linear(12, 8), nn.Linear(12, 8), nn.Linear(8, 3)
+        self.register_buffer("scale", torch.full((8,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.a(x) * torch.sigmoid(self.g(x)) / 2 * self.scale))
+
+
 class ModuleTied(nn.Module):
     """The output Linear's weight is the embedding's (`head.weight = embed.weight`)."""
 
@@ -239,6 +251,7 @@ def toy(tokens: bool = False, n: int = 96) -> Dataset:
     (tanh_relu, P, P),  # tanh keeps the 0, the ReLU stops the gradient
     (bn_gelu, R, P),  # its BatchNorm's zeroed shift gets GELU's gradient
     (ModuleTied, P, P),
+    (GatedRelu, P, P),  # multiplied by a tensor, its 0 stays 0: the ReLU still stops it (it said regrows)
 ])
 def test_rules_agree_with_training(make, full, hidden):
     ds = toy(tokens=make is ModuleTied)
@@ -263,6 +276,103 @@ def test_weights_tied_by_module_are_zeroed_under_their_one_name():
     params = {k: v.clone() for k, v in pop.params.items()}
     eng._ablate(params, 0, (((1, 2),),))
     assert params["embed.weight"][0, 2].abs().max() == 0
+
+
+def row_linear() -> nn.Module:
+    """A Linear on each of 3 rows of 4, flattened: unit u's columns in the head are every 8th,
+    not a block of 3."""
+    return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
+
+
+def linear_into_conv() -> nn.Module:
+    """A Linear on each of 3 rows (its units: the last dimension) read by a Conv1d whose 3
+    channels are the rows."""
+    return nn.Sequential(nn.Unflatten(1, (3, 4)), nn.Linear(4, 3), nn.ReLU(), nn.Conv1d(3, 2, 2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+class CalledTwice(nn.Module):
+    """fc reads inp's units and then its own output: its columns also read fc's units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc, self.head = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(F.relu(self.fc(F.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("make, why", [
+    (row_linear, "4 reads it in an unknown layout"),
+    (CalledTwice, "its reader fc is called more than once"),
+    (linear_into_conv, "3 reads it in an unknown layout"),
+])
+def test_no_consumer_where_its_columns_are_not_the_units(make, why):
+    """`hidden` mode zeroes a unit's columns only where they read that unit alone: not a block
+    of a Linear's flattened multi-row output (its units are strided), not a Conv's input
+    channels after a Linear (its units are the last dimension, the channels dimension 1), and
+    not in a reader called on other inputs too (their gradient regrows the columns)."""
+    ds = toy()
+    spec = inspect_model(make(), ds.train_x[:2], 3)
+    assert spec.layers[0].consumer is None and any(f"of {spec.layers[0].name} ({why})" in n for n in spec.notes)
+    plan = every_mode(spec)
+    pop, _ = ablate_and_train(make, ds, plan)
+    assert check_persistence(pop, plan) == []
+
+
+def pooled_units() -> nn.Module:
+    """AvgPool1d over a Linear's output averages neighbouring units: unit 1's zero is no
+    longer a zero at the ReLU, whose gradient then regrows it."""
+    return nn.Sequential(nn.Linear(12, 8), nn.AvgPool1d(2), nn.ReLU(), nn.Linear(4, 3))
+
+
+def test_pooling_a_linears_units_is_not_taken_for_a_channel_pooling():
+    ds = toy()
+    spec = inspect_model(pooled_units(), ds.train_x[:2], 3)
+    first = spec.layers[0]
+    assert first.consumer is None and first.verdict() == "cannot tell"
+    assert any("1 (AvgPool1d) pools the dimensions that hold its units" in n for n in spec.notes)
+    pop, _ = ablate_and_train(pooled_units, ds, [("full", 0)])
+    assert pop.params["0.weight"][0, UNIT].abs().max() > 0  # psa once said it persists
+
+
+class ViewBySize(nn.Module):
+    """The classic CNN flatten, h.view(h.size(0), -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(1, 4, 3), nn.Linear(40, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x.unsqueeze(1)))
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_reading_the_shape_is_not_a_second_use():
+    """h.size(0) reads no unit: the note names the view psa does not follow, not two uses."""
+    spec = inspect_model(ViewBySize(), toy().train_x[:2], 3)
+    assert [n.split(": ", 1)[1] for n in spec.notes if "consumer" in n] == [
+        "no unambiguous consumer of conv (it passes through call_method view); `hidden` mode zeroes only its "
+        "incoming weights"]
+
+
+class TemperatureAfterHead(nn.Module):
+    """A learned temperature computed after the logits layer: the last Linear called is 1 wide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head, self.temp = nn.Linear(12, 8), nn.Linear(8, 3), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        return self.head(h) * F.softplus(self.temp(h))
+
+
+def test_the_output_layer_is_the_logits_layer_not_the_last_called():
+    spec = inspect_model(TemperatureAfterHead(), toy().train_x[:2], 3)
+    assert spec.describe() == "a[8], temp[1], head[3]" and spec.n_out == 3 and spec.hidden == (8, 1)
+    assert spec.layers[-1].persistence == "the output layer: its logits are in the loss"
+    assert spec.layers[-1].zeroes(2, "output") == (("head.weight", (slice(2, 3),)), ("head.bias", (slice(2, 3),)))
 
 
 class InEncoder(nn.Module):

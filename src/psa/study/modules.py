@@ -143,14 +143,15 @@ def _activations(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def inspect_factory(factory: str, design: StudyDesign, data: Dataset) -> ModuleInfo:
-    """Build `factory`'s model for trial 1 of every mode of `design` and check it on `data` (a
+    """Build `factory`'s model for trials 1 and 2 of every mode of `design` and check it on `data` (a
     ConfigError line if it cannot be imported, is no nn.Module, has no Linear/Conv layer, does
     not map a batch to the data's classes, or lacks what a mode or a variant needs); what it is."""
     data = module_data(data)
     sample = dataclasses.replace(data, train_x=data.train_x[:2].cpu(), train_y=data.train_y[:2].cpu(),
                                  val_x=data.val_x[:1].cpu(), val_y=data.val_y[:1].cpu(),
                                  test_x=data.test_x[:1].cpu(), test_y=data.test_y[:1].cpu())
-    members = [design.member(m, 1) for m in design.modes]
+    # trial 2 too: a factory that builds another model for another seed is refused before anything is written
+    members = [design.member(m, k) for m in design.modes for k in range(1, min(design.trials, 2) + 1)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pop = ModulePopulation.create(make_model(factory), members, sample, "cpu", n_classes=data.n_classes,

@@ -352,10 +352,17 @@ class ModuleEngine:
                 for v in p_j.values():
                     v.grad = None
                 # what the model draws beyond psa's dropouts comes from the member's own generator
-                with member_generator(mem.seed, loop, s, dev):
-                    loss = self._loss({k: v[0] for k, v in p_j.items()}, b_j, data.train_x[idx], data.train_y[idx],
-                                      None if noise is None else noise[0], *f)
-                    loss.backward()
+                try:
+                    with member_generator(mem.seed, loop, s, dev):
+                        loss = self._loss({k: v[0] for k, v in p_j.items()}, b_j, data.train_x[idx],
+                                          data.train_y[idx], None if noise is None else noise[0], *f)
+                        loss.backward()
+                except Exception as e:  # noqa: BLE001 - the model's own failure (a BatchNorm on 1 example) is one line
+                    if is_out_of_memory(e):
+                        raise
+                    raise ConfigError(f"{self.population.factory} fails in training on a batch of {b} example"
+                                      f"{'s' if b > 1 else ''} (step {s + 1} of loop {loop}): {type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
                 loss_sum[j] += loss.detach()
                 diverged[j] |= ~torch.isfinite(loss.detach())
                 with torch.no_grad():
@@ -421,6 +428,7 @@ class ModuleEngine:
         pop = self.population
         members = pop.members[m0:m1]
         fixed = tuple(a if m.variant.fixed else () for a, m in zip(ablated[m0:m1], members))
+        fell_back = ""  # vmap's error, said once the members trained one at a time (else the model's own)
         while True:
             params, buffers, moments = self._begin(m0, m1, ablated)
             try:
@@ -432,15 +440,16 @@ class ModuleEngine:
                         self._ablate(moments.exp_avg, m0, fixed)
                         self._ablate(moments.exp_avg_sq, m0, fixed)
                 correct = self.count_correct(params, buffers, self.data.val_x, self.data.val_y)
+                if fell_back:
+                    warnings.warn(f"psa: torch.func.vmap cannot batch {pop.factory} ({fell_back}); training its "
+                                  f"members one at a time", RuntimeWarning, stacklevel=3)
                 break
             except Exception as e:  # noqa: BLE001 - only vmap's limits fall back
                 if not self.batched or is_out_of_memory(e):
                     raise
                 # vmap_check tries the model before the first loop; this catches what only some
                 # data or a later loop reaches. The slice starts over on the other path, whole.
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                warnings.warn(f"psa: torch.func.vmap cannot batch {pop.factory} ({why}); training its members one "
-                              f"at a time", RuntimeWarning, stacklevel=3)
+                why = fell_back = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 self.batched = False
                 self.batching = f"vmap cannot batch it ({why}): one member at a time"
         with torch.no_grad():

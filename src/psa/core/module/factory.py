@@ -56,7 +56,8 @@ def build(factory: MakeModel, seed: int) -> nn.Module:
         try:
             module = factory()
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"model factory {name} failed: {type(e).__name__}: {e}") from None
+            first = str(e).splitlines()[0][:200] if str(e) else ""  # one line, whatever the factory raised
+            raise ConfigError(f"model factory {name} failed: {type(e).__name__}: {first}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model factory {name} returned {type(module).__name__}, not a torch.nn.Module")
     return module

@@ -218,12 +218,18 @@ def engine_template(module: nn.Module, spec: ModelSpec, holder: Noise) -> nn.Mod
     from `holder`, its plain nn.Linear modules run the engine's arithmetic (_EngineLinear), and
     its attention computes step by step with the member's own dropout (Attention)."""
     template = copy.deepcopy(module)
+    calls: dict[str, list[tuple[int, int]]] = {}  # each module's (offset, units) per call
     off = 0
     for name, units in spec.dropouts:
-        parent_name, _, attr = name.rpartition(".")
-        parent = template.get_submodule(parent_name) if parent_name else template
-        setattr(parent, attr, MaskedDropout(holder, off, units))
+        calls.setdefault(name, []).append((off, units))
         off += units
+    named = list(template.named_modules(remove_duplicate=False))
+    for name, slices in calls.items():
+        masked, original = MaskedDropout(holder, slices), template.get_submodule(name)
+        for alias in [n for n, m in named if m is original]:  # the module under every name it has
+            parent_name, _, attr = alias.rpartition(".")
+            parent = template.get_submodule(parent_name) if parent_name else template
+            setattr(parent, attr, masked)
     for m in template.modules():
         # same parameters and state; only the forward differs
         if type(m) is nn.Linear:

@@ -40,26 +40,45 @@ SITE_C = 0x9E3779B9  # odd: spreads the call index over the key's bits
 
 class Noise:
     """The dropout multipliers of the current step, shared by every MaskedDropout of a model:
-    (batch, units) for one member (vmap gives each its own), or None for no dropout."""
+    (batch, units) for one member (vmap gives each its own), or None for no dropout. Setting
+    them starts a forward: it counts the calls of each MaskedDropout anew."""
 
     def __init__(self) -> None:
-        self.noise: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        self._calls: dict[int, int] = {}
+
+    @property
+    def noise(self) -> torch.Tensor | None:
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: torch.Tensor | None) -> None:
+        self._noise, self._calls = value, {}
+
+    def call(self, module: nn.Module) -> int:
+        """How many times `module` was called before in this forward."""
+        k = self._calls.get(id(module), 0)
+        self._calls[id(module)] = k + 1
+        return k
 
 
 class MaskedDropout(nn.Module):
-    """nn.Dropout with given multipliers: units [offset, offset + units) of the step's noise,
-    shaped as this module's input. Identity in eval() or when the step draws no noise."""
+    """nn.Dropout with given multipliers: its k-th call in a forward multiplies by units
+    [offset, offset + units) of the step's noise, calls[k], shaped as that call's input (one
+    nn.Dropout module reused at several places is a dropout site at each). Identity in eval()
+    or when the step draws no noise."""
 
-    def __init__(self, holder: Noise, offset: int, units: int) -> None:
+    def __init__(self, holder: Noise, calls: list[tuple[int, int]]) -> None:
         super().__init__()
-        self.holder, self.offset, self.units = holder, offset, units
+        self.holder, self.calls = holder, calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x times its slice of the noise (training with noise), else x."""
         noise = self.holder.noise
         if not self.training or noise is None:
             return x
-        return x * noise[:, self.offset : self.offset + self.units].reshape(x.shape)
+        offset, units = self.calls[self.holder.call(self) % len(self.calls)]
+        return x * noise[:, offset : offset + units].reshape(x.shape)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

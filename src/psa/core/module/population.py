@@ -20,6 +20,24 @@ from psa.core.optim import step_dtype
 TensorDict = dict[str, torch.Tensor]
 
 
+def _check_same_model(models: dict[int, nn.Module], name: str) -> None:
+    """ConfigError unless every seed's module has the first's parameters and buffers (names,
+    shapes, dtypes): the members are stacked, so a factory must build one architecture."""
+    def layout(m: nn.Module) -> dict[str, str]:
+        return {k: f"{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                for k, v in (*m.named_parameters(), *m.named_buffers())}
+
+    (s0, m0), *rest = models.items()
+    want = layout(m0)
+    for s, m in rest:
+        got = layout(m)
+        if got != want:
+            k = next(k for k in (*want, *got) if want.get(k) != got.get(k))
+            raise ConfigError(f"{name} builds another model for seed {s} than for seed {s0} ({k}: "
+                              f"{got.get(k, 'missing')}, not {want.get(k, 'missing')}); the factory must build the "
+                              f"same architecture every call")
+
+
 @dataclass
 class ModulePopulation:
     """The persistent state of M trials of one model factory: LKG parameters and buffers
@@ -67,6 +85,7 @@ class ModulePopulation:
         name = factory or factory_name(make_model)
         models = {s: build(make_model, s) for s in sorted({mem.seed for mem in members})}
         first = next(iter(models.values()))
+        _check_same_model(models, name)
         spec = inspect_model(first, data.train_x[:2].cpu(), n_classes, name)
         for mem in members:
             check_member(spec, mem, name)

@@ -33,14 +33,18 @@ PER_UNIT_NORMS = (*NORM_TYPES, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.Instance
 MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 # modules whose weights psa never ablates, said in a note
 NEVER_UNITS = (nn.RNNBase, nn.RNNCellBase, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvTransposeNd)
+# pooling: over a Conv's spatial dimensions it keeps each channel apart; over a Linear's output
+# it pools the last dimensions, which hold the Linear's units, and mixes them
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 # modules that map each unit (feature or channel) to itself: a chain through them keeps the unit
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish,
-                nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+                nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, *POOL_MODULES)
 PASS_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh, torch.sigmoid,
-                  F.mish, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
-                  F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+                  F.mish, F.dropout, *POOL_FUNCTIONS}
 PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 # of those, the ones whose derivative at 0 is 0 (torch's backward: grad * (x > 0)) ...
 BLOCK_MODULES = (nn.ReLU, nn.ReLU6)
@@ -255,10 +259,14 @@ class Graph:
         mods, norm, flattened, cur, first = self.mods, None, False, node, True
         linear = isinstance(src, nn.Linear)
         while True:
-            users = list(cur.users)
+            # x.size(0) in x.view(x.size(0), -1) reads the shape, not the units: not a second use
+            users = [u for u in cur.users if (u.op, u.target) not in NO_GRADIENT]
             if len(users) != 1:
                 return None, norm, f"its output is used {len(users)} times" if users else "its output is unused", None
             u = users[0]
+            if u.op == "call_module" and isinstance(mods[str(u.target)], (*UNIT_TYPES, nn.MultiheadAttention)) and len(
+                    self._nodes(str(u.target))) > 1:  # its columns also read its other calls' inputs, which regrow them
+                return None, norm, f"its reader {u.target} is called more than once", None
             if u.op == "call_module" and isinstance(mods[str(u.target)], nn.MultiheadAttention):
                 m = mods[str(u.target)]
                 if (u.args[:3] == (cur, cur, cur) and all(v is not cur for v in u.kwargs.values()) and linear
@@ -275,6 +283,8 @@ class Graph:
                 p = self.canonical.get(id(self._attr(str(w.target)))) if is_param else None  # type: ignore[union-attr]
                 if p is None:
                     return None, norm, "F.linear reads it with a weight that is no parameter", None
+                if len(self.uses.get(p, ())) > 1 and not self._shared(p):
+                    return None, norm, f"its reader F.linear(·, {p}) is called more than once", None
                 if self._shared(p):
                     others = ", ".join(x for x in dict.fromkeys(self.uses[p]) if x != "F.linear")
                     why = f"its reader F.linear(·, {p}) shares that weight with {others} (tied weights)"
@@ -290,11 +300,14 @@ class Graph:
                 if isinstance(m, nn.Linear):
                     if linear and not flattened and m.in_features == units:
                         return Consumer(str(u.target), 1), norm, "", u
-                    if flattened and m.in_features % units == 0:
+                    # a channel flattens to a block of columns; a Linear's unit is its last dimension,
+                    # which flattens to every `units`-th column (a block only where it is all there is)
+                    if flattened and m.in_features % units == 0 and (not linear or m.in_features == units):
                         return Consumer(str(u.target), m.in_features // units), norm, "", u
                     return None, norm, f"{u.target} reads it in an unknown layout", None
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                    if not flattened and m.in_channels == units and m.groups == 1:
+                    # a Conv's channels are dimension 1, a Linear's units the last: only a Conv's are those
+                    if not linear and not flattened and m.in_channels == units and m.groups == 1:
                         return Consumer(str(u.target), 1), norm, "", u
                     return None, norm, f"{u.target} reads it in an unknown layout", None
                 if self._unit_norm(m, src, units):
@@ -303,6 +316,8 @@ class Graph:
                         cur, first = u, False
                         continue
                     return None, norm, f"{u.target} normalises it after other operations", None
+                if linear and isinstance(m, POOL_MODULES):
+                    return None, norm, f"{u.target} ({type(m).__name__}) pools the dimensions that hold its units", None
                 if isinstance(m, PASS_MODULES) or type(m).__name__ == "MaskedDropout":
                     cur, first = u, False
                     continue
@@ -310,6 +325,8 @@ class Graph:
                     flattened, cur, first = True, u, False
                     continue
                 return None, norm, f"it passes through {type(m).__name__}", None
+            if u.op == "call_function" and linear and u.target in POOL_FUNCTIONS:
+                return None, norm, f"{u.target.__name__} pools the dimensions that hold its units", None  # type: ignore[union-attr]
             if u.op == "call_function" and u.target in PASS_FUNCTIONS:
                 cur, first = u, False
                 continue
@@ -350,6 +367,7 @@ class Graph:
         # (node, whether the unit's entries there are still exactly 0: True, or None for unknown)
         stack: list[tuple[fx.Node, bool | None]] = [(n, True) for n in starts]
         seen: set[tuple[fx.Node, bool | None]] = set()
+        linear = any(n.op == "call_module" and isinstance(self.mods[str(n.target)], nn.Linear) for n in starts)
         while stack:
             cur, zero = stack.pop()
             if (cur, zero) in seen:
@@ -363,6 +381,8 @@ class Graph:
                     reaches.append("the logits")
                     continue
                 kind = "reader" if u is reader else self._kind(u, cur, norm)
+                if kind == "pass" and linear and _pools(u, self.mods):
+                    kind = "reduce"  # a Linear's units pooled together: the unit's 0 need not stay 0
                 if kind in ("block", "reader") and zero:
                     blockers.append(what)
                 elif kind in ("block", "reader"):
@@ -420,8 +440,8 @@ class Graph:
         if u.op == "call_function":
             if u.target in (operator.add, operator.sub, torch.add, torch.sub, operator.iadd):
                 return "pass" if all(a is cur for a in tensors) else "sum"
-            if u.target in (operator.mul, torch.mul, operator.truediv, torch.div) and tensors == [cur]:
-                return "pass"  # scaled by a constant: 0 stays 0, the gradient passes
+            if _scales(u, cur, u.target in (operator.mul, torch.mul), u.target in (operator.truediv, torch.div)):
+                return "pass"
             if u.target in LAYOUT_FUNCTIONS:
                 return "layout"
             if not as_input:
@@ -438,7 +458,7 @@ class Graph:
         if u.op == "call_method":
             if u.target in ("add", "sub", "add_", "sub_"):
                 return "pass" if all(a is cur for a in tensors) else "sum"
-            if u.target in ("mul", "div") and tensors == [cur]:
+            if _scales(u, cur, u.target == "mul", u.target == "div"):
                 return "pass"
             if not as_input:
                 return "reads"
@@ -452,6 +472,22 @@ class Graph:
                 return "reduce"
             return "unknown"
         return "unknown"
+
+
+def _scales(u: fx.Node, cur: fx.Node, mul: bool, div: bool) -> bool:
+    """Whether `u` (a product if `mul`, a quotient if `div`) scales `cur` elementwise, by a
+    constant or another tensor (a buffer, a gate): cur's 0 stays 0, and its gradient (the
+    incoming one times the factor) passes on. Not a division by `cur`."""
+    if mul:
+        return any(a is cur for a in u.args[:2])
+    return div and bool(u.args) and u.args[0] is cur and not any(a is cur for a in u.args[1:])
+
+
+def _pools(u: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    """Whether `u` is a pooling (module or function)."""
+    if u.op == "call_module":
+        return isinstance(mods[str(u.target)], POOL_MODULES)
+    return u.op == "call_function" and u.target in POOL_FUNCTIONS
 
 
 def _per_unit_groups(m: nn.Module) -> bool:

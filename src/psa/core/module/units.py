@@ -113,8 +113,9 @@ class UnitLayer:
 @dataclass(frozen=True)
 class ModelSpec:
     """What psa found in a model: its unit layers (call order), its nn.Dropout modules with the
-    units each drops per example (call order), its other dropout sites (functional and attention
-    dropout, psa.core.module.noise), its tied parameters, and notes to print once."""
+    units each drops per example (call order; a module called k times has k entries), its other
+    dropout sites (functional and attention dropout, psa.core.module.noise), its tied
+    parameters, and notes to print once."""
 
     layers: tuple[UnitLayer, ...]
     dropouts: tuple[tuple[str, int], ...]
@@ -186,13 +187,13 @@ def _unit_word(layer: UnitLayer) -> str:
     return "channels" if layer.kind.startswith("Conv") else "units"
 
 
-def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, int], torch.Tensor]:
+def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, list[int]], torch.Tensor]:
     """Run `module` (eval) on `x`: its unit layers (Linear, Conv, attention) in the order first
-    called (a module's hook runs when it returns), the per-example output size of every
-    nn.Dropout, and the output."""
+    called (a module's hook runs when it returns), the per-example output size of every call of
+    every nn.Dropout, and the output."""
     names = {id(m): n for n, m in module.named_modules()}
     order: list[str] = []
-    drop: dict[str, int] = {}
+    drop: dict[str, list[int]] = {}
     kinds = (*UNIT_TYPES, nn.MultiheadAttention)
 
     def hook(m: nn.Module, inp: Any, out: Any) -> None:
@@ -200,7 +201,7 @@ def _call_order(module: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str
         if isinstance(m, kinds) and n not in order:
             order.append(n)
         if type(m) is nn.Dropout and torch.is_tensor(out):
-            drop.setdefault(n, out[0].numel())
+            drop.setdefault(n, []).append(out[0].numel())
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (*kinds, nn.Dropout))]
     was = module.training
@@ -259,9 +260,14 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
     if torch.is_tensor(out) and out.dim() == 2 and n_classes is None:
         n_classes = out.shape[1]  # the model's own width: the labels are checked against it
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape != (sample_x.shape[0], n_classes):
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ConfigError(f"{name} maps a batch of {sample_x.shape[0]} to {shape}; the data has {n_classes} "
-                          f"classes, so it must give ({sample_x.shape[0]}, {n_classes}) logits")
+        n = sample_x.shape[0]
+        if not torch.is_tensor(out):  # a tuple or dict of outputs: psa does not guess which are the logits
+            raise ConfigError(f"{name} maps a batch of {n} to a {type(out).__name__}; it must return one tensor "
+                              f"of ({n}, {n_classes or 'classes'}) logits")
+        # n_classes None here: not 2-d, so the model's own width is unknown
+        need = f"the data has {n_classes} classes, so it" if n_classes is not None else "it"
+        raise ConfigError(f"{name} maps a batch of {n} to {tuple(out.shape)}; {need} must give "
+                          f"({n}, {n_classes or 'classes'}) logits")
     if not order:
         raise ConfigError(f"{name}'s forward calls no nn.Linear or nn.Conv layer: PSA has no unit to ablate")
     graph, untraced = trace(module)
@@ -274,25 +280,33 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
               and n not in order and n not in heads_out]
     if unused:
         notes.append(f"{name}: {', '.join(unused)} never run in forward and are not ablated")
+    # every parameter is stacked and trained with AdamW (torch.func takes no requires_grad):
+    # a frozen layer trains like the rest, which its author would not expect unsaid
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        notes.append(f"{name}: psa trains every parameter, requires_grad=False ones too: {', '.join(frozen[:6])}"
+                     f"{f' and {len(frozen) - 6} more' if len(frozen) > 6 else ''} will be trained")
     if untraced:
         notes.append(f"{name}: {untraced}; `hidden` mode zeroes only the incoming weights of a unit, and psa cannot "
                      f"tell whether an ablation persists")
-    layers, ambiguous = _unit_layers(module, order, g)
+    layers, ambiguous = _unit_layers(module, order, g, int(out.shape[1]))
     notes += [f"{name}: no unambiguous consumer of {n} ({why}); `hidden` mode zeroes only its incoming weights"
               for n, why in ambiguous]
     tied = g.tied() if g is not None else {}
     persistence = persistence_notes(name, layers, traced=g is not None)
     notes += _unit_notes(name, module, layers, tied) + persistence
-    dropouts = tuple((n, drop[n]) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop)
+    dropouts = tuple((n, u) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop
+                     for u in drop[n])
     return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]),
                      tuple((p, tuple(r)) for p, r in tied.items()), tuple(persistence))
 
 
-def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
+def _unit_layers(module: nn.Module, order: list[str], g: Graph | None, classes: int
                  ) -> tuple[list[UnitLayer], list[tuple[str, str]]]:
     """The unit layers of `module`: the ones it calls in `order` (Linear, Conv, attention), then
-    a functional logits layer the graph `g` shows; and (layer, why) for each hidden layer of a
-    traced model that has no unambiguous consumer."""
+    a functional logits layer the graph `g` shows, the output layer last (`classes` wide: the
+    logits' width); and (layer, why) for each hidden layer of a traced model that has no
+    unambiguous consumer."""
     mods = dict(module.named_modules())
     params = dict(module.named_parameters())
     canonical = {id(p): n for n, p in module.named_parameters()}  # a shared parameter's first name
@@ -304,15 +318,23 @@ def _unit_layers(module: nn.Module, order: list[str], g: Graph | None
     functional = g.functional_output() if g is not None else None
     if functional is not None:
         found.append((functional[0], None, *functional))
+
+    def units_of(n: str, m: nn.Module | None) -> int:
+        if isinstance(m, nn.MultiheadAttention):
+            return m.num_heads
+        if m is not None:
+            return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        return params[n].shape[0]  # a functional output layer: its weight's rows
+
+    # a layer called after the logits layer (a learned temperature or gate) is not the output
+    # layer: the last one as wide as the logits is
+    wide = [i for i, (n, m, _, _) in enumerate(found) if units_of(n, m) == classes]
+    if found and units_of(*found[-1][:2]) != classes and wide:
+        found.append(found.pop(wide[-1]))
     layers, ambiguous = [], []
     for i, (n, m, weight, bias) in enumerate(found):
         output = i == len(found) - 1
-        if isinstance(m, nn.MultiheadAttention):
-            units = m.num_heads
-        elif m is not None:
-            units = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        else:  # a functional output layer: its weight's rows
-            units = params[n].shape[0]
+        units = units_of(n, m)
         if g is not None:
             own = _incoming(m, weight, bias, None, canonical)
             w = g.wiring(n, units, output, tuple(c.param for c in own))
