@@ -24,7 +24,7 @@ from psa.core.errors import ConfigError
 from psa.core.module.units import Consumer, inspect_model
 from psa.core.module.engine import ModuleEngine
 from psa.core.module.population import ModulePopulation
-from psa.core.module.factory import resolve_factory
+from psa.core.module.factory import build, resolve_factory
 from psa.core.hparams import HParams
 from psa.core.member import MODES
 from psa.core.mlp.population import Population
@@ -46,6 +46,13 @@ def small_cnn() -> nn.Module:
     """Two conv layers and one Linear head (a Dropout before it, for dropout mode)."""
     return nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Conv2d(4, 6, 5, stride=2), nn.ReLU(),
                          nn.Flatten(), nn.Dropout(), nn.Linear(6 * 4 * 4, 10))
+
+
+def frozen_cnn() -> nn.Module:
+    """small_cnn with its first convolution frozen (requires_grad=False), as for a pretrained stem."""
+    m = small_cnn()
+    m[0].requires_grad_(False)
+    return m
 
 
 CNN_UNITS = Units((("0", 4), ("2", 6), ("6", 10)), consumers={"0": ("2", 1), "2": ("6", 16)})
@@ -174,8 +181,9 @@ def reference_bound(make) -> Bound:
 
 
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("make,units", [(small_cnn, CNN_UNITS), pytest.param(bn_mlp, BN_UNITS, marks=pytest.mark.numeric)],
-                         ids=["cnn", "bn_mlp"])  # numeric: the largest rounding of the module tests
+@pytest.mark.parametrize("make,units", [(small_cnn, CNN_UNITS), (frozen_cnn, CNN_UNITS),
+                                        pytest.param(bn_mlp, BN_UNITS, marks=pytest.mark.numeric)],
+                         ids=["cnn", "frozen_cnn", "bn_mlp"])  # numeric: the largest rounding of the module tests
 def test_model_matches_the_reference_loop_every_mode(mnist, make, units, batched):
     # noise: no input is constant. A constant pixel's weights in front of a BatchNorm get a
     # gradient that is exactly 0 in theory, rounding noise in practice, which AdamW turns into
@@ -389,18 +397,29 @@ def frozen_first() -> nn.Module:
     return m
 
 
-def test_frozen_parameters_are_trained_and_a_note_says_so():
-    """psa trains every parameter: a layer frozen with requires_grad=False is not left alone
-    silently."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_frozen_parameters_stay_as_built_and_a_note_says_so(batched):
+    """A layer built with requires_grad=False is not trained, as torch's optimizers leave it (no
+    step, no weight decay); an ablation's zeros in it stay."""
     ds = toy()
+    members = [HP.member(m, s) for s in (1, 2) for m in ("none", "decay", "hidden")]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        pop, _, _ = run(frozen_first, ds, HP, 1, [HP.member("none", 1)])
+        pop, _, results = run(frozen_first, ds, HP, 3, members, batched=batched)
     notes = [str(x.message) for x in w if "requires_grad=False" in str(x.message)]
-    assert notes == ["psa: tests.test_module:frozen_first: psa trains every parameter, requires_grad=False ones "
-                     "too: 0.weight, 0.bias will be trained"]
-    torch.manual_seed(1)
-    assert not torch.equal(pop.params["0.weight"][0], frozen_first()[0].weight)
+    assert notes == ["psa: tests.test_module:frozen_first: 0.weight, 0.bias (requires_grad=False) are not trained: "
+                     "what an ablation zeroes there stays 0, whatever the persistence verdict of its layer"]
+    assert any(r.promoted[j] for r in results for j in range(len(members)))
+    for j, mem in enumerate(pop.members):
+        built = build(frozen_first, mem.seed)[0]
+        got_w, got_b = pop.params["0.weight"][j], pop.params["0.bias"][j]
+        dead = {a[1] for r in results if r.promoted[j] for a in r.ablations[j] if a[0] == 0}
+        keep = [u for u in range(8) if u not in dead]
+        assert torch.equal(got_w[keep], built.weight[keep]) and torch.equal(got_b[keep], built.bias[keep]), mem.mode
+        assert not got_w[sorted(dead)].any() and not got_b[sorted(dead)].any()
+        # the rest trains: the head is no longer what the factory built, where a candidate was kept
+        if any(r.promoted[j] for r in results):
+            assert not torch.equal(pop.params["2.weight"][j], build(frozen_first, mem.seed)[2].weight)
 
 
 def test_a_module_vmap_cannot_batch_falls_back_once_with_a_reason():

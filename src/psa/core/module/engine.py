@@ -433,7 +433,11 @@ class ModuleEngine:
             params, buffers, moments = self._begin(m0, m1, ablated)
             try:
                 train = self._train_batched if self.batched else self._train_single
-                loss, diverged = train(params, buffers, members, loop, moments)
+                # a parameter built with requires_grad=False reaches the model as a constant, as
+                # torch's own optimizers leave it: no gradient, no step, no decay
+                trained = {k: v for k, v in params.items() if k not in pop.frozen}
+                constants = {**buffers, **{k: v for k, v in params.items() if k in pop.frozen}}
+                loss, diverged = train(trained, constants, members, loop, moments)
                 if any(fixed):  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
                     self._ablate(params, m0, fixed)
                     if moments is not None:

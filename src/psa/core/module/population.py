@@ -68,6 +68,7 @@ class ModulePopulation:
     opt_step: torch.Tensor | None = None
     mode_history: list[list[tuple[str, int]]] = field(default_factory=list)  # (mode, from loop) per member
     factory: str = ""  # the factory's name as module:function (what checkpoints and studies record)
+    frozen: frozenset[str] = frozenset()  # parameters built with requires_grad=False: never trained
 
     @classmethod
     def create(cls, make_model: MakeModel, members: list[Member] | tuple[Member, ...], data: Dataset,
@@ -101,7 +102,8 @@ class ModulePopulation:
         pop = cls(make_model, spec, members, dev, params, buffers, tuple(first.state_dict().keys()),
                   torch.full((len(members),), -1, dtype=torch.int64, device=dev), data.val_y.numel(),
                   [0] * len(members), template=first,
-                  mode_history=[[(m.variant.start_mode(m.mode), 1)] for m in members], factory=name)
+                  mode_history=[[(m.variant.start_mode(m.mode), 1)] for m in members], factory=name,
+                  frozen=frozenset(k for k, v in first.named_parameters() if not v.requires_grad))
         pop.init_variant_state()
         return pop
 

@@ -280,12 +280,13 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
               and n not in order and n not in heads_out]
     if unused:
         notes.append(f"{name}: {', '.join(unused)} never run in forward and are not ablated")
-    # every parameter is stacked and trained with AdamW (torch.func takes no requires_grad):
-    # a frozen layer trains like the rest, which its author would not expect unsaid
+    # psa leaves a frozen parameter untrained (psa.core.module.engine), which the verdicts below,
+    # found from the graph alone, do not know
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
     if frozen:
-        notes.append(f"{name}: psa trains every parameter, requires_grad=False ones too: {', '.join(frozen[:6])}"
-                     f"{f' and {len(frozen) - 6} more' if len(frozen) > 6 else ''} will be trained")
+        notes.append(f"{name}: {', '.join(frozen[:6])}{f' and {len(frozen) - 6} more' if len(frozen) > 6 else ''} "
+                     f"(requires_grad=False) are not trained: what an ablation zeroes there stays 0, whatever the "
+                     f"persistence verdict of its layer")
     if untraced:
         notes.append(f"{name}: {untraced}; `hidden` mode zeroes only the incoming weights of a unit, and psa cannot "
                      f"tell whether an ablation persists")
