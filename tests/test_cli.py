@@ -150,3 +150,21 @@ def test_arch_command():
     rc, text, _ = run_main(["arch", "[2*128, 4*64]"])
     assert rc == 0
     assert "hidden 6" in text and f"{parse_arch('[2*128, 4*64]').params:,}" in text
+
+
+def test_ctrl_c_in_the_first_loop_leaves_out_reusable(tmp_path, monkeypatch):
+    """Ctrl-C before the first loop's checkpoint leaves --out empty: the same command runs again
+    (not "--out exists and is not an empty directory" over a run with nothing to resume)."""
+    from psa.study import train as train_mod
+
+    argv = ["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", str(tmp_path / "r")]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.PopulationRun, "collect", interrupted)
+        rc, _, err = run_main(argv)
+    assert rc == 130 and err.strip().endswith("psa: interrupted")
+    assert list((tmp_path / "r").iterdir()) == []
+    assert run_json(argv)["loop"] == 1

@@ -393,8 +393,11 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
         atomic_write(run_dir / SUMMARY, json.dumps({**w, "run_dir": str(run_dir)}, indent=1))
         return s
 
-    # the file holds exactly the records so far (a resumed run's may hold loops past its checkpoint)
-    atomic_write(run_dir / RECORDS, "".join(json.dumps(r) + "\n" for r in trial.records))
+    # the file holds exactly the records so far (a resumed run's may hold loops past its checkpoint);
+    # a fresh run's starts with its first loop, so that one stopped before it (Ctrl-C) leaves its
+    # --out empty and the same command runs again
+    if cfg.resume:
+        atomic_write(run_dir / RECORDS, "".join(json.dumps(r) + "\n" for r in trial.records))
 
     if not cfg.quiet:
         _print_header(trial, pop, ex, data)
