@@ -168,3 +168,14 @@ def test_ctrl_c_in_the_first_loop_leaves_out_reusable(tmp_path, monkeypatch):
     assert rc == 130 and err.strip().endswith("psa: interrupted")
     assert list((tmp_path / "r").iterdir()) == []
     assert run_json(argv)["loop"] == 1
+
+
+def test_resume_with_out_elsewhere_is_refused(tmp_path):
+    """--resume continues in the run's own directory: an --out elsewhere is refused, not ignored."""
+    out = str(tmp_path / "r")
+    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", out])
+    before = (tmp_path / "r" / "lkg.safetensors").read_bytes()
+    rc, _, err = run_main(["train", "--resume", out, "--out", str(tmp_path / "fork"), "--meta-loops", "1"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "continues in its own directory" in err
+    assert (tmp_path / "r" / "lkg.safetensors").read_bytes() == before and not (tmp_path / "fork").exists()
+    assert run_json(["train", "--resume", out, "--out", out, "--meta-loops", "1"])["loop"] == 2  # the same: fine

@@ -131,6 +131,10 @@ def fresh_trial(cfg: TrialConfig) -> Trial:
 def resumed_trial(cfg: TrialConfig) -> Trial:
     """The trial in `cfg.resume`, checked against what `cfg` asks of it."""
     run_dir = Path(cfg.resume or "")
+    if cfg.out is not None and Path(cfg.out).resolve() != run_dir.resolve():
+        # the run continues in its own directory: an --out elsewhere would be silently ignored
+        raise ConfigError(f"--out {cfg.out}: a resumed run continues in its own directory {run_dir}; "
+                          f"give --resume alone (copy the run directory first to fork it)")
     state, meta = load_member(run_dir / CHECKPOINT)
     try:
         arch = parse_arch(meta["arch"])
