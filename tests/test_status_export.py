@@ -105,3 +105,14 @@ def test_status_and_export_of_a_database_without_psa_tables(tmp_path: Path) -> N
         rc, out, err = run_main(["export", "--db", db, "--out", "exp"], tmp_path)
         assert rc == 2 and "holds no study yet" in one_line_error(err)
         assert not (tmp_path / "exp").exists()
+
+
+def test_export_out_an_existing_file(tmp_path: Path) -> None:
+    """--out naming a file: says so (not mkdir's bare "File exists"), and the file is kept."""
+    from .report_helpers import make_db
+
+    make_db(tmp_path / "s.sqlite", ["1*8"], trials=2, loops=2)
+    (tmp_path / "afile").write_text("keep me")
+    rc, out, err = run_main(["export", "--db", "s.sqlite", "--out", "afile", "--format", "csv"], tmp_path)
+    assert rc == 2 and "--out afile exists and is not a directory" in one_line_error(err)
+    assert (tmp_path / "afile").read_text() == "keep me"
