@@ -142,6 +142,20 @@ def test_subprocess_bad_arch_has_no_traceback(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
+    """`psa arch --json | head -1`: the closed pipe ends psa quietly (exit 1), no BrokenPipeError."""
+    import subprocess
+
+    from .conftest import env, psa_cmd
+
+    p = subprocess.Popen(psa_cmd("arch", "[1*8]", "--json"), cwd=tmp_path, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before psa writes a byte
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait() == 1 and err == ""
+
+
 def test_arch_command():
     rc, text, _ = run_main(["arch", "[1*2048]", "--json", "--match", "2"])
     assert rc == 0
