@@ -80,6 +80,7 @@ BAD_ARGS = [
     ["train", "--arch", "[1*8]", "--meta-loops", "0"],
     ["train", "--arch", "[1*8]", "--meta-loops", "-3"],
     ["train", "--arch", "[1*8]", "--batch-size", "0"],
+    ["train", "--arch", "[1*8]", "--batch-size", "1000000000000"],  # refused before runs/ is made
     ["train", "--arch", "[1*8]", "--lr", "-1"],
     ["train", "--arch", "[1*8]", "--lr", "fast"],
     ["train", "--arch", "[1*8]", "--dropout", "1.5"],
@@ -113,6 +114,7 @@ def test_bad_paths_and_files(tmp_path):
         (["--arch", "[1*8]", "--out", str(nonempty)], "not an empty directory"),
         (["--arch", "[1*8]", "--out", str(afile / "run")], "not a directory"),
         (["--arch", "[1*8]", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+        (["--arch", "[1*8]", "--data-dir", str(afile)], "is a file, not a directory"),
         (["--arch", "[1*8]", "--data-dir", str(tmp_path)], "lacks"),
         (["--resume", str(tmp_path / "nothing-here")], "no checkpoint"),
         (["--resume", str(corrupt)], "not a readable safetensors"),

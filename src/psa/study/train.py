@@ -379,12 +379,12 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     ex = resolve_execution(cfg.device, cfg.precision or trial.precision or "auto", cfg.kernels, cfg.graphs)
     data = trial_data(trial, cfg, ex.device)
     pop = build_population(trial, member, data, ex.device)
+    engine = Engine(pop, data, trial.hparams, ex)  # refuses a member that does not fit before --out is made
     if trial.run_dir is None:
         label = trial.arch.short if trial.model == DEFAULT_MODEL else f"{trial.model}-{trial.arch.short}"
         trial.run_dir = prepare_out(cfg.out, label, trial.mode, trial.seed)
     run_dir = trial.run_dir
-    run = PopulationRun(str(run_dir), Engine(pop, data, trial.hparams, ex), trial.hparams.meta_loops,
-                        where=str(ex.device))
+    run = PopulationRun(str(run_dir), engine, trial.hparams.meta_loops, where=str(ex.device))
 
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
         s = summary(trial, pop, pop.members[0], ex, data, final, test_acc,
