@@ -80,6 +80,7 @@ BAD_ARGS = [
     ["train", "--arch", "[1*8]", "--meta-loops", "0"],
     ["train", "--arch", "[1*8]", "--meta-loops", "-3"],
     ["train", "--arch", "[1*8]", "--batch-size", "0"],
+    ["train", "--arch", "[1*8]", "--batch-size", "1000000000000"],  # refused before runs/ is made
     ["train", "--arch", "[1*8]", "--lr", "-1"],
     ["train", "--arch", "[1*8]", "--lr", "fast"],
     ["train", "--arch", "[1*8]", "--dropout", "1.5"],
@@ -113,6 +114,7 @@ def test_bad_paths_and_files(tmp_path):
         (["--arch", "[1*8]", "--out", str(nonempty)], "not an empty directory"),
         (["--arch", "[1*8]", "--out", str(afile / "run")], "not a directory"),
         (["--arch", "[1*8]", "--data-dir", str(tmp_path / "nowhere")], "does not exist"),
+        (["--arch", "[1*8]", "--data-dir", str(afile)], "is a file, not a directory"),
         (["--arch", "[1*8]", "--data-dir", str(tmp_path)], "lacks"),
         (["--resume", str(tmp_path / "nothing-here")], "no checkpoint"),
         (["--resume", str(corrupt)], "not a readable safetensors"),
@@ -142,6 +144,20 @@ def test_subprocess_bad_arch_has_no_traceback(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
+    """`psa arch --json | head -1`: the closed pipe ends psa quietly (exit 1), no BrokenPipeError."""
+    import subprocess
+
+    from .conftest import env, psa_cmd
+
+    p = subprocess.Popen(psa_cmd("arch", "[1*8]", "--json"), cwd=tmp_path, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before psa writes a byte
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait() == 1 and err == ""
+
+
 def test_arch_command():
     rc, text, _ = run_main(["arch", "[1*2048]", "--json", "--match", "2"])
     assert rc == 0
@@ -150,3 +166,32 @@ def test_arch_command():
     rc, text, _ = run_main(["arch", "[2*128, 4*64]"])
     assert rc == 0
     assert "hidden 6" in text and f"{parse_arch('[2*128, 4*64]').params:,}" in text
+
+
+def test_ctrl_c_in_the_first_loop_leaves_out_reusable(tmp_path, monkeypatch):
+    """Ctrl-C before the first loop's checkpoint leaves --out empty: the same command runs again
+    (not "--out exists and is not an empty directory" over a run with nothing to resume)."""
+    from psa.study import train as train_mod
+
+    argv = ["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", str(tmp_path / "r")]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod.PopulationRun, "collect", interrupted)
+        rc, _, err = run_main(argv)
+    assert rc == 130 and err.strip().endswith("psa: interrupted")
+    assert list((tmp_path / "r").iterdir()) == []
+    assert run_json(argv)["loop"] == 1
+
+
+def test_resume_with_out_elsewhere_is_refused(tmp_path):
+    """--resume continues in the run's own directory: an --out elsewhere is refused, not ignored."""
+    out = str(tmp_path / "r")
+    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", out])
+    before = (tmp_path / "r" / "lkg.safetensors").read_bytes()
+    rc, _, err = run_main(["train", "--resume", out, "--out", str(tmp_path / "fork"), "--meta-loops", "1"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "continues in its own directory" in err
+    assert (tmp_path / "r" / "lkg.safetensors").read_bytes() == before and not (tmp_path / "fork").exists()
+    assert run_json(["train", "--resume", out, "--out", out, "--meta-loops", "1"])["loop"] == 2  # the same: fine

@@ -52,6 +52,26 @@ def test_compare_against_seed_uses_summary_welch():
     assert c.p == pytest.approx(want)
 
 
+def test_a_cell_without_a_p_is_untested_not_consistent():
+    """Welch's t needs 2 trials a side: one trial of ours far from the reference is untested,
+    not counted as consistent."""
+    ref = trials_of("A", {"full": [97.0, 97.1] * 5})
+    (c,) = compare_cells(trials_of("A", {"full": [60.0]}), "published", CompareConfig(), ref)
+    assert c.test == "Welch t" and math.isnan(c.p)
+    assert not c.tested and not c.consistent(0.01)
+
+
+def test_compare_one_trial_study_says_untested(tmp_path):
+    from .report_helpers import make_db
+
+    path = tmp_path / "one.sqlite"
+    make_db(path, ["1*32"], modes=["none", "full"], trials=1, loops=3)
+    rc, stdout, err = run(["compare", "--db", str(path), "--out", str(tmp_path / "c"), "--zero-r", "11.02"])
+    assert rc == 0, err
+    assert "consistent at alpha = 0.01: 0/2 (0.0%)" in stdout and "untested: 2 (fewer than 2 trials" in stdout
+    assert "untested" in (tmp_path / "c" / "tables" / "compare_cells.md").read_text()
+
+
 # ---- end to end --------------------------------------------------------------------------
 
 def test_compare_database_against_published(full_db, tmp_path):

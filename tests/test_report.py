@@ -362,6 +362,20 @@ def test_unusable_files_are_one_line_exit_2(tmp_path):
     assert not list(tmp_path.glob(".mine.*"))
 
 
+def test_out_the_current_directory_is_one_line_exit_2(tmp_path, monkeypatch):
+    """--out . (or "", or a directory above it) cannot be swapped for a report: one line, not a
+    traceback from the temporary sibling it has no name for, and nothing written."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for argv in (["report", "--reference", "published", "--out", "."], ["compare", "--published", "--out", ""],
+                 ["report", "--reference", "published", "--out", "sub/../.."]):
+        rc, stdout, err = run(argv)
+        assert rc == 2 and stdout == "" and err.count("\n") == 1, err
+        assert err.startswith("psa: error: --out") and "current directory" in err
+    assert list(here.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["here"]
+
+
 def test_rules_paper_draws_the_printed_equations(full_db, tmp_path):
     path, _ = full_db
     out = tmp_path / "r"

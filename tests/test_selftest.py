@@ -152,3 +152,6 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_checks(tmp_pat
     assert rc == 2 and ran == []
     assert one_line_error(err).startswith("psa: error: --json") and "not a writable directory" in err
     assert not target.parent.exists()
+    (tmp_path / "adir").mkdir()  # a directory: refused before the checks too, not after them
+    rc, out, err = run_main(["selftest", "--quick", "--device", "cpu", "--json", "adir"], tmp_path)
+    assert rc == 2 and ran == [] and "is a directory" in one_line_error(err)

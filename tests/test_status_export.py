@@ -85,3 +85,34 @@ def test_status_weights_read_the_stored_hyperparameters() -> None:
     paper, small = weights(), weights(batch_size=64)
     assert set(paper) == set(small) == {"1*8", "4*4"}
     assert all(small[a] > 2 * paper[a] for a in paper)
+
+
+def test_status_and_export_of_a_database_without_psa_tables(tmp_path: Path) -> None:
+    # an empty file, or another program's SQLite: psa status and psa export read it as a
+    # database with no study (as psa report does), one line and no traceback
+    import sqlite3
+
+    (tmp_path / "empty.sqlite").write_bytes(b"")
+    con = sqlite3.connect(tmp_path / "other.sqlite")
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    for db in ("empty.sqlite", "other.sqlite"):
+        rc, out, err = run_main(["status", "--db", db], tmp_path)
+        assert (rc, err) == (0, "") and "no study yet" in out
+        rc, out, err = run_main(["status", "--db", db, "--study", "x"], tmp_path)
+        assert rc == 2 and "no study named 'x'" in one_line_error(err)
+        rc, out, err = run_main(["export", "--db", db, "--out", "exp"], tmp_path)
+        assert rc == 2 and "holds no study yet" in one_line_error(err)
+        assert not (tmp_path / "exp").exists()
+
+
+def test_export_out_an_existing_file(tmp_path: Path) -> None:
+    """--out naming a file: says so (not mkdir's bare "File exists"), and the file is kept."""
+    from .report_helpers import make_db
+
+    make_db(tmp_path / "s.sqlite", ["1*8"], trials=2, loops=2)
+    (tmp_path / "afile").write_text("keep me")
+    rc, out, err = run_main(["export", "--db", "s.sqlite", "--out", "afile", "--format", "csv"], tmp_path)
+    assert rc == 2 and "--out afile exists and is not a directory" in one_line_error(err)
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -173,6 +173,8 @@ def test_bad_design_flags(argv: list[str], message: str, tmp_path: Path) -> None
     ('architectures = ["1*8", "1*y"]\n', "unknown architecture '1*y'"),
     ('architectures = ["1*8"]\nmodes = ["none", "bogus"]\n', "unknown mode 'bogus'"),
     ('architectures_file = "missing.txt"\n', "cannot read architecture file"),
+    ("architectures = 5\n", "architectures must be a list of strings"),  # not a TypeError traceback
+    ("architectures_file = 5\n", "architectures_file must be a file name"),
     (b'\xff\xfe'.decode("latin-1"), "does not parse"),
 ])
 def test_bad_design_files(text: str, message: str, tmp_path: Path) -> None:

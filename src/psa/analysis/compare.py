@@ -167,7 +167,7 @@ def _compare_tables(opt: CompareOptions, cells: Sequence[CellComparison], regime
         rows.append([c.arch, c.mode, f"{c.mean_ours:.2f} ± {c.std_ours:.2f}", str(c.n_ours),
                      f"{c.mean_ref:.2f} ± {c.std_ref:.2f}", str(c.n_ref), f"{c.mean_ours - c.mean_ref:+.2f}", c.test,
                      f"{c.escape_ours} vs {c.escape_ref}" if c.test.startswith("Fisher") else "", fp(c.p),
-                     fp(c.p_holm), "yes" if c.consistent(opt.alpha) else "NO"])
+                     fp(c.p_holm), "untested" if not c.tested else "yes" if c.consistent(opt.alpha) else "NO"])
         raw.append(asdict(c))
     notes = [f"Reference: {ref_label}.",
              f"Consistent: p >= alpha = {opt.alpha:g} (per cell, uncorrected); p (Holm) is corrected over all cells.",
@@ -236,7 +236,7 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
     """The one-screen verdict (verdict.txt, stdout) and the manifest's summary of it."""
     n = len(cells)
     ok = [c for c in cells if c.consistent(opt.alpha)]
-    ok_holm = [c for c in cells if not (c.p_holm < opt.alpha)]
+    ok_holm = [c for c in cells if c.tested and not (c.p_holm < opt.alpha)]
     by_test: dict[str, list] = defaultdict(list)
     for c in cells:
         by_test[c.test].append(c)
@@ -253,6 +253,10 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
         verdict.append("  " + "; ".join(f"{t}: {sum(c.consistent(opt.alpha) for c in cs)}/{len(cs)}"
                                         for t, cs in sorted(by_test.items())))
         verdict.append(f"  after Holm over all cells: {len(ok_holm)}/{n}")
+        untested = sum(not c.tested for c in cells)
+        if untested:
+            verdict.append(f"  untested: {untested} (fewer than 2 trials a side: Welch's t has no p; counted neither "
+                           f"consistent nor different; run more --trials)")
     ours, ref, disagree = regimes.ours, regimes.published, regimes.disagree
     verdict.append(f"regimes agreeing ({opt.rules} rules): {len(regimes.agree)}/{len(regimes.archs)}"
                    + (f"; differing: {short_list([f'{a} ({ref[a].regime}->{ours[a].regime})' for a in disagree], 10)}"

@@ -250,12 +250,16 @@ def compare_scatter(cells: Sequence[CellComparison], alpha: float, out_dir: Path
     """Our cell means against the reference's; cells the tests flag at `alpha` in red."""
     fig, ax = plt.subplots(figsize=(7, 7))
     ok = [c for c in cells if c.consistent(alpha)]
-    bad = [c for c in cells if not c.consistent(alpha)]
+    bad = [c for c in cells if c.tested and not c.consistent(alpha)]
+    untested = [c for c in cells if not c.tested]  # no p: neither consistent nor different
     ax.plot([0, 100], [0, 100], ls="--", color="#888888", lw=1)
     ax.scatter([c.mean_ref for c in ok], [c.mean_ours for c in ok], s=14, c="#1f77b4", alpha=0.6,
                label=f"consistent at alpha = {alpha:g} ({len(ok)})")
     ax.scatter([c.mean_ref for c in bad], [c.mean_ours for c in bad], s=30, c="#d62728", marker="D",
                label=f"different ({len(bad)})")
+    if untested:
+        ax.scatter([c.mean_ref for c in untested], [c.mean_ours for c in untested], s=14, c="#888888", marker="x",
+                   label=f"untested ({len(untested)})")
     for c in sorted(bad, key=lambda c: c.p)[:10]:
         ax.annotate(f"{c.arch} {c.mode}", (c.mean_ref, c.mean_ours), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")

@@ -28,7 +28,13 @@ class OutputDir:
     """A temporary directory beside `target`, swapped in by `commit()`."""
 
     def __init__(self, target: str | Path):
-        self.target = Path(target)
+        where = Path(os.path.abspath(target))
+        if where == Path.cwd() or where in Path.cwd().parents:
+            # swapping it would pull the directory out from under this process and its shell
+            raise ReportError(f"--out {str(target) or '(empty)'} is the current directory or one above it; give the "
+                              "report a directory of its own, e.g. --out report/")
+        # ".." and "x/.." have no name to build the temporary sibling's from: spelled out
+        self.target = where if Path(target).name in ("", "..") else Path(target)
         if self.target.exists():
             if not self.target.is_dir():
                 raise ReportError(f"{self.target} exists and is not a directory")

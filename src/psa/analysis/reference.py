@@ -44,9 +44,15 @@ class CellComparison:
     p_mwu: float = math.nan  # Mann-Whitney U, a rank-based second opinion (per-trial references)
     p_holm: float = math.nan
 
+    @property
+    def tested(self) -> bool:
+        """False where the test has no p (Welch's t with fewer than 2 trials on a side)."""
+        return not math.isnan(self.p)
+
     def consistent(self, alpha: float) -> bool:
-        """True when the test cannot tell ours from theirs at `alpha`."""
-        return not (self.p < alpha)
+        """True when the test cannot tell ours from theirs at `alpha`; an untested cell is not
+        counted as consistent (it was never tested)."""
+        return self.tested and not (self.p < alpha)
 
 
 def escapes(values: Sequence[float], zero_r: float, margin: float) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,7 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         func: Callable[[argparse.Namespace], int] = args.func
-        return func(args)
+        rc = func(args)
+        sys.stdout.flush()  # a reader gone early fails here, inside the handlers below, not at exit
+        return rc
+    except BrokenPipeError:
+        # the reader went away (psa arch --json | head -1): nothing left to say to it, and no
+        # traceback; exit status 1 and the rest of stdout to /dev/null, as rich does for its own
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -53,6 +53,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         parent = Path(cfg.json).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"--json {cfg.json}: {parent} is not a writable directory")
+        if Path(cfg.json).is_dir():
+            raise ConfigError(f"--json {cfg.json} is a directory; give a file name, e.g. "
+                              f"{Path(cfg.json) / 'selftest.json'}")
     _interpret_off_gpu(device)
     from psa.core.mlp import selftest
     from psa.core.checkpoint import atomic_write

@@ -208,7 +208,7 @@ def locate(name: str = "mnist", data_dir: str | os.PathLike | None = None) -> Pa
     if explicit:
         d = Path(explicit)
         if not d.is_dir():
-            raise DataError(f"data directory {d} does not exist")
+            raise DataError(f"data directory {d} {'is a file, not a directory' if d.exists() else 'does not exist'}")
         if not _complete(d):
             missing = [s for s in FILES.values() if not _find_file(d, s)]
             raise DataError(f"data directory {d} lacks {', '.join(missing)}")

@@ -342,6 +342,8 @@ def arch_list(value: str | Sequence[str]) -> tuple[str, ...]:
         if value.strip().lower() == "paper":
             return tuple(a.short for a in study_architectures())
         value = [value]
+    if not isinstance(value, (list, tuple)):  # a design file's `architectures = 5`
+        raise DesignError(f"architectures must be a list of strings like \"1*128\" (or \"paper\"), got {value!r}")
     out = []
     for a in value:
         if not isinstance(a, str):
@@ -404,6 +406,8 @@ def read_design_file(path: str | os.PathLike) -> tuple[str | None, str | None, d
         if "architectures" in doc:
             fields["architectures"] = arch_list(doc["architectures"])
         if "architectures_file" in doc:
+            if not isinstance(doc["architectures_file"], str):
+                raise DesignError(f"architectures_file must be a file name, got {doc['architectures_file']!r}")
             f = Path(doc["architectures_file"])
             fields["architectures"] = read_arch_file(f if f.is_absolute() else p.parent / f)
         if "modes" in doc:

@@ -121,6 +121,8 @@ def export(
         ids = [int(r["id"]) for r in list_studies(con)]
     if not ids:
         raise StoreError(f"{db_path(con)} holds no study yet")
+    if out.exists() and not out.is_dir():  # else mkdir's "File exists" reads as if the directory were the problem
+        raise StoreError(f"--out {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

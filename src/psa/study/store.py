@@ -264,11 +264,16 @@ def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def get_study(con: sqlite3.Connection, name: str) -> sqlite3.Row | None:
     """The studies row called `name`, or None."""
+    if "studies" not in table_names(con):  # an empty file, or another program's SQLite opened read-only
+        return None
     return con.execute("SELECT * FROM studies WHERE name = ?", (name,)).fetchone()
 
 
 def list_studies(con: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Every study, oldest first."""
+    """Every study, oldest first (none in a database without psa's tables: an empty file, or
+    another program's SQLite, opened read-only by psa status or psa export)."""
+    if "studies" not in table_names(con):
+        return []
     return con.execute("SELECT * FROM studies ORDER BY id").fetchall()
 
 

@@ -131,6 +131,10 @@ def fresh_trial(cfg: TrialConfig) -> Trial:
 def resumed_trial(cfg: TrialConfig) -> Trial:
     """The trial in `cfg.resume`, checked against what `cfg` asks of it."""
     run_dir = Path(cfg.resume or "")
+    if cfg.out is not None and Path(cfg.out).resolve() != run_dir.resolve():
+        # the run continues in its own directory: an --out elsewhere would be silently ignored
+        raise ConfigError(f"--out {cfg.out}: a resumed run continues in its own directory {run_dir}; "
+                          f"give --resume alone (copy the run directory first to fork it)")
     state, meta = load_member(run_dir / CHECKPOINT)
     try:
         arch = parse_arch(meta["arch"])
@@ -375,12 +379,12 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
     ex = resolve_execution(cfg.device, cfg.precision or trial.precision or "auto", cfg.kernels, cfg.graphs)
     data = trial_data(trial, cfg, ex.device)
     pop = build_population(trial, member, data, ex.device)
+    engine = Engine(pop, data, trial.hparams, ex)  # refuses a member that does not fit before --out is made
     if trial.run_dir is None:
         label = trial.arch.short if trial.model == DEFAULT_MODEL else f"{trial.model}-{trial.arch.short}"
         trial.run_dir = prepare_out(cfg.out, label, trial.mode, trial.seed)
     run_dir = trial.run_dir
-    run = PopulationRun(str(run_dir), Engine(pop, data, trial.hparams, ex), trial.hparams.meta_loops,
-                        where=str(ex.device))
+    run = PopulationRun(str(run_dir), engine, trial.hparams.meta_loops, where=str(ex.device))
 
     def checkpoint(final: bool, test_acc: float | None) -> dict[str, Any]:
         s = summary(trial, pop, pop.members[0], ex, data, final, test_acc,
@@ -393,8 +397,11 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
         atomic_write(run_dir / SUMMARY, json.dumps({**w, "run_dir": str(run_dir)}, indent=1))
         return s
 
-    # the file holds exactly the records so far (a resumed run's may hold loops past its checkpoint)
-    atomic_write(run_dir / RECORDS, "".join(json.dumps(r) + "\n" for r in trial.records))
+    # the file holds exactly the records so far (a resumed run's may hold loops past its checkpoint);
+    # a fresh run's starts with its first loop, so that one stopped before it (Ctrl-C) leaves its
+    # --out empty and the same command runs again
+    if cfg.resume:
+        atomic_write(run_dir / RECORDS, "".join(json.dumps(r) + "\n" for r in trial.records))
 
     if not cfg.quiet:
         _print_header(trial, pop, ex, data)
