@@ -150,6 +150,7 @@ BAD_DESIGNS = [
     (["--arch", "[]", "--modes", "hidden"], "needs a hidden layer"),
     (["--arch", "1*8", "--arch", "[1*8]"], "listed more than once"),
     (["--arch", "1*8", "--trials", "0"], "an integer >= 1"),
+    (["--arch", "1*8", "--trials", "10000000"], "a study of 60,000,000 trials (1 architectures x 6 conditions"),
     (["--arch", "1*8", "--lr", "-1"], "learning rate"),
     (["--arch", "1*8", "--name", "../evil"], "bad study name"),
     (["--preset", "nope"], "invalid choice"),
@@ -175,6 +176,7 @@ def test_bad_design_flags(argv: list[str], message: str, tmp_path: Path) -> None
     ('architectures_file = "missing.txt"\n', "cannot read architecture file"),
     ("architectures = 5\n", "architectures must be a list of strings"),  # not a TypeError traceback
     ("architectures_file = 5\n", "architectures_file must be a file name"),
+    ('architectures = ["1*8"]\ntrials = 99999999999999999999\n', "is more than psa's 1,000,000"),
     (b'\xff\xfe'.decode("latin-1"), "does not parse"),
 ])
 def test_bad_design_files(text: str, message: str, tmp_path: Path) -> None:

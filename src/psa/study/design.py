@@ -35,6 +35,9 @@ class DesignError(ConfigError):
 # A study of your own model (psa.core.module) names it `module:function`; its design's `model`
 # is then MODULE_MODEL and its nets are the factories, one cell each.
 MODULE_MODEL = "module"
+# A study's trials: its rows, plan and progress live in memory, so a typo's 10**20 trials must be
+# a line, not the machine out of memory. The paper's study has 5,880; this is 170 times that.
+MAX_TRIALS = 1_000_000
 _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
                       r":[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -178,6 +181,10 @@ class StudyDesign:
             if flat:
                 raise DesignError(f"mode 'hidden' needs a hidden layer; architecture {flat[0]} has none")
         self._check_variants()
+        if self.n_trials > MAX_TRIALS:  # before anything builds a row, a plan or a population per trial
+            raise DesignError(f"a study of {self.n_trials:,} trials ({len(self.nets)} architectures x "
+                              f"{len(self.conditions())} conditions x {self.trials:,} trials) is more than psa's "
+                              f"{MAX_TRIALS:,}; split it into several studies")
 
     @property
     def is_module(self) -> bool:
