@@ -616,13 +616,19 @@ def _p(cell: dict) -> float:
 
 
 def _consistent(cell: dict, alpha: float) -> bool:
-    # as psa compare counts: a cell is inconsistent only where its test says so
-    return not (_p(cell) < alpha)
+    # as psa compare counts: a cell with no p (no test: one trial) is not consistent, nor different
+    p = _p(cell)
+    return not math.isnan(p) and not p < alpha
+
+
+def _different(cell: dict, alpha: float) -> bool:
+    """The cell's test tells ours from the reference's at alpha."""
+    return _p(cell) < alpha
 
 
 def disagreeing(cmp: dict, alpha: float) -> tuple[list[str], list[str]]:
     """Architectures with a cell inconsistent at alpha, and those whose regime differs."""
-    cells = list(dict.fromkeys(c["arch"] for c in cmp["cells"] if not _consistent(c, alpha)))
+    cells = list(dict.fromkeys(c["arch"] for c in cmp["cells"] if _different(c, alpha)))
     regimes = [r["arch"] for r in cmp["regimes"] if r["agree"] != "True"]
     return cells, regimes
 
@@ -707,7 +713,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         "cells_consistent": s.get("consistent", 0), "cells_total": s.get("cells", 0),
         "regimes_agree": s.get("regimes_agree", 0), "regimes_total": s.get("regimes_compared", 0),
         "complete": not missing, "slices_missing": missing,
-        "cells_inconsistent": [f"{c['arch']} {c['mode']}" for c in cmp["cells"] if not _consistent(c, alpha)],
+        "cells_inconsistent": [f"{c['arch']} {c['mode']}" for c in cmp["cells"] if _different(c, alpha)],
         "regimes_differ": regimes_bad,
         "rerun_fp32": list(dict.fromkeys(cells_bad + regimes_bad)),
         "compare_command": f"psa compare --export {' '.join(rel)} --reference published --alpha {alpha:g}",
