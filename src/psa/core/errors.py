@@ -24,6 +24,13 @@ class MissingDependency(ConfigError, ImportError):
     """An optional package that a call needs is not installed (caught as ImportError too)."""
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` (at most `limit` characters of it): how a user's model
+    or a library failing inside psa is said in psa's one line."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def _in_psa(frame: FrameType) -> bool:
     return os.path.abspath(frame.f_code.co_filename).startswith(_PSA_DIR)
 

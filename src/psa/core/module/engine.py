@@ -24,7 +24,7 @@ from psa.core import rng
 from psa.core.ablation import choose_neurons
 from psa.core.data import Dataset
 from psa.core.device import is_out_of_memory
-from psa.core.errors import ConfigError
+from psa.core.errors import ConfigError, one_line
 from psa.core.hparams import HParams
 from psa.core.loop import (
     EVAL_ROWS,
@@ -120,7 +120,7 @@ def vmap_check(population: ModulePopulation, data: Dataset) -> VmapCheck:
             with torch.no_grad():
                 vmap(lambda p, b: functional_call(model, (p, b), (x[0],)))(params, buffers)
         except Exception as e:  # noqa: BLE001 - whatever vmap refuses means: one at a time
-            return VmapCheck(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            return VmapCheck(error=one_line(e))
         finally:
             holder.noise = None
     slow = next((str(w.message) for w in caught if "batching rule" in str(w.message)), None)
@@ -361,8 +361,7 @@ class ModuleEngine:
                     if is_out_of_memory(e):
                         raise
                     raise ConfigError(f"{self.population.factory} fails in training on a batch of {b} example"
-                                      f"{'s' if b > 1 else ''} (step {s + 1} of loop {loop}): {type(e).__name__}: "
-                                      f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+                                      f"{'s' if b > 1 else ''} (step {s + 1} of loop {loop}): {one_line(e)}") from None
                 loss_sum[j] += loss.detach()
                 diverged[j] |= ~torch.isfinite(loss.detach())
                 with torch.no_grad():
@@ -453,7 +452,7 @@ class ModuleEngine:
                     raise
                 # vmap_check tries the model before the first loop; this catches what only some
                 # data or a later loop reaches. The slice starts over on the other path, whole.
-                why = fell_back = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                why = fell_back = one_line(e)
                 self.batched = False
                 self.batching = f"vmap cannot batch it ({why}): one member at a time"
         with torch.no_grad():

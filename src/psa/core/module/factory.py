@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from psa.core.errors import ConfigError
+from psa.core.errors import ConfigError, one_line
 
 MakeModel = Callable[[], nn.Module]
 
@@ -56,8 +56,7 @@ def build(factory: MakeModel, seed: int) -> nn.Module:
         try:
             module = factory()
         except Exception as e:  # noqa: BLE001
-            first = str(e).splitlines()[0][:200] if str(e) else ""  # one line, whatever the factory raised
-            raise ConfigError(f"model factory {name} failed: {type(e).__name__}: {first}") from None
+            raise ConfigError(f"model factory {name} failed: {one_line(e)}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model factory {name} returned {type(module).__name__}, not a torch.nn.Module")
     return module

@@ -25,7 +25,7 @@ from torch import nn
 
 from psa.core.ablation import choose_unit
 from psa.core.arch import Arch
-from psa.core.errors import ConfigError
+from psa.core.errors import ConfigError, one_line
 from psa.core.member import MODES, Member
 from psa.core.module.trace import (  # noqa: F401 - the pass-through sets are re-exported for callers
     NEVER_UNITS,
@@ -256,7 +256,7 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
         order, drop, out = _call_order(module, sample_x)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{name} fails on a batch of the data of shape {tuple(sample_x.shape)}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+                          f"{one_line(e)}") from None
     if torch.is_tensor(out) and out.dim() == 2 and n_classes is None:
         n_classes = out.shape[1]  # the model's own width: the labels are checked against it
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape != (sample_x.shape[0], n_classes):
