@@ -14,6 +14,7 @@ from psa.study import store
 from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size, recorded_loops, study_precision
 from psa.study.estimate import Estimate, estimate, process_overhead
+from psa.study.backends.local import slots_for
 from psa.study.kinds import ModelKind, model_kind
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, make_plan
@@ -51,9 +52,12 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     plan = make_plan(design, size, kind.loop_cost)  # the order the run will take
     # a run starts as this process did (imports), loads the data, and at the end shuts down
     startup = entered - psa.STARTED + time.perf_counter() - t + process_overhead()
-    est = estimate(kind, ex, data, plan, startup, opt.checkpoint_every)
+    # a Ray worker's populations run one at a time on its device (per_device shares a GPU
+    # between workers, which the estimate does not model)
+    slots = slots_for(device, opt.concurrency) if opt.backend == "local" else 1
+    est = estimate(kind, ex, data, plan, startup, opt.checkpoint_every, slots)
     rows = plan_rows(kind, plan, est, data, existing.status if existing is not None else {})
-    out_console.print(plan_table(name, kind, rows))
+    out_console.print(plan_table(name, kind, rows, alone=est.slots > 1))
     for line in summary(name, kind, plan, est, precision, rows, existing, Path(opt.db), data):
         out_console.print(line, soft_wrap=True)
     flops = [r["flops"] for r in rows]
@@ -61,6 +65,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
             "populations": [{"arch": p.net, **{k: v for k, v in dataclasses.asdict(p).items() if k != "net"},
                              "key": p.key} for p in plan.populations],
             "architectures": rows, "flops": None if None in flops else sum(flops), "seconds": est.total,
+            "sequential_seconds": est.sequential, "in_flight": est.slots, "shares": est.shares,
             "uncertainty": est.uncertainty, "startup_seconds": est.startup_s,
             "calibration_seconds": est.calibration_s,
             "probes": [{"arch": p.net, **{k: v for k, v in dataclasses.asdict(p).items() if k != "net"}}
@@ -108,8 +113,9 @@ def plan_rows(kind: ModelKind, plan: Plan, est: Estimate, data: Any,
     return rows
 
 
-def plan_table(name: str, kind: ModelKind, rows: list[dict[str, Any]]) -> Any:
-    """The rows as a table for people."""
+def plan_table(name: str, kind: ModelKind, rows: list[dict[str, Any]], alone: bool = False) -> Any:
+    """The rows as a table for people; `alone`: each net's time is its populations' one after
+    another, not their share of a run that keeps several in flight."""
     from rich.table import Table
 
     from psa.study.console import fmt_seconds
@@ -117,7 +123,7 @@ def plan_table(name: str, kind: ModelKind, rows: list[dict[str, Any]]) -> Any:
     layers = any(r.get("layers") for r in rows)
     table = Table(title=f"study {name}: plan", title_justify="left")
     cols = (kind.noun[:-1], *(("unit layers",) if layers else ()), "params", "trials", "pops", "MFLOP/example",
-            "TFLOP/trial", "PFLOP", "time", "to do")
+            "TFLOP/trial", "PFLOP", "time alone" if alone else "time", "to do")
     for col in cols:
         table.add_column(col, justify="left" if col in (kind.noun[:-1], "unit layers") else "right",
                          no_wrap=col != "unit layers")
@@ -140,7 +146,7 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
 
     design = plan.design
     n_todo = sum(r["todo"] for r in rows)
-    todo_time = est.startup_s + sum(r["seconds"] * r["todo"] / r["trials"] for r in rows)
+    todo_time = est.startup_s + est.populations_s({r["arch"]: r["todo"] / r["trials"] for r in rows})
     pm = f"+-{est.uncertainty * 100:.0f}%"
     flops = [r["flops"] for r in rows]
     lines = [
@@ -153,7 +159,9 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
          + f" (forward+backward = 3 x forward over {design.n_train:,} images + forward over "
          f"{int(data.val_y.numel()):,} per meta-loop, + the test set once)"),
         f"estimate on {est.device} in {precision}: {fmt_seconds(est.total)} {pm} for the whole "
-        f"study, one population at a time, {fmt_seconds(est.startup_s)} of it the process's start-up and "
+        f"study, " + (f"{est.slots} populations in flight ({fmt_seconds(est.sequential)} one at a time), "
+                      if est.slots > 1 else "one population at a time, ")
+        + f"{fmt_seconds(est.startup_s)} of it the process's start-up and "
         f"shut-down (imports, data, first-use costs, exit)"
         + (f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do" if existing is not None else ""),
         f"calibration: {est.describe()}",

@@ -15,6 +15,12 @@ estimate is
 
 with every term measured here. A change to the engine (a fused CPU path, say) changes the
 probes and so the estimate; the estimate assumes the machine stays as busy as it is now.
+
+Where a run keeps several populations in flight (a GPU: psa.study.backends.local), the sum is
+not the wall time: small nets overlap. There the estimate also measures how much of the device
+a population fills alone (concurrent_share: copies of it in flight together), for a spread of
+shapes within a budget, and the wall time is the backend's schedule simulated with those
+shares (psa.study.schedule).
 """
 
 from __future__ import annotations
@@ -35,13 +41,15 @@ import torch
 
 from psa.core.checkpoint import save_tensors
 from psa.core.data import Dataset
-from psa.core.device import Execution, describe_device, synchronize
+from psa.core.device import Execution, describe_device, free_memory, synchronize
 from psa.core.loop import Trainer, meta_loop
-from psa.study.backends.local import precompile_kernels
+from psa.core.mlp.memory import FREE_MEMORY_FRACTION
+from psa.study.backends.local import StreamSlots, precompile_kernels
 from psa.study.calibration import Probe, calibration_record, probe_costs
 from psa.study.kinds import ModelKind
 from psa.study.plan import Plan, PopulationPlan
 from psa.study.runner import PopulationProgress
+from psa.study.schedule import Job, in_flight_seconds, interpolate_share
 
 # How long one probe's timed training may take: enough steps that a busy machine's hiccups
 # average out, few enough that a dry run of the paper's 98 architectures stays minutes.
@@ -57,6 +65,14 @@ LIGHT_PROBE_SECONDS = 0.2
 CALIBRATION_BUDGET_S = 60.0
 CALIBRATION_SHARE = 0.03  # of the study's estimated time: a small study is not made much longer
 LIGHT_SCORED = (500, 2500)  # test images a light probe scores, on its two trainers
+# Populations in flight: each share measurement times one loop of this many seconds alone (at
+# most an epoch) and the same loop of every copy at once; shapes are measured, spread over the
+# plan's range of step times, while the time spent stays under SHARE_BUDGET_S and SHARE_OF_STUDY
+# of the study's populations one at a time (two shapes at least): a slice of a few minutes
+# spends seconds on it.
+SHARE_LOOP_SECONDS = 0.1
+SHARE_BUDGET_S = 30.0
+SHARE_OF_STUDY = 0.05
 
 
 @dataclass(frozen=True)
@@ -69,11 +85,31 @@ class Estimate:
     probes: tuple[Probe, ...]
     uncertainty: float  # relative: the estimate is total x (1 +- uncertainty)
     calibration_s: float  # how long the probes took
+    slots: int = 1  # populations a run keeps in flight
+    shares: dict[str, float] = dataclasses.field(default_factory=dict)  # net -> measured share of the device
+    jobs: tuple[Job, ...] = ()  # the plan's populations, in its order, as the schedule sees them
+    memory_budget: float | None = None  # the device memory populations in flight may hold
+
+    @property
+    def sequential(self) -> float:
+        """The whole study, populations one after another."""
+        return self.startup_s + sum(self.per_net.values())
 
     @property
     def total(self) -> float:
-        """The whole study, populations one after another."""
-        return self.startup_s + sum(self.per_net.values())
+        """The whole study as a run takes it: `slots` populations in flight."""
+        return self.startup_s + self.populations_s()
+
+    def populations_s(self, left: dict[str, float] | None = None) -> float:
+        """The populations' wall time with `slots` in flight (schedule.in_flight_seconds), or
+        of the part `left` of each net (a fraction by net; absent: all of it) where a study
+        has some done already."""
+        if left is None:
+            left = {}
+        if self.slots < 2 or not self.jobs:
+            return sum(s * left.get(net, 1.0) for net, s in self.per_net.items())
+        jobs = [dataclasses.replace(j, seconds=j.seconds * left.get(j.net, 1.0)) for j in self.jobs]
+        return in_flight_seconds([j for j in jobs if j.seconds > 0], self.slots, self.memory_budget)
 
     def describe(self) -> str:
         """How the estimate was made, for the dry run's last lines."""
@@ -82,7 +118,12 @@ class Estimate:
                 f"(real training steps, validation and a checkpoint of each; the time per step ranged "
                 f"{min(p.step_s for p in self.probes) * 1e3:.3g}-{max(p.step_s for p in self.probes) * 1e3:.3g} ms); "
                 f"+-{self.uncertainty * 100:.0f}% is the probes' spread or the model's error on "
-                f"bench/estimate.py, whichever is larger, and assumes the machine stays as busy as now")
+                f"bench/estimate.py, whichever is larger, and assumes the machine stays as busy as now"
+                + (f"; {self.slots} populations in flight: {len(self.shares)} shape"
+                   f"{'s' if len(self.shares) != 1 else ''} timed with copies of each in flight, which fill "
+                   f"{min(self.shares.values()) * 100:.0f}-{max(self.shares.values()) * 100:.0f}% of the device "
+                   f"alone (the rest interpolated by step time)" if self.shares else
+                   f"; {self.slots} populations in flight take turns on this device" if self.slots > 1 else ""))
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -161,6 +202,76 @@ def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, sec
         checkpoint_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", *long_.checkpoint()), device)
     return Probe(pp.net, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
                  loop_extra_s, checkpoint_s, time.perf_counter() - t_start)
+
+
+def concurrent_share(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, steps: int,
+                     copies: int) -> float:
+    """How much of the device population `pp` fills alone, in [1/copies, 1]: `copies` trainers of
+    it, each on its own stream as the local backend lends them, train a meta-loop of `steps`
+    steps at once; the wall time of that over `copies` x one trainer's loop alone (the faster of
+    two of each, after a first loop that captures and allocates). Trainers that compute their
+    loop in launch() (off CUDA) give 1."""
+    device = ex.device
+    n = min(kind.design.n_train, steps * kind.design.hparams.batch_size)
+    sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n], val_x=data.val_x[:1],
+                              val_y=data.val_y[:1])
+    streams = StreamSlots(device, copies)
+    trainers = [kind.new_trainer(pp, sub, ex, None, streams.take()) for _ in range(streams.slots)]
+    for tr in trainers:
+        meta_loop(tr)
+
+    def together() -> None:
+        pending = [tr.launch() for tr in trainers]
+        for loop in pending:
+            loop.result()
+
+    alone = min(_timed(lambda: meta_loop(trainers[0]), device) for _ in range(2))
+    at_once = min(_timed(together, device) for _ in range(2))
+    k = len(trainers)
+    return min(1.0, max(1.0 / k, at_once / (k * max(alone, 1e-9))))
+
+
+def measure_shares(kind: ModelKind, ex: Execution, data: Dataset, shapes: list[PopulationPlan],
+                   probes: dict[str, Probe], slots: int, memory_budget: float | None,
+                   budget_s: float = SHARE_BUDGET_S) -> dict[str, float]:
+    """concurrent_share of `shapes` (their nets' probes give the step time), the quickest step
+    first, then the slowest, then those between (spread_order), while the time spent stays under
+    `budget_s` (two at least; estimate() passes the smaller of SHARE_BUDGET_S and SHARE_OF_STUDY
+    of the study). A shape gets as many copies as `slots` and `memory_budget` allow
+    (as the backend would admit them); a shape of which one copy fits is not measured. The rest
+    are interpolated by step time (schedule.interpolate_share)."""
+    # off CUDA a population's launch computes its loop before it returns: those in flight take
+    # turns, each filling the device (only CUDA's streams let them overlap)
+    if slots < 2 or not shapes or ex.device.type != "cuda":
+        return {}
+    t0 = time.perf_counter()
+    budget = memory_budget
+    steps_per_epoch = -(-kind.design.n_train // kind.design.hparams.batch_size)
+    order = sorted(shapes, key=lambda pp: probes[pp.net].step_s)
+    shares: dict[str, float] = {}
+    for i in spread_order(len(order)):
+        if len(shares) >= 2 and time.perf_counter() - t0 >= budget_s:
+            break
+        pp, p = order[i], probes[order[i].net]
+        copies = slots
+        if budget is not None:
+            copies = min(slots, int(budget // max(1, pp.size * kind.bytes_per_member(pp.net, data, ex))))
+        if copies < 2:
+            continue
+        steps = max(1, min(steps_per_epoch, math.ceil(SHARE_LOOP_SECONDS / max(p.step_s, 1e-9))))
+        shares[pp.net] = concurrent_share(kind, ex, data, pp, steps, copies)
+    return shares
+
+
+def schedule_jobs(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, probes: dict[str, Probe],
+                  seconds: dict[str, float], shares: dict[str, float]) -> tuple[Job, ...]:
+    """The plan's populations, in its order, as the schedule sees them: each one's `seconds` (by
+    key) alone, its memory, and its net's share of the device (measured, else interpolated by
+    its probe's step time)."""
+    measured = [(probes[net].step_s, s) for net, s in shares.items()]
+    return tuple(Job(seconds[pp.key], pp.size * kind.bytes_per_member(pp.net, data, ex),
+                     shares.get(pp.net, interpolate_share(probes[pp.net].step_s, measured)), pp.net)
+                 for pp in plan.populations)
 
 
 def warm_up(kind: ModelKind, ex: Execution, data: Dataset, shapes: list[PopulationPlan]) -> float:
@@ -245,14 +356,22 @@ def process_overhead(timeout: float = 120.0) -> float:
 
 
 def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_s: float,
-             checkpoint_every: float = 60.0) -> Estimate:
+             checkpoint_every: float = 60.0, slots: int = 1) -> Estimate:
     """Probe every distinct population shape of `plan` (a net's largest population) and add up
-    the study (calibration.probe_costs: the costs a run's progress bar and `psa status` use)."""
+    the study (calibration.probe_costs: the costs a run's progress bar and `psa status` use);
+    with `slots` > 1 populations in flight, also measure their shares of the device and
+    simulate the run (in_flight)."""
     t0 = time.perf_counter()
+    # what the backend would find free at a run's start, before any probe's engine holds memory
+    free = free_memory(ex.device)
+    budget = None if free is None else free * FREE_MEMORY_FRACTION
     shapes = largest_populations(plan)
     warm_s = warm_up(kind, ex, data, shapes) if shapes else 0.0
     probes = {pp.net: probe(kind, ex, data, pp) for pp in shapes}
     costs = probe_costs(kind, plan, probes, int(data.val_y.numel()), int(data.test_y.numel()), checkpoint_every)
     spread = max(p.spread for p in probes.values()) if probes else 0.0
+    shares = measure_shares(kind, ex, data, shapes, probes, slots, budget,
+                            min(SHARE_BUDGET_S, SHARE_OF_STUDY * costs.total))
+    jobs = schedule_jobs(kind, ex, data, plan, probes, costs.seconds, shares) if slots > 1 else ()
     return Estimate(describe_device(ex.device), startup_s + warm_s, costs.per_net(plan), tuple(probes.values()),
-                    max(MODEL_ERROR, spread), time.perf_counter() - t0)
+                    max(MODEL_ERROR, spread), time.perf_counter() - t0, slots, shares, jobs, budget)

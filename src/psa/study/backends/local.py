@@ -4,8 +4,9 @@ flight at once on a GPU, each yielding its events (psa.study.events) to the driv
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +16,29 @@ from psa.core.mlp.memory import FREE_MEMORY_FRACTION
 from psa.study.events import Event, PopulationFailed
 from psa.study.kinds import ModelKind
 from psa.study.runner import PopulationProgress, PopulationRun, design_data
+from psa.study.schedule import admits
+
+# How long the backend sleeps between looks at the loops in flight when none has finished: far
+# below a small net's loop (tens of ms on a card), and a look costs microseconds.
+POLL_SECONDS = 2e-4
+
+
+def slots_for(device: torch.device, concurrency: int | None) -> int:
+    """Populations in flight at once: `concurrency`, else 8 on a GPU (so that small populations
+    fill it together) and 1 elsewhere (one after another)."""
+    return concurrency or (8 if device.type == "cuda" else 1)
+
+
+def first_ready(pending: Sequence[Any], wait: Callable[[], None] = lambda: time.sleep(POLL_SECONDS)) -> int:
+    """The index of the first loop in `pending` that has finished (None counts as finished),
+    looking again after each `wait` until one has. Waiting on the oldest instead would hold a
+    small population's quick loops behind a big one's: on a card, eight populations in flight
+    would advance at the pace of the slowest."""
+    while True:
+        for i, p in enumerate(pending):
+            if p is None or p.ready():
+                return i
+        wait()
 
 def _failed(st: PopulationProgress, e: BaseException) -> PopulationFailed:
     return PopulationFailed(st.plan.key, f"{type(e).__name__}: {e}".splitlines()[0])
@@ -76,11 +100,11 @@ def precompile_kernels(kind: ModelKind, todo: list[PopulationProgress], ex: Exec
 def local_events(kind: ModelKind, todo: list[PopulationProgress], ex: Execution, data_dir: str | None = None,
                  concurrency: int | None = None) -> Iterator[Event]:
     """The populations `todo` (largest work first) on this process's device, up to
-    `concurrency` in flight at once (default: 8 on a GPU, so that small populations fill it
-    together; 1 elsewhere, i.e. one after another), each engine on its slot's CUDA stream.
+    `concurrency` in flight at once (slots_for: 8 on a GPU, 1 elsewhere), each engine on its
+    slot's CUDA stream.
 
     Every running population has one meta-loop queued on the device; this takes the first
-    that has finished (else waits for the oldest), hands its events on (the consumer records
+    that has finished (first_ready), hands its events on (the consumer records
     them and checkpoints), and queues that population's next loop while the others keep the
     device busy. A population is admitted while the estimated memory of those in flight fits
     the device's free memory (at least one always runs). Each engine computes exactly what it
@@ -90,7 +114,7 @@ def local_events(kind: ModelKind, todo: list[PopulationProgress], ex: Execution,
     device = ex.device
     data = design_data(kind, data_dir, device)
     precompile_kernels(kind, todo, ex, data)
-    streams = StreamSlots(device, concurrency or (8 if device.type == "cuda" else 1))
+    streams = StreamSlots(device, slots_for(device, concurrency))
     where = describe_device(device)
     queue = list(todo)
     active: list[tuple[PopulationProgress, PopulationRun, Any]] = []
@@ -113,8 +137,8 @@ def local_events(kind: ModelKind, todo: list[PopulationProgress], ex: Execution,
         yield failed
 
     while queue or active:
-        while queue and streams.free and (
-                not active or budget is None or sum(need(s) for s, _, _ in active) + need(queue[0]) <= budget):
+        while queue and streams.free and admits(sum(need(s) for s, _, _ in active), need(queue[0]), budget,
+                                                bool(active)):
             st = queue.pop(0)
             stream = streams.take()
             run = failed = None
@@ -137,9 +161,7 @@ def local_events(kind: ModelKind, todo: list[PopulationProgress], ex: Execution,
             active.append((st, run, stream))
         if not active:
             continue
-        # the first population whose loop has finished, else the oldest: a small population's
-        # quick loops need not wait behind a big one's
-        i = next((i for i, (_, r, _) in enumerate(active) if r.pending is not None and r.pending.ready()), 0)
+        i = first_ready([r.pending for _, r, _ in active])
         st, run, stream = active.pop(i)
         failed = None
         try:
