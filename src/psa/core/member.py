@@ -8,6 +8,7 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 from psa.core.errors import ConfigError
 from psa.core.variant import DEFAULT, Variant
@@ -38,10 +39,11 @@ class Member:
         """True for the PSA modes that ablate a neuron every loop after the first."""
         return self.mode in ABLATIVE_MODES
 
-    @property
+    @cached_property
     def key(self) -> tuple[str, str, int]:
         """What identifies the trial while its mode may change on a schedule: (the mode it
-        started in, its variant's settings JSON, seed)."""
+        started in, its variant's settings JSON, seed). Cached: every recorded meta-loop asks
+        each member for it, and the JSON costs tens of microseconds."""
         return self.variant.start_mode(self.mode), self.variant.to_json(), self.seed
 
 def make_member(mode: str, seed: int, decay_rate: float, dropout_rate: float, base_decay: float = 0.0,
