@@ -268,8 +268,11 @@ def study_argv(arch_file: Path, name: str, db: Path, args: argparse.Namespace) -
     return argv
 
 
-def dry_run(argv: list[str]) -> tuple[float | None, float]:
-    """psa's own estimate of a slice (seconds), and how long the dry run took."""
+def dry_run(argv: list[str]) -> tuple[dict | None, float]:
+    """psa's own estimate of a slice, and how long the dry run took. The estimate: `seconds`
+    (populations in flight, as the run keeps them), `sequential_seconds` (one at a time), the
+    shares of the device it measured and each architecture's time alone, as the dry run's JSON
+    gives them (None: the dry run failed)."""
     t0 = time.perf_counter()
     p = subprocess.run([*argv, "--dry-run", "--json"], env=psa_env(), capture_output=True, text=True)
     took = time.perf_counter() - t0
@@ -277,7 +280,10 @@ def dry_run(argv: list[str]) -> tuple[float | None, float]:
         print(f"  dry run failed (exit {p.returncode}): {p.stderr.strip()[-500:]}", flush=True)
         return None, took
     out = p.stdout
-    return float(json.loads(out[out.index("{"):])["seconds"]), took
+    doc = json.loads(out[out.index("{"):])
+    return {"seconds": float(doc["seconds"]), "sequential_seconds": doc.get("sequential_seconds"),
+            "in_flight": doc.get("in_flight"), "shares": doc.get("shares", {}),
+            "alone_s": {r["arch"]: round(float(r["seconds"]), 2) for r in doc.get("architectures", [])}}, took
 
 
 def finished_at(db: Path) -> float | None:
@@ -394,8 +400,15 @@ def run_slice(sl: dict, args: argparse.Namespace, info: dict, precision: str, wo
               "concurrency": args.concurrency, "estimate_s": sl["estimate_s"],
               "command": " ".join(["psa", *argv[3:]]).replace(str(work), "$WORK"), "date": datetime.date.today().isoformat()}
     if not args.no_dry_run:
-        est, took = dry_run(argv)
+        got, took = dry_run(argv)
+        est = None if got is None else got["seconds"]
         record.update(dry_run_estimate_s=None if est is None else round(est, 1), dry_run_s=round(took, 2))
+        if got is not None:
+            seq = got["sequential_seconds"]
+            record.update(dry_run_sequential_s=None if seq is None else round(float(seq), 1),
+                          dry_run_in_flight=got["in_flight"],
+                          dry_run_shares={a: round(float(v), 3) for a, v in got["shares"].items()},
+                          dry_run_alone_s=got["alone_s"])
         print(f"  dry run: psa estimates {est if est is None else round(est)} s (took {took:.0f} s)", flush=True)
     start_epoch = time.time()
     t0 = time.perf_counter()
