@@ -173,6 +173,8 @@ def test_shares_are_measured_for_shapes_spread_over_the_step_times(monkeypatch: 
 
     def share(kind: object, ex: object, data: object, pp: SimpleNamespace, steps: int, k: int) -> float:
         copies[pp.net] = k
+        if pp.net == "b" and k < 8:
+            raise torch.cuda.OutOfMemoryError("the memory estimate was short")
         return 0.5
 
     monkeypatch.setattr(estimate, "concurrent_share", share)
@@ -183,8 +185,8 @@ def test_shares_are_measured_for_shapes_spread_over_the_step_times(monkeypatch: 
                            bytes_per_member=lambda net, data, ex: 100 if net == "e" else 10)
     ex = SimpleNamespace(device=torch.device("cuda"))
     got = estimate.measure_shares(kind, ex, None, shapes, probes, slots=8, memory_budget=300, budget_s=60)
-    # e: 600 bytes a copy in 300: not measured; a..d: 60 bytes, 5 copies fit
-    assert list(got) == ["a", "c", "b", "d"] and copies == {"a": 5, "c": 5, "b": 5, "d": 5}
+    # e: 600 bytes a copy in 300: not measured; a..d: 60 bytes, 5 copies fit; b ran out of memory
+    assert list(got) == ["a", "c", "d"] and copies == {"a": 5, "c": 5, "b": 5, "d": 5}
     assert estimate.measure_shares(kind, ex, None, shapes, probes, 8, None, budget_s=0) == {"a": 0.5, "e": 0.5}
     assert copies["e"] == 8  # memory unknown: every slot
     assert estimate.measure_shares(kind, SimpleNamespace(device=torch.device("cpu")), None, shapes, probes, 8,

@@ -41,7 +41,7 @@ import torch
 
 from psa.core.checkpoint import save_tensors
 from psa.core.data import Dataset
-from psa.core.device import Execution, describe_device, free_memory, synchronize
+from psa.core.device import OOM_ERRORS, Execution, describe_device, free_memory, release_cached, synchronize
 from psa.core.loop import Trainer, meta_loop
 from psa.core.mlp.memory import FREE_MEMORY_FRACTION
 from psa.study.backends.local import StreamSlots, precompile_kernels
@@ -238,8 +238,9 @@ def measure_shares(kind: ModelKind, ex: Execution, data: Dataset, shapes: list[P
     first, then the slowest, then those between (spread_order), while the time spent stays under
     `budget_s` (two at least; estimate() passes the smaller of SHARE_BUDGET_S and SHARE_OF_STUDY
     of the study). A shape gets as many copies as `slots` and `memory_budget` allow
-    (as the backend would admit them); a shape of which one copy fits is not measured. The rest
-    are interpolated by step time (schedule.interpolate_share)."""
+    (as the backend would admit them); a shape of which one copy fits is not measured, nor one
+    whose copies run out of memory after all. The rest are interpolated by step time
+    (schedule.interpolate_share)."""
     # off CUDA a population's launch computes its loop before it returns: those in flight take
     # turns, each filling the device (only CUDA's streams let them overlap)
     if slots < 2 or not shapes or ex.device.type != "cuda":
@@ -259,7 +260,11 @@ def measure_shares(kind: ModelKind, ex: Execution, data: Dataset, shapes: list[P
         if copies < 2:
             continue
         steps = max(1, min(steps_per_epoch, math.ceil(SHARE_LOOP_SECONDS / max(p.step_s, 1e-9))))
-        shares[pp.net] = concurrent_share(kind, ex, data, pp, steps, copies)
+        try:
+            shares[pp.net] = concurrent_share(kind, ex, data, pp, steps, copies)
+        except OOM_ERRORS:
+            pass  # the estimate of memory was short: this shape is interpolated like those unmeasured
+        release_cached(ex.device)
     return shares
 
 
