@@ -72,7 +72,9 @@ DEVICE_FACTOR = {"h200": 1.0, "h100": 1.1}
 UNKNOWN_DEVICE_FACTOR = 1.5
 FP32_FACTOR = 2.0  # fp32 against tf32 before any fp32 slice ran: wide nets lose the tensor cores
 SAFETY = 1.1  # on a learned factor: the slices' spread
-DRY_RUN_S_PER_ARCH = {"cuda": 3.0, "cpu": 15.0}  # the dry run's own time, before one was measured
+# the dry run's own time, before one was measured: on a card its probes (a guessed 3 s an
+# architecture) and the shares of the card it measures (at most 5% of the slice: ~1 s an architecture)
+DRY_RUN_S_PER_ARCH = {"cuda": 4.0, "cpu": 15.0}
 # the tiny setting: 2 narrow architectures, 1 trial, 1 meta-loop on 256 images, one slice each
 TINY_SLICES = (("1*8",), ("2*4",))
 TINY_FLAGS = ("--trials", "1", "--meta-loops", "1", "--train-subset", "256")
