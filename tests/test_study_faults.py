@@ -57,6 +57,41 @@ def test_a_database_killed_before_its_tables_is_started_afresh(reference: Path, 
     assert rows(db) == rows(reference)
 
 
+def test_another_programs_database_is_left_as_it_is(tmp_path: Path) -> None:
+    """--db naming another program's SQLite: the study and its dry run refuse it in one line,
+    and the file is not touched (no psa tables, no WAL mode, nothing beside it). A database
+    whose psa tables were cut short, or one with a table of psa's own name (meta) of its own
+    columns, is told apart by psa's schema version."""
+    import sqlite3
+
+    db = tmp_path / "notes.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    con.execute("CREATE TABLE meta (k TEXT, v TEXT)")
+    con.execute("INSERT INTO notes (body) VALUES ('keep me')")
+    con.commit()
+    con.close()
+    before = file_digest(db)
+    for extra in ([], ["--dry-run"]):
+        rc, out, err = run_main(["study", *TINY, "--db", str(db), *extra], tmp_path)
+        assert rc == 2 and "another program's SQLite database (tables: meta, notes)" in one_line_error(err)
+        assert file_digest(db) == before and sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+    # psa's tables, some of them (a creation cut short): psa's, continued
+    part = tmp_path / "part.sqlite"
+    con = sqlite3.connect(part)
+    con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    con.commit()
+    con.close()
+    store.connect(part).close()
+    con = sqlite3.connect(part)
+    assert {"studies", "trials"} <= {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    # psa's own database with a table of the user's added: still psa's (its schema version says so)
+    con.execute("CREATE TABLE my_notes (x)")
+    con.commit()
+    con.close()
+    store.connect(part).close()
+
+
 def test_unusable_database_path(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     rc, out, err = run_main(["study", *TINY, "--db", "afile/psa.sqlite"], tmp_path)

@@ -79,6 +79,7 @@ def existing_study(name: str, kind: ModelKind, opt: RunOptions, precision: str) 
         return None
     con = store.connect(db, readonly=True)
     try:
+        store.refuse_foreign(con, db)  # as the run would
         row = store.get_study(con, name)
         if row is None:
             return None

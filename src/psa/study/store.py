@@ -143,18 +143,19 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
         if not path.is_file():
             raise StoreError(f"no results database at {path}")
         try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
-            check_version(con, path)
+            ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+            check_version(ro, path)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{path}: not a readable results database ({e})") from None
-        con.row_factory = sqlite3.Row
-        return con
+        ro.row_factory = sqlite3.Row
+        return ro
     deadline = time.monotonic() + timeout
     while True:
-        con = None
+        con: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+            refuse_foreign(con, path)  # before WAL mode, which rewrites the file's header
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA synchronous=NORMAL")
@@ -197,10 +198,36 @@ def _add_variant_columns(con: sqlite3.Connection) -> None:
             con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
+# psa's tables, the first (meta) made first: a file with only some of them is one whose creation
+# was cut short, and a file with other tables is another program's
+PSA_TABLES = frozenset({"meta", "studies", "trials", "meta_loops", "runs", "study_datasets"})
+
+
+def refuse_foreign(con: sqlite3.Connection, path: str | Path) -> None:
+    """Refuse to write into another program's SQLite database: one with tables but neither
+    psa's schema version nor only psa's tables. psa would otherwise add its tables to it and
+    switch it to WAL mode."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+              if not r[0].startswith("sqlite_")}
+    if not tables or tables <= PSA_TABLES:
+        return
+    if _has_meta(con) and con.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
+        return
+    names = sorted(tables)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise StoreError(f"{path} is another program's SQLite database (tables: {shown}), not a psa results "
+                     f"database; psa leaves it as it is: choose another --db")
+
+
+def _has_meta(con: sqlite3.Connection) -> bool:
+    """Whether the database has psa's meta table (a table of that name with its key and value
+    columns; another program may have a meta table of its own)."""
+    return {"key", "value"} <= {r[1] for r in con.execute("PRAGMA table_info(meta)")}
+
+
 def check_version(con: sqlite3.Connection, path: str | Path) -> None:
     """Refuse a database written by a newer psa (a schema this code does not know)."""
-    has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-    if not has_meta:
+    if not _has_meta(con):
         return
     row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if row is not None and int(row[0]) > SCHEMA_VERSION:
@@ -315,7 +342,8 @@ def create_study(
             "INSERT INTO studies (name, design, design_hash, code_version, device, started_at) VALUES (?,?,?,?,?,?)",
             (name, design_json, design_hash, code_version, device, utc_now()),
         )
-        study_id = int(cur.lastrowid)
+        assert cur.lastrowid is not None  # an INSERT's
+        study_id = cur.lastrowid
         cols = ", ".join(TRIAL_INSERT_COLUMNS)
         marks = ", ".join("?" * len(TRIAL_INSERT_COLUMNS))
         try:
@@ -375,7 +403,8 @@ def start_run(con: sqlite3.Connection, study_id: int, backend: str, device: str,
             "VALUES (?,?,?,?,?,?,?,?)",
             (study_id, os.getpid(), socket.gethostname(), backend, device, now, now, work_at_start),
         )
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None  # an INSERT's
+        return cur.lastrowid
 
 
 def update_plan(con: sqlite3.Connection, study_id: int, updates: dict[str, Any]) -> None:
