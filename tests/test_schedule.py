@@ -140,12 +140,35 @@ def test_a_population_that_overlaps_its_copies_fills_a_part_of_the_device() -> N
 
 def test_the_estimate_of_a_study_partly_done_simulates_what_is_left() -> None:
     est = Estimate("test", 2.0, {"a": 10.0, "b": 4.0}, (), 0.2, 0.0, slots=2,
-                   jobs=(Job(10.0, share=0.5, net="a"), Job(4.0, share=0.5, net="b")))
+                   jobs=(Job(10.0, share=0.5, net="a", key="a1"), Job(4.0, share=0.5, net="b", key="b1")))
     assert est.sequential == pytest.approx(16.0) and est.total == pytest.approx(12.0)
-    assert est.populations_s({"a": 0.5}) == pytest.approx(5.0)
-    assert est.populations_s({"a": 0.0, "b": 0.25}) == pytest.approx(1.0)
-    alone = dataclasses.replace(est, slots=1, jobs=())
-    assert alone.total == pytest.approx(16.0) and alone.populations_s({"a": 0.5}) == pytest.approx(9.0)
+    assert est.populations_s({"a1": 0.0}) == pytest.approx(4.0)
+    assert est.populations_s({"a1": 0.0, "b1": 0.25}) == pytest.approx(1.0)
+    alone = dataclasses.replace(est, slots=1)
+    assert alone.total == pytest.approx(16.0) and alone.populations_s({"a1": 0.0}) == pytest.approx(4.0)
+    assert dataclasses.replace(est, jobs=()).total == pytest.approx(16.0)
+
+
+def test_what_is_left_of_a_net_is_some_of_its_populations_whole() -> None:
+    """Four populations of one net, each an eighth of the device, two of them done: the two
+    left take as long as all four did (they overlap), not half of it (four halves)."""
+    from psa.study.design import StudyDesign
+    from psa.study.dry_run import populations_left
+    from psa.study.plan import make_plan
+
+    jobs = tuple(Job(10.0, share=0.125, net="a", key=f"a{i}") for i in range(4))
+    est = Estimate("test", 0.0, {"a": 40.0}, (), 0.2, 0.0, slots=8, jobs=jobs)
+    assert est.total == pytest.approx(10.0)
+    assert est.populations_s({"a0": 0.0, "a1": 0.0}) == pytest.approx(10.0)
+    assert dataclasses.replace(est, slots=1).populations_s({"a0": 0.0, "a1": 0.0}) == pytest.approx(20.0)
+    # the dry run's part left, population by population, from the trials' status
+    plan = make_plan(StudyDesign(nets=("1*8", "2*8"), modes=("hidden", "none"), trials=4), 4)
+    first = plan.populations[0]
+    status = {(first.net, m, v, k): "done" for k in first.trials for m, v, _ in first.conditions()}
+    left = populations_left(plan, status)
+    assert left[first.key] == 0.0 and all(left[pp.key] == 1.0 for pp in plan.populations[1:])
+    status[(first.net, first.modes[0], "", first.first)] = "failed"
+    assert 0.0 < populations_left(plan, status)[first.key] < 1.0
 
 
 def test_dry_run_with_populations_in_flight_on_a_cpu(tmp_path: Path) -> None:

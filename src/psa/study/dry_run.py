@@ -114,6 +114,16 @@ def plan_rows(kind: ModelKind, plan: Plan, est: Estimate, data: Any,
     return rows
 
 
+def populations_left(plan: Plan, status: dict[tuple[str, str, str, int], str]) -> dict[str, float]:
+    """The part of each population (by key) whose trials are not 'done' in `status`: 0 or 1 as a
+    rule, as a population's trials finish together."""
+    left: dict[str, float] = {}
+    for pp in plan.populations:
+        trials = [(pp.net, m, vname, k) for k in pp.trials for m, vname, _ in pp.conditions()]
+        left[pp.key] = sum(1 for t in trials if status.get(t, "pending") != "done") / len(trials)
+    return left
+
+
 def plan_table(name: str, kind: ModelKind, rows: list[dict[str, Any]], alone: bool = False) -> Any:
     """The rows as a table for people; `alone`: each net's time is its populations' one after
     another, not their share of a run that keeps several in flight."""
@@ -147,7 +157,7 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
 
     design = plan.design
     n_todo = sum(r["todo"] for r in rows)
-    todo_time = est.startup_s + est.populations_s({r["arch"]: r["todo"] / r["trials"] for r in rows})
+    todo_time = est.startup_s + est.populations_s(populations_left(plan, existing.status if existing else {}))
     pm = f"+-{est.uncertainty * 100:.0f}%"
     flops = [r["flops"] for r in rows]
     lines = [

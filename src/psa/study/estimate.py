@@ -102,13 +102,16 @@ class Estimate:
 
     def populations_s(self, left: dict[str, float] | None = None) -> float:
         """The populations' wall time with `slots` in flight (schedule.in_flight_seconds), or
-        of the part `left` of each net (a fraction by net; absent: all of it) where a study
-        has some done already."""
+        of the part `left` of each population (a fraction by PopulationPlan.key; absent: all of
+        it) where a study has some done already. By population, not by net: a population's
+        trials finish together, so what is left of a net is some of its populations whole,
+        and with shares below 1 two whole populations in flight take twice as long as four
+        halves would."""
         if left is None:
             left = {}
-        if self.slots < 2 or not self.jobs:
-            return sum(s * left.get(net, 1.0) for net, s in self.per_net.items())
-        jobs = [dataclasses.replace(j, seconds=j.seconds * left.get(j.net, 1.0)) for j in self.jobs]
+        if not self.jobs:  # made without the plan's populations: all of it, one at a time
+            return sum(self.per_net.values())
+        jobs = [dataclasses.replace(j, seconds=j.seconds * left.get(j.key, 1.0)) for j in self.jobs]
         return in_flight_seconds([j for j in jobs if j.seconds > 0], self.slots, self.memory_budget)
 
     def describe(self) -> str:
@@ -275,7 +278,7 @@ def schedule_jobs(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, pro
     its probe's step time)."""
     measured = [(probes[net].step_s, s) for net, s in shares.items()]
     return tuple(Job(seconds[pp.key], pp.size * kind.bytes_per_member(pp.net, data, ex),
-                     shares.get(pp.net, interpolate_share(probes[pp.net].step_s, measured)), pp.net)
+                     shares.get(pp.net, interpolate_share(probes[pp.net].step_s, measured)), pp.net, pp.key)
                  for pp in plan.populations)
 
 
@@ -377,6 +380,7 @@ def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_
     spread = max(p.spread for p in probes.values()) if probes else 0.0
     shares = measure_shares(kind, ex, data, shapes, probes, slots, budget,
                             min(SHARE_BUDGET_S, SHARE_OF_STUDY * costs.total))
-    jobs = schedule_jobs(kind, ex, data, plan, probes, costs.seconds, shares) if slots > 1 else ()
+    # one slot too: the part left of a study partly done is counted by population
+    jobs = schedule_jobs(kind, ex, data, plan, probes, costs.seconds, shares)
     return Estimate(describe_device(ex.device), startup_s + warm_s, costs.per_net(plan), tuple(probes.values()),
                     max(MODEL_ERROR, spread), time.perf_counter() - t0, slots, shares, jobs, budget)

@@ -33,7 +33,8 @@ class Job:
     seconds: float  # its wall time alone on the device
     bytes: int = 0  # device memory it holds while in flight
     share: float = 1.0  # the part of the device it occupies alone, in (0, 1]
-    net: str = ""  # what it trains, for people and for a study's part left
+    net: str = ""  # what it trains, for people
+    key: str = ""  # its population's PopulationPlan.key, for a study's part left
 
 
 def in_flight_seconds(jobs: Sequence[Job], slots: int, budget: float | None = None) -> float:
