@@ -82,6 +82,22 @@ def test_the_backend_takes_the_first_loop_to_finish_not_the_oldest() -> None:
     assert slots_for(torch.device("cpu"), 3) == 3
 
 
+class _Broken:
+    def ready(self) -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_first_ready_neither_polls_one_loop_nor_waits_on_none_nor_raises_a_loops_error() -> None:
+    """One loop in flight: taken at once (its result() waits), not polled every 0.2 ms; no loop:
+    an error, not a wait forever; a loop whose ready() raises counts as finished, so that the
+    backend's handling of its result() records that population's failure."""
+    alone = _Pending(10**9)
+    assert first_ready([alone], wait=lambda: pytest.fail("polled one loop")) == 0 and alone.left == 10**9
+    with pytest.raises(ValueError):
+        first_ready([], wait=lambda: pytest.fail("waited on no loop"))
+    assert first_ready([_Pending(3), _Broken(), _Pending(0)], wait=lambda: pytest.fail("waited")) == 1
+
+
 @dataclasses.dataclass
 class _Data:
     train_x: torch.Tensor

@@ -33,10 +33,23 @@ def first_ready(pending: Sequence[Any], wait: Callable[[], None] = lambda: time.
     """The index of the first loop in `pending` that has finished (None counts as finished),
     looking again after each `wait` until one has. Waiting on the oldest instead would hold a
     small population's quick loops behind a big one's: on a card, eight populations in flight
-    would advance at the pace of the slowest."""
+    would advance at the pace of the slowest.
+
+    One loop alone is taken at once: its result() waits for the device, with nothing to poll
+    for (a study's tail is often one big population, whose loop takes seconds). A loop whose
+    ready() raises (a CUDA error the device reported) counts as finished: its result() raises
+    it again where the backend records that population's failure, rather than out of the
+    study. No loop at all is a caller's error, not a wait forever."""
+    if not pending:
+        raise ValueError("first_ready needs at least one loop in flight")
+    if len(pending) == 1:
+        return 0
     while True:
         for i, p in enumerate(pending):
-            if p is None or p.ready():
+            try:
+                if p is None or p.ready():
+                    return i
+            except Exception:  # noqa: BLE001 - re-raised by its result(), inside the backend's handling
                 return i
         wait()
 
