@@ -230,3 +230,24 @@ def test_shares_are_measured_for_shapes_spread_over_the_step_times(monkeypatch: 
     assert copies["e"] == 8  # memory unknown: every slot
     assert estimate.measure_shares(kind, SimpleNamespace(device=torch.device("cpu")), None, shapes, probes, 8,
                                    None) == {}
+
+
+def test_a_probe_on_a_busy_machine_never_prices_scoring_at_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the loop that scores the validation set takes no longer than the one that does not
+    (every timing equal here, as a busy machine's noise can make them), an image's scoring is
+    priced by the scoring loop's time over the images it passed forward, not at 0."""
+    from psa.core.device import resolve_execution
+    from psa.study import estimate
+    from psa.study.design import StudyDesign
+    from psa.study.kinds import model_kind
+    from psa.study.plan import make_plan
+    from psa.study.runner import cached_data, design_data_view
+
+    design = StudyDesign(nets=("1*8",), modes=("none",), trials=1, train_subset=512)
+    kind = model_kind(design)
+    device = torch.device("cpu")
+    data = design_data_view(kind, cached_data(design.dataset, None, device))
+    monkeypatch.setattr(estimate, "_timed", lambda fn, device: (fn(), 0.01)[1])
+    p = estimate.probe(kind, resolve_execution(device, "fp32"), data, make_plan(design, 1).populations[0], 0.05)
+    n_val = int(data.val_y.numel())
+    assert 0.01 / (n_val + 3 * 512) <= p.eval_image_s < 0.01 / n_val

@@ -198,7 +198,12 @@ def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, sec
         n_val = int(data.val_y.numel())
         scoring = trainer(s1, n_val)
         meta_loop(scoring)
-        eval_image_s = max(0.0, _timed(lambda: meta_loop(scoring), device) - m1) / n_val
+        t_scoring = _timed(lambda: meta_loop(scoring), device)
+        # a busy machine can make the difference nothing (scoring is never free): then the
+        # scoring loop's time shared by the images it passed forward (a training image's step
+        # is about three forwards)
+        eval_image_s = ((t_scoring - m1) / n_val if t_scoring > m1
+                        else t_scoring / (n_val + 3 * min(design.n_train, s1 * bs)))
     loop_extra_s = max(0.0, m1 - s1 * step_s)
     warmup_s = max(0.0, first - first_steps * step_s - loop_extra_s)
     with tempfile.TemporaryDirectory() as tmp:
