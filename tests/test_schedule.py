@@ -80,6 +80,8 @@ def test_the_backend_takes_the_first_loop_to_finish_not_the_oldest() -> None:
     assert first_ready([_Pending(0), _Pending(0)], wait=lambda: pytest.fail("waited")) == 0
     assert slots_for(torch.device("cpu"), None) == 1 and slots_for(torch.device("cuda"), None) == 8
     assert slots_for(torch.device("cpu"), 3) == 3
+    # a card's streams, one per population besides the side stream
+    assert slots_for(torch.device("cuda"), 100) == 31 and slots_for(torch.device("cpu"), 100) == 100
 
 
 class _Broken:

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from psa.core.device import Execution, describe_device, free_memory, new_streams, release_cached, side_stream
+from psa.core.device import (STREAM_POOL, Execution, describe_device, free_memory, new_streams, release_cached,
+                              side_stream)
 from psa.core.mlp.memory import FREE_MEMORY_FRACTION
 from psa.study.events import Event, PopulationFailed
 from psa.study.kinds import ModelKind
@@ -25,8 +26,11 @@ POLL_SECONDS = 2e-4
 
 def slots_for(device: torch.device, concurrency: int | None) -> int:
     """Populations in flight at once: `concurrency`, else 8 on a GPU (so that small populations
-    fill it together) and 1 elsewhere (one after another)."""
-    return concurrency or (8 if device.type == "cuda" else 1)
+    fill it together) and 1 elsewhere (one after another). On a GPU at most the streams there
+    are besides the side stream (STREAM_POOL - 1), one per population: the dry run simulates
+    the run with as many as the run will have."""
+    slots = concurrency or (8 if device.type == "cuda" else 1)
+    return min(slots, STREAM_POOL - 1) if device.type == "cuda" else slots
 
 
 def first_ready(pending: Sequence[Any], wait: Callable[[], None] = lambda: time.sleep(POLL_SECONDS)) -> int:
