@@ -128,6 +128,24 @@ def test_exports_that_cannot_be_one_study_are_refused(exported: Path, tmp_path: 
     assert rc == 2 and "no such file or directory" in one_line_error(err)
 
 
+def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path) -> None:
+    """An export edited by hand (a bounty or an LKG score that is not a number) is refused in one
+    line naming the file, the line and the value, not with a ValueError's traceback."""
+    for name, col, value in (("trials", "bounty", "abc"), ("trials", "trial", ""), ("meta_loops", "lkg_score", "zz")):
+        d = tmp_path / f"{name}-{col}"
+        d.mkdir()
+        for f in ("trials", "meta_loops"):
+            shutil.copy(exported / f"{f}.csv", d / f"{f}.csv")
+        header, *rows = list(csv.reader(open(d / f"{name}.csv", newline="")))
+        rows[1][header.index(col)] = value
+        with open(d / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        for cmd in ("report", "compare"):
+            rc, _, err = run_main([cmd, "--export", str(d), "--out", str(tmp_path / f"{cmd}-{name}-{col}")])
+            line = one_line_error(err)
+            assert rc == 2 and f"{name}.csv, line 3: {col} is {value!r}, not" in line, line
+
+
 def _outputs(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): p.read_text() for p in sorted((out / "tables").glob("*"))
             if p.suffix in (".csv", ".md")}
