@@ -128,6 +128,24 @@ def test_exports_that_cannot_be_one_study_are_refused(exported: Path, tmp_path: 
     assert rc == 2 and "no such file or directory" in one_line_error(err)
 
 
+def test_an_export_of_a_database_with_two_studies_asks_for_one(exported: Path, tmp_path: Path) -> None:
+    """psa export of a database holding two studies of one architecture writes both into one
+    trials.csv: refused as two studies of that file (pick one with --study), not as 'two exports'
+    naming the same file twice; --study then reads one."""
+    header, *rows = list(csv.reader(open(exported / "trials.csv", newline="")))
+    (tmp_path / "two").mkdir()
+    with open(tmp_path / "two" / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+        w.writerows([["again" if c == "study" else v for c, v in zip(header, r)] for r in rows])
+    rc, _, err = run_main(["report", "--export", str(tmp_path / "two"), "--out", str(tmp_path / "r")])
+    line = one_line_error(err)
+    assert rc == 2 and "two studies of" in line and "tiny and again" in line and "--study" in line
+    assert "two exports" not in line and not (tmp_path / "r").exists()
+    assert len(load_exports([tmp_path / "two"], study="again").trials) == len(load_exports([exported]).trials)
+
+
 def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path) -> None:
     """An export edited by hand (a bounty or an LKG score that is not a number) is refused in one
     line naming the file, the line and the value, not with a ValueError's traceback."""

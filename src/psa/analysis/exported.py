@@ -144,7 +144,7 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
     trials: list[Trial] = []
     incomplete: list[dict] = []
     done: dict[tuple[int, str, str], tuple[str, str, int]] = {}
-    where: dict[tuple[str, str, int], Path] = {}
+    where: dict[tuple[str, str, int], tuple[Path, str]] = {}
     archs: list[str] = []
     labels: list[str] = []
     studies: list[str] = []
@@ -177,9 +177,13 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
             loops = max(loops or 0, int(r["meta_loops"]))
         if r["status"] == "done" and r["bounty"] != "":
             if key in where:
-                raise ReportError(f"trial {key[2]} of {arch} {label} is in two exports ({where[key]} and "
+                first, other = where[key]
+                if first == tfile and other != r["study"]:  # one export of a database with several studies
+                    raise ReportError(f"trial {key[2]} of {arch} {label} is in two studies of {tfile} ({other} and "
+                                      f"{r['study']}): choose one with --study")
+                raise ReportError(f"trial {key[2]} of {arch} {label} is in two exports ({first} and "
                                   f"{tfile}): give each trial once")
-            where[key] = tfile
+            where[key] = (tfile, r["study"])
             trials.append(Trial(arch, label, key[2], float(r["bounty"]), _opt_int(r.get("bounty_loop")),
                                 _opt_float(r.get("test_acc")), _opt_int(r.get("seed")), r.get("variant") or ""))
             done[(i, r["study"], r["trial_id"])] = key
