@@ -109,6 +109,38 @@ def test_slices_of_an_export_concatenate_to_the_whole(reference: Path, exported:
     assert {k[0] for k in parts.curves} == {"1*8"}
 
 
+def test_slices_of_different_meta_loops_tabulate_without_warnings(exported: Path, tmp_path: Path) -> None:
+    """Two exports read as one whose studies ran 6 and 3 meta-loops: the LKG tables leave the
+    loops a cell never ran empty, and numpy's 'Mean of empty slice' warning (which psa report
+    printed three times on stderr) does not fire."""
+    import warnings
+
+    from psa.analysis.findings import analyse
+    from psa.analysis.tables import table_lkg
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("trials", "meta_loops"):
+        _split(exported / f"{name}.csv", tmp_path / "a", f"s1.{name}", lambda a: a == "1*8")
+    header, *rows = list(csv.reader(open(exported / "meta_loops.csv", newline="")))
+    with gzip.open(tmp_path / "b" / "s2.meta_loops.csv.gz", "wt", newline="") as g:
+        csv.writer(g).writerows([header, *(r for r in rows if r[header.index("arch")] == "2*8"
+                                           and int(r[header.index("loop")]) <= 3)])
+    header, *rows = list(csv.reader(open(exported / "trials.csv", newline="")))
+    with gzip.open(tmp_path / "b" / "s2.trials.csv.gz", "wt", newline="") as g:
+        csv.writer(g).writerows([header, *([v if c != "meta_loops" else "3" for c, v in zip(header, r)]
+                                           for r in rows if r[header.index("arch")] == "2*8")])
+    data = load_exports([tmp_path / "a", tmp_path / "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        growth, _, _, conv_long = table_lkg(analyse(data, 11.02, "test", n_boot=10))
+    by_arch = {r["arch"]: r for r in growth.raw if r["mode"] == "none"}
+    assert np.isfinite(by_arch["2*8"]["lkg_loop1"]) and np.isnan(by_arch["2*8"]["lkg_loop6"])
+    assert np.isfinite(by_arch["1*8"]["lkg_loop6"])
+    past = [r["lkg_mean"] for r in conv_long if r["arch"] == "2*8" and r["mode"] == "none" and r["loop"] > 3]
+    assert len(past) == 3 and all(np.isnan(past))
+
+
 def test_exports_that_cannot_be_one_study_are_refused(exported: Path, tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="two exports"):
         load_exports([exported / "trials.csv", _gzip(exported / "trials.csv", tmp_path / "again.trials.csv.gz")])
@@ -126,6 +158,42 @@ def test_exports_that_cannot_be_one_study_are_refused(exported: Path, tmp_path: 
         load_exports([tmp_path / "bad.trials.csv"])
     rc, _, err = run_main(["compare", "--export", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "c")])
     assert rc == 2 and "no such file or directory" in one_line_error(err)
+
+
+def test_an_export_of_a_database_with_two_studies_asks_for_one(exported: Path, tmp_path: Path) -> None:
+    """psa export of a database holding two studies of one architecture writes both into one
+    trials.csv: refused as two studies of that file (pick one with --study), not as 'two exports'
+    naming the same file twice; --study then reads one."""
+    header, *rows = list(csv.reader(open(exported / "trials.csv", newline="")))
+    (tmp_path / "two").mkdir()
+    with open(tmp_path / "two" / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+        w.writerows([["again" if c == "study" else v for c, v in zip(header, r)] for r in rows])
+    rc, _, err = run_main(["report", "--export", str(tmp_path / "two"), "--out", str(tmp_path / "r")])
+    line = one_line_error(err)
+    assert rc == 2 and "two studies of" in line and "tiny and again" in line and "--study" in line
+    assert "two exports" not in line and not (tmp_path / "r").exists()
+    assert len(load_exports([tmp_path / "two"], study="again").trials) == len(load_exports([exported]).trials)
+
+
+def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path) -> None:
+    """An export edited by hand (a bounty or an LKG score that is not a number) is refused in one
+    line naming the file, the line and the value, not with a ValueError's traceback."""
+    for name, col, value in (("trials", "bounty", "abc"), ("trials", "trial", ""), ("meta_loops", "lkg_score", "zz")):
+        d = tmp_path / f"{name}-{col}"
+        d.mkdir()
+        for f in ("trials", "meta_loops"):
+            shutil.copy(exported / f"{f}.csv", d / f"{f}.csv")
+        header, *rows = list(csv.reader(open(d / f"{name}.csv", newline="")))
+        rows[1][header.index(col)] = value
+        with open(d / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        for cmd in ("report", "compare"):
+            rc, _, err = run_main([cmd, "--export", str(d), "--out", str(tmp_path / f"{cmd}-{name}-{col}")])
+            line = one_line_error(err)
+            assert rc == 2 and f"{name}.csv, line 3: {col} is {value!r}, not" in line, line
 
 
 def _outputs(out: Path) -> dict[str, str]:

@@ -116,3 +116,35 @@ def test_export_out_an_existing_file(tmp_path: Path) -> None:
     rc, out, err = run_main(["export", "--db", "s.sqlite", "--out", "afile", "--format", "csv"], tmp_path)
     assert rc == 2 and "--out afile exists and is not a directory" in one_line_error(err)
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_an_export_that_fails_half_way_leaves_the_previous_one_whole(tmp_path: Path, monkeypatch) -> None:
+    """The meta-loops file fails to write (a full disk): the trials file written before it is not
+    renamed over the previous export's, which would pair a new snapshot's trials with an older
+    one's meta-loops; no temporary file stays."""
+    import errno
+
+    from psa.study import export as export_module
+
+    from .report_helpers import make_db
+
+    make_db(tmp_path / "s.sqlite", ["1*8"], trials=2, loops=2)
+    (tmp_path / "exp").mkdir()
+    for name in ("trials.csv", "meta_loops.csv"):
+        (tmp_path / "exp" / name).write_text(f"the previous export's {name}\n")
+    write_csv = export_module._write_csv
+
+    def full_disk(path: Path, header, rows) -> int:
+        if "meta_loops" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_csv(path, header, rows)
+
+    monkeypatch.setattr(export_module, "_write_csv", full_disk)
+    rc, out, err = run_main(["export", "--db", "s.sqlite", "--out", "exp", "--format", "csv"], tmp_path)
+    assert rc == 2 and "No space left on device" in one_line_error(err)
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["meta_loops.csv", "trials.csv"]
+    for name in ("trials.csv", "meta_loops.csv"):
+        assert (tmp_path / "exp" / name).read_text() == f"the previous export's {name}\n"
+    monkeypatch.setattr(export_module, "_write_csv", write_csv)
+    rc, out, err = run_main(["export", "--db", "s.sqlite", "--out", "exp", "--format", "csv"], tmp_path)
+    assert rc == 0 and (tmp_path / "exp" / "trials.csv").read_text().startswith("study,")

@@ -41,6 +41,12 @@ from psa.study.design import MODULE_MODEL
 
 TRIAL_COLUMNS = ("study", "trial_id", "arch", "mode", "trial", "status", "bounty")
 LOOP_COLUMNS = ("study", "trial_id", "loop", "candidate_acc", "lkg_score", "promoted")
+# the numeric columns the loader converts (None where a row may leave one empty): a file edited
+# by hand is refused in one line naming the value, not with a ValueError's traceback
+TRIAL_NUMBERS = {"trial": int, "bounty": float, "bounty_loop": int, "test_acc": float, "seed": int,
+                 "meta_loops": int, "loops_done": int}
+LOOP_NUMBERS = {"loop": int, "candidate_acc": float, "lkg_score": float, "promoted": int, "diverged": int}
+FILLED = ("trial", "loop", "lkg_score", "promoted")
 SUFFIXES = ("trials.csv", "trials.csv.gz")
 
 
@@ -103,6 +109,21 @@ def _rows(path: Path, required: Sequence[str]) -> Iterator[dict[str, str]]:
             raise ReportError(f"cannot read {path}: {e}") from None
 
 
+def _bad_value(path: Path, line: int, row: dict[str, str], numbers: dict[str, type]) -> ReportError | None:
+    """The error for the first of `numbers`' columns whose value in `row` is not of its type (empty
+    is allowed outside FILLED), or None when every one is."""
+    for col, kind in numbers.items():
+        text = row.get(col)
+        if text is None or (text == "" and col not in FILLED):
+            continue
+        try:
+            kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            return ReportError(f"{path}, line {line}: {col} is {text!r}, not {what}")
+    return None
+
+
 def _opt_int(text: str | None) -> int | None:
     return None if text in (None, "") else int(text)
 
@@ -123,7 +144,7 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
     trials: list[Trial] = []
     incomplete: list[dict] = []
     done: dict[tuple[int, str, str], tuple[str, str, int]] = {}
-    where: dict[tuple[str, str, int], Path] = {}
+    where: dict[tuple[str, str, int], tuple[Path, str]] = {}
     archs: list[str] = []
     labels: list[str] = []
     studies: list[str] = []
@@ -133,8 +154,10 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
     n_trials, loops = 0, None
     rows: list[tuple[int, Path, dict[str, str]]] = []
     for i, (tfile, _) in enumerate(files):
-        for r in _rows(tfile, TRIAL_COLUMNS):
+        for line, r in enumerate(_rows(tfile, TRIAL_COLUMNS), 2):
             if study is None or r["study"] == study:
+                if (bad := _bad_value(tfile, line, r, TRIAL_NUMBERS)) is not None:
+                    raise bad
                 rows.append((i, tfile, r))
                 archs.append(_short(r["arch"]))
                 studies.append(r["study"])
@@ -154,9 +177,13 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
             loops = max(loops or 0, int(r["meta_loops"]))
         if r["status"] == "done" and r["bounty"] != "":
             if key in where:
-                raise ReportError(f"trial {key[2]} of {arch} {label} is in two exports ({where[key]} and "
+                first, other = where[key]
+                if first == tfile and other != r["study"]:  # one export of a database with several studies
+                    raise ReportError(f"trial {key[2]} of {arch} {label} is in two studies of {tfile} ({other} and "
+                                      f"{r['study']}): choose one with --study")
+                raise ReportError(f"trial {key[2]} of {arch} {label} is in two exports ({first} and "
                                   f"{tfile}): give each trial once")
-            where[key] = tfile
+            where[key] = (tfile, r["study"])
             trials.append(Trial(arch, label, key[2], float(r["bounty"]), _opt_int(r.get("bounty_loop")),
                                 _opt_float(r.get("test_acc")), _opt_int(r.get("seed")), r.get("variant") or ""))
             done[(i, r["study"], r["trial_id"])] = key
@@ -209,10 +236,14 @@ def _loop_rows(files: Sequence[tuple[Path, Path | None]], done: dict, study: str
     for i, (_, lfile) in enumerate(files):
         if lfile is None:
             continue
-        for r in _rows(lfile, LOOP_COLUMNS):
+        for line, r in enumerate(_rows(lfile, LOOP_COLUMNS), 2):
             key = (i, r["study"], r["trial_id"])
             if key not in done or (study is not None and r["study"] != study):
                 continue
-            yield (key, int(r["loop"]), _opt_float(r["candidate_acc"]), float(r["lkg_score"]),
-                   int(r["promoted"]), int(r.get("diverged") or 0))
+            try:  # checked only when a conversion fails: the paper's study has 588,000 rows
+                row = (key, int(r["loop"]), _opt_float(r["candidate_acc"]), float(r["lkg_score"]),
+                       int(r["promoted"]), int(r.get("diverged") or 0))
+            except ValueError:
+                raise _bad_value(lfile, line, r, LOOP_NUMBERS) or ReportError(f"{lfile}, line {line}: bad row") from None
+            yield row
 

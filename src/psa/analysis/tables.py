@@ -414,10 +414,9 @@ def table_lkg(A: Analysis) -> tuple[Table, Table, list[dict], list[dict]]:
             lkg = _stack([c.lkg for _, c in cc], n_loops)
             cand = _stack([c.candidate for _, c in cc], n_loops)
             prom = [int(c.promoted.sum()) for _, c in cc]
-            lkg_at = {c: float(np.nanmean(lkg[:, c - 1])) for c in checks}
-            cand_at = {c: float(np.nanmean(cand[:, c - 1])) if np.isfinite(cand[:, c - 1]).any() else math.nan
-                       for c in checks}
-            gain = float(np.nanmean(lkg[:, -1] - lkg[:, mid - 1])) if n_loops else math.nan
+            lkg_at = {c: _nanmean(lkg[:, c - 1]) for c in checks}
+            cand_at = {c: _nanmean(cand[:, c - 1]) for c in checks}
+            gain = _nanmean(lkg[:, -1] - lkg[:, mid - 1]) if n_loops else math.nan
             g_rows.append([a, m, str(len(cc)), f"{np.mean(prom):.1f}", *[f2(lkg_at[c]) for c in checks], f2(gain)])
             g_raw.append({"arch": a, "mode": m, "curves": len(cc), "mean_promotions": float(np.mean(prom)),
                           **{f"lkg_loop{c}": lkg_at[c] for c in checks}, f"gain_after_loop{mid}": gain})
@@ -440,7 +439,7 @@ def table_lkg(A: Analysis) -> tuple[Table, Table, list[dict], list[dict]]:
                                   "candidate_mean": float(fin.mean()) if fin.size else None,
                                   "candidate_min": float(fin.min()) if fin.size else None,
                                   "candidate_max": float(fin.max()) if fin.size else None,
-                                  "lkg_mean": float(np.nanmean(lkg[:, i]))})
+                                  "lkg_mean": _nanmean(lkg[:, i])})
     src = A.data.curves_note or "per-loop records"
     growth = Table("lkg_growth", "LKG growth: mean LKG score (%) at chosen meta-loops",
                    ["Architecture", "Mode", "Curves", "Promotions", *[f"LKG @{c}" for c in checks],
@@ -451,6 +450,12 @@ def table_lkg(A: Analysis) -> tuple[Table, Table, list[dict], list[dict]]:
                   f"Bounty after loop {mid}"], c_rows,
                  [f"From {src}.", "Every loop: convergence_per_loop.csv."], c_raw, html_collapsed=True)
     return growth, conv, growth_long, conv_long
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """np.nanmean, and NaN without its RuntimeWarning where nothing is finite: no candidate scored,
+    or loops past a cell's last (exports of studies with fewer meta-loops, read as one)."""
+    return float(np.nanmean(x)) if np.isfinite(x).any() else math.nan
 
 
 def _stack(arrays: Sequence[np.ndarray], n: int) -> np.ndarray:

@@ -1,12 +1,14 @@
 """`psa export`: a results database's trials and meta-loops as CSV and Parquet files, from one
-read snapshot (a study may be running), each file written under a temporary name and renamed."""
+read snapshot (a study may be running), each file written under a temporary name and all of them
+renamed once every one is written."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ def _csv_value(v: Any) -> Any:
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
     n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for r in rows:
@@ -75,7 +77,7 @@ def _write_parquet(path: Path, columns: Sequence[tuple[str, str]], rows: Iterabl
     types = {"TEXT": pa.string(), "INTEGER": pa.int64(), "REAL": pa.float64()}
     schema = pa.schema([(c, types[t]) for c, t in columns])
     n = 0
-    with atomic_path(path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
+    with pq.ParquetWriter(str(path), schema) as writer:
         batch: list[Sequence[Any]] = []
 
         def flush() -> None:
@@ -94,6 +96,15 @@ def _write_parquet(path: Path, columns: Sequence[tuple[str, str]], rows: Iterabl
     return n
 
 
+@contextlib.contextmanager
+def _renaming_errors(out: Path) -> Iterator[None]:
+    """A rename of the finished files that fails is one line too (their writes say their own)."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(f"cannot move the exported files into {out}: {e.strerror or e}") from None
+
+
 def export(
     con: sqlite3.Connection,
     out_dir: str | os.PathLike,
@@ -103,7 +114,10 @@ def export(
     """Write trials.{csv,parquet} and meta_loops.{csv,parquet} into `out_dir`; returns rows per file.
 
     All files come from one read snapshot (a study may be running), each written under a
-    temporary name and renamed into place. Every study unless `study` names one.
+    temporary name; they are renamed into place only once all are written, so that an export
+    that fails half-way (a full disk, Ctrl-C) leaves the previous export's files as they were,
+    not a new trials file beside an older snapshot's meta-loops. Every study unless `study`
+    names one.
     """
     out = Path(out_dir)
     if "parquet" in formats:
@@ -133,17 +147,21 @@ def export(
     counts: dict[str, int] = {}
     con.execute("BEGIN")  # one snapshot for every file
     try:
-        for name, query, columns in (("trials", trials_q, TRIAL_EXPORT), ("meta_loops", loops_q, META_LOOP_EXPORT)):
-            for fmt in formats:
-                path = out / f"{name}.{fmt}"
-                rows = (tuple(r) for r in con.execute(query, ids))
-                try:
-                    if fmt == "csv":
-                        counts[str(path)] = _write_csv(path, [c for c, _ in columns], rows)
-                    else:
-                        counts[str(path)] = _write_parquet(path, columns, rows)
-                except OSError as e:
-                    raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+        # each temporary file is renamed when the stack closes without an error, else removed
+        with _renaming_errors(out), contextlib.ExitStack() as renames:
+            for name, query, columns in (("trials", trials_q, TRIAL_EXPORT),
+                                         ("meta_loops", loops_q, META_LOOP_EXPORT)):
+                for fmt in formats:
+                    path = out / f"{name}.{fmt}"
+                    rows = (tuple(r) for r in con.execute(query, ids))
+                    try:
+                        tmp = renames.enter_context(atomic_path(path))
+                        if fmt == "csv":
+                            counts[str(path)] = _write_csv(tmp, [c for c, _ in columns], rows)
+                        else:
+                            counts[str(path)] = _write_parquet(tmp, columns, rows)
+                    except OSError as e:
+                        raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         con.execute("COMMIT")
     return counts
