@@ -105,3 +105,31 @@ def test_compare_published_against_seed_and_itself(published_compare, tmp_path):
     assert "consistent at alpha = 0.01: 588/588" in stdout and "regimes agreeing (published rules): 98/98" in stdout
     assert len(stdout.splitlines()) < 25  # one screen
 
+
+
+def test_compare_says_where_the_design_is_not_the_papers(full_db, tmp_path):
+    """A study of another design than the paper's (fewer meta-loops, another learning rate,
+    decay where the paper has none, a subset of the images) is compared all the same, with a
+    line that says so; the paper's own design gets no such line."""
+    from psa.analysis.results import design_departures
+
+    from .report_helpers import make_db
+
+    paper = [{"mode": m, "meta_loops": 100, "lr": 1e-4, "batch_size": 256, "dataset": "mnist",
+              "weight_decay": 1e-4 if m == "decay" else 0.0, "dropout": 0.1 if m == "dropout" else 0.0}
+             for m in ("none", "decay", "dropout", "full")]
+    assert design_departures(paper) == []
+    other = [*paper, {**paper[0], "weight_decay": 0.01, "lr": "0.001"}, {**paper[1], "dataset": "mnist[train:512]"}]
+    assert design_departures(other) == ["lr 0.001 (the paper's: 0.0001)",
+                                        "weight_decay outside decay mode 0.01 (the paper's: 0)",
+                                        "trained on mnist[train:512] (the paper's: all 50,000 MNIST training images)"]
+    path = tmp_path / "paper.sqlite"
+    make_db(path, ["1*32"], modes=["none", "full"], trials=2, loops=100)
+    rc, stdout, err = run(["compare", "--db", str(path), "--out", str(tmp_path / "p"), "--zero-r", "11.02"])
+    assert rc == 0, err
+    assert "not the paper's design" not in stdout
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["departures"] == []
+    rc, stdout, err = run(["compare", "--db", str(full_db[0]), "--out", str(tmp_path / "f"), "--zero-r", "11.02"])
+    assert rc == 0, err
+    assert "not the paper's design: meta_loops 20 (the paper's: 100); cells may differ for that alone" in stdout
+    assert json.loads((tmp_path / "f" / "manifest.json").read_text())["departures"] == ["meta_loops 20 (the paper's: 100)"]

@@ -247,6 +247,8 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
                f"  against the {ref_label}; alpha = {opt.alpha:g}; ZeroR {zero_r:.2f}% ({zsrc})",
                f"cells compared: {n} (reference has {len(ref_cells)}; {len(ref_cells - ours_cells)} of them missing in "
                f"ours; {len(ours_cells - ref_cells)} of ours without a reference)"]
+    if data.departures:
+        verdict.insert(2, f"  not the paper's design: {'; '.join(data.departures)}; cells may differ for that alone")
     if n:
         verdict.append(f"consistent at alpha = {opt.alpha:g}: {len(ok)}/{n} ({100 * len(ok) / n:.1f}%); "
                        f"if every cell agreed, about {opt.alpha * n:.1f} would be flagged by chance")
@@ -274,5 +276,5 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
                "alpha": opt.alpha, "cells": n, "consistent": len(ok), "consistent_holm": len(ok_holm),
                "by_test": {t: [sum(c.consistent(opt.alpha) for c in cs), len(cs)] for t, cs in by_test.items()},
                "regimes_compared": len(regimes.archs), "regimes_agree": len(regimes.agree),
-               "regimes_differ": disagree, "worst": [asdict(c) for c in worst]}
+               "regimes_differ": disagree, "worst": [asdict(c) for c in worst], "departures": data.departures}
     return verdict, summary

@@ -31,6 +31,7 @@ from psa.analysis.results import (
     _seeds_paired,
     _short,
     condition_label,
+    design_departures,
     load_data,
     order_archs,
     short_list,
@@ -44,7 +45,10 @@ LOOP_COLUMNS = ("study", "trial_id", "loop", "candidate_acc", "lkg_score", "prom
 # the numeric columns the loader converts (None where a row may leave one empty): a file edited
 # by hand is refused in one line naming the value, not with a ValueError's traceback
 TRIAL_NUMBERS = {"trial": int, "bounty": float, "bounty_loop": int, "test_acc": float, "seed": int,
-                 "meta_loops": int, "loops_done": int}
+                 "meta_loops": int, "loops_done": int, "lr": float, "batch_size": int, "weight_decay": float,
+                 "dropout": float}
+# what says whether the trials ran the paper's design (results.design_departures)
+DESIGN_COLUMNS = ("mode", "meta_loops", "lr", "batch_size", "weight_decay", "dropout", "dataset")
 LOOP_NUMBERS = {"loop": int, "candidate_acc": float, "lkg_score": float, "promoted": int, "diverged": int}
 FILLED = ("trial", "loop", "lkg_score", "promoted")
 SUFFIXES = ("trials.csv", "trials.csv.gz")
@@ -227,6 +231,7 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
         incomplete=incomplete,
         notes=notes,
         curves_note=f"per-loop records of {len(curves)} finished trials",
+        departures=design_departures({k: r.get(k) for k in DESIGN_COLUMNS} for _, _, r in rows),
     )
 
 

@@ -100,6 +100,8 @@ class StudyData:
     # the study's stored design JSON as text: its plan holds what a module study built (the
     # persistence verdicts psa.analysis.persistence reads); None for the published data
     design_text: str | None = None
+    # how its trials' hyperparameters and data depart from the paper's (design_departures)
+    departures: list[str] = field(default_factory=list)
 
     @property
     def io(self) -> tuple[int, int]:
@@ -354,7 +356,38 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
         curves_note=f"per-loop records of {len(curves)} finished trials",
         dataset_info=None if info is None else dict(info),
         design_text=row["design"],
+        departures=design_departures(trows),
     )
+
+
+def design_departures(rows: Iterable[Mapping]) -> list[str]:
+    """How trials (rows with mode, meta_loops, lr, batch_size, weight_decay, dropout and
+    dataset, as the trials table and psa export hold them) depart from the paper's design
+    (Table VI: psa.core.hparams.HParams' defaults; decay and dropout in their own modes only,
+    all 50,000 training images), one phrase each; empty for the paper's design. A comparison
+    with the published study then differs for that alone."""
+    from psa.core.hparams import HParams
+
+    paper = HParams()
+    seen: dict[str, set] = defaultdict(set)
+    for r in rows:
+        mode = str(r["mode"])
+        for key, want in (("meta_loops", paper.meta_loops), ("lr", paper.lr), ("batch_size", paper.batch_size),
+                          ("weight_decay", paper.weight_decay if mode == "decay" else 0.0),
+                          ("dropout", paper.dropout if mode == "dropout" else 0.0)):
+            value = r[key]
+            if value is None or value == "":
+                continue
+            got = float(value)
+            if not np.isclose(got, want, rtol=1e-9, atol=0.0):
+                name = key if key in ("meta_loops", "lr", "batch_size") or mode in ("decay", "dropout") else \
+                    f"{key} outside {'decay' if key == 'weight_decay' else 'dropout'} mode"
+                seen[name].add((f"{got:g}", f"{want:g}"))
+        dataset = str(r["dataset"] or "mnist")
+        if dataset != "mnist":
+            seen["trained on"].add((dataset, "all 50,000 MNIST training images"))
+    return [f"{name} {', '.join(sorted(g for g, _ in pairs))} (the paper's: {next(iter(pairs))[1]})"
+            for name, pairs in seen.items()]
 
 
 def condition_label(mode: str, variant: str | None) -> str:

@@ -535,7 +535,8 @@ def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
     # a database from before variants has no variant column: all its trials are the paper's engine
     variant = "variant" if "variant" in {r[1] for r in con.execute("PRAGMA table_info(trials)")} else "NULL AS variant"
     return con.execute(
-        f"SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset, {variant} "
+        f"SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset, {variant}, "
+        "meta_loops, lr, batch_size, weight_decay, dropout "
         "FROM trials WHERE study_id=? ORDER BY arch, mode, variant, trial", (study_id,)).fetchall()
 
 
