@@ -82,7 +82,7 @@ def test_dry_run_writes_nothing(reference: Path, tmp_path: Path) -> None:
     assert file_digest(db) == before and not checkpoint_root(db).exists()
     rc, out, err = run_main(["study", "--arch", "1*8", "--trials", "1", "--dry-run", "--db", "fresh.sqlite"],
                             tmp_path)
-    assert rc == 0 and not (tmp_path / "fresh.sqlite").exists()
+    assert rc == 0 and not (tmp_path / "fresh.sqlite").exists() and "(1 architecture x" in out
 
 
 def test_dry_run_json_has_the_estimate_and_its_terms(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ from psa.study.design import DesignError, StudyDesign
 from psa.study.estimate import calibrate
 from psa.study.eta import RunPace
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
-from psa.study.kinds import ModelKind, model_kind
+from psa.study.kinds import ModelKind, count_nets, model_kind
 from psa.study.lock import StudyLock, checkpoint_root
 from psa.study.options import RunOptions, StudyError
 from psa.study.plan import Plan, PopulationPlan, make_plan
@@ -130,7 +130,7 @@ def check_dataset(con: Any, study_id: int, name: str, data: Dataset) -> None:
     if row["name"] != data.name or row["checksum"] != data.checksum:
         raise StudyError(f"study {name!r} was created with data set {row['name']} (checksum {row['checksum'][:12]}), "
                          f"but {data.name} from {data.source} has checksum {data.checksum[:12]}: "
-                         f"refusing to mix them (pass --name to start a new study)")
+                         f"refusing to mix them (give another --name to start a new study)")
 
 
 def default_population_size(kind: ModelKind, opt: RunOptions, device: torch.device) -> int:
@@ -166,8 +166,8 @@ def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions
     meta-loops each net has recorded)."""
     design = kind.design
     if row["design_hash"] != design.digest():
-        raise StudyError(f"study {name!r} in {db} was created with a different design "
-                         f"({_design_difference(stored_design(row), design)}); pass --name to start a new study")
+        raise StudyError(f"study {name!r} in {db} was created with a different design ("
+                         f"{_design_difference(stored_design(row), design)}); give another --name to start a new study")
     stored_plan = stored_design(row).get("plan", {})
     size = int(stored_plan.get("chunk", 0)) or None  # the population size, under its old name
     if size is None:
@@ -551,7 +551,7 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
     design = study.design
     assert study.plan is not None
     progress.print(
-        f"study [bold]{study.name}[/]: {len(design.nets)} {study.kind.noun} x {design.conditions_text()} x "
+        f"study [bold]{study.name}[/]: {count_nets(study.kind, len(design.nets))} x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
         f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
         f"{device_desc}; {study.db}")

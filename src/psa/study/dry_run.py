@@ -15,7 +15,7 @@ from psa.study.design import StudyDesign
 from psa.study.driver import StoredPlan, check_stored, default_population_size, recorded_loops, study_precision
 from psa.study.estimate import Estimate, estimate, process_overhead
 from psa.study.backends.local import slots_for
-from psa.study.kinds import ModelKind, model_kind
+from psa.study.kinds import ModelKind, count_nets, model_kind
 from psa.study.options import RunOptions
 from psa.study.plan import Plan, make_plan
 from psa.study.runner import cached_data, design_data_view
@@ -161,7 +161,7 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
     pm = f"+-{est.uncertainty * 100:.0f}%"
     flops = [r["flops"] for r in rows]
     lines = [
-        f"{design.n_trials} trials ({len(design.nets)} {kind.noun} x {design.conditions_text()} x "
+        f"{design.n_trials} trials ({count_nets(kind, len(design.nets))} x {design.conditions_text()} x "
         f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
         f"{len(plan.populations)} populations of at most {plan.population_size} members, "
         f"{design.hparams.meta_loops} meta-loops each; inputs {tuple(data.train_x.shape[1:])}",

@@ -215,3 +215,8 @@ def model_kind(design: StudyDesign) -> ModelKind:
 
         return ModuleModels(design)
     return OwnNets(design)
+
+
+def count_nets(kind: ModelKind, n: int) -> str:
+    """`n` of a kind's nets, for people: "1 architecture", "3 architectures"."""
+    return f"{n} {kind.noun if n != 1 else kind.noun[:-1]}"

@@ -242,7 +242,7 @@ class ModuleModels:
                 raise StudyError(f"study {name!r}: {f} now builds another model ({info.layers}, "
                                  f"{info.params:,} parameters) than the study was created with "
                                  f"({was.get('layers', '?')}, {was.get('params', '?')} parameters): refusing to mix "
-                                 f"them (pass --name to start a new study)")
+                                 f"them (give another --name to start a new study)")
             self.batching[f] = ((bool(was["batched"]), str(was.get("batching", ""))) if "batched" in was
                                 else BATCHED_BEFORE_AUTO)
             if opt.batched == "auto" or self.batching[f][0] == (opt.batched == "yes"):
