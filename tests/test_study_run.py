@@ -85,13 +85,18 @@ def test_dry_run_writes_nothing(reference: Path, tmp_path: Path) -> None:
     assert rc == 0 and not (tmp_path / "fresh.sqlite").exists() and "(1 architecture x" in out
 
 
-def test_dry_run_json_has_the_estimate_and_its_terms(tmp_path: Path) -> None:
+def test_dry_run_json_has_the_estimate_and_its_terms(reference: Path, tmp_path: Path) -> None:
     """--dry-run --json: the plan and an estimate built from one probe per architecture (its
-    largest population), with its uncertainty; the table goes to stderr. --json alone is a
-    usage error."""
+    largest population), with its uncertainty, and what is left (all of a new study, nothing
+    of a finished one); the table goes to stderr. --json alone is a usage error."""
     rc, out, err = run_main(["study", *TINY, "--db", "j.sqlite", "--dry-run", "--json"], tmp_path)
     assert rc == 0 and "calibration:" in err and not (tmp_path / "j.sqlite").exists()
     plan = json.loads(out)
+    assert plan["todo_trials"] == TINY_TRIALS and plan["todo_seconds"] == pytest.approx(plan["seconds"])
+    (tmp_path / "done.sqlite").write_bytes(reference.read_bytes())
+    rc, out, err = run_main(["study", *TINY, "--db", "done.sqlite", "--dry-run", "--json"], tmp_path)
+    done = json.loads(out)
+    assert rc == 0 and done["todo_trials"] == 0 and done["todo_seconds"] == pytest.approx(done["startup_seconds"])
     probes = {p["arch"]: p for p in plan["probes"]}
     assert sorted(probes) == ["1*8", "2*8"] and all(p["members"] == 6 for p in probes.values())
     assert all(p["step_s"] > 0 and p["eval_image_s"] > 0 for p in plan["probes"])

@@ -66,6 +66,10 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
                              "key": p.key} for p in plan.populations],
             "architectures": rows, "flops": None if None in flops else sum(flops), "seconds": est.total,
             "sequential_seconds": est.sequential, "in_flight": est.slots, "shares": est.shares,
+            # what is left of a study that exists (the whole of a new one)
+            "todo_seconds": est.startup_s + est.populations_s(
+                populations_left(plan, existing.status if existing is not None else {})),
+            "todo_trials": sum(r["todo"] for r in rows),
             "uncertainty": est.uncertainty, "startup_seconds": est.startup_s,
             "calibration_seconds": est.calibration_s,
             "probes": [{"arch": p.net, **{k: v for k, v in dataclasses.asdict(p).items() if k != "net"}}
