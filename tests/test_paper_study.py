@@ -131,6 +131,8 @@ def test_slices_of_different_meta_loops_tabulate_without_warnings(exported: Path
         csv.writer(g).writerows([header, *([v if c != "meta_loops" else "3" for c, v in zip(header, r)]
                                            for r in rows if r[header.index("arch")] == "2*8")])
     data = load_exports([tmp_path / "a", tmp_path / "b"])
+    assert "the exports ran different designs: meta_loops 3 and 6" in data.notes
+    assert "different designs" not in " ".join(load_exports([tmp_path / "a"]).notes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         growth, _, _, conv_long = table_lkg(analyse(data, 11.02, "test", n_boot=10))

@@ -217,6 +217,12 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
     notes = []
     if len(names) > 1:
         notes.append(f"{len(names)} exported studies read as one: {short_list(names)}")
+    # slices of one design agree on these; exports of different designs read as one would mix
+    # in silence what their cells mean
+    mixed = {c: sorted({float(r[c]) for _, _, r in rows if r.get(c)}) for c in ("meta_loops", "lr", "batch_size")}
+    if any(len(v) > 1 for v in mixed.values()):
+        notes.append("the exports ran different designs: " + "; ".join(
+            f"{c} {' and '.join(f'{x:g}' for x in v)}" for c, v in mixed.items() if len(v) > 1))
     if trials and not paired:
         notes.append("trial k of different modes does not share one seed everywhere: paired tests pair by trial index")
     source = (f"exported study {names[0]!r}" if len(names) == 1 else f"{len(names)} exported studies") + f" ({label})"
