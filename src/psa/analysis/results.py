@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -360,8 +361,8 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
     )
 
 
-def design_departures(rows: Iterable[Mapping]) -> list[str]:
-    """How trials (rows with mode, meta_loops, lr, batch_size, weight_decay, dropout and
+def design_departures(rows: Iterable[Any]) -> list[str]:
+    """How trials (rows indexed by column: mode, meta_loops, lr, batch_size, weight_decay, dropout and
     dataset, as the trials table and psa export hold them) depart from the paper's design
     (Table VI: psa.core.hparams.HParams' defaults; decay and dropout in their own modes only,
     all 50,000 training images), one phrase each; empty for the paper's design. A comparison

@@ -373,7 +373,7 @@ def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_
     """Probe every distinct population shape of `plan` (a net's largest population) and add up
     the study (calibration.probe_costs: the costs a run's progress bar and `psa status` use);
     with `slots` > 1 populations in flight, also measure their shares of the device and
-    simulate the run (in_flight)."""
+    simulate the run (schedule_jobs; Estimate.total)."""
     t0 = time.perf_counter()
     # what the backend would find free at a run's start, before any probe's engine holds memory
     free = free_memory(ex.device)

@@ -155,7 +155,11 @@ def connect(path: str | Path, readonly: bool = False, timeout: float = 30.0) -> 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-            refuse_foreign(con, path)  # before WAL mode, which rewrites the file's header
+            try:
+                refuse_foreign(con, path)  # before WAL mode, which rewrites the file's header
+            except StoreError:
+                con.close()
+                raise
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA synchronous=NORMAL")
