@@ -41,10 +41,9 @@ import torch
 
 from psa.core.checkpoint import save_tensors
 from psa.core.data import Dataset
-from psa.core.device import OOM_ERRORS, Execution, describe_device, free_memory, release_cached, synchronize
+from psa.core.device import OOM_ERRORS, Execution, describe_device, release_cached, synchronize
 from psa.core.loop import Trainer, meta_loop
-from psa.core.mlp.memory import FREE_MEMORY_FRACTION
-from psa.study.backends.local import StreamSlots, precompile_kernels
+from psa.study.backends.local import StreamSlots, memory_budget, precompile_kernels
 from psa.study.calibration import Probe, calibration_record, probe_costs
 from psa.study.kinds import ModelKind
 from psa.study.plan import Plan, PopulationPlan
@@ -127,6 +126,13 @@ class Estimate:
                    f"{min(self.shares.values()) * 100:.0f}-{max(self.shares.values()) * 100:.0f}% of the device "
                    f"alone (the rest interpolated by step time)" if self.shares else
                    f"; {self.slots} populations in flight take turns on this device" if self.slots > 1 else ""))
+
+
+def first_images(data: Dataset, n_train: int) -> Dataset:
+    """`data` cut to its first `n_train` training images and one validation image: a short
+    loop that scores almost nothing, for warm-ups and share measurements."""
+    return dataclasses.replace(data, train_x=data.train_x[:n_train], train_y=data.train_y[:n_train],
+                               val_x=data.val_x[:1], val_y=data.val_y[:1])
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -221,8 +227,7 @@ def concurrent_share(kind: ModelKind, ex: Execution, data: Dataset, pp: Populati
     loop in launch() (off CUDA) give 1."""
     device = ex.device
     n = min(kind.design.n_train, steps * kind.design.hparams.batch_size)
-    sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n], val_x=data.val_x[:1],
-                              val_y=data.val_y[:1])
+    sub = first_images(data, n)
     streams = StreamSlots(device, copies)
     trainers = [kind.new_trainer(pp, sub, ex, None, streams.take()) for _ in range(streams.slots)]
     for tr in trainers:
@@ -297,8 +302,7 @@ def warm_up(kind: ModelKind, ex: Execution, data: Dataset, shapes: list[Populati
     t = time.perf_counter()
     precompile_kernels(kind, [PopulationProgress(pp, {}, False, 0) for pp in shapes], ex, data)
     n = min(kind.design.n_train, kind.design.hparams.batch_size)
-    sub = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n], val_x=data.val_x[:1],
-                              val_y=data.val_y[:1])
+    sub = first_images(data, n)
     meta_loop(kind.new_trainer(shapes[0], sub, ex))
     synchronize(ex.device)
     return time.perf_counter() - t
@@ -376,8 +380,7 @@ def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_
     simulate the run (schedule_jobs; Estimate.total)."""
     t0 = time.perf_counter()
     # what the backend would find free at a run's start, before any probe's engine holds memory
-    free = free_memory(ex.device)
-    budget = None if free is None else free * FREE_MEMORY_FRACTION
+    budget = memory_budget(ex.device)
     shapes = largest_populations(plan)
     warm_s = warm_up(kind, ex, data, shapes) if shapes else 0.0
     probes = {pp.net: probe(kind, ex, data, pp) for pp in shapes}

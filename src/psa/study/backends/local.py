@@ -33,6 +33,13 @@ def slots_for(device: torch.device, concurrency: int | None) -> int:
     return min(slots, STREAM_POOL - 1) if device.type == "cuda" else slots
 
 
+def memory_budget(device: torch.device) -> float | None:
+    """The device memory the populations in flight may hold together, as found now (None:
+    unknown): the backend's admission limit, and the dry run's when it simulates it."""
+    free = free_memory(device)
+    return None if free is None else free * FREE_MEMORY_FRACTION
+
+
 def first_ready(pending: Sequence[Any], wait: Callable[[], None] = lambda: time.sleep(POLL_SECONDS)) -> int:
     """The index of the first loop in `pending` that has finished (None counts as finished),
     looking again after each `wait` until one has. Waiting on the oldest instead would hold a
@@ -135,8 +142,7 @@ def local_events(kind: ModelKind, todo: list[PopulationProgress], ex: Execution,
     where = describe_device(device)
     queue = list(todo)
     active: list[tuple[PopulationProgress, PopulationRun, Any]] = []
-    free = free_memory(device)
-    budget = None if free is None else free * FREE_MEMORY_FRACTION
+    budget = memory_budget(device)
     per_member: dict[str, int] = {}
 
     def need(st: PopulationProgress) -> int:
