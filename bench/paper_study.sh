@@ -10,6 +10,9 @@
 #     ray    --backend ray on a local Ray instance against local (at most PSA_RAY_SECONDS, 180)
 #     profile  bench/gpu_profile.py: where a loop's time goes in each class of net, and what
 #            populations in flight buy (at most PSA_PROFILE_SECONDS, 150; one file, gpu-profile.json)
+#     selftest  `psa selftest --quick` (at most PSA_SELFTEST_SECONDS, 90; into the log): the fast
+#            paths against the plain ones on this card. If it fails, the steps after it are skipped:
+#            their numbers would not be the engine's arithmetic
 #   bash bench/paper_study.sh ray-pack           # HERE, not on the card: Ray for the card, in .ray/
 #   PSA_PAPER_CPU=1 PY=.venv/bin/python bash bench/paper_study.sh run   # the same on a CPU, tiny sizes
 #
@@ -34,11 +37,14 @@ export PYTHONUNBUFFERED=1
 DEADLINE="${PSA_PAPER_SECONDS:-550}"
 RAY_SECONDS="${PSA_RAY_SECONDS:-180}"
 PROFILE_SECONDS="${PSA_PROFILE_SECONDS:-150}"
+SELFTEST_SECONDS="${PSA_SELFTEST_SECONDS:-90}"
 RESERVE=10  # seconds kept for the last lines of the log
 SIZE=()
 PROFILE_SIZE=()
+SELFTEST_DEVICE=()
 if [ "${PSA_PAPER_CPU:-0}" = "1" ]; then
     SIZE=(--tiny --device cpu)
+    SELFTEST_DEVICE=(--device cpu)
     PROFILE_SIZE=(--device cpu --arch 1*8 --small 1*2 --k 1 2 --steps 2 --members 2 --loops 1)
 fi
 read -r -a RAY_ARGS <<<"${PSA_RAY_ARGS:-}"
@@ -107,6 +113,14 @@ profile_check() {
     return $st
 }
 
+selftest_check() {
+    echo "== selftest"
+    timed "$SELFTEST_SECONDS" "$PY" -m psa selftest --quick "${SELFTEST_DEVICE[@]}"
+    local st=$?
+    echo "== selftest: exit $st after $SECONDS s"
+    return $st
+}
+
 out_check() {  # what the device tool brings back: at most 8 files of at most 16 MiB
     local n big
     n=$(find "$OUT" -type f | wc -l)
@@ -155,14 +169,14 @@ EOF
 
 for step in "${STEPS[@]}"; do
     case "$step" in
-    run | fp32 | ray | profile) ;;
+    run | fp32 | ray | profile | selftest) ;;
     ray-pack)
         [ ${#STEPS[@]} -eq 1 ] || { echo "ray-pack runs here, on its own, not on the card" >&2; exit 2; }
         ray_pack
         exit $?
         ;;
     *)
-        echo "usage: bash bench/paper_study.sh [run|fp32|ray|profile]... [ARGS] | ray-pack" >&2
+        echo "usage: bash bench/paper_study.sh [run|fp32|ray|profile|selftest]... [ARGS] | ray-pack" >&2
         exit 2
         ;;
     esac
@@ -175,6 +189,8 @@ usage_error() {
 [[ "$DEADLINE" =~ ^[0-9]+$ ]] || usage_error "PSA_PAPER_SECONDS must be whole seconds, not '$DEADLINE'"
 [[ "$RAY_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_RAY_SECONDS must be whole seconds, not '$RAY_SECONDS'"
 [[ "$PROFILE_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_PROFILE_SECONDS must be whole seconds, not '$PROFILE_SECONDS'"
+[[ "$SELFTEST_SECONDS" =~ ^[0-9]+$ ]] ||
+    usage_error "PSA_SELFTEST_SECONDS must be whole seconds, not '$SELFTEST_SECONDS'"
 mkdir -p "$OUT" || usage_error "cannot make OUT=$OUT"
 # One log for the whole call, whatever its steps: with a pack of three files per precision and
 # the Ray check's JSON, `run fp32 ray` brings back 8 files, the device tool's most.
@@ -189,6 +205,13 @@ for step in "${STEPS[@]}"; do
     fp32) slices fp32 "$@" || rc=1 ;;
     ray) ray_check || rc=1 ;;
     profile) profile_check || rc=1 ;;
+    selftest)
+        if ! selftest_check; then
+            rc=1
+            echo "the selftest failed: the steps after it are skipped"
+            break
+        fi
+        ;;
     esac
 done
 out_check || rc=1

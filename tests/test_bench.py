@@ -180,6 +180,31 @@ def test_same_results_help(tmp_path: Path) -> None:
     assert "--before" in out and "--parts" in out
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernel_registers_compiles_for_sm90_without_a_card(tmp_path: Path) -> None:
+    """The stack kernels of one narrow and one wide net compiled for sm_90 by the Triton here,
+    ptxas's registers, spills and shared memory for each, as a table and as JSON."""
+    e = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "regs.json"
+    p = subprocess.run([sys.executable, str(BENCH / "kernel_registers.py"), "--arch", "3*8", "2*40",
+                        "--precision", "tf32", "--members", "6", "--json", str(out)], env=e, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode in (0, 1), p.stderr[-3000:]
+    assert "regs  spill shared KB" in p.stdout and "launches compiled" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["width"], r["kernel"]) for r in rows} == {(w, k) for w in (8, 40)
+                                                         for k in ("stack_fwd train", "stack_fwd eval", "stack_bwd")}
+    assert all(r["registers"] > 0 and r["shared_bytes"] >= 0 for r in rows)
+    # a spill or too much shared memory is the exit status
+    assert p.returncode == int(any(r["spill_bytes"] or r["shared_bytes"] > 227 * 1024 for r in rows))
+    # width 40 multiplies on the tensor cores in tf32, width 8 on the FMA units
+    products = {r["width"]: r["mma"] for r in rows if r["kernel"] == "stack_bwd"}
+    assert products[8] == "fma" and products[40] in ("mma", "wgmma")
+    e["TRITON_INTERPRET"] = "1"
+    p = subprocess.run([sys.executable, str(BENCH / "kernel_registers.py")], env=e, capture_output=True, text=True)
+    assert p.returncode == 2 and "unset TRITON_INTERPRET" in p.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
                     reason="torch_pruning is not importable (PYTHONPATH=/tmp/tp: see bench/depgraph_compare.py)")
 def test_depgraph_compare_runs_small(tmp_path: Path) -> None:

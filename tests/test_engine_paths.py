@@ -513,39 +513,61 @@ def test_a_chunk_sends_host_tensors_only_through_to_device(small, monkeypatch):
     assert stray == []
 
 
-@pytest.mark.parametrize("text", ["[3*20]", "[4*8]", "[2*3]"])
-def test_memory_estimate_counts_the_stack_kernels_gradient_partials(small, monkeypatch, text):
-    """The Triton backward's per-row-block partials (measured: what it hands to the reduction)
-    are in working_bytes for a fused engine: 16 row blocks at width 20, four times the 16
-    bytes a parameter that the estimate otherwise counts for the middle layers."""
+@pytest.mark.parametrize("text,precision", [("[3*20]", "fp32"), ("[4*8]", "fp32"), ("[2*3]", "fp32"),
+                                            ("[3*40]", "fp32"), ("[3*40]", "tf32")])
+def test_memory_estimate_counts_the_stack_kernels_gradient_scratch(small, monkeypatch, text, precision):
+    """What the Triton backward allocates for the weight gradients (measured: what it hands to
+    the reduction or the product) is in working_bytes for a fused engine: 16 row blocks of
+    partials at width 20, four times the 16 bytes a parameter that the estimate otherwise counts
+    for the middle layers; at width 40 every middle layer's dLoss/dz and the product's result,
+    and in tf32 the step's rounded copy of the middle weights."""
     pytest.importorskip("triton")
     from psa.core.kernels import triton_stack as kernels
-    from psa.core.mlp.memory import stack_partial_bytes, working_bytes
+    from psa.core.mlp.memory import stack_scratch_bytes, working_bytes
 
     arch = parse_arch(text)
     hp = dataclasses.replace(HP, batch_size=256)
     data = on(dataclasses.replace(small, train_x=small.train_x[:256], train_y=small.train_y[:256],
                                   val_x=small.val_x[:64], val_y=small.val_y[:64]), DEVICE)
     pop = population(arch, data, [(m, 1) for m in MODES], hp, device=DEVICE)
-    eng = engine(pop, data, hp, kernels="triton", precision="fp32")
+    eng = engine(pop, data, hp, kernels="triton", precision=precision)
     assert eng.paths.triton_stack
-    seen = []
-    real = kernels._write_grad
+    seen, rounded = [], []
+    real_write, real_product, real_round = kernels._write_grad, kernels._wide_weight_grads, kernels.rounded_weights
 
-    def spy(grad, part, *a):
+    def spy_round(*a):
+        out = real_round(*a)
+        if out is not None:  # train_epoch evaluates nothing: the step's
+            rounded.append(out.numel() * out.element_size())
+        return out
+
+    def spy_write(grad, part, *a):
         if part.dim() == 3:  # per-row-block partials, not a direct write
             seen.append(part.numel() * part.element_size())
-        return real(grad, part, *a)
+        return real_write(grad, part, *a)
 
-    monkeypatch.setattr(kernels, "_write_grad", spy)
+    def spy_product(grad, dz, acts, *a):
+        n_mid, m, _, w = dz.shape
+        # dz as allocated, and the product's float32 results: one per middle-layer parameter
+        # alive with them: the step's rounded weights (tf32)
+        seen.append(dz.numel() * dz.element_size() + n_mid * m * w * (w + 1) * 4 + sum(rounded[-1:]))
+        return real_product(grad, dz, acts, *a)
+
+    monkeypatch.setattr(kernels, "_write_grad", spy_write)
+    monkeypatch.setattr(kernels, "_wide_weight_grads", spy_product)
+    monkeypatch.setattr(kernels, "rounded_weights", spy_round)
     eng.train_epoch(1)
     measured = max(seen, default=0) / pop.size
-    extra = working_bytes(arch, 256, triton_stack=True) - working_bytes(arch, 256)
-    assert extra == stack_partial_bytes(arch, 256) >= measured
+    extra = (working_bytes(arch, 256, triton_stack=True, precision=precision)
+             - working_bytes(arch, 256, precision=precision))
+    assert extra == stack_scratch_bytes(arch, 256, precision) >= measured
     assert extra == measured  # exactly what the kernel allocates: the estimate is not padded
     if text == "[3*20]":
         middle = 2 * 20 * 21
         assert extra == 16 * middle * 4 == 4 * (16 * middle)
+    if text == "[3*40]":
+        assert extra == 2 * (256 * 40 + 40 * 41 + (40 * 40 if precision == "tf32" else 0)) * 4
+        assert bool(rounded) == (precision == "tf32")
 
 
 def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):

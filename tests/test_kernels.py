@@ -276,7 +276,7 @@ def test_stack_matches_reference(W, L, M, B, dropout):
 
 @pytest.mark.parametrize("W,L,M,B", [(100, 3, 1, 150), (64, 2, 2, 100)])
 def test_wide_gradient_over_row_blocks(W, L, M, B):
-    # per-row-block weight-gradient partials of the wide backward, summed by torch
+    # the wide backward over several row blocks, each writing its rows of dLoss/dz before the product
     _, block_r, _ = kernels.launch_config(W, B, "fp32", backward=True)
     assert B > 2 * block_r and B % block_r
     check(case(fresh_seed(), M, B, W, L, dropout=True))
@@ -413,6 +413,63 @@ def test_non_contiguous_upstream_gradient():
     check(c)
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("W,gap", [(40, 0), (100, 3)])
+def test_rounded_weights_are_the_precisions_rounding(precision, W, gap):
+    """The wide kernels' weights, rounded once a step: bit for bit psa.core.precision's rounding
+    of every middle weight (nothing of the biases or the gaps between layers), in layer order."""
+    from psa.core.precision import round_bf16, round_tf32
+
+    c = case(fresh_seed(), 3, 5, W, 4, gap=gap)
+    got = K.rounded_weights(c.flat, c.w_off, c.layer_stride, c.L, c.W, c.M, precision)
+    want = torch.stack([c.weight(l).flatten() for l in range(1, c.L)])
+    want = round_tf32(want) if precision == "tf32" else round_bf16(want)
+    assert got.shape == (c.L - 1, c.M * W * W)
+    assert torch.equal(bits(got), bits(want))
+    assert not torch.equal(bits(got), bits(torch.stack([c.weight(l).flatten() for l in range(1, c.L)])))
+
+
+def test_rounded_weights_only_where_the_kernels_take_them():
+    """None where the kernels multiply the weights as they are: fp32, widths up to 32 (rounded
+    in the kernel), a stack without a middle layer."""
+    c = case(fresh_seed(), 2, 5, 40, 3)
+    assert kernels.weights_rounded(40, "tf32") and not kernels.weights_rounded(32, "tf32")
+    assert not kernels.weights_rounded(40, "fp32")
+    assert K.rounded_weights(c.flat, c.w_off, c.layer_stride, c.L, c.W, c.M, "fp32") is None
+    assert K.rounded_weights(c.flat, c.w_off, c.layer_stride, 1, c.W, c.M, "tf32") is None
+    n = case(fresh_seed(), 2, 5, 32, 3)
+    assert K.rounded_weights(n.flat, n.w_off, n.layer_stride, n.L, n.W, n.M, "tf32") is None
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_given_rounded_weights_are_what_the_kernels_read(precision):
+    """The step rounds once for both directions and hands the copy over: the kernels then read
+    the weights from it, not from flat (weights of 0 give z = bias and da = 0 below layer L-1),
+    and the copy rounded_weights makes equals the one they make themselves, bit for bit."""
+    c = case(fresh_seed(), 2, 21, 40, 3, dropout=True)
+    acts, grad, dz0 = run(c, precision)
+    wr = K.rounded_weights(c.flat, c.w_off, c.layer_stride, c.L, c.W, c.M, precision)
+    acts2 = torch.full_like(acts, NAN)
+    K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, acts=acts2, drop=c.drop,
+                    precision=precision, weights=wr)
+    grad2, dz02 = torch.full_like(c.flat, NAN), torch.full_like(dz0, NAN)
+    K.stack_backward(c.da, acts2, c.flat, grad2, c.w_off, c.b_off, c.layer_stride, c.L, c.W, dz0=dz02,
+                     scale=c.scale, precision=precision, weights=wr)
+    assert torch.equal(bits(acts2), bits(acts)) and torch.equal(bits(dz02), bits(dz0))
+    mid = c.middle()
+    assert torch.equal(bits(grad2[mid]), bits(grad[mid]))
+
+    zeros = torch.zeros_like(wr)
+    K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, acts=acts2, drop=c.drop,
+                    precision=precision, weights=zeros)
+    for l in range(1, c.L):
+        noise = c.noise()[:, :, l * c.W:(l + 1) * c.W]
+        assert torch.equal(acts2[l], torch.relu(c.bias(l)).unsqueeze(1).expand_as(noise) * noise)
+    K.stack_backward(c.da, acts2, c.flat, grad2, c.w_off, c.b_off, c.layer_stride, c.L, c.W, dz0=dz02,
+                     scale=c.scale, precision=precision, weights=zeros)
+    assert not dz02.any()
+
+
 @pytest.mark.parametrize("W,L,M,B", [(8, 4, 3, 80), (32, 3, 2, 40), (1, 5, 2, 1100), (64, 3, 2, 70)])
 def test_deterministic(W, L, M, B):
     c = case(fresh_seed(), M, B, W, L, dropout=True)
@@ -505,3 +562,9 @@ def test_validation():
         K.stack_backward(c.da, acts, c.flat, grad[:-1], *args[1:])
     with pytest.raises(ValueError, match="out must be contiguous"):
         K.stack_forward(c.z0, *args, out=torch.empty(c.B, c.M, c.W).transpose(0, 1))
+    w = case(1, 2, 5, 40, 3)
+    wargs = (w.flat, w.w_off, w.b_off, w.layer_stride, w.L, w.W)
+    with pytest.raises(ValueError, match="weights must have shape"):  # one layer short
+        K.stack_forward(w.z0, *wargs, precision="tf32", weights=torch.zeros(1, w.M * 40 * 40))
+    with pytest.raises(ValueError, match="precision"):
+        K.rounded_weights(w.flat, w.w_off, w.layer_stride, w.L, w.W, w.M, "fp16")

@@ -406,6 +406,27 @@ def test_the_device_script_is_valid_bash() -> None:
 
 
 @pytest.mark.slow
+def test_the_selftest_step_gates_the_steps_after_it(tmp_path: Path) -> None:
+    """`selftest` runs psa selftest --quick into the log; when it fails (here: no time left for
+    it), the steps after it are skipped and the call exits 1."""
+    base = {**env(), "PSA_PAPER_CPU": "1", "PY": sys.executable}
+    out = tmp_path / "ok"
+    p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "selftest"], env={**base, "OUT": str(out)},
+                       capture_output=True, text=True, timeout=600)
+    log = (out / "paper_study.log").read_text()
+    assert p.returncode == 0, log[-3000:]
+    assert "stack kernels tf32 backward" in log and "== selftest: exit 0" in log
+    assert sorted(f.name for f in out.iterdir()) == ["paper_study.log"]
+    out = tmp_path / "failed"
+    p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "selftest", "run"],
+                       env={**base, "OUT": str(out), "PSA_SELFTEST_SECONDS": "0"}, capture_output=True, text=True,
+                       timeout=600)
+    log = (out / "paper_study.log").read_text()
+    assert p.returncode == 1, log[-3000:]
+    assert "the selftest failed: the steps after it are skipped" in log and "== auto" not in log
+
+
+@pytest.mark.slow
 def test_the_profile_step_brings_back_one_file_that_collect_names_after_its_card(tmp_path: Path) -> None:
     out, res = tmp_path / "out", tmp_path / "results"
     e = {**env(), "PSA_PAPER_CPU": "1", "OUT": str(out), "PY": sys.executable}

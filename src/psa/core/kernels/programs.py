@@ -64,8 +64,9 @@ if triton is not None:
         return tl.where(special, bits, rounded).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _matmul(x, y, PREC: tl.constexpr, DOT: tl.constexpr):
-        # x (R, K) @ y (K, N)
+    def _matmul(x, y, PREC: tl.constexpr, DOT: tl.constexpr, ROUND_Y: tl.constexpr = True):
+        # x (R, K) @ y (K, N); ROUND_Y False: y is rounded to PREC already (the wide stacks'
+        # weights, rounded once per step by _round_kernel instead of once per row block)
         if DOT:
             if PREC == 2:
                 # bf16 operands, fp32 accumulation. The rounded values are exact in tf32, so a
@@ -73,13 +74,15 @@ if triton is not None:
                 # working bf16 dot, so this path is also the one the CPU tests check); rounded
                 # on the bit pattern, as the interpreter's .to(tl.bfloat16) truncates
                 x = _round_bf16(x)
-                y = _round_bf16(y)
+                if ROUND_Y:
+                    y = _round_bf16(y)
                 return tl.dot(x, y, input_precision="tf32")
             elif PREC == 1:
                 # rounded to nearest first: the tensor cores' tf32 dot drops the low mantissa
                 # bits instead of rounding them (by how much on a card: docs/gpu.md)
                 x = _round_tf32(x)
-                y = _round_tf32(y)
+                if ROUND_Y:
+                    y = _round_tf32(y)
                 return tl.dot(x, y, input_precision="tf32")
             else:
                 return tl.dot(x, y, input_precision="ieee")
@@ -93,16 +96,16 @@ if triton is not None:
             return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
 
     @triton.jit
-    def _wide_fwd_layer(a, l, w_base, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
+    def _wide_fwd_layer(a, l, w_base, w_layer_stride, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
                         key, thr, sc, act_tile, act_layer_stride, tile_mask,
                         W: tl.constexpr, HAS_DROP: tl.constexpr, STORE_ALL: tl.constexpr,
                         PREC: tl.constexpr):
-        # middle layer l of the wide forward: loads its weights itself (the pipeliner moves the
-        # loads one layer ahead, into shared memory)
-        off = tl.cast(l - 1, tl.int64) * layer_stride
-        wt = tl.load(w_base + off + wt_idx, mask=wmask, other=0.0)
-        bias = tl.load(b_base + off + u, mask=umask, other=0.0)
-        z = _matmul(a, wt, PREC, True) + bias[None, :]
+        # middle layer l of the wide forward: loads its weights (rounded to PREC already) itself
+        # (the pipeliner moves the loads one layer ahead, into shared memory)
+        l64 = tl.cast(l - 1, tl.int64)
+        wt = tl.load(w_base + l64 * w_layer_stride + wt_idx, mask=wmask, other=0.0)
+        bias = tl.load(b_base + l64 * layer_stride + u, mask=umask, other=0.0)
+        z = _matmul(a, wt, PREC, True, False) + bias[None, :]
         a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
         a = tl.where(umask[None, :], a, 0.0)
         if STORE_ALL:
@@ -110,31 +113,19 @@ if triton is not None:
         return a
 
     @triton.jit
-    def _wide_bwd_layer(da, a_cur, k, act_tile, act_rows, act_layer_stride, tile_mask, row_ok,
-                        w_base, layer_stride, w_idx, wmask, pw_base, pb_base, p_layer_stride,
-                        u, umask, sc,
-                        W: tl.constexpr, WP: tl.constexpr, GW_COLS: tl.constexpr, PREC: tl.constexpr):
-        # middle layer l = k + 1 of the wide backward: da = dLoss/da_l, a_cur = a_l;
-        # returns dLoss/da_k and a_k
+    def _wide_bwd_layer(da, a_cur, k, act_tile, act_layer_stride, tile_mask, dz_tile,
+                        w_base, layer_stride, w_idx, wmask, sc, PREC: tl.constexpr):
+        # middle layer l = k + 1 of the wide backward (its weights rounded to PREC already):
+        # da = dLoss/da_l, a_cur = a_l. Stores dLoss/dz_l for the weight gradients, which are one
+        # batched product after the kernel (in here they would be a second product a layer on
+        # the serial chain, and a (W, W) partial written per row block). Returns dLoss/da_k, a_k.
         k64 = tl.cast(k, tl.int64)
         a_in = tl.load(act_tile + k64 * act_layer_stride, mask=tile_mask, other=0.0)
         # a > 0 exactly where the unit was kept and its pre-activation was positive
         dz = tl.where(a_cur > 0, da * sc, 0.0)
-        p_off = k64 * p_layer_stride
-        tl.store(pb_base + p_off + u, tl.sum(dz, axis=0), mask=umask)
-        # the weight gradient dz^T @ a_in a block of input columns at a time, reloading those
-        # columns of a_in, so that the (W, W) product is never live whole
-        dzt = tl.trans(dz)
-        for c in tl.static_range(0, WP, GW_COLS):
-            cols = c + tl.arange(0, GW_COLS)
-            cmask = cols < W
-            a_c = tl.load(act_rows + k64 * act_layer_stride + cols[None, :], mask=row_ok & cmask[None, :], other=0.0)
-            tl.store(pw_base + p_off + u[:, None] * W + cols[None, :], _matmul(dzt, a_c, PREC, True),
-                     mask=umask[:, None] & cmask[None, :])
-        # the weights last: loaded earlier, their (W, W) dot operand would be live across the
-        # weight-gradient products
+        tl.store(dz_tile + k64 * act_layer_stride, dz, mask=tile_mask)
         w = tl.load(w_base + k64 * layer_stride + w_idx, mask=wmask, other=0.0)
-        return _matmul(dz, w, PREC, True), a_in
+        return _matmul(dz, w, PREC, True, False), a_in
 
     @triton.jit(do_not_specialize=["n"])
     def _range_probe_kernel(out_ptr, n):
@@ -148,7 +139,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_layers"])
     def _stack_fwd_kernel(
         z0_ptr, s_zm, s_zb, s_zw,
-        flat_ptr, w_off, b_off, layer_stride,
+        flat_ptr, w_off, b_off, layer_stride, wr_ptr, wr_off, wr_layer_stride,
         acts_ptr, act_layer_stride,
         ks_ptr, thr_ptr, sc_ptr,
         B, n_layers, n_units,
@@ -184,16 +175,18 @@ if triton is not None:
         w_base = flat_ptr + w_off + m * W * W
         b_base = flat_ptr + b_off + m * W
         if WIDE:
+            # the weights from wr_ptr, in their own layout (rounded to PREC: see _matmul)
+            wr_base = wr_ptr + wr_off + m * W * W
             if FOR_LOOP:
                 for l in tl.range(1, n_layers, num_stages=STAGES):
-                    a = _wide_fwd_layer(a, l, w_base, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
-                                        key, thr, sc, act_tile, act_layer_stride, tile_mask,
+                    a = _wide_fwd_layer(a, l, wr_base, wr_layer_stride, b_base, layer_stride, wt_idx, wmask, u,
+                                        umask, r, n_units, key, thr, sc, act_tile, act_layer_stride, tile_mask,
                                         W, HAS_DROP, STORE_ALL, PREC)
             else:
                 l = tl.full((), 1, tl.int32)
                 while l < n_layers:
-                    a = _wide_fwd_layer(a, l, w_base, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
-                                        key, thr, sc, act_tile, act_layer_stride, tile_mask,
+                    a = _wide_fwd_layer(a, l, wr_base, wr_layer_stride, b_base, layer_stride, wt_idx, wmask, u,
+                                        umask, r, n_units, key, thr, sc, act_tile, act_layer_stride, tile_mask,
                                         W, HAS_DROP, STORE_ALL, PREC)
                     l += 1
         else:
@@ -230,7 +223,7 @@ if triton is not None:
         B, n_layers,
         W: tl.constexpr, WP: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_SCALE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-        WIDE: tl.constexpr, FOR_LOOP: tl.constexpr, STAGES: tl.constexpr, GW_COLS: tl.constexpr,
+        WIDE: tl.constexpr, FOR_LOOP: tl.constexpr, STAGES: tl.constexpr,
     ):
         m = tl.cast(tl.program_id(0), tl.int64)
         rb = tl.program_id(1)
@@ -251,23 +244,22 @@ if triton is not None:
         a_cur = tl.load(act_tile + tl.cast(l, tl.int64) * act_layer_stride, mask=tile_mask, other=0.0)
 
         w_base = flat_ptr + w_off + m * W * W
-        pw_base = part_ptr + p_w_off + tl.cast(rb, tl.int64) * p_block_stride + m * W * W
-        pb_base = part_ptr + p_b_off + tl.cast(rb, tl.int64) * p_block_stride + m * W
         if WIDE:
-            act_rows = acts_ptr + m * B * W + r[:, None] * W
-            row_ok = (r < B)[:, None]
+            # part_ptr is dLoss/dz of the middle layers, laid out like acts (see _wide_bwd_layer)
+            dz_tile = part_ptr + m * B * W + r[:, None] * W + u[None, :]
             if FOR_LOOP:
                 for j in tl.range(0, n_layers - 1, num_stages=STAGES):
-                    da, a_cur = _wide_bwd_layer(da, a_cur, n_layers - 2 - j, act_tile, act_rows, act_layer_stride,
-                                                tile_mask, row_ok, w_base, layer_stride, w_idx, wmask, pw_base,
-                                                pb_base, p_layer_stride, u, umask, sc, W, WP, GW_COLS, PREC)
+                    da, a_cur = _wide_bwd_layer(da, a_cur, n_layers - 2 - j, act_tile, act_layer_stride, tile_mask,
+                                                dz_tile, w_base, layer_stride, w_idx, wmask, sc, PREC)
             else:
                 while l >= 1:
-                    da, a_cur = _wide_bwd_layer(da, a_cur, l - 1, act_tile, act_rows, act_layer_stride,
-                                                tile_mask, row_ok, w_base, layer_stride, w_idx, wmask, pw_base,
-                                                pb_base, p_layer_stride, u, umask, sc, W, WP, GW_COLS, PREC)
+                    da, a_cur = _wide_bwd_layer(da, a_cur, l - 1, act_tile, act_layer_stride, tile_mask,
+                                                dz_tile, w_base, layer_stride, w_idx, wmask, sc, PREC)
                     l -= 1
         else:
+            # the weight and bias gradients here, per row block (part_ptr: see stack_backward)
+            pw_base = part_ptr + p_w_off + tl.cast(rb, tl.int64) * p_block_stride + m * W * W
+            pb_base = part_ptr + p_b_off + tl.cast(rb, tl.int64) * p_block_stride + m * W
             # as in the forward, fetch the next (lower) layer's operands while this one computes
             a_prev = tl.load(act_tile + tl.cast(l - 1, tl.int64) * act_layer_stride,
                              mask=_and_less(tile_mask, 0, l), other=0.0)
@@ -293,6 +285,20 @@ if triton is not None:
                 l -= 1
         dz = tl.where(a_cur > 0, da * sc, 0.0)
         tl.store(dz0_ptr + m * B * W + r[:, None] * W + u[None, :], dz, mask=tile_mask)
+
+    @triton.jit
+    def _round_kernel(src_ptr, src_off, src_stride, dst_ptr, n, PREC: tl.constexpr, BLOCK: tl.constexpr):
+        # row j of dst (contiguous rows of n) = row j of src (from src_off, rows src_stride
+        # apart), rounded to PREC by the very functions the dots use
+        j = tl.cast(tl.program_id(1), tl.int64)
+        c = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < n
+        x = tl.load(src_ptr + src_off + j * src_stride + c, mask=mask, other=0.0)
+        if PREC == 2:
+            x = _round_bf16(x)
+        elif PREC == 1:
+            x = _round_tf32(x)
+        tl.store(dst_ptr + j * n + c, x, mask=mask)
 
     @triton.jit
     def _dropout_noise_kernel(out_ptr, ks_ptr, thr_ptr, sc_ptr, n, BLOCK: tl.constexpr):

@@ -4,7 +4,7 @@ A population of deep, narrow nets (2048 layers of width 1, 632 of width 4, ...) 
 torch kernels per layer and direction, so thousands of launches per training step, each doing
 almost no work. Here one program owns one member and one block of batch rows and carries its
 activations through the whole middle stack in registers: the forward is one launch, the
-backward is one launch plus one torch sum over row blocks of the weight gradients.
+backward is one launch plus the weight gradients' reduction (narrow stacks) or product (wide).
 
 Parameters live in psa's flat, layer-major buffer (psa.core.mlp.population): for the middle layer l
 (1 <= l <= L-1) of member m, weight[o, i] is at w_off + (l-1)*layer_stride + m*W*W + o*W + i
@@ -16,7 +16,11 @@ uint32 arithmetic, so they equal rng.dropout_noise bit for bit on any device.
 Widths up to 32 keep the next layer's weights in registers while a layer computes. From 33 to
 128 (padded to 64 or 128) a layer's weights (up to 64 KB) are too big for that: the layer loop
 is a tl.range that Triton software-pipelines, copying the next layer's weights into shared
-memory while the current one computes, and the tiles are sized so that nothing spills.
+memory while the current one computes, and the tiles are sized so that nothing spills. Their
+backward keeps only the input gradient's product on the serial chain: it writes each layer's
+dLoss/dz, and the weight gradients of all layers and members are one batched GEMM afterwards
+(at width 115, 60 members and 32-row blocks, per-row-block partials would be 2.9 GB written
+and read again per step, for 0.8 GB of dz).
 
 Without a GPU, set TRITON_INTERPRET=1 before importing this module to run the kernels in
 Triton's interpreter (the tests do).
@@ -74,9 +78,6 @@ _WIDE_CONFIG = {
 # Pipeline depth of the wide layer loop: 3 stages = 2 shared-memory buffers per streamed tile, so
 # the next layer's weights load during the whole current layer (2 x 64 KB at width 128, fp32).
 _WIDE_STAGES = 3
-# The weight gradient dz^T @ a_in of the wide backward is computed in blocks of this many input
-# columns (reloading those columns of a_in), so that its (W, W) result is never held whole.
-_GW_COLS = 16
 _PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
 
 
@@ -139,6 +140,12 @@ def _for_loops_ok() -> bool:
             except Exception:  # the interpreter's error for the bound; any failure means no
                 _FOR_LOOPS_OK = False
     return _FOR_LOOPS_OK
+
+
+def wide_backward(padded_width: int) -> bool:
+    """Whether the backward of a stack of this padded width (launch_config's first value) leaves
+    its weight gradients to one batched product after the kernel (stack_backward)."""
+    return padded_width >= _WIDE_MIN_WIDTH
 
 
 def _require_triton() -> None:
@@ -277,11 +284,60 @@ def _precision_code(precision: str) -> int:
     return _PRECISIONS[precision]
 
 
+def weights_rounded(width: int, precision: str) -> bool:
+    """Whether the kernels take a stack of `width` in `precision` with its middle weights rounded
+    beforehand (rounded_weights): the wide ones in tf32 and bf16. Rounded in the kernel, every
+    row block's program rounds the same (W, W) tile again each layer, on the serial chain and
+    in registers (at width 128 in tf32 on sm_90 with Triton 3.6, the training kernels took 255
+    registers and spilled 60-68 bytes a thread; with the tile rounded beforehand, 146-202 and
+    none: bench/results/kernel-registers-sm90.md)."""
+    padded = 1 << max(width - 1, 0).bit_length()
+    return precision != "fp32" and padded >= _WIDE_MIN_WIDTH
+
+
+def rounded_weights(flat: torch.Tensor, w_off: int, layer_stride: int, n_layers: int, width: int, members: int,
+                    precision: str) -> torch.Tensor | None:
+    """The middle layers' weights of `members` rounded to `precision` as the kernels' products
+    round their operands, one launch: an (L-1, M*W*W) float32 tensor, or None where the kernels
+    round in place (weights_rounded) or there is no middle layer. Layout and arguments as for
+    stack_forward."""
+    _require_triton()
+    _precision_code(precision)  # checks the name
+    _check_stack(flat, w_off, w_off, layer_stride, n_layers, width, members, flat.device)
+    if n_layers < 2 or not weights_rounded(width, precision):
+        return None
+    return _round(flat, w_off, layer_stride, n_layers, members * width * width, precision)
+
+
+def _round(flat: torch.Tensor, w_off: int, layer_stride: int, n_layers: int, n: int, precision: str) -> torch.Tensor:
+    """The n weights of each middle layer (from w_off, layer_stride apart) rounded: (L-1, n)."""
+    out = torch.empty(n_layers - 1, n, dtype=torch.float32, device=flat.device)
+    if n:
+        block = 1024
+        _launch(programs._round_kernel, (triton.cdiv(n, block), n_layers - 1), flat, w_off, layer_stride, out, n,
+                PREC=_precision_code(precision), BLOCK=block, num_warps=4)
+    return out
+
+
+def _weights_operand(weights: torch.Tensor | None, flat: torch.Tensor, w_off: int, layer_stride: int,
+                     n_layers: int, width: int, members: int,
+                     precision: str) -> tuple[torch.Tensor, int, int]:
+    """(buffer, offset, layer stride) the kernels read the middle weights from: the rounded copy
+    where due (`weights`, or made here), else `flat` itself."""
+    if n_layers < 2 or not weights_rounded(width, precision):
+        return flat, w_off, layer_stride
+    n = members * width * width
+    if weights is None:
+        weights = _round(flat, w_off, layer_stride, n_layers, n, precision)
+    _check_tensor("weights", weights, (n_layers - 1, n), torch.float32, flat.device, contiguous=True)
+    return weights, 0, n
+
+
 def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
                   n_layers: int, width: int, acts: torch.Tensor | None = None,
                   out: torch.Tensor | None = None,
                   drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  precision: str = "fp32") -> torch.Tensor:
+                  precision: str = "fp32", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Run the hidden stack a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1} + b_l)) in one launch.
 
     z0 (M, B, W) float32, any strides: hidden layer 0's pre-activation. Training: `acts`, a
@@ -291,7 +347,9 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     without dropout). Eval: acts is None and only a_{L-1} is written, to `out` (contiguous
     (M, B, W), allocated if None), which is returned; drop must then be None.
     precision ("fp32", "tf32", "bf16") of the layer products: above width 16 tl.dot's (tensor
-    cores on a GPU), up to 16 operands rounded as psa.core.precision rounds them.
+    cores on a GPU), up to 16 operands rounded as psa.core.precision rounds them. `weights`:
+    rounded_weights() of these layers, made here when due and not given (the training step
+    makes them once for its forward and backward).
     """
     _require_triton()
     _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32,
@@ -317,15 +375,16 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     else:
         ks = thr = sc = z0  # never read
     if members == 0 or rows == 0:
-        return acts[n_layers - 1] if store_all else out
+        return target[n_layers - 1] if store_all else target
 
     wp, block_r, num_warps = launch_config(width, rows, precision)
     wide = wp >= _WIDE_MIN_WIDTH
+    wr, wr_off, wr_stride = _weights_operand(weights, flat, w_off, layer_stride, n_layers, width, members, precision)
     grid = (members, triton.cdiv(rows, block_r))
     _launch(
         programs._stack_fwd_kernel, grid,
         z0, z0.stride(0), z0.stride(1), z0.stride(2),
-        flat, w_off, b_off, layer_stride,
+        flat, w_off, b_off, layer_stride, wr, wr_off, wr_stride,
         target, members * rows * width,
         ks, thr, sc,
         rows, n_layers, n_layers * width,
@@ -334,20 +393,23 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
         WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES,
         num_warps=num_warps,
     )
-    return acts[n_layers - 1] if store_all else out
+    return target[n_layers - 1] if store_all else target
 
 
 def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
                    w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
                    dz0: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                   precision: str = "fp32") -> torch.Tensor:
+                   precision: str = "fp32", weights: torch.Tensor | None = None) -> torch.Tensor:
     """Backpropagate da = dLoss/da_{L-1} (M, B, W) through the hidden stack; return dz0.
 
     acts is stack_forward's (L, M, B, W) output and scale the (M,) float32 dropout scale (None:
     no dropout, 1.0). The middle layers' weight and bias gradients are written over `grad` (same
     layout as `flat`); nothing else of `grad` is touched. dz0 = dLoss/dz0, the gradient at
     hidden layer 0's pre-activation, goes to `dz0` (contiguous (M, B, W), allocated if None).
-    Deterministic: no atomics; per-row-block partials are summed by torch in a fixed order.
+    Deterministic: no atomics. Up to width 32 the kernel computes the weight gradients per row
+    block and torch sums the partials in a fixed order; from 33 on it writes every middle
+    layer's dLoss/dz (as big as `acts` less one layer) and the weight gradients are one batched
+    product in `precision` after it. `weights`: as for stack_forward.
     """
     _require_triton()
     _check(isinstance(da, torch.Tensor) and da.dim() == 3 and da.dtype == torch.float32,
@@ -373,33 +435,62 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         return dz0
 
     wp, block_r, num_warps = launch_config(width, rows, precision, backward=True)
-    wide = wp >= _WIDE_MIN_WIDTH
+    wide = wide_backward(wp)
     n_blocks = triton.cdiv(rows, block_r)
     mid_stride = members * width * (width + 1)
-    # Partials straight into grad when one row block covers the batch (no reduction);
-    # otherwise into scratch laid out like the middle stack, one copy per row block.
-    direct = n_mid == 0 or n_blocks == 1
-    if direct:
-        part, p_w, p_b, p_layer, p_block = grad, w_off, b_off, layer_stride, 0
+    if wide:
+        # the kernel writes dLoss/dz of every middle layer (laid out like acts); the weight
+        # gradients are then one batched product over layers and members (_wide_weight_grads)
+        part = torch.empty(n_mid, members, rows, width, dtype=torch.float32, device=device) if n_mid else da
+        p_w, p_b, p_layer, p_block = 0, 0, 0, 0
     else:
-        part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
-        p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
+        # partials straight into grad when one row block covers the batch (no reduction);
+        # otherwise into scratch laid out like the middle stack, one copy per row block
+        direct = n_mid == 0 or n_blocks == 1
+        if direct:
+            part, p_w, p_b, p_layer, p_block = grad, w_off, b_off, layer_stride, 0
+        else:
+            part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
+            p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
+    # the kernel reads only weights from flat: give it the rounded copy where due
+    wr, wr_off, wr_stride = _weights_operand(weights, flat, w_off, layer_stride, n_layers, width, members, precision)
     ran = _launch(
         programs._stack_bwd_kernel, (members, n_blocks),
         da, da.stride(0), da.stride(1), da.stride(2),
         acts, members * rows * width,
-        flat, w_off, layer_stride,
+        wr, wr_off, wr_stride,
         part, p_w, p_b, p_layer, p_block,
         dz0, scale if scale is not None else da,
         rows, n_layers,
         W=width, WP=wp, BLOCK_R=block_r,
         HAS_SCALE=scale is not None, PREC=prec, DOT=wp >= _DOT_MIN_WIDTH,
-        WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES, GW_COLS=min(_GW_COLS, wp),
+        WIDE=wide, FOR_LOOP=wide and _for_loops_ok(), STAGES=_WIDE_STAGES,
         num_warps=num_warps,
     )
-    if ran and not direct:
+    if ran and wide and n_mid:
+        _wide_weight_grads(grad, part, acts, w_off, b_off, layer_stride, precision)
+    elif ran and not wide and not direct:
         _write_grad(grad, part, w_off, b_off, layer_stride, members, width)
     return dz0
+
+
+def _wide_weight_grads(grad: torch.Tensor, dz: torch.Tensor, acts: torch.Tensor, w_off: int, b_off: int,
+                       layer_stride: int, precision: str) -> None:
+    """The middle layers' weight and bias gradients from the wide backward's dz (L-1, M, B, W):
+    dW_l = dz_l^T @ a_{l-1} for every layer and member in one batched product (in `precision`,
+    as psa.core.precision.Matmul computes the engine's other products), db_l = dz_l summed over
+    rows; written over `grad`."""
+    from psa.core.precision import Matmul
+
+    n_mid, members, rows, width = dz.shape
+    mm = Matmul(precision, dz.device)
+    with mm.context():
+        gw = mm.bmm(dz.view(n_mid * members, rows, width).transpose(1, 2),
+                    acts[:n_mid].view(n_mid * members, rows, width))
+    gb = dz.sum(dim=2)
+    n_w = members * width * width
+    grad.as_strided((n_mid, n_w), (layer_stride, 1), w_off).copy_(gw.view(n_mid, n_w))
+    grad.as_strided((n_mid, members * width), (layer_stride, 1), b_off).copy_(gb.view(n_mid, members * width))
 
 
 def _write_grad(grad: torch.Tensor, part: torch.Tensor, w_off: int, b_off: int, layer_stride: int,

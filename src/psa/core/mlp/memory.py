@@ -19,9 +19,11 @@ def working_bytes(arch: Arch, batch_size: int, triton_stack: bool = False, preci
     two moments (16 bytes a parameter) and one step's activations (kept for the backward pass,
     transient layer-sized buffers, dropout noise, the gathered batch).
 
-    `triton_stack` (the Triton stack kernels, in `precision`) adds the backward's per-row-block weight
-    gradient partials: as many copies of the middle stack's parameters as a batch has row
-    blocks (16 at widths 17-32, four times the 16 bytes a parameter counted above). `graphs`
+    `triton_stack` (the Triton stack kernels, in `precision`) adds the backward's weight-gradient
+    scratch (stack_scratch_bytes): up to width 32 per-row-block partials, as many copies of the
+    middle stack's parameters as a batch has row blocks (16 at widths 17-32, four times the 16
+    bytes a parameter counted above); wider, every middle layer's dLoss/dz and the product's
+    result. `graphs`
     adds the graph's private pool, which keeps every temporary of a captured step for as long
     as the graph lives and lends none of it to other engines: the labels, the loss's softmax
     buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
@@ -36,26 +38,34 @@ def working_bytes(arch: Arch, batch_size: int, triton_stack: bool = False, preci
     acts = batch_size * (3 * sum(w[1:]) + 2 * max(w[1:]) + w[0]) * 4
     total = arch.params * 16 + acts
     if triton_stack:
-        total += stack_partial_bytes(arch, batch_size, precision)
+        total += stack_scratch_bytes(arch, batch_size, precision)
     if graphs:
         per_row = 8 + 2 * 4 * arch.n_out + (0 if triton_stack else 16 * sum(arch.hidden))
         total += batch_size * per_row
     return total
 
 
-def stack_partial_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
-    """Per member, the Triton stack backward's weight-gradient partials for a batch of
-    `batch_size` rows: one copy of the middle layers' parameters per row block, none when one
-    block covers the batch (the kernel then writes the gradient directly)."""
+def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
+    """Per member, what the Triton stack backward allocates for the middle layers' weight
+    gradients on a batch of `batch_size` rows (psa.core.kernels.triton_stack.stack_backward).
+    Up to width 32: one copy of their parameters per row block, none when one block covers the
+    batch (the kernel then writes the gradient directly). Wider: every middle layer's dLoss/dz
+    (B x W floats) and the batched product's weight and bias gradients; in tf32 and bf16 the
+    middle weights rounded once for the step (triton_stack.rounded_weights), and in bf16 on a
+    GPU the product's two bf16 operands and its bf16 result."""
     from psa.core.kernels import triton_stack as kernels
 
     hidden = arch.hidden
     if len(hidden) < 2 or kernels.triton is None:
         return 0
-    width = hidden[0]
-    _, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
+    width, n_mid = hidden[0], len(hidden) - 1
+    wp, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
+    if kernels.wide_backward(wp):
+        operands = (2 * batch_size * width + width * width) * 2 if precision == "bf16" else 0
+        rounded = width * width * 4 if kernels.weights_rounded(width, precision) else 0
+        return n_mid * (batch_size * width * 4 + width * (width + 1) * 4 + operands + rounded)
     n_blocks = -(-batch_size // block_r)
-    return 0 if n_blocks == 1 else n_blocks * (len(hidden) - 1) * width * (width + 1) * 4
+    return 0 if n_blocks == 1 else n_blocks * n_mid * width * (width + 1) * 4
 
 
 def stack_path_reason(arch: Arch, ex: Execution, model: str = DEFAULT_MODEL) -> str:

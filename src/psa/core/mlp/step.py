@@ -116,14 +116,17 @@ class TrainStep:
         # hidden stack: z becomes the logits; hs (or acts) keeps what the backward needs
         keys = rng.step_keys(ch.drop_keys, ch.step) if ch.dropout else None
         hs: list[torch.Tensor] = []
-        acts = noise = None
+        acts = noise = rounded = None
         if depth and self.paths.triton_stack:
             from psa.core.kernels import triton_stack
 
             acts = buf("acts", (depth, m, b, width))
             drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
+            w_off, _, stride = self._geometry(ch)
+            # once for both directions (None where the kernels round the weights themselves)
+            rounded = triton_stack.rounded_weights(ch.cand, w_off, stride, depth, width, m, self.paths.precision)
             triton_stack.stack_forward(z, ch.cand, *self._geometry(ch), depth, width, acts=acts, drop=drop,
-                                       precision=self.paths.precision)
+                                       precision=self.paths.precision, weights=rounded)
             hs = [acts[depth - 1]]
             w, bias = views[depth]
             z = ops.linear(hs[0], w, bias, mm, out=buf(("z", depth), (m, b, w.shape[1])))
@@ -152,7 +155,7 @@ class TrainStep:
             dz = triton_stack.stack_backward(dh, acts, ch.cand, ch.grad, *self._geometry(ch), depth, width,
                                              dz0=buf("dz0", (m, b, width)),
                                              scale=ch.drop_scale if ch.dropout else None,
-                                             precision=self.paths.precision)
+                                             precision=self.paths.precision, weights=rounded)
         else:
             for layer in range(depth, 0, -1):
                 h = hs[layer - 1]
