@@ -589,12 +589,14 @@ def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):
     assert free_memory(torch.device("cuda", 0)) == 1200 * mib
 
 
-@pytest.mark.parametrize("text,kernels_choice", [("[3*4]", "triton"), ("[2*20]", "triton"), ("[1*9, 1*5]", "triton")])
+@pytest.mark.parametrize("text,kernels_choice", [("[3*4]", "triton"), ("[2*20]", "triton"), ("[1*9, 1*5]", "triton"),
+                                                 ("[3*40]", "triton")])
 def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, kernels_choice):
     """What kernels.precompile() gets (the meta-device dry run) is exactly the set of launches a
     real meta-loop and test make, argument for argument, so the compiled variants are the ones
     the run needs: the stack kernels (3*4, 2*20, training with a tail batch, validation and
-    test in blocks) and the dropout kernel of an unfused stack (1*9, 1*5)."""
+    test in blocks), the dropout kernel of an unfused stack (1*9, 1*5) and the wide stack's
+    weight rounding (3*40 in tf32)."""
     pytest.importorskip("triton")
     from psa.core.kernels import triton_stack as kernels
     from psa.core.mlp.engine import kernel_launches
@@ -624,6 +626,7 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     foreseen = kernel_launches(arch, pop.members, data, HP, ex)
     assert len(set(made)) >= (2 if eng.paths.triton_stack else 1)
     assert set(foreseen) == set(made)
+    assert any(lc.kernel.__name__ == "_round_kernel" for lc in made) == (text == "[3*40]")
     assert kernels.precompile(foreseen) == len(set(made))  # interpreted: nothing to compile, but every launch taken
 
 
