@@ -62,18 +62,20 @@ _WIDE_MIN_WIDTH = 64
 # for the backward. Every program re-reads each layer's weight tile (16 KB at 64, 64 KB at 128,
 # fp32) from L2 for its own rows, so each weight fetched serves `rows` multiply-adds: larger row
 # blocks reuse the tile better (at 16 rows a 128-wide layer moves 0.25 byte per multiply-add).
-# Each entry is the most rows that compile for sm_90 without spills (8 warps to spread the
-# (W, W) operands; shared memory <= 208 KB; the registers ptxas reported for each:
-# docs/gpu.md#launch-configurations). The fp32 ("ieee") dot runs on FMA units and holds whole
-# K-slices of its operands in registers, bf16 rounds them in registers, and the backward has two
-# products a layer: those get fewer rows.
+# Each entry is the most rows, up to 64, that compile for sm_90 without spills (8 warps to
+# spread the (W, W) operands; shared memory <= 208 KB; what ptxas reports for each, with Triton
+# 3.6: bench/kernel_registers.py, docs/gpu.md#launch-configurations). The fp32 ("ieee") dot runs
+# on FMA units and holds whole K-slices of its operands in registers: it gets fewer rows, and
+# its backward at width 128 stays at 16 (32 compiles, but at 254-255 registers, with no room
+# left). tf32 and bf16 are one kernel (weights rounded beforehand, activations in registers),
+# so they share their entries.
 _WIDE_CONFIG = {
     (64, "fp32"): ((64, 8), (32, 8)),
     (64, "tf32"): ((64, 8), (64, 8)),
     (64, "bf16"): ((64, 8), (64, 8)),
     (128, "fp32"): ((32, 8), (16, 8)),
     (128, "tf32"): ((32, 8), (32, 8)),
-    (128, "bf16"): ((16, 8), (32, 8)),
+    (128, "bf16"): ((32, 8), (32, 8)),
 }
 # Pipeline depth of the wide layer loop: 3 stages = 2 shared-memory buffers per streamed tile, so
 # the next layer's weights load during the whole current layer (2 x 64 KB at width 128, fp32).
@@ -103,9 +105,8 @@ def launch_config(width: int, rows: int, precision: str = "fp32",
     want = max(16, triton.next_power_of_2(rows))
     if wp >= _WIDE_MIN_WIDTH:
         block_r, num_warps = _WIDE_CONFIG[wp, precision][backward]
-        # fewer rows for a small batch, but not below 32 where the table has more: the 16-row
-        # fp32 forward at width 128 is the one variant ptxas spills (docs/gpu.md), and only 2
-        # block sizes per setting need compiling (and checking)
+        # fewer rows for a small batch, but not below 32 where the table has more: only 2 block
+        # sizes per setting need compiling (and checking)
         return wp, max(min(block_r, want), min(block_r, 32)), num_warps
     if wp > _DOT_MIN_WIDTH:
         # tl.dot's minimum of 16 rows; the fp32 ("ieee") dot runs on FMA units and needs twice
