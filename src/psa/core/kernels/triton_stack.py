@@ -29,6 +29,7 @@ Triton's interpreter (the tests do).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ import torch
 
 from psa.core.kernels import programs
 from psa.core.kernels.programs import triton
+from psa.core.precision import Matmul
 
 MAX_WIDTH: int = 128
 
@@ -103,7 +105,7 @@ def launch_config(width: int, rows: int, precision: str = "fp32",
     """
     wp = triton.next_power_of_2(width)
     want = max(16, triton.next_power_of_2(rows))
-    if wp >= _WIDE_MIN_WIDTH:
+    if wide_path(wp):
         block_r, num_warps = _WIDE_CONFIG[wp, precision][backward]
         # fewer rows for a small batch, but not below 32 where the table has more: only 2 block
         # sizes per setting need compiling (and checking)
@@ -143,9 +145,11 @@ def _for_loops_ok() -> bool:
     return _FOR_LOOPS_OK
 
 
-def wide_backward(padded_width: int) -> bool:
-    """Whether the backward of a stack of this padded width (launch_config's first value) leaves
-    its weight gradients to one batched product after the kernel (stack_backward)."""
+def wide_path(padded_width: int) -> bool:
+    """Whether a stack of this padded width (launch_config's first value) takes the wide path:
+    weights streamed through shared memory, rounded beforehand in tf32 and bf16
+    (weights_rounded), and the weight gradients one batched product after the backward
+    (stack_backward)."""
     return padded_width >= _WIDE_MIN_WIDTH
 
 
@@ -292,8 +296,7 @@ def weights_rounded(width: int, precision: str) -> bool:
     in registers (at width 128 in tf32 on sm_90 with Triton 3.6, the training kernels took 255
     registers and spilled 60-68 bytes a thread; with the tile rounded beforehand, 146-202 and
     none: bench/results/kernel-registers-sm90.md)."""
-    padded = 1 << max(width - 1, 0).bit_length()
-    return precision != "fp32" and padded >= _WIDE_MIN_WIDTH
+    return precision != "fp32" and wide_path(triton.next_power_of_2(width))
 
 
 def rounded_weights(flat: torch.Tensor, w_off: int, layer_stride: int, n_layers: int, width: int, members: int,
@@ -379,7 +382,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
         return target[n_layers - 1] if store_all else target
 
     wp, block_r, num_warps = launch_config(width, rows, precision)
-    wide = wp >= _WIDE_MIN_WIDTH
+    wide = wide_path(wp)
     wr, wr_off, wr_stride = _weights_operand(weights, flat, w_off, layer_stride, n_layers, width, members, precision)
     grid = (members, triton.cdiv(rows, block_r))
     _launch(
@@ -436,9 +439,8 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         return dz0
 
     wp, block_r, num_warps = launch_config(width, rows, precision, backward=True)
-    wide = wide_backward(wp)
+    wide = wide_path(wp)
     n_blocks = triton.cdiv(rows, block_r)
-    mid_stride = members * width * (width + 1)
     if wide:
         # the kernel writes dLoss/dz of every middle layer (laid out like acts); the weight
         # gradients are then one batched product over layers and members (_wide_weight_grads)
@@ -451,6 +453,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
         if direct:
             part, p_w, p_b, p_layer, p_block = grad, w_off, b_off, layer_stride, 0
         else:
+            mid_stride = members * width * (width + 1)
             part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
             p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
     # the kernel reads only weights from flat: give it the rounded copy where due
@@ -481,10 +484,8 @@ def _wide_weight_grads(grad: torch.Tensor, dz: torch.Tensor, acts: torch.Tensor,
     dW_l = dz_l^T @ a_{l-1} for every layer and member in one batched product (in `precision`,
     as psa.core.precision.Matmul computes the engine's other products), db_l = dz_l summed over
     rows; written over `grad`."""
-    from psa.core.precision import Matmul
-
     n_mid, members, rows, width = dz.shape
-    mm = Matmul(precision, dz.device)
+    mm = _matmul(precision, dz.device)
     with mm.context():
         gw = mm.bmm(dz.view(n_mid * members, rows, width).transpose(1, 2),
                     acts[:n_mid].view(n_mid * members, rows, width))
@@ -492,6 +493,13 @@ def _wide_weight_grads(grad: torch.Tensor, dz: torch.Tensor, acts: torch.Tensor,
     n_w = members * width * width
     grad.as_strided((n_mid, n_w), (layer_stride, 1), w_off).copy_(gw.view(n_mid, n_w))
     grad.as_strided((n_mid, members * width), (layer_stride, 1), b_off).copy_(gb.view(n_mid, members * width))
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul(precision: str, device: torch.device) -> Matmul:
+    """One Matmul per precision and device: made once, not every step (in bf16 on a GPU, making
+    one runs a probe product, which has no place in a captured step)."""
+    return Matmul(precision, device)
 
 
 def _write_grad(grad: torch.Tensor, part: torch.Tensor, w_off: int, b_off: int, layer_stride: int,

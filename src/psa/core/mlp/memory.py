@@ -60,7 +60,7 @@ def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
         return 0
     width, n_mid = hidden[0], len(hidden) - 1
     wp, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
-    if kernels.wide_backward(wp):
+    if kernels.wide_path(wp):
         operands = (2 * batch_size * width + width * width) * 2 if precision == "bf16" else 0
         rounded = width * width * 4 if kernels.weights_rounded(width, precision) else 0
         return n_mid * (batch_size * width * 4 + width * (width + 1) * 4 + operands + rounded)

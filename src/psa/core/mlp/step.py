@@ -122,10 +122,11 @@ class TrainStep:
 
             acts = buf("acts", (depth, m, b, width))
             drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
-            w_off, _, stride = self._geometry(ch)
+            geometry = self._geometry(ch)
             # once for both directions (None where the kernels round the weights themselves)
-            rounded = triton_stack.rounded_weights(ch.cand, w_off, stride, depth, width, m, self.paths.precision)
-            triton_stack.stack_forward(z, ch.cand, *self._geometry(ch), depth, width, acts=acts, drop=drop,
+            rounded = triton_stack.rounded_weights(ch.cand, geometry[0], geometry[2], depth, width, m,
+                                                   self.paths.precision)
+            triton_stack.stack_forward(z, ch.cand, *geometry, depth, width, acts=acts, drop=drop,
                                        precision=self.paths.precision, weights=rounded)
             hs = [acts[depth - 1]]
             w, bias = views[depth]
@@ -152,7 +153,7 @@ class TrainStep:
             gw, gb = gviews[depth]
             ops.linear_grads(dz, hs[0], mm, gw, gb)
             dh = ops.linear_input_grad(dz, w, mm, out=buf(("dh", 0), (m, b, w.shape[2])))
-            dz = triton_stack.stack_backward(dh, acts, ch.cand, ch.grad, *self._geometry(ch), depth, width,
+            dz = triton_stack.stack_backward(dh, acts, ch.cand, ch.grad, *geometry, depth, width,
                                              dz0=buf("dz0", (m, b, width)),
                                              scale=ch.drop_scale if ch.dropout else None,
                                              precision=self.paths.precision, weights=rounded)
