@@ -53,7 +53,7 @@ HP = HParams()  # the paper's
 CLASSES = {"8*8": "launch-bound small", "115*115": "deep square", "2*939": "wide shallow"}
 # device kernels (CUDA names) and CPU operators (aten names) by what they do; first match wins
 CATEGORIES = [
-    ("triton stack", r"stack_(fwd|bwd)|_stack_|stack_forward|stack_backward|cpu_stack|_round_kernel"),
+    ("triton stack", r"stack_(fwd|bwd)|_stack_|stack_forward|stack_backward|cpu_stack|_stage_kernel"),
     ("gemm", r"gemm|gemv|xmma|cutlass|cublas|sm\d+_|matmul|aten::(bmm|baddbmm|mm|addmm|linear)"),
     ("reduction", r"reduce|softmax|nll|argmax|max_|aten::(sum|mean|amax|argmax|max|log_softmax|nll_loss|eq)"),
     ("copy", r"memcpy|memset|copy|aten::(copy_|clone|to|_to_copy|fill_|zero_|index|gather|scatter)"),

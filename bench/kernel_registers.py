@@ -4,9 +4,11 @@ Records the Triton launches the paper's populations make (`psa.core.mlp.engine.k
 the training step and the evaluations, run on the meta device), compiles each distinct one for
 sm_90 with the Triton installed here (`GPUTarget("cuda", 90, 32)`: no driver or GPU needed) and
 runs that Triton's ptxas with `-v` on the PTX. Prints a table: kernel, width, rows per program,
-warps, precision, registers a thread, spilled bytes, shared memory, and whether the layer
-products run on the tensor cores' `mma` (or `wgmma`). Exits 1 if a launch spills or needs more
-shared memory than an H100 or H200 gives one program (227 KB).
+warps, precision, registers a thread, spilled bytes, shared memory, whether the layer products
+run on the tensor cores' `mma` (or `wgmma`), and the sizes of the asynchronous copies into
+shared memory (the pipelined weights: 16 bytes each when their rows are 16-byte aligned and
+contiguous along the product's K; a 4 says some load went element by element). Exits 1 if a
+launch spills or needs more shared memory than an H100 or H200 gives one program (227 KB).
 
 The card has its own Triton (3.6 on the lent machines); its code generation differs from
 another version's, so compile with that one (`pip install --target /tmp/t36 triton==3.6.0`,
@@ -14,6 +16,12 @@ then `PYTHONPATH=/tmp/t36`). Registers and spills are ptxas's word, not a timing
 
     PYTHONPATH=/tmp/t36 python bench/kernel_registers.py                      # the paper's stacks
     PYTHONPATH=/tmp/t36 python bench/kernel_registers.py --arch 115*115 --precision tf32 fp32
+    PYTHONPATH=/tmp/t36 python bench/kernel_registers.py --sweep --arch 115*115 35*35 --precision tf32
+
+`--sweep` compiles, instead of the table's settings, every candidate setting that
+bench/stack_sweep.py times on a card (rows per program, warps, pipeline stages of the wide
+kernels), so that a sweep's timings can be read beside registers and spills; a spilling
+candidate does not make the exit status 1 there.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -104,9 +113,35 @@ def compile_report(kernel: Any, args: tuple, kwargs: dict, ptxas: str, arch: int
         raise RuntimeError(f"ptxas failed: {out.strip()[-400:]}")
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores", out)
+    # cp.async.{ca,cg}.shared.global [dst], [src], SIZE[, src size];
+    sizes = re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[,;]", ptx)
+    copies = sorted({int(n, 0) for n in sizes}, reverse=True)
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else 0,
             "shared_bytes": int(compiled.metadata.shared),
-            "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"}
+            "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma",
+            "async_copy_bytes": copies}
+
+
+def settings(arch: str, precision: str, members: list, data: Any, sweep: bool,
+             quick: bool = False) -> Iterator[tuple[str, list]]:
+    """(direction, recorded launches) of a population of `arch`: with the table's settings
+    (direction ""), or under each of bench/stack_sweep.py's candidate settings of the wide
+    kernels ("stack_fwd train" or "stack_bwd")."""
+    from psa.core.kernels import triton_stack
+
+    ex = Execution(device=torch.device("cpu"), precision=precision, triton=True, stack_max_width=128)
+    a = parse_arch(arch)
+    padded = triton_stack.launch_config(a.hidden[0], HP.batch_size, precision)[0] if a.hidden else 0
+    if not sweep or not triton_stack.wide_path(padded) or len(a.hidden) < 2:
+        yield "", kernel_launches(a, members, data, HP, ex)
+        return
+    from stack_sweep import candidates
+
+    for name, backward in (("stack_fwd train", False), ("stack_bwd", True)):
+        for rows, warps, stages in candidates(padded, precision, backward, quick):
+            kw = {"backward" if backward else "forward": (rows, warps)}
+            with triton_stack.wide_settings(padded, precision, stages=stages, **kw):
+                yield name, kernel_launches(a, members, data, HP, ex)
 
 
 def find_ptxas(arch: int = 90) -> str:
@@ -129,6 +164,8 @@ def main() -> None:
     p.add_argument("--members", type=int, default=60, help="population size (the study's: 60)")
     p.add_argument("--ptxas", default=None, help="ptxas to run (default: the imported Triton's)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--sweep", action="store_true", help="the candidate settings of bench/stack_sweep.py instead")
+    p.add_argument("--quick", action="store_true", help="with --sweep: its --quick candidates (for a test)")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         usage("unset TRITON_INTERPRET (this compiles the kernels, it does not interpret them)")
@@ -153,34 +190,39 @@ def main() -> None:
     members = [HP.member(m, s) for s in range(-(-args.members // len(MODES))) for m in MODES][:args.members]
     rows, seen, bad = [], set(), 0
     print(f"Triton {triton.__version__}, ptxas {ptxas}, sm_90, {args.members} members, batch {HP.batch_size}")
-    print(f"{'arch':>8} {'prec':>5} {'kernel':>16} {'W':>4} {'rows':>4} {'warps':>5} {'regs':>5} "
-          f"{'spill':>6} {'shared KB':>9} {'mma':>5}")
+    print(f"{'arch':>8} {'prec':>5} {'kernel':>16} {'W':>4} {'rows':>4} {'warps':>5} {'stages':>6} {'regs':>5} "
+          f"{'spill':>6} {'shared KB':>9} {'mma':>5} {'copies':>7}")
     for arch in args.arch:
         for precision in args.precision:
-            ex = Execution(device=torch.device("cpu"), precision=precision, triton=True, stack_max_width=128)
-            for lc in kernel_launches(parse_arch(arch), members, data, HP, ex):
-                kw = dict(lc.kwargs)
-                # the full batch and the last, short one differ in arguments only
-                key = (lc.kernel.__name__, lc.kwargs)
-                if key in seen or lc.kernel.__name__ not in ("_stack_fwd_kernel", "_stack_bwd_kernel"):
-                    continue
-                seen.add(key)
-                r = compile_report(lc.kernel, lc.args, kw, ptxas)
-                name = lc.kernel.__name__.strip("_").replace("_kernel", "")
-                if name == "stack_fwd":
-                    name += " train" if kw.get("STORE_ALL") else " eval"
-                row = {"arch": arch, "precision": precision, "kernel": name, "width": kw["W"],
-                       "rows": kw["BLOCK_R"], "warps": kw.get("num_warps"), **r}
-                rows.append(row)
-                fail = r["spill_bytes"] > 0 or r["shared_bytes"] > SHARED_LIMIT
-                bad += fail
-                print(f"{arch:>8} {precision:>5} {name:>16} {kw['W']:>4} {kw['BLOCK_R']:>4} {row['warps']:>5} "
-                      f"{r['registers']:>5} {r['spill_bytes']:>6} {r['shared_bytes'] / 1024:>9.1f} {r['mma']:>5}"
-                      f"{'  <- spills or too much shared memory' if fail else ''}", flush=True)
+            for setting, launches in settings(arch, precision, members, data, args.sweep, args.quick):
+                for lc in launches:
+                    kw = dict(lc.kwargs)
+                    # the full batch and the last, short one differ in arguments only
+                    key = (lc.kernel.__name__, lc.kwargs)
+                    if key in seen or lc.kernel.__name__ not in ("_stack_fwd_kernel", "_stack_bwd_kernel"):
+                        continue
+                    name = lc.kernel.__name__.strip("_").replace("_kernel", "")
+                    if name == "stack_fwd":
+                        name += " train" if kw.get("STORE_ALL") else " eval"
+                    if setting and name != setting:
+                        continue  # a sweep's setting is one direction's; its other launches are the table's
+                    seen.add(key)
+                    r = compile_report(lc.kernel, lc.args, kw, ptxas)
+                    row = {"arch": arch, "precision": precision, "kernel": name, "width": kw["W"],
+                           "rows": kw["BLOCK_R"], "warps": kw.get("num_warps"), "stages": kw.get("STAGES"), **r}
+                    rows.append(row)
+                    fail = r["spill_bytes"] > 0 or r["shared_bytes"] > SHARED_LIMIT
+                    bad += fail and not args.sweep
+                    print(f"{arch:>8} {precision:>5} {name:>16} {kw['W']:>4} {kw['BLOCK_R']:>4} {row['warps']:>5} "
+                          f"{row['stages'] if kw.get('WIDE') else '-':>6} "
+                          f"{r['registers']:>5} {r['spill_bytes']:>6} {r['shared_bytes'] / 1024:>9.1f} {r['mma']:>5} "
+                          f"{'/'.join(map(str, r['async_copy_bytes'])) or '-':>7}"
+                          f"{'  <- spills or too much shared memory' if fail else ''}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows},
                                               indent=1) + "\n")
-    print(f"{len(rows)} launches compiled, {bad} spilling or over {SHARED_LIMIT // 1024} KB of shared memory")
+    what = "candidate settings compiled (spills are data here)" if args.sweep else "launches compiled"
+    print(f"{len(rows)} {what}, {bad} spilling or over {SHARED_LIMIT // 1024} KB of shared memory")
     sys.exit(1 if bad else 0)
 
 

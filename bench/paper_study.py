@@ -556,7 +556,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 if recs:
                     tags[f.name.removesuffix(".slices.jsonl")] = recs[0]["device"]
         rays = [f for f in files if f.name.startswith("paper-ray-") and f.suffix == ".json"]
-        profiles = [f for f in files if f.name == "gpu-profile.json"]
+        profiles = [f for f in files if f.name in ("gpu-profile.json", "stack-sweep.json")]
         for f in files:
             if not f.is_file() or f.name.endswith(".tmp"):  # a write cut off by the call's end
                 continue
@@ -565,15 +565,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 dest = device_dir(results, tags[tag]) / f.name
             elif f.name.startswith("paper-ray-") and f.suffix == ".json":
                 dest = results / f.name
-            elif f.name == "gpu-profile.json":  # bench/gpu_profile.py, named here after its card
-                dest = results / f"gpu-profile-{short_device(json.loads(f.read_text())['device'])}.json"
+            elif f.name in ("gpu-profile.json", "stack-sweep.json"):  # named here after their card
+                dest = results / f"{f.stem}-{short_device(json.loads(f.read_text())['device'])}.json"
             elif f.suffix == ".log" and tags:
                 first = sorted(tags)[0]
                 dest = device_dir(results, tags[first]) / f"{first}.{f.name}"
             elif f.suffix == ".log" and rays:  # a call that only made the Ray check
                 dest = results / f"{rays[0].stem}.{f.name}"
-            elif f.suffix == ".log" and profiles:  # a call that only profiled
-                dest = results / f"gpu-profile-{short_device(json.loads(profiles[0].read_text())['device'])}.{f.name}"
+            elif f.suffix == ".log" and profiles:  # a call that only profiled or swept
+                first = profiles[0]
+                dest = results / f"{first.stem}-{short_device(json.loads(first.read_text())['device'])}.{f.name}"
             else:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)

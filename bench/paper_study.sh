@@ -10,6 +10,8 @@
 #     ray    --backend ray on a local Ray instance against local (at most PSA_RAY_SECONDS, 180)
 #     profile  bench/gpu_profile.py: where a loop's time goes in each class of net, and what
 #            populations in flight buy (at most PSA_PROFILE_SECONDS, 150; one file, gpu-profile.json)
+#     sweep  bench/stack_sweep.py: the wide stack kernels' launch settings timed on the deep
+#            squares (at most PSA_SWEEP_SECONDS, 100; one file, stack-sweep.json)
 #     selftest  `psa selftest --quick` (at most PSA_SELFTEST_SECONDS, 90; into the log): the fast
 #            paths against the plain ones on this card. If it fails, the steps after it are skipped:
 #            their numbers would not be the engine's arithmetic
@@ -38,14 +40,17 @@ DEADLINE="${PSA_PAPER_SECONDS:-550}"
 RAY_SECONDS="${PSA_RAY_SECONDS:-180}"
 PROFILE_SECONDS="${PSA_PROFILE_SECONDS:-150}"
 SELFTEST_SECONDS="${PSA_SELFTEST_SECONDS:-90}"
+SWEEP_SECONDS="${PSA_SWEEP_SECONDS:-100}"
 RESERVE=10  # seconds kept for the last lines of the log
 SIZE=()
 PROFILE_SIZE=()
+SWEEP_SIZE=()
 SELFTEST_DEVICE=()
 if [ "${PSA_PAPER_CPU:-0}" = "1" ]; then
     SIZE=(--tiny --device cpu)
     SELFTEST_DEVICE=(--device cpu)
     PROFILE_SIZE=(--device cpu --arch 1*8 --small 1*2 --k 1 2 --steps 2 --members 2 --loops 1)
+    SWEEP_SIZE=(--device cpu --arch 3*40 --members 2 --rows 16 --reps 1 --quick)
 fi
 read -r -a RAY_ARGS <<<"${PSA_RAY_ARGS:-}"
 
@@ -113,6 +118,21 @@ profile_check() {
     return $st
 }
 
+sweep_check() {
+    echo "== sweep"
+    # the kernels run in Triton's interpreter on a CPU (PSA_PAPER_CPU=1)
+    [ "${PSA_PAPER_CPU:-0}" = "1" ] && export TRITON_INTERPRET=1
+    # it stops timing new settings 15 s before its limit (timed's), and writes what it has after each case
+    local limit="$SWEEP_SECONDS"
+    [ "$(left)" -lt "$limit" ] && limit=$(left)
+    timed "$limit" "$PY" bench/stack_sweep.py --out "$OUT/stack-sweep.json" --seconds $((limit - 15)) \
+        "${SWEEP_SIZE[@]}"
+    local st=$?
+    [ "${PSA_PAPER_CPU:-0}" = "1" ] && unset TRITON_INTERPRET
+    echo "== sweep: exit $st after $SECONDS s"
+    return $st
+}
+
 selftest_check() {
     echo "== selftest"
     timed "$SELFTEST_SECONDS" "$PY" -m psa selftest --quick "${SELFTEST_DEVICE[@]}"
@@ -169,14 +189,14 @@ EOF
 
 for step in "${STEPS[@]}"; do
     case "$step" in
-    run | fp32 | ray | profile | selftest) ;;
+    run | fp32 | ray | profile | sweep | selftest) ;;
     ray-pack)
         [ ${#STEPS[@]} -eq 1 ] || { echo "ray-pack runs here, on its own, not on the card" >&2; exit 2; }
         ray_pack
         exit $?
         ;;
     *)
-        echo "usage: bash bench/paper_study.sh [run|fp32|ray|profile|selftest]... [ARGS] | ray-pack" >&2
+        echo "usage: bash bench/paper_study.sh [run|fp32|ray|profile|sweep|selftest]... [ARGS] | ray-pack" >&2
         exit 2
         ;;
     esac
@@ -191,6 +211,7 @@ usage_error() {
 [[ "$PROFILE_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_PROFILE_SECONDS must be whole seconds, not '$PROFILE_SECONDS'"
 [[ "$SELFTEST_SECONDS" =~ ^[0-9]+$ ]] ||
     usage_error "PSA_SELFTEST_SECONDS must be whole seconds, not '$SELFTEST_SECONDS'"
+[[ "$SWEEP_SECONDS" =~ ^[0-9]+$ ]] || usage_error "PSA_SWEEP_SECONDS must be whole seconds, not '$SWEEP_SECONDS'"
 mkdir -p "$OUT" || usage_error "cannot make OUT=$OUT"
 # One log for the whole call, whatever its steps: with a pack of three files per precision and
 # the Ray check's JSON, `run fp32 ray` brings back 8 files, the device tool's most.
@@ -205,6 +226,7 @@ for step in "${STEPS[@]}"; do
     fp32) slices fp32 "$@" || rc=1 ;;
     ray) ray_check || rc=1 ;;
     profile) profile_check || rc=1 ;;
+    sweep) sweep_check || rc=1 ;;
     selftest)
         if ! selftest_check; then
             rc=1

@@ -205,6 +205,57 @@ def test_kernel_registers_compiles_for_sm90_without_a_card(tmp_path: Path) -> No
     assert p.returncode == 2 and "unset TRITON_INTERPRET" in p.stderr
 
 
+def test_kernel_registers_compiles_a_sweeps_candidates(tmp_path: Path) -> None:
+    """--sweep compiles bench/stack_sweep.py's candidate settings of the wide kernels, one
+    direction at a time, instead of the table's: here its --quick pair per direction."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from stack_sweep import candidates
+    finally:
+        sys.path.remove(str(BENCH))
+    e = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "regs.json"
+    p = subprocess.run([sys.executable, str(BENCH / "kernel_registers.py"), "--sweep", "--quick", "--arch", "2*40",
+                        "--precision", "tf32", "--members", "6", "--json", str(out)], env=e, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]  # a spilling candidate is data, not a failure
+    assert "candidate settings compiled" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    got = sorted((r["kernel"], r["rows"], r["warps"], r["stages"]) for r in rows)
+    want = sorted((k, r, w, s) for k, back in (("stack_fwd train", False), ("stack_bwd", True))
+                  for r, w, s in candidates(64, "tf32", back, quick=True))
+    assert got == want
+    # the staged weights: 16-byte copies into shared memory
+    assert all(16 in r["async_copy_bytes"] for r in rows)
+
+
+def test_stack_sweep_times_each_setting_against_the_tables(tmp_path: Path) -> None:
+    """The sweep in Triton's interpreter, tiny: the table's setting first in each direction,
+    every setting timed with its output beside the table's, the step's totals; and its usage
+    errors, one line each."""
+    doc, out = run("stack_sweep.py", "--device", "cpu", "--arch", "3*40", "--members", "2", "--rows", "16",
+                   "--reps", "1", "--quick", tmp=tmp_path)
+    (case,) = doc["cases"]
+    assert (case["arch"], case["precision"], case["padded"], case["layers"]) == ("3*40", "tf32", 64, 3)
+    for d in ("forward", "backward"):
+        rows = case[d]
+        assert rows[0]["table"] and not any(r["table"] for r in rows[1:]) and len(rows) >= 2
+        assert (rows[0]["rows"], rows[0]["warps"], rows[0]["stages"]) == tuple(case["table"][d].values())
+        assert all(r["ms"] > 0 and r["max_abs_diff"] == 0.0 for r in rows)  # the same rows: the same sums
+    assert case["step_ms_best"] <= case["step_ms_table"] and case["stage_ms"] > 0
+    assert case["loops_s_best"] == pytest.approx(case["step_ms_best"] * 196 * 100 / 1e3)
+    assert "(table)" in out and "over 100 meta-loops" in out
+    for args, says in ((["--arch", "3*20"], "width from 33 to 128"), (["--arch", "1*40"], "two or more hidden"),
+                       (["--arch", "x"], "--arch x"), (["--reps", "0"], "at least 1")):
+        p = subprocess.run([sys.executable, str(BENCH / "stack_sweep.py"), "--device", "cpu", *args], env=env(),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and says in p.stderr, p.stderr
+    e = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, str(BENCH / "stack_sweep.py"), "--device", "cpu"], env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and ("TRITON_INTERPRET" in p.stderr or "needs Triton" in p.stderr), p.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
                     reason="torch_pruning is not importable (PYTHONPATH=/tmp/tp: see bench/depgraph_compare.py)")
 def test_depgraph_compare_runs_small(tmp_path: Path) -> None:

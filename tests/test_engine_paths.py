@@ -520,7 +520,8 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_scratch(small, monkey
     the reduction or the product) is in working_bytes for a fused engine: 16 row blocks of
     partials at width 20, four times the 16 bytes a parameter that the estimate otherwise counts
     for the middle layers; at width 40 every middle layer's dLoss/dz and the product's result,
-    and in tf32 the step's rounded copy of the middle weights."""
+    and the step's two staged copies of the middle weights (padded to 64 x 64). With graphs, an
+    evaluation's staged copy comes on top."""
     pytest.importorskip("triton")
     from psa.core.kernels import triton_stack as kernels
     from psa.core.mlp.memory import stack_scratch_bytes, working_bytes
@@ -532,13 +533,14 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_scratch(small, monkey
     pop = population(arch, data, [(m, 1) for m in MODES], hp, device=DEVICE)
     eng = engine(pop, data, hp, kernels="triton", precision=precision)
     assert eng.paths.triton_stack
-    seen, rounded = [], []
-    real_write, real_product, real_round = kernels._write_grad, kernels._wide_weight_grads, kernels.rounded_weights
+    seen, staged = [], []
+    real_write, real_product, real_stage = kernels._write_grad, kernels._wide_weight_grads, kernels.stage_weights
 
-    def spy_round(*a):
-        out = real_round(*a)
+    def spy_stage(*a, **k):
+        out = real_stage(*a, **k)
         if out is not None:  # train_epoch evaluates nothing: the step's
-            rounded.append(out.numel() * out.element_size())
+            staged.append(sum(t.numel() * t.element_size() for t in (out.forward, out.backward, out.bias)
+                              if t is not None))
         return out
 
     def spy_write(grad, part, *a):
@@ -549,13 +551,13 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_scratch(small, monkey
     def spy_product(grad, dz, acts, *a):
         n_mid, m, _, w = dz.shape
         # dz as allocated, and the product's float32 results: one per middle-layer parameter
-        # alive with them: the step's rounded weights (tf32)
-        seen.append(dz.numel() * dz.element_size() + n_mid * m * w * (w + 1) * 4 + sum(rounded[-1:]))
+        # alive with them: the step's staged weights
+        seen.append(dz.numel() * dz.element_size() + n_mid * m * w * (w + 1) * 4 + sum(staged[-1:]))
         return real_product(grad, dz, acts, *a)
 
     monkeypatch.setattr(kernels, "_write_grad", spy_write)
     monkeypatch.setattr(kernels, "_wide_weight_grads", spy_product)
-    monkeypatch.setattr(kernels, "rounded_weights", spy_round)
+    monkeypatch.setattr(kernels, "stage_weights", spy_stage)
     eng.train_epoch(1)
     measured = max(seen, default=0) / pop.size
     extra = (working_bytes(arch, 256, triton_stack=True, precision=precision)
@@ -566,8 +568,12 @@ def test_memory_estimate_counts_the_stack_kernels_gradient_scratch(small, monkey
         middle = 2 * 20 * 21
         assert extra == 16 * middle * 4 == 4 * (16 * middle)
     if text == "[3*40]":
-        assert extra == 2 * (256 * 40 + 40 * 41 + (40 * 40 if precision == "tf32" else 0)) * 4
-        assert bool(rounded) == (precision == "tf32")
+        assert extra == 2 * (256 * 40 + 40 * 41 + 2 * 64 * 64 + 64) * 4
+        assert staged
+        pool = (working_bytes(arch, 256, triton_stack=True, precision=precision, graphs=True)
+                - working_bytes(arch, 256, triton_stack=True, precision=precision))
+        # a graph's pool: the labels and the loss's buffers, and then the evaluation's forward copy
+        assert pool == 256 * (8 + 2 * 4 * arch.n_out) + 2 * (64 * 64 + 64) * 4
 
 
 def test_free_memory_leaves_out_blocks_cached_in_graph_pools(monkeypatch):
@@ -596,7 +602,7 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     real meta-loop and test make, argument for argument, so the compiled variants are the ones
     the run needs: the stack kernels (3*4, 2*20, training with a tail batch, validation and
     test in blocks), the dropout kernel of an unfused stack (1*9, 1*5) and the wide stack's
-    weight rounding (3*40 in tf32)."""
+    weight staging (3*40)."""
     pytest.importorskip("triton")
     from psa.core.kernels import triton_stack as kernels
     from psa.core.mlp.engine import kernel_launches
@@ -626,7 +632,7 @@ def test_kernel_launches_foresee_what_a_loop_launches(small, monkeypatch, text, 
     foreseen = kernel_launches(arch, pop.members, data, HP, ex)
     assert len(set(made)) >= (2 if eng.paths.triton_stack else 1)
     assert set(foreseen) == set(made)
-    assert any(lc.kernel.__name__ == "_round_kernel" for lc in made) == (text == "[3*40]")
+    assert any(lc.kernel.__name__ == "_stage_kernel" for lc in made) == (text == "[3*40]")
     assert kernels.precompile(foreseen) == len(set(made))  # interpreted: nothing to compile, but every launch taken
 
 

@@ -8,6 +8,7 @@ they must not write (layer 0, the output layer, gaps between layers) must still 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -55,6 +56,8 @@ class OnDevice:
                     return d
                 if isinstance(x, tuple):
                     return tuple(to_dev(v) for v in x)
+                if isinstance(x, kernels.StagedWeights):  # read only: copied there, not back
+                    return staged_to(x, DEVICE)
                 return x
 
             args = [to_dev(a) for a in args]
@@ -62,6 +65,8 @@ class OnDevice:
             ret = fn(*args, **kwargs)
             for host, dev in moved:
                 host.copy_(dev.cpu())
+            if ret is None or isinstance(ret, kernels.StagedWeights):
+                return ret if ret is None else staged_to(ret, torch.device("cpu"))
             for host, dev in moved:  # a returned argument, or a view of one: the same of the host's
                 if ret is dev:
                     return host
@@ -71,6 +76,12 @@ class OnDevice:
             return ret.cpu()
 
         return call
+
+
+def staged_to(w: kernels.StagedWeights, device: torch.device) -> kernels.StagedWeights:
+    """Staged weights with their tensors on `device`."""
+    return dataclasses.replace(w, **{k: None if getattr(w, k) is None else getattr(w, k).to(device)
+                                     for k in ("forward", "backward", "bias")})
 
 
 K = OnDevice()
@@ -413,42 +424,58 @@ def test_non_contiguous_upstream_gradient():
     check(c)
 
 
-@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 @pytest.mark.parametrize("W,gap", [(40, 0), (100, 3)])
-def test_rounded_weights_are_the_precisions_rounding(precision, W, gap):
-    """The wide kernels' weights, rounded once a step: bit for bit psa.core.precision's rounding
-    of every middle weight (nothing of the biases or the gaps between layers), in layer order."""
+def test_staged_weights_are_the_precisions_rounding_padded(precision, W, gap):
+    """The wide kernels' weights, staged once a step: every middle weight (nothing of the biases
+    or the gaps between layers), bit for bit psa.core.precision's rounding (fp32: as it is), in
+    layer and member order, each (W, W) tile padded with zeros to the kernels' (WP, WP); the
+    backward's copy the forward's transposed; with the forward's, the biases as they are,
+    padded to WP."""
     from psa.core.precision import round_bf16, round_tf32
 
     c = case(fresh_seed(), 3, 5, W, 4, gap=gap)
-    got = K.rounded_weights(c.flat, c.w_off, c.layer_stride, c.L, c.W, c.M, precision)
-    want = torch.stack([c.weight(l).flatten() for l in range(1, c.L)])
-    want = round_tf32(want) if precision == "tf32" else round_bf16(want)
-    assert got.shape == (c.L - 1, c.M * W * W)
-    assert torch.equal(bits(got), bits(want))
-    assert not torch.equal(bits(got), bits(torch.stack([c.weight(l).flatten() for l in range(1, c.L)])))
+    got = K.stage_weights(c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, c.M, precision)
+    wp = 64 if W <= 64 else 128
+    want = torch.zeros(c.L - 1, c.M, wp, wp)
+    want[:, :, :W, :W] = torch.stack([c.weight(l) for l in range(1, c.L)])
+    if precision != "fp32":
+        want = round_tf32(want) if precision == "tf32" else round_bf16(want)
+    assert got is not None and got.precision == precision
+    assert torch.equal(bits(got.forward), bits(want))
+    assert torch.equal(bits(got.backward), bits(want.transpose(2, 3)))
+    raw = torch.stack([c.weight(l) for l in range(1, c.L)])
+    assert torch.equal(bits(got.forward[:, :, :W, :W]), bits(raw)) == (precision == "fp32")
+    bias = torch.zeros(c.L - 1, c.M, wp)
+    bias[:, :, :W] = torch.stack([c.bias(l) for l in range(1, c.L)])
+    assert torch.equal(bits(got.bias), bits(bias))
+    fwd_only = K.stage_weights(c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, c.M, precision, backward=False)
+    assert fwd_only.backward is None and torch.equal(bits(fwd_only.forward), bits(want))
+    assert torch.equal(bits(fwd_only.bias), bits(bias))
+    bwd_only = K.stage_weights(c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, c.M, precision, forward=False)
+    assert bwd_only.forward is None and bwd_only.bias is None
+    assert torch.equal(bits(bwd_only.backward), bits(want.transpose(2, 3)))
 
 
-def test_rounded_weights_only_where_the_kernels_take_them():
-    """None where the kernels multiply the weights as they are: fp32, widths up to 32 (rounded
-    in the kernel), a stack without a middle layer."""
+def test_staged_weights_only_where_the_kernels_take_them():
+    """None where the kernels read the weights from flat: widths up to 32 (which round in the
+    kernel), a stack without a middle layer."""
     c = case(fresh_seed(), 2, 5, 40, 3)
-    assert kernels.weights_rounded(40, "tf32") and not kernels.weights_rounded(32, "tf32")
-    assert not kernels.weights_rounded(40, "fp32")
-    assert K.rounded_weights(c.flat, c.w_off, c.layer_stride, c.L, c.W, c.M, "fp32") is None
-    assert K.rounded_weights(c.flat, c.w_off, c.layer_stride, 1, c.W, c.M, "tf32") is None
+    assert kernels.weights_staged(40) and kernels.weights_staged(128) and not kernels.weights_staged(32)
+    assert K.stage_weights(c.flat, c.w_off, c.b_off, c.layer_stride, 1, c.W, c.M, "tf32") is None
     n = case(fresh_seed(), 2, 5, 32, 3)
-    assert K.rounded_weights(n.flat, n.w_off, n.layer_stride, n.L, n.W, n.M, "tf32") is None
+    assert K.stage_weights(n.flat, n.w_off, n.b_off, n.layer_stride, n.L, n.W, n.M, "tf32") is None
 
 
-@pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_given_rounded_weights_are_what_the_kernels_read(precision):
-    """The step rounds once for both directions and hands the copy over: the kernels then read
-    the weights from it, not from flat (weights of 0 give z = bias and da = 0 below layer L-1),
-    and the copy rounded_weights makes equals the one they make themselves, bit for bit."""
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_given_staged_weights_are_what_the_kernels_read(precision):
+    """The step stages once for both directions and hands the copies over: the kernels then read
+    the weights from them, not from flat (weights of 0 give z = bias and da = 0 below layer
+    L-1), and compute with them what they compute with the copies they stage themselves, bit
+    for bit."""
     c = case(fresh_seed(), 2, 21, 40, 3, dropout=True)
     acts, grad, dz0 = run(c, precision)
-    wr = K.rounded_weights(c.flat, c.w_off, c.layer_stride, c.L, c.W, c.M, precision)
+    wr = K.stage_weights(c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, c.M, precision)
     acts2 = torch.full_like(acts, NAN)
     K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, acts=acts2, drop=c.drop,
                     precision=precision, weights=wr)
@@ -459,7 +486,7 @@ def test_given_rounded_weights_are_what_the_kernels_read(precision):
     mid = c.middle()
     assert torch.equal(bits(grad2[mid]), bits(grad[mid]))
 
-    zeros = torch.zeros_like(wr)
+    zeros = kernels.StagedWeights(torch.zeros_like(wr.forward), torch.zeros_like(wr.backward), precision, wr.bias)
     K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, acts=acts2, drop=c.drop,
                     precision=precision, weights=zeros)
     for l in range(1, c.L):
@@ -468,6 +495,14 @@ def test_given_rounded_weights_are_what_the_kernels_read(precision):
     K.stack_backward(c.da, acts2, c.flat, grad2, c.w_off, c.b_off, c.layer_stride, c.L, c.W, dz0=dz02,
                      scale=c.scale, precision=precision, weights=zeros)
     assert not dz02.any()
+    # each direction reads its own copy: the forward's alone does not serve the backward, and
+    # the forward needs its biases
+    with pytest.raises(ValueError, match="without the forward's biases"):
+        K.stack_forward(c.z0, c.flat, c.w_off, c.b_off, c.layer_stride, c.L, c.W, acts=acts2, drop=c.drop,
+                        precision=precision, weights=kernels.StagedWeights(wr.forward, None, precision))
+    with pytest.raises(ValueError, match="without their backward copy"):
+        K.stack_backward(c.da, acts2, c.flat, grad2, c.w_off, c.b_off, c.layer_stride, c.L, c.W,
+                         scale=c.scale, precision=precision, weights=kernels.StagedWeights(wr.forward, None, precision))
 
 
 @pytest.mark.parametrize("W,L,M,B", [(8, 4, 3, 80), (32, 3, 2, 40), (1, 5, 2, 1100), (64, 3, 2, 70)])
@@ -564,7 +599,44 @@ def test_validation():
         K.stack_forward(c.z0, *args, out=torch.empty(c.B, c.M, c.W).transpose(0, 1))
     w = case(1, 2, 5, 40, 3)
     wargs = (w.flat, w.w_off, w.b_off, w.layer_stride, w.L, w.W)
-    with pytest.raises(ValueError, match="weights must have shape"):  # one layer short
-        K.stack_forward(w.z0, *wargs, precision="tf32", weights=torch.zeros(1, w.M * 40 * 40))
+    short = kernels.StagedWeights(torch.zeros(1, w.M, 64, 64), None, "tf32")  # one layer short
+    with pytest.raises(ValueError, match="weights must have shape"):
+        K.stack_forward(w.z0, *wargs, precision="tf32", weights=short)
+    with pytest.raises(ValueError, match="staged for tf32"):
+        K.stack_forward(w.z0, *wargs, precision="bf16", weights=short)
+    with pytest.raises(ValueError, match="StagedWeights"):
+        K.stack_forward(w.z0, *wargs, precision="tf32", weights=torch.zeros(2, w.M, 64, 64))
     with pytest.raises(ValueError, match="precision"):
-        K.rounded_weights(w.flat, w.w_off, w.layer_stride, w.L, w.W, w.M, "fp16")
+        K.stage_weights(w.flat, w.w_off, w.b_off, w.layer_stride, w.L, w.W, w.M, "fp16")
+
+
+def test_wide_settings_are_what_launch_config_gives_and_compute_the_same():
+    """A bench's candidate setting (rows per program, warps, pipeline depth) is what the wide
+    kernels launch with inside wide_settings and nowhere else, and it computes what the table's
+    setting computes (the same products, summed in an order that may differ)."""
+    table_f, table_b = kernels.launch_config(40, 256, "tf32"), kernels.launch_config(40, 256, "tf32", backward=True)
+    stages = kernels._WIDE_STAGES
+    c = case(fresh_seed(), 2, 37, 40, 3, dropout=True)
+    acts, grad, dz0 = run(c, "tf32")
+    with kernels.wide_settings(64, "tf32", forward=(128, 4), backward=(16, 8), stages=2):
+        assert kernels.launch_config(40, 256, "tf32") == (64, 128, 4)
+        assert kernels.launch_config(40, 256, "tf32", backward=True) == (64, 16, 8)
+        assert kernels.launch_config(40, 256, "fp32") != (64, 128, 4)  # another precision's entry
+        assert kernels._WIDE_STAGES == 2
+        acts2, grad2, dz02 = run(c, "tf32")
+    # the same rounded operands: only the order of fp32 sums may differ (another row block is
+    # another product shape, for the interpreter's BLAS as for a card's tensor cores)
+    tol = tolerance(c)
+    assert_close(acts2, acts, tol, "activations", c)
+    assert_close(dz02, dz0, tol, "dz0", c)
+    mid = c.middle()
+    assert_close(grad2[mid], grad[mid], tol, "gradient", c)
+    assert kernels.launch_config(40, 256, "tf32") == table_f and kernels._WIDE_STAGES == stages
+    with pytest.raises(RuntimeError, match="inside"), kernels.wide_settings(128, "bf16", forward=(64, 8)):
+        raise RuntimeError("inside")
+    assert kernels.launch_config(100, 256, "bf16")[1] != 64 and kernels.launch_config(40, 256, "tf32",
+                                                                                       backward=True) == table_b
+    with pytest.raises(ValueError, match="not a setting"), kernels.wide_settings(64, "tf32", forward=(24, 8)):
+        pass
+    with pytest.raises(ValueError, match="no wide setting"), kernels.wide_settings(32, "tf32", forward=(32, 8)):
+        pass

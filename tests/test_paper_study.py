@@ -446,6 +446,21 @@ def test_the_profile_step_brings_back_one_file_that_collect_names_after_its_card
     assert sorted(f.name for f in res.iterdir()) == ["gpu-profile-cpu.json", "gpu-profile-cpu.paper_study.log"]
 
 
+def test_the_sweep_step_brings_back_one_file_that_collect_names_after_its_card(tmp_path: Path) -> None:
+    out, res = tmp_path / "out", tmp_path / "results"
+    e = {**env(), "PSA_PAPER_CPU": "1", "OUT": str(out), "PY": sys.executable}
+    e.pop("TRITON_INTERPRET", None)  # the step sets it for the CPU itself
+    p = subprocess.run(["bash", str(BENCH / "paper_study.sh"), "sweep"], env=e, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(f.name for f in out.iterdir()) == ["paper_study.log", "stack-sweep.json"]
+    doc = json.loads((out / "stack-sweep.json").read_text())
+    assert doc["device"] == "cpu" and [c["arch"] for c in doc["cases"]] == ["3*40"]
+    assert "== sweep: exit 0" in (out / "paper_study.log").read_text()
+    assert run_bench("collect", str(out), "--results", str(res)).returncode == 0
+    assert sorted(f.name for f in res.iterdir()) == ["stack-sweep-cpu.json", "stack-sweep-cpu.paper_study.log"]
+
+
 def test_profile_categories_and_busy_time() -> None:
     spec = importlib.util.spec_from_file_location("gpu_profile", BENCH / "gpu_profile.py")
     assert spec is not None and spec.loader is not None

@@ -66,7 +66,7 @@ if triton is not None:
     @triton.jit
     def _matmul(x, y, PREC: tl.constexpr, DOT: tl.constexpr, ROUND_Y: tl.constexpr = True):
         # x (R, K) @ y (K, N); ROUND_Y False: y is rounded to PREC already (the wide stacks'
-        # weights, rounded once per step by _round_kernel instead of once per row block)
+        # weights, staged once per step by _stage_kernel instead of rounded once per row block)
         if DOT:
             if PREC == 2:
                 # bf16 operands, fp32 accumulation. The rounded values are exact in tf32, so a
@@ -96,15 +96,16 @@ if triton is not None:
             return tl.sum(x[:, :, None] * y[None, :, :], axis=1)
 
     @triton.jit
-    def _wide_fwd_layer(a, l, w_base, w_layer_stride, b_base, layer_stride, wt_idx, wmask, u, umask, r, n_units,
+    def _wide_fwd_layer(a, l, w_base, w_layer_stride, b_base, b_layer_stride, wt_idx, u, umask, r, n_units,
                         key, thr, sc, act_tile, act_layer_stride, tile_mask,
                         W: tl.constexpr, HAS_DROP: tl.constexpr, STORE_ALL: tl.constexpr,
                         PREC: tl.constexpr):
-        # middle layer l of the wide forward: loads its weights (rounded to PREC already) itself
-        # (the pipeliner moves the loads one layer ahead, into shared memory)
+        # middle layer l of the wide forward: loads its staged weights and biases itself (padded
+        # with zeros, the weights rounded to PREC: no masks, 16-byte copies; the pipeliner moves
+        # the loads one layer ahead, into shared memory)
         l64 = tl.cast(l - 1, tl.int64)
-        wt = tl.load(w_base + l64 * w_layer_stride + wt_idx, mask=wmask, other=0.0)
-        bias = tl.load(b_base + l64 * layer_stride + u, mask=umask, other=0.0)
+        wt = tl.load(w_base + l64 * w_layer_stride + wt_idx)
+        bias = tl.load(b_base + l64 * b_layer_stride + u)
         z = _matmul(a, wt, PREC, True, False) + bias[None, :]
         a = _activate(z, r, l * W + u, n_units, key, thr, sc, HAS_DROP)
         a = tl.where(umask[None, :], a, 0.0)
@@ -114,9 +115,10 @@ if triton is not None:
 
     @triton.jit
     def _wide_bwd_layer(da, a_cur, k, act_tile, act_layer_stride, tile_mask, dz_tile,
-                        w_base, layer_stride, w_idx, wmask, sc, PREC: tl.constexpr):
-        # middle layer l = k + 1 of the wide backward (its weights rounded to PREC already):
-        # da = dLoss/da_l, a_cur = a_l. Stores dLoss/dz_l for the weight gradients, which are one
+                        w_base, layer_stride, w_idx, sc, PREC: tl.constexpr):
+        # middle layer l = k + 1 of the wide backward (its weights staged transposed, padded and
+        # rounded to PREC, so that the product's (K, N) operand is K-contiguous in memory as in
+        # the forward): da = dLoss/da_l, a_cur = a_l. Stores dLoss/dz_l for the weight gradients, which are one
         # batched product after the kernel (in here they would be a second product a layer on
         # the serial chain, and a (W, W) partial written per row block). Returns dLoss/da_k, a_k.
         k64 = tl.cast(k, tl.int64)
@@ -124,7 +126,7 @@ if triton is not None:
         # a > 0 exactly where the unit was kept and its pre-activation was positive
         dz = tl.where(a_cur > 0, da * sc, 0.0)
         tl.store(dz_tile + k64 * act_layer_stride, dz, mask=tile_mask)
-        w = tl.load(w_base + k64 * layer_stride + w_idx, mask=wmask, other=0.0)
+        w = tl.load(w_base + k64 * layer_stride + w_idx)
         return _matmul(dz, w, PREC, True, False), a_in
 
     @triton.jit(do_not_specialize=["n"])
@@ -139,7 +141,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_layers"])
     def _stack_fwd_kernel(
         z0_ptr, s_zm, s_zb, s_zw,
-        flat_ptr, w_off, b_off, layer_stride, wr_ptr, wr_off, wr_layer_stride,
+        flat_ptr, w_off, b_off, layer_stride, wr_ptr, wr_off, wr_layer_stride, br_ptr, br_layer_stride,
         acts_ptr, act_layer_stride,
         ks_ptr, thr_ptr, sc_ptr,
         B, n_layers, n_units,
@@ -175,17 +177,20 @@ if triton is not None:
         w_base = flat_ptr + w_off + m * W * W
         b_base = flat_ptr + b_off + m * W
         if WIDE:
-            # the weights from wr_ptr, in their own layout (rounded to PREC: see _matmul)
-            wr_base = wr_ptr + wr_off + m * W * W
+            # the weights from wr_ptr: staged (WP, WP) tiles, W itself, wt[i, o] = W[o, i] at o * WP + i;
+            # the biases from br_ptr, (WP,) a member and layer
+            wr_base = wr_ptr + wr_off + m * WP * WP
+            br_base = br_ptr + m * WP
+            wide_idx = u[:, None] + u[None, :] * WP
             if FOR_LOOP:
                 for l in tl.range(1, n_layers, num_stages=STAGES):
-                    a = _wide_fwd_layer(a, l, wr_base, wr_layer_stride, b_base, layer_stride, wt_idx, wmask, u,
+                    a = _wide_fwd_layer(a, l, wr_base, wr_layer_stride, br_base, br_layer_stride, wide_idx, u,
                                         umask, r, n_units, key, thr, sc, act_tile, act_layer_stride, tile_mask,
                                         W, HAS_DROP, STORE_ALL, PREC)
             else:
                 l = tl.full((), 1, tl.int32)
                 while l < n_layers:
-                    a = _wide_fwd_layer(a, l, wr_base, wr_layer_stride, b_base, layer_stride, wt_idx, wmask, u,
+                    a = _wide_fwd_layer(a, l, wr_base, wr_layer_stride, br_base, br_layer_stride, wide_idx, u,
                                         umask, r, n_units, key, thr, sc, act_tile, act_layer_stride, tile_mask,
                                         W, HAS_DROP, STORE_ALL, PREC)
                     l += 1
@@ -243,20 +248,23 @@ if triton is not None:
         l = tl.full((), 0, tl.int32) + n_layers - 1
         a_cur = tl.load(act_tile + tl.cast(l, tl.int64) * act_layer_stride, mask=tile_mask, other=0.0)
 
-        w_base = flat_ptr + w_off + m * W * W
         if WIDE:
-            # part_ptr is dLoss/dz of the middle layers, laid out like acts (see _wide_bwd_layer)
+            # flat_ptr holds the staged transposed weights: (WP, WP) tiles, w[o, i] = W[o, i] at
+            # i * WP + o. part_ptr is dLoss/dz of the middle layers, laid out like acts (see _wide_bwd_layer)
+            w_base = flat_ptr + w_off + m * WP * WP
+            wide_idx = u[:, None] + u[None, :] * WP
             dz_tile = part_ptr + m * B * W + r[:, None] * W + u[None, :]
             if FOR_LOOP:
                 for j in tl.range(0, n_layers - 1, num_stages=STAGES):
                     da, a_cur = _wide_bwd_layer(da, a_cur, n_layers - 2 - j, act_tile, act_layer_stride, tile_mask,
-                                                dz_tile, w_base, layer_stride, w_idx, wmask, sc, PREC)
+                                                dz_tile, w_base, layer_stride, wide_idx, sc, PREC)
             else:
                 while l >= 1:
                     da, a_cur = _wide_bwd_layer(da, a_cur, l - 1, act_tile, act_layer_stride, tile_mask,
-                                                dz_tile, w_base, layer_stride, w_idx, wmask, sc, PREC)
+                                                dz_tile, w_base, layer_stride, wide_idx, sc, PREC)
                     l -= 1
         else:
+            w_base = flat_ptr + w_off + m * W * W
             # the weight and bias gradients here, per row block (part_ptr: see stack_backward)
             pw_base = part_ptr + p_w_off + tl.cast(rb, tl.int64) * p_block_stride + m * W * W
             pb_base = part_ptr + p_b_off + tl.cast(rb, tl.int64) * p_block_stride + m * W
@@ -287,18 +295,34 @@ if triton is not None:
         tl.store(dz0_ptr + m * B * W + r[:, None] * W + u[None, :], dz, mask=tile_mask)
 
     @triton.jit
-    def _round_kernel(src_ptr, src_off, src_stride, dst_ptr, n, PREC: tl.constexpr, BLOCK: tl.constexpr):
-        # row j of dst (contiguous rows of n) = row j of src (from src_off, rows src_stride
-        # apart), rounded to PREC by the very functions the dots use
-        j = tl.cast(tl.program_id(1), tl.int64)
-        c = tl.cast(tl.program_id(0), tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = c < n
-        x = tl.load(src_ptr + src_off + j * src_stride + c, mask=mask, other=0.0)
+    def _stage_kernel(src_ptr, src_off, src_b_off, src_stride, fwd_ptr, bias_ptr, bwd_ptr, members,
+                      W: tl.constexpr, WP: tl.constexpr, BLOCK_O: tl.constexpr, PREC: tl.constexpr,
+                      FWD: tl.constexpr, BWD: tl.constexpr):
+        # Rows [o0, o0 + BLOCK_O) of the (W, W) weights of member m in middle layer l (from
+        # src_off, layers src_stride apart), rounded to PREC by the very functions the dots use,
+        # into (WP, WP) tiles padded with zeros: W itself in fwd (row o at o * WP) and W
+        # transposed in bwd (column o at o: row i at i * WP). Each direction's product then
+        # reads its (K, N) operand K-contiguous and 16-byte aligned, whatever W is. With fwd,
+        # the same rows' biases (from src_b_off) into (WP,) padded with zeros, as they are.
+        # (layer, member) on the grid's first axis, which takes 2**31 - 1 programs (the second, 65535)
+        j = tl.cast(tl.program_id(0), tl.int64)  # l * members + m
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        i = tl.arange(0, WP)
+        l = j // members
+        m = j - l * members
+        mask = (o < W)[:, None] & (i < W)[None, :]
+        x = tl.load(src_ptr + src_off + l * src_stride + m * W * W + o[:, None] * W + i[None, :], mask=mask,
+                    other=0.0)
         if PREC == 2:
             x = _round_bf16(x)
         elif PREC == 1:
             x = _round_tf32(x)
-        tl.store(dst_ptr + j * n + c, x, mask=mask)
+        if FWD:
+            tl.store(fwd_ptr + j * WP * WP + o[:, None] * WP + i[None, :], x)
+            b = tl.load(src_ptr + src_b_off + l * src_stride + m * W + o, mask=o < W, other=0.0)
+            tl.store(bias_ptr + j * WP + o, b)
+        if BWD:
+            tl.store(bwd_ptr + j * WP * WP + i[None, :] * WP + o[:, None], x)
 
     @triton.jit
     def _dropout_noise_kernel(out_ptr, ks_ptr, thr_ptr, sc_ptr, n, BLOCK: tl.constexpr):

@@ -16,7 +16,9 @@ uint32 arithmetic, so they equal rng.dropout_noise bit for bit on any device.
 Widths up to 32 keep the next layer's weights in registers while a layer computes. From 33 to
 128 (padded to 64 or 128) a layer's weights (up to 64 KB) are too big for that: the layer loop
 is a tl.range that Triton software-pipelines, copying the next layer's weights into shared
-memory while the current one computes, and the tiles are sized so that nothing spills. Their
+memory while the current one computes, and the tiles are sized so that nothing spills. They
+read the weights from a staged copy (stage_weights: padded to 64 or 128, rounded to the
+precision, transposed for the backward) made once a step, so that every copy is 16 bytes. Their
 backward keeps only the input gradient's product on the serial chain: it writes each layer's
 dLoss/dz, and the weight gradients of all layers and members are one batched GEMM afterwards
 (at width 115, 60 members and 32-row blocks, per-row-block partials would be 2.9 GB written
@@ -119,6 +121,26 @@ def launch_config(width: int, rows: int, precision: str = "fp32",
     return wp, block_r, num_warps
 
 
+@contextlib.contextmanager
+def wide_settings(padded_width: int, precision: str, forward: tuple[int, int] | None = None,
+                  backward: tuple[int, int] | None = None, stages: int | None = None) -> Iterator[None]:
+    """Within, launch_config gives (rows per program, warps) `forward` and `backward` for the
+    wide stacks of this padded width (64 or 128) and precision, and the layer loops pipeline
+    `stages` deep (None: the table's). For benchmarks that time candidate settings
+    (bench/stack_sweep.py) and for checking them (bench/kernel_registers.py); not thread-safe."""
+    _check((padded_width, precision) in _WIDE_CONFIG, f"no wide setting for width {padded_width} in {precision}")
+    global _WIDE_STAGES
+    old_entry, old_stages = _WIDE_CONFIG[padded_width, precision], _WIDE_STAGES
+    for rows, warps in (x for x in (forward, backward) if x is not None):
+        _check(rows in (16, 32, 64, 128) and warps in (1, 2, 4, 8, 16), f"not a setting: {rows} rows, {warps} warps")
+    _WIDE_CONFIG[padded_width, precision] = (forward or old_entry[0], backward or old_entry[1])
+    _WIDE_STAGES = stages or old_stages
+    try:
+        yield
+    finally:
+        _WIDE_CONFIG[padded_width, precision], _WIDE_STAGES = old_entry, old_stages
+
+
 _FOR_LOOPS_OK: bool | None = None
 
 
@@ -147,9 +169,8 @@ def _for_loops_ok() -> bool:
 
 def wide_path(padded_width: int) -> bool:
     """Whether a stack of this padded width (launch_config's first value) takes the wide path:
-    weights streamed through shared memory, rounded beforehand in tf32 and bf16
-    (weights_rounded), and the weight gradients one batched product after the backward
-    (stack_backward)."""
+    weights staged beforehand (weights_staged) and streamed through shared memory, and the
+    weight gradients one batched product after the backward (stack_backward)."""
     return padded_width >= _WIDE_MIN_WIDTH
 
 
@@ -289,59 +310,94 @@ def _precision_code(precision: str) -> int:
     return _PRECISIONS[precision]
 
 
-def weights_rounded(width: int, precision: str) -> bool:
-    """Whether the kernels take a stack of `width` in `precision` with its middle weights rounded
-    beforehand (rounded_weights): the wide ones in tf32 and bf16. Rounded in the kernel, every
-    row block's program rounds the same (W, W) tile again each layer, on the serial chain and
-    in registers (at width 128 in tf32 on sm_90 with Triton 3.6, the training kernels took 255
-    registers and spilled 60-68 bytes a thread; with the tile rounded beforehand, 146-202 and
-    none: bench/results/kernel-registers-sm90.md)."""
-    return precision != "fp32" and wide_path(triton.next_power_of_2(width))
+def weights_staged(width: int) -> bool:
+    """Whether the kernels read the middle weights of a stack of `width` from a staged copy
+    (stage_weights): the wide ones (wide_path), in every precision. Read from the flat buffer,
+    a wide program's weight loads were 4-byte copies wherever W is not a multiple of 4 (115,
+    91, 71 and 35 of the paper's deep squares) and in every backward (its product's operand is
+    W untransposed, which the tensor cores take K-contiguous), and rounded in the kernel, every
+    row block's program rounded the same (W, W) tile again each layer, on the serial chain and
+    in registers (at width 128 in tf32 on sm_90 with Triton 3.6: 255 registers and 60-68 bytes
+    spilled a thread). Staged: 16-byte copies in both directions, no mask, nothing to round
+    (bench/results/kernel-registers-sm90.md). The forward's biases are staged with its weights."""
+    return wide_path(triton.next_power_of_2(width))
 
 
-def rounded_weights(flat: torch.Tensor, w_off: int, layer_stride: int, n_layers: int, width: int, members: int,
-                    precision: str) -> torch.Tensor | None:
-    """The middle layers' weights of `members` rounded to `precision` as the kernels' products
-    round their operands, one launch: an (L-1, M*W*W) float32 tensor, or None where the kernels
-    round in place (weights_rounded) or there is no middle layer. Layout and arguments as for
-    stack_forward."""
+@dataclass(frozen=True)
+class StagedWeights:
+    """A wide stack's middle weights as its kernels read them (stage_weights): each member's
+    (W, W) weights per middle layer rounded to `precision` and padded with zeros to (WP, WP),
+    (L-1, M, WP, WP) float32; `forward` holds W, `backward` W transposed (None: not made), and
+    `bias` the biases, as they are, padded to (L-1, M, WP) (made with `forward`)."""
+
+    forward: torch.Tensor | None
+    backward: torch.Tensor | None
+    precision: str
+    bias: torch.Tensor | None = None
+
+
+def stage_weights(flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
+                  members: int, precision: str, forward: bool = True,
+                  backward: bool = True) -> StagedWeights | None:
+    """The middle layers' weights of `members` staged for the wide kernels (weights_staged), in
+    one launch for the directions asked: rounded to `precision` as their products round operands
+    and padded to the kernels' width; with the forward's, the biases. None where the kernels
+    read `flat` itself (a narrow stack) or there is no middle layer. Layout and arguments as for
+    stack_forward. The training step stages both directions once for its forward and backward;
+    an evaluation the forward."""
     _require_triton()
-    _precision_code(precision)  # checks the name
-    _check_stack(flat, w_off, w_off, layer_stride, n_layers, width, members, flat.device)
-    if n_layers < 2 or not weights_rounded(width, precision):
+    prec = _precision_code(precision)  # checks the name
+    _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, flat.device)
+    if n_layers < 2 or not weights_staged(width):
         return None
-    return _round(flat, w_off, layer_stride, n_layers, members * width * width, precision)
+    wp = triton.next_power_of_2(width)
+    shape = (n_layers - 1, members, wp, wp)
+    fwd = torch.empty(shape, dtype=torch.float32, device=flat.device) if forward else None
+    bias = torch.empty(shape[:3], dtype=torch.float32, device=flat.device) if forward else None
+    bwd = torch.empty(shape, dtype=torch.float32, device=flat.device) if backward else None
+    some = fwd if fwd is not None else bwd
+    if members and some is not None:
+        block_o = min(wp, 32)  # a (32, WP) tile a program: at most 16 KB in flight
+        _launch(programs._stage_kernel, ((n_layers - 1) * members, wp // block_o), flat, w_off, b_off,
+                layer_stride, some if fwd is None else fwd, some if bias is None else bias,
+                some if bwd is None else bwd, members,
+                W=width, WP=wp, BLOCK_O=block_o, PREC=prec, FWD=fwd is not None, BWD=bwd is not None, num_warps=4)
+    return StagedWeights(fwd, bwd, precision, bias)
 
 
-def _round(flat: torch.Tensor, w_off: int, layer_stride: int, n_layers: int, n: int, precision: str) -> torch.Tensor:
-    """The n weights of each middle layer (from w_off, layer_stride apart) rounded: (L-1, n)."""
-    out = torch.empty(n_layers - 1, n, dtype=torch.float32, device=flat.device)
-    if n:
-        block = 1024
-        _launch(programs._round_kernel, (triton.cdiv(n, block), n_layers - 1), flat, w_off, layer_stride, out, n,
-                PREC=_precision_code(precision), BLOCK=block, num_warps=4)
-    return out
-
-
-def _weights_operand(weights: torch.Tensor | None, flat: torch.Tensor, w_off: int, layer_stride: int,
-                     n_layers: int, width: int, members: int,
-                     precision: str) -> tuple[torch.Tensor, int, int]:
-    """(buffer, offset, layer stride) the kernels read the middle weights from: the rounded copy
-    where due (`weights`, or made here), else `flat` itself."""
-    if n_layers < 2 or not weights_rounded(width, precision):
-        return flat, w_off, layer_stride
-    n = members * width * width
+def _weights_operand(weights: StagedWeights | None, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
+                     n_layers: int, width: int, members: int, precision: str,
+                     backward: bool) -> tuple[torch.Tensor, int, int, torch.Tensor, int]:
+    """(buffer, offset, layer stride) a direction's kernel reads the middle weights from, and
+    (buffer, layer stride) of the forward's biases: the staged copies where due (`weights`, or
+    staged here), else `flat` itself (biases from offset 0: the narrow kernels read b_off of flat)."""
+    if n_layers < 2 or not weights_staged(width):
+        return flat, w_off, layer_stride, flat, layer_stride
     if weights is None:
-        weights = _round(flat, w_off, layer_stride, n_layers, n, precision)
-    _check_tensor("weights", weights, (n_layers - 1, n), torch.float32, flat.device, contiguous=True)
-    return weights, 0, n
+        weights = stage_weights(flat, w_off, b_off, layer_stride, n_layers, width, members, precision,
+                                forward=not backward, backward=backward)
+        assert weights is not None
+    _check(isinstance(weights, StagedWeights), "weights must be stage_weights()'s StagedWeights")
+    _check(weights.precision == precision,
+           f"weights were staged for {weights.precision}, the kernels run in {precision}")
+    tiles = weights.backward if backward else weights.forward
+    _check(tiles is not None, f"weights were staged without their {'backward' if backward else 'forward'} copy")
+    assert tiles is not None
+    wp = triton.next_power_of_2(width)
+    _check_tensor("weights", tiles, (n_layers - 1, members, wp, wp), torch.float32, flat.device, contiguous=True)
+    if backward:
+        return tiles, 0, members * wp * wp, tiles, 0
+    _check(weights.bias is not None, "weights were staged without the forward's biases")
+    assert weights.bias is not None
+    _check_tensor("bias", weights.bias, (n_layers - 1, members, wp), torch.float32, flat.device, contiguous=True)
+    return tiles, 0, members * wp * wp, weights.bias, members * wp
 
 
 def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
                   n_layers: int, width: int, acts: torch.Tensor | None = None,
                   out: torch.Tensor | None = None,
                   drop: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  precision: str = "fp32", weights: torch.Tensor | None = None) -> torch.Tensor:
+                  precision: str = "fp32", weights: StagedWeights | None = None) -> torch.Tensor:
     """Run the hidden stack a_0 = drop(relu(z0)), a_l = drop(relu(W_l a_{l-1} + b_l)) in one launch.
 
     z0 (M, B, W) float32, any strides: hidden layer 0's pre-activation. Training: `acts`, a
@@ -352,8 +408,8 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
     (M, B, W), allocated if None), which is returned; drop must then be None.
     precision ("fp32", "tf32", "bf16") of the layer products: above width 16 tl.dot's (tensor
     cores on a GPU), up to 16 operands rounded as psa.core.precision rounds them. `weights`:
-    rounded_weights() of these layers, made here when due and not given (the training step
-    makes them once for its forward and backward).
+    stage_weights() of these layers (its forward copy), staged here when due and not given
+    (the training step stages them once for its forward and backward).
     """
     _require_triton()
     _check(isinstance(z0, torch.Tensor) and z0.dim() == 3 and z0.dtype == torch.float32,
@@ -383,12 +439,13 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
 
     wp, block_r, num_warps = launch_config(width, rows, precision)
     wide = wide_path(wp)
-    wr, wr_off, wr_stride = _weights_operand(weights, flat, w_off, layer_stride, n_layers, width, members, precision)
+    wr, wr_off, wr_stride, br, br_stride = _weights_operand(weights, flat, w_off, b_off, layer_stride, n_layers,
+                                                            width, members, precision, backward=False)
     grid = (members, triton.cdiv(rows, block_r))
     _launch(
         programs._stack_fwd_kernel, grid,
         z0, z0.stride(0), z0.stride(1), z0.stride(2),
-        flat, w_off, b_off, layer_stride, wr, wr_off, wr_stride,
+        flat, w_off, b_off, layer_stride, wr, wr_off, wr_stride, br, br_stride,
         target, members * rows * width,
         ks, thr, sc,
         rows, n_layers, n_layers * width,
@@ -403,7 +460,7 @@ def stack_forward(z0: torch.Tensor, flat: torch.Tensor, w_off: int, b_off: int, 
 def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, grad: torch.Tensor,
                    w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
                    dz0: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                   precision: str = "fp32", weights: torch.Tensor | None = None) -> torch.Tensor:
+                   precision: str = "fp32", weights: StagedWeights | None = None) -> torch.Tensor:
     """Backpropagate da = dLoss/da_{L-1} (M, B, W) through the hidden stack; return dz0.
 
     acts is stack_forward's (L, M, B, W) output and scale the (M,) float32 dropout scale (None:
@@ -413,7 +470,7 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
     Deterministic: no atomics. Up to width 32 the kernel computes the weight gradients per row
     block and torch sums the partials in a fixed order; from 33 on it writes every middle
     layer's dLoss/dz (as big as `acts` less one layer) and the weight gradients are one batched
-    product in `precision` after it. `weights`: as for stack_forward.
+    product in `precision` after it. `weights`: as for stack_forward (its backward copy).
     """
     _require_triton()
     _check(isinstance(da, torch.Tensor) and da.dim() == 3 and da.dtype == torch.float32,
@@ -456,8 +513,9 @@ def stack_backward(da: torch.Tensor, acts: torch.Tensor, flat: torch.Tensor, gra
             mid_stride = members * width * (width + 1)
             part = torch.empty(n_blocks, n_mid, mid_stride, dtype=torch.float32, device=device)
             p_w, p_b, p_layer, p_block = 0, members * width * width, mid_stride, n_mid * mid_stride
-    # the kernel reads only weights from flat: give it the rounded copy where due
-    wr, wr_off, wr_stride = _weights_operand(weights, flat, w_off, layer_stride, n_layers, width, members, precision)
+    # the kernel reads only weights from flat: give it the staged transposed copy where due
+    wr, wr_off, wr_stride, _, _ = _weights_operand(weights, flat, w_off, b_off, layer_stride, n_layers, width,
+                                                   members, precision, backward=True)
     ran = _launch(
         programs._stack_bwd_kernel, (members, n_blocks),
         da, da.stride(0), da.stride(1), da.stride(2),

@@ -37,14 +37,14 @@ def count_correct(paths: Paths, flat: torch.Tensor, x_all: torch.Tensor, y_all: 
         m1 = min(m, m0 + block)
         w0 = views[0][0][m0:m1].reshape((m1 - m0) * o0, -1)
         b0 = views[0][1][m0:m1].reshape(1, -1)
-        rounded = None
+        staged = None
         if depth and paths.triton_stack and paths.res_steps is None:
             from psa.core.kernels import triton_stack
 
             geometry = paths.stack_geometry(layout.blocks, layout.size_m, m0)
-            # once for every block of rows (None where the kernels round the weights themselves)
-            rounded = triton_stack.rounded_weights(flat, geometry[0], geometry[2], depth, arch.hidden[0], m1 - m0,
-                                                   paths.precision)
+            # once for every block of rows (None where the kernels read the weights from flat)
+            staged = triton_stack.stage_weights(flat, *geometry, depth, arch.hidden[0], m1 - m0, paths.precision,
+                                                backward=False)
         for c0 in range(0, n, rows):
             x = x_all[c0 : c0 + rows]
             z = mm.addmm(b0, x, w0.t()).view(x.shape[0], m1 - m0, o0).transpose(0, 1)
@@ -52,7 +52,7 @@ def count_correct(paths: Paths, flat: torch.Tensor, x_all: torch.Tensor, y_all: 
                 z = res_logits(paths, views, z, x, m0, m1)
             elif depth and paths.triton_stack:
                 h = triton_stack.stack_forward(z, flat, *geometry, depth, arch.hidden[0], precision=paths.precision,
-                                               weights=rounded)
+                                               weights=staged)
                 w, bias = views[depth]
                 z = ops.linear(h, w[m0:m1], bias[m0:m1], mm)
             elif depth and paths.cpu_step:  # the fused CPU evaluation: stack, head and argmax in one call

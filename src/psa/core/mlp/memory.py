@@ -22,11 +22,12 @@ def working_bytes(arch: Arch, batch_size: int, triton_stack: bool = False, preci
     `triton_stack` (the Triton stack kernels, in `precision`) adds the backward's weight-gradient
     scratch (stack_scratch_bytes): up to width 32 per-row-block partials, as many copies of the
     middle stack's parameters as a batch has row blocks (16 at widths 17-32, four times the 16
-    bytes a parameter counted above); wider, every middle layer's dLoss/dz and the product's
-    result. `graphs`
+    bytes a parameter counted above); wider, every middle layer's dLoss/dz, the product's
+    result and the step's two staged copies of the middle weights. `graphs`
     adds the graph's private pool, which keeps every temporary of a captured step for as long
     as the graph lives and lends none of it to other engines: the labels, the loss's softmax
-    buffers and, on the torch path, the dropout hashes (two int64 a unit)."""
+    buffers and, on the torch path, the dropout hashes (two int64 a unit); and so the
+    evaluation's staged copy of a wide stack's weights comes on top of the step's."""
     if model != DEFAULT_MODEL:  # a ResMLP keeps three activations a step (input, inner, output)
         outs = [o for o, _ in linear_shapes(arch, model)]
         acts = batch_size * (3 * sum(outs) + 3 * max(outs) + arch.n_in) * 4
@@ -42,7 +43,21 @@ def working_bytes(arch: Arch, batch_size: int, triton_stack: bool = False, preci
     if graphs:
         per_row = 8 + 2 * 4 * arch.n_out + (0 if triton_stack else 16 * sum(arch.hidden))
         total += batch_size * per_row
+        if triton_stack:
+            total += eval_staged_bytes(arch)
     return total
+
+
+def eval_staged_bytes(arch: Arch) -> int:
+    """Per member, the forward copy of the middle weights (and biases) an evaluation stages
+    for the wide stack kernels (triton_stack.stage_weights), 0 for a narrow stack."""
+    from psa.core.kernels import triton_stack as kernels
+
+    hidden = arch.hidden
+    if len(hidden) < 2 or kernels.triton is None or not kernels.weights_staged(hidden[0]):
+        return 0
+    wp = kernels.triton.next_power_of_2(hidden[0])
+    return (len(hidden) - 1) * (wp * wp + wp) * 4  # the forward's copy and the biases
 
 
 def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
@@ -50,9 +65,10 @@ def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
     gradients on a batch of `batch_size` rows (psa.core.kernels.triton_stack.stack_backward).
     Up to width 32: one copy of their parameters per row block, none when one block covers the
     batch (the kernel then writes the gradient directly). Wider: every middle layer's dLoss/dz
-    (B x W floats) and the batched product's weight and bias gradients; in tf32 and bf16 the
-    middle weights rounded once for the step (triton_stack.rounded_weights), and in bf16 on a
-    GPU the product's two bf16 operands and its bf16 result."""
+    (B x W floats) and the batched product's weight and bias gradients; the middle weights
+    staged once for the step, for the forward (with the biases) and transposed for the
+    backward, each padded to the kernels' (WP, WP) (triton_stack.stage_weights); and in bf16 on
+    a GPU the product's two bf16 operands and its bf16 result."""
     from psa.core.kernels import triton_stack as kernels
 
     hidden = arch.hidden
@@ -62,8 +78,8 @@ def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
     wp, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
     if kernels.wide_path(wp):
         operands = (2 * batch_size * width + width * width) * 2 if precision == "bf16" else 0
-        rounded = width * width * 4 if kernels.weights_rounded(width, precision) else 0
-        return n_mid * (batch_size * width * 4 + width * (width + 1) * 4 + operands + rounded)
+        staged = (2 * wp * wp + wp) * 4 if kernels.weights_staged(width) else 0  # both copies, the biases
+        return n_mid * (batch_size * width * 4 + width * (width + 1) * 4 + operands + staged)
     n_blocks = -(-batch_size // block_r)
     return 0 if n_blocks == 1 else n_blocks * n_mid * width * (width + 1) * 4
 

@@ -116,18 +116,17 @@ class TrainStep:
         # hidden stack: z becomes the logits; hs (or acts) keeps what the backward needs
         keys = rng.step_keys(ch.drop_keys, ch.step) if ch.dropout else None
         hs: list[torch.Tensor] = []
-        acts = noise = rounded = None
+        acts = noise = staged = None
         if depth and self.paths.triton_stack:
             from psa.core.kernels import triton_stack
 
             acts = buf("acts", (depth, m, b, width))
             drop = (keys, ch.drop_thr, ch.drop_scale) if ch.dropout else None
             geometry = self._geometry(ch)
-            # once for both directions (None where the kernels round the weights themselves)
-            rounded = triton_stack.rounded_weights(ch.cand, geometry[0], geometry[2], depth, width, m,
-                                                   self.paths.precision)
+            # once for both directions (None where the kernels read the weights from ch.cand)
+            staged = triton_stack.stage_weights(ch.cand, *geometry, depth, width, m, self.paths.precision)
             triton_stack.stack_forward(z, ch.cand, *geometry, depth, width, acts=acts, drop=drop,
-                                       precision=self.paths.precision, weights=rounded)
+                                       precision=self.paths.precision, weights=staged)
             hs = [acts[depth - 1]]
             w, bias = views[depth]
             z = ops.linear(hs[0], w, bias, mm, out=buf(("z", depth), (m, b, w.shape[1])))
@@ -156,7 +155,7 @@ class TrainStep:
             dz = triton_stack.stack_backward(dh, acts, ch.cand, ch.grad, *geometry, depth, width,
                                              dz0=buf("dz0", (m, b, width)),
                                              scale=ch.drop_scale if ch.dropout else None,
-                                             precision=self.paths.precision, weights=rounded)
+                                             precision=self.paths.precision, weights=staged)
         else:
             for layer in range(depth, 0, -1):
                 h = hs[layer - 1]
