@@ -233,9 +233,10 @@ def check_stack_kernels(seed: int, device: torch.device, quick: bool) -> list[Ch
     if why is not None:
         return [Check(n, SKIP, None, None, why) for n in names]
     # narrow (broadcast products), tl.dot widths, and above 32 the pipelined wide path at both of
-    # its padded widths (64 and 128: their own tiles, rows per program and warps)
-    shapes = ([(3, 33, 8, 3), (2, 40, 40, 2), (2, 21, 100, 2)] if quick
-              else [(3, 70, 8, 5), (3, 40, 32, 4), (2, 37, 48, 3), (2, 37, 100, 3)])
+    # its padded widths (64 and 128: their own tiles, rows per program and warps), at odd widths
+    # as the paper's deep squares have them (35, 71, 91, 115: rows of activations 4 bytes aligned)
+    shapes = ([(3, 33, 8, 3), (2, 40, 35, 2), (2, 21, 115, 2)] if quick
+              else [(3, 70, 8, 5), (3, 40, 32, 4), (2, 37, 48, 3), (2, 37, 35, 3), (2, 37, 115, 3)])
     g = torch.Generator().manual_seed(seed)
     cases = [_stack_case(g, *s) for s in shapes]
     out: list[Check] = []
