@@ -23,7 +23,7 @@ def working_bytes(arch: Arch, batch_size: int, triton_stack: bool = False, preci
     scratch (stack_scratch_bytes): up to width 32 per-row-block partials, as many copies of the
     middle stack's parameters as a batch has row blocks (16 at widths 17-32, four times the 16
     bytes a parameter counted above); wider, every middle layer's dLoss/dz, the product's
-    result and the step's two staged copies of the middle weights. `graphs`
+    result and the step's two staged copies of the middle weights (and biases). `graphs`
     adds the graph's private pool, which keeps every temporary of a captured step for as long
     as the graph lives and lends none of it to other engines: the labels, the loss's softmax
     buffers and, on the torch path, the dropout hashes (two int64 a unit); and so the
@@ -61,8 +61,9 @@ def eval_staged_bytes(arch: Arch) -> int:
 
 
 def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
-    """Per member, what the Triton stack backward allocates for the middle layers' weight
-    gradients on a batch of `batch_size` rows (psa.core.kernels.triton_stack.stack_backward).
+    """Per member, what a training step on the Triton stack kernels allocates for the middle
+    layers on a batch of `batch_size` rows, besides the activations: the backward's scratch for
+    the weight gradients (psa.core.kernels.triton_stack.stack_backward) and the staged weights.
     Up to width 32: one copy of their parameters per row block, none when one block covers the
     batch (the kernel then writes the gradient directly). Wider: every middle layer's dLoss/dz
     (B x W floats) and the batched product's weight and bias gradients; the middle weights
