@@ -16,11 +16,11 @@ then `PYTHONPATH=/tmp/t36`). Registers and spills are ptxas's word, not a timing
 
     PYTHONPATH=/tmp/t36 python bench/kernel_registers.py                      # the paper's stacks
     PYTHONPATH=/tmp/t36 python bench/kernel_registers.py --arch 115*115 --precision tf32 fp32
-    PYTHONPATH=/tmp/t36 python bench/kernel_registers.py --sweep --arch 115*115 35*35 --precision tf32
+    PYTHONPATH=/tmp/t36 python bench/kernel_registers.py --sweep --arch 115*115 35*35 2048*1 632*4 --precision tf32
 
 `--sweep` compiles, instead of the table's settings, every candidate setting that
-bench/stack_sweep.py times on a card (rows per program, warps, pipeline stages of the wide
-kernels), so that a sweep's timings can be read beside registers and spills; a spilling
+bench/stack_sweep.py times on a card (rows per program, warps, and the wide kernels' pipeline
+stages), so that a sweep's timings can be read beside registers and spills; a spilling
 candidate does not make the exit status 1 there.
 """
 
@@ -125,22 +125,21 @@ def compile_report(kernel: Any, args: tuple, kwargs: dict, ptxas: str, arch: int
 def settings(arch: str, precision: str, members: list, data: Any, sweep: bool,
              quick: bool = False) -> Iterator[tuple[str, list]]:
     """(direction, recorded launches) of a population of `arch`: with the table's settings
-    (direction ""), or under each of bench/stack_sweep.py's candidate settings of the wide
-    kernels ("stack_fwd train" or "stack_bwd")."""
+    (direction ""), or under each of bench/stack_sweep.py's candidate settings of the stack
+    kernels ("stack_fwd train" or "stack_bwd"), where it has some for the stack's width."""
     from psa.core.kernels import triton_stack
+    from stack_sweep import CANDIDATES, candidates
 
     ex = Execution(device=torch.device("cpu"), precision=precision, triton=True, stack_max_width=128)
     a = parse_arch(arch)
     padded = triton_stack.launch_config(a.hidden[0], HP.batch_size, precision)[0] if a.hidden else 0
-    if not sweep or not triton_stack.wide_path(padded) or len(a.hidden) < 2:
+    if not sweep or not any(k[0] == padded for k in CANDIDATES) or len(a.hidden) < 2:
         yield "", kernel_launches(a, members, data, HP, ex)
         return
-    from stack_sweep import candidates
-
     for name, backward in (("stack_fwd train", False), ("stack_bwd", True)):
         for rows, warps, stages in candidates(padded, precision, backward, quick):
             kw = {"backward" if backward else "forward": (rows, warps)}
-            with triton_stack.wide_settings(padded, precision, stages=stages, **kw):
+            with triton_stack.stack_settings(padded, precision, stages=stages, **kw):
                 yield name, kernel_launches(a, members, data, HP, ex)
 
 

@@ -10,8 +10,8 @@
 #     ray    --backend ray on a local Ray instance against local (at most PSA_RAY_SECONDS, 180)
 #     profile  bench/gpu_profile.py: where a loop's time goes in each class of net, and what
 #            populations in flight buy (at most PSA_PROFILE_SECONDS, 150; one file, gpu-profile.json)
-#     sweep  bench/stack_sweep.py: the wide stack kernels' launch settings timed on the deep
-#            squares (at most PSA_SWEEP_SECONDS, 100; one file, stack-sweep.json)
+#     sweep  bench/stack_sweep.py: the stack kernels' launch settings timed on deep squares and
+#            deep narrow nets (at most PSA_SWEEP_SECONDS, 100; one file, stack-sweep.json)
 #     selftest  `psa selftest --quick` (at most PSA_SELFTEST_SECONDS, 90; into the log): the fast
 #            paths against the plain ones on this card. If it fails, the steps after it are skipped:
 #            their numbers would not be the engine's arithmetic

@@ -1,13 +1,15 @@
-"""Time the wide stack kernels' launch settings on a card: rows per program, warps and pipeline
-depth, for the paper's deep squares (issue 23: "the kernel's occupancy, tile shapes and weight
-staging decide them").
+"""Time the stack kernels' launch settings on a card: rows per program, warps and (wide
+stacks) pipeline depth, for the paper's deep squares (issue 23: "the kernel's occupancy, tile
+shapes and weight staging decide them") and its deep narrow nets.
 
-`psa.core.kernels.triton_stack.launch_config` takes its wide settings from a fixed table (the
-most rows that compile without spills, docs/gpu.md#launch-configurations), made without a card
-to time them. This bench times the alternatives on the card, one direction at a time, on the
+`psa.core.kernels.triton_stack.launch_config` takes its settings from a fixed table (wide
+stacks: the most rows that compile without spills, docs/gpu.md#launch-configurations) and from
+row budgets (narrow ones: at most 256 rows a program at width 1, so that a 60-member
+population of `2048*1` is 60 programs of one warp on a card of 132 SMs), made without a card to
+time them. This bench times the alternatives on the card, one direction at a time, on the
 shapes a study trains: a 60-member population (6 modes x 10 seeds, half of them with dropout),
 a full batch of 256 rows, every middle layer of the architecture. For each (architecture,
-precision) it stages the weights once (`stage_weights`, timed), then for every candidate
+precision) it stages the weights once (wide stacks: `stage_weights`, timed), then for every candidate
 setting of the forward (training) and of the backward (with its weight-gradient product, which
 no setting changes) compiles it (all candidates in parallel, `triton_stack.precompile`), runs
 it `--reps` times after a warm-up and records the median in ms, and how far its output is
@@ -45,16 +47,21 @@ from psa.core.arch import parse_arch  # noqa: E402
 from psa.core.device import resolve_device, synchronize  # noqa: E402
 
 # the deep squares of the paper's study by padded width: 115*115 (128, 13% of the one-at-a-time
-# estimate on an H200) and 35*35 (64)
-ARCHS = ["115*115", "35*35"]
+# estimate on an H200) and 35*35 (64); the deepest narrow ones, 2048*1 and 632*4 (1 and 4)
+ARCHS = ["115*115", "35*35", "2048*1", "632*4"]
 STEPS, LOOPS = 196, 100  # an epoch of the paper's 50,000 images in batches of 256; its meta-loops
 # (rows per program, warps) to time per padded width, arithmetic (tensor-core dots, or fp32 on
-# the FMA units) and direction, each at pipeline depths 3 and 2: what compiles for sm_90 with
-# Triton 3.6 without spilling (bench/kernel_registers.py --sweep,
-# bench/results/kernel-registers-sm90.md), and two that spill a little: the 64-row tf32
-# backward at width 128 (240-252 bytes), the only backward there on wgmma (64 rows at least),
-# and the 32-row fp32 backward at 128 (20-24 bytes), the table's next step from 16
+# the FMA units; the narrow widths multiply on the FMA units in every precision) and direction,
+# the wide ones each at pipeline depths 3 and 2: what compiles for sm_90 with Triton 3.6 without
+# spilling (bench/kernel_registers.py --sweep, bench/results/kernel-registers-sm90.md), and two
+# that spill a little: the 64-row tf32 backward at width 128 (240-252 bytes), the only backward
+# there on wgmma (64 rows at least), and the 32-row fp32 backward at 128 (20-24 bytes), the
+# table's next step from 16. The narrow ones: from the table's (256 rows at width 1, 128 at 4)
+# down to 16 rows, for more programs on the serial chain of a deep net.
+NARROW = {1: [(256, 1), (128, 1), (64, 1), (32, 1), (16, 1), (128, 4)],
+          4: [(128, 4), (64, 2), (32, 1), (16, 1), (32, 2)]}
 CANDIDATES: dict[tuple[int, str, str], list[tuple[int, int]]] = {
+    **{(w, kind, d): c for w, c in NARROW.items() for kind in ("dot", "fp32") for d in ("forward", "backward")},
     (128, "dot", "forward"): [(16, 8), (32, 8), (64, 8)],
     (128, "dot", "backward"): [(16, 8), (32, 8), (64, 8)],
     (64, "dot", "forward"): [(32, 8), (64, 8), (128, 8), (32, 4), (64, 4), (64, 16)],
@@ -67,9 +74,13 @@ CANDIDATES: dict[tuple[int, str, str], list[tuple[int, int]]] = {
 
 
 def candidates(padded: int, precision: str, backward: bool, quick: bool = False) -> list[tuple[int, int, int]]:
-    """(rows per program, warps, stages) to time for one direction (CANDIDATES); `quick`: two."""
+    """(rows per program, warps, stages) to time for one direction (CANDIDATES; the narrow
+    kernels have no pipeline: one depth); `quick`: two."""
+    from psa.core.kernels import triton_stack as K
+
     kind = "fp32" if precision == "fp32" else "dot"
-    out = [(r, w, s) for r, w in CANDIDATES[padded, kind, "backward" if backward else "forward"] for s in (3, 2)]
+    stages = (3, 2) if K.wide_path(padded) else (K._WIDE_STAGES,)
+    out = [(r, w, s) for r, w in CANDIDATES[padded, kind, "backward" if backward else "forward"] for s in stages]
     return out[:2] if quick else out
 
 
@@ -142,8 +153,9 @@ def sweep_case(c: dict[str, Any], precision: str, reps: int, quick: bool, deadli
     out: dict[str, Any] = {"arch": c["arch"], "precision": precision, "width": width, "padded": padded,
                            "layers": n_layers, "members": members, "rows": rows,
                            "table": {d: dict(zip(("rows", "warps", "stages"), t)) for d, t in table.items()},
-                           "stage_ms": median_ms(lambda: K.stage_weights(flat, *geometry, n_layers, width, members,
-                                                                         precision), device, reps)}
+                           "stage_ms": 0.0 if staged is None else median_ms(
+                               lambda: K.stage_weights(flat, *geometry, n_layers, width, members, precision),
+                               device, reps)}
     forward()
     reference_acts = c["acts"].clone()
     reference_dz0 = backward().clone()
@@ -156,7 +168,7 @@ def sweep_case(c: dict[str, Any], precision: str, reps: int, quick: bool, deadli
     for d, settings in todo.items():
         for r, w, s in settings:
             kw = {"forward": (r, w)} if d == "forward" else {"backward": (r, w)}
-            with K.wide_settings(padded, precision, stages=s, **kw), K.recording() as rec:
+            with K.stack_settings(padded, precision, stages=s, **kw), K.recording() as rec:
                 forward() if d == "forward" else backward()
             launches += rec
     t0 = time.perf_counter()
@@ -173,7 +185,7 @@ def sweep_case(c: dict[str, Any], precision: str, reps: int, quick: bool, deadli
                 continue
             kw = {"forward": (r, w)} if d == "forward" else {"backward": (r, w)}
             try:
-                with K.wide_settings(padded, precision, stages=s, **kw):
+                with K.stack_settings(padded, precision, stages=s, **kw):
                     if d == "forward":
                         row["ms"] = median_ms(forward, device, reps)
                         row["max_abs_diff"] = float((c["acts"] - reference_acts).abs().max())
@@ -215,7 +227,8 @@ def usage(message: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", nargs="+", default=ARCHS, help="square stacks of width 33-128 (default: 115*115 35*35)")
+    p.add_argument("--arch", nargs="+", default=ARCHS,
+                   help=f"stacks of one width with candidates (default: {' '.join(ARCHS)})")
     p.add_argument("--precision", nargs="+", default=["tf32"], choices=["fp32", "tf32", "bf16"],
                    help="default tf32: psa's `auto` on a card")
     p.add_argument("--members", type=int, default=60, help="population size (the study's: 60)")
@@ -238,8 +251,12 @@ def main() -> None:
             arch = parse_arch(a)
         except ValueError as e:
             usage(f"--arch {a}: {e}")
-        if len(arch.hidden) < 2 or len(set(arch.hidden)) > 1 or not 33 <= arch.hidden[0] <= 128:
-            usage(f"--arch {a}: needs two or more hidden layers of one width from 33 to 128 (the wide stack kernels)")
+        if len(arch.hidden) < 2 or len(set(arch.hidden)) > 1 or not 1 <= arch.hidden[0] <= 128:
+            usage(f"--arch {a}: needs two or more hidden layers of one width up to 128 (the stack kernels)")
+        padded = 1 << (arch.hidden[0] - 1).bit_length()
+        if not any(k[0] == padded for k in CANDIDATES):
+            usage(f"--arch {a}: no candidate settings for its padded width {padded} "
+                  f"(stack_sweep.CANDIDATES has {sorted({k[0] for k in CANDIDATES})})")
     from psa.core.kernels import triton_stack as K
 
     if not K.available():

@@ -230,22 +230,26 @@ def test_kernel_registers_compiles_a_sweeps_candidates(tmp_path: Path) -> None:
 
 
 def test_stack_sweep_times_each_setting_against_the_tables(tmp_path: Path) -> None:
-    """The sweep in Triton's interpreter, tiny: the table's setting first in each direction,
-    every setting timed with its output beside the table's, the step's totals; and its usage
-    errors, one line each."""
-    doc, out = run("stack_sweep.py", "--device", "cpu", "--arch", "3*40", "--members", "2", "--rows", "16",
+    """The sweep in Triton's interpreter, tiny, a wide and a narrow stack: the table's setting
+    first in each direction, every setting timed with its output beside the table's, the
+    step's totals; and its usage errors, one line each."""
+    doc, out = run("stack_sweep.py", "--device", "cpu", "--arch", "3*40", "6*1", "--members", "2", "--rows", "16",
                    "--reps", "1", "--quick", tmp=tmp_path)
-    (case,) = doc["cases"]
-    assert (case["arch"], case["precision"], case["padded"], case["layers"]) == ("3*40", "tf32", 64, 3)
-    for d in ("forward", "backward"):
-        rows = case[d]
-        assert rows[0]["table"] and not any(r["table"] for r in rows[1:]) and len(rows) >= 2
-        assert (rows[0]["rows"], rows[0]["warps"], rows[0]["stages"]) == tuple(case["table"][d].values())
-        assert all(r["ms"] > 0 and r["max_abs_diff"] == 0.0 for r in rows)  # the same rows: the same sums
-    assert case["step_ms_best"] <= case["step_ms_table"] and case["stage_ms"] > 0
-    assert case["loops_s_best"] == pytest.approx(case["step_ms_best"] * 196 * 100 / 1e3)
+    wide, narrow = doc["cases"]
+    assert (wide["arch"], wide["precision"], wide["padded"], wide["layers"]) == ("3*40", "tf32", 64, 3)
+    assert (narrow["arch"], narrow["padded"], narrow["layers"], narrow["stage_ms"]) == ("6*1", 1, 6, 0.0)
+    for case in (wide, narrow):
+        for d in ("forward", "backward"):
+            rows = case[d]
+            assert rows[0]["table"] and not any(r["table"] for r in rows[1:]) and len(rows) >= 2
+            assert (rows[0]["rows"], rows[0]["warps"], rows[0]["stages"]) == tuple(case["table"][d].values())
+            assert all(r["ms"] > 0 and r["max_abs_diff"] < 1e-5 for r in rows)
+        assert case["step_ms_best"] <= case["step_ms_table"]
+        assert case["loops_s_best"] == pytest.approx(case["step_ms_best"] * 196 * 100 / 1e3)
+    # the wide pair differs in pipeline depth only: the same rows, the same sums
+    assert all(r["max_abs_diff"] == 0.0 for d in ("forward", "backward") for r in wide[d]) and wide["stage_ms"] > 0
     assert "(table)" in out and "over 100 meta-loops" in out
-    for args, says in ((["--arch", "3*20"], "width from 33 to 128"), (["--arch", "1*40"], "two or more hidden"),
+    for args, says in ((["--arch", "3*20"], "no candidate settings"), (["--arch", "1*40"], "two or more hidden"),
                        (["--arch", "x"], "--arch x"), (["--reps", "0"], "at least 1")):
         p = subprocess.run([sys.executable, str(BENCH / "stack_sweep.py"), "--device", "cpu", *args], env=env(),
                            capture_output=True, text=True, timeout=120)

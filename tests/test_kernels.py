@@ -610,33 +610,46 @@ def test_validation():
         K.stage_weights(w.flat, w.w_off, w.b_off, w.layer_stride, w.L, w.W, w.M, "fp16")
 
 
-def test_wide_settings_are_what_launch_config_gives_and_compute_the_same():
-    """A bench's candidate setting (rows per program, warps, pipeline depth) is what the wide
-    kernels launch with inside wide_settings and nowhere else, and it computes what the table's
-    setting computes (the same products, summed in an order that may differ)."""
+def test_stack_settings_are_what_launch_config_gives_and_compute_the_same():
+    """A bench's candidate setting (rows per program, warps; pipeline depth for the wide kernels)
+    is what the kernels launch with inside stack_settings and nowhere else, wide or narrow, and
+    it computes what the table's setting computes (the same products, summed in an order that
+    may differ)."""
     table_f, table_b = kernels.launch_config(40, 256, "tf32"), kernels.launch_config(40, 256, "tf32", backward=True)
+    narrow = kernels.launch_config(4, 256, "fp32")
     stages = kernels._WIDE_STAGES
     c = case(fresh_seed(), 2, 37, 40, 3, dropout=True)
+    n = case(fresh_seed(), 3, 70, 4, 5, dropout=True)
     acts, grad, dz0 = run(c, "tf32")
-    with kernels.wide_settings(64, "tf32", forward=(128, 4), backward=(16, 8), stages=2):
+    n_acts, n_grad, n_dz0 = run(n)
+    with kernels.stack_settings(64, "tf32", forward=(128, 4), backward=(16, 8), stages=2), \
+            kernels.stack_settings(4, "fp32", forward=(16, 1), backward=(32, 2)):
         assert kernels.launch_config(40, 256, "tf32") == (64, 128, 4)
         assert kernels.launch_config(40, 256, "tf32", backward=True) == (64, 16, 8)
         assert kernels.launch_config(40, 256, "fp32") != (64, 128, 4)  # another precision's entry
+        assert kernels.launch_config(4, 256, "fp32") == (4, 16, 1)
+        assert kernels.launch_config(4, 256, "fp32", backward=True) == (4, 32, 2)
+        assert kernels.launch_config(4, 20, "fp32", backward=True) == (4, 32, 2)  # not more rows than a batch
         assert kernels._WIDE_STAGES == 2
         acts2, grad2, dz02 = run(c, "tf32")
-    # the same rounded operands: only the order of fp32 sums may differ (another row block is
-    # another product shape, for the interpreter's BLAS as for a card's tensor cores)
-    tol = tolerance(c)
-    assert_close(acts2, acts, tol, "activations", c)
-    assert_close(dz02, dz0, tol, "dz0", c)
-    mid = c.middle()
-    assert_close(grad2[mid], grad[mid], tol, "gradient", c)
+        n_acts2, n_grad2, n_dz02 = run(n)
+    # another row block is another product shape (for the interpreter's BLAS as for a card's
+    # tensor cores) and another grouping of the narrow backward's partial sums
+    for cc, got, want in ((c, (acts2, grad2, dz02), (acts, grad, dz0)), (n, (n_acts2, n_grad2, n_dz02),
+                                                                      (n_acts, n_grad, n_dz0))):
+        tol, mid = tolerance(cc), cc.middle()
+        assert_close(got[0], want[0], tol, "activations", cc)
+        assert_close(got[2], want[2], tol, "dz0", cc)
+        assert_close(got[1][mid], want[1][mid], tol, "gradient", cc)
     assert kernels.launch_config(40, 256, "tf32") == table_f and kernels._WIDE_STAGES == stages
-    with pytest.raises(RuntimeError, match="inside"), kernels.wide_settings(128, "bf16", forward=(64, 8)):
+    assert kernels.launch_config(4, 256, "fp32") == narrow and not kernels._SETTINGS
+    with pytest.raises(RuntimeError, match="inside"), kernels.stack_settings(128, "bf16", forward=(64, 8)):
         raise RuntimeError("inside")
     assert kernels.launch_config(100, 256, "bf16")[1] != 64 and kernels.launch_config(40, 256, "tf32",
                                                                                        backward=True) == table_b
-    with pytest.raises(ValueError, match="not a setting"), kernels.wide_settings(64, "tf32", forward=(24, 8)):
+    with pytest.raises(ValueError, match="not a setting"), kernels.stack_settings(64, "tf32", forward=(24, 8)):
         pass
-    with pytest.raises(ValueError, match="no wide setting"), kernels.wide_settings(32, "tf32", forward=(32, 8)):
+    with pytest.raises(ValueError, match="no stack setting"), kernels.stack_settings(40, "tf32", forward=(32, 8)):
+        pass
+    with pytest.raises(ValueError, match="no stack setting"), kernels.stack_settings(64, "fp16", forward=(32, 8)):
         pass

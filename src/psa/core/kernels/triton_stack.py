@@ -103,15 +103,18 @@ def launch_config(width: int, rows: int, precision: str = "fp32",
     occupancy) against programs re-reading the same weights; the budgets keep a program small.
     `backward` picks the backward kernel's setting, which differs for widths above 32. `width`
     must be at most MAX_WIDTH and `precision` one of fp32, tf32 and bf16 (the launchers check
-    both); needs Triton installed.
+    both); needs Triton installed. Within stack_settings, its setting instead.
     """
     wp = triton.next_power_of_2(width)
     want = max(16, triton.next_power_of_2(rows))
+    tried = _SETTINGS.get((wp, precision), (None, None))[backward]
     if wide_path(wp):
-        block_r, num_warps = _WIDE_CONFIG[wp, precision][backward]
+        block_r, num_warps = tried or _WIDE_CONFIG[wp, precision][backward]
         # fewer rows for a small batch, but not below 32 where the table has more: only 2 block
         # sizes per setting need compiling (and checking)
         return wp, max(min(block_r, want), min(block_r, 32)), num_warps
+    if tried is not None:
+        return wp, max(16, min(tried[0], want)), tried[1]
     if wp > _DOT_MIN_WIDTH:
         # tl.dot's minimum of 16 rows; the fp32 ("ieee") dot runs on FMA units and needs twice
         # the threads to stay clear of spills
@@ -121,24 +124,38 @@ def launch_config(width: int, rows: int, precision: str = "fp32",
     return wp, block_r, num_warps
 
 
+# (padded width, precision) -> the (rows, warps) of the forward and of the backward that
+# stack_settings is trying (None: launch_config's own)
+_SETTINGS: dict[tuple[int, str], tuple[tuple[int, int] | None, tuple[int, int] | None]] = {}
+
+
 @contextlib.contextmanager
-def wide_settings(padded_width: int, precision: str, forward: tuple[int, int] | None = None,
-                  backward: tuple[int, int] | None = None, stages: int | None = None) -> Iterator[None]:
-    """Within, launch_config gives (rows per program, warps) `forward` and `backward` for the
-    wide stacks of this padded width (64 or 128) and precision, and the layer loops pipeline
-    `stages` deep (None: the table's). For benchmarks that time candidate settings
-    (bench/stack_sweep.py) and for checking them (bench/kernel_registers.py); not thread-safe."""
-    _check((padded_width, precision) in _WIDE_CONFIG, f"no wide setting for width {padded_width} in {precision}")
-    global _WIDE_STAGES
-    old_entry, old_stages = _WIDE_CONFIG[padded_width, precision], _WIDE_STAGES
+def stack_settings(padded_width: int, precision: str, forward: tuple[int, int] | None = None,
+                   backward: tuple[int, int] | None = None, stages: int | None = None) -> Iterator[None]:
+    """Within, launch_config gives (rows per program, warps) `forward` and `backward` (None:
+    its own) for the stacks of this padded width (a power of two up to MAX_WIDTH) and
+    precision, and the wide layer loops pipeline `stages` deep (None: _WIDE_STAGES). A small
+    batch still takes fewer rows, as from the table. For benchmarks that time candidate
+    settings (bench/stack_sweep.py) and for checking them (bench/kernel_registers.py); not
+    thread-safe."""
+    _check(precision in _PRECISIONS and padded_width in [2**k for k in range(8)],
+           f"no stack setting for width {padded_width} in {precision}")
     for rows, warps in (x for x in (forward, backward) if x is not None):
-        _check(rows in (16, 32, 64, 128) and warps in (1, 2, 4, 8, 16), f"not a setting: {rows} rows, {warps} warps")
-    _WIDE_CONFIG[padded_width, precision] = (forward or old_entry[0], backward or old_entry[1])
+        _check(rows in (16, 32, 64, 128, 256, 512) and warps in (1, 2, 4, 8, 16),
+               f"not a setting: {rows} rows, {warps} warps")
+    global _WIDE_STAGES
+    key, old_stages = (padded_width, precision), _WIDE_STAGES
+    old = _SETTINGS.get(key)
+    _SETTINGS[key] = (forward, backward)
     _WIDE_STAGES = stages or old_stages
     try:
         yield
     finally:
-        _WIDE_CONFIG[padded_width, precision], _WIDE_STAGES = old_entry, old_stages
+        _WIDE_STAGES = old_stages
+        if old is None:
+            _SETTINGS.pop(key, None)
+        else:
+            _SETTINGS[key] = old
 
 
 _FOR_LOOPS_OK: bool | None = None
