@@ -196,7 +196,8 @@ def _stack_reference(c: _Stack, acts: torch.Tensor) -> tuple[torch.Tensor, torch
     """float64 (activations, middle-stack gradient in flat's layout, dz0). The backward runs on
     the kernel's own activations, so a reduced-precision forward cannot flip a relu mask."""
     noise = rng.dropout_noise(rng.position_hash(c.B, c.L * c.W, "cpu"), c.ks, c.thr, c.sc).double()
-    out, z = [], c.z0.double()
+    out: list[torch.Tensor] = []
+    z = c.z0.double()
     for l in range(c.L):
         if l:
             z = out[-1] @ c.weight(l).double().transpose(1, 2) + c.bias(l).double().unsqueeze(1)
