@@ -45,12 +45,14 @@ RESERVE=10  # seconds kept for the last lines of the log
 SIZE=()
 PROFILE_SIZE=()
 SWEEP_SIZE=()
+SWEEP_ENV=()
 SELFTEST_DEVICE=()
 if [ "${PSA_PAPER_CPU:-0}" = "1" ]; then
     SIZE=(--tiny --device cpu)
     SELFTEST_DEVICE=(--device cpu)
     PROFILE_SIZE=(--device cpu --arch 1*8 --small 1*2 --k 1 2 --steps 2 --members 2 --loops 1)
     SWEEP_SIZE=(--device cpu --arch 3*40 --members 2 --rows 16 --reps 1 --quick)
+    SWEEP_ENV=(env TRITON_INTERPRET=1)  # on a CPU the kernels run in Triton's interpreter
 fi
 read -r -a RAY_ARGS <<<"${PSA_RAY_ARGS:-}"
 
@@ -120,15 +122,12 @@ profile_check() {
 
 sweep_check() {
     echo "== sweep"
-    # the kernels run in Triton's interpreter on a CPU (PSA_PAPER_CPU=1)
-    [ "${PSA_PAPER_CPU:-0}" = "1" ] && export TRITON_INTERPRET=1
     # it stops timing new settings 15 s before its limit (timed's), and writes what it has after each case
     local limit="$SWEEP_SECONDS"
     [ "$(left)" -lt "$limit" ] && limit=$(left)
-    timed "$limit" "$PY" bench/stack_sweep.py --out "$OUT/stack-sweep.json" --seconds $((limit - 15)) \
-        "${SWEEP_SIZE[@]}"
+    timed "$limit" "${SWEEP_ENV[@]}" "$PY" bench/stack_sweep.py --out "$OUT/stack-sweep.json" \
+        --seconds $((limit - 15)) "${SWEEP_SIZE[@]}"
     local st=$?
-    [ "${PSA_PAPER_CPU:-0}" = "1" ] && unset TRITON_INTERPRET
     echo "== sweep: exit $st after $SECONDS s"
     return $st
 }
