@@ -2,7 +2,7 @@
 stacks) pipeline depth, for the paper's deep squares (issue 23: "the kernel's occupancy, tile
 shapes and weight staging decide them") and its deep narrow nets.
 
-`psa.core.kernels.triton_stack.launch_config` takes its settings from a fixed table (wide
+`psa.core.kernels.launch.launch_config` takes its settings from a fixed table (wide
 stacks: the most rows that compile without spills, docs/gpu.md#launch-configurations) and from
 row budgets (narrow ones: at most 256 rows a program at width 1, so that a 60-member
 population of `2048*1` is 60 programs of one warp on a card of 132 SMs), made without a card to
@@ -79,7 +79,7 @@ def candidates(padded: int, precision: str, backward: bool, quick: bool = False)
     from psa.core.kernels import triton_stack as K
 
     kind = "fp32" if precision == "fp32" else "dot"
-    stages = (3, 2) if K.wide_path(padded) else (K._WIDE_STAGES,)
+    stages = (3, 2) if K.wide_path(padded) else (K.launch.wide_stages(),)
     out = [(r, w, s) for r, w in CANDIDATES[padded, kind, "backward" if backward else "forward"] for s in stages]
     return out[:2] if quick else out
 
@@ -138,7 +138,8 @@ def sweep_case(c: dict[str, Any], precision: str, reps: int, quick: bool, deadli
     geometry = (0, b_off, stride)
     padded, table_rows_f, warps_f = K.launch_config(width, rows, precision)
     _, table_rows_b, warps_b = K.launch_config(width, rows, precision, backward=True)
-    table = {"forward": (table_rows_f, warps_f, K._WIDE_STAGES), "backward": (table_rows_b, warps_b, K._WIDE_STAGES)}
+    stages = K.launch.wide_stages()
+    table = {"forward": (table_rows_f, warps_f, stages), "backward": (table_rows_b, warps_b, stages)}
     staged = K.stage_weights(flat, *geometry, n_layers, width, members, precision)
     grad = torch.zeros_like(flat)
 

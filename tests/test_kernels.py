@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from psa.core import rng  # noqa: E402
+from psa.core.kernels import launch  # noqa: E402
 from psa.core.kernels import triton_stack as kernels  # noqa: E402
 from psa.core.precision import Matmul  # noqa: E402
 
@@ -617,7 +618,7 @@ def test_stack_settings_are_what_launch_config_gives_and_compute_the_same():
     may differ)."""
     table_f, table_b = kernels.launch_config(40, 256, "tf32"), kernels.launch_config(40, 256, "tf32", backward=True)
     narrow = kernels.launch_config(4, 256, "fp32")
-    stages = kernels._WIDE_STAGES
+    stages = launch.wide_stages()
     c = case(fresh_seed(), 2, 37, 40, 3, dropout=True)
     n = case(fresh_seed(), 3, 70, 4, 5, dropout=True)
     acts, grad, dz0 = run(c, "tf32")
@@ -630,7 +631,7 @@ def test_stack_settings_are_what_launch_config_gives_and_compute_the_same():
         assert kernels.launch_config(4, 256, "fp32") == (4, 16, 1)
         assert kernels.launch_config(4, 256, "fp32", backward=True) == (4, 32, 2)
         assert kernels.launch_config(4, 20, "fp32", backward=True) == (4, 32, 2)  # not more rows than a batch
-        assert kernels._WIDE_STAGES == 2
+        assert launch.wide_stages() == 2
         acts2, grad2, dz02 = run(c, "tf32")
         n_acts2, n_grad2, n_dz02 = run(n)
     # another row block is another product shape (for the interpreter's BLAS as for a card's
@@ -641,8 +642,8 @@ def test_stack_settings_are_what_launch_config_gives_and_compute_the_same():
         assert_close(got[0], want[0], tol, "activations", cc)
         assert_close(got[2], want[2], tol, "dz0", cc)
         assert_close(got[1][mid], want[1][mid], tol, "gradient", cc)
-    assert kernels.launch_config(40, 256, "tf32") == table_f and kernels._WIDE_STAGES == stages
-    assert kernels.launch_config(4, 256, "fp32") == narrow and not kernels._SETTINGS
+    assert kernels.launch_config(40, 256, "tf32") == table_f and launch.wide_stages() == stages
+    assert kernels.launch_config(4, 256, "fp32") == narrow and not launch._SETTINGS
     with pytest.raises(RuntimeError, match="inside"), kernels.stack_settings(128, "bf16", forward=(64, 8)):
         raise RuntimeError("inside")
     assert kernels.launch_config(100, 256, "bf16")[1] != 64 and kernels.launch_config(40, 256, "tf32",
