@@ -36,9 +36,9 @@ _WIDE_MIN_WIDTH = 64
 # spread the (W, W) operands; shared memory <= 208 KB; what ptxas reports for each, with Triton
 # 3.6: bench/kernel_registers.py, docs/gpu.md#launch-configurations). The fp32 ("ieee") dot runs
 # on FMA units and holds whole K-slices of its operands in registers: it gets fewer rows, and
-# its backward at width 128 stays at 16 (32 compiles, but at 254-255 registers, with no room
-# left). tf32 and bf16 are one kernel (weights rounded beforehand, activations in registers),
-# so they share their entries.
+# its backward at width 128 stays at 16 (32 reaches 255 registers and spills 20-24 bytes). tf32
+# and bf16 are one kernel (weights staged and rounded beforehand, activations in registers), so
+# they share their entries. Untimed: bench/stack_sweep.py times the alternatives on a card.
 _WIDE_CONFIG = {
     (64, "fp32"): ((64, 8), (32, 8)),
     (64, "tf32"): ((64, 8), (64, 8)),
