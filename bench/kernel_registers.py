@@ -128,12 +128,12 @@ def settings(arch: str, precision: str, members: list, data: Any, sweep: bool,
     (direction ""), or under each of bench/stack_sweep.py's candidate settings of the stack
     kernels ("stack_fwd train" or "stack_bwd"), where it has some for the stack's width."""
     from psa.core.kernels import triton_stack
-    from stack_sweep import CANDIDATES, candidates
+    from stack_sweep import candidates, has_candidates
 
     ex = Execution(device=torch.device("cpu"), precision=precision, triton=True, stack_max_width=128)
     a = parse_arch(arch)
     padded = triton_stack.launch_config(a.hidden[0], HP.batch_size, precision)[0] if a.hidden else 0
-    if not sweep or not any(k[0] == padded for k in CANDIDATES) or len(a.hidden) < 2:
+    if not sweep or not has_candidates(padded) or len(a.hidden) < 2:
         yield "", kernel_launches(a, members, data, HP, ex)
         return
     for name, backward in (("stack_fwd train", False), ("stack_bwd", True)):

@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from psa.core import rng  # noqa: E402
 from psa.core.arch import parse_arch  # noqa: E402
 from psa.core.device import resolve_device, synchronize  # noqa: E402
+from psa.core.kernels.launch import next_power_of_2  # noqa: E402
 
 # the deep squares of the paper's study by padded width: 115*115 (128, 13% of the one-at-a-time
 # estimate on an H200) and 35*35 (64); the deepest narrow ones, 2048*1 and 632*4 (1 and 4)
@@ -71,6 +72,11 @@ CANDIDATES: dict[tuple[int, str, str], list[tuple[int, int]]] = {
     (64, "fp32", "forward"): [(32, 8), (64, 8), (32, 4), (64, 4), (64, 16)],
     (64, "fp32", "backward"): [(32, 8), (64, 16)],
 }
+
+
+def has_candidates(padded: int) -> bool:
+    """Whether CANDIDATES has settings for stacks of this padded width."""
+    return any(k[0] == padded for k in CANDIDATES)
 
 
 def candidates(padded: int, precision: str, backward: bool, quick: bool = False) -> list[tuple[int, int, int]]:
@@ -168,8 +174,7 @@ def sweep_case(c: dict[str, Any], precision: str, reps: int, quick: bool, deadli
     launches = []
     for d, settings in todo.items():
         for r, w, s in settings:
-            kw = {"forward": (r, w)} if d == "forward" else {"backward": (r, w)}
-            with K.stack_settings(padded, precision, stages=s, **kw), K.recording() as rec:
+            with K.stack_settings(padded, precision, stages=s, **{d: (r, w)}), K.recording() as rec:
                 forward() if d == "forward" else backward()
             launches += rec
     t0 = time.perf_counter()
@@ -184,9 +189,8 @@ def sweep_case(c: dict[str, Any], precision: str, reps: int, quick: bool, deadli
             if time.perf_counter() > deadline:
                 row["error"] = "not timed: out of time"
                 continue
-            kw = {"forward": (r, w)} if d == "forward" else {"backward": (r, w)}
             try:
-                with K.stack_settings(padded, precision, stages=s, **kw):
+                with K.stack_settings(padded, precision, stages=s, **{d: (r, w)}):
                     if d == "forward":
                         row["ms"] = median_ms(forward, device, reps)
                         row["max_abs_diff"] = float((c["acts"] - reference_acts).abs().max())
@@ -254,8 +258,8 @@ def main() -> None:
             usage(f"--arch {a}: {e}")
         if len(arch.hidden) < 2 or len(set(arch.hidden)) > 1 or not 1 <= arch.hidden[0] <= 128:
             usage(f"--arch {a}: needs two or more hidden layers of one width up to 128 (the stack kernels)")
-        padded = 1 << (arch.hidden[0] - 1).bit_length()
-        if not any(k[0] == padded for k in CANDIDATES):
+        padded = next_power_of_2(arch.hidden[0])
+        if not has_candidates(padded):
             usage(f"--arch {a}: no candidate settings for its padded width {padded} "
                   f"(stack_sweep.CANDIDATES has {sorted({k[0] for k in CANDIDATES})})")
     from psa.core.kernels import triton_stack as K

@@ -243,6 +243,13 @@ class StagedWeights:
     bias: torch.Tensor | None = None
 
 
+def staged_floats(width: int, forward: bool = True, backward: bool = True) -> int:
+    """Floats stage_weights allocates per member and middle layer of a wide stack of `width`:
+    the forward's (WP, WP) tile and (WP,) biases, the backward's (WP, WP) tile."""
+    wp = launch.next_power_of_2(width)
+    return (wp * wp + wp if forward else 0) + (wp * wp if backward else 0)
+
+
 def stage_weights(flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int, n_layers: int, width: int,
                   members: int, precision: str, forward: bool = True,
                   backward: bool = True) -> StagedWeights | None:

@@ -56,8 +56,7 @@ def eval_staged_bytes(arch: Arch) -> int:
     hidden = arch.hidden
     if len(hidden) < 2 or kernels.triton is None or not kernels.weights_staged(hidden[0]):
         return 0
-    wp = kernels.triton.next_power_of_2(hidden[0])
-    return (len(hidden) - 1) * (wp * wp + wp) * 4  # the forward's copy and the biases
+    return (len(hidden) - 1) * kernels.staged_floats(hidden[0], backward=False) * 4
 
 
 def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") -> int:
@@ -79,7 +78,7 @@ def stack_scratch_bytes(arch: Arch, batch_size: int, precision: str = "fp32") ->
     wp, block_r, _ = kernels.launch_config(width, batch_size, precision, backward=True)
     if kernels.wide_path(wp):
         operands = (2 * batch_size * width + width * width) * 2 if precision == "bf16" else 0
-        staged = (2 * wp * wp + wp) * 4 if kernels.weights_staged(width) else 0  # both copies, the biases
+        staged = kernels.staged_floats(width) * 4 if kernels.weights_staged(width) else 0
         return n_mid * (batch_size * width * 4 + width * (width + 1) * 4 + operands + staged)
     n_blocks = -(-batch_size // block_r)
     return 0 if n_blocks == 1 else n_blocks * n_mid * width * (width + 1) * 4
