@@ -1,7 +1,8 @@
 """Where the CPU time of one meta-loop goes: a 60-member population (6 modes x 10 seeds) of
 4*2, 16*2, 64*1 and 18*18, on the plain torch path (`--kernels torch`) and on the default
 path (`--kernels auto`: the fused CPU step for nets whose hidden layers are one width up to 8),
-phase by phase; then a tiny study's store writes and checkpoints.
+phase by phase; then a tiny study's store writes and checkpoints (the host copies on the
+scheduler's thread, the writes on the checkpoint writer's).
 
 Phases are timed by wrapping the engine's own functions (nothing is re-implemented here):
 - begin:        Chunk.begin: candidate = LKG, ablation, data order, dropout keys, AdamW reset
@@ -139,14 +140,16 @@ def profile_loop(arch_text: str, kernels: str, ds, steps: int) -> dict[str, floa
 def profile_study(trials: int = 10, meta_loops: int = 3, train_subset: int = 2560) -> dict[str, float]:
     """A tiny study in this process (4*2, `trials` trials of 6 modes, `meta_loops` meta-loops on
     `train_subset` images, a checkpoint every loop): its wall time, and the time inside the
-    store's writes and checkpoints."""
+    store's writes, the checkpoints' host copies (the scheduler's thread) and their writes (the
+    checkpoint writer's thread, beside it)."""
     from psa.cli import main
-    from psa.study import driver, store
+    from psa.study import checkpoints, driver, store
 
     tm = Timers()
     originals = [(store, n, tm.wrap(store, n, "store writes")) for n in
                  ("record_loop", "finish_trials", "mark_running", "create_study", "start_run", "end_run")]
-    originals.append((driver, "save_tensors", tm.wrap(driver, "save_tensors", "checkpoints")))
+    originals.append((driver, "host_copy", tm.wrap(driver, "host_copy", "checkpoint copies")))
+    originals.append((checkpoints, "save_tensors", tm.wrap(checkpoints, "save_tensors", "checkpoint writes")))
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["study", "--arch", "4*2", "--trials", str(trials), "--meta-loops", str(meta_loops),
                 "--train-subset", str(train_subset),
@@ -161,7 +164,8 @@ def profile_study(trials: int = 10, meta_loops: int = 3, train_subset: int = 256
         total = time.perf_counter() - t0
     for obj, name, fn in originals:
         setattr(obj, name, fn)
-    return {"study wall": total, "store writes": tm.t["store writes"], "checkpoints": tm.t["checkpoints"]}
+    return {"study wall": total, "store writes": tm.t["store writes"], "checkpoint copies": tm.t["checkpoint copies"],
+            "checkpoint writes": tm.t["checkpoint writes"]}
 
 
 def main() -> None:
@@ -188,9 +192,10 @@ def main() -> None:
     print()
     print(f"tiny study (4*2, {6 * args.trials} trials, {args.meta_loops} meta-loops on {args.train_subset:,} images, "
           "checkpoint every loop), seconds")
-    print("| study wall | store writes | checkpoints |")
-    print("|---:|---:|---:|")
-    print(f"| {st['study wall']:.2f} | {st['store writes']:.3f} | {st['checkpoints']:.3f} |")
+    print("| study wall | store writes | checkpoint copies | checkpoint writes (background) |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {st['study wall']:.2f} | {st['store writes']:.3f} | {st['checkpoint copies']:.3f} | "
+          f"{st['checkpoint writes']:.3f} |")
 
 
 if __name__ == "__main__":

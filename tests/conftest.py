@@ -141,10 +141,12 @@ def run_main(argv: list[str], cwd: str | os.PathLike | None = None) -> tuple[int
 
 
 @contextlib.contextmanager
-def on_each_loop(fn):
+def on_each_loop(fn, written: bool = True):
     """While inside: after a study handles each LoopDone event (psa.study.driver.Study.handle),
     fn(study, event) runs; it may raise KeyboardInterrupt to stop the study there, as Ctrl-C
-    would. The handler is restored on leaving."""
+    would. `written`: the checkpoints handed to the study's writer so far are on disk when fn
+    runs (the writer's thread waited for), so that fn may read them. The handler is restored on
+    leaving."""
     from psa.study import driver
     from psa.study.events import LoopDone
 
@@ -153,6 +155,8 @@ def on_each_loop(fn):
     def patched(self, ev):
         handle(self, ev)
         if isinstance(ev, LoopDone):
+            if written:
+                self.checkpoints.wait()
             fn(self, ev)
 
     with pytest.MonkeyPatch.context() as mp:

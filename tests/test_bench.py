@@ -76,7 +76,17 @@ def test_profile_cpu_runs_small(tmp_path: Path) -> None:
     assert "| phase | 1*2 torch | 1*2 auto |" in out
     assert "| fused step |" in out and "| AdamW |" in out
     assert "tiny study (4*2, 6 trials, 1 meta-loops on 256 images" in out
-    assert "| study wall | store writes | checkpoints |" in out
+    assert "| study wall | store writes | checkpoint copies | checkpoint writes (background) |" in out
+
+
+@pytest.mark.slow
+def test_checkpoint_writer_runs_small(tmp_path: Path) -> None:
+    out = smoke("checkpoint_writer.py", "--arch", "1*2", "--members", "2", "--repeat", "1", "--dir", str(tmp_path),
+                cwd=tmp_path)
+    assert "one checkpoint of a 2-member population" in out
+    assert "| population | MB | bytes then file | save_file | scheduler's share | in background | scheduler pace |" in out
+    assert "| 1*2 | 0.0 |" in out
+    assert not list(tmp_path.glob("tmp*"))  # its temporary folder is gone
 
 
 @pytest.mark.slow

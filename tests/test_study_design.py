@@ -210,3 +210,25 @@ def test_population_seconds_adds_the_measured_terms() -> None:
     assert population_seconds(p, d, 12, 10_000, 10_000, checkpoint_every=60) == pytest.approx(want)
     assert population_seconds(p, d, 12, 10_000, 10_000, checkpoint_every=10) == pytest.approx(want + 2 * 0.25)  # 25.6 s: 3
     assert population_seconds(p, d, 12, 10_000, 10_000, checkpoint_every=0) == pytest.approx(want + 9 * 0.25)  # every loop
+
+
+def test_a_checkpoint_write_costs_only_what_outlasts_a_loop() -> None:
+    """The write runs beside the next loop (psa.study.checkpoints): a population's estimate
+    counts only the part of it that outlasts a loop (the next checkpoint waits for it); a
+    record from before the writer (no write_s) reads as it did."""
+    import dataclasses
+
+    from psa.study.calibration import Probe, population_seconds, record_probes
+
+    d = StudyDesign(nets=("1*8",), trials=2, hparams=HParams(meta_loops=10))
+    base = Probe("1*8", 12, setup_s=1.0, step_s=0.01, spread=0.0, warmup_s=2.0, eval_image_s=1e-5,
+                 loop_extra_s=0.5, checkpoint_s=0.25, seconds=0.0)  # a loop: 2.56 s
+    plain = population_seconds(base, d, 12, 10_000, 10_000, checkpoint_every=0)
+    short = dataclasses.replace(base, write_s=2.0)
+    assert population_seconds(short, d, 12, 10_000, 10_000, checkpoint_every=0) == pytest.approx(plain)
+    long_ = dataclasses.replace(base, write_s=3.56)
+    assert population_seconds(long_, d, 12, 10_000, 10_000, checkpoint_every=0) == pytest.approx(plain + 10 * 1.0)
+    old = {k: v for k, v in dataclasses.asdict(long_).items() if k != "write_s"}
+    record = {"version": 1, "probes": [old]}
+    assert record_probes(record) == {"1*8": base}
+    assert record_probes({"version": 1, "probes": [{k: v for k, v in old.items() if k != "step_s"}]}) is None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from psa.study import driver, runner, store
+from psa.study import checkpoints, runner, store
 from psa.study.backends import local
 from psa.study.lock import checkpoint_root
 
@@ -137,7 +137,7 @@ def test_crash_between_steps_then_resume(where: str, n: int, reference: Path, tm
     db = tmp_path / "c.sqlite"
     with monkeypatch.context() as m:
         if where == "save_tensors":
-            _fail_on_call(m, driver, "save_tensors", n, Crash())
+            _fail_on_call(m, checkpoints, "save_tensors", n, Crash())
         elif where == "finish_trials":
             _fail_on_call(m, store, "finish_trials", n, Crash())
         else:
@@ -186,7 +186,7 @@ def test_disk_full_in_the_database(reference: Path, tmp_path: Path, monkeypatch)
 
 def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeypatch) -> None:
     db = tmp_path / "nospace.sqlite"
-    real_write = driver.save_tensors
+    real_write = checkpoints.save_tensors
     calls = {"n": 0}
 
     def save_tensors(*a, **k):
@@ -196,7 +196,7 @@ def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeyp
         return real_write(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "save_tensors", save_tensors)
+        m.setattr(checkpoints, "save_tensors", save_tensors)
         rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
     line = one_line_error(err)
     assert rc == 2 and "no space left on device" in line and "rerun the same command" in line
@@ -232,7 +232,7 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
     """A checkpoint written before the counter-based streams restarts its population from loop 1."""
     db = tmp_path / "old.sqlite"
     with monkeypatch.context() as m:
-        _fail_on_call(m, driver, "save_tensors", 2, Crash())
+        _fail_on_call(m, checkpoints, "save_tensors", 2, Crash())
         with pytest.raises(Crash):
             run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
     (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from psa.study import driver
+from psa.study import checkpoints, driver
 from psa.study.lock import checkpoint_root
 
 from .conftest import (
@@ -210,7 +210,7 @@ def test_populations_in_flight_together_write_the_same_rows(reference: Path, tmp
 def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: Path, monkeypatch) -> None:
     """0: a checkpoint after every meta-loop; a long interval: only after each population's first."""
     db = tmp_path / f"every{every}.sqlite"
-    real = driver.save_tensors
+    real = checkpoints.save_tensors
     calls: list[int] = []
 
     def save_tensors(path, tensors, meta):
@@ -219,7 +219,7 @@ def test_checkpoint_interval(every: str, saves: int, reference: Path, tmp_path: 
         return real(path, tensors, meta)
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "save_tensors", save_tensors)
+        m.setattr(checkpoints, "save_tensors", save_tensors)
         rc, out, err = run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", every], tmp_path)
     assert rc == 0, err
     assert len(calls) == saves

@@ -26,7 +26,8 @@ from psa.study.design import (
     resolve_design,
 )
 from psa.study.calibration import StudyCosts, stored_costs
-from psa.study.driver import run_study, stored_design
+from psa.study.driver import run_study
+from psa.study.stored import stored_design
 from psa.study.dry_run import dry_run
 from psa.study.lock import checkpoint_root, lock_held, lock_owner
 from psa.study.options import DEFAULT_DB, RunOptions

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from psa.core.member import Member
 from psa.core.variant import Variant
@@ -60,9 +60,17 @@ def atomic_write(path: str | os.PathLike, payload: bytes | str) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write `tensors` as safetensors with `meta` as JSON in its header metadata."""
+    """Atomically write `tensors` as safetensors with `meta` as JSON in its header metadata,
+    fsynced before the rename. Written straight to the file: a population's checkpoint is
+    hundreds of MB, which serialising into bytes first would hold in memory twice over."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, st_save(cpu, metadata={"psa": json.dumps(meta, sort_keys=True)}))
+    with atomic_path(path) as tmp:
+        st_save_file(cpu, str(tmp), metadata={"psa": json.dumps(meta, sort_keys=True)})
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -44,8 +44,11 @@ class Probe:
     warmup_s: float  # the first epoch's extra time over the steady one (allocation, first touch)
     eval_image_s: float  # scoring every member on one image (validation and test)
     loop_extra_s: float  # a meta-loop's time beyond its steps and scoring
-    checkpoint_s: float  # one checkpoint of the population (safetensors + JSON, to a temp dir)
+    checkpoint_s: float  # one checkpoint's share of the scheduler: the state's host copy (before: the write too)
     seconds: float  # wall time of this probe
+    # the write of that copy (safetensors + JSON, to a temp dir), on the driver's checkpoint
+    # writer; 0 in records from before the writer, whose checkpoint_s includes it
+    write_s: float = 0.0
 
 
 def population_seconds(p: Probe, design: StudyDesign, size: int, n_val: int, n_test: int,
@@ -58,10 +61,12 @@ def population_seconds(p: Probe, design: StudyDesign, size: int, n_val: int, n_t
     steps = -(-design.n_train // design.hparams.batch_size)
     loop_s = scale * (steps * p.step_s + n_val * p.eval_image_s) + p.loop_extra_s
     train_s = loops * loop_s
-    # the driver checkpoints after the first loop and then every `checkpoint_every` seconds
+    # the driver checkpoints after the first loop and then every `checkpoint_every` seconds;
+    # a write in the background costs the scheduler only where it outlasts the loop after it
+    # (the next checkpoint of the population waits for it)
     n_ckpt = loops if checkpoint_every <= 0 else min(loops, 1 + int(train_s // checkpoint_every))
-    return ((p.setup_s + p.warmup_s) * scale + train_s + n_test * p.eval_image_s * scale
-            + n_ckpt * p.checkpoint_s * scale)
+    ckpt_s = p.checkpoint_s * scale + max(0.0, p.write_s * scale - loop_s)
+    return (p.setup_s + p.warmup_s) * scale + train_s + n_test * p.eval_image_s * scale + n_ckpt * ckpt_s
 
 
 @dataclass(frozen=True)
@@ -181,8 +186,10 @@ def record_probes(record: Any) -> dict[str, Probe] | None:
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
         return None
     names = [f.name for f in dataclasses.fields(Probe)]
+    optional = {f.name for f in dataclasses.fields(Probe) if f.default is not dataclasses.MISSING}
     try:
-        return {str(p["net"]): Probe(**{k: p[k] for k in names}) for p in record["probes"]}
+        return {str(p["net"]): Probe(**{k: p[k] for k in names if k in p or k not in optional})
+                for p in record["probes"]}
     except (KeyError, TypeError):
         return None
 

@@ -12,23 +12,22 @@ Invariants that make a killed study resume to exactly the rows of an uninterrupt
   rebuilds the same populations.
 - Per meta-loop of a population, the driver first commits that loop's rows (INSERT OR REPLACE,
   keyed by trial and loop) with the trials' progress in one transaction, then, when one is due
-  (opt.checkpoint_every), atomically replaces the population's checkpoint. A kill leaves the
-  database some loops ahead of the checkpoint; the resume recomputes those loops from the
-  checkpoint (all randomness is a function of seed and loop, so they are the same loops) and
-  overwrites their rows. The study's precision and the random streams' version are fixed
-  when it is created; a checkpoint of other streams or precision is not continued.
-- Final results (bounty, test accuracy, status 'done') commit in one transaction; only then is
-  the checkpoint removed.
+  (opt.checkpoint_every), hands a copy of the population's state to the checkpoint writer
+  (psa.study.checkpoints), which atomically replaces the population's checkpoint in the
+  background, in order. A kill leaves the database some loops ahead of the checkpoint; the
+  resume recomputes those loops from the checkpoint (all randomness is a function of seed and
+  loop, so they are the same loops) and overwrites their rows. The study's precision and the
+  random streams' version are fixed when it is created; a checkpoint of other streams or
+  precision is not continued.
+- Final results (bounty, test accuracy, status 'done') commit in one transaction, after the
+  population's last checkpoint is written; only then is the checkpoint removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
-import sqlite3
-import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,16 +37,15 @@ from typing import Any
 
 import torch
 
-from psa import __version__
 from psa.core import rng
-from psa.core.checkpoint import CheckpointError, load_tensors, save_tensors
+from psa.core.checkpoint import CheckpointError, load_tensors
 from psa.core.data import Dataset
 from psa.core.device import Execution, describe_device, resolve_device, resolve_execution
 from psa.core.variant import Variant
 from psa.study import store
 from psa.study.backends.local import local_events
 from psa.study.calibration import StudyCosts, describe_calibration, stored_costs
-from psa.study.cost import device_budget
+from psa.study.checkpoints import CheckpointWriter, host_copy
 from psa.study.design import DesignError, StudyDesign
 from psa.study.estimate import calibrate
 from psa.study.eta import RunPace
@@ -59,132 +57,8 @@ from psa.study.plan import Plan, PopulationPlan, make_plan
 from psa.study.progress import StudyProgress
 from psa.study.runner import PopulationProgress, cached_data, design_data_view
 from psa.study.store import StoreError
-
-# ---------------------------------------------------------------------------------------------
-# A study's row: what it was created with, and the checks a resume (or a dry run) passes
-
-
-def code_version() -> str:
-    """psa's version, plus the git commit when running from a checkout."""
-    here = Path(__file__).resolve().parent
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no git, or not a checkout
-        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            return f"{__version__}+{out.stdout.strip()}"
-    return __version__
-
-
-def trial_rows(kind: ModelKind) -> list[dict[str, Any]]:
-    """The trials table rows of a design, in design order (net, mode, trial)."""
-    design, hp = kind.design, kind.design.hparams
-    out = []
-    for net in design.nets:
-        for mode, name, v in design.conditions():
-            for k in range(1, design.trials + 1):
-                m = design.member(mode, k, v)
-                row = {"arch": net, "mode": mode, "trial": k, "seed": m.seed, "meta_loops": hp.meta_loops,
-                       "lr": hp.lr, "batch_size": hp.batch_size, "weight_decay": m.weight_decay,
-                       "dropout": m.dropout, "dataset": design.dataset_label, "model": kind.trial_model(net)}
-                if name:  # the paper's engine leaves both NULL: its rows are those of a study without variants
-                    row.update(variant=name, variant_settings=v.to_json())
-                out.append(row)
-    return out
-
-
-def stored_design(row: Any) -> dict[str, Any]:
-    """The design JSON of a studies row."""
-    try:
-        d = json.loads(row["design"])
-        return d if isinstance(d, dict) else {}
-    except (TypeError, ValueError):
-        return {}
-
-
-def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
-    new = design.to_dict()
-    for k in [*new, *(k for k in stored if k not in new and k not in ("plan", "seeds"))]:
-        v, old = new.get(k), stored.get(k)
-        if old != v:
-            if isinstance(v, list) and isinstance(old, list) and len(v) > 6:
-                return f"{k}: {len(old)} entries there, {len(v)} here" if len(old) != len(v) else f"{k} differ"
-            return f"{k}: {old!r} there, {v!r} here"
-    return "the design"
-
-
-def dataset_record(data: Dataset) -> dict[str, Any]:
-    """The study_datasets row of the data a study trains on (before any train_subset cut)."""
-    return {"name": data.name, "checksum": data.checksum, "n_in": data.n_in, "n_classes": data.n_classes,
-            "n_train": int(data.train_y.numel()), "n_val": int(data.val_y.numel()),
-            "n_test": int(data.test_y.numel()), "zero_r": data.zero_r(),
-            "constant_acc": json.dumps(data.constant_predictor_accuracy())}
-
-
-def check_dataset(con: Any, study_id: int, name: str, data: Dataset) -> None:
-    """StudyError unless `data` is the data set the study was created with (same checksum);
-    a study from before psa recorded data sets gets its record now."""
-    row = store.study_dataset(con, study_id)
-    if row is None:
-        store.record_dataset(con, study_id, dataset_record(data))
-        return
-    if row["name"] != data.name or row["checksum"] != data.checksum:
-        raise StudyError(f"study {name!r} was created with data set {row['name']} (checksum {row['checksum'][:12]}), "
-                         f"but {data.name} from {data.source} has checksum {data.checksum[:12]}: "
-                         f"refusing to mix them (give another --name to start a new study)")
-
-
-def default_population_size(kind: ModelKind, opt: RunOptions, device: torch.device) -> int:
-    """The population size a new study is planned with: opt's, else as many members as fit
-    the device (8 GiB per task with Ray)."""
-    if opt.population_size is not None:
-        return opt.population_size
-    return kind.population_size(8 << 30 if opt.backend == "ray" else device_budget(device))
-
-
-def recorded_loops(con: Any, study_id: int) -> dict[str, int]:
-    """The most meta-loops any trial of each net has recorded."""
-    out: dict[str, int] = {}
-    for t in store.study_trials(con, study_id):
-        out[t["arch"]] = max(out.get(t["arch"], 0), int(t["loops_done"] or 0))
-    return out
-
-
-@dataclass(frozen=True)
-class StoredPlan:
-    """What a study was created with, checked against how it is asked to run now."""
-
-    plan: Plan
-    precision: str
-    updates: dict[str, Any] = field(default_factory=dict)  # the plan's keys a run stores anew (kind.restore)
-
-
-def check_stored(row: Any, name: str, db: Path, kind: ModelKind, opt: RunOptions, precision: str,
-                 recorded: dict[str, int]) -> StoredPlan:
-    """The stored plan and precision of a studies row, or StudyError where this run may not
-    continue it: another design, another population size or precision (`precision`: what this
-    run asks for), another planner, or what the model kind stored (kind.restore; `recorded`: the
-    meta-loops each net has recorded)."""
-    design = kind.design
-    if row["design_hash"] != design.digest():
-        raise StudyError(f"study {name!r} in {db} was created with a different design ("
-                         f"{_design_difference(stored_design(row), design)}); give another --name to start a new study")
-    stored_plan = stored_design(row).get("plan", {})
-    size = int(stored_plan.get("chunk", 0)) or None  # the population size, under its old name
-    if size is None:
-        raise StudyError(f"study {name!r} in {db} has no stored plan; was it written by another tool?")
-    if opt.population_size is not None and opt.population_size != size:
-        raise StudyError(f"study {name!r} was planned with --population-size {size}; resume it with the same "
-                         f"population size (or omit --population-size)")
-    stored_precision = str(stored_plan.get("engine", {}).get("precision", "fp32"))  # older studies: fp32
-    if opt.precision != "auto" and precision != stored_precision:
-        raise StudyError(f"study {name!r} was created with --precision {stored_precision}; resume it with "
-                         f"the same precision (or omit --precision)")
-    plan = make_plan(design, size, kind.loop_cost)
-    stored_pops = sorted(tuple(x) for x in stored_plan.get("populations", []))
-    if stored_pops and stored_pops != sorted((p.net, p.first, p.last) for p in plan.populations):
-        raise StudyError(f"study {name!r}: the stored plan does not match this version's planner")
-    return StoredPlan(plan, stored_precision, kind.restore(stored_plan, name, opt, recorded))
-
+from psa.study.stored import (check_dataset, check_stored, code_version, dataset_record,
+                              default_population_size, recorded_loops, stored_design, study_precision, trial_rows)
 
 # ---------------------------------------------------------------------------------------------
 # The study in its database
@@ -216,6 +90,7 @@ class Study:
         self.calibrated: dict[str, Any] | None = None  # the calibration this run made and stored, if it made one
         self.pace: RunPace | None = None  # this run's work and pace (run_study)
         self._saved_at: dict[str, float] = {}
+        self.checkpoints = CheckpointWriter()
         self._full_sync = True
 
     # ------------------------------------------------------------------ setup
@@ -366,6 +241,7 @@ class Study:
     # ------------------------------------------------------------------ event handling
     def handle(self, ev: Event) -> None:
         """Record one event: rows first, then the checkpoint (see the module docstring)."""
+        self.checkpoints.check()  # a checkpoint that failed to write stops the study at once
         st = self.pops[ev.key]
         if self.pace is not None:
             self.pace.event(ev)
@@ -374,6 +250,9 @@ class Study:
         elif isinstance(ev, LoopDone):
             self._record_loop(st, ev)
         elif isinstance(ev, PopulationDone):
+            # its last checkpoint written first: a write that failed stops the study before
+            # the population is marked done, and none lands after the file is removed
+            self.checkpoints.wait(ev.key)
             self._durable(True)
             results = []
             for key, b, bl, t in zip(ev.members, ev.bounty, ev.bounty_loop, ev.test_acc):
@@ -407,10 +286,10 @@ class Study:
                  "seconds": ev.seconds, "rng": rng.VERSION, "precision": self.precision}
         state = ev.checkpoint_state()
         assert state is not None
-        try:
-            save_tensors(self._ckpt_path(st.plan), state[0], {**state[1], **extra})
-        except OSError as e:
-            raise StudyError(self._disk_message(e, self._ckpt_path(st.plan))) from None
+        # a local run's state is its trainer's own, which the next loop overwrites: copied now;
+        # a Ray worker's arrives as host tensors of its own
+        tensors = host_copy(state[0], live=not isinstance(ev.state, tuple))
+        self.checkpoints.submit(ev.key, self._ckpt_path(st.plan), tensors, {**state[1], **extra})
         self._saved_at[ev.key] = now
 
     def _durable(self, full: bool) -> None:
@@ -421,15 +300,10 @@ class Study:
             self.con.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
             self._full_sync = full
 
-    def _disk_message(self, e: OSError, path: Path) -> str:
-        if e.errno == errno.ENOSPC:
-            return (f"no space left on device writing {path}; the database and the previous checkpoint are intact: "
-                    f"free some space and rerun the same command to resume")
-        return f"cannot write {path}: {e.strerror or e}; the database is intact: rerun the same command to resume"
-
     def close(self, outcome: str) -> None:
-        """End this invocation's run row with `outcome` unless it already ended (a complete or
-        failed run), drop the lock and close the database."""
+        """Write the checkpoints still queued, end this invocation's run row with `outcome` unless
+        it already ended (a complete or failed run), drop the lock and close the database."""
+        self.checkpoints.close()  # under the lock: no other run may start on them meanwhile
         if self.con is not None and self.run_id and outcome != "complete" and not outcome.startswith("failed"):
             with contextlib.suppress(Exception):
                 store.end_run(self.con, self.run_id, outcome[:500])
@@ -479,29 +353,6 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
         study.close(outcome)
 
 
-def study_precision(name: str, kind: ModelKind, opt: RunOptions, device: torch.device) -> str:
-    """The precision study `name` trains in: the one it was created with (a study's precision is
-    fixed then; check_stored refuses a --precision that differs), else what `opt` asks of a new
-    study on `device` (kind.precision)."""
-    asked = kind.precision(opt, device)
-    db = Path(opt.db)
-    if not db.is_file():
-        return asked
-    try:
-        con = store.connect(db, readonly=True)
-    except (StoreError, OSError):
-        return asked  # the run itself reports what is wrong with the database
-    try:
-        row = store.get_study(con, name)
-    except sqlite3.DatabaseError:  # killed while being created: no tables yet, the run makes them
-        return asked
-    finally:
-        con.close()
-    if row is None:
-        return asked
-    return str(stored_design(row).get("plan", {}).get("engine", {}).get("precision", "fp32"))  # older: fp32
-
-
 def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
     """The device the driver plans for, and how the run describes where it trains."""
     if opt.backend not in ("local", "ray"):
@@ -532,6 +383,7 @@ def _run(study: Study, execution: Execution, device_desc: str, t0: float) -> Stu
         return StudyResult(study.name, design.n_trials, design.n_trials, complete=True)
     study.run_id = store.start_run(study.con, study.study_id, opt.backend, device_desc, study.pace.work_at_start)
     failed = _record(study, progress, _events(study, todo))
+    study.checkpoints.wait()  # a failed population's last checkpoint, for its rerun
     done = study.trials_done()
     complete = done == design.n_trials
     store.end_run(study.con, study.run_id, "complete" if complete else f"failed: {len(failed)} populations",

@@ -12,7 +12,7 @@ from typing import Any
 from psa.core.device import resolve_device, resolve_execution
 from psa.study import store
 from psa.study.design import StudyDesign
-from psa.study.driver import StoredPlan, check_stored, default_population_size, recorded_loops, study_precision
+from psa.study.stored import StoredPlan, check_stored, default_population_size, recorded_loops, study_precision
 from psa.study.estimate import Estimate, estimate, process_overhead
 from psa.study.backends.local import slots_for
 from psa.study.kinds import ModelKind, count_nets, model_kind

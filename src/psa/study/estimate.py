@@ -11,7 +11,8 @@ estimate is
 
     study = start-up (imports, data, the process's first-use costs) + the process's shut-down
             + sum over populations of set-up + first-loop warm-up
-            + loops x (steps x step + validation + per-loop records) + the test set + checkpoints
+            + loops x (steps x step + validation + per-loop records) + the test set
+            + checkpoints (the host copy, and the write where it outlasts a loop)
 
 with every term measured here. A change to the engine (a fused CPU path, say) changes the
 probes and so the estimate; the estimate assumes the machine stays as busy as it is now.
@@ -45,6 +46,7 @@ from psa.core.device import OOM_ERRORS, Execution, describe_device, release_cach
 from psa.core.loop import Trainer, meta_loop
 from psa.study.backends.local import StreamSlots, memory_budget, precompile_kernels
 from psa.study.calibration import Probe, calibration_record, probe_costs
+from psa.study.checkpoints import host_copy
 from psa.study.kinds import ModelKind
 from psa.study.plan import Plan, PopulationPlan
 from psa.study.runner import PopulationProgress
@@ -150,7 +152,8 @@ def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, sec
     s2 training steps scoring one validation image (PROBE_REPEATS each: their difference is the
     cost of a step without a loop's fixed cost), one of s1 steps scoring the whole validation
     set (the cost of scoring an image: a part of the set would not scale, as blocks of rows and
-    members have a fixed cost), and one checkpoint.
+    members have a fixed cost), and one checkpoint (its host copy and its write apart: the
+    driver writes in the background).
 
     `light` (a new study's calibration, about half the time for a wide net, a third for a
     narrow one): one repeat, a first loop of s1 = 1 step (the short loop's trainer), and the
@@ -212,10 +215,15 @@ def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, sec
                         else t_scoring / (n_val + 3 * min(design.n_train, s1 * bs)))
     loop_extra_s = max(0.0, m1 - s1 * step_s)
     warmup_s = max(0.0, first - first_steps * step_s - loop_extra_s)
+    # a checkpoint as the driver takes it: the host copy on the scheduler's thread, the write
+    # on the checkpoint writer's (psa.study.checkpoints)
+    tensors, meta = long_.checkpoint()
+    copied: dict[str, torch.Tensor] = {}
+    checkpoint_s = _timed(lambda: copied.update(host_copy(tensors, live=True)), device)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", *long_.checkpoint()), device)
+        write_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", copied, meta), device)
     return Probe(pp.net, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
-                 loop_extra_s, checkpoint_s, time.perf_counter() - t_start)
+                 loop_extra_s, checkpoint_s, time.perf_counter() - t_start, write_s)
 
 
 def concurrent_share(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, steps: int,
