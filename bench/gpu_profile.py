@@ -14,7 +14,13 @@ populations in flight buy (issue 23, "Measure each class on the card, profile it
    stream, their meta-loops interleaved as `psa study`'s local backend does (launch every
    engine's loop, then take each result and launch its next): meta-loops per second for each
    K of `--k`, and the gain over K=1. This is what `--concurrency` can buy the study's
-   launch-bound nets.
+   launch-bound nets. Beside it, the host's seconds per meta-loop inside `launch()` (the
+   loop's graph replays, its set-up and validation, queued without waiting): where K times
+   that nears the wall time of K loops, one thread feeding the card is what limits K. Each K
+   runs once per `--graph-steps` (default 1 and 196): the training steps one CUDA graph replay
+   holds (psa.core.device.Execution.graph_steps); 196 replays a whole epoch at once, so the
+   host launches one graph a loop instead of 196. Not yet the study's default: this is where a
+   card says whether it pays (the same kernels in the same order: the same bits).
 
     python bench/gpu_profile.py --out $OUT/profile.json            # on the card (about 1-2 min)
     python bench/gpu_profile.py --device cpu --arch 1*8 --small 1*2 --k 1 2 --steps 2 --members 2
@@ -143,18 +149,32 @@ def profile_arch(arch: str, ds: psa_data.Dataset, ex: Any, members: int, steps: 
 
 
 def concurrency(arch: str, ds: psa_data.Dataset, ex: Any, members: int, steps: int | None, ks: list[int],
-                loops: int) -> list[dict]:
-    """Meta-loops per second of K engines of `arch` in flight at once, for each K of `ks`."""
+                loops: int, graph_steps: list[int] | None = None) -> list[dict]:
+    """Meta-loops per second of K engines of `arch` in flight at once, for each K of `ks` and
+    each number of training steps per CUDA graph replay of `graph_steps` (Execution.graph_steps;
+    [1], the default, where there are no graphs); the gain is over the first of each at K=1."""
     device = ds.device
     out = []
-    for k in ks:
+    first_lkg: dict[int, torch.Tensor] = {}  # per K: engine 0's LKG after its loops, at the first graph_steps
+    for g, k in [(g, k) for g in (graph_steps or [1]) for k in ks]:
+        exg = dataclasses.replace(ex, graph_steps=g)
         streams = new_streams(device, k) if device.type == "cuda" else [None] * k
-        engines = [population(arch, ds, ex, members, steps, stream=s) for s in streams]
+        t_setup = time.perf_counter()
+        engines = [population(arch, ds, exg, members, steps, stream=s) for s in streams]
         for eng in engines:
             eng.meta_loop()  # capture and compile outside the timing
         synchronize(device)
+        setup = time.perf_counter() - t_setup
+        launching = [0.0]
+
+        def launch(eng: Engine) -> Any:
+            t = time.perf_counter()
+            loop = eng.launch()
+            launching[0] += time.perf_counter() - t
+            return loop
+
         t0 = time.perf_counter()
-        pending = [eng.launch() for eng in engines]
+        pending = [launch(eng) for eng in engines]
         done = 0
         while done < k * loops:
             for i, eng in enumerate(engines):
@@ -162,14 +182,18 @@ def concurrency(arch: str, ds: psa_data.Dataset, ex: Any, members: int, steps: i
                     continue
                 pending[i].result()
                 done += 1
-                pending[i] = eng.launch() if eng.population.loop < 1 + loops else None
+                pending[i] = launch(eng) if eng.population.loop < 1 + loops else None
         synchronize(device)
         wall = time.perf_counter() - t0
-        out.append({"arch": arch, "k": k, "loops_each": loops, "wall_s": wall, "loops_per_s": k * loops / wall})
+        # the same members and loops at any graph_steps: the same bits, or the graphs are wrong
+        lkg = engines[0].population.lkg.clone()
+        same = bool(torch.equal(first_lkg.setdefault(k, lkg), lkg))
+        out.append({"arch": arch, "k": k, "graph_steps": g, "loops_each": loops, "wall_s": wall,
+                    "loops_per_s": k * loops / wall, "launch_s_per_loop": launching[0] / (k * loops),
+                    "setup_s": setup, "same_bits": same})
         del engines, pending
-    base = {r["arch"]: r["loops_per_s"] for r in out if r["k"] == min(ks)}
-    for r in out:
-        r["gain"] = r["loops_per_s"] / base[r["arch"]]
+    for r in out:  # over the first row: the first graph_steps, the fewest in flight (ks sorted)
+        r["gain"] = float(r["loops_per_s"]) / float(out[0]["loops_per_s"])
     return out
 
 
@@ -180,6 +204,9 @@ def main() -> None:
     ap.add_argument("--small", nargs="+", default=["1*2", "8*8"], help="architectures for the concurrency part")
     ap.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 8], help="populations in flight")
     ap.add_argument("--loops", type=int, default=3, help="timed meta-loops per engine in the concurrency part")
+    ap.add_argument("--graph-steps", nargs="+", type=int, default=[1, 196],
+                    help="training steps per CUDA graph replay in the concurrency part (196: a whole epoch; "
+                         "without graphs only 1 applies)")
     ap.add_argument("--steps", type=int, default=16, help="training batches per profiled loop (0: the whole epoch)")
     ap.add_argument("--members", type=int, default=60, help="members per population (the study's 60)")
     ap.add_argument("--precision", choices=("auto", "fp32", "tf32", "bf16"), default="auto")
@@ -188,8 +215,9 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", choices=("profile", "concurrency"), default=["profile", "concurrency"])
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
-    if not 1 <= args.members <= 60 or min(args.k) < 1 or args.loops < 1 or args.steps < 0:
-        ap.error("--members must be 1..60, --k and --loops at least 1, --steps at least 0")
+    if (not 1 <= args.members <= 60 or min(args.k) < 1 or args.loops < 1 or args.steps < 0
+            or min(args.graph_steps) < 1):
+        ap.error("--members must be 1..60, --k, --loops and --graph-steps at least 1, --steps at least 0")
     device = torch.device(args.device)
     ex = resolve_execution(device, args.precision, graphs=not args.no_graphs)
     ds = psa_data.load("mnist", device=device)
@@ -199,6 +227,15 @@ def main() -> None:
                            "torch": torch.__version__, "precision": ex.precision, "graphs": not args.no_graphs,
                            "steps": steps,
                            "date": time.strftime("%Y-%m-%d"), "profile": [], "concurrency": []}
+
+    def save() -> None:  # after every row: a timeout keeps what was measured
+        if args.out:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            tmp.replace(args.out)
+
+    graph_steps = sorted(set(args.graph_steps)) if ex.graphs else [1]
+    doc["graph_steps"] = graph_steps
     if "profile" in args.parts:
         print(f"| arch | class | loop s ({steps or 'all'} steps) | busy s | idle | launches/step | "
               "gemm | triton stack | adamw/elementwise | reduction | copy | other |")
@@ -213,19 +250,21 @@ def main() -> None:
             idle = "-" if r["idle_share"] is None else f"{r['idle_share']:.0%}"
             per_step = "-" if r["launches_per_step"] is None else f"{r['launches_per_step']:.1f}"
             print(f"| {arch} | {r['class']} | {r['loop_s']:.4f} | {busy} | {idle} | {per_step} | {cells} |", flush=True)
+            save()
     if "concurrency" in args.parts:
-        print("\n| arch | populations in flight | meta-loops/s | gain over one |")
-        print("|---|---:|---:|---:|")
+        print("\n| arch | steps per graph | populations in flight | meta-loops/s | gain | host s per loop in launch() "
+              "| set-up s | same bits |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
         for arch in args.small:
             # whole epochs: a loop's share of validation and bookkeeping is what overlaps
             for r in concurrency(arch, ds, ex, args.members, None if on_card else steps, sorted(set(args.k)),
-                                 args.loops):
+                                 args.loops, graph_steps):
                 doc["concurrency"].append(r)
-                print(f"| {arch} | {r['k']} | {r['loops_per_s']:.2f} | {r['gain']:.2f}x |", flush=True)
-    if args.out:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(args.out)
+                print(f"| {arch} | {r['graph_steps']} | {r['k']} | {r['loops_per_s']:.2f} | {r['gain']:.2f}x | "
+                      f"{r['launch_s_per_loop']:.4f} | {r['setup_s']:.2f} | {'yes' if r['same_bits'] else 'NO'} |",
+                      flush=True)
+                save()
+    save()
 
 
 if __name__ == "__main__":

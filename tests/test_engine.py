@@ -305,3 +305,52 @@ def test_hidden_mode_needs_a_hidden_layer(small):
     pop = population(parse_arch("[]"), small, [("full", 0), ("output", 0), ("dropout", 0)])
     _, rs = run_loops(pop, small, 2)
     assert rs[1].ablated[0][0] == 0 and rs[1].ablated[1][0] == 0
+
+
+def test_graph_segments_cut_an_epoch_into_runs_of_steps() -> None:
+    from psa.core.mlp.chunk import graph_segments
+
+    epoch = [256] * 195 + [80]  # the paper's 50,000 images
+    assert graph_segments(epoch, 1) == [(b,) for b in epoch]
+    assert graph_segments(epoch, 14) == [(256,) * 14] * 13 + [(256,) * 13 + (80,)]
+    assert graph_segments(epoch, 500) == [tuple(epoch)]
+    assert graph_segments(epoch, 0) == graph_segments(epoch, 1)
+    for k in (1, 7, 14, 196):
+        assert [b for seg in graph_segments(epoch, k) for b in seg] == epoch
+    with pytest.raises(ConfigError, match="graph_steps"):
+        Execution(torch.device("cpu"), graph_steps=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 64])
+def test_an_epoch_replayed_in_runs_of_steps_is_the_eager_epoch(small, k):
+    """A chunk's epoch replayed from graphs of k consecutive steps (stand-ins here, which run the
+    steps they were recorded with, as a CUDA graph replays its kernels) ends with the eager
+    epoch's weights, losses and step counter bit for bit, and reports its steps as it goes."""
+    from psa.core.mlp.chunk import graph_segments
+
+    class Recorded:
+        def __init__(self, ch, step, sizes):
+            self.run = lambda: [step(ch, b) for b in sizes]
+
+        def replay(self):
+            self.run()
+
+    hp = CFG
+    specs = [(m, s) for s in (1, 2) for m in MODES]
+    outcomes = []
+    for replayed in (False, True):
+        pop = population(parse_arch("[2*12]"), small, specs, hp)
+        eng = Engine(pop, small, hp)
+        ch = eng._chunk(0, pop.size)
+        ch.begin(pop, 2, [(0, "full", 0, 3)], eng.step, 0)
+        seen = []
+        if replayed:
+            ch.segments = graph_segments(ch.batch_sizes(), k)
+            ch.graphs = {seg: Recorded(ch, eng.step, seg) for seg in ch.segments}
+        ch.train_epoch(eng.step, lambda s, n: seen.append((s, n)))
+        outcomes.append((ch.cand.clone(), ch.loss_sum.clone(), int(ch.step), seen))
+    (w0, l0, s0, seen0), (w1, l1, s1, seen1) = outcomes
+    n = len(ch.batch_sizes())
+    assert torch.equal(w0, w1) and torch.equal(l0, l1) and s0 == s1 == n
+    assert seen0 == [(s, n) for s in range(1, n + 1)]
+    assert seen1 == [(min(s, n), n) for s in range(k, n + k, k)]

@@ -442,6 +442,9 @@ def test_the_profile_step_brings_back_one_file_that_collect_names_after_its_card
     assert prof["loop_s"] > 0 and prof["busy_s"] is None and prof["launches_per_step"] is None
     assert [(r["arch"], r["k"]) for r in doc["concurrency"]] == [("1*2", 1), ("1*2", 2)]
     assert doc["concurrency"][0]["gain"] == 1.0 and all(r["loops_per_s"] > 0 for r in doc["concurrency"])
+    # on a CPU launch() computes the loop: its host time is most of the wall time
+    assert all(0 < r["launch_s_per_loop"] * r["k"] * r["loops_each"] <= r["wall_s"] for r in doc["concurrency"])
+    assert doc["graph_steps"] == [1] and all(r["graph_steps"] == 1 and r["same_bits"] for r in doc["concurrency"])
     assert run_bench("collect", str(out), "--results", str(res)).returncode == 0
     assert sorted(f.name for f in res.iterdir()) == ["gpu-profile-cpu.json", "gpu-profile-cpu.paper_study.log"]
 

@@ -43,6 +43,9 @@ class Execution:
     kernels_fall_back: bool = False  # chosen automatically: a failure warns and turns them off
     cpu_stack_max_width: int = 0  # widest equal-width hidden stack run by psa.core.kernels.cpu_stack (0: none)
     graphs: bool = False  # capture each training step as a CUDA graph (CUDA devices only)
+    # consecutive training steps per graph replay (with graphs): 1 replays a graph per step;
+    # more cut the host's launches per epoch by as much (psa.core.mlp.chunk.graph_segments)
+    graph_steps: int = 1
     max_members: int | None = None  # members trained at once; None: as many as free memory holds
     eval_bytes: int = 256 << 20  # activation memory one block of validation may use
 
@@ -52,6 +55,8 @@ class Execution:
             raise ConfigError(f"precision must be resolved to fp32, tf32 or bf16, got {self.precision!r}")
         if self.graphs and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, not {self.device}")
+        if self.graph_steps < 1:
+            raise ConfigError(f"graph_steps must be at least 1, got {self.graph_steps}")
         if self.max_members is not None and self.max_members < 1:
             raise ConfigError(f"max_members must be at least 1, got {self.max_members}")
 

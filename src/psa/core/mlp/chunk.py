@@ -66,6 +66,15 @@ def batch_groups(arch: Arch, members: tuple[Member, ...] | list[Member]) -> tupl
     return len(members), 1
 
 
+def graph_segments(sizes: list[int], steps_per_graph: int) -> list[tuple[int, ...]]:
+    """An epoch's batch sizes (in order) cut into runs of `steps_per_graph` consecutive steps
+    (the last run shorter), one CUDA graph replay each. A graph of several steps replays the
+    same kernels in the same order as that many one-step graphs: the same bits, with one launch
+    from the host instead of several, for nets whose steps are a few microseconds of work each."""
+    k = max(1, steps_per_graph)
+    return [tuple(sizes[i : i + k]) for i in range(0, len(sizes), k)]
+
+
 class Chunk:
     """Members [m0, m1) of a population, trained together: their candidate, gradient and AdamW
     state, data order, dropout keys, step counter and workspace, all at fixed addresses.
@@ -126,7 +135,8 @@ class Chunk:
         # trains with MemberAdamW (a step count per member) instead of torch's fused AdamW
         persist = [m.variant.optimizer_state == "persist" for m in self.members]
         self.persist = to_device(torch.tensor(persist), dev) if any(persist) else None
-        self.graphs: dict[int, Any] = {}
+        self.graphs: dict[tuple[int, ...], Any] = {}  # CUDA graphs by the batch sizes of the steps they hold
+        self.segments: list[tuple[int, ...]] = []  # an epoch's steps, one graph replay each (graph_segments)
         self.work: dict[tuple[object, tuple[int, ...]], torch.Tensor] = {}
 
     @staticmethod
@@ -148,12 +158,13 @@ class Chunk:
         return t
 
     def begin(self, pop: Population, loop: int, ablations: list[tuple[int, str, int, int]], step: Step,
-              graphs: bool) -> None:
+              graphs: int) -> None:
         """Set up one loop: candidate = LKG rows, ablation, data order, dropout keys, counters
         and AdamW state (a fresh one, or the LKG's for members that persist it), all in place;
-        with `graphs`, the step is captured as CUDA graphs first (once)."""
+        with `graphs` (> 0: the steps per graph), the epoch's steps are captured as CUDA graphs
+        first (once)."""
         if graphs and not self.graphs:
-            self._capture(pop, step)
+            self._capture(pop, step, graphs)
         if self.whole:
             self.cand.copy_(pop.lkg)
         else:
@@ -231,11 +242,16 @@ class Chunk:
     def train_epoch(self, step: Step, on_step: StepCallback | None) -> None:
         """Every step of one epoch: graph replays on a GPU, the same step run eagerly elsewhere."""
         sizes = self.batch_sizes()
+        if self.graphs:
+            done = 0
+            for seg in self.segments:
+                self.graphs[seg].replay()
+                done += len(seg)
+                if on_step is not None:
+                    on_step(done, len(sizes))
+            return
         for s, b in enumerate(sizes):
-            if self.graphs:
-                self.graphs[b].replay()
-            else:
-                step(self, b)
+            step(self, b)
             if on_step is not None:
                 on_step(s + 1, len(sizes))
 
@@ -251,10 +267,12 @@ class Chunk:
                 self.step.zero_()
                 step(self, b)
 
-    def _capture(self, pop: Population, step: Step) -> None:
-        """Record the training step (one graph per batch size) after a warm-up on a side stream
-        that compiles the kernels, creates cuBLAS's workspaces and AdamW's state. The warm-up
-        trains on a copy of the LKG; begin() then resets everything it touched."""
+    def _capture(self, pop: Population, step: Step, steps_per_graph: int = 1) -> None:
+        """Record the epoch's training steps as CUDA graphs of `steps_per_graph` consecutive
+        steps (graph_segments: one graph per distinct run of batch sizes; with 1, one per batch
+        size) after a warm-up on a side stream that compiles the kernels, creates cuBLAS's
+        workspaces and AdamW's state. The warm-up trains on a copy of the LKG; begin() then
+        resets everything it touched."""
         dev = pop.device
         self.cand.copy_(pop.lkg)
         if self.adamw is None:
@@ -267,10 +285,13 @@ class Chunk:
                 self._warm_up(step, sizes)
             torch.cuda.current_stream(dev).wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
-            for b in sizes:
+            segments = graph_segments(self.batch_sizes(), steps_per_graph)
+            for seg in dict.fromkeys(segments):
                 g = torch.cuda.CUDAGraph()
                 # captured on the side stream too: torch's default capture stream is one more
                 # pooled stream, which may be some engine's
                 with torch.cuda.graph(g, pool=pool, stream=side):
-                    step(self, b)
-                self.graphs[b] = g
+                    for b in seg:  # each step reads and advances the device's step counter
+                        step(self, b)
+                self.graphs[seg] = g
+            self.segments = segments

@@ -299,7 +299,7 @@ class Engine:
             try:
                 ch = self._chunk(m0, m1)
                 ablations = [(j - m0, pop.members[j].mode, *a) for j in range(m0, m1) for a in ablated[j]]
-                ch.begin(pop, loop, ablations, self.step, self.use_graphs)
+                ch.begin(pop, loop, ablations, self.step, self.ex.graph_steps if self.use_graphs else 0)
                 ch.train_epoch(self.step, on_step)
                 fixed = [a for a in ablations if pop.members[m0 + a[0]].variant.fixed]
                 if fixed:  # a fixed set stays dead: re-zeroed where it could regrow (output rows)
