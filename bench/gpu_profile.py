@@ -154,7 +154,7 @@ def concurrency(arch: str, ds: psa_data.Dataset, ex: Any, members: int, steps: i
     each number of training steps per CUDA graph replay of `graph_steps` (Execution.graph_steps;
     [1], the default, where there are no graphs); the gain is over the first of each at K=1."""
     device = ds.device
-    out = []
+    out: list[dict[str, Any]] = []
     first_lkg: dict[int, torch.Tensor] = {}  # per K: engine 0's LKG after its loops, at the first graph_steps
     for g, k in [(g, k) for g in (graph_steps or [1]) for k in ks]:
         exg = dataclasses.replace(ex, graph_steps=g)
@@ -193,7 +193,7 @@ def concurrency(arch: str, ds: psa_data.Dataset, ex: Any, members: int, steps: i
                     "setup_s": setup, "same_bits": same})
         del engines, pending
     for r in out:  # over the first row: the first graph_steps, the fewest in flight (ks sorted)
-        r["gain"] = float(r["loops_per_s"]) / float(out[0]["loops_per_s"])
+        r["gain"] = r["loops_per_s"] / out[0]["loops_per_s"]
     return out
 
 
