@@ -303,14 +303,16 @@ class Study:
     def close(self, outcome: str) -> None:
         """Write the checkpoints still queued, end this invocation's run row with `outcome` unless
         it already ended (a complete or failed run), drop the lock and close the database."""
-        self.checkpoints.close()  # under the lock: no other run may start on them meanwhile
-        if self.con is not None and self.run_id and outcome != "complete" and not outcome.startswith("failed"):
-            with contextlib.suppress(Exception):
-                store.end_run(self.con, self.run_id, outcome[:500])
-        self.lock.release()
-        if self.con is not None:
-            with contextlib.suppress(Exception):
-                self.con.close()
+        try:
+            self.checkpoints.close()  # under the lock: no other run may start on them meanwhile
+        finally:  # a second Ctrl-C while they are written still ends the run row and drops the lock
+            if self.con is not None and self.run_id and outcome != "complete" and not outcome.startswith("failed"):
+                with contextlib.suppress(Exception):
+                    store.end_run(self.con, self.run_id, outcome[:500])
+            self.lock.release()
+            if self.con is not None:
+                with contextlib.suppress(Exception):
+                    self.con.close()
 
 
 # ---------------------------------------------------------------------------------------------
