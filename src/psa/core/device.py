@@ -44,7 +44,8 @@ class Execution:
     cpu_stack_max_width: int = 0  # widest equal-width hidden stack run by psa.core.kernels.cpu_stack (0: none)
     graphs: bool = False  # capture each training step as a CUDA graph (CUDA devices only)
     # consecutive training steps per graph replay (with graphs): 1 replays a graph per step;
-    # more cut the host's launches per epoch by as much (psa.core.mlp.chunk.graph_segments)
+    # more cut the host's launches per epoch by as much (psa.core.mlp.chunk.graph_segments).
+    # Not yet the study's default: untimed on a card, and working_bytes counts a one-step pool
     graph_steps: int = 1
     max_members: int | None = None  # members trained at once; None: as many as free memory holds
     eval_bytes: int = 256 << 20  # activation memory one block of validation may use

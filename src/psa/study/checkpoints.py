@@ -74,7 +74,6 @@ class CheckpointWriter:
             if sum(n for _, n in self._queued.values()) + size <= self.max_pending_bytes:
                 break
             self.wait(other)
-        self.check()
         self._queued[key] = (self._pool.submit(self._write, path, tensors, meta), size)
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
