@@ -30,11 +30,10 @@ from safetensors.torch import save as st_save
 from psa.core.arch import parse_arch
 from psa.core.checkpoint import atomic_write, save_tensors
 from psa.core.hparams import HParams
+from psa.core.member import MODES
 from psa.core.mlp.checkpoint import population_checkpoint
 from psa.core.mlp.population import Population
 from psa.study.checkpoints import CheckpointWriter, host_copy
-
-MODES = ("none", "decay", "dropout", "full", "hidden", "output")
 
 
 def population_state(arch: str, members: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -42,10 +42,12 @@ import torch
 
 from psa.core.kernels import launch, programs
 from psa.core.kernels.launch import MAX_WIDTH, launch_config, stack_settings, wide_path  # noqa: F401 (re-exported)
+from psa.core.kernels.launch import _check
 from psa.core.kernels.programs import triton
 from psa.core.precision import Matmul
 
-_PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
+# the programs' precision codes: fp32 0, tf32 1, bf16 2, in launch.PRECISIONS' order
+_PRECISIONS = {p: code for code, p in enumerate(launch.PRECISIONS)}
 
 
 def available() -> bool:
@@ -167,11 +169,6 @@ def _warm(lc: Launch) -> None:
         pass
 
 
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
-
-
 def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                   device: torch.device, contiguous: bool = False) -> None:
     _check(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
@@ -227,7 +224,7 @@ def weights_staged(width: int) -> bool:
     in registers (at width 128 in tf32 on sm_90 with Triton 3.6: 255 registers and 60-68 bytes
     spilled a thread). Staged: 16-byte copies in both directions, no mask, nothing to round
     (bench/results/kernel-registers-sm90.md). The forward's biases are staged with its weights."""
-    return wide_path(triton.next_power_of_2(width))
+    return wide_path(launch.next_power_of_2(width))
 
 
 @dataclass(frozen=True)
@@ -264,7 +261,7 @@ def stage_weights(flat: torch.Tensor, w_off: int, b_off: int, layer_stride: int,
     _check_stack(flat, w_off, b_off, layer_stride, n_layers, width, members, flat.device)
     if n_layers < 2 or not weights_staged(width):
         return None
-    wp = triton.next_power_of_2(width)
+    wp = launch.next_power_of_2(width)
     shape = (n_layers - 1, members, wp, wp)
     fwd = torch.empty(shape, dtype=torch.float32, device=flat.device) if forward else None
     bias = torch.empty(shape[:3], dtype=torch.float32, device=flat.device) if forward else None
@@ -297,7 +294,7 @@ def _weights_operand(weights: StagedWeights | None, flat: torch.Tensor, w_off: i
     tiles = weights.backward if backward else weights.forward
     _check(tiles is not None, f"weights were staged without their {'backward' if backward else 'forward'} copy")
     assert tiles is not None
-    wp = triton.next_power_of_2(width)
+    wp = launch.next_power_of_2(width)
     _check_tensor("weights", tiles, (n_layers - 1, members, wp, wp), torch.float32, flat.device, contiguous=True)
     if backward:
         return tiles, 0, members * wp * wp, tiles, 0
