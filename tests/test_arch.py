@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,6 +101,17 @@ def test_basic_grammar():
 )
 def test_bad_arch_strings(bad):
     with pytest.raises(ArchError):
+        parse_arch(bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("[1*128] [2*64]", "one pair of brackets per architecture: '[1*128] [2*64]' has 2"),  # it said "unbalanced"
+    ("[[1*2]]", "one pair of brackets per architecture"),
+    ("[1*128]]", "unbalanced brackets"),
+    ("[1*128", "unbalanced brackets"),
+])
+def test_bracket_errors_say_what_is_wrong(bad, message):
+    with pytest.raises(ArchError, match=re.escape(message)):
         parse_arch(bad)
 
 

@@ -87,6 +87,11 @@ BAD_ARGS = [
     ["train", "--arch", "[]", "--mode", "hidden"],
     ["train", "--arch", "[1*8]", "--device", "cuda:7"],
     ["train", "--arch", "[1*8]", "--device", "warp-drive"],
+    ["train", "--arch", "[1*8]", "--seed", str(2**64)],  # was torch.manual_seed's overflow, as a traceback
+    ["study", "--arch", "[1*8]", "--seed", str(2**63 - 1), "--trials", "2", "--dry-run"],
+    ["study", "--arch", "1*8", "--modes", "hidden", "--variant", "p5 patience=5", "--variant", "p5 patience=3",
+     "--dry-run"],  # the first was dropped silently
+    ["study", "--arch", "1*8", "--variant", "", "--dry-run"],
     ["train"],
     ["train", "--bogus-flag"],
 ]
@@ -125,6 +130,37 @@ def test_bad_paths_and_files(tmp_path):
         err = err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert [p.name for p in nonempty.iterdir()] == ["x"]
+
+
+def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path):
+    """Flipped bytes in the LKG's tensors, the header intact: refused, not trained on."""
+    out = tmp_path / "r"
+    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", str(out)])
+    ckpt = out / "lkg.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
+    ckpt.write_bytes(bytes(data))
+    rc, _, err = run_main(["train", "--resume", str(out), "--meta-loops", "1"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "damaged: its tensors do not match the checksum written with them" in err
+    assert ckpt.read_bytes() == bytes(data)
+
+
+def test_resume_keeps_the_runs_hyperparameters_and_precision(tmp_path):
+    """run.json holds one set of hyperparameters for the whole run: another value on resume is
+    refused (it was taken, and the run's history rewritten); the same value is fine."""
+    out = str(tmp_path / "r")
+    run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", out])
+    before = (tmp_path / "r" / "run.json").read_text()
+    for flags, message in ((["--lr", "0.01"], "trains with lr 0.0001, not 0.01"),
+                           (["--batch-size", "32"], "trains with batch_size 1024, not 32"),
+                           (["--dropout", "0.5"], "trains with dropout 0.1, not 0.5"),
+                           (["--precision", "bf16"], "computes in fp32, not bf16")):
+        rc, _, err = run_main(["train", "--resume", out, "--meta-loops", "1", *flags])
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, (flags, err)
+    assert (tmp_path / "r" / "run.json").read_text() == before
+    s = run_json(["train", "--resume", out, "--meta-loops", "1", "--batch-size", "1024", "--precision", "fp32"])
+    assert s["loop"] == 2 and s["hyperparameters"]["batch_size"] == 1024
 
 
 def test_resume_with_another_architecture_is_refused(tmp_path):

@@ -68,8 +68,26 @@ def test_compare_one_trial_study_says_untested(tmp_path):
     make_db(path, ["1*32"], modes=["none", "full"], trials=1, loops=3)
     rc, stdout, err = run(["compare", "--db", str(path), "--out", str(tmp_path / "c"), "--zero-r", "11.02"])
     assert rc == 0, err
-    assert "consistent at alpha = 0.01: 0/2 (0.0%)" in stdout and "untested: 2 (fewer than 2 trials" in stdout
+    # an untested cell is counted neither consistent nor different: not in the share's denominator
+    assert "consistent at alpha = 0.01: 0/0 tested cells (none tested)" in stdout
+    assert "untested: 2 (fewer than 2 trials" in stdout
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["tested"] == 0
     assert "untested" in (tmp_path / "c" / "tables" / "compare_cells.md").read_text()
+
+
+def test_an_architecture_without_an_ablative_mode_is_not_compared(tmp_path):
+    """Ours cannot be classified without an ablative mode ("n/a"): that is no regime to agree or
+    disagree with, so it is left out of the count and named."""
+    from .report_helpers import make_db
+
+    path = tmp_path / "none-only.sqlite"
+    make_db(path, ["1*32", "18*18"], modes=["none"], trials=2, loops=3)
+    rc, stdout, err = run(["compare", "--db", str(path), "--out", str(tmp_path / "c"), "--zero-r", "11.02"])
+    assert rc == 0, err
+    assert "regimes agreeing (published rules): 0/0" in stdout
+    assert "not compared (a side lacks the modes to classify it): 1*32, 18*18" in stdout
+    s = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert (s["regimes_compared"], s["regimes_agree"], s["regimes_differ"]) == (0, 0, [])
 
 
 # ---- end to end --------------------------------------------------------------------------
@@ -82,7 +100,7 @@ def test_compare_database_against_published(full_db, tmp_path):
     assert rc == 0, err
     # the database holds exactly the published peaks of its five architectures
     assert "cells compared: 30 (reference has 588; 558 of them missing in ours" in stdout
-    assert "consistent at alpha = 0.01: 30/30 (100.0%)" in stdout
+    assert "consistent at alpha = 0.01: 30/30 tested cells (100.0%)" in stdout
     assert "regimes agreeing (published rules): 5/5" in stdout
     cells = read_csv(out / "tables" / "compare_cells.csv")
     assert all(float(c["p"]) == 1.0 for c in cells)
@@ -94,7 +112,7 @@ def test_compare_database_against_published(full_db, tmp_path):
 
 def test_compare_published_against_seed_and_itself(published_compare, tmp_path):
     out, stdout = published_compare
-    assert "cells compared: 402" in stdout and "consistent at alpha = 0.01: 400/402" in stdout
+    assert "cells compared: 402" in stdout and "consistent at alpha = 0.01: 400/402 tested cells" in stdout
     worst = stdout.split("worst cells (smallest p):")[1].splitlines()
     assert worst[2].split()[:2] == ["1*512", "none"]
     s = json.loads((out / "manifest.json").read_text())
@@ -102,7 +120,7 @@ def test_compare_published_against_seed_and_itself(published_compare, tmp_path):
     rc, stdout, err = run(["compare", "--published", "--reference", "published", "--out", str(tmp_path / "b"),
                            "--convergence", "1*2048"])
     assert rc == 0, err
-    assert "consistent at alpha = 0.01: 588/588" in stdout and "regimes agreeing (published rules): 98/98" in stdout
+    assert "consistent at alpha = 0.01: 588/588 tested cells" in stdout and "regimes agreeing (published rules): 98/98" in stdout
     assert len(stdout.splitlines()) < 25  # one screen
 
 

@@ -253,7 +253,7 @@ def test_npz_data_set(tmp_path):
     ({"x_test": np.zeros((30, 7))}, "features per example"),
     ({"x_train": np.full((120, 20), np.nan)}, "NaN"),
     ({"x_train": np.array([["a"] * 20] * 120)}, "inputs must be numbers"),
-    ({"x_train": np.array([object()] * 120, dtype=object)}, "not a readable .npz of plain arrays"),
+    ({"x_train": np.array([object()] * 120, dtype=object)}, "holds object \\(pickled\\) arrays, which psa never loads"),
     ({"y_train": np.zeros(120, dtype=np.int64), "y_test": np.zeros(30, dtype=np.int64)}, "two classes"),
 ])
 def test_broken_npz_is_one_clear_error(tmp_path, override, message):
@@ -268,6 +268,11 @@ def test_truncated_or_absent_npz_is_one_line_and_exit_2(tmp_path):
     for spec, message in ((f"npz:{path}", "not a readable .npz"), (f"npz:{tmp_path / 'none.npz'}", "no npz file")):
         rc, _, err = run_main(["train", "--arch", "1*4", "--dataset", spec, "--out", str(tmp_path / "run")])
         assert rc == 2 and message in one_line_error(err)
+    text = tmp_path / "text.npz"
+    text.write_text("not numbers\n")  # numpy would take it for a pickle and suggest allow_pickle
+    rc, _, err = run_main(["train", "--arch", "1*4", "--dataset", f"npz:{text}", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "not a readable .npz file (no zip archive of arrays" in one_line_error(err)
+    assert "pickle" not in err
     rc, _, err = run_main(["train", "--arch", "1*4", "--dataset", "imagenet"])
     assert rc == 2 and "unknown data set 'imagenet'" in one_line_error(err)
 

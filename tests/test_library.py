@@ -4,8 +4,10 @@ records themselves are test_module.py's (against a one-model reference loop and 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 import subprocess
 import sys
 import types
@@ -23,6 +25,7 @@ import psa
 from psa.core import loop as psa_loop
 from psa.core.checkpoint import CheckpointError
 from psa.core.errors import ConfigError, MissingDependency, warn
+from psa.core.hparams import HParams
 from psa.estimate import FitEstimate
 from psa.progress import FitProgress, best_text, duration
 from psa.results import RECORD_COLUMNS, RECORDS_FILE, RESULT_FILE, FitResult
@@ -169,6 +172,34 @@ def test_save_and_load_round_trip(result, tmp_path: Path):
     model = tiny_mlp()
     model.load_state_dict(load_file(str(out / "hidden-trial2.safetensors")))  # as the factory's module
     assert all(torch.equal(v, back.state_dict("hidden", 2)[k]) for k, v in model.state_dict().items())
+
+
+class Diverges(nn.Module):
+    """A model whose every training loss is NaN: under diverged="discard" no candidate scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        return z * float("inf") if self.training else z
+
+
+def test_a_result_with_nan_scores_round_trips_and_tests_nothing(mnist, tmp_path: Path):
+    """NaN equals NaN in ==, so a loaded result equals the saved one; a paired test of NaN
+    bounties has no p (it was 0.000, a significant difference out of nothing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = psa.fit(Diverges, *splits(mnist, 128, 64, 64), modes=["none", "output"], trials=2, meta_loops=2,
+                    hparams=HParams(diverged="discard"), progress=False)
+    assert all(math.isnan(r.records[i].candidate_acc) for i in range(len(r.records)))
+    r.save(tmp_path / "run")
+    back = psa.load(tmp_path / "run")
+    assert back == r and back.states_equal(r)
+    assert back != dataclasses.replace(r, seconds=r.seconds + 1)  # == still compares every field
+    tested = next(row for row in r.summary() if row["mode"] == "output")
+    assert math.isnan(tested["p"]) and math.isnan(tested["p_holm"]) and tested["verdict"] == "cannot decide"
 
 
 def test_save_refuses_a_directory_in_use_unless_told(result, tmp_path: Path):

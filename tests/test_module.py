@@ -575,7 +575,68 @@ class TwoOutputs(nn.Module):
         return z, x
 
 
+def lazy() -> nn.Module:
+    return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(10))
+
+
+def weight_normed() -> nn.Module:
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(784, 16)), nn.ReLU(), nn.Linear(16, 10))
+
+
+def spectral_normed_head() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.utils.parametrizations.spectral_norm(nn.Linear(16, 10)))
+
+
+def old_weight_norm() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated, but still found in models
+        return nn.Sequential(nn.utils.weight_norm(nn.Linear(784, 16)), nn.ReLU(), nn.Linear(16, 10))
+
+
+class BilinearHead(nn.Module):
+    """Logits from a layer that is no unit layer: its one Linear is hidden, not the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(784, 16), nn.Bilinear(16, 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        return self.head(h, h)
+
+
+class MatmulHead(nn.Module):
+    """Logits as h @ W on a bare (16, 10) parameter, which psa does not read as a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.w = nn.Linear(784, 16), nn.Parameter(torch.randn(16, 10) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.a(x)) @ self.w
+
+
+def double() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)).double()
+
+
+_SHARED = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def same_instance() -> nn.Module:
+    return _SHARED
+
+
 @pytest.mark.parametrize("factory,mode,message", [
+    (lazy, "none", "returned a module with uninitialised (lazy) parameters (0.weight, 0.bias, 2.weight ...)"),
+    (weight_normed, "none", "0.weight is computed from other parameters (weight_norm, spectral_norm"),
+    (spectral_normed_head, "output", "2.weight is computed from other parameters"),
+    (old_weight_norm, "hidden", "0.weight is computed from other parameters"),
+    (BilinearHead, "output", "the logits (10 wide) come from no nn.Linear, nn.Conv or F.linear layer of that width "
+                             "(the last unit layer, a, has 16 units)"),
+    (MatmulHead, "none", "the last unit layer, a, has 16 units"),
+    (double, "none", "its parameters are float64: build it in float32"),
+    (same_instance, "none", "same_instance returned the same module object for two seeds"),
     (no_module, "none", "returned str, not a torch.nn.Module"),
     (no_units, "none", "has no nn.Linear or nn.Conv layer"),
     (wrong_classes, "none", "train labels must be in [0, 7) (the model gives 7 logits): label 9 at index 2"),
@@ -587,7 +648,23 @@ class TwoOutputs(nn.Module):
 def test_bad_models_are_one_clear_line(mnist, factory, mode, message):
     ds = subset(mnist, 64, 64, 64)
     with pytest.raises(ConfigError) as e:
-        psa.fit(factory, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), modes=[mode], trials=1, meta_loops=1)
+        psa.fit(factory, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), modes=[mode], trials=2, meta_loops=1)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"modes": "hidden"}, "modes must be a list of mode names, got the string 'hidden' (write ['hidden'])"),
+    ({"max_members": 0}, "max_members must be a positive integer or None (all at once), got 0"),
+    ({"max_members": -1}, "max_members must be a positive integer or None"),
+    ({"max_members": 1.5}, "max_members must be a positive integer or None"),
+    ({"seed": 2**63 - 2}, "seed + trials - 1 must be at most 9,223,372,036,854,775,807 (2^63 - 1)"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+])
+def test_bad_arguments_are_one_clear_line(mnist, kwargs, message):
+    ds = subset(mnist, 64, 64, 64)
+    args = {"modes": ["none"], "trials": 3, "meta_loops": 1, **kwargs}
+    with pytest.raises(ConfigError) as e:
+        psa.fit(no_dropout, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), **args)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

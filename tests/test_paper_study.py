@@ -198,6 +198,30 @@ def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path
             assert rc == 2 and f"{name}.csv, line 3: {col} is {value!r}, not" in line, line
 
 
+def test_an_export_cut_short_or_with_a_damaged_line_is_one_line(exported: Path, tmp_path: Path) -> None:
+    """A trials file cut inside its last row would read as a finished trial with empty fields, and
+    a meta-loops file with a stray line appended as nothing at all: each is refused in one line."""
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(exported / "meta_loops.csv", cut / "meta_loops.csv")
+    text = (exported / "trials.csv").read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    cut_at = len(text.rstrip("\n")) - len(last) + last.index(",", last.index(",") + 1)  # two fields into the row
+    (cut / "trials.csv").write_text(text[:cut_at] + "\n")
+    n_lines = text.rstrip("\n").count("\n") + 1
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    shutil.copy(exported / "trials.csv", stray / "trials.csv")
+    loops = (exported / "meta_loops.csv").read_text()
+    (stray / "meta_loops.csv").write_text(loops + "garbage\n")
+    n_loop_lines = loops.rstrip("\n").count("\n") + 2
+    for d, message in ((cut, f"trials.csv, line {n_lines}: 2 fields, the header has"),
+                       (stray, f"meta_loops.csv, line {n_loop_lines}: 1 fields, the header has")):
+        rc, _, err = run_main(["report", "--export", str(d), "--out", str(tmp_path / f"report-{d.name}")])
+        line = one_line_error(err)
+        assert rc == 2 and message in line and "cut short or damaged" in line, line
+
+
 def _outputs(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): p.read_text() for p in sorted((out / "tables").glob("*"))
             if p.suffix in (".csv", ".md")}

@@ -390,3 +390,20 @@ def test_rules_paper_draws_the_printed_equations(full_db, tmp_path):
     header = (out / "tables" / "regimes.csv").read_text().splitlines()[0]
     assert header.startswith("arch,depth,width,params,regime_paper,rule_paper,regime_published")
 
+
+
+def test_the_data_set_line_says_when_a_study_trained_on_a_subset():
+    """The recorded data set has 50,000 training examples; a --train-subset study used fewer."""
+    from psa.analysis.report import _dataset_line
+    from psa.analysis.results import Design, StudyData, _design_from_json
+
+    info = {"n_in": 784, "n_classes": 10, "n_train": 50_000, "n_val": 10_000, "n_test": 10_000,
+            "checksum": "ab" * 32}
+    design, notes = _design_from_json(json.dumps({"archs": ["1*8"], "modes": ["none"], "trials": 2,
+                                                  "train_subset": 256}), [])
+    assert design.train_subset == 256 and notes == []
+    line = _dataset_line(StudyData("x", [], {}, design, dataset_info=info))
+    assert "50,000/10,000/10,000 training/validation/test examples (the study trained on the first 256 training " \
+           "examples), SHA-256 abababababababab..." in line
+    whole = _dataset_line(StudyData("x", [], {}, Design(("1*8",), ("none",), 2), dataset_info=info))
+    assert "training/validation/test examples, SHA-256" in whole

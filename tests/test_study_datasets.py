@@ -55,6 +55,18 @@ def test_the_study_records_its_data_set(npz_study):
     assert design["dataset"] == f"npz:{path}"
 
 
+def test_a_train_subset_beyond_the_data_sets_training_split_is_refused(npz_study, tmp_path):
+    """The design checks MNIST's 50,000; an npz of 100 training examples is checked when it is
+    loaded, before anything is written (its trials would have recorded 600 images)."""
+    _, path, _ = npz_study
+    for extra in ([], ["--dry-run"]):
+        rc, _, err = run_main(["study", "--arch", "1*8", "--dataset", f"npz:{path}", "--train-subset", "600",
+                               "--trials", "1", "--meta-loops", "1", "--quiet", "--db", str(tmp_path / "x.sqlite"),
+                               *extra], tmp_path)
+        assert rc == 2 and "train_subset 600 is more than the 100 training examples of" in one_line_error(err)
+        assert not (tmp_path / "x.sqlite").exists()
+
+
 def test_a_resume_on_other_data_is_refused(npz_study, tmp_path):
     d, path, argv = npz_study
     db = tmp_path / "copy.sqlite"

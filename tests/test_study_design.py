@@ -147,6 +147,7 @@ def test_modes_all_is_the_default_design(tmp_path: Path) -> None:
 BAD_DESIGNS = [
     (["--arch", "1*8", "--arch", "3*x"], "unknown architecture '3*x'"),
     (["--arch", "1*8", "--modes", "none,sideways"], "unknown mode 'sideways'"),
+    (["--arch", "1*8", "--modes", "none,,hidden"], "an empty mode in 'none,,hidden'"),
     (["--arch", "[]", "--modes", "hidden"], "needs a hidden layer"),
     (["--arch", "1*8", "--arch", "[1*8]"], "listed more than once"),
     (["--arch", "1*8", "--trials", "0"], "an integer >= 1"),
@@ -193,6 +194,10 @@ def test_bad_arch_file(tmp_path: Path) -> None:
     rc, out, err = run_main(["study", "--arch-file", "archs.txt"], tmp_path)
     assert rc == 2
     assert "archs.txt:4" in one_line_error(err)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe1*8\n")  # UTF-16's byte-order mark: not UTF-8
+    rc, out, err = run_main(["study", "--arch-file", "binary.txt", "--dry-run"], tmp_path)
+    assert rc == 2 and "architecture file binary.txt is not UTF-8 text (byte 0)" in one_line_error(err)
+    assert not (tmp_path / "results").exists()
 
 
 def test_population_seconds_adds_the_measured_terms() -> None:

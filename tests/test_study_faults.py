@@ -248,3 +248,23 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
     assert rc == 0, err
     assert "from scratch" in err and "older psa" in err
     assert rows(db) == rows(reference)
+
+
+def test_a_damaged_checkpoint_restarts_its_population(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """Bytes of a checkpoint's tensors flipped under an intact header: the checksum written with
+    them says so, and the population restarts from loop 1 (it would have continued from weights
+    that were never trained)."""
+    db = tmp_path / "damaged.sqlite"
+    with monkeypatch.context() as m:
+        _fail_on_call(m, checkpoints, "save_tensors", 2, Crash())
+        with pytest.raises(Crash):
+            run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
+    (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
+    data = bytearray(ckpt.read_bytes())
+    data[-64:] = bytes(b ^ 0x5A for b in data[-64:])  # the end of the last tensor, not the header
+    ckpt.write_bytes(bytes(data))
+    loud = [a for a in TINY if a != "--quiet"]
+    rc, out, err = run_main(["study", *loud, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert "from scratch" in err and "damaged" in err
+    assert rows(db) == rows(reference)

@@ -262,6 +262,23 @@ def test_rules_agree_with_training(make, full, hidden):
     assert check_persistence(pop, plan) == []
 
 
+def test_behind_its_own_scaled_norm_only_the_shift_regrows():
+    """A unit with its own BatchNorm before a GELU: the zeroed scale stops every gradient to the
+    unit's weights and to itself, so only the shift comes back (a constant unit); psa says so
+    rather than that the unit regrows."""
+    ds = toy()
+    spec = inspect_model(bn_gelu(), ds.train_x[:2], 3)
+    why = spec.summary_rows()[0]["why"]
+    assert why.startswith("only the shift of its norm 1 regrows (it reaches 3 (Linear) with no ReLU between): the "
+                          "norm's zeroed scale keeps the unit's weights and itself at 0, so the unit comes back as a "
+                          "constant")
+    plan = [("full", 0)]
+    pop, _ = ablate_and_train(bn_gelu, ds, plan)
+    assert float(pop.params["0.weight"][0][UNIT].abs().max()) == 0.0
+    assert float(pop.params["1.weight"][0][UNIT]) == 0.0 and float(pop.params["1.bias"][0][UNIT]) != 0.0
+    assert check_persistence(pop, plan) == []  # regrows: not every zeroed entry is 0
+
+
 def test_weights_tied_by_module_are_zeroed_under_their_one_name():
     """`head.weight = embed.weight`: the population holds it once, as embed.weight; an output
     ablation zeroes that row (it was silently skipped when named head.weight)."""

@@ -68,7 +68,7 @@ class FitEstimate:
     @property
     def low(self) -> float:
         """The estimate's lower end, seconds."""
-        return self.seconds * (1 - self.uncertainty)
+        return self.seconds * max(0.0, 1 - self.uncertainty)
 
     @property
     def high(self) -> float:

@@ -32,7 +32,7 @@ from psa.core.device import resolve_device
 from psa.core.errors import ConfigError, warnings_at_caller
 from psa.core.hparams import HParams
 from psa.core.loop import meta_loop, note_once
-from psa.core.member import ABLATIVE_MODES, MODES
+from psa.core.member import ABLATIVE_MODES, MAX_SEED, MODES
 from psa.core.module.engine import ModuleEngine, choose_batching, convolutions, vmap_check
 from psa.core.module.factory import factory_name
 from psa.core.module.population import ModulePopulation
@@ -257,6 +257,8 @@ def fit(
     """
     if not callable(make_model):
         raise ConfigError("make_model must be a function that returns a torch.nn.Module")
+    if isinstance(modes, str):  # iterating it would give its letters
+        raise ConfigError(f"modes must be a list of mode names, got the string {modes!r} (write [{modes!r}])")
     modes = tuple(dict.fromkeys(modes))
     if not modes:
         raise ConfigError("give at least one mode")
@@ -268,6 +270,11 @@ def fit(
         raise ConfigError(f"trials must be a positive integer, got {trials!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    if seed + trials - 1 > MAX_SEED:
+        raise ConfigError(f"seed + trials - 1 must be at most {MAX_SEED:,} (2^63 - 1), got {seed + trials - 1:,}")
+    if max_members is not None and (not isinstance(max_members, int) or isinstance(max_members, bool)
+                                    or max_members < 1):
+        raise ConfigError(f"max_members must be a positive integer or None (all at once), got {max_members!r}")
     if hparams is not None and not isinstance(hparams, HParams):
         raise ConfigError(f"hparams must be a psa.core.hparams.HParams, got {type(hparams).__name__}")
     _flag("progress", progress, none=True)

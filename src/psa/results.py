@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,21 @@ def _units_table(rows: list[dict[str, Any]], title: str) -> Any:
     return t
 
 
+def _same(a: Any, b: Any) -> bool:
+    """a == b, looking into dataclasses, lists, tuples and dicts, with NaN equal to NaN."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if type(a) is not type(b):
+        return bool(a == b)
+    if is_dataclass(a) and not isinstance(a, type):
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in fields(a) if f.compare)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
 @dataclass(repr=False)
 class FitResult:
     """What psa.fit ran: per-loop records, each trial's bounty, and each trial's bounty model
@@ -171,6 +186,14 @@ class FitResult:
         if key not in self._states:
             raise KeyError(f"no trial {trial} of condition {mode!r}")
         return {k: v.clone() for k, v in self._states[key].items()}
+
+    def __eq__(self, other: object) -> bool:
+        """Field by field, as a dataclass compares, except that NaN equals NaN: a diverged
+        candidate's accuracy is NaN (diverged="discard"), and a result saved and loaded is the
+        same result. The bounty models are compared by states_equal."""
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(_same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self) if f.compare)
 
     def states_equal(self, other: FitResult) -> bool:
         """True when every trial's bounty model is bit for bit `other`'s (== compares the rest)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from psa.analysis import figures as fg
@@ -71,9 +71,10 @@ class RegimeAgreement:
 
     ours: dict[str, Regime]
     published: dict[str, Regime]
-    archs: list[str]
+    archs: list[str]  # compared: classified on both sides
     agree: list[str]
     disagree: list[str]
+    missing_modes: list[str] = field(default_factory=list)  # not compared: a side lacks the modes to classify
 
 
 def build_compare(opt: CompareOptions) -> CompareResult:
@@ -155,8 +156,11 @@ def regime_agreement(data: StudyData, published: StudyData, zero_r: float, rules
     ours = classify_all(ours_summ, archs, ClassifierConfig(zero_r=zero_r), rules, data.design.trials or None)
     ref_archs = [a for a in archs if any((a, m) in ref_summ for m in MODES)]
     ref = classify_all(ref_summ, ref_archs, ClassifierConfig(zero_r=ref_zero_r), rules, 10)
-    agree = [a for a in ref_archs if ours[a].regime == ref[a].regime]
-    return RegimeAgreement(ours, ref, ref_archs, agree, [a for a in ref_archs if a not in agree])
+    # "n/a" is no regime (a side lacks a baseline or an ablative mode): nothing to agree with
+    compared = [a for a in ref_archs if "n/a" not in (ours[a].regime, ref[a].regime)]
+    agree = [a for a in compared if ours[a].regime == ref[a].regime]
+    return RegimeAgreement(ours, ref, compared, agree, [a for a in compared if a not in agree],
+                           [a for a in ref_archs if a not in compared])
 
 
 def _compare_tables(opt: CompareOptions, cells: Sequence[CellComparison], regimes: RegimeAgreement, ref_label: str,
@@ -188,7 +192,9 @@ def _compare_tables(opt: CompareOptions, cells: Sequence[CellComparison], regime
         "regime_agreement", "Regimes: ours against the published map",
         ["Architecture", "Ours", "Published", "Agree", "Our rule"],
         [[a, ours[a].regime, ref[a].regime, "yes" if a in agree else "NO", ours[a].rule] for a in archs],
-        [f"Both classified with the {opt.rules} rules; the published side from the authors' per-trial data."],
+        [f"Both classified with the {opt.rules} rules; the published side from the authors' per-trial data."]
+        + ([f"Not compared (a side lacks the modes to classify it): {', '.join(regimes.missing_modes)}."]
+           if regimes.missing_modes else []),
         [{"arch": a, "ours": ours[a].regime, "published": ref[a].regime, "agree": a in agree,
           "our_rule": ours[a].rule, "published_rule": ref[a].rule} for a in archs])
     confusion = Counter((ref[a].regime, ours[a].regime) for a in archs)
@@ -249,20 +255,24 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
                f"ours; {len(ours_cells - ref_cells)} of ours without a reference)"]
     if data.departures:
         verdict.insert(2, f"  not the paper's design: {'; '.join(data.departures)}; cells may differ for that alone")
+    tested = sum(c.tested for c in cells)
     if n:
-        verdict.append(f"consistent at alpha = {opt.alpha:g}: {len(ok)}/{n} ({100 * len(ok) / n:.1f}%); "
-                       f"if every cell agreed, about {opt.alpha * n:.1f} would be flagged by chance")
-        verdict.append("  " + "; ".join(f"{t}: {sum(c.consistent(opt.alpha) for c in cs)}/{len(cs)}"
+        # over the tested cells: an untested one is neither consistent nor different
+        share = f"{100 * len(ok) / tested:.1f}%" if tested else "none tested"
+        verdict.append(f"consistent at alpha = {opt.alpha:g}: {len(ok)}/{tested} tested cells ({share}); "
+                       f"if every cell agreed, about {opt.alpha * tested:.1f} would be flagged by chance")
+        verdict.append("  " + "; ".join(f"{t}: {sum(c.consistent(opt.alpha) for c in cs)}/{sum(c.tested for c in cs)}"
                                         for t, cs in sorted(by_test.items())))
-        verdict.append(f"  after Holm over all cells: {len(ok_holm)}/{n}")
-        untested = sum(not c.tested for c in cells)
-        if untested:
-            verdict.append(f"  untested: {untested} (fewer than 2 trials a side: Welch's t has no p; counted neither "
+        verdict.append(f"  after Holm over all cells: {len(ok_holm)}/{tested}")
+        if tested < n:
+            verdict.append(f"  untested: {n - tested} (fewer than 2 trials a side: Welch's t has no p; counted neither "
                            f"consistent nor different; run more --trials)")
     ours, ref, disagree = regimes.ours, regimes.published, regimes.disagree
     verdict.append(f"regimes agreeing ({opt.rules} rules): {len(regimes.agree)}/{len(regimes.archs)}"
                    + (f"; differing: {short_list([f'{a} ({ref[a].regime}->{ours[a].regime})' for a in disagree], 10)}"
                       if disagree else ""))
+    if regimes.missing_modes:
+        verdict.append(f"  not compared (a side lacks the modes to classify it): {short_list(regimes.missing_modes)}")
     verdict.append("  (NOTES.md: bootstrap resamples of the published trials keep the regime of 93 of 98 "
                    "architectures, median; a handful may move between honest runs)")
     worst = sorted(cells, key=lambda c: (c.p, -abs(c.mean_ours - c.mean_ref)))[: opt.worst]
@@ -273,7 +283,7 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
             verdict.append(f"  {c.arch:<9}{c.mode:<8}{c.mean_ours:>9.2f} ± {c.std_ours:<5.2f}"
                            f"{c.mean_ref:>9.2f} ± {c.std_ref:<5.2f}  {c.test:<18}{fp(c.p):>9}")
     summary = {"psa_report": 1, "kind": "compare", "source": data.source, "reference": opt.reference,
-               "alpha": opt.alpha, "cells": n, "consistent": len(ok), "consistent_holm": len(ok_holm),
+               "alpha": opt.alpha, "cells": n, "tested": tested, "consistent": len(ok), "consistent_holm": len(ok_holm),
                "by_test": {t: [sum(c.consistent(opt.alpha) for c in cs), len(cs)] for t, cs in by_test.items()},
                "regimes_compared": len(regimes.archs), "regimes_agree": len(regimes.agree),
                "regimes_differ": disagree, "worst": [asdict(c) for c in worst], "departures": data.departures}

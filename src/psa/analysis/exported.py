@@ -36,6 +36,7 @@ from psa.analysis.results import (
     order_archs,
     short_list,
 )
+from psa.analysis.stats import train_subset_of
 from psa.core.member import MODES
 from psa.core.model import DEFAULT_MODEL
 from psa.study.design import MODULE_MODEL
@@ -108,7 +109,14 @@ def _rows(path: Path, required: Sequence[str]) -> Iterator[dict[str, str]]:
             missing = [c for c in required if c not in (reader.fieldnames or ())]
             if missing:
                 raise ReportError(f"{path}: not an export of psa (no column {', '.join(missing)})")
-            yield from reader
+            width = len(reader.fieldnames or ())
+            for row in reader:
+                # a row with fewer fields than the header (a file cut short) or more (one damaged)
+                if None in row or any(v is None for v in row.values()):
+                    got = width - sum(v is None for v in row.values()) + len(row.get(None) or ())  # type: ignore
+                    raise ReportError(f"{path}, line {reader.line_num}: {got} fields, the header has {width}: the "
+                                      f"file is cut short or damaged")
+                yield row
         except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
             raise ReportError(f"cannot read {path}: {e}") from None
 
@@ -226,13 +234,14 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
     if trials and not paired:
         notes.append("trial k of different modes does not share one seed everywhere: paired tests pair by trial index")
     source = (f"exported study {names[0]!r}" if len(names) == 1 else f"{len(names)} exported studies") + f" ({label})"
+    dataset = datasets.pop() if datasets else "mnist"
     return StudyData(
         source=source + ("" if model == DEFAULT_MODEL else f" ({model})"),
         model=model,
         trials=trials,
         curves=curves,
-        design=Design(tuple(arch_order), tuple(modes), n_trials, loops),
-        dataset=datasets.pop() if datasets else "mnist",
+        design=Design(tuple(arch_order), tuple(modes), n_trials, loops, train_subset_of(dataset)),
+        dataset=dataset,
         paired=paired,
         incomplete=incomplete,
         notes=notes,

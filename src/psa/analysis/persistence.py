@@ -23,7 +23,8 @@ TABLE_NOTES = [
     "persists: the ablated unit's zeroed weights get exactly zero gradient and stay zero under AdamW, "
     "so the unit stays removed;",
     "regrows: training sends them a gradient (no ReLU between the unit and a reader, a skip sum, a norm "
-    "over several units, the logits) and they come back: an ablation there is a brief perturbation;",
+    "over several units, the logits) and they come back: an ablation there is a brief perturbation; where the "
+    "why says that only the shift of the unit's norm regrows, the unit comes back as a constant, not as a feature;",
     "cannot tell: psa could not follow the model's graph there (torch.fx); an empty cell: the mode never "
     "ablates that layer.",
 ]

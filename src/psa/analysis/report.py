@@ -334,8 +334,10 @@ def _overview(A: Analysis) -> list[str]:
 def _dataset_line(data: StudyData) -> str:
     """The study's data set as recorded: name, sizes and checksum."""
     d = data.dataset_info or {}
+    subset = data.design.train_subset
+    trained = f" (the study trained on the first {subset:,} training examples)" if subset else ""
     return (f"{data.dataset}, {d['n_in']:,} inputs, {d['n_classes']} classes, {d['n_train']:,}/{d['n_val']:,}/"
-            f"{d['n_test']:,} training/validation/test examples, SHA-256 {str(d['checksum'])[:16]}...")
+            f"{d['n_test']:,} training/validation/test examples{trained}, SHA-256 {str(d['checksum'])[:16]}...")
 
 
 def undecided_statement(A: Analysis, alpha: float = 0.05) -> list[str]:

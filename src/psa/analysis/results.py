@@ -79,6 +79,7 @@ class Design:
     modes: tuple[str, ...]
     trials: int
     meta_loops: int | None = None
+    train_subset: int | None = None  # the study trained on the first N training examples only
 
 
 @dataclass
@@ -456,7 +457,10 @@ def _design_from_json(text: str | None, trials: list[Trial]) -> tuple[Design, li
         n = seen_trials
     if not isinstance(loops, int) or isinstance(loops, bool):
         loops = None
-    return Design(tuple(norm_archs), tuple(str(m) for m in modes), int(n), loops), notes
+    subset = d.get("train_subset")
+    if not isinstance(subset, int) or isinstance(subset, bool):
+        subset = None
+    return Design(tuple(norm_archs), tuple(str(m) for m in modes), int(n), loops, subset), notes
 
 
 def _curves(rows: Iterable[Sequence], done: Mapping[int, tuple[str, str, int]]) -> dict:

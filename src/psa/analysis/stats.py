@@ -29,6 +29,12 @@ def base_dataset(label: str) -> str:
     return re.sub(r"\[train:\d+\]$", "", label)
 
 
+def train_subset_of(label: str) -> int | None:
+    """The training examples of a trials row's label: 4096 for "mnist[train:4096]", None for all."""
+    m = re.search(r"\[train:(\d+)\]$", label)
+    return int(m.group(1)) if m else None
+
+
 def validation_zero_r(dataset: str = "mnist", data_dir: str | None = None) -> float:
     """ZeroR (%) of the validation split, from the training labels and the split rule alone
     (idx data sets), else from the whole data set loaded on the CPU."""
@@ -169,7 +175,7 @@ def sign_flip_test(d: Sequence[float], max_exact: int = 16, n_flips: int = 65_53
     """
     d = np.asarray(d, dtype=float)
     n = d.size
-    if n == 0:
+    if n == 0 or not np.isfinite(d).all():  # a NaN bounty (a trial that never scored) tests nothing
         return math.nan
     obs = abs(d.mean())
     if obs == 0.0:

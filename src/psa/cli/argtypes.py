@@ -6,6 +6,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from psa.core.member import MAX_SEED
+
 
 def number(
     kind: type, low: float | None = None, high: float | None = None, *,
@@ -47,6 +49,7 @@ nonneg_real = number(float, 0)
 probability = number(float, 0, 1, low_open=True, high_open=True)
 percentage = number(float, 0, 100, low_open=True, noun="a percentage")
 seconds = number(float, 0, noun="seconds")
+seed_int = number(int, 0, MAX_SEED, noun="a seed")
 
 
 def dataset_spec(text: str) -> str:

@@ -9,7 +9,7 @@ import argparse
 import re
 from pathlib import Path
 
-from psa.cli.argtypes import nonneg_int, nonneg_real, number, percentage, probability
+from psa.cli.argtypes import nonneg_real, number, percentage, probability, seed_int
 from psa.core.arch import ArchError, parse_arch
 from psa.study.options import DEFAULT_DB
 
@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zero-r", type=percentage, help="validation ZeroR in %% (default: computed from the data set)")
     p.add_argument("--alpha", type=probability, default=0.05, help="level of the paired tests (default 0.05)")
     p.add_argument("--bootstrap", type=RESAMPLES, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--convergence", type=_archs_arg, default=None, metavar="ARCHS",
                    help="architectures of the convergence plot, comma-separated "
                         "(default 1*2048,18*18 where present, else the study's first and last)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psa.cli.argtypes import nonneg_int
+from psa.cli.argtypes import seed_int
 from psa.core.errors import ConfigError
 
 
@@ -108,7 +108,7 @@ def register(sub: Any) -> None:
     """Add `selftest` to psa's subcommands."""
     p = sub.add_parser("selftest", help="check the fast paths against the plain torch path here, and time them")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--quick", action="store_true", help="smaller checks and one timing (well under a minute)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     p.set_defaults(func=cmd_selftest)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from psa.cli.argtypes import nonneg_int, positive_int, seconds
+from psa.cli.argtypes import nonneg_int, positive_int, seconds, seed_int
 from psa.cli.flags import add_engine_flags, add_model_flags, add_training_flags
 from psa.core.member import MODES
 from psa.study import store
@@ -42,9 +42,11 @@ def _modes(text: str) -> tuple[str, ...]:
     """--modes: comma-separated mode names, or `all` for the six."""
     if text.strip().lower() == "all":
         return MODES
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    if not modes:
+    modes = tuple(m.strip() for m in text.split(","))
+    if not any(modes):
         raise argparse.ArgumentTypeError("expected a comma-separated list of modes")
+    if not all(modes):  # "none,,hidden" or a trailing comma: as --arch refuses an empty block
+        raise argparse.ArgumentTypeError(f"an empty mode in {text!r}; write the modes separated by single commas")
     for m in modes:
         if m not in MODES:
             raise argparse.ArgumentTypeError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
@@ -54,6 +56,8 @@ def _modes(text: str) -> tuple[str, ...]:
 def _variant(text: str) -> tuple[str, dict[str, Any]]:
     """--variant "NAME key=value ...": one named engine variant (keys as in a design file's
     [variants.NAME] table, e.g. "patience5 patience=5" or "sched schedule=dropout:50,hidden:50")."""
+    if not text.split():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME key=value ...")
     name, *pairs = text.split()
     settings: dict[str, Any] = {}
     for pair in pairs:
@@ -114,6 +118,10 @@ def cmd_study(args: argparse.Namespace) -> int:
         "block_dropout": args.block_dropout, "base_weight_decay": args.base_weight_decay,
         "variants": parse_variants(dict(args.variant)) if args.variant else None,
     }
+    names = [n for n, _ in args.variant or ()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # dict() would keep the last silently
+        raise DesignError(f"--variant {twice[0]} is given more than once")
     name, design = resolve_design(args.preset, args.design, args.name, overrides)
     opt = _run_options(args)
     if args.backend == "local" and (args.address or args.num_cpus):
@@ -338,7 +346,7 @@ def register(sub: Any) -> None:
     g.add_argument("--modes", type=_modes, help=f"comma-separated, or all (the default: {','.join(MODES)})")
     g.add_argument("--trials", type=positive_int, help="trials per architecture and mode (default 10)")
     g.add_argument("--meta-loops", type=positive_int, help="meta-loops per trial (default 100)")
-    g.add_argument("--seed", type=nonneg_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
+    g.add_argument("--seed", type=seed_int, help="base seed: trial k of every mode uses seed+k-1 (default 0)")
     g.add_argument("--variant", type=_variant, action="append", metavar='"NAME key=value ..."',
                    help='an engine variant run beside the paper\'s engine, e.g. "patience5 patience=5"; repeatable; '
                         "replaces the design file's [variants] (docs/variants.md)")

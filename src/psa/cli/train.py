@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from psa.cli.argtypes import dataset_spec, nonneg_int, positive_int
+from psa.cli.argtypes import dataset_spec, positive_int, seed_int
 from psa.cli.flags import (
     PAPER,
     add_engine_flags,
@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
     p.add_argument("--mode", "--ablation-mode", dest="mode", choices=MODES, help="training mode (default none)")
     p.add_argument("--meta-loops", type=positive_int,
                    help=f"meta-loops to run (default {PAPER.meta_loops}; on resume: this many more)")
-    p.add_argument("--seed", type=nonneg_int, help="seed of the initial weights and random streams (default 0)")
+    p.add_argument("--seed", type=seed_int, help="seed of the initial weights and random streams (default 0)")
     add_training_flags(p)
     add_model_flags(p)
     add_variant_flags(p.add_argument_group("engine variants (the paper's future work; docs/variants.md)"))

@@ -439,6 +439,9 @@ def load_cifar10(path: Path, device: torch.device | str = "cpu", md5: str | None
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """x_train, y_train, x_test, y_test from an .npz file, checked: inputs numeric and finite,
     flattened to (N, n_in) alike; labels integers in 0..C-1, one per input."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would read it as a pickle and suggest allow_pickle, which psa never uses
+        raise DataError(f"{path}: not a readable .npz file (no zip archive of arrays, as numpy.savez writes)")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
@@ -447,7 +450,12 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             arrays = {k: z[k] for k in NPZ_KEYS}
     except FileNotFoundError:
         raise DataError(f"no npz file {path}") from None
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    except ValueError as e:
+        if "pickle" in str(e):  # an object array: loading it means unpickling
+            raise DataError(f"{path}: holds object (pickled) arrays, which psa never loads; save plain numeric "
+                            f"arrays") from None
+        raise DataError(f"{path}: not a readable .npz of plain arrays ({str(e).splitlines()[0]})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: not a readable .npz of plain arrays ({str(e).splitlines()[0]})") from None
     out = {}
     for split in ("train", "test"):

@@ -18,6 +18,11 @@ BASELINE_MODES = ("none", "decay", "dropout")
 ABLATIVE_MODES = ("full", "hidden", "output")
 
 
+# the largest seed of a trial: SQLite stores integers in 64 signed bits, and torch.manual_seed
+# takes no more either way
+MAX_SEED = 2**63 - 1
+
+
 def derive_seed(seed: int, *tags: object) -> int:
     """A 63-bit seed for one purpose (`tags`) of one trial, independent of everything else."""
     text = ":".join(str(t) for t in (seed, *tags)).encode()

@@ -19,7 +19,7 @@ from psa.core.data import N_TRAIN, DataError, check_spec
 from psa.core.hparams import KNOB_DEFAULTS, HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.errors import ConfigError
-from psa.core.member import MODES, Member
+from psa.core.member import MAX_SEED, MODES, Member
 from psa.core.variant import DEFAULT, VARIANT_NAME, Variant, format_schedule
 
 if sys.version_info >= (3, 11):
@@ -185,6 +185,9 @@ class StudyDesign:
             raise DesignError(f"a study of {self.n_trials:,} trials ({len(self.nets)} architectures x "
                               f"{len(self.conditions())} conditions x {self.trials:,} trials) is more than psa's "
                               f"{MAX_TRIALS:,}; split it into several studies")
+        if self.seed + self.trials - 1 > MAX_SEED:
+            raise DesignError(f"seed + trials - 1 must be at most {MAX_SEED:,} (2^63 - 1), got "
+                              f"{self.seed + self.trials - 1:,}")
 
     @property
     def is_module(self) -> bool:
@@ -326,9 +329,11 @@ def read_arch_file(path: str | os.PathLike) -> tuple[str, ...]:
     """Architectures from a text file: one per line; blank lines and `#` comments ignored."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise DesignError(f"cannot read architecture file {p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DesignError(f"architecture file {p} is not UTF-8 text (byte {e.start})") from None
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()

@@ -241,7 +241,7 @@ class ModuleModels:
             if info is not None and was.get("fingerprint") != info.fingerprint:
                 raise StudyError(f"study {name!r}: {f} now builds another model ({info.layers}, "
                                  f"{info.params:,} parameters) than the study was created with "
-                                 f"({was.get('layers', '?')}, {was.get('params', '?')} parameters): refusing to mix "
+                                 f"({was.get('layers', '?')}, {_count(was.get('params'))} parameters): refusing to mix "
                                  f"them (give another --name to start a new study)")
             self.batching[f] = ((bool(was["batched"]), str(was.get("batching", ""))) if "batched" in was
                                 else BATCHED_BEFORE_AUTO)
@@ -329,3 +329,7 @@ class ModuleModels:
         """torch.func launches no Triton kernel of psa's."""
         return []
 
+
+def _count(n: object) -> str:
+    """A stored parameter count as the message prints counts (thousands separated), or ?."""
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else "?"

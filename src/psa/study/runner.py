@@ -21,7 +21,7 @@ import torch
 from psa.core.data import Dataset
 from psa.core.device import Execution
 from psa.core.loop import LoopResult, PendingLoop, StepCallback, Trainer
-from psa.study.design import StudyDesign
+from psa.study.design import DesignError, StudyDesign
 from psa.study.events import Event, LoopDone, PopulationDone, Started
 from psa.study.kinds import ModelKind
 from psa.study.plan import PopulationPlan
@@ -183,5 +183,8 @@ def design_data_view(kind: ModelKind, data: Dataset) -> Dataset:
     design: StudyDesign = kind.design
     if design.train_subset is not None:
         n = design.train_subset
+        if n > data.train_x.shape[0]:  # the design checked MNIST's 50,000 only; its trials would record n
+            raise DesignError(f"train_subset {n:,} is more than the {data.train_x.shape[0]:,} training examples of "
+                              f"{data.source}")
         data = dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
     return kind.data_view(data)

@@ -28,7 +28,7 @@ from psa.core.data import Dataset, load_dataset
 from psa.core.device import Execution, resolve_execution
 from psa.core.errors import ConfigError
 from psa.core.loop import LoopResult
-from psa.core.member import Member
+from psa.core.member import MAX_SEED, Member
 from psa.core.mlp.checkpoint import load_member, load_population, restore_member, save_member, save_population
 from psa.core.mlp.engine import Engine
 from psa.core.mlp.population import Population
@@ -125,7 +125,10 @@ def fresh_trial(cfg: TrialConfig) -> Trial:
     arch = parse_arch(cfg.arch)
     mode = cfg.mode or variant.start_mode("none")
     variant.check(arch, mode, hp.meta_loops)
-    return Trial(arch, cfg.seed or 0, mode, hp, precision=None, model=model, variant=variant)
+    seed = cfg.seed or 0
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED:,}], got {seed!r}")
+    return Trial(arch, seed, mode, hp, precision=None, model=model, variant=variant)
 
 
 def resumed_trial(cfg: TrialConfig) -> Trial:
@@ -158,7 +161,14 @@ def resumed_trial(cfg: TrialConfig) -> Trial:
         if target <= done:
             raise ConfigError(f"run {run_dir} already completed {done} meta-loops; pass --meta-loops N to train N more")
     stored = meta["hyperparameters"]
-    hp = HParams.from_dict(stored).updated(**_overrides(cfg), meta_loops=target)
+    own = HParams.from_dict(stored)
+    hp = own.updated(**_overrides(cfg), meta_loops=target)
+    changed = [f"{k} {getattr(own, k)}, not {getattr(hp, k)}" for k in _overrides(cfg)
+               if getattr(hp, k) != getattr(own, k)]
+    if changed:
+        # its records and run.json describe one set of hyperparameters (mode switches are recorded)
+        raise ConfigError(f"run {run_dir} trains with {'; '.join(changed)}: a resumed run keeps its hyperparameters "
+                          f"(start a new run to train with others)")
     records = list(meta["records"]) if "records" in meta else read_records(run_dir / RECORDS, done)
     _check_knobs(model, hp)
     trial = Trial(arch, int(meta["seed"]), cfg.mode or meta["mode"], hp, model=model,
@@ -228,7 +238,9 @@ def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
     """The run directory, created and checked writable: `out` if empty or new, else a fresh
     name under ./runs/."""
     if out is None:
-        base = Path("runs") / f"{arch_short.replace('*', 'x')}-{mode}-seed{seed}"
+        # "[2*128, 4*64]" as 2x128_4x64: no brackets or spaces in a path people type
+        stem = arch_short.replace("[", "").replace("]", "").replace(", ", "_").replace("*", "x").replace(" ", "")
+        base = Path("runs") / f"{stem or 'no-hidden'}-{mode}-seed{seed}"
         path, n = base, 1
         while path.exists():
             n += 1
@@ -377,6 +389,9 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
         raise ConfigError("--meta-loops must be at least 1")
     member = trial.hparams.member(trial.mode, trial.seed, trial.variant)
     ex = resolve_execution(cfg.device, cfg.precision or trial.precision or "auto", cfg.kernels, cfg.graphs)
+    if trial.precision is not None and ex.precision != trial.precision:
+        raise ConfigError(f"run {trial.run_dir} computes in {trial.precision}, not {ex.precision}: a resumed run keeps "
+                          f"its precision (start a new run to train in another)")
     data = trial_data(trial, cfg, ex.device)
     pop = build_population(trial, member, data, ex.device)
     engine = Engine(pop, data, trial.hparams, ex)  # refuses a member that does not fit before --out is made

@@ -59,5 +59,11 @@ def build(factory: MakeModel, seed: int) -> nn.Module:
             raise ConfigError(f"model factory {name} failed: {one_line(e)}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model factory {name} returned {type(module).__name__}, not a torch.nn.Module")
+    lazy = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if nn.parameter.is_lazy(t)]
+    if lazy:
+        # the members are stacked parameter by parameter, which needs every shape before training
+        raise ConfigError(f"model factory {name} returned a module with uninitialised (lazy) parameters "
+                          f"({', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''}): give its layers their input "
+                          f"sizes, or run it once on a batch inside the factory")
     return module
 

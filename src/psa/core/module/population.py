@@ -85,6 +85,10 @@ class ModulePopulation:
         dev = canonical_device(device)
         name = factory or factory_name(make_model)
         models = {s: build(make_model, s) for s in sorted({mem.seed for mem in members})}
+        if len({id(m) for m in models.values()}) < len(models):
+            # every trial would train one shared module from one initialisation
+            raise ConfigError(f"{name} returned the same module object for two seeds; the factory must build a "
+                              f"new module on every call")
         first = next(iter(models.values()))
         _check_same_model(models, name)
         spec = inspect_model(first, data.train_x[:2].cpu(), n_classes, name)

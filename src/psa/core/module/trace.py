@@ -364,33 +364,43 @@ class Graph:
         reaches: list[str] = []  # readers that send a gradient back
         effects: list[str] = []  # operations that make the zeroed unit matter again
         unknown: list[str] = []
-        # (node, whether the unit's entries there are still exactly 0: True, or None for unknown)
-        stack: list[tuple[fx.Node, bool | None]] = [(n, True) for n in starts]
-        seen: set[tuple[fx.Node, bool | None]] = set()
+        # the unit's own per-unit norm with a scale (zeroed with the unit): the gradient through
+        # it to the unit's weights and to the scale is the zeroed scale times something, so they
+        # stay 0 for good, and what follows the norm decides only whether the shift regrows
+        scaled = norm is not None and getattr(self.mods[norm], "weight", None) is not None
+        before_scale = False  # whether something not behind that norm sends a gradient back
+        # (node, whether the unit's entries there are still exactly 0: True, or None for unknown,
+        # whether the node is past the scaled norm)
+        stack: list[tuple[fx.Node, bool | None, bool]] = [(n, True, False) for n in starts]
+        seen: set[tuple[fx.Node, bool | None, bool]] = set()
         linear = any(n.op == "call_module" and isinstance(self.mods[str(n.target)], nn.Linear) for n in starts)
         while stack:
-            cur, zero = stack.pop()
-            if (cur, zero) in seen:
+            cur, zero, past = stack.pop()
+            if (cur, zero, past) in seen:
                 continue
-            seen.add((cur, zero))
+            seen.add((cur, zero, past))
             for u in cur.users:
                 if (u.op, u.target) in NO_GRADIENT:
                     continue
                 what = self._what(u)
                 if u.op == "output":
                     reaches.append("the logits")
+                    before_scale |= not past
                     continue
                 kind = "reader" if u is reader else self._kind(u, cur, norm)
                 if kind == "pass" and linear and _pools(u, self.mods):
                     kind = "reduce"  # a Linear's units pooled together: the unit's 0 need not stay 0
+                after = past or (scaled and kind == "pass" and u.op == "call_module" and str(u.target) == norm)
+                if kind in ("nonzero", "mixing", "shift", "sum", "reads"):
+                    before_scale |= not past
                 if kind in ("block", "reader") and zero:
                     blockers.append(what)
                 elif kind in ("block", "reader"):
                     unknown.append(f"{what} (psa cannot tell whether its input is still 0)")
                 elif kind in ("pass", "layout"):
-                    stack.append((u, zero))
+                    stack.append((u, zero, after))
                 elif kind == "reduce":
-                    stack.append((u, None))
+                    stack.append((u, None, after))
                 elif kind == "nonzero":
                     effects.append(f"{what} turns its 0 into a nonzero output")
                 elif kind == "mixing":
@@ -404,8 +414,12 @@ class Graph:
                 else:
                     unknown.append(what)
         if reaches or effects:
-            said = ([f"it reaches {_join(reaches)} with no ReLU between"] if reaches else []) + effects
-            return False, "; ".join(list(dict.fromkeys(said)))
+            said = "; ".join(dict.fromkeys(([f"it reaches {_join(reaches)} with no ReLU between"] if reaches else [])
+                                           + effects))
+            if not before_scale:
+                return False, (f"only the shift of its norm {norm} regrows ({said}): the norm's zeroed scale keeps "
+                               f"the unit's weights and itself at 0, so the unit comes back as a constant")
+            return False, said
         if unknown:
             return None, f"its output reaches {_join(unknown)}, which psa does not follow"
         if not blockers:

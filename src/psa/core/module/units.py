@@ -28,12 +28,14 @@ from psa.core.arch import Arch
 from psa.core.errors import ConfigError, one_line
 from psa.core.member import MODES, Member
 from psa.core.module.trace import (  # noqa: F401 - the pass-through sets are re-exported for callers
+    MIXING_NORMS,
     NEVER_UNITS,
     NORM_TYPES,
     OUTPUT_REGROWS,
     PASS_FUNCTIONS,
     PASS_METHODS,
     PASS_MODULES,
+    PER_UNIT_NORMS,
     UNIT_TYPES,
     Consumer,
     Graph,
@@ -256,7 +258,8 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
         order, drop, out = _call_order(module, sample_x)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{name} fails on a batch of the data of shape {tuple(sample_x.shape)}: "
-                          f"{one_line(e)}") from None
+                          f"{one_line(e)}{_dtype_hint(module, sample_x)}") from None
+    _check_stored(module, order, name)
     if torch.is_tensor(out) and out.dim() == 2 and n_classes is None:
         n_classes = out.shape[1]  # the model's own width: the labels are checked against it
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape != (sample_x.shape[0], n_classes):
@@ -302,6 +305,37 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
                      tuple((p, tuple(r)) for p, r in tied.items()), tuple(persistence))
 
 
+def _dtype_hint(module: nn.Module, x: torch.Tensor) -> str:
+    """What psa's inputs are, where that may be why the model failed on them: float32, or int64
+    for integer inputs (token ids)."""
+    kinds = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()
+                    if p.is_floating_point() and p.dtype != torch.float32})
+    if kinds:
+        return (f" (psa trains in float32 and gives the model float32 inputs; its parameters are "
+                f"{', '.join(kinds)}: build it in float32)")
+    if not x.is_floating_point():
+        return " (psa gives integer inputs to the model as int64 token ids; give images as floating point)"
+    return ""
+
+
+def _check_stored(module: nn.Module, order: list[str], name: str) -> None:
+    """ConfigError where a unit layer's weight or bias, or a norm's scale or shift, is computed
+    from other parameters (weight_norm, spectral_norm, any parametrization) instead of stored:
+    an ablation zeroes stored entries, and a parametrization would recompute them."""
+    stored = {id(p) for p in module.parameters()}
+    for n, m in module.named_modules():
+        if n not in order and not isinstance(m, (*PER_UNIT_NORMS, *MIXING_NORMS)):
+            continue
+        for attr in ("weight", "bias", "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+                     "v_proj_weight"):
+            v = getattr(m, attr, None)
+            if torch.is_tensor(v) and id(v) not in stored:
+                raise ConfigError(f"{name}: {n}.{attr} is computed from other parameters (weight_norm, spectral_norm "
+                                  f"or another parametrization), not stored; psa ablates a unit by zeroing its stored "
+                                  f"weights, so build {n} without it (torch.nn.utils.parametrize."
+                                  f"remove_parametrizations)")
+
+
 def _unit_layers(module: nn.Module, order: list[str], g: Graph | None, classes: int
                  ) -> tuple[list[UnitLayer], list[tuple[str, str]]]:
     """The unit layers of `module`: the ones it calls in `order` (Linear, Conv, attention), then
@@ -332,6 +366,13 @@ def _unit_layers(module: nn.Module, order: list[str], g: Graph | None, classes: 
     wide = [i for i, (n, m, _, _) in enumerate(found) if units_of(n, m) == classes]
     if found and units_of(*found[-1][:2]) != classes and wide:
         found.append(found.pop(wide[-1]))
+    if found and units_of(*found[-1][:2]) != classes:
+        # no unit layer gives the logits, so none is the output layer: `output` mode would ablate
+        # a hidden layer, and `hidden` mode would spare the last one
+        n, m = found[-1][:2]
+        raise ConfigError(f"the logits ({classes} wide) come from no nn.Linear, nn.Conv or F.linear layer of that "
+                          f"width (the last unit layer, {n}, has {units_of(n, m)} units); PSA needs the output "
+                          f"layer to be one: give the model such a last layer")
     layers, ambiguous = [], []
     for i, (n, m, weight, bias) in enumerate(found):
         output = i == len(found) - 1
