@@ -49,6 +49,13 @@ def test_same_command_twice_gives_identical_json(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_database_under_a_file_says_so(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = run_main(["study", "--arch", "1*8", "--trials", "1", "--meta-loops", "1", "--train-subset", "256",
+                           "--db", str(tmp_path / "afile" / "x.sqlite"), "--quiet"], tmp_path)
+    assert rc == 2 and err.strip().endswith("afile is a file, not a directory"), err  # it said "File exists"
+
+
 def test_resume_in_another_mode_continues_the_run(tmp_path):
     out = str(tmp_path / "r")
     common = ["--batch-size", "512", "--seed", "1"]
@@ -88,6 +95,7 @@ BAD_ARGS = [
     ["train", "--arch", "[1*8]", "--device", "cuda:7"],
     ["train", "--arch", "[1*8]", "--device", "warp-drive"],
     ["train", "--arch", "[1*8]", "--seed", str(2**64)],  # was torch.manual_seed's overflow, as a traceback
+    ["train", "--arch", "[1*8]", "--out", ""],  # was taken for the current directory
     ["study", "--arch", "[1*8]", "--seed", str(2**63 - 1), "--trials", "2", "--dry-run"],
     ["study", "--arch", "1*8", "--modes", "hidden", "--variant", "p5 patience=5", "--variant", "p5 patience=3",
      "--dry-run"],  # the first was dropped silently

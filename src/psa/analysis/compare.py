@@ -284,7 +284,8 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
                            f"{c.mean_ref:>9.2f} ± {c.std_ref:<5.2f}  {c.test:<18}{fp(c.p):>9}")
     summary = {"psa_report": 1, "kind": "compare", "source": data.source, "reference": opt.reference,
                "alpha": opt.alpha, "cells": n, "tested": tested, "consistent": len(ok), "consistent_holm": len(ok_holm),
-               "by_test": {t: [sum(c.consistent(opt.alpha) for c in cs), len(cs)] for t, cs in by_test.items()},
+               "by_test": {t: [sum(c.consistent(opt.alpha) for c in cs), sum(c.tested for c in cs)]
+                           for t, cs in by_test.items()},
                "regimes_compared": len(regimes.archs), "regimes_agree": len(regimes.agree),
                "regimes_differ": disagree, "worst": [asdict(c) for c in worst], "departures": data.departures}
     return verdict, summary

@@ -100,11 +100,12 @@ def parse_arch(text: str, n_in: int = N_IN, n_out: int = N_OUT) -> Arch:
     if not s:
         raise ArchError("empty architecture; write [] for a net without hidden layers")
     opens, closes = s.startswith("["), s.endswith("]")
-    if opens != closes or s.count("[") != s.count("]"):
-        raise ArchError(f"unbalanced brackets in architecture {text!r}")
-    if s.count("[") > int(opens):
-        raise ArchError(f"one pair of brackets per architecture: {text!r} has {s.count('[')} (write [1*128, 2*64] "
+    pairs = s.count("[")
+    if pairs > 1 and pairs == s.count("]"):
+        raise ArchError(f"one pair of brackets per architecture: {text!r} has {pairs} (write [1*128, 2*64] "
                         f"for one net of several blocks)")
+    if opens != closes or pairs != int(opens) or s.count("]") != int(closes):
+        raise ArchError(f"unbalanced brackets in architecture {text!r}")
     body = s[1:-1].strip() if opens else s
     if not body:
         return Arch((), n_in, n_out)

@@ -86,6 +86,21 @@ def loop_progress(console: Console | None = None) -> Progress:
     )
 
 
+def probe_progress() -> Progress:
+    """The dry run's progress over its probes, on a terminal only and cleared when done; redrawn
+    at each probe rather than by a thread, which would share the CPU with what is timed."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        auto_refresh=False,
+        disable=not err_console.is_terminal,
+    )
+
+
 def fmt_seconds(s: float, rough: bool = False) -> str:
     """A duration for people: "45 s", "12.5 min", "3.2 h", "2.1 d"; rough (an ETA): "~45 s",
     "~12 min", "~3.2 h", never below zero nor in days."""

@@ -109,7 +109,9 @@ class Study:
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
-            raise StudyError(f"cannot create the results database {self.db}: {e.strerror or e}") from None
+            above = next((p for p in Path(self.db).parents if p.exists()), None)
+            why = f"{above} is a file, not a directory" if above is not None and not above.is_dir() else e.strerror or e
+            raise StudyError(f"cannot create the results database {self.db}: {why}") from None
         # a commit must be on disk before the checkpoint that follows it (power loss): see _durable
         self.con.execute("PRAGMA synchronous=FULL")
         self._full_sync = True

@@ -34,7 +34,7 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     A study that exists already is checked as a run would check it (design, population size,
     precision, what its kind stored), and what is left of it is estimated too."""
     import psa
-    from psa.study.console import out_console
+    from psa.study.console import out_console, probe_progress
 
     entered = time.perf_counter()
     kind = model_kind(design)
@@ -55,7 +55,14 @@ def dry_run(name: str, design: StudyDesign, opt: RunOptions) -> dict[str, Any]:
     # a Ray worker's populations run one at a time on its device (per_device shares a GPU
     # between workers, which the estimate does not model)
     slots = slots_for(device, opt.concurrency) if opt.backend == "local" else 1
-    est = estimate(kind, ex, data, plan, startup, opt.checkpoint_every, slots)
+    with probe_progress() as bar:  # a study of big nets takes minutes of probes on a CPU
+        task = bar.add_task("dry run: timing", total=None)
+
+        def on_probe(net: str, i: int, n: int) -> None:
+            bar.update(task, total=n, completed=i, description=f"dry run: timing {net}" if net else "dry run")
+            bar.refresh()
+
+        est = estimate(kind, ex, data, plan, startup, opt.checkpoint_every, slots, on_probe)
     rows = plan_rows(kind, plan, est, data, existing.status if existing is not None else {})
     out_console.print(plan_table(name, kind, rows, alone=est.slots > 1))
     for line in summary(name, kind, plan, est, precision, rows, existing, Path(opt.db), data):

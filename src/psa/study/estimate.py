@@ -381,17 +381,25 @@ def process_overhead(timeout: float = 120.0) -> float:
 
 
 def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_s: float,
-             checkpoint_every: float = 60.0, slots: int = 1) -> Estimate:
+             checkpoint_every: float = 60.0, slots: int = 1,
+             on_probe: Callable[[str, int, int], None] | None = None) -> Estimate:
     """Probe every distinct population shape of `plan` (a net's largest population) and add up
     the study (calibration.probe_costs: the costs a run's progress bar and `psa status` use);
     with `slots` > 1 populations in flight, also measure their shares of the device and
-    simulate the run (schedule_jobs; Estimate.total)."""
+    simulate the run (schedule_jobs; Estimate.total). `on_probe(net, i, n)` is called before
+    the i-th of the n probes (0-based) and once more with i = n."""
     t0 = time.perf_counter()
     # what the backend would find free at a run's start, before any probe's engine holds memory
     budget = memory_budget(ex.device)
     shapes = largest_populations(plan)
     warm_s = warm_up(kind, ex, data, shapes) if shapes else 0.0
-    probes = {pp.net: probe(kind, ex, data, pp) for pp in shapes}
+    probes = {}
+    for i, pp in enumerate(shapes):
+        if on_probe is not None:
+            on_probe(pp.net, i, len(shapes))
+        probes[pp.net] = probe(kind, ex, data, pp)
+    if on_probe is not None:
+        on_probe("", len(shapes), len(shapes))
     costs = probe_costs(kind, plan, probes, int(data.val_y.numel()), int(data.test_y.numel()), checkpoint_every)
     spread = max(p.spread for p in probes.values()) if probes else 0.0
     shares = measure_shares(kind, ex, data, shapes, probes, slots, budget,

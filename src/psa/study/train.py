@@ -246,6 +246,8 @@ def prepare_out(out: str | None, arch_short: str, mode: str, seed: int) -> Path:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
     else:
+        if not out.strip():  # Path("") is the current directory
+            raise ConfigError("--out is empty; give a directory name")
         path = Path(out)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"--out {path} exists and is not an empty directory")
