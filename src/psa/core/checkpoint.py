@@ -86,7 +86,7 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[k].contiguous()
         h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

@@ -393,7 +393,7 @@ def estimate(kind: ModelKind, ex: Execution, data: Dataset, plan: Plan, startup_
     budget = memory_budget(ex.device)
     shapes = largest_populations(plan)
     warm_s = warm_up(kind, ex, data, shapes) if shapes else 0.0
-    probes = {}
+    probes: dict[str, Probe] = {}
     for i, pp in enumerate(shapes):
         if on_probe is not None:
             on_probe(pp.net, i, len(shapes))
