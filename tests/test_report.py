@@ -391,7 +391,6 @@ def test_rules_paper_draws_the_printed_equations(full_db, tmp_path):
     assert header.startswith("arch,depth,width,params,regime_paper,rule_paper,regime_published")
 
 
-
 def test_the_data_set_line_says_when_a_study_trained_on_a_subset():
     """The recorded data set has 50,000 training examples; a --train-subset study used fewer."""
     from psa.analysis.report import _dataset_line
