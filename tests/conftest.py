@@ -173,6 +173,15 @@ def study_db(tmp_path_factory: pytest.TempPathFactory, name: str, argv: list[str
     return d / "ref.sqlite"
 
 
+def damage_tensors(path: Path, n: int = 64) -> bytes:
+    """Flip the last `n` bytes of a safetensors file (the end of its last tensor, not its header),
+    as a disk or a copy might; returns the damaged bytes."""
+    data = bytearray(path.read_bytes())
+    data[-n:] = bytes(b ^ 0x5A for b in data[-n:])
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def one_line_error(err: str) -> str:
     """The one line of a user error (exit status 2), checked to be one line without a traceback."""
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]

@@ -11,7 +11,7 @@ from psa.core.model import SimpleMLP
 from psa.core.arch import parse_arch
 from safetensors.torch import load_file
 
-from .conftest import run_main, run_psa
+from .conftest import damage_tensors, run_main, run_psa
 
 
 def run_json(argv):
@@ -145,13 +145,11 @@ def test_resume_of_a_damaged_checkpoint_is_refused(tmp_path):
     out = tmp_path / "r"
     run_json(["train", "--arch", "[1*8]", "--meta-loops", "1", "--batch-size", "1024", "--out", str(out)])
     ckpt = out / "lkg.safetensors"
-    data = bytearray(ckpt.read_bytes())
-    data[-64:] = bytes(b ^ 0x5A for b in data[-64:])
-    ckpt.write_bytes(bytes(data))
+    damaged = damage_tensors(ckpt)
     rc, _, err = run_main(["train", "--resume", str(out), "--meta-loops", "1"])
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "damaged: its tensors do not match the checksum written with them" in err
-    assert ckpt.read_bytes() == bytes(data)
+    assert ckpt.read_bytes() == damaged
 
 
 def test_resume_keeps_the_runs_hyperparameters_and_precision(tmp_path):

@@ -14,7 +14,17 @@ from psa.study import checkpoints, runner, store
 from psa.study.backends import local
 from psa.study.lock import checkpoint_root
 
-from .conftest import TINY, TINY_LOOP_ROWS, file_digest, integrity, leftover_checkpoints, one_line_error, rows, run_main
+from .conftest import (
+    TINY,
+    TINY_LOOP_ROWS,
+    damage_tensors,
+    file_digest,
+    integrity,
+    leftover_checkpoints,
+    one_line_error,
+    rows,
+    run_main,
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,14 +238,27 @@ def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: P
     assert rows(db) == rows(reference)
 
 
-def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, tmp_path: Path, monkeypatch) -> None:
-    """A checkpoint written before the counter-based streams restarts its population from loop 1."""
-    db = tmp_path / "old.sqlite"
+def _first_checkpoint_then_crash(db: Path, tmp_path: Path, monkeypatch) -> Path:
+    """The tiny study killed as it writes its second checkpoint: the first one is left."""
     with monkeypatch.context() as m:
         _fail_on_call(m, checkpoints, "save_tensors", 2, Crash())
         with pytest.raises(Crash):
             run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
     (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
+    return ckpt
+
+
+def _rerun_saying_why(db: Path, tmp_path: Path) -> str:
+    """The same study rerun without --quiet, to the end; its stderr (the notes on checkpoints)."""
+    rc, _, err = run_main(["study", *(a for a in TINY if a != "--quiet"), "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    return err
+
+
+def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint written before the counter-based streams restarts its population from loop 1."""
+    db = tmp_path / "old.sqlite"
+    ckpt = _first_checkpoint_then_crash(db, tmp_path, monkeypatch)
     from psa.core.mlp.checkpoint import load_population, save_population
 
     pop, meta = load_population(ckpt, "cpu")
@@ -243,9 +266,7 @@ def test_a_checkpoint_of_older_random_streams_is_not_continued(reference: Path, 
     save_population(ckpt, pop, {k: v for k, v in meta.items() if k not in ("format", "kind", "arch", "members",
                                                                            "loop", "bounty_loop", "n_val",
                                                                            "mode_history")})
-    loud = [a for a in TINY if a != "--quiet"]
-    rc, out, err = run_main(["study", *loud, "--db", str(db)], tmp_path)
-    assert rc == 0, err
+    err = _rerun_saying_why(db, tmp_path)
     assert "from scratch" in err and "older psa" in err
     assert rows(db) == rows(reference)
 
@@ -255,16 +276,8 @@ def test_a_damaged_checkpoint_restarts_its_population(reference: Path, tmp_path:
     them says so, and the population restarts from loop 1 (it would have continued from weights
     that were never trained)."""
     db = tmp_path / "damaged.sqlite"
-    with monkeypatch.context() as m:
-        _fail_on_call(m, checkpoints, "save_tensors", 2, Crash())
-        with pytest.raises(Crash):
-            run_main(["study", *TINY, "--db", str(db), "--checkpoint-every", "0"], tmp_path)
-    (ckpt,) = list(checkpoint_root(db).rglob("*.safetensors"))
-    data = bytearray(ckpt.read_bytes())
-    data[-64:] = bytes(b ^ 0x5A for b in data[-64:])  # the end of the last tensor, not the header
-    ckpt.write_bytes(bytes(data))
-    loud = [a for a in TINY if a != "--quiet"]
-    rc, out, err = run_main(["study", *loud, "--db", str(db)], tmp_path)
-    assert rc == 0, err
+    ckpt = _first_checkpoint_then_crash(db, tmp_path, monkeypatch)
+    damage_tensors(ckpt)
+    err = _rerun_saying_why(db, tmp_path)
     assert "from scratch" in err and "damaged" in err
     assert rows(db) == rows(reference)

@@ -32,7 +32,7 @@ from psa.core.device import resolve_device
 from psa.core.errors import ConfigError, warnings_at_caller
 from psa.core.hparams import HParams
 from psa.core.loop import meta_loop, note_once
-from psa.core.member import ABLATIVE_MODES, MAX_SEED, MODES
+from psa.core.member import ABLATIVE_MODES, MODES, seed_problem
 from psa.core.module.engine import ModuleEngine, choose_batching, convolutions, vmap_check
 from psa.core.module.factory import factory_name
 from psa.core.module.population import ModulePopulation
@@ -268,10 +268,8 @@ def fit(
     modes = tuple(m for m in MODES if m in modes)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise ConfigError(f"trials must be a positive integer, got {trials!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
-    if seed + trials - 1 > MAX_SEED:
-        raise ConfigError(f"seed + trials - 1 must be at most {MAX_SEED:,} (2^63 - 1), got {seed + trials - 1:,}")
+    if (problem := seed_problem(seed, trials)) is not None:
+        raise ConfigError(problem)
     if max_members is not None and (not isinstance(max_members, int) or isinstance(max_members, bool)
                                     or max_members < 1):
         raise ConfigError(f"max_members must be a positive integer or None (all at once), got {max_members!r}")

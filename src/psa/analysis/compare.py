@@ -246,6 +246,9 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
     by_test: dict[str, list] = defaultdict(list)
     for c in cells:
         by_test[c.test].append(c)
+    # per test: [consistent, tested], for the verdict's line and the manifest alike
+    per_test = {t: [sum(c.consistent(opt.alpha) for c in cs), sum(c.tested for c in cs)]
+                for t, cs in sorted(by_test.items())}
     ref_cells = (set(load_seed_table()) if opt.reference == "seed"
                  else {(t.arch, t.mode) for t in published.trials})
     ours_cells = {(t.arch, t.mode) for t in data.trials}
@@ -261,8 +264,7 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
         share = f"{100 * len(ok) / tested:.1f}%" if tested else "none tested"
         verdict.append(f"consistent at alpha = {opt.alpha:g}: {len(ok)}/{tested} tested cells ({share}); "
                        f"if every cell agreed, about {opt.alpha * tested:.1f} would be flagged by chance")
-        verdict.append("  " + "; ".join(f"{t}: {sum(c.consistent(opt.alpha) for c in cs)}/{sum(c.tested for c in cs)}"
-                                        for t, cs in sorted(by_test.items())))
+        verdict.append("  " + "; ".join(f"{t}: {ok_t}/{tested_t}" for t, (ok_t, tested_t) in per_test.items()))
         verdict.append(f"  after Holm over all cells: {len(ok_holm)}/{tested}")
         if tested < n:
             verdict.append(f"  untested: {n - tested} (fewer than 2 trials a side: Welch's t has no p; counted neither "
@@ -284,8 +286,7 @@ def _verdict(opt: CompareOptions, data: StudyData, published: StudyData, cells: 
                            f"{c.mean_ref:>9.2f} ± {c.std_ref:<5.2f}  {c.test:<18}{fp(c.p):>9}")
     summary = {"psa_report": 1, "kind": "compare", "source": data.source, "reference": opt.reference,
                "alpha": opt.alpha, "cells": n, "tested": tested, "consistent": len(ok), "consistent_holm": len(ok_holm),
-               "by_test": {t: [sum(c.consistent(opt.alpha) for c in cs), sum(c.tested for c in cs)]
-                           for t, cs in by_test.items()},
+               "by_test": per_test,
                "regimes_compared": len(regimes.archs), "regimes_agree": len(regimes.agree),
                "regimes_differ": disagree, "worst": [asdict(c) for c in worst], "departures": data.departures}
     return verdict, summary

@@ -23,6 +23,16 @@ ABLATIVE_MODES = ("full", "hidden", "output")
 MAX_SEED = 2**63 - 1
 
 
+def seed_problem(seed: object, trials: int = 1) -> str | None:
+    """What is wrong with `seed` as the base seed of `trials` trials (seeds seed..seed+trials-1),
+    or None: an integer >= 0 whose last trial's seed is at most MAX_SEED."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        return f"seed must be an integer >= 0, got {seed!r}"
+    if seed + trials - 1 > MAX_SEED:
+        return f"seed + trials - 1 must be at most {MAX_SEED:,} (2^63 - 1), got {seed + trials - 1:,}"
+    return None
+
+
 def derive_seed(seed: int, *tags: object) -> int:
     """A 63-bit seed for one purpose (`tags`) of one trial, independent of everything else."""
     text = ":".join(str(t) for t in (seed, *tags)).encode()

@@ -19,7 +19,7 @@ from psa.core.data import N_TRAIN, DataError, check_spec
 from psa.core.hparams import KNOB_DEFAULTS, HParams
 from psa.core.model import DEFAULT_MODEL, check_model_name
 from psa.core.errors import ConfigError
-from psa.core.member import MAX_SEED, MODES, Member
+from psa.core.member import MODES, Member, seed_problem
 from psa.core.variant import DEFAULT, VARIANT_NAME, Variant, format_schedule
 
 if sys.version_info >= (3, 11):
@@ -161,8 +161,6 @@ class StudyDesign:
         if self.train_subset is not None and (not isinstance(self.train_subset, int) or isinstance(
                 self.train_subset, bool) or not 1 <= self.train_subset <= N_TRAIN):
             raise DesignError(f"train_subset must be an integer in 1..{N_TRAIN}, got {self.train_subset!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise DesignError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.hparams, HParams):
             raise DesignError(f"hparams must be an HParams, got {type(self.hparams).__name__}")
         try:
@@ -185,9 +183,8 @@ class StudyDesign:
             raise DesignError(f"a study of {self.n_trials:,} trials ({len(self.nets)} architectures x "
                               f"{len(self.conditions())} conditions x {self.trials:,} trials) is more than psa's "
                               f"{MAX_TRIALS:,}; split it into several studies")
-        if self.seed + self.trials - 1 > MAX_SEED:
-            raise DesignError(f"seed + trials - 1 must be at most {MAX_SEED:,} (2^63 - 1), got "
-                              f"{self.seed + self.trials - 1:,}")
+        if (problem := seed_problem(self.seed, self.trials)) is not None:
+            raise DesignError(problem)
 
     @property
     def is_module(self) -> bool:

@@ -28,7 +28,7 @@ from psa.core.data import Dataset, load_dataset
 from psa.core.device import Execution, resolve_execution
 from psa.core.errors import ConfigError
 from psa.core.loop import LoopResult
-from psa.core.member import MAX_SEED, Member
+from psa.core.member import Member, seed_problem
 from psa.core.mlp.checkpoint import load_member, load_population, restore_member, save_member, save_population
 from psa.core.mlp.engine import Engine
 from psa.core.mlp.population import Population
@@ -126,8 +126,8 @@ def fresh_trial(cfg: TrialConfig) -> Trial:
     mode = cfg.mode or variant.start_mode("none")
     variant.check(arch, mode, hp.meta_loops)
     seed = cfg.seed or 0
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"the seed must be an integer in [0, {MAX_SEED:,}], got {seed!r}")
+    if (problem := seed_problem(seed)) is not None:
+        raise ConfigError(problem)
     return Trial(arch, seed, mode, hp, precision=None, model=model, variant=variant)
 
 

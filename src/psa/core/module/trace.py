@@ -391,8 +391,7 @@ class Graph:
                 if kind == "pass" and linear and _pools(u, self.mods):
                     kind = "reduce"  # a Linear's units pooled together: the unit's 0 need not stay 0
                 after = past or (scaled and kind == "pass" and u.op == "call_module" and str(u.target) == norm)
-                if kind in ("nonzero", "mixing", "shift", "sum", "reads"):
-                    before_scale |= not past
+                sent = len(reaches) + len(effects)  # a branch below that grows these sends a gradient back
                 if kind in ("block", "reader") and zero:
                     blockers.append(what)
                 elif kind in ("block", "reader"):
@@ -413,6 +412,7 @@ class Graph:
                     reaches.append(what)
                 else:
                     unknown.append(what)
+                before_scale |= not past and len(reaches) + len(effects) > sent
         if reaches or effects:
             said = "; ".join(dict.fromkeys(([f"it reaches {_join(reaches)} with no ReLU between"] if reaches else [])
                                            + effects))
