@@ -575,6 +575,18 @@ class TwoOutputs(nn.Module):
         return z, x
 
 
+class AuxWhileTraining(nn.Module):
+    """Inception's habit: an auxiliary head's logits beside the main ones, in training mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head, self.aux = nn.Linear(784, 16), nn.Linear(16, 10), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.a(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
 def lazy() -> nn.Module:
     return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(10))
 
@@ -644,12 +656,17 @@ def same_instance() -> nn.Module:
     (no_dropout, "hidden", "mode 'hidden' needs a hidden unit layer"),
     (raises_two_lines, "none", "raises_two_lines failed: ValueError: bad width"),
     (TwoOutputs, "none", "TwoOutputs maps a batch of 2 to a tuple; it must return one tensor of (2, classes) logits"),
+    (AuxWhileTraining, "hidden", "AuxWhileTraining maps a batch of 2 to a tuple in training mode but to (2, 10) logits "
+                                 "in eval mode; it must return the same one tensor of logits in both"),
 ])
 def test_bad_models_are_one_clear_line(mnist, factory, mode, message):
     ds = subset(mnist, 64, 64, 64)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError) as e, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         psa.fit(factory, (ds.train_x, ds.train_y), (ds.val_x, ds.val_y), modes=[mode], trials=2, meta_loops=1)
     assert message in str(e.value) and "\n" not in str(e.value)
+    # the model's own fault is said first, not blamed on vmap on the way
+    assert not [w for w in caught if "vmap" in str(w.message)]
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -96,8 +96,10 @@ class Trainer(Protocol):
       and its `result()` must be read before the next `launch`. A trainer that computes
       synchronously returns a loop that is already done. `on_step(step, steps)`, if given, is
       called after training steps where the trainer can report them.
-    - Each member's results depend only on its own seed, mode, variant and the hyperparameters,
-      never on the rest of the population, the call's timing or the global random generator.
+    - Each member's draws and decisions depend only on its own seed, mode, variant and the
+      hyperparameters, never on the rest of the population, the call's timing or the global
+      random generator; its weights too, up to the last bits of rounding where kernels group
+      members (psa.core.mlp.chunk).
     - `test_accuracy()` scores every member's bounty model (its LKG, unless a variant keeps them
       apart) on the test split, in population order.
     - `checkpoint()` returns the population's whole state as (tensors, JSON-able metadata): what

@@ -273,6 +273,14 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
                           f"({n}, {n_classes or 'classes'}) logits")
     if not order:
         raise ConfigError(f"{name}'s forward calls no nn.Linear or nn.Conv layer: PSA has no unit to ablate")
+    sites, trained_out = _training_forward(module, sample_x)
+    # aux heads (Inception's) or an extra loss returned only while training would reach the loss
+    # as if they were the logits; psa does not guess which output is which
+    if trained_out is not None and (not torch.is_tensor(trained_out) or trained_out.shape != out.shape):
+        got = tuple(trained_out.shape) if torch.is_tensor(trained_out) else f"a {type(trained_out).__name__}"
+        raise ConfigError(f"{name} maps a batch of {out.shape[0]} to {got} in training mode but to {tuple(out.shape)} "
+                          f"logits in eval mode; it must return the same one tensor of logits in both (turn off "
+                          f"auxiliary outputs)")
     graph, untraced = trace(module)
     g = Graph(module, graph) if graph is not None else None
     notes = []
@@ -301,7 +309,7 @@ def inspect_model(module: nn.Module, sample_x: torch.Tensor, n_classes: int | No
     notes += _unit_notes(name, module, layers, tied) + persistence
     dropouts = tuple((n, u) for n, m in module.named_modules() if type(m) is nn.Dropout and n in drop
                      for u in drop[n])
-    return ModelSpec(tuple(layers), dropouts, tuple(notes), _functional_dropouts(module, sample_x), int(out.shape[1]),
+    return ModelSpec(tuple(layers), dropouts, tuple(notes), sites, int(out.shape[1]),
                      tuple((p, tuple(r)) for p, r in tied.items()), tuple(persistence))
 
 
@@ -447,11 +455,11 @@ def persistence_notes(name: str, layers: Sequence[UnitLayer], traced: bool) -> l
     return notes
 
 
-def _functional_dropouts(module: nn.Module, x: torch.Tensor) -> int:
-    """The dropout sites a training forward of `module` calls besides its nn.Dropout modules:
-    F.dropout in its own code, and attention whose dropout is on (psa computes it with
-    F.dropout: psa.core.module.functional.Attention). Counted on a copy: a training forward
-    moves a BatchNorm's running statistics."""
+def _training_forward(module: nn.Module, x: torch.Tensor) -> tuple[int, Any]:
+    """(the dropout sites a training forward of `module` calls besides its nn.Dropout modules,
+    its output): F.dropout in its own code, and attention whose dropout is on (psa computes it
+    with F.dropout: psa.core.module.functional.Attention). Run on a copy: a training forward
+    moves a BatchNorm's running statistics. The output is None where the forward failed."""
     import copy
 
     from psa.core.module.noise import MemberRandomness, member_forward
@@ -463,11 +471,11 @@ def _functional_dropouts(module: nn.Module, x: torch.Tensor) -> int:
     mode = MemberRandomness()
     try:  # attention's own dropout draws here: from a forked generator, so the caller's is untouched
         with torch.random.fork_rng(devices=[]), member_forward(mode, None), torch.no_grad():
-            twin(x)
+            out = twin(x)
     except Exception:  # noqa: BLE001 - the model ran in eval mode: a count of 0 only forgoes dropout mode
-        return 0
+        return 0, None
     attention = sum(1 for m in twin.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
-    return mode.sites + attention
+    return mode.sites + attention, out
 
 
 def check_member(spec: ModelSpec, mem: Member, name: str = "the model") -> None:
