@@ -11,6 +11,7 @@ from psa.analysis import convergence as cv
 from psa.analysis import harm as hm
 from psa.analysis.regimes import Regime
 from psa.analysis.results import Curve, Design, StudyData, Trial
+from psa.analysis.tables import table_harm_separation
 
 
 def curve(lkg, candidate=None, promoted=None) -> Curve:
@@ -264,6 +265,30 @@ def json_of(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_harm_rates_equal_on_paper_tie_in_the_separation():
+    """10.3 - 10.0 and 50.3 - 50.0 are both 0.3 points, but not in float64: the two nets tie,
+    so the AUC counts them half, whichever regime each is in."""
+    regimes = {"1*2": Regime("II", "-"), "1*4": Regime("I", "-")}
+    peaks = {("1*2", "none", 1): 10.0, ("1*2", "hidden", 1): 10.3, ("1*4", "none", 1): 50.0,
+             ("1*4", "hidden", 1): 50.3}
+    harms = hm.harm_rates(study({}, peaks), list(regimes), regimes)
+    assert harms[0].harm != harms[1].harm  # the float noise this is about
+    seps = {(s.measure, s.regime): s for s in hm.separation(harms)}
+    assert seps[("harm", "II")].auc == 0.5 and seps[("harm", "II vs I")].auc == 0.5
+    assert seps[("harm", "II")].accuracy == 0.5  # no cut can part them
+
+
+def test_a_rho_that_cannot_be_computed_is_said_in_words():
+    regimes = {"1*2": Regime("II", "-"), "1*4": Regime("I", "-")}
+    peaks = {("1*2", "none", 1): 10.0, ("1*2", "hidden", 1): 10.5, ("1*4", "none", 1): 50.0,
+             ("1*4", "hidden", 1): 50.3}
+    harms = hm.harm_rates(study({}, peaks), list(regimes), regimes)
+    assert hm.rho_text(*hm.spearman(harms, "harm")) == "rho undefined (n = 2: fewer than 3 nets)"
+    notes = " ".join(table_harm_separation(hm.separation(harms), {"harm": hm.spearman(harms, "harm")}).notes)
+    assert "nan" not in notes and "rho undefined (n = 2: fewer than 3 nets)" in notes
+    assert hm.rho_text(0.5, 0.0042, 98) == "rho = +0.500 (p = 0.0042, n = 98)"
 
 
 def test_published_report_harm_rate_and_its_separation(published_report):

@@ -181,10 +181,17 @@ def test_an_export_of_a_database_with_two_studies_asks_for_one(exported: Path, t
 
 
 def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path) -> None:
-    """An export edited by hand (a bounty or an LKG score that is not a number) is refused in one
-    line naming the file, the line and the value, not with a ValueError's traceback."""
-    for name, col, value in (("trials", "bounty", "abc"), ("trials", "trial", ""), ("meta_loops", "lkg_score", "zz")):
-        d = tmp_path / f"{name}-{col}"
+    """An export edited by hand (a bounty or an LKG score that is not a number, or one no study
+    writes: NaN, infinite, out of range) is refused in one line naming the file, the line and the
+    value, not with a ValueError's traceback or a figure's colour scale failing on NaN."""
+    for i, (name, col, value, why) in enumerate((
+            ("trials", "bounty", "abc", "not a number"), ("trials", "trial", "", "not an integer"),
+            ("meta_loops", "lkg_score", "zz", "not a number"), ("trials", "bounty", "nan", "not a finite number"),
+            ("trials", "test_acc", "-inf", "not a finite number"), ("trials", "bounty", "150", "not a percentage"),
+            ("trials", "trial", "0", "less than 1"), ("meta_loops", "lkg_score", "-5", "not a percentage (or -1"),
+            ("meta_loops", "candidate_acc", "nan", "not a finite number"), ("meta_loops", "promoted", "2", "not 0 or 1"),
+            ("meta_loops", "loop", "0", "less than 1"))):
+        d = tmp_path / f"{name}-{col}-{i}"
         d.mkdir()
         for f in ("trials", "meta_loops"):
             shutil.copy(exported / f"{f}.csv", d / f"{f}.csv")
@@ -193,9 +200,9 @@ def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path
         with open(d / f"{name}.csv", "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
         for cmd in ("report", "compare"):
-            rc, _, err = run_main([cmd, "--export", str(d), "--out", str(tmp_path / f"{cmd}-{name}-{col}")])
+            rc, _, err = run_main([cmd, "--export", str(d), "--out", str(tmp_path / f"{cmd}-{d.name}")])
             line = one_line_error(err)
-            assert rc == 2 and f"{name}.csv, line 3: {col} is {value!r}, not" in line, line
+            assert rc == 2 and f"{name}.csv, line 3: {col} is {value!r}, {why}" in line, line
 
 
 def test_an_export_cut_short_or_with_a_damaged_line_is_one_line(exported: Path, tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import re
+import shutil
 import statistics
+import subprocess
 from collections import Counter, defaultdict
 from importlib import resources
 
@@ -118,7 +120,37 @@ def test_latex_tables_are_booktabs_and_well_formed(published_report):
         for line in body:
             assert line.count("&") == ncol - 1, line
             assert not re.search(r"(?<!\\)[%_#]", line), line
+        # pdflatex's default input has no Greek (harm_rate's header has a delta); comments may hold anything
+        assert all(line.isascii() for line in lines if not line.startswith("%")), t
     assert r"98.25 $\pm$ 0.06" in (out / "tables" / "table_v.tex").read_text()
+    _compiles([out / "tables" / f"{t}.tex" for t in TABLES], out.parent / "latex")
+
+
+def _compiles(tables: list, where) -> None:
+    """Where pdflatex is installed: the tables \\input into the preamble their header names compile."""
+    if shutil.which("pdflatex") is None:
+        return
+    where.mkdir(exist_ok=True)
+    inputs = "".join(f"\\input{{{p.as_posix()}}}\n\\clearpage\n" for p in tables)
+    (where / "doc.tex").write_text("\\documentclass{article}\n\\usepackage{booktabs,longtable}\n"
+                                   f"\\begin{{document}}\n{inputs}\\end{{document}}\n")
+    done = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", "doc.tex"], cwd=where,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_a_heterogeneous_net_and_greek_in_latex(tmp_path):
+    """A row that starts with "[2*16, 1*8]" after the previous row's \\\\ would be read as its
+    optional length; a backslash in a cell stays one escaped backslash."""
+    from psa.analysis.tables import Table
+
+    t = Table("t", "Δ of [2*16, 1*8]", ["arch", "Δ harm"], [["1*16", "±1"], ["[2*16, 1*8]", "a\\b_{c}"]])
+    tex = t.latex()
+    assert "\n{}[2*16, 1*8] & a\\textbackslash{}b\\_\\{c\\} \\\\\n" in tex
+    assert r"$\Delta$ harm" in tex and r"$\pm$1" in tex
+    assert all(line.isascii() for line in tex.splitlines() if not line.startswith("%"))
+    (tmp_path / "t.tex").write_text(tex)
+    _compiles([tmp_path / "t.tex"], tmp_path / "latex")
 
 
 def test_paired_tests_table(published_report):
@@ -287,12 +319,12 @@ def test_partial_running_study(tmp_path):
     assert {int(t["n"]) for t in tests if t["arch"] == "1*32" and t["baseline"] == "none"} == {7}
     assert not any(t["arch"] == "4*4" and t["ablative"] == "output" for t in tests)
 
-    # a second run replaces the first report whole
-    (out / "stale.txt").write_text("x")
+    # a second run replaces the first report whole: a table an older report wrote goes with it
+    (out / "tables" / "stale.csv").write_text("x")
     rc, _, err = run(["report", "--db", str(path), "--out", str(out), "--zero-r", "11.02", "--bootstrap", "200",
                       "--convergence", "4*4"])
     assert rc == 0, err
-    assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
+    assert not (out / "tables" / "stale.csv").exists() and (out / "index.html").is_file()
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("partial")] == ["report"]  # no temp dirs
 
 
@@ -340,6 +372,8 @@ def test_several_studies_default_to_the_latest(tmp_path):
     (["report", "--db", "x.sqlite", "--reference", "published"], "not allowed with argument"),
     (["compare", "--reference", "mine"], "invalid choice"),
     (["report", "--rules", "best"], "invalid choice"),
+    (["report", "--reference", "published", "--study", "foo"], "--reference published is the authors' data"),
+    (["compare", "--published", "--study", "foo"], "--published is the authors' data, which has none"),
 ])
 def test_bad_command_lines_are_one_line_exit_2(argv, message, tmp_path):
     rc, stdout, err = run(argv + ["--out", str(tmp_path / "o")])
@@ -360,6 +394,25 @@ def test_unusable_files_are_one_line_exit_2(tmp_path):
     assert rc == 2 and "is not a psa report" in err
     assert (other / "notes.txt").read_text() == "keep me" and len(list(other.iterdir())) == 1
     assert not list(tmp_path.glob(".mine.*"))
+
+
+@pytest.mark.parametrize("command", [["report", "--reference", "published"], ["compare", "--published"]])
+def test_a_report_directory_holding_other_files_is_not_replaced(command, tmp_path):
+    """Replacing a report replaces its directory whole: an export or a database kept beside the
+    report would go with it, so the new report is refused and everything stays."""
+    out = tmp_path / "r"
+    (out / "tables").mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")
+    (out / "tables" / "table_v.csv").write_text("arch\n")
+    (out / "trials.csv").write_text("arch,mode\n")
+    (out / "tables" / "notes.txt").write_text("mine")
+    (out / "db").mkdir()
+    rc, stdout, err = run(command + ["--out", str(out)])
+    assert rc == 2 and stdout == "" and err.count("\n") == 1, err
+    assert "holds a psa report and files no report writes (db/, tables/notes.txt, trials.csv)" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "db", "manifest.json", "tables", "tables/notes.txt", "tables/table_v.csv", "trials.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary directory left
 
 
 def test_out_the_current_directory_is_one_line_exit_2(tmp_path, monkeypatch):

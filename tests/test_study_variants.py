@@ -71,6 +71,8 @@ def test_report_and_compare_show_each_variant_as_its_own_condition(variant_db: P
     for cond, ref in [("hidden+p1", "hidden"), ("hidden+a2", "hidden"), ("none+keep", "none"),
                       ("dropout+sched", "none")]:  # a schedule's first mode is not a plain mode here: the first is
         assert f"| 1*8 | {cond} | {ref} | 2 |" in md, md
+    # 2 pairs over 4 conditions can never reach alpha: the note gives the rule the verdict follows
+    assert "| cannot decide |" in md and "Holm-adjusted over the variant conditions of the architecture" in md
     rc, out, err = run_main(["compare", "--db", str(variant_db), "--out", str(tmp_path / "cmp"), "--zero-r", "11.35"])
     assert rc == 0, err
     assert "engine variants against the paper's engine" in out and "hidden+keep" in out

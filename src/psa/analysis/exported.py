@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -52,6 +53,25 @@ TRIAL_NUMBERS = {"trial": int, "bounty": float, "bounty_loop": int, "test_acc": 
 DESIGN_COLUMNS = ("mode", "meta_loops", "lr", "batch_size", "weight_decay", "dropout", "dataset")
 LOOP_NUMBERS = {"loop": int, "candidate_acc": float, "lkg_score": float, "promoted": int, "diverged": int}
 FILLED = ("trial", "loop", "lkg_score", "promoted")
+# what a value can be, beyond its type: accuracies are percentages (an LKG score is -1 until
+# a candidate is promoted), flags 0 or 1, counts from 1; `nan` and `inf` parse as floats but
+# no study writes them
+PERCENT = ("bounty", "test_acc", "candidate_acc", "lkg_score")
+FLAGS = ("promoted", "diverged")
+COUNTS = ("trial", "loop", "meta_loops", "batch_size")
+
+
+def _out_of_range(col: str, value: float) -> str | None:
+    """Why `value` cannot be in column `col`, or None."""
+    if not math.isfinite(value):
+        return "not a finite number"
+    if col in PERCENT and not (0 <= value <= 100 or (col == "lkg_score" and value == -1)):
+        return "not a percentage" + (" (or -1, before a promotion)" if col == "lkg_score" else "")
+    if col in FLAGS and value not in (0, 1):
+        return "not 0 or 1"
+    if col in COUNTS and value < 1:
+        return "less than 1"
+    return None
 SUFFIXES = ("trials.csv", "trials.csv.gz")
 
 
@@ -129,10 +149,12 @@ def _bad_value(path: Path, line: int, row: dict[str, str], numbers: dict[str, ty
         if text is None or (text == "" and col not in FILLED):
             continue
         try:
-            kind(text)
+            value = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             return ReportError(f"{path}, line {line}: {col} is {text!r}, not {what}")
+        if (why := _out_of_range(col, value)) is not None:
+            return ReportError(f"{path}, line {line}: {col} is {text!r}, {why}")
     return None
 
 
@@ -260,10 +282,16 @@ def _loop_rows(files: Sequence[tuple[Path, Path | None]], done: dict, study: str
             key = (i, r["study"], r["trial_id"])
             if key not in done or (study is not None and r["study"] != study):
                 continue
-            try:  # checked only when a conversion fails: the paper's study has 588,000 rows
-                row = (key, int(r["loop"]), _opt_float(r["candidate_acc"]), float(r["lkg_score"]),
-                       int(r["promoted"]), int(r.get("diverged") or 0))
+            try:  # checked in full only when a value is off: the paper's study has 588,000 rows
+                loop, cand, lkg = int(r["loop"]), _opt_float(r["candidate_acc"]), float(r["lkg_score"])
+                promoted, diverged = int(r["promoted"]), int(r.get("diverged") or 0)
+                # NaN fails every comparison, so it is caught here too
+                if (loop < 1 or promoted not in (0, 1) or diverged not in (0, 1) or not (0 <= lkg <= 100 or lkg == -1)
+                        or (cand is not None and not 0 <= cand <= 100)):
+                    raise ValueError
+                row = (key, loop, cand, lkg, promoted, diverged)
             except ValueError:
-                raise _bad_value(lfile, line, r, LOOP_NUMBERS) or ReportError(f"{lfile}, line {line}: bad row") from None
+                raise (_bad_value(lfile, line, r, LOOP_NUMBERS)
+                       or ReportError(f"{lfile}, line {line}: bad row")) from None
             yield row
 

@@ -22,6 +22,24 @@ from psa.analysis.tables import Table, csv_value
 
 # its presence marks a directory as a psa report, which a new report may replace
 MANIFEST = "manifest.json"
+# what a report or comparison writes: a new one replaces a directory holding only these, so
+# that nothing else kept there (an export, a database, notes) goes with the old report
+REPORT_FILES = (MANIFEST, "index.html", "verdict.txt")
+REPORT_DIRS = {"tables": (".md", ".csv", ".tex"), "figures": (".json", ".png", ".pdf")}
+
+
+def foreign_entries(report: Path) -> list[str]:
+    """What in the directory of an earlier report no report wrote, as paths relative to it."""
+    found = []
+    for entry in sorted(report.iterdir()):
+        if entry.name in REPORT_FILES and entry.is_file():
+            continue
+        if entry.name in REPORT_DIRS and entry.is_dir():
+            found += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
+                      if not (f.is_file() and f.suffix in REPORT_DIRS[entry.name])]
+            continue
+        found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
 
 
 class OutputDir:
@@ -41,6 +59,12 @@ class OutputDir:
             if any(self.target.iterdir()) and not (self.target / MANIFEST).is_file():
                 raise ReportError(f"{self.target} exists and is not a psa report (no {MANIFEST}); "
                                   "choose another --out or remove it")
+            foreign = foreign_entries(self.target) if self.target.is_dir() else []
+            if foreign:  # the old report is replaced whole: these would be deleted with it
+                more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+                raise ReportError(f"{self.target} holds a psa report and files no report writes "
+                                  f"({', '.join(foreign[:3])}{more}), which replacing the report would delete; "
+                                  "move them or choose another --out")
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))

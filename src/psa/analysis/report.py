@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -403,9 +404,9 @@ def harm_statement(D: Dynamics) -> list[str]:
         return ["No architecture has both a none cell and an ablative cell: no harm rate."]
     lines = []
     for m, (r, p, n) in D.rho.items():
-        if n >= 3:
+        if not math.isnan(r):
             lines.append(f"Spearman rank correlation of the {hm.MEASURES[m][0]} with the parameter count: "
-                         f"rho = {r:+.3f} (p = {p:.3g}, n = {n}).")
+                         f"{hm.rho_text(r, p, n)}.")
     for s in D.separation:
         if s.measure == "harm":
             cut = ("no threshold beats the majority answer" if s.constant else

@@ -14,7 +14,7 @@ import numpy as np
 
 from psa.analysis.convergence import Convergence
 from psa.analysis.findings import Analysis
-from psa.analysis.harm import MEASURES, ArchHarm, Separation
+from psa.analysis.harm import MEASURES, ArchHarm, Separation, rho_text
 from psa.analysis.regimes import regime_counts
 from psa.analysis.results import Curve, arch_params, arch_shape, is_heterogeneous, matching_label
 from psa.core.arch import N_IN, N_OUT, parse_arch
@@ -118,13 +118,19 @@ def _numeric_col(rows: Sequence[Sequence[str]], i: int) -> bool:
     return all(num(v) for v in vals)
 
 
+# LaTeX's special characters, and what pdflatex's default input encoding has no glyph for (as
+# math, or in ASCII); one character at a time, so no replacement is escaped again
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+        ">": r"\textgreater{}", "±": r"$\pm$", "≤": r"$\le$", "≥": r"$\ge$", "−": "-", "Δ": r"$\Delta$",
+        "α": r"$\alpha$", "ρ": r"$\rho$", "×": r"$\times$", "→": r"$\to$", "…": r"\ldots{}"}
+
+
 def _tex(s: object) -> str:
-    s = str(s)
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")):
-        s = s.replace(a, b)
-    return (s.replace("±", r"$\pm$").replace("≤", r"$\le$").replace("≥", r"$\ge$").replace("−", "-")
-            .replace("<", r"\textless{}").replace(">", r"\textgreater{}"))
+    """A cell or header as LaTeX text."""
+    s = "".join(_TEX.get(c, c) for c in str(s))
+    # after a row's \\, "[" would open its optional argument: "[2*16, 1*8]" as a length
+    return "{}" + s if s.startswith("[") else s
 
 
 def csv_value(v: object) -> object:
@@ -352,7 +358,9 @@ def table_variants(A: Analysis, alpha: float, unit: str = "Architecture") -> Tab
              "Paired by trial index: trial k of every condition shares its seed (initial weights, data order).",
              "Test: exact two-sided sign-flip test of the mean paired difference (variant minus reference); "
              f"Holm-corrected over the variant conditions of each {unit.lower()}.",
-             f"Verdict at alpha = {alpha:g}; 'cannot decide' when fewer than 6 pairs differ."]
+             f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
+             f"correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over the variant "
+             f"conditions of the {unit.lower()}, is at least alpha)."]
     return Table("variant_tests", "Engine variants vs the paper's engine: paired tests",
                  [unit, "Condition", "Reference", "Pairs", "Condition mean", "Reference mean",
                   "Mean diff.", "95% CI", "p", "p (Holm)", "Verdict"], rows, notes, raw)
@@ -590,7 +598,7 @@ def table_harm_separation(seps: Sequence[Separation], rho: Mapping[str, tuple[fl
              "read by the classifier."]
     for m, (r, p, n) in rho.items():
         notes.append(f"Spearman rank correlation of the {MEASURES[m][0]} with the parameter count: "
-                     f"rho = {r:+.3f} (p = {fp(p)}, n = {n}).")
+                     f"{rho_text(r, p, n)}.")
     return Table("harm_separation", "Harm rate as a capacity detector: separation of the regimes",
                  ["Measure", "Regime", "Nets in regime", "AUC", "Best threshold", "Accuracy", "Leave-one-out",
                   "Majority"], rows, notes, raw)

@@ -9,6 +9,7 @@ import argparse
 import re
 from pathlib import Path
 
+from psa.analysis.results import ReportError
 from psa.cli.argtypes import nonneg_real, number, percentage, probability, seed_int
 from psa.core.arch import ArchError, parse_arch
 from psa.study.options import DEFAULT_DB
@@ -35,6 +36,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     # imported here: matplotlib is slow to load and only these two commands draw
     from psa.analysis.report import ReportConfig, build_report
 
+    if args.reference and args.study is not None:
+        raise ReportError(f"--study chooses a study of a database or an export; --reference {args.reference} "
+                          "is the authors' data, which has none")
     cfg = ReportConfig(
         db=None if args.reference or args.export else args.db,
         reference=args.reference,
@@ -59,6 +63,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """`psa compare`."""
     from psa.analysis.compare import CompareOptions, build_compare
 
+    if args.published and args.study is not None:
+        raise ReportError("--study chooses a study of a database or an export; --published is the authors' data, "
+                          "which has none")
     opt = CompareOptions(
         db=None if args.published or args.export else args.db,
         ours_published=args.published,
