@@ -189,7 +189,8 @@ def test_a_value_that_is_not_a_number_is_one_line(exported: Path, tmp_path: Path
             ("meta_loops", "lkg_score", "zz", "not a number"), ("trials", "bounty", "nan", "not a finite number"),
             ("trials", "test_acc", "-inf", "not a finite number"), ("trials", "bounty", "150", "not a percentage"),
             ("trials", "trial", "0", "less than 1"), ("meta_loops", "lkg_score", "-5", "not a percentage (or -1"),
-            ("meta_loops", "candidate_acc", "nan", "not a finite number"), ("meta_loops", "promoted", "2", "not 0 or 1"),
+            ("meta_loops", "candidate_acc", "nan", "not a finite number"),
+            ("meta_loops", "promoted", "2", "not 0 or 1"),
             ("meta_loops", "loop", "0", "less than 1"))):
         d = tmp_path / f"{name}-{col}-{i}"
         d.mkdir()
