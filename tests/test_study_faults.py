@@ -4,12 +4,13 @@ act; the database intact; and a rerun of the same command ends with the referenc
 
 from __future__ import annotations
 
-import errno
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import psa.core.checkpoint
 from psa.study import checkpoints, runner, store
 from psa.study.backends import local
 from psa.study.lock import checkpoint_root
@@ -194,19 +195,27 @@ def test_disk_full_in_the_database(reference: Path, tmp_path: Path, monkeypatch)
     assert rows(db) == rows(reference)
 
 
-def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeypatch) -> None:
-    db = tmp_path / "nospace.sqlite"
-    real_write = checkpoints.save_tensors
+def disk_full_at(call: int) -> Callable[..., None]:
+    """safetensors' save_file, failing at its `call`-th call as it does on a full disk: with its
+    own exception type, which is no OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     calls = {"n": 0}
 
-    def save_tensors(*a, **k):
+    def save(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(*a, **k)
+        if calls["n"] == call:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_file(*a, **k)
 
+    return save
+
+
+def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "nospace.sqlite"
     with monkeypatch.context() as m:
-        m.setattr(checkpoints, "save_tensors", save_tensors)
+        m.setattr(psa.core.checkpoint, "st_save_file", disk_full_at(4))
         rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
     line = one_line_error(err)
     assert rc == 2 and "no space left on device" in line and "rerun the same command" in line
@@ -214,6 +223,30 @@ def test_disk_full_writing_a_checkpoint(reference: Path, tmp_path: Path, monkeyp
     rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
     assert rc == 0, err
     assert rows(db) == rows(reference)
+
+
+def test_disk_full_in_psa_train(tmp_path: Path, monkeypatch) -> None:
+    """A full disk stops psa train in one line. Before the first checkpoint its --out is emptied
+    again, so the same command starts over; after it, the run continues with --resume."""
+    argv = ["train", "--arch", "1*8", "--meta-loops", "3", "--out", "run", "--json"]
+    with monkeypatch.context() as m:
+        m.setattr(psa.core.checkpoint, "st_save_file", disk_full_at(1))
+        rc, out, err = run_main(argv, tmp_path)
+    line = one_line_error(err)
+    assert rc == 2 and "no space left on device in run before its first checkpoint" in line, err
+    assert list((tmp_path / "run").iterdir()) == []
+    with monkeypatch.context() as m:
+        m.setattr(psa.core.checkpoint, "st_save_file", disk_full_at(2))
+        rc, out, err = run_main(argv, tmp_path)
+    line = one_line_error(err)
+    assert rc == 2 and "its last checkpoint is intact" in line and "psa train --resume run" in line, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["loop"] == 1
+    rc, out, err = run_main(["train", "--resume", "run", "--json"], tmp_path)
+    assert rc == 0, err
+    resumed = json.loads(out)
+    rc, out, err = run_main([*argv[:-3], "--out", "whole", "--json"], tmp_path)
+    assert rc == 0, err
+    assert [r["candidate_acc"] for r in resumed["records"]] == [r["candidate_acc"] for r in json.loads(out)["records"]]
 
 
 def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: Path, monkeypatch) -> None:

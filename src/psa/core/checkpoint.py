@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,15 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {**meta, CHECKSUM: tensors_checksum(cpu)}
     with atomic_path(path) as tmp:
-        st_save_file(cpu, str(tmp), metadata={"psa": json.dumps(meta, sort_keys=True)})
+        try:
+            st_save_file(cpu, str(tmp), metadata={"psa": json.dumps(meta, sort_keys=True)})
+        except SafetensorError as e:
+            # safetensors reports the file system's errors (a full disk) as its own exception type:
+            # given back as the OSError they are, which every caller turns into one line
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
         fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)

@@ -48,6 +48,7 @@ from psa.study.backends.local import StreamSlots, memory_budget, precompile_kern
 from psa.study.calibration import Probe, calibration_record, probe_costs
 from psa.study.checkpoints import host_copy
 from psa.study.kinds import ModelKind
+from psa.study.options import StudyError
 from psa.study.plan import Plan, PopulationPlan
 from psa.study.runner import PopulationProgress
 from psa.study.schedule import Job, in_flight_seconds, interpolate_share
@@ -220,8 +221,12 @@ def probe(kind: ModelKind, ex: Execution, data: Dataset, pp: PopulationPlan, sec
     tensors, meta = long_.checkpoint()
     copied: dict[str, torch.Tensor] = {}
     checkpoint_s = _timed(lambda: copied.update(host_copy(tensors, live=True)), device)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", copied, meta), device)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_s = _timed(lambda: save_tensors(Path(tmp) / "probe.safetensors", copied, meta), device)
+    except OSError as e:
+        raise StudyError(f"cannot time a checkpoint write in {tempfile.gettempdir()} ({e.strerror or e}): set "
+                         f"TMPDIR to a directory with room for one population's checkpoint") from None
     return Probe(pp.net, pp.size, setup_s, step_s, (max(t2) - min(t2)) / 2 / m2, warmup_s, eval_image_s,
                  loop_extra_s, checkpoint_s, time.perf_counter() - t_start, write_s)
 

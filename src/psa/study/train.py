@@ -10,6 +10,7 @@ a killed run resumes where it stopped. When the command ends, both summaries car
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -383,6 +384,24 @@ def _loop_line(r: LoopResult, trial: Trial, pop: Population) -> str:
             f"ablated {_describe_ablation(trial, r.ablated[0]):<14} {r.seconds:5.1f}s")
 
 
+def _write_failed(e: OSError, run_dir: Path, checkpointed: bool, final: bool = False) -> ConfigError:
+    """One line for a run whose files could not be written. A fresh run that had no checkpoint
+    yet is emptied again (its --out held nothing before it), so the same command starts over."""
+    what = "no space left on device" if e.errno == errno.ENOSPC else f"cannot write ({e.strerror or e})"
+    if final:  # every loop is in the last checkpoint; only the test accuracy is not
+        return ConfigError(f"{what} in {run_dir} writing the final summary; the checkpoint of the last meta-loop is "
+                           f"intact, without the test accuracy: free some space and train on with psa train --resume "
+                           f"{run_dir} --meta-loops N")
+    if checkpointed:
+        return ConfigError(f"{what} in {run_dir}; its last checkpoint is intact: free some space and continue with "
+                           f"psa train --resume {run_dir}")
+    for f in run_dir.iterdir():
+        if f.is_file():
+            f.unlink(missing_ok=True)
+    return ConfigError(f"{what} in {run_dir} before its first checkpoint, which keeps nothing: free some space and "
+                       f"run the same command again")
+
+
 def train(cfg: TrialConfig) -> dict[str, Any]:
     """Run (or resume) one trial; returns its summary, which is also written to run.json."""
     t_start = time.perf_counter()
@@ -437,15 +456,21 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
             assert run.last is not None
             trial.mode = pop.members[0].mode  # a schedule may have switched it
             trial.records.append(loop_record(run.last, trial.mode))
-            append_record(run_dir / RECORDS, trial.records[-1])
-            checkpoint(False, None)
+            try:
+                append_record(run_dir / RECORDS, trial.records[-1])
+                checkpoint(False, None)
+            except OSError as e:
+                raise _write_failed(e, run_dir, checkpointed=trial.done > 0 or len(trial.records) > 1) from None
             progress.advance(loops_task)
             if not cfg.quiet:
                 progress.console.print(_loop_line(run.last, trial, pop), soft_wrap=True)
             done = next((ev for ev in events if isinstance(ev, PopulationDone)), None)
     assert done is not None
     test_acc = done.test_acc[0]
-    s = checkpoint(True, test_acc)
+    try:
+        s = checkpoint(True, test_acc)
+    except OSError as e:
+        raise _write_failed(e, run_dir, checkpointed=True, final=True) from None
     wall = time.perf_counter() - t_start
     if not cfg.quiet:
         err_console.print(
