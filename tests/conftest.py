@@ -299,7 +299,9 @@ def progress(db: Path) -> int:
 
 def leftover_checkpoints(db: Path) -> list[str]:
     """Checkpoint (and temporary) files left beside a database."""
-    root = db.with_name(db.stem + ".ckpt")
+    from psa.study.lock import checkpoint_root
+
+    root = checkpoint_root(db)
     if not root.exists():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "lock")

@@ -11,6 +11,7 @@ import pytest
 
 from psa.study import store
 from psa.study.lock import StudyLock, checkpoint_root, lock_held, lock_owner
+from psa.study.options import StudyError
 
 from .conftest import TINY, integrity, one_line_error, rows, run_main
 
@@ -25,8 +26,18 @@ def test_same_study_twice_is_refused(tmp_path: Path) -> None:
         lock.release()
     line = one_line_error(err)
     assert rc == 2 and "already being run by pid" in line and str(os.getpid()) in line
+    # the database did not exist: none is left behind, empty (the lock's folder was there before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.ckpt"]
+    # in a database that exists, nothing is started
+    store.connect(db).close()
+    lock.acquire()
+    try:
+        rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    finally:
+        lock.release()
+    assert rc == 2 and "already being run by pid" in one_line_error(err)
     con = sqlite3.connect(db)
-    assert con.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 0  # nothing started
+    assert con.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 0
     con.close()
 
 
@@ -34,6 +45,7 @@ def test_what_status_reads_of_the_lock(tmp_path: Path) -> None:
     """Whether a study's lock is held now, and by whom; where the checkpoints and lock live."""
     assert checkpoint_root(Path("results/psa.sqlite")) == Path("results/psa.ckpt")
     assert checkpoint_root(Path("results/db")) == Path("results/db.ckpt")
+    assert checkpoint_root(Path("results/psa.db")) == Path("results/psa.db.ckpt")  # not psa.sqlite's
     d = checkpoint_root(tmp_path / "r.sqlite") / "s"
     assert lock_held(d) is False and lock_owner(d / "lock") is None
     lock = StudyLock(d, "s", tmp_path / "r.sqlite")
@@ -45,6 +57,31 @@ def test_what_status_reads_of_the_lock(tmp_path: Path) -> None:
     finally:
         lock.release()
     assert lock_held(d) is False
+
+
+def test_two_databases_sharing_a_checkpoint_folder_are_refused(tmp_path: Path) -> None:
+    """results/psa (no suffix) and results/psa.sqlite would share psa.ckpt/: each would find the
+    other's checkpoints unusable and delete them. The second to run a study of the same name is
+    refused; the one whose folder it is runs on."""
+    first, second = tmp_path / "psa.sqlite", tmp_path / "psa"
+    assert checkpoint_root(first) == checkpoint_root(second)
+    first.touch()
+    second.touch()
+    d = checkpoint_root(first) / "s"
+    lock = StudyLock(d, "s", first)
+    lock.acquire()
+    lock.release()  # the note of who held it last stays
+    with pytest.raises(StudyError, match=r"holds the checkpoints of study 's' in psa.sqlite, which shares its "
+                                         r"checkpoint folder with .*psa; rename one of the two databases"):
+        StudyLock(d, "s", second).acquire()
+    lock = StudyLock(d, "s", first)
+    lock.acquire()
+    lock.release()
+    first.unlink()  # gone: its checkpoints are nobody's, and the other database may take the folder
+    lock = StudyLock(d, "s", second)
+    lock.acquire()
+    lock.release()
+    assert lock_owner(d / "lock")["database"] == "psa"
 
 
 def test_database_locked_by_another_writer(reference: Path, tmp_path: Path) -> None:

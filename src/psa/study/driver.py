@@ -106,6 +106,7 @@ class Study:
         # the paths chosen now: one that cannot train (--batched yes where vmap cannot batch) is
         # refused before anything is written and before the notes (a refusal is its one line)
         paths = self.kind.record(device, self.opt)  # stored by a new study (_create)
+        existed = Path(self.db).exists()
         try:
             self.con = store.connect(self.db, timeout=self.opt.busy_timeout)
         except OSError as e:
@@ -115,7 +116,14 @@ class Study:
         # a commit must be on disk before the checkpoint that follows it (power loss): see _durable
         self.con.execute("PRAGMA synchronous=FULL")
         self._full_sync = True
-        self.lock.acquire()
+        try:
+            self.lock.acquire()
+        except StudyError:
+            if not existed:  # refused before anything of its own was written: no empty database left behind
+                self.con.close()
+                for f in (Path(self.db), Path(f"{self.db}-wal"), Path(f"{self.db}-shm")):
+                    f.unlink(missing_ok=True)
+            raise
         # the data the populations train on (loaded above, cached: the local backend reuses it),
         # recorded with a new study and checked against the record on a resume
         row = store.get_study(self.con, self.name)

@@ -1,6 +1,7 @@
 """One writer per study: an flock beside the database, and who holds it.
 
-A study's checkpoints and its lock live in `<database stem>.ckpt/<study name>/`.
+A study's checkpoints and its lock live in `<database stem>.ckpt/<study name>/` for a `.sqlite`
+database (results/psa.sqlite -> results/psa.ckpt), else in `<database name>.ckpt/<study name>/`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from psa.study.options import StudyError
 
 
 def checkpoint_root(db: Path) -> Path:
-    """Where a database's population checkpoints live: results/psa.sqlite -> results/psa.ckpt."""
-    return db.with_name(db.stem + ".ckpt") if db.suffix else db.with_name(db.name + ".ckpt")
+    """Where a database's population checkpoints live: results/psa.sqlite -> results/psa.ckpt,
+    results/psa.db -> results/psa.db.ckpt (so that psa.sqlite and psa.db beside it do not share
+    one; `psa` without a suffix and `psa.sqlite` would, which StudyLock refuses)."""
+    return db.with_name(db.stem + ".ckpt") if db.suffix == ".sqlite" else db.with_name(db.name + ".ckpt")
 
 
 class StudyLock:
@@ -57,7 +60,15 @@ class StudyLock:
                     raise StudyError(f"study {self.study!r} in {self.db} is already being run by {who}{since}; "
                                      f"wait for it to finish or stop it first") from None
                 time.sleep(0.1)
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": store.utc_now()})
+        # the last holder's note names its database: another one (the same checkpoint folder) would
+        # find this one's checkpoints unusable and delete them
+        other = (lock_owner(self.path) or {}).get("database")
+        if other is not None and other != self.db.name and (self.db.parent / other).exists():
+            os.close(fd)
+            raise StudyError(f"{self.path.parent} holds the checkpoints of study {self.study!r} in {other}, which shares "
+                             f"its checkpoint folder with {self.db}; rename one of the two databases")
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": store.utc_now(),
+                           "database": self.db.name})
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, info.encode(), 0)
