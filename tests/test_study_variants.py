@@ -114,6 +114,11 @@ def test_population_checkpoint_resumes_a_variant_exactly(small, tmp_path: Path) 
     (["--variant", "a ablate_layers=middle"], "unknown layer 'middle'"),
     (["--variant", "s schedule=dropout:2,hidden:1"], "covers 3 meta-loops, the run has 4"),
     (["--variant", "hidden patience=2"], "bad variant name"),
+    (["--variant", "f fixed=no"], "fixed must be true or false, got 'no'"),  # a truthy string: it ran fixed
+    (["--variant", "f fixed=2"], "fixed must be true or false, got 2"),
+    (["--variant", "s ablate_schedule=5"], "ablate-schedule must be constant, linear or step:L, got 5"),
+    (["--variant", "s schedule=4"], "schedule must be MODE:LOOPS,... (e.g. dropout:50,hidden:50), got 4"),
+    (["--variant", "p patience=5 patience=6"], "patience is given twice"),
 ])
 def test_bad_study_variants_write_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
     argv = ["study", "--arch", "1*8", "--modes", "hidden", "--trials", "1", "--meta-loops", "4",

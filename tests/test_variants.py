@@ -137,7 +137,18 @@ def test_settings_round_trip_and_defaults_are_empty():
     lambda: Variant(schedule=(("dropout", 50), ("hidden", 40))).check(ARCH, "dropout", 100),
     lambda: Variant(ablate_layers=("7",)).check(ARCH, "hidden"),
     lambda: Variant(ablate=2).check(ARCH, "none"),
+    lambda: Variant(fixed="no"),  # type: ignore[arg-type]
+    lambda: Variant.from_settings({"fixed": "false"}),
+    lambda: Variant.from_settings({"schedule": [1, 2]}),
+    lambda: Variant.from_settings({"ablate_schedule": 3}),
 ])
 def test_bad_settings_are_config_errors(make):
     with pytest.raises(ConfigError):
         make()
+
+
+def test_a_design_files_one_and_zero_are_true_and_false():
+    assert Variant.from_settings({"fixed": 1}) == Variant(fixed=True)
+    assert Variant.from_settings({"fixed": 0}).is_default
+    assert Variant.from_settings({"schedule": [["dropout", 2], ["hidden", 2]]}).schedule == (("dropout", 2),
+                                                                                          ("hidden", 2))

@@ -64,6 +64,8 @@ def _variant(text: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME key=value ..., got {pair!r}")
+        if key.replace("-", "_") in settings:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {key} is given twice")
         low = value.lower()
         if low in ("true", "false"):
             settings[key.replace("-", "_")] = low == "true"

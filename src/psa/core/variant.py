@@ -56,6 +56,10 @@ class Variant:
             raise ConfigError(f"patience must be an integer >= 0, got {self.patience}")
         if self.patience_growth < 1:
             raise ConfigError(f"patience-growth must be an integer >= 1, got {self.patience_growth}")
+        if not isinstance(self.fixed, bool):  # "no" would be truthy: fixed ablation nobody asked for
+            raise ConfigError(f"fixed must be true or false, got {self.fixed!r}")
+        if not isinstance(self.ablate_schedule, str):
+            raise ConfigError(f"ablate-schedule must be constant, linear or step:L, got {self.ablate_schedule!r}")
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ConfigError(f"optimizer-state must be reset or persist, got {self.optimizer_state!r}")
         if self.ablate < 1:
@@ -113,7 +117,14 @@ class Variant:
             kw["ablate_layers"] = tuple(str(x).strip() for x in v)
         if "schedule" in kw:
             v = kw["schedule"]
-            kw["schedule"] = parse_schedule(v) if isinstance(v, str) else tuple((str(m), n) for m, n in v)
+            if isinstance(v, str):
+                kw["schedule"] = parse_schedule(v)
+            elif isinstance(v, (list, tuple)) and all(isinstance(s, (list, tuple)) and len(s) == 2 for s in v):
+                kw["schedule"] = tuple((str(m), n) for m, n in v)
+            else:
+                raise ConfigError(f"schedule must be MODE:LOOPS,... (e.g. dropout:50,hidden:50), got {v!r}")
+        if kw.get("fixed") in (0, 1) and not isinstance(kw["fixed"], bool):
+            kw["fixed"] = bool(kw["fixed"])  # 1 and 0 as TOML and JSON readers write true and false
         if "ablate" in kw and isinstance(kw["ablate"], str):
             kw.update(parse_ablate(kw.pop("ablate")))
         return cls(**kw)
