@@ -22,6 +22,7 @@ from .conftest import (
     file_digest,
     integrity,
     leftover_checkpoints,
+    on_each_loop,
     one_line_error,
     rows,
     run_main,
@@ -247,6 +248,27 @@ def test_disk_full_in_psa_train(tmp_path: Path, monkeypatch) -> None:
     rc, out, err = run_main([*argv[:-3], "--out", "whole", "--json"], tmp_path)
     assert rc == 0, err
     assert [r["candidate_acc"] for r in resumed["records"]] == [r["candidate_acc"] for r in json.loads(out)["records"]]
+
+
+def test_a_study_stopped_by_system_exit_is_interrupted(reference: Path, tmp_path: Path) -> None:
+    """Ray's SIGTERM handler stops its driver with SystemExit: recorded and said as an interruption
+    (psa status: rerun to resume), not as an error, and the same command finishes the study."""
+    db = tmp_path / "term.sqlite"
+
+    def terminated(study, ev):
+        raise SystemExit(15)
+
+    with on_each_loop(terminated):
+        rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 130 and err.strip().endswith("psa: interrupted")
+    con = store.connect(db, readonly=True)
+    assert [r[0] for r in con.execute("SELECT outcome FROM runs")] == ["interrupted"]
+    con.close()
+    rc, out, err = run_main(["status", "--db", str(db)], tmp_path)
+    assert rc == 0 and "interrupted" in out and "rerun the same `psa study` command to resume" in out
+    rc, out, err = run_main(["study", *TINY, "--db", str(db)], tmp_path)
+    assert rc == 0, err
+    assert rows(db) == rows(reference)
 
 
 def test_a_failing_population_is_marked_and_retried(reference: Path, tmp_path: Path, monkeypatch) -> None:

@@ -358,6 +358,10 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
     except KeyboardInterrupt:
         outcome = "interrupted"
         raise
+    except SystemExit:
+        # Ray's SIGTERM handler exits the driver this way: the run was stopped, as by Ctrl-C
+        outcome = "interrupted"
+        raise KeyboardInterrupt from None
     except (StoreError, StudyError) as e:
         outcome = f"error: {e}"
         raise
