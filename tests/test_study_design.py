@@ -89,6 +89,17 @@ def test_plan_is_a_pure_even_partition(trials: int, chunk: int) -> None:
     assert work == sorted(work, reverse=True)  # largest work first
 
 
+def test_a_population_size_below_a_trials_conditions_is_said() -> None:
+    """A trial's conditions train together: a population size below them is exceeded, and the
+    plan says so rather than claiming "at most 4 members" over populations of 6."""
+    d = StudyDesign(nets=("1*8",), trials=3)
+    assert make_plan(d, 12).size_text() == "at most 12 members"
+    small = make_plan(d, 4)
+    assert small.largest == 6 and {p.size for p in small.populations} == {6}
+    assert small.size_text() == ("at most 6 members, as a trial's 6 conditions train together and the population "
+                                 "size is 4")
+
+
 def test_auto_population_size_fits_the_budget() -> None:
     d = preset("paper")
     worst = max(bytes_per_member(a) for a in d.nets)

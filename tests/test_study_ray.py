@@ -211,3 +211,17 @@ def test_a_module_study_on_ray_gives_the_local_rows(tmp_path: Path) -> None:
     local, viaray = rows(tmp_path / "local.sqlite"), rows(tmp_path / "ray.sqlite")
     assert viaray["trials"] == local["trials"] and viaray["meta_loops"] == local["meta_loops"]
     assert viaray["studies"] == local["studies"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--address", "127.0.0.1:1"], "cannot reach Ray at 127.0.0.1:1: Connection refused"),
+    (["--num-cpus", "1", "--cpus-per-task", "2"], "--cpus-per-task 2 exceeds the cluster's 1 CPUs"),
+])
+def test_a_ray_cluster_that_cannot_run_the_study_writes_nothing(tmp_path: Path, flags: list[str],
+                                                                 message: str) -> None:
+    """An address nothing listens at is one line at once (Ray itself retries it for minutes), and
+    both refusals come before the study is created: no database is left behind."""
+    done = subprocess.run(psa_cmd("study", *RAY, "--db", "x.sqlite", "--backend", "ray", *flags), cwd=tmp_path,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "x.sqlite").exists() and not list(tmp_path.glob("x.*"))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -367,6 +368,8 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
         raise
     finally:
         study.close(outcome)
+        if "psa.study.backends.ray" in sys.modules:  # Ray started for this study and not yet stopped
+            sys.modules["psa.study.backends.ray"].stop_ray()
 
 
 def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
@@ -385,6 +388,10 @@ def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:
 def _run(study: Study, execution: Execution, device_desc: str, t0: float) -> StudyResult:
     """Open the study, train what is left, and end its run row."""
     design, opt = study.design, study.opt
+    if opt.backend == "ray":
+        from psa.study.backends.ray import start_ray
+
+        start_ray(opt)  # an unreachable address or too few CPUs refused before anything is written
     study.open(execution, device_desc)
     notes = study.load_checkpoints()
     todo = [st for st in study.pops.values() if not st.done]
@@ -421,7 +428,7 @@ def _announce(study: Study, progress: StudyProgress, device_desc: str, notes: li
     progress.print(
         f"study [bold]{study.name}[/]: {count_nets(study.kind, len(design.nets))} x {design.conditions_text()} x "
         f"{design.trials} trials x {design.hparams.meta_loops} meta-loops = {design.n_trials} trials in "
-        f"{len(study.plan.populations)} populations (at most {study.plan.population_size} members); "
+        f"{len(study.plan.populations)} populations ({study.plan.size_text()}); "
         f"{device_desc}; {study.db}")
     for line in study.kind.announce():
         progress.print(escape(line))

@@ -174,7 +174,7 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
     lines = [
         f"{design.n_trials} trials ({count_nets(kind, len(design.nets))} x {design.conditions_text()} x "
         f"{design.trials} trials, seeds {design.seed}..{design.seed + design.trials - 1}) in "
-        f"{len(plan.populations)} populations of at most {plan.population_size} members, "
+        f"{len(plan.populations)} populations of {plan.size_text()}, "
         f"{design.hparams.meta_loops} meta-loops each; inputs {tuple(data.train_x.shape[1:])}",
         *kind.announce(),
         ("work: " + (f"{sum(flops) / 1e15:.3g} PFLOP" if None not in flops else "not countable")

@@ -62,6 +62,20 @@ class Plan:
     population_size: int  # most members per population
     populations: tuple[PopulationPlan, ...]
 
+    @property
+    def largest(self) -> int:
+        """The most members any population holds: population_size, or a trial's conditions where
+        they are more (a trial's conditions always train together)."""
+        return max((p.size for p in self.populations), default=0)
+
+    def size_text(self) -> str:
+        """'at most N members', saying why where a trial's conditions exceed population_size."""
+        n = self.largest
+        if n <= self.population_size:
+            return f"at most {self.population_size} members"
+        return (f"at most {n} members, as a trial's {len(self.design.conditions())} conditions train together "
+                f"and the population size is {self.population_size}")
+
     def to_dict(self) -> dict[str, Any]:
         """What the studies row records about the plan. The population size is stored under its
         old name, "chunk", so that a plan's JSON (and with it the studies row) stays the same."""
@@ -72,8 +86,9 @@ def make_plan(design: StudyDesign, population_size: int, cost: Callable[[Populat
               ) -> Plan:
     """Partition each net's trials into populations of at most `population_size` members
     (whole trials: every mode of a trial shares a population, so it shares one data order and
-    one first-layer matmul), as evenly as possible; order them by `cost` (a loop's estimated
-    work: the model kind's, psa.study.kinds), largest first (default: by members).
+    one first-layer matmul; one trial each where its conditions alone are more), as evenly as
+    possible; order them by `cost` (a loop's estimated work: the model kind's,
+    psa.study.kinds), largest first (default: by members).
 
     A pure function of (design, population_size): a resume rebuilds exactly the same populations.
     """

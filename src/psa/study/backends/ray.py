@@ -84,16 +84,32 @@ def _population_task(kind: ModelKind, pp: PopulationPlan, start: Any, prior_seco
         yield ev
 
 
-def ray_events(kind: ModelKind, todo: list[PopulationProgress], precision: str, opt: RunOptions,
-               console: Any) -> Iterator[Event]:
-    """Submit every unfinished population (largest work first) and yield their events as they
-    come; `console` tells of lost workers and resubmissions."""
+_started_here = False  # whether this process started (or connected) Ray, and so shuts it down
+
+
+def _check_reachable(address: str) -> None:
+    """StudyError unless something listens at a "host:port" or "ray://host:port" address: Ray
+    itself retries an unreachable one for minutes, printing as it goes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or address in ("auto", "local"):
+        return  # "auto" and the like: Ray finds the cluster itself
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise StudyError(f"cannot reach Ray at {address}: {e.strerror or e or 'timed out'}") from None
+
+
+def start_ray(opt: RunOptions) -> tuple[dict[str, Any], int]:
+    """Start a local Ray instance or reach opt.address (once per process), and check that the
+    cluster can run a task as asked: (the tasks' Ray options, threads per task). Called before
+    a study writes anything, so that a bad address or --cpus-per-task leaves the database as it was."""
+    global _started_here
     ray = import_ray()
-    started_here = not ray.is_initialized()
-    if started_here:
+    if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                                   "log_to_driver": False}
         if opt.address:
+            _check_reachable(opt.address)
             kwargs["address"] = opt.address
         elif opt.num_cpus:
             kwargs["num_cpus"] = opt.num_cpus
@@ -102,16 +118,34 @@ def ray_events(kind: ModelKind, todo: list[PopulationProgress], precision: str, 
         except Exception as e:  # noqa: BLE001 - connection errors come in many types
             raise StudyError(f"cannot start or reach Ray ({opt.address or 'local instance'}): "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        _started_here = True
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) > 0:
-        task_opts = {"num_gpus": 1.0 / max(1, opt.per_device), "num_cpus": 1}
-        threads = 1
-    else:
-        cpus = max(1, opt.cpus_per_task)
-        if cpus > resources.get("CPU", 0):
-            raise StudyError(f"--cpus-per-task {cpus} exceeds the cluster's {resources.get('CPU', 0):g} CPUs")
-        task_opts = {"num_cpus": cpus}
-        threads = cpus
+        return {"num_gpus": 1.0 / max(1, opt.per_device), "num_cpus": 1}, 1
+    cpus = max(1, opt.cpus_per_task)
+    if cpus > resources.get("CPU", 0):
+        stop_ray()
+        raise StudyError(f"--cpus-per-task {cpus} exceeds the cluster's {resources.get('CPU', 0):g} CPUs")
+    return {"num_cpus": cpus}, cpus
+
+
+def stop_ray() -> None:
+    """Shut Ray down if start_ray started it here."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        ray.shutdown()
+        _started_here = False
+
+
+def ray_events(kind: ModelKind, todo: list[PopulationProgress], precision: str, opt: RunOptions,
+               console: Any) -> Iterator[Event]:
+    """Submit every unfinished population (largest work first) and yield their events as they
+    come; `console` tells of lost workers and resubmissions. Ray is stopped at the end if this
+    process started it (start_ray)."""
+    ray = import_ray()
+    task_opts, threads = start_ray(opt)
     remote = ray.remote(max_retries=0)(_population_task)
     execution = {"precision": precision, "kernels": opt.kernels, "graphs": opt.graphs}
     data_paths = worker_data_paths(kind.design.dataset, opt.data_dir)
@@ -166,8 +200,7 @@ def ray_events(kind: ModelKind, todo: list[PopulationProgress], precision: str, 
                 ray.cancel(gen, force=True)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
-        if started_here:
-            ray.shutdown()
+        stop_ray()
 
 
 def _task_error(e: Any) -> str:
