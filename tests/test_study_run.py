@@ -134,6 +134,7 @@ def test_dry_run_checks_an_existing_study_as_a_run_would(reference: Path, tmp_pa
         (with_flag(TINY, "--meta-loops", "7"), "different design (meta_loops: 6 there, 7 here)"),
         (with_flag(TINY, "--population-size", "12"), "planned with --population-size 6"),
         ([*TINY, "--precision", "bf16"], "created with --precision fp32"),
+        ([*TINY, "--diverged", "discard"], "different design (diverged: the default there, 'discard' here)"),
     ]:
         rc, out, err = run_main(["study", *argv, "--db", str(db), "--dry-run"], tmp_path)
         assert rc == 2 and message in one_line_error(err)

@@ -74,6 +74,10 @@ def _design_difference(stored: dict[str, Any], design: StudyDesign) -> str:
         if old != v:
             if isinstance(v, list) and isinstance(old, list) and len(v) > 6:
                 return f"{k}: {len(old)} entries there, {len(v)} here" if len(old) != len(v) else f"{k} differ"
+            if k not in stored:  # a design stores a setting only where it is not the default
+                return f"{k}: the default there, {v!r} here"
+            if k not in new:
+                return f"{k}: {old!r} there, the default here"
             return f"{k}: {old!r} there, {v!r} here"
     return "the design"
 
