@@ -167,6 +167,7 @@ def test_a_factory_that_builds_another_model_is_not_resumed(tmp_path: Path, monk
     (["--model", "tests.factories:five_classes"], "the data has 10 classes"),
     (["--model", "tests.factories:no_dropout", "--modes", "dropout"], "has none"),
     (["--model", MLP, "--arch", "1*8"], "is its own architecture"),
+    (["--model", MLP, "--preset", "paper"], "architectures (--arch, --arch-file, a preset's or a design file's)"),
     (["--model", MLP, "--model", "resmlp"], "not both"),
     (["--model", MLP, "--precision", "bf16"], "trains in fp32"),
 ])

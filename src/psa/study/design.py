@@ -109,8 +109,9 @@ class StudyDesign:
         if factories is not None:
             # your own model: its factories are the study's cells, where architectures would be
             if fields.get("nets") not in (None, factories):
-                raise DesignError("--arch describes a SimpleMLP or ResMLP; a model given as module:function is its "
-                                  "own architecture (give --model once per factory, without --arch)")
+                raise DesignError("architectures (--arch, --arch-file, a preset's or a design file's) describe a "
+                                  "SimpleMLP or ResMLP; a model given as module:function is its own architecture "
+                                  "(give --model once per factory, without architectures)")
             fields.update(nets=factories, model=MODULE_MODEL)
         elif isinstance(fields.get("model"), (list, tuple)):
             fields["model"] = fields["model"][0]
