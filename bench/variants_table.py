@@ -20,7 +20,7 @@ from collections import defaultdict
 
 from psa.analysis.results import Trial, condition_label
 from psa.analysis.stats import StatsConfig, summaries, variant_comparisons
-from psa.analysis.tables import fp
+from psa.analysis.table import fp
 
 
 def main() -> int:

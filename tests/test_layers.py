@@ -245,3 +245,21 @@ def test_the_checks_see_what_they_should(tmp_path: Path) -> None:
     bad = core_violations(graph)
     assert len(bad) == 2 and "psa.core.mlp.g (psa.core.mlp) imports psa.core.module.h" in bad[1]
     assert "psa.core.kernels.k (kernels) imports psa.core.mlp.g" in bad[0]
+
+
+def test_every_module_has_its_line_in_the_architecture_page() -> None:
+    """docs/architecture.md says what each module is for: one of a layer's table rows (`name`
+    relative to the layer's folder), or for psa/cli its prose. A module added without one fails."""
+    page = SRC.parent.parent / "docs" / "architecture.md"
+    if not page.is_file():  # an installed copy without the repository's docs
+        return
+    text = page.read_text()
+    missing = []
+    for name, path in module_names().items():
+        parts = name.split(".")
+        if path.name == "__init__.py" or len(parts) < 3 or parts[1] not in LAYERS:
+            continue
+        rel = "/".join(parts[2:])
+        if (f"`{rel}`" if parts[1] == "cli" else f"| `{rel}` |") not in text:
+            missing.append(name)
+    assert not missing, f"modules docs/architecture.md does not describe: {', '.join(missing)}"

@@ -142,7 +142,7 @@ def _compiles(tables: list, where) -> None:
 def test_a_heterogeneous_net_and_greek_in_latex(tmp_path):
     """A row that starts with "[2*16, 1*8]" after the previous row's \\\\ would be read as its
     optional length; a backslash in a cell stays one escaped backslash."""
-    from psa.analysis.tables import Table
+    from psa.analysis.table import Table
 
     t = Table("t", "Δ of [2*16, 1*8]", ["arch", "Δ harm"], [["1*16", "±1"], ["[2*16, 1*8]", "a\\b_{c}"]])
     tex = t.latex()

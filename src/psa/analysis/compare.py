@@ -30,7 +30,7 @@ from psa.analysis.results import (
     short_list,
 )
 from psa.analysis.stats import base_dataset, resolve_zero_r, summaries, validation_zero_r
-from psa.analysis.tables import Table, fp
+from psa.analysis.table import Table, fp
 from psa.core.model import DEFAULT_MODEL
 from psa.core.member import MODES
 from psa.study.design import MODULE_MODEL

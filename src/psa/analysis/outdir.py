@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from psa.analysis.results import ReportError
-from psa.analysis.tables import Table, csv_value
+from psa.analysis.table import Table, csv_value
 
 # its presence marks a directory as a psa report, which a new report may replace
 MANIFEST = "manifest.json"

@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from psa.analysis.tables import Table
+from psa.analysis.table import Table
 
 # the columns a stored row must have; a study from another psa version may store more
 ROW_KEYS = ("layer", "kind", "units", "role", "full", "hidden", "output", "why")

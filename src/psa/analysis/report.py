@@ -37,8 +37,8 @@ from psa.analysis.results import (
     short_list,
 )
 from psa.analysis.stats import best_trial_winners, holm, resolve_zero_r
+from psa.analysis.table import Table
 from psa.analysis.tables import (
-    Table,
     table_bounty_convergence,
     table_effects,
     table_harm,

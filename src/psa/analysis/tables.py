@@ -1,14 +1,11 @@
-"""The report's tables: one `Table` renders as Markdown, CSV, LaTeX and HTML; the builders fill them."""
+"""The report's tables: the builders that fill a `Table` (psa.analysis.table) from an analysis."""
 
 from __future__ import annotations
 
-import csv
-import html
-import io
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
@@ -20,137 +17,8 @@ from psa.analysis.results import Curve, arch_params, arch_shape, is_heterogeneou
 from psa.core.arch import N_IN, N_OUT, parse_arch
 from psa.core.model import DEFAULT_MODEL
 from psa.analysis.stats import winners
+from psa.analysis.table import Table, f2, fp
 from psa.core.member import ABLATIVE_MODES, BASELINE_MODES, MODES
-
-
-@dataclass
-class Table:
-    """A table in display form (rounded strings) plus, for the CSV, the unrounded records."""
-
-    name: str
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-    raw: list[dict] | None = None  # CSV records at full precision; `rows` when None
-    html_collapsed: bool = False  # long tables fold away on the page
-
-    def markdown(self) -> str:
-        """GitHub-flavoured Markdown."""
-        def esc(s: str) -> str:
-            s = str(s).replace("|", "\\|")
-            # one '*' (1*2048) cannot start emphasis; escape only where two could pair up
-            return s.replace("*", "\\*") if s.count("*") > 1 else s
-
-        out = [f"## {self.title}", ""]
-        out.append("| " + " | ".join(esc(c) for c in self.columns) + " |")
-        out.append("|" + "|".join("---" if i == 0 else "---:" if _numeric_col(self.rows, i) else "---"
-                                  for i in range(len(self.columns))) + "|")
-        for r in self.rows:
-            out.append("| " + " | ".join(esc(c) for c in r) + " |")
-        if not self.rows:
-            out.append("| " + " | ".join(["(no data)"] + [""] * (len(self.columns) - 1)) + " |")
-        if self.notes:
-            out.append("")
-            out += [f"- {n}" for n in self.notes]
-        return "\n".join(out) + "\n"
-
-    def csv(self) -> str:
-        """CSV: the full-precision records when there are some, else the displayed rows."""
-        buf = io.StringIO()
-        if self.raw is not None:
-            keys = list(self.raw[0]) if self.raw else self.columns
-            w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
-            w.writeheader()
-            for r in self.raw:
-                w.writerow({k: csv_value(v) for k, v in r.items()})
-        else:
-            w = csv.writer(buf, lineterminator="\n")
-            w.writerow(self.columns)
-            w.writerows(self.rows)
-        return buf.getvalue()
-
-    def latex(self) -> str:
-        """A booktabs table (longtable past 40 rows): \\usepackage{booktabs,longtable}."""
-        align = "".join("l" if i == 0 or not _numeric_col(self.rows, i) else "r" for i in range(len(self.columns)))
-        head = " & ".join(_tex(c) for c in self.columns) + r" \\"
-        body = [" & ".join(_tex(c) for c in r) + r" \\" for r in self.rows] or [
-            r"\multicolumn{%d}{l}{(no data)} \\" % len(self.columns)]
-        label = f"tab:psa-{self.name.replace('_', '-')}"
-        notes = "".join(f"% {n}\n" for n in self.notes)
-        if len(self.rows) > 40:
-            return (f"% {self.title}\n{notes}\\begin{{longtable}}{{{align}}}\n"
-                    f"\\caption{{{_tex(self.title)}}}\\label{{{label}}}\\\\\n\\toprule\n{head}\n\\midrule\n\\endfirsthead\n"
-                    f"\\toprule\n{head}\n\\midrule\n\\endhead\n\\bottomrule\n\\endfoot\n"
-                    + "\n".join(body) + "\n\\end{longtable}\n")
-        return (f"% {self.title}\n{notes}\\begin{{table}}[htbp]\n\\centering\n"
-                f"\\caption{{{_tex(self.title)}}}\\label{{{label}}}\n"
-                f"\\begin{{tabular}}{{{align}}}\n\\toprule\n{head}\n\\midrule\n" + "\n".join(body)
-                + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
-
-    def html(self) -> str:
-        """An HTML table with its notes, folded away when long."""
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in self.rows)
-        if not self.rows:
-            rows = f'<tr><td colspan="{len(self.columns)}">(no data)</td></tr>'
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
-        table = f'<table id="table-{self.name}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
-        if notes:
-            table += f'<ul class="notes">{notes}</ul>'
-        files = f'<p class="files">files: tables/{self.name}.md, .csv, .tex</p>'
-        if self.html_collapsed:
-            return (f'<details><summary>{html.escape(self.title)} ({len(self.rows)} rows)</summary>'
-                    f"{table}{files}</details>")
-        return f"<h3>{html.escape(self.title)}</h3>{table}{files}"
-
-
-def _numeric_col(rows: Sequence[Sequence[str]], i: int) -> bool:
-    vals = [str(r[i]) for r in rows if i < len(r) and str(r[i]) not in ("", "-", "n/a")]
-    if not vals:
-        return False
-    def num(s: str) -> bool:
-        try:
-            float(s.replace(",", "").replace("%", "").split(" ")[0].lstrip("+"))
-            return True
-        except ValueError:
-            return False
-    return all(num(v) for v in vals)
-
-
-# LaTeX's special characters, and what pdflatex's default input encoding has no glyph for (as
-# math, or in ASCII); one character at a time, so no replacement is escaped again
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
-        ">": r"\textgreater{}", "±": r"$\pm$", "≤": r"$\le$", "≥": r"$\ge$", "−": "-", "Δ": r"$\Delta$",
-        "α": r"$\alpha$", "ρ": r"$\rho$", "×": r"$\times$", "→": r"$\to$", "…": r"\ldots{}"}
-
-
-def _tex(s: object) -> str:
-    """A cell or header as LaTeX text."""
-    s = "".join(_TEX.get(c, c) for c in str(s))
-    # after a row's \\, "[" would open its optional argument: "[2*16, 1*8]" as a length
-    return "{}" + s if s.startswith("[") else s
-
-
-def csv_value(v: object) -> object:
-    """A CSV cell: NaN as an empty cell, anything else as it is."""
-    if isinstance(v, float) and math.isnan(v):
-        return ""
-    return v
-
-
-def f2(x: float | None) -> str:
-    """Two decimals, or '-' for a missing value."""
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
-
-
-def fp(p: float) -> str:
-    """A p-value, three significant digits."""
-    if p is None or math.isnan(p):
-        return "-"
-    return f"{p:.3g}" if p >= 1e-4 else f"{p:.1e}"
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,9 +197,7 @@ def table_tests(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
              "assignments; Holm-corrected over the "
              + ("9 comparisons of each architecture." if unit == "Architecture"
                 else f"comparisons of each {unit.lower()}."),
-             f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
-             "correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over the "
-             "architecture's comparisons, is at least alpha).",
+             _undecidable(alpha, "the architecture's comparisons"),
              "Effect sizes: Cohen's d_z (mean / sd of the differences; '-' when they do not vary) and the "
              "matched-pairs rank-biserial r. CI: 95% percentile bootstrap of the mean difference (pairs resampled).",
              "Difference = ablative minus baseline, in accuracy points.",
@@ -340,6 +206,13 @@ def table_tests(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
     return Table("paired_tests", "Ablative vs baseline modes: paired tests",
                  [unit, "Ablative", "Baseline", "Pairs", "Mean diff.", "95% CI", "p", "p (Holm)", "d_z",
                   "r_rb", "Verdict"], rows, notes, raw, html_collapsed=unit == "Architecture")
+
+
+def _undecidable(alpha: float, family: str) -> str:
+    """The verdict note of a table of paired tests Holm-corrected over `family`."""
+    return (f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
+            f"correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over {family}, is at "
+            f"least alpha).")
 
 
 def table_variants(A: Analysis, alpha: float, unit: str = "Architecture") -> Table:
@@ -358,9 +231,7 @@ def table_variants(A: Analysis, alpha: float, unit: str = "Architecture") -> Tab
              "Paired by trial index: trial k of every condition shares its seed (initial weights, data order).",
              "Test: exact two-sided sign-flip test of the mean paired difference (variant minus reference); "
              f"Holm-corrected over the variant conditions of each {unit.lower()}.",
-             f"Verdict at alpha = {alpha:g}: 'cannot decide' when no outcome could be significant after Holm's "
-             f"correction (the smallest possible p, 2/2^k for k differing pairs, Holm-adjusted over the variant "
-             f"conditions of the {unit.lower()}, is at least alpha)."]
+             _undecidable(alpha, f"the variant conditions of the {unit.lower()}")]
     return Table("variant_tests", "Engine variants vs the paper's engine: paired tests",
                  [unit, "Condition", "Reference", "Pairs", "Condition mean", "Reference mean",
                   "Mean diff.", "95% CI", "p", "p (Holm)", "Verdict"], rows, notes, raw)
