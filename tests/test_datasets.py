@@ -255,6 +255,8 @@ def test_npz_data_set(tmp_path):
     ({"x_train": np.array([["a"] * 20] * 120)}, "inputs must be numbers"),
     ({"x_train": np.array([object()] * 120, dtype=object)}, "holds object \\(pickled\\) arrays, which psa never loads"),
     ({"y_train": np.zeros(120, dtype=np.int64), "y_test": np.zeros(30, dtype=np.int64)}, "two classes"),
+    ({"y_train": np.ones(120, dtype=np.int64), "y_test": np.ones(30, dtype=np.int64)},
+     "every label is 1; a classifier needs at least two classes"),
 ])
 def test_broken_npz_is_one_clear_error(tmp_path, override, message):
     path = write_npz(tmp_path / "bad.npz", **override)

@@ -79,6 +79,7 @@ def test_dry_run_writes_nothing(reference: Path, tmp_path: Path) -> None:
     assert rc == 0
     assert "1*8" in out and "2*8" in out and "4 populations" in out and "calibration:" in out
     assert "24 of 24 trials done" in out and "nothing was written" in out
+    assert "nothing is left to do: the study is complete" in out and "for the 0 trials" not in out
     assert file_digest(db) == before and not checkpoint_root(db).exists()
     rc, out, err = run_main(["study", "--arch", "1*8", "--trials", "1", "--dry-run", "--db", "fresh.sqlite"],
                             tmp_path)

@@ -477,9 +477,9 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     if out["x_train"].shape[1] != out["x_test"].shape[1]:
         raise DataError(f"{path}: x_train has {out['x_train'].shape[1]} features per example, "
                         f"x_test {out['x_test'].shape[1]}")
-    n_classes = int(max(out["y_train"].max(), out["y_test"].max())) + 1
-    if n_classes < 2:
-        raise DataError(f"{path}: every label is 0; a classifier needs at least two classes")
+    labels = np.union1d(out["y_train"], out["y_test"])
+    if labels.size < 2:  # all 1s would make C = 2 with one class never seen: as useless as all 0s
+        raise DataError(f"{path}: every label is {int(labels[0])}; a classifier needs at least two classes")
     return out
 
 

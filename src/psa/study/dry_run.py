@@ -185,7 +185,8 @@ def summary(name: str, kind: ModelKind, plan: Plan, est: Estimate, precision: st
                       if est.slots > 1 else "one population at a time, ")
         + f"{fmt_seconds(est.startup_s)} of it the process's start-up and "
         f"shut-down (imports, data, first-use costs, exit)"
-        + (f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do" if existing is not None else ""),
+        + ("" if existing is None else f"; {fmt_seconds(todo_time)} {pm} for the {n_todo} trials still to do"
+           if n_todo else "; nothing is left to do: the study is complete"),
         f"calibration: {est.describe()}",
     ]
     if existing is not None:
