@@ -4,6 +4,7 @@ and bad input refused before anything is written."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sqlite3
 from pathlib import Path
 
@@ -105,6 +106,18 @@ def test_population_checkpoint_resumes_a_variant_exactly(small, tmp_path: Path) 
     assert torch.equal(resumed.lkg, whole.lkg) and torch.equal(resumed.bounty_state, whole.bounty_state)
     assert torch.equal(resumed.opt_avg, whole.opt_avg) and torch.equal(resumed.opt_step, whole.opt_step)
     assert resumed.mode_history == whole.mode_history
+
+
+def test_the_progress_line_shows_each_variant_condition(tmp_path: Path) -> None:
+    """A variant's members share their mode with the paper engine's: the line that ends a
+    population gives each condition's best bounty, not one per mode over both."""
+    rc, out, err = run_main(["study", "--arch", "1*4", "--modes", "none,hidden", "--trials", "1", "--meta-loops", "2",
+                             "--train-subset", "256", "--db", "p.sqlite", "--variant", "p patience=1",
+                             "--variant", "s schedule=dropout:1,hidden:1"], tmp_path)
+    assert rc == 0, err
+    (line,) = [x for x in (out + err).splitlines() if x.startswith("done 1*4")]
+    found = re.findall(r"(\S+) (\d+\.\d\d)", line.partition("best bounty")[2])
+    assert [c for c, _ in found] == ["none", "hidden", "none+p", "hidden+p", "dropout+s"], line
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -109,11 +109,14 @@ class StudyProgress:
             self.progress.update(self.main, info=self._trials_info())
             if ev.key in self.rows:
                 self.progress.remove_task(self.rows.pop(ev.key))
+            # each condition apart: a variant's members share their mode with the paper engine's
+            label = {(v.start_mode(m), v.to_json()): f"{m}+{name}" if name else m for m, name, v in pp.conditions()}
             best: dict[str, float] = {}
-            for (mode, *_), b in zip(ev.members, ev.bounty):
+            for (mode, settings, _), b in zip(ev.members, ev.bounty):
+                c = label.get((mode, settings), mode)
                 if b is not None:
-                    best[mode] = max(best.get(mode, -1.0), b)
-            bounties = "  ".join(f"{m} {best[m]:.2f}" if m in best else f"{m} -" for m in pp.modes)
+                    best[c] = max(best.get(c, -1.0), b)
+            bounties = "  ".join(f"{c} {best[c]:.2f}" if c in best else f"{c} -" for c in dict.fromkeys(label.values()))
             self.print(f"done {pp.label()}: {pp.size} members, {loops} meta-loops, {ev.seconds:.1f}s; "
                        f"best bounty {bounties}  [{self.trials_done}/{self.trials_total} trials]")
         elif isinstance(ev, PopulationFailed):
