@@ -18,7 +18,7 @@ import math
 import sqlite3
 from collections import defaultdict
 
-from psa.analysis.results import Trial, condition_label
+from psa.analysis.results import Trial, condition_label, schedule_end
 from psa.analysis.stats import StatsConfig, summaries, variant_comparisons
 from psa.analysis.table import fp
 
@@ -31,7 +31,8 @@ def main() -> int:
     ap.add_argument("--zero-r", type=float, default=11.02, help="validation ZeroR, for the collapsed mark")
     args = ap.parse_args()
     con = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
-    trials = con.execute("SELECT id, arch, mode, variant, trial, seed, status, bounty, loops_done, meta_loops FROM trials").fetchall()
+    trials = con.execute("SELECT id, arch, mode, variant, trial, seed, status, bounty, loops_done, meta_loops, "
+                         "variant_settings FROM trials").fetchall()
     curves: dict[int, list[float]] = defaultdict(list)
     for tid, loop, acc in con.execute("SELECT trial_id, loop, candidate_acc FROM meta_loops ORDER BY trial_id, loop"):
         curves[tid].append(math.nan if acc is None else acc)
@@ -43,12 +44,13 @@ def main() -> int:
             print(f"{arch}: no meta-loop recorded yet\n")
             continue
         ours = []
-        for tid, _, mode, variant, k, seed, status, bounty, _done, _loops in rows:
+        for tid, _, mode, variant, k, seed, status, bounty, _done, _loops, settings in rows:
             best = max((a for a in curves[tid][:loop] if not math.isnan(a)), default=-1.0)
             if status == "done" and loop == len(curves[tid]):
                 assert abs(best - bounty) < 1e-9, (tid, best, bounty)
-            ours.append(Trial(arch, condition_label(mode, variant), k, best, seed=seed, variant=variant or ""))
-        modes = sorted({m for _, _, m, v, *_ in rows if v is None})
+            ours.append(Trial(arch, condition_label(mode, variant), k, best, seed=seed, variant=variant or "",
+                              ends_in=schedule_end(settings)))
+        modes = list(dict.fromkeys(m for _, _, m, v, *_ in sorted(rows, key=lambda t: t[0]) if v is None))
         comps = variant_comparisons(ours, [arch], modes, StatsConfig(zero_r=args.zero_r))
         summ = summaries(ours)
         n_done = sum(1 for t in rows if t[6] == "done")

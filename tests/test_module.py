@@ -498,7 +498,7 @@ def test_psa_fit_runs_named_variants_beside_the_modes(mnist, tmp_path):
     assert [x.ablated is None for x in dh if x.trial == 1] == [True, False, False]  # dropout, then hidden
     rows = {row["mode"]: row for row in r.summary()}
     assert rows["hidden"]["vs"] == "none" and rows["hidden+two"]["vs"] == "hidden"
-    assert rows["none+patience1"]["vs"] == "none" and rows["dropout+dh"]["vs"] == "none"
+    assert rows["none+patience1"]["vs"] == "none" and rows["dropout+dh"]["vs"] == "hidden"  # where it ends
     diff = sum(r.bounty[("hidden+two", k)] - r.bounty[("hidden", k)] for k in (1, 2)) / 2
     assert rows["hidden+two"]["diff"] == pytest.approx(diff)
     paths = r.save(tmp_path)

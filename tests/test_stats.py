@@ -265,3 +265,21 @@ def test_variants_cannot_decide_is_judged_after_holm_too():
         for c in comps:
             assert c.baseline == "hidden" and c.verdict == verdict
             assert c.p_min_holm == pytest.approx(5 * c.p_min)
+
+
+def test_a_mode_schedule_is_tested_against_the_mode_it_ends_in() -> None:
+    """dropout:50,hidden:50 is hidden after a dropout warm-up: its reference is hidden where the
+    design ran hidden, else the mode it starts in, else the design's first plain mode."""
+    from psa.analysis.results import Trial
+
+    def cell(mode: str, base: float, variant: str = "", ends_in: str = "") -> list[Trial]:
+        return [Trial("1*8", mode, k, base + k, seed=k, variant=variant, ends_in=ends_in) for k in range(1, 7)]
+
+    trials = [*cell("none", 90), *cell("hidden", 80), *cell("dropout+warm", 85, "warm", "hidden")]
+    (c,) = variant_comparisons(trials, ["1*8"], ["none", "hidden"])
+    assert (c.ablative, c.baseline, c.mean_diff) == ("dropout+warm", "hidden", 5.0)
+    (c,) = variant_comparisons(trials, ["1*8"], ["none"])  # no plain hidden: the design's first mode
+    assert c.baseline == "none"
+    starts = [*cell("none", 90), *cell("dropout", 70), *cell("dropout+cool", 85, "cool", "output")]
+    (c,) = variant_comparisons(starts, ["1*8"], ["none", "dropout"])  # no plain output: where it starts
+    assert c.baseline == "dropout"

@@ -99,7 +99,7 @@ def test_report_status_and_the_variants_table_of_a_module_study(variant_db: Path
     md = (tmp_path / "rep" / "tables" / "variant_tests.md").read_text()
     for spec in (CNN, MLP):
         for cond, ref in [("hidden+p1", "hidden"), ("none+keep", "none"), ("hidden+a2", "hidden"),
-                          ("hidden+fo", "hidden"), ("dropout+sched", "none")]:
+                          ("hidden+fo", "hidden"), ("dropout+sched", "hidden")]:
             assert f"| {spec} | {cond} | {ref} | 2 |" in md, md
     rc, out, _ = run_main(["status", "--db", str(variant_db), "--json"], tmp_path)
     (info,) = json.loads(out)["studies"]

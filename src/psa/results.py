@@ -207,8 +207,12 @@ class FitResult:
         ablative modes), for a variant the test against its own mode with the paper's engine
         (Holm-adjusted over the variants; psa.analysis.stats). `vs` names the reference."""
         conditions = self.conditions or self.modes
+        def ends_in(name: str) -> str:
+            schedule = self.variants[name].schedule if name in self.variants else ()
+            return schedule[-1][0] if schedule else ""
+
         trials = [Trial("model", c, k, self.bounty[(c, k)], self.bounty_loop[(c, k)], self.test_acc.get((c, k)),
-                        self.seed + k - 1, c.partition("+")[2])
+                        self.seed + k - 1, c.partition("+")[2], ends_in(c.partition("+")[2]))
                   for c in conditions for k in range(1, self.trials + 1)]
         tests = {c.ablative: c for c in paired_comparisons([t for t in trials if not t.variant], ["model"],
                                                            StatsConfig())

@@ -35,6 +35,7 @@ from psa.analysis.results import (
     design_departures,
     load_data,
     order_archs,
+    schedule_end,
     short_list,
 )
 from psa.analysis.stats import train_subset_of
@@ -219,7 +220,8 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
                                   f"{tfile}): give each trial once")
             where[key] = (tfile, r["study"])
             trials.append(Trial(arch, label, key[2], float(r["bounty"]), _opt_int(r.get("bounty_loop")),
-                                _opt_float(r.get("test_acc")), _opt_int(r.get("seed")), r.get("variant") or ""))
+                                _opt_float(r.get("test_acc")), _opt_int(r.get("seed")), r.get("variant") or "",
+                                schedule_end(r.get("variant_settings"))))
             done[(i, r["study"], r["trial_id"])] = key
             datasets.add(r.get("dataset") or "mnist")
         else:

@@ -58,6 +58,7 @@ class Trial:
     test_acc: float | None = None
     seed: int | None = None
     variant: str = ""  # the engine variant's name ("": the paper's engine); `mode` then reads "hidden+name"
+    ends_in: str = ""  # the mode a variant's mode schedule ends in ("": no schedule)
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,7 @@ def _read_study(con: sqlite3.Connection, path: Path, study: str | None) -> Study
             trials.append(Trial(arch, label, int(r["trial"]), float(r["bounty"]),
                                 None if r["bounty_loop"] is None else int(r["bounty_loop"]),
                                 None if r["test_acc"] is None else float(r["test_acc"]),
-                                int(r["seed"]), r["variant"] or ""))
+                                int(r["seed"]), r["variant"] or "", schedule_end(r["variant_settings"])))
             done_ids[r["id"]] = (arch, label, int(r["trial"]))
             datasets.add(r["dataset"])
         else:
@@ -390,6 +391,17 @@ def design_departures(rows: Iterable[Any]) -> list[str]:
             seen["trained on"].add((dataset, "all 50,000 MNIST training images"))
     return [f"{name} {', '.join(sorted(g for g, _ in pairs))} (the paper's: {next(iter(pairs))[1]})"
             for name, pairs in seen.items()]
+
+
+def schedule_end(settings: str | None) -> str:
+    """The mode a variant's mode schedule ends in, from its stored settings JSON ("" without one)."""
+    from psa.core.variant import Variant
+
+    try:
+        schedule = Variant.from_json(settings).schedule
+    except (ValueError, TypeError, ConfigError):  # settings psa cannot read: tested as without a schedule
+        return ""
+    return schedule[-1][0] if schedule else ""
 
 
 def condition_label(mode: str, variant: str | None) -> str:

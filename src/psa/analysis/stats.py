@@ -344,24 +344,25 @@ def _paired_row(arch: str, a: str, b: str, pa: dict[int, float], pb: dict[int, f
 def variant_comparisons(data_trials: Iterable[Trial], archs: Sequence[str], modes: Sequence[str],
                         cfg: StatsConfig = StatsConfig()) -> list[Comparison]:
     """Every engine-variant condition (a trial with a `variant`, its mode "hidden+name") against
-    the paper's engine in its own mode, or, where the design ran that mode only as a variant (a
-    mode schedule starting in dropout), against the design's first plain mode: paired by trial
+    the paper's engine in its own mode; a mode schedule against the plain mode it ends in
+    (dropout:50,hidden:50 against hidden), else the one it starts in, else the design's first
+    plain mode: paired by trial
     index (trial k of every condition shares its seed), Holm-corrected over the variant
     conditions of one architecture and judged as paired_comparisons judges (so "cannot decide"
     also means: not after Holm). In the returned Comparisons `ablative` is the variant's
     condition and `baseline` its reference; verdicts read "variant better/worse"."""
     peaks: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    variant_of: dict[str, str] = {}
+    variant_of: dict[str, tuple[str, str]] = {}  # condition -> (the mode it starts in, the mode it ends in)
     for t in data_trials:
         peaks[(t.arch, t.mode)][t.trial] = t.peak
         if t.variant:
-            variant_of[t.mode] = t.mode[: -len(t.variant) - 1]
+            variant_of[t.mode] = (t.mode[: -len(t.variant) - 1], t.ends_in)
     plain = [m for m in modes if "+" not in m]
     out: list[Comparison] = []
     for arch in archs:
         rows = []
-        for label in sorted(variant_of, key=lambda x: (list(variant_of).index(x))):
-            ref = variant_of[label] if variant_of[label] in plain else (plain[0] if plain else None)
+        for label, (start, end) in variant_of.items():
+            ref = next((m for m in (end, start) if m in plain), plain[0] if plain else None)
             if ref is None:
                 continue
             row = _paired_row(arch, label, ref, peaks.get((arch, label), {}), peaks.get((arch, ref), {}), cfg)

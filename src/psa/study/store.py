@@ -537,7 +537,8 @@ def table_names(con: sqlite3.Connection) -> set[str]:
 def load_trials(con: sqlite3.Connection, study_id: int) -> list[sqlite3.Row]:
     """Every trial of a study, whatever its status, ordered by cell and trial index."""
     # a database from before variants has no variant column: all its trials are the paper's engine
-    variant = "variant" if "variant" in {r[1] for r in con.execute("PRAGMA table_info(trials)")} else "NULL AS variant"
+    variant = ("variant, variant_settings" if "variant" in {r[1] for r in con.execute("PRAGMA table_info(trials)")}
+               else "NULL AS variant, NULL AS variant_settings")
     return con.execute(
         f"SELECT id, arch, mode, trial, seed, status, bounty, bounty_loop, test_acc, loops_done, dataset, {variant}, "
         "meta_loops, lr, batch_size, weight_decay, dropout "
