@@ -85,6 +85,13 @@ def test_a_module_study_prints_its_verdicts_once_and_the_report_tables_them(tmp_
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "Unit layers: does an ablation persist?" in page and 'id="table-unit_layers"' in page
     assert "unit_layers" in json.loads((tmp_path / "rep" / "manifest.json").read_text())["tables"]
+    # an export carries no plan: its report says where the verdicts are, not that none were stored
+    assert run_main(["export", "--db", "s.sqlite", "--out", "exp"], tmp_path)[0] == 0
+    rc, out, err = run_main(["report", "--export", "exp", "--out", "rep2"], tmp_path)
+    assert rc == 0, err
+    notes = json.loads((tmp_path / "rep2" / "manifest.json").read_text())["notes"]
+    assert any("an export does not carry the study's plan" in n for n in notes)
+    assert not any("created before psa" in n for n in notes)
 
 
 def test_quiet_studies_say_nothing_and_old_studies_report_without_verdicts(tmp_path: Path) -> None:

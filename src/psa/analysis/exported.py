@@ -204,7 +204,9 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
         label = condition_label(r["mode"], r.get("variant") or None)
         key = (arch, label, int(r["trial"]))
         labels.append(label)
-        models.add(r.get("model") or DEFAULT_MODEL)
+        # a study of your own models has one factory per cell (module:function): one kind of model
+        model_name = r.get("model") or DEFAULT_MODEL
+        models.add(MODULE_MODEL if ":" in model_name else model_name)
         if r.get("precision"):
             precisions.setdefault(r["precision"], tfile)
         n_trials = max(n_trials, key[2])
@@ -240,7 +242,6 @@ def load_exports(paths: Sequence[str | Path], study: str | None = None) -> Study
     if len(models) > 1:
         raise ReportError(f"the exports mix models ({', '.join(sorted(models))}); report them apart")
     model = models.pop() if models else DEFAULT_MODEL
-    model = MODULE_MODEL if ":" in model else model
     # one study: its design's order (the export's row order); several: the authors' order
     arch_order = order_archs(archs, list(dict.fromkeys(archs)) if len(names) == 1 else ())
     modes = [m for m in MODES if m in labels] + [m for m in dict.fromkeys(labels) if m not in MODES]

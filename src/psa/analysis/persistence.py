@@ -34,7 +34,8 @@ def stored_unit_layers(design_text: str | None, models: Sequence[str]) -> tuple[
                                                                                list[str]]:
     """The persistence rows each factory of `models` stored in the study's design JSON (its
     plan), and one note naming the factories that stored none (studies created before psa
-    recorded the verdicts) or whose rows are not readable."""
+    recorded the verdicts) or whose rows are not readable; `design_text` None: exported rows,
+    which carry no plan."""
     try:
         d = json.loads(design_text) if design_text else {}
     except ValueError:
@@ -51,7 +52,10 @@ def stored_unit_layers(design_text: str | None, models: Sequence[str]) -> tuple[
         else:
             lacking.append(m)
     notes = []
-    if lacking:
+    if lacking and design_text is None:  # exported rows: the plan stayed in the database
+        notes.append(f"an export does not carry the study's plan, where the persistence verdicts of "
+                     f"{', '.join(lacking)} are: report from the database for its unit_layers table")
+    elif lacking:
         # re-importing the factories would run code from the report: say what is missing instead
         notes.append(f"the study stored no persistence verdicts for {', '.join(lacking)} (created before psa "
                      f"recorded them): whether its ablations persist is not in this report; `psa study` on that "
