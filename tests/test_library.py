@@ -194,6 +194,8 @@ def test_a_result_with_nan_scores_round_trips_and_tests_nothing(mnist, tmp_path:
         r = psa.fit(Diverges, *splits(mnist, 128, 64, 64), modes=["none", "output"], trials=2, meta_loops=2,
                     hparams=HParams(diverged="discard"), progress=False)
     assert all(math.isnan(r.records[i].candidate_acc) for i in range(len(r.records)))
+    # no model was kept: no test accuracy (it was the untrained weights')
+    assert r.test_acc and all(math.isnan(v) for v in r.test_acc.values())
     r.save(tmp_path / "run")
     back = psa.load(tmp_path / "run")
     assert back == r and back.states_equal(r)

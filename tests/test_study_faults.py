@@ -336,3 +336,21 @@ def test_a_damaged_checkpoint_restarts_its_population(reference: Path, tmp_path:
     err = _rerun_saying_why(db, tmp_path)
     assert "from scratch" in err and "damaged" in err
     assert rows(db) == rows(reference)
+
+
+def test_a_trial_that_keeps_no_model_has_no_test_accuracy(tmp_path: Path) -> None:
+    """Under --diverged discard a trial whose every candidate diverged keeps no model: its bounty
+    and its test accuracy are missing (the test accuracy was the untrained weights'), in psa
+    train's run.json and line and in a study's rows."""
+    rc, out, err = run_main(["train", "--arch", "1*8", "--meta-loops", "2", "--lr", "1e30", "--diverged", "discard",
+                             "--out", "run"], tmp_path)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["test_acc"] is None
+    assert "no bounty: every candidate diverged and was discarded" in err and "-1.00" not in err
+    rc, out, err = run_main(["study", "--arch", "1*8", "--modes", "none", "--trials", "1", "--meta-loops", "2",
+                             "--train-subset", "1024", "--lr", "1e30", "--diverged", "discard", "--quiet",
+                             "--db", "d.sqlite"], tmp_path)
+    assert rc == 0, err
+    con = store.connect(tmp_path / "d.sqlite", readonly=True)
+    assert [tuple(r) for r in con.execute("SELECT status, bounty, test_acc FROM trials")] == [("done", None, None)]
+    con.close()

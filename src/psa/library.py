@@ -345,7 +345,8 @@ def fit(
         records=records,
         bounty={key: score[j] if score[j] >= 0 else math.nan for key, j in keys.items()},
         bounty_loop={key: pop.bounty_loop[j] for key, j in keys.items()},
-        test_acc={key: test_acc[j] for key, j in keys.items()} if test_acc else {},
+        # NaN where no candidate was ever kept: the weights left are the untrained ones
+        test_acc={key: test_acc[j] if score[j] >= 0 else math.nan for key, j in keys.items()} if test_acc else {},
         seconds=seconds,
         conditions=labels,
         variants={name: v for name, v, _ in named},

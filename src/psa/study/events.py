@@ -61,7 +61,7 @@ class PopulationDone:
     members: list[tuple[str, str, int]]  # Member.key: (start mode, variant settings JSON, seed)
     bounty: list[float | None]
     bounty_loop: list[int | None]
-    test_acc: list[float]
+    test_acc: list[float | None]  # None: the member kept no model (its bounty is None too)
     seconds: float
 
 

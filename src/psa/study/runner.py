@@ -123,7 +123,8 @@ class PopulationRun:
             members=[m.key for m in self.population.members],
             bounty=[s if s >= 0 else None for s in scores],
             bounty_loop=[bl if bl > 0 else None for bl in self.population.bounty_loop],
-            test_acc=list(test),
+            # no candidate was ever kept (every one diverged and was discarded): no model to test
+            test_acc=[t if s >= 0 else None for t, s in zip(test, scores)],
             seconds=self.seconds(),
         )
 

@@ -379,8 +379,10 @@ def _loop_line(r: LoopResult, trial: Trial, pop: Population) -> str:
     word, colour = ("DIVERGED", "red") if r.diverged[0] else (
         ("FORCED", "magenta") if r.forced and r.forced[0] else
         ("PROMOTED", "green") if r.promoted[0] else ("DISCARDED", "yellow"))
+    score = pop.bounty_score()[0]  # -1 until a candidate is kept
+    bounty = f"{score:6.2f}% @ {pop.bounty_loop[0]:<4}" if score >= 0 else f"{'-':>7} @ {'-':<4}"
     return (f"loop {r.loop:>4}/{trial.target}  [{colour}]{word:<9}[/]  candidate {r.candidate_acc[0]:6.2f}%  "
-            f"bounty {pop.bounty_score()[0]:6.2f}% @ {pop.bounty_loop[0]:<4} "
+            f"bounty {bounty} "
             f"ablated {_describe_ablation(trial, r.ablated[0]):<14} {r.seconds:5.1f}s")
 
 
@@ -473,11 +475,10 @@ def train(cfg: TrialConfig) -> dict[str, Any]:
         raise _write_failed(e, run_dir, checkpointed=True, final=True) from None
     wall = time.perf_counter() - t_start
     if not cfg.quiet:
-        err_console.print(
-            f"[bold]bounty {s['bounty']:.2f}% @ loop {s['bounty_loop']}[/]  test accuracy of the LKG {test_acc:.2f}%  "
-            f"({pop.loop} meta-loops, {wall:.1f}s)  -> {run_dir}",
-            soft_wrap=True,
-        )
+        found = (f"[bold]bounty {s['bounty']:.2f}% @ loop {s['bounty_loop']}[/]  test accuracy of the LKG "
+                 f"{test_acc:.2f}%" if test_acc is not None else
+                 "[bold]no bounty[/]: every candidate diverged and was discarded, so no model was kept to test")
+        err_console.print(f"{found}  ({pop.loop} meta-loops, {wall:.1f}s)  -> {run_dir}", soft_wrap=True)
     out = {k: v for k, v in s.items() if k not in ("format", "train_seconds")}
     out["run_dir"] = str(run_dir)
     out["timing"] = {"wall_seconds": wall, "train_seconds": s["train_seconds"]}
