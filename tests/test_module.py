@@ -517,7 +517,7 @@ def test_psa_fit_runs_named_variants_beside_the_modes(mnist, tmp_path):
     ({"a": {"patience": 2}, "b": Variant(patience=2)}, "have the same settings"),
     ({"s": {"schedule": "dropout:1,hidden:1"}}, "covers 2 meta-loops, the run has 3"),
     ({"f": {"fixed": True}}, "applies to none of the modes"),
-    ({"l": {"ablate_layers": ["7"]}}, "has Linear layers 0..2"),
+    ({"l": {"ablate_layers": ["7"]}}, "has unit layers (in call order) 0..2"),
     ({"z": {"ablate": 0}}, "ablate must be at least 1"),
     ({"x": {"colour": "red"}}, "unknown variant setting 'colour'"),
     (["patience"], "must be a dict of named variants"),

@@ -70,8 +70,8 @@ class Variant:
         object.__setattr__(self, "ablate_percent", float(p))
         for spec in self.ablate_layers:
             if not (spec in ("last-hidden", "output") or re.fullmatch(r"\d+", spec)):
-                raise ConfigError(f"unknown layer {spec!r} for ablate-layers: use Linear layer indices "
-                                  f"(0 = first hidden), last-hidden or output")
+                raise ConfigError(f"unknown layer {spec!r} for ablate-layers: use layer indices (0 = the first "
+                                  f"Linear layer, or a model's first unit layer), last-hidden or output")
         schedule_stop(self.ablate_schedule)
         if self.fixed and self.ablate_schedule != "constant":
             raise ConfigError("fixed ablation keeps one set of neurons dead: it takes no ablate-schedule")
@@ -135,9 +135,10 @@ class Variant:
         return cls.from_settings(json.loads(text)) if text else cls()
 
     # ---------------------------------------------------------------- what it does
-    def check(self, arch: Arch, mode: str, meta_loops: int | None = None) -> None:
+    def check(self, arch: Arch, mode: str, meta_loops: int | None = None, net: str = "") -> None:
         """ConfigError unless this variant can run on `arch` starting in `mode` (and, with
-        `meta_loops`, unless a schedule covers exactly that many loops)."""
+        `meta_loops`, unless a schedule covers exactly that many loops). `net` names a model of
+        your own in the messages, whose unit layers `arch` stands for."""
         modes = [m for m, _ in self.schedule] or [mode]
         if self.schedule and self.schedule[0][0] != mode:
             raise ConfigError(f"a member with schedule {format_schedule(self.schedule)} starts in mode "
@@ -151,7 +152,7 @@ class Variant:
             raise ConfigError(f"ablation settings need an ablative mode (full, hidden, output), not {mode}")
         for m in modes:
             if m in ABLATIVE:
-                eligible_layers(arch, m, self.ablate_layers)
+                eligible_layers(arch, m, self.ablate_layers, net)
 
     def mode_at(self, mode: str, loop: int) -> str:
         """The mode of meta-loop `loop` (1-based) of a member that started in `mode`."""
@@ -222,8 +223,10 @@ def format_schedule(schedule: tuple[tuple[str, int], ...]) -> str:
     return ",".join(f"{m}:{n}" for m, n in schedule)
 
 
-def eligible_layers(arch: Arch, mode: str, specs: tuple[str, ...]) -> tuple[int, ...]:
-    """The Linear layers (0-based, `arch.depth` = output) that `mode` may ablate under `specs`."""
+def eligible_layers(arch: Arch, mode: str, specs: tuple[str, ...], net: str = "") -> tuple[int, ...]:
+    """The Linear layers (0-based, `arch.depth` = output) that `mode` may ablate under `specs`;
+    `net` names a model of your own (whose unit layers `arch` stands for) in the messages."""
+    who, layers = (net, "unit layers (in call order)") if net else (f"architecture {arch.short}", "Linear layers")
     default = {"full": tuple(range(arch.depth + 1)), "hidden": tuple(range(arch.depth)),
                "output": (arch.depth,)}[mode]
     if not specs:
@@ -234,12 +237,12 @@ def eligible_layers(arch: Arch, mode: str, specs: tuple[str, ...]) -> tuple[int,
             out.add(arch.depth)
         elif s == "last-hidden":
             if arch.depth == 0:
-                raise ConfigError(f"ablate-layers last-hidden: architecture {arch.short} has no hidden layer")
+                raise ConfigError(f"ablate-layers last-hidden: {who} has no hidden layer")
             out.add(arch.depth - 1)
         else:
             i = int(s)
             if i > arch.depth:
-                raise ConfigError(f"ablate-layers {i}: architecture {arch.short} has Linear layers 0..{arch.depth}")
+                raise ConfigError(f"ablate-layers {i}: {who} has {layers} 0..{arch.depth}")
             out.add(i)
     if mode == "output" and out != {arch.depth}:
         raise ConfigError("mode output ablates the output layer only; ablate-layers can only be output there")

@@ -491,7 +491,7 @@ def check_member(spec: ModelSpec, mem: Member, name: str = "the model") -> None:
             raise ConfigError(f"mode 'dropout' sets the rate of every dropout of the model (nn.Dropout, F.dropout, "
                               f"attention dropout); {name} has none")
     try:
-        mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode))
+        mem.variant.check(spec.arch, mem.variant.start_mode(mem.mode), net=name)
     except ConfigError as e:
         raise ConfigError(f"{name} (unit layers {spec.describe()}): {e}") from None
 
