@@ -65,8 +65,8 @@ class StudyLock:
         other = (lock_owner(self.path) or {}).get("database")
         if other is not None and other != self.db.name and (self.db.parent / other).exists():
             os.close(fd)
-            raise StudyError(f"{self.path.parent} holds the checkpoints of study {self.study!r} in {other}, which shares "
-                             f"its checkpoint folder with {self.db}; rename one of the two databases")
+            raise StudyError(f"{self.path.parent} holds the checkpoints of study {self.study!r} in {other}, which "
+                             f"shares its checkpoint folder with {self.db}; rename one of the two databases")
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": store.utc_now(),
                            "database": self.db.name})
         try:
