@@ -36,7 +36,7 @@ from psa.core.member import ABLATIVE_MODES, MODES, seed_problem
 from psa.core.module.engine import ModuleEngine, choose_batching, convolutions, vmap_check
 from psa.core.module.factory import factory_name
 from psa.core.module.population import ModulePopulation
-from psa.core.variant import VARIANT_NAME, Variant, format_schedule
+from psa.core.variant import VARIANT_NAME, Variant, condition_label, format_schedule
 from psa.estimate import FitEstimate, estimate_fit
 from psa.progress import FitProgress, conditions_best
 from psa.results import FitResult, LoopRecord, load
@@ -295,7 +295,7 @@ def fit(
     named = _variants(variants, modes, meta_loops)
     # the conditions: every mode with the paper's engine, then each variant in its modes
     conditions = [(mode, mode, Variant()) for mode in modes]
-    conditions += [(f"{mode}+{name}", mode, v) for name, v, runs_in in named for mode in runs_in]
+    conditions += [(condition_label(mode, name), mode, v) for name, v, runs_in in named for mode in runs_in]
     labels = tuple(label for label, _, _ in conditions)
     members = [hp.member(mode, seed + k, v) for k in range(trials) for _, mode, v in conditions]
     t_setup = time.perf_counter()

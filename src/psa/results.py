@@ -208,8 +208,7 @@ class FitResult:
         (Holm-adjusted over the variants; psa.analysis.stats). `vs` names the reference."""
         conditions = self.conditions or self.modes
         def ends_in(name: str) -> str:
-            schedule = self.variants[name].schedule if name in self.variants else ()
-            return schedule[-1][0] if schedule else ""
+            return self.variants[name].end_mode("") if name in self.variants else ""
 
         trials = [Trial("model", c, k, self.bounty[(c, k)], self.bounty_loop[(c, k)], self.test_acc.get((c, k)),
                         self.seed + k - 1, c.partition("+")[2], ends_in(c.partition("+")[2]))

@@ -39,6 +39,7 @@ from psa.core.arch import (
 from psa.core.errors import ConfigError
 from psa.core.model import DEFAULT_MODEL, param_count
 from psa.core.member import MODES
+from psa.core.variant import Variant, condition_label
 from psa.study import store
 
 
@@ -395,19 +396,10 @@ def design_departures(rows: Iterable[Any]) -> list[str]:
 
 def schedule_end(settings: str | None) -> str:
     """The mode a variant's mode schedule ends in, from its stored settings JSON ("" without one)."""
-    from psa.core.variant import Variant
-
     try:
-        schedule = Variant.from_json(settings).schedule
+        return Variant.from_json(settings).end_mode("")
     except (ValueError, TypeError, ConfigError):  # settings psa cannot read: tested as without a schedule
         return ""
-    return schedule[-1][0] if schedule else ""
-
-
-def condition_label(mode: str, variant: str | None) -> str:
-    """How reports name a (mode, engine variant) condition: the mode for the paper's engine,
-    else "mode+variant" (e.g. "hidden+patience5")."""
-    return f"{mode}+{variant}" if variant else mode
 
 
 def _choose_study(studies: Sequence[sqlite3.Row], path: Path, study: str | None) -> tuple[sqlite3.Row, list[str]]:

@@ -167,6 +167,10 @@ class Variant:
         """The mode a member of this variant starts in."""
         return self.schedule[0][0] if self.schedule else mode
 
+    def end_mode(self, mode: str) -> str:
+        """The mode a member of this variant that started in `mode` ends in."""
+        return self.schedule[-1][0] if self.schedule else mode
+
     def modes_in(self, modes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         """The modes of `modes` this variant runs in beside the paper's engine: a schedule once,
         in its own first mode; ablation settings in the ablative modes; anything else in all."""
@@ -175,6 +179,12 @@ class Variant:
         ablation = (self.ablate != 1 or self.ablate_percent or self.ablate_layers or self.fixed
                     or self.ablate_schedule != "constant")
         return tuple(m for m in modes if not ablation or m in ABLATIVE)
+
+
+def condition_label(mode: str, variant: str | None) -> str:
+    """How psa names a (mode, engine variant) condition: the mode for the paper's engine, else
+    "mode+variant" (e.g. "hidden+patience5")."""
+    return f"{mode}+{variant}" if variant else mode
 
 
 def schedule_stop(spec: str) -> int | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -368,8 +367,10 @@ def run_study(name: str, design: StudyDesign, opt: RunOptions, console: Any = No
         raise
     finally:
         study.close(outcome)
-        if "psa.study.backends.ray" in sys.modules:  # Ray started for this study and not yet stopped
-            sys.modules["psa.study.backends.ray"].stop_ray()
+        if opt.backend == "ray":  # Ray started for this study (start_ray) and not yet stopped
+            from psa.study.backends.ray import stop_ray
+
+            stop_ray()
 
 
 def _backend_device(opt: RunOptions) -> tuple[torch.device, str]:

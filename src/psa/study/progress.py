@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from psa.core.variant import condition_label
 from psa.study.calibration import StudyCosts
 from psa.study.eta import RunPace
 from psa.study.events import Event, LoopDone, PopulationDone, PopulationFailed, Started
@@ -110,7 +111,7 @@ class StudyProgress:
             if ev.key in self.rows:
                 self.progress.remove_task(self.rows.pop(ev.key))
             # each condition apart: a variant's members share their mode with the paper engine's
-            label = {(v.start_mode(m), v.to_json()): f"{m}+{name}" if name else m for m, name, v in pp.conditions()}
+            label = {(v.start_mode(m), v.to_json()): condition_label(m, name) for m, name, v in pp.conditions()}
             best: dict[str, float] = {}
             for (mode, settings, _), b in zip(ev.members, ev.bounty):
                 c = label.get((mode, settings), mode)
